@@ -1,0 +1,69 @@
+// pathkernel: how far is a network trained by gradient descent from a kernel machine?
+#include <spdlog/sinks/stdout_color_sinks.h>
+#include <spdlog/spdlog.h>
+
+#include <c10/util/Exception.h>
+
+#include <cstdio>
+#include <iostream>
+#include <map>
+
+#include "commands.h"
+#include "pathkernel/errors.h"
+#include "pathkernel/version.h"
+
+namespace {
+
+constexpr const char* kUsage =
+    "usage: pathkernel <command> [options]\n"
+    "\n"
+    "commands:\n"
+    "  train    train a model with logged SGD into a run directory (or --resume one)\n"
+    "  replay   rebuild the weights at any step of a run; --verify checks every checkpoint\n"
+    "\n"
+    "`pathkernel <command> --help` lists a command's options.\n"
+    "exit status: 0 ok, 1 internal error, 2 bad input, 3 training diverged, 5 replay mismatch\n";
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  auto logger = spdlog::stderr_color_mt("pathkernel");
+  logger->set_pattern("[%H:%M:%S] %^%l%$ %v");
+  spdlog::set_default_logger(logger);
+
+  if (argc < 2 || std::string(argv[1]) == "--help" || std::string(argv[1]) == "-h") {
+    std::cout << kUsage;
+    return argc < 2 ? 2 : 0;
+  }
+  if (std::string(argv[1]) == "--version") {
+    std::cout << "pathkernel " << pathkernel::kVersion << " (" << pathkernel::kGitRevision << ")\n";
+    return 0;
+  }
+  const std::map<std::string, int (*)(const pathkernel::app::Args&)> commands = {
+      {"train", pathkernel::app::cmd_train}, {"replay", pathkernel::app::cmd_replay}};
+  const auto it = commands.find(argv[1]);
+  if (it == commands.end()) {
+    std::cerr << "pathkernel: unknown command '" << argv[1] << "'\n\n" << kUsage;
+    return 2;
+  }
+  pathkernel::app::Args args = {std::string("pathkernel ") + argv[1]};
+  for (int i = 2; i < argc; ++i) args.emplace_back(argv[i]);
+  try {
+    return it->second(args);
+  } catch (const pathkernel::InputError& e) {
+    spdlog::error("{}", e.what());
+    return 2;
+  } catch (const pathkernel::DivergenceError& e) {
+    spdlog::error("{}", e.what());
+    return 3;
+  } catch (const pathkernel::ReplayMismatchError& e) {
+    spdlog::error("replay mismatch: {}", e.what());
+    return 5;
+  } catch (const c10::Error& e) {
+    spdlog::error("internal error (LibTorch): {}", e.what_without_backtrace());
+    return 1;
+  } catch (const std::exception& e) {
+    spdlog::error("internal error: {}", e.what());
+    return 1;
+  }
+}

@@ -1,0 +1,49 @@
+#pragma once
+/// \file run_context.h
+/// Everything a training run computes with, built from a TrainConfig: data, inputs, model,
+/// stepper, sampler and learning rates. Training, resume and replay all build it the same way,
+/// which is why they agree bit for bit.
+
+#include <ATen/core/Tensor.h>
+
+#include <memory>
+#include <optional>
+#include <vector>
+
+#include "pathkernel/idx.h"
+#include "pathkernel/lr_schedule.h"
+#include "pathkernel/models/model.h"
+#include "pathkernel/sampler.h"
+#include "pathkernel/sgd.h"
+#include "pathkernel/threads.h"
+#include "pathkernel/train_config.h"
+
+namespace pathkernel {
+
+struct RunContext {
+  TrainConfig config;
+  ThreadInfo threads;
+  Dataset train, test;
+  Normalization normalization;
+  at::ScalarType dtype = at::kFloat;
+  int64_t num_classes = 0;
+  int64_t total_steps = 0;
+  std::shared_ptr<models::Model> model;
+  std::unique_ptr<SgdStepper> stepper;
+  std::unique_ptr<BatchSampler> sampler;
+  std::unique_ptr<LrSchedule> schedule;
+
+  /// Inputs [B, 1, H, W] (dtype) and labels [B] of the given training examples.
+  std::pair<at::Tensor, at::Tensor> batch(const std::vector<int64_t>& indices) const;
+  /// Test-set accuracy of the current weights (chunked, no autograd).
+  double test_accuracy() const;
+};
+
+/// Builds the context: pins threads, loads and checks the data, seeds torch with config.seed and
+/// builds the model (so the initial weights are a function of the seed). `normalization`, when
+/// given, is used instead of recomputing it (replay takes it from the manifest).
+/// Throws InputError for bad data or settings.
+std::unique_ptr<RunContext> make_run_context(const TrainConfig& config,
+                                             std::optional<Normalization> normalization = {});
+
+}  // namespace pathkernel

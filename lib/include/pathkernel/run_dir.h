@@ -1,0 +1,55 @@
+#pragma once
+/// \file run_dir.h
+/// The layout of a run directory (docs/run-format.md) and the readers the analyzer uses.
+///
+///   RUN/manifest.json                     settings, versions, data hashes (written first)
+///   RUN/steps.jsonl                       one JSON object per step, appended as training goes
+///   RUN/gradients.bin                     with --log-gradients: float32 [steps, P], appended
+///   RUN/checkpoints/step_XXXXXXXX.pt      weights w_k (a state_dict for torch.load)
+///   RUN/checkpoints/step_XXXXXXXX.state.pt  momentum buffers and sampler state before step k
+///   RUN/summary.json                      written at the end (or on divergence)
+///   RUN/COMPLETE                          marker: the run finished all its steps
+
+#include <nlohmann/json.hpp>
+
+#include <cstdint>
+#include <filesystem>
+#include <string>
+#include <vector>
+
+namespace pathkernel {
+
+/// Format tag of manifest.json.
+inline constexpr const char* kRunFormat = "pathkernel-run/1";
+
+class RunDir {
+ public:
+  explicit RunDir(std::filesystem::path root) : root_(std::move(root)) {}
+  const std::filesystem::path& root() const { return root_; }
+  std::filesystem::path manifest() const { return root_ / "manifest.json"; }
+  std::filesystem::path steps_log() const { return root_ / "steps.jsonl"; }
+  std::filesystem::path gradients() const { return root_ / "gradients.bin"; }
+  std::filesystem::path checkpoints_dir() const { return root_ / "checkpoints"; }
+  std::filesystem::path checkpoint(int64_t step) const;
+  std::filesystem::path state(int64_t step) const;
+  std::filesystem::path summary() const { return root_ / "summary.json"; }
+  std::filesystem::path complete_marker() const { return root_ / "COMPLETE"; }
+
+  /// Reads manifest.json. Throws InputError when it is missing, not JSON, or another format.
+  nlohmann::json read_manifest() const;
+  /// Steps that have both a weights file and a state file, ascending.
+  std::vector<int64_t> checkpoint_steps() const;
+  bool complete() const;
+
+ private:
+  std::filesystem::path root_;
+};
+
+/// Reads steps.jsonl. A partial last line (a crash mid-write) is dropped; any other line that is
+/// not JSON, or steps that are not 0, 1, 2, ... in order, throw InputError naming the line.
+std::vector<nlohmann::json> read_step_log(const std::filesystem::path& path);
+
+/// Keeps only the records of steps < `step` in steps.jsonl (atomic rewrite).
+void truncate_step_log(const std::filesystem::path& path, int64_t step);
+
+}  // namespace pathkernel

@@ -1,0 +1,102 @@
+#include "pathkernel/replay.h"
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+
+#include "pathkernel/errors.h"
+
+namespace pathkernel {
+
+Replayer::Replayer(const std::filesystem::path& run) : dir_(run) {
+  manifest_ = dir_.read_manifest();
+  TrainConfig config = train_config_from_json(manifest_.at("config"), dir_.manifest().string());
+  const auto& norm = manifest_.at("data").at("normalization");
+  ctx_ = make_run_context(config, Normalization{norm.at("mean").get<double>(), norm.at("std").get<double>()});
+  log_ = read_step_log(dir_.steps_log());
+  checkpoints_ = dir_.checkpoint_steps();
+  if (checkpoints_.empty() || checkpoints_.front() != 0) {
+    throw InputError(dir_.checkpoint(0).string() + ": missing; a run needs its step-0 checkpoint to be replayed");
+  }
+}
+
+void Replayer::load_checkpoint(int64_t step) {
+  load_weights(*ctx_->model, load_tensor_dict(dir_.checkpoint(step)), dir_.checkpoint(step).string());
+  const TrainerState st = load_trainer_state(dir_.state(step));
+  if (st.step != step) throw InputError(dir_.state(step).string() + ": records step " + std::to_string(st.step));
+  ctx_->stepper->set_momentum_buffers(st.momentum);
+  current_ = step;
+}
+
+StepRecord Replayer::replay_step(int64_t k) {
+  const auto& rec = log_.at(static_cast<size_t>(k));
+  const std::vector<int64_t> idx = rec.at("batch").get<std::vector<int64_t>>();
+  const auto [x, y] = ctx_->batch(idx);
+  StepRecord r = ctx_->stepper->step(x, y, rec.at("lr").get<double>(), /*per_example=*/false);
+  r.step = k;
+  current_ = k + 1;
+  return r;
+}
+
+void Replayer::seek(int64_t step) {
+  const int64_t last = std::max(logged_steps(), checkpoints_.back());
+  if (step < 0 || step > last) {
+    throw InputError(dir_.root().string() + ": step " + std::to_string(step) + " is out of range (the run has steps 0.." +
+                     std::to_string(last) + ")");
+  }
+  auto it = std::upper_bound(checkpoints_.begin(), checkpoints_.end(), step);
+  const int64_t base = *(it - 1);
+  if (!(current_ >= base && current_ <= step)) load_checkpoint(base);
+  if (step > logged_steps() && step != current_) {
+    throw InputError(dir_.steps_log().string() + ": ends at step " + std::to_string(logged_steps()) +
+                     "; cannot replay to step " + std::to_string(step));
+  }
+  while (current_ < step) replay_step(current_);
+}
+
+NamedTensors Replayer::weights_at(int64_t step) {
+  seek(step);
+  NamedTensors out = state_dict_of(*ctx_->model);
+  for (auto& [name, t] : out) t = t.clone();
+  return out;
+}
+
+void Replayer::verify(const std::function<void(int64_t, int64_t)>& progress) {
+  const int64_t total = std::min<int64_t>(checkpoints_.back(), logged_steps());
+  for (size_t c = 0; c + 1 < checkpoints_.size(); ++c) {
+    const int64_t from = checkpoints_[c], to = checkpoints_[c + 1];
+    if (to > logged_steps()) break;
+    load_checkpoint(from);
+    for (int64_t k = from; k < to; ++k) {
+      const StepRecord r = replay_step(k);
+      const double logged = log_[static_cast<size_t>(k)].at("loss").get<double>();
+      if (r.loss != logged) {
+        throw ReplayMismatchError("step " + std::to_string(k) + " differs: replayed loss " + std::to_string(r.loss) +
+                                  ", logged " + std::to_string(logged) + " (replayed from checkpoint " +
+                                  std::to_string(from) + ")");
+      }
+      if (progress) progress(k + 1, total);
+    }
+    const NamedTensors stored = load_tensor_dict(dir_.checkpoint(to));
+    const NamedTensors now = state_dict_of(*ctx_->model);
+    for (size_t i = 0; i < now.size(); ++i) {
+      if (stored[i].first != now[i].first || !at::equal(stored[i].second, now[i].second)) {
+        const double diff = (stored[i].second.to(at::kDouble) - now[i].second.to(at::kDouble)).abs().max().item<double>();
+        throw ReplayMismatchError("checkpoint " + std::to_string(to) + " is not reproduced: '" + now[i].first +
+                                  "' differs by up to " + std::to_string(diff) + " after replaying steps " +
+                                  std::to_string(from) + ".." + std::to_string(to - 1) + " (first differing step <= " +
+                                  std::to_string(to - 1) + ")");
+      }
+    }
+    const TrainerState st = load_trainer_state(dir_.state(to));
+    const NamedTensors mom = ctx_->stepper->momentum_buffers();
+    for (size_t i = 0; i < std::min(mom.size(), st.momentum.size()); ++i) {
+      if (!at::equal(mom[i].second, st.momentum[i].second)) {
+        throw ReplayMismatchError("checkpoint " + std::to_string(to) + ": momentum buffer '" + mom[i].first +
+                                  "' is not reproduced");
+      }
+    }
+  }
+}
+
+}  // namespace pathkernel

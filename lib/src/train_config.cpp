@@ -1,0 +1,75 @@
+#include "pathkernel/train_config.h"
+
+#include <nlohmann/json.hpp>
+
+#include <cmath>
+
+#include "pathkernel/errors.h"
+#include "pathkernel/models/model_spec.h"
+
+namespace pathkernel {
+
+void TrainConfig::validate() const {
+  try {
+    models::parse_model_spec(model);
+  } catch (const std::invalid_argument& e) {
+    throw InputError(std::string("--model: ") + e.what());
+  }
+  if (steps < 0 || epochs < 0) throw InputError("--steps and --epochs must not be negative");
+  if ((steps > 0) == (epochs > 0)) throw InputError("give exactly one of --steps N or --epochs N");
+  if (batch < 1) throw InputError("--batch must be at least 1");
+  if (!(lr > 0) || !std::isfinite(lr)) throw InputError("--lr must be a positive number");
+  if (!(momentum >= 0 && momentum < 1)) throw InputError("--momentum must be in [0, 1)");
+  if (!(weight_decay >= 0) || !std::isfinite(weight_decay)) throw InputError("--weight-decay must be >= 0");
+  if (threads < 1) throw InputError("--threads must be at least 1");
+  if (dtype != "float32" && dtype != "float64") throw InputError("--dtype must be float32 or float64");
+  if (loss != "ce" && loss != "mse") throw InputError("--loss must be ce or mse");
+  if (train_limit < 0) throw InputError("--train-limit must not be negative");
+  if (normalize != "none" && normalize != "standard") throw InputError("--normalize must be none or standard");
+  if (checkpoint_every < 1) throw InputError("--checkpoint-every must be at least 1");
+  if (eval_every < 0) throw InputError("--eval-every must not be negative");
+  if (out.empty()) throw InputError("--out RUN is required");
+}
+
+nlohmann::json to_json(const TrainConfig& c) {
+  return {{"data_dir", c.data_dir},       {"model", c.model},
+          {"steps", c.steps},             {"epochs", c.epochs},
+          {"batch", c.batch},             {"lr", c.lr},
+          {"lr_schedule", c.lr_schedule}, {"momentum", c.momentum},
+          {"weight_decay", c.weight_decay}, {"seed", c.seed},
+          {"threads", c.threads},         {"dtype", c.dtype},
+          {"loss", c.loss},               {"train_limit", c.train_limit},
+          {"normalize", c.normalize},     {"checkpoint_every", c.checkpoint_every},
+          {"eval_every", c.eval_every},   {"log_gradients", c.log_gradients},
+          {"out", c.out}};
+}
+
+TrainConfig train_config_from_json(const nlohmann::json& j, const std::string& source) {
+  TrainConfig c;
+  try {
+    c.data_dir = j.at("data_dir").get<std::string>();
+    c.model = j.at("model").get<std::string>();
+    c.steps = j.at("steps").get<int64_t>();
+    c.epochs = j.at("epochs").get<int64_t>();
+    c.batch = j.at("batch").get<int64_t>();
+    c.lr = j.at("lr").get<double>();
+    c.lr_schedule = j.at("lr_schedule").get<std::string>();
+    c.momentum = j.at("momentum").get<double>();
+    c.weight_decay = j.at("weight_decay").get<double>();
+    c.seed = j.at("seed").get<uint64_t>();
+    c.threads = j.at("threads").get<int>();
+    c.dtype = j.at("dtype").get<std::string>();
+    c.loss = j.at("loss").get<std::string>();
+    c.train_limit = j.at("train_limit").get<int64_t>();
+    c.normalize = j.at("normalize").get<std::string>();
+    c.checkpoint_every = j.at("checkpoint_every").get<int64_t>();
+    c.eval_every = j.at("eval_every").get<int64_t>();
+    c.log_gradients = j.at("log_gradients").get<bool>();
+    c.out = j.at("out").get<std::string>();
+  } catch (const nlohmann::json::exception& e) {
+    throw InputError(source + ": bad training config (" + e.what() + ")");
+  }
+  return c;
+}
+
+}  // namespace pathkernel

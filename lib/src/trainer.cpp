@@ -1,0 +1,286 @@
+#include "pathkernel/trainer.h"
+
+#include <ATen/ATen.h>
+#include <spdlog/spdlog.h>
+#include <torch/version.h>
+
+#include <chrono>
+#include <cstdio>
+#include <unistd.h>
+
+#include "pathkernel/checkpoint.h"
+#include "pathkernel/errors.h"
+#include "pathkernel/fs_util.h"
+#include "pathkernel/run_context.h"
+#include "pathkernel/run_dir.h"
+#include "pathkernel/sha256.h"
+#include "pathkernel/version.h"
+
+namespace pathkernel {
+namespace fs = std::filesystem;
+using Clock = std::chrono::steady_clock;
+namespace {
+
+nlohmann::json file_entry(const fs::path& p) { return {{"path", p.string()}, {"sha256", sha256_file(p)}}; }
+
+nlohmann::json data_files(const RunContext& ctx) {
+  return {{"train_images", file_entry(ctx.train.images_file)},
+          {"train_labels", file_entry(ctx.train.labels_file)},
+          {"test_images", file_entry(ctx.test.images_file)},
+          {"test_labels", file_entry(ctx.test.labels_file)}};
+}
+
+nlohmann::json make_manifest(const RunContext& ctx, const std::string& command_line) {
+  nlohmann::json params = nlohmann::json::array();
+  for (const auto& item : ctx.model->named_parameters()) {
+    params.push_back({{"name", item.key()}, {"shape", item.value().sizes().vec()}});
+  }
+  const auto& c = ctx.config;
+  return {
+      {"format", kRunFormat},
+      {"pathkernel_version", kVersion},
+      {"git_revision", kGitRevision},
+      {"libtorch_version", TORCH_VERSION},
+      {"command_line", command_line},
+      {"created_unix", std::time(nullptr)},
+      {"config", to_json(c)},
+      {"model", {{"spec", ctx.model->spec().str()}, {"num_classes", ctx.num_classes},
+                 {"input_shape", {1, ctx.train.height(), ctx.train.width()}},
+                 {"num_parameters", ctx.stepper->num_parameters()}, {"parameters", params}}},
+      {"data", {{"dir", c.data_dir}, {"files", data_files(ctx)}, {"train_examples", ctx.train.size()},
+                {"test_examples", ctx.test.size()},
+                {"normalization", {{"mode", c.normalize}, {"mean", ctx.normalization.mean},
+                                   {"std", ctx.normalization.std}}}}},
+      {"optimizer", {{"name", "sgd"}, {"lr", c.lr}, {"lr_schedule", c.lr_schedule}, {"momentum", c.momentum},
+                     {"weight_decay", c.weight_decay}, {"dampening", 0}, {"nesterov", false}}},
+      {"loss", c.loss},
+      {"seed", c.seed},
+      {"dtype", c.dtype},
+      {"threads", {{"torch", ctx.threads.torch_threads}, {"blas", ctx.threads.blas_threads},
+                   {"blas_library", ctx.threads.blas}}},
+      {"batch", c.batch},
+      {"total_steps", ctx.total_steps},
+      {"steps_per_epoch", ctx.sampler->steps_per_epoch()},
+      {"checkpoint_every", c.checkpoint_every},
+      {"gradient_log", c.log_gradients ? nlohmann::json{{"file", "gradients.bin"}, {"dtype", "float32"},
+                                                        {"record_numel", ctx.stepper->num_parameters()},
+                                                        {"order", "state_dict"}}
+                                       : nlohmann::json(nullptr)},
+  };
+}
+
+nlohmann::json step_json(const StepRecord& r, const std::vector<int64_t>& batch, double seconds) {
+  nlohmann::json layers = nlohmann::json::object();
+  for (const auto& [name, v] : r.layer_grad_norms) layers[name] = v;
+  return {{"step", r.step},
+          {"lr", r.lr},
+          {"batch", batch},
+          {"loss", r.loss},
+          {"accuracy", r.accuracy},
+          {"grad_norm", r.grad_norm},
+          {"layer_grad_norms", layers},
+          {"pe_grad_norm", {{"min", r.pe_grad_min}, {"median", r.pe_grad_median}, {"max", r.pe_grad_max}}},
+          {"update_norm", r.update_norm},
+          {"step_seconds", seconds},
+          {"time_unix", std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count()}};
+}
+
+/// Appends to a file and flushes every record to the OS, so a SIGKILL loses at most the line
+/// being written (which read_step_log drops).
+class Appender {
+ public:
+  Appender(const fs::path& path, int64_t keep_bytes) : path_(path) {
+    if (keep_bytes >= 0 && fs::exists(path) && ::truncate(path.c_str(), keep_bytes) != 0) {
+      throw InputError("cannot truncate " + path.string());
+    }
+    f_ = std::fopen(path.c_str(), "ab");
+    if (!f_) throw InputError("cannot open " + path.string() + " for appending");
+  }
+  ~Appender() {
+    if (f_) std::fclose(f_);
+  }
+  Appender(const Appender&) = delete;
+  Appender& operator=(const Appender&) = delete;
+  void write(const void* data, size_t n) {
+    if (std::fwrite(data, 1, n, f_) != n || std::fflush(f_) != 0) throw InputError("cannot write " + path_.string());
+  }
+  void sync() { ::fsync(fileno(f_)); }
+
+ private:
+  fs::path path_;
+  std::FILE* f_ = nullptr;
+};
+
+void save_checkpoint(const RunDir& dir, RunContext& ctx, int64_t step) {
+  TrainerState st;
+  st.step = step;
+  st.sampler = ctx.sampler->state_at(step);
+  st.momentum = ctx.stepper->momentum_buffers();
+  // State first, weights last: a step counts as checkpointed only when its .pt exists.
+  save_trainer_state(dir.state(step), st);
+  save_tensor_dict(dir.checkpoint(step), state_dict_of(*ctx.model));
+}
+
+void write_summary(const RunDir& dir, const TrainSummary& s, const RunContext& ctx, const std::string& reason) {
+  nlohmann::json j = {{"status", s.status},
+                      {"steps_completed", s.steps_completed},
+                      {"total_steps", s.total_steps},
+                      {"final_loss", s.final_loss},
+                      {"test_accuracy", s.test_accuracy},
+                      {"train_seconds_this_process", s.seconds},
+                      {"model", ctx.model->spec().str()},
+                      {"checkpoints", dir.checkpoint_steps()}};
+  if (!reason.empty()) j["divergence"] = reason;
+  atomic_write(dir.summary(), j.dump(2) + "\n");
+}
+
+std::string fmt_eta(double s) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%d:%02d", static_cast<int>(s) / 60, static_cast<int>(s) % 60);
+  return buf;
+}
+
+/// The training loop from `start` to the end, appending to the logs. Shared by train and resume.
+TrainSummary run_loop(const RunDir& dir, RunContext& ctx, int64_t start, double last_loss) {
+  const auto& c = ctx.config;
+  const int64_t n = ctx.total_steps;
+  const int64_t numel = ctx.stepper->num_parameters();
+  Appender log(dir.steps_log(), -1);
+  std::unique_ptr<Appender> grads;
+  if (c.log_gradients) grads = std::make_unique<Appender>(dir.gradients(), start * numel * 4);
+
+  TrainSummary s;
+  s.run = dir.root();
+  s.total_steps = n;
+  s.final_loss = last_loss;
+  const auto t0 = Clock::now();
+  auto last_report = t0;
+  for (int64_t k = start; k < n; ++k) {
+    const auto ts = Clock::now();
+    const std::vector<int64_t> idx = ctx.sampler->batch_for_step(k);
+    const auto [x, y] = ctx.batch(idx);
+    StepRecord rec = ctx.stepper->step(x, y, ctx.schedule->at(k), /*per_example=*/true);
+    rec.step = k;
+    if (!rec.finite) {
+      s.status = "diverged";
+      s.steps_completed = k;
+      s.seconds = std::chrono::duration<double>(Clock::now() - t0).count();
+      save_checkpoint(dir, ctx, k);  // w_k is finite: the run stays valid up to here
+      const std::string why = "step " + std::to_string(k) + ": " + rec.nonfinite + " is not finite (loss " +
+                              std::to_string(rec.loss) + ", lr " + std::to_string(rec.lr) + ")";
+      write_summary(dir, s, ctx, why);
+      throw DivergenceError("training diverged at " + why + "; " + dir.root().string() +
+                            " holds the steps before it (try a smaller --lr)");
+    }
+    if (grads) {
+      const at::Tensor g = ctx.stepper->flat_gradient().contiguous();
+      grads->write(g.data_ptr<float>(), static_cast<size_t>(g.numel()) * sizeof(float));
+    }
+    nlohmann::json line = step_json(rec, idx, std::chrono::duration<double>(Clock::now() - ts).count());
+    const bool eval_now = c.eval_every > 0 && (k + 1) % c.eval_every == 0 && k + 1 < n;
+    if (eval_now) line["test_accuracy"] = ctx.test_accuracy();
+    const std::string text = line.dump() + "\n";
+    log.write(text.data(), text.size());
+    s.final_loss = rec.loss;
+    if ((k + 1) % c.checkpoint_every == 0 || k + 1 == n) {
+      log.sync();
+      if (grads) grads->sync();
+      save_checkpoint(dir, ctx, k + 1);
+    }
+    const auto now = Clock::now();
+    if (eval_now) spdlog::info("step {}/{}: test accuracy {:.4f}", k + 1, n, line["test_accuracy"].get<double>());
+    if (now - last_report > std::chrono::seconds(2) || k + 1 == n) {
+      const double el = std::chrono::duration<double>(now - t0).count();
+      const double rate = static_cast<double>(k + 1 - start) / std::max(el, 1e-9);
+      spdlog::info("step {}/{}  loss {:.4f}  {:.0f} steps/s  ETA {}", k + 1, n, rec.loss, rate,
+                   fmt_eta(static_cast<double>(n - k - 1) / std::max(rate, 1e-9)));
+      last_report = now;
+    }
+  }
+  s.status = "complete";
+  s.steps_completed = n;
+  s.seconds = std::chrono::duration<double>(Clock::now() - t0).count();
+  spdlog::info("evaluating on {} test images", ctx.test.size());
+  s.test_accuracy = ctx.test_accuracy();
+  write_summary(dir, s, ctx, "");
+  atomic_write(dir.complete_marker(), "steps " + std::to_string(n) + "\n");
+  return s;
+}
+
+TrainSummary summary_from_file(const RunDir& dir) {
+  const auto j = nlohmann::json::parse(read_file(dir.summary()));
+  TrainSummary s;
+  s.run = dir.root();
+  s.status = j.value("status", "");
+  s.steps_completed = j.value("steps_completed", int64_t{0});
+  s.total_steps = j.value("total_steps", int64_t{0});
+  s.final_loss = j.value("final_loss", 0.0);
+  s.test_accuracy = j.value("test_accuracy", 0.0);
+  return s;
+}
+
+}  // namespace
+
+TrainSummary train(const TrainConfig& config, const std::string& command_line) {
+  config.validate();
+  const RunDir dir(config.out);
+  if (fs::exists(dir.root()) && !(fs::is_directory(dir.root()) && fs::is_empty(dir.root()))) {
+    throw InputError(dir.root().string() + " already exists and is not empty; choose another --out, or " +
+                     "continue it with --resume " + dir.root().string());
+  }
+  auto ctx = make_run_context(config);
+  fs::create_directories(dir.checkpoints_dir());
+  atomic_write(dir.manifest(), make_manifest(*ctx, command_line).dump(2) + "\n");
+  save_checkpoint(dir, *ctx, 0);
+  spdlog::info("training {} ({} parameters) for {} steps on {} examples, run directory {}",
+               ctx->model->spec().str(), ctx->stepper->num_parameters(), ctx->total_steps, ctx->train.size(),
+               dir.root().string());
+  return run_loop(dir, *ctx, 0, 0.0);
+}
+
+TrainSummary resume(const fs::path& run, const std::string& command_line) {
+  const RunDir dir(run);
+  const nlohmann::json manifest = dir.read_manifest();
+  if (dir.complete()) {
+    spdlog::info("{} is already complete; nothing to do", run.string());
+    return summary_from_file(dir);
+  }
+  if (fs::exists(dir.summary()) && summary_from_file(dir).status == "diverged") {
+    throw InputError(run.string() + " diverged; resuming would diverge again. Start a new run with a smaller --lr");
+  }
+  TrainConfig config = train_config_from_json(manifest.at("config"), dir.manifest().string());
+  const auto& norm = manifest.at("data").at("normalization");
+  auto ctx = make_run_context(config, Normalization{norm.at("mean").get<double>(), norm.at("std").get<double>()});
+  // The data must be the very files the run started with.
+  const nlohmann::json now = data_files(*ctx);
+  for (const auto& [key, entry] : manifest.at("data").at("files").items()) {
+    if (now.at(key).at("sha256") != entry.at("sha256")) {
+      throw InputError(now.at(key).at("path").get<std::string>() + ": differs from the file the run was trained on " +
+                       "(SHA-256 mismatch); resume needs the same data");
+    }
+  }
+  const auto steps = dir.checkpoint_steps();
+  int64_t start = 0;
+  double last_loss = 0;
+  if (steps.empty()) {
+    fs::create_directories(dir.checkpoints_dir());
+    save_checkpoint(dir, *ctx, 0);  // killed before the first checkpoint: w_0 is a function of the seed
+  } else {
+    start = steps.back();
+    load_weights(*ctx->model, load_tensor_dict(dir.checkpoint(start)), dir.checkpoint(start).string());
+    const TrainerState st = load_trainer_state(dir.state(start));
+    if (st.step != start) throw InputError(dir.state(start).string() + ": records step " + std::to_string(st.step));
+    ctx->stepper->set_momentum_buffers(st.momentum);
+  }
+  truncate_step_log(dir.steps_log(), start);
+  const auto records = read_step_log(dir.steps_log());
+  if (static_cast<int64_t>(records.size()) != start) {
+    throw InputError(dir.steps_log().string() + ": has " + std::to_string(records.size()) +
+                     " steps before checkpoint " + std::to_string(start) + "; the log is incomplete");
+  }
+  if (!records.empty()) last_loss = records.back().at("loss").get<double>();
+  spdlog::info("resuming {} at step {} of {} ({})", run.string(), start, ctx->total_steps, command_line);
+  return run_loop(dir, *ctx, start, last_loss);
+}
+
+}  // namespace pathkernel

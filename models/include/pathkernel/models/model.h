@@ -1,0 +1,100 @@
+#pragma once
+/// \file model.h
+/// The base of every model in the zoo: a LibTorch module whose parameterized layers (Linear,
+/// Conv2d) are "tapped". While capture is on, each tapped layer keeps its input on forward and
+/// registers a tensor hook on its output, so that after a backward pass the backpropagated
+/// signal at the layer output is at hand. The analyzer's factorized kernels and the trainer's
+/// per-example gradient norms are built from these (input, signal) pairs.
+
+#include <torch/nn/module.h>
+#include <torch/types.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "pathkernel/models/model_spec.h"
+
+namespace pathkernel::models {
+
+/// The kind of a tapped layer.
+enum class LayerKind { kLinear, kConv2d };
+
+/// Geometry of a tapped Conv2d layer (square kernels are not assumed).
+struct ConvGeometry {
+  int64_t kernel_h = 0, kernel_w = 0;
+  int64_t stride_h = 1, stride_w = 1;
+  int64_t pad_h = 0, pad_w = 0;
+};
+
+/// One tapped layer and what it captured in the last forward/backward.
+struct Tap {
+  /// state_dict prefix of the layer, e.g. "layers.0"; its parameters are NAME.weight, NAME.bias.
+  std::string name;
+  LayerKind kind = LayerKind::kLinear;
+  ConvGeometry conv;
+  /// The layer's weight and bias (bias undefined when the layer has none).
+  torch::Tensor weight, bias;
+  /// Layer input of the last forward, detached: [N, in] or [N, Cin, H, W].
+  torch::Tensor input;
+  /// Backpropagated signal d(loss)/d(output) of the last backward: [N, out] or [N, Cout, H', W'].
+  torch::Tensor grad_output;
+};
+
+/// Base class of the zoo's models. Parameters are registered in forward order with PyTorch
+/// state_dict names, so `named_parameters()` is the state_dict order used everywhere.
+class Model : public torch::nn::Module {
+ public:
+  /// Logits [N, C] for inputs [N, channels, height, width] (pixels already scaled).
+  virtual torch::Tensor forward(const torch::Tensor& x) = 0;
+
+  /// Turns capture of layer inputs and output signals on or off (off by default).
+  void set_capture(bool on) { capture_ = on; }
+  bool capture() const { return capture_; }
+
+  /// The tapped layers in forward order; inputs/signals are those of the last captured pass.
+  std::vector<Tap>& taps() { return taps_; }
+  const std::vector<Tap>& taps() const { return taps_; }
+
+  /// Drops the captured tensors (frees their memory).
+  void clear_captures();
+
+  /// The spec this model was built from.
+  const ModelSpec& spec() const { return spec_; }
+  /// Number of output classes.
+  int64_t num_classes() const { return num_classes_; }
+
+ protected:
+  Model(ModelSpec spec, int64_t num_classes) : spec_(std::move(spec)), num_classes_(num_classes) {}
+
+  /// Registers a tap for a layer whose parameters are already registered under `name`.
+  size_t add_tap(const std::string& name, LayerKind kind, torch::Tensor weight,
+                 torch::Tensor bias, ConvGeometry conv = {});
+  /// Called by subclasses on a tapped layer's input before the layer runs.
+  void record_input(size_t tap, const torch::Tensor& input);
+  /// Called by subclasses on a tapped layer's output; registers the signal hook.
+  void record_output(size_t tap, const torch::Tensor& output);
+
+ private:
+  ModelSpec spec_;
+  int64_t num_classes_;
+  bool capture_ = false;
+  std::vector<Tap> taps_;
+};
+
+/// Input geometry of the data a model is built for.
+struct InputShape {
+  int64_t channels = 1, height = 28, width = 28;
+  int64_t numel() const { return channels * height * width; }
+};
+
+/// Builds a model from a spec for inputs of `shape` and `num_classes` outputs, with weights
+/// initialized by LibTorch's defaults from the current global torch seed.
+/// Throws std::invalid_argument for a spec the input shape cannot support.
+std::shared_ptr<Model> build_model(const ModelSpec& spec, const InputShape& shape,
+                                   int64_t num_classes);
+
+/// Applies an activation by name (tanh, relu, softplus, gelu).
+torch::Tensor apply_activation(const std::string& name, const torch::Tensor& x);
+
+}  // namespace pathkernel::models

@@ -1,0 +1,32 @@
+#pragma once
+/// \file model_spec.h
+/// The model spec string (`mlp:128:tanh`, `cnn:8,16:relu`, `linear`, `quadratic:64`) parsed
+/// into a plain struct. Kept free of LibTorch so every unit can include it cheaply.
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace pathkernel::models {
+
+/// A parsed model spec. `kind` is one of linear, quadratic, mlp, cnn.
+struct ModelSpec {
+  std::string kind;
+  /// Hidden widths (mlp, quadratic) or conv channels (cnn); empty for linear.
+  std::vector<int64_t> widths;
+  /// tanh, relu, softplus or gelu (mlp, cnn); "none" for linear and quadratic.
+  std::string activation = "none";
+
+  /// The canonical spec string; parse_model_spec(s.str()) == s.
+  std::string str() const;
+};
+
+/// Parses a spec string. Grammar:
+///   linear | quadratic[:WIDTH] | mlp:W1[,W2...][:ACT] | cnn:C1,C2[:ACT]
+/// Throws std::invalid_argument naming the spec and what is wrong.
+ModelSpec parse_model_spec(const std::string& spec);
+
+/// The activations the zoo knows, for help texts and validation.
+const std::vector<std::string>& known_activations();
+
+}  // namespace pathkernel::models

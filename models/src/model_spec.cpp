@@ -1,0 +1,93 @@
+#include "pathkernel/models/model_spec.h"
+
+#include <algorithm>
+#include <sstream>
+#include <stdexcept>
+
+namespace pathkernel::models {
+namespace {
+
+std::vector<std::string> split(const std::string& s, char sep) {
+  std::vector<std::string> parts;
+  std::string part;
+  std::istringstream in(s);
+  while (std::getline(in, part, sep)) parts.push_back(part);
+  if (!s.empty() && s.back() == sep) parts.emplace_back();
+  return parts;
+}
+
+std::vector<int64_t> parse_widths(const std::string& spec, const std::string& field) {
+  std::vector<int64_t> widths;
+  for (const auto& w : split(field, ',')) {
+    size_t used = 0;
+    long long v = 0;
+    try {
+      v = std::stoll(w, &used);
+    } catch (const std::exception&) {
+      used = 0;
+    }
+    if (used != w.size() || w.empty() || v <= 0 || v > 1000000) {
+      throw std::invalid_argument("model spec '" + spec + "': width '" + w +
+                                  "' is not a positive integer");
+    }
+    widths.push_back(v);
+  }
+  return widths;
+}
+
+std::string check_activation(const std::string& spec, const std::string& act) {
+  const auto& known = known_activations();
+  if (std::find(known.begin(), known.end(), act) == known.end()) {
+    throw std::invalid_argument("model spec '" + spec + "': unknown activation '" + act +
+                                "' (expected tanh, relu, softplus or gelu)");
+  }
+  return act;
+}
+
+}  // namespace
+
+const std::vector<std::string>& known_activations() {
+  static const std::vector<std::string> kActs = {"tanh", "relu", "softplus", "gelu"};
+  return kActs;
+}
+
+std::string ModelSpec::str() const {
+  std::string s = kind;
+  if (!widths.empty()) {
+    s += ":";
+    for (size_t i = 0; i < widths.size(); ++i) s += (i ? "," : "") + std::to_string(widths[i]);
+  }
+  if (kind == "mlp" || kind == "cnn") s += ":" + activation;
+  return s;
+}
+
+ModelSpec parse_model_spec(const std::string& spec) {
+  const auto parts = split(spec, ':');
+  if (parts.empty() || parts[0].empty()) throw std::invalid_argument("model spec is empty");
+  ModelSpec m;
+  m.kind = parts[0];
+  if (m.kind == "linear") {
+    if (parts.size() != 1) throw std::invalid_argument("model spec '" + spec + "': linear takes no arguments");
+  } else if (m.kind == "quadratic") {
+    if (parts.size() > 2) throw std::invalid_argument("model spec '" + spec + "': expected quadratic[:WIDTH]");
+    m.widths = parts.size() == 2 ? parse_widths(spec, parts[1]) : std::vector<int64_t>{64};
+    if (m.widths.size() != 1) throw std::invalid_argument("model spec '" + spec + "': quadratic has one hidden width");
+  } else if (m.kind == "mlp" || m.kind == "cnn") {
+    if (parts.size() < 2 || parts.size() > 3) {
+      throw std::invalid_argument("model spec '" + spec + "': expected " + m.kind +
+                                  (m.kind == "mlp" ? ":W1[,W2...][:ACT]" : ":C1,C2[:ACT]"));
+    }
+    m.widths = parse_widths(spec, parts[1]);
+    m.activation = parts.size() == 3 ? check_activation(spec, parts[2])
+                                     : (m.kind == "mlp" ? "tanh" : "relu");
+    if (m.kind == "cnn" && m.widths.size() != 2) {
+      throw std::invalid_argument("model spec '" + spec + "': cnn takes exactly two channel counts");
+    }
+  } else {
+    throw std::invalid_argument("model spec '" + spec + "': unknown model '" + m.kind +
+                                "' (expected linear, quadratic, mlp or cnn)");
+  }
+  return m;
+}
+
+}  // namespace pathkernel::models

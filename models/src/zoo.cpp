@@ -1,0 +1,107 @@
+// The model zoo: dense nets (linear, quadratic, mlp) and a small CNN, all built on Model's taps.
+#include <ATen/ATen.h>
+#include <torch/nn/modules/container/modulelist.h>
+#include <torch/nn/modules/conv.h>
+#include <torch/nn/modules/linear.h>
+
+#include <stdexcept>
+
+#include "pathkernel/models/model.h"
+
+namespace pathkernel::models {
+namespace {
+
+/// linear: one Linear layer; quadratic: two with nothing between; mlp: Linear layers with an
+/// activation between each. Parameters: layers.I.weight [out, in], layers.I.bias [out].
+class DenseNet : public Model {
+ public:
+  DenseNet(const ModelSpec& spec, const InputShape& shape, int64_t classes)
+      : Model(spec, classes) {
+    layers_ = register_module("layers", torch::nn::ModuleList());
+    int64_t in = shape.numel();
+    std::vector<int64_t> outs = spec.widths;
+    outs.push_back(classes);
+    for (size_t i = 0; i < outs.size(); ++i) {
+      torch::nn::Linear layer(torch::nn::LinearOptions(in, outs[i]));
+      layers_->push_back(layer);
+      add_tap("layers." + std::to_string(i), LayerKind::kLinear, layer->weight, layer->bias);
+      linears_.push_back(layer);
+      in = outs[i];
+    }
+  }
+
+  torch::Tensor forward(const torch::Tensor& x) override {
+    torch::Tensor h = x.reshape({x.size(0), -1});
+    for (size_t i = 0; i < linears_.size(); ++i) {
+      if (i > 0) h = apply_activation(spec().activation, h);
+      record_input(i, h);
+      h = linears_[i]->forward(h);
+      record_output(i, h);
+    }
+    return h;
+  }
+
+ private:
+  torch::nn::ModuleList layers_{nullptr};
+  std::vector<torch::nn::Linear> linears_;
+};
+
+/// cnn:C1,C2:ACT: conv3x3(pad 1) -> act -> maxpool2 -> conv3x3(pad 1) -> act -> maxpool2 -> fc.
+/// Parameters: convs.0.*, convs.1.*, fc.*.
+class SmallCnn : public Model {
+ public:
+  SmallCnn(const ModelSpec& spec, const InputShape& shape, int64_t classes)
+      : Model(spec, classes) {
+    const int64_t h = shape.height / 4, w = shape.width / 4;
+    if (h < 1 || w < 1) {
+      throw std::invalid_argument("model '" + spec.str() + "' needs images of at least 4x4, got " +
+                                  std::to_string(shape.height) + "x" + std::to_string(shape.width));
+    }
+    convs_ = register_module("convs", torch::nn::ModuleList());
+    int64_t in = shape.channels;
+    ConvGeometry geo{3, 3, 1, 1, 1, 1};
+    for (size_t i = 0; i < 2; ++i) {
+      torch::nn::Conv2d conv(torch::nn::Conv2dOptions(in, spec.widths[i], 3).padding(1));
+      convs_->push_back(conv);
+      add_tap("convs." + std::to_string(i), LayerKind::kConv2d, conv->weight, conv->bias, geo);
+      conv_list_.push_back(conv);
+      in = spec.widths[i];
+    }
+    fc_ = register_module("fc", torch::nn::Linear(in * h * w, classes));
+    add_tap("fc", LayerKind::kLinear, fc_->weight, fc_->bias);
+  }
+
+  torch::Tensor forward(const torch::Tensor& x) override {
+    torch::Tensor h = x;
+    for (size_t i = 0; i < conv_list_.size(); ++i) {
+      record_input(i, h);
+      h = conv_list_[i]->forward(h);
+      record_output(i, h);
+      h = at::max_pool2d(apply_activation(spec().activation, h), {2, 2});
+    }
+    h = h.reshape({h.size(0), -1});
+    record_input(2, h);
+    h = fc_->forward(h);
+    record_output(2, h);
+    return h;
+  }
+
+ private:
+  torch::nn::ModuleList convs_{nullptr};
+  std::vector<torch::nn::Conv2d> conv_list_;
+  torch::nn::Linear fc_{nullptr};
+};
+
+}  // namespace
+
+std::shared_ptr<Model> build_model(const ModelSpec& spec, const InputShape& shape,
+                                   int64_t num_classes) {
+  if (num_classes < 1) throw std::invalid_argument("a model needs at least one output class");
+  if (spec.kind == "linear" || spec.kind == "quadratic" || spec.kind == "mlp") {
+    return std::make_shared<DenseNet>(spec, shape, num_classes);
+  }
+  if (spec.kind == "cnn") return std::make_shared<SmallCnn>(spec, shape, num_classes);
+  throw std::invalid_argument("unknown model kind '" + spec.kind + "'");
+}
+
+}  // namespace pathkernel::models
