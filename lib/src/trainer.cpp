@@ -130,7 +130,10 @@ void write_summary(const RunDir& dir, const TrainSummary& s, const RunContext& c
                       {"train_seconds_this_process", s.seconds},
                       {"model", ctx.model->spec().str()},
                       {"checkpoints", dir.checkpoint_steps()}};
-  if (!reason.empty()) j["divergence"] = reason;
+  if (!reason.empty()) {
+    j["divergence"] = reason;
+    j["test_accuracy"] = nullptr;  // no final model to evaluate
+  }
   atomic_write(dir.summary(), j.dump(2) + "\n");
 }
 
@@ -167,7 +170,7 @@ TrainSummary run_loop(const RunDir& dir, RunContext& ctx, int64_t start, double 
       s.seconds = std::chrono::duration<double>(Clock::now() - t0).count();
       save_checkpoint(dir, ctx, k);  // w_k is finite: the run stays valid up to here
       const std::string why = "step " + std::to_string(k) + ": " + rec.nonfinite + " is not finite (loss " +
-                              std::to_string(rec.loss) + ", lr " + std::to_string(rec.lr) + ")";
+                              fmt::format("{}", rec.loss) + ", lr " + fmt::format("{}", rec.lr) + ")";
       write_summary(dir, s, ctx, why);
       throw DivergenceError("training diverged at " + why + "; " + dir.root().string() +
                             " holds the steps before it (try a smaller --lr)");
@@ -215,7 +218,7 @@ TrainSummary summary_from_file(const RunDir& dir) {
   s.steps_completed = j.value("steps_completed", int64_t{0});
   s.total_steps = j.value("total_steps", int64_t{0});
   s.final_loss = j.value("final_loss", 0.0);
-  s.test_accuracy = j.value("test_accuracy", 0.0);
+  s.test_accuracy = j["test_accuracy"].is_number() ? j["test_accuracy"].get<double>() : 0.0;
   return s;
 }
 

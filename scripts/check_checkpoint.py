@@ -1,0 +1,98 @@
+#!/usr/bin/env python3
+"""Load a pathkernel checkpoint in PyTorch, put it into the equivalent torch.nn model, and
+measure its test accuracy: the check that checkpoints are plain state_dicts.
+
+usage: check_checkpoint.py RUN [--step K]     (default: the last checkpoint)
+Prints the accuracy and the one in RUN/summary.json; exits 1 if they differ.
+"""
+import argparse, gzip, json, os, sys
+
+import numpy as np
+import torch
+from torch import nn
+
+
+class Dense(nn.Module):
+    """linear, quadratic:W and mlp:W1,W2,...:ACT. state_dict keys: layers.I.weight/bias."""
+
+    def __init__(self, n_in, widths, classes, act):
+        super().__init__()
+        sizes = [n_in] + widths + [classes]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes, sizes[1:]))
+        self.act = act
+
+    def forward(self, x):
+        h = x.flatten(1)
+        for i, layer in enumerate(self.layers):
+            h = layer(self.act(h) if i > 0 else h)
+        return h
+
+
+class SmallCnn(nn.Module):
+    """cnn:C1,C2:ACT. state_dict keys: convs.0.*, convs.1.*, fc.*."""
+
+    def __init__(self, shape, widths, classes, act):
+        super().__init__()
+        c, h, w = shape
+        self.convs = nn.ModuleList([nn.Conv2d(c, widths[0], 3, padding=1), nn.Conv2d(widths[0], widths[1], 3, padding=1)])
+        self.fc = nn.Linear(widths[1] * (h // 4) * (w // 4), classes)
+        self.act = act
+
+    def forward(self, x):
+        for conv in self.convs:
+            x = torch.max_pool2d(self.act(conv(x)), 2)
+        return self.fc(x.flatten(1))
+
+
+ACTS = {"tanh": torch.tanh, "relu": torch.relu, "softplus": nn.functional.softplus,
+        "gelu": nn.functional.gelu, "none": lambda x: x}
+
+
+def build(manifest):
+    spec = manifest["model"]["spec"].split(":")
+    classes, shape = manifest["model"]["num_classes"], manifest["model"]["input_shape"]
+    widths = [int(w) for w in spec[1].split(",")] if len(spec) > 1 else []
+    act = ACTS[spec[2]] if len(spec) > 2 else ACTS["none"]
+    if spec[0] == "cnn":
+        return SmallCnn(shape, widths, classes, act)
+    return Dense(int(np.prod(shape)), widths, classes, act)
+
+
+def read_idx(path):
+    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+        data = f.read()
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("run")
+    ap.add_argument("--step", type=int)
+    args = ap.parse_args()
+    manifest = json.load(open(os.path.join(args.run, "manifest.json")))
+    ckdir = os.path.join(args.run, "checkpoints")
+    steps = sorted(int(f[5:13]) for f in os.listdir(ckdir) if f.endswith(".pt") and not f.endswith(".state.pt"))
+    step = args.step if args.step is not None else steps[-1]
+    state_dict = torch.load(os.path.join(ckdir, "step_%08d.pt" % step))
+    model = build(manifest).to(getattr(torch, manifest["dtype"]))
+    model.load_state_dict(state_dict)  # strict: every key and shape must match
+
+    files = manifest["data"]["files"]
+    norm = manifest["data"]["normalization"]
+    dtype = getattr(torch, manifest["dtype"])
+    x = torch.from_numpy(read_idx(files["test_images"]["path"]).copy()).unsqueeze(1).to(dtype) / 255.0
+    if norm["mode"] != "none":
+        x = (x - norm["mean"]) / norm["std"]
+    y = torch.from_numpy(read_idx(files["test_labels"]["path"]).astype(np.int64))
+    with torch.no_grad():
+        right = sum(int((model(x[i:i + 1000]).argmax(1) == y[i:i + 1000]).sum()) for i in range(0, len(y), 1000))
+    acc = right / len(y)
+    summary = json.load(open(os.path.join(args.run, "summary.json")))
+    print(json.dumps({"step": step, "test_accuracy": acc, "summary_test_accuracy": summary["test_accuracy"]}))
+    return 0 if abs(acc - summary["test_accuracy"]) < 0.5 / len(y) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+#include "fixtures.h"
+
+#include <unistd.h>
+#include <zlib.h>
+
+#include <fstream>
+#include <random>
+#include <stdexcept>
+
+namespace pathkernel::testing {
+namespace fs = std::filesystem;
+
+TempDir::TempDir() {
+  std::string tmpl = (fs::temp_directory_path() / "pathkernel-test-XXXXXX").string();
+  if (!::mkdtemp(tmpl.data())) throw std::runtime_error("mkdtemp failed");
+  path_ = tmpl;
+}
+
+TempDir::~TempDir() {
+  std::error_code ec;
+  fs::remove_all(path_, ec);
+}
+
+std::string idx_bytes(const std::vector<uint32_t>& dims, const std::vector<uint8_t>& data) {
+  std::string b = {0, 0, 0x08, static_cast<char>(dims.size())};
+  for (uint32_t d : dims) {
+    for (int s = 24; s >= 0; s -= 8) b += static_cast<char>((d >> s) & 0xff);
+  }
+  b.append(data.begin(), data.end());
+  return b;
+}
+
+void write_file(const fs::path& path, const std::string& bytes, bool gz) {
+  if (gz) {
+    gzFile f = gzopen(path.c_str(), "wb");
+    gzwrite(f, bytes.data(), static_cast<unsigned>(bytes.size()));
+    gzclose(f);
+  } else {
+    std::ofstream(path, std::ios::binary) << bytes;
+  }
+}
+
+void write_synthetic_idx(const fs::path& dir, int n_train, int n_test, int size, int classes, bool gz) {
+  fs::create_directories(dir);
+  std::mt19937 rng(1234);
+  std::uniform_int_distribution<int> noise(0, 60);
+  auto make = [&](const std::string& prefix, int n) {
+    std::vector<uint8_t> img(static_cast<size_t>(n) * size * size), lab(static_cast<size_t>(n));
+    for (int i = 0; i < n; ++i) {
+      const int c = i % classes;
+      lab[i] = static_cast<uint8_t>(c);
+      for (int p = 0; p < size * size; ++p) {
+        const int r = p / size, col = p % size;
+        const bool in_square = r / (size / 2) == (c % 2) && col / (size / 2) == ((c / 2) % 2);
+        img[static_cast<size_t>(i) * size * size + p] = static_cast<uint8_t>(noise(rng) + (in_square ? 180 : 0));
+      }
+    }
+    const std::string ext = gz ? ".gz" : "";
+    write_file(dir / (prefix + "-images-idx3-ubyte" + ext),
+               idx_bytes({uint32_t(n), uint32_t(size), uint32_t(size)}, img), gz);
+    write_file(dir / (prefix + "-labels-idx1-ubyte" + ext), idx_bytes({uint32_t(n)}, lab), gz);
+  };
+  make("train", n_train);
+  make("t10k", n_test);
+}
+
+}  // namespace pathkernel::testing

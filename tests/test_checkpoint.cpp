@@ -1,0 +1,90 @@
+#include <ATen/ATen.h>
+
+#include <fstream>
+
+#include "fixtures.h"
+#include "pathkernel/checkpoint.h"
+#include "pathkernel/errors.h"
+#include "pathkernel/run_dir.h"
+
+namespace pathkernel {
+namespace {
+namespace fs = std::filesystem;
+
+TEST(CheckpointTest, TensorDictRoundTripsInOrderWithDtypes) {
+  testing::TempDir dir;
+  const NamedTensors t = {{"layers.1.weight", at::randn({3, 2})},
+                          {"layers.0.bias", at::randn({4}, at::kDouble)},
+                          {"x", at::arange(5, at::kLong)}};
+  save_tensor_dict(dir / "a.pt", t);
+  const NamedTensors back = load_tensor_dict(dir / "a.pt");
+  ASSERT_EQ(back.size(), 3u);
+  for (size_t i = 0; i < t.size(); ++i) {
+    EXPECT_EQ(back[i].first, t[i].first);
+    EXPECT_EQ(back[i].second.scalar_type(), t[i].second.scalar_type());
+    EXPECT_TRUE(at::equal(back[i].second, t[i].second));
+  }
+  for (const auto& e : fs::directory_iterator(dir.path())) {
+    EXPECT_EQ(e.path().filename(), "a.pt") << "no temporary file is left behind";
+  }
+}
+
+TEST(CheckpointTest, TrainerStateRoundTrips) {
+  testing::TempDir dir;
+  TrainerState s;
+  s.step = 17;
+  s.sampler = {99, 2, 128};
+  s.momentum = {{"w", at::randn({2, 2})}};
+  save_trainer_state(dir / "s.pt", s);
+  const TrainerState b = load_trainer_state(dir / "s.pt");
+  EXPECT_EQ(b.step, 17);
+  EXPECT_EQ(b.sampler.seed, 99u);
+  EXPECT_EQ(b.sampler.epoch, 2);
+  EXPECT_EQ(b.sampler.position, 128);
+  ASSERT_EQ(b.momentum.size(), 1u);
+  EXPECT_TRUE(at::equal(b.momentum[0].second, s.momentum[0].second));
+  EXPECT_THROW_WITH(load_trainer_state(dir / "nothing.pt"), InputError, "no such checkpoint file");
+}
+
+TEST(CheckpointTest, CorruptFilesGiveClearErrors) {
+  testing::TempDir dir;
+  testing::write_file(dir / "junk.pt", "this is not a pickle", false);
+  EXPECT_THROW_WITH(load_tensor_dict(dir / "junk.pt"), InputError, "junk.pt: not a readable checkpoint");
+  save_tensor_dict(dir / "w.pt", {{"a", at::ones({2})}});
+  EXPECT_THROW_WITH(load_trainer_state(dir / "w.pt"), InputError, "not a pathkernel-trainer-state/1 file");
+  const std::string bytes = [&] {
+    std::ifstream in(dir / "w.pt", std::ios::binary);
+    return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  }();
+  testing::write_file(dir / "cut.pt", bytes.substr(0, bytes.size() / 2), false);
+  EXPECT_THROW_WITH(load_tensor_dict(dir / "cut.pt"), InputError, "cut.pt");
+}
+
+TEST(RunDirTest, StepLogDropsACrashCutLastLineOnly) {
+  testing::TempDir dir;
+  testing::write_file(dir / "s.jsonl", "{\"step\":0}\n{\"step\":1}\n{\"step\":2,\"lo", false);
+  EXPECT_EQ(read_step_log(dir / "s.jsonl").size(), 2u);
+  truncate_step_log(dir / "s.jsonl", 1);
+  EXPECT_EQ(read_step_log(dir / "s.jsonl").size(), 1u);
+  testing::write_file(dir / "bad.jsonl", "{\"step\":0}\nnot json\n{\"step\":2}\n", false);
+  EXPECT_THROW_WITH(read_step_log(dir / "bad.jsonl"), InputError, "bad.jsonl:2: not valid JSON");
+  testing::write_file(dir / "gap.jsonl", "{\"step\":0}\n{\"step\":2}\n", false);
+  EXPECT_THROW_WITH(read_step_log(dir / "gap.jsonl"), InputError, "expected step 1");
+}
+
+TEST(RunDirTest, CheckpointStepsNeedWeightsAndState) {
+  testing::TempDir dir;
+  RunDir run(dir.path());
+  fs::create_directories(run.checkpoints_dir());
+  save_tensor_dict(run.checkpoint(0), {{"a", at::ones({1})}});
+  save_trainer_state(run.state(0), TrainerState{});
+  save_tensor_dict(run.checkpoint(5), {{"a", at::ones({1})}});  // no state: not a checkpoint
+  save_trainer_state(run.state(9), TrainerState{});             // no weights: not a checkpoint
+  testing::write_file(run.checkpoints_dir() / "step_00000007.pt.tmp-123", "x", false);
+  EXPECT_EQ(run.checkpoint_steps(), (std::vector<int64_t>{0}));
+  EXPECT_EQ(run.checkpoint(12).filename(), "step_00000012.pt");
+  EXPECT_THROW_WITH(run.read_manifest(), InputError, "manifest.json: missing");
+}
+
+}  // namespace
+}  // namespace pathkernel

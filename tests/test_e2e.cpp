@@ -1,0 +1,197 @@
+// End-to-end runs of the pathkernel binary on real Fashion-MNIST (subsets, and one full epoch).
+#include <ATen/ATen.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <fstream>
+#include <thread>
+
+#include "fixtures.h"
+#include "pathkernel/checkpoint.h"
+#include "pathkernel/fs_util.h"
+#include "pathkernel/run_dir.h"
+
+extern char** environ;
+
+namespace pathkernel {
+namespace {
+namespace fs = std::filesystem;
+
+const char* kData = "/usr/share/datasets/fashion-mnist";
+
+/// Starts the pathkernel binary with `args`, stdout and stderr to files in `log_dir`.
+pid_t spawn(const std::vector<std::string>& args, const fs::path& log_dir) {
+  std::vector<std::string> all = {PATHKERNEL_BIN};
+  all.insert(all.end(), args.begin(), args.end());
+  std::vector<char*> argv;
+  for (auto& a : all) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  posix_spawn_file_actions_t fa;
+  posix_spawn_file_actions_init(&fa);
+  posix_spawn_file_actions_addopen(&fa, 1, (log_dir / "stdout").c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  posix_spawn_file_actions_addopen(&fa, 2, (log_dir / "stderr").c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  pid_t pid = 0;
+  EXPECT_EQ(posix_spawn(&pid, PATHKERNEL_BIN, &fa, nullptr, argv.data(), environ), 0);
+  posix_spawn_file_actions_destroy(&fa);
+  return pid;
+}
+
+int wait_status(pid_t pid) {
+  int status = 0;
+  waitpid(pid, &status, 0);
+  return WIFEXITED(status) ? WEXITSTATUS(status) : -WTERMSIG(status);
+}
+
+struct Result {
+  int status;
+  std::string out, err;
+};
+
+Result run(const std::vector<std::string>& args, const fs::path& log_dir) {
+  const int st = wait_status(spawn(args, log_dir));
+  return {st, read_file(log_dir / "stdout"), read_file(log_dir / "stderr")};
+}
+
+int64_t lines_in(const fs::path& p) {
+  std::ifstream in(p);
+  return std::count(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>(), '\n');
+}
+
+/// Starts a process and SIGKILLs it once `file` has at least `lines` lines (or exists, for 0).
+/// Returns true when it was killed, false when it finished first.
+bool kill_when(const std::vector<std::string>& args, const fs::path& log_dir, const fs::path& file, int64_t lines) {
+  const pid_t pid = spawn(args, log_dir);
+  for (;;) {
+    int status = 0;
+    if (waitpid(pid, &status, WNOHANG) == pid) return false;
+    if (fs::exists(file) && lines_in(file) >= lines) {
+      kill(pid, SIGKILL);
+      wait_status(pid);
+      return true;
+    }
+    std::this_thread::sleep_for(std::chrono::microseconds(200));
+  }
+}
+
+std::vector<std::string> subset_run(const fs::path& out) {
+  return {"train", "--model", "mlp:32:tanh", "--train-limit", "3000", "--steps", "400", "--batch", "32",
+          "--lr", "0.05", "--momentum", "0.9", "--checkpoint-every", "37", "--log-gradients",
+          "--out", out.string()};
+}
+
+TEST(E2eTest, KilledAtAnyMomentAndResumedEndsBitIdentical) {
+  testing::TempDir tmp;
+  ASSERT_EQ(run(subset_run(tmp / "ref"), tmp.path()).status, 0);
+
+  const fs::path cut = tmp / "cut";
+  const RunDir dir(cut);
+  // The first kill lands while the run directory is being set up; later ones mid-training,
+  // each after a resume; the last resume runs to the end.
+  int kills = 0;
+  kills += kill_when(subset_run(cut), tmp.path(), dir.manifest(), 0);
+  for (int64_t at_line : {5, 120, 121, 290}) {
+    kills += kill_when({"train", "--resume", cut.string()}, tmp.path(), dir.steps_log(), at_line);
+  }
+  EXPECT_GE(kills, 3) << "the runs finished before they could be killed";
+  const Result fin = run({"train", "--resume", cut.string()}, tmp.path());
+  ASSERT_EQ(fin.status, 0) << fin.err;
+  EXPECT_TRUE(dir.complete());
+
+  const NamedTensors a = load_tensor_dict(dir.checkpoint(400));
+  const NamedTensors b = load_tensor_dict(RunDir(tmp / "ref").checkpoint(400));
+  for (size_t i = 0; i < a.size(); ++i) EXPECT_TRUE(at::equal(a[i].second, b[i].second)) << a[i].first;
+  EXPECT_EQ(read_file(dir.gradients()), read_file(RunDir(tmp / "ref").gradients()));
+  const auto la = read_step_log(dir.steps_log()), lb = read_step_log(RunDir(tmp / "ref").steps_log());
+  ASSERT_EQ(la.size(), 400u);
+  for (size_t k = 0; k < la.size(); ++k) {
+    EXPECT_EQ(la[k]["loss"], lb[k]["loss"]) << "step " << k;
+    EXPECT_EQ(la[k]["batch"], lb[k]["batch"]) << "step " << k;
+  }
+
+  const Result verify = run({"replay", cut.string(), "--verify"}, tmp.path());
+  EXPECT_EQ(verify.status, 0) << verify.err;
+  EXPECT_NE(verify.out.find("reproduced bit for bit"), std::string::npos);
+}
+
+TEST(E2eTest, ReplayVerifyNamesTheFirstDifferingStep) {
+  testing::TempDir tmp;
+  const fs::path out = tmp / "run";
+  ASSERT_EQ(run({"train", "--model", "cnn:4,8:relu", "--train-limit", "1000", "--steps", "60", "--checkpoint-every",
+                 "20", "--out", out.string()},
+                tmp.path()).status, 0);
+  const Result ok = run({"replay", out.string(), "--verify"}, tmp.path());
+  ASSERT_EQ(ok.status, 0) << ok.err;
+
+  // A log whose step 25 says another loss: replay must name step 25.
+  std::string log = read_file(RunDir(out).steps_log());
+  auto records = read_step_log(RunDir(out).steps_log());
+  records[25]["loss"] = records[25]["loss"].get<double>() * (1 + 1e-12);
+  std::string text;
+  for (const auto& r : records) text += r.dump() + "\n";
+  atomic_write(RunDir(out).steps_log(), text);
+  const Result bad = run({"replay", out.string(), "--verify"}, tmp.path());
+  EXPECT_EQ(bad.status, 5);
+  EXPECT_NE(bad.err.find("step 25 differs"), std::string::npos) << bad.err;
+  atomic_write(RunDir(out).steps_log(), log);
+
+  // --step writes a state_dict and never overwrites without --force.
+  ASSERT_EQ(run({"replay", out.string(), "--step", "33", "--out", (tmp / "w33.pt").string()}, tmp.path()).status, 0);
+  EXPECT_EQ(load_tensor_dict(tmp / "w33.pt").size(), 6u);
+  const Result again = run({"replay", out.string(), "--step", "33", "--out", (tmp / "w33.pt").string()}, tmp.path());
+  EXPECT_EQ(again.status, 2);
+  EXPECT_NE(again.err.find("pass --force"), std::string::npos);
+}
+
+TEST(E2eTest, BadInputExitsTwoNamingTheFileAndWritesNothing) {
+  testing::TempDir tmp;
+  const fs::path data = tmp / "data";
+  fs::create_directories(data);
+  for (const char* f : {"train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"}) {
+    fs::copy_file(fs::path(kData) / f, data / f);
+  }
+  const std::string images = read_file(fs::path(kData) / "train-images-idx3-ubyte.gz");
+  testing::write_file(data / "train-images-idx3-ubyte.gz", images.substr(0, images.size() / 3), false);
+  const Result r = run({"train", "--data", data.string(), "--steps", "5", "--out", (tmp / "run").string()}, tmp.path());
+  EXPECT_EQ(r.status, 2);
+  EXPECT_NE(r.err.find("train-images-idx3-ubyte.gz"), std::string::npos) << r.err;
+  EXPECT_FALSE(fs::exists(tmp / "run" / "manifest.json"));
+
+  const Result flag = run({"train", "--lr", "-1", "--steps", "5", "--out", (tmp / "run2").string()}, tmp.path());
+  EXPECT_EQ(flag.status, 2);
+  EXPECT_NE(flag.err.find("--lr"), std::string::npos) << flag.err;
+  const Result no_run = run({"replay", (tmp / "absent").string(), "--verify"}, tmp.path());
+  EXPECT_EQ(no_run.status, 2);
+  EXPECT_NE(no_run.err.find("absent: no such run directory"), std::string::npos) << no_run.err;
+  const Result diverge = run({"train", "--model", "linear", "--loss", "mse", "--train-limit", "500", "--steps", "50", "--lr", "10", "--out",
+                              (tmp / "div").string()}, tmp.path());
+  EXPECT_EQ(diverge.status, 3) << diverge.err;
+  EXPECT_NE(diverge.err.find("diverged"), std::string::npos);
+}
+
+// The README's recipe: one epoch of mlp:128:tanh on all of Fashion-MNIST reaches 80%, and the
+// final checkpoint, loaded by Python's torch.load into the equivalent torch.nn model, scores the same.
+TEST(E2eTest, FullEpochReaches80PercentAndLoadsInPyTorch) {
+  testing::TempDir tmp;
+  const fs::path out = tmp / "run";
+  const Result r = run({"train", "--model", "mlp:128:tanh", "--epochs", "1", "--lr", "0.1", "--batch", "64", "--out",
+                        out.string()}, tmp.path());
+  ASSERT_EQ(r.status, 0) << r.err;
+  EXPECT_NE(r.out.find("test accuracy:"), std::string::npos);
+  const auto summary = nlohmann::json::parse(read_file(out / "summary.json"));
+  EXPECT_GE(summary["test_accuracy"].get<double>(), 0.80);
+  EXPECT_EQ(summary["steps_completed"], 938);
+
+  const std::string cmd = std::string("/usr/bin/python3 ") + PATHKERNEL_SOURCE_DIR + "/scripts/check_checkpoint.py " +
+                          out.string() + " > " + (tmp / "py.json").string() + " 2>&1";
+  const int st = std::system(cmd.c_str());
+  EXPECT_EQ(st, 0) << read_file(tmp / "py.json");
+  const auto py = nlohmann::json::parse(read_file(tmp / "py.json"));
+  EXPECT_EQ(py["test_accuracy"].get<double>(), summary["test_accuracy"].get<double>());
+}
+
+}  // namespace
+}  // namespace pathkernel

@@ -1,0 +1,76 @@
+#include <ATen/ATen.h>
+
+#include "fixtures.h"
+#include "pathkernel/models/model.h"
+
+namespace pathkernel::models {
+namespace {
+
+std::vector<std::string> names_of(Model& m) {
+  std::vector<std::string> n;
+  for (const auto& p : m.named_parameters()) n.push_back(p.key());
+  return n;
+}
+
+TEST(ModelSpecTest, ParsesAndPrintsCanonically) {
+  EXPECT_EQ(parse_model_spec("mlp:256,128:relu").str(), "mlp:256,128:relu");
+  EXPECT_EQ(parse_model_spec("mlp:128").str(), "mlp:128:tanh");
+  EXPECT_EQ(parse_model_spec("cnn:8,16").str(), "cnn:8,16:relu");
+  EXPECT_EQ(parse_model_spec("quadratic").str(), "quadratic:64");
+  EXPECT_EQ(parse_model_spec("linear").str(), "linear");
+  EXPECT_THROW_WITH(parse_model_spec("mlp:12a"), std::invalid_argument, "'12a' is not a positive integer");
+  EXPECT_THROW_WITH(parse_model_spec("mlp:64:sigmoidish"), std::invalid_argument, "unknown activation");
+  EXPECT_THROW_WITH(parse_model_spec("cnn:8"), std::invalid_argument, "exactly two");
+  EXPECT_THROW_WITH(parse_model_spec("resnet"), std::invalid_argument, "unknown model 'resnet'");
+  EXPECT_THROW_WITH(parse_model_spec("linear:3"), std::invalid_argument, "no arguments");
+}
+
+TEST(ModelTest, StateDictNamesAndShapesFollowPyTorch) {
+  auto mlp = build_model(parse_model_spec("mlp:256,128:relu"), {1, 28, 28}, 10);
+  EXPECT_EQ(names_of(*mlp), (std::vector<std::string>{"layers.0.weight", "layers.0.bias", "layers.1.weight",
+                                                      "layers.1.bias", "layers.2.weight", "layers.2.bias"}));
+  EXPECT_EQ(mlp->named_parameters()["layers.0.weight"].sizes(), (std::vector<int64_t>{256, 784}));
+  auto cnn = build_model(parse_model_spec("cnn:8,16:relu"), {1, 28, 28}, 10);
+  EXPECT_EQ(names_of(*cnn), (std::vector<std::string>{"convs.0.weight", "convs.0.bias", "convs.1.weight",
+                                                      "convs.1.bias", "fc.weight", "fc.bias"}));
+  EXPECT_EQ(cnn->named_parameters()["fc.weight"].sizes(), (std::vector<int64_t>{10, 16 * 7 * 7}));
+  auto lin = build_model(parse_model_spec("linear"), {1, 12, 12}, 3);
+  EXPECT_EQ(names_of(*lin), (std::vector<std::string>{"layers.0.weight", "layers.0.bias"}));
+  EXPECT_THROW_WITH(build_model(parse_model_spec("cnn:4,4"), {1, 3, 3}, 2), std::invalid_argument, "at least 4x4");
+}
+
+TEST(ModelTest, ForwardShapesAndTapsCaptureInputsAndSignals) {
+  at::manual_seed(0);
+  for (const char* spec : {"linear", "quadratic:5", "mlp:7,6:gelu", "cnn:3,4:tanh"}) {
+    auto m = build_model(parse_model_spec(spec), {1, 8, 8}, 4);
+    m->to(at::kDouble);
+    const at::Tensor x = at::rand({5, 1, 8, 8}, at::kDouble);
+    EXPECT_EQ(m->forward(x).sizes(), (std::vector<int64_t>{5, 4})) << spec;
+    EXPECT_FALSE(m->taps()[0].input.defined()) << "capture is off by default";
+    m->set_capture(true);
+    const at::Tensor out = m->forward(x);
+    out.pow(2).sum().backward();
+    for (const auto& t : m->taps()) {
+      ASSERT_TRUE(t.input.defined()) << spec << " " << t.name;
+      ASSERT_TRUE(t.grad_output.defined()) << spec << " " << t.name;
+      EXPECT_EQ(t.grad_output.size(0), 5);
+    }
+    // The last layer's signal of sum(out^2) is 2 * out.
+    EXPECT_TRUE(at::allclose(m->taps().back().grad_output, 2 * out.detach())) << spec;
+  }
+}
+
+TEST(ModelTest, QuadraticModelHasNoNonlinearity) {
+  at::manual_seed(1);
+  auto m = build_model(parse_model_spec("quadratic:6"), {1, 4, 4}, 3);
+  m->to(at::kDouble);
+  const at::Tensor x = at::rand({2, 1, 4, 4}, at::kDouble);
+  const auto p = m->named_parameters();
+  const at::Tensor expected =
+      at::linear(at::linear(x.reshape({2, -1}), p["layers.0.weight"], p["layers.0.bias"]), p["layers.1.weight"],
+                 p["layers.1.bias"]);
+  EXPECT_TRUE(at::allclose(m->forward(x), expected, 1e-14, 1e-14));
+}
+
+}  // namespace
+}  // namespace pathkernel::models

@@ -1,0 +1,180 @@
+// Training, resume, divergence and replay on tiny synthetic IDX data.
+#include <ATen/ATen.h>
+#include <spdlog/spdlog.h>
+
+#include <fstream>
+
+#include "fixtures.h"
+#include "pathkernel/checkpoint.h"
+#include "pathkernel/errors.h"
+#include "pathkernel/fs_util.h"
+#include "pathkernel/replay.h"
+#include "pathkernel/run_dir.h"
+#include "pathkernel/trainer.h"
+
+namespace pathkernel {
+namespace {
+namespace fs = std::filesystem;
+
+class TrainerTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    spdlog::set_level(spdlog::level::warn);
+    testing::write_synthetic_idx(tmp_ / "data", 90, 30);
+  }
+  TrainConfig config(const std::string& name) const {
+    TrainConfig c;
+    c.data_dir = (tmp_ / "data").string();
+    c.model = "mlp:6:tanh";
+    c.steps = 40;
+    c.batch = 16;
+    c.lr = 0.2;
+    c.momentum = 0.9;
+    c.weight_decay = 1e-3;
+    c.seed = 11;
+    c.checkpoint_every = 10;
+    c.out = (tmp_ / name).string();
+    return c;
+  }
+  testing::TempDir tmp_;
+};
+
+void expect_same_weights(const fs::path& a, const fs::path& b) {
+  const NamedTensors x = load_tensor_dict(a), y = load_tensor_dict(b);
+  ASSERT_EQ(x.size(), y.size());
+  for (size_t i = 0; i < x.size(); ++i) {
+    EXPECT_EQ(x[i].first, y[i].first);
+    EXPECT_TRUE(at::equal(x[i].second, y[i].second)) << x[i].first << " differs";
+  }
+}
+
+TEST_F(TrainerTest, WritesACompleteRunDirectory) {
+  const TrainSummary s = train(config("run"), "pathkernel train (test)");
+  EXPECT_EQ(s.status, "complete");
+  EXPECT_EQ(s.steps_completed, 40);
+  EXPECT_GT(s.test_accuracy, 0.9) << "the synthetic classes are separable";
+  const RunDir dir(config("run").out);
+  EXPECT_TRUE(dir.complete());
+  EXPECT_EQ(dir.checkpoint_steps(), (std::vector<int64_t>{0, 10, 20, 30, 40}));
+  const auto m = dir.read_manifest();
+  EXPECT_EQ(m["model"]["spec"], "mlp:6:tanh");
+  EXPECT_EQ(m["model"]["parameters"][0]["name"], "layers.0.weight");
+  EXPECT_EQ(m["data"]["files"]["train_images"]["sha256"].get<std::string>().size(), 64u);
+  EXPECT_EQ(m["threads"]["torch"], 1);
+  EXPECT_EQ(m["command_line"], "pathkernel train (test)");
+  const auto log = read_step_log(dir.steps_log());
+  ASSERT_EQ(log.size(), 40u);
+  for (const char* key : {"lr", "batch", "loss", "accuracy", "grad_norm", "layer_grad_norms", "pe_grad_norm",
+                          "update_norm", "step_seconds"}) {
+    EXPECT_TRUE(log[5].contains(key)) << key;
+  }
+  EXPECT_EQ(log[4]["batch"].size(), 16u);
+  EXPECT_EQ(log[5]["batch"].size(), 10u) << "90 examples: the last batch of an epoch has 10";
+  EXPECT_EQ(log[5]["layer_grad_norms"].size(), 2u);
+  const auto summary = nlohmann::json::parse(read_file(dir.summary()));
+  EXPECT_EQ(summary["steps_completed"], 40);
+  EXPECT_DOUBLE_EQ(summary["final_loss"].get<double>(), log[39]["loss"].get<double>());
+  EXPECT_THROW_WITH(train(config("run"), ""), InputError, "already exists and is not empty");
+}
+
+TEST_F(TrainerTest, ResumeAfterACrashIsBitIdentical) {
+  train(config("full"), "");
+  train(config("cut"), "");
+  // Make "cut" look killed after step 23: checkpoints past 20 gone, a torn log line, no marker.
+  const RunDir cut(config("cut").out);
+  for (int64_t s : {30, 40}) {
+    fs::remove(cut.checkpoint(s));
+    fs::remove(cut.state(s));
+  }
+  fs::remove(cut.complete_marker());
+  fs::remove(cut.summary());
+  truncate_step_log(cut.steps_log(), 23);
+  std::ofstream(cut.steps_log(), std::ios::app) << "{\"step\":23,\"lr\":0.";
+  const TrainSummary s = resume(cut.root(), "");
+  EXPECT_EQ(s.status, "complete");
+  expect_same_weights(cut.checkpoint(40), RunDir(config("full").out).checkpoint(40));
+  const auto a = read_step_log(cut.steps_log()), b = read_step_log(RunDir(config("full").out).steps_log());
+  ASSERT_EQ(a.size(), b.size());
+  for (size_t k = 0; k < a.size(); ++k) EXPECT_EQ(a[k]["loss"], b[k]["loss"]) << "step " << k;
+  // Resuming a complete run changes nothing.
+  EXPECT_EQ(resume(cut.root(), "").steps_completed, 40);
+}
+
+TEST_F(TrainerTest, DivergenceStopsWithAValidRunDirectory) {
+  TrainConfig c = config("div");
+  c.lr = 1e35;
+  c.momentum = 0;
+  EXPECT_THROW_WITH(train(c, ""), DivergenceError, "not finite");
+  const RunDir dir(c.out);
+  EXPECT_FALSE(dir.complete());
+  const auto summary = nlohmann::json::parse(read_file(dir.summary()));
+  EXPECT_EQ(summary["status"], "diverged");
+  const int64_t k = summary["steps_completed"].get<int64_t>();
+  EXPECT_EQ(static_cast<int64_t>(read_step_log(dir.steps_log()).size()), k);
+  EXPECT_EQ(dir.checkpoint_steps().back(), k);
+  for (const auto& [name, t] : load_tensor_dict(dir.checkpoint(k))) EXPECT_TRUE(at::isfinite(t).all().item<bool>());
+  Replayer(dir.root()).verify();  // the valid part replays exactly
+  EXPECT_THROW_WITH(resume(dir.root(), ""), InputError, "diverged");
+}
+
+TEST_F(TrainerTest, ReplayReconstructsEveryStepAndDetectsTampering) {
+  TrainConfig dense = config("dense");
+  dense.checkpoint_every = 1;
+  train(dense, "");
+  train(config("sparse"), "");
+  Replayer r(config("sparse").out);
+  for (int64_t k : {0, 7, 13, 14, 29, 40}) {
+    const NamedTensors w = r.weights_at(k), ref = load_tensor_dict(RunDir(dense.out).checkpoint(k));
+    for (size_t i = 0; i < w.size(); ++i) EXPECT_TRUE(at::equal(w[i].second, ref[i].second)) << "step " << k;
+  }
+  r.verify();
+  EXPECT_THROW_WITH(r.seek(41), InputError, "out of range");
+
+  const RunDir dir(config("sparse").out);
+  NamedTensors w = load_tensor_dict(dir.checkpoint(30));
+  w[0].second[0][0] += 1e-6f;
+  save_tensor_dict(dir.checkpoint(30), w);
+  EXPECT_THROW_WITH(Replayer(dir.root()).verify(), ReplayMismatchError, "checkpoint 30 is not reproduced");
+}
+
+TEST_F(TrainerTest, GradientLogHoldsTheUpdateDirection) {
+  TrainConfig c = config("grads");
+  c.momentum = 0;
+  c.weight_decay = 0;
+  c.log_gradients = true;
+  c.checkpoint_every = 1;
+  train(c, "");
+  const RunDir dir(c.out);
+  const int64_t p = dir.read_manifest()["gradient_log"]["record_numel"].get<int64_t>();
+  EXPECT_EQ(static_cast<int64_t>(fs::file_size(dir.gradients())), 40 * p * 4);
+  const std::string bytes = read_file(dir.gradients());
+  const at::Tensor g = at::from_blob(const_cast<char*>(bytes.data()), {40, p}, at::kFloat).to(at::kDouble);
+  for (int64_t k : {0, 17, 39}) {
+    std::vector<at::Tensor> d;
+    const NamedTensors a = load_tensor_dict(dir.checkpoint(k)), b = load_tensor_dict(dir.checkpoint(k + 1));
+    for (size_t i = 0; i < a.size(); ++i) d.push_back((b[i].second.to(at::kDouble) - a[i].second.to(at::kDouble)).reshape(-1));
+    EXPECT_TRUE(at::allclose(at::cat(d), -0.2 * g[k], 1e-4, 1e-8)) << "step " << k;
+  }
+}
+
+TEST_F(TrainerTest, BadSettingsAndChangedDataAreRejected) {
+  TrainConfig c = config("bad");
+  c.steps = 0;
+  EXPECT_THROW_WITH(train(c, ""), InputError, "exactly one of --steps N or --epochs N");
+  c = config("bad");
+  c.model = "mlp:x";
+  EXPECT_THROW_WITH(train(c, ""), InputError, "--model");
+  c = config("bad");
+  c.data_dir = (tmp_ / "nowhere").string();
+  EXPECT_THROW_WITH(train(c, ""), InputError, "nowhere: data folder does not exist");
+  EXPECT_FALSE(fs::exists(tmp_ / "bad" / "manifest.json")) << "no half-made run directory";
+
+  train(config("changed"), "");
+  const RunDir dir(config("changed").out);
+  fs::remove(dir.complete_marker());
+  testing::write_synthetic_idx(tmp_ / "data", 91, 30);
+  EXPECT_THROW_WITH(resume(dir.root(), ""), InputError, "SHA-256 mismatch");
+}
+
+}  // namespace
+}  // namespace pathkernel
