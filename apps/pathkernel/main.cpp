@@ -10,6 +10,7 @@
 
 #include "commands.h"
 #include "pathkernel/errors.h"
+#include "pathkernel/threads.h"
 #include "pathkernel/version.h"
 
 namespace {
@@ -27,6 +28,7 @@ constexpr const char* kUsage =
 }  // namespace
 
 int main(int argc, char** argv) {
+  pathkernel::tune_allocator();
   auto logger = spdlog::stderr_color_mt("pathkernel");
   logger->set_pattern("[%H:%M:%S] %^%l%$ %v");
   spdlog::set_default_logger(logger);

@@ -41,7 +41,9 @@ c10::Dict<std::string, at::Tensor> dict_of(const NamedTensors& tensors) {
 
 void write_pickle(const fs::path& path, const c10::IValue& v) {
   const std::vector<char> bytes = torch::jit::pickle_save(v);
-  atomic_write(path, std::string(bytes.begin(), bytes.end()));
+  // Not fsynced: a killed process cannot leave a torn file behind a rename, and after a power
+  // loss resume falls back to the newest checkpoint that still loads.
+  atomic_write(path, std::string(bytes.begin(), bytes.end()), /*durable=*/false);
 }
 
 int64_t int_field(const c10::impl::GenericDict& d, const std::string& key, const fs::path& path) {

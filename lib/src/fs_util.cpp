@@ -20,7 +20,7 @@ void sync_directory(const fs::path& dir) {
   ::close(fd);
 }
 
-void atomic_write(const fs::path& path, const std::string& bytes) {
+void atomic_write(const fs::path& path, const std::string& bytes, bool durable) {
   const fs::path tmp = path.string() + ".tmp-" + std::to_string(::getpid());
   int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
   if (fd < 0) {
@@ -38,7 +38,7 @@ void atomic_write(const fs::path& path, const std::string& bytes) {
     }
     done += static_cast<size_t>(n);
   }
-  if (::fsync(fd) != 0 || ::close(fd) != 0) {
+  if ((durable && ::fsync(fd) != 0) || ::close(fd) != 0) {
     ::unlink(tmp.c_str());
     throw InputError("cannot flush " + path.string() + ": " + std::strerror(errno));
   }
@@ -48,7 +48,7 @@ void atomic_write(const fs::path& path, const std::string& bytes) {
     ::unlink(tmp.c_str());
     throw InputError("cannot rename " + tmp.string() + " to " + path.string() + ": " + ec.message());
   }
-  sync_directory(path.parent_path());
+  if (durable) sync_directory(path.parent_path());
 }
 
 std::string read_file(const fs::path& path) {

@@ -13,17 +13,51 @@ at::Tensor conv_per_example_weight_grad(const models::Tap& tap) {
   return at::bmm(g, u.transpose(1, 2));
 }
 
+namespace {
+
+template <typename T>
+void accumulate_row_sq(const T* p, int64_t rows, int64_t cols, double* out) {
+  // Eight independent accumulators: one serial chain of double adds would be latency-bound.
+  for (int64_t i = 0; i < rows; ++i) {
+    double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    const T* row = p + i * cols;
+    int64_t j = 0;
+    for (; j + 8 <= cols; j += 8) {
+      for (int u = 0; u < 8; ++u) acc[u] += static_cast<double>(row[j + u]) * static_cast<double>(row[j + u]);
+    }
+    for (; j < cols; ++j) acc[0] += static_cast<double>(row[j]) * static_cast<double>(row[j]);
+    out[i] = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+  }
+}
+
+/// Squared norm of every row of a [N, ...] float or double tensor, float64 [N]. A plain loop:
+/// ATen's row-wise norms allocate [N, D] temporaries, and this runs at every training step.
+at::Tensor row_sq_norms(const at::Tensor& t) {
+  const at::Tensor c = t.contiguous();
+  const int64_t n = c.size(0), d = n ? c.numel() / n : 0;
+  at::Tensor out = at::empty({n}, at::kDouble);
+  if (c.scalar_type() == at::kFloat) {
+    accumulate_row_sq(c.data_ptr<float>(), n, d, out.data_ptr<double>());
+  } else {
+    accumulate_row_sq(c.to(at::kDouble).data_ptr<double>(), n, d, out.data_ptr<double>());
+  }
+  return out;
+}
+
+}  // namespace
+
 at::Tensor per_example_grad_sq_norms(const std::vector<models::Tap>& taps, double scale) {
   at::Tensor total;
   for (const auto& tap : taps) {
     if (!tap.grad_output.defined()) continue;
-    const at::Tensor g = tap.grad_output.to(at::kDouble) * scale;
-    const int64_t n = g.size(0);
+    const int64_t n = tap.grad_output.size(0);
     at::Tensor sq;
     if (tap.kind == models::LayerKind::kLinear) {
-      const at::Tensor a_sq = tap.input.to(at::kDouble).pow(2).sum(1);
-      sq = g.pow(2).sum(1) * (tap.bias.defined() ? a_sq + 1.0 : a_sq);
+      const at::Tensor a_sq = row_sq_norms(tap.input);
+      if (tap.bias.defined()) a_sq.add_(1.0);
+      sq = row_sq_norms(tap.grad_output).mul_(scale * scale).mul_(a_sq);
     } else {
+      const at::Tensor g = tap.grad_output.to(at::kDouble) * scale;
       models::Tap scaled = tap;
       scaled.input = tap.input.to(at::kDouble);
       scaled.grad_output = g;

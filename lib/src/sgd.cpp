@@ -56,6 +56,8 @@ SgdStepper::SgdStepper(models::Model& model, SgdOptions options, LossKind loss)
   }
   buffers_.resize(params_.size());
   grads_.resize(params_.size());
+  grad_sq_.resize(params_.size());
+  sync_norms();
 }
 
 int64_t SgdStepper::num_parameters() const {
@@ -71,6 +73,13 @@ std::string layer_of(const std::string& name) {
   return dot == std::string::npos ? name : name.substr(0, dot);
 }
 
+/// |t|^2 as one BLAS dot product (no temporary). Accumulates in t's dtype: these norms are
+/// diagnostics, good to about 1e-6 relative in float32.
+double squared_norm(const at::Tensor& t) {
+  const at::Tensor flat = t.reshape({-1});
+  return at::dot(flat, flat).item<double>();
+}
+
 double median_of(std::vector<double> v) {
   std::sort(v.begin(), v.end());
   const size_t n = v.size();
@@ -82,21 +91,25 @@ double median_of(std::vector<double> v) {
 StepRecord SgdStepper::step(const at::Tensor& x, const at::Tensor& y, double lr, bool per_example) {
   StepRecord rec;
   rec.lr = lr;
-  for (auto& p : params_) p.mutable_grad() = at::Tensor();
+  // Zeroed in place, as torch::optim does: a fresh gradient tensor per step costs an mmap.
+  for (auto& p : params_) {
+    if (p.grad().defined()) p.mutable_grad().zero_();
+  }
   model_.set_capture(per_example);
   const at::Tensor logits = model_.forward(x);
   const at::Tensor loss = batch_loss(logits, y, loss_);
   loss.backward();
   model_.set_capture(false);
   rec.loss = loss.item<double>();
-  rec.accuracy = logits.argmax(1).eq(y).to(at::kDouble).mean().item<double>();
+  rec.accuracy = static_cast<double>(logits.argmax(1).eq(y).sum().item<int64_t>()) / static_cast<double>(y.size(0));
 
   std::map<std::string, double> layer_sq;
   std::vector<std::string> layer_order;
   double grad_sq = 0;
   for (size_t i = 0; i < params_.size(); ++i) {
     grads_[i] = params_[i].grad();
-    const double sq = grads_[i].to(at::kDouble).pow(2).sum().item<double>();
+    const double sq = squared_norm(grads_[i]);
+    grad_sq_[i] = sq;
     grad_sq += sq;
     const std::string layer = layer_of(names_[i]);
     if (!layer_sq.count(layer)) layer_order.push_back(layer);
@@ -126,30 +139,85 @@ StepRecord SgdStepper::step(const at::Tensor& x, const at::Tensor& y, double lr,
     return rec;
   }
 
-  // The update is formed out of place and committed only when every new weight is finite, so a
-  // diverging step leaves w_k and v_{k-1} intact for the run directory.
   at::NoGradGuard no_grad;
-  std::vector<at::Tensor> new_params(params_.size()), new_buffers(params_.size());
+  if (!update_in_place_is_safe(lr)) return update_out_of_place(rec, lr);
+  // In place, as torch::optim::SGD does it: v = mu v + (g + lambda w); w -= lr v.
   double update_sq = 0;
   for (size_t i = 0; i < params_.size(); ++i) {
     at::Tensor d = grads_[i];
     if (options_.weight_decay != 0) d = d.add(params_[i], options_.weight_decay);
     if (options_.momentum != 0) {
-      new_buffers[i] = buffers_[i].defined() ? buffers_[i].mul(options_.momentum).add_(d) : d.clone();
-      d = new_buffers[i];
+      if (buffers_[i].defined()) {
+        buffers_[i].mul_(options_.momentum).add_(d);
+      } else {
+        buffers_[i] = d.clone();
+      }
+      d = buffers_[i];
     }
-    new_params[i] = at::add(params_[i], d, -lr);
-    if (!at::isfinite(new_params[i]).all().item<bool>()) {
+    update_sq += d.data_ptr() == grads_[i].data_ptr() ? grad_sq_[i] : squared_norm(d);
+    params_[i].add_(d, -lr);
+  }
+  rec.update_norm = lr * std::sqrt(update_sq);
+  // Running upper bounds instead of a pass over the weights every step.
+  buffer_norm_ = options_.momentum != 0 ? std::sqrt(update_sq) : 0.0;
+  weight_norm_ += rec.update_norm;
+  return rec;
+}
+
+bool SgdStepper::update_in_place_is_safe(double lr) {
+  if (!(upper_bound(lr) < safe_limit())) sync_norms();  // the running bound may be loose: tighten
+  return upper_bound(lr) < safe_limit();
+}
+
+double SgdStepper::safe_limit() const {
+  return params_.empty() || params_[0].scalar_type() == at::kDouble ? 1e300 : 1e36;
+}
+
+double SgdStepper::upper_bound(double lr) const {
+  // Triangle inequality: |w_{k+1}|_inf <= |w_k| + lr (mu |v_{k-1}| + |g| + lambda |w_k|). When
+  // that is far below the dtype's largest value, no weight can overflow and the update can be
+  // made in place; otherwise the step goes the careful way. |w_k| and |v_{k-1}| are running
+  // upper bounds, made exact again by sync_norms() when they grow too large.
+  double g_sq = 0;
+  for (double v : grad_sq_) g_sq += v;
+  const double bound = weight_norm_ + lr * (options_.momentum * buffer_norm_ + std::sqrt(g_sq) +
+                                             options_.weight_decay * weight_norm_);
+  return std::isfinite(bound) ? bound : HUGE_VAL;
+}
+
+StepRecord SgdStepper::update_out_of_place(StepRecord rec, double lr) {
+  // The update is formed out of place and committed only when every new weight is finite, so a
+  // diverging step leaves w_k and v_{k-1} intact for the run directory. Since w_k is finite,
+  // w_{k+1} is finite exactly when w_{k+1} - w_k is.
+  std::vector<at::Tensor> next(params_.size()), next_buffers(params_.size());
+  double update_sq = 0;
+  for (size_t i = 0; i < params_.size(); ++i) {
+    at::Tensor d = grads_[i];
+    if (options_.weight_decay != 0) d = d.add(params_[i], options_.weight_decay);
+    if (options_.momentum != 0) {
+      next_buffers[i] = buffers_[i].defined() ? buffers_[i].mul(options_.momentum).add_(d) : d.clone();
+      d = next_buffers[i];
+    }
+    next[i] = at::add(params_[i], d, -lr);
+    const double sq = squared_norm(next[i] - params_[i]);
+    if (!std::isfinite(sq)) {
       rec.finite = false;
       rec.nonfinite = "weights (" + names_[i] + ")";
       return rec;
     }
-    update_sq += (new_params[i].to(at::kDouble) - params_[i].to(at::kDouble)).pow(2).sum().item<double>();
+    update_sq += sq;
   }
+  double weight_sq = 0, buffer_sq = 0;
   for (size_t i = 0; i < params_.size(); ++i) {
-    params_[i].copy_(new_params[i]);
-    if (options_.momentum != 0) buffers_[i] = new_buffers[i];
+    params_[i].copy_(next[i]);
+    weight_sq += squared_norm(params_[i]);
+    if (options_.momentum != 0) {
+      buffers_[i] = next_buffers[i];
+      buffer_sq += squared_norm(buffers_[i]);
+    }
   }
+  weight_norm_ = std::sqrt(weight_sq);
+  buffer_norm_ = std::sqrt(buffer_sq);
   rec.update_norm = std::sqrt(update_sq);
   return rec;
 }
@@ -163,9 +231,19 @@ at::Tensor SgdStepper::flat_gradient() const {
 NamedTensors SgdStepper::momentum_buffers() const {
   NamedTensors out;
   for (size_t i = 0; i < buffers_.size(); ++i) {
-    if (buffers_[i].defined()) out.emplace_back(names_[i], buffers_[i]);
+    if (buffers_[i].defined()) out.emplace_back(names_[i], buffers_[i].clone());
   }
   return out;
+}
+
+void SgdStepper::sync_norms() {
+  double w = 0, v = 0;
+  for (size_t i = 0; i < params_.size(); ++i) {
+    w += squared_norm(params_[i].detach());
+    if (buffers_[i].defined()) v += squared_norm(buffers_[i]);
+  }
+  weight_norm_ = std::sqrt(w);
+  buffer_norm_ = std::sqrt(v);
 }
 
 void SgdStepper::set_momentum_buffers(const NamedTensors& buffers) {
@@ -177,6 +255,7 @@ void SgdStepper::set_momentum_buffers(const NamedTensors& buffers) {
     if (t.sizes() != params_[i].sizes()) throw InputError("momentum buffer '" + name + "' has the wrong shape");
     buffers_[i] = t.to(params_[i].scalar_type()).clone();
   }
+  sync_norms();
 }
 
 }  // namespace pathkernel

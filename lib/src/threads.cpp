@@ -2,10 +2,16 @@
 
 #include <ATen/Parallel.h>
 #include <dlfcn.h>
+#include <malloc.h>
 
 #include <stdexcept>
 
 namespace pathkernel {
+
+void tune_allocator() {
+  mallopt(M_MMAP_THRESHOLD, 64 << 20);
+  mallopt(M_TRIM_THRESHOLD, 256 << 20);
+}
 
 ThreadInfo pin_threads(int threads) {
   if (threads < 1) throw std::invalid_argument("--threads must be at least 1");

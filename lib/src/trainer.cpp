@@ -5,6 +5,8 @@
 #include <torch/version.h>
 
 #include <chrono>
+#include <cmath>
+#include <iterator>
 #include <cstdio>
 #include <unistd.h>
 
@@ -69,24 +71,53 @@ nlohmann::json make_manifest(const RunContext& ctx, const std::string& command_l
   };
 }
 
-nlohmann::json step_json(const StepRecord& r, const std::vector<int64_t>& batch, double seconds) {
-  nlohmann::json layers = nlohmann::json::object();
-  for (const auto& [name, v] : r.layer_grad_norms) layers[name] = v;
-  return {{"step", r.step},
-          {"lr", r.lr},
-          {"batch", batch},
-          {"loss", r.loss},
-          {"accuracy", r.accuracy},
-          {"grad_norm", r.grad_norm},
-          {"layer_grad_norms", layers},
-          {"pe_grad_norm", {{"min", r.pe_grad_min}, {"median", r.pe_grad_median}, {"max", r.pe_grad_max}}},
-          {"update_norm", r.update_norm},
-          {"step_seconds", seconds},
-          {"time_unix", std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count()}};
+/// A finite double as JSON (shortest text that reads back to the same bits); null otherwise.
+void put_number(fmt::memory_buffer& out, double v) {
+  if (std::isfinite(v)) {
+    fmt::format_to(std::back_inserter(out), "{}", v);
+  } else {
+    fmt::format_to(std::back_inserter(out), "null");
+  }
 }
 
-/// Appends to a file and flushes every record to the OS, so a SIGKILL loses at most the line
-/// being written (which read_step_log drops).
+/// One line of steps.jsonl. Written with fmt rather than built as a JSON object: this runs every
+/// step and is part of the trainer's overhead budget (bench/bench_train.cpp).
+void step_line(fmt::memory_buffer& out, const StepRecord& r, const std::vector<int64_t>& batch, double seconds,
+               double test_accuracy) {
+  auto it = std::back_inserter(out);
+  fmt::format_to(it, "{{\"step\":{},\"lr\":", r.step);
+  put_number(out, r.lr);
+  fmt::format_to(it, ",\"batch\":[{}],\"loss\":", fmt::join(batch, ","));
+  put_number(out, r.loss);
+  fmt::format_to(it, ",\"accuracy\":");
+  put_number(out, r.accuracy);
+  fmt::format_to(it, ",\"grad_norm\":");
+  put_number(out, r.grad_norm);
+  fmt::format_to(it, ",\"layer_grad_norms\":{{");
+  for (size_t i = 0; i < r.layer_grad_norms.size(); ++i) {
+    fmt::format_to(it, "{}\"{}\":", i ? "," : "", r.layer_grad_norms[i].first);
+    put_number(out, r.layer_grad_norms[i].second);
+  }
+  fmt::format_to(it, "}},\"pe_grad_norm\":{{\"min\":");
+  put_number(out, r.pe_grad_min);
+  fmt::format_to(it, ",\"median\":");
+  put_number(out, r.pe_grad_median);
+  fmt::format_to(it, ",\"max\":");
+  put_number(out, r.pe_grad_max);
+  fmt::format_to(it, "}},\"update_norm\":");
+  put_number(out, r.update_norm);
+  fmt::format_to(it, ",\"step_seconds\":");
+  put_number(out, seconds);
+  if (test_accuracy >= 0) {
+    fmt::format_to(it, ",\"test_accuracy\":");
+    put_number(out, test_accuracy);
+  }
+  fmt::format_to(it, "}}\n");
+}
+
+/// Appends records to a file. The caller flushes them to the OS at every checkpoint and at least
+/// twice a second: a SIGKILL can lose only records after the last checkpoint, which a resume
+/// re-creates anyway, and a torn last line, which read_step_log drops.
 class Appender {
  public:
   Appender(const fs::path& path, int64_t keep_bytes) : path_(path) {
@@ -102,9 +133,11 @@ class Appender {
   Appender(const Appender&) = delete;
   Appender& operator=(const Appender&) = delete;
   void write(const void* data, size_t n) {
-    if (std::fwrite(data, 1, n, f_) != n || std::fflush(f_) != 0) throw InputError("cannot write " + path_.string());
+    if (std::fwrite(data, 1, n, f_) != n) throw InputError("cannot write " + path_.string());
   }
-  void sync() { ::fsync(fileno(f_)); }
+  void flush() {
+    if (std::fflush(f_) != 0) throw InputError("cannot write " + path_.string());
+  }
 
  private:
   fs::path path_;
@@ -157,7 +190,8 @@ TrainSummary run_loop(const RunDir& dir, RunContext& ctx, int64_t start, double 
   s.total_steps = n;
   s.final_loss = last_loss;
   const auto t0 = Clock::now();
-  auto last_report = t0;
+  auto last_report = t0, last_flush = t0;
+  fmt::memory_buffer line;
   for (int64_t k = start; k < n; ++k) {
     const auto ts = Clock::now();
     const std::vector<int64_t> idx = ctx.sampler->batch_for_step(k);
@@ -179,19 +213,24 @@ TrainSummary run_loop(const RunDir& dir, RunContext& ctx, int64_t start, double 
       const at::Tensor g = ctx.stepper->flat_gradient().contiguous();
       grads->write(g.data_ptr<float>(), static_cast<size_t>(g.numel()) * sizeof(float));
     }
-    nlohmann::json line = step_json(rec, idx, std::chrono::duration<double>(Clock::now() - ts).count());
     const bool eval_now = c.eval_every > 0 && (k + 1) % c.eval_every == 0 && k + 1 < n;
-    if (eval_now) line["test_accuracy"] = ctx.test_accuracy();
-    const std::string text = line.dump() + "\n";
-    log.write(text.data(), text.size());
+    const double test_acc = eval_now ? ctx.test_accuracy() : -1.0;
+    line.clear();
+    step_line(line, rec, idx, std::chrono::duration<double>(Clock::now() - ts).count(), test_acc);
+    log.write(line.data(), line.size());
     s.final_loss = rec.loss;
-    if ((k + 1) % c.checkpoint_every == 0 || k + 1 == n) {
-      log.sync();
-      if (grads) grads->sync();
-      save_checkpoint(dir, ctx, k + 1);
-    }
     const auto now = Clock::now();
-    if (eval_now) spdlog::info("step {}/{}: test accuracy {:.4f}", k + 1, n, line["test_accuracy"].get<double>());
+    if ((k + 1) % c.checkpoint_every == 0 || k + 1 == n) {
+      log.flush();
+      if (grads) grads->flush();
+      save_checkpoint(dir, ctx, k + 1);
+      last_flush = now;
+    } else if (now - last_flush > std::chrono::milliseconds(500)) {
+      log.flush();
+      if (grads) grads->flush();
+      last_flush = now;
+    }
+    if (eval_now) spdlog::info("step {}/{}: test accuracy {:.4f}", k + 1, n, test_acc);
     if (now - last_report > std::chrono::seconds(2) || k + 1 == n) {
       const double el = std::chrono::duration<double>(now - t0).count();
       const double rate = static_cast<double>(k + 1 - start) / std::max(el, 1e-9);
@@ -269,11 +308,20 @@ TrainSummary resume(const fs::path& run, const std::string& command_line) {
     fs::create_directories(dir.checkpoints_dir());
     save_checkpoint(dir, *ctx, 0);  // killed before the first checkpoint: w_0 is a function of the seed
   } else {
-    start = steps.back();
-    load_weights(*ctx->model, load_tensor_dict(dir.checkpoint(start)), dir.checkpoint(start).string());
-    const TrainerState st = load_trainer_state(dir.state(start));
-    if (st.step != start) throw InputError(dir.state(start).string() + ": records step " + std::to_string(st.step));
-    ctx->stepper->set_momentum_buffers(st.momentum);
+    // The newest checkpoint that loads: after a power loss the last one may be damaged.
+    for (auto it = steps.rbegin(); it != steps.rend(); ++it) {
+      try {
+        load_weights(*ctx->model, load_tensor_dict(dir.checkpoint(*it)), dir.checkpoint(*it).string());
+        const TrainerState st = load_trainer_state(dir.state(*it));
+        if (st.step != *it) throw InputError(dir.state(*it).string() + ": records step " + std::to_string(st.step));
+        ctx->stepper->set_momentum_buffers(st.momentum);
+        start = *it;
+        break;
+      } catch (const InputError& e) {
+        if (it + 1 == steps.rend()) throw;
+        spdlog::warn("skipping checkpoint {}: {}", *it, e.what());
+      }
+    }
   }
   truncate_step_log(dir.steps_log(), start);
   const auto records = read_step_log(dir.steps_log());

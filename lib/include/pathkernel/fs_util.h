@@ -7,10 +7,11 @@
 
 namespace pathkernel {
 
-/// Writes `bytes` to `path` atomically: to `path.tmp-PID`, flushed with fsync, then renamed over
-/// `path`, and the directory is synced. A crash leaves either the old file or the new one.
-/// Throws InputError naming the path when the directory is not writable.
-void atomic_write(const std::filesystem::path& path, const std::string& bytes);
+/// Writes `bytes` to `path` atomically: to `path.tmp-PID`, then renamed over `path`, so that a
+/// killed process leaves either the old file or the new one, never a part. With `durable`, the
+/// file and its directory are also fsynced, which guards against power loss too (at a few ms a
+/// call). Throws InputError naming the path when it cannot be written.
+void atomic_write(const std::filesystem::path& path, const std::string& bytes, bool durable = true);
 
 /// Reads a whole file. Throws InputError naming the path when it cannot be opened.
 std::string read_file(const std::filesystem::path& path);

@@ -41,7 +41,7 @@ struct StepRecord {
   double loss = 0;         ///< L_k(w_k)
   double accuracy = 0;     ///< share of the batch classified right at w_k
   double grad_norm = 0;    ///< |grad L_k(w_k)|
-  double update_norm = 0;  ///< |w_{k+1} - w_k|, from the stored values
+  double update_norm = 0;  ///< a_k |v_k|: the update as computed, before rounding into w
   std::vector<std::pair<std::string, double>> layer_grad_norms;  ///< by layer prefix
   double pe_grad_min = 0, pe_grad_median = 0, pe_grad_max = 0;   ///< |grad l(x_m)| over the batch
   bool finite = true;      ///< false: loss, gradient or new weights not finite; no update made
@@ -68,6 +68,10 @@ class SgdStepper {
   /// Number of parameters (entries of the flattened gradient).
   int64_t num_parameters() const;
 
+  /// Recomputes the cached weight and buffer norms; call after changing the weights from outside
+  /// (load_weights does not know the stepper).
+  void sync_norms();
+
  private:
   models::Model& model_;
   SgdOptions options_;
@@ -76,6 +80,14 @@ class SgdStepper {
   std::vector<at::Tensor> params_;
   std::vector<at::Tensor> buffers_;
   std::vector<at::Tensor> grads_;
+  std::vector<double> grad_sq_;
+  /// Upper bounds of |w_k| and |v_{k-1}|, to bound the next update (update_in_place_is_safe).
+  double weight_norm_ = 0, buffer_norm_ = 0;
+
+  bool update_in_place_is_safe(double lr);
+  double upper_bound(double lr) const;
+  double safe_limit() const;
+  StepRecord update_out_of_place(StepRecord rec, double lr);
 };
 
 /// The model's parameters as name -> tensor in state_dict order (detached views, not copies).
