@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Installs pathkernel's dependencies from Debian's packages (bookworm; as root, or through sudo)
+# and builds everything in build/ with Ninja and ccache. Safe to run again: it installs only
+# what is missing and rebuilds only what changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=(
+  cmake g++ ninja-build ccache git
+  libtorch-dev libspdlog-dev libcxxopts-dev libgtest-dev nlohmann-json3-dev zlib1g-dev
+  libopenblas0-pthread          # LibTorch multiplies through libblas.so.3: ~14x faster than reference BLAS
+  dataset-fashion-mnist         # /usr/share/datasets/fashion-mnist
+  python3-torch python3-numpy   # scripts/check_checkpoint.py: checkpoints load with torch.load
+)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  sudo=""
+  [ "$(id -u)" -ne 0 ] && sudo=sudo
+  echo "setup: installing ${missing[*]}" >&2
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release >/dev/null
+cmake --build build -j 2
