@@ -21,9 +21,11 @@ constexpr const char* kUsage =
     "commands:\n"
     "  train    train a model with logged SGD into a run directory (or --resume one)\n"
     "  replay   rebuild the weights at any step of a run; --verify checks every checkpoint\n"
+    "  analyze  split every step into kernel term, update term and Taylor residual (SPEC)\n"
     "\n"
     "`pathkernel <command> --help` lists a command's options.\n"
-    "exit status: 0 ok, 1 internal error, 2 bad input, 3 training diverged, 5 replay mismatch\n";
+    "exit status: 0 ok, 1 internal error, 2 bad input, 3 training diverged, 4 run identity fails,\n"
+    "             5 replay mismatch\n";
 
 }  // namespace
 
@@ -42,7 +44,9 @@ int main(int argc, char** argv) {
     return 0;
   }
   const std::map<std::string, int (*)(const pathkernel::app::Args&)> commands = {
-      {"train", pathkernel::app::cmd_train}, {"replay", pathkernel::app::cmd_replay}};
+      {"train", pathkernel::app::cmd_train},
+      {"replay", pathkernel::app::cmd_replay},
+      {"analyze", pathkernel::app::cmd_analyze}};
   const auto it = commands.find(argv[1]);
   if (it == commands.end()) {
     std::cerr << "pathkernel: unknown command '" << argv[1] << "'\n\n" << kUsage;

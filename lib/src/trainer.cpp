@@ -263,8 +263,11 @@ TrainSummary summary_from_file(const RunDir& dir) {
 
 }  // namespace
 
-TrainSummary train(const TrainConfig& config, const std::string& command_line) {
-  config.validate();
+TrainSummary train(const TrainConfig& user_config, const std::string& command_line) {
+  user_config.validate();
+  TrainConfig config = user_config;
+  // Recorded absolute, so that replay and resume work from any working directory.
+  config.data_dir = fs::absolute(config.data_dir).lexically_normal().string();
   const RunDir dir(config.out);
   if (fs::exists(dir.root()) && !(fs::is_directory(dir.root()) && fs::is_empty(dir.root()))) {
     throw InputError(dir.root().string() + " already exists and is not empty; choose another --out, or " +

@@ -1,0 +1,73 @@
+#pragma once
+/// \file analyzer.h
+/// `pathkernel analyze`: replays a run and splits every step's change of the probe outputs into
+/// kernel term K, update term U and Taylor residual R (../shared/SPEC.md), in float64.
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace pathkernel {
+
+struct AnalyzeConfig {
+  std::string run;                 ///< run directory written by `pathkernel train`
+  std::string out;                 ///< analysis directory (must not exist or be empty unless force)
+  int64_t probes = 64;             ///< number of probe images, evenly spaced over the split
+  std::string probe_indices_file;  ///< or: one index per line
+  std::string split = "test";      ///< test or train
+  std::string outputs = "all";     ///< all (every logit), true (the label's), pred (final prediction's)
+  int64_t step_begin = 0;          ///< first step analyzed
+  int64_t step_end = -1;           ///< one past the last (-1: the end of the run)
+  int64_t every = 1;               ///< analyze every S-th step
+  bool second_order = false;       ///< also S = 1/2 dw^T H dw (exact, double backward)
+  std::string tc_rule = "tau";     ///< tau or outlier
+  double tau = 0.1;
+  int64_t tc_window = 50;
+  double tc_kappa = 5.0;
+  double identity_tolerance = 1e-8;  ///< relative to max |f_N - f_0|; beyond it: exit 4
+  bool force = false;              ///< overwrite a non-empty `out`
+
+  /// Throws InputError naming the flag.
+  void validate() const;
+};
+
+/// One analyzed step (a row of steps.csv). Norms are over all probes and outputs.
+struct StepRow {
+  int64_t step = 0;
+  double lr = 0, loss_before = 0, loss_after = 0, grad_norm = 0, update_norm = 0;
+  double d_norm = 0, f_norm = 0, k_norm = 0, u_norm = 0, u_round_norm = 0, u_wd_norm = 0, u_mom_norm = 0;
+  double r_norm = 0, s_norm = 0, higher_norm = 0;
+  double r = 0;          ///< |R| / |F|
+  bool loss_up = false;  ///< L_k(w_{k+1}) > L_k(w_k)
+  bool in_tc = false;
+};
+
+struct AnalysisResult {
+  std::vector<int64_t> probe_indices;  ///< into the split
+  std::vector<int64_t> probe_labels;
+  at::Tensor outputs;                  ///< int64 [P, C]: which logit each column is
+  at::Tensor d, f, k, u, r, s;         ///< float64 [steps, P, C] (s undefined without second order)
+  at::Tensor f_initial, f_final;       ///< float64 [P, C] at the first analyzed step and after the last
+  std::vector<StepRow> steps;
+  bool contiguous = true;              ///< every step in the range analyzed: the run identity applies
+  double identity_error = 0;           ///< max |f_final - f_initial - sum(K + U + R)| / max |f_final - f_initial|
+  double kernel_split_error = 0;       ///< max relative |sum_m K_{k,m} - (-a_k g . grad L_k)|
+  double seconds = 0;
+};
+
+/// Runs the analysis (no files written). Throws InputError for a bad run or settings.
+AnalysisResult analyze(const AnalyzeConfig& config);
+
+/// Marks T_c in result.steps by the configured rule (SPEC, "Complex timesteps").
+void mark_complex_steps(std::vector<StepRow>& steps, const AnalyzeConfig& config);
+
+/// Writes steps.csv, probes.csv, summary.json and arrays/*.npy into config.out (each file
+/// written to a temporary name and renamed). Throws InputError.
+void write_analysis(const AnalysisResult& result, const AnalyzeConfig& config);
+
+/// The note's Eq. 9 with numbers, averaged over probes and outputs, for stdout.
+std::string eq9_table(const AnalysisResult& result, const AnalyzeConfig& config);
+
+}  // namespace pathkernel

@@ -1,0 +1,63 @@
+#pragma once
+/// \file kernels.h
+/// Gradients of "rows" (a probe's output c, or a training example's loss) and their inner
+/// products, computed from the layer inputs A and backpropagated signals G that the model's taps
+/// capture, never materializing per-row gradients for Linear layers (SPEC, "per-example split";
+/// issue 3). For a Linear layer the gradient of row r is (G_r A_r^T, G_r), so
+///     <grad row_i, grad row_j> = (G_i . G_j) (A_i . A_j + 1)
+/// and for a direction (dW, db): grad row_r . (dW, db) = G_r^T dW A_r + G_r . db.
+/// Conv2d layers form their per-row weight gradients through unfold (they are small).
+/// The explicit-Jacobian functions are the independent route the tests compare against, and the
+/// fallback for models with parameters outside tapped layers.
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "pathkernel/models/model.h"
+#include "pathkernel/sgd.h"
+
+namespace pathkernel {
+
+/// The captured layer inputs and signals of a set of rows, one Tap per tapped layer.
+struct RowSignals {
+  std::vector<models::Tap> taps;
+  int64_t rows = 0;
+};
+
+/// Parameter-shaped tensors by state_dict name (a direction in weight space).
+using ParamMap = std::map<std::string, at::Tensor>;
+
+/// Rows (p, c) for probes x [P, ...] and outputs `outputs` (C of them): row p*C + j is the
+/// output outputs[j] of probe p. Also returns the model outputs [P, num_classes] in `logits`.
+RowSignals probe_signals(models::Model& model, const at::Tensor& x, const std::vector<int64_t>& outputs,
+                         at::Tensor* logits = nullptr);
+
+/// Rows m = the per-example losses l(y_m, f(x_m)) of a batch (not divided by the batch size).
+RowSignals loss_signals(models::Model& model, const at::Tensor& x, const at::Tensor& y, LossKind loss);
+
+/// True when every parameter of the model belongs to a tapped Linear/Conv2d layer, so that the
+/// factorized route covers the whole gradient.
+bool factorizable(models::Model& model);
+
+/// [Ra, Rb]: <grad row_i of a, grad row_j of b>, summed over all tapped layers.
+at::Tensor factorized_gram(const RowSignals& a, const RowSignals& b);
+
+/// [R]: grad row_r . v for a direction v given by parameter name.
+at::Tensor factorized_directional(const RowSignals& a, const ParamMap& v);
+
+/// The explicit route: [P*C, n_params] Jacobian of the probe rows (one backward per row).
+at::Tensor explicit_probe_jacobian(models::Model& model, const at::Tensor& x, const std::vector<int64_t>& outputs);
+/// The explicit route: [M, n_params] gradients of the per-example losses.
+at::Tensor explicit_loss_jacobian(models::Model& model, const at::Tensor& x, const at::Tensor& y, LossKind loss);
+/// Flattens a ParamMap in the model's state_dict order: [n_params].
+at::Tensor flatten_params(models::Model& model, const ParamMap& v);
+
+/// [P*C]: 1/2 dw^T H_row dw for every probe row at once, exactly, by double backward (SPEC's S).
+at::Tensor second_order(models::Model& model, const at::Tensor& x, const std::vector<int64_t>& outputs,
+                        const ParamMap& dw);
+
+}  // namespace pathkernel

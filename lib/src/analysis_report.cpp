@@ -1,0 +1,176 @@
+// Writing an analysis: steps.csv, probes.csv, summary.json, arrays/*.npy, and the Eq. 9 table.
+#include <ATen/ATen.h>
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <filesystem>
+
+#include "pathkernel/analyzer.h"
+#include "pathkernel/errors.h"
+#include "pathkernel/fs_util.h"
+#include "pathkernel/npy.h"
+
+namespace pathkernel {
+namespace fs = std::filesystem;
+namespace {
+
+double percentile(std::vector<double> v, double q) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  const double pos = q * static_cast<double>(v.size() - 1);
+  const size_t lo = static_cast<size_t>(std::floor(pos));
+  const size_t hi = std::min(lo + 1, v.size() - 1);
+  return v[lo] + (pos - static_cast<double>(lo)) * (v[hi] - v[lo]);
+}
+
+double pearson(const std::vector<double>& a, const std::vector<double>& b) {
+  const size_t n = a.size();
+  if (n < 2) return 0;
+  double ma = 0, mb = 0;
+  for (size_t i = 0; i < n; ++i) ma += a[i] / n, mb += b[i] / n;
+  double sab = 0, saa = 0, sbb = 0;
+  for (size_t i = 0; i < n; ++i) {
+    sab += (a[i] - ma) * (b[i] - mb);
+    saa += (a[i] - ma) * (a[i] - ma);
+    sbb += (b[i] - mb) * (b[i] - mb);
+  }
+  return saa > 0 && sbb > 0 ? sab / std::sqrt(saa * sbb) : 0.0;  // 0 when one side is constant
+}
+
+/// [steps] mask of T_c, as float64 [steps, 1, 1] for broadcasting over [steps, P, C].
+at::Tensor tc_mask(const AnalysisResult& r) {
+  std::vector<double> m;
+  for (const auto& s : r.steps) m.push_back(s.in_tc ? 1.0 : 0.0);
+  return at::tensor(m, at::kDouble).reshape({-1, 1, 1});
+}
+
+std::string g(double v) { return fmt::format("{}", v); }
+
+std::string steps_csv(const AnalysisResult& r, bool second) {
+  std::string s =
+      "step,lr,batch_loss_before,batch_loss_after,loss_went_up,grad_norm,update_norm,D_norm,F_norm,K_norm,U_norm,"
+      "U_round_norm,U_wd_norm,U_mom_norm,R_norm,S_norm,higher_norm,r,in_Tc\n";
+  for (const auto& x : r.steps) {
+    s += fmt::format("{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}\n", x.step, g(x.lr), g(x.loss_before),
+                     g(x.loss_after), x.loss_up ? 1 : 0, g(x.grad_norm), g(x.update_norm), g(x.d_norm), g(x.f_norm),
+                     g(x.k_norm), g(x.u_norm), g(x.u_round_norm), g(x.u_wd_norm), g(x.u_mom_norm), g(x.r_norm),
+                     second ? g(x.s_norm) : "", second ? g(x.higher_norm) : "", g(x.r), x.in_tc ? 1 : 0);
+  }
+  return s;
+}
+
+std::string probes_csv(const AnalysisResult& r, bool second) {
+  const at::Tensor mask = tc_mask(r);
+  const at::Tensor sum_k = r.k.sum(0), sum_u = r.u.sum(0);
+  const at::Tensor sum_r_tc = (r.r * mask).sum(0), sum_r_other = (r.r * (1 - mask)).sum(0);
+  const at::Tensor sum_s = second ? r.s.sum(0) : at::zeros_like(sum_k);
+  const at::Tensor ident = r.f_final - r.f_initial - (sum_k + sum_u + sum_r_tc + sum_r_other);
+  std::string s = "probe,label,output,f_initial,f_final,sum_K,sum_U,sum_R_Tc,sum_R_other,sum_S,identity_error\n";
+  for (int64_t p = 0; p < r.k.size(1); ++p) {
+    for (int64_t c = 0; c < r.k.size(2); ++c) {
+      s += fmt::format("{},{},{},{},{},{},{},{},{},{},{}\n", r.probe_indices[p], r.probe_labels[p],
+                       r.outputs[p][c].item<int64_t>(), g(r.f_initial[p][c].item<double>()),
+                       g(r.f_final[p][c].item<double>()), g(sum_k[p][c].item<double>()), g(sum_u[p][c].item<double>()),
+                       g(sum_r_tc[p][c].item<double>()), g(sum_r_other[p][c].item<double>()),
+                       second ? g(sum_s[p][c].item<double>()) : "",
+                       r.contiguous ? g(ident[p][c].item<double>()) : "");
+    }
+  }
+  return s;
+}
+
+nlohmann::json summary_json(const AnalysisResult& r, const AnalyzeConfig& c) {
+  std::vector<double> rs, lrs;
+  double r_tc = 0, r_all = 0;
+  int64_t tc = 0, up = 0;
+  for (const auto& s : r.steps) {
+    rs.push_back(s.r);
+    lrs.push_back(s.lr);
+    r_all += s.r_norm;
+    if (s.in_tc) r_tc += s.r_norm, ++tc;
+    up += s.loss_up;
+  }
+  nlohmann::json settings = {{"run", c.run}, {"probes", static_cast<int64_t>(r.probe_indices.size())},
+                             {"probe_indices_file", c.probe_indices_file}, {"split", c.split},
+                             {"outputs", c.outputs}, {"step_begin", c.step_begin}, {"step_end", c.step_end},
+                             {"every", c.every}, {"second_order", c.second_order}, {"tc_rule", c.tc_rule},
+                             {"tau", c.tau}, {"tc_window", c.tc_window}, {"tc_kappa", c.tc_kappa},
+                             {"identity_tolerance", c.identity_tolerance}};
+  return {{"format", "pathkernel-analysis/1"},
+          {"steps_analyzed", static_cast<int64_t>(r.steps.size())},
+          {"first_step", r.steps.front().step},
+          {"last_step", r.steps.back().step},
+          {"tc_size", tc},
+          {"tc_steps", [&] {
+             std::vector<int64_t> v;
+             for (const auto& s : r.steps) if (s.in_tc) v.push_back(s.step);
+             return v;
+           }()},
+          {"share_of_R_norm_in_tc", r_all > 0 ? r_tc / r_all : 0.0},
+          {"steps_with_loss_up", up},
+          {"r_percentiles", {{"p5", percentile(rs, 0.05)}, {"p25", percentile(rs, 0.25)}, {"p50", percentile(rs, 0.5)},
+                             {"p75", percentile(rs, 0.75)}, {"p95", percentile(rs, 0.95)}, {"max", percentile(rs, 1.0)}}},
+          {"pearson_r_lr", pearson(rs, lrs)},
+          {"identity_applies", r.contiguous},
+          {"max_identity_error", r.contiguous ? nlohmann::json(r.identity_error) : nlohmann::json(nullptr)},
+          {"max_kernel_split_error", r.kernel_split_error},
+          {"seconds", r.seconds},
+          {"seconds_per_step", r.seconds / static_cast<double>(r.steps.size())},
+          {"settings", settings}};
+}
+
+}  // namespace
+
+void write_analysis(const AnalysisResult& r, const AnalyzeConfig& c) {
+  const fs::path out(c.out);
+  if (fs::exists(out) && !(fs::is_directory(out) && fs::is_empty(out)) && !c.force) {
+    throw InputError(out.string() + " already exists and is not empty; choose another --out or pass --force");
+  }
+  fs::create_directories(out / "arrays");
+  const bool second = r.s.defined();
+  save_npy(out / "arrays" / "D.npy", r.d);
+  save_npy(out / "arrays" / "F.npy", r.f);
+  save_npy(out / "arrays" / "K.npy", r.k);
+  save_npy(out / "arrays" / "U.npy", r.u);
+  save_npy(out / "arrays" / "R.npy", r.r);
+  if (second) save_npy(out / "arrays" / "S.npy", r.s);
+  save_npy(out / "arrays" / "outputs.npy", r.outputs);
+  atomic_write(out / "steps.csv", steps_csv(r, second));
+  atomic_write(out / "probes.csv", probes_csv(r, second));
+  atomic_write(out / "summary.json", summary_json(r, c).dump(2) + "\n");
+}
+
+std::string eq9_table(const AnalysisResult& r, const AnalyzeConfig& c) {
+  const at::Tensor mask = tc_mask(r);
+  auto mean = [](const at::Tensor& t) { return t.mean().item<double>(); };
+  auto mean_abs = [](const at::Tensor& t) { return t.abs().mean().item<double>(); };
+  const at::Tensor total = r.f_final - r.f_initial;
+  const at::Tensor sk = r.k.sum(0), su = r.u.sum(0), srt = (r.r * mask).sum(0), sro = (r.r * (1 - mask)).sum(0);
+  int64_t tc = 0;
+  for (const auto& s : r.steps) tc += s.in_tc;
+  std::string s = fmt::format(
+      "steps {}..{} of {} ({} analyzed), {} probes x {} outputs, in float64\n\n"
+      "  f_N - f_0  =  sum K      +  sum U      +  sum R(T_c) +  sum R(rest)\n"
+      "  {:<+10.4g} =  {:<+10.4g} +  {:<+10.4g} +  {:<+10.4g} +  {:<+10.4g}   mean over probes and outputs\n"
+      "  {:<10.4g}    {:<10.4g}    {:<10.4g}    {:<10.4g}    {:<10.4g}   mean absolute value\n\n",
+      r.steps.front().step, r.steps.back().step, c.run, r.steps.size(), r.k.size(1), r.k.size(2), mean(total),
+      mean(sk), mean(su), mean(srt), mean(sro), mean_abs(total), mean_abs(sk), mean_abs(su), mean_abs(srt),
+      mean_abs(sro));
+  s += fmt::format("T_c: {} of {} steps (rule {}{})\n", tc, r.steps.size(), c.tc_rule,
+                   c.tc_rule == "tau" ? fmt::format(", r > {}", c.tau)
+                                      : fmt::format(", window {}, kappa {}", c.tc_window, c.tc_kappa));
+  std::vector<double> rs;
+  for (const auto& x : r.steps) rs.push_back(x.r);
+  std::sort(rs.begin(), rs.end());
+  s += fmt::format("r = |R|/|F| per step: median {:.3g}, max {:.3g}\n", rs[rs.size() / 2], rs.back());
+  if (r.contiguous) {
+    s += fmt::format("run identity error: {:.2e} (relative to max |f_N - f_0|)\n", r.identity_error);
+  } else {
+    s += "run identity: not checked (--every skips steps)\n";
+  }
+  return s;
+}
+
+}  // namespace pathkernel

@@ -1,0 +1,256 @@
+#include "pathkernel/analyzer.h"
+
+#include <ATen/ATen.h>
+#include <spdlog/spdlog.h>
+#include <torch/csrc/autograd/autograd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <fstream>
+
+#include "pathkernel/errors.h"
+#include "pathkernel/kernels.h"
+#include "pathkernel/replay.h"
+
+namespace pathkernel {
+namespace fs = std::filesystem;
+using Clock = std::chrono::steady_clock;
+
+void AnalyzeConfig::validate() const {
+  if (run.empty()) throw InputError("give the run directory");
+  if (out.empty()) throw InputError("--out DIR is required");
+  if (probes < 1 && probe_indices_file.empty()) throw InputError("--probes must be at least 1");
+  if (split != "test" && split != "train") throw InputError("--split must be test or train");
+  if (outputs != "all" && outputs != "true" && outputs != "pred") throw InputError("--outputs must be all, true or pred");
+  if (every < 1) throw InputError("--every must be at least 1");
+  if (tc_rule != "tau" && tc_rule != "outlier") throw InputError("--tc-rule must be tau or outlier");
+  if (!(tau >= 0)) throw InputError("--tau must be >= 0");
+  if (tc_window < 2) throw InputError("--tc-window must be at least 2");
+  if (!(tc_kappa >= 0)) throw InputError("--tc-kappa must be >= 0");
+}
+
+namespace {
+
+ParamMap to_double_map(const NamedTensors& t) {
+  ParamMap m;
+  for (const auto& [name, v] : t) m[name] = v.to(at::kDouble);
+  return m;
+}
+
+void set_weights(models::Model& model, const ParamMap& w) {
+  at::NoGradGuard ng;
+  for (const auto& item : model.named_parameters()) item.value().copy_(w.at(item.key()));
+}
+
+at::Tensor forward_nograd(models::Model& model, const at::Tensor& x) {
+  at::NoGradGuard ng;
+  return model.forward(x);
+}
+
+std::vector<int64_t> choose_probes(const AnalyzeConfig& c, int64_t n) {
+  std::vector<int64_t> idx;
+  if (!c.probe_indices_file.empty()) {
+    std::ifstream in(c.probe_indices_file);
+    if (!in) throw InputError(c.probe_indices_file + ": cannot open probe index file");
+    long long v;
+    while (in >> v) {
+      if (v < 0 || v >= n) {
+        throw InputError(c.probe_indices_file + ": probe index " + std::to_string(v) + " is outside the " + c.split +
+                         " split (0.." + std::to_string(n - 1) + ")");
+      }
+      idx.push_back(v);
+    }
+    if (!in.eof()) throw InputError(c.probe_indices_file + ": expected one integer index per line");
+    if (idx.empty()) throw InputError(c.probe_indices_file + ": no probe indices");
+    return idx;
+  }
+  // Evenly spaced over the split: deterministic, and recorded in probes.csv.
+  const int64_t p = std::min(c.probes, n);
+  for (int64_t i = 0; i < p; ++i) idx.push_back(i * n / p);
+  return idx;
+}
+
+double frob(const at::Tensor& t) { return t.norm().item<double>(); }
+
+}  // namespace
+
+void mark_complex_steps(std::vector<StepRow>& steps, const AnalyzeConfig& c) {
+  for (size_t k = 0; k < steps.size(); ++k) {
+    if (c.tc_rule == "tau") {
+      steps[k].in_tc = steps[k].r > c.tau;
+      continue;
+    }
+    // outlier: r_k > median + kappa * 1.4826 * MAD over the `window` analyzed steps before k.
+    const size_t lo = k >= static_cast<size_t>(c.tc_window) ? k - c.tc_window : 0;
+    if (k - lo < 5) {  // too little history to call anything unusual
+      steps[k].in_tc = false;
+      continue;
+    }
+    std::vector<double> w;
+    for (size_t j = lo; j < k; ++j) w.push_back(steps[j].r);
+    std::sort(w.begin(), w.end());
+    const double med = w.size() % 2 ? w[w.size() / 2] : 0.5 * (w[w.size() / 2 - 1] + w[w.size() / 2]);
+    for (double& v : w) v = std::abs(v - med);
+    std::sort(w.begin(), w.end());
+    const double mad = w.size() % 2 ? w[w.size() / 2] : 0.5 * (w[w.size() / 2 - 1] + w[w.size() / 2]);
+    steps[k].in_tc = steps[k].r > med + c.tc_kappa * 1.4826 * mad;
+  }
+}
+
+AnalysisResult analyze(const AnalyzeConfig& c) {
+  c.validate();
+  const auto t0 = Clock::now();
+  Replayer replay(c.run);
+  RunContext& ctx = replay.context();
+  const TrainConfig& tc = ctx.config;
+  const LossKind loss = parse_loss(tc.loss);
+  const int64_t last = replay.logged_steps();
+  const int64_t begin = c.step_begin, end = c.step_end < 0 ? last : c.step_end;
+  if (begin < 0 || begin >= end || end > last) {
+    throw InputError("--steps " + std::to_string(begin) + ":" + std::to_string(end) + " is outside the run's steps 0:" +
+                     std::to_string(last));
+  }
+
+  // The analysis model: the run's architecture in float64 (SPEC, numerical rules).
+  auto model = models::build_model(models::parse_model_spec(tc.model), {1, ctx.train.height(), ctx.train.width()},
+                                   ctx.num_classes);
+  model->to(at::kDouble);
+  if (!factorizable(*model)) throw InputError("model '" + tc.model + "' has parameters outside Linear/Conv2d layers");
+
+  const Dataset& split = c.split == "test" ? ctx.test : ctx.train;
+  AnalysisResult res;
+  res.probe_indices = choose_probes(c, split.size());
+  const at::Tensor pidx = at::tensor(res.probe_indices, at::kLong);
+  const at::Tensor xp = to_inputs(split.images.index_select(0, pidx), at::kDouble, ctx.normalization);
+  const at::Tensor yp = split.labels.index_select(0, pidx);
+  for (int64_t i = 0; i < yp.size(0); ++i) res.probe_labels.push_back(yp[i].item<int64_t>());
+  const int64_t np = xp.size(0), ncls = ctx.num_classes;
+  std::vector<int64_t> all_outputs(static_cast<size_t>(ncls));
+  for (int64_t i = 0; i < ncls; ++i) all_outputs[i] = i;
+
+  // Which logit each column holds: all, the label's, or the final model's prediction.
+  if (c.outputs == "all") {
+    res.outputs = at::arange(ncls, at::kLong).unsqueeze(0).expand({np, ncls}).contiguous();
+  } else if (c.outputs == "true") {
+    res.outputs = yp.unsqueeze(1).clone();
+  } else {
+    set_weights(*model, to_double_map(replay.weights_at(end)));
+    res.outputs = forward_nograd(*model, xp).argmax(1).unsqueeze(1);
+  }
+  auto select = [&](const at::Tensor& full) { return full.gather(1, res.outputs); };  // [P, ncls] -> [P, C]
+
+  std::vector<at::Tensor> ds, fs, ks, us, rs, ss;
+  res.contiguous = c.every == 1;
+  auto last_report = t0;
+  const std::vector<nlohmann::json>& log = replay.step_log();
+  for (int64_t k = begin; k < end; k += c.every) {
+    const ParamMap w0 = to_double_map(replay.weights_at(k));
+    const ParamMap v_prev = to_double_map(replay.context().stepper->momentum_buffers());
+    const ParamMap w1 = to_double_map(replay.weights_at(k + 1));
+    ParamMap dw;
+    for (const auto& [name, t] : w0) dw[name] = w1.at(name) - t;  // exact: float32 -> float64 first
+    const auto& rec = log.at(static_cast<size_t>(k));
+    const double lr = rec.at("lr").get<double>();
+    const at::Tensor bidx = at::tensor(rec.at("batch").get<std::vector<int64_t>>(), at::kLong);
+    const at::Tensor xb = to_inputs(ctx.train.images.index_select(0, bidx), at::kDouble, ctx.normalization);
+    const at::Tensor yb = ctx.train.labels.index_select(0, bidx);
+    const double nb = static_cast<double>(bidx.size(0));
+
+    set_weights(*model, w1);
+    const at::Tensor f1 = forward_nograd(*model, xp);
+    const double loss_after = batch_loss(forward_nograd(*model, xb), yb, loss).item<double>();
+    set_weights(*model, w0);
+    const at::Tensor f0 = forward_nograd(*model, xp);
+    const double loss_before = batch_loss(forward_nograd(*model, xb), yb, loss).item<double>();
+    if (k == begin) res.f_initial = select(f0);
+
+    // Rows (p, c) and the batch's per-example loss rows, both at w_k.
+    const RowSignals sp = probe_signals(*model, xp, all_outputs);
+    const RowSignals sb = loss_signals(*model, xb, yb, loss);
+    const at::Tensor k_per = factorized_gram(sp, sb).mul_(-lr / nb);  // K_{k,m}: [P*ncls, M]
+    const at::Tensor k_full = k_per.sum(1).reshape({np, ncls});
+    const at::Tensor f_full = factorized_directional(sp, dw).reshape({np, ncls});
+    // An independent route to K: -a_k g . grad L_k, with grad L_k by autograd.
+    {
+      const auto params = model->parameters();
+      const auto g = torch::autograd::grad({batch_loss(model->forward(xb), yb, loss)}, params);
+      ParamMap grad_l;
+      size_t i = 0;
+      for (const auto& item : model->named_parameters()) grad_l[item.key()] = g[i++];
+      const at::Tensor k_direct = factorized_directional(sp, grad_l).reshape({np, ncls}) * (-lr);
+      const double scale = std::max(1e-300, k_direct.abs().max().item<double>());
+      res.kernel_split_error = std::max(res.kernel_split_error, (k_full - k_direct).abs().max().item<double>() / scale);
+    }
+    at::Tensor u_wd = at::zeros_like(f_full), u_mom = at::zeros_like(f_full);
+    if (tc.weight_decay != 0) u_wd = factorized_directional(sp, w0).reshape({np, ncls}) * (-lr * tc.weight_decay);
+    if (tc.momentum != 0 && !v_prev.empty()) {
+      u_mom = factorized_directional(sp, v_prev).reshape({np, ncls}) * (-lr * tc.momentum);
+    }
+
+    const at::Tensor d = select(f1 - f0), f = select(f_full), kk = select(k_full);
+    const at::Tensor u = f - kk, r = d - f;
+    StepRow row;
+    row.step = k;
+    row.lr = lr;
+    row.loss_before = loss_before;
+    row.loss_after = loss_after;
+    row.loss_up = loss_after > loss_before;
+    row.grad_norm = rec.at("grad_norm").get<double>();
+    double dw_sq = 0;
+    for (const auto& [name, t] : dw) dw_sq += t.pow(2).sum().item<double>();
+    row.update_norm = std::sqrt(dw_sq);
+    row.d_norm = frob(d);
+    row.f_norm = frob(f);
+    row.k_norm = frob(kk);
+    row.u_norm = frob(u);
+    row.u_wd_norm = frob(select(u_wd));
+    row.u_mom_norm = frob(select(u_mom));
+    row.u_round_norm = frob(u - select(u_wd) - select(u_mom));
+    row.r_norm = frob(r);
+    row.r = row.f_norm > 0 ? row.r_norm / row.f_norm : 0.0;
+    if (c.second_order) {
+      const at::Tensor s = select(second_order(*model, xp, all_outputs, dw).reshape({np, ncls}));
+      row.s_norm = frob(s);
+      row.higher_norm = frob(r - s);
+      ss.push_back(s);
+    }
+    ds.push_back(d);
+    fs.push_back(f);
+    ks.push_back(kk);
+    us.push_back(u);
+    rs.push_back(r);
+    res.steps.push_back(row);
+    res.f_final = select(f1);
+
+    const auto now = Clock::now();
+    if (now - last_report > std::chrono::seconds(2) || k + c.every >= end) {
+      const double el = std::chrono::duration<double>(now - t0).count();
+      const double done = static_cast<double>(res.steps.size());
+      const double total = static_cast<double>((end - begin + c.every - 1) / c.every);
+      spdlog::info("analyzed step {} ({}/{})  r {:.3g}  {:.1f} steps/s  ETA {:.0f}s", k, res.steps.size(),
+                   static_cast<int64_t>(total), row.r, done / el, (total - done) * el / done);
+      last_report = now;
+    }
+  }
+  res.d = at::stack(ds);
+  res.f = at::stack(fs);
+  res.k = at::stack(ks);
+  res.u = at::stack(us);
+  res.r = at::stack(rs);
+  if (c.second_order) res.s = at::stack(ss);
+  mark_complex_steps(res.steps, c);
+
+  // The run identity (Eq. 9): f(w_end) - f(w_begin) = sum K + sum U + sum R, checked against
+  // the outputs of the two end points computed directly.
+  if (res.contiguous) {
+    const at::Tensor total = res.f_final - res.f_initial;
+    const at::Tensor sum = (res.k + res.u + res.r).sum(0);
+    const double scale = std::max(1e-300, total.abs().max().item<double>());
+    res.identity_error = (total - sum).abs().max().item<double>() / scale;
+  }
+  res.seconds = std::chrono::duration<double>(Clock::now() - t0).count();
+  return res;
+}
+
+}  // namespace pathkernel

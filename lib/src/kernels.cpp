@@ -1,0 +1,188 @@
+#include "pathkernel/kernels.h"
+
+#include <ATen/ATen.h>
+#include <torch/csrc/autograd/autograd.h>
+
+#include "pathkernel/per_example.h"
+
+namespace pathkernel {
+namespace {
+
+std::vector<at::Tensor> parameters_of(models::Model& model) {
+  std::vector<at::Tensor> p;
+  for (const auto& item : model.named_parameters()) p.push_back(item.value());
+  return p;
+}
+
+/// Runs a forward pass with capture on and a backward from `seed_fn(outputs)`, returning the taps.
+template <typename SeedFn>
+RowSignals capture(models::Model& model, const at::Tensor& x, SeedFn seed_fn, at::Tensor* logits) {
+  model.set_capture(true);
+  const at::Tensor out = model.forward(x);
+  const at::Tensor s = seed_fn(out);
+  // Gradients with respect to all parameters make the engine reach every tapped layer; the
+  // parameter gradients themselves are dropped.
+  torch::autograd::grad({s}, parameters_of(model), {}, /*retain_graph=*/false, /*create_graph=*/false,
+                        /*allow_unused=*/true);
+  model.set_capture(false);
+  RowSignals r;
+  r.taps = model.taps();
+  r.rows = x.size(0);
+  model.clear_captures();
+  if (logits) *logits = out.detach();
+  return r;
+}
+
+at::Tensor unit_seed(int64_t rows_per_probe, int64_t probes, int64_t classes, const std::vector<int64_t>& outputs,
+                     at::ScalarType dtype) {
+  at::Tensor seed = at::zeros({probes * rows_per_probe, classes}, dtype);
+  for (int64_t p = 0; p < probes; ++p) {
+    for (int64_t j = 0; j < rows_per_probe; ++j) seed[p * rows_per_probe + j][outputs[j]] = 1;
+  }
+  return seed;
+}
+
+/// Per-row weight gradients of a conv tap, flattened: [R, Cout*Cin*kh*kw], and bias: [R, Cout].
+std::pair<at::Tensor, at::Tensor> conv_row_grads(const models::Tap& t) {
+  const int64_t n = t.grad_output.size(0), cout = t.grad_output.size(1);
+  return {conv_per_example_weight_grad(t).reshape({n, -1}), t.grad_output.reshape({n, cout, -1}).sum(2)};
+}
+
+}  // namespace
+
+RowSignals probe_signals(models::Model& model, const at::Tensor& x, const std::vector<int64_t>& outputs,
+                         at::Tensor* logits) {
+  const int64_t c = static_cast<int64_t>(outputs.size()), p = x.size(0);
+  // Each probe row repeated once per output, each copy seeded with a one-hot on its output: one
+  // backward pass serves every probe and output.
+  const at::Tensor xr = x.repeat_interleave(c, 0);
+  at::Tensor out_rep;
+  RowSignals r = capture(
+      model, xr,
+      [&](const at::Tensor& out) { return (out * unit_seed(c, p, out.size(1), outputs, out.scalar_type())).sum(); },
+      &out_rep);
+  if (logits) *logits = out_rep.index_select(0, at::arange(0, p * c, c, at::kLong));
+  return r;
+}
+
+RowSignals loss_signals(models::Model& model, const at::Tensor& x, const at::Tensor& y, LossKind loss) {
+  // The sum of the per-example losses: row m of each signal is then d l_m / d z_m.
+  return capture(
+      model, x, [&](const at::Tensor& out) { return batch_loss(out, y, loss) * static_cast<double>(x.size(0)); },
+      nullptr);
+}
+
+bool factorizable(models::Model& model) {
+  int64_t tapped = 0;
+  for (const auto& t : model.taps()) tapped += t.weight.numel() + (t.bias.defined() ? t.bias.numel() : 0);
+  int64_t all = 0;
+  for (const auto& p : model.parameters()) all += p.numel();
+  return tapped == all;
+}
+
+at::Tensor factorized_gram(const RowSignals& a, const RowSignals& b) {
+  at::Tensor gram;
+  for (size_t l = 0; l < a.taps.size(); ++l) {
+    const auto& ta = a.taps[l];
+    const auto& tb = b.taps[l];
+    at::Tensor g;
+    if (ta.kind == models::LayerKind::kLinear) {
+      at::Tensor aa = at::mm(ta.input, tb.input.t());
+      if (ta.bias.defined()) aa.add_(1.0);
+      g = at::mm(ta.grad_output, tb.grad_output.t()).mul_(aa);
+    } else {
+      const auto [wa, ba] = conv_row_grads(ta);
+      const auto [wb, bb] = conv_row_grads(tb);
+      g = at::mm(wa, wb.t());
+      if (ta.bias.defined()) g.add_(at::mm(ba, bb.t()));
+    }
+    gram = gram.defined() ? gram.add_(g) : g;
+  }
+  return gram;
+}
+
+at::Tensor factorized_directional(const RowSignals& a, const ParamMap& v) {
+  at::Tensor out;
+  for (const auto& t : a.taps) {
+    const at::Tensor& dw = v.at(t.name + ".weight");
+    at::Tensor d;
+    if (t.kind == models::LayerKind::kLinear) {
+      d = (at::mm(t.grad_output, dw) * t.input).sum(1);  // G_r^T dW A_r
+      if (t.bias.defined()) d.add_(at::mv(t.grad_output, v.at(t.name + ".bias")));
+    } else {
+      const auto [w, b] = conv_row_grads(t);
+      d = at::mv(w, dw.reshape({-1}));
+      if (t.bias.defined()) d.add_(at::mv(b, v.at(t.name + ".bias")));
+    }
+    out = out.defined() ? out.add_(d) : d;
+  }
+  return out;
+}
+
+namespace {
+
+at::Tensor jacobian_rows(models::Model& model, const at::Tensor& rows_out) {
+  const auto params = parameters_of(model);
+  std::vector<at::Tensor> rows;
+  for (int64_t r = 0; r < rows_out.size(0); ++r) {
+    const auto g = torch::autograd::grad({rows_out[r]}, params, {}, /*retain_graph=*/true, false, true);
+    std::vector<at::Tensor> flat;
+    for (size_t i = 0; i < g.size(); ++i) {
+      flat.push_back(g[i].defined() ? g[i].reshape({-1}) : at::zeros({params[i].numel()}, params[i].options()));
+    }
+    rows.push_back(at::cat(flat));
+  }
+  return at::stack(rows);
+}
+
+}  // namespace
+
+at::Tensor explicit_probe_jacobian(models::Model& model, const at::Tensor& x, const std::vector<int64_t>& outputs) {
+  const at::Tensor out = model.forward(x);
+  std::vector<at::Tensor> rows;
+  for (int64_t p = 0; p < x.size(0); ++p) {
+    for (int64_t c : outputs) rows.push_back(out[p][c]);
+  }
+  return jacobian_rows(model, at::stack(rows));
+}
+
+at::Tensor explicit_loss_jacobian(models::Model& model, const at::Tensor& x, const at::Tensor& y, LossKind loss) {
+  std::vector<at::Tensor> rows;
+  for (int64_t m = 0; m < x.size(0); ++m) {
+    rows.push_back(batch_loss(model.forward(x.slice(0, m, m + 1)), y.slice(0, m, m + 1), loss));
+  }
+  return jacobian_rows(model, at::stack(rows));
+}
+
+at::Tensor flatten_params(models::Model& model, const ParamMap& v) {
+  std::vector<at::Tensor> flat;
+  for (const auto& item : model.named_parameters()) flat.push_back(v.at(item.key()).reshape({-1}));
+  return at::cat(flat);
+}
+
+at::Tensor second_order(models::Model& model, const at::Tensor& x, const std::vector<int64_t>& outputs,
+                        const ParamMap& dw) {
+  const auto params = parameters_of(model);
+  std::vector<at::Tensor> dirs;
+  for (const auto& item : model.named_parameters()) dirs.push_back(dw.at(item.key()));
+  // jvp(out, dw) = d/du <grad(out . u, w), dw>: differentiable in w, so it can be applied twice,
+  // giving dw^T H dw for every output at once.
+  auto jvp = [&](const at::Tensor& out) {
+    const at::Tensor u = at::zeros_like(out).requires_grad_(true);
+    const auto v = torch::autograd::grad({out}, params, {u}, /*retain_graph=*/true, /*create_graph=*/true, true);
+    at::Tensor s = at::zeros({}, out.options());
+    for (size_t i = 0; i < v.size(); ++i) {
+      if (v[i].defined()) s = s + (v[i] * dirs[i]).sum();
+    }
+    return torch::autograd::grad({s}, {u}, {}, true, true, false)[0];
+  };
+  const at::Tensor out = model.forward(x);
+  const at::Tensor first = jvp(out);
+  // A model linear in w has first derivative constant in w: the second jvp has no graph to follow.
+  if (!first.requires_grad()) return at::zeros({x.size(0) * static_cast<int64_t>(outputs.size())}, out.options());
+  const at::Tensor second = jvp(first).detach();
+  const at::Tensor idx = at::tensor(outputs, at::kLong);
+  return (second.index_select(1, idx) * 0.5).reshape({-1});
+}
+
+}  // namespace pathkernel
