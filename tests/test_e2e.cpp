@@ -172,6 +172,35 @@ TEST(E2eTest, BadInputExitsTwoNamingTheFileAndWritesNothing) {
   EXPECT_NE(diverge.err.find("diverged"), std::string::npos);
 }
 
+// Issue 3's e2e: a 200-step MLP run on a Fashion-MNIST subset, analyzed at 64 probes: the run
+// identity holds, and the exported arrays agree with an independent float64 PyTorch computation
+// (scripts/check_analysis.py, explicit per-row Jacobians from the checkpoints) to 1e-9.
+TEST(E2eTest, AnalyzeSplitsEveryStepAndAgreesWithPyTorch) {
+  testing::TempDir tmp;
+  const fs::path run_dir = tmp / "run", out = tmp / "analysis";
+  ASSERT_EQ(run({"train", "--model", "mlp:32:tanh", "--train-limit", "2000", "--steps", "200", "--checkpoint-every",
+                 "1", "--momentum", "0.9", "--weight-decay", "1e-3", "--out", run_dir.string()},
+                tmp.path()).status, 0);
+  const Result a = run({"analyze", run_dir.string(), "--probes", "64", "--second-order", "--out", out.string()},
+                       tmp.path());
+  ASSERT_EQ(a.status, 0) << a.err;
+  EXPECT_NE(a.out.find("f_N - f_0  =  sum K"), std::string::npos) << a.out;
+  const auto summary = nlohmann::json::parse(read_file(out / "summary.json"));
+  EXPECT_EQ(summary["steps_analyzed"], 200);
+  EXPECT_LT(summary["max_identity_error"].get<double>(), 1e-8);
+  EXPECT_LT(summary["max_kernel_split_error"].get<double>(), 1e-10);
+  for (const char* f : {"D", "F", "K", "U", "R", "S"}) {
+    EXPECT_TRUE(fs::exists(out / "arrays" / (std::string(f) + ".npy"))) << f;
+  }
+  const std::string cmd = std::string("/usr/bin/python3 ") + PATHKERNEL_SOURCE_DIR + "/scripts/check_analysis.py " +
+                          run_dir.string() + " " + out.string() + " --steps 0,57,199 > " +
+                          (tmp / "check.json").string() + " 2>&1";
+  EXPECT_EQ(std::system(cmd.c_str()), 0) << read_file(tmp / "check.json");
+
+  const Result again = run({"analyze", run_dir.string(), "--out", out.string()}, tmp.path());
+  EXPECT_EQ(again.status, 2) << "an existing analysis is never overwritten without --force";
+}
+
 // The README's recipe: one epoch of mlp:128:tanh on all of Fashion-MNIST reaches 80%, and the
 // final checkpoint, loaded by Python's torch.load into the equivalent torch.nn model, scores the same.
 TEST(E2eTest, FullEpochReaches80PercentAndLoadsInPyTorch) {

@@ -51,12 +51,14 @@ std::string g(double v) { return fmt::format("{}", v); }
 std::string steps_csv(const AnalysisResult& r, bool second) {
   std::string s =
       "step,lr,batch_loss_before,batch_loss_after,loss_went_up,grad_norm,update_norm,D_norm,F_norm,K_norm,U_norm,"
-      "U_round_norm,U_wd_norm,U_mom_norm,R_norm,S_norm,higher_norm,r,in_Tc\n";
+      "U_round_norm,U_wd_norm,U_mom_norm,R_norm,S_norm,higher_norm,r,in_Tc,Kexact_norm,quad_error\n";
+  const bool exact = r.kexact.defined();
   for (const auto& x : r.steps) {
-    s += fmt::format("{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}\n", x.step, g(x.lr), g(x.loss_before),
+    s += fmt::format("{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}\n", x.step, g(x.lr), g(x.loss_before),
                      g(x.loss_after), x.loss_up ? 1 : 0, g(x.grad_norm), g(x.update_norm), g(x.d_norm), g(x.f_norm),
                      g(x.k_norm), g(x.u_norm), g(x.u_round_norm), g(x.u_wd_norm), g(x.u_mom_norm), g(x.r_norm),
-                     second ? g(x.s_norm) : "", second ? g(x.higher_norm) : "", g(x.r), x.in_tc ? 1 : 0);
+                     second ? g(x.s_norm) : "", second ? g(x.higher_norm) : "", g(x.r), x.in_tc ? 1 : 0,
+                     exact ? g(x.kexact_norm) : "", exact ? g(x.quad_error) : "");
   }
   return s;
 }
@@ -95,7 +97,7 @@ nlohmann::json summary_json(const AnalysisResult& r, const AnalyzeConfig& c) {
   nlohmann::json settings = {{"run", c.run}, {"probes", static_cast<int64_t>(r.probe_indices.size())},
                              {"probe_indices_file", c.probe_indices_file}, {"split", c.split},
                              {"outputs", c.outputs}, {"step_begin", c.step_begin}, {"step_end", c.step_end},
-                             {"every", c.every}, {"second_order", c.second_order}, {"tc_rule", c.tc_rule},
+                             {"every", c.every}, {"second_order", c.second_order}, {"exact_nodes", c.exact_nodes}, {"tc_rule", c.tc_rule},
                              {"tau", c.tau}, {"tc_window", c.tc_window}, {"tc_kappa", c.tc_kappa},
                              {"identity_tolerance", c.identity_tolerance}};
   return {{"format", "pathkernel-analysis/1"},
@@ -116,6 +118,12 @@ nlohmann::json summary_json(const AnalysisResult& r, const AnalyzeConfig& c) {
           {"identity_applies", r.contiguous},
           {"max_identity_error", r.contiguous ? nlohmann::json(r.identity_error) : nlohmann::json(nullptr)},
           {"max_kernel_split_error", r.kernel_split_error},
+          {"max_quad_error", [&] {
+             if (!r.kexact.defined()) return nlohmann::json(nullptr);
+             double m = 0;
+             for (const auto& s : r.steps) m = std::max(m, s.quad_error);
+             return nlohmann::json(m);
+           }()},
           {"seconds", r.seconds},
           {"seconds_per_step", r.seconds / static_cast<double>(r.steps.size())},
           {"settings", settings}};
@@ -136,6 +144,10 @@ void write_analysis(const AnalysisResult& r, const AnalyzeConfig& c) {
   save_npy(out / "arrays" / "U.npy", r.u);
   save_npy(out / "arrays" / "R.npy", r.r);
   if (second) save_npy(out / "arrays" / "S.npy", r.s);
+  if (r.kexact.defined()) {
+    save_npy(out / "arrays" / "Kexact.npy", r.kexact);
+    save_npy(out / "arrays" / "Uexact.npy", r.uexact);
+  }
   save_npy(out / "arrays" / "outputs.npy", r.outputs);
   atomic_write(out / "steps.csv", steps_csv(r, second));
   atomic_write(out / "probes.csv", probes_csv(r, second));

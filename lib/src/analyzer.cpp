@@ -26,6 +26,7 @@ void AnalyzeConfig::validate() const {
   if (every < 1) throw InputError("--every must be at least 1");
   if (tc_rule != "tau" && tc_rule != "outlier") throw InputError("--tc-rule must be tau or outlier");
   if (!(tau >= 0)) throw InputError("--tau must be >= 0");
+  if (exact_nodes < 0 || exact_nodes > 64) throw InputError("--exact takes 1..64 quadrature nodes");
   if (tc_window < 2) throw InputError("--tc-window must be at least 2");
   if (!(tc_kappa >= 0)) throw InputError("--tc-kappa must be >= 0");
 }
@@ -74,6 +75,31 @@ std::vector<int64_t> choose_probes(const AnalyzeConfig& c, int64_t n) {
 double frob(const at::Tensor& t) { return t.norm().item<double>(); }
 
 }  // namespace
+
+std::pair<std::vector<double>, std::vector<double>> gauss_legendre(int64_t q) {
+  // Newton's method on the Legendre polynomial P_q from Chebyshev starting points, then mapped
+  // from [-1, 1] to [0, 1].
+  std::vector<double> x(static_cast<size_t>(q)), w(static_cast<size_t>(q));
+  for (int64_t i = 0; i < q; ++i) {
+    double z = std::cos(M_PI * (static_cast<double>(i) + 0.75) / (static_cast<double>(q) + 0.5));
+    double dp = 0;
+    for (int it = 0; it < 100; ++it) {
+      double p0 = 1, p1 = 0;
+      for (int64_t j = 1; j <= q; ++j) {
+        const double p2 = p1;
+        p1 = p0;
+        p0 = ((2.0 * j - 1.0) * z * p1 - (j - 1.0) * p2) / static_cast<double>(j);
+      }
+      dp = static_cast<double>(q) * (z * p0 - p1) / (z * z - 1.0);
+      const double dz = p0 / dp;
+      z -= dz;
+      if (std::abs(dz) < 1e-16) break;
+    }
+    x[i] = 0.5 * (1.0 - z);
+    w[i] = 1.0 / ((1.0 - z * z) * dp * dp);  // 2 / ((1 - z^2) P'^2), halved for [0, 1]
+  }
+  return {x, w};
+}
 
 void mark_complex_steps(std::vector<StepRow>& steps, const AnalyzeConfig& c) {
   for (size_t k = 0; k < steps.size(); ++k) {
@@ -140,7 +166,8 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
   }
   auto select = [&](const at::Tensor& full) { return full.gather(1, res.outputs); };  // [P, ncls] -> [P, C]
 
-  std::vector<at::Tensor> ds, fs, ks, us, rs, ss;
+  std::vector<at::Tensor> ds, fs, ks, us, rs, ss, kes, ues;
+  const auto [nodes, node_weights] = gauss_legendre(std::max<int64_t>(c.exact_nodes, 1));
   res.contiguous = c.every == 1;
   auto last_report = t0;
   const std::vector<nlohmann::json>& log = replay.step_log();
@@ -209,7 +236,29 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
     row.u_round_norm = frob(u - select(u_wd) - select(u_mom));
     row.r_norm = frob(r);
     row.r = row.f_norm > 0 ? row.r_norm / row.f_norm : 0.0;
+    if (c.exact_nodes > 0) {
+      // gbar = integral_0^1 g(w_k + t dw) dt by quadrature (SPEC, "exact path kernel"): the probe
+      // rows' signals at each node against the batch's loss signals at w_k.
+      at::Tensor gbar_dw = at::zeros({np * ncls}, at::kDouble), kex_per = at::zeros_like(k_per);
+      at::Tensor gbar_grad = at::zeros({np * ncls}, at::kDouble);
+      for (size_t q = 0; q < nodes.size(); ++q) {
+        ParamMap wq;
+        for (const auto& [name, t] : w0) wq[name] = t + dw.at(name) * nodes[q];
+        set_weights(*model, wq);
+        const RowSignals sq = probe_signals(*model, xp, all_outputs);
+        gbar_dw.add_(factorized_directional(sq, dw), node_weights[q]);
+        kex_per.add_(factorized_gram(sq, sb), node_weights[q] * (-lr / nb));
+      }
+      set_weights(*model, w0);
+      const at::Tensor kex = select(kex_per.sum(1).reshape({np, ncls}));
+      const at::Tensor fex = select(gbar_dw.reshape({np, ncls}));
+      kes.push_back(kex);
+      ues.push_back(fex - kex);  // Uexact = gbar . (dw + a_k grad L_k) = gbar . dw - sum_m Kexact_m
+      row.kexact_norm = frob(kex);
+      row.quad_error = frob(d - fex);
+    }
     if (c.second_order) {
+      set_weights(*model, w0);
       const at::Tensor s = select(second_order(*model, xp, all_outputs, dw).reshape({np, ncls}));
       row.s_norm = frob(s);
       row.higher_norm = frob(r - s);
@@ -239,6 +288,10 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
   res.u = at::stack(us);
   res.r = at::stack(rs);
   if (c.second_order) res.s = at::stack(ss);
+  if (c.exact_nodes > 0) {
+    res.kexact = at::stack(kes);
+    res.uexact = at::stack(ues);
+  }
   mark_complex_steps(res.steps, c);
 
   // The run identity (Eq. 9): f(w_end) - f(w_begin) = sum K + sum U + sum R, checked against

@@ -22,6 +22,7 @@ struct AnalyzeConfig {
   int64_t step_end = -1;           ///< one past the last (-1: the end of the run)
   int64_t every = 1;               ///< analyze every S-th step
   bool second_order = false;       ///< also S = 1/2 dw^T H dw (exact, double backward)
+  int64_t exact_nodes = 0;         ///< Q > 0: the exact path kernel by Q-node Gauss-Legendre quadrature
   std::string tc_rule = "tau";     ///< tau or outlier
   double tau = 0.1;
   int64_t tc_window = 50;
@@ -40,6 +41,7 @@ struct StepRow {
   double d_norm = 0, f_norm = 0, k_norm = 0, u_norm = 0, u_round_norm = 0, u_wd_norm = 0, u_mom_norm = 0;
   double r_norm = 0, s_norm = 0, higher_norm = 0;
   double r = 0;          ///< |R| / |F|
+  double kexact_norm = 0, quad_error = 0;  ///< with exact_nodes: |sum_m Kexact_{k,m}|, |D - gbar . dw|
   bool loss_up = false;  ///< L_k(w_{k+1}) > L_k(w_k)
   bool in_tc = false;
 };
@@ -49,6 +51,7 @@ struct AnalysisResult {
   std::vector<int64_t> probe_labels;
   at::Tensor outputs;                  ///< int64 [P, C]: which logit each column is
   at::Tensor d, f, k, u, r, s;         ///< float64 [steps, P, C] (s undefined without second order)
+  at::Tensor kexact, uexact;           ///< float64 [steps, P, C] with exact_nodes (else undefined)
   at::Tensor f_initial, f_final;       ///< float64 [P, C] at the first analyzed step and after the last
   std::vector<StepRow> steps;
   bool contiguous = true;              ///< every step in the range analyzed: the run identity applies
@@ -59,6 +62,9 @@ struct AnalysisResult {
 
 /// Runs the analysis (no files written). Throws InputError for a bad run or settings.
 AnalysisResult analyze(const AnalyzeConfig& config);
+
+/// Gauss-Legendre nodes and weights on [0, 1]: exact for polynomials of degree <= 2q - 1.
+std::pair<std::vector<double>, std::vector<double>> gauss_legendre(int64_t q);
 
 /// Marks T_c in result.steps by the configured rule (SPEC, "Complex timesteps").
 void mark_complex_steps(std::vector<StepRow>& steps, const AnalyzeConfig& config);

@@ -1,0 +1,93 @@
+#!/usr/bin/env python3
+"""Recompute D, F, K and R of an analysis independently, in float64 PyTorch, from the run's
+checkpoints (so the run needs checkpoints at k and k+1 of every step checked), with explicit
+per-row Jacobians, and compare with the analysis's arrays.
+
+usage: check_analysis.py RUN ANALYSIS [--steps K1,K2,...] [--tol 1e-9]
+Prints the largest relative error per quantity (max |diff| / max |value| over each step);
+exits 1 when one exceeds --tol.
+"""
+import argparse, csv, json, os, sys
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from check_checkpoint import build, read_idx  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("run")
+    ap.add_argument("analysis")
+    ap.add_argument("--steps", default="")
+    ap.add_argument("--tol", type=float, default=1e-9)
+    args = ap.parse_args()
+    torch.set_default_dtype(torch.float64)
+    manifest = json.load(open(os.path.join(args.run, "manifest.json")))
+    log = [json.loads(line) for line in open(os.path.join(args.run, "steps.jsonl"))]
+    rows = list(csv.DictReader(open(os.path.join(args.analysis, "steps.csv"))))
+    analyzed = [int(r["step"]) for r in rows]
+    probes = list(csv.DictReader(open(os.path.join(args.analysis, "probes.csv"))))
+    summary = json.load(open(os.path.join(args.analysis, "summary.json")))
+    split = summary["settings"]["split"]
+    order = []
+    for p in probes:
+        if int(p["probe"]) not in order:
+            order.append(int(p["probe"]))
+    outputs = np.load(os.path.join(args.analysis, "arrays", "outputs.npy"))
+    arrays = {q: np.load(os.path.join(args.analysis, "arrays", q + ".npy")) for q in "DFKR"}
+
+    files = manifest["data"]["files"]
+    norm = manifest["data"]["normalization"]
+
+    def inputs(key):
+        x = torch.from_numpy(read_idx(files[key]["path"]).astype(np.float64)).unsqueeze(1) / 255.0
+        return (x - norm["mean"]) / norm["std"]
+
+    xtrain = inputs("train_images")
+    ytrain = torch.from_numpy(read_idx(files["train_labels"]["path"]).astype(np.int64))
+    xsplit = inputs("test_images" if split == "test" else "train_images")
+    xp = xsplit[order]
+    ckdir = os.path.join(args.run, "checkpoints")
+    steps = [int(s) for s in args.steps.split(",")] if args.steps else analyzed[:3]
+
+    def model_at(step):
+        m = build(manifest).double()
+        sd = torch.load(os.path.join(ckdir, "step_%08d.pt" % step))
+        m.load_state_dict({k: v.double() for k, v in sd.items()})
+        return m
+
+    worst = {q: 0.0 for q in "DFKR"}
+    for k in steps:
+        i = analyzed.index(k)
+        m0, m1 = model_at(k), model_at(k + 1)
+        params = list(m0.parameters())
+        dw = torch.cat([(b - a).detach().reshape(-1) for a, b in zip(m0.parameters(), m1.parameters())])
+        out = m0(xp)
+        cols = torch.from_numpy(outputs)
+        rows_f = out.gather(1, cols)
+        jac = torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(f, params, retain_graph=True)])
+                           for f in rows_f.reshape(-1)])
+        batch = torch.tensor(log[k]["batch"])
+        x_b = xtrain[:len(ytrain)][batch]
+        logits = m0(x_b)
+        if manifest["loss"] == "ce":
+            loss = torch.nn.functional.cross_entropy(logits, ytrain[batch])
+        else:
+            loss = 0.5 * ((logits - torch.nn.functional.one_hot(ytrain[batch], logits.shape[1])) ** 2).sum(1).mean()
+        grad_l = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)])
+        with torch.no_grad():
+            ref = {"D": (m1(xp) - m0(xp)).gather(1, cols).numpy()}
+        ref["F"] = (jac @ dw).reshape(rows_f.shape).detach().numpy()
+        ref["K"] = (-log[k]["lr"] * (jac @ grad_l)).reshape(rows_f.shape).detach().numpy()
+        ref["R"] = ref["D"] - ref["F"]
+        for q in "DFKR":
+            err = np.abs(arrays[q][i] - ref[q]).max() / max(np.abs(ref[q]).max(), 1e-300)
+            worst[q] = max(worst[q], float(err))
+    print(json.dumps({"steps": steps, "max_relative_error": worst, "tol": args.tol}))
+    return 0 if all(v <= args.tol for v in worst.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,219 @@
+// SPEC's invariants on real training runs of tiny synthetic data, each against an independent
+// route: closed forms (linear: R = 0; quadratic: R = S), explicit Jacobians, autograd.
+#include <ATen/ATen.h>
+#include <spdlog/spdlog.h>
+
+#include <cmath>
+
+#include "fixtures.h"
+#include "pathkernel/analyzer.h"
+#include "pathkernel/checkpoint.h"
+#include "pathkernel/errors.h"
+#include "pathkernel/idx.h"
+#include "pathkernel/kernels.h"
+#include "pathkernel/run_dir.h"
+#include "pathkernel/trainer.h"
+
+namespace pathkernel {
+namespace {
+namespace fs = std::filesystem;
+
+class AnalyzerTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    spdlog::set_level(spdlog::level::warn);
+    testing::write_synthetic_idx(tmp_ / "data", 60, 20, 8, 3);
+  }
+  std::string run(const std::string& name, const std::string& model, double lr, int64_t steps = 12,
+                  const std::string& dtype = "float32", double momentum = 0, double wd = 0) {
+    TrainConfig c;
+    c.data_dir = (tmp_ / "data").string();
+    c.model = model;
+    c.steps = steps;
+    c.batch = 10;
+    c.lr = lr;
+    c.dtype = dtype;
+    c.momentum = momentum;
+    c.weight_decay = wd;
+    c.checkpoint_every = 5;
+    c.seed = 3;
+    c.out = (tmp_ / name).string();
+    train(c, "");
+    return c.out;
+  }
+  AnalyzeConfig config(const std::string& run_dir) const {
+    AnalyzeConfig a;
+    a.run = run_dir;
+    a.out = (tmp_ / (fs::path(run_dir).filename().string() + "-analysis")).string();
+    a.probes = 6;
+    return a;
+  }
+  static double max_abs(const at::Tensor& t) { return t.abs().max().item<double>(); }
+  testing::TempDir tmp_;
+};
+
+TEST_F(AnalyzerTest, LinearModelHasNoResidual) {
+  const AnalysisResult r = analyze(config(run("lin", "linear", 0.5, 12, "float32", 0.9, 1e-3)));
+  for (int64_t k = 0; k < r.r.size(0); ++k) {
+    EXPECT_LE(max_abs(r.r[k]), 1e-12 * max_abs(r.d[k])) << "step " << k;
+  }
+  EXPECT_LT(r.identity_error, 1e-12);
+  EXPECT_LT(r.kernel_split_error, 1e-10);
+}
+
+TEST_F(AnalyzerTest, QuadraticModelResidualIsExactlySecondOrder) {
+  AnalyzeConfig a = config(run("quad", "quadratic:5", 0.3));
+  a.second_order = true;
+  const AnalysisResult r = analyze(a);
+  for (int64_t k = 0; k < r.r.size(0); ++k) {
+    EXPECT_GT(max_abs(r.r[k]), 0.0);
+    EXPECT_LE(max_abs(r.r[k] - r.s[k]), 1e-9 * max_abs(r.r[k])) << "step " << k;
+  }
+}
+
+TEST_F(AnalyzerTest, KernelTermEqualsExplicitJacobianRouteFromCheckpoints) {
+  const std::string dir = run("mlp", "mlp:7:tanh", 0.2, 10, "float32", 0.5, 1e-2);
+  const AnalysisResult r = analyze(config(dir));
+  EXPECT_LT(r.kernel_split_error, 1e-10);
+  EXPECT_LT(r.identity_error, 1e-12);
+  // Independently, at checkpointed step 5: the model in float64 from step_5.pt and step_6 by
+  // training's own log, K = -a_5 J_probe . grad L_5 with explicit Jacobians.
+  const RunDir run_dir(dir);
+  const auto log = read_step_log(run_dir.steps_log());
+  at::manual_seed(0);
+  auto model = models::build_model(models::parse_model_spec("mlp:7:tanh"), {1, 8, 8}, 3);
+  model->to(at::kDouble);
+  {
+    at::NoGradGuard ng;
+    const NamedTensors w = load_tensor_dict(run_dir.checkpoint(5));
+    auto params = model->named_parameters();
+    for (const auto& [name, t] : w) params[name].copy_(t);
+  }
+  const Dataset train_set = load_split(tmp_ / "data", "train"), test_set = load_split(tmp_ / "data", "test");
+  const at::Tensor pidx = at::tensor(r.probe_indices, at::kLong);
+  const at::Tensor xp = to_inputs(test_set.images.index_select(0, pidx), at::kDouble, {});
+  const at::Tensor bidx = at::tensor(log[5]["batch"].get<std::vector<int64_t>>(), at::kLong);
+  const at::Tensor xb = to_inputs(train_set.images.index_select(0, bidx), at::kDouble, {});
+  const at::Tensor jp = explicit_probe_jacobian(*model, xp, {0, 1, 2});
+  const at::Tensor jb = explicit_loss_jacobian(*model, xb, train_set.labels.index_select(0, bidx), LossKind::kCrossEntropy);
+  const at::Tensor grad_l = jb.mean(0);
+  const at::Tensor k_explicit = at::mv(jp, grad_l).mul(-log[5]["lr"].get<double>()).reshape({-1, 3});
+  EXPECT_LE(max_abs(r.k[5] - k_explicit), 1e-10 * max_abs(k_explicit));
+}
+
+TEST_F(AnalyzerTest, UpdateTermSplitsIntoWeightDecayAndMomentum) {
+  // In float64 training the stored update has no float32 rounding: U is U_wd + U_mom alone.
+  const AnalysisResult r = analyze(config(run("mom64", "mlp:6:tanh", 0.1, 10, "float64", 0.9, 1e-2)));
+  for (const auto& s : r.steps) {
+    if (s.step == 0) {
+      EXPECT_EQ(s.u_mom_norm, 0.0) << "v_{-1} = 0";
+    } else {
+      EXPECT_GT(s.u_mom_norm, 0.0);
+    }
+    EXPECT_GT(s.u_wd_norm, 0.0);
+    EXPECT_LE(s.u_round_norm, 1e-9 * s.u_norm) << "step " << s.step;
+  }
+  // In float32 the rounding of the stored update is a source of its own.
+  const AnalysisResult r32 = analyze(config(run("plain32", "mlp:6:tanh", 0.1, 10)));
+  for (const auto& s : r32.steps) {
+    EXPECT_GT(s.u_round_norm, 0.0);
+    EXPECT_LT(s.u_round_norm, 1e-4 * s.f_norm);
+  }
+}
+
+TEST_F(AnalyzerTest, ResidualRatioGrowsLinearlyWithLearningRate) {
+  // SPEC invariant 6: |R|/|F| ~ lr, slope about 1 on a log-log plot from 1e-4 to 1e-1.
+  std::vector<double> x, y;
+  for (double lr : {1e-4, 1e-3, 1e-2, 1e-1}) {
+    const AnalysisResult r = analyze(config(run("lr" + std::to_string(lr), "mlp:6:tanh", lr, 8)));
+    std::vector<double> rs;
+    for (const auto& s : r.steps) rs.push_back(s.r);
+    std::sort(rs.begin(), rs.end());
+    x.push_back(std::log(lr));
+    y.push_back(std::log(rs[rs.size() / 2]));
+  }
+  double mx = 0, my = 0;
+  for (size_t i = 0; i < x.size(); ++i) mx += x[i] / x.size(), my += y[i] / y.size();
+  double sxy = 0, sxx = 0;
+  for (size_t i = 0; i < x.size(); ++i) sxy += (x[i] - mx) * (y[i] - my), sxx += (x[i] - mx) * (x[i] - mx);
+  const double slope = sxy / sxx;
+  EXPECT_GT(slope, 0.8);
+  EXPECT_LT(slope, 1.2);
+}
+
+TEST_F(AnalyzerTest, QuadratureErrorFallsWithNodesAndExactKernelClosesTheStep) {
+  const std::string dir = run("big", "mlp:6:tanh", 2.0, 4);
+  std::vector<double> errs;
+  for (int64_t q : {1, 2, 3, 5, 12}) {
+    AnalyzeConfig a = config(dir);
+    a.exact_nodes = q;
+    a.step_begin = 2;
+    a.step_end = 3;
+    const AnalysisResult r = analyze(a);
+    errs.push_back(r.steps[0].quad_error);
+    if (q == 12) {
+      // D = sum_m Kexact_m + Uexact exactly for the exact gbar; the gap is the quadrature error,
+      // which Gauss-Legendre drives down exponentially on this smooth (tanh) path.
+      EXPECT_LE(max_abs(r.d[0] - r.kexact[0] - r.uexact[0]), 1e-10 * max_abs(r.d[0]));
+    }
+  }
+  for (size_t i = 1; i < errs.size(); ++i) EXPECT_LT(errs[i], errs[i - 1]) << "Q index " << i;
+  EXPECT_LT(errs.back(), 1e-8 * errs.front());
+}
+
+TEST(GaussLegendreTest, IntegratesPolynomialsExactly) {
+  const auto [x2, w2] = gauss_legendre(2);
+  EXPECT_NEAR(x2[0], 0.5 - 0.5 / std::sqrt(3.0), 1e-15);
+  EXPECT_NEAR(x2[1], 0.5 + 0.5 / std::sqrt(3.0), 1e-15);
+  for (int64_t q : {1, 3, 7, 16}) {
+    const auto [x, w] = gauss_legendre(q);
+    for (int deg = 0; deg <= 2 * q - 1; ++deg) {
+      double sum = 0;
+      for (size_t i = 0; i < x.size(); ++i) sum += w[i] * std::pow(x[i], deg);
+      EXPECT_NEAR(sum, 1.0 / (deg + 1), 1e-14) << "q " << q << " degree " << deg;
+    }
+  }
+}
+
+TEST(ComplexStepsTest, TauAndOutlierRules) {
+  std::vector<StepRow> steps(40);
+  for (size_t k = 0; k < steps.size(); ++k) steps[k].r = 0.2 + 0.01 * static_cast<double>(k % 3);
+  steps[30].r = 0.9;  // a spike
+  AnalyzeConfig c;
+  c.tau = 0.215;
+  mark_complex_steps(steps, c);
+  int64_t n = 0;
+  for (const auto& s : steps) n += s.in_tc;
+  EXPECT_EQ(n, 14);  // the r = 0.22 steps and the spike
+  c.tc_rule = "outlier";
+  c.tc_window = 20;
+  mark_complex_steps(steps, c);
+  for (size_t k = 0; k < steps.size(); ++k) EXPECT_EQ(steps[k].in_tc, k == 30) << "step " << k;
+}
+
+TEST_F(AnalyzerTest, WritesFilesAndRejectsBadSettings) {
+  const std::string dir = run("files", "cnn:2,3:relu", 0.1, 6);
+  AnalyzeConfig a = config(dir);
+  a.second_order = true;
+  const AnalysisResult r = analyze(a);
+  write_analysis(r, a);
+  for (const char* f : {"steps.csv", "probes.csv", "summary.json", "arrays/D.npy", "arrays/R.npy", "arrays/S.npy"}) {
+    EXPECT_TRUE(fs::exists(fs::path(a.out) / f)) << f;
+  }
+  EXPECT_EQ(r.d.sizes(), (std::vector<int64_t>{6, 6, 3}));
+  EXPECT_THROW_WITH(write_analysis(r, a), InputError, "already exists");
+  a.step_end = 99;
+  EXPECT_THROW_WITH(analyze(a), InputError, "outside the run's steps");
+  a = config(dir);
+  testing::write_file(tmp_ / "probes.txt", "1\n2\n77\n", false);
+  a.probe_indices_file = (tmp_ / "probes.txt").string();
+  EXPECT_THROW_WITH(analyze(a), InputError, "probe index 77 is outside");
+  a = config(dir);
+  a.outputs = "true";
+  const AnalysisResult t = analyze(a);
+  EXPECT_EQ(t.d.size(2), 1);
+  for (int64_t p = 0; p < 6; ++p) EXPECT_EQ(t.outputs[p][0].item<int64_t>(), t.probe_labels[p]);
+}
+
+}  // namespace
+}  // namespace pathkernel
