@@ -115,6 +115,12 @@ nlohmann::json summary_json(const AnalysisResult& r, const AnalyzeConfig& c) {
           {"r_percentiles", {{"p5", percentile(rs, 0.05)}, {"p25", percentile(rs, 0.25)}, {"p50", percentile(rs, 0.5)},
                              {"p75", percentile(rs, 0.75)}, {"p95", percentile(rs, 0.95)}, {"max", percentile(rs, 1.0)}}},
           {"pearson_r_lr", pearson(rs, lrs)},
+          {"mean_abs_change", (r.f_final - r.f_initial).abs().mean().item<double>()},
+          {"mean_abs_sum_K", r.k.sum(0).abs().mean().item<double>()},
+          {"mean_abs_sum_U", r.u.sum(0).abs().mean().item<double>()},
+          {"mean_abs_sum_R", r.r.sum(0).abs().mean().item<double>()},
+          {"sum_R_over_change", r.r.sum(0).abs().sum().item<double>() /
+                                    std::max(1e-300, (r.f_final - r.f_initial).abs().sum().item<double>())},
           {"identity_applies", r.contiguous},
           {"max_identity_error", r.contiguous ? nlohmann::json(r.identity_error) : nlohmann::json(nullptr)},
           {"max_kernel_split_error", r.kernel_split_error},
