@@ -161,6 +161,22 @@ TEST_F(AnalyzerTest, QuadratureErrorFallsWithNodesAndExactKernelClosesTheStep) {
   EXPECT_LT(errs.back(), 1e-8 * errs.front());
 }
 
+TEST_F(AnalyzerTest, ExplicitJacobianRouteGivesTheSameAnalysis) {
+  for (const char* spec : {"mlp:5:softplus", "cnn:2,2:tanh"}) {
+    const std::string dir = run(std::string("route-") + spec[0], spec, 0.2, 4, "float32", 0.9, 1e-3);
+    AnalyzeConfig a = config(dir);
+    a.probes = 3;
+    a.exact_nodes = 2;
+    const AnalysisResult fast = analyze(a);
+    a.kernel_route = "explicit";
+    const AnalysisResult slow = analyze(a);
+    for (const auto& [x, y] : {std::pair{fast.k, slow.k}, {fast.f, slow.f}, {fast.u, slow.u}, {fast.r, slow.r},
+                               {fast.kexact, slow.kexact}}) {
+      EXPECT_LE(max_abs(x - y), 1e-10 * max_abs(y)) << spec;
+    }
+  }
+}
+
 TEST(GaussLegendreTest, IntegratesPolynomialsExactly) {
   const auto [x2, w2] = gauss_legendre(2);
   EXPECT_NEAR(x2[0], 0.5 - 0.5 / std::sqrt(3.0), 1e-15);

@@ -27,6 +27,8 @@ int cmd_analyze(const Args& args) {
     ("steps", "A:B, the steps k with A <= k < B (default: all)", cxxopts::value(steps))
     ("every", "analyze every S-th step", cxxopts::value(c.every)->default_value("1"))
     ("second-order", "also S = 1/2 dw^T H dw (exact, by double backward)")
+    ("kernel-route", "auto | factorized | explicit (per-row Jacobians: the slow reference route)",
+     cxxopts::value(c.kernel_route)->default_value("auto"))
     ("exact", "Q: also the exact path kernel by Q-node Gauss-Legendre quadrature", cxxopts::value(c.exact_nodes))
     ("tc-rule", "tau | outlier", cxxopts::value(c.tc_rule)->default_value("tau"))
     ("tau", "tau rule: step in T_c when |R|/|F| > tau", cxxopts::value(c.tau)->default_value("0.1"))

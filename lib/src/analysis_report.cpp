@@ -97,7 +97,8 @@ nlohmann::json summary_json(const AnalysisResult& r, const AnalyzeConfig& c) {
   nlohmann::json settings = {{"run", c.run}, {"probes", static_cast<int64_t>(r.probe_indices.size())},
                              {"probe_indices_file", c.probe_indices_file}, {"split", c.split},
                              {"outputs", c.outputs}, {"step_begin", c.step_begin}, {"step_end", c.step_end},
-                             {"every", c.every}, {"second_order", c.second_order}, {"exact_nodes", c.exact_nodes}, {"tc_rule", c.tc_rule},
+                             {"every", c.every}, {"second_order", c.second_order}, {"exact_nodes", c.exact_nodes},
+                             {"kernel_route", c.kernel_route}, {"tc_rule", c.tc_rule},
                              {"tau", c.tau}, {"tc_window", c.tc_window}, {"tc_kappa", c.tc_kappa},
                              {"identity_tolerance", c.identity_tolerance}};
   return {{"format", "pathkernel-analysis/1"},

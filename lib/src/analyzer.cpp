@@ -24,6 +24,9 @@ void AnalyzeConfig::validate() const {
   if (split != "test" && split != "train") throw InputError("--split must be test or train");
   if (outputs != "all" && outputs != "true" && outputs != "pred") throw InputError("--outputs must be all, true or pred");
   if (every < 1) throw InputError("--every must be at least 1");
+  if (kernel_route != "auto" && kernel_route != "factorized" && kernel_route != "explicit") {
+    throw InputError("--kernel-route must be auto, factorized or explicit");
+  }
   if (tc_rule != "tau" && tc_rule != "outlier") throw InputError("--tc-rule must be tau or outlier");
   if (!(tau >= 0)) throw InputError("--tau must be >= 0");
   if (exact_nodes < 0 || exact_nodes > 64) throw InputError("--exact takes 1..64 quadrature nodes");
@@ -142,7 +145,16 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
   auto model = models::build_model(models::parse_model_spec(tc.model), {1, ctx.train.height(), ctx.train.width()},
                                    ctx.num_classes);
   model->to(at::kDouble);
-  if (!factorizable(*model)) throw InputError("model '" + tc.model + "' has parameters outside Linear/Conv2d layers");
+  // The factorized route covers models whose parameters all sit in tapped Linear/Conv2d layers;
+  // anything else goes through explicit per-row Jacobians.
+  bool explicit_route = c.kernel_route == "explicit";
+  if (c.kernel_route == "auto" && !factorizable(*model)) {
+    spdlog::warn("model '{}' has parameters outside Linear/Conv2d layers: using explicit Jacobians (slow)", tc.model);
+    explicit_route = true;
+  }
+  if (c.kernel_route == "factorized" && !factorizable(*model)) {
+    throw InputError("--kernel-route factorized: model '" + tc.model + "' has parameters outside Linear/Conv2d layers");
+  }
 
   const Dataset& split = c.split == "test" ? ctx.test : ctx.train;
   AnalysisResult res;
@@ -193,11 +205,11 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
     if (k == begin) res.f_initial = select(f0);
 
     // Rows (p, c) and the batch's per-example loss rows, both at w_k.
-    const RowSignals sp = probe_signals(*model, xp, all_outputs);
-    const RowSignals sb = loss_signals(*model, xb, yb, loss);
-    const at::Tensor k_per = factorized_gram(sp, sb).mul_(-lr / nb);  // K_{k,m}: [P*ncls, M]
+    const RowGradients sp = probe_rows(*model, xp, all_outputs, explicit_route);
+    const RowGradients sb = loss_rows(*model, xb, yb, loss, explicit_route);
+    const at::Tensor k_per = row_gram(sp, sb).mul_(-lr / nb);  // K_{k,m}: [P*ncls, M]
     const at::Tensor k_full = k_per.sum(1).reshape({np, ncls});
-    const at::Tensor f_full = factorized_directional(sp, dw).reshape({np, ncls});
+    const at::Tensor f_full = row_directional(sp, dw).reshape({np, ncls});
     // An independent route to K: -a_k g . grad L_k, with grad L_k by autograd.
     {
       const auto params = model->parameters();
@@ -205,14 +217,14 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
       ParamMap grad_l;
       size_t i = 0;
       for (const auto& item : model->named_parameters()) grad_l[item.key()] = g[i++];
-      const at::Tensor k_direct = factorized_directional(sp, grad_l).reshape({np, ncls}) * (-lr);
+      const at::Tensor k_direct = row_directional(sp, grad_l).reshape({np, ncls}) * (-lr);
       const double scale = std::max(1e-300, k_direct.abs().max().item<double>());
       res.kernel_split_error = std::max(res.kernel_split_error, (k_full - k_direct).abs().max().item<double>() / scale);
     }
     at::Tensor u_wd = at::zeros_like(f_full), u_mom = at::zeros_like(f_full);
-    if (tc.weight_decay != 0) u_wd = factorized_directional(sp, w0).reshape({np, ncls}) * (-lr * tc.weight_decay);
+    if (tc.weight_decay != 0) u_wd = row_directional(sp, w0).reshape({np, ncls}) * (-lr * tc.weight_decay);
     if (tc.momentum != 0 && !v_prev.empty()) {
-      u_mom = factorized_directional(sp, v_prev).reshape({np, ncls}) * (-lr * tc.momentum);
+      u_mom = row_directional(sp, v_prev).reshape({np, ncls}) * (-lr * tc.momentum);
     }
 
     const at::Tensor d = select(f1 - f0), f = select(f_full), kk = select(k_full);
@@ -245,9 +257,9 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
         ParamMap wq;
         for (const auto& [name, t] : w0) wq[name] = t + dw.at(name) * nodes[q];
         set_weights(*model, wq);
-        const RowSignals sq = probe_signals(*model, xp, all_outputs);
-        gbar_dw.add_(factorized_directional(sq, dw), node_weights[q]);
-        kex_per.add_(factorized_gram(sq, sb), node_weights[q] * (-lr / nb));
+        const RowGradients sq = probe_rows(*model, xp, all_outputs, explicit_route);
+        gbar_dw.add_(row_directional(sq, dw), node_weights[q]);
+        kex_per.add_(row_gram(sq, sb), node_weights[q] * (-lr / nb));
       }
       set_weights(*model, w0);
       const at::Tensor kex = select(kex_per.sum(1).reshape({np, ncls}));

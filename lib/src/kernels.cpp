@@ -185,4 +185,49 @@ at::Tensor second_order(models::Model& model, const at::Tensor& x, const std::ve
   return (second.index_select(1, idx) * 0.5).reshape({-1});
 }
 
+namespace {
+
+std::vector<std::string> names_of(models::Model& model) {
+  std::vector<std::string> n;
+  for (const auto& item : model.named_parameters()) n.push_back(item.key());
+  return n;
+}
+
+}  // namespace
+
+RowGradients probe_rows(models::Model& model, const at::Tensor& x, const std::vector<int64_t>& outputs,
+                        bool explicit_route) {
+  RowGradients r;
+  if (explicit_route) {
+    r.jacobian = explicit_probe_jacobian(model, x, outputs).detach();
+    r.names = names_of(model);
+  } else {
+    r.signals = probe_signals(model, x, outputs);
+  }
+  return r;
+}
+
+RowGradients loss_rows(models::Model& model, const at::Tensor& x, const at::Tensor& y, LossKind loss,
+                       bool explicit_route) {
+  RowGradients r;
+  if (explicit_route) {
+    r.jacobian = explicit_loss_jacobian(model, x, y, loss).detach();
+    r.names = names_of(model);
+  } else {
+    r.signals = loss_signals(model, x, y, loss);
+  }
+  return r;
+}
+
+at::Tensor row_gram(const RowGradients& a, const RowGradients& b) {
+  return a.is_explicit() ? at::mm(a.jacobian, b.jacobian.t()) : factorized_gram(a.signals, b.signals);
+}
+
+at::Tensor row_directional(const RowGradients& a, const ParamMap& v) {
+  if (!a.is_explicit()) return factorized_directional(a.signals, v);
+  std::vector<at::Tensor> flat;
+  for (const auto& n : a.names) flat.push_back(v.at(n).reshape({-1}));
+  return at::mv(a.jacobian, at::cat(flat));
+}
+
 }  // namespace pathkernel

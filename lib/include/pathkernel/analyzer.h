@@ -22,6 +22,7 @@ struct AnalyzeConfig {
   int64_t step_end = -1;           ///< one past the last (-1: the end of the run)
   int64_t every = 1;               ///< analyze every S-th step
   bool second_order = false;       ///< also S = 1/2 dw^T H dw (exact, double backward)
+  std::string kernel_route = "auto";  ///< auto | factorized | explicit (per-row Jacobians, slow)
   int64_t exact_nodes = 0;         ///< Q > 0: the exact path kernel by Q-node Gauss-Legendre quadrature
   std::string tc_rule = "tau";     ///< tau or outlier
   double tau = 0.1;

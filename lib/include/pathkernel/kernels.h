@@ -60,4 +60,25 @@ at::Tensor flatten_params(models::Model& model, const ParamMap& v);
 at::Tensor second_order(models::Model& model, const at::Tensor& x, const std::vector<int64_t>& outputs,
                         const ParamMap& dw);
 
+/// The gradients of a set of rows in the representation of the chosen route: captured signals
+/// (factorized) or an explicit Jacobian. The analyzer works through these so that a model with
+/// parameters outside tapped layers falls back to the explicit route.
+struct RowGradients {
+  RowSignals signals;                ///< factorized route
+  at::Tensor jacobian;               ///< explicit route: [R, n_params] in state_dict order
+  std::vector<std::string> names;    ///< explicit route: the state_dict order
+  bool is_explicit() const { return jacobian.defined(); }
+};
+
+/// Probe rows (as probe_signals) by the factorized or the explicit route.
+RowGradients probe_rows(models::Model& model, const at::Tensor& x, const std::vector<int64_t>& outputs,
+                        bool explicit_route);
+/// Per-example loss rows (as loss_signals) by the factorized or the explicit route.
+RowGradients loss_rows(models::Model& model, const at::Tensor& x, const at::Tensor& y, LossKind loss,
+                       bool explicit_route);
+/// [Ra, Rb] inner products of the two sets' row gradients (both of the same route).
+at::Tensor row_gram(const RowGradients& a, const RowGradients& b);
+/// [R] row gradients dotted with the direction v.
+at::Tensor row_directional(const RowGradients& a, const ParamMap& v);
+
 }  // namespace pathkernel
