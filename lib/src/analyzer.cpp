@@ -164,8 +164,6 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
   const at::Tensor yp = split.labels.index_select(0, pidx);
   for (int64_t i = 0; i < yp.size(0); ++i) res.probe_labels.push_back(yp[i].item<int64_t>());
   const int64_t np = xp.size(0), ncls = ctx.num_classes;
-  std::vector<int64_t> all_outputs(static_cast<size_t>(ncls));
-  for (int64_t i = 0; i < ncls; ++i) all_outputs[i] = i;
 
   // Which logit each column holds: all, the label's, or the final model's prediction.
   if (c.outputs == "all") {
@@ -177,6 +175,7 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
     res.outputs = forward_nograd(*model, xp).argmax(1).unsqueeze(1);
   }
   auto select = [&](const at::Tensor& full) { return full.gather(1, res.outputs); };  // [P, ncls] -> [P, C]
+  const int64_t nc = res.outputs.size(1);
 
   std::vector<at::Tensor> ds, fs, ks, us, rs, ss, kes, ues;
   const auto [nodes, node_weights] = gauss_legendre(std::max<int64_t>(c.exact_nodes, 1));
@@ -205,11 +204,11 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
     if (k == begin) res.f_initial = select(f0);
 
     // Rows (p, c) and the batch's per-example loss rows, both at w_k.
-    const RowGradients sp = probe_rows(*model, xp, all_outputs, explicit_route);
+    const RowGradients sp = probe_rows(*model, xp, res.outputs, explicit_route);
     const RowGradients sb = loss_rows(*model, xb, yb, loss, explicit_route);
-    const at::Tensor k_per = row_gram(sp, sb).mul_(-lr / nb);  // K_{k,m}: [P*ncls, M]
-    const at::Tensor k_full = k_per.sum(1).reshape({np, ncls});
-    const at::Tensor f_full = row_directional(sp, dw).reshape({np, ncls});
+    const at::Tensor k_per = row_gram(sp, sb).mul_(-lr / nb);  // K_{k,m}: [P*C, M]
+    const at::Tensor k_full = k_per.sum(1).reshape({np, nc});
+    const at::Tensor f_full = row_directional(sp, dw).reshape({np, nc});
     // An independent route to K: -a_k g . grad L_k, with grad L_k by autograd.
     {
       const auto params = model->parameters();
@@ -217,17 +216,17 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
       ParamMap grad_l;
       size_t i = 0;
       for (const auto& item : model->named_parameters()) grad_l[item.key()] = g[i++];
-      const at::Tensor k_direct = row_directional(sp, grad_l).reshape({np, ncls}) * (-lr);
+      const at::Tensor k_direct = row_directional(sp, grad_l).reshape({np, nc}) * (-lr);
       const double scale = std::max(1e-300, k_direct.abs().max().item<double>());
       res.kernel_split_error = std::max(res.kernel_split_error, (k_full - k_direct).abs().max().item<double>() / scale);
     }
     at::Tensor u_wd = at::zeros_like(f_full), u_mom = at::zeros_like(f_full);
-    if (tc.weight_decay != 0) u_wd = row_directional(sp, w0).reshape({np, ncls}) * (-lr * tc.weight_decay);
+    if (tc.weight_decay != 0) u_wd = row_directional(sp, w0).reshape({np, nc}) * (-lr * tc.weight_decay);
     if (tc.momentum != 0 && !v_prev.empty()) {
-      u_mom = row_directional(sp, v_prev).reshape({np, ncls}) * (-lr * tc.momentum);
+      u_mom = row_directional(sp, v_prev).reshape({np, nc}) * (-lr * tc.momentum);
     }
 
-    const at::Tensor d = select(f1 - f0), f = select(f_full), kk = select(k_full);
+    const at::Tensor d = select(f1 - f0), f = f_full, kk = k_full;
     const at::Tensor u = f - kk, r = d - f;
     StepRow row;
     row.step = k;
@@ -243,35 +242,37 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
     row.f_norm = frob(f);
     row.k_norm = frob(kk);
     row.u_norm = frob(u);
-    row.u_wd_norm = frob(select(u_wd));
-    row.u_mom_norm = frob(select(u_mom));
-    row.u_round_norm = frob(u - select(u_wd) - select(u_mom));
+    row.u_wd_norm = frob(u_wd);
+    row.u_mom_norm = frob(u_mom);
+    row.u_round_norm = frob(u - u_wd - u_mom);
     row.r_norm = frob(r);
     row.r = row.f_norm > 0 ? row.r_norm / row.f_norm : 0.0;
+    at::Tensor kex_per_step;
     if (c.exact_nodes > 0) {
       // gbar = integral_0^1 g(w_k + t dw) dt by quadrature (SPEC, "exact path kernel"): the probe
       // rows' signals at each node against the batch's loss signals at w_k.
-      at::Tensor gbar_dw = at::zeros({np * ncls}, at::kDouble), kex_per = at::zeros_like(k_per);
-      at::Tensor gbar_grad = at::zeros({np * ncls}, at::kDouble);
+      at::Tensor gbar_dw = at::zeros({np * nc}, at::kDouble), kex_per = at::zeros_like(k_per);
       for (size_t q = 0; q < nodes.size(); ++q) {
         ParamMap wq;
         for (const auto& [name, t] : w0) wq[name] = t + dw.at(name) * nodes[q];
         set_weights(*model, wq);
-        const RowGradients sq = probe_rows(*model, xp, all_outputs, explicit_route);
+        const RowGradients sq = probe_rows(*model, xp, res.outputs, explicit_route);
         gbar_dw.add_(row_directional(sq, dw), node_weights[q]);
         kex_per.add_(row_gram(sq, sb), node_weights[q] * (-lr / nb));
       }
       set_weights(*model, w0);
-      const at::Tensor kex = select(kex_per.sum(1).reshape({np, ncls}));
-      const at::Tensor fex = select(gbar_dw.reshape({np, ncls}));
+      kex_per_step = kex_per;
+      const at::Tensor kex = kex_per.sum(1).reshape({np, nc});
+      const at::Tensor fex = gbar_dw.reshape({np, nc});
       kes.push_back(kex);
       ues.push_back(fex - kex);  // Uexact = gbar . (dw + a_k grad L_k) = gbar . dw - sum_m Kexact_m
       row.kexact_norm = frob(kex);
       row.quad_error = frob(d - fex);
     }
+    if (c.on_step) c.on_step(StepTerms{k, lr, bidx, k_per, kex_per_step, &sb});
     if (c.second_order) {
       set_weights(*model, w0);
-      const at::Tensor s = select(second_order(*model, xp, all_outputs, dw).reshape({np, ncls}));
+      const at::Tensor s = second_order(*model, xp, res.outputs, dw).reshape({np, nc});
       row.s_norm = frob(s);
       row.higher_norm = frob(r - s);
       ss.push_back(s);

@@ -33,15 +33,6 @@ RowSignals capture(models::Model& model, const at::Tensor& x, SeedFn seed_fn, at
   return r;
 }
 
-at::Tensor unit_seed(int64_t rows_per_probe, int64_t probes, int64_t classes, const std::vector<int64_t>& outputs,
-                     at::ScalarType dtype) {
-  at::Tensor seed = at::zeros({probes * rows_per_probe, classes}, dtype);
-  for (int64_t p = 0; p < probes; ++p) {
-    for (int64_t j = 0; j < rows_per_probe; ++j) seed[p * rows_per_probe + j][outputs[j]] = 1;
-  }
-  return seed;
-}
-
 /// Per-row weight gradients of a conv tap, flattened: [R, Cout*Cin*kh*kw], and bias: [R, Cout].
 std::pair<at::Tensor, at::Tensor> conv_row_grads(const models::Tap& t) {
   const int64_t n = t.grad_output.size(0), cout = t.grad_output.size(1);
@@ -50,19 +41,30 @@ std::pair<at::Tensor, at::Tensor> conv_row_grads(const models::Tap& t) {
 
 }  // namespace
 
-RowSignals probe_signals(models::Model& model, const at::Tensor& x, const std::vector<int64_t>& outputs,
-                         at::Tensor* logits) {
-  const int64_t c = static_cast<int64_t>(outputs.size()), p = x.size(0);
-  // Each probe row repeated once per output, each copy seeded with a one-hot on its output: one
-  // backward pass serves every probe and output.
+at::Tensor shared_columns(int64_t probes, const std::vector<int64_t>& outputs) {
+  return at::tensor(outputs, at::kLong).unsqueeze(0).expand({probes, static_cast<int64_t>(outputs.size())}).contiguous();
+}
+
+RowSignals probe_signals(models::Model& model, const at::Tensor& x, const at::Tensor& cols, at::Tensor* logits) {
+  const int64_t c = cols.size(1), p = x.size(0);
+  // Each probe row repeated once per chosen output, each copy seeded with a one-hot on its
+  // output: one backward pass serves every probe and output.
   const at::Tensor xr = x.repeat_interleave(c, 0);
   at::Tensor out_rep;
   RowSignals r = capture(
       model, xr,
-      [&](const at::Tensor& out) { return (out * unit_seed(c, p, out.size(1), outputs, out.scalar_type())).sum(); },
+      [&](const at::Tensor& out) {
+        const at::Tensor seed = at::one_hot(cols.reshape({-1}), out.size(1)).to(out.scalar_type());
+        return (out * seed).sum();
+      },
       &out_rep);
   if (logits) *logits = out_rep.index_select(0, at::arange(0, p * c, c, at::kLong));
   return r;
+}
+
+RowSignals probe_signals(models::Model& model, const at::Tensor& x, const std::vector<int64_t>& outputs,
+                         at::Tensor* logits) {
+  return probe_signals(model, x, shared_columns(x.size(0), outputs), logits);
 }
 
 RowSignals loss_signals(models::Model& model, const at::Tensor& x, const at::Tensor& y, LossKind loss) {
@@ -137,13 +139,13 @@ at::Tensor jacobian_rows(models::Model& model, const at::Tensor& rows_out) {
 
 }  // namespace
 
-at::Tensor explicit_probe_jacobian(models::Model& model, const at::Tensor& x, const std::vector<int64_t>& outputs) {
+at::Tensor explicit_probe_jacobian(models::Model& model, const at::Tensor& x, const at::Tensor& cols) {
   const at::Tensor out = model.forward(x);
-  std::vector<at::Tensor> rows;
-  for (int64_t p = 0; p < x.size(0); ++p) {
-    for (int64_t c : outputs) rows.push_back(out[p][c]);
-  }
-  return jacobian_rows(model, at::stack(rows));
+  return jacobian_rows(model, out.gather(1, cols).reshape({-1}));
+}
+
+at::Tensor explicit_probe_jacobian(models::Model& model, const at::Tensor& x, const std::vector<int64_t>& outputs) {
+  return explicit_probe_jacobian(model, x, shared_columns(x.size(0), outputs));
 }
 
 at::Tensor explicit_loss_jacobian(models::Model& model, const at::Tensor& x, const at::Tensor& y, LossKind loss) {
@@ -162,6 +164,10 @@ at::Tensor flatten_params(models::Model& model, const ParamMap& v) {
 
 at::Tensor second_order(models::Model& model, const at::Tensor& x, const std::vector<int64_t>& outputs,
                         const ParamMap& dw) {
+  return second_order(model, x, shared_columns(x.size(0), outputs), dw);
+}
+
+at::Tensor second_order(models::Model& model, const at::Tensor& x, const at::Tensor& cols, const ParamMap& dw) {
   const auto params = parameters_of(model);
   std::vector<at::Tensor> dirs;
   for (const auto& item : model.named_parameters()) dirs.push_back(dw.at(item.key()));
@@ -179,10 +185,9 @@ at::Tensor second_order(models::Model& model, const at::Tensor& x, const std::ve
   const at::Tensor out = model.forward(x);
   const at::Tensor first = jvp(out);
   // A model linear in w has first derivative constant in w: the second jvp has no graph to follow.
-  if (!first.requires_grad()) return at::zeros({x.size(0) * static_cast<int64_t>(outputs.size())}, out.options());
+  if (!first.requires_grad()) return at::zeros({cols.numel()}, out.options());
   const at::Tensor second = jvp(first).detach();
-  const at::Tensor idx = at::tensor(outputs, at::kLong);
-  return (second.index_select(1, idx) * 0.5).reshape({-1});
+  return (second.gather(1, cols) * 0.5).reshape({-1});
 }
 
 namespace {
@@ -195,14 +200,13 @@ std::vector<std::string> names_of(models::Model& model) {
 
 }  // namespace
 
-RowGradients probe_rows(models::Model& model, const at::Tensor& x, const std::vector<int64_t>& outputs,
-                        bool explicit_route) {
+RowGradients probe_rows(models::Model& model, const at::Tensor& x, const at::Tensor& cols, bool explicit_route) {
   RowGradients r;
   if (explicit_route) {
-    r.jacobian = explicit_probe_jacobian(model, x, outputs).detach();
+    r.jacobian = explicit_probe_jacobian(model, x, cols).detach();
     r.names = names_of(model);
   } else {
-    r.signals = probe_signals(model, x, outputs);
+    r.signals = probe_signals(model, x, cols);
   }
   return r;
 }

@@ -6,10 +6,23 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
 namespace pathkernel {
+
+struct RowGradients;
+
+/// What the analyzer hands a per-step hook: enough to attribute a step to training examples.
+struct StepTerms {
+  int64_t step = 0;
+  double lr = 0;
+  const at::Tensor& batch;         ///< int64 [M]: the example indices of B_k
+  const at::Tensor& k_per;         ///< float64 [P*C, M]: K_{k,m} for every probe row and example
+  const at::Tensor& kexact_per;    ///< the same with the exact path kernel (undefined without exact)
+  const RowGradients* batch_rows;  ///< the batch's per-example loss gradients at w_k
+};
 
 struct AnalyzeConfig {
   std::string run;                 ///< run directory written by `pathkernel train`
@@ -30,6 +43,8 @@ struct AnalyzeConfig {
   double tc_kappa = 5.0;
   double identity_tolerance = 1e-8;  ///< relative to max |f_N - f_0|; beyond it: exit 4
   bool force = false;              ///< overwrite a non-empty `out`
+  /// Called after each analyzed step (library use: `pathkernel explain` attributes through it).
+  std::function<void(const StepTerms&)> on_step;
 
   /// Throws InputError naming the flag.
   void validate() const;

@@ -36,6 +36,13 @@ using ParamMap = std::map<std::string, at::Tensor>;
 RowSignals probe_signals(models::Model& model, const at::Tensor& x, const std::vector<int64_t>& outputs,
                          at::Tensor* logits = nullptr);
 
+/// Rows for a per-probe choice of outputs: `cols` int64 [P, C'], row p*C' + j is output
+/// cols[p][j] of probe p.
+RowSignals probe_signals(models::Model& model, const at::Tensor& x, const at::Tensor& cols,
+                         at::Tensor* logits = nullptr);
+/// The column table of a shared output list: [P, C] with every row equal to `outputs`.
+at::Tensor shared_columns(int64_t probes, const std::vector<int64_t>& outputs);
+
 /// Rows m = the per-example losses l(y_m, f(x_m)) of a batch (not divided by the batch size).
 RowSignals loss_signals(models::Model& model, const at::Tensor& x, const at::Tensor& y, LossKind loss);
 
@@ -51,6 +58,7 @@ at::Tensor factorized_directional(const RowSignals& a, const ParamMap& v);
 
 /// The explicit route: [P*C, n_params] Jacobian of the probe rows (one backward per row).
 at::Tensor explicit_probe_jacobian(models::Model& model, const at::Tensor& x, const std::vector<int64_t>& outputs);
+at::Tensor explicit_probe_jacobian(models::Model& model, const at::Tensor& x, const at::Tensor& cols);
 /// The explicit route: [M, n_params] gradients of the per-example losses.
 at::Tensor explicit_loss_jacobian(models::Model& model, const at::Tensor& x, const at::Tensor& y, LossKind loss);
 /// Flattens a ParamMap in the model's state_dict order: [n_params].
@@ -59,6 +67,8 @@ at::Tensor flatten_params(models::Model& model, const ParamMap& v);
 /// [P*C]: 1/2 dw^T H_row dw for every probe row at once, exactly, by double backward (SPEC's S).
 at::Tensor second_order(models::Model& model, const at::Tensor& x, const std::vector<int64_t>& outputs,
                         const ParamMap& dw);
+/// The same for a per-probe column table [P, C'].
+at::Tensor second_order(models::Model& model, const at::Tensor& x, const at::Tensor& cols, const ParamMap& dw);
 
 /// The gradients of a set of rows in the representation of the chosen route: captured signals
 /// (factorized) or an explicit Jacobian. The analyzer works through these so that a model with
@@ -71,8 +81,7 @@ struct RowGradients {
 };
 
 /// Probe rows (as probe_signals) by the factorized or the explicit route.
-RowGradients probe_rows(models::Model& model, const at::Tensor& x, const std::vector<int64_t>& outputs,
-                        bool explicit_route);
+RowGradients probe_rows(models::Model& model, const at::Tensor& x, const at::Tensor& cols, bool explicit_route);
 /// Per-example loss rows (as loss_signals) by the factorized or the explicit route.
 RowGradients loss_rows(models::Model& model, const at::Tensor& x, const at::Tensor& y, LossKind loss,
                        bool explicit_route);
