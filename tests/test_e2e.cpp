@@ -199,6 +199,17 @@ TEST(E2eTest, AnalyzeSplitsEveryStepAndAgreesWithPyTorch) {
 
   const Result again = run({"analyze", run_dir.string(), "--out", out.string()}, tmp.path());
   EXPECT_EQ(again.status, 2) << "an existing analysis is never overwritten without --force";
+
+  // Issue 4's explain on the same run: the sum check holds and the grid shows real images.
+  const fs::path ex = tmp / "explain";
+  const Result e = run({"explain", run_dir.string(), "--probe", "7", "--probe", "1234", "--self-influence", "--out",
+                        ex.string()}, tmp.path());
+  ASSERT_EQ(e.status, 0) << e.err;
+  EXPECT_NE(e.out.find("sum check: max error"), std::string::npos) << e.out;
+  const auto es = nlohmann::json::parse(read_file(ex / "summary.json"));
+  EXPECT_LT(es["max_sum_error"].get<double>(), 1e-8);
+  EXPECT_GT(fs::file_size(ex / "grids" / "probe_7.png"), 10000u);
+  EXPECT_GT(fs::file_size(ex / "self_influence.png"), 10000u);
 }
 
 // The README's recipe: one epoch of mlp:128:tanh on all of Fashion-MNIST reaches 80%, and the

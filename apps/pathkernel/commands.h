@@ -14,6 +14,7 @@ using Args = std::vector<std::string>;
 int cmd_train(const Args& args);
 int cmd_replay(const Args& args);
 int cmd_analyze(const Args& args);
+int cmd_explain(const Args& args);
 
 /// The full command line, for manifests.
 std::string joined_command_line(const Args& args);

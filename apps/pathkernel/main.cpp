@@ -22,9 +22,10 @@ constexpr const char* kUsage =
     "  train    train a model with logged SGD into a run directory (or --resume one)\n"
     "  replay   rebuild the weights at any step of a run; --verify checks every checkpoint\n"
     "  analyze  split every step into kernel term, update term and Taylor residual (SPEC)\n"
+    "  explain  which training examples pushed a prediction (the kernel-machine view)\n"
     "\n"
     "`pathkernel <command> --help` lists a command's options.\n"
-    "exit status: 0 ok, 1 internal error, 2 bad input, 3 training diverged, 4 run identity fails,\n"
+    "exit status: 0 ok, 1 internal error, 2 bad input, 3 training diverged, 4 identity/sum check fails,\n"
     "             5 replay mismatch\n";
 
 }  // namespace
@@ -46,7 +47,8 @@ int main(int argc, char** argv) {
   const std::map<std::string, int (*)(const pathkernel::app::Args&)> commands = {
       {"train", pathkernel::app::cmd_train},
       {"replay", pathkernel::app::cmd_replay},
-      {"analyze", pathkernel::app::cmd_analyze}};
+      {"analyze", pathkernel::app::cmd_analyze},
+      {"explain", pathkernel::app::cmd_explain}};
   const auto it = commands.find(argv[1]);
   if (it == commands.end()) {
     std::cerr << "pathkernel: unknown command '" << argv[1] << "'\n\n" << kUsage;

@@ -22,7 +22,9 @@ void AnalyzeConfig::validate() const {
   if (out.empty()) throw InputError("--out DIR is required");
   if (probes < 1 && probe_indices_file.empty()) throw InputError("--probes must be at least 1");
   if (split != "test" && split != "train") throw InputError("--split must be test or train");
-  if (outputs != "all" && outputs != "true" && outputs != "pred") throw InputError("--outputs must be all, true or pred");
+  if (outputs != "all" && outputs != "true" && outputs != "pred" && outputs != "class") {
+    throw InputError("--outputs must be all, true or pred");
+  }
   if (every < 1) throw InputError("--every must be at least 1");
   if (kernel_route != "auto" && kernel_route != "factorized" && kernel_route != "explicit") {
     throw InputError("--kernel-route must be auto, factorized or explicit");
@@ -168,6 +170,12 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
   // Which logit each column holds: all, the label's, or the final model's prediction.
   if (c.outputs == "all") {
     res.outputs = at::arange(ncls, at::kLong).unsqueeze(0).expand({np, ncls}).contiguous();
+  } else if (c.outputs == "class") {
+    if (c.output_class < 0 || c.output_class >= ncls) {
+      throw InputError("--output " + std::to_string(c.output_class) + " is not a class of this run (0.." +
+                       std::to_string(ncls - 1) + ")");
+    }
+    res.outputs = at::full({np, 1}, c.output_class, at::kLong);
   } else if (c.outputs == "true") {
     res.outputs = yp.unsqueeze(1).clone();
   } else {

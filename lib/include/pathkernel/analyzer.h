@@ -30,7 +30,9 @@ struct AnalyzeConfig {
   int64_t probes = 64;             ///< number of probe images, evenly spaced over the split
   std::string probe_indices_file;  ///< or: one index per line
   std::string split = "test";      ///< test or train
-  std::string outputs = "all";     ///< all (every logit), true (the label's), pred (final prediction's)
+  std::string outputs = "all";     ///< all (every logit), true (the label's), pred (final prediction's),
+                                   ///< class (logit `output_class` of every probe)
+  int64_t output_class = 0;        ///< with outputs == "class"
   int64_t step_begin = 0;          ///< first step analyzed
   int64_t step_end = -1;           ///< one past the last (-1: the end of the run)
   int64_t every = 1;               ///< analyze every S-th step

@@ -1,0 +1,64 @@
+// pathkernel explain: options -> ExplainConfig -> explain, write, print the sum check.
+#include <cxxopts.hpp>
+#include <spdlog/spdlog.h>
+
+#include <iostream>
+
+#include "commands.h"
+#include "pathkernel/errors.h"
+#include "pathkernel/explain.h"
+
+namespace pathkernel::app {
+
+int cmd_explain(const Args& args) {
+  ExplainConfig c;
+  cxxopts::Options opts("pathkernel explain",
+                        "The kernel-machine view: which training examples pushed a prediction (a_i = summed K).");
+  // clang-format off
+  opts.add_options()
+    ("run", "run directory", cxxopts::value(c.run))
+    ("out", "explanation directory to create", cxxopts::value(c.out))
+    ("probe", "probe index in the split (repeatable, or I,J,...)", cxxopts::value(c.probe_indices))
+    ("probes", "or N probes evenly spaced over the split (they share one pass over the run)",
+     cxxopts::value(c.probes)->default_value("0"))
+    ("split", "test | train", cxxopts::value(c.split)->default_value("test"))
+    ("output", "the logit to explain (default: each probe's final prediction)", cxxopts::value(c.output))
+    ("top", "proponents and opponents listed and shown per probe", cxxopts::value(c.top)->default_value("16"))
+    ("exact", "Q: also attribute with the exact path kernel (Q-node quadrature): no residual left",
+     cxxopts::value(c.exact_nodes))
+    ("self-influence", "rank training examples by TracIn self-influence (finds mislabeled ones)")
+    ("grids", "PNG grids for at most this many probes", cxxopts::value(c.grids)->default_value("16"))
+    ("force", "write into a non-empty --out")
+    ("log-level", "trace | debug | info | warn | error", cxxopts::value<std::string>()->default_value("info"))
+    ("h,help", "show this help");
+  // clang-format on
+  opts.parse_positional({"run"});
+  opts.positional_help("RUN");
+  std::vector<const char*> argv;
+  for (const auto& a : args) argv.push_back(a.c_str());
+  cxxopts::ParseResult r;
+  try {
+    r = opts.parse(static_cast<int>(argv.size()), argv.data());
+  } catch (const cxxopts::exceptions::exception& e) {
+    throw InputError(std::string("pathkernel explain: ") + e.what() + " (see --help)");
+  }
+  if (r.count("help")) {
+    std::cout << opts.help() << "\n";
+    return 0;
+  }
+  spdlog::set_level(spdlog::level::from_str(r["log-level"].as<std::string>()));
+  c.self_influence = r.count("self-influence") > 0;
+  c.force = r.count("force") > 0;
+  const ExplainResult res = explain(c);
+  write_explanation(res, c);
+  std::cout << explain_table(res, c) << "files: " << c.out
+            << "/{attributions.csv,attributions.npy,top.csv,grids/,summary.json"
+            << (c.self_influence ? ",self_influence.csv,self_influence.png" : "") << "}\n";
+  if (res.sum_error > c.tolerance) {
+    spdlog::error("the sum check fails: error {:.3e} exceeds {:.0e}", res.sum_error, c.tolerance);
+    return 4;
+  }
+  return 0;
+}
+
+}  // namespace pathkernel::app

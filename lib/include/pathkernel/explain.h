@@ -1,0 +1,56 @@
+#pragma once
+/// \file explain.h
+/// `pathkernel explain`: the kernel-machine view of a run (SPEC, "kernel-machine view and
+/// attribution"). For probe x, output c and training example i,
+///     a_i(x) = sum over the steps k whose batch held i of K_{k,i}(x),
+/// so that f_c(x; w_N) = f_c(x; w_0) + sum_i a_i(x) + sum_k U_k + sum_k R_k; with the exact path
+/// kernel no R is left. Also TracIn self-influence: sum over the steps that drew i of
+/// a_k |grad l(x_i; w_k)|^2.
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace pathkernel {
+
+struct ExplainConfig {
+  std::string run, out;
+  std::vector<int64_t> probe_indices;  ///< explicit probes (--probe I, repeatable)
+  int64_t probes = 0;                  ///< or N probes evenly spaced over the split
+  std::string split = "test";
+  int64_t output = -1;                 ///< the logit explained; -1: each probe's final prediction
+  int64_t top = 16;                    ///< proponents and opponents shown per probe
+  int64_t exact_nodes = 0;             ///< Q > 0: attribute with the exact path kernel too
+  bool self_influence = false;
+  int64_t grids = 16;                  ///< PNG grids for at most this many probes
+  bool force = false;
+  double tolerance = 1e-8;
+
+  void validate() const;
+};
+
+struct ExplainResult {
+  std::vector<int64_t> probe_indices, probe_labels, outputs;  ///< per probe
+  at::Tensor attributions;        ///< float64 [P, N_train]: a_i(x)
+  at::Tensor attributions_exact;  ///< with exact_nodes
+  at::Tensor times_drawn;         ///< int64 [N_train]
+  at::Tensor self_influence;      ///< float64 [N_train] with self_influence
+  at::Tensor f_initial, f_final, sum_u, sum_r, sum_uexact;  ///< float64 [P]
+  double sum_error = 0;           ///< max_p |f_N - f_0 - (sum a + sum U + sum R)| / max_p |f_N - f_0|
+  double sum_error_exact = 0;     ///< the same for sum a_exact + sum Uexact (with exact_nodes)
+  double max_quad_error = 0;
+  double seconds = 0;
+};
+
+/// One pass over the run. Throws InputError.
+ExplainResult explain(const ExplainConfig& config);
+
+/// Writes attributions.csv/.npy, top.csv, grids/*.png, self_influence.* and summary.json.
+void write_explanation(const ExplainResult& result, const ExplainConfig& config);
+
+/// The sum check per probe, for stdout.
+std::string explain_table(const ExplainResult& result, const ExplainConfig& config);
+
+}  // namespace pathkernel

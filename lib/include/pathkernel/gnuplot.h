@@ -1,0 +1,33 @@
+#pragma once
+/// \file gnuplot.h
+/// PNG figures through gnuplot (Debian's gnuplot-nox, pngcairo terminal). Each figure is a
+/// gnuplot script with inline data, written beside the PNG as NAME.gp so that users can edit and
+/// re-render it; the PNG is rendered to a temporary name and renamed.
+
+#include <ATen/core/Tensor.h>
+
+#include <filesystem>
+#include <string>
+#include <vector>
+
+namespace pathkernel {
+
+/// True when a `gnuplot` executable is on the PATH.
+bool gnuplot_available();
+
+/// Runs a gnuplot script that sets its own output to `png`'s temporary name (use the
+/// placeholder @OUTPUT@ in `script`). Writes `png` with extension .gp beside it. Throws
+/// std::runtime_error when gnuplot fails.
+void render_gnuplot(const std::filesystem::path& png, const std::string& script);
+
+/// One tile of an image grid: a uint8 [H, W] image and its caption.
+struct GridImage {
+  at::Tensor pixels;
+  std::string caption;
+};
+
+/// A grid of grayscale images with captions and an overall title.
+void render_image_grid(const std::filesystem::path& png, const std::vector<GridImage>& images, int columns,
+                       const std::string& title);
+
+}  // namespace pathkernel

@@ -1,0 +1,239 @@
+#include "pathkernel/explain.h"
+
+#include <ATen/ATen.h>
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+#include <spdlog/spdlog.h>
+
+#include <unistd.h>
+
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+
+#include "pathkernel/analyzer.h"
+#include "pathkernel/errors.h"
+#include "pathkernel/fs_util.h"
+#include "pathkernel/gnuplot.h"
+#include "pathkernel/idx.h"
+#include "pathkernel/kernels.h"
+#include "pathkernel/npy.h"
+#include "pathkernel/per_example.h"
+#include "pathkernel/run_dir.h"
+
+namespace pathkernel {
+namespace fs = std::filesystem;
+
+void ExplainConfig::validate() const {
+  if (run.empty()) throw InputError("give the run directory");
+  if (out.empty()) throw InputError("--out DIR is required");
+  if (probe_indices.empty() && probes < 1) throw InputError("give --probe I (repeatable) or --probes N");
+  if (!probe_indices.empty() && probes > 0) throw InputError("give --probe I or --probes N, not both");
+  if (top < 1) throw InputError("--top must be at least 1");
+  if (exact_nodes < 0) throw InputError("--exact must be positive");
+}
+
+ExplainResult explain(const ExplainConfig& c) {
+  c.validate();
+  const auto t0 = std::chrono::steady_clock::now();
+  AnalyzeConfig a;
+  a.run = c.run;
+  a.out = c.out;
+  a.split = c.split;
+  a.exact_nodes = c.exact_nodes;
+  a.probes = c.probes;
+  a.outputs = c.output >= 0 ? "class" : "pred";
+  a.output_class = c.output;
+  // Explicit probe indices go through a file, as for analyze --probe-indices.
+  std::string tmp_probes;
+  if (!c.probe_indices.empty()) {
+    tmp_probes = (fs::temp_directory_path() / fmt::format("pathkernel-probes-{}.txt", ::getpid())).string();
+    std::string text;
+    for (int64_t i : c.probe_indices) text += std::to_string(i) + "\n";
+    atomic_write(tmp_probes, text, /*durable=*/false);
+    a.probe_indices_file = tmp_probes;
+  }
+  const int64_t n_train = RunDir(c.run).read_manifest().at("data").at("train_examples").get<int64_t>();
+  ExplainResult res;
+  at::Tensor attr, attr_exact, drawn = at::zeros({n_train}, at::kLong), self = at::zeros({n_train}, at::kDouble);
+  a.on_step = [&](const StepTerms& t) {
+    if (!attr.defined()) {
+      attr = at::zeros({t.k_per.size(0), n_train}, at::kDouble);
+      if (t.kexact_per.defined()) attr_exact = at::zeros_like(attr);
+    }
+    // a_i accumulates K_{k,i} over the steps that drew i (index_add_ also handles an example
+    // drawn twice in one batch).
+    attr.index_add_(1, t.batch, t.k_per);
+    if (t.kexact_per.defined()) attr_exact.index_add_(1, t.batch, t.kexact_per);
+    drawn.index_add_(0, t.batch, at::ones({t.batch.size(0)}, at::kLong));
+    if (c.self_influence) {
+      const RowGradients& rows = *t.batch_rows;
+      const at::Tensor sq = rows.is_explicit() ? rows.jacobian.pow(2).sum(1)
+                                               : per_example_grad_sq_norms(rows.signals.taps, /*scale=*/1.0);
+      self.index_add_(0, t.batch, sq * t.lr);
+    }
+  };
+  AnalysisResult an;
+  try {
+    an = analyze(a);
+  } catch (...) {
+    if (!tmp_probes.empty()) fs::remove(tmp_probes);
+    throw;
+  }
+  if (!tmp_probes.empty()) fs::remove(tmp_probes);
+  if (!an.contiguous || an.steps.front().step != 0) throw InputError("explain needs every step of the run");
+
+  res.probe_indices = an.probe_indices;
+  res.probe_labels = an.probe_labels;
+  for (int64_t p = 0; p < an.outputs.size(0); ++p) res.outputs.push_back(an.outputs[p][0].item<int64_t>());
+  res.attributions = attr;
+  res.attributions_exact = attr_exact;
+  res.times_drawn = drawn;
+  if (c.self_influence) res.self_influence = self;
+  res.f_initial = an.f_initial.reshape({-1});
+  res.f_final = an.f_final.reshape({-1});
+  res.sum_u = an.u.sum(0).reshape({-1});
+  res.sum_r = an.r.sum(0).reshape({-1});
+  const at::Tensor change = res.f_final - res.f_initial;
+  const double scale = std::max(1e-300, change.abs().max().item<double>());
+  res.sum_error = (change - (attr.sum(1) + res.sum_u + res.sum_r)).abs().max().item<double>() / scale;
+  if (attr_exact.defined()) {
+    res.sum_uexact = an.uexact.sum(0).reshape({-1});
+    res.sum_error_exact = (change - (attr_exact.sum(1) + res.sum_uexact)).abs().max().item<double>() / scale;
+    for (const auto& s : an.steps) res.max_quad_error = std::max(res.max_quad_error, s.quad_error);
+  }
+  res.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return res;
+}
+
+namespace {
+
+std::string g(double v) { return fmt::format("{}", v); }
+
+/// Indices of the `k` largest values of v (descending), or the smallest when !largest.
+std::vector<int64_t> top_k(const at::Tensor& v, int64_t k, bool largest) {
+  const auto [vals, idx] = at::topk(v, std::min(k, v.size(0)), 0, largest, /*sorted=*/true);
+  std::vector<int64_t> out(idx.data_ptr<int64_t>(), idx.data_ptr<int64_t>() + idx.numel());
+  return out;
+}
+
+}  // namespace
+
+void write_explanation(const ExplainResult& r, const ExplainConfig& c) {
+  const fs::path out(c.out);
+  if (fs::exists(out) && !(fs::is_directory(out) && fs::is_empty(out)) && !c.force) {
+    throw InputError(out.string() + " already exists and is not empty; choose another --out or pass --force");
+  }
+  const nlohmann::json manifest = RunDir(c.run).read_manifest();
+  const int64_t limit = manifest.at("config").at("train_limit").get<int64_t>();
+  const std::string data_dir = manifest.at("config").at("data_dir").get<std::string>();
+  const Dataset train = load_split(data_dir, "train", limit);
+  const Dataset split = c.split == "test" ? load_split(data_dir, "test") : train;
+  fs::create_directories(out);
+  const bool exact = r.attributions_exact.defined();
+
+  save_npy(out / "attributions.npy", r.attributions);
+  if (exact) save_npy(out / "attributions_exact.npy", r.attributions_exact);
+  const int64_t np = r.attributions.size(0), n = r.attributions.size(1);
+  const at::Tensor attr = r.attributions.contiguous();
+  const double* a = attr.data_ptr<double>();
+  const at::Tensor attr_ex = exact ? r.attributions_exact.contiguous() : at::Tensor();
+  const int64_t* drawn = r.times_drawn.data_ptr<int64_t>();
+  const int64_t* labels = train.labels.data_ptr<int64_t>();
+  std::string csv = exact ? "probe,output,example,label,a,a_exact,times_drawn\n" : "probe,output,example,label,a,times_drawn\n";
+  for (int64_t p = 0; p < np; ++p) {
+    for (int64_t i = 0; i < n; ++i) {
+      csv += fmt::format("{},{},{},{},{}", r.probe_indices[p], r.outputs[p], i, labels[i], g(a[p * n + i]));
+      if (exact) csv += "," + g(attr_ex.data_ptr<double>()[p * n + i]);
+      csv += fmt::format(",{}\n", drawn[i]);
+    }
+  }
+  atomic_write(out / "attributions.csv", csv);
+
+  std::string top = "probe,output,kind,rank,example,label,a\n";
+  const bool plots = gnuplot_available();
+  if (!plots) spdlog::warn("gnuplot not found (apt-get install gnuplot-nox): no PNG grids; the CSVs are written");
+  if (plots) fs::create_directories(out / "grids");
+  for (int64_t p = 0; p < np; ++p) {
+    const at::Tensor row = r.attributions[p];
+    const auto pro = top_k(row, c.top, true), opp = top_k(row, c.top, false);
+    std::vector<GridImage> tiles;
+    tiles.push_back({split.images[r.probe_indices[p]][0],
+                     fmt::format("probe {} (label {})", r.probe_indices[p], r.probe_labels[p])});
+    for (int64_t j = 1; j < std::min<int64_t>(c.top, 8); ++j) tiles.push_back({at::zeros_like(tiles[0].pixels), ""});
+    for (const auto& [kind, list] : {std::pair{"proponent", pro}, {"opponent", opp}}) {
+      for (size_t j = 0; j < list.size(); ++j) {
+        const int64_t i = list[j];
+        top += fmt::format("{},{},{},{},{},{},{}\n", r.probe_indices[p], r.outputs[p], kind, j + 1, i, labels[i],
+                           g(a[p * n + i]));
+        tiles.push_back({train.images[i][0], fmt::format("#{} y={} a={:+.2g}", i, labels[i], a[p * n + i])});
+      }
+    }
+    if (plots && p < c.grids) {
+      render_image_grid(out / "grids" / fmt::format("probe_{}.png", r.probe_indices[p]), tiles,
+                        static_cast<int>(std::min<int64_t>(c.top, 8)),
+                        fmt::format("probe {} (label {}), logit {}: row 1 the probe, then top proponents, then top "
+                                    "opponents (a_i = summed kernel term)",
+                                    r.probe_indices[p], r.probe_labels[p], r.outputs[p]));
+    }
+  }
+  atomic_write(out / "top.csv", top);
+
+  if (r.self_influence.defined()) {
+    save_npy(out / "self_influence.npy", r.self_influence);
+    const auto order = top_k(r.self_influence, n, true);
+    std::string s = "rank,example,label,self_influence,times_drawn\n";
+    std::vector<GridImage> tiles;
+    for (size_t j = 0; j < order.size(); ++j) {
+      const int64_t i = order[j];
+      const double v = r.self_influence[i].item<double>();
+      s += fmt::format("{},{},{},{},{}\n", j + 1, i, labels[i], g(v), drawn[i]);
+      if (j < 32) tiles.push_back({train.images[i][0], fmt::format("#{} y={} {:.3g}", i, labels[i], v)});
+    }
+    atomic_write(out / "self_influence.csv", s);
+    if (plots) {
+      render_image_grid(out / "self_influence.png", tiles, 8,
+                        "highest self-influence (TracIn: sum of lr |grad l_i|^2 over the steps that drew i)");
+    }
+  }
+  nlohmann::json j = {{"format", "pathkernel-explain/1"},
+                      {"run", c.run},
+                      {"probes", r.probe_indices},
+                      {"outputs", r.outputs},
+                      {"max_sum_error", r.sum_error},
+                      {"seconds", r.seconds},
+                      {"settings", {{"split", c.split}, {"output", c.output}, {"top", c.top},
+                                    {"exact_nodes", c.exact_nodes}, {"self_influence", c.self_influence}}}};
+  if (exact) {
+    j["max_sum_error_exact"] = r.sum_error_exact;
+    j["max_quad_error"] = r.max_quad_error;
+  }
+  atomic_write(out / "summary.json", j.dump(2) + "\n");
+}
+
+std::string explain_table(const ExplainResult& r, const ExplainConfig& c) {
+  const bool exact = r.attributions_exact.defined();
+  std::string s = exact ? "  probe  logit    f_N - f_0  =  sum_i a_i  +  sum U      +  sum R      | exact: sum_i a_i  +  sum Uexact\n"
+                        : "  probe  logit    f_N - f_0  =  sum_i a_i  +  sum U      +  sum R\n";
+  const at::Tensor sum_a = r.attributions.sum(1);
+  for (size_t p = 0; p < std::min<size_t>(r.probe_indices.size(), 10); ++p) {
+    s += fmt::format("  {:>5}  {:>5}    {:<+10.4g} =  {:<+10.4g} +  {:<+10.4g} +  {:<+10.4g}", r.probe_indices[p],
+                     r.outputs[p], (r.f_final[p] - r.f_initial[p]).item<double>(), sum_a[p].item<double>(),
+                     r.sum_u[p].item<double>(), r.sum_r[p].item<double>());
+    if (exact) {
+      s += fmt::format(" | {:<+10.4g} +  {:<+10.4g}", r.attributions_exact[p].sum().item<double>(),
+                       r.sum_uexact[p].item<double>());
+    }
+    s += "\n";
+  }
+  if (r.probe_indices.size() > 10) s += fmt::format("  ... ({} probes in all)\n", r.probe_indices.size());
+  s += fmt::format("sum check: max error {:.2e} (relative to max |f_N - f_0|, tolerance {:.0e})\n", r.sum_error,
+                   c.tolerance);
+  if (exact) {
+    s += fmt::format("exact path kernel: max error {:.2e} with no residual left (quadrature error <= {:.2e})\n",
+                     r.sum_error_exact, r.max_quad_error);
+  }
+  return s;
+}
+
+}  // namespace pathkernel
