@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The default job: set everything up, train mlp:128:tanh for one epoch on the real Fashion-MNIST
 # into a new run directory under runs/, then analyze every step at 64 test probes (all 10
-# logits, with the exact second-order term) and print the note's Eq. 9 with numbers.
+# logits, with the exact second-order term), print the note's Eq. 9 with numbers, and write the
+# report (PNG plots and report.html).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -10,4 +11,5 @@ mkdir -p runs
 ./build/apps/pathkernel train --model mlp:128:tanh --epochs 1 --lr 0.1 --batch 64 --eval-every 200 --out "$run"
 echo
 ./build/apps/pathkernel analyze "$run" --probes 64 --second-order --out "$run/analysis"
-echo "run directory: $run (formats: docs/run-format.md, docs/analysis-format.md)"
+./build/apps/pathkernel report "$run/analysis" --out "$run/report"
+echo "run directory: $run; open $run/report/report.html (formats: docs/run-format.md, docs/analysis-format.md)"

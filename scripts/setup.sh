@@ -10,7 +10,8 @@ packages=(
   libtorch-dev libspdlog-dev libcxxopts-dev libgtest-dev nlohmann-json3-dev zlib1g-dev
   libopenblas0-pthread          # LibTorch multiplies through libblas.so.3: ~14x faster than reference BLAS
   dataset-fashion-mnist         # /usr/share/datasets/fashion-mnist
-  python3-torch python3-numpy   # scripts/check_checkpoint.py: checkpoints load with torch.load
+  python3-torch python3-numpy   # scripts/check_*.py: checkpoints load with torch.load; independent checks
+  gnuplot-nox                   # PNG figures of explain and report
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -5,6 +5,7 @@
 #include "fixtures.h"
 #include "pathkernel/checkpoint.h"
 #include "pathkernel/errors.h"
+#include "pathkernel/fs_util.h"
 #include "pathkernel/run_dir.h"
 
 namespace pathkernel {
@@ -84,6 +85,30 @@ TEST(RunDirTest, CheckpointStepsNeedWeightsAndState) {
   EXPECT_EQ(run.checkpoint_steps(), (std::vector<int64_t>{0}));
   EXPECT_EQ(run.checkpoint(12).filename(), "step_00000012.pt");
   EXPECT_THROW_WITH(run.read_manifest(), InputError, "manifest.json: missing");
+}
+
+}  // namespace
+}  // namespace pathkernel
+
+#include "pathkernel/npy.h"
+
+namespace pathkernel {
+namespace {
+
+TEST(NpyTest, RoundTripsAndRejectsOtherFiles) {
+  testing::TempDir dir;
+  for (const at::Tensor& t : {at::randn({3, 4, 5}, at::kDouble), at::arange(7, at::kLong), at::randn({2, 1})}) {
+    save_npy(dir / "a.npy", t);
+    const at::Tensor back = load_npy(dir / "a.npy");
+    EXPECT_EQ(back.sizes(), t.sizes());
+    EXPECT_TRUE(at::equal(back, t));
+  }
+  // The header numpy expects: magic, version 1.0, and a header padded to 64 bytes.
+  const std::string bytes = read_file(dir / "a.npy");
+  EXPECT_EQ(bytes.substr(0, 8), std::string("\x93NUMPY\x01\x00", 8));
+  EXPECT_EQ((10 + (static_cast<uint8_t>(bytes[8]) | (static_cast<uint8_t>(bytes[9]) << 8))) % 64, 0);
+  testing::write_file(dir / "b.npy", "not numpy", false);
+  EXPECT_THROW_WITH(load_npy(dir / "b.npy"), InputError, "b.npy: not a .npy file");
 }
 
 }  // namespace

@@ -23,6 +23,7 @@ constexpr const char* kUsage =
     "  replay   rebuild the weights at any step of a run; --verify checks every checkpoint\n"
     "  analyze  split every step into kernel term, update term and Taylor residual (SPEC)\n"
     "  explain  which training examples pushed a prediction (the kernel-machine view)\n"
+    "  report   plots and report.html of an analysis\n"
     "\n"
     "`pathkernel <command> --help` lists a command's options.\n"
     "exit status: 0 ok, 1 internal error, 2 bad input, 3 training diverged, 4 identity/sum check fails,\n"
@@ -48,7 +49,8 @@ int main(int argc, char** argv) {
       {"train", pathkernel::app::cmd_train},
       {"replay", pathkernel::app::cmd_replay},
       {"analyze", pathkernel::app::cmd_analyze},
-      {"explain", pathkernel::app::cmd_explain}};
+      {"explain", pathkernel::app::cmd_explain},
+      {"report", pathkernel::app::cmd_report}};
   const auto it = commands.find(argv[1]);
   if (it == commands.end()) {
     std::cerr << "pathkernel: unknown command '" << argv[1] << "'\n\n" << kUsage;

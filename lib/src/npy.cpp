@@ -2,9 +2,11 @@
 
 #include <ATen/ATen.h>
 
+#include <cstring>
 #include <stdexcept>
 #include <string>
 
+#include "pathkernel/errors.h"
 #include "pathkernel/fs_util.h"
 
 namespace pathkernel {
@@ -33,6 +35,38 @@ void save_npy(const std::filesystem::path& path, const at::Tensor& t) {
   bytes += header;
   bytes.append(static_cast<const char*>(c.data_ptr()), static_cast<size_t>(c.nbytes()));
   atomic_write(path, bytes);
+}
+
+at::Tensor load_npy(const std::filesystem::path& path) {
+  const std::string bytes = read_file(path);
+  const std::string name = path.string();
+  if (bytes.size() < 10 || bytes.compare(0, 6, "\x93NUMPY") != 0) throw InputError(name + ": not a .npy file");
+  const size_t hlen = static_cast<uint8_t>(bytes[8]) | (static_cast<size_t>(static_cast<uint8_t>(bytes[9])) << 8);
+  if (bytes[6] != 1 || bytes.size() < 10 + hlen) throw InputError(name + ": unsupported .npy version or truncated header");
+  const std::string header = bytes.substr(10, hlen);
+  at::ScalarType type;
+  if (header.find("'<f8'") != std::string::npos) type = at::kDouble;
+  else if (header.find("'<f4'") != std::string::npos) type = at::kFloat;
+  else if (header.find("'<i8'") != std::string::npos) type = at::kLong;
+  else throw InputError(name + ": unsupported dtype (expected <f8, <f4 or <i8)");
+  if (header.find("'fortran_order': False") == std::string::npos) throw InputError(name + ": Fortran order");
+  const size_t a = header.find("'shape': ("), b = header.find(')', a);
+  if (a == std::string::npos || b == std::string::npos) throw InputError(name + ": no shape in header");
+  std::vector<int64_t> shape;
+  std::string dims = header.substr(a + 10, b - a - 10);
+  for (size_t pos = 0; pos < dims.size();) {
+    const size_t comma = dims.find(',', pos);
+    const std::string d = dims.substr(pos, comma == std::string::npos ? std::string::npos : comma - pos);
+    if (d.find_first_not_of(' ') != std::string::npos) shape.push_back(std::stoll(d));
+    if (comma == std::string::npos) break;
+    pos = comma + 1;
+  }
+  at::Tensor t = at::empty(shape, type);
+  if (bytes.size() - 10 - hlen != static_cast<size_t>(t.nbytes())) {
+    throw InputError(name + ": data size does not match the shape in its header");
+  }
+  std::memcpy(t.data_ptr(), bytes.data() + 10 + hlen, t.nbytes());
+  return t;
 }
 
 }  // namespace pathkernel

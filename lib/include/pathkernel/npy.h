@@ -12,4 +12,8 @@ namespace pathkernel {
 /// atomically. Throws InputError when the file cannot be written.
 void save_npy(const std::filesystem::path& path, const at::Tensor& t);
 
+/// Reads a little-endian, C-order .npy of float64, float32 or int64 (as written by save_npy or
+/// numpy.save). Throws InputError naming the file for anything else.
+at::Tensor load_npy(const std::filesystem::path& path);
+
 }  // namespace pathkernel

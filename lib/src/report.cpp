@@ -1,0 +1,243 @@
+#include "pathkernel/report.h"
+
+#include <ATen/ATen.h>
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+#include <spdlog/spdlog.h>
+
+#include <cmath>
+#include <filesystem>
+#include <map>
+#include <sstream>
+
+#include "pathkernel/errors.h"
+#include "pathkernel/fs_util.h"
+#include "pathkernel/gnuplot.h"
+#include "pathkernel/npy.h"
+
+namespace pathkernel {
+namespace fs = std::filesystem;
+
+void ReportConfig::validate() const {
+  if (analysis.empty()) throw InputError("give the analysis directory");
+  if (out.empty()) throw InputError("--out DIR is required");
+  if (curves < 1) throw InputError("--curves must be at least 1");
+}
+
+namespace {
+
+/// A CSV with a header row, as columns by name (numbers; empty cells become NaN).
+struct Table {
+  std::map<std::string, std::vector<double>> cols;
+  size_t rows = 0;
+  const std::vector<double>& at(const std::string& name, const fs::path& file) const {
+    auto it = cols.find(name);
+    if (it == cols.end()) throw InputError(file.string() + ": no column '" + name + "'");
+    return it->second;
+  }
+};
+
+Table read_csv(const fs::path& path) {
+  std::istringstream in(read_file(path));
+  std::string line;
+  if (!std::getline(in, line)) throw InputError(path.string() + ": empty");
+  std::vector<std::string> names;
+  for (std::stringstream ss(line); std::getline(ss, line, ',');) names.push_back(line);
+  Table t;
+  while (std::getline(in, line)) {
+    std::stringstream ss(line);
+    std::string cell;
+    for (const auto& n : names) {
+      if (!std::getline(ss, cell, ',')) cell.clear();
+      t.cols[n].push_back(cell.empty() ? NAN : std::strtod(cell.c_str(), nullptr));
+    }
+    ++t.rows;
+  }
+  return t;
+}
+
+std::string g(double v) { return fmt::format("{}", v); }
+
+}  // namespace
+
+ReportFiles write_report(const ReportConfig& c) {
+  c.validate();
+  const fs::path in(c.analysis), out(c.out);
+  for (const char* f : {"steps.csv", "probes.csv", "summary.json", "arrays/D.npy"}) {
+    if (!fs::exists(in / f)) throw InputError((in / f).string() + ": missing (not an analysis directory?)");
+  }
+  if (fs::exists(out) && !(fs::is_directory(out) && fs::is_empty(out)) && !c.force && out != in) {
+    throw InputError(out.string() + " already exists and is not empty; choose another --out or pass --force");
+  }
+  const Table steps = read_csv(in / "steps.csv"), probes = read_csv(in / "probes.csv");
+  const nlohmann::json summary = nlohmann::json::parse(read_file(in / "summary.json"));
+  const at::Tensor d = load_npy(in / "arrays/D.npy"), f = load_npy(in / "arrays/F.npy");
+  const at::Tensor k = load_npy(in / "arrays/K.npy"), u = load_npy(in / "arrays/U.npy");
+  const at::Tensor r = load_npy(in / "arrays/R.npy"), outputs = load_npy(in / "arrays/outputs.npy");
+  fs::create_directories(out / "data");
+  ReportFiles files;
+  files.gnuplot = gnuplot_available();
+  if (!files.gnuplot) {
+    spdlog::warn("gnuplot not found (apt-get install gnuplot-nox): writing the plot data as CSV, no PNGs");
+  }
+  const auto& step = steps.at("step", in / "steps.csv");
+  const auto& rr = steps.at("r", in / "steps.csv");
+  const auto& tc = steps.at("in_Tc", in / "steps.csv");
+  const auto& lr = steps.at("lr", in / "steps.csv");
+  const double share = summary.value("share_of_R_norm_in_tc", 0.0);
+  const std::string rule = summary["settings"].value("tc_rule", "tau");
+
+  // 1. r per step (log scale), T_c marked, learning rate on the second axis.
+  std::string csv = "step,r,in_Tc,lr\n";
+  for (size_t i = 0; i < steps.rows; ++i) csv += fmt::format("{},{},{},{}\n", step[i], g(rr[i]), tc[i], g(lr[i]));
+  atomic_write(out / "data/r_per_step.csv", csv);
+  files.csvs.push_back("data/r_per_step.csv");
+  if (files.gnuplot) {
+    render_gnuplot(out / "r_per_step.png", fmt::format(
+        "set terminal pngcairo size 1000,450 font 'sans,10'\nset output '@OUTPUT@'\nset datafile separator ','\n"
+        "set key top left\nset xlabel 'step k'\nset ylabel 'r = |R| / |F|'\nset logscale y\nset y2label 'learning rate'\n"
+        "set y2tics\nset ytics nomirror\nset title 'Taylor residual per step ({} T_c steps by rule {}; red)'\n"
+        "plot '{}' skip 1 using 1:2 with lines lc rgb '#3060c0' title 'r', "
+        "'' skip 1 using 1:($3 > 0 ? $2 : 1/0) with points pt 7 ps 0.8 lc rgb '#d02020' title 'T_c', "
+        "'' skip 1 using 1:4 axes x1y2 with lines lc rgb '#909090' dt 2 title 'lr'\n",
+        static_cast<int64_t>(summary.value("tc_size", 0)), rule, (out / "data/r_per_step.csv").string()));
+    files.pngs.push_back("r_per_step.png");
+  }
+
+  // 2. Cumulative sum K, sum U, sum R against the actual change, for a few probes.
+  const int64_t np = d.size(1), nc = d.size(2), curves = std::min<int64_t>(c.curves, np);
+  const auto& plabel = probes.at("label", in / "probes.csv");
+  const auto& pidx = probes.at("probe", in / "probes.csv");
+  csv = "step,probe,output,cum_D,cum_K,cum_U,cum_R\n";
+  std::string plots;
+  for (int64_t p = 0; p < curves; ++p) {
+    // The column of the probe's label when all logits were analyzed, else the one column.
+    int64_t col = 0;
+    for (int64_t j = 0; j < nc; ++j) {
+      if (outputs[p][j].item<int64_t>() == static_cast<int64_t>(plabel[static_cast<size_t>(p * nc)])) col = j;
+    }
+    const at::Tensor cd = d.select(2, col).select(1, p).cumsum(0), ck = k.select(2, col).select(1, p).cumsum(0);
+    const at::Tensor cu = u.select(2, col).select(1, p).cumsum(0), cr = r.select(2, col).select(1, p).cumsum(0);
+    for (size_t i = 0; i < steps.rows; ++i) {
+      csv += fmt::format("{},{},{},{},{},{},{}\n", step[i], pidx[static_cast<size_t>(p * nc)],
+                         outputs[p][col].item<int64_t>(), g(cd[i].item<double>()), g(ck[i].item<double>()),
+                         g(cu[i].item<double>()), g(cr[i].item<double>()));
+    }
+    plots += fmt::format(
+        "set title 'probe {}, logit {}'\nplot '{}' skip 1 using ($2=={} && $3=={} ? $1 : 1/0):4 with lines lw 2 lc "
+        "rgb 'black' title 'f - f_0', '' skip 1 using ($2=={} && $3=={} ? $1 : 1/0):5 with lines lc rgb '#3060c0' "
+        "title 'sum K', '' skip 1 using ($2=={} && $3=={} ? $1 : 1/0):6 with lines lc rgb '#30a030' title 'sum U', "
+        "'' skip 1 using ($2=={} && $3=={} ? $1 : 1/0):7 with lines lc rgb '#d02020' title 'sum R'\n",
+        pidx[static_cast<size_t>(p * nc)], outputs[p][col].item<int64_t>(), (out / "data/cumulative.csv").string(),
+        pidx[static_cast<size_t>(p * nc)], outputs[p][col].item<int64_t>(), pidx[static_cast<size_t>(p * nc)],
+        outputs[p][col].item<int64_t>(), pidx[static_cast<size_t>(p * nc)], outputs[p][col].item<int64_t>(),
+        pidx[static_cast<size_t>(p * nc)], outputs[p][col].item<int64_t>());
+  }
+  atomic_write(out / "data/cumulative.csv", csv);
+  files.csvs.push_back("data/cumulative.csv");
+  if (files.gnuplot) {
+    const int cols = curves > 1 ? 2 : 1, rows = static_cast<int>((curves + 1) / 2);
+    render_gnuplot(out / "cumulative.png", fmt::format(
+        "set terminal pngcairo size 1000,{} font 'sans,9'\nset output '@OUTPUT@'\nset datafile separator ','\n"
+        "set key top left\nset xlabel 'step'\nset multiplot layout {},{} title 'Eq. 9 over the run: f - f_0 = sum K "
+        "+ sum U + sum R'\n{}unset multiplot\n",
+        rows * 330 + 40, rows, cols, plots));
+    files.pngs.push_back("cumulative.png");
+  }
+
+  // 3. D against F for every step and probe: distance from the tangent plane.
+  const at::Tensor dflat = d.reshape({-1}), fflat = f.reshape({-1});
+  const int64_t n = dflat.size(0), stride = std::max<int64_t>(1, n / 20000);
+  csv = "F,D\n";
+  for (int64_t i = 0; i < n; i += stride) csv += fmt::format("{},{}\n", g(fflat[i].item<double>()), g(dflat[i].item<double>()));
+  atomic_write(out / "data/d_vs_f.csv", csv);
+  files.csvs.push_back("data/d_vs_f.csv");
+  if (files.gnuplot) {
+    render_gnuplot(out / "d_vs_f.png", fmt::format(
+        "set terminal pngcairo size 600,560 font 'sans,10'\nset output '@OUTPUT@'\nset datafile separator ','\n"
+        "set key top left\nset xlabel 'F = g . dw (first order)'\nset ylabel 'D (actual change)'\nset size ratio -1\n"
+        "set title 'actual against first-order change (every {}th point)'\n"
+        "plot '{}' skip 1 using 1:2 with points pt 7 ps 0.3 lc rgb '#3060c0' title 'step x probe x output', "
+        "x with lines lc rgb 'black' dt 2 title 'D = F'\n",
+        stride, (out / "data/d_vs_f.csv").string()));
+    files.pngs.push_back("d_vs_f.png");
+  }
+
+  // 4. Histogram of r (log bins).
+  std::vector<double> logs;
+  for (double v : rr) {
+    if (v > 0) logs.push_back(std::log10(v));
+  }
+  const double lo = logs.empty() ? 0 : std::floor(*std::min_element(logs.begin(), logs.end()) * 4) / 4;
+  const double hi = logs.empty() ? 1 : std::ceil(*std::max_element(logs.begin(), logs.end()) * 4) / 4 + 0.25;
+  std::vector<int64_t> counts(static_cast<size_t>(std::max(1.0, (hi - lo) * 4)), 0);
+  for (double v : logs) counts[std::min(counts.size() - 1, static_cast<size_t>((v - lo) * 4))]++;
+  csv = "log10_r_lo,log10_r_hi,steps\n";
+  for (size_t i = 0; i < counts.size(); ++i) csv += fmt::format("{},{},{}\n", lo + i * 0.25, lo + (i + 1) * 0.25, counts[i]);
+  atomic_write(out / "data/r_histogram.csv", csv);
+  files.csvs.push_back("data/r_histogram.csv");
+  if (files.gnuplot) {
+    render_gnuplot(out / "r_histogram.png", fmt::format(
+        "set terminal pngcairo size 700,450 font 'sans,10'\nset output '@OUTPUT@'\nset datafile separator ','\n"
+        "set xlabel 'log10 r'\nset ylabel 'steps'\nset style fill solid 0.6\nunset key\n"
+        "set title 'r = |R|/|F| over steps; share of sum |R| in T_c: {:.1f}%'\n"
+        "plot '{}' skip 1 using (($1+$2)/2):3:(0.24) with boxes lc rgb '#3060c0'\n",
+        100 * share, (out / "data/r_histogram.csv").string()));
+    files.pngs.push_back("r_histogram.png");
+  }
+
+  // report.html: the pictures, the summary numbers and Eq. 9 (from probes.csv).
+  auto mean = [&](const char* col) {
+    double s = 0;
+    for (double v : probes.at(col, in / "probes.csv")) s += v;
+    return s / static_cast<double>(probes.rows);
+  };
+  auto mean_abs = [&](const char* col) {
+    double s = 0;
+    for (double v : probes.at(col, in / "probes.csv")) s += std::abs(v);
+    return s / static_cast<double>(probes.rows);
+  };
+  std::vector<double> change;
+  for (size_t i = 0; i < probes.rows; ++i) {
+    change.push_back(probes.at("f_final", in / "probes.csv")[i] - probes.at("f_initial", in / "probes.csv")[i]);
+  }
+  double mc = 0, mac = 0;
+  for (double v : change) mc += v / change.size(), mac += std::abs(v) / change.size();
+  std::string html = fmt::format(
+      "<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>pathkernel report</title>\n"
+      "<style>body{{font-family:sans-serif;max-width:1050px;margin:2em auto}} table{{border-collapse:collapse}} "
+      "td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}} img{{max-width:100%}}</style></head><body>\n"
+      "<h1>pathkernel report</h1>\n<p>Analysis <code>{}</code> of run <code>{}</code>: {} steps ({}..{}), {} probes "
+      "x {} outputs, in float64.</p>\n<h2>Eq. 9: f_N - f_0 = sum K + sum U + sum R(T_c) + sum R(rest)</h2>\n"
+      "<table><tr><th></th><th>f_N - f_0</th><th>sum K</th><th>sum U</th><th>sum R(T_c)</th><th>sum R(rest)</th></tr>\n"
+      "<tr><th>mean</th><td>{:.4g}</td><td>{:.4g}</td><td>{:.4g}</td><td>{:.4g}</td><td>{:.4g}</td></tr>\n"
+      "<tr><th>mean |.|</th><td>{:.4g}</td><td>{:.4g}</td><td>{:.4g}</td><td>{:.4g}</td><td>{:.4g}</td></tr></table>\n",
+      c.analysis, summary["settings"].value("run", ""), summary.value("steps_analyzed", 0), summary.value("first_step", 0),
+      summary.value("last_step", 0), np, nc, mc, mean("sum_K"), mean("sum_U"), mean("sum_R_Tc"), mean("sum_R_other"), mac,
+      mean_abs("sum_K"), mean_abs("sum_U"), mean_abs("sum_R_Tc"), mean_abs("sum_R_other"));
+  const auto& pct = summary["r_percentiles"];
+  html += fmt::format(
+      "<h2>Summary</h2><table>\n<tr><th>T_c (rule {})</th><td>{} of {} steps</td></tr>\n"
+      "<tr><th>share of sum |R| in T_c</th><td>{:.1f}%</td></tr>\n<tr><th>r percentiles p5 / p50 / p95 / max</th>"
+      "<td>{:.3g} / {:.3g} / {:.3g} / {:.3g}</td></tr>\n<tr><th>sum |R| / sum |f_N - f_0|</th><td>{:.3g}</td></tr>\n"
+      "<tr><th>steps whose batch loss went up</th><td>{}</td></tr>\n<tr><th>max run identity error</th><td>{}</td></tr>\n"
+      "<tr><th>Pearson(r, lr)</th><td>{:.3g}</td></tr></table>\n",
+      rule, static_cast<int64_t>(summary.value("tc_size", 0)), summary.value("steps_analyzed", 0), 100 * share,
+      pct.value("p5", 0.0), pct.value("p50", 0.0), pct.value("p95", 0.0), pct.value("max", 0.0),
+      summary.value("sum_R_over_change", 0.0), summary.value("steps_with_loss_up", 0),
+      summary["max_identity_error"].dump(), summary.value("pearson_r_lr", 0.0));
+  if (files.gnuplot) {
+    html += "<h2>Plots</h2>\n";
+    for (const auto& png : files.pngs) html += fmt::format("<p><img src='{}' alt='{}'></p>\n", png, png);
+  } else {
+    html += "<p><b>gnuplot was not found</b> (apt-get install gnuplot-nox): no plots; their data is in data/.</p>\n";
+  }
+  html += "<p>Plot data: ";
+  for (const auto& f2 : files.csvs) html += fmt::format("<a href='{}'>{}</a> ", f2, f2);
+  html += "</p>\n</body></html>\n";
+  atomic_write(out / "report.html", html);
+  files.html = (out / "report.html").string();
+  return files;
+}
+
+}  // namespace pathkernel

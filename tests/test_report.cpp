@@ -1,0 +1,80 @@
+#include <gtest/gtest.h>
+#include <spdlog/spdlog.h>
+
+#include <cstdlib>
+
+#include "fixtures.h"
+#include "pathkernel/analyzer.h"
+#include "pathkernel/errors.h"
+#include "pathkernel/fs_util.h"
+#include "pathkernel/report.h"
+#include "pathkernel/trainer.h"
+
+namespace pathkernel {
+namespace {
+namespace fs = std::filesystem;
+
+class ReportTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    spdlog::set_level(spdlog::level::err);
+    testing::write_synthetic_idx(tmp_ / "data", 40, 10, 8, 3);
+    TrainConfig c;
+    c.data_dir = (tmp_ / "data").string();
+    c.model = "mlp:5:tanh";
+    c.steps = 12;
+    c.batch = 8;
+    c.lr = 0.5;
+    c.out = (tmp_ / "run").string();
+    train(c, "");
+    AnalyzeConfig a;
+    a.run = c.out;
+    a.out = (tmp_ / "analysis").string();
+    a.probes = 5;
+    write_analysis(analyze(a), a);
+  }
+  testing::TempDir tmp_;
+};
+
+TEST_F(ReportTest, WritesPlotsDataAndHtml) {
+  ReportConfig c;
+  c.analysis = (tmp_ / "analysis").string();
+  c.out = (tmp_ / "report").string();
+  const ReportFiles f = write_report(c);
+  ASSERT_TRUE(f.gnuplot) << "scripts/setup.sh installs gnuplot-nox";
+  EXPECT_EQ(f.pngs.size(), 4u);
+  for (const auto& png : f.pngs) EXPECT_GT(fs::file_size(fs::path(c.out) / png), 5000u) << png;
+  const std::string html = read_file(f.html);
+  EXPECT_NE(html.find("Eq. 9"), std::string::npos);
+  EXPECT_NE(html.find("cumulative.png"), std::string::npos);
+  // A header and 12 steps in the r data; 12 steps x 5 probes x 3 outputs points of D against F.
+  const std::string r_csv = read_file(fs::path(c.out) / "data/r_per_step.csv");
+  EXPECT_EQ(std::count(r_csv.begin(), r_csv.end(), '\n'), 13);
+  const std::string df_csv = read_file(fs::path(c.out) / "data/d_vs_f.csv");
+  EXPECT_EQ(std::count(df_csv.begin(), df_csv.end(), '\n'), 1 + 12 * 5 * 3);
+  EXPECT_THROW_WITH(write_report(c), InputError, "already exists");
+}
+
+TEST_F(ReportTest, WithoutGnuplotSaysSoAndStillWritesTheData) {
+  const std::string path = std::getenv("PATH");
+  setenv("PATH", "/nonexistent", 1);
+  ReportConfig c;
+  c.analysis = (tmp_ / "analysis").string();
+  c.out = (tmp_ / "report-nognuplot").string();
+  const ReportFiles f = write_report(c);
+  setenv("PATH", path.c_str(), 1);
+  EXPECT_FALSE(f.gnuplot);
+  EXPECT_TRUE(f.pngs.empty());
+  EXPECT_EQ(f.csvs.size(), 4u);
+  EXPECT_NE(read_file(f.html).find("gnuplot was not found"), std::string::npos);
+}
+
+TEST_F(ReportTest, RejectsWhatIsNotAnAnalysis) {
+  ReportConfig c;
+  c.analysis = (tmp_ / "run").string();
+  c.out = (tmp_ / "r2").string();
+  EXPECT_THROW_WITH(write_report(c), InputError, "steps.csv: missing");
+}
+
+}  // namespace
+}  // namespace pathkernel
