@@ -16,6 +16,7 @@ int cmd_replay(const Args& args);
 int cmd_analyze(const Args& args);
 int cmd_explain(const Args& args);
 int cmd_report(const Args& args);
+int cmd_sweep(const Args& args);
 
 /// The full command line, for manifests.
 std::string joined_command_line(const Args& args);

@@ -24,6 +24,7 @@ constexpr const char* kUsage =
     "  analyze  split every step into kernel term, update term and Taylor residual (SPEC)\n"
     "  explain  which training examples pushed a prediction (the kernel-machine view)\n"
     "  report   plots and report.html of an analysis\n"
+    "  sweep    train and analyze at several learning rates (the note's open question)\n"
     "\n"
     "`pathkernel <command> --help` lists a command's options.\n"
     "exit status: 0 ok, 1 internal error, 2 bad input, 3 training diverged, 4 identity/sum check fails,\n"
@@ -50,7 +51,8 @@ int main(int argc, char** argv) {
       {"replay", pathkernel::app::cmd_replay},
       {"analyze", pathkernel::app::cmd_analyze},
       {"explain", pathkernel::app::cmd_explain},
-      {"report", pathkernel::app::cmd_report}};
+      {"report", pathkernel::app::cmd_report},
+      {"sweep", pathkernel::app::cmd_sweep}};
   const auto it = commands.find(argv[1]);
   if (it == commands.end()) {
     std::cerr << "pathkernel: unknown command '" << argv[1] << "'\n\n" << kUsage;

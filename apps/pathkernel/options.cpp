@@ -1,0 +1,81 @@
+#include "options.h"
+
+#include <spdlog/spdlog.h>
+
+#include <iostream>
+
+#include "pathkernel/errors.h"
+
+namespace pathkernel::app {
+
+void add_train_options(cxxopts::Options& opts, TrainConfig& c, bool with_lr) {
+  // clang-format off
+  opts.add_options("training")
+    ("data", "MNIST-style IDX folder", cxxopts::value(c.data_dir)->default_value(c.data_dir))
+    ("model", "linear | quadratic[:W] | mlp:W1[,W2..][:tanh|relu|softplus|gelu] | cnn:C1,C2[:ACT]",
+     cxxopts::value(c.model)->default_value(c.model))
+    ("steps", "number of SGD steps", cxxopts::value(c.steps))
+    ("epochs", "number of epochs (instead of --steps)", cxxopts::value(c.epochs))
+    ("batch", "minibatch size", cxxopts::value(c.batch)->default_value("64"))
+    ("lr-schedule", "[warmup:W+]constant | step:EVERY:GAMMA | cosine[:LR_MIN] | file:PATH",
+     cxxopts::value(c.lr_schedule)->default_value("constant"))
+    ("momentum", "SGD momentum mu (PyTorch's definition)", cxxopts::value(c.momentum)->default_value("0"))
+    ("weight-decay", "L2 weight decay lambda", cxxopts::value(c.weight_decay)->default_value("0"))
+    ("seed", "seed of the initial weights and the batch order", cxxopts::value(c.seed)->default_value("0"))
+    ("threads", "torch and OpenBLAS threads (pinned, recorded)", cxxopts::value(c.threads)->default_value("1"))
+    ("dtype", "float32 | float64", cxxopts::value(c.dtype)->default_value("float32"))
+    ("loss", "ce | mse", cxxopts::value(c.loss)->default_value("ce"))
+    ("train-limit", "use only the first N training examples", cxxopts::value(c.train_limit)->default_value("0"))
+    ("normalize", "none (pixels/255) | standard (zero mean, unit std)",
+     cxxopts::value(c.normalize)->default_value("none"))
+    ("checkpoint-every", "checkpoint every K steps (plus step 0 and the last)",
+     cxxopts::value(c.checkpoint_every)->default_value("100"))
+    ("eval-every", "test accuracy every K steps (0: at the end only)",
+     cxxopts::value(c.eval_every)->default_value("0"))
+    ("log-gradients", "append each step's batch gradient (float32) to gradients.bin",
+     cxxopts::value(c.log_gradients)->default_value("false"));
+  // clang-format on
+  if (with_lr) opts.add_options("training")("lr", "learning rate", cxxopts::value(c.lr)->default_value("0.1"));
+}
+
+void add_analysis_options(cxxopts::Options& opts, AnalyzeConfig& c) {
+  // clang-format off
+  opts.add_options("analysis")
+    ("probes", "number of probe images, evenly spaced over the split", cxxopts::value(c.probes)->default_value("64"))
+    ("probe-indices", "file of probe indices, one per line (instead of --probes)", cxxopts::value(c.probe_indices_file))
+    ("split", "test | train: where the probes come from", cxxopts::value(c.split)->default_value("test"))
+    ("outputs", "all (every logit) | true (the label's) | pred (the final prediction's)",
+     cxxopts::value(c.outputs)->default_value("all"))
+    ("every", "analyze every S-th step", cxxopts::value(c.every)->default_value("1"))
+    ("second-order", "also S = 1/2 dw^T H dw (exact, by double backward)",
+     cxxopts::value(c.second_order)->default_value("false"))
+    ("kernel-route", "auto | factorized | explicit (per-row Jacobians: the slow reference route)",
+     cxxopts::value(c.kernel_route)->default_value("auto"))
+    ("exact", "Q: also the exact path kernel by Q-node Gauss-Legendre quadrature", cxxopts::value(c.exact_nodes))
+    ("tc-rule", "tau | outlier", cxxopts::value(c.tc_rule)->default_value("tau"))
+    ("tau", "tau rule: step in T_c when |R|/|F| > tau", cxxopts::value(c.tau)->default_value("0.1"))
+    ("tc-window", "outlier rule: steps of history", cxxopts::value(c.tc_window)->default_value("50"))
+    ("tc-kappa", "outlier rule: MADs above the median", cxxopts::value(c.tc_kappa)->default_value("5"));
+  // clang-format on
+}
+
+bool parse_options(cxxopts::Options& opts, const Args& args, cxxopts::ParseResult& result) {
+  opts.add_options()("log-level", "trace | debug | info | warn | error",
+                     cxxopts::value<std::string>()->default_value("info"))("h,help", "show this help");
+  std::vector<const char*> argv;
+  for (const auto& a : args) argv.push_back(a.c_str());
+  try {
+    result = opts.parse(static_cast<int>(argv.size()), argv.data());
+  } catch (const cxxopts::exceptions::exception& e) {
+    throw InputError(args[0] + ": " + e.what() + " (see --help)");
+  }
+  if (result.count("help")) {
+    std::cout << opts.help() << "\n";
+    return false;
+  }
+  spdlog::set_level(spdlog::level::from_str(result["log-level"].as<std::string>()));
+  if (!result.unmatched().empty()) throw InputError(args[0] + ": unexpected argument '" + result.unmatched()[0] + "'");
+  return true;
+}
+
+}  // namespace pathkernel::app

@@ -1,0 +1,24 @@
+#pragma once
+// Option tables shared by the subcommands (train and sweep share the training flags, analyze
+// and sweep the analysis flags), and the parse/help boilerplate.
+
+#include <cxxopts.hpp>
+
+#include <string>
+
+#include "commands.h"
+#include "pathkernel/analyzer.h"
+#include "pathkernel/train_config.h"
+
+namespace pathkernel::app {
+
+/// The training flags except --out, --resume and (when !with_lr) --lr, bound to `c`.
+void add_train_options(cxxopts::Options& opts, TrainConfig& c, bool with_lr);
+/// The analysis flags that do not name files or steps (probes, outputs, every, second order,
+/// exact, route, T_c), bound to `c`.
+void add_analysis_options(cxxopts::Options& opts, AnalyzeConfig& c);
+/// Adds --log-level and --help, parses, and sets the log level. Returns false after printing the
+/// help (the caller returns 0). Throws InputError on a parse error.
+bool parse_options(cxxopts::Options& opts, const Args& args, cxxopts::ParseResult& result);
+
+}  // namespace pathkernel::app

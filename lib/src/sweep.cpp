@@ -1,0 +1,123 @@
+#include "pathkernel/sweep.h"
+
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+#include <spdlog/spdlog.h>
+
+#include <cmath>
+#include <filesystem>
+
+#include "pathkernel/errors.h"
+#include "pathkernel/fs_util.h"
+#include "pathkernel/gnuplot.h"
+#include "pathkernel/run_dir.h"
+#include "pathkernel/trainer.h"
+
+namespace pathkernel {
+namespace fs = std::filesystem;
+
+void SweepConfig::validate() const {
+  if (lrs.empty()) throw InputError("--lr needs at least one learning rate (e.g. 1e-4,1e-3,1e-2,1e-1)");
+  for (double lr : lrs) {
+    if (!(lr > 0) || !std::isfinite(lr)) throw InputError("--lr: every rate must be positive");
+  }
+  if (out.empty()) throw InputError("--out DIR is required");
+  TrainConfig t = train;
+  t.out = out;
+  t.validate();
+}
+
+std::vector<SweepRow> sweep(const SweepConfig& c) {
+  c.validate();
+  fs::create_directories(c.out);
+  std::vector<SweepRow> rows;
+  for (double lr : c.lrs) {
+    const fs::path dir = fs::path(c.out) / fmt::format("lr_{}", lr);
+    TrainConfig t = c.train;
+    t.lr = lr;
+    t.out = (dir / "run").string();
+    SweepRow row;
+    row.lr = lr;
+    const RunDir run(t.out);
+    if (run.complete()) {
+      spdlog::info("lr {}: reusing the complete run {}", lr, t.out);
+    } else if (fs::exists(run.manifest())) {
+      if (fs::exists(run.summary()) &&
+          nlohmann::json::parse(read_file(run.summary())).value("status", "") == "diverged") {
+        spdlog::info("lr {}: reusing the diverged run {}", lr, t.out);
+      } else {
+        spdlog::info("lr {}: resuming {}", lr, t.out);
+        resume(t.out, c.command_line);
+      }
+    } else {
+      spdlog::info("lr {}: training into {}", lr, t.out);
+      fs::create_directories(dir);
+      try {
+        train(t, c.command_line + fmt::format(" [lr {}]", lr));
+      } catch (const DivergenceError& e) {
+        spdlog::warn("lr {}: {}", lr, e.what());
+      }
+    }
+    const auto summary = nlohmann::json::parse(read_file(run.summary()));
+    row.status = summary.value("status", "");
+    row.test_accuracy = summary["test_accuracy"].is_number() ? summary["test_accuracy"].get<double>() : NAN;
+
+    AnalyzeConfig a = c.analysis;
+    a.run = t.out;
+    a.out = (dir / "analysis").string();
+    nlohmann::json as;
+    if (fs::exists(fs::path(a.out) / "summary.json")) {
+      as = nlohmann::json::parse(read_file(fs::path(a.out) / "summary.json"));
+    } else if (read_step_log(run.steps_log()).empty()) {
+      spdlog::warn("lr {}: diverged at its first step; nothing to analyze", lr);
+    } else {
+      spdlog::info("lr {}: analyzing", lr);
+      const AnalysisResult res = analyze(a);
+      write_analysis(res, a);
+      as = nlohmann::json::parse(read_file(fs::path(a.out) / "summary.json"));
+    }
+    if (!as.is_null()) {
+      row.steps = as.value("steps_analyzed", int64_t{0});
+      row.median_r = as["r_percentiles"].value("p50", 0.0);
+      row.tc_share_steps = row.steps ? static_cast<double>(as.value("tc_size", int64_t{0})) / row.steps : 0.0;
+      row.tc_share_r = as.value("share_of_R_norm_in_tc", 0.0);
+      row.sum_r_over_change = as.value("sum_R_over_change", 0.0);
+    }
+    rows.push_back(row);
+  }
+
+  std::string csv = "lr,status,steps,test_accuracy,median_r,tc_share_steps,tc_share_R,sum_R_over_change\n";
+  for (const auto& r : rows) {
+    csv += fmt::format("{},{},{},{},{},{},{},{}\n", r.lr, r.status, r.steps,
+                       std::isnan(r.test_accuracy) ? std::string() : fmt::format("{}", r.test_accuracy), r.median_r,
+                       r.tc_share_steps, r.tc_share_r, r.sum_r_over_change);
+  }
+  atomic_write(fs::path(c.out) / "sweep.csv", csv);
+  if (gnuplot_available()) {
+    render_gnuplot(fs::path(c.out) / "sweep.png", fmt::format(
+        "set terminal pngcairo size 900,520 font 'sans,10'\nset output '@OUTPUT@'\nset datafile separator ','\n"
+        "set logscale xy\nset xlabel 'learning rate'\nset key top left\nset grid\n"
+        "set title 'Kernel picture against learning rate ({} )'\nset y2tics\nset y2range [0:1]\nset ytics nomirror\n"
+        "set y2label 'test accuracy'\n"
+        "plot '{}' skip 1 using 1:($5>0?$5:1/0) with linespoints pt 7 lc rgb '#3060c0' title 'median r = |R|/|F|', "
+        "'' skip 1 using 1:($8>0?$8:1/0) with linespoints pt 5 lc rgb '#d02020' title '|sum R| / |f_N - f_0|', "
+        "'' skip 1 using 1:($6>0?$6:1/0) with linespoints pt 9 lc rgb '#30a030' title 'share of steps in T_c', "
+        "'' skip 1 using 1:4 axes x1y2 with linespoints pt 4 dt 2 lc rgb '#808080' title 'test accuracy'\n",
+        c.train.model, (fs::path(c.out) / "sweep.csv").string()));
+  } else {
+    spdlog::warn("gnuplot not found (apt-get install gnuplot-nox): sweep.csv written, no sweep.png");
+  }
+  return rows;
+}
+
+std::string sweep_table(const std::vector<SweepRow>& rows) {
+  std::string s = "  lr        status     steps  test acc  median r   T_c steps  R in T_c  |sum R|/|f_N-f_0|\n";
+  for (const auto& r : rows) {
+    s += fmt::format("  {:<9.3g} {:<10} {:>5}  {:>8}  {:<9.3g}  {:>8.1f}%  {:>7.1f}%  {:.3g}\n", r.lr, r.status,
+                     r.steps, std::isnan(r.test_accuracy) ? "-" : fmt::format("{:.4f}", r.test_accuracy), r.median_r,
+                     100 * r.tc_share_steps, 100 * r.tc_share_r, r.sum_r_over_change);
+  }
+  return s;
+}
+
+}  // namespace pathkernel
