@@ -22,9 +22,12 @@ void SweepConfig::validate() const {
     if (!(lr > 0) || !std::isfinite(lr)) throw InputError("--lr: every rate must be positive");
   }
   if (out.empty()) throw InputError("--out DIR is required");
-  TrainConfig t = train;
-  t.out = out;
-  t.validate();
+  for (double lr : lrs) {
+    TrainConfig t = train;
+    t.out = out;
+    t.lr = lr;
+    t.validate();
+  }
 }
 
 std::vector<SweepRow> sweep(const SweepConfig& c) {
@@ -96,8 +99,8 @@ std::vector<SweepRow> sweep(const SweepConfig& c) {
   if (gnuplot_available()) {
     render_gnuplot(fs::path(c.out) / "sweep.png", fmt::format(
         "set terminal pngcairo size 900,520 font 'sans,10'\nset output '@OUTPUT@'\nset datafile separator ','\n"
-        "set logscale xy\nset xlabel 'learning rate'\nset key top left\nset grid\n"
-        "set title 'Kernel picture against learning rate ({} )'\nset y2tics\nset y2range [0:1]\nset ytics nomirror\n"
+        "set logscale xy\nset format y '10^{{%L}}'\nset format x '10^{{%L}}'\nset xlabel 'learning rate'\n"
+        "set key top left\nset grid\nset title 'Kernel picture against learning rate ({})'\nset y2tics\nset y2range [0:1]\nset ytics nomirror\n"
         "set y2label 'test accuracy'\n"
         "plot '{}' skip 1 using 1:($5>0?$5:1/0) with linespoints pt 7 lc rgb '#3060c0' title 'median r = |R|/|F|', "
         "'' skip 1 using 1:($8>0?$8:1/0) with linespoints pt 5 lc rgb '#d02020' title '|sum R| / |f_N - f_0|', "

@@ -19,6 +19,7 @@ void TrainConfig::validate() const {
   if ((steps > 0) == (epochs > 0)) throw InputError("give exactly one of --steps N or --epochs N");
   if (batch < 1) throw InputError("--batch must be at least 1");
   if (!(lr > 0) || !std::isfinite(lr)) throw InputError("--lr must be a positive number");
+  if (dtype == "float32" && lr > 1e38) throw InputError("--lr must be below 1e38 with --dtype float32");
   if (!(momentum >= 0 && momentum < 1)) throw InputError("--momentum must be in [0, 1)");
   if (!(weight_decay >= 0) || !std::isfinite(weight_decay)) throw InputError("--weight-decay must be >= 0");
   if (threads < 1) throw InputError("--threads must be at least 1");
