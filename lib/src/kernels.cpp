@@ -14,6 +14,12 @@ std::vector<at::Tensor> parameters_of(models::Model& model) {
   return p;
 }
 
+/// Per-row weight gradients of a conv tap, flattened: [R, Cout*Cin*kh*kw], and bias: [R, Cout].
+std::pair<at::Tensor, at::Tensor> conv_row_grads(const models::Tap& t) {
+  const int64_t n = t.grad_output.size(0), cout = t.grad_output.size(1);
+  return {conv_per_example_weight_grad(t).reshape({n, -1}), t.grad_output.reshape({n, cout, -1}).sum(2)};
+}
+
 /// Runs a forward pass with capture on and a backward from `seed_fn(outputs)`, returning the taps.
 template <typename SeedFn>
 RowSignals capture(models::Model& model, const at::Tensor& x, SeedFn seed_fn, at::Tensor* logits) {
@@ -29,14 +35,18 @@ RowSignals capture(models::Model& model, const at::Tensor& x, SeedFn seed_fn, at
   r.taps = model.taps();
   r.rows = x.size(0);
   model.clear_captures();
+  for (const auto& t : r.taps) {
+    if (t.kind == models::LayerKind::kConv2d) {
+      auto [w, b] = conv_row_grads(t);
+      r.conv_weight_grads.push_back(w);
+      r.conv_bias_grads.push_back(b);
+    } else {
+      r.conv_weight_grads.emplace_back();
+      r.conv_bias_grads.emplace_back();
+    }
+  }
   if (logits) *logits = out.detach();
   return r;
-}
-
-/// Per-row weight gradients of a conv tap, flattened: [R, Cout*Cin*kh*kw], and bias: [R, Cout].
-std::pair<at::Tensor, at::Tensor> conv_row_grads(const models::Tap& t) {
-  const int64_t n = t.grad_output.size(0), cout = t.grad_output.size(1);
-  return {conv_per_example_weight_grad(t).reshape({n, -1}), t.grad_output.reshape({n, cout, -1}).sum(2)};
 }
 
 }  // namespace
@@ -93,10 +103,8 @@ at::Tensor factorized_gram(const RowSignals& a, const RowSignals& b) {
       if (ta.bias.defined()) aa.add_(1.0);
       g = at::mm(ta.grad_output, tb.grad_output.t()).mul_(aa);
     } else {
-      const auto [wa, ba] = conv_row_grads(ta);
-      const auto [wb, bb] = conv_row_grads(tb);
-      g = at::mm(wa, wb.t());
-      if (ta.bias.defined()) g.add_(at::mm(ba, bb.t()));
+      g = at::mm(a.conv_weight_grads[l], b.conv_weight_grads[l].t());
+      if (ta.bias.defined()) g.add_(at::mm(a.conv_bias_grads[l], b.conv_bias_grads[l].t()));
     }
     gram = gram.defined() ? gram.add_(g) : g;
   }
@@ -105,16 +113,16 @@ at::Tensor factorized_gram(const RowSignals& a, const RowSignals& b) {
 
 at::Tensor factorized_directional(const RowSignals& a, const ParamMap& v) {
   at::Tensor out;
-  for (const auto& t : a.taps) {
+  for (size_t l = 0; l < a.taps.size(); ++l) {
+    const auto& t = a.taps[l];
     const at::Tensor& dw = v.at(t.name + ".weight");
     at::Tensor d;
     if (t.kind == models::LayerKind::kLinear) {
       d = (at::mm(t.grad_output, dw) * t.input).sum(1);  // G_r^T dW A_r
       if (t.bias.defined()) d.add_(at::mv(t.grad_output, v.at(t.name + ".bias")));
     } else {
-      const auto [w, b] = conv_row_grads(t);
-      d = at::mv(w, dw.reshape({-1}));
-      if (t.bias.defined()) d.add_(at::mv(b, v.at(t.name + ".bias")));
+      d = at::mv(a.conv_weight_grads[l], dw.reshape({-1}));
+      if (t.bias.defined()) d.add_(at::mv(a.conv_bias_grads[l], v.at(t.name + ".bias")));
     }
     out = out.defined() ? out.add_(d) : d;
   }

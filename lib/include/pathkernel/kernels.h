@@ -26,6 +26,9 @@ namespace pathkernel {
 struct RowSignals {
   std::vector<models::Tap> taps;
   int64_t rows = 0;
+  /// Per tap: for Conv2d, the per-row weight gradients [R, Cout*Cin*kh*kw] and bias gradients
+  /// [R, Cout], formed once when the signals are captured; undefined for Linear taps.
+  std::vector<at::Tensor> conv_weight_grads, conv_bias_grads;
 };
 
 /// Parameter-shaped tensors by state_dict name (a direction in weight space).
