@@ -23,6 +23,8 @@ TEST(ModelSpecTest, ParsesAndPrintsCanonically) {
   EXPECT_THROW_WITH(parse_model_spec("cnn:8"), std::invalid_argument, "exactly two");
   EXPECT_THROW_WITH(parse_model_spec("resnet"), std::invalid_argument, "unknown model 'resnet'");
   EXPECT_THROW_WITH(parse_model_spec("linear:3"), std::invalid_argument, "no arguments");
+  EXPECT_EQ(parse_model_spec("toy:wave").str(), "toy:wave");
+  EXPECT_THROW_WITH(parse_model_spec("toy:bowl"), std::invalid_argument, "toy:wave");
 }
 
 TEST(ModelTest, StateDictNamesAndShapesFollowPyTorch) {

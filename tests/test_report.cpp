@@ -6,6 +6,7 @@
 #include "fixtures.h"
 #include "pathkernel/analyzer.h"
 #include "pathkernel/errors.h"
+#include <algorithm>
 #include "pathkernel/fs_util.h"
 #include "pathkernel/report.h"
 #include "pathkernel/trainer.h"
@@ -74,6 +75,67 @@ TEST_F(ReportTest, RejectsWhatIsNotAnAnalysis) {
   c.analysis = (tmp_ / "run").string();
   c.out = (tmp_ / "r2").string();
   EXPECT_THROW_WITH(write_report(c), InputError, "steps.csv: missing");
+}
+
+}  // namespace
+}  // namespace pathkernel
+
+#include "pathkernel/checkpoint.h"
+#include "pathkernel/run_dir.h"
+
+namespace pathkernel {
+namespace {
+namespace fs = std::filesystem;
+
+// The note's Figure 2: toy:wave has a shallow minimum at w = 0.579 behind a barrier at
+// w = 1.515. A small rate settles in the shallow one; a large one jumps the barrier, and that
+// jump is in T_c with a large residual.
+TEST(ToyTest, BarrierJumpIsAComplexStep) {
+  spdlog::set_level(spdlog::level::err);
+  testing::TempDir tmp;
+  auto run_toy = [&](double lr) {
+    TrainConfig c;
+    c.data_dir = "synthetic:wave";
+    c.model = "toy:wave";
+    c.steps = 30;
+    c.batch = 32;
+    c.lr = lr;
+    c.checkpoint_every = 1;
+    c.out = (tmp / ("toy" + std::to_string(lr))).string();
+    train(c, "");
+    std::vector<double> w;
+    for (int64_t k = 0; k <= 30; ++k) w.push_back(load_tensor_dict(RunDir(c.out).checkpoint(k))[0].second.item<double>());
+    return std::pair{c.out, w};
+  };
+  const auto [slow_run, slow_w] = run_toy(0.5);
+  EXPECT_NEAR(slow_w.back(), 0.579, 0.01) << "the small rate settles in the shallow minimum";
+  const auto [fast_run, fast_w] = run_toy(6.0);
+  EXPECT_NEAR(fast_w.back(), 2.674, 0.01) << "the large rate ends in the deeper minimum";
+
+  AnalyzeConfig a;
+  a.run = fast_run;
+  a.out = (tmp / "analysis").string();
+  a.probes = 16;
+  a.second_order = true;
+  const AnalysisResult r = analyze(a);
+  EXPECT_LT(r.identity_error, 1e-12);
+  int64_t jumps = 0;
+  for (const auto& s : r.steps) {
+    const bool crosses = (fast_w[s.step] - 1.515) * (fast_w[s.step + 1] - 1.515) < 0;
+    if (crosses) {
+      ++jumps;
+      EXPECT_TRUE(s.in_tc) << "step " << s.step << " jumps the barrier";
+      EXPECT_GT(s.r, 0.5) << "step " << s.step;
+    }
+  }
+  EXPECT_GE(jumps, 1);
+  write_analysis(r, a);
+  ReportConfig rc;
+  rc.analysis = a.out;
+  rc.out = (tmp / "report").string();
+  const ReportFiles f = write_report(rc);
+  EXPECT_NE(std::find(f.pngs.begin(), f.pngs.end(), "landscape.png"), f.pngs.end());
+  EXPECT_TRUE(fs::exists(fs::path(rc.out) / "data/path.csv"));
 }
 
 }  // namespace

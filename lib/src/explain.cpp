@@ -127,8 +127,8 @@ void write_explanation(const ExplainResult& r, const ExplainConfig& c) {
   const nlohmann::json manifest = RunDir(c.run).read_manifest();
   const int64_t limit = manifest.at("config").at("train_limit").get<int64_t>();
   const std::string data_dir = manifest.at("config").at("data_dir").get<std::string>();
-  const Dataset train = load_split(data_dir, "train", limit);
-  const Dataset split = c.split == "test" ? load_split(data_dir, "test") : train;
+  const Dataset train = load_dataset(data_dir, "train", limit);
+  const Dataset split = c.split == "test" ? load_dataset(data_dir, "test") : train;
   fs::create_directories(out);
   const bool exact = r.attributions_exact.defined();
 

@@ -14,6 +14,7 @@
 #include "pathkernel/fs_util.h"
 #include "pathkernel/gnuplot.h"
 #include "pathkernel/npy.h"
+#include "pathkernel/replay.h"
 
 namespace pathkernel {
 namespace fs = std::filesystem;
@@ -184,6 +185,53 @@ ReportFiles write_report(const ReportConfig& c) {
         "plot '{}' skip 1 using (($1+$2)/2):3:(0.24) with boxes lc rgb '#3060c0'\n",
         100 * share, (out / "data/r_histogram.csv").string()));
     files.pngs.push_back("r_histogram.png");
+  }
+
+  // 5. For a one-parameter toy run: the loss landscape with the path of w and T_c marked.
+  const std::string run_dir = summary["settings"].value("run", "");
+  if (!run_dir.empty() && fs::exists(fs::path(run_dir) / "manifest.json")) {
+    Replayer replay(run_dir);
+    RunContext& ctx = replay.context();
+    if (ctx.model->parameters().size() == 1 && ctx.model->parameters()[0].numel() == 1) {
+      std::vector<double> path;
+      for (size_t i = 0; i < steps.rows; ++i) path.push_back(replay.weights_at(static_cast<int64_t>(step[i]))[0].second.item<double>());
+      const double w_end = replay.weights_at(static_cast<int64_t>(step.back()) + 1)[0].second.item<double>();
+      const double lo_w = std::min(*std::min_element(path.begin(), path.end()), w_end) - 0.5;
+      const double hi_w = std::max(*std::max_element(path.begin(), path.end()), w_end) + 0.5;
+      const auto [x, y] = ctx.batch([&] {
+        std::vector<int64_t> all(static_cast<size_t>(ctx.train.size()));
+        for (size_t i = 0; i < all.size(); ++i) all[i] = static_cast<int64_t>(i);
+        return all;
+      }());
+      at::Tensor w = ctx.model->parameters()[0];
+      auto loss_at = [&](double v) {
+        at::NoGradGuard ng;
+        w.fill_(v);
+        return batch_loss(ctx.model->forward(x), y, parse_loss(ctx.config.loss)).item<double>();
+      };
+      std::string land = "w,loss\n", pcsv = "step,w,loss,in_Tc\n";
+      for (int i = 0; i <= 400; ++i) {
+        const double v = lo_w + (hi_w - lo_w) * i / 400.0;
+        land += fmt::format("{},{}\n", v, loss_at(v));
+      }
+      for (size_t i = 0; i < path.size(); ++i) pcsv += fmt::format("{},{},{},{}\n", step[i], path[i], loss_at(path[i]), tc[i]);
+      pcsv += fmt::format("{},{},{},0\n", step.back() + 1, w_end, loss_at(w_end));
+      atomic_write(out / "data/landscape.csv", land);
+      atomic_write(out / "data/path.csv", pcsv);
+      files.csvs.push_back("data/landscape.csv");
+      files.csvs.push_back("data/path.csv");
+      if (files.gnuplot) {
+        render_gnuplot(out / "landscape.png", fmt::format(
+            "set terminal pngcairo size 900,500 font 'sans,10'\nset output '@OUTPUT@'\nset datafile separator ','\n"
+            "set xlabel 'w'\nset ylabel 'training loss L(w)'\nset key top right\n"
+            "set title 'Loss landscape of {} and the path of w (lr {}); T_c steps in red'\n"
+            "plot '{}' skip 1 using 1:2 with lines lw 2 lc rgb 'black' title 'L(w)', "
+            "'{}' skip 1 using 2:3 with linespoints pt 7 ps 0.7 lc rgb '#3060c0' title 'w_k', "
+            "'' skip 1 using 2:($4 > 0 ? $3 : 1/0) with points pt 6 ps 2 lw 2 lc rgb '#d02020' title 'T_c'\n",
+            ctx.config.model, ctx.config.lr, (out / "data/landscape.csv").string(), (out / "data/path.csv").string()));
+        files.pngs.push_back("landscape.png");
+      }
+    }
   }
 
   // report.html: the pictures, the summary numbers and Eq. 9 (from probes.csv).

@@ -31,8 +31,8 @@ std::unique_ptr<RunContext> make_run_context(const TrainConfig& config,
   auto ctx = std::make_unique<RunContext>();
   ctx->config = config;
   ctx->threads = pin_threads(config.threads);
-  ctx->train = load_split(config.data_dir, "train", config.train_limit);
-  ctx->test = load_split(config.data_dir, "test");
+  ctx->train = load_dataset(config.data_dir, "train", config.train_limit);
+  ctx->test = load_dataset(config.data_dir, "test");
   if (ctx->train.height() != ctx->test.height() || ctx->train.width() != ctx->test.width()) {
     throw InputError(config.data_dir + ": train and test images differ in size");
   }

@@ -118,7 +118,9 @@ StepRecord SgdStepper::step(const at::Tensor& x, const at::Tensor& y, double lr,
   rec.grad_norm = std::sqrt(grad_sq);
   for (const auto& l : layer_order) rec.layer_grad_norms.emplace_back(l, std::sqrt(layer_sq[l]));
 
-  if (per_example) {
+  if (per_example && model_.taps().empty()) {
+    rec.pe_grad_min = rec.pe_grad_median = rec.pe_grad_max = NAN;  // no taps: logged as null
+  } else if (per_example) {
     const at::Tensor sq = per_example_grad_sq_norms(model_.taps(), static_cast<double>(x.size(0)));
     const at::Tensor norms = sq.sqrt().contiguous();
     std::vector<double> v(norms.data_ptr<double>(), norms.data_ptr<double>() + norms.numel());

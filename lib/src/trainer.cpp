@@ -26,6 +26,7 @@ namespace {
 nlohmann::json file_entry(const fs::path& p) { return {{"path", p.string()}, {"sha256", sha256_file(p)}}; }
 
 nlohmann::json data_files(const RunContext& ctx) {
+  if (is_synthetic(ctx.config.data_dir)) return {{"synthetic", ctx.config.data_dir}};
   return {{"train_images", file_entry(ctx.train.images_file)},
           {"train_labels", file_entry(ctx.train.labels_file)},
           {"test_images", file_entry(ctx.test.images_file)},
@@ -267,7 +268,7 @@ TrainSummary train(const TrainConfig& user_config, const std::string& command_li
   user_config.validate();
   TrainConfig config = user_config;
   // Recorded absolute, so that replay and resume work from any working directory.
-  config.data_dir = fs::absolute(config.data_dir).lexically_normal().string();
+  if (!is_synthetic(config.data_dir)) config.data_dir = fs::absolute(config.data_dir).lexically_normal().string();
   const RunDir dir(config.out);
   if (fs::exists(dir.root()) && !(fs::is_directory(dir.root()) && fs::is_empty(dir.root()))) {
     throw InputError(dir.root().string() + " already exists and is not empty; choose another --out, or " +
@@ -299,6 +300,7 @@ TrainSummary resume(const fs::path& run, const std::string& command_line) {
   // The data must be the very files the run started with.
   const nlohmann::json now = data_files(*ctx);
   for (const auto& [key, entry] : manifest.at("data").at("files").items()) {
+    if (key == "synthetic") continue;  // generated, not read
     if (now.at(key).at("sha256") != entry.at("sha256")) {
       throw InputError(now.at(key).at("path").get<std::string>() + ": differs from the file the run was trained on " +
                        "(SHA-256 mismatch); resume needs the same data");

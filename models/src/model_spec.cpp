@@ -57,7 +57,7 @@ std::string ModelSpec::str() const {
     s += ":";
     for (size_t i = 0; i < widths.size(); ++i) s += (i ? "," : "") + std::to_string(widths[i]);
   }
-  if (kind == "mlp" || kind == "cnn") s += ":" + activation;
+  if (kind == "mlp" || kind == "cnn" || kind == "toy") s += ":" + activation;
   return s;
 }
 
@@ -83,9 +83,14 @@ ModelSpec parse_model_spec(const std::string& spec) {
     if (m.kind == "cnn" && m.widths.size() != 2) {
       throw std::invalid_argument("model spec '" + spec + "': cnn takes exactly two channel counts");
     }
+  } else if (m.kind == "toy") {
+    if (parts.size() != 2 || parts[1] != "wave") {
+      throw std::invalid_argument("model spec '" + spec + "': the toy model is toy:wave");
+    }
+    m.activation = "wave";
   } else {
     throw std::invalid_argument("model spec '" + spec + "': unknown model '" + m.kind +
-                                "' (expected linear, quadratic, mlp or cnn)");
+                                "' (expected linear, quadratic, mlp, cnn or toy:wave)");
   }
   return m;
 }

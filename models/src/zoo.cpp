@@ -92,6 +92,29 @@ class SmallCnn : public Model {
   torch::nn::Linear fc_{nullptr};
 };
 
+/// toy:wave, the note's Figure 2: one parameter w, two logits +-s with
+/// s = a(w) (x - 1/2) * 4 and a(w) = w + 2 sin(3w), on inputs x in [0, 1] (1x1 images) labelled
+/// 0 when x > 1/2. The loss falls as a(w) grows, so it has a shallow minimum at w = 0.579
+/// (a = 2.55), a barrier at w = 1.515 (a = -0.46) and a deeper minimum at w = 2.674 (a = 4.65).
+/// Not tapped: the analyzer takes its explicit-Jacobian route. w starts at 0.3 (no randomness).
+class ToyWave : public Model {
+ public:
+  ToyWave(const ModelSpec& spec, const InputShape& shape, int64_t classes) : Model(spec, classes) {
+    if (shape.numel() != 1 || classes != 2) {
+      throw std::invalid_argument("toy:wave needs 1x1 inputs and two classes (--data synthetic:wave)");
+    }
+    w_ = register_parameter("w", at::full({1}, 0.3));
+  }
+  torch::Tensor forward(const torch::Tensor& x) override {
+    const at::Tensor a = w_ + 2.0 * at::sin(3.0 * w_);
+    const at::Tensor s = a * (x.reshape({x.size(0), 1}) - 0.5) * 4.0;
+    return at::cat({s, -s}, 1);
+  }
+
+ private:
+  at::Tensor w_;
+};
+
 }  // namespace
 
 std::shared_ptr<Model> build_model(const ModelSpec& spec, const InputShape& shape,
@@ -101,6 +124,7 @@ std::shared_ptr<Model> build_model(const ModelSpec& spec, const InputShape& shap
     return std::make_shared<DenseNet>(spec, shape, num_classes);
   }
   if (spec.kind == "cnn") return std::make_shared<SmallCnn>(spec, shape, num_classes);
+  if (spec.kind == "toy") return std::make_shared<ToyWave>(spec, shape, num_classes);
   throw std::invalid_argument("unknown model kind '" + spec.kind + "'");
 }
 

@@ -46,6 +46,15 @@ std::filesystem::path find_idx_file(const std::filesystem::path& dir, const std:
 /// when limit > 0. Checks that images and labels agree in count. Throws InputError.
 Dataset load_split(const std::filesystem::path& dir, const std::string& split, int64_t limit = 0);
 
+/// Loads a split from `data`: an IDX folder (load_split), or `synthetic:NAME` for a built-in
+/// synthetic set. `synthetic:wave`: 1x1 images, pixel x = 0..255 (256 training examples, each
+/// value once, in a fixed shuffled order; 64 test examples), label 0 when x > 127 else 1; the
+/// data of the toy:wave model. Throws InputError.
+Dataset load_dataset(const std::string& data, const std::string& split, int64_t limit = 0);
+
+/// True for a `synthetic:NAME` data spec.
+bool is_synthetic(const std::string& data);
+
 /// How pixels become inputs: x = (pixel / 255 - mean) / std. The default is pixel / 255.
 struct Normalization {
   double mean = 0.0;

@@ -44,6 +44,7 @@ struct StepRecord {
   double update_norm = 0;  ///< a_k |v_k|: the update as computed, before rounding into w
   std::vector<std::pair<std::string, double>> layer_grad_norms;  ///< by layer prefix
   double pe_grad_min = 0, pe_grad_median = 0, pe_grad_max = 0;   ///< |grad l(x_m)| over the batch
+                                                                 ///< (NaN for models without taps)
   bool finite = true;      ///< false: loss, gradient or new weights not finite; no update made
   std::string nonfinite;   ///< what was not finite
 };

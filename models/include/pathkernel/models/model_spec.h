@@ -22,7 +22,7 @@ struct ModelSpec {
 };
 
 /// Parses a spec string. Grammar:
-///   linear | quadratic[:WIDTH] | mlp:W1[,W2...][:ACT] | cnn:C1,C2[:ACT]
+///   linear | quadratic[:WIDTH] | mlp:W1[,W2...][:ACT] | cnn:C1,C2[:ACT] | toy:wave
 /// Throws std::invalid_argument naming the spec and what is wrong.
 ModelSpec parse_model_spec(const std::string& spec);
 
