@@ -79,6 +79,12 @@ TEST_F(ExplainTest, AttributionsAndSelfInfluenceEqualTheExplicitRoute) {
   EXPECT_LE((r.attributions - attr).abs().max().item<double>(), 1e-10 * attr.abs().max().item<double>());
   EXPECT_LE((r.self_influence - self).abs().max().item<double>(), 1e-10 * self.abs().max().item<double>());
   EXPECT_EQ(r.times_drawn.sum().item<int64_t>(), 3 * 40);  // three epochs of 16 + 16 + 8
+  for (size_t k = 0; k < log.size(); ++k) {
+    for (int64_t i : log[k]["batch"].get<std::vector<int64_t>>()) {
+      const auto& at_steps = r.drawn_at[static_cast<size_t>(i)];
+      EXPECT_NE(std::find(at_steps.begin(), at_steps.end(), static_cast<int64_t>(k)), at_steps.end());
+    }
+  }
 
   write_explanation(r, e);
   for (const char* f : {"attributions.csv", "attributions.npy", "top.csv", "summary.json", "self_influence.csv"}) {

@@ -2,6 +2,7 @@
 
 #include <ATen/ATen.h>
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 #include <nlohmann/json.hpp>
 #include <spdlog/spdlog.h>
 
@@ -55,6 +56,7 @@ ExplainResult explain(const ExplainConfig& c) {
   }
   const int64_t n_train = RunDir(c.run).read_manifest().at("data").at("train_examples").get<int64_t>();
   ExplainResult res;
+  res.drawn_at.resize(static_cast<size_t>(n_train));
   at::Tensor attr, attr_exact, drawn = at::zeros({n_train}, at::kLong), self = at::zeros({n_train}, at::kDouble);
   a.on_step = [&](const StepTerms& t) {
     if (!attr.defined()) {
@@ -66,6 +68,8 @@ ExplainResult explain(const ExplainConfig& c) {
     attr.index_add_(1, t.batch, t.k_per);
     if (t.kexact_per.defined()) attr_exact.index_add_(1, t.batch, t.kexact_per);
     drawn.index_add_(0, t.batch, at::ones({t.batch.size(0)}, at::kLong));
+    const int64_t* b = t.batch.data_ptr<int64_t>();
+    for (int64_t j = 0; j < t.batch.size(0); ++j) res.drawn_at[static_cast<size_t>(b[j])].push_back(t.step);
     if (c.self_influence) {
       const RowGradients& rows = *t.batch_rows;
       const at::Tensor sq = rows.is_explicit() ? rows.jacobian.pow(2).sum(1)
@@ -140,12 +144,13 @@ void write_explanation(const ExplainResult& r, const ExplainConfig& c) {
   const at::Tensor attr_ex = exact ? r.attributions_exact.contiguous() : at::Tensor();
   const int64_t* drawn = r.times_drawn.data_ptr<int64_t>();
   const int64_t* labels = train.labels.data_ptr<int64_t>();
-  std::string csv = exact ? "probe,output,example,label,a,a_exact,times_drawn\n" : "probe,output,example,label,a,times_drawn\n";
+  std::string csv = exact ? "probe,output,example,label,a,a_exact,times_drawn,steps\n"
+                          : "probe,output,example,label,a,times_drawn,steps\n";
   for (int64_t p = 0; p < np; ++p) {
     for (int64_t i = 0; i < n; ++i) {
       csv += fmt::format("{},{},{},{},{}", r.probe_indices[p], r.outputs[p], i, labels[i], g(a[p * n + i]));
       if (exact) csv += "," + g(attr_ex.data_ptr<double>()[p * n + i]);
-      csv += fmt::format(",{}\n", drawn[i]);
+      csv += fmt::format(",{},{}\n", drawn[i], fmt::join(r.drawn_at[static_cast<size_t>(i)], ";"));
     }
   }
   atomic_write(out / "attributions.csv", csv);

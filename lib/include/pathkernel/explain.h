@@ -36,6 +36,7 @@ struct ExplainResult {
   at::Tensor attributions;        ///< float64 [P, N_train]: a_i(x)
   at::Tensor attributions_exact;  ///< with exact_nodes
   at::Tensor times_drawn;         ///< int64 [N_train]
+  std::vector<std::vector<int64_t>> drawn_at;  ///< per training example, the steps that drew it
   at::Tensor self_influence;      ///< float64 [N_train] with self_influence
   at::Tensor f_initial, f_final, sum_u, sum_r, sum_uexact;  ///< float64 [P]
   double sum_error = 0;           ///< max_p |f_N - f_0 - (sum a + sum U + sum R)| / max_p |f_N - f_0|
