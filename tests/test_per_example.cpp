@@ -20,6 +20,7 @@ void check_against_loop(const std::string& spec, LossKind loss) {
   batch_loss(m->forward(x), y, loss).backward();
   m->set_capture(false);
   const at::Tensor fast = per_example_grad_sq_norms(m->taps(), static_cast<double>(n));
+  const std::vector<double> fast_vec = per_example_grad_sq_norms_vec(m->taps(), static_cast<double>(n));
 
   for (int64_t i = 0; i < n; ++i) {
     m->zero_grad();
@@ -27,6 +28,7 @@ void check_against_loop(const std::string& spec, LossKind loss) {
     double sq = 0;
     for (const auto& p : m->parameters()) sq += p.grad().pow(2).sum().item<double>();
     EXPECT_NEAR(fast[i].item<double>(), sq, 1e-10 * sq) << spec << " example " << i;
+    EXPECT_NEAR(fast_vec[static_cast<size_t>(i)], sq, 1e-10 * sq) << spec << " example " << i;
   }
 }
 

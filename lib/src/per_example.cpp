@@ -16,6 +16,21 @@ at::Tensor conv_per_example_weight_grad(const models::Tap& tap) {
 namespace {
 
 template <typename T>
+void accumulate_row_sq(const T* p, int64_t rows, int64_t cols, double* out);
+
+/// out[i] = |row i|^2 for a float or double 2-D-able tensor (made contiguous).
+void row_sq_into(const at::Tensor& t, double* out) {
+  const at::Tensor c = t.contiguous();
+  const int64_t n = c.size(0), d = n ? c.numel() / n : 0;
+  if (c.scalar_type() == at::kFloat) {
+    accumulate_row_sq(c.data_ptr<float>(), n, d, out);
+  } else {
+    const at::Tensor dc = c.to(at::kDouble);
+    accumulate_row_sq(dc.data_ptr<double>(), n, d, out);
+  }
+}
+
+template <typename T>
 void accumulate_row_sq(const T* p, int64_t rows, int64_t cols, double* out) {
   // Eight independent accumulators: one serial chain of double adds would be latency-bound.
   for (int64_t i = 0; i < rows; ++i) {
@@ -45,6 +60,27 @@ at::Tensor row_sq_norms(const at::Tensor& t) {
 }
 
 }  // namespace
+
+std::vector<double> per_example_grad_sq_norms_vec(const std::vector<models::Tap>& taps, double scale) {
+  std::vector<double> total, a_sq, g_sq;
+  for (const auto& tap : taps) {
+    if (!tap.grad_output.defined()) continue;
+    const int64_t n = tap.grad_output.size(0);
+    if (total.empty()) total.assign(static_cast<size_t>(n), 0.0);
+    if (tap.kind == models::LayerKind::kLinear) {
+      a_sq.resize(static_cast<size_t>(n));
+      g_sq.resize(static_cast<size_t>(n));
+      row_sq_into(tap.input, a_sq.data());
+      row_sq_into(tap.grad_output, g_sq.data());
+      const double bias = tap.bias.defined() ? 1.0 : 0.0;
+      for (int64_t i = 0; i < n; ++i) total[i] += g_sq[i] * scale * scale * (a_sq[i] + bias);
+    } else {
+      const at::Tensor sq = per_example_grad_sq_norms({tap}, scale).contiguous();
+      for (int64_t i = 0; i < n; ++i) total[i] += sq.data_ptr<double>()[i];
+    }
+  }
+  return total;
+}
 
 at::Tensor per_example_grad_sq_norms(const std::vector<models::Tap>& taps, double scale) {
   at::Tensor total;

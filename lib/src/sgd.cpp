@@ -121,9 +121,8 @@ StepRecord SgdStepper::step(const at::Tensor& x, const at::Tensor& y, double lr,
   if (per_example && model_.taps().empty()) {
     rec.pe_grad_min = rec.pe_grad_median = rec.pe_grad_max = NAN;  // no taps: logged as null
   } else if (per_example) {
-    const at::Tensor sq = per_example_grad_sq_norms(model_.taps(), static_cast<double>(x.size(0)));
-    const at::Tensor norms = sq.sqrt().contiguous();
-    std::vector<double> v(norms.data_ptr<double>(), norms.data_ptr<double>() + norms.numel());
+    std::vector<double> v = per_example_grad_sq_norms_vec(model_.taps(), static_cast<double>(x.size(0)));
+    for (double& e : v) e = std::sqrt(e);
     rec.pe_grad_min = *std::min_element(v.begin(), v.end());
     rec.pe_grad_max = *std::max_element(v.begin(), v.end());
     rec.pe_grad_median = median_of(v);

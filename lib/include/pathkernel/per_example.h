@@ -18,6 +18,11 @@ namespace pathkernel {
 /// batch size when the loss was averaged over the batch, to get per-example loss gradients).
 at::Tensor per_example_grad_sq_norms(const std::vector<models::Tap>& taps, double scale);
 
+/// The same as per_example_grad_sq_norms, into a plain vector: raw loops over contiguous memory
+/// for Linear taps (this runs at every training step, where ATen's per-call overhead on
+/// batch-sized tensors is most of the cost), the tensor route for Conv2d taps.
+std::vector<double> per_example_grad_sq_norms_vec(const std::vector<models::Tap>& taps, double scale);
+
 /// Per-example weight gradient of a Conv2d tap: [N, Cout, Cin*kh*kw] (bias gradient: signal
 /// summed over positions). Exposed for the analyzer's kernels.
 at::Tensor conv_per_example_weight_grad(const models::Tap& tap);
