@@ -200,6 +200,11 @@ TEST(E2eTest, AnalyzeSplitsEveryStepAndAgreesWithPyTorch) {
   const Result again = run({"analyze", run_dir.string(), "--out", out.string()}, tmp.path());
   EXPECT_EQ(again.status, 2) << "an existing analysis is never overwritten without --force";
 
+  const Result rep = run({"report", out.string(), "--out", (tmp / "report").string()}, tmp.path());
+  ASSERT_EQ(rep.status, 0) << rep.err;
+  EXPECT_NE(rep.out.find("(4 plots)"), std::string::npos) << rep.out;
+  EXPECT_NE(read_file(tmp / "report" / "report.html").find("r_per_step.png"), std::string::npos);
+
   // Issue 4's explain on the same run: the sum check holds and the grid shows real images.
   const fs::path ex = tmp / "explain";
   const Result e = run({"explain", run_dir.string(), "--probe", "7", "--probe", "1234", "--self-influence", "--out",

@@ -5,6 +5,7 @@
 #include <iostream>
 
 #include "commands.h"
+#include "options.h"
 #include "pathkernel/errors.h"
 #include "pathkernel/explain.h"
 
@@ -28,25 +29,12 @@ int cmd_explain(const Args& args) {
      cxxopts::value(c.exact_nodes))
     ("self-influence", "rank training examples by TracIn self-influence (finds mislabeled ones)")
     ("grids", "PNG grids for at most this many probes", cxxopts::value(c.grids)->default_value("16"))
-    ("force", "write into a non-empty --out")
-    ("log-level", "trace | debug | info | warn | error", cxxopts::value<std::string>()->default_value("info"))
-    ("h,help", "show this help");
+    ("force", "write into a non-empty --out");
   // clang-format on
   opts.parse_positional({"run"});
   opts.positional_help("RUN");
-  std::vector<const char*> argv;
-  for (const auto& a : args) argv.push_back(a.c_str());
   cxxopts::ParseResult r;
-  try {
-    r = opts.parse(static_cast<int>(argv.size()), argv.data());
-  } catch (const cxxopts::exceptions::exception& e) {
-    throw InputError(std::string("pathkernel explain: ") + e.what() + " (see --help)");
-  }
-  if (r.count("help")) {
-    std::cout << opts.help() << "\n";
-    return 0;
-  }
-  spdlog::set_level(spdlog::level::from_str(r["log-level"].as<std::string>()));
+  if (!parse_options(opts, args, r)) return 0;
   c.self_influence = r.count("self-influence") > 0;
   c.force = r.count("force") > 0;
   const ExplainResult res = explain(c);

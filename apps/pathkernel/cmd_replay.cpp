@@ -6,6 +6,7 @@
 #include <iostream>
 
 #include "commands.h"
+#include "options.h"
 #include "pathkernel/errors.h"
 #include "pathkernel/replay.h"
 
@@ -20,25 +21,12 @@ int cmd_replay(const Args& args) {
     ("verify", "replay between every pair of checkpoints and compare bit for bit")
     ("step", "write the weights at this step", cxxopts::value<int64_t>())
     ("out", "file for --step (a state_dict .pt for torch.load)", cxxopts::value<std::string>())
-    ("force", "overwrite --out if it exists")
-    ("log-level", "trace | debug | info | warn | error", cxxopts::value<std::string>()->default_value("info"))
-    ("h,help", "show this help");
+    ("force", "overwrite --out if it exists");
   // clang-format on
   opts.parse_positional({"run"});
   opts.positional_help("RUN");
-  std::vector<const char*> argv;
-  for (const auto& a : args) argv.push_back(a.c_str());
   cxxopts::ParseResult r;
-  try {
-    r = opts.parse(static_cast<int>(argv.size()), argv.data());
-  } catch (const cxxopts::exceptions::exception& e) {
-    throw InputError(std::string("pathkernel replay: ") + e.what() + " (see --help)");
-  }
-  if (r.count("help")) {
-    std::cout << opts.help() << "\n";
-    return 0;
-  }
-  spdlog::set_level(spdlog::level::from_str(r["log-level"].as<std::string>()));
+  if (!parse_options(opts, args, r)) return 0;
   if (!r.count("run")) throw InputError("pathkernel replay: give the run directory (see --help)");
   if (!r.count("verify") && !r.count("step")) throw InputError("pathkernel replay: give --verify or --step K --out FILE");
   if (r.count("step") && !r.count("out")) throw InputError("pathkernel replay: --step needs --out FILE");

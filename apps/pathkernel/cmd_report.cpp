@@ -5,6 +5,7 @@
 #include <iostream>
 
 #include "commands.h"
+#include "options.h"
 #include "pathkernel/errors.h"
 #include "pathkernel/report.h"
 
@@ -18,25 +19,12 @@ int cmd_report(const Args& args) {
     ("analysis", "analysis directory (from pathkernel analyze)", cxxopts::value(c.analysis))
     ("out", "report directory to create", cxxopts::value(c.out))
     ("curves", "probes whose cumulative sums are plotted", cxxopts::value(c.curves)->default_value("4"))
-    ("force", "write into a non-empty --out")
-    ("log-level", "trace | debug | info | warn | error", cxxopts::value<std::string>()->default_value("info"))
-    ("h,help", "show this help");
+    ("force", "write into a non-empty --out");
   // clang-format on
   opts.parse_positional({"analysis"});
   opts.positional_help("ANALYSIS");
-  std::vector<const char*> argv;
-  for (const auto& a : args) argv.push_back(a.c_str());
   cxxopts::ParseResult r;
-  try {
-    r = opts.parse(static_cast<int>(argv.size()), argv.data());
-  } catch (const cxxopts::exceptions::exception& e) {
-    throw InputError(std::string("pathkernel report: ") + e.what() + " (see --help)");
-  }
-  if (r.count("help")) {
-    std::cout << opts.help() << "\n";
-    return 0;
-  }
-  spdlog::set_level(spdlog::level::from_str(r["log-level"].as<std::string>()));
+  if (!parse_options(opts, args, r)) return 0;
   c.force = r.count("force") > 0;
   const ReportFiles files = write_report(c);
   std::cout << "report: " << files.html << " (" << files.pngs.size() << " plots"
