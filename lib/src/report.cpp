@@ -59,6 +59,12 @@ Table read_csv(const fs::path& path) {
 
 std::string g(double v) { return fmt::format("{}", v); }
 
+/// Writes a plot's data as DIR/data/NAME.csv and records it.
+void write_data(const fs::path& out, ReportFiles& files, const std::string& name, const std::string& csv) {
+  atomic_write(out / "data" / (name + ".csv"), csv);
+  files.csvs.push_back("data/" + name + ".csv");
+}
+
 }  // namespace
 
 ReportFiles write_report(const ReportConfig& c) {
@@ -91,8 +97,7 @@ ReportFiles write_report(const ReportConfig& c) {
   // 1. r per step (log scale), T_c marked, learning rate on the second axis.
   std::string csv = "step,r,in_Tc,lr\n";
   for (size_t i = 0; i < steps.rows; ++i) csv += fmt::format("{},{},{},{}\n", step[i], g(rr[i]), tc[i], g(lr[i]));
-  atomic_write(out / "data/r_per_step.csv", csv);
-  files.csvs.push_back("data/r_per_step.csv");
+  write_data(out, files, "r_per_step", csv);
   if (files.gnuplot) {
     render_gnuplot(out / "r_per_step.png", fmt::format(
         "set terminal pngcairo size 1000,450 font 'sans,10'\nset output '@OUTPUT@'\nset datafile separator ','\n"
@@ -134,8 +139,7 @@ ReportFiles write_report(const ReportConfig& c) {
         outputs[p][col].item<int64_t>(), pidx[static_cast<size_t>(p * nc)], outputs[p][col].item<int64_t>(),
         pidx[static_cast<size_t>(p * nc)], outputs[p][col].item<int64_t>());
   }
-  atomic_write(out / "data/cumulative.csv", csv);
-  files.csvs.push_back("data/cumulative.csv");
+  write_data(out, files, "cumulative", csv);
   if (files.gnuplot) {
     const int cols = curves > 1 ? 2 : 1, rows = static_cast<int>((curves + 1) / 2);
     render_gnuplot(out / "cumulative.png", fmt::format(
@@ -151,8 +155,7 @@ ReportFiles write_report(const ReportConfig& c) {
   const int64_t n = dflat.size(0), stride = std::max<int64_t>(1, n / 20000);
   csv = "F,D\n";
   for (int64_t i = 0; i < n; i += stride) csv += fmt::format("{},{}\n", g(fflat[i].item<double>()), g(dflat[i].item<double>()));
-  atomic_write(out / "data/d_vs_f.csv", csv);
-  files.csvs.push_back("data/d_vs_f.csv");
+  write_data(out, files, "d_vs_f", csv);
   if (files.gnuplot) {
     render_gnuplot(out / "d_vs_f.png", fmt::format(
         "set terminal pngcairo size 600,560 font 'sans,10'\nset output '@OUTPUT@'\nset datafile separator ','\n"
@@ -175,8 +178,7 @@ ReportFiles write_report(const ReportConfig& c) {
   for (double v : logs) counts[std::min(counts.size() - 1, static_cast<size_t>((v - lo) * 4))]++;
   csv = "log10_r_lo,log10_r_hi,steps\n";
   for (size_t i = 0; i < counts.size(); ++i) csv += fmt::format("{},{},{}\n", lo + i * 0.25, lo + (i + 1) * 0.25, counts[i]);
-  atomic_write(out / "data/r_histogram.csv", csv);
-  files.csvs.push_back("data/r_histogram.csv");
+  write_data(out, files, "r_histogram", csv);
   if (files.gnuplot) {
     render_gnuplot(out / "r_histogram.png", fmt::format(
         "set terminal pngcairo size 700,450 font 'sans,10'\nset output '@OUTPUT@'\nset datafile separator ','\n"
@@ -216,10 +218,8 @@ ReportFiles write_report(const ReportConfig& c) {
       }
       for (size_t i = 0; i < path.size(); ++i) pcsv += fmt::format("{},{},{},{}\n", step[i], path[i], loss_at(path[i]), tc[i]);
       pcsv += fmt::format("{},{},{},0\n", step.back() + 1, w_end, loss_at(w_end));
-      atomic_write(out / "data/landscape.csv", land);
-      atomic_write(out / "data/path.csv", pcsv);
-      files.csvs.push_back("data/landscape.csv");
-      files.csvs.push_back("data/path.csv");
+      write_data(out, files, "landscape", land);
+      write_data(out, files, "path", pcsv);
       if (files.gnuplot) {
         render_gnuplot(out / "landscape.png", fmt::format(
             "set terminal pngcairo size 900,500 font 'sans,10'\nset output '@OUTPUT@'\nset datafile separator ','\n"

@@ -83,36 +83,33 @@ void put_number(fmt::memory_buffer& out, double v) {
 
 /// One line of steps.jsonl. Written with fmt rather than built as a JSON object: this runs every
 /// step and is part of the trainer's overhead budget (bench/bench_train.cpp).
+/// `,"key":number` (no leading comma when `first`).
+void put_field(fmt::memory_buffer& out, const char* key, double v, bool first = false) {
+  fmt::format_to(std::back_inserter(out), "{}\"{}\":", first ? "" : ",", key);
+  put_number(out, v);
+}
+
 void step_line(fmt::memory_buffer& out, const StepRecord& r, const std::vector<int64_t>& batch, double seconds,
                double test_accuracy) {
   auto it = std::back_inserter(out);
-  fmt::format_to(it, "{{\"step\":{},\"lr\":", r.step);
-  put_number(out, r.lr);
-  fmt::format_to(it, ",\"batch\":[{}],\"loss\":", fmt::join(batch, ","));
-  put_number(out, r.loss);
-  fmt::format_to(it, ",\"accuracy\":");
-  put_number(out, r.accuracy);
-  fmt::format_to(it, ",\"grad_norm\":");
-  put_number(out, r.grad_norm);
+  fmt::format_to(it, "{{\"step\":{}", r.step);
+  put_field(out, "lr", r.lr);
+  fmt::format_to(it, ",\"batch\":[{}]", fmt::join(batch, ","));
+  put_field(out, "loss", r.loss);
+  put_field(out, "accuracy", r.accuracy);
+  put_field(out, "grad_norm", r.grad_norm);
   fmt::format_to(it, ",\"layer_grad_norms\":{{");
   for (size_t i = 0; i < r.layer_grad_norms.size(); ++i) {
-    fmt::format_to(it, "{}\"{}\":", i ? "," : "", r.layer_grad_norms[i].first);
-    put_number(out, r.layer_grad_norms[i].second);
+    put_field(out, r.layer_grad_norms[i].first.c_str(), r.layer_grad_norms[i].second, /*first=*/i == 0);
   }
-  fmt::format_to(it, "}},\"pe_grad_norm\":{{\"min\":");
-  put_number(out, r.pe_grad_min);
-  fmt::format_to(it, ",\"median\":");
-  put_number(out, r.pe_grad_median);
-  fmt::format_to(it, ",\"max\":");
-  put_number(out, r.pe_grad_max);
-  fmt::format_to(it, "}},\"update_norm\":");
-  put_number(out, r.update_norm);
-  fmt::format_to(it, ",\"step_seconds\":");
-  put_number(out, seconds);
-  if (test_accuracy >= 0) {
-    fmt::format_to(it, ",\"test_accuracy\":");
-    put_number(out, test_accuracy);
-  }
+  fmt::format_to(it, "}},\"pe_grad_norm\":{{");
+  put_field(out, "min", r.pe_grad_min, /*first=*/true);
+  put_field(out, "median", r.pe_grad_median);
+  put_field(out, "max", r.pe_grad_max);
+  fmt::format_to(it, "}}");
+  put_field(out, "update_norm", r.update_norm);
+  put_field(out, "step_seconds", seconds);
+  if (test_accuracy >= 0) put_field(out, "test_accuracy", test_accuracy);
   fmt::format_to(it, "}}\n");
 }
 
