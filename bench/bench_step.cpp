@@ -1,5 +1,5 @@
 // Where the training step's time goes: one SGD step of mlp:128:tanh (batch 64) done by a bare
-// torch::optim::SGD loop, by pathkernel's SgdStepper without per-example norms, and with them.
+// torch::optim::SGD loop, by pathkernel's Stepper without per-example norms, and with them.
 // Rounds interleave the three so that machine drift hits all equally; reports the fastest round.
 #include <ATen/ATen.h>
 #include <torch/nn/functional/loss.h>
@@ -15,7 +15,7 @@
 #include <functional>
 
 #include "pathkernel/per_example.h"
-#include "pathkernel/sgd.h"
+#include "pathkernel/stepper.h"
 #include "pathkernel/threads.h"
 
 using Clock = std::chrono::steady_clock;
@@ -34,7 +34,7 @@ int main(int argc, char** argv) {
   torch::nn::Sequential net(torch::nn::Linear(784, 128), torch::nn::Tanh(), torch::nn::Linear(128, 10));
   torch::optim::SGD opt(net->parameters(), torch::optim::SGDOptions(0.01));
   auto model = pathkernel::models::build_model(pathkernel::models::parse_model_spec("mlp:128:tanh"), {1, 28, 28}, 10);
-  pathkernel::SgdStepper stepper(*model, {}, pathkernel::LossKind::kCrossEntropy);
+  pathkernel::Stepper stepper(*model, pathkernel::OptimizerOptions{}, pathkernel::LossKind::kCrossEntropy);
 
   const std::vector<std::pair<const char*, std::function<void(int)>>> cases = {
       {"bare torch::optim::SGD step", [&](int i) {
@@ -42,7 +42,7 @@ int main(int argc, char** argv) {
          torch::nn::functional::cross_entropy(net->forward(xs[i % 16].reshape({b, 784})), ys[i % 16]).backward();
          opt.step();
        }},
-      {"SgdStepper::step, no per-example", [&](int i) { stepper.step(xs[i % 16], ys[i % 16], 0.01, false); }},
+      {"Stepper::step, no per-example", [&](int i) { stepper.step(xs[i % 16], ys[i % 16], 0.01, false); }},
       {"capture only (hooks, no norms)", [&](int i) {
          model->set_capture(true);
          auto l = pathkernel::batch_loss(model->forward(xs[i % 16]), ys[i % 16], pathkernel::LossKind::kCrossEntropy);
@@ -57,7 +57,7 @@ int main(int argc, char** argv) {
          pathkernel::per_example_grad_sq_norms(model->taps(), 64.0);
        }},
       {"norms from taps only", [&](int) { pathkernel::per_example_grad_sq_norms(model->taps(), 64.0); }},
-      {"SgdStepper::step, per-example norms", [&](int i) { stepper.step(xs[i % 16], ys[i % 16], 0.01, true); }},
+      {"Stepper::step, per-example norms", [&](int i) { stepper.step(xs[i % 16], ys[i % 16], 0.01, true); }},
   };
   std::vector<double> best(cases.size(), 1e9);
   for (int r = 0; r < rounds; ++r) {

@@ -1,4 +1,7 @@
 #include <ATen/ATen.h>
+#include <ATen/core/Dict.h>
+#include <ATen/core/ivalue.h>
+#include <torch/csrc/jit/serialization/pickle.h>
 
 #include <fstream>
 
@@ -35,16 +38,44 @@ TEST(CheckpointTest, TrainerStateRoundTrips) {
   TrainerState s;
   s.step = 17;
   s.sampler = {99, 2, 128};
-  s.momentum = {{"w", at::randn({2, 2})}};
+  s.optimizer = "adam";
+  s.optimizer_steps = 7;
+  s.optimizer_state = {{"exp_avg", {{"w", at::randn({2, 2})}}}, {"exp_avg_sq", {{"w", at::rand({2, 2})}}}};
   save_trainer_state(dir / "s.pt", s);
   const TrainerState b = load_trainer_state(dir / "s.pt");
   EXPECT_EQ(b.step, 17);
   EXPECT_EQ(b.sampler.seed, 99u);
   EXPECT_EQ(b.sampler.epoch, 2);
   EXPECT_EQ(b.sampler.position, 128);
-  ASSERT_EQ(b.momentum.size(), 1u);
-  EXPECT_TRUE(at::equal(b.momentum[0].second, s.momentum[0].second));
+  EXPECT_EQ(b.optimizer, "adam");
+  EXPECT_EQ(b.optimizer_steps, 7);
+  ASSERT_EQ(b.optimizer_state.size(), 2u);
+  EXPECT_EQ(b.optimizer_state[1].first, "exp_avg_sq");
+  EXPECT_TRUE(at::equal(b.optimizer_state[1].second[0].second, s.optimizer_state[1].second[0].second));
   EXPECT_THROW_WITH(load_trainer_state(dir / "nothing.pt"), InputError, "no such checkpoint file");
+}
+
+TEST(CheckpointTest, PreviousStateFormatStillLoads) {
+  // A trainer state as runs made before the optimizer seam wrote it (format /1, SGD buffers).
+  testing::TempDir dir;
+  c10::impl::GenericDict d(c10::StringType::get(), c10::AnyType::get());
+  d.insert(std::string("format"), std::string("pathkernel-trainer-state/1"));
+  d.insert(std::string("step"), int64_t{5});
+  d.insert(std::string("sampler_seed"), int64_t{3});
+  d.insert(std::string("sampler_epoch"), int64_t{0});
+  d.insert(std::string("sampler_position"), int64_t{50});
+  c10::Dict<std::string, at::Tensor> mom;
+  mom.insert("layers.0.weight", at::full({2, 3}, 0.5));
+  d.insert(std::string("momentum"), c10::IValue(mom));
+  const std::vector<char> bytes = torch::jit::pickle_save(c10::IValue(d));
+  testing::write_file(dir / "old.pt", std::string(bytes.begin(), bytes.end()), false);
+  const TrainerState s = load_trainer_state(dir / "old.pt");
+  EXPECT_EQ(s.step, 5);
+  EXPECT_EQ(s.optimizer, "sgd");
+  EXPECT_EQ(s.optimizer_steps, 5);
+  ASSERT_EQ(s.optimizer_state.size(), 1u);
+  EXPECT_EQ(s.optimizer_state[0].first, "momentum_buffer");
+  EXPECT_TRUE(at::equal(s.optimizer_state[0].second[0].second, at::full({2, 3}, 0.5)));
 }
 
 TEST(CheckpointTest, CorruptFilesGiveClearErrors) {
@@ -52,7 +83,7 @@ TEST(CheckpointTest, CorruptFilesGiveClearErrors) {
   testing::write_file(dir / "junk.pt", "this is not a pickle", false);
   EXPECT_THROW_WITH(load_tensor_dict(dir / "junk.pt"), InputError, "junk.pt: not a readable checkpoint");
   save_tensor_dict(dir / "w.pt", {{"a", at::ones({2})}});
-  EXPECT_THROW_WITH(load_trainer_state(dir / "w.pt"), InputError, "not a pathkernel-trainer-state/1 file");
+  EXPECT_THROW_WITH(load_trainer_state(dir / "w.pt"), InputError, "not a pathkernel-trainer-state/2 file");
   const std::string bytes = [&] {
     std::ifstream in(dir / "w.pt", std::ios::binary);
     return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());

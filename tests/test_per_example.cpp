@@ -3,7 +3,7 @@
 
 #include "fixtures.h"
 #include "pathkernel/per_example.h"
-#include "pathkernel/sgd.h"
+#include "pathkernel/stepper.h"
 
 namespace pathkernel {
 namespace {

@@ -20,6 +20,7 @@ int cmd_sweep(const Args& args) {
       "out", "sweep directory (an interrupted sweep is continued there)", cxxopts::value(c.out));
   cxxopts::ParseResult r;
   if (!parse_options(opts, args, r)) return 0;
+  read_betas(r, c.train);
   c.command_line = joined_command_line(args);
   const auto rows = sweep(c);
   std::cout << sweep_table(rows) << "files: " << c.out << "/{sweep.csv,sweep.png,lr_*/run,lr_*/analysis}\n";

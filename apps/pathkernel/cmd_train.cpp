@@ -37,10 +37,12 @@ int cmd_train(const Args& args) {
       "resume", "continue the interrupted run RUN from its last checkpoint", cxxopts::value<std::string>());
   cxxopts::ParseResult r;
   if (!parse_options(opts, args, r)) return 0;
+  read_betas(r, c);
   const std::string command_line = joined_command_line(args);
   TrainSummary s;
   if (r.count("resume")) {
-    for (const char* flag : {"model", "steps", "epochs", "lr", "out", "data"}) {
+    for (const char* flag : {"model", "steps", "epochs", "lr", "out", "data", "optimizer", "momentum", "nesterov",
+                             "dampening", "betas", "eps", "weight-decay"}) {
       if (r.count(flag)) {
         throw InputError(std::string("--resume continues a run with the settings in its manifest; drop --") + flag);
       }

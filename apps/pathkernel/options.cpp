@@ -19,8 +19,15 @@ void add_train_options(cxxopts::Options& opts, TrainConfig& c, bool with_lr) {
     ("batch", "minibatch size", cxxopts::value(c.batch)->default_value("64"))
     ("lr-schedule", "[warmup:W+]constant | step:EVERY:GAMMA | cosine[:LR_MIN] | file:PATH",
      cxxopts::value(c.lr_schedule)->default_value("constant"))
-    ("momentum", "SGD momentum mu (PyTorch's definition)", cxxopts::value(c.momentum)->default_value("0"))
-    ("weight-decay", "L2 weight decay lambda", cxxopts::value(c.weight_decay)->default_value("0"))
+    ("optimizer", "sgd | adam | adamw (as torch.optim defines them)",
+     cxxopts::value(c.optimizer)->default_value("sgd"))
+    ("momentum", "sgd: momentum mu", cxxopts::value(c.momentum)->default_value("0"))
+    ("nesterov", "sgd: Nesterov momentum", cxxopts::value(c.nesterov)->default_value("false"))
+    ("dampening", "sgd: dampening tau of the momentum buffer", cxxopts::value(c.dampening)->default_value("0"))
+    ("betas", "adam, adamw: B1,B2", cxxopts::value<std::string>()->default_value("0.9,0.999"))
+    ("eps", "adam, adamw: epsilon", cxxopts::value(c.eps)->default_value("1e-8"))
+    ("weight-decay", "sgd, adam: L2 weight decay lambda; adamw: decoupled weight decay",
+     cxxopts::value(c.weight_decay)->default_value("0"))
     ("seed", "seed of the initial weights and the batch order", cxxopts::value(c.seed)->default_value("0"))
     ("threads", "torch and OpenBLAS threads (pinned, recorded)", cxxopts::value(c.threads)->default_value("1"))
     ("dtype", "float32 | float64", cxxopts::value(c.dtype)->default_value("float32"))
@@ -57,6 +64,21 @@ void add_analysis_options(cxxopts::Options& opts, AnalyzeConfig& c) {
     ("tc-window", "outlier rule: steps of history", cxxopts::value(c.tc_window)->default_value("50"))
     ("tc-kappa", "outlier rule: MADs above the median", cxxopts::value(c.tc_kappa)->default_value("5"));
   // clang-format on
+}
+
+void read_betas(const cxxopts::ParseResult& r, TrainConfig& c) {
+  const std::string text = r["betas"].as<std::string>();
+  const size_t comma = text.find(',');
+  try {
+    if (comma == std::string::npos) throw std::invalid_argument("");
+    size_t used1 = 0, used2 = 0;
+    const std::string a = text.substr(0, comma), b = text.substr(comma + 1);
+    c.beta1 = std::stod(a, &used1);
+    c.beta2 = std::stod(b, &used2);
+    if (used1 != a.size() || used2 != b.size()) throw std::invalid_argument("");
+  } catch (const std::exception&) {
+    throw InputError("--betas must be two numbers B1,B2, got '" + text + "'");
+  }
 }
 
 bool parse_options(cxxopts::Options& opts, const Args& args, cxxopts::ParseResult& result) {

@@ -14,6 +14,8 @@ namespace pathkernel::app {
 
 /// The training flags except --out, --resume and (when !with_lr) --lr, bound to `c`.
 void add_train_options(cxxopts::Options& opts, TrainConfig& c, bool with_lr);
+/// Reads --betas B1,B2 into c.beta1, c.beta2. Throws InputError naming --betas.
+void read_betas(const cxxopts::ParseResult& r, TrainConfig& c);
 /// The analysis flags that do not name files or steps (probes, outputs, every, second order,
 /// exact, route, T_c), bound to `c`.
 void add_analysis_options(cxxopts::Options& opts, AnalyzeConfig& c);

@@ -51,14 +51,16 @@ std::string g(double v) { return fmt::format("{}", v); }
 std::string steps_csv(const AnalysisResult& r, bool second) {
   std::string s =
       "step,lr,batch_loss_before,batch_loss_after,loss_went_up,grad_norm,update_norm,D_norm,F_norm,K_norm,U_norm,"
-      "U_round_norm,U_wd_norm,U_mom_norm,R_norm,S_norm,higher_norm,r,in_Tc,Kexact_norm,quad_error\n";
+      "U_round_norm,U_wd_norm,U_mom_norm,R_norm,S_norm,higher_norm,r,in_Tc,Kexact_norm,quad_error,"
+      "Kopt_norm,Uopt_wd_norm,Uopt_round_norm\n";
   const bool exact = r.kexact.defined();
   for (const auto& x : r.steps) {
-    s += fmt::format("{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}\n", x.step, g(x.lr), g(x.loss_before),
-                     g(x.loss_after), x.loss_up ? 1 : 0, g(x.grad_norm), g(x.update_norm), g(x.d_norm), g(x.f_norm),
-                     g(x.k_norm), g(x.u_norm), g(x.u_round_norm), g(x.u_wd_norm), g(x.u_mom_norm), g(x.r_norm),
-                     second ? g(x.s_norm) : "", second ? g(x.higher_norm) : "", g(x.r), x.in_tc ? 1 : 0,
-                     exact ? g(x.kexact_norm) : "", exact ? g(x.quad_error) : "");
+    s += fmt::format("{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}\n", x.step, g(x.lr),
+                     g(x.loss_before), g(x.loss_after), x.loss_up ? 1 : 0, g(x.grad_norm), g(x.update_norm),
+                     g(x.d_norm), g(x.f_norm), g(x.k_norm), g(x.u_norm), g(x.u_round_norm), g(x.u_wd_norm),
+                     g(x.u_mom_norm), g(x.r_norm), second ? g(x.s_norm) : "", second ? g(x.higher_norm) : "", g(x.r),
+                     x.in_tc ? 1 : 0, exact ? g(x.kexact_norm) : "", exact ? g(x.quad_error) : "", g(x.kopt_norm),
+                     g(x.uopt_wd_norm), g(x.uopt_round_norm));
   }
   return s;
 }
@@ -69,15 +71,19 @@ std::string probes_csv(const AnalysisResult& r, bool second) {
   const at::Tensor sum_r_tc = (r.r * mask).sum(0), sum_r_other = (r.r * (1 - mask)).sum(0);
   const at::Tensor sum_s = second ? r.s.sum(0) : at::zeros_like(sum_k);
   const at::Tensor ident = r.f_final - r.f_initial - (sum_k + sum_u + sum_r_tc + sum_r_other);
-  std::string s = "probe,label,output,f_initial,f_final,sum_K,sum_U,sum_R_Tc,sum_R_other,sum_S,identity_error\n";
+  const at::Tensor sum_kopt = r.kopt.sum(0), sum_uwd = r.uopt_wd.sum(0), sum_uround = r.uopt_round.sum(0);
+  std::string s =
+      "probe,label,output,f_initial,f_final,sum_K,sum_U,sum_R_Tc,sum_R_other,sum_S,identity_error,sum_Kopt,"
+      "sum_Uopt_wd,sum_Uopt_round\n";
   for (int64_t p = 0; p < r.k.size(1); ++p) {
     for (int64_t c = 0; c < r.k.size(2); ++c) {
-      s += fmt::format("{},{},{},{},{},{},{},{},{},{},{}\n", r.probe_indices[p], r.probe_labels[p],
+      s += fmt::format("{},{},{},{},{},{},{},{},{},{},{},{},{},{}\n", r.probe_indices[p], r.probe_labels[p],
                        r.outputs[p][c].item<int64_t>(), g(r.f_initial[p][c].item<double>()),
                        g(r.f_final[p][c].item<double>()), g(sum_k[p][c].item<double>()), g(sum_u[p][c].item<double>()),
                        g(sum_r_tc[p][c].item<double>()), g(sum_r_other[p][c].item<double>()),
                        second ? g(sum_s[p][c].item<double>()) : "",
-                       r.contiguous ? g(ident[p][c].item<double>()) : "");
+                       r.contiguous ? g(ident[p][c].item<double>()) : "", g(sum_kopt[p][c].item<double>()),
+                       g(sum_uwd[p][c].item<double>()), g(sum_uround[p][c].item<double>()));
     }
   }
   return s;
@@ -120,6 +126,11 @@ nlohmann::json summary_json(const AnalysisResult& r, const AnalyzeConfig& c) {
           {"mean_abs_sum_K", r.k.sum(0).abs().mean().item<double>()},
           {"mean_abs_sum_U", r.u.sum(0).abs().mean().item<double>()},
           {"mean_abs_sum_R", r.r.sum(0).abs().mean().item<double>()},
+          {"optimizer", r.optimizer},
+          {"kernel_term", r.uses_kopt ? "Kopt" : "K"},
+          {"mean_abs_sum_Kopt", r.kopt.sum(0).abs().mean().item<double>()},
+          {"mean_abs_sum_Uopt_wd", r.uopt_wd.sum(0).abs().mean().item<double>()},
+          {"mean_abs_sum_Uopt_round", r.uopt_round.sum(0).abs().mean().item<double>()},
           {"sum_R_over_change", r.r.sum(0).abs().sum().item<double>() /
                                     std::max(1e-300, (r.f_final - r.f_initial).abs().sum().item<double>())},
           {"identity_applies", r.contiguous},
@@ -150,15 +161,45 @@ void write_analysis(const AnalysisResult& r, const AnalyzeConfig& c) {
   save_npy(out / "arrays" / "K.npy", r.k);
   save_npy(out / "arrays" / "U.npy", r.u);
   save_npy(out / "arrays" / "R.npy", r.r);
+  save_npy(out / "arrays" / "Kopt.npy", r.kopt);
+  save_npy(out / "arrays" / "Uopt_wd.npy", r.uopt_wd);
+  save_npy(out / "arrays" / "Uopt_round.npy", r.uopt_round);
   if (second) save_npy(out / "arrays" / "S.npy", r.s);
   if (r.kexact.defined()) {
     save_npy(out / "arrays" / "Kexact.npy", r.kexact);
     save_npy(out / "arrays" / "Uexact.npy", r.uexact);
+    if (r.koptexact.defined()) {
+      save_npy(out / "arrays" / "Koptexact.npy", r.koptexact);
+      save_npy(out / "arrays" / "Uoptexact.npy", r.uoptexact);
+    }
   }
   save_npy(out / "arrays" / "outputs.npy", r.outputs);
   atomic_write(out / "steps.csv", steps_csv(r, second));
   atomic_write(out / "probes.csv", probes_csv(r, second));
   atomic_write(out / "summary.json", summary_json(r, c).dump(2) + "\n");
+}
+
+std::string eq9_footer(const AnalysisResult& r, const AnalyzeConfig& c, int64_t tc);
+
+/// Eq. 9 with the optimizer's kernel term, for optimizers with memory or a preconditioner.
+std::string eq9_table_kopt(const AnalysisResult& r, const AnalyzeConfig& c, int64_t tc) {
+  const at::Tensor mask = tc_mask(r);
+  auto mean = [](const at::Tensor& t) { return t.mean().item<double>(); };
+  auto mean_abs = [](const at::Tensor& t) { return t.abs().mean().item<double>(); };
+  const at::Tensor total = r.f_final - r.f_initial;
+  const at::Tensor sk = r.kopt.sum(0), sw = r.uopt_wd.sum(0), so = r.uopt_round.sum(0);
+  const at::Tensor srt = (r.r * mask).sum(0), sro = (r.r * (1 - mask)).sum(0);
+  std::string s = fmt::format(
+      "steps {}..{} of {} ({} analyzed), {} probes x {} outputs, in float64, optimizer {}\n\n"
+      "  f_N - f_0  =  sum Kopt   +  sum Uopt_wd + sum Uopt_round + sum R(T_c) + sum R(rest)\n"
+      "  {:<+10.4g} =  {:<+10.4g} +  {:<+10.4g} +  {:<+10.4g}   +  {:<+10.4g} +  {:<+10.4g}   mean over probes and outputs\n"
+      "  {:<10.4g}    {:<10.4g}    {:<10.4g}    {:<10.4g}      {:<10.4g}    {:<10.4g}   mean absolute value\n"
+      "  (the note's Eq. 7 kernel term alone, sum K: mean {:+.4g}, mean absolute {:.4g}; the rest of the update, "
+      "sum U: {:+.4g})\n\n",
+      r.steps.front().step, r.steps.back().step, c.run, r.steps.size(), r.k.size(1), r.k.size(2), r.optimizer,
+      mean(total), mean(sk), mean(sw), mean(so), mean(srt), mean(sro), mean_abs(total), mean_abs(sk), mean_abs(sw),
+      mean_abs(so), mean_abs(srt), mean_abs(sro), mean(r.k.sum(0)), mean_abs(r.k.sum(0)), mean(r.u.sum(0)));
+  return s + eq9_footer(r, c, tc);
 }
 
 std::string eq9_table(const AnalysisResult& r, const AnalyzeConfig& c) {
@@ -169,6 +210,7 @@ std::string eq9_table(const AnalysisResult& r, const AnalyzeConfig& c) {
   const at::Tensor sk = r.k.sum(0), su = r.u.sum(0), srt = (r.r * mask).sum(0), sro = (r.r * (1 - mask)).sum(0);
   int64_t tc = 0;
   for (const auto& s : r.steps) tc += s.in_tc;
+  if (r.uses_kopt) return eq9_table_kopt(r, c, tc);
   std::string s = fmt::format(
       "steps {}..{} of {} ({} analyzed), {} probes x {} outputs, in float64\n\n"
       "  f_N - f_0  =  sum K      +  sum U      +  sum R(T_c) +  sum R(rest)\n"
@@ -177,7 +219,11 @@ std::string eq9_table(const AnalysisResult& r, const AnalyzeConfig& c) {
       r.steps.front().step, r.steps.back().step, c.run, r.steps.size(), r.k.size(1), r.k.size(2), mean(total),
       mean(sk), mean(su), mean(srt), mean(sro), mean_abs(total), mean_abs(sk), mean_abs(su), mean_abs(srt),
       mean_abs(sro));
-  s += fmt::format("T_c: {} of {} steps (rule {}{})\n", tc, r.steps.size(), c.tc_rule,
+  return s + eq9_footer(r, c, tc);
+}
+
+std::string eq9_footer(const AnalysisResult& r, const AnalyzeConfig& c, int64_t tc) {
+  std::string s = fmt::format("T_c: {} of {} steps (rule {}{})\n", tc, r.steps.size(), c.tc_rule,
                    c.tc_rule == "tau" ? fmt::format(", r > {}", c.tau)
                                       : fmt::format(", window {}, kappa {}", c.tc_window, c.tc_kappa));
   std::vector<double> rs;

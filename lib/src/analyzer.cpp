@@ -12,6 +12,7 @@
 #include "pathkernel/errors.h"
 #include "pathkernel/kernels.h"
 #include "pathkernel/replay.h"
+#include "pathkernel/update_terms.h"
 
 namespace pathkernel {
 namespace fs = std::filesystem;
@@ -78,6 +79,25 @@ std::vector<int64_t> choose_probes(const AnalyzeConfig& c, int64_t n) {
 }
 
 double frob(const at::Tensor& t) { return t.norm().item<double>(); }
+
+/// grad L_k(w) for the model's current weights, in the model's dtype, by state_dict name.
+ParamMap batch_gradient(models::Model& model, const at::Tensor& xb, const at::Tensor& yb, LossKind loss) {
+  const auto params = model.parameters();
+  const auto g = torch::autograd::grad({batch_loss(model.forward(xb), yb, loss)}, params);
+  ParamMap out;
+  size_t i = 0;
+  for (const auto& item : model.named_parameters()) out[item.key()] = g[i++];
+  return out;
+}
+
+/// The stored momentum buffer b_{k-1} as float64, when the SPEC's U_mom applies (SGD momentum,
+/// no Nesterov or dampening); empty otherwise.
+ParamMap momentum_buffer_of(const Optimizer& opt) {
+  for (const auto& [slot, tensors] : opt.state()) {
+    if (slot == "momentum_buffer") return to_double_map(tensors);
+  }
+  return {};
+}
 
 }  // namespace
 
@@ -190,18 +210,36 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
   res.contiguous = c.every == 1;
   auto last_report = t0;
   const std::vector<nlohmann::json>& log = replay.step_log();
-  for (int64_t k = begin; k < end; k += c.every) {
+  const Optimizer& optimizer = ctx.stepper->optimizer();
+  const OptimizerOptions& oo = optimizer.options();
+  res.optimizer = optimizer_name(oo.kind);
+  res.uses_kopt = oo.kind != OptimizerKind::kSgd || oo.momentum != 0;
+  // The SPEC's sources of U (U_wd, U_mom) are defined for SGD without Nesterov or dampening.
+  const bool sgd_sources = oo.kind == OptimizerKind::kSgd && !oo.nesterov && oo.dampening == 0;
+  UpdateRecurrence recurrence(optimizer);
+  std::vector<at::Tensor> kopts, uwds, urounds, koptexs, uoptexs;
+  // With memory the recurrences need every step's gradient from step 0 on, analyzed or not.
+  const int64_t walk_from = res.uses_kopt ? 0 : begin;
+  for (int64_t k = walk_from; k < end; ++k) {
+    const bool analyzed = k >= begin && (k - begin) % c.every == 0;
+    if (!analyzed && !res.uses_kopt) continue;
     const ParamMap w0 = to_double_map(replay.weights_at(k));
-    const ParamMap v_prev = to_double_map(replay.context().stepper->momentum_buffers());
-    const ParamMap w1 = to_double_map(replay.weights_at(k + 1));
-    ParamMap dw;
-    for (const auto& [name, t] : w0) dw[name] = w1.at(name) - t;  // exact: float32 -> float64 first
     const auto& rec = log.at(static_cast<size_t>(k));
     const double lr = rec.at("lr").get<double>();
     const at::Tensor bidx = at::tensor(rec.at("batch").get<std::vector<int64_t>>(), at::kLong);
     const at::Tensor xb = to_inputs(ctx.train.images.index_select(0, bidx), at::kDouble, ctx.normalization);
     const at::Tensor yb = ctx.train.labels.index_select(0, bidx);
     const double nb = static_cast<double>(bidx.size(0));
+    if (!analyzed) {
+      set_weights(*model, w0);
+      recurrence.advance(k, batch_gradient(*model, xb, yb, loss), w0);
+      continue;
+    }
+    const ParamMap v_prev = sgd_sources ? momentum_buffer_of(optimizer) : ParamMap{};
+    const ParamMap w1 = to_double_map(replay.weights_at(k + 1));
+    const ParamMap precond = optimizer.preconditioner();  // P_k, after step k
+    ParamMap dw;
+    for (const auto& [name, t] : w0) dw[name] = w1.at(name) - t;  // exact: float32 -> float64 first
 
     set_weights(*model, w1);
     const at::Tensor f1 = forward_nograd(*model, xp);
@@ -218,12 +256,8 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
     const at::Tensor k_full = k_per.sum(1).reshape({np, nc});
     const at::Tensor f_full = row_directional(sp, dw).reshape({np, nc});
     // An independent route to K: -a_k g . grad L_k, with grad L_k by autograd.
+    const ParamMap grad_l = batch_gradient(*model, xb, yb, loss);
     {
-      const auto params = model->parameters();
-      const auto g = torch::autograd::grad({batch_loss(model->forward(xb), yb, loss)}, params);
-      ParamMap grad_l;
-      size_t i = 0;
-      for (const auto& item : model->named_parameters()) grad_l[item.key()] = g[i++];
       const at::Tensor k_direct = row_directional(sp, grad_l).reshape({np, nc}) * (-lr);
       const double scale = std::max(1e-300, k_direct.abs().max().item<double>());
       res.kernel_split_error = std::max(res.kernel_split_error, (k_full - k_direct).abs().max().item<double>() / scale);
@@ -233,6 +267,13 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
     if (tc.momentum != 0 && !v_prev.empty()) {
       u_mom = row_directional(sp, v_prev).reshape({np, nc}) * (-lr * tc.momentum);
     }
+    // The optimizer's kernel term (SPEC): Kopt_k = -a_k g . P_k (.) sum_j c_{k,j} grad L_j(w_j).
+    recurrence.advance(k, grad_l, w0);
+    const ParamMap kernel_dir = recurrence.kernel_direction(precond);
+    const at::Tensor kopt = row_directional(sp, kernel_dir).reshape({np, nc}) * (-lr);
+    const at::Tensor uopt_wd = recurrence.has_decay()
+                                   ? row_directional(sp, recurrence.decay_direction(precond)).reshape({np, nc}) * (-lr)
+                                   : at::zeros_like(kopt);
 
     const at::Tensor d = select(f1 - f0), f = f_full, kk = k_full;
     const at::Tensor u = f - kk, r = d - f;
@@ -250,9 +291,16 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
     row.f_norm = frob(f);
     row.k_norm = frob(kk);
     row.u_norm = frob(u);
-    row.u_wd_norm = frob(u_wd);
-    row.u_mom_norm = frob(u_mom);
-    row.u_round_norm = frob(u - u_wd - u_mom);
+    row.u_wd_norm = sgd_sources ? frob(u_wd) : NAN;
+    row.u_mom_norm = sgd_sources ? frob(u_mom) : NAN;
+    row.u_round_norm = sgd_sources ? frob(u - u_wd - u_mom) : NAN;
+    const at::Tensor uopt_round = f - kopt - uopt_wd;
+    row.kopt_norm = frob(kopt);
+    row.uopt_wd_norm = frob(uopt_wd);
+    row.uopt_round_norm = frob(uopt_round);
+    kopts.push_back(kopt);
+    uwds.push_back(uopt_wd);
+    urounds.push_back(uopt_round);
     row.r_norm = frob(r);
     row.r = row.f_norm > 0 ? row.r_norm / row.f_norm : 0.0;
     at::Tensor kex_per_step;
@@ -260,6 +308,7 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
       // gbar = integral_0^1 g(w_k + t dw) dt by quadrature (SPEC, "exact path kernel"): the probe
       // rows' signals at each node against the batch's loss signals at w_k.
       at::Tensor gbar_dw = at::zeros({np * nc}, at::kDouble), kex_per = at::zeros_like(k_per);
+      at::Tensor gbar_kdir = at::zeros({np * nc}, at::kDouble);
       for (size_t q = 0; q < nodes.size(); ++q) {
         ParamMap wq;
         for (const auto& [name, t] : w0) wq[name] = t + dw.at(name) * nodes[q];
@@ -267,6 +316,13 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
         const RowGradients sq = probe_rows(*model, xp, res.outputs, explicit_route);
         gbar_dw.add_(row_directional(sq, dw), node_weights[q]);
         kex_per.add_(row_gram(sq, sb), node_weights[q] * (-lr / nb));
+        if (res.uses_kopt) gbar_kdir.add_(row_directional(sq, kernel_dir), node_weights[q]);
+      }
+      if (res.uses_kopt) {
+        // Kopt with gbar in place of g (SPEC): the rest of gbar . dw is decay and rounding.
+        const at::Tensor koex = gbar_kdir.reshape({np, nc}) * (-lr);
+        koptexs.push_back(koex);
+        uoptexs.push_back(gbar_dw.reshape({np, nc}) - koex);
       }
       set_weights(*model, w0);
       kex_per_step = kex_per;
@@ -308,10 +364,17 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
   res.k = at::stack(ks);
   res.u = at::stack(us);
   res.r = at::stack(rs);
+  res.kopt = at::stack(kopts);
+  res.uopt_wd = at::stack(uwds);
+  res.uopt_round = at::stack(urounds);
   if (c.second_order) res.s = at::stack(ss);
   if (c.exact_nodes > 0) {
     res.kexact = at::stack(kes);
     res.uexact = at::stack(ues);
+    if (res.uses_kopt) {
+      res.koptexact = at::stack(koptexs);
+      res.uoptexact = at::stack(uoptexs);
+    }
   }
   mark_complex_steps(res.steps, c);
 

@@ -67,7 +67,11 @@ void save_trainer_state(const fs::path& path, const TrainerState& state) {
   d.insert(std::string("sampler_seed"), static_cast<int64_t>(state.sampler.seed));
   d.insert(std::string("sampler_epoch"), state.sampler.epoch);
   d.insert(std::string("sampler_position"), state.sampler.position);
-  d.insert(std::string("momentum"), c10::IValue(dict_of(state.momentum)));
+  d.insert(std::string("optimizer"), state.optimizer);
+  d.insert(std::string("optimizer_steps"), state.optimizer_steps);
+  c10::impl::GenericDict slots(c10::StringType::get(), c10::AnyType::get());
+  for (const auto& [slot, tensors] : state.optimizer_state) slots.insert(slot, c10::IValue(dict_of(tensors)));
+  d.insert(std::string("optimizer_state"), c10::IValue(slots));
   write_pickle(path, c10::IValue(d));
 }
 
@@ -76,7 +80,8 @@ TrainerState load_trainer_state(const fs::path& path) {
   if (!v.isGenericDict()) throw InputError(path.string() + ": trainer state is not a dict");
   const auto d = v.toGenericDict();
   auto fmt = d.find(std::string("format"));
-  if (fmt == d.end() || !fmt->value().isString() || fmt->value().toStringRef() != kStateFormat) {
+  const bool v1 = fmt != d.end() && fmt->value().isString() && fmt->value().toStringRef() == kStateFormatV1;
+  if (fmt == d.end() || !fmt->value().isString() || (!v1 && fmt->value().toStringRef() != kStateFormat)) {
     throw InputError(path.string() + ": not a " + std::string(kStateFormat) + " file");
   }
   TrainerState s;
@@ -84,9 +89,27 @@ TrainerState load_trainer_state(const fs::path& path) {
   s.sampler.seed = static_cast<uint64_t>(int_field(d, "sampler_seed", path));
   s.sampler.epoch = int_field(d, "sampler_epoch", path);
   s.sampler.position = int_field(d, "sampler_position", path);
-  auto mom = d.find(std::string("momentum"));
-  if (mom == d.end()) throw InputError(path.string() + ": trainer state has no 'momentum'");
-  s.momentum = tensors_of(mom->value(), path);
+  if (v1) {
+    auto mom = d.find(std::string("momentum"));
+    if (mom == d.end()) throw InputError(path.string() + ": trainer state has no 'momentum'");
+    NamedTensors buffers = tensors_of(mom->value(), path);
+    if (!buffers.empty()) s.optimizer_state.emplace_back("momentum_buffer", std::move(buffers));
+    s.optimizer = "sgd";
+    s.optimizer_steps = s.step;
+    return s;
+  }
+  auto name = d.find(std::string("optimizer"));
+  if (name == d.end() || !name->value().isString()) throw InputError(path.string() + ": trainer state has no 'optimizer'");
+  s.optimizer = name->value().toStringRef();
+  s.optimizer_steps = int_field(d, "optimizer_steps", path);
+  auto slots = d.find(std::string("optimizer_state"));
+  if (slots == d.end() || !slots->value().isGenericDict()) {
+    throw InputError(path.string() + ": trainer state has no 'optimizer_state' dict");
+  }
+  for (const auto& kv : slots->value().toGenericDict()) {
+    if (!kv.key().isString()) throw InputError(path.string() + ": optimizer_state key is not a string");
+    s.optimizer_state.emplace_back(kv.key().toStringRef(), tensors_of(kv.value(), path));
+  }
   return s;
 }
 

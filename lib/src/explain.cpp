@@ -13,6 +13,7 @@
 #include <fstream>
 
 #include "pathkernel/analyzer.h"
+#include "pathkernel/attribution.h"
 #include "pathkernel/errors.h"
 #include "pathkernel/fs_util.h"
 #include "pathkernel/gnuplot.h"
@@ -21,6 +22,7 @@
 #include "pathkernel/npy.h"
 #include "pathkernel/per_example.h"
 #include "pathkernel/run_dir.h"
+#include "pathkernel/train_config.h"
 
 namespace pathkernel {
 namespace fs = std::filesystem;
@@ -32,6 +34,7 @@ void ExplainConfig::validate() const {
   if (!probe_indices.empty() && probes > 0) throw InputError("give --probe I or --probes N, not both");
   if (top < 1) throw InputError("--top must be at least 1");
   if (exact_nodes < 0) throw InputError("--exact must be positive");
+  if (route != "auto" && route != "backward") throw InputError("route must be auto or backward");
 }
 
 ExplainResult explain(const ExplainConfig& c) {
@@ -54,11 +57,16 @@ ExplainResult explain(const ExplainConfig& c) {
     atomic_write(tmp_probes, text, /*durable=*/false);
     a.probe_indices_file = tmp_probes;
   }
-  const int64_t n_train = RunDir(c.run).read_manifest().at("data").at("train_examples").get<int64_t>();
+  const nlohmann::json manifest = RunDir(c.run).read_manifest();
+  const int64_t n_train = manifest.at("data").at("train_examples").get<int64_t>();
+  const OptimizerOptions oo =
+      train_config_from_json(manifest.at("config"), RunDir(c.run).manifest().string()).optimizer_options();
   ExplainResult res;
+  res.optimizer = optimizer_name(oo.kind);
+  res.through_optimizer = c.route == "backward" || oo.kind != OptimizerKind::kSgd || oo.momentum != 0;
   res.drawn_at.resize(static_cast<size_t>(n_train));
   at::Tensor attr, attr_exact, drawn = at::zeros({n_train}, at::kLong), self = at::zeros({n_train}, at::kDouble);
-  a.on_step = [&](const StepTerms& t) {
+  if (!res.through_optimizer) a.on_step = [&](const StepTerms& t) {
     if (!attr.defined()) {
       attr = at::zeros({t.k_per.size(0), n_train}, at::kDouble);
       if (t.kexact_per.defined()) attr_exact = at::zeros_like(attr);
@@ -86,6 +94,22 @@ ExplainResult explain(const ExplainConfig& c) {
   }
   if (!tmp_probes.empty()) fs::remove(tmp_probes);
   if (!an.contiguous || an.steps.front().step != 0) throw InputError("explain needs every step of the run");
+  if (res.through_optimizer) {
+    OptimizerAttributionConfig oc;
+    oc.run = c.run;
+    oc.probe_indices = an.probe_indices;
+    oc.split = c.split;
+    oc.cols = an.outputs;
+    oc.end = an.steps.back().step + 1;
+    oc.exact_nodes = c.exact_nodes;
+    oc.self_influence = c.self_influence;
+    OptimizerAttribution at = attribute_through_optimizer(oc);
+    attr = at.attr;
+    attr_exact = at.attr_exact;
+    drawn = at.times_drawn;
+    if (c.self_influence) self = at.self_influence;
+    res.drawn_at = std::move(at.drawn_at);
+  }
 
   res.probe_indices = an.probe_indices;
   res.probe_labels = an.probe_labels;
@@ -96,13 +120,14 @@ ExplainResult explain(const ExplainConfig& c) {
   if (c.self_influence) res.self_influence = self;
   res.f_initial = an.f_initial.reshape({-1});
   res.f_final = an.f_final.reshape({-1});
-  res.sum_u = an.u.sum(0).reshape({-1});
+  // What the kernel view leaves to the update: U (plain SGD) or Uopt_wd + Uopt_round.
+  res.sum_u = (an.uses_kopt ? (an.uopt_wd + an.uopt_round) : an.u).sum(0).reshape({-1});
   res.sum_r = an.r.sum(0).reshape({-1});
   const at::Tensor change = res.f_final - res.f_initial;
   const double scale = std::max(1e-300, change.abs().max().item<double>());
   res.sum_error = (change - (attr.sum(1) + res.sum_u + res.sum_r)).abs().max().item<double>() / scale;
   if (attr_exact.defined()) {
-    res.sum_uexact = an.uexact.sum(0).reshape({-1});
+    res.sum_uexact = (an.uses_kopt ? an.uoptexact : an.uexact).sum(0).reshape({-1});
     res.sum_error_exact = (change - (attr_exact.sum(1) + res.sum_uexact)).abs().max().item<double>() / scale;
     for (const auto& s : an.steps) res.max_quad_error = std::max(res.max_quad_error, s.quad_error);
   }
@@ -206,6 +231,9 @@ void write_explanation(const ExplainResult& r, const ExplainConfig& c) {
                       {"probes", r.probe_indices},
                       {"outputs", r.outputs},
                       {"max_sum_error", r.sum_error},
+                      {"optimizer", r.optimizer},
+                      {"attribution", r.through_optimizer ? "aopt: through the optimizer, over all earlier steps"
+                                                          : "a: the note's kernel term of each step"},
                       {"seconds", r.seconds},
                       {"settings", {{"split", c.split}, {"output", c.output}, {"top", c.top},
                                     {"exact_nodes", c.exact_nodes}, {"self_influence", c.self_influence}}}};
@@ -218,8 +246,12 @@ void write_explanation(const ExplainResult& r, const ExplainConfig& c) {
 
 std::string explain_table(const ExplainResult& r, const ExplainConfig& c) {
   const bool exact = r.attributions_exact.defined();
-  std::string s = exact ? "  probe  logit    f_N - f_0  =  sum_i a_i  +  sum U      +  sum R      | exact: sum_i a_i  +  sum Uexact\n"
-                        : "  probe  logit    f_N - f_0  =  sum_i a_i  +  sum U      +  sum R\n";
+  std::string s = r.through_optimizer
+                      ? fmt::format("optimizer {}: attribution through it (aopt_i, every earlier step's batch); "
+                                    "U = Uopt_wd + Uopt_round\n", r.optimizer)
+                      : std::string();
+  s += exact ? "  probe  logit    f_N - f_0  =  sum_i a_i  +  sum U      +  sum R      | exact: sum_i a_i  +  sum Uexact\n"
+             : "  probe  logit    f_N - f_0  =  sum_i a_i  +  sum U      +  sum R\n";
   const at::Tensor sum_a = r.attributions.sum(1);
   for (size_t p = 0; p < std::min<size_t>(r.probe_indices.size(), 10); ++p) {
     s += fmt::format("  {:>5}  {:>5}    {:<+10.4g} =  {:<+10.4g} +  {:<+10.4g} +  {:<+10.4g}", r.probe_indices[p],

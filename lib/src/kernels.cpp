@@ -242,4 +242,108 @@ at::Tensor row_directional(const RowGradients& a, const ParamMap& v) {
   return at::mv(a.jacobian, at::cat(flat));
 }
 
+namespace {
+
+/// Where each parameter sits in the flattened state_dict order.
+struct Slot {
+  int64_t offset = 0, numel = 0;
+};
+std::map<std::string, Slot> layout_of(models::Model& model) {
+  std::map<std::string, Slot> out;
+  int64_t offset = 0;
+  for (const auto& item : model.named_parameters()) {
+    out[item.key()] = {offset, item.value().numel()};
+    offset += item.value().numel();
+  }
+  return out;
+}
+
+/// Calls fn(tap index, weight rows [R, numel], bias rows [R, out] or undefined) with each tapped
+/// layer's per-row gradients, materialized.
+template <typename Fn>
+void for_each_tap_rows(const RowSignals& s, Fn fn) {
+  for (size_t l = 0; l < s.taps.size(); ++l) {
+    const auto& t = s.taps[l];
+    if (t.kind == models::LayerKind::kLinear) {
+      const int64_t r = t.grad_output.size(0);
+      const at::Tensor w = (t.grad_output.unsqueeze(2) * t.input.unsqueeze(1)).reshape({r, -1});
+      fn(l, w, t.bias.defined() ? t.grad_output : at::Tensor());
+    } else {
+      fn(l, s.conv_weight_grads[l], t.bias.defined() ? s.conv_bias_grads[l] : at::Tensor());
+    }
+  }
+}
+
+}  // namespace
+
+at::Tensor row_jacobian(models::Model& model, const RowGradients& rows) {
+  if (rows.is_explicit()) return rows.jacobian;
+  const auto layout = layout_of(model);
+  int64_t n = 0;
+  for (const auto& [name, slot] : layout) n += slot.numel;
+  at::Tensor j = at::zeros({rows.signals.rows, n}, at::kDouble);
+  for_each_tap_rows(rows.signals, [&](size_t l, const at::Tensor& w, const at::Tensor& b) {
+    const std::string& name = rows.signals.taps[l].name;
+    const Slot ws = layout.at(name + ".weight");
+    j.narrow(1, ws.offset, ws.numel).copy_(w);
+    if (b.defined()) {
+      const Slot bs = layout.at(name + ".bias");
+      j.narrow(1, bs.offset, bs.numel).copy_(b);
+    }
+  });
+  return j;
+}
+
+at::Tensor directions_dot_rows(models::Model& model, const RowGradients& rows, const at::Tensor& dirs) {
+  if (rows.is_explicit()) return at::mm(dirs, rows.jacobian.t());
+  const auto layout = layout_of(model);
+  const int64_t nd = dirs.size(0);
+  at::Tensor out = at::zeros({nd, rows.signals.rows}, at::kDouble);
+  for (size_t l = 0; l < rows.signals.taps.size(); ++l) {
+    const auto& t = rows.signals.taps[l];
+    const Slot ws = layout.at(t.name + ".weight");
+    const at::Tensor dw = dirs.narrow(1, ws.offset, ws.numel);
+    if (t.kind == models::LayerKind::kLinear) {
+      // sum_{o,i} G[r,o] Dir[d,o,i] A[r,i] = ((Dir A^T) [d, o, r] * G^T).sum(o)
+      const int64_t n_out = t.weight.size(0), n_in = t.weight.size(1);
+      const at::Tensor da = at::mm(dw.reshape({nd * n_out, n_in}), t.input.t()).reshape({nd, n_out, -1});
+      out.add_((da * t.grad_output.t().unsqueeze(0)).sum(1));
+    } else {
+      out.add_(at::mm(dw, rows.signals.conv_weight_grads[l].t()));
+    }
+    if (t.bias.defined()) {
+      const Slot bs = layout.at(t.name + ".bias");
+      const at::Tensor bias_rows =
+          t.kind == models::LayerKind::kLinear ? t.grad_output : rows.signals.conv_bias_grads[l];
+      out.add_(at::mm(dirs.narrow(1, bs.offset, bs.numel), bias_rows.t()));
+    }
+  }
+  return out;
+}
+
+at::Tensor rows_weighted_sq(models::Model& model, const RowGradients& rows, const at::Tensor& p) {
+  if (rows.is_explicit()) return at::mv(rows.jacobian.pow(2), p);
+  const auto layout = layout_of(model);
+  at::Tensor out = at::zeros({rows.signals.rows}, at::kDouble);
+  for (size_t l = 0; l < rows.signals.taps.size(); ++l) {
+    const auto& t = rows.signals.taps[l];
+    const Slot ws = layout.at(t.name + ".weight");
+    const at::Tensor pw = p.narrow(0, ws.offset, ws.numel);
+    const at::Tensor g2 = t.kind == models::LayerKind::kLinear ? t.grad_output.pow(2) : at::Tensor();
+    if (t.kind == models::LayerKind::kLinear) {
+      // (G_r A_r^T)^2 = G_r^2 (A_r^2)^T, weighted by P_W: sum_o G_r,o^2 (P_W A_r^2)_o
+      const at::Tensor pa = at::mm(t.input.pow(2), pw.reshape({t.weight.size(0), t.weight.size(1)}).t());
+      out.add_((g2 * pa).sum(1));
+    } else {
+      out.add_(at::mv(rows.signals.conv_weight_grads[l].pow(2), pw));
+    }
+    if (t.bias.defined()) {
+      const Slot bs = layout.at(t.name + ".bias");
+      const at::Tensor pb = p.narrow(0, bs.offset, bs.numel);
+      out.add_(at::mv(t.kind == models::LayerKind::kLinear ? g2 : rows.signals.conv_bias_grads[l].pow(2), pb));
+    }
+  }
+  return out;
+}
+
 }  // namespace pathkernel

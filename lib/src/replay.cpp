@@ -22,9 +22,7 @@ Replayer::Replayer(const std::filesystem::path& run) : dir_(run) {
 
 void Replayer::load_checkpoint(int64_t step) {
   load_weights(*ctx_->model, load_tensor_dict(dir_.checkpoint(step)), dir_.checkpoint(step).string());
-  const TrainerState st = load_trainer_state(dir_.state(step));
-  if (st.step != step) throw InputError(dir_.state(step).string() + ": records step " + std::to_string(st.step));
-  ctx_->stepper->set_momentum_buffers(st.momentum);
+  ctx_->restore(load_trainer_state(dir_.state(step)), step, dir_.state(step).string());
   current_ = step;
 }
 
@@ -61,6 +59,31 @@ NamedTensors Replayer::weights_at(int64_t step) {
   return out;
 }
 
+void Replayer::compare_optimizer_state(const TrainerState& stored, int64_t step) const {
+  const std::string where = "checkpoint " + std::to_string(step) + ": optimizer state ";
+  const OptimizerState now = ctx_->stepper->optimizer().state();
+  if (stored.optimizer_steps != ctx_->stepper->optimizer().steps()) {
+    throw ReplayMismatchError(where + "records " + std::to_string(stored.optimizer_steps) + " updates, the replay made " +
+                              std::to_string(ctx_->stepper->optimizer().steps()));
+  }
+  if (now.size() != stored.optimizer_state.size()) {
+    throw ReplayMismatchError(where + "has " + std::to_string(stored.optimizer_state.size()) +
+                              " slots, the replay has " + std::to_string(now.size()));
+  }
+  for (size_t s = 0; s < now.size(); ++s) {
+    const auto& [slot, tensors] = now[s];
+    const auto& [stored_slot, stored_tensors] = stored.optimizer_state[s];
+    if (slot != stored_slot || tensors.size() != stored_tensors.size()) {
+      throw ReplayMismatchError(where + "slot '" + stored_slot + "' does not match the replay's '" + slot + "'");
+    }
+    for (size_t i = 0; i < tensors.size(); ++i) {
+      if (tensors[i].first != stored_tensors[i].first || !at::equal(tensors[i].second, stored_tensors[i].second)) {
+        throw ReplayMismatchError(where + "'" + slot + "." + tensors[i].first + "' is not reproduced");
+      }
+    }
+  }
+}
+
 void Replayer::verify(const std::function<void(int64_t, int64_t)>& progress) {
   const int64_t total = std::min<int64_t>(checkpoints_.back(), logged_steps());
   for (size_t c = 0; c + 1 < checkpoints_.size(); ++c) {
@@ -88,14 +111,7 @@ void Replayer::verify(const std::function<void(int64_t, int64_t)>& progress) {
                                   std::to_string(to - 1) + ")");
       }
     }
-    const TrainerState st = load_trainer_state(dir_.state(to));
-    const NamedTensors mom = ctx_->stepper->momentum_buffers();
-    for (size_t i = 0; i < std::min(mom.size(), st.momentum.size()); ++i) {
-      if (!at::equal(mom[i].second, st.momentum[i].second)) {
-        throw ReplayMismatchError("checkpoint " + std::to_string(to) + ": momentum buffer '" + mom[i].first +
-                                  "' is not reproduced");
-      }
-    }
+    compare_optimizer_state(load_trainer_state(dir_.state(to)), to);
   }
 }
 

@@ -25,6 +25,33 @@ double RunContext::test_accuracy() const {
   return n ? static_cast<double>(right) / static_cast<double>(n) : 0.0;
 }
 
+TrainerState RunContext::state_at(int64_t step) const {
+  TrainerState st;
+  st.step = step;
+  st.sampler = sampler->state_at(step);
+  const Optimizer& opt = stepper->optimizer();
+  st.optimizer = optimizer_name(opt.options().kind);
+  st.optimizer_steps = opt.steps();
+  st.optimizer_state = opt.state();
+  return st;
+}
+
+void RunContext::restore(const TrainerState& st, int64_t step, const std::string& source) {
+  if (st.step != step) throw InputError(source + ": records step " + std::to_string(st.step) + ", expected " +
+                                        std::to_string(step));
+  Optimizer& opt = stepper->optimizer();
+  if (st.optimizer != optimizer_name(opt.options().kind)) {
+    throw InputError(source + ": holds the state of optimizer '" + st.optimizer + "', the run's manifest says '" +
+                     optimizer_name(opt.options().kind) + "'");
+  }
+  if (st.optimizer_steps != step) {
+    throw InputError(source + ": the optimizer made " + std::to_string(st.optimizer_steps) + " updates by step " +
+                     std::to_string(step));
+  }
+  opt.load_state(st.optimizer_state, st.optimizer_steps, source);
+  stepper->sync_norms();
+}
+
 std::unique_ptr<RunContext> make_run_context(const TrainConfig& config,
                                              std::optional<Normalization> normalization) {
   config.validate();
@@ -61,8 +88,7 @@ std::unique_ptr<RunContext> make_run_context(const TrainConfig& config,
     throw InputError(std::string("--model: ") + e.what());
   }
   ctx->model->to(ctx->dtype);
-  ctx->stepper = std::make_unique<SgdStepper>(*ctx->model, SgdOptions{config.momentum, config.weight_decay},
-                                              parse_loss(config.loss));
+  ctx->stepper = std::make_unique<Stepper>(*ctx->model, config.optimizer_options(), parse_loss(config.loss));
   return ctx;
 }
 

@@ -20,8 +20,7 @@ void TrainConfig::validate() const {
   if (batch < 1) throw InputError("--batch must be at least 1");
   if (!(lr > 0) || !std::isfinite(lr)) throw InputError("--lr must be a positive number");
   if (dtype == "float32" && lr > 1e38) throw InputError("--lr must be below 1e38 with --dtype float32");
-  if (!(momentum >= 0 && momentum < 1)) throw InputError("--momentum must be in [0, 1)");
-  if (!(weight_decay >= 0) || !std::isfinite(weight_decay)) throw InputError("--weight-decay must be >= 0");
+  optimizer_options().validate();
   if (threads < 1) throw InputError("--threads must be at least 1");
   if (dtype != "float32" && dtype != "float64") throw InputError("--dtype must be float32 or float64");
   if (loss != "ce" && loss != "mse") throw InputError("--loss must be ce or mse");
@@ -32,11 +31,27 @@ void TrainConfig::validate() const {
   if (out.empty()) throw InputError("--out RUN is required");
 }
 
+OptimizerOptions TrainConfig::optimizer_options() const {
+  OptimizerOptions o;
+  o.kind = parse_optimizer(optimizer);
+  o.weight_decay = weight_decay;
+  o.momentum = momentum;
+  o.dampening = dampening;
+  o.nesterov = nesterov;
+  o.beta1 = beta1;
+  o.beta2 = beta2;
+  o.eps = eps;
+  return o;
+}
+
 nlohmann::json to_json(const TrainConfig& c) {
   return {{"data_dir", c.data_dir},       {"model", c.model},
           {"steps", c.steps},             {"epochs", c.epochs},
           {"batch", c.batch},             {"lr", c.lr},
           {"lr_schedule", c.lr_schedule}, {"momentum", c.momentum},
+          {"optimizer", c.optimizer},     {"dampening", c.dampening},
+          {"nesterov", c.nesterov},       {"betas", {c.beta1, c.beta2}},
+          {"eps", c.eps},
           {"weight_decay", c.weight_decay}, {"seed", c.seed},
           {"threads", c.threads},         {"dtype", c.dtype},
           {"loss", c.loss},               {"train_limit", c.train_limit},
@@ -56,6 +71,17 @@ TrainConfig train_config_from_json(const nlohmann::json& j, const std::string& s
     c.lr = j.at("lr").get<double>();
     c.lr_schedule = j.at("lr_schedule").get<std::string>();
     c.momentum = j.at("momentum").get<double>();
+    // Absent from runs made before the optimizer seam (format pathkernel-run/1 with plain SGD).
+    c.optimizer = j.value("optimizer", std::string("sgd"));
+    c.dampening = j.value("dampening", 0.0);
+    c.nesterov = j.value("nesterov", false);
+    if (j.contains("betas")) {
+      const auto betas = j.at("betas").get<std::vector<double>>();
+      if (betas.size() != 2) throw InputError(source + ": 'betas' must hold two numbers");
+      c.beta1 = betas[0];
+      c.beta2 = betas[1];
+    }
+    c.eps = j.value("eps", 1e-8);
     c.weight_decay = j.at("weight_decay").get<double>();
     c.seed = j.at("seed").get<uint64_t>();
     c.threads = j.at("threads").get<int>();

@@ -54,8 +54,12 @@ nlohmann::json make_manifest(const RunContext& ctx, const std::string& command_l
                 {"test_examples", ctx.test.size()},
                 {"normalization", {{"mode", c.normalize}, {"mean", ctx.normalization.mean},
                                    {"std", ctx.normalization.std}}}}},
-      {"optimizer", {{"name", "sgd"}, {"lr", c.lr}, {"lr_schedule", c.lr_schedule}, {"momentum", c.momentum},
-                     {"weight_decay", c.weight_decay}, {"dampening", 0}, {"nesterov", false}}},
+      {"optimizer", [&] {
+         nlohmann::json o = c.optimizer_options().to_json();
+         o["lr"] = c.lr;
+         o["lr_schedule"] = c.lr_schedule;
+         return o;
+       }()},
       {"loss", c.loss},
       {"seed", c.seed},
       {"dtype", c.dtype},
@@ -143,10 +147,7 @@ class Appender {
 };
 
 void save_checkpoint(const RunDir& dir, RunContext& ctx, int64_t step) {
-  TrainerState st;
-  st.step = step;
-  st.sampler = ctx.sampler->state_at(step);
-  st.momentum = ctx.stepper->momentum_buffers();
+  const TrainerState st = ctx.state_at(step);
   // State first, weights last: a step counts as checkpointed only when its .pt exists.
   save_trainer_state(dir.state(step), st);
   save_tensor_dict(dir.checkpoint(step), state_dict_of(*ctx.model));
@@ -314,9 +315,7 @@ TrainSummary resume(const fs::path& run, const std::string& command_line) {
     for (auto it = steps.rbegin(); it != steps.rend(); ++it) {
       try {
         load_weights(*ctx->model, load_tensor_dict(dir.checkpoint(*it)), dir.checkpoint(*it).string());
-        const TrainerState st = load_trainer_state(dir.state(*it));
-        if (st.step != *it) throw InputError(dir.state(*it).string() + ": records step " + std::to_string(st.step));
-        ctx->stepper->set_momentum_buffers(st.momentum);
+        ctx->restore(load_trainer_state(dir.state(*it)), *it, dir.state(*it).string());
         start = *it;
         break;
       } catch (const InputError& e) {

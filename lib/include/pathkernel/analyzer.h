@@ -14,7 +14,8 @@ namespace pathkernel {
 
 struct RowGradients;
 
-/// What the analyzer hands a per-step hook: enough to attribute a step to training examples.
+/// What the analyzer hands a per-step hook: enough to attribute a step to training examples
+/// (plain SGD; with memory or a preconditioner see attribution.h).
 struct StepTerms {
   int64_t step = 0;
   double lr = 0;
@@ -58,6 +59,9 @@ struct StepRow {
   double lr = 0, loss_before = 0, loss_after = 0, grad_norm = 0, update_norm = 0;
   double d_norm = 0, f_norm = 0, k_norm = 0, u_norm = 0, u_round_norm = 0, u_wd_norm = 0, u_mom_norm = 0;
   double r_norm = 0, s_norm = 0, higher_norm = 0;
+  /// The optimizer's kernel term and its remainder (SPEC, "Optimizers with memory"). u_wd_norm
+  /// and u_mom_norm are the SPEC's SGD sources: NaN for Nesterov, dampening, Adam and AdamW.
+  double kopt_norm = 0, uopt_wd_norm = 0, uopt_round_norm = 0;
   double r = 0;          ///< |R| / |F|
   double kexact_norm = 0, quad_error = 0;  ///< with exact_nodes: |sum_m Kexact_{k,m}|, |D - gbar . dw|
   bool loss_up = false;  ///< L_k(w_{k+1}) > L_k(w_k)
@@ -70,6 +74,13 @@ struct AnalysisResult {
   at::Tensor outputs;                  ///< int64 [P, C]: which logit each column is
   at::Tensor d, f, k, u, r, s;         ///< float64 [steps, P, C] (s undefined without second order)
   at::Tensor kexact, uexact;           ///< float64 [steps, P, C] with exact_nodes (else undefined)
+  at::Tensor kopt, uopt_wd, uopt_round;  ///< float64 [steps, P, C]: Kopt, Uopt_wd, Uopt_round
+  /// With exact_nodes and uses_kopt: Kopt with the segment mean gbar in place of g, and the rest
+  /// of gbar . dw (decay and rounding); float64 [steps, P, C].
+  at::Tensor koptexact, uoptexact;
+  std::string optimizer;               ///< the run's optimizer: sgd, adam, adamw
+  /// The optimizer has memory (momentum, Adam's moments) or a preconditioner: Eq. 9 uses Kopt.
+  bool uses_kopt = false;
   at::Tensor f_initial, f_final;       ///< float64 [P, C] at the first analyzed step and after the last
   std::vector<StepRow> steps;
   bool contiguous = true;              ///< every step in the range analyzed: the run identity applies

@@ -11,12 +11,10 @@
 #include <utility>
 #include <vector>
 
+#include "pathkernel/optimizer.h"
 #include "pathkernel/sampler.h"
 
 namespace pathkernel {
-
-/// Ordered name -> tensor pairs (state_dict order).
-using NamedTensors = std::vector<std::pair<std::string, at::Tensor>>;
 
 /// Writes a dict name -> tensor with torch::pickle_save, atomically. Throws InputError.
 void save_tensor_dict(const std::filesystem::path& path, const NamedTensors& tensors);
@@ -29,18 +27,26 @@ NamedTensors load_tensor_dict(const std::filesystem::path& path);
 struct TrainerState {
   int64_t step = 0;
   SamplerState sampler;
-  /// Momentum buffers v_{k-1} by parameter name; empty when momentum is off or before step 0.
-  NamedTensors momentum;
+  /// The optimizer's name ("sgd", "adam", "adamw") and its number of updates so far.
+  std::string optimizer = "sgd";
+  int64_t optimizer_steps = 0;
+  /// The optimizer's named state after step - 1 (slot -> parameter name -> tensor); empty
+  /// before the first step and for optimizers without state.
+  OptimizerState optimizer_state;
 };
 
 /// Format tag stored in every state file.
-inline constexpr const char* kStateFormat = "pathkernel-trainer-state/1";
+inline constexpr const char* kStateFormat = "pathkernel-trainer-state/2";
+/// The previous format (SGD only: {..., momentum: {name: tensor}}), still read.
+inline constexpr const char* kStateFormatV1 = "pathkernel-trainer-state/1";
 
 /// Writes a TrainerState as a pickled dict {format, step, sampler_seed, sampler_epoch,
-/// sampler_position, momentum: {name: tensor}}, atomically.
+/// sampler_position, optimizer, optimizer_steps, optimizer_state: {slot: {name: tensor}}},
+/// atomically.
 void save_trainer_state(const std::filesystem::path& path, const TrainerState& state);
 
-/// Reads a TrainerState. Throws InputError naming the file when it is missing or malformed.
+/// Reads a TrainerState of either format (a /1 file's momentum buffers become the slot
+/// "momentum_buffer"). Throws InputError naming the file when it is missing or malformed.
 TrainerState load_trainer_state(const std::filesystem::path& path);
 
 }  // namespace pathkernel

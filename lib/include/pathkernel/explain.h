@@ -27,6 +27,10 @@ struct ExplainConfig {
   int64_t grids = 16;                  ///< PNG grids for at most this many probes
   bool force = false;
   double tolerance = 1e-8;
+  /// auto: plain SGD attributes step by step (a_i); optimizers with memory or a preconditioner
+  /// through the backward recursion (aopt_i, attribution.h). backward: always the recursion
+  /// (the tests compare both routes on plain SGD).
+  std::string route = "auto";
 
   void validate() const;
 };
@@ -39,6 +43,10 @@ struct ExplainResult {
   std::vector<std::vector<int64_t>> drawn_at;  ///< per training example, the steps that drew it
   at::Tensor self_influence;      ///< float64 [N_train] with self_influence
   at::Tensor f_initial, f_final, sum_u, sum_r, sum_uexact;  ///< float64 [P]
+  /// The attribution went through the optimizer's recursion (aopt_i); sum_u is then
+  /// sum(Uopt_wd + Uopt_round) and sum_uexact the exact version's remainder.
+  bool through_optimizer = false;
+  std::string optimizer;
   double sum_error = 0;           ///< max_p |f_N - f_0 - (sum a + sum U + sum R)| / max_p |f_N - f_0|
   double sum_error_exact = 0;     ///< the same for sum a_exact + sum Uexact (with exact_nodes)
   double max_quad_error = 0;

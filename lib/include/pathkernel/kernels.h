@@ -18,7 +18,7 @@
 #include <vector>
 
 #include "pathkernel/models/model.h"
-#include "pathkernel/sgd.h"
+#include "pathkernel/stepper.h"
 
 namespace pathkernel {
 
@@ -30,9 +30,6 @@ struct RowSignals {
   /// [R, Cout], formed once when the signals are captured; undefined for Linear taps.
   std::vector<at::Tensor> conv_weight_grads, conv_bias_grads;
 };
-
-/// Parameter-shaped tensors by state_dict name (a direction in weight space).
-using ParamMap = std::map<std::string, at::Tensor>;
 
 /// Rows (p, c) for probes x [P, ...] and outputs `outputs` (C of them): row p*C + j is the
 /// output outputs[j] of probe p. Also returns the model outputs [P, num_classes] in `logits`.
@@ -92,5 +89,13 @@ RowGradients loss_rows(models::Model& model, const at::Tensor& x, const at::Tens
 at::Tensor row_gram(const RowGradients& a, const RowGradients& b);
 /// [R] row gradients dotted with the direction v.
 at::Tensor row_directional(const RowGradients& a, const ParamMap& v);
+
+/// [R, n_params]: the rows' gradients materialized in state_dict order (for a few rows).
+at::Tensor row_jacobian(models::Model& model, const RowGradients& rows);
+/// [D, R]: each of the directions `dirs` [D, n_params] (state_dict order) dotted with each row's
+/// gradient, without materializing the rows' gradients (Linear: G_r^T Dir A_r per layer).
+at::Tensor directions_dot_rows(models::Model& model, const RowGradients& rows, const at::Tensor& dirs);
+/// [R]: <grad row_r, p (.) grad row_r> for a weight p [n_params] (state_dict order).
+at::Tensor rows_weighted_sq(models::Model& model, const RowGradients& rows, const at::Tensor& p);
 
 }  // namespace pathkernel

@@ -1,7 +1,7 @@
 #pragma once
 /// \file replay.h
 /// Reconstructs the weights at any step of a run from the nearest earlier checkpoint and the
-/// step log, by re-running the logged steps through the same SgdStepper that trained them.
+/// step log, by re-running the logged steps through the same Stepper that trained them.
 
 #include <cstdint>
 #include <filesystem>
@@ -31,7 +31,7 @@ class Replayer {
   const std::vector<nlohmann::json>& step_log() const { return log_; }
   RunContext& context() { return *ctx_; }
 
-  /// Puts the weights (and momentum buffers) of step `step` into the model: loads the nearest
+  /// Puts the weights (and optimizer state) of step `step` into the model: loads the nearest
   /// checkpoint at or before it (unless the model already holds an earlier state of the same
   /// stretch) and replays the logged steps. Throws InputError when the step is out of range.
   void seek(int64_t step);
@@ -47,6 +47,8 @@ class Replayer {
 
  private:
   void load_checkpoint(int64_t step);
+  /// Throws ReplayMismatchError unless the optimizer's state equals `stored` bit for bit.
+  void compare_optimizer_state(const TrainerState& stored, int64_t step) const;
   /// Replays step k (from w_k to w_{k+1}); returns its record.
   StepRecord replay_step(int64_t k);
 

@@ -10,11 +10,12 @@
 #include <optional>
 #include <vector>
 
+#include "pathkernel/checkpoint.h"
 #include "pathkernel/idx.h"
 #include "pathkernel/lr_schedule.h"
 #include "pathkernel/models/model.h"
 #include "pathkernel/sampler.h"
-#include "pathkernel/sgd.h"
+#include "pathkernel/stepper.h"
 #include "pathkernel/threads.h"
 #include "pathkernel/train_config.h"
 
@@ -29,7 +30,7 @@ struct RunContext {
   int64_t num_classes = 0;
   int64_t total_steps = 0;
   std::shared_ptr<models::Model> model;
-  std::unique_ptr<SgdStepper> stepper;
+  std::unique_ptr<Stepper> stepper;
   std::unique_ptr<BatchSampler> sampler;
   std::unique_ptr<LrSchedule> schedule;
 
@@ -37,6 +38,12 @@ struct RunContext {
   std::pair<at::Tensor, at::Tensor> batch(const std::vector<int64_t>& indices) const;
   /// Test-set accuracy of the current weights (chunked, no autograd).
   double test_accuracy() const;
+  /// What is saved beside the weights of `step`: the sampler position and the optimizer state.
+  TrainerState state_at(int64_t step) const;
+  /// Restores the optimizer state of a state file (read from `source`) whose weights the model
+  /// already holds. Throws InputError naming `source` when the file records another step or
+  /// optimizer, or its state does not fit the model.
+  void restore(const TrainerState& state, int64_t step, const std::string& source);
 };
 
 /// Builds the context: pins threads, loads and checks the data, seeds torch with config.seed and

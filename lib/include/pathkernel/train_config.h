@@ -8,6 +8,8 @@
 #include <cstdint>
 #include <string>
 
+#include "pathkernel/optimizer.h"
+
 namespace pathkernel {
 
 struct TrainConfig {
@@ -18,8 +20,13 @@ struct TrainConfig {
   int64_t batch = 64;           ///< minibatch size |B_k|
   double lr = 0.1;              ///< base learning rate
   std::string lr_schedule = "constant";  ///< see lr_schedule.h
-  double momentum = 0.0;        ///< mu
-  double weight_decay = 0.0;    ///< lambda
+  std::string optimizer = "sgd";  ///< sgd | adam | adamw (optimizer.h)
+  double momentum = 0.0;        ///< SGD: mu
+  double dampening = 0.0;       ///< SGD: tau
+  bool nesterov = false;        ///< SGD: Nesterov momentum
+  double beta1 = 0.9, beta2 = 0.999;  ///< Adam/AdamW betas
+  double eps = 1e-8;            ///< Adam/AdamW epsilon
+  double weight_decay = 0.0;    ///< SGD and Adam: L2 lambda; AdamW: decoupled
   uint64_t seed = 0;            ///< seeds weight init and batch order
   int threads = 1;              ///< torch intra-op threads and OpenBLAS threads
   std::string dtype = "float32";  ///< float32 or float64 (weights and arithmetic)
@@ -33,6 +40,8 @@ struct TrainConfig {
 
   /// Throws InputError with a message naming the flag when a setting is invalid.
   void validate() const;
+  /// The optimizer settings (throws InputError for an unknown --optimizer).
+  OptimizerOptions optimizer_options() const;
 };
 
 nlohmann::json to_json(const TrainConfig& c);

@@ -1,0 +1,45 @@
+#pragma once
+/// \file attribution.h
+/// Attribution through an optimizer with memory or a preconditioner (SPEC, "Optimizers with
+/// memory or a preconditioner"): for probe row x and training example i,
+///
+///     aopt_i(x) = sum over k and j <= k with i in B_j of -(a_k c_{k,j} / |B_j|) < g(x; w_k), P_k (.) grad l_i(w_j) >
+///
+/// over the whole momentum series, never truncated. Computed exactly by walking the steps
+/// backwards with Phi_j = a_j alpha_j P_j (.) g(x; w_j) + beta Phi_{j+1} (Phi_N = 0) and
+/// Psi_j = s_j Phi_j + a_j nu P_j (.) g(x; w_j); then aopt_i(x) = -sum_{j: i in B_j} (1/|B_j|)
+/// < Psi_j(x), grad l_i(w_j) >. The run is replayed one checkpoint stretch at a time (each
+/// stretch forwards once, then is walked backwards), so the cost is about two replays.
+/// With the segment mean gbar(x) in place of g(x; w_k) the same gives the exact version.
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace pathkernel {
+
+struct OptimizerAttributionConfig {
+  std::string run;                     ///< run directory
+  std::vector<int64_t> probe_indices;  ///< into the split
+  std::string split = "test";
+  at::Tensor cols;                     ///< int64 [P, C']: the outputs of each probe (rows p*C' + j)
+  int64_t end = 0;                     ///< steps 0 .. end-1 are attributed
+  int64_t exact_nodes = 0;             ///< Q > 0: also with the exact path kernel
+  std::string kernel_route = "auto";   ///< auto | factorized | explicit (for the batch rows)
+  bool self_influence = false;         ///< also sum over steps of a_j <grad l_i, P_j (.) grad l_i>
+};
+
+struct OptimizerAttribution {
+  at::Tensor attr;            ///< float64 [P*C', N_train]: aopt_i
+  at::Tensor attr_exact;      ///< with exact_nodes
+  at::Tensor self_influence;  ///< float64 [N_train] with self_influence
+  at::Tensor times_drawn;     ///< int64 [N_train]
+  std::vector<std::vector<int64_t>> drawn_at;  ///< per training example, the steps that drew it
+};
+
+/// Runs the backward recursion over steps 0 .. end-1. Throws InputError for a bad run.
+OptimizerAttribution attribute_through_optimizer(const OptimizerAttributionConfig& config);
+
+}  // namespace pathkernel

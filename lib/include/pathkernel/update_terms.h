@@ -1,0 +1,50 @@
+#pragma once
+/// \file update_terms.h
+/// The optimizer's update in float64, split into its kernel part and its weight-decay part
+/// (SPEC, "Optimizers with memory or a preconditioner"):
+///
+///     dw_k = -a_k * ( P_k (.) (alpha_k G_k + nu grad L_k) )                      kernel part
+///            -a_k * ( P_k (.) (alpha_k W_k + nu lc w_k) + ld w_k )               decay part
+///     G_k = beta G_{k-1} + s_k grad L_k(w_k),   W_k = beta W_{k-1} + s_k lc w_k   (G_{-1} = W_{-1} = 0)
+///
+/// so that Kopt_k = g_c(x; w_k) . kernel part and Uopt_wd = g_c(x; w_k) . decay part. The
+/// recurrences must see every step from 0 on: the momentum series is never truncated.
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+
+#include "pathkernel/optimizer.h"
+
+namespace pathkernel {
+
+class UpdateRecurrence {
+ public:
+  explicit UpdateRecurrence(const Optimizer& optimizer) : optimizer_(optimizer) {}
+
+  /// Takes in step k: the float64 batch gradient grad L_k(w_k) and the weights w_k by name.
+  /// With memory, steps must come in order 0, 1, 2, ... (throws std::logic_error otherwise).
+  void advance(int64_t k, const ParamMap& grad, const ParamMap& weights);
+
+  /// P_k (.) (alpha_k G_k + nu grad L_k), without the factor -a_k. `p` is the preconditioner
+  /// after step k (empty: the identity).
+  ParamMap kernel_direction(const ParamMap& p) const;
+  /// P_k (.) (alpha_k W_k + nu lc w_k) + ld w_k, without the factor -a_k.
+  ParamMap decay_direction(const ParamMap& p) const;
+
+  /// The coefficients of the last step taken in.
+  const LinearUpdate& coefficients() const { return lu_; }
+  /// True when the run's update has any decay term.
+  bool has_decay() const { return lu_.lc != 0 || lu_.ld != 0; }
+
+ private:
+  const Optimizer& optimizer_;
+  int64_t next_ = 0;
+  LinearUpdate lu_;
+  ParamMap g_buf_, w_buf_, grad_, weights_;
+};
+
+/// a (.) b by name; `a` empty stands for all ones.
+ParamMap precondition(const ParamMap& p, const ParamMap& v);
+
+}  // namespace pathkernel

@@ -1,0 +1,357 @@
+#include "pathkernel/optimizer.h"
+
+#include <ATen/ATen.h>
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <cmath>
+
+#include "pathkernel/errors.h"
+
+namespace pathkernel {
+namespace {
+
+/// |t|^2 as one BLAS dot product, in t's dtype (a diagnostic and a bound, not a result).
+double squared_norm(const at::Tensor& t) {
+  const at::Tensor flat = t.reshape({-1});
+  return at::dot(flat, flat).item<double>();
+}
+
+/// torch.optim.SGD: d = g + lc w; b = mu b + (1 - tau) d (b = d at the first step);
+/// d = d + mu b (Nesterov) or b; w -= lr d.
+class SgdOptimizer final : public Optimizer {
+ public:
+  SgdOptimizer(OptimizerOptions o, std::vector<std::string> names, std::vector<at::Tensor> params)
+      : Optimizer(o, std::move(names), std::move(params)) {
+    buffers_.resize(params_.size());
+    weights_changed();
+  }
+
+  UpdateOutcome step(const std::vector<at::Tensor>& grads, const std::vector<double>& grad_sq,
+                     double lr) override {
+    double g_sq = 0;
+    for (double v : grad_sq) g_sq += v;
+    if (!in_place_is_safe(lr, std::sqrt(g_sq))) return step_out_of_place(grads, lr);
+    const auto& o = options_;
+    double update_sq = 0, buffer_sq = 0;
+    for (size_t i = 0; i < params_.size(); ++i) {
+      at::Tensor d = grads[i];
+      if (o.weight_decay != 0) d = d.add(params_[i], o.weight_decay);
+      if (o.momentum != 0) {
+        if (buffers_[i].defined()) {
+          buffers_[i].mul_(o.momentum).add_(d, 1 - o.dampening);
+        } else {
+          buffers_[i] = d.clone();
+        }
+        if (o.nesterov) {
+          buffer_sq += squared_norm(buffers_[i]);
+          d = d.add(buffers_[i], o.momentum);
+        } else {
+          d = buffers_[i];
+        }
+      }
+      // Without decay or momentum d is the gradient itself: its norm is known.
+      update_sq += d.data_ptr() == grads[i].data_ptr() ? grad_sq[i] : squared_norm(d);
+      params_[i].add_(d, -lr);
+    }
+    ++steps_;
+    UpdateOutcome out;
+    out.update_norm = lr * std::sqrt(update_sq);
+    // Running upper bounds instead of a pass over the weights every step.
+    buffer_norm_ = o.momentum == 0 ? 0.0 : o.nesterov ? std::sqrt(buffer_sq) : std::sqrt(update_sq);
+    weight_norm_ += out.update_norm;
+    return out;
+  }
+
+  OptimizerState state() const override {
+    if (options_.momentum == 0 || !buffers_[0].defined()) return {};
+    NamedTensors b = named(buffers_);
+    for (auto& [n, t] : b) t = t.clone();
+    return {{"momentum_buffer", b}};
+  }
+
+  void load_state(const OptimizerState& state, int64_t steps, const std::string& source) override {
+    for (auto& b : buffers_) b = at::Tensor();
+    read_slot(state, "momentum_buffer", buffers_, source, /*required=*/options_.momentum != 0 && steps > 0);
+    if (options_.momentum == 0 && !state.empty()) {
+      throw InputError(source + ": holds momentum buffers, but the run's optimizer has no momentum");
+    }
+    steps_ = steps;
+    weights_changed();
+  }
+
+  void weights_changed() override {
+    double w = 0, v = 0;
+    for (size_t i = 0; i < params_.size(); ++i) {
+      w += squared_norm(params_[i].detach());
+      if (buffers_[i].defined()) v += squared_norm(buffers_[i]);
+    }
+    weight_norm_ = std::sqrt(w);
+    buffer_norm_ = std::sqrt(v);
+  }
+
+ private:
+  /// Triangle inequality: |w_{k+1}| <= |w_k| + lr |d| with |d| bounded by the norms of the parts.
+  /// Far below the dtype's largest value no weight can overflow and the update is made in place
+  /// (as torch.optim does); otherwise it goes the careful way. |w_k| and |b_{k-1}| are running
+  /// bounds, made exact again when they grow too large.
+  double bound(double lr, double g_norm) const {
+    const auto& o = options_;
+    const double dn = g_norm + o.weight_decay * weight_norm_;
+    const double buffer = o.momentum * buffer_norm_ + dn;
+    const double d = o.momentum == 0 ? dn : o.nesterov ? dn + o.momentum * buffer : buffer;
+    const double b = weight_norm_ + lr * d;
+    return std::isfinite(b) ? b : HUGE_VAL;
+  }
+  double limit() const { return params_.empty() || params_[0].scalar_type() == at::kDouble ? 1e300 : 1e36; }
+  bool in_place_is_safe(double lr, double g_norm) {
+    if (!(bound(lr, g_norm) < limit())) weights_changed();
+    return bound(lr, g_norm) < limit();
+  }
+
+  /// The update formed out of place and committed only when every new weight is finite, so a
+  /// diverging step leaves w_k and the buffers intact.
+  UpdateOutcome step_out_of_place(const std::vector<at::Tensor>& grads, double lr) {
+    const auto& o = options_;
+    std::vector<at::Tensor> next(params_.size()), next_buffers(params_.size());
+    UpdateOutcome out;
+    double update_sq = 0;
+    for (size_t i = 0; i < params_.size(); ++i) {
+      at::Tensor d = grads[i];
+      if (o.weight_decay != 0) d = d.add(params_[i], o.weight_decay);
+      if (o.momentum != 0) {
+        next_buffers[i] = buffers_[i].defined() ? buffers_[i].mul(o.momentum).add_(d, 1 - o.dampening) : d.clone();
+        d = o.nesterov ? d.add(next_buffers[i], o.momentum) : next_buffers[i];
+      }
+      next[i] = at::add(params_[i], d, -lr);
+      const double sq = squared_norm(next[i] - params_[i]);
+      if (!std::isfinite(sq)) {
+        out.finite = false;
+        out.nonfinite = "weights (" + names_[i] + ")";
+        return out;
+      }
+      update_sq += sq;
+    }
+    for (size_t i = 0; i < params_.size(); ++i) {
+      params_[i].copy_(next[i]);
+      if (o.momentum != 0) buffers_[i] = next_buffers[i];
+    }
+    ++steps_;
+    weights_changed();
+    out.update_norm = std::sqrt(update_sq);
+    return out;
+  }
+
+  std::vector<at::Tensor> buffers_;
+  double weight_norm_ = 0, buffer_norm_ = 0;
+};
+
+/// torch.optim.Adam / AdamW (amsgrad off): m = b1 m + (1 - b1) g, v = b2 v + (1 - b2) g^2,
+/// w -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps); Adam adds lc w to g, AdamW first
+/// scales w by 1 - lr ld. The new state is formed out of place and committed when finite.
+class AdamOptimizer final : public Optimizer {
+ public:
+  AdamOptimizer(OptimizerOptions o, std::vector<std::string> names, std::vector<at::Tensor> params)
+      : Optimizer(o, std::move(names), std::move(params)) {
+    for (const auto& p : params_) {
+      exp_avg_.push_back(at::zeros_like(p));
+      exp_avg_sq_.push_back(at::zeros_like(p));
+    }
+  }
+
+  UpdateOutcome step(const std::vector<at::Tensor>& grads, const std::vector<double>& /*grad_sq*/,
+                     double lr) override {
+    const auto& o = options_;
+    const bool decoupled = o.kind == OptimizerKind::kAdamW;
+    const double t = static_cast<double>(steps_ + 1);
+    const double bc1 = 1 - std::pow(o.beta1, t), bc2 = 1 - std::pow(o.beta2, t);
+    const double step_size = lr / bc1, bc2_sqrt = std::sqrt(bc2);
+    std::vector<at::Tensor> m(params_.size()), v(params_.size()), w(params_.size());
+    UpdateOutcome out;
+    double update_sq = 0;
+    for (size_t i = 0; i < params_.size(); ++i) {
+      at::Tensor g = grads[i];
+      at::Tensor p = params_[i].detach();
+      if (decoupled && o.weight_decay != 0) p = p.mul(1 - lr * o.weight_decay);
+      if (!decoupled && o.weight_decay != 0) g = g.add(params_[i], o.weight_decay);
+      m[i] = exp_avg_[i].mul(o.beta1).add_(g, 1 - o.beta1);
+      v[i] = exp_avg_sq_[i].mul(o.beta2).addcmul_(g, g, 1 - o.beta2);
+      const at::Tensor denom = (v[i].sqrt() / bc2_sqrt).add_(o.eps);
+      w[i] = p.addcdiv(m[i], denom, -step_size);
+      const double sq = squared_norm(w[i] - params_[i]);
+      if (!std::isfinite(sq)) {
+        out.finite = false;
+        out.nonfinite = "weights (" + names_[i] + ")";
+        return out;
+      }
+      update_sq += sq;
+    }
+    for (size_t i = 0; i < params_.size(); ++i) {
+      params_[i].detach().copy_(w[i]);
+      exp_avg_[i] = m[i];
+      exp_avg_sq_[i] = v[i];
+    }
+    ++steps_;
+    out.update_norm = std::sqrt(update_sq);
+    return out;
+  }
+
+  OptimizerState state() const override {
+    if (steps_ == 0) return {};
+    NamedTensors m = named(exp_avg_), v = named(exp_avg_sq_);
+    for (auto& [n, t] : m) t = t.clone();
+    for (auto& [n, t] : v) t = t.clone();
+    return {{"exp_avg", m}, {"exp_avg_sq", v}};
+  }
+
+  void load_state(const OptimizerState& state, int64_t steps, const std::string& source) override {
+    std::vector<at::Tensor> m(params_.size()), v(params_.size());
+    read_slot(state, "exp_avg", m, source, steps > 0);
+    read_slot(state, "exp_avg_sq", v, source, steps > 0);
+    for (size_t i = 0; i < params_.size(); ++i) {
+      exp_avg_[i] = m[i].defined() ? m[i] : at::zeros_like(params_[i]);
+      exp_avg_sq_[i] = v[i].defined() ? v[i] : at::zeros_like(params_[i]);
+      if (exp_avg_sq_[i].lt(0).any().item<bool>()) {
+        throw InputError(source + ": exp_avg_sq of '" + names_[i] + "' has negative entries");
+      }
+    }
+    steps_ = steps;
+  }
+
+  ParamMap preconditioner() const override {
+    ParamMap p;
+    if (steps_ == 0) return p;
+    const double bc2 = 1 - std::pow(options_.beta2, static_cast<double>(steps_));
+    for (size_t i = 0; i < params_.size(); ++i) {
+      // In float64 from the state as the optimizer holds it (SPEC: P_k after step k); the float32
+      // route's own rounding of this expression ends up in Uopt_round.
+      p[names_[i]] = 1.0 / ((exp_avg_sq_[i].to(at::kDouble) / bc2).sqrt() + options_.eps);
+    }
+    return p;
+  }
+
+ private:
+  std::vector<at::Tensor> exp_avg_, exp_avg_sq_;
+};
+
+}  // namespace
+
+OptimizerKind parse_optimizer(const std::string& name) {
+  if (name == "sgd") return OptimizerKind::kSgd;
+  if (name == "adam") return OptimizerKind::kAdam;
+  if (name == "adamw") return OptimizerKind::kAdamW;
+  throw InputError("--optimizer must be sgd, adam or adamw, got '" + name + "'");
+}
+
+std::string optimizer_name(OptimizerKind kind) {
+  switch (kind) {
+    case OptimizerKind::kSgd: return "sgd";
+    case OptimizerKind::kAdam: return "adam";
+    case OptimizerKind::kAdamW: return "adamw";
+  }
+  return "sgd";
+}
+
+void OptimizerOptions::validate() const {
+  if (!(weight_decay >= 0) || !std::isfinite(weight_decay)) throw InputError("--weight-decay must be >= 0");
+  if (kind == OptimizerKind::kSgd) {
+    if (!(momentum >= 0 && momentum < 1)) throw InputError("--momentum must be in [0, 1)");
+    if (!(dampening >= 0 && dampening <= 1)) throw InputError("--dampening must be in [0, 1]");
+    if (nesterov && (momentum <= 0 || dampening != 0)) {
+      throw InputError("--nesterov needs --momentum > 0 and --dampening 0 (as torch.optim.SGD)");
+    }
+    return;
+  }
+  if (!(beta1 >= 0 && beta1 < 1) || !(beta2 >= 0 && beta2 < 1)) throw InputError("--betas must both be in [0, 1)");
+  if (!(eps > 0) || !std::isfinite(eps)) throw InputError("--eps must be a positive number");
+  if (momentum != 0 || nesterov || dampening != 0) {
+    throw InputError("--momentum, --nesterov and --dampening apply to --optimizer sgd only");
+  }
+}
+
+nlohmann::json OptimizerOptions::to_json() const {
+  nlohmann::json j = {{"name", optimizer_name(kind)}, {"weight_decay", weight_decay}};
+  if (kind == OptimizerKind::kSgd) {
+    j["momentum"] = momentum;
+    j["dampening"] = dampening;
+    j["nesterov"] = nesterov;
+  } else {
+    j["betas"] = {beta1, beta2};
+    j["eps"] = eps;
+    j["amsgrad"] = false;
+    j["weight_decay_kind"] = kind == OptimizerKind::kAdamW ? "decoupled" : "l2";
+  }
+  return j;
+}
+
+Optimizer::Optimizer(OptimizerOptions options, std::vector<std::string> names, std::vector<at::Tensor> params)
+    : options_(options), names_(std::move(names)), params_(std::move(params)) {
+  options_.validate();
+}
+
+LinearUpdate Optimizer::linear_update(int64_t k) const {
+  const auto& o = options_;
+  LinearUpdate u;
+  if (o.kind == OptimizerKind::kSgd) {
+    u.lc = o.weight_decay;
+    if (o.momentum == 0) return u;
+    u.beta = o.momentum;
+    u.s = k == 0 ? 1.0 : 1.0 - o.dampening;
+    if (o.nesterov) {
+      u.alpha = o.momentum;
+      u.nu = 1;
+    }
+    return u;
+  }
+  u.beta = o.beta1;
+  u.s = 1 - o.beta1;
+  u.alpha = 1.0 / (1.0 - std::pow(o.beta1, static_cast<double>(k + 1)));
+  if (o.kind == OptimizerKind::kAdam) u.lc = o.weight_decay;
+  if (o.kind == OptimizerKind::kAdamW) u.ld = o.weight_decay;
+  return u;
+}
+
+void Optimizer::read_slot(const OptimizerState& state, const std::string& slot, std::vector<at::Tensor>& out,
+                          const std::string& source, bool required) const {
+  auto it = std::find_if(state.begin(), state.end(), [&](const auto& s) { return s.first == slot; });
+  if (it == state.end()) {
+    if (required) throw InputError(source + ": optimizer state has no '" + slot + "'");
+    return;
+  }
+  for (const auto& s : state) {
+    if (s.first != "momentum_buffer" && s.first != "exp_avg" && s.first != "exp_avg_sq") {
+      throw InputError(source + ": unknown optimizer state slot '" + s.first + "'");
+    }
+  }
+  if (it->second.size() != params_.size()) {
+    throw InputError(source + ": optimizer state '" + slot + "' has " + std::to_string(it->second.size()) +
+                     " tensors, the model has " + std::to_string(params_.size()) + " parameters");
+  }
+  for (const auto& [name, t] : it->second) {
+    auto pos = std::find(names_.begin(), names_.end(), name);
+    if (pos == names_.end()) throw InputError(source + ": optimizer state '" + slot + "." + name + "' matches no parameter");
+    const size_t i = static_cast<size_t>(pos - names_.begin());
+    if (t.sizes() != params_[i].sizes() || !t.is_floating_point()) {
+      throw InputError(source + ": optimizer state '" + slot + "." + name + "' has shape " + c10::str(t.sizes()) +
+                       " (" + std::string(c10::toString(t.scalar_type())) + "), expected " +
+                       c10::str(params_[i].sizes()));
+    }
+    out[i] = t.to(params_[i].scalar_type()).clone();
+  }
+}
+
+NamedTensors Optimizer::named(const std::vector<at::Tensor>& tensors) const {
+  NamedTensors out;
+  for (size_t i = 0; i < tensors.size(); ++i) out.emplace_back(names_[i], tensors[i]);
+  return out;
+}
+
+std::unique_ptr<Optimizer> make_optimizer(const OptimizerOptions& options, std::vector<std::string> names,
+                                          std::vector<at::Tensor> params) {
+  if (options.kind == OptimizerKind::kSgd) {
+    return std::make_unique<SgdOptimizer>(options, std::move(names), std::move(params));
+  }
+  return std::make_unique<AdamOptimizer>(options, std::move(names), std::move(params));
+}
+
+}  // namespace pathkernel

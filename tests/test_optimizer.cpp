@@ -1,0 +1,259 @@
+// Every optimizer against LibTorch's own torch::optim (the PyTorch definitions), its state,
+// its records, and the linear form of its update that the analyzer relies on.
+#include <ATen/ATen.h>
+#include <torch/optim/adam.h>
+#include <torch/optim/adamw.h>
+#include <torch/optim/sgd.h>
+
+#include <cmath>
+
+#include "fixtures.h"
+#include "pathkernel/errors.h"
+#include "pathkernel/stepper.h"
+#include "pathkernel/update_terms.h"
+
+namespace pathkernel {
+namespace {
+
+struct Pair {
+  std::shared_ptr<models::Model> ours, ref;
+};
+
+Pair twin_models(const std::string& spec) {
+  at::manual_seed(5);
+  auto a = models::build_model(models::parse_model_spec(spec), {1, 6, 6}, 3);
+  at::manual_seed(5);
+  auto b = models::build_model(models::parse_model_spec(spec), {1, 6, 6}, 3);
+  a->to(at::kDouble);
+  b->to(at::kDouble);
+  return {a, b};
+}
+
+OptimizerOptions sgd(double momentum, double wd, double dampening = 0, bool nesterov = false) {
+  OptimizerOptions o;
+  o.momentum = momentum;
+  o.weight_decay = wd;
+  o.dampening = dampening;
+  o.nesterov = nesterov;
+  return o;
+}
+
+OptimizerOptions adam(OptimizerKind kind, double wd) {
+  OptimizerOptions o;
+  o.kind = kind;
+  o.beta1 = 0.8;
+  o.beta2 = 0.95;
+  o.eps = 1e-6;
+  o.weight_decay = wd;
+  return o;
+}
+
+std::unique_ptr<torch::optim::Optimizer> reference(const OptimizerOptions& o, std::vector<at::Tensor> params,
+                                                   double lr) {
+  if (o.kind == OptimizerKind::kSgd) {
+    return std::make_unique<torch::optim::SGD>(params, torch::optim::SGDOptions(lr)
+                                                           .momentum(o.momentum)
+                                                           .dampening(o.dampening)
+                                                           .nesterov(o.nesterov)
+                                                           .weight_decay(o.weight_decay));
+  }
+  if (o.kind == OptimizerKind::kAdam) {
+    return std::make_unique<torch::optim::Adam>(
+        params, torch::optim::AdamOptions(lr).betas({o.beta1, o.beta2}).eps(o.eps).weight_decay(o.weight_decay));
+  }
+  return std::make_unique<torch::optim::AdamW>(
+      params, torch::optim::AdamWOptions(lr).betas({o.beta1, o.beta2}).eps(o.eps).weight_decay(o.weight_decay));
+}
+
+class OptimizerMatchTest : public ::testing::TestWithParam<std::pair<const char*, OptimizerOptions>> {};
+
+TEST_P(OptimizerMatchTest, EqualsTorchOptimOverFiftyStepsInFloat64) {
+  const OptimizerOptions o = GetParam().second;
+  auto [ours, ref] = twin_models("mlp:8:tanh");
+  Stepper stepper(*ours, o, LossKind::kCrossEntropy);
+  const double lr = o.kind == OptimizerKind::kSgd ? 0.05 : 0.01;
+  auto opt = reference(o, ref->parameters(), lr);
+  at::manual_seed(9);
+  for (int k = 0; k < 50; ++k) {
+    const at::Tensor x = at::rand({5, 1, 6, 6}, at::kDouble);
+    const at::Tensor y = at::randint(0, 3, {5}, at::kLong);
+    const StepRecord r = stepper.step(x, y, lr, /*per_example=*/true);
+    ASSERT_TRUE(r.finite);
+    opt->zero_grad();
+    const at::Tensor loss = batch_loss(ref->forward(x), y, LossKind::kCrossEntropy);
+    loss.backward();
+    opt->step();
+    EXPECT_NEAR(r.loss, loss.item<double>(), 1e-12) << "step " << k;
+  }
+  EXPECT_EQ(stepper.optimizer().steps(), 50);
+  const auto a = ours->parameters(), b = ref->parameters();
+  double moved = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    EXPECT_LE((a[i] - b[i]).abs().max().item<double>(), 1e-12) << GetParam().first << " parameter " << i;
+    moved += (a[i] - b[i]).abs().sum().item<double>();
+  }
+  // A wrong rule (e.g. dampening or the bias correction left out) moves the weights far apart.
+  auto [other, unused] = twin_models("mlp:8:tanh");
+  const auto init = other->parameters();
+  double travelled = 0;
+  for (size_t i = 0; i < a.size(); ++i) travelled += (a[i] - init[i]).abs().max().item<double>();
+  EXPECT_GT(travelled, 1e-3);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Optimizers, OptimizerMatchTest,
+    ::testing::Values(std::pair{"sgd", sgd(0, 0)}, std::pair{"sgd_wd", sgd(0, 1e-2)},
+                      std::pair{"momentum", sgd(0.9, 1e-2)}, std::pair{"nesterov", sgd(0.9, 1e-2, 0, true)},
+                      std::pair{"dampening", sgd(0.9, 0, 0.3)}, std::pair{"adam", adam(OptimizerKind::kAdam, 0)},
+                      std::pair{"adam_l2", adam(OptimizerKind::kAdam, 1e-2)},
+                      std::pair{"adamw", adam(OptimizerKind::kAdamW, 1e-2)}),
+    [](const auto& info) { return std::string(info.param.first); });
+
+/// The linear form (c_{k,j}, P_k, decay terms) reproduces every float64 update the optimizer
+/// makes: the ground the analyzer's Kopt stands on.
+TEST_P(OptimizerMatchTest, LinearFormReproducesEveryUpdate) {
+  const OptimizerOptions o = GetParam().second;
+  auto [m, unused] = twin_models("mlp:6:tanh");
+  Stepper stepper(*m, o, LossKind::kCrossEntropy);
+  UpdateRecurrence rec(stepper.optimizer());
+  at::manual_seed(4);
+  for (int k = 0; k < 20; ++k) {
+    const at::Tensor x = at::rand({4, 1, 6, 6}, at::kDouble);
+    const at::Tensor y = at::randint(0, 3, {4}, at::kLong);
+    ParamMap w0;
+    for (const auto& item : m->named_parameters()) w0[item.key()] = item.value().detach().clone();
+    const double lr = 0.03 * (1 + k % 3);  // a changing rate, as schedules make
+    ASSERT_TRUE(stepper.step(x, y, lr, false).finite);
+    ParamMap grad;
+    for (const auto& item : m->named_parameters()) grad[item.key()] = item.value().grad().clone();
+    rec.advance(k, grad, w0);
+    const ParamMap p = stepper.optimizer().preconditioner();
+    const ParamMap kd = rec.kernel_direction(p), dd = rec.decay_direction(p);
+    for (const auto& item : m->named_parameters()) {
+      const at::Tensor dw = item.value().detach() - w0.at(item.key());
+      const at::Tensor predicted = (kd.at(item.key()) + dd.at(item.key())) * (-lr);
+      EXPECT_LE((dw - predicted).abs().max().item<double>(), 1e-13 + 1e-10 * dw.abs().max().item<double>())
+          << GetParam().first << " step " << k << " " << item.key();
+    }
+  }
+}
+
+TEST(OptimizerTest, StateRoundTripContinuesBitForBit) {
+  for (const auto& o : {sgd(0.9, 1e-3, 0, true), adam(OptimizerKind::kAdamW, 1e-2)}) {
+    auto [a, b] = twin_models("mlp:5:tanh");
+    Stepper sa(*a, o, LossKind::kCrossEntropy), sb(*b, o, LossKind::kCrossEntropy);
+    at::manual_seed(1);
+    const at::Tensor x = at::rand({4, 1, 6, 6}, at::kDouble);
+    const at::Tensor y = at::randint(0, 3, {4}, at::kLong);
+    for (int k = 0; k < 3; ++k) sa.step(x, y, 0.05, false);
+    // b gets a's weights and state, then both go on.
+    load_weights(*b, state_dict_of(*a), "a");
+    sb.optimizer().load_state(sa.optimizer().state(), sa.optimizer().steps(), "a's state");
+    sb.sync_norms();
+    for (int k = 0; k < 3; ++k) {
+      sa.step(x, y, 0.05, false);
+      sb.step(x, y, 0.05, false);
+    }
+    const auto pa = a->parameters(), pb = b->parameters();
+    for (size_t i = 0; i < pa.size(); ++i) EXPECT_TRUE(at::equal(pa[i], pb[i]));
+  }
+}
+
+TEST(OptimizerTest, LoadStateRefusesWrongShapesAndMissingSlots) {
+  auto [m, unused] = twin_models("mlp:4:tanh");
+  Stepper s(*m, adam(OptimizerKind::kAdam, 0), LossKind::kCrossEntropy);
+  const at::Tensor x = at::rand({3, 1, 6, 6}, at::kDouble);
+  const at::Tensor y = at::randint(0, 3, {3}, at::kLong);
+  s.step(x, y, 0.01, false);
+  OptimizerState st = s.optimizer().state();
+  OptimizerState missing = {st[0]};
+  EXPECT_THROW_WITH(s.optimizer().load_state(missing, 1, "f.pt"), InputError, "f.pt: optimizer state has no 'exp_avg_sq'");
+  OptimizerState wrong = st;
+  wrong[1].second[0].second = at::zeros({2, 2}, at::kDouble);
+  EXPECT_THROW_WITH(s.optimizer().load_state(wrong, 1, "f.pt"), InputError, "has shape [2, 2]");
+  OptimizerState negative = st;
+  negative[1].second[0].second = -at::ones_like(st[1].second[0].second);
+  EXPECT_THROW_WITH(s.optimizer().load_state(negative, 1, "f.pt"), InputError, "negative");
+  Stepper plain(*m, sgd(0, 0), LossKind::kCrossEntropy);
+  EXPECT_THROW_WITH(plain.optimizer().load_state(st, 1, "g.pt"), InputError, "g.pt");
+}
+
+TEST(OptimizerTest, OptionsAreValidatedWithTheFlagNamed) {
+  OptimizerOptions o = adam(OptimizerKind::kAdam, 0);
+  o.beta1 = 1.0;
+  EXPECT_THROW_WITH(o.validate(), InputError, "--betas");
+  o = adam(OptimizerKind::kAdam, 0);
+  o.beta2 = -0.1;
+  EXPECT_THROW_WITH(o.validate(), InputError, "--betas");
+  o = adam(OptimizerKind::kAdamW, 0);
+  o.eps = -1e-8;
+  EXPECT_THROW_WITH(o.validate(), InputError, "--eps");
+  o.eps = 1e-8;
+  o.weight_decay = -1;
+  EXPECT_THROW_WITH(o.validate(), InputError, "--weight-decay");
+  EXPECT_THROW_WITH(sgd(0, 0, 0, true).validate(), InputError, "--nesterov");
+  EXPECT_THROW_WITH(sgd(0.9, 0, 1.5).validate(), InputError, "--dampening");
+  EXPECT_THROW_WITH(parse_optimizer("rmsprop"), InputError, "--optimizer");
+  o = adam(OptimizerKind::kAdam, 0);
+  o.momentum = 0.9;
+  EXPECT_THROW_WITH(o.validate(), InputError, "--optimizer sgd only");
+}
+
+TEST(OptimizerTest, PlainSgdUpdateIsMinusLrTimesGradientAndNormsAreConsistent) {
+  auto [m, unused] = twin_models("cnn:2,3:relu");
+  Stepper stepper(*m, OptimizerOptions{}, LossKind::kMse);
+  std::vector<at::Tensor> before;
+  for (const auto& p : m->parameters()) before.push_back(p.detach().clone());
+  at::manual_seed(2);
+  const at::Tensor x = at::rand({4, 1, 6, 6}, at::kDouble);
+  const at::Tensor y = at::randint(0, 3, {4}, at::kLong);
+  const StepRecord r = stepper.step(x, y, 0.3, /*per_example=*/true);
+  const at::Tensor g = stepper.flat_gradient().to(at::kDouble);
+  std::vector<at::Tensor> dw;
+  size_t i = 0;
+  for (const auto& p : m->parameters()) dw.push_back((p.detach() - before[i++]).reshape({-1}));
+  const at::Tensor update = at::cat(dw);
+  EXPECT_TRUE(at::allclose(update, -0.3 * g, 1e-6, 1e-9));  // g was stored as float32
+  EXPECT_NEAR(r.update_norm, update.norm().item<double>(), 1e-9 * r.update_norm);
+  EXPECT_NEAR(r.grad_norm * 0.3, r.update_norm, 1e-6 * r.update_norm);
+  double layers_sq = 0;
+  for (const auto& [name, v] : r.layer_grad_norms) layers_sq += v * v;
+  EXPECT_NEAR(std::sqrt(layers_sq), r.grad_norm, 1e-12);
+  EXPECT_EQ(r.layer_grad_norms.size(), 3u);
+  EXPECT_LE(r.pe_grad_min, r.pe_grad_median);
+  EXPECT_LE(r.pe_grad_median, r.pe_grad_max);
+  // The batch gradient is the mean of the per-example ones, so its norm is at most their max.
+  EXPECT_LE(r.grad_norm, r.pe_grad_max + 1e-12);
+}
+
+TEST(OptimizerTest, NonFiniteStepLeavesWeightsAndStateUntouched) {
+  for (const auto& o : {sgd(0.5, 0), sgd(0.5, 0, 0, true), adam(OptimizerKind::kAdam, 0)}) {
+  auto [m, unused] = twin_models("mlp:4:tanh");
+  Stepper stepper(*m, o, LossKind::kCrossEntropy);
+  const at::Tensor x = at::rand({3, 1, 6, 6}, at::kDouble);
+  const at::Tensor y = at::randint(0, 3, {3}, at::kLong);
+  ASSERT_TRUE(stepper.step(x, y, 0.1, false).finite);
+  const auto buffers = stepper.optimizer().state();
+  ASSERT_FALSE(buffers.empty());
+  std::vector<at::Tensor> before;
+  for (const auto& p : m->parameters()) before.push_back(p.detach().clone());
+  const StepRecord r = stepper.step(x * NAN, y, 0.1, false);
+  EXPECT_FALSE(r.finite);
+  EXPECT_EQ(r.nonfinite, "loss");
+  const StepRecord big = stepper.step(x, y, INFINITY, false);
+  EXPECT_FALSE(big.finite);
+  EXPECT_NE(big.nonfinite.find("weights"), std::string::npos);
+  size_t i = 0;
+  for (const auto& p : m->parameters()) EXPECT_TRUE(at::equal(p, before[i++]));
+  const auto after = stepper.optimizer().state();
+  for (size_t s = 0; s < after.size(); ++s) {
+    for (size_t j = 0; j < after[s].second.size(); ++j) {
+      EXPECT_TRUE(at::equal(after[s].second[j].second, buffers[s].second[j].second));
+    }
+  }
+  EXPECT_EQ(stepper.optimizer().steps(), 1);
+  }
+}
+
+}  // namespace
+}  // namespace pathkernel
