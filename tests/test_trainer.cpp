@@ -2,7 +2,11 @@
 #include <ATen/ATen.h>
 #include <spdlog/spdlog.h>
 
+#include <ATen/core/Dict.h>
+#include <torch/csrc/jit/serialization/pickle.h>
+
 #include <fstream>
+#include <functional>
 
 #include "fixtures.h"
 #include "pathkernel/checkpoint.h"
@@ -115,6 +119,103 @@ TEST_F(TrainerTest, DivergenceStopsWithAValidRunDirectory) {
   for (const auto& [name, t] : load_tensor_dict(dir.checkpoint(k))) EXPECT_TRUE(at::isfinite(t).all().item<bool>());
   Replayer(dir.root()).verify();  // the valid part replays exactly
   EXPECT_THROW_WITH(resume(dir.root(), ""), InputError, "diverged");
+}
+
+TEST_F(TrainerTest, ResumeAndReplayAreBitIdenticalWithEveryOptimizer) {
+  struct Case {
+    const char* name;
+    std::function<void(TrainConfig&)> set;
+  };
+  const std::vector<Case> cases = {
+      {"nesterov", [](TrainConfig& c) { c.nesterov = true; }},
+      {"dampening", [](TrainConfig& c) { c.dampening = 0.3; }},
+      {"adam", [](TrainConfig& c) { c.optimizer = "adam", c.momentum = 0, c.lr = 0.01; }},
+      {"adamw", [](TrainConfig& c) { c.optimizer = "adamw", c.momentum = 0, c.lr = 0.01, c.weight_decay = 0.1; }}};
+  for (const auto& cs : cases) {
+    TrainConfig full = config(std::string("full-") + cs.name), cut = config(std::string("cut-") + cs.name);
+    cs.set(full);
+    cs.set(cut);
+    train(full, "");
+    train(cut, "");
+    const RunDir dir(cut.out);
+    for (int64_t s : {30, 40}) {
+      fs::remove(dir.checkpoint(s));
+      fs::remove(dir.state(s));
+    }
+    fs::remove(dir.complete_marker());
+    fs::remove(dir.summary());
+    truncate_step_log(dir.steps_log(), 27);
+    EXPECT_EQ(resume(dir.root(), "").status, "complete") << cs.name;
+    expect_same_weights(dir.checkpoint(40), RunDir(full.out).checkpoint(40));
+    const TrainerState a = load_trainer_state(dir.state(40)), b = load_trainer_state(RunDir(full.out).state(40));
+    EXPECT_EQ(a.optimizer, cs.name[0] == 'a' ? std::string(cs.name) : "sgd");
+    ASSERT_EQ(a.optimizer_state.size(), b.optimizer_state.size()) << cs.name;
+    ASSERT_FALSE(a.optimizer_state.empty()) << cs.name;
+    for (size_t i = 0; i < a.optimizer_state.size(); ++i) {
+      for (size_t j = 0; j < a.optimizer_state[i].second.size(); ++j) {
+        EXPECT_TRUE(at::equal(a.optimizer_state[i].second[j].second, b.optimizer_state[i].second[j].second))
+            << cs.name << " " << a.optimizer_state[i].first;
+      }
+    }
+    Replayer(full.out).verify();
+    // The optimizer's manifest entry names its settings.
+    const auto m = RunDir(full.out).read_manifest();
+    EXPECT_EQ(m["optimizer"]["name"], cs.name[0] == 'a' ? std::string(cs.name) : "sgd");
+  }
+}
+
+TEST_F(TrainerTest, TamperedOrMalformedOptimizerStateIsCaughtWithTheFileNamed) {
+  TrainConfig c = config("adam");
+  c.optimizer = "adam";
+  c.momentum = 0;
+  c.lr = 0.01;
+  train(c, "");
+  const RunDir dir(c.out);
+  TrainerState st = load_trainer_state(dir.state(20));
+  st.optimizer_state[1].second[0].second[0][0] += 1e-7f;  // exp_avg_sq, one entry
+  save_trainer_state(dir.state(20), st);
+  EXPECT_THROW_WITH(Replayer(dir.root()).verify(), ReplayMismatchError,
+                    "checkpoint 20: optimizer state 'exp_avg_sq.layers.0.weight' is not reproduced");
+  st.optimizer_state[0].second[0].second = at::zeros({3, 3});
+  save_trainer_state(dir.state(20), st);
+  EXPECT_THROW_WITH(Replayer(dir.root()).seek(25), InputError, dir.state(20).string() + ": optimizer state 'exp_avg.");
+  st = load_trainer_state(dir.state(10));
+  st.step = st.optimizer_steps = 20;
+  st.optimizer_state.pop_back();
+  save_trainer_state(dir.state(20), st);
+  EXPECT_THROW_WITH(Replayer(dir.root()).seek(25), InputError, "has no 'exp_avg_sq'");
+  st = load_trainer_state(dir.state(10));
+  st.optimizer = "sgd";
+  save_trainer_state(dir.state(10), st);
+  EXPECT_THROW_WITH(Replayer(dir.root()).seek(15), InputError, "holds the state of optimizer 'sgd'");
+}
+
+TEST_F(TrainerTest, RunsOfThePreviousFormatStillReplay) {
+  train(config("old"), "");
+  // Rewrite the run as the trainer wrote it before the optimizer seam: state files of format /1
+  // and no optimizer keys but momentum and weight decay in the manifest's config.
+  const RunDir dir(config("old").out);
+  for (int64_t s : dir.checkpoint_steps()) {
+    const TrainerState st = load_trainer_state(dir.state(s));
+    c10::impl::GenericDict d(c10::StringType::get(), c10::AnyType::get());
+    d.insert(std::string("format"), std::string("pathkernel-trainer-state/1"));
+    d.insert(std::string("step"), st.step);
+    d.insert(std::string("sampler_seed"), static_cast<int64_t>(st.sampler.seed));
+    d.insert(std::string("sampler_epoch"), st.sampler.epoch);
+    d.insert(std::string("sampler_position"), st.sampler.position);
+    c10::Dict<std::string, at::Tensor> mom;
+    for (const auto& [slot, tensors] : st.optimizer_state) {
+      for (const auto& [name, t] : tensors) mom.insert(name, t);
+    }
+    d.insert(std::string("momentum"), c10::IValue(mom));
+    const std::vector<char> bytes = torch::jit::pickle_save(c10::IValue(d));
+    atomic_write(dir.state(s), std::string(bytes.begin(), bytes.end()));
+  }
+  nlohmann::json m = dir.read_manifest();
+  for (const char* key : {"optimizer", "dampening", "nesterov", "betas", "eps"}) m["config"].erase(key);
+  atomic_write(dir.manifest(), m.dump(2));
+  Replayer(dir.root()).verify();
+  EXPECT_EQ(load_trainer_state(dir.state(20)).optimizer_state.size(), 1u);
 }
 
 TEST_F(TrainerTest, ReplayReconstructsEveryStepAndDetectsTampering) {
