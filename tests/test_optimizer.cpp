@@ -65,6 +65,13 @@ std::unique_ptr<torch::optim::Optimizer> reference(const OptimizerOptions& o, st
       params, torch::optim::AdamWOptions(lr).betas({o.beta1, o.beta2}).eps(o.eps).weight_decay(o.weight_decay));
 }
 
+}  // namespace
+
+/// Test names print the setting, not the bytes of OptimizerOptions.
+void PrintTo(const std::pair<const char*, OptimizerOptions>& p, std::ostream* os) { *os << p.first; }
+
+namespace {
+
 class OptimizerMatchTest : public ::testing::TestWithParam<std::pair<const char*, OptimizerOptions>> {};
 
 TEST_P(OptimizerMatchTest, EqualsTorchOptimOverFiftyStepsInFloat64) {

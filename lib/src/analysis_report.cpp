@@ -89,6 +89,26 @@ std::string probes_csv(const AnalysisResult& r, bool second) {
   return s;
 }
 
+/// T_c by both rules with the configured parameters, for comparing them after the fact: the
+/// number of steps and their share of sum |R| (norms over probes and outputs).
+nlohmann::json tc_by_rule(const AnalysisResult& r, const AnalyzeConfig& c) {
+  nlohmann::json out;
+  for (const char* rule : {"tau", "outlier"}) {
+    AnalyzeConfig rc = c;
+    rc.tc_rule = rule;
+    std::vector<StepRow> steps = r.steps;
+    mark_complex_steps(steps, rc);
+    int64_t n = 0;
+    double in = 0, all = 0;
+    for (const auto& s : steps) {
+      all += s.r_norm;
+      if (s.in_tc) in += s.r_norm, ++n;
+    }
+    out[rule] = {{"tc_size", n}, {"share_of_R_norm_in_tc", all > 0 ? in / all : 0.0}};
+  }
+  return out;
+}
+
 nlohmann::json summary_json(const AnalysisResult& r, const AnalyzeConfig& c) {
   std::vector<double> rs, lrs;
   double r_tc = 0, r_all = 0;
@@ -118,6 +138,7 @@ nlohmann::json summary_json(const AnalysisResult& r, const AnalyzeConfig& c) {
              return v;
            }()},
           {"share_of_R_norm_in_tc", r_all > 0 ? r_tc / r_all : 0.0},
+          {"tc_by_rule", tc_by_rule(r, c)},
           {"steps_with_loss_up", up},
           {"r_percentiles", {{"p5", percentile(rs, 0.05)}, {"p25", percentile(rs, 0.25)}, {"p50", percentile(rs, 0.5)},
                              {"p75", percentile(rs, 0.75)}, {"p95", percentile(rs, 0.95)}, {"max", percentile(rs, 1.0)}}},

@@ -237,6 +237,24 @@ void write_explanation(const ExplainResult& r, const ExplainConfig& c) {
                       {"seconds", r.seconds},
                       {"settings", {{"split", c.split}, {"output", c.output}, {"top", c.top},
                                     {"exact_nodes", c.exact_nodes}, {"self_influence", c.self_influence}}}};
+  // Per probe, the terms of the sum check, for scripts (sum_u: U, or Uopt_wd + Uopt_round).
+  nlohmann::json per = nlohmann::json::array();
+  const at::Tensor sum_a = r.attributions.sum(1);
+  for (int64_t p = 0; p < np; ++p) {
+    nlohmann::json row = {{"probe", r.probe_indices[p]},
+                          {"output", r.outputs[p]},
+                          {"f_initial", r.f_initial[p].item<double>()},
+                          {"f_final", r.f_final[p].item<double>()},
+                          {"sum_a", sum_a[p].item<double>()},
+                          {"sum_u", r.sum_u[p].item<double>()},
+                          {"sum_r", r.sum_r[p].item<double>()}};
+    if (exact) {
+      row["sum_a_exact"] = r.attributions_exact[p].sum().item<double>();
+      row["sum_u_exact"] = r.sum_uexact[p].item<double>();
+    }
+    per.push_back(row);
+  }
+  j["per_probe"] = per;
   if (exact) {
     j["max_sum_error_exact"] = r.sum_error_exact;
     j["max_quad_error"] = r.max_quad_error;
