@@ -15,7 +15,7 @@ def load(*parts):
 
 def main():
     root, names = sys.argv[1], sys.argv[2:]
-    print("| run | optimizer, lr | test acc | kernel view explains (first order / exact) "
+    print("| run | optimizer, lr | test acc | left unexplained by sum_i a_i: first order / exact "
           "| max \\|rounding + decay\\| / \\|change\\| | \\|sum R\\| / \\|change\\| | median r | max r "
           "| T_c tau: steps, share of \\|R\\| | T_c outlier: steps, share |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -35,16 +35,16 @@ def main():
         desc += ", %g" % opt["lr"]
         per = ex["per_probe"]
         change = sum(abs(p["f_final"] - p["f_initial"]) for p in per)
-        # The share of the change of the 16 explained logits that sum_i a_i accounts for:
-        # 1 - sum_p |change_p - sum_i a_i| / sum_p |change_p|.
-        first = 1 - sum(abs(p["f_final"] - p["f_initial"] - p["sum_a"]) for p in per) / change
-        exact = 1 - sum(abs(p["f_final"] - p["f_initial"] - p["sum_a_exact"]) for p in per) / change
+        # The share of the change of the 16 explained logits that sum_i a_i leaves unexplained:
+        # sum_p |change_p - sum_i a_i(x_p)| / sum_p |change_p|.
+        first = sum(abs(p["f_final"] - p["f_initial"] - p["sum_a"]) for p in per) / change
+        exact = sum(abs(p["f_final"] - p["f_initial"] - p["sum_a_exact"]) for p in per) / change
         rest = max(abs(p["sum_u"]) / abs(p["f_final"] - p["f_initial"]) for p in per)
         pct = an["r_percentiles"]
         tau, outl = an["tc_by_rule"]["tau"], an["tc_by_rule"]["outlier"]
         n = an["steps_analyzed"]
-        print("| %s | %s | %.4f | %.1f%% / %.4f%% | %.1e | %.2f | %.3g | %.3g | %d (%.1f%%), %.1f%% | %d (%.1f%%), %.1f%% |" % (
-            name, desc, run["test_accuracy"], 100 * first, 100 * exact, rest, an["sum_R_over_change"],
+        print("| %s | %s | %.4f | %.1f%% / %.1e | %.1e | %.2f | %.3g | %.3g | %d (%.1f%%), %.1f%% | %d (%.1f%%), %.1f%% |" % (
+            name, desc, run["test_accuracy"], 100 * first, exact, rest, an["sum_R_over_change"],
             pct["p50"], pct["max"], tau["tc_size"], 100 * tau["tc_size"] / n, 100 * tau["share_of_R_norm_in_tc"],
             outl["tc_size"], 100 * outl["tc_size"] / n, 100 * outl["share_of_R_norm_in_tc"]))
 

@@ -16,42 +16,54 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-/// One checkpoint stretch [a, b], replayed forwards: the weights of every step and the
-/// preconditioner after every step (flattened in state_dict order; undefined for SGD).
+/// One checkpoint stretch [a, b], replayed forwards: the weights of every step and the state
+/// that determines the preconditioner after every step (Optimizer::preconditioner_state),
+/// flattened in state_dict order. The buffers are allocated once for the longest stretch and
+/// reused: fresh ones per stretch would be page-faulted in again each time.
 struct Stretch {
   int64_t a = 0, b = 0;
-  std::vector<NamedTensors> weights;  ///< w_a .. w_b
-  std::vector<at::Tensor> precond;    ///< P_a .. P_{b-1}
+  at::Tensor weights;  ///< [>= b - a + 1, n_params]: rows 0.. hold w_a .. w_b, in the run's dtype
+  at::Tensor pstate;   ///< [>= b - a, n_params]: rows 0.. hold the state after steps a .. b-1
 };
 
-at::Tensor flat_precond(const ParamMap& p, const std::vector<std::string>& order) {
-  if (p.empty()) return {};
-  std::vector<at::Tensor> flat;
-  for (const auto& n : order) flat.push_back(p.at(n).reshape({-1}));
-  return at::cat(flat);
+void flatten_into(const NamedTensors& w, at::Tensor row) {
+  int64_t off = 0;
+  for (const auto& [name, t] : w) {
+    row.narrow(0, off, t.numel()).copy_(t.reshape({-1}));
+    off += t.numel();
+  }
 }
 
-Stretch replay_stretch(Replayer& replay, int64_t a, int64_t b) {
-  Stretch s;
+void replay_stretch(Replayer& replay, int64_t a, int64_t b, int64_t max_len, Stretch& s) {
   s.a = a;
   s.b = b;
   const Optimizer& opt = replay.context().stepper->optimizer();
-  s.weights.push_back(replay.weights_at(a));
-  for (int64_t k = a; k < b; ++k) {
-    s.weights.push_back(replay.weights_at(k + 1));
-    s.precond.push_back(flat_precond(opt.preconditioner(), opt.names()));
+  const NamedTensors first = replay.weights_at(a);
+  const int64_t n = s.weights.defined() ? s.weights.size(1) : 0;
+  if (!s.weights.defined()) {
+    int64_t numel = 0;
+    for (const auto& [name, t] : first) numel += t.numel();
+    s.weights = at::empty({max_len + 1, numel}, first.front().second.options());
   }
-  return s;
+  (void)n;
+  flatten_into(first, s.weights[0]);
+  for (int64_t k = a; k < b; ++k) {
+    flatten_into(replay.weights_at(k + 1), s.weights[k + 1 - a]);
+    const at::Tensor ps = opt.preconditioner_state();
+    if (!ps.defined()) continue;
+    if (!s.pstate.defined()) s.pstate = at::empty({max_len, ps.numel()}, ps.options());
+    s.pstate[k - a].copy_(ps);
+  }
 }
 
-/// w + t (w_next - w), in float64 (both converted first, so dw is exact).
-NamedTensors along(const NamedTensors& w, const NamedTensors& w_next, double t) {
-  NamedTensors out;
-  for (size_t i = 0; i < w.size(); ++i) {
-    const at::Tensor a = w[i].second.to(at::kDouble);
-    out.emplace_back(w[i].first, a + (w_next[i].second.to(at::kDouble) - a) * t);
+/// Copies a flat row (state_dict order) into the model's parameters.
+void set_flat(models::Model& model, const at::Tensor& row) {
+  at::NoGradGuard ng;
+  int64_t off = 0;
+  for (auto& p : model.parameters()) {
+    p.copy_(row.narrow(0, off, p.numel()).view(p.sizes()));
+    off += p.numel();
   }
-  return out;
 }
 
 }  // namespace
@@ -81,8 +93,12 @@ OptimizerAttribution attribute_through_optimizer(const OptimizerAttributionConfi
   if (c.self_influence) res.self_influence = at::zeros({n_train}, at::kDouble);
   res.times_drawn = at::zeros({n_train}, at::kLong);
   res.drawn_at.resize(static_cast<size_t>(n_train));
-  at::Tensor phi = at::zeros({rows, n_params}, at::kDouble), phi_exact;
-  if (c.exact_nodes > 0) phi_exact = at::zeros_like(phi);
+  at::Tensor phi = at::zeros({rows, n_params}, at::kDouble), phi_exact, gbar_buf;
+  at::Tensor g_buf = at::empty_like(phi), psi = at::empty_like(phi);
+  if (c.exact_nodes > 0) {
+    phi_exact = at::zeros_like(phi);
+    gbar_buf = at::empty_like(phi);
+  }
   const at::Tensor ones = at::ones({n_params}, at::kDouble);
 
   std::vector<int64_t> starts;
@@ -90,11 +106,17 @@ OptimizerAttribution attribute_through_optimizer(const OptimizerAttributionConfi
     if (cp < c.end) starts.push_back(cp);
   }
   const auto& log = replay.step_log();
+  int64_t max_len = 0;
+  for (size_t i = 0; i < starts.size(); ++i) {
+    max_len = std::max(max_len, (i + 1 < starts.size() ? starts[i + 1] : c.end) - starts[i]);
+  }
+  Stretch s;
+  at::Tensor p_buf;
   int64_t done = 0;
   auto last_report = t0;
   for (auto it = starts.rbegin(); it != starts.rend(); ++it) {
     const int64_t a = *it, b = it == starts.rbegin() ? c.end : std::min(*(it - 1), c.end);
-    const Stretch s = replay_stretch(replay, a, b);
+    replay_stretch(replay, a, b, max_len, s);
     for (int64_t j = b - 1; j >= a; --j) {
       const size_t local = static_cast<size_t>(j - a);
       const auto& rec = log.at(static_cast<size_t>(j));
@@ -104,27 +126,33 @@ OptimizerAttribution attribute_through_optimizer(const OptimizerAttributionConfi
       const at::Tensor yb = ctx.train.labels.index_select(0, bidx);
       const double nb = static_cast<double>(bidx.size(0));
       const LinearUpdate lu = opt.linear_update(j);
-      const at::Tensor& p = s.precond[local];
-
-      load_weights(*model, s.weights[local], "replayed weights");
+      at::Tensor p;
+      if (s.pstate.defined()) {
+        opt.preconditioner_from(s.pstate[static_cast<int64_t>(local)], j + 1, p_buf);  // P_j, after step j
+        p = p_buf;
+      }
+      const at::Tensor w = s.weights[static_cast<int64_t>(local)].to(at::kDouble);
+      set_flat(*model, w);
       const RowGradients sb = loss_rows(*model, xb, yb, loss, explicit_route);
       // Phi_j = a_j alpha_j P_j (.) g(x; w_j) + beta Phi_{j+1};  Psi_j = s_j Phi_j + a_j nu P_j (.) g(x; w_j).
-      auto accumulate = [&](at::Tensor& phi_acc, const at::Tensor& g, at::Tensor& target) {
-        const at::Tensor term = p.defined() ? g * p : g;
-        phi_acc.mul_(lu.beta).add_(term, lr * lu.alpha);
-        at::Tensor psi = phi_acc * lu.s;
-        if (lu.nu != 0) psi.add_(term, lr * lu.nu);
+      // In place on workspace tensors of [rows, n_params]: fresh ones every step would grow the heap.
+      auto accumulate = [&](at::Tensor& phi_acc, at::Tensor& g, at::Tensor& target) {
+        if (p.defined()) g.mul_(p);
+        phi_acc.mul_(lu.beta).add_(g, lr * lu.alpha);
+        at::mul_out(psi, phi_acc, lu.s);
+        if (lu.nu != 0) psi.add_(g, lr * lu.nu);
         target.index_add_(1, bidx, directions_dot_rows(*model, sb, psi).mul_(-1.0 / nb));
       };
-      const at::Tensor g = row_jacobian(*model, probe_rows(*model, xp, c.cols, explicit_route));
-      accumulate(phi, g, res.attr);
+      row_jacobian(*model, probe_rows(*model, xp, c.cols, explicit_route), g_buf);
+      accumulate(phi, g_buf, res.attr);
       if (c.exact_nodes > 0) {
-        at::Tensor gbar = at::zeros_like(g);
+        gbar_buf.zero_();
+        const at::Tensor dw = s.weights[static_cast<int64_t>(local) + 1].to(at::kDouble) - w;  // exact in float64
         for (size_t q = 0; q < nodes.size(); ++q) {
-          load_weights(*model, along(s.weights[local], s.weights[local + 1], nodes[q]), "quadrature node");
-          gbar.add_(row_jacobian(*model, probe_rows(*model, xp, c.cols, explicit_route)), node_weights[q]);
+          set_flat(*model, w + dw * nodes[q]);
+          gbar_buf.add_(row_jacobian(*model, probe_rows(*model, xp, c.cols, explicit_route), g_buf), node_weights[q]);
         }
-        accumulate(phi_exact, gbar, res.attr_exact);
+        accumulate(phi_exact, gbar_buf, res.attr_exact);
       }
       if (c.self_influence) {
         // TracIn with the optimizer's preconditioner: a_j <grad l_i, P_j (.) grad l_i>.

@@ -276,12 +276,14 @@ void for_each_tap_rows(const RowSignals& s, Fn fn) {
 
 }  // namespace
 
-at::Tensor row_jacobian(models::Model& model, const RowGradients& rows) {
-  if (rows.is_explicit()) return rows.jacobian;
+at::Tensor row_jacobian(models::Model& model, const RowGradients& rows, at::Tensor out) {
   const auto layout = layout_of(model);
   int64_t n = 0;
   for (const auto& [name, slot] : layout) n += slot.numel;
-  at::Tensor j = at::zeros({rows.signals.rows, n}, at::kDouble);
+  const int64_t r = rows.is_explicit() ? rows.jacobian.size(0) : rows.signals.rows;
+  at::Tensor j = out.defined() && out.sizes() == at::IntArrayRef{r, n} ? out : at::empty({r, n}, at::kDouble);
+  if (rows.is_explicit()) return j.copy_(rows.jacobian);
+  j.zero_();
   for_each_tap_rows(rows.signals, [&](size_t l, const at::Tensor& w, const at::Tensor& b) {
     const std::string& name = rows.signals.taps[l].name;
     const Slot ws = layout.at(name + ".weight");

@@ -222,12 +222,32 @@ class AdamOptimizer final : public Optimizer {
     ParamMap p;
     if (steps_ == 0) return p;
     const double bc2 = 1 - std::pow(options_.beta2, static_cast<double>(steps_));
+    // In float64 from the state as the optimizer holds it (SPEC: P_k after step k); the float32
+    // route's own rounding of this expression ends up in Uopt_round. One buffer, in place: this
+    // runs for every analyzed step.
+    (void)bc2;
+    at::Tensor flat;
+    preconditioner_from(preconditioner_state(), steps_, flat);
+    int64_t off = 0;
     for (size_t i = 0; i < params_.size(); ++i) {
-      // In float64 from the state as the optimizer holds it (SPEC: P_k after step k); the float32
-      // route's own rounding of this expression ends up in Uopt_round.
-      p[names_[i]] = 1.0 / ((exp_avg_sq_[i].to(at::kDouble) / bc2).sqrt() + options_.eps);
+      const int64_t m = exp_avg_sq_[i].numel();
+      p[names_[i]] = flat.narrow(0, off, m).view(exp_avg_sq_[i].sizes());
+      off += m;
     }
     return p;
+  }
+
+  at::Tensor preconditioner_state() const override {
+    if (steps_ == 0) return {};
+    std::vector<at::Tensor> flat;
+    for (const auto& v : exp_avg_sq_) flat.push_back(v.reshape({-1}));
+    return at::cat(flat);
+  }
+
+  void preconditioner_from(const at::Tensor& state, int64_t steps, at::Tensor& out) const override {
+    const double bc2 = 1 - std::pow(options_.beta2, static_cast<double>(steps));
+    if (!out.defined() || out.numel() != state.numel()) out = at::empty({state.numel()}, at::kDouble);
+    out.copy_(state).div_(bc2).sqrt_().add_(options_.eps).reciprocal_();
   }
 
  private:

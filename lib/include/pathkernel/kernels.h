@@ -90,8 +90,9 @@ at::Tensor row_gram(const RowGradients& a, const RowGradients& b);
 /// [R] row gradients dotted with the direction v.
 at::Tensor row_directional(const RowGradients& a, const ParamMap& v);
 
-/// [R, n_params]: the rows' gradients materialized in state_dict order (for a few rows).
-at::Tensor row_jacobian(models::Model& model, const RowGradients& rows);
+/// [R, n_params]: the rows' gradients materialized in state_dict order (for a few rows). Written
+/// into `out` when it is given with that shape (a workspace kept across steps), else allocated.
+at::Tensor row_jacobian(models::Model& model, const RowGradients& rows, at::Tensor out = {});
 /// [D, R]: each of the directions `dirs` [D, n_params] (state_dict order) dotted with each row's
 /// gradient, without materializing the rows' gradients (Linear: G_r^T Dir A_r per layer).
 at::Tensor directions_dot_rows(models::Model& model, const RowGradients& rows, const at::Tensor& dirs);

@@ -99,6 +99,12 @@ class Optimizer {
   /// The preconditioner P_k after the last step, in float64 by parameter name; empty when it is
   /// the identity (SGD).
   virtual ParamMap preconditioner() const { return {}; }
+  /// A compact copy of the state that determines P (Adam: v flattened in state_dict order, in
+  /// the parameters' dtype); undefined when P is the identity. For keeping P of many steps.
+  virtual at::Tensor preconditioner_state() const { return {}; }
+  /// P, flattened in state_dict order in float64, from a preconditioner_state() taken after
+  /// `steps` updates, written into `out` [n_params] (float64).
+  virtual void preconditioner_from(const at::Tensor& /*state*/, int64_t /*steps*/, at::Tensor& /*out*/) const {}
   /// The linear form of the update of step k (0-based; the optimizer's count t = k + 1).
   LinearUpdate linear_update(int64_t k) const;
 
