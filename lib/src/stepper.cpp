@@ -54,6 +54,7 @@ Stepper::Stepper(models::Model& model, const OptimizerOptions& options, LossKind
     params_.push_back(item.value());
   }
   grads_.resize(params_.size());
+  grad_sq_.resize(params_.size());
   optimizer_ = make_optimizer(options, names_, params_);
 }
 
@@ -103,11 +104,10 @@ StepRecord Stepper::step(const at::Tensor& x, const at::Tensor& y, double lr, bo
   std::map<std::string, double> layer_sq;
   std::vector<std::string> layer_order;
   double grad_sq = 0;
-  std::vector<double> grad_sq_each(params_.size());
   for (size_t i = 0; i < params_.size(); ++i) {
     grads_[i] = params_[i].grad();
     const double sq = squared_norm(grads_[i]);
-    grad_sq_each[i] = sq;
+    grad_sq_[i] = sq;
     grad_sq += sq;
     const std::string layer = layer_of(names_[i]);
     if (!layer_sq.count(layer)) layer_order.push_back(layer);
@@ -139,7 +139,7 @@ StepRecord Stepper::step(const at::Tensor& x, const at::Tensor& y, double lr, bo
   }
 
   at::NoGradGuard no_grad;
-  const UpdateOutcome u = optimizer_->step(grads_, grad_sq_each, lr);
+  const UpdateOutcome u = optimizer_->step(grads_, grad_sq_, lr);
   if (!u.finite) {
     rec.finite = false;
     rec.nonfinite = u.nonfinite;

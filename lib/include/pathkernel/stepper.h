@@ -74,6 +74,7 @@ class Stepper {
   std::vector<std::string> names_;
   std::vector<at::Tensor> params_;
   std::vector<at::Tensor> grads_;
+  std::vector<double> grad_sq_;  ///< |grads_[i]|^2 of the last step
   std::unique_ptr<Optimizer> optimizer_;
 };
 
