@@ -8,6 +8,9 @@
 #include "pathkernel/errors.h"
 #include <algorithm>
 #include "pathkernel/fs_util.h"
+#include "pathkernel/gnuplot.h"
+
+#include <nlohmann/json.hpp>
 #include "pathkernel/report.h"
 #include "pathkernel/trainer.h"
 
@@ -54,6 +57,42 @@ TEST_F(ReportTest, WritesPlotsDataAndHtml) {
   const std::string df_csv = read_file(fs::path(c.out) / "data/d_vs_f.csv");
   EXPECT_EQ(std::count(df_csv.begin(), df_csv.end(), '\n'), 1 + 12 * 5 * 3);
   EXPECT_THROW_WITH(write_report(c), InputError, "already exists");
+}
+
+// Issue 8: no string reaches a shell, and none is code to gnuplot. An output folder whose name
+// is shell syntax, and a crafted summary.json whose T_c rule is gnuplot code, are data.
+TEST_F(ReportTest, PathsAndSettingsAreNeverRunAsCommands) {
+  const fs::path canary = tmp_ / "PWNED";
+  ReportConfig c;
+  c.analysis = (tmp_ / "analysis").string();
+  c.out = (tmp_ / ("a'; touch " + canary.string() + "; echo '")).string();
+  const ReportFiles f = write_report(c);
+  EXPECT_EQ(f.pngs.size(), 4u);
+  EXPECT_FALSE(fs::exists(canary)) << "the output path was run by a shell";
+
+  auto summary = nlohmann::json::parse(read_file(tmp_ / "analysis" / "summary.json"));
+  summary["settings"]["tc_rule"] = "tau'\nsystem('touch " + canary.string() + "')\n`touch " + canary.string() +
+                                   "`@x<script>alert(1)</script>'";
+  atomic_write(tmp_ / "analysis" / "summary.json", summary.dump());
+  c.out = (tmp_ / "report2").string();
+  const ReportFiles g = write_report(c);
+  EXPECT_EQ(g.pngs.size(), 4u);
+  EXPECT_FALSE(fs::exists(canary)) << "a setting from summary.json ran as gnuplot code";
+  const std::string html = read_file(g.html);
+  EXPECT_EQ(html.find("<script>"), std::string::npos);
+  EXPECT_NE(html.find("&lt;script&gt;"), std::string::npos);
+  // The kept script re-renders from the report folder itself: it names its files relatively.
+  const std::string gp = read_file(fs::path(c.out) / "r_per_step.gp");
+  EXPECT_NE(gp.find("'data/r_per_step.csv'"), std::string::npos);
+  EXPECT_EQ(gp.find((fs::path(c.out) / "data").string()), std::string::npos);
+}
+
+TEST(GnuplotTest, TextIsSafeInsideSingleQuotes) {
+  EXPECT_EQ(gp_text("it's"), "it''s");
+  EXPECT_EQ(gp_text("a`cmd`b"), "a_cmd_b");
+  EXPECT_EQ(gp_text("mac@ro and back\\slash"), "mac_ro and back_slash");
+  EXPECT_EQ(gp_text(std::string("a") + '\n' + "system('x')" + '\r' + '\x01'), "asystem(''x'')");
+  EXPECT_EQ(gp_text("class \xc3\xa9t\xc3\xa9"), "class \xc3\xa9t\xc3\xa9") << "UTF-8 is kept";
 }
 
 TEST_F(ReportTest, WithoutGnuplotSaysSoAndStillWritesTheData) {

@@ -59,6 +59,22 @@ Table read_csv(const fs::path& path) {
 
 std::string g(double v) { return fmt::format("{}", v); }
 
+/// Text for HTML: strings from the analysis's files are data, never markup.
+std::string html_text(const std::string& t) {
+  std::string out;
+  for (const char c : t) {
+    switch (c) {
+      case '&': out += "&amp;"; break;
+      case '<': out += "&lt;"; break;
+      case '>': out += "&gt;"; break;
+      case '"': out += "&quot;"; break;
+      case '\'': out += "&#39;"; break;
+      default: out += c;
+    }
+  }
+  return out;
+}
+
 /// Writes a plot's data as DIR/data/NAME.csv and records it.
 void write_data(const fs::path& out, ReportFiles& files, const std::string& name, const std::string& csv) {
   atomic_write(out / "data" / (name + ".csv"), csv);
@@ -106,7 +122,7 @@ ReportFiles write_report(const ReportConfig& c) {
         "plot '{}' skip 1 using 1:2 with lines lc rgb '#3060c0' title 'r', "
         "'' skip 1 using 1:($3 > 0 ? $2 : 1/0) with points pt 7 ps 0.8 lc rgb '#d02020' title 'T_c', "
         "'' skip 1 using 1:4 axes x1y2 with lines lc rgb '#909090' dt 2 title 'lr'\n",
-        static_cast<int64_t>(summary.value("tc_size", 0)), rule, (out / "data/r_per_step.csv").string()));
+        static_cast<int64_t>(summary.value("tc_size", 0)), gp_text(rule), "data/r_per_step.csv"));
     files.pngs.push_back("r_per_step.png");
   }
 
@@ -134,7 +150,7 @@ ReportFiles write_report(const ReportConfig& c) {
         "rgb 'black' title 'f - f_0', '' skip 1 using ($2=={} && $3=={} ? $1 : 1/0):5 with lines lc rgb '#3060c0' "
         "title 'sum K', '' skip 1 using ($2=={} && $3=={} ? $1 : 1/0):6 with lines lc rgb '#30a030' title 'sum U', "
         "'' skip 1 using ($2=={} && $3=={} ? $1 : 1/0):7 with lines lc rgb '#d02020' title 'sum R'\n",
-        pidx[static_cast<size_t>(p * nc)], outputs[p][col].item<int64_t>(), (out / "data/cumulative.csv").string(),
+        pidx[static_cast<size_t>(p * nc)], outputs[p][col].item<int64_t>(), "data/cumulative.csv",
         pidx[static_cast<size_t>(p * nc)], outputs[p][col].item<int64_t>(), pidx[static_cast<size_t>(p * nc)],
         outputs[p][col].item<int64_t>(), pidx[static_cast<size_t>(p * nc)], outputs[p][col].item<int64_t>(),
         pidx[static_cast<size_t>(p * nc)], outputs[p][col].item<int64_t>());
@@ -163,7 +179,7 @@ ReportFiles write_report(const ReportConfig& c) {
         "set title 'actual against first-order change (every {}th point)'\n"
         "plot '{}' skip 1 using 1:2 with points pt 7 ps 0.3 lc rgb '#3060c0' title 'step x probe x output', "
         "x with lines lc rgb 'black' dt 2 title 'D = F'\n",
-        stride, (out / "data/d_vs_f.csv").string()));
+        stride, "data/d_vs_f.csv"));
     files.pngs.push_back("d_vs_f.png");
   }
 
@@ -185,7 +201,7 @@ ReportFiles write_report(const ReportConfig& c) {
         "set xlabel 'log10 r'\nset ylabel 'steps'\nset style fill solid 0.6\nunset key\n"
         "set title 'r = |R|/|F| over steps; share of sum |R| in T_c: {:.1f}%'\n"
         "plot '{}' skip 1 using (($1+$2)/2):3:(0.24) with boxes lc rgb '#3060c0'\n",
-        100 * share, (out / "data/r_histogram.csv").string()));
+        100 * share, "data/r_histogram.csv"));
     files.pngs.push_back("r_histogram.png");
   }
 
@@ -228,7 +244,7 @@ ReportFiles write_report(const ReportConfig& c) {
             "plot '{}' skip 1 using 1:2 with lines lw 2 lc rgb 'black' title 'L(w)', "
             "'{}' skip 1 using 2:3 with linespoints pt 7 ps 0.7 lc rgb '#3060c0' title 'w_k', "
             "'' skip 1 using 2:($4 > 0 ? $3 : 1/0) with points pt 6 ps 2 lw 2 lc rgb '#d02020' title 'T_c'\n",
-            ctx.config.model, ctx.config.lr, (out / "data/landscape.csv").string(), (out / "data/path.csv").string()));
+            gp_text(ctx.config.model), ctx.config.lr, "data/landscape.csv", "data/path.csv"));
         files.pngs.push_back("landscape.png");
       }
     }
@@ -260,7 +276,8 @@ ReportFiles write_report(const ReportConfig& c) {
       "<table><tr><th></th><th>f_N - f_0</th><th>sum K</th><th>sum U</th><th>sum R(T_c)</th><th>sum R(rest)</th></tr>\n"
       "<tr><th>mean</th><td>{:.4g}</td><td>{:.4g}</td><td>{:.4g}</td><td>{:.4g}</td><td>{:.4g}</td></tr>\n"
       "<tr><th>mean |.|</th><td>{:.4g}</td><td>{:.4g}</td><td>{:.4g}</td><td>{:.4g}</td><td>{:.4g}</td></tr></table>\n",
-      c.analysis, summary["settings"].value("run", ""), summary.value("steps_analyzed", 0), summary.value("first_step", 0),
+      html_text(c.analysis), html_text(summary["settings"].value("run", "")), summary.value("steps_analyzed", 0),
+      summary.value("first_step", 0),
       summary.value("last_step", 0), np, nc, mc, mean("sum_K"), mean("sum_U"), mean("sum_R_Tc"), mean("sum_R_other"), mac,
       mean_abs("sum_K"), mean_abs("sum_U"), mean_abs("sum_R_Tc"), mean_abs("sum_R_other"));
   const auto& pct = summary["r_percentiles"];
@@ -270,7 +287,7 @@ ReportFiles write_report(const ReportConfig& c) {
       "<td>{:.3g} / {:.3g} / {:.3g} / {:.3g}</td></tr>\n<tr><th>sum |R| / sum |f_N - f_0|</th><td>{:.3g}</td></tr>\n"
       "<tr><th>steps whose batch loss went up</th><td>{}</td></tr>\n<tr><th>max run identity error</th><td>{}</td></tr>\n"
       "<tr><th>Pearson(r, lr)</th><td>{:.3g}</td></tr></table>\n",
-      rule, static_cast<int64_t>(summary.value("tc_size", 0)), summary.value("steps_analyzed", 0), 100 * share,
+      html_text(rule), static_cast<int64_t>(summary.value("tc_size", 0)), summary.value("steps_analyzed", 0), 100 * share,
       pct.value("p5", 0.0), pct.value("p50", 0.0), pct.value("p95", 0.0), pct.value("max", 0.0),
       summary.value("sum_R_over_change", 0.0), summary.value("steps_with_loss_up", 0),
       summary["max_identity_error"].dump(), summary.value("pearson_r_lr", 0.0));

@@ -106,7 +106,7 @@ std::vector<SweepRow> sweep(const SweepConfig& c) {
         "'' skip 1 using 1:($8>0?$8:1/0) with linespoints pt 5 lc rgb '#d02020' title '|sum R| / |f_N - f_0|', "
         "'' skip 1 using 1:($6>0?$6:1/0) with linespoints pt 9 lc rgb '#30a030' title 'share of steps in T_c', "
         "'' skip 1 using 1:4 axes x1y2 with linespoints pt 4 dt 2 lc rgb '#808080' title 'test accuracy'\n",
-        c.train.model, (fs::path(c.out) / "sweep.csv").string()));
+        gp_text(c.train.model + (c.train.optimizer == "sgd" ? "" : ", " + c.train.optimizer)), "sweep.csv"));
   } else {
     spdlog::warn("gnuplot not found (apt-get install gnuplot-nox): sweep.csv written, no sweep.png");
   }

@@ -12,12 +12,18 @@
 
 namespace pathkernel {
 
-/// True when a `gnuplot` executable is on the PATH.
+/// True when a `gnuplot` executable is on the PATH (searched directly; no shell is run).
 bool gnuplot_available();
 
+/// `s` made safe inside a single-quoted gnuplot string: quotes doubled; control characters
+/// dropped; backquotes, '@' and backslashes replaced by '_' (no command or macro substitution,
+/// no escapes). Every string from a file or the command line goes through it.
+std::string gp_text(const std::string& s);
+
 /// Runs a gnuplot script that sets its own output to `png`'s temporary name (use the
-/// placeholder @OUTPUT@ in `script`). Writes `png` with extension .gp beside it. Throws
-/// std::runtime_error when gnuplot fails.
+/// placeholder @OUTPUT@ in `script`), started with posix_spawn in `png`'s folder with the script
+/// on its standard input: file names in the script are relative to that folder. Writes `png`
+/// with extension .gp beside it. Throws std::runtime_error when gnuplot fails.
 void render_gnuplot(const std::filesystem::path& png, const std::string& script);
 
 /// One tile of an image grid: a uint8 [H, W] image and its caption.
