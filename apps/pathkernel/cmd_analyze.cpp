@@ -8,6 +8,7 @@
 #include "options.h"
 #include "pathkernel/analyzer.h"
 #include "pathkernel/errors.h"
+#include "pathkernel/fs_util.h"
 
 namespace pathkernel::app {
 
@@ -36,6 +37,7 @@ int cmd_analyze(const Args& args) {
       throw InputError("--steps must be A:B (either side may be empty), got '" + steps + "'");
     }
   }
+  check_output_dir(c.out, c.force, "summary.json", kAnalysisFormat);  // before any work
   const AnalysisResult res = analyze(c);
   write_analysis(res, c);
   std::cout << eq9_table(res, c) << "files: " << c.out << "/{steps.csv,probes.csv,summary.json,arrays/}\n";

@@ -7,6 +7,7 @@
 #include "commands.h"
 #include "options.h"
 #include "pathkernel/errors.h"
+#include "pathkernel/fs_util.h"
 #include "pathkernel/explain.h"
 
 namespace pathkernel::app {
@@ -37,6 +38,7 @@ int cmd_explain(const Args& args) {
   if (!parse_options(opts, args, r)) return 0;
   c.self_influence = r.count("self-influence") > 0;
   c.force = r.count("force") > 0;
+  check_output_dir(c.out, c.force, "summary.json", kExplainFormat);  // before any work
   const ExplainResult res = explain(c);
   write_explanation(res, c);
   std::cout << explain_table(res, c) << "files: " << c.out

@@ -3,6 +3,7 @@
 #include <spdlog/spdlog.h>
 
 #include <c10/util/Exception.h>
+#include <nlohmann/json.hpp>
 
 #include <cstdio>
 #include <iostream>
@@ -71,6 +72,10 @@ int main(int argc, char** argv) {
   } catch (const pathkernel::ReplayMismatchError& e) {
     spdlog::error("replay mismatch: {}", e.what());
     return 5;
+  } catch (const nlohmann::json::exception& e) {
+    // Every JSON the tool reads comes from a file: a field of the wrong type is bad input.
+    spdlog::error("malformed JSON field in an input file: {}", e.what());
+    return 2;
   } catch (const c10::Error& e) {
     spdlog::error("internal error (LibTorch): {}", e.what_without_backtrace());
     return 1;

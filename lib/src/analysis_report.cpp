@@ -127,7 +127,7 @@ nlohmann::json summary_json(const AnalysisResult& r, const AnalyzeConfig& c) {
                              {"kernel_route", c.kernel_route}, {"tc_rule", c.tc_rule},
                              {"tau", c.tau}, {"tc_window", c.tc_window}, {"tc_kappa", c.tc_kappa},
                              {"identity_tolerance", c.identity_tolerance}};
-  return {{"format", "pathkernel-analysis/1"},
+  return {{"format", kAnalysisFormat},
           {"steps_analyzed", static_cast<int64_t>(r.steps.size())},
           {"first_step", r.steps.front().step},
           {"last_step", r.steps.back().step},
@@ -171,10 +171,11 @@ nlohmann::json summary_json(const AnalysisResult& r, const AnalyzeConfig& c) {
 }  // namespace
 
 void write_analysis(const AnalysisResult& r, const AnalyzeConfig& c) {
-  const fs::path out(c.out);
-  if (fs::exists(out) && !(fs::is_directory(out) && fs::is_empty(out)) && !c.force) {
-    throw InputError(out.string() + " already exists and is not empty; choose another --out or pass --force");
-  }
+  check_output_dir(c.out, c.force, "summary.json", kAnalysisFormat);
+  // Written beside --out and moved into place when complete: a failure leaves nothing, and
+  // --force leaves no stale file of an earlier analysis.
+  StagedOutput staged(c.out);
+  const fs::path out = staged.path();
   fs::create_directories(out / "arrays");
   const bool second = r.s.defined();
   save_npy(out / "arrays" / "D.npy", r.d);
@@ -198,6 +199,7 @@ void write_analysis(const AnalysisResult& r, const AnalyzeConfig& c) {
   atomic_write(out / "steps.csv", steps_csv(r, second));
   atomic_write(out / "probes.csv", probes_csv(r, second));
   atomic_write(out / "summary.json", summary_json(r, c).dump(2) + "\n");
+  staged.commit();
 }
 
 std::string eq9_footer(const AnalysisResult& r, const AnalyzeConfig& c, int64_t tc);

@@ -21,7 +21,7 @@ using Clock = std::chrono::steady_clock;
 void AnalyzeConfig::validate() const {
   if (run.empty()) throw InputError("give the run directory");
   if (out.empty()) throw InputError("--out DIR is required");
-  if (probes < 1 && probe_indices_file.empty()) throw InputError("--probes must be at least 1");
+  if (probes < 1 && probe_indices_file.empty() && probe_indices.empty()) throw InputError("--probes must be at least 1");
   if (split != "test" && split != "train") throw InputError("--split must be test or train");
   if (outputs != "all" && outputs != "true" && outputs != "pred" && outputs != "class") {
     throw InputError("--outputs must be all, true or pred");
@@ -57,6 +57,15 @@ at::Tensor forward_nograd(models::Model& model, const at::Tensor& x) {
 
 std::vector<int64_t> choose_probes(const AnalyzeConfig& c, int64_t n) {
   std::vector<int64_t> idx;
+  if (!c.probe_indices.empty()) {
+    for (int64_t v : c.probe_indices) {
+      if (v < 0 || v >= n) {
+        throw InputError("probe index " + std::to_string(v) + " is outside the " + c.split + " split (0.." +
+                         std::to_string(n - 1) + ")");
+      }
+    }
+    return c.probe_indices;
+  }
   if (!c.probe_indices_file.empty()) {
     std::ifstream in(c.probe_indices_file);
     if (!in) throw InputError(c.probe_indices_file + ": cannot open probe index file");

@@ -48,15 +48,7 @@ ExplainResult explain(const ExplainConfig& c) {
   a.probes = c.probes;
   a.outputs = c.output >= 0 ? "class" : "pred";
   a.output_class = c.output;
-  // Explicit probe indices go through a file, as for analyze --probe-indices.
-  std::string tmp_probes;
-  if (!c.probe_indices.empty()) {
-    tmp_probes = (fs::temp_directory_path() / fmt::format("pathkernel-probes-{}.txt", ::getpid())).string();
-    std::string text;
-    for (int64_t i : c.probe_indices) text += std::to_string(i) + "\n";
-    atomic_write(tmp_probes, text, /*durable=*/false);
-    a.probe_indices_file = tmp_probes;
-  }
+  a.probe_indices = c.probe_indices;
   const nlohmann::json manifest = RunDir(c.run).read_manifest();
   const int64_t n_train = manifest.at("data").at("train_examples").get<int64_t>();
   const OptimizerOptions oo =
@@ -85,14 +77,7 @@ ExplainResult explain(const ExplainConfig& c) {
       self.index_add_(0, t.batch, sq * t.lr);
     }
   };
-  AnalysisResult an;
-  try {
-    an = analyze(a);
-  } catch (...) {
-    if (!tmp_probes.empty()) fs::remove(tmp_probes);
-    throw;
-  }
-  if (!tmp_probes.empty()) fs::remove(tmp_probes);
+  const AnalysisResult an = analyze(a);
   if (!an.contiguous || an.steps.front().step != 0) throw InputError("explain needs every step of the run");
   if (res.through_optimizer) {
     OptimizerAttributionConfig oc;
@@ -149,16 +134,18 @@ std::vector<int64_t> top_k(const at::Tensor& v, int64_t k, bool largest) {
 }  // namespace
 
 void write_explanation(const ExplainResult& r, const ExplainConfig& c) {
-  const fs::path out(c.out);
-  if (fs::exists(out) && !(fs::is_directory(out) && fs::is_empty(out)) && !c.force) {
-    throw InputError(out.string() + " already exists and is not empty; choose another --out or pass --force");
-  }
+  check_output_dir(c.out, c.force, "summary.json", kExplainFormat);
   const nlohmann::json manifest = RunDir(c.run).read_manifest();
   const int64_t limit = manifest.at("config").at("train_limit").get<int64_t>();
   const std::string data_dir = manifest.at("config").at("data_dir").get<std::string>();
   const Dataset train = load_dataset(data_dir, "train", limit);
   const Dataset split = c.split == "test" ? load_dataset(data_dir, "test") : train;
-  fs::create_directories(out);
+  if (train.size() != r.attributions.size(1)) {
+    throw InputError(data_dir + ": holds " + std::to_string(train.size()) + " training examples, the explanation " +
+                     std::to_string(r.attributions.size(1)));
+  }
+  StagedOutput staged(c.out);
+  const fs::path out = staged.path();
   const bool exact = r.attributions_exact.defined();
 
   save_npy(out / "attributions.npy", r.attributions);
@@ -226,7 +213,7 @@ void write_explanation(const ExplainResult& r, const ExplainConfig& c) {
                         "highest self-influence (TracIn: sum of lr |grad l_i|^2 over the steps that drew i)");
     }
   }
-  nlohmann::json j = {{"format", "pathkernel-explain/1"},
+  nlohmann::json j = {{"format", kExplainFormat},
                       {"run", c.run},
                       {"probes", r.probe_indices},
                       {"outputs", r.outputs},
@@ -260,6 +247,7 @@ void write_explanation(const ExplainResult& r, const ExplainConfig& c) {
     j["max_quad_error"] = r.max_quad_error;
   }
   atomic_write(out / "summary.json", j.dump(2) + "\n");
+  staged.commit();
 }
 
 std::string explain_table(const ExplainResult& r, const ExplainConfig& c) {

@@ -1,5 +1,7 @@
 #include "pathkernel/fs_util.h"
 
+#include <nlohmann/json.hpp>
+
 #include <fcntl.h>
 #include <unistd.h>
 
@@ -57,6 +59,78 @@ std::string read_file(const fs::path& path) {
   std::ostringstream ss;
   ss << in.rdbuf();
   return ss.str();
+}
+
+nlohmann::json read_json(const fs::path& path, bool object) {
+  if (!fs::is_regular_file(path)) throw InputError(path.string() + ": no such file");
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(read_file(path));
+  } catch (const nlohmann::json::exception& e) {
+    throw InputError(path.string() + ": not valid JSON (" + std::string(e.what()).substr(0, 200) + ")");
+  }
+  if (object && !j.is_object()) throw InputError(path.string() + ": expected a JSON object");
+  return j;
+}
+
+void check_output_dir(const fs::path& out, bool force, const std::string& marker, const std::string& format) {
+  if (out.empty()) throw InputError("--out DIR is required");
+  std::error_code ec;
+  const auto st = fs::symlink_status(out, ec);
+  if (ec || st.type() == fs::file_type::not_found) {
+    const fs::path parent = out.parent_path().empty() ? fs::path(".") : out.parent_path();
+    if (fs::exists(parent) && (!fs::is_directory(parent) || ::access(parent.c_str(), W_OK) != 0)) {
+      throw InputError(out.string() + ": cannot be created (" + parent.string() + " is not a writable folder)");
+    }
+    return;
+  }
+  if (st.type() == fs::file_type::symlink) throw InputError(out.string() + ": is a symbolic link; give a real folder");
+  if (st.type() != fs::file_type::directory) throw InputError(out.string() + ": exists and is not a folder");
+  if (::access(out.c_str(), W_OK) != 0) throw InputError(out.string() + ": is not writable");
+  if (fs::is_empty(out)) return;
+  if (!force) throw InputError(out.string() + " already exists and is not empty; choose another --out or pass --force");
+  const fs::path m = out / marker;
+  bool ours = fs::is_regular_file(m) && !fs::exists(out / "manifest.json");
+  if (ours && !format.empty()) {
+    try {
+      ours = read_json(m).value("format", "") == format;
+    } catch (const InputError&) {
+      ours = false;
+    }
+  }
+  if (!ours) {
+    throw InputError(out.string() + ": --force replaces only an earlier output of this command (" + marker +
+                     (format.empty() ? "" : " of format " + format) + "), and this folder holds something else");
+  }
+}
+
+StagedOutput::StagedOutput(const fs::path& out) : out_(out) {
+  const fs::path parent = out.parent_path().empty() ? fs::path(".") : out.parent_path();
+  fs::create_directories(parent);
+  std::string name = (parent / ("." + out.filename().string() + ".staging-XXXXXX")).string();
+  if (!::mkdtemp(name.data())) throw InputError(out.string() + ": cannot create a folder beside it (" + std::strerror(errno) + ")");
+  staging_ = name;
+}
+
+StagedOutput::~StagedOutput() {
+  if (committed_) return;
+  std::error_code ec;
+  fs::remove_all(staging_, ec);
+}
+
+void StagedOutput::commit() {
+  std::error_code ec;
+  fs::path old;
+  if (fs::exists(out_)) {
+    old = out_.string() + ".replaced";
+    fs::remove_all(old, ec);
+    fs::rename(out_, old);
+  }
+  fs::permissions(staging_, fs::perms::owner_all | fs::perms::group_read | fs::perms::group_exec |
+                                fs::perms::others_read | fs::perms::others_exec);
+  fs::rename(staging_, out_);
+  committed_ = true;
+  if (!old.empty()) fs::remove_all(old, ec);
 }
 
 }  // namespace pathkernel

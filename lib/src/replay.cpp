@@ -2,7 +2,10 @@
 
 #include <ATen/ATen.h>
 
+#include <spdlog/spdlog.h>
+
 #include <algorithm>
+#include <cmath>
 
 #include "pathkernel/errors.h"
 
@@ -17,6 +20,89 @@ Replayer::Replayer(const std::filesystem::path& run) : dir_(run) {
   checkpoints_ = dir_.checkpoint_steps();
   if (checkpoints_.empty() || checkpoints_.front() != 0) {
     throw InputError(dir_.checkpoint(0).string() + ": missing; a run needs its step-0 checkpoint to be replayed");
+  }
+  check_run();
+}
+
+void Replayer::check_run() const {
+  // Nothing in the run directory is trusted that can be checked against the data and the
+  // manifest's own settings before it is used.
+  const std::string manifest = dir_.manifest().string(), log = dir_.steps_log().string();
+  try {
+    const auto& data = manifest_.at("data");
+    if (data.at("train_examples").get<int64_t>() != ctx_->train.size() ||
+        data.at("test_examples").get<int64_t>() != ctx_->test.size()) {
+      throw InputError(manifest + ": records " + data.at("train_examples").dump() + " training and " +
+                       data.at("test_examples").dump() + " test examples, the data has " +
+                       std::to_string(ctx_->train.size()) + " and " + std::to_string(ctx_->test.size()));
+    }
+    if (manifest_.at("total_steps").get<int64_t>() != ctx_->total_steps) {
+      throw InputError(manifest + ": total_steps " + manifest_.at("total_steps").dump() + " does not follow from its config (" +
+                       std::to_string(ctx_->total_steps) + ")");
+    }
+  } catch (const nlohmann::json::exception& e) {
+    throw InputError(manifest + ": malformed (" + std::string(e.what()) + ")");
+  }
+  if (logged_steps() > ctx_->total_steps) {
+    throw InputError(log + ": holds " + std::to_string(logged_steps()) + " steps, the run has " +
+                     std::to_string(ctx_->total_steps) + " (records after the end)");
+  }
+  if (checkpoints_.back() > ctx_->total_steps) {
+    throw InputError(dir_.checkpoint(checkpoints_.back()).string() + ": beyond the run's " +
+                     std::to_string(ctx_->total_steps) + " steps");
+  }
+  const int64_t n = ctx_->train.size(), batch = ctx_->config.batch;
+  for (size_t k = 0; k < log_.size(); ++k) {
+    const std::string where = log + ":" + std::to_string(k + 1) + ": ";
+    try {
+      const double lr = log_[k].at("lr").get<double>();
+      if (!(lr > 0) || !std::isfinite(lr)) throw InputError(where + "learning rate " + log_[k].at("lr").dump());
+      const auto& b = log_[k].at("batch");
+      if (!b.is_array() || b.empty() || static_cast<int64_t>(b.size()) > batch) {
+        throw InputError(where + "the batch must hold 1 to " + std::to_string(batch) + " indices");
+      }
+      for (const auto& i : b) {
+        if (!i.is_number_integer() || i.get<int64_t>() < 0 || i.get<int64_t>() >= n) {
+          throw InputError(where + "batch index " + i.dump() + " is outside the training set (0.." +
+                           std::to_string(n - 1) + ")");
+        }
+      }
+      if (!log_[k].at("loss").is_number()) throw InputError(where + "no loss");
+    } catch (const nlohmann::json::exception& e) {
+      throw InputError(where + "malformed record (" + std::string(e.what()) + ")");
+    }
+  }
+}
+
+void Replayer::check_against_checkpoint(int64_t step) {
+  // The weights replayed from the step before must be those stored for this step: the step log
+  // and the manifest are what made them. A changed batch, rate or model shows up here.
+  const NamedTensors stored = load_tensor_dict(dir_.checkpoint(step));
+  const NamedTensors now = state_dict_of(*ctx_->model);
+  double diff = 0, scale = 0;
+  bool equal = stored.size() == now.size();
+  for (size_t i = 0; equal && i < now.size(); ++i) {
+    if (stored[i].first != now[i].first || stored[i].second.sizes() != now[i].second.sizes()) {
+      equal = false;
+      break;
+    }
+    if (!at::equal(stored[i].second, now[i].second)) {
+      diff = std::max(diff, (stored[i].second.to(at::kDouble) - now[i].second.to(at::kDouble)).abs().max().item<double>());
+      scale = std::max(scale, now[i].second.to(at::kDouble).abs().max().item<double>());
+    }
+  }
+  if (equal && diff > 1e-5 * std::max(scale, 1e-30)) equal = false;
+  if (!equal) {
+    throw ReplayMismatchError("step " + std::to_string(step - 1) + ": replaying the step log does not reproduce " +
+                              dir_.checkpoint(step).string() + (diff > 0 ? " (weights differ by up to " +
+                              std::to_string(diff) + ")" : "") +
+                              "; the step log, the manifest or the checkpoint was changed");
+  }
+  if (diff > 0 && !rounding_warned_) {
+    spdlog::warn("{}: the replay differs from the stored checkpoint {} by float rounding ({:.2e}): another BLAS "
+                 "kernel or thread count than training; the stored checkpoints are used",
+                 dir_.root().string(), step, diff);
+    rounding_warned_ = true;
   }
 }
 
@@ -44,6 +130,12 @@ void Replayer::seek(int64_t step) {
   }
   auto it = std::upper_bound(checkpoints_.begin(), checkpoints_.end(), step);
   const int64_t base = *(it - 1);
+  if (step > 0 && base == step && current_ == step - 1 && step <= logged_steps()) {
+    replay_step(current_);            // walking into a checkpoint: replay it and check the file
+    check_against_checkpoint(step);
+    load_checkpoint(step);            // then go on from the stored weights and optimizer state
+    return;
+  }
   if (!(current_ >= base && current_ <= step)) load_checkpoint(base);
   if (step > logged_steps() && step != current_) {
     throw InputError(dir_.steps_log().string() + ": ends at step " + std::to_string(logged_steps()) +
@@ -86,6 +178,10 @@ void Replayer::compare_optimizer_state(const TrainerState& stored, int64_t step)
 
 void Replayer::verify(const std::function<void(int64_t, int64_t)>& progress) {
   const int64_t total = std::min<int64_t>(checkpoints_.back(), logged_steps());
+  if (total == 0) {
+    throw InputError(dir_.root().string() + ": nothing to verify: " +
+                     (logged_steps() == 0 ? "the step log is empty" : "no checkpoint after step 0"));
+  }
   for (size_t c = 0; c + 1 < checkpoints_.size(); ++c) {
     const int64_t from = checkpoints_[c], to = checkpoints_[c + 1];
     if (to > logged_steps()) break;
@@ -102,7 +198,16 @@ void Replayer::verify(const std::function<void(int64_t, int64_t)>& progress) {
     }
     const NamedTensors stored = load_tensor_dict(dir_.checkpoint(to));
     const NamedTensors now = state_dict_of(*ctx_->model);
+    if (stored.size() != now.size()) {
+      throw InputError(dir_.checkpoint(to).string() + ": holds " + std::to_string(stored.size()) + " tensors, the model has " +
+                       std::to_string(now.size()));
+    }
     for (size_t i = 0; i < now.size(); ++i) {
+      if (stored[i].first != now[i].first || stored[i].second.sizes() != now[i].second.sizes()) {
+        throw InputError(dir_.checkpoint(to).string() + ": tensor " + std::to_string(i) + " is '" + stored[i].first +
+                         "' " + c10::str(stored[i].second.sizes()) + ", the model's is '" + now[i].first + "' " +
+                         c10::str(now[i].second.sizes()));
+      }
       if (stored[i].first != now[i].first || !at::equal(stored[i].second, now[i].second)) {
         const double diff = (stored[i].second.to(at::kDouble) - now[i].second.to(at::kDouble)).abs().max().item<double>();
         throw ReplayMismatchError("checkpoint " + std::to_string(to) + " is not reproduced: '" + now[i].first +

@@ -38,6 +38,8 @@ struct Table {
   }
 };
 
+/// Reads a CSV written by write_analysis. Every cell must be empty or a whole number, and every
+/// row must have the header's number of cells; anything else names the file, row and column.
 Table read_csv(const fs::path& path) {
   std::istringstream in(read_file(path));
   std::string line;
@@ -45,16 +47,79 @@ Table read_csv(const fs::path& path) {
   std::vector<std::string> names;
   for (std::stringstream ss(line); std::getline(ss, line, ',');) names.push_back(line);
   Table t;
+  for (const auto& n : names) t.cols[n];
   while (std::getline(in, line)) {
-    std::stringstream ss(line);
-    std::string cell;
-    for (const auto& n : names) {
-      if (!std::getline(ss, cell, ',')) cell.clear();
-      t.cols[n].push_back(cell.empty() ? NAN : std::strtod(cell.c_str(), nullptr));
+    const size_t row = t.rows + 2;  // 1-based, after the header
+    size_t start = 0, col = 0;
+    for (;; ++col) {
+      const size_t end = line.find(',', start);
+      const std::string cell = line.substr(start, end == std::string::npos ? std::string::npos : end - start);
+      if (col >= names.size()) throw InputError(fmt::format("{}: row {} has more cells than the header", path.string(), row));
+      double v = NAN;
+      if (!cell.empty()) {
+        char* stop = nullptr;
+        v = std::strtod(cell.c_str(), &stop);
+        if (stop != cell.c_str() + cell.size()) {
+          throw InputError(fmt::format("{}: row {}, column '{}': '{}' is not a number", path.string(), row,
+                                       names[col], cell.substr(0, 40)));
+        }
+      }
+      t.cols[names[col]].push_back(v);
+      if (end == std::string::npos) break;
+      start = end + 1;
+    }
+    if (col + 1 != names.size()) {
+      throw InputError(fmt::format("{}: row {} has {} cells, the header {}", path.string(), row, col + 1, names.size()));
     }
     ++t.rows;
   }
   return t;
+}
+
+/// The report trusts nothing in the analysis folder that it can check: the tables and arrays
+/// must agree in size, and the values it plots or indexes by must be finite.
+void check_inputs(const fs::path& in, const Table& steps, const Table& probes, const std::vector<at::Tensor>& arrays,
+                  const at::Tensor& outputs) {
+  const char* names[] = {"D", "F", "K", "U", "R"};
+  const at::Tensor& d = arrays[0];
+  if (d.dim() != 3) throw InputError((in / "arrays/D.npy").string() + ": expected 3 dimensions [steps, probes, outputs]");
+  for (size_t i = 0; i < arrays.size(); ++i) {
+    const fs::path file = in / "arrays" / (std::string(names[i]) + ".npy");
+    if (arrays[i].sizes() != d.sizes()) {
+      throw InputError(file.string() + ": shape " + c10::str(arrays[i].sizes()) + " differs from D.npy's " +
+                       c10::str(d.sizes()));
+    }
+    if (!at::isfinite(arrays[i]).all().item<bool>()) throw InputError(file.string() + ": holds values that are not finite");
+  }
+  if (outputs.dim() != 2 || outputs.size(0) != d.size(1) || outputs.size(1) != d.size(2)) {
+    throw InputError((in / "arrays/outputs.npy").string() + ": shape " + c10::str(outputs.sizes()) +
+                     ", expected [probes, outputs] = [" + std::to_string(d.size(1)) + ", " + std::to_string(d.size(2)) + "]");
+  }
+  if (static_cast<int64_t>(steps.rows) != d.size(0) || steps.rows == 0) {
+    throw InputError(fmt::format("{}: {} rows, the arrays hold {} steps", (in / "steps.csv").string(), steps.rows,
+                                 d.size(0)));
+  }
+  if (static_cast<int64_t>(probes.rows) != d.size(1) * d.size(2)) {
+    throw InputError(fmt::format("{}: {} rows, the arrays hold {} probes x {} outputs", (in / "probes.csv").string(),
+                                 probes.rows, d.size(1), d.size(2)));
+  }
+  for (const char* col : {"step", "r", "lr", "in_Tc"}) {
+    for (size_t i = 0; i < steps.rows; ++i) {
+      const double v = steps.at(col, in / "steps.csv")[i];
+      if (!std::isfinite(v) || (std::string(col) == "r" && v < 0)) {
+        throw InputError(fmt::format("{}: row {}, column '{}': {} is not a valid value", (in / "steps.csv").string(),
+                                     i + 2, col, v));
+      }
+    }
+  }
+  for (const char* col : {"probe", "label", "f_initial", "f_final", "sum_K", "sum_U", "sum_R_Tc", "sum_R_other"}) {
+    for (size_t i = 0; i < probes.rows; ++i) {
+      if (!std::isfinite(probes.at(col, in / "probes.csv")[i])) {
+        throw InputError(fmt::format("{}: row {}, column '{}' is not a finite number", (in / "probes.csv").string(),
+                                     i + 2, col));
+      }
+    }
+  }
 }
 
 std::string g(double v) { return fmt::format("{}", v); }
@@ -85,18 +150,22 @@ void write_data(const fs::path& out, ReportFiles& files, const std::string& name
 
 ReportFiles write_report(const ReportConfig& c) {
   c.validate();
-  const fs::path in(c.analysis), out(c.out);
+  const fs::path in(c.analysis);
   for (const char* f : {"steps.csv", "probes.csv", "summary.json", "arrays/D.npy"}) {
     if (!fs::exists(in / f)) throw InputError((in / f).string() + ": missing (not an analysis directory?)");
   }
-  if (fs::exists(out) && !(fs::is_directory(out) && fs::is_empty(out)) && !c.force && out != in) {
-    throw InputError(out.string() + " already exists and is not empty; choose another --out or pass --force");
+  if (fs::weakly_canonical(c.out) == fs::weakly_canonical(in)) {
+    throw InputError(c.out + ": is the analysis itself; give the report its own folder");
   }
+  check_output_dir(c.out, c.force, "report.html");
   const Table steps = read_csv(in / "steps.csv"), probes = read_csv(in / "probes.csv");
-  const nlohmann::json summary = nlohmann::json::parse(read_file(in / "summary.json"));
+  const nlohmann::json summary = read_json(in / "summary.json");
   const at::Tensor d = load_npy(in / "arrays/D.npy"), f = load_npy(in / "arrays/F.npy");
   const at::Tensor k = load_npy(in / "arrays/K.npy"), u = load_npy(in / "arrays/U.npy");
   const at::Tensor r = load_npy(in / "arrays/R.npy"), outputs = load_npy(in / "arrays/outputs.npy");
+  check_inputs(in, steps, probes, {d, f, k, u, r}, outputs);
+  StagedOutput staged(c.out);
+  const fs::path out = staged.path();
   fs::create_directories(out / "data");
   ReportFiles files;
   files.gnuplot = gnuplot_available();
@@ -301,7 +370,8 @@ ReportFiles write_report(const ReportConfig& c) {
   for (const auto& f2 : files.csvs) html += fmt::format("<a href='{}'>{}</a> ", f2, f2);
   html += "</p>\n</body></html>\n";
   atomic_write(out / "report.html", html);
-  files.html = (out / "report.html").string();
+  staged.commit();
+  files.html = (fs::path(c.out) / "report.html").string();
   return files;
 }
 

@@ -46,7 +46,7 @@ std::vector<SweepRow> sweep(const SweepConfig& c) {
       spdlog::info("lr {}: reusing the complete run {}", lr, t.out);
     } else if (fs::exists(run.manifest())) {
       if (fs::exists(run.summary()) &&
-          nlohmann::json::parse(read_file(run.summary())).value("status", "") == "diverged") {
+          read_json(run.summary()).value("status", "") == "diverged") {
         spdlog::info("lr {}: reusing the diverged run {}", lr, t.out);
       } else {
         spdlog::info("lr {}: resuming {}", lr, t.out);
@@ -61,7 +61,7 @@ std::vector<SweepRow> sweep(const SweepConfig& c) {
         spdlog::warn("lr {}: {}", lr, e.what());
       }
     }
-    const auto summary = nlohmann::json::parse(read_file(run.summary()));
+    const auto summary = read_json(run.summary());
     row.status = summary.value("status", "");
     row.test_accuracy = summary["test_accuracy"].is_number() ? summary["test_accuracy"].get<double>() : NAN;
 
@@ -70,14 +70,14 @@ std::vector<SweepRow> sweep(const SweepConfig& c) {
     a.out = (dir / "analysis").string();
     nlohmann::json as;
     if (fs::exists(fs::path(a.out) / "summary.json")) {
-      as = nlohmann::json::parse(read_file(fs::path(a.out) / "summary.json"));
+      as = read_json(fs::path(a.out) / "summary.json");
     } else if (read_step_log(run.steps_log()).empty()) {
       spdlog::warn("lr {}: diverged at its first step; nothing to analyze", lr);
     } else {
       spdlog::info("lr {}: analyzing", lr);
       const AnalysisResult res = analyze(a);
       write_analysis(res, a);
-      as = nlohmann::json::parse(read_file(fs::path(a.out) / "summary.json"));
+      as = read_json(fs::path(a.out) / "summary.json");
     }
     if (!as.is_null()) {
       row.steps = as.value("steps_analyzed", int64_t{0});

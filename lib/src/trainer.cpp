@@ -249,7 +249,7 @@ TrainSummary run_loop(const RunDir& dir, RunContext& ctx, int64_t start, double 
 }
 
 TrainSummary summary_from_file(const RunDir& dir) {
-  const auto j = nlohmann::json::parse(read_file(dir.summary()));
+  const auto j = read_json(dir.summary());
   TrainSummary s;
   s.run = dir.root();
   s.status = j.value("status", "");

@@ -30,6 +30,7 @@ struct AnalyzeConfig {
   std::string out;                 ///< analysis directory (must not exist or be empty unless force)
   int64_t probes = 64;             ///< number of probe images, evenly spaced over the split
   std::string probe_indices_file;  ///< or: one index per line
+  std::vector<int64_t> probe_indices;  ///< or: these indices (library use; checked against the split)
   std::string split = "test";      ///< test or train
   std::string outputs = "all";     ///< all (every logit), true (the label's), pred (final prediction's),
                                    ///< class (logit `output_class` of every probe)
@@ -88,6 +89,9 @@ struct AnalysisResult {
   double kernel_split_error = 0;       ///< max relative |sum_m K_{k,m} - (-a_k g . grad L_k)|
   double seconds = 0;
 };
+
+/// The format tag of an analysis's summary.json.
+inline constexpr const char* kAnalysisFormat = "pathkernel-analysis/1";
 
 /// Runs the analysis (no files written). Throws InputError for a bad run or settings.
 AnalysisResult analyze(const AnalyzeConfig& config);

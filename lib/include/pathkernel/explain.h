@@ -53,6 +53,9 @@ struct ExplainResult {
   double seconds = 0;
 };
 
+/// The format tag of an explanation's summary.json.
+inline constexpr const char* kExplainFormat = "pathkernel-explain/1";
+
 /// One pass over the run. Throws InputError.
 ExplainResult explain(const ExplainConfig& config);
 

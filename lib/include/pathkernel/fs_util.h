@@ -2,6 +2,8 @@
 /// \file fs_util.h
 /// Small file helpers: crash-safe writes (temporary name, fsync, rename) and whole-file reads.
 
+#include <nlohmann/json_fwd.hpp>
+
 #include <filesystem>
 #include <string>
 
@@ -16,7 +18,35 @@ void atomic_write(const std::filesystem::path& path, const std::string& bytes, b
 /// Reads a whole file. Throws InputError naming the path when it cannot be opened.
 std::string read_file(const std::filesystem::path& path);
 
+/// Parses a JSON file. Throws InputError naming the file when it is missing or not valid JSON,
+/// or (with `object`) not a JSON object.
+nlohmann::json read_json(const std::filesystem::path& path, bool object = true);
+
 /// fsyncs a directory so that renames inside it are durable.
 void sync_directory(const std::filesystem::path& dir);
+
+/// Checks, before any work, that `out` can take a command's output: it must not exist, or be an
+/// empty folder, or (with `force`) hold an earlier output of the same kind, recognized by the
+/// file `marker` inside it (and, when `format` is given, a JSON object in it whose "format" is
+/// `format`). Never a run directory or another command's output. Throws InputError.
+void check_output_dir(const std::filesystem::path& out, bool force, const std::string& marker,
+                      const std::string& format = "");
+
+/// A command's output folder written through a staging folder beside it: write into path(),
+/// then commit() puts it in place of `out` (an earlier output there is removed only then).
+/// Without commit() (an error, a kill) the staging folder is removed and `out` is untouched.
+class StagedOutput {
+ public:
+  explicit StagedOutput(const std::filesystem::path& out);
+  ~StagedOutput();
+  StagedOutput(const StagedOutput&) = delete;
+  StagedOutput& operator=(const StagedOutput&) = delete;
+  const std::filesystem::path& path() const { return staging_; }
+  void commit();
+
+ private:
+  std::filesystem::path out_, staging_;
+  bool committed_ = false;
+};
 
 }  // namespace pathkernel

@@ -33,7 +33,9 @@ class Replayer {
 
   /// Puts the weights (and optimizer state) of step `step` into the model: loads the nearest
   /// checkpoint at or before it (unless the model already holds an earlier state of the same
-  /// stretch) and replays the logged steps. Throws InputError when the step is out of range.
+  /// stretch) and replays the logged steps. Walking from step c - 1 into a checkpoint c, the
+  /// replayed weights are checked against the stored ones (ReplayMismatchError if the step log
+  /// or manifest no longer matches them). Throws InputError when the step is out of range.
   void seek(int64_t step);
   /// The step whose weights the model holds.
   int64_t current_step() const { return current_; }
@@ -47,6 +49,12 @@ class Replayer {
 
  private:
   void load_checkpoint(int64_t step);
+  /// Checks the manifest and step log against the data and the settings (sizes, batch indices,
+  /// rates, records past the end). Throws InputError naming the file and record.
+  void check_run() const;
+  /// Throws ReplayMismatchError unless the replayed weights equal the stored checkpoint of
+  /// `step` (up to float rounding, which is warned about once).
+  void check_against_checkpoint(int64_t step);
   /// Throws ReplayMismatchError unless the optimizer's state equals `stored` bit for bit.
   void compare_optimizer_state(const TrainerState& stored, int64_t step) const;
   /// Replays step k (from w_k to w_{k+1}); returns its record.
@@ -58,6 +66,7 @@ class Replayer {
   std::vector<int64_t> checkpoints_;
   std::unique_ptr<RunContext> ctx_;
   int64_t current_ = -1;
+  bool rounding_warned_ = false;
 };
 
 }  // namespace pathkernel
