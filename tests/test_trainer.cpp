@@ -178,6 +178,11 @@ TEST_F(TrainerTest, TamperedOrMalformedOptimizerStateIsCaughtWithTheFileNamed) {
                     "checkpoint 20: optimizer state 'exp_avg_sq.layers.0.weight' is not reproduced");
   st.optimizer_state[0].second[0].second = at::zeros({3, 3});
   save_trainer_state(dir.state(20), st);
+  // The checkpoint's digest catches any change to its files first ...
+  EXPECT_THROW_WITH(Replayer(dir.root()).seek(25), InputError, dir.state(20).string() + ": does not match its digest");
+  // ... and without a digest (runs made before digests) the state itself is checked.
+  fs::remove(dir.digest(20));
+  fs::remove(dir.digest(10));
   EXPECT_THROW_WITH(Replayer(dir.root()).seek(25), InputError, dir.state(20).string() + ": optimizer state 'exp_avg.");
   st = load_trainer_state(dir.state(10));
   st.step = st.optimizer_steps = 20;
@@ -188,6 +193,51 @@ TEST_F(TrainerTest, TamperedOrMalformedOptimizerStateIsCaughtWithTheFileNamed) {
   st.optimizer = "sgd";
   save_trainer_state(dir.state(10), st);
   EXPECT_THROW_WITH(Replayer(dir.root()).seek(15), InputError, "holds the state of optimizer 'sgd'");
+}
+
+TEST_F(TrainerTest, ADamagedCheckpointIsCaughtByItsDigestAndResumeFallsBack) {
+  train(config("run"), "");
+  const RunDir dir(config("run").out);
+  fs::remove(dir.complete_marker());
+  fs::remove(dir.summary());
+  // One flipped bit in the newest checkpoint: it still loads, but it is not what was written.
+  std::string bytes = read_file(dir.checkpoint(40));
+  bytes[bytes.size() / 2] ^= 0x10;
+  atomic_write(dir.checkpoint(40), bytes);
+  EXPECT_THROW_WITH(Replayer(dir.root()).seek(40), InputError, "step_00000040.pt: does not match its digest");
+  // Resume falls back to checkpoint 30 and ends bit-identical to an intact run.
+  truncate_step_log(dir.steps_log(), 40);
+  train(config("ref"), "");
+  EXPECT_EQ(resume(dir.root(), "").status, "complete");
+  expect_same_weights(dir.checkpoint(40), RunDir(config("ref").out).checkpoint(40));
+  // A checkpoint of another dtype is refused even without a digest.
+  NamedTensors w = load_tensor_dict(dir.checkpoint(30));
+  for (auto& [name, t] : w) t = t.to(at::kLong);
+  save_tensor_dict(dir.checkpoint(30), w);
+  fs::remove(dir.digest(30));
+  EXPECT_THROW_WITH(Replayer(dir.root()).seek(31), InputError, "is Long, the run's weights are Float");
+}
+
+TEST_F(TrainerTest, OneProcessPerRun) {
+  TrainConfig c = config("locked");
+  train(c, "");
+  const RunDir dir(c.out);
+  fs::remove(dir.complete_marker());
+  {
+    const DirLock other(dir.root(), /*exclusive=*/true);  // as a training process holds it
+    ASSERT_TRUE(other.held());
+    EXPECT_THROW_WITH(resume(dir.root(), ""), InputError, "another pathkernel process");
+  }
+  {
+    const Replayer reading(dir.root());  // readers share the run, and keep resume out meanwhile
+    EXPECT_THROW_WITH(resume(dir.root(), ""), InputError, "another pathkernel process");
+  }
+  EXPECT_EQ(resume(dir.root(), "").status, "complete");
+  // A folder left by a training killed during set-up (only the lock file) takes a new run.
+  fs::create_directories(tmp_ / "setup" / "checkpoints");
+  atomic_write(tmp_ / "setup" / ".lock", "");
+  TrainConfig s = config("setup");
+  EXPECT_EQ(train(s, "").status, "complete");
 }
 
 TEST_F(TrainerTest, RunsOfThePreviousFormatStillReplay) {
@@ -210,6 +260,7 @@ TEST_F(TrainerTest, RunsOfThePreviousFormatStillReplay) {
     d.insert(std::string("momentum"), c10::IValue(mom));
     const std::vector<char> bytes = torch::jit::pickle_save(c10::IValue(d));
     atomic_write(dir.state(s), std::string(bytes.begin(), bytes.end()));
+    fs::remove(dir.digest(s));  // digests came later too
   }
   nlohmann::json m = dir.read_manifest();
   for (const char* key : {"optimizer", "dampening", "nesterov", "betas", "eps"}) m["config"].erase(key);

@@ -2,7 +2,10 @@
 
 #include <spdlog/spdlog.h>
 
+#include <cerrno>
+#include <cstdlib>
 #include <iostream>
+#include <set>
 
 #include "pathkernel/errors.h"
 
@@ -81,6 +84,35 @@ void read_betas(const cxxopts::ParseResult& r, TrainConfig& c) {
   }
 }
 
+namespace {
+
+/// cxxopts reads "0.1abc" as 0.1: every number on the command line must be a number whole.
+void check_numbers(const cxxopts::ParseResult& result, const std::string& command) {
+  static const std::set<std::string> integers = {
+      "steps", "epochs", "batch", "seed", "threads", "train-limit", "checkpoint-every", "eval-every", "probes",
+      "every", "exact", "tc-window", "output", "top", "grids", "curves", "step"};
+  static const std::set<std::string> reals = {"lr", "momentum", "dampening", "eps", "weight-decay", "tau", "tc-kappa"};
+  for (const auto& kv : result.arguments()) {
+    const std::string& v = kv.value();
+    if (kv.key() == "steps" && command == "pathkernel analyze") continue;  // a range A:B there
+    const bool integer = integers.count(kv.key()) > 0;
+    if (!integer && !reals.count(kv.key())) continue;
+    char* end = nullptr;
+    errno = 0;
+    if (integer) {
+      std::strtoll(v.c_str(), &end, 10);
+    } else {
+      std::strtod(v.c_str(), &end);
+    }
+    if (v.empty() || end != v.c_str() + v.size() || errno == ERANGE) {
+      throw InputError(command + ": --" + kv.key() + " must be " + (integer ? "an integer" : "a number") + ", got '" +
+                       v + "'");
+    }
+  }
+}
+
+}  // namespace
+
 bool parse_options(cxxopts::Options& opts, const Args& args, cxxopts::ParseResult& result) {
   opts.add_options()("log-level", "trace | debug | info | warn | error",
                      cxxopts::value<std::string>()->default_value("info"))("h,help", "show this help");
@@ -91,11 +123,16 @@ bool parse_options(cxxopts::Options& opts, const Args& args, cxxopts::ParseResul
   } catch (const cxxopts::exceptions::exception& e) {
     throw InputError(args[0] + ": " + e.what() + " (see --help)");
   }
+  check_numbers(result, args[0]);
   if (result.count("help")) {
     std::cout << opts.help() << "\n";
     return false;
   }
-  spdlog::set_level(spdlog::level::from_str(result["log-level"].as<std::string>()));
+  const std::string level = result["log-level"].as<std::string>();
+  if (level != "trace" && level != "debug" && level != "info" && level != "warn" && level != "error") {
+    throw InputError("--log-level must be trace, debug, info, warn or error, got '" + level + "'");
+  }
+  spdlog::set_level(spdlog::level::from_str(level));
   if (!result.unmatched().empty()) throw InputError(args[0] + ": unexpected argument '" + result.unmatched()[0] + "'");
   return true;
 }

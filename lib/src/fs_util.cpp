@@ -3,6 +3,7 @@
 #include <nlohmann/json.hpp>
 
 #include <fcntl.h>
+#include <sys/file.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -131,6 +132,23 @@ void StagedOutput::commit() {
   fs::rename(staging_, out_);
   committed_ = true;
   if (!old.empty()) fs::remove_all(old, ec);
+}
+
+DirLock::DirLock(const fs::path& dir, bool exclusive) {
+  const int fd = ::open((dir / ".lock").c_str(), O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0644);
+  if (fd < 0) {
+    if (errno == EACCES || errno == EROFS) return;  // a read-only run can still be read
+    throw InputError((dir / ".lock").string() + ": cannot be opened (" + std::strerror(errno) + ")");
+  }
+  if (::flock(fd, (exclusive ? LOCK_EX : LOCK_SH) | LOCK_NB) != 0) {
+    ::close(fd);
+    return;
+  }
+  fd_ = fd;
+}
+
+DirLock::~DirLock() {
+  if (fd_ >= 0) ::close(fd_);  // closing releases the flock
 }
 
 }  // namespace pathkernel

@@ -8,11 +8,18 @@
 #include <cmath>
 
 #include "pathkernel/errors.h"
+#include "pathkernel/fs_util.h"
 
 namespace pathkernel {
 
 Replayer::Replayer(const std::filesystem::path& run) : dir_(run) {
   manifest_ = dir_.read_manifest();
+  // A shared lock: readers together, but no resume while a run is read. A run still training
+  // holds the exclusive lock: it is read as far as it goes, and said so.
+  lock_ = std::make_unique<DirLock>(dir_.root(), /*exclusive=*/false);
+  if (!lock_->held() && !dir_.complete()) {
+    spdlog::warn("{}: is still being trained (or resumed); reading the steps it has logged so far", run.string());
+  }
   TrainConfig config = train_config_from_json(manifest_.at("config"), dir_.manifest().string());
   const auto& norm = manifest_.at("data").at("normalization");
   ctx_ = make_run_context(config, Normalization{norm.at("mean").get<double>(), norm.at("std").get<double>()});
@@ -107,6 +114,7 @@ void Replayer::check_against_checkpoint(int64_t step) {
 }
 
 void Replayer::load_checkpoint(int64_t step) {
+  dir_.check_digest(step);
   load_weights(*ctx_->model, load_tensor_dict(dir_.checkpoint(step)), dir_.checkpoint(step).string());
   ctx_->restore(load_trainer_state(dir_.state(step)), step, dir_.state(step).string());
   current_ = step;

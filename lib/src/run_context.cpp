@@ -78,6 +78,10 @@ std::unique_ptr<RunContext> make_run_context(const TrainConfig& config,
 
   ctx->sampler = std::make_unique<BatchSampler>(config.seed, ctx->train.size(), config.batch);
   ctx->total_steps = config.steps > 0 ? config.steps : config.epochs * ctx->sampler->steps_per_epoch();
+  if (ctx->total_steps > kMaxSteps) {
+    throw InputError("--epochs " + std::to_string(config.epochs) + " makes " + std::to_string(ctx->total_steps) +
+                     " steps, more than " + std::to_string(kMaxSteps));
+  }
   ctx->schedule = std::make_unique<LrSchedule>(config.lr_schedule, config.lr, ctx->total_steps);
 
   at::manual_seed(config.seed);

@@ -1,5 +1,10 @@
 #include "pathkernel/run_dir.h"
 
+#include <zlib.h>
+
+#include <algorithm>
+#include <cstdio>
+
 #include <cstdio>
 #include <sstream>
 
@@ -20,6 +25,43 @@ std::string step_name(int64_t step) {
 
 fs::path RunDir::checkpoint(int64_t step) const { return checkpoints_dir() / (step_name(step) + ".pt"); }
 fs::path RunDir::state(int64_t step) const { return checkpoints_dir() / (step_name(step) + ".state.pt"); }
+fs::path RunDir::digest(int64_t step) const { return checkpoints_dir() / (step_name(step) + ".crc32"); }
+
+namespace {
+
+std::string crc_of(const fs::path& p) {
+  const std::string bytes = read_file(p);
+  uLong crc = crc32(0L, Z_NULL, 0);
+  size_t off = 0;
+  while (off < bytes.size()) {  // zlib takes lengths as uInt
+    const size_t n = std::min<size_t>(bytes.size() - off, 1u << 30);
+    crc = crc32(crc, reinterpret_cast<const Bytef*>(bytes.data() + off), static_cast<uInt>(n));
+    off += n;
+  }
+  char buf[16];
+  std::snprintf(buf, sizeof(buf), "%08lx", static_cast<unsigned long>(crc));
+  return buf;
+}
+
+}  // namespace
+
+void RunDir::write_digest(int64_t step) const {
+  atomic_write(digest(step),
+               "weights " + crc_of(checkpoint(step)) + "\nstate " + crc_of(state(step)) + "\n", /*durable=*/false);
+}
+
+void RunDir::check_digest(int64_t step) const {
+  if (!fs::exists(digest(step))) return;
+  const std::string expect = read_file(digest(step));
+  for (const auto& [key, file] : {std::pair{"weights ", checkpoint(step)}, {"state ", state(step)}}) {
+    const size_t pos = expect.find(key);
+    if (pos == std::string::npos) throw InputError(digest(step).string() + ": malformed (no '" + std::string(key) + "')");
+    if (expect.compare(pos + std::string(key).size(), 8, crc_of(file)) != 0) {
+      throw InputError(file.string() + ": does not match its digest in " + digest(step).string() +
+                       " (the file was changed or damaged after it was written)");
+    }
+  }
+}
 bool RunDir::complete() const { return fs::exists(complete_marker()); }
 
 nlohmann::json RunDir::read_manifest() const {

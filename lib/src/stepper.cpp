@@ -40,6 +40,10 @@ void load_weights(models::Model& model, const NamedTensors& weights, const std::
   for (const auto& [name, t] : weights) {
     at::Tensor* p = params.find(name);
     if (!p) throw InputError(source + ": unexpected tensor '" + name + "' for model '" + model.spec().str() + "'");
+    if (t.scalar_type() != p->scalar_type()) {
+      throw InputError(source + ": tensor '" + name + "' is " + std::string(c10::toString(t.scalar_type())) +
+                       ", the run's weights are " + std::string(c10::toString(p->scalar_type())));
+    }
     if (p->sizes() != t.sizes()) {
       throw InputError(source + ": tensor '" + name + "' has shape " + c10::str(t.sizes()) + ", model expects " +
                        c10::str(p->sizes()));

@@ -16,12 +16,19 @@ void TrainConfig::validate() const {
     throw InputError(std::string("--model: ") + e.what());
   }
   if (steps < 0 || epochs < 0) throw InputError("--steps and --epochs must not be negative");
+  if (steps > kMaxSteps) throw InputError("--steps must be at most " + std::to_string(kMaxSteps));
+  if (epochs > kMaxEpochs) throw InputError("--epochs must be at most " + std::to_string(kMaxEpochs));
   if ((steps > 0) == (epochs > 0)) throw InputError("give exactly one of --steps N or --epochs N");
   if (batch < 1) throw InputError("--batch must be at least 1");
   if (!(lr > 0) || !std::isfinite(lr)) throw InputError("--lr must be a positive number");
   if (dtype == "float32" && lr > 1e38) throw InputError("--lr must be below 1e38 with --dtype float32");
+  // Settings the float32 update multiplies by must be float32 numbers themselves.
+  if (dtype == "float32" && weight_decay > 1e38) throw InputError("--weight-decay must be below 1e38 with --dtype float32");
+  if (dtype == "float32" && eps > 1e38) throw InputError("--eps must be below 1e38 with --dtype float32");
   optimizer_options().validate();
-  if (threads < 1) throw InputError("--threads must be at least 1");
+  if (threads < 1 || threads > kMaxThreads) {
+    throw InputError("--threads must be between 1 and " + std::to_string(kMaxThreads));
+  }
   if (dtype != "float32" && dtype != "float64") throw InputError("--dtype must be float32 or float64");
   if (loss != "ce" && loss != "mse") throw InputError("--loss must be ce or mse");
   if (train_limit < 0) throw InputError("--train-limit must not be negative");

@@ -151,6 +151,7 @@ void save_checkpoint(const RunDir& dir, RunContext& ctx, int64_t step) {
   // State first, weights last: a step counts as checkpointed only when its .pt exists.
   save_trainer_state(dir.state(step), st);
   save_tensor_dict(dir.checkpoint(step), state_dict_of(*ctx.model));
+  dir.write_digest(step);  // last: the digest vouches for both files as written
 }
 
 void write_summary(const RunDir& dir, const TrainSummary& s, const RunContext& ctx, const std::string& reason) {
@@ -170,6 +171,7 @@ void write_summary(const RunDir& dir, const TrainSummary& s, const RunContext& c
 }
 
 std::string fmt_eta(double s) {
+  if (!(s >= 0) || s > 360000) return "--:--";  // no rate yet, or more than 100 hours
   char buf[32];
   std::snprintf(buf, sizeof(buf), "%d:%02d", static_cast<int>(s) / 60, static_cast<int>(s) % 60);
   return buf;
@@ -260,6 +262,20 @@ TrainSummary summary_from_file(const RunDir& dir) {
   return s;
 }
 
+/// A folder a new run may be created in: absent, empty, or left by a run killed during set-up
+/// before its manifest (only the lock file and an empty checkpoints/ folder).
+bool fresh_run_dir(const fs::path& root) {
+  if (!fs::exists(root)) return true;
+  if (!fs::is_directory(root)) return false;
+  for (const auto& e : fs::directory_iterator(root)) {
+    const std::string name = e.path().filename().string();
+    if (name == ".lock") continue;
+    if (name == "checkpoints" && fs::is_directory(e.path()) && fs::is_empty(e.path())) continue;
+    return false;
+  }
+  return true;
+}
+
 }  // namespace
 
 TrainSummary train(const TrainConfig& user_config, const std::string& command_line) {
@@ -268,12 +284,19 @@ TrainSummary train(const TrainConfig& user_config, const std::string& command_li
   // Recorded absolute, so that replay and resume work from any working directory.
   if (!is_synthetic(config.data_dir)) config.data_dir = fs::absolute(config.data_dir).lexically_normal().string();
   const RunDir dir(config.out);
-  if (fs::exists(dir.root()) && !(fs::is_directory(dir.root()) && fs::is_empty(dir.root()))) {
+  if (!fresh_run_dir(dir.root())) {
     throw InputError(dir.root().string() + " already exists and is not empty; choose another --out, or " +
                      "continue it with --resume " + dir.root().string());
   }
   auto ctx = make_run_context(config);
   fs::create_directories(dir.checkpoints_dir());
+  // One process per run: the lock is taken, then the folder checked again, so two trainings
+  // started at once into one --out cannot both proceed.
+  const DirLock lock(dir.root(), /*exclusive=*/true);
+  if (!lock.held() || !fresh_run_dir(dir.root())) {
+    throw InputError(dir.root().string() + ": another pathkernel process is using it (or just created it); "
+                     "choose another --out");
+  }
   atomic_write(dir.manifest(), make_manifest(*ctx, command_line).dump(2) + "\n");
   save_checkpoint(dir, *ctx, 0);
   spdlog::info("training {} ({} parameters) for {} steps on {} examples, run directory {}",
@@ -285,6 +308,11 @@ TrainSummary train(const TrainConfig& user_config, const std::string& command_li
 TrainSummary resume(const fs::path& run, const std::string& command_line) {
   const RunDir dir(run);
   const nlohmann::json manifest = dir.read_manifest();
+  const DirLock lock(dir.root(), /*exclusive=*/true);
+  if (!lock.held()) {
+    throw InputError(run.string() + ": another pathkernel process is training, resuming or reading this run; "
+                     "wait for it to finish");
+  }
   if (dir.complete()) {
     spdlog::info("{} is already complete; nothing to do", run.string());
     return summary_from_file(dir);
@@ -314,6 +342,7 @@ TrainSummary resume(const fs::path& run, const std::string& command_line) {
     // The newest checkpoint that loads: after a power loss the last one may be damaged.
     for (auto it = steps.rbegin(); it != steps.rend(); ++it) {
       try {
+        dir.check_digest(*it);
         load_weights(*ctx->model, load_tensor_dict(dir.checkpoint(*it)), dir.checkpoint(*it).string());
         ctx->restore(load_trainer_state(dir.state(*it)), *it, dir.state(*it).string());
         start = *it;

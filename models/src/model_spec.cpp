@@ -18,6 +18,7 @@ std::vector<std::string> split(const std::string& s, char sep) {
 
 std::vector<int64_t> parse_widths(const std::string& spec, const std::string& field) {
   std::vector<int64_t> widths;
+  if (field.empty()) throw std::invalid_argument("model spec '" + spec + "': no widths given");
   for (const auto& w : split(field, ',')) {
     size_t used = 0;
     long long v = 0;

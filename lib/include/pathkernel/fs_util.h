@@ -49,4 +49,19 @@ class StagedOutput {
   bool committed_ = false;
 };
 
+/// An advisory lock (flock) on a folder, through the file DIR/.lock, released when the object
+/// is destroyed or the process dies (kill -9 included).
+class DirLock {
+ public:
+  /// Tries to take the lock, exclusive or shared, without waiting; held() says whether it did.
+  DirLock(const std::filesystem::path& dir, bool exclusive);
+  ~DirLock();
+  DirLock(const DirLock&) = delete;
+  DirLock& operator=(const DirLock&) = delete;
+  bool held() const { return fd_ >= 0; }
+
+ private:
+  int fd_ = -1;
+};
+
 }  // namespace pathkernel

@@ -12,6 +12,7 @@
 #include <nlohmann/json.hpp>
 
 #include "pathkernel/checkpoint.h"
+#include "pathkernel/fs_util.h"
 #include "pathkernel/run_context.h"
 #include "pathkernel/run_dir.h"
 
@@ -67,6 +68,7 @@ class Replayer {
   std::unique_ptr<RunContext> ctx_;
   int64_t current_ = -1;
   bool rounding_warned_ = false;
+  std::unique_ptr<DirLock> lock_;
 };
 
 }  // namespace pathkernel

@@ -32,6 +32,14 @@ class RunDir {
   std::filesystem::path checkpoints_dir() const { return root_ / "checkpoints"; }
   std::filesystem::path checkpoint(int64_t step) const;
   std::filesystem::path state(int64_t step) const;
+  /// CRC-32 digests of the step's two checkpoint files, written after both (step_X.crc32).
+  std::filesystem::path digest(int64_t step) const;
+  /// Writes the digest file of step `step` from the files as they are on disk.
+  void write_digest(int64_t step) const;
+  /// Checks the step's checkpoint files against their digest file; without one (runs made
+  /// before digests, or a kill just before it was written) nothing is checked. Throws
+  /// InputError naming the file that does not match.
+  void check_digest(int64_t step) const;
   std::filesystem::path summary() const { return root_ / "summary.json"; }
   std::filesystem::path complete_marker() const { return root_ / "COMPLETE"; }
 
