@@ -163,6 +163,29 @@ TEST(E2eTest, BadInputExitsTwoNamingTheFileAndWritesNothing) {
   const Result flag = run({"train", "--lr", "-1", "--steps", "5", "--out", (tmp / "run2").string()}, tmp.path());
   EXPECT_EQ(flag.status, 2);
   EXPECT_NE(flag.err.find("--lr"), std::string::npos) << flag.err;
+  // Issue 8: numbers parsed whole, specs and levels checked, sizes bounded; all before any work.
+  for (const auto& [flags, named] : std::vector<std::pair<std::vector<std::string>, std::string>>{
+           {{"--lr", "0.1abc"}, "--lr must be a number, got '0.1abc'"},
+           {{"--batch", "64x"}, "--batch must be an integer"},
+           {{"--model", "mlp:"}, "no widths given"},
+           {{"--log-level", "loud"}, "--log-level must be"},
+           {{"--threads", "100000"}, "--threads must be between 1 and 256"},
+           {{"--epochs", "9223372036854775807", "--steps", "0"}, "--epochs must be at most"},
+           {{"--weight-decay", "1e300"}, "--weight-decay must be below 1e38"}}) {
+    std::vector<std::string> args = {"train", "--steps", "5", "--out", (tmp / "flags").string()};
+    args.insert(args.end(), flags.begin(), flags.end());
+    const auto t0 = std::chrono::steady_clock::now();
+    const Result bad = run(args, tmp.path());
+    EXPECT_EQ(bad.status, 2) << flags[0];
+    EXPECT_NE(bad.err.find(named), std::string::npos) << bad.err;
+    EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), 5.0) << flags[0];
+    EXPECT_FALSE(fs::exists(tmp / "flags")) << flags[0];
+  }
+  ASSERT_EQ(run({"train", "--train-limit", "200", "--steps", "3", "--out", (tmp / "r3").string()}, tmp.path()).status, 0);
+  const Result extra = run({"train", "--resume", (tmp / "r3").string(), "--seed", "4"}, tmp.path());
+  EXPECT_EQ(extra.status, 2);
+  EXPECT_NE(extra.err.find("drop --seed"), std::string::npos) << extra.err;
+
   const Result no_run = run({"replay", (tmp / "absent").string(), "--verify"}, tmp.path());
   EXPECT_EQ(no_run.status, 2);
   EXPECT_NE(no_run.err.find("absent: no such run directory"), std::string::npos) << no_run.err;

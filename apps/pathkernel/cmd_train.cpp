@@ -41,10 +41,9 @@ int cmd_train(const Args& args) {
   const std::string command_line = joined_command_line(args);
   TrainSummary s;
   if (r.count("resume")) {
-    for (const char* flag : {"model", "steps", "epochs", "lr", "out", "data", "optimizer", "momentum", "nesterov",
-                             "dampening", "betas", "eps", "weight-decay"}) {
-      if (r.count(flag)) {
-        throw InputError(std::string("--resume continues a run with the settings in its manifest; drop --") + flag);
+    for (const auto& kv : r.arguments()) {
+      if (kv.key() != "resume" && kv.key() != "log-level") {
+        throw InputError("--resume continues a run with the settings in its manifest; drop --" + kv.key());
       }
     }
     s = resume(r["resume"].as<std::string>(), command_line);

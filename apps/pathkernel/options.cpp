@@ -6,6 +6,7 @@
 #include <cstdlib>
 #include <iostream>
 #include <set>
+#include <sstream>
 
 #include "pathkernel/errors.h"
 
@@ -86,28 +87,44 @@ void read_betas(const cxxopts::ParseResult& r, TrainConfig& c) {
 
 namespace {
 
-/// cxxopts reads "0.1abc" as 0.1: every number on the command line must be a number whole.
-void check_numbers(const cxxopts::ParseResult& result, const std::string& command) {
+void check_number(const std::string& command, const std::string& key, const std::string& v, bool integer) {
+  char* end = nullptr;
+  errno = 0;
+  if (integer) {
+    std::strtoll(v.c_str(), &end, 10);
+  } else {
+    std::strtod(v.c_str(), &end);
+  }
+  if (v.empty() || end != v.c_str() + v.size() || errno == ERANGE) {
+    throw InputError(command + ": --" + key + " must be " + (integer ? "an integer" : "a number") + ", got '" + v + "'");
+  }
+}
+
+/// cxxopts reads "0.1abc" as 0.1, and refuses "64x" without naming the flag: every number on
+/// the command line is checked here first, whole, with the flag named.
+void check_numbers(const Args& args) {
   static const std::set<std::string> integers = {
       "steps", "epochs", "batch", "seed", "threads", "train-limit", "checkpoint-every", "eval-every", "probes",
       "every", "exact", "tc-window", "output", "top", "grids", "curves", "step"};
   static const std::set<std::string> reals = {"lr", "momentum", "dampening", "eps", "weight-decay", "tau", "tc-kappa"};
-  for (const auto& kv : result.arguments()) {
-    const std::string& v = kv.value();
-    if (kv.key() == "steps" && command == "pathkernel analyze") continue;  // a range A:B there
-    const bool integer = integers.count(kv.key()) > 0;
-    if (!integer && !reals.count(kv.key())) continue;
-    char* end = nullptr;
-    errno = 0;
-    if (integer) {
-      std::strtoll(v.c_str(), &end, 10);
-    } else {
-      std::strtod(v.c_str(), &end);
+  const std::string& command = args[0];
+  for (size_t i = 1; i < args.size(); ++i) {
+    const std::string& a = args[i];
+    if (a.rfind("--", 0) != 0) continue;
+    const size_t eq = a.find('=');
+    const std::string key = a.substr(2, eq == std::string::npos ? std::string::npos : eq - 2);
+    if (key == "steps" && command == "pathkernel analyze") continue;  // a range A:B there
+    const bool integer = integers.count(key) > 0;
+    if (!integer && !reals.count(key)) continue;
+    if (eq == std::string::npos && i + 1 >= args.size()) continue;  // cxxopts reports the missing value
+    const std::string v = eq == std::string::npos ? args[++i] : a.substr(eq + 1);
+    // sweep's --lr is a list of rates
+    if (key == "lr" && command == "pathkernel sweep") {
+      std::string item;
+      for (std::stringstream ss(v); std::getline(ss, item, ',');) check_number(command, key, item, false);
+      continue;
     }
-    if (v.empty() || end != v.c_str() + v.size() || errno == ERANGE) {
-      throw InputError(command + ": --" + kv.key() + " must be " + (integer ? "an integer" : "a number") + ", got '" +
-                       v + "'");
-    }
+    check_number(command, key, v, integer);
   }
 }
 
@@ -116,6 +133,7 @@ void check_numbers(const cxxopts::ParseResult& result, const std::string& comman
 bool parse_options(cxxopts::Options& opts, const Args& args, cxxopts::ParseResult& result) {
   opts.add_options()("log-level", "trace | debug | info | warn | error",
                      cxxopts::value<std::string>()->default_value("info"))("h,help", "show this help");
+  check_numbers(args);
   std::vector<const char*> argv;
   for (const auto& a : args) argv.push_back(a.c_str());
   try {
@@ -123,7 +141,6 @@ bool parse_options(cxxopts::Options& opts, const Args& args, cxxopts::ParseResul
   } catch (const cxxopts::exceptions::exception& e) {
     throw InputError(args[0] + ": " + e.what() + " (see --help)");
   }
-  check_numbers(result, args[0]);
   if (result.count("help")) {
     std::cout << opts.help() << "\n";
     return false;
