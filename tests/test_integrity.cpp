@@ -166,6 +166,34 @@ TEST_F(IntegrityTest, AFailedWriteLeavesNothing) {
   }
 }
 
+// Exit status 4 means a check failed, and each check fails on a wrong input: a NaN anywhere, a
+// per-example split that does not add up to autograd's, an identity that does not close.
+TEST_F(IntegrityTest, ChecksBehindExitFourFailOnWrongInput) {
+  const AnalyzeConfig a = analysis("a");
+  const AnalysisResult good = analyze(a);
+  EXPECT_TRUE(failed_checks(good, a).empty());
+  AnalysisResult r = good;
+  r.d = good.d.clone();
+  r.d[3][1][2] = NAN;
+  ASSERT_EQ(failed_checks(r, a).size(), 1u);
+  EXPECT_NE(failed_checks(r, a)[0].find("D holds values that are not finite"), std::string::npos);
+  r = good;
+  r.kernel_split_error = 1e-4;
+  EXPECT_NE(failed_checks(r, a).at(0).find("per-example split"), std::string::npos);
+  r = good;
+  r.identity_error = NAN;  // NaN used to pass the identity check
+  EXPECT_NE(failed_checks(r, a).at(0).find("run identity fails"), std::string::npos);
+}
+
+TEST_F(IntegrityTest, ANaNPlantedInACheckpointIsNotReproduced) {
+  const RunDir dir(run_);
+  NamedTensors w = load_tensor_dict(dir.checkpoint(8));
+  w[0].second[0][0] = NAN;
+  save_tensor_dict(dir.checkpoint(8), w);
+  fs::remove(dir.digest(8));
+  EXPECT_THROW_WITH(analyze(analysis("a")), ReplayMismatchError, "does not reproduce");
+}
+
 class ReportInputTest : public IntegrityTest {
  protected:
   void SetUp() override {

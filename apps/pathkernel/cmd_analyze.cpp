@@ -41,11 +41,9 @@ int cmd_analyze(const Args& args) {
   const AnalysisResult res = analyze(c);
   write_analysis(res, c);
   std::cout << eq9_table(res, c) << "files: " << c.out << "/{steps.csv,probes.csv,summary.json,arrays/}\n";
-  if (res.contiguous && res.identity_error > c.identity_tolerance) {
-    spdlog::error("the run identity fails: error {:.3e} exceeds {:.0e} of max |f_N - f_0|", res.identity_error,
-                  c.identity_tolerance);
-    return 4;
-  }
+  const std::vector<std::string> failed = failed_checks(res, c);
+  for (const auto& f : failed) spdlog::error("check failed: {}", f);
+  if (!failed.empty()) return 4;
   return 0;
 }
 

@@ -44,7 +44,7 @@ int cmd_explain(const Args& args) {
   std::cout << explain_table(res, c) << "files: " << c.out
             << "/{attributions.csv,attributions.npy,top.csv,grids/,summary.json"
             << (c.self_influence ? ",self_influence.csv,self_influence.png" : "") << "}\n";
-  if (res.sum_error > c.tolerance) {
+  if (!(res.sum_error <= c.tolerance)) {  // NaN fails too
     spdlog::error("the sum check fails: error {:.3e} exceeds {:.0e}", res.sum_error, c.tolerance);
     return 4;
   }

@@ -1,6 +1,7 @@
 #include "pathkernel/analyzer.h"
 
 #include <ATen/ATen.h>
+#include <fmt/format.h>
 #include <spdlog/spdlog.h>
 #include <torch/csrc/autograd/autograd.h>
 
@@ -109,6 +110,27 @@ ParamMap momentum_buffer_of(const Optimizer& opt) {
 }
 
 }  // namespace
+
+std::vector<std::string> failed_checks(const AnalysisResult& r, const AnalyzeConfig& c) {
+  std::vector<std::string> failed;
+  const std::pair<const char*, const at::Tensor*> arrays[] = {{"D", &r.d}, {"F", &r.f}, {"K", &r.k}, {"U", &r.u},
+                                                             {"R", &r.r}, {"S", &r.s}, {"Kopt", &r.kopt},
+                                                             {"Kexact", &r.kexact}};
+  for (const auto& [name, t] : arrays) {
+    if (t->defined() && !at::isfinite(*t).all().item<bool>()) {
+      failed.push_back(std::string(name) + " holds values that are not finite (NaN or inf)");
+    }
+  }
+  if (!(r.kernel_split_error <= c.kernel_split_tolerance)) {
+    failed.push_back(fmt::format("the kernel term's per-example split differs from -a_k g . grad L_k (autograd) by "
+                                 "{:.3e}, beyond {:.0e}", r.kernel_split_error, c.kernel_split_tolerance));
+  }
+  if (r.contiguous && !(r.identity_error <= c.identity_tolerance)) {
+    failed.push_back(fmt::format("the run identity fails: error {:.3e} exceeds {:.0e} of max |f_N - f_0|",
+                                 r.identity_error, c.identity_tolerance));
+  }
+  return failed;
+}
 
 std::pair<std::vector<double>, std::vector<double>> gauss_legendre(int64_t q) {
   // Newton's method on the Legendre polynomial P_q from Chebyshev starting points, then mapped

@@ -94,11 +94,12 @@ void Replayer::check_against_checkpoint(int64_t step) {
       break;
     }
     if (!at::equal(stored[i].second, now[i].second)) {
-      diff = std::max(diff, (stored[i].second.to(at::kDouble) - now[i].second.to(at::kDouble)).abs().max().item<double>());
+      const double d = (stored[i].second.to(at::kDouble) - now[i].second.to(at::kDouble)).abs().max().item<double>();
+      diff = std::isnan(d) || std::isnan(diff) ? NAN : std::max(diff, d);
       scale = std::max(scale, now[i].second.to(at::kDouble).abs().max().item<double>());
     }
   }
-  if (equal && diff > 1e-5 * std::max(scale, 1e-30)) equal = false;
+  if (equal && !(diff <= 1e-5 * std::max(scale, 1e-30))) equal = false;  // NaN is a mismatch too
   if (!equal) {
     throw ReplayMismatchError("step " + std::to_string(step - 1) + ": replaying the step log does not reproduce " +
                               dir_.checkpoint(step).string() + (diff > 0 ? " (weights differ by up to " +

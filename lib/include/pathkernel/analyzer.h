@@ -46,6 +46,7 @@ struct AnalyzeConfig {
   int64_t tc_window = 50;
   double tc_kappa = 5.0;
   double identity_tolerance = 1e-8;  ///< relative to max |f_N - f_0|; beyond it: exit 4
+  double kernel_split_tolerance = 1e-8;  ///< relative; beyond it: exit 4
   bool force = false;              ///< overwrite a non-empty `out`
   /// Called after each analyzed step (library use: `pathkernel explain` attributes through it).
   std::function<void(const StepTerms&)> on_step;
@@ -101,6 +102,13 @@ std::pair<std::vector<double>, std::vector<double>> gauss_legendre(int64_t q);
 
 /// Marks T_c in result.steps by the configured rule (SPEC, "Complex timesteps").
 void mark_complex_steps(std::vector<StepRow>& steps, const AnalyzeConfig& config);
+
+/// The analysis's own checks that an independent route or plain arithmetic can fail, for exit
+/// status 4: every array finite; the kernel term's per-example split against -a_k g . grad L_k
+/// with grad L_k by autograd (kernel_split_tolerance, relative); the run identity against the
+/// end points' outputs (identity_tolerance; NaN fails). Returns one message per failed check.
+/// (The end weights themselves are checked against the checkpoint files by the replay.)
+std::vector<std::string> failed_checks(const AnalysisResult& result, const AnalyzeConfig& config);
 
 /// Writes steps.csv, probes.csv, summary.json and arrays/*.npy into config.out (each file
 /// written to a temporary name and renamed). Throws InputError.
