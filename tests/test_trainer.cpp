@@ -218,6 +218,28 @@ TEST_F(TrainerTest, ADamagedCheckpointIsCaughtByItsDigestAndResumeFallsBack) {
   EXPECT_THROW_WITH(Replayer(dir.root()).seek(31), InputError, "is Long, the run's weights are Float");
 }
 
+TEST_F(TrainerTest, AScheduleFileIsCopiedIntoTheRunAndChecked) {
+  std::string rates;
+  for (int k = 0; k < 40; ++k) rates += std::to_string(0.2 / (1 + k)) + "\n";
+  atomic_write(tmp_ / "rates.txt", rates);
+  TrainConfig c = config("sched");
+  c.lr_schedule = "file:" + (tmp_ / "rates.txt").string();
+  train(c, "");
+  const RunDir dir(c.out);
+  EXPECT_EQ(read_file(dir.schedule_copy()), rates);
+  EXPECT_EQ(dir.read_manifest()["config"]["lr_schedule"], "file:lr_schedule.txt");
+  // The original may go away or change: the run has its own copy.
+  atomic_write(tmp_ / "rates.txt", "1\n");
+  fs::remove(tmp_ / "rates.txt");
+  Replayer(dir.root()).verify();
+  EXPECT_DOUBLE_EQ(read_step_log(dir.steps_log())[7]["lr"].get<double>(), 0.2 / 8);
+  // An edited copy would change the rates silently: refused.
+  atomic_write(dir.schedule_copy(), rates + "# edited\n");
+  EXPECT_THROW_WITH(Replayer{dir.root()}, InputError, "lr_schedule.txt: missing or changed since the run was trained");
+  fs::remove(dir.complete_marker());
+  EXPECT_THROW_WITH(resume(dir.root(), ""), InputError, "lr_schedule.txt: missing or changed");
+}
+
 TEST_F(TrainerTest, OneProcessPerRun) {
   TrainConfig c = config("locked");
   train(c, "");

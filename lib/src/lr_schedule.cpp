@@ -41,7 +41,7 @@ std::vector<std::string> fields(const std::string& s) {
 
 }  // namespace
 
-LrSchedule::LrSchedule(const std::string& spec, double base_lr, int64_t total_steps)
+LrSchedule::LrSchedule(const std::string& spec, double base_lr, int64_t total_steps, const std::string& base_dir)
     : spec_(spec), base_(base_lr), total_(total_steps) {
   if (!(base_lr > 0) || !std::isfinite(base_lr)) {
     throw InputError("--lr must be a positive number, got " + std::to_string(base_lr));
@@ -55,7 +55,8 @@ LrSchedule::LrSchedule(const std::string& spec, double base_lr, int64_t total_st
   }
   if (rest.rfind("file:", 0) == 0) {
     kind_ = "file";
-    const std::string path = rest.substr(5);
+    std::string path = rest.substr(5);
+    if (!base_dir.empty() && !path.empty() && path[0] != '/') path = base_dir + "/" + path;
     std::ifstream in(path);
     if (!in) throw InputError("--lr-schedule: cannot open learning-rate file " + path);
     std::string line;

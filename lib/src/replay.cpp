@@ -8,9 +8,11 @@
 #include <cmath>
 
 #include "pathkernel/errors.h"
+#include "pathkernel/sha256.h"
 #include "pathkernel/fs_util.h"
 
 namespace pathkernel {
+namespace fs = std::filesystem;
 
 Replayer::Replayer(const std::filesystem::path& run) : dir_(run) {
   manifest_ = dir_.read_manifest();
@@ -22,7 +24,14 @@ Replayer::Replayer(const std::filesystem::path& run) : dir_(run) {
   }
   TrainConfig config = train_config_from_json(manifest_.at("config"), dir_.manifest().string());
   const auto& norm = manifest_.at("data").at("normalization");
-  ctx_ = make_run_context(config, Normalization{norm.at("mean").get<double>(), norm.at("std").get<double>()});
+  if (manifest_.contains("lr_schedule_file") && manifest_["lr_schedule_file"].is_object() &&
+      (!fs::exists(dir_.schedule_copy()) ||
+       sha256_file(dir_.schedule_copy()) != manifest_["lr_schedule_file"].value("sha256", ""))) {
+    throw InputError(dir_.schedule_copy().string() + ": missing or changed since the run was trained (SHA-256 differs "
+                     "from the manifest's)");
+  }
+  ctx_ = make_run_context(config, Normalization{norm.at("mean").get<double>(), norm.at("std").get<double>()},
+                          dir_.root().string());
   log_ = read_step_log(dir_.steps_log());
   checkpoints_ = dir_.checkpoint_steps();
   if (checkpoints_.empty() || checkpoints_.front() != 0) {

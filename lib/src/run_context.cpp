@@ -52,8 +52,8 @@ void RunContext::restore(const TrainerState& st, int64_t step, const std::string
   stepper->sync_norms();
 }
 
-std::unique_ptr<RunContext> make_run_context(const TrainConfig& config,
-                                             std::optional<Normalization> normalization) {
+std::unique_ptr<RunContext> make_run_context(const TrainConfig& config, std::optional<Normalization> normalization,
+                                             const std::string& run_root) {
   config.validate();
   auto ctx = std::make_unique<RunContext>();
   ctx->config = config;
@@ -82,7 +82,7 @@ std::unique_ptr<RunContext> make_run_context(const TrainConfig& config,
     throw InputError("--epochs " + std::to_string(config.epochs) + " makes " + std::to_string(ctx->total_steps) +
                      " steps, more than " + std::to_string(kMaxSteps));
   }
-  ctx->schedule = std::make_unique<LrSchedule>(config.lr_schedule, config.lr, ctx->total_steps);
+  ctx->schedule = std::make_unique<LrSchedule>(config.lr_schedule, config.lr, ctx->total_steps, run_root);
 
   at::manual_seed(config.seed);
   const models::ModelSpec spec = models::parse_model_spec(config.model);

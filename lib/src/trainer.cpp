@@ -69,6 +69,10 @@ nlohmann::json make_manifest(const RunContext& ctx, const std::string& command_l
       {"total_steps", ctx.total_steps},
       {"steps_per_epoch", ctx.sampler->steps_per_epoch()},
       {"checkpoint_every", c.checkpoint_every},
+      {"lr_schedule_file", c.lr_schedule.find("file:") == std::string::npos
+                               ? nlohmann::json(nullptr)
+                               : nlohmann::json{{"path", "lr_schedule.txt"},
+                                                {"sha256", sha256_file(fs::path(c.out) / "lr_schedule.txt")}}},
       {"gradient_log", c.log_gradients ? nlohmann::json{{"file", "gradients.bin"}, {"dtype", "float32"},
                                                         {"record_numel", ctx.stepper->num_parameters()},
                                                         {"order", "state_dict"}}
@@ -262,6 +266,27 @@ TrainSummary summary_from_file(const RunDir& dir) {
   return s;
 }
 
+/// A `file:` learning-rate schedule is an input of the run: it is copied into the run
+/// (lr_schedule.txt, its SHA-256 in the manifest) and the run refers to its copy, so that
+/// resume and replay work from any folder and an edited original changes nothing.
+void keep_schedule_file(const RunDir& dir, RunContext& ctx) {
+  std::string& spec = ctx.config.lr_schedule;
+  const size_t at = spec.find("file:");
+  if (at == std::string::npos) return;
+  atomic_write(dir.schedule_copy(), read_file(spec.substr(at + 5)));
+  spec = spec.substr(0, at) + "file:" + dir.schedule_copy().filename().string();
+}
+
+/// Checks a run's copy of its learning-rate file against the digest in its manifest.
+void check_schedule_file(const RunDir& dir, const nlohmann::json& manifest) {
+  if (!manifest.contains("lr_schedule_file") || !manifest["lr_schedule_file"].is_object()) return;
+  const std::string expect = manifest["lr_schedule_file"].value("sha256", "");
+  if (!fs::exists(dir.schedule_copy()) || sha256_file(dir.schedule_copy()) != expect) {
+    throw InputError(dir.schedule_copy().string() + ": missing or changed since the run was trained (SHA-256 differs "
+                     "from the manifest's)");
+  }
+}
+
 /// A folder a new run may be created in: absent, empty, or left by a run killed during set-up
 /// before its manifest (only the lock file and an empty checkpoints/ folder).
 bool fresh_run_dir(const fs::path& root) {
@@ -297,6 +322,7 @@ TrainSummary train(const TrainConfig& user_config, const std::string& command_li
     throw InputError(dir.root().string() + ": another pathkernel process is using it (or just created it); "
                      "choose another --out");
   }
+  keep_schedule_file(dir, *ctx);
   atomic_write(dir.manifest(), make_manifest(*ctx, command_line).dump(2) + "\n");
   save_checkpoint(dir, *ctx, 0);
   spdlog::info("training {} ({} parameters) for {} steps on {} examples, run directory {}",
@@ -322,7 +348,9 @@ TrainSummary resume(const fs::path& run, const std::string& command_line) {
   }
   TrainConfig config = train_config_from_json(manifest.at("config"), dir.manifest().string());
   const auto& norm = manifest.at("data").at("normalization");
-  auto ctx = make_run_context(config, Normalization{norm.at("mean").get<double>(), norm.at("std").get<double>()});
+  check_schedule_file(dir, manifest);
+  auto ctx = make_run_context(config, Normalization{norm.at("mean").get<double>(), norm.at("std").get<double>()},
+                              dir.root().string());
   // The data must be the very files the run started with.
   const nlohmann::json now = data_files(*ctx);
   for (const auto& [key, entry] : manifest.at("data").at("files").items()) {

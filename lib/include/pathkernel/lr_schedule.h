@@ -17,7 +17,8 @@ class LrSchedule {
  public:
   /// Parses `spec` for a base rate and a run of `total_steps`. Throws InputError on a bad spec,
   /// an unreadable or short file, or a rate that is not finite and positive.
-  LrSchedule(const std::string& spec, double base_lr, int64_t total_steps);
+  /// A relative `file:PATH` is read from `base_dir` when it is given (a run's own copy).
+  LrSchedule(const std::string& spec, double base_lr, int64_t total_steps, const std::string& base_dir = "");
 
   /// Learning rate a_k of step k (0-based).
   double at(int64_t step) const;

@@ -48,9 +48,11 @@ struct RunContext {
 
 /// Builds the context: pins threads, loads and checks the data, seeds torch with config.seed and
 /// builds the model (so the initial weights are a function of the seed). `normalization`, when
-/// given, is used instead of recomputing it (replay takes it from the manifest).
+/// given, is used instead of recomputing it (replay takes it from the manifest). A relative
+/// `file:` learning-rate schedule is read from `run_root` (the run's own copy).
 /// Throws InputError for bad data or settings.
 std::unique_ptr<RunContext> make_run_context(const TrainConfig& config,
-                                             std::optional<Normalization> normalization = {});
+                                             std::optional<Normalization> normalization = {},
+                                             const std::string& run_root = "");
 
 }  // namespace pathkernel

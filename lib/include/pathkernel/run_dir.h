@@ -31,6 +31,8 @@ class RunDir {
   std::filesystem::path gradients() const { return root_ / "gradients.bin"; }
   std::filesystem::path checkpoints_dir() const { return root_ / "checkpoints"; }
   std::filesystem::path checkpoint(int64_t step) const;
+  /// The run's copy of a `file:` learning-rate schedule.
+  std::filesystem::path schedule_copy() const { return root_ / "lr_schedule.txt"; }
   std::filesystem::path state(int64_t step) const;
   /// CRC-32 digests of the step's two checkpoint files, written after both (step_X.crc32).
   std::filesystem::path digest(int64_t step) const;
