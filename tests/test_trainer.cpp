@@ -218,6 +218,25 @@ TEST_F(TrainerTest, ADamagedCheckpointIsCaughtByItsDigestAndResumeFallsBack) {
   EXPECT_THROW_WITH(Replayer(dir.root()).seek(31), InputError, "is Long, the run's weights are Float");
 }
 
+TEST_F(TrainerTest, AShortGradientLogIsNotZeroFilledOnResume) {
+  TrainConfig c = config("grads");
+  c.log_gradients = true;
+  train(c, "");
+  const RunDir dir(c.out);
+  fs::remove(dir.complete_marker());
+  for (int64_t s : {30, 40}) {
+    fs::remove(dir.checkpoint(s));
+    fs::remove(dir.state(s));
+    fs::remove(dir.digest(s));
+  }
+  truncate_step_log(dir.steps_log(), 20);
+  fs::resize_file(dir.gradients(), fs::file_size(dir.gradients()) / 4);  // 10 of 40 records
+  EXPECT_THROW_WITH(resume(dir.root(), ""), InputError, "gradients.bin: holds 10 whole gradient records, the run has "
+                                                        "reached step 20");
+  fs::remove(dir.gradients());
+  EXPECT_THROW_WITH(resume(dir.root(), ""), InputError, "holds 0 whole gradient records");
+}
+
 TEST_F(TrainerTest, AScheduleFileIsCopiedIntoTheRunAndChecked) {
   std::string rates;
   for (int k = 0; k < 40; ++k) rates += std::to_string(0.2 / (1 + k)) + "\n";

@@ -188,7 +188,17 @@ TrainSummary run_loop(const RunDir& dir, RunContext& ctx, int64_t start, double 
   const int64_t numel = ctx.stepper->num_parameters();
   Appender log(dir.steps_log(), -1);
   std::unique_ptr<Appender> grads;
-  if (c.log_gradients) grads = std::make_unique<Appender>(dir.gradients(), start * numel * 4);
+  if (c.log_gradients) {
+    // Resuming at `start` keeps the first `start` records: a shorter file would be zero-filled.
+    const int64_t need = start * numel * 4;
+    const int64_t have = fs::exists(dir.gradients()) ? static_cast<int64_t>(fs::file_size(dir.gradients())) : 0;
+    if (have < need) {
+      throw InputError(dir.gradients().string() + ": holds " + std::to_string(have / (numel * 4)) +
+                       " whole gradient records, the run has reached step " + std::to_string(start) +
+                       "; the gradient log is incomplete and cannot be continued");
+    }
+    grads = std::make_unique<Appender>(dir.gradients(), need);
+  }
 
   TrainSummary s;
   s.run = dir.root();
