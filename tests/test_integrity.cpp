@@ -194,6 +194,19 @@ TEST_F(IntegrityTest, ANaNPlantedInACheckpointIsNotReproduced) {
   EXPECT_THROW_WITH(analyze(analysis("a")), ReplayMismatchError, "does not reproduce");
 }
 
+TEST_F(IntegrityTest, AStrayLabelDoesNotSilentlyAddOutputs) {
+  std::vector<uint8_t> labels(40);
+  for (int i = 0; i < 40; ++i) labels[i] = static_cast<uint8_t>(i % 3);
+  labels[17] = 200;  // one damaged label would have made a model with 201 outputs
+  testing::write_file(tmp_ / "data" / "train-labels-idx1-ubyte.gz", testing::idx_bytes({40}, labels), true);
+  TrainConfig c;
+  c.data_dir = (tmp_ / "data").string();
+  c.steps = 2;
+  c.out = (tmp_ / "stray").string();
+  EXPECT_THROW_WITH(train(c, ""), InputError, "labels go up to 200 but only 4 distinct values occur");
+  EXPECT_FALSE(fs::exists(tmp_ / "stray" / "manifest.json"));
+}
+
 class ReportInputTest : public IntegrityTest {
  protected:
   void SetUp() override {

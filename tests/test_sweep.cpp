@@ -40,6 +40,13 @@ TEST(SweepTest, ResidualGrowsWithLearningRateAndAnInterruptedSweepContinues) {
   fs::remove_all(fs::path(c.out) / "lr_0.01" / "analysis");
   const auto again = sweep(c);
   for (size_t i = 0; i < rows.size(); ++i) EXPECT_EQ(again[i].median_r, rows[i].median_r) << i;
+  // A run or an analysis in the sweep's folder made with other settings is not reused.
+  SweepConfig other = c;
+  other.train.model = "mlp:6:tanh";
+  EXPECT_THROW_WITH(sweep(other), InputError, "was trained with model = \"mlp:5:tanh\", this sweep asks for \"mlp:6:tanh\"");
+  other = c;
+  other.analysis.probes = 5;
+  EXPECT_THROW_WITH(sweep(other), InputError, "an analysis with probes = 4, this sweep asks for 5");
   c.lrs = {1e39};
   EXPECT_THROW_WITH(sweep(c), InputError, "below 1e38");
   c.lrs = {};

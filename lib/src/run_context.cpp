@@ -64,6 +64,16 @@ std::unique_ptr<RunContext> make_run_context(const TrainConfig& config, std::opt
     throw InputError(config.data_dir + ": train and test images differ in size");
   }
   ctx->num_classes = ctx->train.num_classes();
+  // The model's number of outputs follows the labels; a stray label in a damaged or foreign file
+  // would silently add outputs. The classes 0..max must mostly occur (EMNIST letters: 1..26 of
+  // 0..26) and there are at most kMaxClasses of them.
+  const int64_t distinct = std::get<0>(at::_unique(ctx->train.labels)).numel();
+  if (ctx->num_classes > kMaxClasses || 2 * distinct < ctx->num_classes) {
+    throw InputError(ctx->train.labels_file.string() + ": labels go up to " + std::to_string(ctx->num_classes - 1) +
+                     " but only " + std::to_string(distinct) + " distinct values occur (at most " +
+                     std::to_string(kMaxClasses) + " classes, at least half of 0..max in use): a damaged or foreign "
+                     "labels file? The model would get " + std::to_string(ctx->num_classes) + " outputs");
+  }
   const int64_t test_max = ctx->test.labels.max().item<int64_t>();
   if (test_max >= ctx->num_classes) {
     throw InputError(ctx->test.labels_file.string() + ": label " + std::to_string(test_max) +

@@ -10,6 +10,7 @@
 #include "pathkernel/errors.h"
 #include "pathkernel/fs_util.h"
 #include "pathkernel/gnuplot.h"
+#include "pathkernel/idx.h"
 #include "pathkernel/run_dir.h"
 #include "pathkernel/trainer.h"
 
@@ -30,6 +31,40 @@ void SweepConfig::validate() const {
   }
 }
 
+namespace {
+
+/// A sweep continues only runs it made itself: a run in its folder trained with other settings
+/// (another model, optimizer, batch, data...) would be compared as if it were one of its rates.
+void check_same_settings(const RunDir& run, TrainConfig wanted) {
+  if (!is_synthetic(wanted.data_dir)) wanted.data_dir = fs::absolute(wanted.data_dir).lexically_normal().string();
+  const nlohmann::json have = to_json(train_config_from_json(run.read_manifest().at("config"), run.manifest().string()));
+  const nlohmann::json want = to_json(wanted);
+  for (const auto& [key, value] : want.items()) {
+    if (key == "out" || key == "lr_schedule") continue;  // where it is; a file schedule is the run's copy
+    if (have.contains(key) && have[key] != value) {
+      throw InputError(run.root().string() + ": was trained with " + key + " = " + have[key].dump() +
+                       ", this sweep asks for " + value.dump() + "; give the sweep another --out");
+    }
+  }
+}
+
+/// Likewise an analysis it finds: it must have the sweep's analysis settings.
+void check_same_analysis(const fs::path& summary_file, const nlohmann::json& summary, const AnalyzeConfig& a) {
+  const nlohmann::json& s = summary.at("settings");
+  const std::vector<std::pair<const char*, nlohmann::json>> want = {
+      {"probes", a.probes},      {"split", a.split},           {"outputs", a.outputs},
+      {"every", a.every},        {"second_order", a.second_order}, {"exact_nodes", a.exact_nodes},
+      {"tc_rule", a.tc_rule},    {"tau", a.tau}};
+  for (const auto& [key, value] : want) {
+    if (s.contains(key) && s[key] != value) {
+      throw InputError(summary_file.string() + ": an analysis with " + key + " = " + s[key].dump() +
+                       ", this sweep asks for " + value.dump() + "; give the sweep another --out");
+    }
+  }
+}
+
+}  // namespace
+
 std::vector<SweepRow> sweep(const SweepConfig& c) {
   c.validate();
   fs::create_directories(c.out);
@@ -42,6 +77,7 @@ std::vector<SweepRow> sweep(const SweepConfig& c) {
     SweepRow row;
     row.lr = lr;
     const RunDir run(t.out);
+    if (fs::exists(run.manifest())) check_same_settings(run, t);
     if (run.complete()) {
       spdlog::info("lr {}: reusing the complete run {}", lr, t.out);
     } else if (fs::exists(run.manifest())) {
@@ -71,6 +107,7 @@ std::vector<SweepRow> sweep(const SweepConfig& c) {
     nlohmann::json as;
     if (fs::exists(fs::path(a.out) / "summary.json")) {
       as = read_json(fs::path(a.out) / "summary.json");
+      check_same_analysis(fs::path(a.out) / "summary.json", as, a);
     } else if (read_step_log(run.steps_log()).empty()) {
       spdlog::warn("lr {}: diverged at its first step; nothing to analyze", lr);
     } else {

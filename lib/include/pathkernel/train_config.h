@@ -15,6 +15,7 @@ namespace pathkernel {
 /// Bounds on settings that size work: beyond them a run is a typo, not an experiment.
 inline constexpr int64_t kMaxSteps = 1000000000, kMaxEpochs = 1000000;
 inline constexpr int kMaxThreads = 256;
+inline constexpr int64_t kMaxClasses = 1024;
 
 struct TrainConfig {
   std::string data_dir = "/usr/share/datasets/fashion-mnist";  ///< MNIST-style IDX folder
