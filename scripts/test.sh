@@ -16,7 +16,7 @@ fi
 bash scripts/setup.sh
 if [ -n "$sanitize" ]; then
   echo "test: unit tests under ASan + UBSan (build-asan/)" >&2
-  cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DPATHKERNEL_SANITIZE=ON \
+  cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=Release -DPATHKERNEL_SANITIZE=ON \
     -DPATHKERNEL_BUILD_BENCH=OFF >&2
   cmake --build build-asan -j 2 --target pathkernel_unit_tests >&2
   # LibTorch is not instrumented: its own allocations are not leak-checked, and it frees some

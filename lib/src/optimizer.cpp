@@ -124,13 +124,7 @@ class SgdOptimizer final : public Optimizer {
         d = o.nesterov ? d.add(next_buffers[i], o.momentum) : next_buffers[i];
       }
       next[i] = at::add(params_[i], d, -lr);
-      const double sq = squared_norm(next[i] - params_[i]);
-      if (!std::isfinite(sq)) {
-        out.finite = false;
-        out.nonfinite = "weights (" + names_[i] + ")";
-        return out;
-      }
-      update_sq += sq;
+      if (!accept_update(i, next[i], update_sq, out)) return out;
     }
     for (size_t i = 0; i < params_.size(); ++i) {
       params_[i].copy_(next[i]);
@@ -178,13 +172,7 @@ class AdamOptimizer final : public Optimizer {
       v[i] = exp_avg_sq_[i].mul(o.beta2).addcmul_(g, g, 1 - o.beta2);
       const at::Tensor denom = (v[i].sqrt() / bc2_sqrt).add_(o.eps);
       w[i] = p.addcdiv(m[i], denom, -step_size);
-      const double sq = squared_norm(w[i] - params_[i]);
-      if (!std::isfinite(sq)) {
-        out.finite = false;
-        out.nonfinite = "weights (" + names_[i] + ")";
-        return out;
-      }
-      update_sq += sq;
+      if (!accept_update(i, w[i], update_sq, out)) return out;
     }
     for (size_t i = 0; i < params_.size(); ++i) {
       params_[i].detach().copy_(w[i]);
@@ -358,6 +346,18 @@ void Optimizer::read_slot(const OptimizerState& state, const std::string& slot, 
     }
     out[i] = t.to(params_[i].scalar_type()).clone();
   }
+}
+
+bool Optimizer::accept_update(size_t i, const at::Tensor& next, double& update_sq, UpdateOutcome& out) const {
+  // w_i is finite, so the new weight is finite exactly when the change is.
+  const double sq = squared_norm(next - params_[i]);
+  if (!std::isfinite(sq)) {
+    out.finite = false;
+    out.nonfinite = "weights (" + names_[i] + ")";
+    return false;
+  }
+  update_sq += sq;
+  return true;
 }
 
 NamedTensors Optimizer::named(const std::vector<at::Tensor>& tensors) const {

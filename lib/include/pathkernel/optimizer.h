@@ -119,6 +119,9 @@ class Optimizer {
   void read_slot(const OptimizerState& state, const std::string& slot, std::vector<at::Tensor>& out,
                  const std::string& source, bool required) const;
   NamedTensors named(const std::vector<at::Tensor>& tensors) const;
+  /// Adds |next - w_i|^2 to update_sq; false, with `out` naming the parameter, when the new
+  /// weight would not be finite (the caller then commits nothing).
+  bool accept_update(size_t i, const at::Tensor& next, double& update_sq, UpdateOutcome& out) const;
 
   OptimizerOptions options_;
   std::vector<std::string> names_;
