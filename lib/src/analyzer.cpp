@@ -256,10 +256,11 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
     if (!analyzed && !res.uses_kopt) continue;
     const ParamMap w0 = to_double_map(replay.weights_at(k));
     const auto& rec = log.at(static_cast<size_t>(k));
-    const double lr = rec.at("lr").get<double>();
-    const at::Tensor bidx = at::tensor(rec.at("batch").get<std::vector<int64_t>>(), at::kLong);
-    const at::Tensor xb = to_inputs(ctx.train.images.index_select(0, bidx), at::kDouble, ctx.normalization);
-    const at::Tensor yb = ctx.train.labels.index_select(0, bidx);
+    const Replayer::LoggedStep batch = replay.logged_step(k, at::kDouble);
+    const double lr = batch.lr;
+    const at::Tensor& bidx = batch.indices;
+    const at::Tensor& xb = batch.x;
+    const at::Tensor& yb = batch.y;
     const double nb = static_cast<double>(bidx.size(0));
     if (!analyzed) {
       set_weights(*model, w0);

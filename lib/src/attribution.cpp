@@ -105,7 +105,6 @@ OptimizerAttribution attribute_through_optimizer(const OptimizerAttributionConfi
   for (int64_t cp : replay.checkpoints()) {
     if (cp < c.end) starts.push_back(cp);
   }
-  const auto& log = replay.step_log();
   int64_t max_len = 0;
   for (size_t i = 0; i < starts.size(); ++i) {
     max_len = std::max(max_len, (i + 1 < starts.size() ? starts[i + 1] : c.end) - starts[i]);
@@ -119,11 +118,11 @@ OptimizerAttribution attribute_through_optimizer(const OptimizerAttributionConfi
     replay_stretch(replay, a, b, max_len, s);
     for (int64_t j = b - 1; j >= a; --j) {
       const size_t local = static_cast<size_t>(j - a);
-      const auto& rec = log.at(static_cast<size_t>(j));
-      const double lr = rec.at("lr").get<double>();
-      const at::Tensor bidx = at::tensor(rec.at("batch").get<std::vector<int64_t>>(), at::kLong);
-      const at::Tensor xb = to_inputs(ctx.train.images.index_select(0, bidx), at::kDouble, ctx.normalization);
-      const at::Tensor yb = ctx.train.labels.index_select(0, bidx);
+      const Replayer::LoggedStep batch = replay.logged_step(j, at::kDouble);
+      const double lr = batch.lr;
+      const at::Tensor& bidx = batch.indices;
+      const at::Tensor& xb = batch.x;
+      const at::Tensor& yb = batch.y;
       const double nb = static_cast<double>(bidx.size(0));
       const LinearUpdate lu = opt.linear_update(j);
       at::Tensor p;

@@ -130,6 +130,16 @@ void Replayer::load_checkpoint(int64_t step) {
   current_ = step;
 }
 
+Replayer::LoggedStep Replayer::logged_step(int64_t k, at::ScalarType dtype) const {
+  const auto& rec = log_.at(static_cast<size_t>(k));
+  LoggedStep s;
+  s.lr = rec.at("lr").get<double>();
+  s.indices = at::tensor(rec.at("batch").get<std::vector<int64_t>>(), at::kLong);
+  s.x = to_inputs(ctx_->train.images.index_select(0, s.indices), dtype, ctx_->normalization);
+  s.y = ctx_->train.labels.index_select(0, s.indices);
+  return s;
+}
+
 StepRecord Replayer::replay_step(int64_t k) {
   const auto& rec = log_.at(static_cast<size_t>(k));
   const std::vector<int64_t> idx = rec.at("batch").get<std::vector<int64_t>>();

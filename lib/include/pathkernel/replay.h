@@ -43,6 +43,14 @@ class Replayer {
   /// The weights at `step` (copies, state_dict order).
   NamedTensors weights_at(int64_t step);
 
+  /// The logged step k's learning rate and batch: indices int64 [M], inputs [M, ...] in `dtype`
+  /// (normalized as in training), labels int64 [M]. The log was checked at construction.
+  struct LoggedStep {
+    double lr = 0;
+    at::Tensor indices, x, y;
+  };
+  LoggedStep logged_step(int64_t k, at::ScalarType dtype) const;
+
   /// Replays from each checkpoint to the next and compares bit for bit, and compares each
   /// replayed step's loss with the log. Throws ReplayMismatchError naming the first step that
   /// differs. `progress` is called with (steps replayed, total).
