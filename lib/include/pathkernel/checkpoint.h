@@ -7,14 +7,46 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
 
 #include "pathkernel/optimizer.h"
+#include "pathkernel/pickle.h"
 #include "pathkernel/sampler.h"
 
 namespace pathkernel {
+
+class ZipArchive;
+
+/// A PyTorch checkpoint file (`torch.save`, `torch::pickle_save`) read without LibTorch's
+/// unpickler: the zip archive and its data.pkl go through the bounded readers of zip_archive.h
+/// and pickle.h, and a tensor is materialized only after its dtype, sizes, strides and offset
+/// were checked against its storage record. Python's optimizer state dicts read this way too.
+class CheckpointFile {
+ public:
+  /// Reads and parses `file`. Throws InputError naming the file when it is missing or is not
+  /// such a checkpoint.
+  explicit CheckpointFile(const std::filesystem::path& file);
+  ~CheckpointFile();
+  /// The unpickled value (usually a dict).
+  const PickleValue& root() const { return *root_; }
+  /// The tensor `v` describes, copied out of the archive (contiguous, its own dtype: float32,
+  /// float64, float16, bfloat16, int64 or int32). `name` is used in messages. Throws InputError
+  /// when `v` is not a tensor or reaches outside its storage.
+  at::Tensor tensor(const PickleValue& v, const std::string& name) const;
+  const ZipArchive& archive() const { return *zip_; }
+  const std::string& path() const { return path_; }
+  /// Throws InputError "<path>: <what>".
+  [[noreturn]] void fail(const std::string& what) const;
+
+ private:
+  std::string path_;
+  std::string bytes_;
+  std::unique_ptr<ZipArchive> zip_;
+  PickleRef root_;
+};
 
 /// Writes a dict name -> tensor with torch::pickle_save, atomically. Throws InputError.
 void save_tensor_dict(const std::filesystem::path& path, const NamedTensors& tensors);
