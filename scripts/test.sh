@@ -3,9 +3,10 @@
 # data) and `e2e` (the pathkernel binary on real Fashion-MNIST). Extra arguments go to ctest,
 # e.g. `bash scripts/test.sh -L unit`.
 #
-# With CI set (as CI runs it) or with --sanitize first, the unit tests also run in a build
-# with AddressSanitizer and UndefinedBehaviorSanitizer (build-asan/, about 7 more minutes from
-# scratch on 2 cores); any report fails the run.
+# With CI set (as CI runs it) or with --sanitize first, a second build with clang,
+# AddressSanitizer and UndefinedBehaviorSanitizer (build-sanitize/, about 6 more minutes from
+# scratch on 2 cores) runs the unit tests, then every libFuzzer harness of tests/fuzz for 30 s
+# (scripts/fuzz.sh); any report fails the run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 sanitize="${CI:-}"
@@ -15,14 +16,26 @@ if [ "${1:-}" = "--sanitize" ]; then
 fi
 bash scripts/setup.sh
 if [ -n "$sanitize" ]; then
-  echo "test: unit tests under ASan + UBSan (build-asan/)" >&2
-  cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=Release -DPATHKERNEL_SANITIZE=ON \
-    -DPATHKERNEL_BUILD_BENCH=OFF >&2
-  cmake --build build-asan -j 2 --target pathkernel_unit_tests >&2
+  missing=()
+  for p in clang libclang-rt-14-dev; do  # libFuzzer and the sanitizer runtimes
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+  done
+  if ((${#missing[@]})); then
+    sudo=""
+    [ "$(id -u)" -ne 0 ] && sudo=sudo
+    echo "test: installing ${missing[*]}" >&2
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
+  echo "test: unit tests under ASan + UBSan, and the fuzzers (build-sanitize/)" >&2
+  CC=clang CXX=clang++ cmake -S . -B build-sanitize -G Ninja -DCMAKE_BUILD_TYPE=Release -DPATHKERNEL_SANITIZE=ON \
+    -DPATHKERNEL_FUZZ=ON -DPATHKERNEL_BUILD_BENCH=OFF >&2
+  cmake --build build-sanitize -j 2 --target pathkernel_unit_tests pathkernel_fuzzers >&2
   # LibTorch is not instrumented: its own allocations are not leak-checked, and it frees some
   # memory with another operator than it allocated it with.
   ASAN_OPTIONS=detect_leaks=0:alloc_dealloc_mismatch=0:abort_on_error=1 \
   UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
-    ./build-asan/tests/pathkernel_unit_tests --gtest_brief=1
+    ./build-sanitize/tests/pathkernel_unit_tests --gtest_brief=1
+  bash scripts/fuzz.sh --time 30
 fi
 ctest --test-dir build --output-on-failure -j 2 "$@"

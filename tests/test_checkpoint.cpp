@@ -142,5 +142,35 @@ TEST(NpyTest, RoundTripsAndRejectsOtherFiles) {
   EXPECT_THROW_WITH(load_npy(dir / "b.npy"), InputError, "b.npy: not a .npy file");
 }
 
+TEST(NpyTest, ShapesAreParsedStrictlyAndCheckedBeforeAllocating) {
+  testing::TempDir dir;
+  auto npy = [](const std::string& shape, size_t data_bytes) {
+    std::string h = "{'descr': '<f8', 'fortran_order': False, 'shape': " + shape + ", }";
+    h.append(63 - (10 + h.size()) % 64, ' ');
+    h += '\n';
+    return std::string("\x93NUMPY\x01\x00", 8) + static_cast<char>(h.size() & 0xFF) + static_cast<char>(h.size() >> 8) + h +
+           std::string(data_bytes, '\0');
+  };
+  testing::write_file(dir / "ok.npy", npy("(2, 3)", 48), false);
+  EXPECT_EQ(load_npy(dir / "ok.npy").sizes(), (std::vector<int64_t>{2, 3}));
+  testing::write_file(dir / "one.npy", npy("(3,)", 24), false);
+  EXPECT_EQ(load_npy(dir / "one.npy").sizes(), (std::vector<int64_t>{3}));
+  // The fuzzer's first find (tests/fuzz/regressions/npy): a shape entry that is not a number
+  // threw std::invalid_argument, exit 1.
+  const std::string crash =
+      read_file(fs::path(PATHKERNEL_FUZZ_DIR) / "regressions/npy/crash-b3298b78fbc433bcd4587d3bb2f8fd8cd99e6889");
+  testing::write_file(dir / "crash.npy", crash, false);
+  EXPECT_THROW_WITH(load_npy(dir / "crash.npy"), InputError, "crash.npy: ");
+  testing::write_file(dir / "word.npy", npy("(2, x)", 48), false);
+  EXPECT_THROW_WITH(load_npy(dir / "word.npy"), InputError, "shape entry 'x' is not a whole number");
+  testing::write_file(dir / "gap.npy", npy("(2,,3)", 48), false);
+  EXPECT_THROW_WITH(load_npy(dir / "gap.npy"), InputError, "malformed shape");
+  // A terabyte promised by a small file is refused before allocation; a product that wraps too.
+  testing::write_file(dir / "huge.npy", npy("(1000000, 1000000)", 8), false);
+  EXPECT_THROW_WITH(load_npy(dir / "huge.npy"), InputError, "data size does not match the shape");
+  testing::write_file(dir / "wrap.npy", npy("(4294967296, 4294967296, 4)", 0), false);
+  EXPECT_THROW_WITH(load_npy(dir / "wrap.npy"), InputError, "shape too large");
+}
+
 }  // namespace
 }  // namespace pathkernel

@@ -3,10 +3,14 @@
 #include <fcntl.h>
 #include <signal.h>
 #include <spawn.h>
+#include <sys/mount.h>
+#include <sys/statvfs.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <chrono>
+#include <cstring>
 #include <fstream>
 #include <thread>
 
@@ -115,6 +119,80 @@ TEST(E2eTest, KilledAtAnyMomentAndResumedEndsBitIdentical) {
   const Result verify = run({"replay", cut.string(), "--verify"}, tmp.path());
   EXPECT_EQ(verify.status, 0) << verify.err;
   EXPECT_NE(verify.out.find("reproduced bit for bit"), std::string::npos);
+}
+
+// A small tmpfs mounted for the test (root only) and unmounted at the end.
+class SmallDisk {
+ public:
+  explicit SmallDisk(const fs::path& at) : at_(at) {
+    fs::create_directories(at_);
+    mounted_ = ::mount("tmpfs", at_.c_str(), "tmpfs", 0, "size=3M") == 0;
+  }
+  ~SmallDisk() {
+    if (mounted_) ::umount2(at_.c_str(), MNT_DETACH);
+  }
+  bool mounted() const { return mounted_; }
+  bool resize(uint64_t bytes) {
+    const std::string opt = "size=" + std::to_string(bytes);
+    return ::mount("tmpfs", at_.c_str(), "tmpfs", MS_REMOUNT, opt.c_str()) == 0;
+  }
+  uint64_t used() const {
+    struct statvfs st {};
+    ::statvfs(at_.c_str(), &st);
+    return (st.f_blocks - st.f_bfree) * st.f_frsize;
+  }
+
+ private:
+  fs::path at_;
+  bool mounted_ = false;
+};
+
+TEST(E2eTest, AFullDiskExitsTwoKeepsWhatWasWrittenAndResumesOnceThereIsSpace) {
+  if (::geteuid() != 0) GTEST_SKIP() << "mounting a small tmpfs needs root (CI runs as root)";
+  testing::TempDir tmp;
+  SmallDisk disk(tmp / "disk");
+  ASSERT_TRUE(disk.mounted()) << "mount tmpfs: " << std::strerror(errno);
+  const std::vector<std::string> train = {"train", "--data", kData, "--model", "mlp:32:tanh", "--train-limit", "2000",
+                                          "--steps", "400", "--checkpoint-every", "10"};
+  auto with_out = [&](const fs::path& out) {
+    auto a = train;
+    a.insert(a.end(), {"--out", out.string()});
+    return a;
+  };
+  const fs::path run_path = tmp / "disk" / "run";
+  const RunDir dir(run_path);
+  // 3 MB hold about 30 checkpoints of this model: training stops with the reason.
+  const Result full = run(with_out(run_path), tmp.path());
+  EXPECT_EQ(full.status, 2) << full.err;
+  EXPECT_NE(full.err.find("No space left on device"), std::string::npos) << full.err;
+  const std::vector<int64_t> kept = dir.checkpoint_steps();
+  ASSERT_GE(kept.size(), 2u);
+  EXPECT_LT(kept.back(), 400);
+  for (int64_t k : kept) {
+    EXPECT_NO_THROW(dir.check_digest(k)) << "checkpoint " << k;
+    EXPECT_NO_THROW(load_tensor_dict(dir.checkpoint(k))) << "checkpoint " << k;
+  }
+  // Space back: the resumed run ends where an uninterrupted one does, bit for bit.
+  ASSERT_TRUE(disk.resize(64u << 20));
+  const Result resumed = run({"train", "--resume", run_path.string()}, tmp.path());
+  ASSERT_EQ(resumed.status, 0) << resumed.err;
+  ASSERT_EQ(run(with_out(tmp / "ref"), tmp.path()).status, 0);
+  const NamedTensors a = load_tensor_dict(dir.checkpoint(400)), b = load_tensor_dict(RunDir(tmp / "ref").checkpoint(400));
+  for (size_t i = 0; i < a.size(); ++i) EXPECT_TRUE(at::equal(a[i].second, b[i].second)) << a[i].first;
+
+  // An analysis that runs out of space: exit 2, nothing of it left, the run untouched.
+  ASSERT_TRUE(disk.resize(disk.used() + (256u << 10)));
+  const Result an = run({"analyze", run_path.string(), "--probes", "16", "--out", (tmp / "disk" / "an").string()}, tmp.path());
+  EXPECT_EQ(an.status, 2) << an.err;
+  EXPECT_NE(an.err.find("No space left on device"), std::string::npos) << an.err;
+  std::vector<std::string> left;
+  for (const auto& e : fs::directory_iterator(tmp / "disk")) left.push_back(e.path().filename().string());
+  EXPECT_EQ(left, std::vector<std::string>{"run"});
+  for (int64_t k : dir.checkpoint_steps()) EXPECT_NO_THROW(dir.check_digest(k)) << "checkpoint " << k;
+  ASSERT_TRUE(disk.resize(64u << 20));
+  const Result again = run({"analyze", run_path.string(), "--probes", "16", "--out", (tmp / "disk" / "an").string()}, tmp.path());
+  EXPECT_EQ(again.status, 0) << again.err;
+  EXPECT_TRUE(fs::exists(tmp / "disk" / "an" / "summary.json"));
 }
 
 TEST(E2eTest, ReplayVerifyNamesTheFirstDifferingStep) {

@@ -52,6 +52,21 @@ TEST(IdxTest, RejectsBadHeadersAndLengths) {
   EXPECT_THROW_WITH(read_idx(dir / "missing", 1), InputError, "missing: no such file");
 }
 
+TEST(IdxTest, HeadersCannotWrapOrMakeTheReaderAllocate) {
+  TempDir dir;
+  // 2^32-1 cubed wraps a 64-bit product; before the check, a wrapped count could match the data.
+  write_file(dir / "wrap", idx_bytes({0xFFFFFFFFu, 0xFFFFFFFFu, 0xFFFFFFFFu}, std::vector<uint8_t>(16)), false);
+  EXPECT_THROW_WITH(read_idx(dir / "wrap", 3), InputError, "dimensions describe more than");
+  // 12 GiB promised by a 40-byte file: refused when the data runs out, having allocated only
+  // what arrived (the buffer grows with the data).
+  write_file(dir / "promise", idx_bytes({65536, 65536, 3}, std::vector<uint8_t>(24)), true);
+  EXPECT_THROW_WITH(read_idx(dir / "promise", 3), InputError, "file has 24");
+  // A gzip stream that inflates far beyond the header is read only up to the header's size.
+  write_file(dir / "bomb", idx_bytes({4}, std::vector<uint8_t>(50u << 20)), true);
+  EXPECT_LT(std::filesystem::file_size(dir / "bomb"), 1u << 20);
+  EXPECT_THROW_WITH(read_idx(dir / "bomb", 1), InputError, "more than 4096 bytes beyond what the header describes");
+}
+
 TEST(IdxTest, RejectsTruncatedGzip) {
   TempDir dir;
   std::vector<uint8_t> data(5000);

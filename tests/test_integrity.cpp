@@ -183,6 +183,23 @@ TEST_F(IntegrityTest, ChecksBehindExitFourFailOnWrongInput) {
   r = good;
   r.identity_error = NAN;  // NaN used to pass the identity check
   EXPECT_NE(failed_checks(r, a).at(0).find("run identity fails"), std::string::npos);
+
+  // The quadrature behind the exact path kernel: one node (the midpoint rule) is not exact on
+  // this tanh model, eight are; across ReLU kinks the check does not apply (documented).
+  AnalyzeConfig e = analysis("e");
+  e.exact_nodes = 1;
+  const AnalysisResult coarse = analyze(e);
+  EXPECT_TRUE(coarse.smooth);
+  EXPECT_GT(coarse.quad_error_rel, e.quadrature_tolerance);
+  ASSERT_EQ(failed_checks(coarse, e).size(), 1u);
+  EXPECT_NE(failed_checks(coarse, e)[0].find("quadrature error"), std::string::npos);
+  e.exact_nodes = 8;
+  const AnalysisResult fine = analyze(e);
+  EXPECT_LT(fine.quad_error_rel, 1e-10);
+  EXPECT_TRUE(failed_checks(fine, e).empty());
+  AnalysisResult kinked = coarse;
+  kinked.smooth = false;
+  EXPECT_TRUE(failed_checks(kinked, e).empty());
 }
 
 TEST_F(IntegrityTest, ANaNPlantedInACheckpointIsNotReproduced) {

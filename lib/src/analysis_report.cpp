@@ -163,6 +163,8 @@ nlohmann::json summary_json(const AnalysisResult& r, const AnalyzeConfig& c) {
              for (const auto& s : r.steps) m = std::max(m, s.quad_error);
              return nlohmann::json(m);
            }()},
+          {"quad_error_rel", r.kexact.defined() ? nlohmann::json(r.quad_error_rel) : nlohmann::json(nullptr)},
+          {"smooth_model", r.smooth},
           {"seconds", r.seconds},
           {"seconds_per_step", r.seconds / static_cast<double>(r.steps.size())},
           {"settings", settings}};

@@ -125,6 +125,11 @@ std::vector<std::string> failed_checks(const AnalysisResult& r, const AnalyzeCon
     failed.push_back(fmt::format("the kernel term's per-example split differs from -a_k g . grad L_k (autograd) by "
                                  "{:.3e}, beyond {:.0e}", r.kernel_split_error, c.kernel_split_tolerance));
   }
+  if (c.exact_nodes > 0 && r.smooth && !(r.quad_error_rel <= c.quadrature_tolerance)) {
+    failed.push_back(fmt::format("the exact path kernel's quadrature error is {:.3e} of max |D| with {} nodes on a "
+                                 "smooth model, beyond {:.0e}: use more nodes (--exact Q)",
+                                 r.quad_error_rel, c.exact_nodes, c.quadrature_tolerance));
+  }
   if (r.contiguous && !(r.identity_error <= c.identity_tolerance)) {
     failed.push_back(fmt::format("the run identity fails: error {:.3e} exceeds {:.0e} of max |f_N - f_0|",
                                  r.identity_error, c.identity_tolerance));
@@ -239,6 +244,10 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
   std::vector<at::Tensor> ds, fs, ks, us, rs, ss, kes, ues;
   const auto [nodes, node_weights] = gauss_legendre(std::max<int64_t>(c.exact_nodes, 1));
   res.contiguous = c.every == 1;
+  {
+    const models::ModelSpec spec = models::parse_model_spec(tc.model);
+    res.smooth = spec.activation != "relu" && spec.kind != "cnn";
+  }
   auto last_report = t0;
   const std::vector<nlohmann::json>& log = replay.step_log();
   const Optimizer& optimizer = ctx.stepper->optimizer();
@@ -407,6 +416,12 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
       res.koptexact = at::stack(koptexs);
       res.uoptexact = at::stack(uoptexs);
     }
+    double qmax = 0, dmax = 0;
+    for (const auto& row : res.steps) {
+      qmax = std::max(qmax, row.quad_error);
+      dmax = std::max(dmax, row.d_norm);
+    }
+    res.quad_error_rel = qmax / std::max(dmax, 1e-300);
   }
   mark_complex_steps(res.steps, c);
 

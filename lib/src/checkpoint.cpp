@@ -74,6 +74,18 @@ at::Tensor materialize(const PickledTensor& t, const CheckpointFile& c, const st
 CheckpointFile::CheckpointFile(const fs::path& file) : path_(file.string()) {
   if (!fs::is_regular_file(file)) throw InputError(path_ + ": no such checkpoint file");
   bytes_ = read_file(file);
+  parse();
+}
+
+CheckpointFile::CheckpointFile(std::string bytes, std::string name) : path_(std::move(name)), bytes_(std::move(bytes)) {
+  parse();
+}
+
+CheckpointFile CheckpointFile::from_bytes(std::string bytes, std::string name) {
+  return CheckpointFile(std::move(bytes), std::move(name));
+}
+
+void CheckpointFile::parse() {
   zip_ = std::make_unique<ZipArchive>(bytes_, path_);
   if (zip_->has("byteorder") && zip_->read("byteorder") != "little") {
     fail("written on a big-endian machine, which is not supported");

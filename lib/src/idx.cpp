@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 #include <zlib.h>
 
+#include <algorithm>
 #include <cstring>
 
 #include "pathkernel/errors.h"
@@ -11,36 +12,53 @@ namespace pathkernel {
 namespace fs = std::filesystem;
 namespace {
 
-/// Reads a whole file through zlib, which passes raw (non-gzip) files through unchanged.
-std::vector<uint8_t> read_maybe_gz(const fs::path& path) {
-  if (!fs::is_regular_file(path)) throw InputError(path.string() + ": no such file");
-  gzFile f = gzopen(path.c_str(), "rb");
-  if (!f) throw InputError(path.string() + ": cannot open: " + std::strerror(errno));
-  gzbuffer(f, 1 << 20);
-  std::vector<uint8_t> out;
-  std::vector<uint8_t> chunk(1 << 20);
-  for (;;) {
-    int n = gzread(f, chunk.data(), static_cast<unsigned>(chunk.size()));
-    if (n < 0) {
-      int code = 0;
-      std::string msg = gzerror(f, &code);
-      gzclose(f);
-      throw InputError(path.string() + ": corrupt or truncated gzip data (" + msg + ")");
+/// A file read through zlib, which passes raw (non-gzip) files through unchanged. Reads only as
+/// much as asked for, so a small file that inflates without end costs nothing.
+class GzReader {
+ public:
+  explicit GzReader(const fs::path& path) : name_(path.string()) {
+    if (!fs::is_regular_file(path)) throw InputError(name_ + ": no such file");
+    f_ = gzopen(path.c_str(), "rb");
+    if (!f_) throw InputError(name_ + ": cannot open: " + std::strerror(errno));
+    gzbuffer(f_, 1 << 16);
+  }
+  ~GzReader() {
+    if (f_) gzclose(f_);
+  }
+  GzReader(const GzReader&) = delete;
+  GzReader& operator=(const GzReader&) = delete;
+
+  /// Reads up to n bytes into p; fewer only at the end of the data.
+  size_t read(uint8_t* p, size_t n) {
+    size_t got = 0;
+    while (got < n) {
+      const unsigned want = static_cast<unsigned>(std::min<size_t>(n - got, 1u << 20));
+      const int r = gzread(f_, p + got, want);
+      if (r < 0) fail();
+      if (r == 0) break;
+      got += static_cast<size_t>(r);
     }
-    if (n == 0) break;
-    out.insert(out.end(), chunk.begin(), chunk.begin() + n);
+    return got;
   }
-  int code = 0;
-  const char* msg = gzerror(f, &code);
-  if (code != Z_OK && code != Z_BUF_ERROR) {
-    std::string m = msg;
-    gzclose(f);
-    throw InputError(path.string() + ": corrupt or truncated gzip data (" + m + ")");
+  /// Closes the file; a truncated or corrupt gzip stream is reported here at the latest.
+  void finish() {
+    int code = 0;
+    gzerror(f_, &code);
+    if (code != Z_OK && code != Z_BUF_ERROR) fail();
+    const int rc = gzclose(f_);
+    f_ = nullptr;
+    if (rc != Z_OK) throw InputError(name_ + ": truncated gzip data");
   }
-  // gzread stops quietly at a truncated gzip member; gzclose reports it.
-  if (gzclose(f) != Z_OK) throw InputError(path.string() + ": truncated gzip data");
-  return out;
-}
+
+ private:
+  [[noreturn]] void fail() {
+    int code = 0;
+    const std::string msg = gzerror(f_, &code);
+    throw InputError(name_ + ": corrupt or truncated gzip data (" + msg + ")");
+  }
+  std::string name_;
+  gzFile f_ = nullptr;
+};
 
 uint32_t be32(const uint8_t* p) {
   return (uint32_t(p[0]) << 24) | (uint32_t(p[1]) << 16) | (uint32_t(p[2]) << 8) | uint32_t(p[3]);
@@ -49,45 +67,50 @@ uint32_t be32(const uint8_t* p) {
 }  // namespace
 
 IdxArray read_idx(const fs::path& path, int expected_ndims) {
-  std::vector<uint8_t> bytes = read_maybe_gz(path);
   const std::string name = path.string();
-  if (bytes.size() < 4) {
-    throw InputError(name + ": too short for an IDX header (" + std::to_string(bytes.size()) + " bytes)");
-  }
-  if (bytes[0] != 0 || bytes[1] != 0) {
+  GzReader in(path);
+  uint8_t head[4 + 4 * 255];
+  const size_t got = in.read(head, 4);
+  if (got < 4) throw InputError(name + ": too short for an IDX header (" + std::to_string(got) + " bytes)");
+  if (head[0] != 0 || head[1] != 0) {
     throw InputError(name + ": bad magic number (first two bytes must be zero; not an IDX file)");
   }
-  if (bytes[2] != 0x08) {
-    throw InputError(name + ": unsupported IDX type code 0x" +
-                     (std::to_string(bytes[2] >> 4) + std::to_string(bytes[2] & 15)) +
+  if (head[2] != 0x08) {
+    throw InputError(name + ": unsupported IDX type code 0x" + (std::to_string(head[2] >> 4) + std::to_string(head[2] & 15)) +
                      " (expected 0x08, unsigned bytes)");
   }
-  const int ndims = bytes[3];
+  const int ndims = head[3];
   if (ndims != expected_ndims) {
-    throw InputError(name + ": wrong magic number: " + std::to_string(ndims) +
-                     " dimensions, expected " + std::to_string(expected_ndims) +
-                     (expected_ndims == 1 ? " (an idx1 label file)" : " (an idx3 image file)"));
+    throw InputError(name + ": wrong magic number: " + std::to_string(ndims) + " dimensions, expected " +
+                     std::to_string(expected_ndims) + (expected_ndims == 1 ? " (an idx1 label file)" : " (an idx3 image file)"));
   }
-  const size_t header = 4 + 4 * size_t(ndims);
-  if (bytes.size() < header) throw InputError(name + ": truncated header");
+  if (in.read(head + 4, 4 * size_t(ndims)) < 4 * size_t(ndims)) throw InputError(name + ": truncated header");
   IdxArray arr;
   uint64_t count = 1;
   for (int d = 0; d < ndims; ++d) {
-    const uint32_t v = be32(&bytes[4 + 4 * d]);
+    const uint32_t v = be32(&head[4 + 4 * d]);
     if (v == 0) throw InputError(name + ": dimension " + std::to_string(d) + " is zero");
     arr.dims.push_back(v);
-    count *= v;
+    if (__builtin_mul_overflow(count, uint64_t{v}, &count) || count > kMaxIdxBytes) {
+      throw InputError(name + ": dimensions describe more than " + std::to_string(kMaxIdxBytes) + " bytes of data");
+    }
   }
-  const uint64_t have = bytes.size() - header;
-  if (have < count) {
-    throw InputError(name + ": truncated: header says " + std::to_string(count) +
-                     " bytes of data, file has " + std::to_string(have));
+  // The buffer grows with the data that actually arrives: a header cannot make it allocate.
+  while (arr.data.size() < count) {
+    const size_t at = arr.data.size(), step = static_cast<size_t>(std::min<uint64_t>(count - at, 1u << 24));
+    arr.data.resize(at + step);
+    const size_t n = in.read(arr.data.data() + at, step);
+    if (n < step) {
+      throw InputError(name + ": truncated: header says " + std::to_string(count) + " bytes of data, file has " +
+                       std::to_string(at + n));
+    }
   }
-  if (have > count) {
-    throw InputError(name + ": " + std::to_string(have - count) +
+  uint8_t extra[4096];
+  if (const size_t more = in.read(extra, sizeof extra); more > 0) {
+    throw InputError(name + ": " + (more == sizeof extra ? "more than " : "") + std::to_string(more) +
                      " bytes beyond what the header describes (wrong header?)");
   }
-  arr.data.assign(bytes.begin() + static_cast<std::ptrdiff_t>(header), bytes.end());
+  in.finish();
   return arr;
 }
 

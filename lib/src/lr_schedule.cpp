@@ -25,8 +25,8 @@ double parse_double(const std::string& spec, const std::string& s) {
 
 int64_t parse_count(const std::string& spec, const std::string& s) {
   const double v = parse_double(spec, s);
-  if (v < 1 || v != std::floor(v)) {
-    throw InputError("--lr-schedule '" + spec + "': '" + s + "' is not a positive integer");
+  if (v < 1 || v != std::floor(v) || v > 1e15) {
+    throw InputError("--lr-schedule '" + spec + "': '" + s + "' is not a positive integer up to 10^15");
   }
   return static_cast<int64_t>(v);
 }

@@ -52,20 +52,34 @@ at::Tensor load_npy(const std::filesystem::path& path) {
   if (header.find("'fortran_order': False") == std::string::npos) throw InputError(name + ": Fortran order");
   const size_t a = header.find("'shape': ("), b = header.find(')', a);
   if (a == std::string::npos || b == std::string::npos) throw InputError(name + ": no shape in header");
+  // Dimensions are plain decimal numbers; their product times the element size must be exactly
+  // the bytes after the header, checked before anything is allocated.
   std::vector<int64_t> shape;
-  std::string dims = header.substr(a + 10, b - a - 10);
+  const std::string dims = header.substr(a + 10, b - a - 10);
+  int64_t nbytes = static_cast<int64_t>(c10::elementSize(type));
   for (size_t pos = 0; pos < dims.size();) {
     const size_t comma = dims.find(',', pos);
-    const std::string d = dims.substr(pos, comma == std::string::npos ? std::string::npos : comma - pos);
-    if (d.find_first_not_of(' ') != std::string::npos) shape.push_back(std::stoll(d));
+    std::string d = dims.substr(pos, comma == std::string::npos ? std::string::npos : comma - pos);
+    d.erase(0, d.find_first_not_of(' '));
+    d.erase(d.find_last_not_of(' ') + 1);
+    if (!d.empty()) {
+      if (d.size() > 18 || d.find_first_not_of("0123456789") != std::string::npos) {
+        throw InputError(name + ": shape entry '" + d.substr(0, 20) + "' is not a whole number");
+      }
+      shape.push_back(std::stoll(d));
+      if (__builtin_mul_overflow(nbytes, shape.back(), &nbytes)) throw InputError(name + ": shape too large");
+    } else if (comma != std::string::npos && !(shape.size() == 1 && dims.find_first_not_of(' ', comma + 1) == std::string::npos)) {
+      throw InputError(name + ": malformed shape (" + dims.substr(0, 40) + ")");
+    }
     if (comma == std::string::npos) break;
     pos = comma + 1;
   }
-  at::Tensor t = at::empty(shape, type);
-  if (bytes.size() - 10 - hlen != static_cast<size_t>(t.nbytes())) {
+  if (shape.size() > 16) throw InputError(name + ": more than 16 dimensions");
+  if (static_cast<uint64_t>(nbytes) != bytes.size() - 10 - hlen) {
     throw InputError(name + ": data size does not match the shape in its header");
   }
-  std::memcpy(t.data_ptr(), bytes.data() + 10 + hlen, t.nbytes());
+  at::Tensor t = at::empty(shape, type);
+  if (nbytes > 0) std::memcpy(t.data_ptr(), bytes.data() + 10 + hlen, static_cast<size_t>(nbytes));
   return t;
 }
 

@@ -67,27 +67,7 @@ void Replayer::check_run() const {
     throw InputError(dir_.checkpoint(checkpoints_.back()).string() + ": beyond the run's " +
                      std::to_string(ctx_->total_steps) + " steps");
   }
-  const int64_t n = ctx_->train.size(), batch = ctx_->config.batch;
-  for (size_t k = 0; k < log_.size(); ++k) {
-    const std::string where = log + ":" + std::to_string(k + 1) + ": ";
-    try {
-      const double lr = log_[k].at("lr").get<double>();
-      if (!(lr > 0) || !std::isfinite(lr)) throw InputError(where + "learning rate " + log_[k].at("lr").dump());
-      const auto& b = log_[k].at("batch");
-      if (!b.is_array() || b.empty() || static_cast<int64_t>(b.size()) > batch) {
-        throw InputError(where + "the batch must hold 1 to " + std::to_string(batch) + " indices");
-      }
-      for (const auto& i : b) {
-        if (!i.is_number_integer() || i.get<int64_t>() < 0 || i.get<int64_t>() >= n) {
-          throw InputError(where + "batch index " + i.dump() + " is outside the training set (0.." +
-                           std::to_string(n - 1) + ")");
-        }
-      }
-      if (!log_[k].at("loss").is_number()) throw InputError(where + "no loss");
-    } catch (const nlohmann::json::exception& e) {
-      throw InputError(where + "malformed record (" + std::string(e.what()) + ")");
-    }
-  }
+  check_step_records(log_, ctx_->train.size(), ctx_->config.batch, log);
 }
 
 void Replayer::check_against_checkpoint(int64_t step) {

@@ -10,6 +10,7 @@
 #include <map>
 #include <sstream>
 
+#include "pathkernel/csv.h"
 #include "pathkernel/errors.h"
 #include "pathkernel/fs_util.h"
 #include "pathkernel/gnuplot.h"
@@ -26,55 +27,6 @@ void ReportConfig::validate() const {
 }
 
 namespace {
-
-/// A CSV with a header row, as columns by name (numbers; empty cells become NaN).
-struct Table {
-  std::map<std::string, std::vector<double>> cols;
-  size_t rows = 0;
-  const std::vector<double>& at(const std::string& name, const fs::path& file) const {
-    auto it = cols.find(name);
-    if (it == cols.end()) throw InputError(file.string() + ": no column '" + name + "'");
-    return it->second;
-  }
-};
-
-/// Reads a CSV written by write_analysis. Every cell must be empty or a whole number, and every
-/// row must have the header's number of cells; anything else names the file, row and column.
-Table read_csv(const fs::path& path) {
-  std::istringstream in(read_file(path));
-  std::string line;
-  if (!std::getline(in, line)) throw InputError(path.string() + ": empty");
-  std::vector<std::string> names;
-  for (std::stringstream ss(line); std::getline(ss, line, ',');) names.push_back(line);
-  Table t;
-  for (const auto& n : names) t.cols[n];
-  while (std::getline(in, line)) {
-    const size_t row = t.rows + 2;  // 1-based, after the header
-    size_t start = 0, col = 0;
-    for (;; ++col) {
-      const size_t end = line.find(',', start);
-      const std::string cell = line.substr(start, end == std::string::npos ? std::string::npos : end - start);
-      if (col >= names.size()) throw InputError(fmt::format("{}: row {} has more cells than the header", path.string(), row));
-      double v = NAN;
-      if (!cell.empty()) {
-        char* stop = nullptr;
-        v = std::strtod(cell.c_str(), &stop);
-        if (stop != cell.c_str() + cell.size()) {
-          throw InputError(fmt::format("{}: row {}, column '{}': '{}' is not a number", path.string(), row,
-                                       names[col], cell.substr(0, 40)));
-        }
-      }
-      t.cols[names[col]].push_back(v);
-      if (end == std::string::npos) break;
-      start = end + 1;
-    }
-    if (col + 1 != names.size()) {
-      throw InputError(fmt::format("{}: row {} has {} cells, the header {}", path.string(), row, col + 1, names.size()));
-    }
-    ++t.rows;
-  }
-  return t;
-}
 
 /// The report trusts nothing in the analysis folder that it can check: the tables and arrays
 /// must agree in size, and the values it plots or indexes by must be finite.
@@ -285,7 +237,7 @@ ReportFiles write_report(const ReportConfig& c) {
       const double w_end = replay.weights_at(static_cast<int64_t>(step.back()) + 1)[0].second.item<double>();
       const double lo_w = std::min(*std::min_element(path.begin(), path.end()), w_end) - 0.5;
       const double hi_w = std::max(*std::max_element(path.begin(), path.end()), w_end) + 0.5;
-      const auto [x, y] = ctx.batch([&] {
+      const auto xy = ctx.batch([&] {
         std::vector<int64_t> all(static_cast<size_t>(ctx.train.size()));
         for (size_t i = 0; i < all.size(); ++i) all[i] = static_cast<int64_t>(i);
         return all;
@@ -294,7 +246,7 @@ ReportFiles write_report(const ReportConfig& c) {
       auto loss_at = [&](double v) {
         at::NoGradGuard ng;
         w.fill_(v);
-        return batch_loss(ctx.model->forward(x), y, parse_loss(ctx.config.loss)).item<double>();
+        return batch_loss(ctx.model->forward(xy.first), xy.second, parse_loss(ctx.config.loss)).item<double>();
       };
       std::string land = "w,loss\n", pcsv = "step,w,loss,in_Tc\n";
       for (int i = 0; i <= 400; ++i) {

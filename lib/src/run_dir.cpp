@@ -133,4 +133,27 @@ void truncate_step_log(const fs::path& path, int64_t step) {
   atomic_write(path, text);
 }
 
+void check_step_records(const std::vector<nlohmann::json>& log, int64_t n, int64_t batch, const std::string& file) {
+  for (size_t k = 0; k < log.size(); ++k) {
+    const std::string where = file + ":" + std::to_string(k + 1) + ": ";
+    try {
+      const double lr = log[k].at("lr").get<double>();
+      if (!(lr > 0) || !std::isfinite(lr)) throw InputError(where + "learning rate " + log[k].at("lr").dump());
+      const auto& b = log[k].at("batch");
+      if (!b.is_array() || b.empty() || static_cast<int64_t>(b.size()) > batch) {
+        throw InputError(where + "the batch must hold 1 to " + std::to_string(batch) + " indices");
+      }
+      for (const auto& i : b) {
+        if (!i.is_number_integer() || i.get<int64_t>() < 0 || i.get<int64_t>() >= n) {
+          throw InputError(where + "batch index " + i.dump() + " is outside the training set (0.." +
+                           std::to_string(n - 1) + ")");
+        }
+      }
+      if (!log[k].at("loss").is_number()) throw InputError(where + "no loss");
+    } catch (const nlohmann::json::exception& e) {
+      throw InputError(where + "malformed record (" + std::string(e.what()) + ")");
+    }
+  }
+}
+
 }  // namespace pathkernel

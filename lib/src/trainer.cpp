@@ -7,7 +7,9 @@
 #include <chrono>
 #include <cmath>
 #include <iterator>
+#include <cerrno>
 #include <cstdio>
+#include <cstring>
 #include <unistd.h>
 
 #include "pathkernel/checkpoint.h"
@@ -128,10 +130,10 @@ class Appender {
  public:
   Appender(const fs::path& path, int64_t keep_bytes) : path_(path) {
     if (keep_bytes >= 0 && fs::exists(path) && ::truncate(path.c_str(), keep_bytes) != 0) {
-      throw InputError("cannot truncate " + path.string());
+      throw InputError("cannot truncate " + path.string() + ": " + std::strerror(errno));
     }
     f_ = std::fopen(path.c_str(), "ab");
-    if (!f_) throw InputError("cannot open " + path.string() + " for appending");
+    if (!f_) throw InputError("cannot open " + path.string() + " for appending: " + std::strerror(errno));
   }
   ~Appender() {
     if (f_) std::fclose(f_);
@@ -139,10 +141,10 @@ class Appender {
   Appender(const Appender&) = delete;
   Appender& operator=(const Appender&) = delete;
   void write(const void* data, size_t n) {
-    if (std::fwrite(data, 1, n, f_) != n) throw InputError("cannot write " + path_.string());
+    if (std::fwrite(data, 1, n, f_) != n) throw InputError("cannot write " + path_.string() + ": " + std::strerror(errno));
   }
   void flush() {
-    if (std::fflush(f_) != 0) throw InputError("cannot write " + path_.string());
+    if (std::fflush(f_) != 0) throw InputError("cannot write " + path_.string() + ": " + std::strerror(errno));
   }
 
  private:

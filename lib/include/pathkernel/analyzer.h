@@ -47,6 +47,9 @@ struct AnalyzeConfig {
   double tc_kappa = 5.0;
   double identity_tolerance = 1e-8;  ///< relative to max |f_N - f_0|; beyond it: exit 4
   double kernel_split_tolerance = 1e-8;  ///< relative; beyond it: exit 4
+  /// With exact_nodes on a smooth model: quad_error_rel beyond it is exit 4 (more nodes needed).
+  /// Not applied across ReLU or max-pool kinks, where quadrature converges only like 1/Q.
+  double quadrature_tolerance = 1e-6;
   bool force = false;              ///< overwrite a non-empty `out`
   /// Called after each analyzed step (library use: `pathkernel explain` attributes through it).
   std::function<void(const StepTerms&)> on_step;
@@ -88,6 +91,10 @@ struct AnalysisResult {
   bool contiguous = true;              ///< every step in the range analyzed: the run identity applies
   double identity_error = 0;           ///< max |f_final - f_initial - sum(K + U + R)| / max |f_final - f_initial|
   double kernel_split_error = 0;       ///< max relative |sum_m K_{k,m} - (-a_k g . grad L_k)|
+  /// The model is smooth (no ReLU, no max-pool): Gauss-Legendre quadrature converges fast.
+  bool smooth = true;
+  /// With exact_nodes: max_k |D_k - gbar_k . dw_k| / max_k |D_k| (Frobenius norms over probes).
+  double quad_error_rel = 0;
   double seconds = 0;
 };
 

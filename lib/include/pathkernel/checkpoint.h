@@ -29,6 +29,9 @@ class CheckpointFile {
   /// Reads and parses `file`. Throws InputError naming the file when it is missing or is not
   /// such a checkpoint.
   explicit CheckpointFile(const std::filesystem::path& file);
+  /// Parses a checkpoint held in memory; `name` stands for the file in messages.
+  static CheckpointFile from_bytes(std::string bytes, std::string name);
+  CheckpointFile(CheckpointFile&&) = delete;  // the archive views bytes_
   ~CheckpointFile();
   /// The unpickled value (usually a dict).
   const PickleValue& root() const { return *root_; }
@@ -42,6 +45,9 @@ class CheckpointFile {
   [[noreturn]] void fail(const std::string& what) const;
 
  private:
+  CheckpointFile(std::string bytes, std::string name);
+  void parse();
+
   std::string path_;
   std::string bytes_;
   std::unique_ptr<ZipArchive> zip_;

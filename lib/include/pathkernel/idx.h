@@ -18,6 +18,9 @@ struct IdxArray {
   std::vector<uint8_t> data;   ///< row-major, product(dims) bytes
 };
 
+/// The largest IDX data read (16 GiB; EMNIST's largest file holds 0.5 GiB).
+inline constexpr uint64_t kMaxIdxBytes = uint64_t{1} << 34;
+
 /// Reads an IDX file of unsigned bytes (type code 0x08), gzipped or raw (detected by content).
 /// Checks the magic number, the type code, the number of dimensions against `expected_ndims`,
 /// and the length of the data against the header. Throws InputError naming the file and the

@@ -59,6 +59,11 @@ class RunDir {
 /// not JSON, or steps that are not 0, 1, 2, ... in order, throw InputError naming the line.
 std::vector<nlohmann::json> read_step_log(const std::filesystem::path& path);
 
+/// Checks each record of a step log against the run: a finite positive `lr`, a `batch` of 1 to
+/// `batch` integer indices in 0..n-1, a numeric `loss`. Throws InputError naming `file` and the
+/// line.
+void check_step_records(const std::vector<nlohmann::json>& log, int64_t n, int64_t batch, const std::string& file);
+
 /// Keeps only the records of steps < `step` in steps.jsonl (atomic rewrite).
 void truncate_step_log(const std::filesystem::path& path, int64_t step);
 

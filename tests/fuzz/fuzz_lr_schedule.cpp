@@ -1,0 +1,7 @@
+// libFuzzer harness: see readers.cpp.
+#include "readers.h"
+
+extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
+  pathkernel::fuzz::fuzz_lr_schedule(data, size);
+  return 0;
+}
