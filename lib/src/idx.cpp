@@ -97,7 +97,9 @@ IdxArray read_idx(const fs::path& path, int expected_ndims) {
   }
   // The buffer grows with the data that actually arrives: a header cannot make it allocate.
   while (arr.data.size() < count) {
-    const size_t at = arr.data.size(), step = static_cast<size_t>(std::min<uint64_t>(count - at, 1u << 24));
+    // Doubling from 64 KiB: at most twice what arrived, and few copies for large files.
+    const size_t at = arr.data.size();
+    const size_t step = static_cast<size_t>(std::min<uint64_t>(count - at, std::max<size_t>(at, 1u << 16)));
     arr.data.resize(at + step);
     const size_t n = in.read(arr.data.data() + at, step);
     if (n < step) {
