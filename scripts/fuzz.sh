@@ -19,7 +19,8 @@ names=("$@")
 if ((${#names[@]} == 0)); then names=(checkpoint idx npy manifest step_log csv lr_schedule); fi
 bin=build-sanitize/tests/fuzz
 findings=build-sanitize/fuzz-findings
-scratch=$(mktemp -d)
+# Scratch files on tmpfs when there is one: each input is written to a file for the readers.
+scratch=$(mktemp -d -p "$( [ -d /dev/shm ] && [ -w /dev/shm ] && echo /dev/shm || echo /tmp)")
 trap 'rm -rf "$scratch"' EXIT
 mkdir -p "$findings"
 export ASAN_OPTIONS=detect_leaks=0:alloc_dealloc_mismatch=0

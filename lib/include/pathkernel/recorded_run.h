@@ -1,0 +1,95 @@
+#pragma once
+/// \file recorded_run.h
+/// A training run recorded outside pathkernel (python/pathkernel_record.py, or written by hand
+/// as docs/run-format.md describes): the data as fed to the model, one record per step, and
+/// state_dict checkpoints of the weights and the optimizer. Everything is read through the
+/// bounded readers and checked against the manifest before use.
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <filesystem>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "pathkernel/optimizer.h"
+
+namespace pathkernel {
+
+/// The format tag of a recorded run's manifest.json.
+inline constexpr const char* kRecordedRunFormat = "pathkernel-recorded-run/1";
+
+/// True when `dir` holds a recorded run (its manifest has the recorded-run format tag).
+bool is_recorded_run(const std::filesystem::path& dir);
+
+class RecordedRun {
+ public:
+  /// Reads and checks the manifest, the data (.npy), the step log and the list of checkpoints.
+  /// Throws InputError naming the file for anything malformed or inconsistent: inputs that are
+  /// not float32 [N, input_shape...], labels outside 0..outputs-1 (ce) or targets not float32
+  /// [N, outputs] (mse), batch indices outside the training set, a rate that is not finite and
+  /// positive, parameter groups with different rates.
+  explicit RecordedRun(const std::filesystem::path& dir);
+
+  const nlohmann::json& manifest() const { return manifest_; }
+  const std::filesystem::path& dir() const { return dir_; }
+  /// "ce" or "mse".
+  const std::string& loss() const { return loss_; }
+  /// "sgd", "adam" or "adamw", with its settings from the manifest's first parameter group.
+  const OptimizerOptions& optimizer() const { return optimizer_; }
+  int64_t outputs() const { return outputs_; }
+  /// Steps in the step log (the run's weights exist for at most steps 0 .. logged_steps()).
+  int64_t logged_steps() const { return static_cast<int64_t>(log_.size()); }
+  /// The steps k whose weights before (k) and after (k + 1) are both stored, ascending: the steps
+  /// an analysis can split. A recorded run cannot be replayed, so no other step can be analyzed.
+  const std::vector<int64_t>& analyzable_steps() const { return analyzable_; }
+  /// Steps with a stored weights file, ascending.
+  const std::vector<int64_t>& checkpoints() const { return checkpoints_; }
+
+  /// The weights after k steps, in the manifest's state_dict order, each checked against the
+  /// manifest's names and shapes (float32 or float64). Throws InputError naming the file.
+  NamedTensors weights(int64_t k) const;
+  /// The optimizer's state after k steps as pathkernel's optimizers name it (slot -> parameter
+  /// name -> tensor: momentum_buffer; exp_avg, exp_avg_sq), and its number of updates.
+  /// Throws InputError naming the file when a slot is missing or mis-shaped.
+  OptimizerState optimizer_state(int64_t k, int64_t* updates) const;
+
+  struct Step {
+    double lr = 0;
+    std::vector<int64_t> batch;
+    double loss = 0;
+  };
+  /// The record of step k (0 <= k < logged_steps()).
+  Step step(int64_t k) const;
+
+  /// The data exactly as fed to the model: inputs float32 [N, ...], targets int64 [N] (ce) or
+  /// float32 [N, outputs] (mse). Test tensors are undefined when the run has no test split.
+  const at::Tensor& train_inputs() const { return train_x_; }
+  const at::Tensor& train_targets() const { return train_y_; }
+  const at::Tensor& test_inputs() const { return test_x_; }
+  const at::Tensor& test_targets() const { return test_y_; }
+
+  std::filesystem::path weights_file(int64_t k) const;
+  std::filesystem::path optimizer_file(int64_t k) const;
+  std::filesystem::path model_file() const { return dir_ / "model.pt"; }
+
+ private:
+  void read_split(const std::string& split, at::Tensor& x, at::Tensor& y);
+  void read_log();
+  void list_checkpoints();
+
+  std::filesystem::path dir_;
+  nlohmann::json manifest_;
+  std::string loss_;
+  OptimizerOptions optimizer_;
+  int64_t outputs_ = 0;
+  std::vector<std::pair<std::string, std::vector<int64_t>>> state_dict_;  ///< names and shapes
+  std::vector<std::string> param_order_;  ///< the optimizer's parameters, in its order
+  std::vector<nlohmann::json> log_;
+  std::vector<int64_t> checkpoints_, analyzable_;
+  at::Tensor train_x_, train_y_, test_x_, test_y_;
+};
+
+}  // namespace pathkernel

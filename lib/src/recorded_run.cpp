@@ -1,0 +1,259 @@
+#include "pathkernel/recorded_run.h"
+
+#include <ATen/ATen.h>
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cmath>
+#include <regex>
+
+#include "pathkernel/checkpoint.h"
+#include "pathkernel/errors.h"
+#include "pathkernel/fs_util.h"
+#include "pathkernel/npy.h"
+#include "pathkernel/run_dir.h"
+
+namespace pathkernel {
+namespace fs = std::filesystem;
+namespace {
+
+std::vector<int64_t> shape_of(const nlohmann::json& j) {
+  std::vector<int64_t> s;
+  for (const auto& d : j) {
+    const int64_t v = d.get<int64_t>();
+    if (v < 0) throw nlohmann::json::other_error::create(501, "negative dimension", &j);
+    s.push_back(v);
+  }
+  return s;
+}
+
+OptimizerOptions optimizer_of(const nlohmann::json& o, const std::string& where) {
+  OptimizerOptions opt;
+  const std::string name = o.at("name").get<std::string>();
+  opt.kind = parse_optimizer(name);
+  const auto& groups = o.at("param_groups");
+  if (!groups.is_array() || groups.empty()) throw InputError(where + ": optimizer has no parameter groups");
+  for (const auto& g : groups) {
+    if (g != groups[0] && (g.value("weight_decay", 0.0) != groups[0].value("weight_decay", 0.0) ||
+                           g.value("momentum", 0.0) != groups[0].value("momentum", 0.0))) {
+      throw InputError(where + ": parameter groups with different settings are not supported");
+    }
+  }
+  const auto& g = groups[0];
+  opt.weight_decay = g.value("weight_decay", 0.0);
+  if (g.value("maximize", false)) throw InputError(where + ": maximize=True is not supported");
+  if (opt.kind == OptimizerKind::kSgd) {
+    opt.momentum = g.value("momentum", 0.0);
+    opt.dampening = g.value("dampening", 0.0);
+    opt.nesterov = g.value("nesterov", false);
+  } else {
+    if (g.value("amsgrad", false)) throw InputError(where + ": amsgrad=True is not supported");
+    opt.beta1 = g.at("betas").at(0).get<double>();
+    opt.beta2 = g.at("betas").at(1).get<double>();
+    opt.eps = g.at("eps").get<double>();
+  }
+  opt.validate();
+  return opt;
+}
+
+}  // namespace
+
+bool is_recorded_run(const fs::path& dir) {
+  if (!fs::is_regular_file(dir / "manifest.json")) return false;
+  try {
+    const nlohmann::json m = read_json(dir / "manifest.json");
+    return m.value("format", "") == kRecordedRunFormat;
+  } catch (const std::exception&) {
+    return false;
+  }
+}
+
+RecordedRun::RecordedRun(const fs::path& dir) : dir_(dir) {
+  const std::string mf = (dir / "manifest.json").string();
+  if (!fs::is_regular_file(dir / "manifest.json")) throw InputError(mf + ": missing (not a run directory)");
+  manifest_ = read_json(dir / "manifest.json");
+  if (manifest_.value("format", "") != kRecordedRunFormat) {
+    throw InputError(mf + ": not a " + std::string(kRecordedRunFormat) + " manifest");
+  }
+  try {
+    loss_ = manifest_.at("loss").get<std::string>();
+    if (loss_ != "ce" && loss_ != "mse") throw InputError(mf + ": loss must be ce or mse, not '" + loss_ + "'");
+    const auto& model = manifest_.at("model");
+    outputs_ = model.at("outputs").get<int64_t>();
+    if (outputs_ < 1 || outputs_ > 100000) throw InputError(mf + ": model.outputs must be 1..100000");
+    std::map<std::string, std::vector<int64_t>> shapes;
+    for (const auto& p : model.at("parameters")) {
+      param_order_.push_back(p.at(0).get<std::string>());
+      shapes[param_order_.back()] = shape_of(p.at(1));
+    }
+    for (const auto& k : model.at("state_dict_keys")) {
+      const std::string name = k.get<std::string>();
+      state_dict_.emplace_back(name, shapes.count(name) ? shapes[name] : std::vector<int64_t>{-1});
+    }
+    for (const auto& name : param_order_) {
+      if (std::none_of(state_dict_.begin(), state_dict_.end(), [&](const auto& e) { return e.first == name; })) {
+        throw InputError(mf + ": parameter '" + name + "' is not in state_dict_keys");
+      }
+    }
+    optimizer_ = optimizer_of(manifest_.at("optimizer"), mf);
+  } catch (const nlohmann::json::exception& e) {
+    throw InputError(mf + ": malformed (" + std::string(e.what()) + ")");
+  }
+  if (!fs::is_regular_file(model_file())) throw InputError(model_file().string() + ": missing");
+  read_split("train", train_x_, train_y_);
+  if (manifest_.at("data").contains("test")) read_split("test", test_x_, test_y_);
+  read_log();
+  list_checkpoints();
+}
+
+void RecordedRun::read_split(const std::string& split, at::Tensor& x, at::Tensor& y) {
+  const std::string mf = (dir_ / "manifest.json").string();
+  fs::path xf, yf;
+  int64_t n = 0;
+  std::vector<int64_t> input_shape;
+  try {
+    const auto& d = manifest_.at("data").at(split);
+    xf = dir_ / d.at("x").get<std::string>();
+    yf = dir_ / d.at("y").get<std::string>();
+    n = d.at("examples").get<int64_t>();
+    input_shape = shape_of(d.at("input_shape"));
+  } catch (const nlohmann::json::exception& e) {
+    throw InputError(mf + ": data." + split + " malformed (" + std::string(e.what()) + ")");
+  }
+  // Data files must stay inside the run directory.
+  for (const fs::path& f : {xf, yf}) {
+    const std::string rel = f.lexically_relative(dir_).lexically_normal().string();
+    if (rel.empty() || rel.rfind("..", 0) == 0 || f.lexically_relative(dir_).is_absolute()) {
+      throw InputError(mf + ": data file " + f.string() + " is outside the run directory");
+    }
+  }
+  x = load_npy(xf);
+  y = load_npy(yf);
+  std::vector<int64_t> want = {n};
+  want.insert(want.end(), input_shape.begin(), input_shape.end());
+  if (x.scalar_type() != at::kFloat || x.sizes().vec() != want) {
+    throw InputError(fmt::format("{}: inputs must be float32 {}, the file holds {} {}", xf.string(), fmt::join(want, "x"),
+                                 c10::toString(x.scalar_type()), fmt::join(x.sizes(), "x")));
+  }
+  if (!at::isfinite(x).all().item<bool>()) throw InputError(xf.string() + ": inputs hold NaN or inf");
+  if (loss_ == "ce") {
+    if (y.scalar_type() != at::kLong || y.dim() != 1 || y.size(0) != n) {
+      throw InputError(fmt::format("{}: labels must be int64 [{}]", yf.string(), n));
+    }
+    if (n > 0 && (y.min().item<int64_t>() < 0 || y.max().item<int64_t>() >= outputs_)) {
+      throw InputError(fmt::format("{}: labels must be in 0..{} (the model has {} outputs); found {}..{}", yf.string(),
+                                   outputs_ - 1, outputs_, y.min().item<int64_t>(), y.max().item<int64_t>()));
+    }
+  } else if (y.scalar_type() != at::kFloat || y.sizes().vec() != std::vector<int64_t>{n, outputs_} ||
+             !at::isfinite(y).all().item<bool>()) {
+    throw InputError(fmt::format("{}: targets must be finite float32 [{}, {}]", yf.string(), n, outputs_));
+  }
+}
+
+void RecordedRun::read_log() {
+  const fs::path path = dir_ / "steps.jsonl";
+  if (!fs::exists(path)) throw InputError(path.string() + ": missing");
+  log_ = read_step_log(path);
+  check_step_records(log_, train_x_.size(0), train_x_.size(0), path.string());
+  for (size_t k = 0; k < log_.size(); ++k) {
+    if (log_[k].contains("lrs")) {
+      const auto& lrs = log_[k]["lrs"];
+      if (!lrs.is_array() || std::any_of(lrs.begin(), lrs.end(), [&](const auto& v) { return v != log_[k]["lr"]; })) {
+        throw InputError(path.string() + ":" + std::to_string(k + 1) +
+                         ": parameter groups with different learning rates are not supported");
+      }
+    }
+  }
+}
+
+fs::path RecordedRun::weights_file(int64_t k) const { return dir_ / "checkpoints" / fmt::format("step_{:08d}.pt", k); }
+fs::path RecordedRun::optimizer_file(int64_t k) const {
+  return dir_ / "checkpoints" / fmt::format("step_{:08d}.optim.pt", k);
+}
+
+void RecordedRun::list_checkpoints() {
+  const fs::path cdir = dir_ / "checkpoints";
+  if (!fs::is_directory(cdir)) throw InputError(cdir.string() + ": missing");
+  static const std::regex name(R"(step_(\d{8})\.pt)");
+  for (const auto& e : fs::directory_iterator(cdir)) {
+    std::smatch m;
+    const std::string f = e.path().filename().string();
+    if (std::regex_match(f, m, name)) {
+      const int64_t k = std::stoll(m[1]);
+      if (k <= logged_steps()) checkpoints_.push_back(k);
+    }
+  }
+  std::sort(checkpoints_.begin(), checkpoints_.end());
+  if (checkpoints_.empty() || checkpoints_[0] != 0) throw InputError(weights_file(0).string() + ": missing");
+  for (size_t i = 0; i + 1 < checkpoints_.size(); ++i) {
+    if (checkpoints_[i + 1] == checkpoints_[i] + 1) analyzable_.push_back(checkpoints_[i]);
+  }
+}
+
+NamedTensors RecordedRun::weights(int64_t k) const {
+  const fs::path f = weights_file(k);
+  NamedTensors w = load_tensor_dict(f);
+  if (w.size() != state_dict_.size()) {
+    throw InputError(fmt::format("{}: holds {} tensors, the manifest's state_dict {}", f.string(), w.size(), state_dict_.size()));
+  }
+  for (size_t i = 0; i < w.size(); ++i) {
+    const auto& [name, shape] = state_dict_[i];
+    if (w[i].first != name) throw InputError(f.string() + ": tensor '" + w[i].first + "' where the manifest has '" + name + "'");
+    if (shape != std::vector<int64_t>{-1} && w[i].second.sizes().vec() != shape) {
+      throw InputError(fmt::format("{}: '{}' has shape {}, the manifest {}", f.string(), name, fmt::join(w[i].second.sizes(), "x"),
+                                   fmt::join(shape, "x")));
+    }
+    const auto t = w[i].second.scalar_type();
+    if (shape != std::vector<int64_t>{-1} && t != at::kFloat && t != at::kDouble) {
+      throw InputError(f.string() + ": '" + name + "' is not float32 or float64");
+    }
+  }
+  return w;
+}
+
+OptimizerState RecordedRun::optimizer_state(int64_t k, int64_t* updates) const {
+  const fs::path f = optimizer_file(k);
+  const CheckpointFile file(f);
+  const PickleValue* state = file.root().find("state");
+  if (!state || state->kind != PickleValue::Kind::Dict) file.fail("no 'state' dict (not an optimizer state_dict)");
+  const std::vector<std::string> slots = optimizer_.kind == OptimizerKind::kSgd
+                                             ? std::vector<std::string>{"momentum_buffer"}
+                                             : std::vector<std::string>{"exp_avg", "exp_avg_sq"};
+  OptimizerState out;
+  for (const auto& s : slots) out.emplace_back(s, NamedTensors{});
+  *updates = -1;
+  for (const auto& [key, per] : state->entries) {
+    if (key->kind != PickleValue::Kind::Int || key->i < 0 || key->i >= static_cast<int64_t>(param_order_.size()) ||
+        per->kind != PickleValue::Kind::Dict) {
+      file.fail("state keys must be parameter indices 0.." + std::to_string(param_order_.size() - 1));
+    }
+    const std::string& name = param_order_[static_cast<size_t>(key->i)];
+    for (size_t s = 0; s < slots.size(); ++s) {
+      const PickleValue* v = per->find(slots[s]);
+      if (!v || v->kind == PickleValue::Kind::None) continue;  // SGD without momentum
+      out[s].second.emplace_back(name, file.tensor(*v, name + "." + slots[s]));
+    }
+    if (const PickleValue* st = per->find("step")) {
+      const int64_t n = st->kind == PickleValue::Kind::Int ? st->i
+                                                            : static_cast<int64_t>(file.tensor(*st, name + ".step").item<double>());
+      if (*updates >= 0 && n != *updates) file.fail("parameters with different step counts");
+      *updates = n;
+    }
+  }
+  if (*updates < 0) *updates = k;  // SGD keeps no count: one update per step
+  out.erase(std::remove_if(out.begin(), out.end(), [](const auto& s) { return s.second.empty(); }), out.end());
+  for (auto& [slot, tensors] : out) {  // the optimizer's order
+    std::sort(tensors.begin(), tensors.end(), [&](const auto& a, const auto& b) {
+      return std::find(param_order_.begin(), param_order_.end(), a.first) <
+             std::find(param_order_.begin(), param_order_.end(), b.first);
+    });
+  }
+  return out;
+}
+
+RecordedRun::Step RecordedRun::step(int64_t k) const {
+  const auto& r = log_.at(static_cast<size_t>(k));
+  return {r.at("lr").get<double>(), r.at("batch").get<std::vector<int64_t>>(), r.at("loss").get<double>()};
+}
+
+}  // namespace pathkernel

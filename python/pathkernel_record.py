@@ -1,0 +1,221 @@
+"""Record a PyTorch training run in the format pathkernel analyzes.
+
+    from pathkernel_record import Recorder
+
+    rec = Recorder("runs/mine", model, optimizer, train=(X, y), test=(Xt, yt), loss="ce")
+    for step, idx in enumerate(batches):
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(X[idx]), y[idx])
+        loss.backward()
+        optimizer.step()
+        rec.step(idx, loss)
+        scheduler.step()            # any LR scheduler: the rate each step used is recorded
+    rec.close()
+
+The run directory (docs/run-format.md) holds the model as TorchScript, the data exactly as fed
+to the model (.npy), one record per step (rate, batch indices, loss), and state_dict
+checkpoints of the weights and the optimizer. Needs only torch and numpy. A run killed mid-way
+stays readable up to its last complete step.
+"""
+import json
+import os
+import time
+
+import numpy as np
+import torch
+
+FORMAT = "pathkernel-recorded-run/1"
+_OPTIMIZERS = {torch.optim.SGD: "sgd", torch.optim.Adam: "adam", torch.optim.AdamW: "adamw"}
+
+
+def _atomic(path, write):
+    """Writes path through write(tmp_path) and a rename: never a torn file."""
+    tmp = "%s.tmp-%d" % (path, os.getpid())
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _save_npy(path, array):
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+    _atomic(path, write)
+
+
+def _check_model(model):
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training:
+            raise ValueError(
+                "module '%s' is BatchNorm in training mode: each example's output depends on the "
+                "rest of its batch, which the kernel view cannot express. Put it in eval mode "
+                "(frozen statistics) or use GroupNorm or LayerNorm." % name)
+        if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.training and m.p > 0:
+            raise ValueError(
+                "module '%s' is Dropout in training mode: the outputs are random, so no step can "
+                "be recomputed. Record with dropout off (p=0 or eval mode)." % name)
+
+
+class Recorder:
+    """Writes a recorded run to `out` (created; must not exist or be empty).
+
+    model: an nn.Module mapping a batch of inputs [M, ...] to logits [M, C] (or outputs for
+        MSE). Saved as TorchScript: scripted, or traced from the first training input when
+        scripting fails (or always, with script=False).
+    optimizer: torch.optim.SGD (momentum, Nesterov, dampening, weight decay), Adam or AdamW over
+        the model's parameters, one learning rate for all parameter groups.
+    train, test: (inputs, targets) exactly as fed to the model: float32 inputs of any shape
+        [N, ...]; int64 class labels [N] for loss "ce", float32 targets [N, C] for loss "mse".
+    loss: "ce" (mean cross-entropy over the batch) or "mse" (mean over the batch of the summed
+        squared error per example, as pathkernel train defines it).
+    checkpoint_every: 1 saves the weights after every step (every step can be analyzed); K > 1
+        saves the weights before and after every K-th step (steps 0, K, 2K, ... can be analyzed).
+    """
+
+    def __init__(self, out, model, optimizer, train, test=None, loss="ce", checkpoint_every=1,
+                 script=True):
+        if loss not in ("ce", "mse"):
+            raise ValueError("loss must be 'ce' or 'mse', not %r" % (loss,))
+        if int(checkpoint_every) < 1:
+            raise ValueError("checkpoint_every must be at least 1")
+        kind = _OPTIMIZERS.get(type(optimizer))
+        if kind is None:
+            raise ValueError("optimizer %s is not supported (SGD, Adam, AdamW)" % type(optimizer).__name__)
+        _check_model(model)
+        if os.path.exists(out) and os.listdir(out):
+            raise FileExistsError("%s exists and is not empty: pathkernel never overwrites a run" % out)
+        self.out, self.model, self.optimizer = out, model, optimizer
+        self.every = int(checkpoint_every)
+        self.k = 0
+        self.closed = False
+        os.makedirs(os.path.join(out, "checkpoints"), exist_ok=True)
+        os.makedirs(os.path.join(out, "data"), exist_ok=True)
+
+        names = {id(p): n for n, p in model.named_parameters()}
+        order = [p for g in optimizer.param_groups for p in g["params"]]
+        if any(id(p) not in names for p in order):
+            raise ValueError("the optimizer holds tensors that are not parameters of the model")
+        self.param_names = [names[id(p)] for p in order]
+
+        data = {}
+        for split, pair in (("train", train), ("test", test)):
+            if pair is None:
+                continue
+            x, y = (torch.as_tensor(t).detach().cpu() for t in pair)
+            if x.dtype != torch.float32:
+                raise ValueError("%s inputs must be float32, not %s" % (split, x.dtype))
+            want = torch.int64 if loss == "ce" else torch.float32
+            if y.dtype != want:
+                raise ValueError("%s targets must be %s for loss %s, not %s" % (split, want, loss, y.dtype))
+            if x.shape[0] != y.shape[0] or x.shape[0] == 0:
+                raise ValueError("%s: %d inputs, %d targets" % (split, x.shape[0], y.shape[0]))
+            _save_npy(os.path.join(out, "data", split + "_x.npy"), x.contiguous().numpy())
+            _save_npy(os.path.join(out, "data", split + "_y.npy"), y.contiguous().numpy())
+            data[split] = {"x": "data/%s_x.npy" % split, "y": "data/%s_y.npy" % split,
+                           "examples": int(x.shape[0]), "input_shape": list(x.shape[1:])}
+        if "train" not in data:
+            raise ValueError("train=(inputs, targets) is required")
+        self.n_train = data["train"]["examples"]
+
+        example = torch.as_tensor(train[0][:1]).float()
+        scripted = None
+        if script:
+            try:
+                scripted = torch.jit.script(model)
+            except Exception:  # not scriptable: trace instead
+                scripted = None
+        how = "script"
+        if scripted is None:
+            scripted = torch.jit.trace(model, example)
+            how = "trace"
+        with torch.no_grad():
+            outputs = scripted(example)
+        if outputs.dim() != 2:
+            raise ValueError("the model maps a batch to %d-d outputs; pathkernel needs [batch, outputs]" % outputs.dim())
+        _atomic(os.path.join(out, "model.pt"), lambda tmp: torch.jit.save(scripted, tmp))
+
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        manifest = {
+            "format": FORMAT,
+            "created_by": "pathkernel_record.py",
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "torch_version": torch.__version__,
+            "model": {"file": "model.pt", "torchscript": how, "outputs": int(outputs.shape[1]),
+                      "parameters": [[n, list(dict(model.named_parameters())[n].shape)] for n in self.param_names],
+                      "state_dict_keys": list(model.state_dict().keys())},
+            "loss": loss,
+            "optimizer": {"name": kind, "param_groups": groups},
+            "checkpoint_every": self.every,
+            "data": data,
+        }
+        self._write_json("manifest.json", manifest)
+        self._save(0)
+        # The rate each step used, taken when optimizer.step() runs (before any scheduler moves it).
+        self._rates = None
+        original = optimizer.step
+
+        def step(*args, **kwargs):
+            self._rates = [float(g["lr"]) for g in optimizer.param_groups]
+            return original(*args, **kwargs)
+        if hasattr(original, "_with_counter"):  # an LR scheduler already counts the steps
+            step._with_counter = original._with_counter
+        optimizer.step = step
+        self._log = open(os.path.join(out, "steps.jsonl"), "a")
+
+    def _write_json(self, name, obj):
+        def write(tmp):
+            with open(tmp, "w") as f:
+                json.dump(obj, f, indent=1)
+        _atomic(os.path.join(self.out, name), write)
+
+    def _save(self, k):
+        """Weights and optimizer state after k steps; the weights file last (it marks the pair)."""
+        base = os.path.join(self.out, "checkpoints", "step_%08d" % k)
+        _atomic(base + ".optim.pt", lambda tmp: torch.save(self.optimizer.state_dict(), tmp))
+        _atomic(base + ".pt", lambda tmp: torch.save(self.model.state_dict(), tmp))
+
+    def step(self, batch, loss):
+        """Records the step just taken: `batch` the training indices it used (a tensor or a
+        list), `loss` its batch loss (a tensor or a float). Call after optimizer.step()."""
+        if self.closed:
+            raise RuntimeError("the recorder is closed")
+        if self._rates is None:
+            raise RuntimeError("call rec.step() after optimizer.step()")
+        idx = [int(i) for i in torch.as_tensor(batch).reshape(-1).tolist()]
+        if not idx or min(idx) < 0 or max(idx) >= self.n_train:
+            raise ValueError("batch indices must be in 0..%d" % (self.n_train - 1))
+        k = self.k
+        if self.every == 1 or k % self.every == 0:
+            self._save(k + 1)
+        elif (k + 1) % self.every == 0:
+            self._save(k + 1)
+        rec = {"step": k, "lr": self._rates[0], "batch": idx, "loss": float(torch.as_tensor(loss).item())}
+        if len(set(self._rates)) > 1:
+            rec["lrs"] = self._rates
+        self._log.write(json.dumps(rec) + "\n")
+        self._log.flush()
+        self._rates = None
+        self.k += 1
+
+    def close(self):
+        """Marks the run complete (the last step's weights are always saved)."""
+        if self.closed:
+            return
+        if not os.path.exists(os.path.join(self.out, "checkpoints", "step_%08d.pt" % self.k)):
+            self._save(self.k)
+        self._log.close()
+        self._write_json("COMPLETE", {"steps": self.k})
+        self.closed = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if exc[0] is None:
+            self.close()
+        else:
+            self._log.close()
+        return False

@@ -1,0 +1,160 @@
+// Runs recorded in Python (python/pathkernel_record.py through examples/record_mlp.py, with
+// Debian's python3-torch, on real Fashion-MNIST) read by RecordedRun: the data, batches, rates,
+// weights and Adam's state line up with an independent recomputation in C++, and damaged runs
+// are refused with the file named.
+#include <ATen/ATen.h>
+#include <torch/nn/module.h>
+
+#include "fixtures.h"
+#include "pathkernel/errors.h"
+#include "pathkernel/fs_util.h"
+#include "pathkernel/models/model.h"
+#include "pathkernel/models/model_spec.h"
+#include "pathkernel/npy.h"
+#include "pathkernel/optimizer.h"
+#include "pathkernel/recorded_run.h"
+#include "pathkernel/stepper.h"
+
+namespace pathkernel {
+namespace {
+namespace fs = std::filesystem;
+
+class RecordedRunTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    tmp_ = new testing::TempDir();
+    run_ = tmp_->path() / "py-mlp";
+    const int st = testing::run_program({"/usr/bin/python3", std::string(PATHKERNEL_SOURCE_DIR) + "/examples/record_mlp.py",
+                                         run_.string(), "--steps", "30", "--train-limit", "600"},
+                                        tmp_->path() / "record.log");
+    ASSERT_EQ(st, 0) << read_file(tmp_->path() / "record.log");
+  }
+  static void TearDownTestSuite() { delete tmp_; }
+  // A copy of the recorded run to damage.
+  fs::path copy(const std::string& name) const {
+    const fs::path to = tmp_->path() / name;
+    fs::copy(run_, to, fs::copy_options::recursive);
+    return to;
+  }
+  static testing::TempDir* tmp_;
+  static fs::path run_;
+};
+testing::TempDir* RecordedRunTest::tmp_ = nullptr;
+fs::path RecordedRunTest::run_;
+
+TEST_F(RecordedRunTest, EveryStepLinesUpWithAnIndependentRecomputation) {
+  const RecordedRun run(run_);
+  ASSERT_EQ(run.logged_steps(), 30);
+  EXPECT_EQ(run.analyzable_steps().size(), 30u);
+  EXPECT_EQ(run.loss(), "ce");
+  EXPECT_EQ(run.optimizer().kind, OptimizerKind::kAdam);
+  EXPECT_EQ(run.train_inputs().sizes(), (std::vector<int64_t>{600, 1, 28, 28}));
+  // The same architecture from the zoo (Flatten, Linear 784-64, tanh, Linear 64-10), weights
+  // taken by position: it recomputes each logged loss from the stored data, batch and weights,
+  // and Adam from the stored state, gradient and rate predicts the next stored weights.
+  auto model = models::build_model(models::parse_model_spec("mlp:64:tanh"), {1, 28, 28}, 10);
+  std::vector<std::string> names;
+  std::vector<at::Tensor> params;
+  for (const auto& p : model->named_parameters()) {
+    names.push_back(p.key());
+    params.push_back(p.value());
+  }
+  double worst_loss = 0, worst_step = 0;
+  for (int64_t k = 0; k < run.logged_steps(); ++k) {
+    const NamedTensors w = run.weights(k);
+    ASSERT_EQ(w.size(), params.size());
+    {
+      at::NoGradGuard ng;
+      for (size_t i = 0; i < w.size(); ++i) params[i].copy_(w[i].second);
+    }
+    const RecordedRun::Step s = run.step(k);
+    const at::Tensor idx = at::tensor(s.batch, at::kLong);
+    for (auto& p : params) p.mutable_grad() = at::Tensor();
+    const at::Tensor loss = batch_loss(model->forward(run.train_inputs().index_select(0, idx)),
+                                       run.train_targets().index_select(0, idx), LossKind::kCrossEntropy);
+    worst_loss = std::max(worst_loss, std::abs(loss.item<double>() - s.loss) / std::abs(s.loss));
+    loss.backward();
+    int64_t updates = 0;
+    OptimizerState state = run.optimizer_state(k, &updates);
+    EXPECT_EQ(updates, k);
+    for (auto& [slot, tensors] : state) {  // the zoo's names for the recorded ones, by position
+      for (size_t i = 0; i < tensors.size(); ++i) tensors[i].first = names[i];
+    }
+    auto opt = make_optimizer(run.optimizer(), names, params);
+    opt->load_state(state, updates, run.optimizer_file(k).string());
+    std::vector<at::Tensor> grads;
+    std::vector<double> sq;
+    for (auto& p : params) {
+      grads.push_back(p.grad());
+      sq.push_back(p.grad().pow(2).sum().item<double>());
+    }
+    opt->step(grads, sq, s.lr);
+    const NamedTensors next = run.weights(k + 1);
+    for (size_t i = 0; i < params.size(); ++i) {
+      const double scale = (next[i].second - w[i].second).abs().max().item<double>();
+      worst_step = std::max(worst_step, (params[i] - next[i].second).abs().max().item<double>() / scale);
+    }
+  }
+  // Measured here: both 0 (same float32 arithmetic as torch.optim.Adam); the bounds leave room
+  // for another BLAS kernel's rounding of the gradient.
+  EXPECT_LT(worst_loss, 1e-6);
+  EXPECT_LT(worst_step, 1e-4);
+  // StepLR halved the rate at step 20: the recorded rate is the one each step used.
+  EXPECT_DOUBLE_EQ(run.step(19).lr, 3e-3);
+  EXPECT_DOUBLE_EQ(run.step(20).lr, 1.5e-3);
+}
+
+TEST_F(RecordedRunTest, DamagedRunsAreRefusedWithTheFileNamed) {
+  {  // a checkpoint missing in the middle: the steps next to it cannot be analyzed
+    const fs::path r = copy("gap");
+    fs::remove(r / "checkpoints" / "step_00000012.pt");
+    const RecordedRun run(r);
+    const auto& a = run.analyzable_steps();
+    EXPECT_EQ(a.size(), 28u);
+    EXPECT_EQ(std::count(a.begin(), a.end(), 11), 0);
+    EXPECT_EQ(std::count(a.begin(), a.end(), 12), 0);
+  }
+  {  // a truncated .npy
+    const fs::path r = copy("npy");
+    const std::string x = read_file(r / "data" / "train_x.npy");
+    atomic_write(r / "data" / "train_x.npy", x.substr(0, x.size() - 100));
+    EXPECT_THROW_WITH(RecordedRun{r}, InputError, "train_x.npy: data size does not match");
+  }
+  {  // labels outside the model's outputs
+    const fs::path r = copy("labels");
+    at::Tensor y = load_npy(r / "data" / "train_y.npy");
+    y[5] = 10;
+    save_npy(r / "data" / "train_y.npy", y);
+    EXPECT_THROW_WITH(RecordedRun{r}, InputError, "train_y.npy: labels must be in 0..9");
+  }
+  {  // inputs of another shape than the manifest says
+    const fs::path r = copy("shape");
+    save_npy(r / "data" / "test_x.npy", at::zeros({500, 784}, at::kDouble));
+    EXPECT_THROW_WITH(RecordedRun{r}, InputError, "test_x.npy: inputs must be float32 500x1x28x28");
+  }
+  {  // a state_dict that does not match the manifest (a renamed key, a changed shape)
+    const fs::path r = copy("keys");
+    std::string m = read_file(r / "manifest.json");
+    m.replace(m.find("\"3.bias\"", m.find("state_dict_keys")), 8, "\"3.beta\"");
+    atomic_write(r / "manifest.json", m);
+    EXPECT_THROW_WITH(RecordedRun{r}, InputError, "parameter '3.bias' is not in state_dict_keys");
+  }
+  {
+    const fs::path r = copy("weights");
+    const RecordedRun ok(r);
+    NamedTensors w = ok.weights(3);
+    w[1].second = at::zeros({65});
+    save_tensor_dict(r / "checkpoints" / "step_00000003.pt", w);
+    EXPECT_THROW_WITH(ok.weights(3), InputError, "step_00000003.pt: '1.bias' has shape 65, the manifest 64");
+  }
+  {  // a data path leaving the run directory
+    const fs::path r = copy("escape");
+    std::string m = read_file(r / "manifest.json");
+    m.replace(m.find("data/train_x.npy"), 16, "../py-mlp/data/train_x.npy");
+    atomic_write(r / "manifest.json", m);
+    EXPECT_THROW_WITH(RecordedRun{r}, InputError, "is outside the run directory");
+  }
+}
+
+}  // namespace
+}  // namespace pathkernel
