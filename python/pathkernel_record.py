@@ -59,6 +59,39 @@ def _check_model(model):
                 "be recomputed. Record with dropout off (p=0 or eval mode)." % name)
 
 
+def zoo_spec(model):
+    """pathkernel's name for `model` when it is an nn.Sequential chain the analyzer knows
+    ([Flatten,] Linear, activation, ..., Linear, with one activation kind), as
+    (spec, {recorded parameter name: pathkernel's name}); None otherwise. The analyzer then uses
+    its fast factorized kernels for it."""
+    acts = {torch.nn.Tanh: "tanh", torch.nn.ReLU: "relu"}
+    if not isinstance(model, torch.nn.Sequential):
+        return None
+    mods = list(model.named_children())
+    if mods and isinstance(mods[0][1], torch.nn.Flatten) and mods[0][1].start_dim == 1 and mods[0][1].end_dim == -1:
+        mods = mods[1:]
+    linears, act = [], None
+    for i, (name, m) in enumerate(mods):
+        if i % 2 == 0:
+            if type(m) is not torch.nn.Linear or m.bias is None:
+                return None
+            linears.append(name)
+        else:
+            kind = acts.get(type(m))
+            if kind is None or (act is not None and kind != act):
+                return None
+            act = kind
+    if not mods or len(mods) % 2 == 0:
+        return None
+    widths = [getattr(model, n).out_features for n in linears[:-1]]
+    spec = "linear" if not widths else "mlp:%s:%s" % (",".join(map(str, widths)), act)
+    names = {}
+    for i, n in enumerate(linears):
+        names["%s.weight" % n] = "layers.%d.weight" % i
+        names["%s.bias" % n] = "layers.%d.bias" % i
+    return spec, names
+
+
 class Recorder:
     """Writes a recorded run to `out` (created; must not exist or be empty).
 
@@ -148,9 +181,13 @@ class Recorder:
                       "state_dict_keys": list(model.state_dict().keys())},
             "loss": loss,
             "optimizer": {"name": kind, "param_groups": groups},
+            "zoo": None,
             "checkpoint_every": self.every,
             "data": data,
         }
+        known = zoo_spec(model)
+        if known is not None:
+            manifest["zoo"] = {"spec": known[0], "names": known[1]}
         self._write_json("manifest.json", manifest)
         self._save(0)
         # The rate each step used, taken when optimizer.step() runs (before any scheduler moves it).

@@ -3,6 +3,7 @@
 // weights and Adam's state line up with an independent recomputation in C++, and damaged runs
 // are refused with the file named.
 #include <ATen/ATen.h>
+#include <signal.h>
 #include <torch/nn/module.h>
 
 #include "fixtures.h"
@@ -49,16 +50,20 @@ TEST_F(RecordedRunTest, EveryStepLinesUpWithAnIndependentRecomputation) {
   EXPECT_EQ(run.loss(), "ce");
   EXPECT_EQ(run.optimizer().kind, OptimizerKind::kAdam);
   EXPECT_EQ(run.train_inputs().sizes(), (std::vector<int64_t>{600, 1, 28, 28}));
-  // The same architecture from the zoo (Flatten, Linear 784-64, tanh, Linear 64-10), weights
-  // taken by position: it recomputes each logged loss from the stored data, batch and weights,
+  // The recorder recognized the nn.Sequential as the zoo's mlp:64:tanh (Flatten, Linear
+  // 784-64, tanh, Linear 64-10). Built from that spec, with the weights under the names the
+  // recorder mapped, it recomputes each logged loss from the stored data, batch and weights,
   // and Adam from the stored state, gradient and rate predicts the next stored weights.
-  auto model = models::build_model(models::parse_model_spec("mlp:64:tanh"), {1, 28, 28}, 10);
+  ASSERT_EQ(run.zoo_spec(), "mlp:64:tanh");
+  auto model = models::build_model(models::parse_model_spec(run.zoo_spec()), {1, 28, 28}, 10);
   std::vector<std::string> names;
   std::vector<at::Tensor> params;
   for (const auto& p : model->named_parameters()) {
     names.push_back(p.key());
     params.push_back(p.value());
   }
+  const NamedTensors w0 = run.weights(0);
+  for (size_t i = 0; i < w0.size(); ++i) EXPECT_EQ(run.zoo_names().at(w0[i].first), names[i]);
   double worst_loss = 0, worst_step = 0;
   for (int64_t k = 0; k < run.logged_steps(); ++k) {
     const NamedTensors w = run.weights(k);
@@ -102,6 +107,26 @@ TEST_F(RecordedRunTest, EveryStepLinesUpWithAnIndependentRecomputation) {
   // StepLR halved the rate at step 20: the recorded rate is the one each step used.
   EXPECT_DOUBLE_EQ(run.step(19).lr, 3e-3);
   EXPECT_DOUBLE_EQ(run.step(20).lr, 1.5e-3);
+}
+
+TEST_F(RecordedRunTest, ARunKilledMidwayIsReadableUpToItsLastCompleteStep) {
+  const fs::path r = tmp_->path() / "killed";
+  const int st = testing::run_program(
+      {"/usr/bin/python3", std::string(PATHKERNEL_SOURCE_DIR) + "/tests/data/record_killed.py", r.string()},
+      tmp_->path() / "killed.log");
+  ASSERT_EQ(st, -SIGKILL) << read_file(tmp_->path() / "killed.log");
+  EXPECT_FALSE(fs::exists(r / "COMPLETE"));
+  const RecordedRun run(r);
+  EXPECT_EQ(run.logged_steps(), 10);
+  EXPECT_EQ(run.analyzable_steps().size(), 10u);
+  EXPECT_EQ(run.zoo_spec(), "mlp:16:relu");
+  EXPECT_TRUE(run.optimizer().nesterov);
+  int64_t updates = 0;
+  const OptimizerState s = run.optimizer_state(10, &updates);
+  EXPECT_EQ(updates, 10);
+  ASSERT_EQ(s.size(), 1u);
+  EXPECT_EQ(s[0].first, "momentum_buffer");
+  EXPECT_EQ(s[0].second.size(), 4u);
 }
 
 TEST_F(RecordedRunTest, DamagedRunsAreRefusedWithTheFileNamed) {

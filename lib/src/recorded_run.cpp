@@ -10,6 +10,7 @@
 #include "pathkernel/checkpoint.h"
 #include "pathkernel/errors.h"
 #include "pathkernel/fs_util.h"
+#include "pathkernel/models/model_spec.h"
 #include "pathkernel/npy.h"
 #include "pathkernel/run_dir.h"
 
@@ -96,6 +97,19 @@ RecordedRun::RecordedRun(const fs::path& dir) : dir_(dir) {
       }
     }
     optimizer_ = optimizer_of(manifest_.at("optimizer"), mf);
+    if (manifest_.contains("zoo") && !manifest_["zoo"].is_null()) {
+      zoo_spec_ = manifest_["zoo"].at("spec").get<std::string>();
+      try {
+        (void)models::parse_model_spec(zoo_spec_);
+      } catch (const std::invalid_argument& e) {
+        throw InputError(mf + ": zoo.spec: " + e.what());
+      }
+      zoo_names_ = manifest_["zoo"].at("names").get<std::map<std::string, std::string>>();
+      if (zoo_names_.size() != param_order_.size() ||
+          std::any_of(param_order_.begin(), param_order_.end(), [&](const auto& n) { return !zoo_names_.count(n); })) {
+        throw InputError(mf + ": zoo.names must name every parameter once");
+      }
+    }
   } catch (const nlohmann::json::exception& e) {
     throw InputError(mf + ": malformed (" + std::string(e.what()) + ")");
   }

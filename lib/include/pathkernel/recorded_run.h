@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -45,6 +46,11 @@ class RecordedRun {
   /// The steps k whose weights before (k) and after (k + 1) are both stored, ascending: the steps
   /// an analysis can split. A recorded run cannot be replayed, so no other step can be analyzed.
   const std::vector<int64_t>& analyzable_steps() const { return analyzable_; }
+  /// The zoo model spec the recorder recognized the model as (an nn.Sequential MLP, e.g.
+  /// "mlp:64:tanh"), or "" when it is another model; with it, each recorded parameter name's
+  /// name in the zoo model.
+  const std::string& zoo_spec() const { return zoo_spec_; }
+  const std::map<std::string, std::string>& zoo_names() const { return zoo_names_; }
   /// Steps with a stored weights file, ascending.
   const std::vector<int64_t>& checkpoints() const { return checkpoints_; }
 
@@ -87,6 +93,8 @@ class RecordedRun {
   int64_t outputs_ = 0;
   std::vector<std::pair<std::string, std::vector<int64_t>>> state_dict_;  ///< names and shapes
   std::vector<std::string> param_order_;  ///< the optimizer's parameters, in its order
+  std::string zoo_spec_;
+  std::map<std::string, std::string> zoo_names_;
   std::vector<nlohmann::json> log_;
   std::vector<int64_t> checkpoints_, analyzable_;
   at::Tensor train_x_, train_y_, test_x_, test_y_;
