@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs pathkernel's dependencies from Debian's packages (bookworm; as root, or through sudo)
-# and builds everything in build/ with Ninja and ccache. Safe to run again: it installs only
-# what is missing and rebuilds only what changed.
+# and builds everything in build/ with Ninja and ccache. Arguments name extra packages to
+# install. Safe to run again: it installs only what is missing and rebuilds only what changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,6 +13,7 @@ packages=(
   python3-torch python3-numpy   # scripts/check_*.py: checkpoints load with torch.load; independent checks
   gnuplot-nox                   # PNG figures of explain and report
 )
+packages+=("$@")  # extra packages a caller needs (scripts/test.sh: clang for the sanitizer stage)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")

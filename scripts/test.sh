@@ -14,19 +14,12 @@ if [ "${1:-}" = "--sanitize" ]; then
   sanitize=1
   shift
 fi
-bash scripts/setup.sh
 if [ -n "$sanitize" ]; then
-  missing=()
-  for p in clang libclang-rt-14-dev; do  # libFuzzer and the sanitizer runtimes
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
-  done
-  if ((${#missing[@]})); then
-    sudo=""
-    [ "$(id -u)" -ne 0 ] && sudo=sudo
-    echo "test: installing ${missing[*]}" >&2
-    $sudo apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
-  fi
+  bash scripts/setup.sh clang libclang-rt-14-dev  # libFuzzer and the sanitizer runtimes
+else
+  bash scripts/setup.sh
+fi
+if [ -n "$sanitize" ]; then
   echo "test: unit tests under ASan + UBSan, and the fuzzers (build-sanitize/)" >&2
   CC=clang CXX=clang++ cmake -S . -B build-sanitize -G Ninja -DCMAKE_BUILD_TYPE=Release -DPATHKERNEL_SANITIZE=ON \
     -DPATHKERNEL_FUZZ=ON -DPATHKERNEL_BUILD_BENCH=OFF >&2

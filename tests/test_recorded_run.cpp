@@ -14,6 +14,7 @@
 #include "pathkernel/npy.h"
 #include "pathkernel/optimizer.h"
 #include "pathkernel/recorded_run.h"
+#include "pathkernel/run_dir.h"
 #include "pathkernel/stepper.h"
 
 namespace pathkernel {
@@ -138,6 +139,9 @@ TEST_F(RecordedRunTest, DamagedRunsAreRefusedWithTheFileNamed) {
     EXPECT_EQ(a.size(), 28u);
     EXPECT_EQ(std::count(a.begin(), a.end(), 11), 0);
     EXPECT_EQ(std::count(a.begin(), a.end(), 12), 0);
+  }
+  {  // the native readers say what a recorded run is rather than "not a manifest"
+    EXPECT_THROW_WITH(RunDir(run_).read_manifest(), InputError, "a run recorded with python/pathkernel_record.py");
   }
   {  // a truncated .npy
     const fs::path r = copy("npy");
