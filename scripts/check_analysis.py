@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Recompute D, F, K and R of an analysis independently, in float64 PyTorch, from the run's
 checkpoints (so the run needs checkpoints at k and k+1 of every step checked), with explicit
-per-row Jacobians, and compare with the analysis's arrays.
+per-row Jacobians, and compare with the analysis's arrays. For a recorded run
+(python/pathkernel_record.py) the model is the run's own TorchScript file and the data its .npy
+files, so the check also covers pathkernel's recognition of the model.
 
 usage: check_analysis.py RUN ANALYSIS [--steps K1,K2,...] [--tol 1e-9]
 Prints the largest relative error per quantity (max |diff| / max |value| over each step);
@@ -38,25 +40,37 @@ def main():
     outputs = np.load(os.path.join(args.analysis, "arrays", "outputs.npy"))
     arrays = {q: np.load(os.path.join(args.analysis, "arrays", q + ".npy")) for q in "DFKR"}
 
-    files = manifest["data"]["files"]
-    norm = manifest["data"]["normalization"]
-
-    def inputs(key):
-        x = torch.from_numpy(read_idx(files[key]["path"]).astype(np.float64)).unsqueeze(1) / 255.0
-        return (x - norm["mean"]) / norm["std"]
-
-    xtrain = inputs("train_images")
-    ytrain = torch.from_numpy(read_idx(files["train_labels"]["path"]).astype(np.int64))
-    xsplit = inputs("test_images" if split == "test" else "train_images")
-    xp = xsplit[order]
     ckdir = os.path.join(args.run, "checkpoints")
     steps = [int(s) for s in args.steps.split(",")] if args.steps else analyzed[:3]
+    if manifest.get("format") == "pathkernel-recorded-run/1":
+        def npy(split, part):
+            return torch.from_numpy(np.load(os.path.join(args.run, manifest["data"][split][part])))
+        xtrain, ytrain = npy("train", "x").double(), npy("train", "y")
+        xsplit = npy(split, "x").double()
 
-    def model_at(step):
-        m = build(manifest).double()
-        sd = torch.load(os.path.join(ckdir, "step_%08d.pt" % step))
-        m.load_state_dict({k: v.double() for k, v in sd.items()})
-        return m
+        def model_at(step):
+            m = torch.jit.load(os.path.join(args.run, "model.pt")).double()
+            sd = torch.load(os.path.join(ckdir, "step_%08d.pt" % step))
+            m.load_state_dict({k: v.double() for k, v in sd.items()})
+            return m
+    else:
+        files = manifest["data"]["files"]
+        norm = manifest["data"]["normalization"]
+
+        def inputs(key):
+            x = torch.from_numpy(read_idx(files[key]["path"]).astype(np.float64)).unsqueeze(1) / 255.0
+            return (x - norm["mean"]) / norm["std"]
+
+        xtrain = inputs("train_images")
+        ytrain = torch.from_numpy(read_idx(files["train_labels"]["path"]).astype(np.int64))
+        xsplit = inputs("test_images" if split == "test" else "train_images")
+
+        def model_at(step):
+            m = build(manifest).double()
+            sd = torch.load(os.path.join(ckdir, "step_%08d.pt" % step))
+            m.load_state_dict({k: v.double() for k, v in sd.items()})
+            return m
+    xp = xsplit[order]
 
     worst = {q: 0.0 for q in "DFKR"}
     for k in steps:

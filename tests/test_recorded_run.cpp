@@ -4,6 +4,7 @@
 // are refused with the file named.
 #include <ATen/ATen.h>
 #include <signal.h>
+#include <nlohmann/json.hpp>
 #include <torch/nn/module.h>
 
 #include "fixtures.h"
@@ -108,6 +109,40 @@ TEST_F(RecordedRunTest, EveryStepLinesUpWithAnIndependentRecomputation) {
   // StepLR halved the rate at step 20: the recorded rate is the one each step used.
   EXPECT_DOUBLE_EQ(run.step(19).lr, 3e-3);
   EXPECT_DOUBLE_EQ(run.step(20).lr, 1.5e-3);
+}
+
+// The seam changes nothing in the analysis: the analyzer, given a recorded run, matches an
+// independent float64 computation in Python that uses the run's own TorchScript model.
+TEST_F(RecordedRunTest, AnalyzeAndReportARecordedRunMatchAnIndependentPythonComputation) {
+  const fs::path out = tmp_->path() / "analysis", log = tmp_->path() / "analyze.log";
+  ASSERT_EQ(testing::run_program({PATHKERNEL_BIN, "analyze", run_.string(), "--probes", "8", "--out", out.string()}, log), 0)
+      << read_file(log);
+  const std::string text = read_file(log);
+  EXPECT_NE(text.find("optimizer adam"), std::string::npos) << text;
+  EXPECT_NE(text.find("sum Kopt"), std::string::npos) << text;
+  const auto summary = nlohmann::json::parse(read_file(out / "summary.json"));
+  EXPECT_EQ(summary["steps_analyzed"], 30);
+  EXPECT_LT(summary["max_identity_error"].get<double>(), 1e-8);
+  EXPECT_LT(summary["max_kernel_split_error"].get<double>(), 1e-10);
+  const fs::path check = tmp_->path() / "check.log";
+  EXPECT_EQ(testing::run_program({"/usr/bin/python3", std::string(PATHKERNEL_SOURCE_DIR) + "/scripts/check_analysis.py",
+                                  run_.string(), out.string(), "--steps", "0,13,29", "--tol", "1e-9"},
+                                 check),
+            0)
+      << read_file(check);
+  const fs::path rep = tmp_->path() / "report";
+  EXPECT_EQ(testing::run_program({PATHKERNEL_BIN, "report", out.string(), "--out", rep.string()}, log), 0) << read_file(log);
+  EXPECT_TRUE(fs::exists(rep / "report.html"));
+
+  // A checkpoint missing in the middle: Adam's kernel term needs every step from 0, so the
+  // analysis refuses, naming the file and the step, and writes nothing.
+  const fs::path gap = copy("analyze-gap");
+  fs::remove(gap / "checkpoints" / "step_00000012.pt");
+  const fs::path out2 = tmp_->path() / "analysis-gap";
+  EXPECT_EQ(testing::run_program({PATHKERNEL_BIN, "analyze", gap.string(), "--steps", "20:30", "--out", out2.string()}, log), 2);
+  EXPECT_NE(read_file(log).find("step_00000012.pt: missing, so step 11 cannot be analyzed"), std::string::npos)
+      << read_file(log);
+  EXPECT_FALSE(fs::exists(out2));
 }
 
 TEST_F(RecordedRunTest, ARunKilledMidwayIsReadableUpToItsLastCompleteStep) {

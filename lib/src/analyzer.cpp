@@ -12,7 +12,7 @@
 
 #include "pathkernel/errors.h"
 #include "pathkernel/kernels.h"
-#include "pathkernel/replay.h"
+#include "pathkernel/trajectory.h"
 #include "pathkernel/update_terms.h"
 
 namespace pathkernel {
@@ -188,11 +188,11 @@ void mark_complex_steps(std::vector<StepRow>& steps, const AnalyzeConfig& c) {
 AnalysisResult analyze(const AnalyzeConfig& c) {
   c.validate();
   const auto t0 = Clock::now();
-  Replayer replay(c.run);
-  RunContext& ctx = replay.context();
-  const TrainConfig& tc = ctx.config;
-  const LossKind loss = parse_loss(tc.loss);
-  const int64_t last = replay.logged_steps();
+  const std::unique_ptr<Trajectory> run = open_trajectory(c.run);
+  Trajectory& traj = *run;
+  const std::string model_spec = traj.model_spec();
+  const LossKind loss = traj.loss();
+  const int64_t last = traj.logged_steps();
   const int64_t begin = c.step_begin, end = c.step_end < 0 ? last : c.step_end;
   if (begin < 0 || begin >= end || end > last) {
     throw InputError("--steps " + std::to_string(begin) + ":" + std::to_string(end) + " is outside the run's steps 0:" +
@@ -200,28 +200,27 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
   }
 
   // The analysis model: the run's architecture in float64 (SPEC, numerical rules).
-  auto model = models::build_model(models::parse_model_spec(tc.model), {1, ctx.train.height(), ctx.train.width()},
-                                   ctx.num_classes);
+  auto model = models::build_model(models::parse_model_spec(model_spec), traj.input_shape(), traj.num_classes());
   model->to(at::kDouble);
   // The factorized route covers models whose parameters all sit in tapped Linear/Conv2d layers;
   // anything else goes through explicit per-row Jacobians.
   bool explicit_route = c.kernel_route == "explicit";
   if (c.kernel_route == "auto" && !factorizable(*model)) {
-    spdlog::warn("model '{}' has parameters outside Linear/Conv2d layers: using explicit Jacobians (slow)", tc.model);
+    spdlog::warn("model '{}' has parameters outside Linear/Conv2d layers: using explicit Jacobians (slow)", model_spec);
     explicit_route = true;
   }
   if (c.kernel_route == "factorized" && !factorizable(*model)) {
-    throw InputError("--kernel-route factorized: model '" + tc.model + "' has parameters outside Linear/Conv2d layers");
+    throw InputError("--kernel-route factorized: model '" + model_spec + "' has parameters outside Linear/Conv2d layers");
   }
 
-  const Dataset& split = c.split == "test" ? ctx.test : ctx.train;
+  if (traj.split_size(c.split) == 0) throw InputError(c.run + ": the run has no " + c.split + " split for probes");
   AnalysisResult res;
-  res.probe_indices = choose_probes(c, split.size());
+  res.probe_indices = choose_probes(c, traj.split_size(c.split));
   const at::Tensor pidx = at::tensor(res.probe_indices, at::kLong);
-  const at::Tensor xp = to_inputs(split.images.index_select(0, pidx), at::kDouble, ctx.normalization);
-  const at::Tensor yp = split.labels.index_select(0, pidx);
+  const at::Tensor xp = traj.inputs(c.split, pidx, at::kDouble);
+  const at::Tensor yp = traj.labels(c.split, pidx);
   for (int64_t i = 0; i < yp.size(0); ++i) res.probe_labels.push_back(yp[i].item<int64_t>());
-  const int64_t np = xp.size(0), ncls = ctx.num_classes;
+  const int64_t np = xp.size(0), ncls = traj.num_classes();
 
   // Which logit each column holds: all, the label's, or the final model's prediction.
   if (c.outputs == "all") {
@@ -235,7 +234,8 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
   } else if (c.outputs == "true") {
     res.outputs = yp.unsqueeze(1).clone();
   } else {
-    set_weights(*model, to_double_map(replay.weights_at(end)));
+    traj.check_steps(end - 1, end, 1, false);
+    set_weights(*model, to_double_map(traj.weights_at(end)));
     res.outputs = forward_nograd(*model, xp).argmax(1).unsqueeze(1);
   }
   auto select = [&](const at::Tensor& full) { return full.gather(1, res.outputs); };  // [P, ncls] -> [P, C]
@@ -245,27 +245,27 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
   const auto [nodes, node_weights] = gauss_legendre(std::max<int64_t>(c.exact_nodes, 1));
   res.contiguous = c.every == 1;
   {
-    const models::ModelSpec spec = models::parse_model_spec(tc.model);
+    const models::ModelSpec spec = models::parse_model_spec(model_spec);
     res.smooth = spec.activation != "relu" && spec.kind != "cnn";
   }
   auto last_report = t0;
-  const std::vector<nlohmann::json>& log = replay.step_log();
-  const Optimizer& optimizer = ctx.stepper->optimizer();
-  const OptimizerOptions& oo = optimizer.options();
+  const OptimizerOptions oo = traj.optimizer_after(begin).options();
   res.optimizer = optimizer_name(oo.kind);
   res.uses_kopt = oo.kind != OptimizerKind::kSgd || oo.momentum != 0;
   // The SPEC's sources of U (U_wd, U_mom) are defined for SGD without Nesterov or dampening.
   const bool sgd_sources = oo.kind == OptimizerKind::kSgd && !oo.nesterov && oo.dampening == 0;
-  UpdateRecurrence recurrence(optimizer);
+  // The update's coefficients c_{k,j} depend only on the settings and the step.
+  const std::unique_ptr<Optimizer> coefficients = make_optimizer(oo, {}, {});
+  UpdateRecurrence recurrence(*coefficients);
   std::vector<at::Tensor> kopts, uwds, urounds, koptexs, uoptexs;
   // With memory the recurrences need every step's gradient from step 0 on, analyzed or not.
   const int64_t walk_from = res.uses_kopt ? 0 : begin;
+  traj.check_steps(begin, end, c.every, res.uses_kopt);
   for (int64_t k = walk_from; k < end; ++k) {
     const bool analyzed = k >= begin && (k - begin) % c.every == 0;
     if (!analyzed && !res.uses_kopt) continue;
-    const ParamMap w0 = to_double_map(replay.weights_at(k));
-    const auto& rec = log.at(static_cast<size_t>(k));
-    const Replayer::LoggedStep batch = replay.logged_step(k, at::kDouble);
+    const ParamMap w0 = to_double_map(traj.weights_at(k));
+    const LoggedStep batch = traj.logged_step(k, at::kDouble);
     const double lr = batch.lr;
     const at::Tensor& bidx = batch.indices;
     const at::Tensor& xb = batch.x;
@@ -276,9 +276,9 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
       recurrence.advance(k, batch_gradient(*model, xb, yb, loss), w0);
       continue;
     }
-    const ParamMap v_prev = sgd_sources ? momentum_buffer_of(optimizer) : ParamMap{};
-    const ParamMap w1 = to_double_map(replay.weights_at(k + 1));
-    const ParamMap precond = optimizer.preconditioner();  // P_k, after step k
+    const ParamMap v_prev = sgd_sources ? momentum_buffer_of(traj.optimizer_after(k)) : ParamMap{};
+    const ParamMap w1 = to_double_map(traj.weights_at(k + 1));
+    const ParamMap precond = traj.optimizer_after(k + 1).preconditioner();  // P_k, after step k
     ParamMap dw;
     for (const auto& [name, t] : w0) dw[name] = w1.at(name) - t;  // exact: float32 -> float64 first
 
@@ -304,9 +304,9 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
       res.kernel_split_error = std::max(res.kernel_split_error, (k_full - k_direct).abs().max().item<double>() / scale);
     }
     at::Tensor u_wd = at::zeros_like(f_full), u_mom = at::zeros_like(f_full);
-    if (tc.weight_decay != 0) u_wd = row_directional(sp, w0).reshape({np, nc}) * (-lr * tc.weight_decay);
-    if (tc.momentum != 0 && !v_prev.empty()) {
-      u_mom = row_directional(sp, v_prev).reshape({np, nc}) * (-lr * tc.momentum);
+    if (oo.weight_decay != 0) u_wd = row_directional(sp, w0).reshape({np, nc}) * (-lr * oo.weight_decay);
+    if (oo.momentum != 0 && !v_prev.empty()) {
+      u_mom = row_directional(sp, v_prev).reshape({np, nc}) * (-lr * oo.momentum);
     }
     // The optimizer's kernel term (SPEC): Kopt_k = -a_k g . P_k (.) sum_j c_{k,j} grad L_j(w_j).
     recurrence.advance(k, grad_l, w0);
@@ -324,7 +324,12 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
     row.loss_before = loss_before;
     row.loss_after = loss_after;
     row.loss_up = loss_after > loss_before;
-    row.grad_norm = rec.at("grad_norm").get<double>();
+    row.grad_norm = traj.logged_grad_norm(k);
+    if (std::isnan(row.grad_norm)) {  // not logged (a recorded run): the float64 gradient's norm
+      double sq = 0;
+      for (const auto& [name, g] : grad_l) sq += g.pow(2).sum().item<double>();
+      row.grad_norm = std::sqrt(sq);
+    }
     double dw_sq = 0;
     for (const auto& [name, t] : dw) dw_sq += t.pow(2).sum().item<double>();
     row.update_norm = std::sqrt(dw_sq);

@@ -15,6 +15,7 @@
 #include "pathkernel/fs_util.h"
 #include "pathkernel/gnuplot.h"
 #include "pathkernel/npy.h"
+#include "pathkernel/recorded_run.h"
 #include "pathkernel/replay.h"
 
 namespace pathkernel {
@@ -228,7 +229,7 @@ ReportFiles write_report(const ReportConfig& c) {
 
   // 5. For a one-parameter toy run: the loss landscape with the path of w and T_c marked.
   const std::string run_dir = summary["settings"].value("run", "");
-  if (!run_dir.empty() && fs::exists(fs::path(run_dir) / "manifest.json")) {
+  if (!run_dir.empty() && fs::exists(fs::path(run_dir) / "manifest.json") && !is_recorded_run(run_dir)) {
     Replayer replay(run_dir);
     RunContext& ctx = replay.context();
     if (ctx.model->parameters().size() == 1 && ctx.model->parameters()[0].numel() == 1) {

@@ -15,6 +15,7 @@
 #include "pathkernel/fs_util.h"
 #include "pathkernel/run_context.h"
 #include "pathkernel/run_dir.h"
+#include "pathkernel/trajectory.h"
 
 namespace pathkernel {
 
@@ -45,10 +46,7 @@ class Replayer {
 
   /// The logged step k's learning rate and batch: indices int64 [M], inputs [M, ...] in `dtype`
   /// (normalized as in training), labels int64 [M]. The log was checked at construction.
-  struct LoggedStep {
-    double lr = 0;
-    at::Tensor indices, x, y;
-  };
+  using LoggedStep = pathkernel::LoggedStep;
   LoggedStep logged_step(int64_t k, at::ScalarType dtype) const;
 
   /// Replays from each checkpoint to the next and compares bit for bit, and compares each

@@ -1,0 +1,152 @@
+#include "pathkernel/trajectory.h"
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <map>
+
+#include "pathkernel/errors.h"
+#include "pathkernel/models/model_spec.h"
+#include "pathkernel/recorded_run.h"
+#include "pathkernel/replay.h"
+
+namespace pathkernel {
+namespace fs = std::filesystem;
+namespace {
+
+/// A `pathkernel train` run: any step's weights by replay from the nearest checkpoint.
+class ReplayTrajectory : public Trajectory {
+ public:
+  explicit ReplayTrajectory(const fs::path& run) : replay_(run), ctx_(replay_.context()) {}
+  int64_t logged_steps() const override { return replay_.logged_steps(); }
+  void check_steps(int64_t, int64_t, int64_t, bool) const override {}  // replay reaches every step
+  std::string model_spec() const override { return ctx_.config.model; }
+  models::InputShape input_shape() const override { return {1, ctx_.train.height(), ctx_.train.width()}; }
+  int64_t num_classes() const override { return ctx_.num_classes; }
+  LossKind loss() const override { return parse_loss(ctx_.config.loss); }
+  int64_t split_size(const std::string& split) const override { return data(split).size(); }
+  at::Tensor inputs(const std::string& split, const at::Tensor& idx, at::ScalarType dtype) const override {
+    return to_inputs(data(split).images.index_select(0, idx), dtype, ctx_.normalization);
+  }
+  at::Tensor labels(const std::string& split, const at::Tensor& idx) const override {
+    return data(split).labels.index_select(0, idx);
+  }
+  NamedTensors weights_at(int64_t k) override { return replay_.weights_at(k); }
+  LoggedStep logged_step(int64_t k, at::ScalarType dtype) const override { return replay_.logged_step(k, dtype); }
+  double logged_grad_norm(int64_t k) const override {
+    return replay_.step_log().at(static_cast<size_t>(k)).at("grad_norm").get<double>();
+  }
+  const Optimizer& optimizer_after(int64_t k) override {
+    if (replay_.current_step() != k) replay_.seek(k);
+    return ctx_.stepper->optimizer();
+  }
+
+ private:
+  const Dataset& data(const std::string& split) const { return split == "test" ? ctx_.test : ctx_.train; }
+  Replayer replay_;
+  RunContext& ctx_;
+};
+
+/// A run recorded by python/pathkernel_record.py whose model the recorder recognized as a zoo
+/// model: the analysis runs the zoo's model (and its factorized kernels) on the stored weights.
+class RecordedTrajectory : public Trajectory {
+ public:
+  explicit RecordedTrajectory(const fs::path& dir) : run_(dir) {
+    const std::string mf = (dir / "manifest.json").string();
+    if (run_.zoo_spec().empty()) {
+      throw InputError(mf + ": the recorded model is not one the analyzer recognizes (an nn.Sequential of Linear "
+                       "layers with one kind of activation, tanh or relu); other TorchScript models cannot be "
+                       "analyzed by this version");
+    }
+    if (run_.loss() != "ce") throw InputError(mf + ": recorded runs with loss mse cannot be analyzed by this version");
+    const at::Tensor& x = run_.train_inputs();
+    shape_ = x.dim() == 4 ? models::InputShape{x.size(1), x.size(2), x.size(3)}
+                          : models::InputShape{1, 1, x[0].numel()};
+    model_ = models::build_model(models::parse_model_spec(run_.zoo_spec()), shape_, run_.outputs());
+    for (const auto& p : model_->named_parameters()) {
+      names_.push_back(p.key());
+      params_.push_back(p.value());
+    }
+    for (const auto& [recorded, zoo] : run_.zoo_names()) to_recorded_[zoo] = recorded;
+    for (const auto& n : names_) {
+      if (!to_recorded_.count(n)) throw InputError(mf + ": zoo.names does not map the zoo parameter '" + n + "'");
+    }
+  }
+  int64_t logged_steps() const override { return run_.logged_steps(); }
+  void check_steps(int64_t begin, int64_t end, int64_t every, bool from_zero) const override {
+    const auto& ok = run_.analyzable_steps();
+    for (int64_t k = from_zero ? 0 : begin; k < end; ++k) {
+      if (!from_zero && (k - begin) % every != 0) continue;
+      if (!std::binary_search(ok.begin(), ok.end(), k)) {
+        throw InputError(run_.weights_file(std::binary_search(run_.checkpoints().begin(), run_.checkpoints().end(), k)
+                                               ? k + 1
+                                               : k)
+                             .string() +
+                         ": missing, so step " + std::to_string(k) +
+                         " cannot be analyzed (a recorded run needs the weights before and after each analyzed "
+                         "step" +
+                         (from_zero ? ", and with momentum or Adam every step from 0" : "") + "; --steps selects a range)");
+      }
+    }
+  }
+  std::string model_spec() const override { return run_.zoo_spec(); }
+  models::InputShape input_shape() const override { return shape_; }
+  int64_t num_classes() const override { return run_.outputs(); }
+  LossKind loss() const override { return LossKind::kCrossEntropy; }
+  int64_t split_size(const std::string& split) const override {
+    const at::Tensor& x = split == "test" ? run_.test_inputs() : run_.train_inputs();
+    return x.defined() ? x.size(0) : 0;
+  }
+  at::Tensor inputs(const std::string& split, const at::Tensor& idx, at::ScalarType dtype) const override {
+    return (split == "test" ? run_.test_inputs() : run_.train_inputs()).index_select(0, idx).to(dtype);
+  }
+  at::Tensor labels(const std::string& split, const at::Tensor& idx) const override {
+    return (split == "test" ? run_.test_targets() : run_.train_targets()).index_select(0, idx);
+  }
+  NamedTensors weights_at(int64_t k) override {
+    const NamedTensors recorded = run_.weights(k);
+    std::map<std::string, at::Tensor> by_name(recorded.begin(), recorded.end());
+    NamedTensors out;
+    for (const auto& n : names_) out.emplace_back(n, by_name.at(to_recorded_.at(n)));
+    return out;
+  }
+  LoggedStep logged_step(int64_t k, at::ScalarType dtype) const override {
+    const RecordedRun::Step s = run_.step(k);
+    LoggedStep out;
+    out.lr = s.lr;
+    out.indices = at::tensor(s.batch, at::kLong);
+    out.x = run_.train_inputs().index_select(0, out.indices).to(dtype);
+    out.y = run_.train_targets().index_select(0, out.indices);
+    return out;
+  }
+  double logged_grad_norm(int64_t) const override { return NAN; }
+  const Optimizer& optimizer_after(int64_t k) override {
+    int64_t updates = 0;
+    OptimizerState state = run_.optimizer_state(k, &updates);
+    std::map<std::string, std::string> to_zoo(run_.zoo_names().begin(), run_.zoo_names().end());
+    for (auto& [slot, tensors] : state) {
+      for (auto& [name, t] : tensors) name = to_zoo.at(name);
+    }
+    optimizer_ = make_optimizer(run_.optimizer(), names_, params_);
+    optimizer_->load_state(state, updates, run_.optimizer_file(k).string());
+    return *optimizer_;
+  }
+
+ private:
+  RecordedRun run_;
+  models::InputShape shape_;
+  std::shared_ptr<models::Model> model_;  ///< float32, holds the parameters the optimizer binds
+  std::vector<std::string> names_;
+  std::vector<at::Tensor> params_;
+  std::map<std::string, std::string> to_recorded_;
+  std::unique_ptr<Optimizer> optimizer_;
+};
+
+}  // namespace
+
+std::unique_ptr<Trajectory> open_trajectory(const fs::path& run) {
+  if (is_recorded_run(run)) return std::make_unique<RecordedTrajectory>(run);
+  return std::make_unique<ReplayTrajectory>(run);
+}
+
+}  // namespace pathkernel
