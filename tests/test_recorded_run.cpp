@@ -193,8 +193,8 @@ TEST_F(RecordedRunTest, DamagedRunsAreRefusedWithTheFileNamed) {
   }
   {  // inputs of another shape than the manifest says
     const fs::path r = copy("shape");
-    save_npy(r / "data" / "test_x.npy", at::zeros({500, 784}, at::kDouble));
-    EXPECT_THROW_WITH(RecordedRun{r}, InputError, "test_x.npy: inputs must be float32 500x1x28x28");
+    save_npy(r / "data" / "test_x.npy", at::zeros({500, 784}, at::kDouble));  // right dtype, wrong shape
+    EXPECT_THROW_WITH(RecordedRun{r}, InputError, "test_x.npy: inputs must be float32 (or float64) 500x1x28x28");
   }
   {  // a state_dict that does not match the manifest (a renamed key, a changed shape)
     const fs::path r = copy("keys");

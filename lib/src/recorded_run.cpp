@@ -145,8 +145,8 @@ void RecordedRun::read_split(const std::string& split, at::Tensor& x, at::Tensor
   y = load_npy(yf);
   std::vector<int64_t> want = {n};
   want.insert(want.end(), input_shape.begin(), input_shape.end());
-  if (x.scalar_type() != at::kFloat || x.sizes().vec() != want) {
-    throw InputError(fmt::format("{}: inputs must be float32 {}, the file holds {} {}", xf.string(), fmt::join(want, "x"),
+  if ((x.scalar_type() != at::kFloat && x.scalar_type() != at::kDouble) || x.sizes().vec() != want) {
+    throw InputError(fmt::format("{}: inputs must be float32 (or float64) {}, the file holds {} {}", xf.string(), fmt::join(want, "x"),
                                  c10::toString(x.scalar_type()), fmt::join(x.sizes(), "x")));
   }
   if (!at::isfinite(x).all().item<bool>()) throw InputError(xf.string() + ": inputs hold NaN or inf");

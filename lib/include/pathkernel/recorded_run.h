@@ -29,7 +29,7 @@ class RecordedRun {
  public:
   /// Reads and checks the manifest, the data (.npy), the step log and the list of checkpoints.
   /// Throws InputError naming the file for anything malformed or inconsistent: inputs that are
-  /// not float32 [N, input_shape...], labels outside 0..outputs-1 (ce) or targets not float32
+  /// not float32 or float64 [N, input_shape...], labels outside 0..outputs-1 (ce) or targets not float32
   /// [N, outputs] (mse), batch indices outside the training set, a rate that is not finite and
   /// positive, parameter groups with different rates.
   explicit RecordedRun(const std::filesystem::path& dir);
@@ -70,7 +70,7 @@ class RecordedRun {
   /// The record of step k (0 <= k < logged_steps()).
   Step step(int64_t k) const;
 
-  /// The data exactly as fed to the model: inputs float32 [N, ...], targets int64 [N] (ce) or
+  /// The data exactly as fed to the model: inputs float32 (or float64) [N, ...], targets int64 [N] (ce) or
   /// float32 [N, outputs] (mse). Test tensors are undefined when the run has no test split.
   const at::Tensor& train_inputs() const { return train_x_; }
   const at::Tensor& train_targets() const { return train_y_; }
