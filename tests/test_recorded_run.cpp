@@ -133,6 +133,19 @@ TEST_F(RecordedRunTest, AnalyzeAndReportARecordedRunMatchAnIndependentPythonComp
   const fs::path rep = tmp_->path() / "report";
   EXPECT_EQ(testing::run_program({PATHKERNEL_BIN, "report", out.string(), "--out", rep.string()}, log), 0) << read_file(log);
   EXPECT_TRUE(fs::exists(rep / "report.html"));
+  // explain through Adam (backward recursion over the stored weights and states): the sum
+  // check closes and the grids show the stored inputs.
+  const fs::path ex = tmp_->path() / "explain";
+  ASSERT_EQ(testing::run_program({PATHKERNEL_BIN, "explain", run_.string(), "--probes", "3", "--self-influence", "--out",
+                                  ex.string()},
+                                 log),
+            0)
+      << read_file(log);
+  const auto es = nlohmann::json::parse(read_file(ex / "summary.json"));
+  EXPECT_LT(es["max_sum_error"].get<double>(), 1e-10);
+  EXPECT_EQ(es["optimizer"], "adam");
+  EXPECT_TRUE(fs::exists(ex / "self_influence.npy"));
+  EXPECT_EQ(load_npy(ex / "attributions.npy").sizes(), (std::vector<int64_t>{3, 600}));  // the predicted logit
 
   // A checkpoint missing in the middle: Adam's kernel term needs every step from 0, so the
   // analysis refuses, naming the file and the step, and writes nothing.
@@ -175,7 +188,7 @@ TEST_F(RecordedRunTest, DamagedRunsAreRefusedWithTheFileNamed) {
     EXPECT_EQ(std::count(a.begin(), a.end(), 11), 0);
     EXPECT_EQ(std::count(a.begin(), a.end(), 12), 0);
   }
-  {  // the native readers say what a recorded run is rather than "not a manifest"
+  {  // replay says what a recorded run is rather than "not a manifest"
     EXPECT_THROW_WITH(RunDir(run_).read_manifest(), InputError, "a run recorded with python/pathkernel_record.py");
   }
   {  // a truncated .npy

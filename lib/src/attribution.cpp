@@ -9,7 +9,7 @@
 #include "pathkernel/analyzer.h"
 #include "pathkernel/errors.h"
 #include "pathkernel/kernels.h"
-#include "pathkernel/replay.h"
+#include "pathkernel/trajectory.h"
 
 namespace pathkernel {
 namespace {
@@ -34,11 +34,10 @@ void flatten_into(const NamedTensors& w, at::Tensor row) {
   }
 }
 
-void replay_stretch(Replayer& replay, int64_t a, int64_t b, int64_t max_len, Stretch& s) {
+void replay_stretch(Trajectory& traj, int64_t a, int64_t b, int64_t max_len, Stretch& s) {
   s.a = a;
   s.b = b;
-  const Optimizer& opt = replay.context().stepper->optimizer();
-  const NamedTensors first = replay.weights_at(a);
+  const NamedTensors first = traj.weights_at(a);
   const int64_t n = s.weights.defined() ? s.weights.size(1) : 0;
   if (!s.weights.defined()) {
     int64_t numel = 0;
@@ -48,8 +47,8 @@ void replay_stretch(Replayer& replay, int64_t a, int64_t b, int64_t max_len, Str
   (void)n;
   flatten_into(first, s.weights[0]);
   for (int64_t k = a; k < b; ++k) {
-    flatten_into(replay.weights_at(k + 1), s.weights[k + 1 - a]);
-    const at::Tensor ps = opt.preconditioner_state();
+    flatten_into(traj.weights_at(k + 1), s.weights[k + 1 - a]);
+    const at::Tensor ps = traj.optimizer_after(k + 1).preconditioner_state();
     if (!ps.defined()) continue;
     if (!s.pstate.defined()) s.pstate = at::empty({max_len, ps.numel()}, ps.options());
     s.pstate[k - a].copy_(ps);
@@ -70,21 +69,21 @@ void set_flat(models::Model& model, const at::Tensor& row) {
 
 OptimizerAttribution attribute_through_optimizer(const OptimizerAttributionConfig& c) {
   const auto t0 = Clock::now();
-  Replayer replay(c.run);
-  RunContext& ctx = replay.context();
-  const LossKind loss = parse_loss(ctx.config.loss);
-  if (c.end < 1 || c.end > replay.logged_steps()) throw InputError(c.run + ": no steps to attribute");
-  auto model = models::build_model(models::parse_model_spec(ctx.config.model),
-                                   {1, ctx.train.height(), ctx.train.width()}, ctx.num_classes);
+  const std::unique_ptr<Trajectory> run = open_trajectory(c.run);
+  Trajectory& traj = *run;
+  const LossKind loss = traj.loss();
+  if (c.end < 1 || c.end > traj.logged_steps()) throw InputError(c.run + ": no steps to attribute");
+  traj.check_steps(0, c.end, 1, true);
+  auto model = models::build_model(models::parse_model_spec(traj.model_spec()), traj.input_shape(), traj.num_classes());
   model->to(at::kDouble);
   const bool explicit_route = c.kernel_route == "explicit" || !factorizable(*model);
-  const Dataset& split = c.split == "test" ? ctx.test : ctx.train;
-  const at::Tensor xp = to_inputs(split.images.index_select(0, at::tensor(c.probe_indices, at::kLong)), at::kDouble,
-                                  ctx.normalization);
-  const Optimizer& opt = ctx.stepper->optimizer();
+  const at::Tensor xp = traj.inputs(c.split, at::tensor(c.probe_indices, at::kLong), at::kDouble);
+  // The update's coefficients and P from a stored state depend only on the settings.
+  const std::unique_ptr<Optimizer> coefficients = make_optimizer(traj.optimizer_after(0).options(), {}, {});
+  const Optimizer& opt = *coefficients;
   int64_t n_params = 0;
   for (const auto& p : model->parameters()) n_params += p.numel();
-  const int64_t rows = c.cols.numel(), n_train = ctx.train.size();
+  const int64_t rows = c.cols.numel(), n_train = traj.split_size("train");
   const auto [nodes, node_weights] = gauss_legendre(std::max<int64_t>(c.exact_nodes, 1));
 
   OptimizerAttribution res;
@@ -102,7 +101,7 @@ OptimizerAttribution attribute_through_optimizer(const OptimizerAttributionConfi
   const at::Tensor ones = at::ones({n_params}, at::kDouble);
 
   std::vector<int64_t> starts;
-  for (int64_t cp : replay.checkpoints()) {
+  for (int64_t cp : traj.checkpoints()) {
     if (cp < c.end) starts.push_back(cp);
   }
   int64_t max_len = 0;
@@ -115,10 +114,10 @@ OptimizerAttribution attribute_through_optimizer(const OptimizerAttributionConfi
   auto last_report = t0;
   for (auto it = starts.rbegin(); it != starts.rend(); ++it) {
     const int64_t a = *it, b = it == starts.rbegin() ? c.end : std::min(*(it - 1), c.end);
-    replay_stretch(replay, a, b, max_len, s);
+    replay_stretch(traj, a, b, max_len, s);
     for (int64_t j = b - 1; j >= a; --j) {
       const size_t local = static_cast<size_t>(j - a);
-      const Replayer::LoggedStep batch = replay.logged_step(j, at::kDouble);
+      const LoggedStep batch = traj.logged_step(j, at::kDouble);
       const double lr = batch.lr;
       const at::Tensor& bidx = batch.indices;
       const at::Tensor& xb = batch.x;

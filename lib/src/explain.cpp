@@ -22,6 +22,7 @@
 #include "pathkernel/npy.h"
 #include "pathkernel/per_example.h"
 #include "pathkernel/run_dir.h"
+#include "pathkernel/trajectory.h"
 #include "pathkernel/train_config.h"
 
 namespace pathkernel {
@@ -49,10 +50,13 @@ ExplainResult explain(const ExplainConfig& c) {
   a.outputs = c.output >= 0 ? "class" : "pred";
   a.output_class = c.output;
   a.probe_indices = c.probe_indices;
-  const nlohmann::json manifest = RunDir(c.run).read_manifest();
-  const int64_t n_train = manifest.at("data").at("train_examples").get<int64_t>();
-  const OptimizerOptions oo =
-      train_config_from_json(manifest.at("config"), RunDir(c.run).manifest().string()).optimizer_options();
+  int64_t n_train = 0;
+  OptimizerOptions oo;
+  {
+    const std::unique_ptr<Trajectory> run = open_trajectory(c.run);
+    n_train = run->split_size("train");
+    oo = run->optimizer_after(0).options();
+  }
   ExplainResult res;
   res.optimizer = optimizer_name(oo.kind);
   res.through_optimizer = c.route == "backward" || oo.kind != OptimizerKind::kSgd || oo.momentum != 0;
@@ -135,15 +139,13 @@ std::vector<int64_t> top_k(const at::Tensor& v, int64_t k, bool largest) {
 
 void write_explanation(const ExplainResult& r, const ExplainConfig& c) {
   check_output_dir(c.out, c.force, "summary.json", kExplainFormat);
-  const nlohmann::json manifest = RunDir(c.run).read_manifest();
-  const int64_t limit = manifest.at("config").at("train_limit").get<int64_t>();
-  const std::string data_dir = manifest.at("config").at("data_dir").get<std::string>();
-  const Dataset train = load_dataset(data_dir, "train", limit);
-  const Dataset split = c.split == "test" ? load_dataset(data_dir, "test") : train;
-  if (train.size() != r.attributions.size(1)) {
-    throw InputError(data_dir + ": holds " + std::to_string(train.size()) + " training examples, the explanation " +
+  const std::unique_ptr<Trajectory> run = open_trajectory(c.run);
+  const int64_t n_train = run->split_size("train");
+  if (n_train != r.attributions.size(1)) {
+    throw InputError(c.run + ": holds " + std::to_string(n_train) + " training examples, the explanation " +
                      std::to_string(r.attributions.size(1)));
   }
+  const at::Tensor train_labels = run->labels("train", at::arange(n_train, at::kLong)).contiguous();
   StagedOutput staged(c.out);
   const fs::path out = staged.path();
   const bool exact = r.attributions_exact.defined();
@@ -155,7 +157,7 @@ void write_explanation(const ExplainResult& r, const ExplainConfig& c) {
   const double* a = attr.data_ptr<double>();
   const at::Tensor attr_ex = exact ? r.attributions_exact.contiguous() : at::Tensor();
   const int64_t* drawn = r.times_drawn.data_ptr<int64_t>();
-  const int64_t* labels = train.labels.data_ptr<int64_t>();
+  const int64_t* labels = train_labels.data_ptr<int64_t>();
   std::string csv = exact ? "probe,output,example,label,a,a_exact,times_drawn,steps\n"
                           : "probe,output,example,label,a,times_drawn,steps\n";
   for (int64_t p = 0; p < np; ++p) {
@@ -168,22 +170,28 @@ void write_explanation(const ExplainResult& r, const ExplainConfig& c) {
   atomic_write(out / "attributions.csv", csv);
 
   std::string top = "probe,output,kind,rank,example,label,a\n";
-  const bool plots = gnuplot_available();
-  if (!plots) spdlog::warn("gnuplot not found (apt-get install gnuplot-nox): no PNG grids; the CSVs are written");
+  const bool images = run->image("train", 0).defined();
+  const bool plots = gnuplot_available() && images;
+  if (!gnuplot_available()) spdlog::warn("gnuplot not found (apt-get install gnuplot-nox): no PNG grids; the CSVs are written");
+  if (!images) spdlog::warn("{}: the inputs are not single-channel images: no PNG grids; the CSVs are written", c.run);
   if (plots) fs::create_directories(out / "grids");
   for (int64_t p = 0; p < np; ++p) {
     const at::Tensor row = r.attributions[p];
     const auto pro = top_k(row, c.top, true), opp = top_k(row, c.top, false);
     std::vector<GridImage> tiles;
-    tiles.push_back({split.images[r.probe_indices[p]][0],
-                     fmt::format("probe {} (label {})", r.probe_indices[p], r.probe_labels[p])});
-    for (int64_t j = 1; j < std::min<int64_t>(c.top, 8); ++j) tiles.push_back({at::zeros_like(tiles[0].pixels), ""});
+    if (plots && p < c.grids) {
+      tiles.push_back({run->image(c.split, r.probe_indices[p]),
+                       fmt::format("probe {} (label {})", r.probe_indices[p], r.probe_labels[p])});
+    }
+    for (int64_t j = 1; !tiles.empty() && j < std::min<int64_t>(c.top, 8); ++j) {
+      tiles.push_back({at::zeros_like(tiles[0].pixels), ""});
+    }
     for (const auto& [kind, list] : {std::pair{"proponent", pro}, {"opponent", opp}}) {
       for (size_t j = 0; j < list.size(); ++j) {
         const int64_t i = list[j];
         top += fmt::format("{},{},{},{},{},{},{}\n", r.probe_indices[p], r.outputs[p], kind, j + 1, i, labels[i],
                            g(a[p * n + i]));
-        tiles.push_back({train.images[i][0], fmt::format("#{} y={} a={:+.2g}", i, labels[i], a[p * n + i])});
+        if (!tiles.empty()) tiles.push_back({run->image("train", i), fmt::format("#{} y={} a={:+.2g}", i, labels[i], a[p * n + i])});
       }
     }
     if (plots && p < c.grids) {
@@ -205,7 +213,7 @@ void write_explanation(const ExplainResult& r, const ExplainConfig& c) {
       const int64_t i = order[j];
       const double v = r.self_influence[i].item<double>();
       s += fmt::format("{},{},{},{},{}\n", j + 1, i, labels[i], g(v), drawn[i]);
-      if (j < 32) tiles.push_back({train.images[i][0], fmt::format("#{} y={} {:.3g}", i, labels[i], v)});
+      if (j < 32 && plots) tiles.push_back({run->image("train", i), fmt::format("#{} y={} {:.3g}", i, labels[i], v)});
     }
     atomic_write(out / "self_influence.csv", s);
     if (plots) {

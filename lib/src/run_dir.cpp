@@ -74,8 +74,8 @@ nlohmann::json RunDir::read_manifest() const {
     throw InputError(manifest().string() + ": not valid JSON (" + e.what() + ")");
   }
   if (j.is_object() && j.value("format", "") == "pathkernel-recorded-run/1") {
-    throw InputError(root_.string() + ": a run recorded with python/pathkernel_record.py; this version analyzes such "
-                     "runs (pathkernel analyze, then report) but cannot explain or replay them yet");
+    throw InputError(root_.string() + ": a run recorded with python/pathkernel_record.py; analyze, explain "
+                     "and report read such runs; replay cannot (a recorded run is not replayed, its weights are stored)");
   }
   if (!j.is_object() || j.value("format", "") != kRunFormat) {
     throw InputError(manifest().string() + ": not a " + std::string(kRunFormat) + " manifest");

@@ -31,6 +31,8 @@ class ReplayTrajectory : public Trajectory {
   at::Tensor labels(const std::string& split, const at::Tensor& idx) const override {
     return data(split).labels.index_select(0, idx);
   }
+  at::Tensor image(const std::string& split, int64_t i) const override { return data(split).images[i][0]; }
+  const std::vector<int64_t>& checkpoints() const override { return replay_.checkpoints(); }
   NamedTensors weights_at(int64_t k) override { return replay_.weights_at(k); }
   LoggedStep logged_step(int64_t k, at::ScalarType dtype) const override { return replay_.logged_step(k, dtype); }
   double logged_grad_norm(int64_t k) const override {
@@ -103,6 +105,16 @@ class RecordedTrajectory : public Trajectory {
   at::Tensor labels(const std::string& split, const at::Tensor& idx) const override {
     return (split == "test" ? run_.test_targets() : run_.train_targets()).index_select(0, idx);
   }
+  at::Tensor image(const std::string& split, int64_t i) const override {
+    const at::Tensor& x = split == "test" ? run_.test_inputs() : run_.train_inputs();
+    if (x.dim() != 3 && !(x.dim() == 4 && x.size(1) == 1)) return {};
+    // Scaled to 0..255 over the whole split, so pictures compare across a grid.
+    auto& range = split == "test" ? test_range_ : train_range_;
+    if (range.first > range.second) range = {x.min().item<double>(), x.max().item<double>()};
+    const double span = std::max(range.second - range.first, 1e-12);
+    return ((x[i].reshape({x.size(-2), x.size(-1)}).to(at::kDouble) - range.first) * (255.0 / span)).round().to(at::kByte);
+  }
+  const std::vector<int64_t>& checkpoints() const override { return run_.checkpoints(); }
   NamedTensors weights_at(int64_t k) override {
     const NamedTensors recorded = run_.weights(k);
     std::map<std::string, at::Tensor> by_name(recorded.begin(), recorded.end());
@@ -140,6 +152,7 @@ class RecordedTrajectory : public Trajectory {
   std::vector<at::Tensor> params_;
   std::map<std::string, std::string> to_recorded_;
   std::unique_ptr<Optimizer> optimizer_;
+  mutable std::pair<double, double> train_range_{1, 0}, test_range_{1, 0};  ///< min, max of the inputs
 };
 
 }  // namespace

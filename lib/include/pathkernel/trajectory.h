@@ -11,6 +11,7 @@
 #include <filesystem>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "pathkernel/models/model.h"
 #include "pathkernel/optimizer.h"
@@ -47,6 +48,12 @@ class Trajectory {
   /// Inputs of examples `idx` of a split as the model was fed them, in `dtype`.
   virtual at::Tensor inputs(const std::string& split, const at::Tensor& idx, at::ScalarType dtype) const = 0;
   virtual at::Tensor labels(const std::string& split, const at::Tensor& idx) const = 0;
+
+  /// Example i of a split as a grayscale picture for image grids: uint8 [H, W]; undefined when
+  /// the inputs are not single-channel images.
+  virtual at::Tensor image(const std::string& split, int64_t i) const = 0;
+  /// Steps whose weights are stored (a replay starts from them), ascending.
+  virtual const std::vector<int64_t>& checkpoints() const = 0;
 
   /// The weights after k steps, by the zoo model's state_dict names and order.
   virtual NamedTensors weights_at(int64_t k) = 0;
