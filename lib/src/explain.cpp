@@ -50,13 +50,10 @@ ExplainResult explain(const ExplainConfig& c) {
   a.outputs = c.output >= 0 ? "class" : "pred";
   a.output_class = c.output;
   a.probe_indices = c.probe_indices;
-  int64_t n_train = 0;
-  OptimizerOptions oo;
-  {
-    const std::unique_ptr<Trajectory> run = open_trajectory(c.run);
-    n_train = run->split_size("train");
-    oo = run->optimizer_after(0).options();
-  }
+  // The manifest alone: the analysis below opens the run itself.
+  const RunFacts facts = run_facts(c.run);
+  const int64_t n_train = facts.train_examples;
+  const OptimizerOptions& oo = facts.optimizer;
   ExplainResult res;
   res.optimizer = optimizer_name(oo.kind);
   res.through_optimizer = c.route == "backward" || oo.kind != OptimizerKind::kSgd || oo.momentum != 0;

@@ -9,6 +9,8 @@
 #include "pathkernel/models/model_spec.h"
 #include "pathkernel/recorded_run.h"
 #include "pathkernel/replay.h"
+#include "pathkernel/run_dir.h"
+#include "pathkernel/train_config.h"
 
 namespace pathkernel {
 namespace fs = std::filesystem;
@@ -156,6 +158,25 @@ class RecordedTrajectory : public Trajectory {
 };
 
 }  // namespace
+
+RunFacts run_facts(const fs::path& run) {
+  RunFacts f;
+  if (is_recorded_run(run)) {
+    const RecordedRun r(run);
+    f.train_examples = r.train_inputs().size(0);
+    f.optimizer = r.optimizer();
+    return f;
+  }
+  const RunDir dir(run);
+  const nlohmann::json manifest = dir.read_manifest();
+  try {
+    f.train_examples = manifest.at("data").at("train_examples").get<int64_t>();
+    f.optimizer = train_config_from_json(manifest.at("config"), dir.manifest().string()).optimizer_options();
+  } catch (const nlohmann::json::exception& e) {
+    throw InputError(dir.manifest().string() + ": malformed (" + std::string(e.what()) + ")");
+  }
+  return f;
+}
 
 std::unique_ptr<Trajectory> open_trajectory(const fs::path& run) {
   if (is_recorded_run(run)) return std::make_unique<RecordedTrajectory>(run);

@@ -64,6 +64,15 @@ class Trajectory {
   virtual const Optimizer& optimizer_after(int64_t k) = 0;
 };
 
+/// What a command needs to know of a run before opening it: its training examples and its
+/// optimizer settings, read from the manifest alone (no data decoded, no weights loaded for a
+/// `pathkernel train` run). Throws InputError for a missing or malformed run.
+struct RunFacts {
+  int64_t train_examples = 0;
+  OptimizerOptions optimizer;
+};
+RunFacts run_facts(const std::filesystem::path& run);
+
 /// Opens a run directory of either kind. Throws InputError for a missing or malformed run, and
 /// for a recorded model the analyzer cannot run (not recognized as a zoo model, MSE targets).
 std::unique_ptr<Trajectory> open_trajectory(const std::filesystem::path& run);
