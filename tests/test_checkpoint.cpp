@@ -102,6 +102,11 @@ TEST(RunDirTest, StepLogDropsACrashCutLastLineOnly) {
   EXPECT_THROW_WITH(read_step_log(dir / "bad.jsonl"), InputError, "bad.jsonl:2: not valid JSON");
   testing::write_file(dir / "gap.jsonl", "{\"step\":0}\n{\"step\":2}\n", false);
   EXPECT_THROW_WITH(read_step_log(dir / "gap.jsonl"), InputError, "expected step 1");
+  // Found by the fuzzer in CI: a step number that is a huge float (UBSan: float-to-int overflow).
+  testing::write_file(dir / "float.jsonl", "{\"step\":1e41}\n", false);
+  EXPECT_THROW_WITH(read_step_log(dir / "float.jsonl"), InputError, "float.jsonl:1: expected step 0");
+  testing::write_file(dir / "array.jsonl", "[1]\n", false);
+  EXPECT_THROW_WITH(read_step_log(dir / "array.jsonl"), InputError, "array.jsonl:1: expected step 0");
 }
 
 TEST(RunDirTest, CheckpointStepsNeedWeightsAndState) {

@@ -118,7 +118,9 @@ std::vector<nlohmann::json> read_step_log(const fs::path& path) {
       if (!ends_clean && in.peek() == EOF) break;  // the crash-cut last line
       throw InputError(path.string() + ":" + std::to_string(lineno) + ": not valid JSON");
     }
-    if (!j.contains("step") || j["step"].get<int64_t>() != static_cast<int64_t>(out.size())) {
+    // An integer first: get<int64_t> of a float such as 1e41 is undefined behaviour.
+    if (!j.is_object() || !j.contains("step") || !j["step"].is_number_integer() ||
+        j["step"].get<int64_t>() != static_cast<int64_t>(out.size())) {
       throw InputError(path.string() + ":" + std::to_string(lineno) + ": expected step " +
                        std::to_string(out.size()));
     }
