@@ -93,7 +93,9 @@ TEST(KernelsTest, SecondOrderIsExactOnQuadraticAndZeroOnLinear) {
     }
     // For a polynomial of degree <= 2 in w, the Taylor series ends at S: D = F + S exactly.
     EXPECT_LT((f1 - f0 - first - s).abs().max().item<double>(), 1e-12 * f1.abs().max().item<double>()) << spec;
-    if (std::string(spec) == "linear") EXPECT_EQ(s.abs().max().item<double>(), 0.0);
+    if (std::string(spec) == "linear") {
+      EXPECT_EQ(s.abs().max().item<double>(), 0.0);
+    }
   }
 }
 

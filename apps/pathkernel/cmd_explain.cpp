@@ -29,6 +29,8 @@ int cmd_explain(const Args& args) {
     ("exact", "Q: also attribute with the exact path kernel (Q-node quadrature): no residual left",
      cxxopts::value(c.exact_nodes))
     ("self-influence", "rank training examples by TracIn self-influence (finds mislabeled ones)")
+    ("kernel-route", "auto | factorized | explicit | torchscript (a recorded run's own model, by autograd)",
+     cxxopts::value(c.kernel_route)->default_value("auto"))
     ("grids", "PNG grids for at most this many probes", cxxopts::value(c.grids)->default_value("16"))
     ("force", "write into a non-empty --out");
   // clang-format on

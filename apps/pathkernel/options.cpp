@@ -60,7 +60,8 @@ void add_analysis_options(cxxopts::Options& opts, AnalyzeConfig& c) {
     ("every", "analyze every S-th step", cxxopts::value(c.every)->default_value("1"))
     ("second-order", "also S = 1/2 dw^T H dw (exact, by double backward)",
      cxxopts::value(c.second_order)->default_value("false"))
-    ("kernel-route", "auto | factorized | explicit (per-row Jacobians: the slow reference route)",
+    ("kernel-route", "auto | factorized | explicit (per-row Jacobians: the slow reference route) | torchscript "
+     "(a recorded run's own model, by autograd)",
      cxxopts::value(c.kernel_route)->default_value("auto"))
     ("exact", "Q: also the exact path kernel by Q-node Gauss-Legendre quadrature", cxxopts::value(c.exact_nodes))
     ("tc-rule", "tau | outlier", cxxopts::value(c.tc_rule)->default_value("tau"))

@@ -19,6 +19,12 @@ namespace pathkernel {
 namespace fs = std::filesystem;
 using Clock = std::chrono::steady_clock;
 
+void check_kernel_route(const std::string& route) {
+  if (route != "auto" && route != "factorized" && route != "explicit" && route != "torchscript") {
+    throw InputError("--kernel-route must be auto, factorized, explicit or torchscript, not '" + route + "'");
+  }
+}
+
 void AnalyzeConfig::validate() const {
   if (run.empty()) throw InputError("give the run directory");
   if (out.empty()) throw InputError("--out DIR is required");
@@ -28,9 +34,7 @@ void AnalyzeConfig::validate() const {
     throw InputError("--outputs must be all, true or pred");
   }
   if (every < 1) throw InputError("--every must be at least 1");
-  if (kernel_route != "auto" && kernel_route != "factorized" && kernel_route != "explicit") {
-    throw InputError("--kernel-route must be auto, factorized or explicit");
-  }
+  check_kernel_route(kernel_route);
   if (tc_rule != "tau" && tc_rule != "outlier") throw InputError("--tc-rule must be tau or outlier");
   if (!(tau >= 0)) throw InputError("--tau must be >= 0");
   if (exact_nodes < 0 || exact_nodes > 64) throw InputError("--exact takes 1..64 quadrature nodes");
@@ -188,7 +192,7 @@ void mark_complex_steps(std::vector<StepRow>& steps, const AnalyzeConfig& c) {
 AnalysisResult analyze(const AnalyzeConfig& c) {
   c.validate();
   const auto t0 = Clock::now();
-  const std::unique_ptr<Trajectory> run = open_trajectory(c.run);
+  const std::unique_ptr<Trajectory> run = open_trajectory(c.run, c.kernel_route == "torchscript");
   Trajectory& traj = *run;
   const std::string model_spec = traj.model_spec();
   const LossKind loss = traj.loss();
@@ -200,13 +204,17 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
   }
 
   // The analysis model: the run's architecture in float64 (SPEC, numerical rules).
-  auto model = models::build_model(models::parse_model_spec(model_spec), traj.input_shape(), traj.num_classes());
+  auto model = traj.make_model();
   model->to(at::kDouble);
   // The factorized route covers models whose parameters all sit in tapped Linear/Conv2d layers;
-  // anything else goes through explicit per-row Jacobians.
-  bool explicit_route = c.kernel_route == "explicit";
+  // anything else (a recorded TorchScript model too) goes through explicit per-row Jacobians.
+  bool explicit_route = c.kernel_route == "explicit" || c.kernel_route == "torchscript";
   if (c.kernel_route == "auto" && !factorizable(*model)) {
-    spdlog::warn("model '{}' has parameters outside Linear/Conv2d layers: using explicit Jacobians (slow)", model_spec);
+    if (model_spec == "torchscript") {
+      spdlog::info("the recorded TorchScript model: per-row gradients by autograd");
+    } else {
+      spdlog::warn("model '{}' has parameters outside Linear/Conv2d layers: using explicit Jacobians (slow)", model_spec);
+    }
     explicit_route = true;
   }
   if (c.kernel_route == "factorized" && !factorizable(*model)) {

@@ -69,14 +69,14 @@ void set_flat(models::Model& model, const at::Tensor& row) {
 
 OptimizerAttribution attribute_through_optimizer(const OptimizerAttributionConfig& c) {
   const auto t0 = Clock::now();
-  const std::unique_ptr<Trajectory> run = open_trajectory(c.run);
+  const std::unique_ptr<Trajectory> run = open_trajectory(c.run, c.kernel_route == "torchscript");
   Trajectory& traj = *run;
   const LossKind loss = traj.loss();
   if (c.end < 1 || c.end > traj.logged_steps()) throw InputError(c.run + ": no steps to attribute");
   traj.check_steps(0, c.end, 1, true);
-  auto model = models::build_model(models::parse_model_spec(traj.model_spec()), traj.input_shape(), traj.num_classes());
+  auto model = traj.make_model();
   model->to(at::kDouble);
-  const bool explicit_route = c.kernel_route == "explicit" || !factorizable(*model);
+  const bool explicit_route = c.kernel_route != "auto" && c.kernel_route != "factorized" ? true : !factorizable(*model);
   const at::Tensor xp = traj.inputs(c.split, at::tensor(c.probe_indices, at::kLong), at::kDouble);
   // The update's coefficients and P from a stored state depend only on the settings.
   const std::unique_ptr<Optimizer> coefficients = make_optimizer(traj.optimizer_after(0).options(), {}, {});

@@ -36,6 +36,7 @@ void ExplainConfig::validate() const {
   if (top < 1) throw InputError("--top must be at least 1");
   if (exact_nodes < 0) throw InputError("--exact must be positive");
   if (route != "auto" && route != "backward") throw InputError("route must be auto or backward");
+  check_kernel_route(kernel_route);
 }
 
 ExplainResult explain(const ExplainConfig& c) {
@@ -50,6 +51,7 @@ ExplainResult explain(const ExplainConfig& c) {
   a.outputs = c.output >= 0 ? "class" : "pred";
   a.output_class = c.output;
   a.probe_indices = c.probe_indices;
+  a.kernel_route = c.kernel_route;
   // The manifest alone: the analysis below opens the run itself.
   const RunFacts facts = run_facts(c.run);
   const int64_t n_train = facts.train_examples;
@@ -89,6 +91,7 @@ ExplainResult explain(const ExplainConfig& c) {
     oc.end = an.steps.back().step + 1;
     oc.exact_nodes = c.exact_nodes;
     oc.self_influence = c.self_influence;
+    oc.kernel_route = c.kernel_route;
     OptimizerAttribution at = attribute_through_optimizer(oc);
     attr = at.attr;
     attr_exact = at.attr_exact;

@@ -131,25 +131,43 @@ at::Tensor factorized_directional(const RowSignals& a, const ParamMap& v) {
 
 namespace {
 
-at::Tensor jacobian_rows(models::Model& model, const at::Tensor& rows_out) {
-  const auto params = parameters_of(model);
-  std::vector<at::Tensor> rows;
-  for (int64_t r = 0; r < rows_out.size(0); ++r) {
-    const auto g = torch::autograd::grad({rows_out[r]}, params, {}, /*retain_graph=*/true, false, true);
-    std::vector<at::Tensor> flat;
-    for (size_t i = 0; i < g.size(); ++i) {
-      flat.push_back(g[i].defined() ? g[i].reshape({-1}) : at::zeros({params[i].numel()}, params[i].options()));
+/// The gradient of the scalar `out` with respect to every parameter, flattened in state_dict
+/// order (zeros for parameters it does not depend on) into `row`.
+void gradient_row(const std::vector<at::Tensor>& params, const at::Tensor& out, at::Tensor row) {
+  const auto g = torch::autograd::grad({out}, params, {}, /*retain_graph=*/true, false, /*allow_unused=*/true);
+  int64_t at_ = 0;
+  for (size_t i = 0; i < g.size(); ++i) {
+    const int64_t n = params[i].numel();
+    if (g[i].defined()) {
+      row.narrow(0, at_, n).copy_(g[i].reshape({-1}));
+    } else {
+      row.narrow(0, at_, n).zero_();
     }
-    rows.push_back(at::cat(flat));
+    at_ += n;
   }
-  return at::stack(rows);
+}
+
+int64_t count_params(const std::vector<at::Tensor>& params) {
+  int64_t n = 0;
+  for (const auto& p : params) n += p.numel();
+  return n;
 }
 
 }  // namespace
 
+// Each probe is forwarded on its own (examples do not interact: BatchNorm in training mode is
+// refused), so that a row's backward runs through one example's graph, not the whole batch's.
 at::Tensor explicit_probe_jacobian(models::Model& model, const at::Tensor& x, const at::Tensor& cols) {
-  const at::Tensor out = model.forward(x);
-  return jacobian_rows(model, out.gather(1, cols).reshape({-1}));
+  const auto params = parameters_of(model);
+  const int64_t c = cols.size(1);
+  const at::Tensor col = cols.contiguous();
+  const auto cl = col.accessor<int64_t, 2>();
+  at::Tensor jac = at::empty({x.size(0) * c, count_params(params)}, x.options());
+  for (int64_t p = 0; p < x.size(0); ++p) {
+    const at::Tensor out = model.forward(x.slice(0, p, p + 1))[0];
+    for (int64_t j = 0; j < c; ++j) gradient_row(params, out[cl[p][j]], jac[p * c + j]);
+  }
+  return jac;
 }
 
 at::Tensor explicit_probe_jacobian(models::Model& model, const at::Tensor& x, const std::vector<int64_t>& outputs) {
@@ -157,11 +175,12 @@ at::Tensor explicit_probe_jacobian(models::Model& model, const at::Tensor& x, co
 }
 
 at::Tensor explicit_loss_jacobian(models::Model& model, const at::Tensor& x, const at::Tensor& y, LossKind loss) {
-  std::vector<at::Tensor> rows;
+  const auto params = parameters_of(model);
+  at::Tensor jac = at::empty({x.size(0), count_params(params)}, x.options());
   for (int64_t m = 0; m < x.size(0); ++m) {
-    rows.push_back(batch_loss(model.forward(x.slice(0, m, m + 1)), y.slice(0, m, m + 1), loss));
+    gradient_row(params, batch_loss(model.forward(x.slice(0, m, m + 1)), y.slice(0, m, m + 1), loss), jac[m]);
   }
-  return jacobian_rows(model, at::stack(rows));
+  return jac;
 }
 
 at::Tensor flatten_params(models::Model& model, const ParamMap& v) {
@@ -175,10 +194,48 @@ at::Tensor second_order(models::Model& model, const at::Tensor& x, const std::ve
   return second_order(model, x, shared_columns(x.size(0), outputs), dw);
 }
 
+namespace {
+
+/// S row by row, each as a Hessian-vector product of one output (one forward per probe, a
+/// double backward per row): needs only second derivatives of every operator.
+at::Tensor second_order_per_row(models::Model& model, const at::Tensor& x, const at::Tensor& cols,
+                                const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& dirs) {
+  const int64_t c = cols.size(1);
+  const at::Tensor col = cols.contiguous();
+  const auto cl = col.accessor<int64_t, 2>();
+  at::Tensor s = at::empty({x.size(0) * c}, x.options());
+  for (int64_t p = 0; p < x.size(0); ++p) {
+    const at::Tensor out = model.forward(x.slice(0, p, p + 1))[0];
+    for (int64_t j = 0; j < c; ++j) {
+      const auto g = torch::autograd::grad({out[cl[p][j]]}, params, {}, /*retain_graph=*/true, /*create_graph=*/true, true);
+      at::Tensor gdw = at::zeros({}, x.options());
+      for (size_t i = 0; i < g.size(); ++i) {
+        if (g[i].defined()) gdw = gdw + (g[i] * dirs[i]).sum();
+      }
+      double v = 0;
+      if (gdw.requires_grad()) {
+        const auto h = torch::autograd::grad({gdw}, params, {}, /*retain_graph=*/true, false, true);
+        for (size_t i = 0; i < h.size(); ++i) {
+          if (h[i].defined()) v += (h[i] * dirs[i]).sum().item<double>();
+        }
+      }
+      s[p * c + j] = 0.5 * v;
+    }
+  }
+  return s;
+}
+
+}  // namespace
+
 at::Tensor second_order(models::Model& model, const at::Tensor& x, const at::Tensor& cols, const ParamMap& dw) {
   const auto params = parameters_of(model);
   std::vector<at::Tensor> dirs;
   for (const auto& item : model.named_parameters()) dirs.push_back(dw.at(item.key()));
+  // The all-rows trick below differentiates through the backward of the backward: a third
+  // derivative of every operator. LibTorch 1.13 gets that wrong for layer_norm (its saved mean
+  // and 1/std carry no autograd history: pytorch/pytorch#175754; measured here as a 30-50%
+  // error in S), so models from outside the zoo take the per-row Hessian-vector route.
+  if (model.spec().kind == "torchscript") return second_order_per_row(model, x, cols, params, dirs);
   // jvp(out, dw) = d/du <grad(out . u, w), dw>: differentiable in w, so it can be applied twice,
   // giving dw^T H dw for every output at once.
   auto jvp = [&](const at::Tensor& out) {

@@ -204,6 +204,16 @@ void RecordedRun::list_checkpoints() {
   }
 }
 
+std::vector<std::pair<std::string, std::vector<int64_t>>> RecordedRun::parameters() const {
+  std::vector<std::pair<std::string, std::vector<int64_t>>> out;
+  for (const auto& name : param_order_) {
+    for (const auto& e : state_dict_) {
+      if (e.first == name) out.push_back(e);
+    }
+  }
+  return out;
+}
+
 NamedTensors RecordedRun::weights(int64_t k) const {
   const fs::path f = weights_file(k);
   NamedTensors w = load_tensor_dict(f);

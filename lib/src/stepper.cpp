@@ -20,8 +20,11 @@ std::string loss_name(LossKind kind) { return kind == LossKind::kCrossEntropy ? 
 
 at::Tensor batch_loss(const at::Tensor& logits, const at::Tensor& labels, LossKind kind) {
   if (kind == LossKind::kCrossEntropy) return at::cross_entropy_loss(logits, labels);
-  const at::Tensor onehot = at::one_hot(labels, logits.size(1)).to(logits.scalar_type());
-  return (logits - onehot).pow(2).sum(1).mean() * 0.5;
+  // Float targets (a recorded MSE run's) are used as they are; class labels as one-hot rows.
+  const at::Tensor target = at::isFloatingType(labels.scalar_type())
+                                ? labels.to(logits.scalar_type())
+                                : at::one_hot(labels, logits.size(1)).to(logits.scalar_type());
+  return (logits - target).pow(2).sum(1).mean() * 0.5;
 }
 
 NamedTensors state_dict_of(models::Model& model) {

@@ -2,6 +2,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cmath>
 #include <map>
 
@@ -10,6 +11,7 @@
 #include "pathkernel/recorded_run.h"
 #include "pathkernel/replay.h"
 #include "pathkernel/run_dir.h"
+#include "pathkernel/scripted_model.h"
 #include "pathkernel/train_config.h"
 
 namespace pathkernel {
@@ -23,6 +25,9 @@ class ReplayTrajectory : public Trajectory {
   int64_t logged_steps() const override { return replay_.logged_steps(); }
   void check_steps(int64_t, int64_t, int64_t, bool) const override {}  // replay reaches every step
   std::string model_spec() const override { return ctx_.config.model; }
+  std::shared_ptr<models::Model> make_model() const override {
+    return models::build_model(models::parse_model_spec(ctx_.config.model), input_shape(), ctx_.num_classes);
+  }
   models::InputShape input_shape() const override { return {1, ctx_.train.height(), ctx_.train.width()}; }
   int64_t num_classes() const override { return ctx_.num_classes; }
   LossKind loss() const override { return parse_loss(ctx_.config.loss); }
@@ -51,30 +56,36 @@ class ReplayTrajectory : public Trajectory {
   RunContext& ctx_;
 };
 
-/// A run recorded by python/pathkernel_record.py whose model the recorder recognized as a zoo
-/// model: the analysis runs the zoo's model (and its factorized kernels) on the stored weights.
+/// A run recorded by python/pathkernel_record.py. Its model is the zoo model the recorder
+/// recognized (the analysis then runs the zoo's factorized kernels on the stored weights), or
+/// its own TorchScript model (per-row gradients by autograd).
 class RecordedTrajectory : public Trajectory {
  public:
-  explicit RecordedTrajectory(const fs::path& dir) : run_(dir) {
-    const std::string mf = (dir / "manifest.json").string();
-    if (run_.zoo_spec().empty()) {
-      throw InputError(mf + ": the recorded model is not one the analyzer recognizes (an nn.Sequential of Linear "
-                       "layers with one kind of activation, tanh or relu); other TorchScript models cannot be "
-                       "analyzed by this version");
-    }
-    if (run_.loss() != "ce") throw InputError(mf + ": recorded runs with loss mse cannot be analyzed by this version");
+  RecordedTrajectory(const fs::path& dir, bool own_model) : run_(dir) {
+    script_ = own_model || run_.zoo_spec().empty();
     const at::Tensor& x = run_.train_inputs();
     shape_ = x.dim() == 4 ? models::InputShape{x.size(1), x.size(2), x.size(3)}
                           : models::InputShape{1, 1, x[0].numel()};
-    model_ = models::build_model(models::parse_model_spec(run_.zoo_spec()), shape_, run_.outputs());
+    model_ = make_model();
     for (const auto& p : model_->named_parameters()) {
       names_.push_back(p.key());
       params_.push_back(p.value());
     }
-    for (const auto& [recorded, zoo] : run_.zoo_names()) to_recorded_[zoo] = recorded;
-    for (const auto& n : names_) {
-      if (!to_recorded_.count(n)) throw InputError(mf + ": zoo.names does not map the zoo parameter '" + n + "'");
+    if (script_) {
+      check_scripted_model();
+      for (const auto& n : names_) to_recorded_[n] = n;
+    } else {
+      for (const auto& [recorded, zoo] : run_.zoo_names()) to_recorded_[zoo] = recorded;
+      for (const auto& n : names_) {
+        if (!to_recorded_.count(n)) {
+          throw InputError((dir / "manifest.json").string() + ": zoo.names does not map the zoo parameter '" + n + "'");
+        }
+      }
     }
+  }
+  std::shared_ptr<models::Model> make_model() const override {
+    if (script_) return load_scripted_model(run_.model_file(), run_.outputs());
+    return models::build_model(models::parse_model_spec(run_.zoo_spec()), shape_, run_.outputs());
   }
   int64_t logged_steps() const override { return run_.logged_steps(); }
   void check_steps(int64_t begin, int64_t end, int64_t every, bool from_zero) const override {
@@ -93,10 +104,10 @@ class RecordedTrajectory : public Trajectory {
       }
     }
   }
-  std::string model_spec() const override { return run_.zoo_spec(); }
+  std::string model_spec() const override { return script_ ? "torchscript" : run_.zoo_spec(); }
   models::InputShape input_shape() const override { return shape_; }
   int64_t num_classes() const override { return run_.outputs(); }
-  LossKind loss() const override { return LossKind::kCrossEntropy; }
+  LossKind loss() const override { return parse_loss(run_.loss()); }
   int64_t split_size(const std::string& split) const override {
     const at::Tensor& x = split == "test" ? run_.test_inputs() : run_.train_inputs();
     return x.defined() ? x.size(0) : 0;
@@ -105,7 +116,8 @@ class RecordedTrajectory : public Trajectory {
     return (split == "test" ? run_.test_inputs() : run_.train_inputs()).index_select(0, idx).to(dtype);
   }
   at::Tensor labels(const std::string& split, const at::Tensor& idx) const override {
-    return (split == "test" ? run_.test_targets() : run_.train_targets()).index_select(0, idx);
+    const at::Tensor y = (split == "test" ? run_.test_targets() : run_.train_targets()).index_select(0, idx);
+    return y.dim() == 2 ? y.argmax(1) : y;
   }
   at::Tensor image(const std::string& split, int64_t i) const override {
     const at::Tensor& x = split == "test" ? run_.test_inputs() : run_.train_inputs();
@@ -137,9 +149,11 @@ class RecordedTrajectory : public Trajectory {
   const Optimizer& optimizer_after(int64_t k) override {
     int64_t updates = 0;
     OptimizerState state = run_.optimizer_state(k, &updates);
-    std::map<std::string, std::string> to_zoo(run_.zoo_names().begin(), run_.zoo_names().end());
-    for (auto& [slot, tensors] : state) {
-      for (auto& [name, t] : tensors) name = to_zoo.at(name);
+    if (!script_) {
+      std::map<std::string, std::string> to_zoo(run_.zoo_names().begin(), run_.zoo_names().end());
+      for (auto& [slot, tensors] : state) {
+        for (auto& [name, t] : tensors) name = to_zoo.at(name);
+      }
     }
     optimizer_ = make_optimizer(run_.optimizer(), names_, params_);
     optimizer_->load_state(state, updates, run_.optimizer_file(k).string());
@@ -147,7 +161,50 @@ class RecordedTrajectory : public Trajectory {
   }
 
  private:
+  /// The TorchScript model against the manifest: the same trained parameters and shapes, and a
+  /// forward that maps the recorded inputs to [N, outputs] (checked on two examples).
+  void check_scripted_model() const {
+    const std::string mf = run_.model_file().string();
+    std::map<std::string, at::Tensor> mine;
+    for (size_t i = 0; i < names_.size(); ++i) mine[names_[i]] = params_[i];
+    const auto recorded = run_.parameters();
+    for (const auto& [name, shape] : recorded) {
+      auto it = mine.find(name);
+      if (it == mine.end()) {
+        throw InputError(mf + ": has no parameter '" + name + "', which the run's state_dict trains");
+      }
+      if (it->second.sizes() != at::IntArrayRef(shape)) {
+        throw InputError(mf + ": parameter '" + name + "' has shape " + c10::str(it->second.sizes()) +
+                         ", the run's state_dict has " + c10::str(at::IntArrayRef(shape)));
+      }
+    }
+    if (recorded.size() != mine.size()) {
+      for (const auto& n : names_) {
+        if (std::none_of(recorded.begin(), recorded.end(), [&](const auto& r) { return r.first == n; })) {
+          throw InputError(mf + ": parameter '" + n + "' is not among the run's trained parameters");
+        }
+      }
+    }
+    const at::Tensor x = run_.train_inputs().slice(0, 0, std::min<int64_t>(2, run_.train_inputs().size(0)));
+    at::Tensor out;
+    try {
+      at::NoGradGuard no_grad;
+      out = model_->forward(x.to(at::kFloat));
+    } catch (const InputError&) {
+      throw;
+    } catch (const std::exception& e) {
+      const std::string what = e.what();
+      throw InputError(mf + ": the model rejects the run's inputs of shape " + c10::str(x.sizes()) + " (" +
+                       what.substr(0, what.find('\n')) + ")");
+    }
+    if (out.dim() != 2 || out.size(0) != x.size(0) || out.size(1) != run_.outputs()) {
+      throw InputError(mf + ": maps inputs of shape " + c10::str(x.sizes()) + " to " + c10::str(out.sizes()) +
+                       ", the run has " + std::to_string(run_.outputs()) + " outputs per example");
+    }
+  }
+
   RecordedRun run_;
+  bool script_ = false;
   models::InputShape shape_;
   std::shared_ptr<models::Model> model_;  ///< float32, holds the parameters the optimizer binds
   std::vector<std::string> names_;
@@ -178,8 +235,12 @@ RunFacts run_facts(const fs::path& run) {
   return f;
 }
 
-std::unique_ptr<Trajectory> open_trajectory(const fs::path& run) {
-  if (is_recorded_run(run)) return std::make_unique<RecordedTrajectory>(run);
+std::unique_ptr<Trajectory> open_trajectory(const fs::path& run, bool own_model) {
+  if (is_recorded_run(run)) return std::make_unique<RecordedTrajectory>(run, own_model);
+  if (own_model) {
+    throw InputError(run.string() + ": a pathkernel train run has no TorchScript model (--kernel-route torchscript is "
+                     "for recorded runs)");
+  }
   return std::make_unique<ReplayTrajectory>(run);
 }
 

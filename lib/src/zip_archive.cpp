@@ -24,10 +24,11 @@ bool fits(uint64_t offset, uint64_t length, uint64_t size) { return offset <= si
 }  // namespace
 
 void ZipArchive::fail(const std::string& what) const {
-  throw InputError(name_ + ": not a readable checkpoint archive (" + what + ")");
+  throw InputError(name_ + ": not a readable torch archive (" + what + ")");
 }
 
-ZipArchive::ZipArchive(std::string_view bytes, std::string name) : bytes_(bytes), name_(std::move(name)) {
+ZipArchive::ZipArchive(std::string_view bytes, std::string name, bool allow_deflate)
+    : bytes_(bytes), name_(std::move(name)), allow_deflate_(allow_deflate) {
   const uint64_t n = bytes_.size();
   if (n < kEndSize) fail("too short for a zip archive");
   // The end record is within the last 22 + 65535 bytes (its comment is at most 65535 long).
@@ -79,13 +80,16 @@ void ZipArchive::parse_directory(uint64_t dir_offset, uint64_t dir_size, uint64_
       x += 4 + len;
     }
     if (flags & 1) fail(name + " is encrypted");
-    if (method != 0 || csize != usize) fail(name + " is compressed; checkpoints store records uncompressed");
+    const bool deflated = allow_deflate_ && method == 8;
+    if (!deflated && (method != 0 || csize != usize)) {
+      fail(name + " is compressed; checkpoints store records uncompressed");
+    }
     const auto slash = name.find('/');
     if (slash == std::string::npos || slash == 0) fail("record " + name + " outside a top-level folder");
     if (prefix_.empty()) prefix_ = name.substr(0, slash);
     if (name.compare(0, slash, prefix_) != 0 || slash != prefix_.size()) fail("records in two top-level folders");
-    Entry entry{data_offset(local, usize), usize, static_cast<uint32_t>(le(bytes_, at + 16, 4))};
-    if (entry.offset + entry.size > dir_offset) fail(name + " overlaps the central directory");
+    Entry entry{data_offset(local, csize), usize, static_cast<uint32_t>(le(bytes_, at + 16, 4)), csize, deflated};
+    if (entry.offset + entry.stored > dir_offset) fail(name + " overlaps the central directory");
     if (!entries_.emplace(name.substr(slash + 1), entry).second) fail("two records named " + name);
     at += kCentralSize + name_len + extra_len + comment_len;
   }
@@ -106,9 +110,47 @@ int64_t ZipArchive::size_of(const std::string& record) const {
   return it == entries_.end() ? -1 : static_cast<int64_t>(it->second.size);
 }
 
+void ZipArchive::verify_all() const {
+  for (const auto& [record, e] : entries_) {
+    if (e.deflated) {
+      verify_inflated(record, e);
+    } else {
+      (void)read(record);
+    }
+  }
+}
+
+void ZipArchive::verify_inflated(const std::string& record, const Entry& e) const {
+  const std::string what = "record " + prefix_ + "/" + record;
+  z_stream z{};
+  if (inflateInit2(&z, -MAX_WBITS) != Z_OK) fail("zlib cannot inflate");
+  std::string chunk(64 * 1024, '\0');
+  const std::string_view in = bytes_.substr(e.offset, e.stored);
+  z.next_in = reinterpret_cast<Bytef*>(const_cast<char*>(in.data()));
+  z.avail_in = static_cast<uInt>(std::min<uint64_t>(in.size(), 1u << 30));
+  uLong crc = crc32(0L, Z_NULL, 0);
+  uint64_t produced = 0;
+  int rc = Z_OK;
+  while (rc != Z_STREAM_END) {
+    z.next_out = reinterpret_cast<Bytef*>(chunk.data());
+    z.avail_out = static_cast<uInt>(chunk.size());
+    rc = inflate(&z, Z_NO_FLUSH);
+    const uint64_t got = chunk.size() - z.avail_out;
+    produced += got;
+    crc = crc32(crc, reinterpret_cast<const Bytef*>(chunk.data()), static_cast<uInt>(got));
+    if (produced > e.size || (rc != Z_OK && rc != Z_STREAM_END) || (rc == Z_OK && got == 0 && z.avail_in == 0)) {
+      inflateEnd(&z);
+      fail(what + " is damaged: its deflated data does not inflate to its declared size");
+    }
+  }
+  inflateEnd(&z);
+  if (produced != e.size || crc != e.crc) fail(what + " is damaged: CRC-32 or size does not match");
+}
+
 std::string_view ZipArchive::read(const std::string& record) const {
   auto it = entries_.find(record);
   if (it == entries_.end()) fail("no record " + prefix_ + "/" + record);
+  if (it->second.deflated) fail("record " + prefix_ + "/" + record + " is compressed");
   const std::string_view data = bytes_.substr(it->second.offset, it->second.size);
   uLong crc = crc32(0L, Z_NULL, 0);
   for (std::string_view rest = data; !rest.empty();) {

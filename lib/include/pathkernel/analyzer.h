@@ -39,7 +39,9 @@ struct AnalyzeConfig {
   int64_t step_end = -1;           ///< one past the last (-1: the end of the run)
   int64_t every = 1;               ///< analyze every S-th step
   bool second_order = false;       ///< also S = 1/2 dw^T H dw (exact, double backward)
-  std::string kernel_route = "auto";  ///< auto | factorized | explicit (per-row Jacobians, slow)
+  /// auto | factorized | explicit (per-row Jacobians, slow) | torchscript (a recorded run's own
+  /// TorchScript model through autograd, even where the recorder recognized a zoo model).
+  std::string kernel_route = "auto";
   int64_t exact_nodes = 0;         ///< Q > 0: the exact path kernel by Q-node Gauss-Legendre quadrature
   std::string tc_rule = "tau";     ///< tau or outlier
   double tau = 0.1;
@@ -103,6 +105,9 @@ inline constexpr const char* kAnalysisFormat = "pathkernel-analysis/1";
 
 /// Runs the analysis (no files written). Throws InputError for a bad run or settings.
 AnalysisResult analyze(const AnalyzeConfig& config);
+
+/// Throws InputError unless `route` is auto, factorized, explicit or torchscript.
+void check_kernel_route(const std::string& route);
 
 /// Gauss-Legendre nodes and weights on [0, 1]: exact for polynomials of degree <= 2q - 1.
 std::pair<std::vector<double>, std::vector<double>> gauss_legendre(int64_t q);

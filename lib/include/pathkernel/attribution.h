@@ -27,7 +27,7 @@ struct OptimizerAttributionConfig {
   at::Tensor cols;                     ///< int64 [P, C']: the outputs of each probe (rows p*C' + j)
   int64_t end = 0;                     ///< steps 0 .. end-1 are attributed
   int64_t exact_nodes = 0;             ///< Q > 0: also with the exact path kernel
-  std::string kernel_route = "auto";   ///< auto | factorized | explicit (for the batch rows)
+  std::string kernel_route = "auto";   ///< as AnalyzeConfig::kernel_route
   bool self_influence = false;         ///< also sum over steps of a_j <grad l_i, P_j (.) grad l_i>
 };
 

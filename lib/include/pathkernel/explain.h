@@ -31,6 +31,8 @@ struct ExplainConfig {
   /// through the backward recursion (aopt_i, attribution.h). backward: always the recursion
   /// (the tests compare both routes on plain SGD).
   std::string route = "auto";
+  /// As AnalyzeConfig::kernel_route (auto | factorized | explicit | torchscript).
+  std::string kernel_route = "auto";
 
   void validate() const;
 };

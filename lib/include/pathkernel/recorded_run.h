@@ -51,6 +51,8 @@ class RecordedRun {
   /// name in the zoo model.
   const std::string& zoo_spec() const { return zoo_spec_; }
   const std::map<std::string, std::string>& zoo_names() const { return zoo_names_; }
+  /// The optimizer's parameters (the model's trained parameters) in its order, with their shapes.
+  std::vector<std::pair<std::string, std::vector<int64_t>>> parameters() const;
   /// Steps with a stored weights file, ascending.
   const std::vector<int64_t>& checkpoints() const { return checkpoints_; }
 

@@ -20,14 +20,15 @@ namespace pathkernel {
 /// The per-example loss l(y*, f).
 enum class LossKind {
   kCrossEntropy,  ///< -log softmax(f)_y
-  kMse            ///< |f - onehot(y)|^2 / 2
+  kMse            ///< |f - y|^2 / 2, y = onehot(label) or a float target row
 };
 
 /// "ce" or "mse". Throws InputError otherwise.
 LossKind parse_loss(const std::string& name);
 std::string loss_name(LossKind kind);
 
-/// L(f) = mean over the batch of l(y*, f) (SPEC's step loss). logits [B, C], labels int64 [B].
+/// L(f) = mean over the batch of l(y*, f) (SPEC's step loss). logits [B, C]; labels int64 [B],
+/// or for kMse float targets [B, C] (a recorded run's).
 at::Tensor batch_loss(const at::Tensor& logits, const at::Tensor& labels, LossKind kind);
 
 /// What one step did; becomes one line of steps.jsonl.

@@ -20,7 +20,7 @@
 namespace pathkernel {
 
 /// Logged step k: its learning rate and batch (indices int64 [M], inputs [M, ...] in the asked
-/// dtype, labels int64 [M]).
+/// dtype, the loss's targets: labels int64 [M], or float [M, C] for a recorded MSE run).
 struct LoggedStep {
   double lr = 0;
   at::Tensor indices, x, y;
@@ -37,8 +37,12 @@ class Trajectory {
   /// cannot be had.
   virtual void check_steps(int64_t begin, int64_t end, int64_t every, bool from_zero) const = 0;
 
-  /// The architecture as a zoo spec ("mlp:128:tanh"), its input geometry and outputs.
+  /// The architecture as a zoo spec ("mlp:128:tanh"), or "torchscript" for a recorded run
+  /// analyzed through its own TorchScript model; its input geometry and outputs.
   virtual std::string model_spec() const = 0;
+  /// A new instance of the model the analysis runs (float32 parameters, named as weights_at
+  /// names them): the zoo's model, or the recorded run's TorchScript model.
+  virtual std::shared_ptr<models::Model> make_model() const = 0;
   virtual models::InputShape input_shape() const = 0;
   virtual int64_t num_classes() const = 0;
   virtual LossKind loss() const = 0;
@@ -47,6 +51,7 @@ class Trajectory {
   virtual int64_t split_size(const std::string& split) const = 0;
   /// Inputs of examples `idx` of a split as the model was fed them, in `dtype`.
   virtual at::Tensor inputs(const std::string& split, const at::Tensor& idx, at::ScalarType dtype) const = 0;
+  /// Class labels int64 [M] of examples `idx` (for MSE targets: each row's largest entry).
   virtual at::Tensor labels(const std::string& split, const at::Tensor& idx) const = 0;
 
   /// Example i of a split as a grayscale picture for image grids: uint8 [H, W]; undefined when
@@ -73,8 +78,11 @@ struct RunFacts {
 };
 RunFacts run_facts(const std::filesystem::path& run);
 
-/// Opens a run directory of either kind. Throws InputError for a missing or malformed run, and
-/// for a recorded model the analyzer cannot run (not recognized as a zoo model, MSE targets).
-std::unique_ptr<Trajectory> open_trajectory(const std::filesystem::path& run);
+/// Opens a run directory of either kind. A recorded run is analyzed through the zoo model the
+/// recorder recognized (factorized kernels), or through its own TorchScript model (autograd)
+/// when it was not recognized or `own_model` is set. Throws InputError for a missing or
+/// malformed run, for `own_model` on a `pathkernel train` run, and for a TorchScript model that
+/// does not match the recorded parameters or rejects the recorded inputs.
+std::unique_ptr<Trajectory> open_trajectory(const std::filesystem::path& run, bool own_model = false);
 
 }  // namespace pathkernel

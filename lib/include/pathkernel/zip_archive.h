@@ -19,7 +19,9 @@ class ZipArchive {
   /// Throws InputError naming the file for anything that is not such an archive: no end record,
   /// a directory or local header outside the file, compressed or encrypted records, records
   /// overlapping the directory, names outside one common top-level folder, duplicate names.
-  ZipArchive(std::string_view bytes, std::string name);
+  /// With `allow_deflate` (TorchScript archives deflate their code records), deflated records are
+  /// accepted: verify_all() inflates and checks them, read() refuses them.
+  ZipArchive(std::string_view bytes, std::string name, bool allow_deflate = false);
 
   /// True when the archive holds `record` (a name below the top-level folder, e.g. "data.pkl").
   bool has(const std::string& record) const;
@@ -27,6 +29,10 @@ class ZipArchive {
   /// The bytes of `record`, after its CRC-32 was checked. Throws InputError naming the file and
   /// the record when it is missing or damaged.
   std::string_view read(const std::string& record) const;
+
+  /// Reads every record (inflating deflated ones in 64 KiB pieces, never past its declared size),
+  /// checking each CRC-32 and size. Throws InputError naming the first damaged one.
+  void verify_all() const;
 
   /// The size in bytes of `record`, or -1 when it is missing (no CRC check).
   int64_t size_of(const std::string& record) const;
@@ -39,7 +45,10 @@ class ZipArchive {
     uint64_t offset = 0;  ///< of the record's data in bytes_
     uint64_t size = 0;
     uint32_t crc = 0;
+    uint64_t stored = 0;    ///< bytes in the archive (size unless deflated)
+    bool deflated = false;
   };
+  void verify_inflated(const std::string& record, const Entry& e) const;
   [[noreturn]] void fail(const std::string& what) const;
   void parse_directory(uint64_t dir_offset, uint64_t dir_size, uint64_t entries);
   uint64_t data_offset(uint64_t local_header, uint64_t size) const;
@@ -47,6 +56,7 @@ class ZipArchive {
   std::string_view bytes_;
   std::string name_;
   std::string prefix_;
+  bool allow_deflate_ = false;
   std::map<std::string, Entry> entries_;  ///< by name below the prefix
 };
 

@@ -1,0 +1,50 @@
+"""Writes the TorchScript fixtures of tests/test_scripted_model.cpp (torch.jit.script + save).
+
+Run with Debian's python3-torch: python3 tests/data/make_scripted_models.py
+The files are committed; this script documents what they hold.
+"""
+import os
+
+import torch
+
+here = os.path.dirname(os.path.abspath(__file__))
+torch.manual_seed(0)
+
+# The zoo's cnn:2,3:tanh for 1x8x8 inputs and 4 outputs, as an nn.Sequential: conv3x3(pad 1),
+# tanh, maxpool 2, conv3x3(pad 1), tanh, maxpool 2, flatten, linear.
+cnn = torch.nn.Sequential(
+    torch.nn.Conv2d(1, 2, 3, padding=1), torch.nn.Tanh(), torch.nn.MaxPool2d(2),
+    torch.nn.Conv2d(2, 3, 3, padding=1), torch.nn.Tanh(), torch.nn.MaxPool2d(2),
+    torch.nn.Flatten(), torch.nn.Linear(3 * 2 * 2, 4))
+torch.jit.save(torch.jit.script(cnn), os.path.join(here, "scripted_cnn.pt"))
+
+
+class ResidualNorm(torch.nn.Module):
+    """A custom module: linear embedding, a residual block with LayerNorm, a linear head."""
+
+    def __init__(self, d_in: int, width: int, outputs: int):
+        super().__init__()
+        self.embed = torch.nn.Linear(d_in, width)
+        self.norm = torch.nn.LayerNorm(width)
+        self.inner = torch.nn.Linear(width, width)
+        self.head = torch.nn.Linear(width, outputs)
+
+    def forward(self, x):
+        h = torch.tanh(self.embed(x.flatten(1)))
+        h = h + torch.tanh(self.inner(self.norm(h)))
+        return self.head(h)
+
+
+net = ResidualNorm(16, 5, 3)
+with torch.no_grad():  # LayerNorm starts at weight 1, bias 0: move it so its gradients are generic
+    net.norm.weight.add_(0.3 * torch.randn(5))
+    net.norm.bias.add_(0.3 * torch.randn(5))
+torch.jit.save(torch.jit.script(net), os.path.join(here, "scripted_resnorm.pt"))
+
+
+class NoParams(torch.nn.Module):
+    def forward(self, x):
+        return x.flatten(1)
+
+
+torch.jit.save(torch.jit.script(NoParams()), os.path.join(here, "scripted_noparams.pt"))
