@@ -59,37 +59,84 @@ def _check_model(model):
                 "be recomputed. Record with dropout off (p=0 or eval mode)." % name)
 
 
-def zoo_spec(model):
-    """pathkernel's name for `model` when it is an nn.Sequential chain the analyzer knows
-    ([Flatten,] Linear, activation, ..., Linear, with one activation kind), as
-    (spec, {recorded parameter name: pathkernel's name}); None otherwise. The analyzer then uses
-    its fast factorized kernels for it."""
+def _is_flatten(m):
+    return isinstance(m, torch.nn.Flatten) and m.start_dim == 1 and m.end_dim == -1
+
+
+def _mlp_spec(mods):
+    """[Flatten,] Linear, act, ..., Linear (one activation kind): ("mlp:W..:act" or "linear", names)."""
     acts = {torch.nn.Tanh: "tanh", torch.nn.ReLU: "relu"}
-    if not isinstance(model, torch.nn.Sequential):
-        return None
-    mods = list(model.named_children())
-    if mods and isinstance(mods[0][1], torch.nn.Flatten) and mods[0][1].start_dim == 1 and mods[0][1].end_dim == -1:
+    if mods and _is_flatten(mods[0][1]):
         mods = mods[1:]
+    if not mods or len(mods) % 2 == 0:
+        return None
     linears, act = [], None
     for i, (name, m) in enumerate(mods):
         if i % 2 == 0:
             if type(m) is not torch.nn.Linear or m.bias is None:
                 return None
-            linears.append(name)
+            linears.append((name, m))
         else:
             kind = acts.get(type(m))
             if kind is None or (act is not None and kind != act):
                 return None
             act = kind
-    if not mods or len(mods) % 2 == 0:
-        return None
-    widths = [getattr(model, n).out_features for n in linears[:-1]]
+    widths = [m.out_features for _, m in linears[:-1]]
     spec = "linear" if not widths else "mlp:%s:%s" % (",".join(map(str, widths)), act)
     names = {}
-    for i, n in enumerate(linears):
+    for i, (n, _) in enumerate(linears):
         names["%s.weight" % n] = "layers.%d.weight" % i
         names["%s.bias" % n] = "layers.%d.bias" % i
     return spec, names
+
+
+def _cnn_spec(mods, input_shape):
+    """The zoo's cnn:C1,C2:act: [Conv2d 3x3 pad 1, act, MaxPool2d(2)] x 2, Flatten, Linear."""
+    acts = {torch.nn.Tanh: "tanh", torch.nn.ReLU: "relu"}
+    if len(mods) != 8 or input_shape is None or len(input_shape) != 3:
+        return None
+    kinds = [type(m) for _, m in mods]
+    if kinds[2] is not torch.nn.MaxPool2d or kinds[5] is not torch.nn.MaxPool2d or not _is_flatten(mods[6][1]):
+        return None
+    act = acts.get(kinds[1])
+    if act is None or acts.get(kinds[4]) != act or type(mods[7][1]) is not torch.nn.Linear:
+        return None
+    convs = [mods[0][1], mods[3][1]]
+    channels = input_shape[0]
+    for c in convs:
+        if (type(c) is not torch.nn.Conv2d or c.bias is None or c.in_channels != channels
+                or tuple(c.kernel_size) != (3, 3) or tuple(c.stride) != (1, 1) or tuple(c.padding) != (1, 1)
+                or tuple(c.dilation) != (1, 1) or c.groups != 1 or c.padding_mode != "zeros"):
+            return None
+        channels = c.out_channels
+    for _, p in (mods[2], mods[5]):
+        k = p.kernel_size if isinstance(p.kernel_size, int) else tuple(p.kernel_size)
+        s = p.stride if isinstance(p.stride, int) else tuple(p.stride)
+        if k not in (2, (2, 2)) or s not in (2, (2, 2)) or p.padding not in (0, (0, 0)) \
+                or p.dilation not in (1, (1, 1)) or p.ceil_mode or p.return_indices:
+            return None
+    fc = mods[7][1]
+    if fc.bias is None or fc.in_features != channels * (input_shape[1] // 4) * (input_shape[2] // 4):
+        return None
+    names = {}
+    for (n, _), zoo in zip((mods[0], mods[3], mods[7]), ("convs.0", "convs.1", "fc")):
+        names["%s.weight" % n] = zoo + ".weight"
+        names["%s.bias" % n] = zoo + ".bias"
+    return "cnn:%d,%d:%s" % (convs[0].out_channels, convs[1].out_channels, act), names
+
+
+def zoo_spec(model, input_shape=None):
+    """pathkernel's name for `model` when it is an nn.Sequential chain the analyzer knows, as
+    (spec, {recorded parameter name: pathkernel's name}); None otherwise. Known chains:
+    [Flatten,] Linear, act, ..., Linear with one activation kind (tanh or relu): "mlp:W1,..:act"
+    or "linear"; and, for inputs of `input_shape` (C, H, W), the zoo's small CNN: Conv2d 3x3
+    (padding 1), act, MaxPool2d(2), Conv2d 3x3 (padding 1), act, MaxPool2d(2), Flatten, Linear:
+    "cnn:C1,C2:act". The analyzer then uses its fast factorized kernels for it; any other model
+    is analyzed through its TorchScript form by autograd."""
+    if not isinstance(model, torch.nn.Sequential):
+        return None
+    mods = list(model.named_children())
+    return _mlp_spec(mods) or _cnn_spec(mods, None if input_shape is None else tuple(input_shape))
 
 
 class Recorder:
@@ -185,7 +232,7 @@ class Recorder:
             "checkpoint_every": self.every,
             "data": data,
         }
-        known = zoo_spec(model)
+        known = zoo_spec(model, data["train"]["input_shape"])
         if known is not None:
             manifest["zoo"] = {"spec": known[0], "names": known[1]}
         self._write_json("manifest.json", manifest)

@@ -38,7 +38,13 @@ def main():
         if int(p["probe"]) not in order:
             order.append(int(p["probe"]))
     outputs = np.load(os.path.join(args.analysis, "arrays", "outputs.npy"))
-    arrays = {q: np.load(os.path.join(args.analysis, "arrays", q + ".npy")) for q in "DFKR"}
+    quantities = ["D", "F", "K", "R"]
+    # S = 1/2 dw^T H_row dw when the analysis has it: checked row by row as a Hessian-vector
+    # product (second derivatives only; differentiating a double backward again is wrong for
+    # layer_norm in torch 1.13).
+    if os.path.exists(os.path.join(args.analysis, "arrays", "S.npy")):
+        quantities.append("S")
+    arrays = {q: np.load(os.path.join(args.analysis, "arrays", q + ".npy")) for q in quantities}
 
     ckdir = os.path.join(args.run, "checkpoints")
     steps = [int(s) for s in args.steps.split(",")] if args.steps else analyzed[:3]
@@ -72,7 +78,7 @@ def main():
             return m
     xp = xsplit[order]
 
-    worst = {q: 0.0 for q in "DFKR"}
+    worst = {q: 0.0 for q in quantities}
     for k in steps:
         i = analyzed.index(k)
         m0, m1 = model_at(k), model_at(k + 1)
@@ -88,15 +94,26 @@ def main():
         logits = m0(x_b)
         if manifest["loss"] == "ce":
             loss = torch.nn.functional.cross_entropy(logits, ytrain[batch])
-        else:
-            loss = 0.5 * ((logits - torch.nn.functional.one_hot(ytrain[batch], logits.shape[1])) ** 2).sum(1).mean()
+        else:  # class labels as one-hot rows; a recorded run's float targets as they are
+            y_b = ytrain[batch]
+            target = y_b.double() if y_b.is_floating_point() else torch.nn.functional.one_hot(y_b, logits.shape[1])
+            loss = 0.5 * ((logits - target) ** 2).sum(1).mean()
         grad_l = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)])
         with torch.no_grad():
             ref = {"D": (m1(xp) - m0(xp)).gather(1, cols).numpy()}
         ref["F"] = (jac @ dw).reshape(rows_f.shape).detach().numpy()
         ref["K"] = (-log[k]["lr"] * (jac @ grad_l)).reshape(rows_f.shape).detach().numpy()
         ref["R"] = ref["D"] - ref["F"]
-        for q in "DFKR":
+        if "S" in quantities:
+            dws = [(b - a).detach() for a, b in zip(m0.parameters(), m1.parameters())]
+            s_rows = []
+            for f in m0(xp).gather(1, cols).reshape(-1):
+                g = torch.autograd.grad(f, params, create_graph=True)
+                gdw = sum((gi * d).sum() for gi, d in zip(g, dws))
+                hv = torch.autograd.grad(gdw, params, retain_graph=True, allow_unused=True) if gdw.requires_grad else [None] * len(params)
+                s_rows.append(0.5 * sum(float((h * d).sum()) for h, d in zip(hv, dws) if h is not None))
+            ref["S"] = np.array(s_rows).reshape(rows_f.shape)
+        for q in quantities:
             err = np.abs(arrays[q][i] - ref[q]).max() / max(np.abs(ref[q]).max(), 1e-300)
             worst[q] = max(worst[q], float(err))
     print(json.dumps({"steps": steps, "max_relative_error": worst, "tol": args.tol}))

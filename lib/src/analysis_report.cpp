@@ -148,6 +148,8 @@ nlohmann::json summary_json(const AnalysisResult& r, const AnalyzeConfig& c) {
           {"mean_abs_sum_U", r.u.sum(0).abs().mean().item<double>()},
           {"mean_abs_sum_R", r.r.sum(0).abs().mean().item<double>()},
           {"optimizer", r.optimizer},
+          {"model", r.model},
+          {"kernel_route_used", r.route},
           {"kernel_term", r.uses_kopt ? "Kopt" : "K"},
           {"mean_abs_sum_Kopt", r.kopt.sum(0).abs().mean().item<double>()},
           {"mean_abs_sum_Uopt_wd", r.uopt_wd.sum(0).abs().mean().item<double>()},

@@ -253,12 +253,15 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
   const auto [nodes, node_weights] = gauss_legendre(std::max<int64_t>(c.exact_nodes, 1));
   res.contiguous = c.every == 1;
   {
-    const models::ModelSpec spec = models::parse_model_spec(model_spec);
-    res.smooth = spec.activation != "relu" && spec.kind != "cnn";
+    // A TorchScript model may hold kinks (ReLU, max, abs) we cannot see: not gated as smooth.
+    const models::ModelSpec& spec = model->spec();
+    res.smooth = spec.activation != "relu" && spec.kind != "cnn" && spec.kind != "torchscript";
   }
   auto last_report = t0;
   const OptimizerOptions oo = traj.optimizer_after(begin).options();
   res.optimizer = optimizer_name(oo.kind);
+  res.model = model_spec;
+  res.route = explicit_route ? "explicit" : "factorized";
   res.uses_kopt = oo.kind != OptimizerKind::kSgd || oo.momentum != 0;
   // The SPEC's sources of U (U_wd, U_mom) are defined for SGD without Nesterov or dampening.
   const bool sgd_sources = oo.kind == OptimizerKind::kSgd && !oo.nesterov && oo.dampening == 0;

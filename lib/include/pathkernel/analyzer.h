@@ -86,6 +86,8 @@ struct AnalysisResult {
   /// of gbar . dw (decay and rounding); float64 [steps, P, C].
   at::Tensor koptexact, uoptexact;
   std::string optimizer;               ///< the run's optimizer: sgd, adam, adamw
+  std::string model;                   ///< the zoo spec analyzed, or "torchscript"
+  std::string route;                   ///< the kernel route taken: factorized or explicit
   /// The optimizer has memory (momentum, Adam's moments) or a preconditioner: Eq. 9 uses Kopt.
   bool uses_kopt = false;
   at::Tensor f_initial, f_final;       ///< float64 [P, C] at the first analyzed step and after the last
