@@ -155,7 +155,7 @@ TEST(RecordedCustomTest, AModelThatDoesNotFitItsRunIsRefusedNamingModelPt) {
     const fs::path r = copy("damaged");
     const std::string bytes = read_file(r / "model.pt");
     atomic_write(r / "model.pt", bytes.substr(0, bytes.size() - 64));
-    expect_refused(r, "model.pt: not a readable torch archive");
+    expect_refused(r, "model.pt: not a readable TorchScript archive");
   }
 }
 

@@ -179,6 +179,14 @@ TEST_F(RecordedRunTest, ARunKilledMidwayIsReadableUpToItsLastCompleteStep) {
 }
 
 TEST_F(RecordedRunTest, DamagedRunsAreRefusedWithTheFileNamed) {
+  // Each damaged copy is refused by the reader and by `pathkernel analyze`: exit 2, the same
+  // message, nothing written.
+  auto cli_refuses = [&](const fs::path& r, const std::string& message) {
+    const fs::path out = tmp_->path() / (r.filename().string() + "-analysis"), log = tmp_->path() / "cli.log";
+    EXPECT_EQ(testing::run_program({PATHKERNEL_BIN, "analyze", r.string(), "--probes", "2", "--out", out.string()}, log), 2);
+    EXPECT_NE(read_file(log).find(message), std::string::npos) << read_file(log);
+    EXPECT_FALSE(fs::exists(out));
+  };
   {  // a checkpoint missing in the middle: the steps next to it cannot be analyzed
     const fs::path r = copy("gap");
     fs::remove(r / "checkpoints" / "step_00000012.pt");
@@ -196,6 +204,7 @@ TEST_F(RecordedRunTest, DamagedRunsAreRefusedWithTheFileNamed) {
     const std::string x = read_file(r / "data" / "train_x.npy");
     atomic_write(r / "data" / "train_x.npy", x.substr(0, x.size() - 100));
     EXPECT_THROW_WITH(RecordedRun{r}, InputError, "train_x.npy: data size does not match");
+    cli_refuses(r, "train_x.npy: data size does not match");
   }
   {  // labels outside the model's outputs
     const fs::path r = copy("labels");
@@ -203,11 +212,13 @@ TEST_F(RecordedRunTest, DamagedRunsAreRefusedWithTheFileNamed) {
     y[5] = 10;
     save_npy(r / "data" / "train_y.npy", y);
     EXPECT_THROW_WITH(RecordedRun{r}, InputError, "train_y.npy: labels must be in 0..9");
+    cli_refuses(r, "train_y.npy: labels must be in 0..9");
   }
   {  // inputs of another shape than the manifest says
     const fs::path r = copy("shape");
     save_npy(r / "data" / "test_x.npy", at::zeros({500, 784}, at::kDouble));  // right dtype, wrong shape
     EXPECT_THROW_WITH(RecordedRun{r}, InputError, "test_x.npy: inputs must be float32 (or float64) 500x1x28x28");
+    cli_refuses(r, "test_x.npy: inputs must be float32 (or float64) 500x1x28x28");
   }
   {  // a state_dict that does not match the manifest (a renamed key, a changed shape)
     const fs::path r = copy("keys");
@@ -215,6 +226,7 @@ TEST_F(RecordedRunTest, DamagedRunsAreRefusedWithTheFileNamed) {
     m.replace(m.find("\"3.bias\"", m.find("state_dict_keys")), 8, "\"3.beta\"");
     atomic_write(r / "manifest.json", m);
     EXPECT_THROW_WITH(RecordedRun{r}, InputError, "parameter '3.bias' is not in state_dict_keys");
+    cli_refuses(r, "parameter '3.bias' is not in state_dict_keys");
   }
   {
     const fs::path r = copy("weights");
@@ -223,6 +235,7 @@ TEST_F(RecordedRunTest, DamagedRunsAreRefusedWithTheFileNamed) {
     w[1].second = at::zeros({65});
     save_tensor_dict(r / "checkpoints" / "step_00000003.pt", w);
     EXPECT_THROW_WITH(ok.weights(3), InputError, "step_00000003.pt: '1.bias' has shape 65, the manifest 64");
+    cli_refuses(r, "step_00000003.pt: '1.bias' has shape 65, the manifest 64");  // found mid-analysis
   }
   {  // a data path leaving the run directory
     const fs::path r = copy("escape");
@@ -230,6 +243,7 @@ TEST_F(RecordedRunTest, DamagedRunsAreRefusedWithTheFileNamed) {
     m.replace(m.find("data/train_x.npy"), 16, "../py-mlp/data/train_x.npy");
     atomic_write(r / "manifest.json", m);
     EXPECT_THROW_WITH(RecordedRun{r}, InputError, "is outside the run directory");
+    cli_refuses(r, "is outside the run directory");
   }
 }
 

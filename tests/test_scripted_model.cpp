@@ -136,9 +136,9 @@ TEST(ScriptedModelTest, DamagedOrUnusableArchivesAreRefusedNamingTheFile) {
   testing::TempDir tmp;
   const std::string good = read_file(kData / "scripted_cnn.pt");
   atomic_write(tmp / "text.pt", "def forward(self, x): return x\n");
-  EXPECT_THROW_WITH(load_scripted_model(tmp / "text.pt", 4), InputError, "text.pt: not a readable torch archive");
+  EXPECT_THROW_WITH(load_scripted_model(tmp / "text.pt", 4), InputError, "text.pt: not a readable TorchScript archive");
   atomic_write(tmp / "short.pt", good.substr(0, good.size() / 2));
-  EXPECT_THROW_WITH(load_scripted_model(tmp / "short.pt", 4), InputError, "short.pt: not a readable torch archive");
+  EXPECT_THROW_WITH(load_scripted_model(tmp / "short.pt", 4), InputError, "short.pt: not a readable TorchScript archive");
   // One bit flipped inside a deflated code record and inside a stored weight record.
   for (const std::string record : {"code/__torch__/torch/nn/modules/conv.py", "data/0"}) {
     const std::string full = "scripted_cnn/" + record;

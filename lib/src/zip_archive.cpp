@@ -24,7 +24,8 @@ bool fits(uint64_t offset, uint64_t length, uint64_t size) { return offset <= si
 }  // namespace
 
 void ZipArchive::fail(const std::string& what) const {
-  throw InputError(name_ + ": not a readable torch archive (" + what + ")");
+  throw InputError(name_ + (allow_deflate_ ? ": not a readable TorchScript archive (" : ": not a readable checkpoint archive (") +
+                   what + ")");
 }
 
 ZipArchive::ZipArchive(std::string_view bytes, std::string name, bool allow_deflate)
