@@ -130,7 +130,7 @@ class AttributionTest : public ::testing::Test {
         decay = decay + w[j] * (ckj * lc);
       }
       e.uopt_wd[k] = at::mv(gp, decay) * (-a_k);
-      e.self.index_add_(0, batches[k], at::mv(jb[k].pow(2), precond[k]) * a_k);
+      e.self.index_add_(0, batches[k], at::mv(jb[k].pow(2), precond[k]) * (a_k / static_cast<double>(batches[k].size(0))));
     }
     return e;
   }

@@ -74,7 +74,7 @@ TEST_F(ExplainTest, AttributionsAndSelfInfluenceEqualTheExplicitRoute) {
     const at::Tensor jp = explicit_probe_jacobian(*model, xp, std::vector<int64_t>{2});
     const double lr = log[k]["lr"].get<double>();
     attr.index_add_(1, bidx, at::mm(jp, jb.t()) * (-lr / static_cast<double>(batch.size())));
-    self.index_add_(0, bidx, jb.pow(2).sum(1) * lr);
+    self.index_add_(0, bidx, jb.pow(2).sum(1) * (lr / static_cast<double>(batch.size())));
   }
   EXPECT_LE((r.attributions - attr).abs().max().item<double>(), 1e-10 * attr.abs().max().item<double>());
   EXPECT_LE((r.self_influence - self).abs().max().item<double>(), 1e-10 * self.abs().max().item<double>());

@@ -218,7 +218,10 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
     explicit_route = true;
   }
   if (c.kernel_route == "factorized" && !factorizable(*model)) {
-    throw InputError("--kernel-route factorized: model '" + model_spec + "' has parameters outside Linear/Conv2d layers");
+    throw InputError(model_spec == "torchscript"
+                         ? "--kernel-route factorized: the recorder did not recognize this run's model as one of the "
+                           "zoo's (README: Analyze your own PyTorch training); use auto or torchscript"
+                         : "--kernel-route factorized: model '" + model_spec + "' has parameters outside Linear/Conv2d layers");
   }
 
   if (traj.split_size(c.split) == 0) throw InputError(c.run + ": the run has no " + c.split + " split for probes");

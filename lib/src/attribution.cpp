@@ -153,8 +153,9 @@ OptimizerAttribution attribute_through_optimizer(const OptimizerAttributionConfi
         accumulate(phi_exact, gbar_buf, res.attr_exact);
       }
       if (c.self_influence) {
-        // TracIn with the optimizer's preconditioner: a_j <grad l_i, P_j (.) grad l_i>.
-        res.self_influence.index_add_(0, bidx, rows_weighted_sq(*model, sb, p.defined() ? p : ones) * lr);
+        // TracIn with the optimizer's preconditioner: (a_j / |B_j|) <grad l_i, P_j (.) grad l_i>.
+        res.self_influence.index_add_(
+            0, bidx, rows_weighted_sq(*model, sb, p.defined() ? p : ones) * (lr / static_cast<double>(bidx.size(0))));
       }
       res.times_drawn.index_add_(0, bidx, at::ones({bidx.size(0)}, at::kLong));
       const int64_t* bi = bidx.data_ptr<int64_t>();

@@ -77,7 +77,8 @@ ExplainResult explain(const ExplainConfig& c) {
       const RowGradients& rows = *t.batch_rows;
       const at::Tensor sq = rows.is_explicit() ? rows.jacobian.pow(2).sum(1)
                                                : per_example_grad_sq_norms(rows.signals.taps, /*scale=*/1.0);
-      self.index_add_(0, t.batch, sq * t.lr);
+      // SPEC: (a_k / |B_k|) |grad l_i|^2, the same weight as K_{k,i}.
+      self.index_add_(0, t.batch, sq * (t.lr / static_cast<double>(t.batch.size(0))));
     }
   };
   const AnalysisResult an = analyze(a);

@@ -1,7 +1,7 @@
 #pragma once
 /// \file analyzer.h
 /// `pathkernel analyze`: replays a run and splits every step's change of the probe outputs into
-/// kernel term K, update term U and Taylor residual R (../shared/SPEC.md), in float64.
+/// kernel term K, update term U and Taylor residual R (docs/spec.md), in float64.
 
 #include <ATen/core/Tensor.h>
 

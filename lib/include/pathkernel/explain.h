@@ -5,7 +5,7 @@
 ///     a_i(x) = sum over the steps k whose batch held i of K_{k,i}(x),
 /// so that f_c(x; w_N) = f_c(x; w_0) + sum_i a_i(x) + sum_k U_k + sum_k R_k; with the exact path
 /// kernel no R is left. Also TracIn self-influence: sum over the steps that drew i of
-/// a_k |grad l(x_i; w_k)|^2.
+/// (a_k / |B_k|) |grad l(x_i; w_k)|^2 (docs/spec.md).
 
 #include <ATen/core/Tensor.h>
 
