@@ -29,3 +29,21 @@ fi
 # Build progress goes to stderr: stdout is for the results of the commands that follow.
 cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release >&2
 cmake --build build -j 2 >&2
+
+# Puts `pathkernel` on PATH: PREFIX/bin/pathkernel, with the recorder, examples and checks in
+# PREFIX/share/pathkernel. PATHKERNEL_PREFIX chooses the prefix (default /usr/local, which needs
+# root or sudo; $HOME/.local needs neither); PATHKERNEL_PREFIX=none skips the installation.
+prefix="${PATHKERNEL_PREFIX:-/usr/local}"
+if [ "$prefix" != none ]; then
+  sudo=""
+  if [ "$(id -u)" -ne 0 ] && ! [ -w "$prefix" ]; then sudo=sudo; fi
+  if [ -n "$sudo" ] && ! command -v sudo >/dev/null; then
+    echo "setup: cannot write $prefix (no sudo): pathkernel stays in build/apps; PATHKERNEL_PREFIX=\$HOME/.local installs it" >&2
+  else
+    $sudo cmake --install build --prefix "$prefix" >/dev/null
+    case ":$PATH:" in
+      *":$prefix/bin:"*) ;;
+      *) echo "setup: installed $prefix/bin/pathkernel; add $prefix/bin to PATH" >&2 ;;
+    esac
+  fi
+fi

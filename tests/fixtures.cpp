@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <spawn.h>
+#include <sys/resource.h>
 #include <sys/wait.h>
 
 #include <unistd.h>
@@ -15,7 +16,8 @@ extern char** environ;
 
 namespace pathkernel::testing {
 
-int run_program(const std::vector<std::string>& args, const std::filesystem::path& log) {
+int run_program(const std::vector<std::string>& args, const std::filesystem::path& log, const std::filesystem::path& cwd,
+                double* cpu_seconds) {
   std::vector<std::string> all = args;
   std::vector<char*> argv;
   for (auto& a : all) argv.push_back(a.data());
@@ -24,12 +26,18 @@ int run_program(const std::vector<std::string>& args, const std::filesystem::pat
   posix_spawn_file_actions_init(&fa);
   posix_spawn_file_actions_addopen(&fa, 1, log.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
   posix_spawn_file_actions_adddup2(&fa, 1, 2);
+  if (!cwd.empty()) posix_spawn_file_actions_addchdir_np(&fa, cwd.c_str());
   pid_t pid = 0;
   const int rc = posix_spawn(&pid, argv[0], &fa, nullptr, argv.data(), environ);
   posix_spawn_file_actions_destroy(&fa);
   if (rc != 0) return -1000;
   int status = 0;
-  waitpid(pid, &status, 0);
+  rusage ru{};
+  wait4(pid, &status, 0, &ru);
+  if (cpu_seconds) {
+    *cpu_seconds = static_cast<double>(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) +
+                   1e-6 * static_cast<double>(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec);
+  }
   return WIFEXITED(status) ? WEXITSTATUS(status) : -WTERMSIG(status);
 }
 

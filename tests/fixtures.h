@@ -33,9 +33,11 @@ void write_file(const std::filesystem::path& path, const std::string& bytes, boo
 void write_synthetic_idx(const std::filesystem::path& dir, int n_train, int n_test, int size = 12,
                          int classes = 3, bool gz = true);
 
-/// Runs argv[0] (an absolute path) with its arguments, no shell, stdout and stderr to `log`;
-/// returns its exit status (-signal when killed).
-int run_program(const std::vector<std::string>& argv, const std::filesystem::path& log);
+/// Runs argv[0] (an absolute path) with its arguments, no shell, stdout and stderr to `log`,
+/// in the working folder `cwd` (when given); returns its exit status (-signal when killed).
+/// `cpu_seconds` (when given) receives the user + system CPU time the program used.
+int run_program(const std::vector<std::string>& argv, const std::filesystem::path& log,
+                const std::filesystem::path& cwd = {}, double* cpu_seconds = nullptr);
 
 }  // namespace pathkernel::testing
 

@@ -8,6 +8,7 @@
 #include "commands.h"
 #include "options.h"
 #include "pathkernel/errors.h"
+#include "pathkernel/fs_util.h"
 #include "pathkernel/replay.h"
 
 namespace pathkernel::app {
@@ -30,13 +31,11 @@ int cmd_replay(const Args& args) {
   if (!r.count("run")) throw InputError("pathkernel replay: give the run directory (see --help)");
   if (!r.count("verify") && !r.count("step")) throw InputError("pathkernel replay: give --verify or --step K --out FILE");
   if (r.count("step") && !r.count("out")) throw InputError("pathkernel replay: --step needs --out FILE");
+  if (r.count("out")) check_output_file(r["out"].as<std::string>(), r.count("force") > 0);  // before any work
 
   Replayer replayer(r["run"].as<std::string>());
   if (r.count("step")) {
     const std::filesystem::path out = r["out"].as<std::string>();
-    if (std::filesystem::exists(out) && !r.count("force")) {
-      throw InputError(out.string() + " exists; pass --force to overwrite it");
-    }
     const int64_t step = r["step"].as<int64_t>();
     save_tensor_dict(out, replayer.weights_at(step));
     std::cout << "weights at step " << step << " written to " << out.string() << "\n";

@@ -74,15 +74,43 @@ nlohmann::json read_json(const fs::path& path, bool object) {
   return j;
 }
 
+namespace {
+
+/// `out` does not exist: the nearest folder that exists must take a new entry. Tried with a
+/// probe folder, removed at once (access(2) says yes to root on /proc or a read-only mount).
+void check_creatable(const fs::path& out) {
+  std::error_code ec;
+  fs::path parent = fs::absolute(out, ec).parent_path();
+  while (!parent.empty() && !fs::exists(fs::symlink_status(parent, ec)) && parent != parent.root_path()) {
+    parent = parent.parent_path();
+  }
+  if (!fs::is_directory(parent, ec)) {
+    throw InputError(out.string() + ": cannot be created (" + parent.string() + " is not a folder)");
+  }
+  std::string probe = (parent / ".pathkernel-probe-XXXXXX").string();
+  if (!::mkdtemp(probe.data())) {
+    throw InputError(out.string() + ": cannot be created in " + parent.string() + " (" + std::strerror(errno) + ")");
+  }
+  ::rmdir(probe.c_str());
+}
+
+}  // namespace
+
+void check_output_file(const fs::path& out, bool force) {
+  std::error_code ec;
+  const auto st = fs::status(out, ec);
+  if (ec || st.type() == fs::file_type::not_found) return check_creatable(out);
+  if (st.type() != fs::file_type::regular) throw InputError(out.string() + ": exists and is not a file");
+  if (!force) throw InputError(out.string() + " exists; pass --force to overwrite it");
+  check_creatable(out.parent_path().empty() ? fs::path("x") : out.parent_path() / "x");
+}
+
 void check_output_dir(const fs::path& out, bool force, const std::string& marker, const std::string& format) {
   if (out.empty()) throw InputError("--out DIR is required");
   std::error_code ec;
   const auto st = fs::symlink_status(out, ec);
   if (ec || st.type() == fs::file_type::not_found) {
-    const fs::path parent = out.parent_path().empty() ? fs::path(".") : out.parent_path();
-    if (fs::exists(parent) && (!fs::is_directory(parent) || ::access(parent.c_str(), W_OK) != 0)) {
-      throw InputError(out.string() + ": cannot be created (" + parent.string() + " is not a writable folder)");
-    }
+    check_creatable(out);
     return;
   }
   if (st.type() == fs::file_type::symlink) throw InputError(out.string() + ": is a symbolic link; give a real folder");

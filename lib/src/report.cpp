@@ -104,13 +104,13 @@ void write_data(const fs::path& out, ReportFiles& files, const std::string& name
 ReportFiles write_report(const ReportConfig& c) {
   c.validate();
   const fs::path in(c.analysis);
+  check_output_dir(c.out, c.force, "report.html");  // before anything is read
   for (const char* f : {"steps.csv", "probes.csv", "summary.json", "arrays/D.npy"}) {
     if (!fs::exists(in / f)) throw InputError((in / f).string() + ": missing (not an analysis directory?)");
   }
   if (fs::weakly_canonical(c.out) == fs::weakly_canonical(in)) {
     throw InputError(c.out + ": is the analysis itself; give the report its own folder");
   }
-  check_output_dir(c.out, c.force, "report.html");
   const Table steps = read_csv(in / "steps.csv"), probes = read_csv(in / "probes.csv");
   const nlohmann::json summary = read_json(in / "summary.json");
   const at::Tensor d = load_npy(in / "arrays/D.npy"), f = load_npy(in / "arrays/F.npy");

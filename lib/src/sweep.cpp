@@ -23,6 +23,20 @@ void SweepConfig::validate() const {
     if (!(lr > 0) || !std::isfinite(lr)) throw InputError("--lr: every rate must be positive");
   }
   if (out.empty()) throw InputError("--out DIR is required");
+  // A sweep continues in its own folder: an existing --out may hold only what a sweep writes
+  // (lr_* folders, sweep.*), never a user's files.
+  std::error_code ec;
+  if (fs::is_directory(out, ec)) {
+    for (const auto& e : fs::directory_iterator(out, ec)) {
+      const std::string name = e.path().filename().string();
+      if (name.rfind("lr_", 0) != 0 && name.rfind("sweep.", 0) != 0 && name.rfind(".lr_", 0) != 0) {
+        throw InputError(out + ": holds " + name + ", which a sweep does not write; --out takes a new folder or an "
+                         "earlier sweep's, to continue it");
+      }
+    }
+  } else {
+    check_output_dir(out, /*force=*/false, "sweep.csv");  // a new folder: it must be creatable
+  }
   for (double lr : lrs) {
     TrainConfig t = train;
     t.out = out;

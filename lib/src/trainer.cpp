@@ -325,6 +325,8 @@ TrainSummary train(const TrainConfig& user_config, const std::string& command_li
     throw InputError(dir.root().string() + " already exists and is not empty; choose another --out, or " +
                      "continue it with --resume " + dir.root().string());
   }
+  std::error_code ec;
+  if (!fs::exists(dir.root(), ec)) check_output_dir(dir.root(), /*force=*/false, "manifest.json");  // creatable?
   auto ctx = make_run_context(config);
   fs::create_directories(dir.checkpoints_dir());
   // One process per run: the lock is taken, then the folder checked again, so two trainings

@@ -32,6 +32,11 @@ void sync_directory(const std::filesystem::path& dir);
 void check_output_dir(const std::filesystem::path& out, bool force, const std::string& marker,
                       const std::string& format = "");
 
+/// Checks before any work that `out` can be written as a file: not a folder, not an existing
+/// file unless `force`, and its folder (or the nearest existing ancestor) takes new entries.
+/// Throws InputError saying what is wrong.
+void check_output_file(const std::filesystem::path& out, bool force);
+
 /// A command's output folder written through a staging folder beside it: write into path(),
 /// then commit() puts it in place of `out` (an earlier output there is removed only then).
 /// Without commit() (an error, a kill) the staging folder is removed and `out` is untouched.
