@@ -11,6 +11,7 @@ packages=(
   libopenblas0-pthread          # LibTorch multiplies through libblas.so.3: ~14x faster than reference BLAS
   dataset-fashion-mnist         # /usr/share/datasets/fashion-mnist
   python3-torch python3-numpy   # scripts/check_*.py: checkpoints load with torch.load; independent checks
+  python3-pandas                # optional for users (python/pathkernel_read.py's DataFrames); its test needs it
   gnuplot-nox                   # PNG figures of explain and report
 )
 packages+=("$@")  # extra packages a caller needs (scripts/test.sh: clang for the sanitizer stage)

@@ -153,6 +153,9 @@ void write_explanation(const ExplainResult& r, const ExplainConfig& c) {
 
   save_npy(out / "attributions.npy", r.attributions);
   if (exact) save_npy(out / "attributions_exact.npy", r.attributions_exact);
+  // The coordinates of the attributions' columns, for readers that skip the CSV.
+  save_npy(out / "example_labels.npy", train_labels);
+  save_npy(out / "times_drawn.npy", r.times_drawn);
   const int64_t np = r.attributions.size(0), n = r.attributions.size(1);
   const at::Tensor attr = r.attributions.contiguous();
   const double* a = attr.data_ptr<double>();
@@ -238,6 +241,7 @@ void write_explanation(const ExplainResult& r, const ExplainConfig& c) {
   const at::Tensor sum_a = r.attributions.sum(1);
   for (int64_t p = 0; p < np; ++p) {
     nlohmann::json row = {{"probe", r.probe_indices[p]},
+                          {"label", r.probe_labels[p]},
                           {"output", r.outputs[p]},
                           {"f_initial", r.f_initial[p].item<double>()},
                           {"f_final", r.f_final[p].item<double>()},
