@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
 #include <cmath>
 
 #include "fixtures.h"
@@ -59,6 +60,24 @@ TEST_F(AnalyzerTest, LinearModelHasNoResidual) {
   }
   EXPECT_LT(r.identity_error, 1e-12);
   EXPECT_LT(r.kernel_split_error, 1e-10);
+}
+
+TEST_F(AnalyzerTest, BalancedProbesTakeEachClassInTurn) {
+  AnalyzeConfig c = config(run("bal", "linear", 0.1, 2));
+  c.probes = 7;
+  c.balanced = true;
+  const AnalysisResult r = analyze(c);
+  // Against the labels as read from the IDX file: 3 classes -> 3, 2, 2 probes.
+  const at::Tensor labels = load_split(tmp_ / "data", "test").labels;
+  std::vector<int64_t> per_class(3, 0);
+  ASSERT_EQ(r.probe_indices.size(), 7u);
+  for (size_t i = 0; i < r.probe_indices.size(); ++i) {
+    const int64_t y = labels[r.probe_indices[i]].item<int64_t>();
+    EXPECT_EQ(r.probe_labels[i], y);
+    ++per_class[static_cast<size_t>(y)];
+  }
+  EXPECT_EQ(per_class, (std::vector<int64_t>{3, 2, 2}));
+  EXPECT_TRUE(std::is_sorted(r.probe_indices.begin(), r.probe_indices.end()));
 }
 
 TEST_F(AnalyzerTest, QuadraticModelResidualIsExactlySecondOrder) {

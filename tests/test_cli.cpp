@@ -86,5 +86,18 @@ TEST(CliTest, EverySubcommandRefusesABadOutOrFlagAtOnceWritingNothing) {
   EXPECT_EQ(read_file(used / "notes.txt"), "mine\n");
 }
 
+TEST(CliTest, HelpAndVersionWorkForEveryCommand) {
+  testing::TempDir tmp;
+  const fs::path log = tmp / "cmd.log";
+  for (const std::string cmd : {"train", "replay", "analyze", "explain", "report", "sweep"}) {
+    ASSERT_EQ(testing::run_program({PATHKERNEL_BIN, cmd, "--version"}, log), 0) << cmd;
+    EXPECT_EQ(read_file(log).rfind("pathkernel ", 0), 0u) << cmd << ": " << read_file(log);
+    ASSERT_EQ(testing::run_program({PATHKERNEL_BIN, "help", cmd}, log), 0) << cmd;
+    EXPECT_NE(read_file(log).find("pathkernel " + cmd + " [OPTION...]"), std::string::npos) << read_file(log);
+  }
+  EXPECT_EQ(testing::run_program({PATHKERNEL_BIN, "help", "frobnicate"}, log), 2);
+  EXPECT_NE(read_file(log).find("unknown command 'frobnicate'"), std::string::npos) << read_file(log);
+}
+
 }  // namespace
 }  // namespace pathkernel

@@ -101,6 +101,22 @@ TEST(IdxTest, FindsRawAndDottedNames) {
   EXPECT_THROW_WITH(find_idx_file(dir.path(), "t10k", "labels"), InputError, "t10k-labels-idx1-ubyte.gz");
 }
 
+TEST(IdxTest, FindsEmnistOfficialNamesAndRefusesTwoSubsets) {
+  TempDir dir;
+  // EMNIST's release names its test split "test", not "t10k".
+  write_file(dir / "emnist-letters-train-images-idx3-ubyte.gz", idx_bytes({3, 2, 2}, std::vector<uint8_t>(12, 7)), true);
+  write_file(dir / "emnist-letters-train-labels-idx1-ubyte.gz", idx_bytes({3}, {1, 2, 26}), true);
+  write_file(dir / "emnist-letters-test-images-idx3-ubyte.gz", idx_bytes({2, 2, 2}, std::vector<uint8_t>(8, 7)), true);
+  write_file(dir / "emnist-letters-test-labels-idx1-ubyte.gz", idx_bytes({2}, {3, 4}), true);
+  const Dataset train = load_split(dir.path(), "train"), test = load_split(dir.path(), "test");
+  EXPECT_EQ(train.size(), 3);
+  EXPECT_EQ(test.size(), 2);
+  EXPECT_EQ(train.labels[2].item<int64_t>(), 26);
+  EXPECT_EQ(test.images_file.filename(), "emnist-letters-test-images-idx3-ubyte.gz");
+  write_file(dir / "emnist-digits-test-labels-idx1-ubyte.gz", idx_bytes({2}, {3, 4}), true);
+  EXPECT_THROW_WITH(load_split(dir.path(), "test"), InputError, "several EMNIST subsets");
+}
+
 TEST(IdxTest, InputsArePixelsOver255) {
   const at::Tensor u8 = at::tensor({0, 51, 255}, at::kByte).reshape({1, 1, 1, 3});
   const at::Tensor x = to_inputs(u8, at::kDouble, Normalization{});

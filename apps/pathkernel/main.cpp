@@ -8,6 +8,8 @@
 #include <cstdio>
 #include <iostream>
 #include <map>
+#include <string>
+#include <vector>
 
 #include "commands.h"
 #include "pathkernel/errors.h"
@@ -22,12 +24,14 @@ constexpr const char* kUsage =
     "commands:\n"
     "  train    train a model with logged SGD into a run directory (or --resume one)\n"
     "  replay   rebuild the weights at any step of a run; --verify checks every checkpoint\n"
-    "  analyze  split every step into kernel term, update term and Taylor residual (SPEC)\n"
+    "  analyze  split every step into kernel term, update term and Taylor residual (docs/spec.md)\n"
     "  explain  which training examples pushed a prediction (the kernel-machine view)\n"
     "  report   plots and report.html of an analysis\n"
-    "  sweep    train and analyze at several learning rates (the note's open question)\n"
+    "  sweep    train and analyze at several learning rates (how the residual grows with the step)\n"
+    "  help     `pathkernel help <command>`: a command's options\n"
     "\n"
-    "`pathkernel <command> --help` lists a command's options.\n"
+    "`pathkernel <command> --help` (or `pathkernel help <command>`) lists a command's options;\n"
+    "`--version` works everywhere.\n"
     "exit status: 0 ok, 1 internal error, 2 bad input, 3 training diverged, 4 identity/sum check fails,\n"
     "             5 replay mismatch\n";
 
@@ -54,13 +58,23 @@ int main(int argc, char** argv) {
       {"explain", pathkernel::app::cmd_explain},
       {"report", pathkernel::app::cmd_report},
       {"sweep", pathkernel::app::cmd_sweep}};
-  const auto it = commands.find(argv[1]);
+  std::string name = argv[1];
+  std::vector<std::string> rest(argv + 2, argv + argc);
+  if (name == "help") {  // pathkernel help CMD == pathkernel CMD --help
+    if (argc < 3) {
+      std::cout << kUsage;
+      return 0;
+    }
+    name = argv[2];
+    rest = {"--help"};
+  }
+  const auto it = commands.find(name);
   if (it == commands.end()) {
-    std::cerr << "pathkernel: unknown command '" << argv[1] << "'\n\n" << kUsage;
+    std::cerr << "pathkernel: unknown command '" << name << "'\n\n" << kUsage;
     return 2;
   }
-  pathkernel::app::Args args = {std::string("pathkernel ") + argv[1]};
-  for (int i = 2; i < argc; ++i) args.emplace_back(argv[i]);
+  pathkernel::app::Args args = {"pathkernel " + name};
+  args.insert(args.end(), rest.begin(), rest.end());
   try {
     return it->second(args);
   } catch (const pathkernel::InputError& e) {

@@ -9,6 +9,7 @@
 #include <sstream>
 
 #include "pathkernel/errors.h"
+#include "pathkernel/version.h"
 
 namespace pathkernel::app {
 
@@ -53,6 +54,8 @@ void add_analysis_options(cxxopts::Options& opts, AnalyzeConfig& c) {
   // clang-format off
   opts.add_options("analysis")
     ("probes", "number of probe images, evenly spaced over the split", cxxopts::value(c.probes)->default_value("64"))
+    ("balanced", "with --probes N: N/C probes of each class, evenly spaced within it",
+     cxxopts::value(c.balanced)->default_value("false"))
     ("probe-indices", "file of probe indices, one per line (instead of --probes)", cxxopts::value(c.probe_indices_file))
     ("split", "test | train: where the probes come from", cxxopts::value(c.split)->default_value("test"))
     ("outputs", "all (every logit) | true (the label's) | pred (the final prediction's)",
@@ -133,7 +136,8 @@ void check_numbers(const Args& args) {
 
 bool parse_options(cxxopts::Options& opts, const Args& args, cxxopts::ParseResult& result) {
   opts.add_options()("log-level", "trace | debug | info | warn | error",
-                     cxxopts::value<std::string>()->default_value("info"))("h,help", "show this help");
+                     cxxopts::value<std::string>()->default_value("info"))("h,help", "show this help")(
+      "version", "print pathkernel's version and exit");
   check_numbers(args);
   std::vector<const char*> argv;
   for (const auto& a : args) argv.push_back(a.c_str());
@@ -144,6 +148,10 @@ bool parse_options(cxxopts::Options& opts, const Args& args, cxxopts::ParseResul
   }
   if (result.count("help")) {
     std::cout << opts.help() << "\n";
+    return false;
+  }
+  if (result.count("version")) {
+    std::cout << "pathkernel " << kVersion << " (" << kGitRevision << ")\n";
     return false;
   }
   const std::string level = result["log-level"].as<std::string>();

@@ -120,7 +120,7 @@ nlohmann::json summary_json(const AnalysisResult& r, const AnalyzeConfig& c) {
     if (s.in_tc) r_tc += s.r_norm, ++tc;
     up += s.loss_up;
   }
-  nlohmann::json settings = {{"run", c.run}, {"probes", static_cast<int64_t>(r.probe_indices.size())},
+  nlohmann::json settings = {{"run", c.run}, {"probes", static_cast<int64_t>(r.probe_indices.size())}, {"balanced", c.balanced},
                              {"probe_indices_file", c.probe_indices_file}, {"split", c.split},
                              {"outputs", c.outputs}, {"step_begin", c.step_begin}, {"step_end", c.step_end},
                              {"every", c.every}, {"second_order", c.second_order}, {"exact_nodes", c.exact_nodes},

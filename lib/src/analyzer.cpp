@@ -60,7 +60,7 @@ at::Tensor forward_nograd(models::Model& model, const at::Tensor& x) {
   return model.forward(x);
 }
 
-std::vector<int64_t> choose_probes(const AnalyzeConfig& c, int64_t n) {
+std::vector<int64_t> choose_probes(const AnalyzeConfig& c, int64_t n, const at::Tensor& labels) {
   std::vector<int64_t> idx;
   if (!c.probe_indices.empty()) {
     for (int64_t v : c.probe_indices) {
@@ -84,6 +84,29 @@ std::vector<int64_t> choose_probes(const AnalyzeConfig& c, int64_t n) {
     }
     if (!in.eof()) throw InputError(c.probe_indices_file + ": expected one integer index per line");
     if (idx.empty()) throw InputError(c.probe_indices_file + ": no probe indices");
+    return idx;
+  }
+  if (c.balanced) {
+    // Per class, evenly spaced over that class's examples; classes absent from the split are
+    // skipped, so the count is spread over the classes present.
+    std::vector<std::vector<int64_t>> by_class;
+    const int64_t* l = labels.data_ptr<int64_t>();
+    for (int64_t i = 0; i < n; ++i) {
+      if (l[i] >= static_cast<int64_t>(by_class.size())) by_class.resize(static_cast<size_t>(l[i] + 1));
+      by_class[static_cast<size_t>(l[i])].push_back(i);
+    }
+    std::vector<const std::vector<int64_t>*> present;
+    for (const auto& v : by_class) {
+      if (!v.empty()) present.push_back(&v);
+    }
+    const auto classes = static_cast<int64_t>(present.size());
+    for (int64_t k = 0; k < classes; ++k) {
+      const auto& members = *present[static_cast<size_t>(k)];
+      const int64_t m = static_cast<int64_t>(members.size());
+      const int64_t want = std::min(m, c.probes / classes + (k < c.probes % classes ? 1 : 0));
+      for (int64_t i = 0; i < want; ++i) idx.push_back(members[static_cast<size_t>(i * m / want)]);
+    }
+    std::sort(idx.begin(), idx.end());
     return idx;
   }
   // Evenly spaced over the split: deterministic, and recorded in probes.csv.
@@ -226,7 +249,9 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
 
   if (traj.split_size(c.split) == 0) throw InputError(c.run + ": the run has no " + c.split + " split for probes");
   AnalysisResult res;
-  res.probe_indices = choose_probes(c, traj.split_size(c.split));
+  res.probe_indices = choose_probes(
+      c, traj.split_size(c.split),
+      c.balanced ? traj.labels(c.split, at::arange(traj.split_size(c.split), at::kLong)).contiguous() : at::Tensor());
   const at::Tensor pidx = at::tensor(res.probe_indices, at::kLong);
   const at::Tensor xp = traj.inputs(c.split, pidx, at::kDouble);
   const at::Tensor yp = traj.labels(c.split, pidx);

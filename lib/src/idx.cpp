@@ -125,9 +125,29 @@ fs::path find_idx_file(const fs::path& dir, const std::string& prefix, const std
   for (const auto& n : names) {
     if (fs::exists(dir / n)) return dir / n;
   }
+  // EMNIST's official names: emnist-SUBSET-{train,test}-{images-idx3,labels-idx1}-ubyte[.gz].
+  const std::string tail = "-" + std::string(prefix == "t10k" ? "test" : "train") + "-" + kind + "-" + idx;
+  std::vector<fs::path> emnist;
+  std::error_code ec;
+  for (const auto& e : fs::directory_iterator(dir, ec)) {
+    std::string n = e.path().filename().string();
+    if (n.size() > 3 && n.compare(n.size() - 3, 3, ".gz") == 0) n.resize(n.size() - 3);
+    if (n.rfind("emnist-", 0) == 0 && n.size() > tail.size() && n.compare(n.size() - tail.size(), tail.size(), tail) == 0) {
+      emnist.push_back(e.path());
+    }
+  }
+  if (emnist.size() == 1) return emnist[0];
+  if (emnist.size() > 1) {
+    std::sort(emnist.begin(), emnist.end());
+    std::string found;
+    for (const auto& f : emnist) found += (found.empty() ? "" : ", ") + f.filename().string();
+    throw InputError(dir.string() + ": several EMNIST subsets (" + found +
+                     "); give --data a folder holding one subset");
+  }
   std::string tried;
   for (const auto& n : names) tried += (tried.empty() ? "" : ", ") + n;
-  throw InputError(dir.string() + ": no " + prefix + " " + kind + " file (looked for " + tried + ")");
+  throw InputError(dir.string() + ": no " + prefix + " " + kind + " file (looked for " + tried +
+                   ", emnist-SUBSET" + tail + "[.gz])");
 }
 
 int64_t Dataset::num_classes() const { return labels.max().item<int64_t>() + 1; }

@@ -29,6 +29,9 @@ struct AnalyzeConfig {
   std::string run;                 ///< run directory written by `pathkernel train`
   std::string out;                 ///< analysis directory (must not exist or be empty unless force)
   int64_t probes = 64;             ///< number of probe images, evenly spaced over the split
+  /// With `probes`: N/C probes of each class (the first N mod C classes one more), evenly
+  /// spaced within the class, in index order.
+  bool balanced = false;
   std::string probe_indices_file;  ///< or: one index per line
   std::vector<int64_t> probe_indices;  ///< or: these indices (library use; checked against the split)
   std::string split = "test";      ///< test or train
