@@ -1,16 +1,16 @@
+#include <fmt/format.h>
 #include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
 #include <cstdlib>
 
 #include "fixtures.h"
 #include "pathkernel/analyzer.h"
 #include "pathkernel/errors.h"
-#include <algorithm>
 #include "pathkernel/fs_util.h"
 #include "pathkernel/gnuplot.h"
-
-#include <nlohmann/json.hpp>
 #include "pathkernel/report.h"
 #include "pathkernel/trainer.h"
 
@@ -57,6 +57,74 @@ TEST_F(ReportTest, WritesPlotsDataAndHtml) {
   const std::string df_csv = read_file(fs::path(c.out) / "data/d_vs_f.csv");
   EXPECT_EQ(std::count(df_csv.begin(), df_csv.end(), '\n'), 1 + 12 * 5 * 3);
   EXPECT_THROW_WITH(write_report(c), InputError, "already exists");
+}
+
+/// Decodes standard base64 (the test's own route to the embedded pictures).
+std::string unbase64(const std::string& s) {
+  const std::string digits = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+  std::string out;
+  uint32_t acc = 0;
+  int bits = 0;
+  for (char ch : s) {
+    if (ch == '=') break;
+    acc = (acc << 6) | static_cast<uint32_t>(digits.find(ch));
+    bits += 6;
+    if (bits >= 8) {
+      bits -= 8;
+      out += static_cast<char>((acc >> bits) & 0xFF);
+    }
+  }
+  return out;
+}
+
+// Issue 10: the page a researcher would keep. The run's facts come from the run's own files,
+// every figure is embedded (the page stands alone) and also written as SVG and PDF, classes are
+// named, and the summary numbers are summary.json's.
+TEST_F(ReportTest, APaperReadyPageStandsAloneWithTheRunFactsAndNamedClasses) {
+  ReportConfig c;
+  c.analysis = (tmp_ / "analysis").string();
+  c.out = (tmp_ / "report").string();
+  atomic_write(tmp_ / "names.txt", "circle\nsquare\ntriangle\n");
+  c.class_names_file = (tmp_ / "names.txt").string();
+  const ReportFiles f = write_report(c);
+  const std::string html = read_file(f.html);
+  const auto manifest = nlohmann::json::parse(read_file(tmp_ / "run" / "manifest.json"));
+  const auto run_summary = nlohmann::json::parse(read_file(tmp_ / "run" / "summary.json"));
+  const auto summary = nlohmann::json::parse(read_file(tmp_ / "analysis" / "summary.json"));
+  EXPECT_NE(html.find("<tr><th>model</th><td>mlp:5:tanh</td></tr>"), std::string::npos);
+  EXPECT_NE(html.find(fmt::format("<tr><th>parameters</th><td>{}</td></tr>", manifest["model"]["num_parameters"].get<int64_t>())),
+            std::string::npos);
+  EXPECT_NE(html.find(fmt::format("<tr><th>test accuracy at the end</th><td>{:.4f}</td></tr>",
+                                  run_summary["test_accuracy"].get<double>())),
+            std::string::npos);
+  EXPECT_NE(html.find("<tr><th>batch</th><td>8</td></tr>"), std::string::npos);
+  EXPECT_NE(html.find("0.5 (constant)"), std::string::npos);
+  EXPECT_NE(html.find(fmt::format("<tr><th>T_c (rule tau)</th><td>{} of {} steps</td></tr>",
+                                  summary["tc_size"].get<int64_t>(), summary["steps_analyzed"].get<int64_t>())),
+            std::string::npos);
+  EXPECT_NE(html.find(fmt::format("{:.3g} / {:.3g}", summary["r_percentiles"]["p5"].get<double>(),
+                                  summary["r_percentiles"]["p50"].get<double>())),
+            std::string::npos);
+  for (const char* name : {"circle (0)", "square (1)", "triangle (2)"}) EXPECT_NE(html.find(name), std::string::npos) << name;
+  // Every figure: embedded byte for byte, and beside the page as PNG, SVG and PDF.
+  size_t embedded = 0;
+  for (size_t at = html.find("data:image/png;base64,"); at != std::string::npos;
+       at = html.find("data:image/png;base64,", at + 1)) {
+    const size_t start = at + 22, end = html.find('\'', start);
+    const std::string png = f.pngs.at(embedded++);
+    EXPECT_EQ(unbase64(html.substr(start, end - start)), read_file(fs::path(c.out) / png)) << png;
+    const std::string stem = fs::path(png).stem().string();
+    EXPECT_EQ(read_file(fs::path(c.out) / (stem + ".pdf")).rfind("%PDF", 0), 0u) << stem;
+    EXPECT_NE(read_file(fs::path(c.out) / (stem + ".svg")).find("<svg"), std::string::npos) << stem;
+  }
+  EXPECT_EQ(embedded, f.pngs.size());
+  EXPECT_EQ(html.find("<img src='r_per_step.png'"), std::string::npos);
+
+  atomic_write(tmp_ / "short.txt", "circle\n");
+  c.class_names_file = (tmp_ / "short.txt").string();
+  c.out = (tmp_ / "report-short").string();
+  EXPECT_THROW_WITH(write_report(c), InputError, "short.txt: 1 names, the run has 3 classes");
+  EXPECT_FALSE(fs::exists(c.out));
 }
 
 // Issue 8: no string reaches a shell, and none is code to gnuplot. An output folder whose name

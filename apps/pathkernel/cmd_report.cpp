@@ -19,6 +19,8 @@ int cmd_report(const Args& args) {
     ("analysis", "analysis directory (from pathkernel analyze)", cxxopts::value(c.analysis))
     ("out", "report directory to create", cxxopts::value(c.out))
     ("curves", "probes whose cumulative sums are plotted", cxxopts::value(c.curves)->default_value("4"))
+    ("class-names", "file with one class name per line (default: Fashion-MNIST's names for its data)",
+     cxxopts::value(c.class_names_file))
     ("force", "write into a non-empty --out");
   // clang-format on
   opts.parse_positional({"analysis"});

@@ -8,6 +8,7 @@
 #include <filesystem>
 
 #include "pathkernel/analyzer.h"
+#include "pathkernel/csv.h"
 #include "pathkernel/errors.h"
 #include "pathkernel/fs_util.h"
 #include "pathkernel/npy.h"
@@ -46,7 +47,7 @@ at::Tensor tc_mask(const AnalysisResult& r) {
   return at::tensor(m, at::kDouble).reshape({-1, 1, 1});
 }
 
-std::string g(double v) { return fmt::format("{}", v); }
+std::string g(double v) { return csv_float(v); }
 
 std::string steps_csv(const AnalysisResult& r, bool second) {
   std::string s =

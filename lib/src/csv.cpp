@@ -58,4 +58,10 @@ Table read_csv(const fs::path& path) {
   return t;
 }
 
+std::string csv_float(double v) {
+  std::string s = fmt::format("{}", v);
+  if (s.find_first_of(".eEn") == std::string::npos) s += ".0";  // n: nan and inf stay as they are
+  return s;
+}
+
 }  // namespace pathkernel

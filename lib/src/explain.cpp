@@ -14,6 +14,7 @@
 
 #include "pathkernel/analyzer.h"
 #include "pathkernel/attribution.h"
+#include "pathkernel/csv.h"
 #include "pathkernel/errors.h"
 #include "pathkernel/fs_util.h"
 #include "pathkernel/gnuplot.h"
@@ -127,7 +128,7 @@ ExplainResult explain(const ExplainConfig& c) {
 
 namespace {
 
-std::string g(double v) { return fmt::format("{}", v); }
+std::string g(double v) { return csv_float(v); }
 
 /// Indices of the `k` largest values of v (descending), or the smallest when !largest.
 std::vector<int64_t> top_k(const at::Tensor& v, int64_t k, bool largest) {

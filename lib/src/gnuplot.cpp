@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <stdexcept>
@@ -120,7 +121,7 @@ std::string gp_text(const std::string& s) {
   return out;
 }
 
-void render_gnuplot(const fs::path& png, const std::string& script) {
+void render_gnuplot(const fs::path& png, const std::string& script, bool vector_copies) {
   const std::string exe = find_gnuplot();
   if (exe.empty()) throw std::runtime_error("gnuplot is not on the PATH (apt-get install gnuplot-nox)");
   const fs::path dir = png.parent_path().empty() ? fs::path(".") : png.parent_path();
@@ -139,6 +140,27 @@ void render_gnuplot(const fs::path& png, const std::string& script) {
     throw std::runtime_error("gnuplot failed on " + gp.string() + ": " + err.substr(0, 400));
   }
   fs::rename(tmp_png, png);
+  if (!vector_copies) return;
+  int w = 0, h = 0;
+  const std::string first = script.substr(0, script.find('\n'));
+  if (std::sscanf(first.c_str(), "set terminal pngcairo size %d,%d", &w, &h) != 2) {
+    throw std::runtime_error(gp.string() + ": vector copies need a first line 'set terminal pngcairo size W,H'");
+  }
+  const std::string rest = script.substr(script.find('\n'));
+  for (const auto& [ext, terminal] :
+       {std::pair<std::string, std::string>{".svg", fmt::format("set terminal svg size {},{} dynamic font 'sans,10'", w, h)},
+        std::pair<std::string, std::string>{".pdf", fmt::format("set terminal pdfcairo size {}in,{}in font 'sans,7'",
+                                                                w / 100.0, h / 100.0)}}) {
+    const std::string target = fs::path(name).replace_extension(ext).string(), tmp = target + ".tmp" + ext;
+    std::string variant = terminal + rest;
+    for (size_t pos; (pos = variant.find("@OUTPUT@")) != std::string::npos;) variant.replace(pos, 8, gp_text(tmp));
+    const auto [st, e] = run_gnuplot(exe, dir, variant);
+    if (st != 0 || !fs::exists(dir / tmp)) {
+      fs::remove(dir / tmp);
+      throw std::runtime_error("gnuplot failed on the " + ext + " copy of " + gp.string() + ": " + e.substr(0, 400));
+    }
+    fs::rename(dir / tmp, dir / target);
+  }
 }
 
 void render_image_grid(const fs::path& png, const std::vector<GridImage>& images, int columns,

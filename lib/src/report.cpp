@@ -5,6 +5,7 @@
 #include <nlohmann/json.hpp>
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <map>
@@ -17,14 +18,19 @@
 #include "pathkernel/npy.h"
 #include "pathkernel/recorded_run.h"
 #include "pathkernel/replay.h"
+#include "report_parts.h"
 
 namespace pathkernel {
 namespace fs = std::filesystem;
+using report_detail::html_text;
 
 void ReportConfig::validate() const {
   if (analysis.empty()) throw InputError("give the analysis directory");
   if (out.empty()) throw InputError("--out DIR is required");
   if (curves < 1) throw InputError("--curves must be at least 1");
+  if (!class_names_file.empty() && !fs::is_regular_file(class_names_file)) {
+    throw InputError(class_names_file + ": no such class names file");
+  }
 }
 
 namespace {
@@ -75,23 +81,7 @@ void check_inputs(const fs::path& in, const Table& steps, const Table& probes, c
   }
 }
 
-std::string g(double v) { return fmt::format("{}", v); }
-
-/// Text for HTML: strings from the analysis's files are data, never markup.
-std::string html_text(const std::string& t) {
-  std::string out;
-  for (const char c : t) {
-    switch (c) {
-      case '&': out += "&amp;"; break;
-      case '<': out += "&lt;"; break;
-      case '>': out += "&gt;"; break;
-      case '"': out += "&quot;"; break;
-      case '\'': out += "&#39;"; break;
-      default: out += c;
-    }
-  }
-  return out;
-}
+std::string g(double v) { return csv_float(v); }
 
 /// Writes a plot's data as DIR/data/NAME.csv and records it.
 void write_data(const fs::path& out, ReportFiles& files, const std::string& name, const std::string& csv) {
@@ -132,20 +122,61 @@ ReportFiles write_report(const ReportConfig& c) {
   const double share = summary.value("share_of_R_norm_in_tc", 0.0);
   const std::string rule = summary["settings"].value("tc_rule", "tau");
 
-  // 1. r per step (log scale), T_c marked, learning rate on the second axis.
+  // 1. r per step (log scale): the tau line under rule tau, T_c as ticks in a band below the
+  // curve (they never cover it), the learning rate only when it varies.
   std::string csv = "step,r,in_Tc,lr\n";
   for (size_t i = 0; i < steps.rows; ++i) csv += fmt::format("{},{},{},{}\n", step[i], g(rr[i]), tc[i], g(lr[i]));
   write_data(out, files, "r_per_step", csv);
   if (files.gnuplot) {
-    render_gnuplot(out / "r_per_step.png", fmt::format(
+    double r_lo = 1e300, r_hi = 0;
+    for (double v : rr) {
+      if (v > 0) r_lo = std::min(r_lo, v), r_hi = std::max(r_hi, v);
+    }
+    const double tau = summary["settings"].value("tau", 0.1);
+    if (rule == "tau") r_lo = std::min(r_lo, tau), r_hi = std::max(r_hi, tau);
+    if (!(r_hi > 0)) r_lo = 1e-3, r_hi = 1;
+    const double band = r_lo / 3;  // the T_c ticks' row, below every value of r
+    const bool lr_varies = *std::min_element(lr.begin(), lr.end()) != *std::max_element(lr.begin(), lr.end());
+    std::string plot = fmt::format(
         "set terminal pngcairo size 1000,450 font 'sans,10'\nset output '@OUTPUT@'\nset datafile separator ','\n"
-        "set key top left\nset xlabel 'step k'\nset ylabel 'r = |R| / |F|'\nset logscale y\nset y2label 'learning rate'\n"
-        "set y2tics\nset ytics nomirror\nset title 'Taylor residual per step ({} T_c steps by rule {}; red)'\n"
-        "plot '{}' skip 1 using 1:2 with lines lc rgb '#3060c0' title 'r', "
-        "'' skip 1 using 1:($3 > 0 ? $2 : 1/0) with points pt 7 ps 0.8 lc rgb '#d02020' title 'T_c', "
-        "'' skip 1 using 1:4 axes x1y2 with lines lc rgb '#909090' dt 2 title 'lr'\n",
-        static_cast<int64_t>(summary.value("tc_size", 0)), gp_text(rule), "data/r_per_step.csv"));
+        "set key outside right top\nset xlabel 'step k'\nset ylabel 'r = |R| / |F|'\nset logscale y\n"
+        "set yrange [{}:{}]\nset title 'Taylor residual per step: {} of {} steps in T_c (rule {})'\n",
+        band / 2, r_hi * 2, static_cast<int64_t>(summary.value("tc_size", 0)), steps.rows, gp_text(rule));
+    if (lr_varies) plot += "set y2label 'learning rate'\nset y2tics\nset ytics nomirror\n";
+    plot += fmt::format(
+        "plot '{}' skip 1 using 1:2 with lines lw 1.5 lc rgb '#3060c0' title 'r', "
+        "'' skip 1 using 1:($3 > 0 ? {} : 1/0) with points pt 5 ps 0.35 lc rgb '#d02020' title 'step in T_c'",
+        "data/r_per_step.csv", band);
+    if (rule == "tau") plot += fmt::format(", {} with lines dt 2 lc rgb '#d02020' title 'tau = {}'", tau, tau);
+    if (lr_varies) plot += ", '' skip 1 using 1:4 axes x1y2 with lines lc rgb '#909090' dt 3 title 'learning rate'";
+    render_gnuplot(out / "r_per_step.png", plot + "\n", /*vector_copies=*/true);
     files.pngs.push_back("r_per_step.png");
+  }
+
+  // 1b. With --second-order: |R|, its second-order part |S| and the rest |R - S| per step.
+  const bool has_s = steps.cols.count("S_norm") && steps.cols.count("higher_norm") &&
+                     std::all_of(steps.cols.at("S_norm").begin(), steps.cols.at("S_norm").end(),
+                                 [](double v) { return std::isfinite(v); });
+  if (has_s) {
+    const auto& s_norm = steps.at("S_norm", in / "steps.csv");
+    const auto& r_norm = steps.at("R_norm", in / "steps.csv");
+    const auto& higher = steps.at("higher_norm", in / "steps.csv");
+    csv = "step,R_norm,S_norm,higher_norm\n";
+    for (size_t i = 0; i < steps.rows; ++i) {
+      csv += fmt::format("{},{},{},{}\n", step[i], g(r_norm[i]), g(s_norm[i]), g(higher[i]));
+    }
+    write_data(out, files, "second_order", csv);
+    if (files.gnuplot) {
+      render_gnuplot(out / "second_order.png", fmt::format(
+          "set terminal pngcairo size 1000,420 font 'sans,10'\nset output '@OUTPUT@'\nset datafile separator ','\n"
+          "set key outside right top\nset xlabel 'step k'\nset ylabel 'norm over probes and outputs'\nset logscale y\n"
+          "set title 'The residual and its orders: S = 1/2 dw^T H dw (exact), R - S (third and higher)'\n"
+          "plot '{}' skip 1 using 1:2 with lines lw 1.5 lc rgb '#d02020' title '|R|', "
+          "'' skip 1 using 1:3 with lines lc rgb '#3060c0' title '|S|', "
+          "'' skip 1 using 1:4 with lines lc rgb '#30a030' title '|R - S|'\n",
+          "data/second_order.csv"), /*vector_copies=*/true);
+      files.pngs.push_back("second_order.png");
+    }
   }
 
   // 2. Cumulative sum K, sum U, sum R against the actual change, for a few probes.
@@ -182,9 +213,9 @@ ReportFiles write_report(const ReportConfig& c) {
     const int cols = curves > 1 ? 2 : 1, rows = static_cast<int>((curves + 1) / 2);
     render_gnuplot(out / "cumulative.png", fmt::format(
         "set terminal pngcairo size 1000,{} font 'sans,9'\nset output '@OUTPUT@'\nset datafile separator ','\n"
-        "set key top left\nset xlabel 'step'\nset multiplot layout {},{} title 'Eq. 9 over the run: f - f_0 = sum K "
-        "+ sum U + sum R'\n{}unset multiplot\n",
-        rows * 330 + 40, rows, cols, plots));
+        "set key outside right top\nset xlabel 'step'\nset multiplot layout {},{} title 'Eq. 9 over the run: f - f_0 = "
+        "sum K + sum U + sum R'\n{}unset multiplot\n",
+        rows * 330 + 40, rows, cols, plots), /*vector_copies=*/true);
     files.pngs.push_back("cumulative.png");
   }
 
@@ -201,7 +232,7 @@ ReportFiles write_report(const ReportConfig& c) {
         "set title 'actual against first-order change (every {}th point)'\n"
         "plot '{}' skip 1 using 1:2 with points pt 7 ps 0.3 lc rgb '#3060c0' title 'step x probe x output', "
         "x with lines lc rgb 'black' dt 2 title 'D = F'\n",
-        stride, "data/d_vs_f.csv"));
+        stride, "data/d_vs_f.csv"), /*vector_copies=*/true);
     files.pngs.push_back("d_vs_f.png");
   }
 
@@ -223,7 +254,7 @@ ReportFiles write_report(const ReportConfig& c) {
         "set xlabel 'log10 r'\nset ylabel 'steps'\nset style fill solid 0.6\nunset key\n"
         "set title 'r = |R|/|F| over steps; share of sum |R| in T_c: {:.1f}%'\n"
         "plot '{}' skip 1 using (($1+$2)/2):3:(0.24) with boxes lc rgb '#3060c0'\n",
-        100 * share, "data/r_histogram.csv"));
+        100 * share, "data/r_histogram.csv"), /*vector_copies=*/true);
     files.pngs.push_back("r_histogram.png");
   }
 
@@ -266,7 +297,7 @@ ReportFiles write_report(const ReportConfig& c) {
             "plot '{}' skip 1 using 1:2 with lines lw 2 lc rgb 'black' title 'L(w)', "
             "'{}' skip 1 using 2:3 with linespoints pt 7 ps 0.7 lc rgb '#3060c0' title 'w_k', "
             "'' skip 1 using 2:($4 > 0 ? $3 : 1/0) with points pt 6 ps 2 lw 2 lc rgb '#d02020' title 'T_c'\n",
-            gp_text(ctx.config.model), ctx.config.lr, "data/landscape.csv", "data/path.csv"));
+            gp_text(ctx.config.model), ctx.config.lr, "data/landscape.csv", "data/path.csv"), /*vector_copies=*/true);
         files.pngs.push_back("landscape.png");
       }
     }
@@ -289,33 +320,74 @@ ReportFiles write_report(const ReportConfig& c) {
   }
   double mc = 0, mac = 0;
   for (double v : change) mc += v / change.size(), mac += std::abs(v) / change.size();
+  // The kernel term the analysis sums: Kopt for optimizers with memory or a preconditioner.
+  const bool kopt = summary.value("kernel_term", "K") == "Kopt" && probes.cols.count("sum_Kopt");
+  const char* kcol = kopt ? "sum_Kopt" : "sum_K";
   std::string html = fmt::format(
       "<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>pathkernel report</title>\n"
       "<style>body{{font-family:sans-serif;max-width:1050px;margin:2em auto}} table{{border-collapse:collapse}} "
-      "td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}} img{{max-width:100%}}</style></head><body>\n"
-      "<h1>pathkernel report</h1>\n<p>Analysis <code>{}</code> of run <code>{}</code>: {} steps ({}..{}), {} probes "
-      "x {} outputs, in float64.</p>\n<h2>Eq. 9: f_N - f_0 = sum K + sum U + sum R(T_c) + sum R(rest)</h2>\n"
-      "<table><tr><th></th><th>f_N - f_0</th><th>sum K</th><th>sum U</th><th>sum R(T_c)</th><th>sum R(rest)</th></tr>\n"
+      "td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}} th{{text-align:left}} img{{max-width:100%}} "
+      "figure{{margin:1.5em 0}} figcaption{{font-size:90%;color:#444}}</style></head><body>\n"
+      "<h1>pathkernel report</h1>\n<p>Analysis <code>{}</code> of run <code>{}</code>, {} probes x {} outputs, "
+      "in float64.</p>\n<h2>Run</h2>\n<table>\n{}</table>\n",
+      html_text(c.analysis), html_text(summary["settings"].value("run", "")), np, nc,
+      report_detail::run_facts_rows(summary, steps, in / "steps.csv"));
+  const std::string kname = kopt ? "Kopt" : "K", uname = kopt ? "Uopt" : "U";
+  auto u_mean = [&](bool absolute) {
+    if (!kopt) return absolute ? mean_abs("sum_U") : mean("sum_U");
+    double t = 0;
+    for (size_t i = 0; i < probes.rows; ++i) {
+      const double v = probes.at("sum_Uopt_wd", in / "probes.csv")[i] + probes.at("sum_Uopt_round", in / "probes.csv")[i];
+      t += (absolute ? std::abs(v) : v) / static_cast<double>(probes.rows);
+    }
+    return t;
+  };
+  html += fmt::format(
+      "<h2>Eq. 9: f_N - f_0 = sum {k} + sum {u} + sum R(T_c) + sum R(rest)</h2>\n"
+      "<table><tr><th></th><th>f_N - f_0</th><th>sum {k}</th><th>sum {u}</th><th>sum R(T_c)</th><th>sum R(rest)</th></tr>\n"
       "<tr><th>mean</th><td>{:.4g}</td><td>{:.4g}</td><td>{:.4g}</td><td>{:.4g}</td><td>{:.4g}</td></tr>\n"
-      "<tr><th>mean |.|</th><td>{:.4g}</td><td>{:.4g}</td><td>{:.4g}</td><td>{:.4g}</td><td>{:.4g}</td></tr></table>\n",
-      html_text(c.analysis), html_text(summary["settings"].value("run", "")), summary.value("steps_analyzed", 0),
-      summary.value("first_step", 0),
-      summary.value("last_step", 0), np, nc, mc, mean("sum_K"), mean("sum_U"), mean("sum_R_Tc"), mean("sum_R_other"), mac,
-      mean_abs("sum_K"), mean_abs("sum_U"), mean_abs("sum_R_Tc"), mean_abs("sum_R_other"));
+      "<tr><th>mean |.|</th><td>{:.4g}</td><td>{:.4g}</td><td>{:.4g}</td><td>{:.4g}</td><td>{:.4g}</td></tr></table>\n"
+      "<p>Means over probes and outputs of each term summed over the analyzed steps.</p>\n",
+      mc, mean(kcol), u_mean(false), mean("sum_R_Tc"), mean("sum_R_other"), mac, mean_abs(kcol), u_mean(true),
+      mean_abs("sum_R_Tc"), mean_abs("sum_R_other"), fmt::arg("k", kname), fmt::arg("u", uname));
   const auto& pct = summary["r_percentiles"];
   html += fmt::format(
       "<h2>Summary</h2><table>\n<tr><th>T_c (rule {})</th><td>{} of {} steps</td></tr>\n"
-      "<tr><th>share of sum |R| in T_c</th><td>{:.1f}%</td></tr>\n<tr><th>r percentiles p5 / p50 / p95 / max</th>"
-      "<td>{:.3g} / {:.3g} / {:.3g} / {:.3g}</td></tr>\n<tr><th>sum |R| / sum |f_N - f_0|</th><td>{:.3g}</td></tr>\n"
+      "<tr><th>share of sum over steps of |R_k| in T_c</th><td>{:.1f}%</td></tr>\n<tr><th>r percentiles p5 / p50 / p95 / max</th>"
+      "<td>{:.3g} / {:.3g} / {:.3g} / {:.3g}</td></tr>\n"
+      "<tr><th>sum over probes and outputs of |sum_k R_k|, over the sum of |f_N - f_0|</th><td>{:.3g}</td></tr>\n"
       "<tr><th>steps whose batch loss went up</th><td>{}</td></tr>\n<tr><th>max run identity error</th><td>{}</td></tr>\n"
       "<tr><th>Pearson(r, lr)</th><td>{:.3g}</td></tr></table>\n",
       html_text(rule), static_cast<int64_t>(summary.value("tc_size", 0)), summary.value("steps_analyzed", 0), 100 * share,
       pct.value("p5", 0.0), pct.value("p50", 0.0), pct.value("p95", 0.0), pct.value("max", 0.0),
       summary.value("sum_R_over_change", 0.0), summary.value("steps_with_loss_up", 0),
       summary["max_identity_error"].dump(), summary.value("pearson_r_lr", 0.0));
+  // Per probe class (names: --class-names, or Fashion-MNIST's own).
+  {
+    std::vector<int64_t> labels;
+    int64_t classes = 0;
+    for (int64_t p = 0; p < np; ++p) {
+      labels.push_back(static_cast<int64_t>(plabel[static_cast<size_t>(p * nc)]));
+      classes = std::max(classes, labels.back() + 1);
+    }
+    const at::Tensor kk = kopt ? load_npy(in / "arrays/Kopt.npy") : k;
+    const at::Tensor uu = kopt ? load_npy(in / "arrays/Uopt_wd.npy") + load_npy(in / "arrays/Uopt_round.npy") : u;
+    if (kk.sizes() != d.sizes() || uu.sizes() != d.sizes()) throw InputError(c.analysis + ": Kopt/Uopt arrays differ in shape from D");
+    html += "<h2>By probe class</h2>\n" +
+            report_detail::class_table_html(labels, report_detail::class_names(summary, classes, c.class_names_file), d, f,
+                                            kk, uu, r, kname);
+  }
   if (files.gnuplot) {
-    html += "<h2>Plots</h2>\n";
-    for (const auto& png : files.pngs) html += fmt::format("<p><img src='{}' alt='{}'></p>\n", png, png);
+    html += "<h2>Figures</h2>\n";
+    for (const auto& png : files.pngs) {
+      // Embedded, so the page stands alone; the PNG, SVG and PDF files are beside it.
+      const std::string stem = fs::path(png).stem().string();
+      html += fmt::format(
+          "<figure><img src='data:image/png;base64,{}' alt='{}'><figcaption>{} (<a href='{}'>PNG</a>, "
+          "<a href='{}.svg'>SVG</a>, <a href='{}.pdf'>PDF</a>, <a href='{}.gp'>gnuplot script</a>)</figcaption></figure>\n",
+          report_detail::base64(read_file(out / png)), html_text(png), html_text(stem), html_text(png), html_text(stem),
+          html_text(stem), html_text(stem));
+    }
   } else {
     html += "<p><b>gnuplot was not found</b> (apt-get install gnuplot-nox): no plots; their data is in data/.</p>\n";
   }

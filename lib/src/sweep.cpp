@@ -7,6 +7,7 @@
 #include <cmath>
 #include <filesystem>
 
+#include "pathkernel/csv.h"
 #include "pathkernel/errors.h"
 #include "pathkernel/fs_util.h"
 #include "pathkernel/gnuplot.h"
@@ -142,9 +143,9 @@ std::vector<SweepRow> sweep(const SweepConfig& c) {
 
   std::string csv = "lr,status,steps,test_accuracy,median_r,tc_share_steps,tc_share_R,sum_R_over_change\n";
   for (const auto& r : rows) {
-    csv += fmt::format("{},{},{},{},{},{},{},{}\n", r.lr, r.status, r.steps,
-                       std::isnan(r.test_accuracy) ? std::string() : fmt::format("{}", r.test_accuracy), r.median_r,
-                       r.tc_share_steps, r.tc_share_r, r.sum_r_over_change);
+    csv += fmt::format("{},{},{},{},{},{},{},{}\n", csv_float(r.lr), r.status, r.steps,
+                       std::isnan(r.test_accuracy) ? std::string() : csv_float(r.test_accuracy), csv_float(r.median_r),
+                       csv_float(r.tc_share_steps), csv_float(r.tc_share_r), csv_float(r.sum_r_over_change));
   }
   atomic_write(fs::path(c.out) / "sweep.csv", csv);
   if (gnuplot_available()) {

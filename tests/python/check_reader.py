@@ -45,6 +45,12 @@ def main(analysis, explanation):
         check(mine.dtype.kind in "if" and np.array_equal(mine.astype(float), theirs.astype(float), equal_nan=True),
               "analysis: steps.csv column " + col)
     check(a.steps["in_Tc"].dtype == np.int64 and a.steps["r"].dtype == np.float64, "analysis: column types")
+    # Stable types in the files themselves: pandas' inference must find every float column a float
+    # column (a column of zeros written as "0" reads as integers; empty columns read as float NaN).
+    for table, frame in (("steps.csv", steps), ("probes.csv", probes)):
+        for col in frame.columns:
+            want = "i" if col in pk._INT_COLUMNS else "f"
+            check(frame[col].dtype.kind == want, "%s: column %s reads as %s" % (table, col, frame[col].dtype))
     df = a.frame("D", "R")
     row = df[(df.step == a.step[-1]) & (df.probe == a.probe[-1]) & (df.output == a.output[-1, -1])]
     check(len(row) == 1 and row["R"].iloc[0] == a["R"][-1, -1, -1], "analysis: frame row lookup")

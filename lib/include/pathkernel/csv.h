@@ -22,4 +22,8 @@ struct Table {
 /// else throws InputError naming the file, row and column.
 Table read_csv(const std::filesystem::path& path);
 
+/// A float cell: the shortest text that reads back to `v` exactly, always with a decimal point or
+/// an exponent ("0.0", not "0"), so that a float column never looks like an integer column.
+std::string csv_float(double v);
+
 }  // namespace pathkernel

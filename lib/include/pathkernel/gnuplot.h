@@ -23,8 +23,10 @@ std::string gp_text(const std::string& s);
 /// Runs a gnuplot script that sets its own output to `png`'s temporary name (use the
 /// placeholder @OUTPUT@ in `script`), started with posix_spawn in `png`'s folder with the script
 /// on its standard input: file names in the script are relative to that folder. Writes `png`
-/// with extension .gp beside it. Throws std::runtime_error when gnuplot fails.
-void render_gnuplot(const std::filesystem::path& png, const std::string& script);
+/// with extension .gp beside it. With `vector_copies`, a script whose first line is
+/// `set terminal pngcairo size W,H font 'F'` is also rendered as NAME.svg and NAME.pdf (same
+/// figure, svg and pdfcairo terminals). Throws std::runtime_error when gnuplot fails.
+void render_gnuplot(const std::filesystem::path& png, const std::string& script, bool vector_copies = false);
 
 /// One tile of an image grid: a uint8 [H, W] image and its caption.
 struct GridImage {

@@ -13,6 +13,9 @@ struct ReportConfig {
   std::string analysis;      ///< a directory written by `pathkernel analyze`
   std::string out;           ///< report directory (must not exist or be empty unless force)
   int64_t curves = 4;        ///< probes whose cumulative sums are plotted
+  /// One class name per line (class 0 first); default: Fashion-MNIST's names for its data,
+  /// "class K" otherwise.
+  std::string class_names_file;
   bool force = false;
   void validate() const;
 };
