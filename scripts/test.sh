@@ -14,10 +14,11 @@ if [ "${1:-}" = "--sanitize" ]; then
   sanitize=1
   shift
 fi
+# chromium: the report is opened in a real headless browser (ReportBrowserTest).
 if [ -n "$sanitize" ]; then
-  bash scripts/setup.sh clang libclang-rt-14-dev  # libFuzzer and the sanitizer runtimes
+  bash scripts/setup.sh chromium clang libclang-rt-14-dev  # + libFuzzer and the sanitizer runtimes
 else
-  bash scripts/setup.sh
+  bash scripts/setup.sh chromium
 fi
 if [ -n "$sanitize" ]; then
   echo "test: unit tests under ASan + UBSan, and the fuzzers (build-sanitize/)" >&2

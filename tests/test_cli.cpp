@@ -2,8 +2,10 @@
 // earlier output it may not replace, a path below a file, a place it cannot write) or a bad flag
 // it exits 2, writes nothing, and uses under a second of CPU (most of it loading LibTorch).
 #include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
 
 #include <map>
+#include <sstream>
 
 #include "fixtures.h"
 #include "pathkernel/fs_util.h"
@@ -97,6 +99,40 @@ TEST(CliTest, HelpAndVersionWorkForEveryCommand) {
   }
   EXPECT_EQ(testing::run_program({PATHKERNEL_BIN, "help", "frobnicate"}, log), 2);
   EXPECT_NE(read_file(log).find("unknown command 'frobnicate'"), std::string::npos) << read_file(log);
+}
+
+/// The one line of `log` that is a JSON document (stderr's progress lines are merged in).
+nlohmann::json json_line(const fs::path& log) {
+  std::istringstream in(read_file(log));
+  for (std::string line; std::getline(in, line);) {
+    if (!line.empty() && line[0] == '{') return nlohmann::json::parse(line);
+  }
+  ADD_FAILURE() << "no JSON line in " << read_file(log);
+  return {};
+}
+
+TEST(CliTest, JsonSummariesForScriptsEqualTheFiles) {
+  testing::TempDir tmp;
+  const fs::path data = tmp / "data", run = tmp / "run", an = tmp / "an", rep = tmp / "rep", log = tmp / "cmd.log";
+  testing::write_synthetic_idx(data, 64, 16);
+  const std::string bin = PATHKERNEL_BIN;
+  ASSERT_EQ(testing::run_program({bin, "train", "--data", data.string(), "--model", "linear", "--steps", "4", "--batch",
+                                  "16", "--json", "--out", run.string()},
+                                 log),
+            0);
+  const auto t = json_line(log);
+  const auto run_summary = nlohmann::json::parse(read_file(run / "summary.json"));
+  EXPECT_EQ(t["steps_completed"], 4);
+  EXPECT_EQ(t["test_accuracy"], run_summary["test_accuracy"]);
+  ASSERT_EQ(testing::run_program({bin, "analyze", run.string(), "--probes", "3", "--json", "--out", an.string()}, log), 0);
+  auto a = json_line(log);
+  EXPECT_EQ(a["out"], an.string());
+  a.erase("out");
+  EXPECT_EQ(a, nlohmann::json::parse(read_file(an / "summary.json")));
+  ASSERT_EQ(testing::run_program({bin, "report", an.string(), "--json", "--out", rep.string()}, log), 0);
+  const auto r = json_line(log);
+  EXPECT_EQ(r["html"], (rep / "report.html").string());
+  EXPECT_EQ(r["figures"].size(), 4u);
 }
 
 }  // namespace

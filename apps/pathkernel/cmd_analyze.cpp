@@ -40,7 +40,13 @@ int cmd_analyze(const Args& args) {
   check_output_dir(c.out, c.force, "summary.json", kAnalysisFormat);  // before any work
   const AnalysisResult res = analyze(c);
   write_analysis(res, c);
-  std::cout << eq9_table(res, c) << "files: " << c.out << "/{steps.csv,probes.csv,summary.json,arrays/}\n";
+  if (json_output(r)) {
+    nlohmann::json doc = read_json(std::filesystem::path(c.out) / "summary.json");
+    doc["out"] = c.out;
+    print_json(doc);
+  } else {
+    std::cout << eq9_table(res, c) << "files: " << c.out << "/{steps.csv,probes.csv,summary.json,arrays/}\n";
+  }
   const std::vector<std::string> failed = failed_checks(res, c);
   for (const auto& f : failed) spdlog::error("check failed: {}", f);
   if (!failed.empty()) return 4;

@@ -43,7 +43,11 @@ int cmd_explain(const Args& args) {
   check_output_dir(c.out, c.force, "summary.json", kExplainFormat);  // before any work
   const ExplainResult res = explain(c);
   write_explanation(res, c);
-  std::cout << explain_table(res, c) << "files: " << c.out
+  if (json_output(r)) {
+    nlohmann::json doc = read_json(std::filesystem::path(c.out) / "summary.json");
+    doc["out"] = c.out;
+    print_json(doc);
+  } else std::cout << explain_table(res, c) << "files: " << c.out
             << "/{attributions.csv,attributions.npy,top.csv,grids/,summary.json"
             << (c.self_influence ? ",self_influence.csv,self_influence.png" : "") << "}\n";
   if (!(res.sum_error <= c.tolerance)) {  // NaN fails too

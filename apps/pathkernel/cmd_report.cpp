@@ -29,8 +29,12 @@ int cmd_report(const Args& args) {
   if (!parse_options(opts, args, r)) return 0;
   c.force = r.count("force") > 0;
   const ReportFiles files = write_report(c);
-  std::cout << "report: " << files.html << " (" << files.pngs.size() << " plots"
-            << (files.gnuplot ? "" : "; gnuplot not found, plot data in data/") << ")\n";
+  if (json_output(r)) {
+    print_json({{"html", files.html}, {"figures", files.pngs}, {"data", files.csvs}, {"gnuplot", files.gnuplot}});
+  } else {
+    std::cout << "report: " << files.html << " (" << files.pngs.size() << " plots"
+              << (files.gnuplot ? "" : "; gnuplot not found, plot data in data/") << ")\n";
+  }
   return 0;
 }
 

@@ -1,6 +1,7 @@
 // pathkernel sweep: train and analyze the same model at several learning rates.
 #include <cxxopts.hpp>
 
+#include <cmath>
 #include <iostream>
 
 #include "commands.h"
@@ -23,7 +24,18 @@ int cmd_sweep(const Args& args) {
   read_betas(r, c.train);
   c.command_line = joined_command_line(args);
   const auto rows = sweep(c);
-  std::cout << sweep_table(rows) << "files: " << c.out << "/{sweep.csv,sweep.png,lr_*/run,lr_*/analysis}\n";
+  if (json_output(r)) {
+    nlohmann::json doc = nlohmann::json::array();
+    for (const auto& row : rows) {
+      doc.push_back({{"lr", row.lr}, {"status", row.status}, {"steps", row.steps},
+                     {"test_accuracy", std::isnan(row.test_accuracy) ? nlohmann::json() : nlohmann::json(row.test_accuracy)},
+                     {"median_r", row.median_r}, {"tc_share_steps", row.tc_share_steps}, {"tc_share_R", row.tc_share_r},
+                     {"sum_R_over_change", row.sum_r_over_change}});
+    }
+    print_json({{"out", c.out}, {"rates", doc}});
+  } else {
+    std::cout << sweep_table(rows) << "files: " << c.out << "/{sweep.csv,sweep.png,lr_*/run,lr_*/analysis}\n";
+  }
   return 0;
 }
 

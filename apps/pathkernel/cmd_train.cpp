@@ -42,7 +42,7 @@ int cmd_train(const Args& args) {
   TrainSummary s;
   if (r.count("resume")) {
     for (const auto& kv : r.arguments()) {
-      if (kv.key() != "resume" && kv.key() != "log-level") {
+      if (kv.key() != "resume" && kv.key() != "log-level" && kv.key() != "json") {
         throw InputError("--resume continues a run with the settings in its manifest; drop --" + kv.key());
       }
     }
@@ -50,7 +50,13 @@ int cmd_train(const Args& args) {
   } else {
     s = train(c, command_line);
   }
-  print_summary(s);
+  if (json_output(r)) {
+    print_json({{"run", s.run.string()}, {"status", s.status}, {"steps_completed", s.steps_completed},
+                {"total_steps", s.total_steps}, {"final_loss", s.final_loss}, {"test_accuracy", s.test_accuracy},
+                {"seconds", s.seconds}});
+  } else {
+    print_summary(s);
+  }
   return 0;
 }
 

@@ -134,10 +134,14 @@ void check_numbers(const Args& args) {
 
 }  // namespace
 
+bool json_output(const cxxopts::ParseResult& result) { return result.count("json") > 0; }
+
+void print_json(const nlohmann::json& doc) { std::cout << doc.dump() << "\n"; }
+
 bool parse_options(cxxopts::Options& opts, const Args& args, cxxopts::ParseResult& result) {
   opts.add_options()("log-level", "trace | debug | info | warn | error",
                      cxxopts::value<std::string>()->default_value("info"))("h,help", "show this help")(
-      "version", "print pathkernel's version and exit");
+      "version", "print pathkernel's version and exit")("json", "print the summary as JSON on stdout (for scripts)");
   check_numbers(args);
   std::vector<const char*> argv;
   for (const auto& a : args) argv.push_back(a.c_str());

@@ -3,6 +3,7 @@
 // and sweep the analysis flags), and the parse/help boilerplate.
 
 #include <cxxopts.hpp>
+#include <nlohmann/json.hpp>
 
 #include <string>
 
@@ -22,5 +23,12 @@ void add_analysis_options(cxxopts::Options& opts, AnalyzeConfig& c);
 /// Adds --log-level and --help, parses, and sets the log level. Returns false after printing the
 /// help (the caller returns 0). Throws InputError on a parse error.
 bool parse_options(cxxopts::Options& opts, const Args& args, cxxopts::ParseResult& result);
+
+/// True when the command was given --json: its summary goes to stdout as one JSON document
+/// (for scripts) instead of the table for people. Progress and errors stay on stderr.
+bool json_output(const cxxopts::ParseResult& result);
+
+/// Prints `doc` as the --json summary (one line).
+void print_json(const nlohmann::json& doc);
 
 }  // namespace pathkernel::app
