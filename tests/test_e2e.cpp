@@ -384,17 +384,18 @@ TEST(E2eTest, AnalyzeSplitsEveryStepAndAgreesWithPyTorch) {
   for (const char* f : {"D", "F", "K", "U", "R", "S"}) {
     EXPECT_TRUE(fs::exists(out / "arrays" / (std::string(f) + ".npy"))) << f;
   }
-  const std::string cmd = std::string("/usr/bin/python3 ") + PATHKERNEL_SOURCE_DIR + "/scripts/check_analysis.py " +
-                          run_dir.string() + " " + out.string() + " --steps 0,57,199 > " +
-                          (tmp / "check.json").string() + " 2>&1";
-  EXPECT_EQ(std::system(cmd.c_str()), 0) << read_file(tmp / "check.json");
+  EXPECT_EQ(testing::run_program({"/usr/bin/python3", std::string(PATHKERNEL_SOURCE_DIR) + "/scripts/check_analysis.py",
+                                  run_dir.string(), out.string(), "--steps", "0,57,199"},
+                                 tmp / "check.json"),
+            0)
+      << read_file(tmp / "check.json");
 
   const Result again = run({"analyze", run_dir.string(), "--out", out.string()}, tmp.path());
   EXPECT_EQ(again.status, 2) << "an existing analysis is never overwritten without --force";
 
   const Result rep = run({"report", out.string(), "--out", (tmp / "report").string()}, tmp.path());
   ASSERT_EQ(rep.status, 0) << rep.err;
-  EXPECT_NE(rep.out.find("(4 plots)"), std::string::npos) << rep.out;
+  EXPECT_NE(rep.out.find("(5 plots)"), std::string::npos) << rep.out;  // with S: |R|, |S|, |R - S|
   EXPECT_NE(read_file(tmp / "report" / "report.html").find("r_per_step.png"), std::string::npos);
 
   // Issue 4's explain on the same run: the sum check holds and the grid shows real images.
@@ -422,11 +423,12 @@ TEST(E2eTest, FullEpochReaches80PercentAndLoadsInPyTorch) {
   EXPECT_GE(summary["test_accuracy"].get<double>(), 0.80);
   EXPECT_EQ(summary["steps_completed"], 938);
 
-  const std::string cmd = std::string("/usr/bin/python3 ") + PATHKERNEL_SOURCE_DIR + "/scripts/check_checkpoint.py " +
-                          out.string() + " > " + (tmp / "py.json").string() + " 2>&1";
-  const int st = std::system(cmd.c_str());
+  // stdout and stderr share the log: the JSON document starts at its first brace.
+  const int st = testing::run_program(
+      {"/usr/bin/python3", std::string(PATHKERNEL_SOURCE_DIR) + "/scripts/check_checkpoint.py", out.string()}, tmp / "py.json");
   EXPECT_EQ(st, 0) << read_file(tmp / "py.json");
-  const auto py = nlohmann::json::parse(read_file(tmp / "py.json"));
+  const std::string py_out = read_file(tmp / "py.json");
+  const auto py = nlohmann::json::parse(py_out.substr(py_out.find('{')));
   EXPECT_EQ(py["test_accuracy"].get<double>(), summary["test_accuracy"].get<double>());
 }
 

@@ -1,11 +1,13 @@
 // The kernel-machine view against explicit per-example gradients from the checkpoints.
 #include <ATen/ATen.h>
+#include <fmt/format.h>
 #include <spdlog/spdlog.h>
 
 #include "fixtures.h"
 #include "pathkernel/checkpoint.h"
 #include "pathkernel/errors.h"
 #include "pathkernel/explain.h"
+#include "pathkernel/fs_util.h"
 #include "pathkernel/idx.h"
 #include "pathkernel/kernels.h"
 #include "pathkernel/run_dir.h"
@@ -86,10 +88,18 @@ TEST_F(ExplainTest, AttributionsAndSelfInfluenceEqualTheExplicitRoute) {
     }
   }
 
+  // Grids name classes: from --class-names here (the synthetic data's own are "class K").
+  atomic_write(tmp_ / "names.txt", "red\ngreen\nblue\n");
+  e.class_names_file = (tmp_ / "names.txt").string();
   write_explanation(r, e);
-  for (const char* f : {"attributions.csv", "attributions.npy", "top.csv", "summary.json", "self_influence.csv"}) {
+  for (const char* f : {"attributions.csv", "attributions.npy", "top.csv", "summary.json", "self_influence.csv",
+                        "example_labels.npy", "times_drawn.npy"}) {
     EXPECT_TRUE(fs::exists(fs::path(e.out) / f)) << f;
   }
+  const std::string grid = read_file(fs::path(e.out) / "grids" / fmt::format("probe_{}.gp", r.probe_indices[0]));
+  const char* names[] = {"red", "green", "blue"};
+  EXPECT_NE(grid.find(fmt::format("probe {}: {}", r.probe_indices[0], names[r.probe_labels[0]])), std::string::npos);
+  EXPECT_NE(grid.find(fmt::format("{} {}", e.output < 0 ? "predicted" : "logit of", names[r.outputs[0]])), std::string::npos);
   EXPECT_THROW_WITH(write_explanation(r, e), InputError, "already exists");
 }
 
@@ -106,7 +116,7 @@ TEST_F(ExplainTest, ExactPathKernelLeavesNoResidual) {
 TEST_F(ExplainTest, RejectsBadSettings) {
   ExplainConfig e = config();
   e.output = 7;
-  EXPECT_THROW_WITH(explain(e), InputError, "--output 7 is not a class");
+  EXPECT_THROW_WITH(explain(e), InputError, "--logit 7 is not a class");
   e = config();
   e.probes = 3;
   EXPECT_THROW_WITH(explain(e), InputError, "not both");

@@ -152,7 +152,7 @@ TEST_F(RecordedRunTest, AnalyzeAndReportARecordedRunMatchAnIndependentPythonComp
   const fs::path gap = copy("analyze-gap");
   fs::remove(gap / "checkpoints" / "step_00000012.pt");
   const fs::path out2 = tmp_->path() / "analysis-gap";
-  EXPECT_EQ(testing::run_program({PATHKERNEL_BIN, "analyze", gap.string(), "--steps", "20:30", "--out", out2.string()}, log), 2);
+  EXPECT_EQ(testing::run_program({PATHKERNEL_BIN, "analyze", gap.string(), "--range", "20:30", "--out", out2.string()}, log), 2);
   EXPECT_NE(read_file(log).find("step_00000012.pt: missing, so step 11 cannot be analyzed"), std::string::npos)
       << read_file(log);
   EXPECT_FALSE(fs::exists(out2));

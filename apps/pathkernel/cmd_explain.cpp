@@ -24,13 +24,16 @@ int cmd_explain(const Args& args) {
     ("probes", "or N probes evenly spaced over the split (they share one pass over the run)",
      cxxopts::value(c.probes)->default_value("0"))
     ("split", "test | train", cxxopts::value(c.split)->default_value("test"))
-    ("output", "the logit to explain (default: each probe's final prediction)", cxxopts::value(c.output))
+    ("logit", "the logit to explain (default: each probe's final prediction)", cxxopts::value(c.output))
+    ("output", "old name of --logit (next to analyze's --outputs it read as the same flag)", cxxopts::value<int64_t>())
     ("top", "proponents and opponents listed and shown per probe", cxxopts::value(c.top)->default_value("16"))
     ("exact", "Q: also attribute with the exact path kernel (Q-node quadrature): no residual left",
      cxxopts::value(c.exact_nodes))
     ("self-influence", "rank training examples by TracIn self-influence (finds mislabeled ones)")
     ("kernel-route", "auto | factorized | explicit | torchscript (a recorded run's own model, by autograd)",
      cxxopts::value(c.kernel_route)->default_value("auto"))
+    ("class-names", "file with one class name per line for the grids (default: Fashion-MNIST's names for its data)",
+     cxxopts::value(c.class_names_file))
     ("grids", "PNG grids for at most this many probes", cxxopts::value(c.grids)->default_value("16"))
     ("force", "write into a non-empty --out");
   // clang-format on
@@ -38,6 +41,11 @@ int cmd_explain(const Args& args) {
   opts.positional_help("RUN");
   cxxopts::ParseResult r;
   if (!parse_options(opts, args, r)) return 0;
+  if (r.count("output")) {
+    if (r.count("logit")) throw InputError("give --logit only (--output is its old name)");
+    spdlog::warn("explain --output is now --logit (the old name works for one more release)");
+    c.output = r["output"].as<int64_t>();
+  }
   c.self_influence = r.count("self-influence") > 0;
   c.force = r.count("force") > 0;
   check_output_dir(c.out, c.force, "summary.json", kExplainFormat);  // before any work

@@ -222,7 +222,7 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
   const int64_t last = traj.logged_steps();
   const int64_t begin = c.step_begin, end = c.step_end < 0 ? last : c.step_end;
   if (begin < 0 || begin >= end || end > last) {
-    throw InputError("--steps " + std::to_string(begin) + ":" + std::to_string(end) + " is outside the run's steps 0:" +
+    throw InputError("--range " + std::to_string(begin) + ":" + std::to_string(end) + " is outside the run's steps 0:" +
                      std::to_string(last));
   }
 
@@ -263,7 +263,7 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
     res.outputs = at::arange(ncls, at::kLong).unsqueeze(0).expand({np, ncls}).contiguous();
   } else if (c.outputs == "class") {
     if (c.output_class < 0 || c.output_class >= ncls) {
-      throw InputError("--output " + std::to_string(c.output_class) + " is not a class of this run (0.." +
+      throw InputError("--logit " + std::to_string(c.output_class) + " is not a class of this run (0.." +
                        std::to_string(ncls - 1) + ")");
     }
     res.outputs = at::full({np, 1}, c.output_class, at::kLong);

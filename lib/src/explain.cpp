@@ -25,6 +25,7 @@
 #include "pathkernel/run_dir.h"
 #include "pathkernel/trajectory.h"
 #include "pathkernel/train_config.h"
+#include "report_parts.h"
 
 namespace pathkernel {
 namespace fs = std::filesystem;
@@ -37,6 +38,9 @@ void ExplainConfig::validate() const {
   if (top < 1) throw InputError("--top must be at least 1");
   if (exact_nodes < 0) throw InputError("--exact must be positive");
   if (route != "auto" && route != "backward") throw InputError("route must be auto or backward");
+  if (!class_names_file.empty() && !std::filesystem::is_regular_file(class_names_file)) {
+    throw InputError(class_names_file + ": no such class names file");
+  }
   check_kernel_route(kernel_route);
 }
 
@@ -180,13 +184,20 @@ void write_explanation(const ExplainResult& r, const ExplainConfig& c) {
   if (!gnuplot_available()) spdlog::warn("gnuplot not found (apt-get install gnuplot-nox): no PNG grids; the CSVs are written");
   if (!images) spdlog::warn("{}: the inputs are not single-channel images: no PNG grids; the CSVs are written", c.run);
   if (plots) fs::create_directories(out / "grids");
+  // Class names in the pictures (Fashion-MNIST's built in, --class-names for other data).
+  int64_t classes = train_labels.numel() ? train_labels.max().item<int64_t>() + 1 : 0;
+  for (int64_t l : r.probe_labels) classes = std::max(classes, l + 1);
+  for (int64_t o : r.outputs) classes = std::max(classes, o + 1);
+  const std::vector<std::string> names =
+      report_detail::class_names({{"settings", {{"run", c.run}}}}, classes, c.class_names_file);
+  auto name = [&](int64_t k) { return names.at(static_cast<size_t>(k)); };
   for (int64_t p = 0; p < np; ++p) {
     const at::Tensor row = r.attributions[p];
     const auto pro = top_k(row, c.top, true), opp = top_k(row, c.top, false);
     std::vector<GridImage> tiles;
     if (plots && p < c.grids) {
       tiles.push_back({run->image(c.split, r.probe_indices[p]),
-                       fmt::format("probe {} (label {})", r.probe_indices[p], r.probe_labels[p])});
+                       fmt::format("probe {}: {}", r.probe_indices[p], name(r.probe_labels[p]))});
     }
     for (int64_t j = 1; !tiles.empty() && j < std::min<int64_t>(c.top, 8); ++j) {
       tiles.push_back({at::zeros_like(tiles[0].pixels), ""});
@@ -196,15 +207,16 @@ void write_explanation(const ExplainResult& r, const ExplainConfig& c) {
         const int64_t i = list[j];
         top += fmt::format("{},{},{},{},{},{},{}\n", r.probe_indices[p], r.outputs[p], kind, j + 1, i, labels[i],
                            g(a[p * n + i]));
-        if (!tiles.empty()) tiles.push_back({run->image("train", i), fmt::format("#{} y={} a={:+.2g}", i, labels[i], a[p * n + i])});
+        if (!tiles.empty()) tiles.push_back({run->image("train", i), fmt::format("#{} {} a={:+.2g}", i, name(labels[i]), a[p * n + i])});
       }
     }
     if (plots && p < c.grids) {
       render_image_grid(out / "grids" / fmt::format("probe_{}.png", r.probe_indices[p]), tiles,
                         static_cast<int>(std::min<int64_t>(c.top, 8)),
-                        fmt::format("probe {} (label {}), logit {}: row 1 the probe, then top proponents, then top "
-                                    "opponents (a_i = summed kernel term)",
-                                    r.probe_indices[p], r.probe_labels[p], r.outputs[p]));
+                        fmt::format("probe {} ({}), {} {}: row 1 the probe, then top proponents, then top opponents "
+                                    "(a_i = summed kernel term)",
+                                    r.probe_indices[p], name(r.probe_labels[p]),
+                                    c.output < 0 ? "predicted" : "logit of", name(r.outputs[p])));
     }
   }
   atomic_write(out / "top.csv", top);
@@ -218,12 +230,12 @@ void write_explanation(const ExplainResult& r, const ExplainConfig& c) {
       const int64_t i = order[j];
       const double v = r.self_influence[i].item<double>();
       s += fmt::format("{},{},{},{},{}\n", j + 1, i, labels[i], g(v), drawn[i]);
-      if (j < 32 && plots) tiles.push_back({run->image("train", i), fmt::format("#{} y={} {:.3g}", i, labels[i], v)});
+      if (j < 32 && plots) tiles.push_back({run->image("train", i), fmt::format("#{} {} {:.3g}", i, name(labels[i]), v)});
     }
     atomic_write(out / "self_influence.csv", s);
     if (plots) {
       render_image_grid(out / "self_influence.png", tiles, 8,
-                        "highest self-influence (TracIn: sum of lr |grad l_i|^2 over the steps that drew i)");
+                        "highest self-influence (TracIn: sum of lr / |B| |grad l_i|^2 over the steps that drew i)");
     }
   }
   nlohmann::json j = {{"format", kExplainFormat},

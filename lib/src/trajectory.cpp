@@ -100,7 +100,7 @@ class RecordedTrajectory : public Trajectory {
                          ": missing, so step " + std::to_string(k) +
                          " cannot be analyzed (a recorded run needs the weights before and after each analyzed "
                          "step" +
-                         (from_zero ? ", and with momentum or Adam every step from 0" : "") + "; --steps selects a range)");
+                         (from_zero ? ", and with momentum or Adam every step from 0" : "") + "; --range selects steps)");
       }
     }
   }

@@ -4,10 +4,13 @@ Run with Debian's python3-torch: python3 tests/data/make_scripted_models.py
 The files are committed; this script documents what they hold.
 """
 import os
+import sys
 
 import torch
 
 here = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(here, "..", "..", "examples"))
+from record_custom import ResidualNorm  # noqa: E402  (the module examples/record_custom.py records)
 torch.manual_seed(0)
 
 # The zoo's cnn:2,3:tanh for 1x8x8 inputs and 4 outputs, as an nn.Sequential: conv3x3(pad 1),
@@ -17,22 +20,6 @@ cnn = torch.nn.Sequential(
     torch.nn.Conv2d(2, 3, 3, padding=1), torch.nn.Tanh(), torch.nn.MaxPool2d(2),
     torch.nn.Flatten(), torch.nn.Linear(3 * 2 * 2, 4))
 torch.jit.save(torch.jit.script(cnn), os.path.join(here, "scripted_cnn.pt"))
-
-
-class ResidualNorm(torch.nn.Module):
-    """A custom module: linear embedding, a residual block with LayerNorm, a linear head."""
-
-    def __init__(self, d_in: int, width: int, outputs: int):
-        super().__init__()
-        self.embed = torch.nn.Linear(d_in, width)
-        self.norm = torch.nn.LayerNorm(width)
-        self.inner = torch.nn.Linear(width, width)
-        self.head = torch.nn.Linear(width, outputs)
-
-    def forward(self, x):
-        h = torch.tanh(self.embed(x.flatten(1)))
-        h = h + torch.tanh(self.inner(self.norm(h)))
-        return self.head(h)
 
 
 net = ResidualNorm(16, 5, 3)

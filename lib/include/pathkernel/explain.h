@@ -25,6 +25,7 @@ struct ExplainConfig {
   int64_t exact_nodes = 0;             ///< Q > 0: attribute with the exact path kernel too
   bool self_influence = false;
   int64_t grids = 16;                  ///< PNG grids for at most this many probes
+  std::string class_names_file;        ///< one class name per line for the grids (as report's)
   bool force = false;
   double tolerance = 1e-8;
   /// auto: plain SGD attributes step by step (a_i); optimizers with memory or a preconditioner
