@@ -395,7 +395,7 @@ TEST(E2eTest, AnalyzeSplitsEveryStepAndAgreesWithPyTorch) {
 
   const Result rep = run({"report", out.string(), "--out", (tmp / "report").string()}, tmp.path());
   ASSERT_EQ(rep.status, 0) << rep.err;
-  EXPECT_NE(rep.out.find("(5 plots)"), std::string::npos) << rep.out;  // with S: |R|, |S|, |R - S|
+  EXPECT_NE(rep.out.find("(6 plots)"), std::string::npos) << rep.out;  // r, S, cumulative, D vs F, histogram, by class
   EXPECT_NE(read_file(tmp / "report" / "report.html").find("r_per_step.png"), std::string::npos);
 
   // Issue 4's explain on the same run: the sum check holds and the grid shows real images.

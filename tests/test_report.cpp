@@ -46,7 +46,7 @@ TEST_F(ReportTest, WritesPlotsDataAndHtml) {
   c.out = (tmp_ / "report").string();
   const ReportFiles f = write_report(c);
   ASSERT_TRUE(f.gnuplot) << "scripts/setup.sh installs gnuplot-nox";
-  EXPECT_EQ(f.pngs.size(), 4u);
+  EXPECT_EQ(f.pngs.size(), 5u);  // r, cumulative, D vs F, histogram, by class
   for (const auto& png : f.pngs) EXPECT_GT(fs::file_size(fs::path(c.out) / png), 5000u) << png;
   const std::string html = read_file(f.html);
   EXPECT_NE(html.find("Eq. 9"), std::string::npos);
@@ -135,7 +135,7 @@ TEST_F(ReportTest, PathsAndSettingsAreNeverRunAsCommands) {
   c.analysis = (tmp_ / "analysis").string();
   c.out = (tmp_ / ("a'; touch " + canary.string() + "; echo '")).string();
   const ReportFiles f = write_report(c);
-  EXPECT_EQ(f.pngs.size(), 4u);
+  EXPECT_EQ(f.pngs.size(), 5u);
   EXPECT_FALSE(fs::exists(canary)) << "the output path was run by a shell";
 
   auto summary = nlohmann::json::parse(read_file(tmp_ / "analysis" / "summary.json"));
@@ -144,7 +144,7 @@ TEST_F(ReportTest, PathsAndSettingsAreNeverRunAsCommands) {
   atomic_write(tmp_ / "analysis" / "summary.json", summary.dump());
   c.out = (tmp_ / "report2").string();
   const ReportFiles g = write_report(c);
-  EXPECT_EQ(g.pngs.size(), 4u);
+  EXPECT_EQ(g.pngs.size(), 5u);
   EXPECT_FALSE(fs::exists(canary)) << "a setting from summary.json ran as gnuplot code";
   const std::string html = read_file(g.html);
   EXPECT_EQ(html.find("<script>alert"), std::string::npos);
@@ -173,7 +173,7 @@ TEST_F(ReportTest, WithoutGnuplotSaysSoAndStillWritesTheData) {
   setenv("PATH", path.c_str(), 1);
   EXPECT_FALSE(f.gnuplot);
   EXPECT_TRUE(f.pngs.empty());
-  EXPECT_EQ(f.csvs.size(), 4u);
+  EXPECT_EQ(f.csvs.size(), 5u);  // r, cumulative, D vs F, histogram, by class
   EXPECT_NE(read_file(f.html).find("gnuplot was not found"), std::string::npos);
 }
 

@@ -46,7 +46,7 @@ TEST(ReportBrowserTest, TheDefaultJobsReportRendersEveryFigureInChromium) {
   const std::string html = read_file(page);
   size_t images = 0;
   for (size_t at = html.find("<img "); at != std::string::npos; at = html.find("<img ", at + 1)) ++images;
-  EXPECT_EQ(images, 5u);  // r, S, cumulative, D vs F, histogram
+  EXPECT_EQ(images, 6u);  // r, S, cumulative, D vs F, histogram, by class
 
   // The page as the browser builds it, after its load event: every picture decoded.
   const std::string url = "file://" + fs::absolute(page).string();

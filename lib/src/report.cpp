@@ -373,9 +373,34 @@ ReportFiles write_report(const ReportConfig& c) {
     const at::Tensor kk = kopt ? load_npy(in / "arrays/Kopt.npy") : k;
     const at::Tensor uu = kopt ? load_npy(in / "arrays/Uopt_wd.npy") + load_npy(in / "arrays/Uopt_round.npy") : u;
     if (kk.sizes() != d.sizes() || uu.sizes() != d.sizes()) throw InputError(c.analysis + ": Kopt/Uopt arrays differ in shape from D");
-    html += "<h2>By probe class</h2>\n" +
-            report_detail::class_table_html(labels, report_detail::class_names(summary, classes, c.class_names_file), d, f,
-                                            kk, uu, r, kname);
+    const auto rows = report_detail::class_rows(
+        labels, report_detail::class_names(summary, classes, c.class_names_file), d, f, kk, uu, r);
+    html += "<h2>By probe class</h2>\n" + report_detail::class_table_html(rows, kname);
+    // The same as a figure: the Eq. 9 terms by class as bars, r by class as points. Names go
+    // into the data file (read as text by gnuplot, never as code), without CSV separators.
+    csv = "label,name,change,sum_K,sum_U,sum_R,median_r\n";
+    for (const auto& row : rows) {
+      std::string name = row.name;
+      for (char& ch : name) {
+        if (ch == ',' || ch == '"' || ch == '\n' || ch == '\r') ch = ' ';
+      }
+      csv += fmt::format("{},\"{}\",{},{},{},{},{}\n", row.label, name, g(row.change), g(row.k), g(row.u), g(row.r),
+                         g(row.median_r));
+    }
+    write_data(out, files, "by_class", csv);
+    if (files.gnuplot) {
+      render_gnuplot(out / "by_class.png", fmt::format(
+          "set terminal pngcairo size 1000,450 font 'sans,10'\nset output '@OUTPUT@'\nset datafile separator ','\n"
+          "set key outside right top\nset style data histograms\nset style histogram clustered gap 1\n"
+          "set style fill solid 0.7 border -1\nset ylabel 'mean over the class (summed over steps)'\n"
+          "set y2label 'median r'\nset y2tics\nset ytics nomirror\nset xtics rotate by -30 noenhanced\n"
+          "set title 'Eq. 9 by probe class: f_N - f_0 = sum {} + sum {} + sum R'\n"
+          "plot '{}' skip 1 using 3:xtic(2) lc rgb 'black' title 'f_N - f_0', '' skip 1 using 4 lc rgb '#3060c0' "
+          "title 'sum {}', '' skip 1 using 5 lc rgb '#30a030' title 'sum {}', '' skip 1 using 6 lc rgb '#d02020' "
+          "title 'sum R', '' skip 1 using 0:7 axes x1y2 with points pt 7 ps 1.2 lc rgb '#e08000' title 'median r'\n",
+          kname, uname, "data/by_class.csv", kname, uname), /*vector_copies=*/true);
+      files.pngs.push_back("by_class.png");
+    }
   }
   if (files.gnuplot) {
     html += "<h2>Figures</h2>\n";

@@ -165,28 +165,41 @@ std::vector<std::string> class_names(const nlohmann::json& summary, int64_t clas
   return names;
 }
 
-std::string class_table_html(const std::vector<int64_t>& probe_labels, const std::vector<std::string>& names,
-                             const at::Tensor& d, const at::Tensor& f, const at::Tensor& k, const at::Tensor& u,
-                             const at::Tensor& r, const std::string& kernel_name) {
+std::vector<ClassRow> class_rows(const std::vector<int64_t>& probe_labels, const std::vector<std::string>& names,
+                                 const at::Tensor& d, const at::Tensor& f, const at::Tensor& k, const at::Tensor& u,
+                                 const at::Tensor& r) {
   std::map<int64_t, std::vector<int64_t>> by_class;
   for (size_t p = 0; p < probe_labels.size(); ++p) by_class[probe_labels[p]].push_back(static_cast<int64_t>(p));
-  std::string s = fmt::format(
-      "<table><tr><th>class</th><th>probes</th><th>mean f_N - f_0</th><th>mean sum {}</th><th>mean sum U</th>"
-      "<th>mean sum R</th><th>median over steps of r</th></tr>\n",
-      html_text(kernel_name));
+  std::vector<ClassRow> rows;
   for (const auto& [label, members] : by_class) {
     const at::Tensor idx = at::tensor(members, at::kLong);
     auto sel = [&](const at::Tensor& a) { return a.index_select(1, idx); };
     // r restricted to the class: per step, |R| / |F| over its probes and outputs.
     const at::Tensor rk = sel(r).flatten(1).norm(2, 1) / sel(f).flatten(1).norm(2, 1).clamp_min(1e-300);
-    const std::string name = label >= 0 && label < static_cast<int64_t>(names.size())
-                                 ? names[static_cast<size_t>(label)]
-                                 : fmt::format("class {}", label);
+    ClassRow row;
+    row.label = label;
+    row.name = label >= 0 && label < static_cast<int64_t>(names.size()) ? names[static_cast<size_t>(label)]
+                                                                          : fmt::format("class {}", label);
+    row.probes = static_cast<int64_t>(members.size());
+    row.change = sel(d).sum(0).mean().item<double>();
+    row.k = sel(k).sum(0).mean().item<double>();
+    row.u = sel(u).sum(0).mean().item<double>();
+    row.r = sel(r).sum(0).mean().item<double>();
+    row.median_r = rk.median().item<double>();
+    rows.push_back(row);
+  }
+  return rows;
+}
+
+std::string class_table_html(const std::vector<ClassRow>& rows, const std::string& kernel_name) {
+  std::string s = fmt::format(
+      "<table><tr><th>class</th><th>probes</th><th>mean f_N - f_0</th><th>mean sum {}</th><th>mean sum U</th>"
+      "<th>mean sum R</th><th>median over steps of r</th></tr>\n",
+      html_text(kernel_name));
+  for (const auto& c : rows) {
     s += fmt::format("<tr><th>{} ({})</th><td>{}</td><td>{:.4g}</td><td>{:.4g}</td><td>{:.4g}</td><td>{:.4g}</td>"
                      "<td>{:.3g}</td></tr>\n",
-                     html_text(name), label, members.size(), sel(d).sum(0).mean().item<double>(),
-                     sel(k).sum(0).mean().item<double>(), sel(u).sum(0).mean().item<double>(),
-                     sel(r).sum(0).mean().item<double>(), rk.median().item<double>());
+                     html_text(c.name), c.label, c.probes, c.change, c.k, c.u, c.r, c.median_r);
   }
   return s + "</table>\n";
 }

@@ -30,11 +30,22 @@ std::string run_facts_rows(const nlohmann::json& summary, const Table& steps, co
 /// Throws InputError naming the file when it is unreadable or has fewer names than classes.
 std::vector<std::string> class_names(const nlohmann::json& summary, int64_t classes, const std::string& names_file);
 
-/// Per probe class: probes, the mean of f_N - f_0, sum K (or Kopt), sum U, sum R over the class's
-/// probes and outputs, and the median over steps of r restricted to the class's probes
-/// (|R| / |F| over its probes and outputs). Arrays are [steps, probes, outputs].
-std::string class_table_html(const std::vector<int64_t>& probe_labels, const std::vector<std::string>& names,
-                             const at::Tensor& d, const at::Tensor& f, const at::Tensor& k, const at::Tensor& u,
-                             const at::Tensor& r, const std::string& kernel_name);
+/// One probe class: its probes, the means over its probes and outputs of f_N - f_0 and of the
+/// summed K (or Kopt), U and R, and the median over steps of r restricted to its probes (|R| / |F|
+/// over its probes and outputs).
+struct ClassRow {
+  int64_t label = 0;
+  std::string name;
+  int64_t probes = 0;
+  double change = 0, k = 0, u = 0, r = 0, median_r = 0;
+};
+
+/// The rows of every class present among the probes, by label. Arrays are [steps, probes, outputs].
+std::vector<ClassRow> class_rows(const std::vector<int64_t>& probe_labels, const std::vector<std::string>& names,
+                                 const at::Tensor& d, const at::Tensor& f, const at::Tensor& k, const at::Tensor& u,
+                                 const at::Tensor& r);
+
+/// The rows as an HTML table; `kernel_name` is K or Kopt.
+std::string class_table_html(const std::vector<ClassRow>& rows, const std::string& kernel_name);
 
 }  // namespace pathkernel::report_detail
