@@ -132,7 +132,7 @@ TEST(CliTest, JsonSummariesForScriptsEqualTheFiles) {
   ASSERT_EQ(testing::run_program({bin, "report", an.string(), "--json", "--out", rep.string()}, log), 0);
   const auto r = json_line(log);
   EXPECT_EQ(r["html"], (rep / "report.html").string());
-  EXPECT_EQ(r["figures"].size(), 4u);
+  EXPECT_EQ(r["figures"].size(), 5u);  // r, cumulative, D vs F, histogram, by class
 }
 
 }  // namespace
