@@ -22,6 +22,8 @@ import numpy as np
 # Columns that hold whole numbers; every other column is read as float64.
 _INT_COLUMNS = {"step", "probe", "label", "output", "loss_went_up", "in_Tc", "example", "rank", "times_drawn"}
 _TEXT_COLUMNS = {"kind", "steps"}
+# arrays/*.npy that are coordinates of the others' axes, not quantities.
+_COORDINATES = {"outputs", "step", "probe", "label"}
 
 
 def _pandas():
@@ -73,7 +75,7 @@ class Analysis:
         self.probe = self.probes["probe"][::n_out].copy()
         self.label = self.probes["label"][::n_out].copy()
         self.names = sorted(f[:-4] for f in os.listdir(os.path.join(path, "arrays"))
-                            if f.endswith(".npy") and f != "outputs.npy")
+                            if f.endswith(".npy") and f[:-4] not in _COORDINATES)
         self._arrays = {}
 
     def __getitem__(self, name):

@@ -201,6 +201,12 @@ void write_analysis(const AnalysisResult& r, const AnalyzeConfig& c) {
     }
   }
   save_npy(out / "arrays" / "outputs.npy", r.outputs);
+  // The other coordinates of the arrays' axes: each step, and each probe's index and label.
+  std::vector<int64_t> step_of;
+  for (const auto& s : r.steps) step_of.push_back(s.step);
+  save_npy(out / "arrays" / "step.npy", at::tensor(step_of, at::kLong));
+  save_npy(out / "arrays" / "probe.npy", at::tensor(r.probe_indices, at::kLong));
+  save_npy(out / "arrays" / "label.npy", at::tensor(r.probe_labels, at::kLong));
   atomic_write(out / "steps.csv", steps_csv(r, second));
   atomic_write(out / "probes.csv", probes_csv(r, second));
   atomic_write(out / "summary.json", summary_json(r, c).dump(2) + "\n");

@@ -34,6 +34,11 @@ def main(analysis, explanation):
     check(np.array_equal(a.probe, first["probe"].to_numpy()), "analysis: probe coordinates")
     check(np.array_equal(a.label, first["label"].to_numpy()), "analysis: labels")
     check(np.array_equal(a.output.reshape(-1), probes["output"].to_numpy()), "analysis: outputs")
+    # The coordinate arrays analyze writes beside the quantities agree with the tables.
+    arrays = os.path.join(analysis, "arrays")
+    check(np.array_equal(np.load(os.path.join(arrays, "step.npy")), steps["step"].to_numpy()), "analysis: step.npy")
+    check(np.array_equal(np.load(os.path.join(arrays, "probe.npy")), first["probe"].to_numpy()), "analysis: probe.npy")
+    check(np.array_equal(np.load(os.path.join(arrays, "label.npy")), first["label"].to_numpy()), "analysis: label.npy")
     # Values: every array as stored, and the summed D against probes.csv's f_final - f_initial.
     for name in a.names:
         check(np.array_equal(a[name], np.load(os.path.join(analysis, "arrays", name + ".npy")), equal_nan=True),
