@@ -189,7 +189,7 @@ void write_explanation(const ExplainResult& r, const ExplainConfig& c) {
   for (int64_t l : r.probe_labels) classes = std::max(classes, l + 1);
   for (int64_t o : r.outputs) classes = std::max(classes, o + 1);
   const std::vector<std::string> names =
-      report_detail::class_names({{"settings", {{"run", c.run}}}}, classes, c.class_names_file);
+      report_detail::class_names(c.run, classes, c.class_names_file);
   auto name = [&](int64_t k) { return names.at(static_cast<size_t>(k)); };
   for (int64_t p = 0; p < np; ++p) {
     const at::Tensor row = r.attributions[p];

@@ -83,6 +83,12 @@ void check_inputs(const fs::path& in, const Table& steps, const Table& probes, c
 
 std::string g(double v) { return csv_float(v); }
 
+/// Renders figure NAME (PNG, SVG, PDF and its .gp script) in DIR and records it.
+void figure(const fs::path& out, ReportFiles& files, const std::string& name, const std::string& script) {
+  render_gnuplot(out / (name + ".png"), script, /*vector_copies=*/true);
+  files.pngs.push_back(name + ".png");
+}
+
 /// Writes a plot's data as DIR/data/NAME.csv and records it.
 void write_data(const fs::path& out, ReportFiles& files, const std::string& name, const std::string& csv) {
   atomic_write(out / "data" / (name + ".csv"), csv);
@@ -149,8 +155,7 @@ ReportFiles write_report(const ReportConfig& c) {
         "data/r_per_step.csv", band);
     if (rule == "tau") plot += fmt::format(", {} with lines dt 2 lc rgb '#d02020' title 'tau = {}'", tau, tau);
     if (lr_varies) plot += ", '' skip 1 using 1:4 axes x1y2 with lines lc rgb '#909090' dt 3 title 'learning rate'";
-    render_gnuplot(out / "r_per_step.png", plot + "\n", /*vector_copies=*/true);
-    files.pngs.push_back("r_per_step.png");
+    figure(out, files, "r_per_step", plot + "\n");
   }
 
   // 1b. With --second-order: |R|, its second-order part |S| and the rest |R - S| per step.
@@ -167,15 +172,14 @@ ReportFiles write_report(const ReportConfig& c) {
     }
     write_data(out, files, "second_order", csv);
     if (files.gnuplot) {
-      render_gnuplot(out / "second_order.png", fmt::format(
+      figure(out, files, "second_order", fmt::format(
           "set terminal pngcairo size 1000,420 font 'sans,10'\nset output '@OUTPUT@'\nset datafile separator ','\n"
           "set key outside right top\nset xlabel 'step k'\nset ylabel 'norm over probes and outputs'\nset logscale y\n"
           "set title 'The residual and its orders: S = 1/2 dw^T H dw (exact), R - S (third and higher)'\n"
           "plot '{}' skip 1 using 1:2 with lines lw 1.5 lc rgb '#d02020' title '|R|', "
           "'' skip 1 using 1:3 with lines lc rgb '#3060c0' title '|S|', "
           "'' skip 1 using 1:4 with lines lc rgb '#30a030' title '|R - S|'\n",
-          "data/second_order.csv"), /*vector_copies=*/true);
-      files.pngs.push_back("second_order.png");
+          "data/second_order.csv"));
     }
   }
 
@@ -211,12 +215,11 @@ ReportFiles write_report(const ReportConfig& c) {
   write_data(out, files, "cumulative", csv);
   if (files.gnuplot) {
     const int cols = curves > 1 ? 2 : 1, rows = static_cast<int>((curves + 1) / 2);
-    render_gnuplot(out / "cumulative.png", fmt::format(
+    figure(out, files, "cumulative", fmt::format(
         "set terminal pngcairo size 1000,{} font 'sans,9'\nset output '@OUTPUT@'\nset datafile separator ','\n"
         "set key outside right top\nset xlabel 'step'\nset multiplot layout {},{} title 'Eq. 9 over the run: f - f_0 = "
         "sum K + sum U + sum R'\n{}unset multiplot\n",
-        rows * 330 + 40, rows, cols, plots), /*vector_copies=*/true);
-    files.pngs.push_back("cumulative.png");
+        rows * 330 + 40, rows, cols, plots));
   }
 
   // 3. D against F for every step and probe: distance from the tangent plane.
@@ -226,14 +229,13 @@ ReportFiles write_report(const ReportConfig& c) {
   for (int64_t i = 0; i < n; i += stride) csv += fmt::format("{},{}\n", g(fflat[i].item<double>()), g(dflat[i].item<double>()));
   write_data(out, files, "d_vs_f", csv);
   if (files.gnuplot) {
-    render_gnuplot(out / "d_vs_f.png", fmt::format(
+    figure(out, files, "d_vs_f", fmt::format(
         "set terminal pngcairo size 600,560 font 'sans,10'\nset output '@OUTPUT@'\nset datafile separator ','\n"
         "set key top left\nset xlabel 'F = g . dw (first order)'\nset ylabel 'D (actual change)'\nset size ratio -1\n"
         "set title 'actual against first-order change (every {}th point)'\n"
         "plot '{}' skip 1 using 1:2 with points pt 7 ps 0.3 lc rgb '#3060c0' title 'step x probe x output', "
         "x with lines lc rgb 'black' dt 2 title 'D = F'\n",
-        stride, "data/d_vs_f.csv"), /*vector_copies=*/true);
-    files.pngs.push_back("d_vs_f.png");
+        stride, "data/d_vs_f.csv"));
   }
 
   // 4. Histogram of r (log bins).
@@ -249,13 +251,12 @@ ReportFiles write_report(const ReportConfig& c) {
   for (size_t i = 0; i < counts.size(); ++i) csv += fmt::format("{},{},{}\n", lo + i * 0.25, lo + (i + 1) * 0.25, counts[i]);
   write_data(out, files, "r_histogram", csv);
   if (files.gnuplot) {
-    render_gnuplot(out / "r_histogram.png", fmt::format(
+    figure(out, files, "r_histogram", fmt::format(
         "set terminal pngcairo size 700,450 font 'sans,10'\nset output '@OUTPUT@'\nset datafile separator ','\n"
         "set xlabel 'log10 r'\nset ylabel 'steps'\nset style fill solid 0.6\nunset key\n"
         "set title 'r = |R|/|F| over steps; share of sum |R| in T_c: {:.1f}%'\n"
         "plot '{}' skip 1 using (($1+$2)/2):3:(0.24) with boxes lc rgb '#3060c0'\n",
-        100 * share, "data/r_histogram.csv"), /*vector_copies=*/true);
-    files.pngs.push_back("r_histogram.png");
+        100 * share, "data/r_histogram.csv"));
   }
 
   // 5. For a one-parameter toy run: the loss landscape with the path of w and T_c marked.
@@ -290,15 +291,14 @@ ReportFiles write_report(const ReportConfig& c) {
       write_data(out, files, "landscape", land);
       write_data(out, files, "path", pcsv);
       if (files.gnuplot) {
-        render_gnuplot(out / "landscape.png", fmt::format(
+        figure(out, files, "landscape", fmt::format(
             "set terminal pngcairo size 900,500 font 'sans,10'\nset output '@OUTPUT@'\nset datafile separator ','\n"
             "set xlabel 'w'\nset ylabel 'training loss L(w)'\nset key top right\n"
             "set title 'Loss landscape of {} and the path of w (lr {}); T_c steps in red'\n"
             "plot '{}' skip 1 using 1:2 with lines lw 2 lc rgb 'black' title 'L(w)', "
             "'{}' skip 1 using 2:3 with linespoints pt 7 ps 0.7 lc rgb '#3060c0' title 'w_k', "
             "'' skip 1 using 2:($4 > 0 ? $3 : 1/0) with points pt 6 ps 2 lw 2 lc rgb '#d02020' title 'T_c'\n",
-            gp_text(ctx.config.model), ctx.config.lr, "data/landscape.csv", "data/path.csv"), /*vector_copies=*/true);
-        files.pngs.push_back("landscape.png");
+            gp_text(ctx.config.model), ctx.config.lr, "data/landscape.csv", "data/path.csv"));
       }
     }
   }
@@ -374,7 +374,7 @@ ReportFiles write_report(const ReportConfig& c) {
     const at::Tensor uu = kopt ? load_npy(in / "arrays/Uopt_wd.npy") + load_npy(in / "arrays/Uopt_round.npy") : u;
     if (kk.sizes() != d.sizes() || uu.sizes() != d.sizes()) throw InputError(c.analysis + ": Kopt/Uopt arrays differ in shape from D");
     const auto rows = report_detail::class_rows(
-        labels, report_detail::class_names(summary, classes, c.class_names_file), d, f, kk, uu, r);
+        labels, report_detail::class_names(summary["settings"].value("run", ""), classes, c.class_names_file), d, f, kk, uu, r);
     html += "<h2>By probe class</h2>\n" + report_detail::class_table_html(rows, kname);
     // The same as a figure: the Eq. 9 terms by class as bars, r by class as points. Names go
     // into the data file (read as text by gnuplot, never as code), without CSV separators.
@@ -389,7 +389,7 @@ ReportFiles write_report(const ReportConfig& c) {
     }
     write_data(out, files, "by_class", csv);
     if (files.gnuplot) {
-      render_gnuplot(out / "by_class.png", fmt::format(
+      figure(out, files, "by_class", fmt::format(
           "set terminal pngcairo size 1000,450 font 'sans,10'\nset output '@OUTPUT@'\nset datafile separator ','\n"
           "set key outside right top\nset style data histograms\nset style histogram clustered gap 1\n"
           "set style fill solid 0.7 border -1\nset ylabel 'mean over the class (summed over steps)'\n"
@@ -398,8 +398,7 @@ ReportFiles write_report(const ReportConfig& c) {
           "plot '{}' skip 1 using 3:xtic(2) lc rgb 'black' title 'f_N - f_0', '' skip 1 using 4 lc rgb '#3060c0' "
           "title 'sum {}', '' skip 1 using 5 lc rgb '#30a030' title 'sum {}', '' skip 1 using 6 lc rgb '#d02020' "
           "title 'sum R', '' skip 1 using 0:7 axes x1y2 with points pt 7 ps 1.2 lc rgb '#e08000' title 'median r'\n",
-          kname, uname, "data/by_class.csv", kname, uname), /*vector_copies=*/true);
-      files.pngs.push_back("by_class.png");
+          kname, uname, "data/by_class.csv", kname, uname));
     }
   }
   if (files.gnuplot) {

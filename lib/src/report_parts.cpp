@@ -58,9 +58,8 @@ struct RunFiles {
   bool recorded = false;
 };
 
-RunFiles read_run(const nlohmann::json& analysis_summary) {
+RunFiles read_run(const fs::path& run) {
   RunFiles r;
-  const fs::path run = analysis_summary.at("settings").value("run", "");
   try {
     if (run.empty() || !fs::exists(run / "manifest.json")) return r;
     r.manifest = read_json(run / "manifest.json");
@@ -75,7 +74,7 @@ RunFiles read_run(const nlohmann::json& analysis_summary) {
 }  // namespace
 
 std::string run_facts_rows(const nlohmann::json& summary, const Table& steps, const fs::path& steps_file) {
-  const RunFiles run = read_run(summary);
+  const RunFiles run = read_run(summary.at("settings").value("run", ""));
   const nlohmann::json& m = run.manifest;
   std::string s;
   const std::string model = summary.value("model", m.is_object() && !run.recorded ? m["model"].value("spec", "") : "");
@@ -139,7 +138,7 @@ std::string run_facts_rows(const nlohmann::json& summary, const Table& steps, co
   return s;
 }
 
-std::vector<std::string> class_names(const nlohmann::json& summary, int64_t classes, const std::string& names_file) {
+std::vector<std::string> class_names(const fs::path& run_dir, int64_t classes, const std::string& names_file) {
   std::vector<std::string> names;
   if (!names_file.empty()) {
     std::ifstream in(names_file);
@@ -154,7 +153,7 @@ std::vector<std::string> class_names(const nlohmann::json& summary, int64_t clas
     }
     return names;
   }
-  const RunFiles run = read_run(summary);
+  const RunFiles run = read_run(run_dir);
   std::string data;
   if (run.manifest.is_object() && !run.recorded) data = run.manifest["config"].value("data_dir", "");
   std::transform(data.begin(), data.end(), data.begin(), [](unsigned char c) { return std::tolower(c); });
