@@ -5,9 +5,11 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <set>
 
 #include "fixtures.h"
 #include "pathkernel/analyzer.h"
+#include "pathkernel/csv.h"
 #include "pathkernel/errors.h"
 #include "pathkernel/fs_util.h"
 #include "pathkernel/gnuplot.h"
@@ -105,7 +107,29 @@ TEST_F(ReportTest, APaperReadyPageStandsAloneWithTheRunFactsAndNamedClasses) {
   EXPECT_NE(html.find(fmt::format("{:.3g} / {:.3g}", summary["r_percentiles"]["p5"].get<double>(),
                                   summary["r_percentiles"]["p50"].get<double>())),
             std::string::npos);
-  for (const char* name : {"circle (0)", "square (1)", "triangle (2)"}) EXPECT_NE(html.find(name), std::string::npos) << name;
+  // The by-class table against probes.csv, read here: per class, the probes and the means over
+  // its probes and outputs of f_N - f_0 and of sum R (= sum R(T_c) + sum R(rest)).
+  const Table probes = read_csv(tmp_ / "analysis" / "probes.csv");
+  const char* names[] = {"circle", "square", "triangle"};
+  for (int64_t cls = 0; cls < 3; ++cls) {
+    double change = 0, rsum = 0;
+    int64_t rows = 0;
+    std::set<int64_t> members;
+    for (size_t i = 0; i < probes.rows; ++i) {
+      if (static_cast<int64_t>(probes.cols.at("label")[i]) != cls) continue;
+      change += probes.cols.at("f_final")[i] - probes.cols.at("f_initial")[i];
+      rsum += probes.cols.at("sum_R_Tc")[i] + probes.cols.at("sum_R_other")[i];
+      members.insert(static_cast<int64_t>(probes.cols.at("probe")[i]));
+      ++rows;
+    }
+    if (rows == 0) continue;
+    const std::string row_start = fmt::format("<tr><th>{} ({})</th><td>{}</td><td>{:.4g}</td>", names[cls], cls,
+                                              members.size(), change / static_cast<double>(rows));
+    const size_t at = html.find(row_start);
+    ASSERT_NE(at, std::string::npos) << row_start;
+    const std::string row = html.substr(at, html.find("</tr>", at) - at);
+    EXPECT_NE(row.find(fmt::format("<td>{:.4g}</td>", rsum / static_cast<double>(rows))), std::string::npos) << row;
+  }
   // Every figure: embedded byte for byte, and beside the page as PNG, SVG and PDF.
   size_t embedded = 0;
   for (size_t at = html.find("data:image/png;base64,"); at != std::string::npos;
