@@ -1,30 +1,20 @@
-// pathkernel sweep: train and analyze the same model at several learning rates.
-#include <cxxopts.hpp>
-
+// pathkernel sweep: prepare_sweep -> train and analyze the same model at several learning rates.
 #include <cmath>
 #include <iostream>
 
 #include "commands.h"
 #include "options.h"
-#include "pathkernel/errors.h"
 #include "pathkernel/sweep.h"
+#include "prepare.h"
 
 namespace pathkernel::app {
 
 int cmd_sweep(const Args& args) {
-  SweepConfig c;
-  cxxopts::Options opts("pathkernel sweep",
-                        "Train and analyze the same model, data and batches at each learning rate.");
-  add_train_options(opts, c.train, /*with_lr=*/false);
-  add_analysis_options(opts, c.analysis);
-  opts.add_options()("lr", "learning rates, e.g. 1e-4,1e-3,1e-2,1e-1,0.5,1", cxxopts::value(c.lrs))(
-      "out", "sweep directory (an interrupted sweep is continued there)", cxxopts::value(c.out));
-  cxxopts::ParseResult r;
-  if (!parse_options(opts, args, r)) return 0;
-  read_betas(r, c.train);
-  c.command_line = joined_command_line(args);
+  SweepCommand cmd;
+  if (!prepare_sweep(args, cmd)) return 0;
+  const SweepConfig& c = cmd.config;
   const auto rows = sweep(c);
-  if (json_output(r)) {
+  if (cmd.json) {
     nlohmann::json doc = nlohmann::json::array();
     for (const auto& row : rows) {
       doc.push_back({{"lr", row.lr}, {"status", row.status}, {"steps", row.steps},

@@ -1,4 +1,6 @@
-// pathkernel: how far is a network trained by gradient descent from a kernel machine?
+// pathkernel-core: the commands themselves, with LibTorch. Users run `pathkernel` (launcher.cpp),
+// which checks the command line before LibTorch is loaded and then starts this program with the
+// same arguments; run directly it behaves the same, only slower to refuse.
 #include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
 
@@ -15,27 +17,7 @@
 #include "pathkernel/errors.h"
 #include "pathkernel/threads.h"
 #include "pathkernel/version.h"
-
-namespace {
-
-constexpr const char* kUsage =
-    "usage: pathkernel <command> [options]\n"
-    "\n"
-    "commands:\n"
-    "  train    train a model with logged SGD into a run directory (or --resume one)\n"
-    "  replay   rebuild the weights at any step of a run; --verify checks every checkpoint\n"
-    "  analyze  split every step into kernel term, update term and Taylor residual (docs/spec.md)\n"
-    "  explain  which training examples pushed a prediction (the kernel-machine view)\n"
-    "  report   plots and report.html of an analysis\n"
-    "  sweep    train and analyze at several learning rates (how the residual grows with the step)\n"
-    "  help     `pathkernel help <command>`: a command's options\n"
-    "\n"
-    "`pathkernel <command> --help` (or `pathkernel help <command>`) lists a command's options;\n"
-    "`--version` works everywhere.\n"
-    "exit status: 0 ok, 1 internal error, 2 bad input, 3 training diverged, 4 identity/sum check fails,\n"
-    "             5 replay mismatch\n";
-
-}  // namespace
+#include "usage.h"
 
 int main(int argc, char** argv) {
   pathkernel::tune_allocator();
@@ -44,7 +26,7 @@ int main(int argc, char** argv) {
   spdlog::set_default_logger(logger);
 
   if (argc < 2 || std::string(argv[1]) == "--help" || std::string(argv[1]) == "-h") {
-    std::cout << kUsage;
+    std::cout << pathkernel::app::kUsage;
     return argc < 2 ? 2 : 0;
   }
   if (std::string(argv[1]) == "--version") {
@@ -62,7 +44,7 @@ int main(int argc, char** argv) {
   std::vector<std::string> rest(argv + 2, argv + argc);
   if (name == "help") {  // pathkernel help CMD == pathkernel CMD --help
     if (argc < 3) {
-      std::cout << kUsage;
+      std::cout << pathkernel::app::kUsage;
       return 0;
     }
     name = argv[2];
@@ -70,7 +52,7 @@ int main(int argc, char** argv) {
   }
   const auto it = commands.find(name);
   if (it == commands.end()) {
-    std::cerr << "pathkernel: unknown command '" << name << "'\n\n" << kUsage;
+    std::cerr << "pathkernel: unknown command '" << name << "'\n\n" << pathkernel::app::kUsage;
     return 2;
   }
   pathkernel::app::Args args = {"pathkernel " + name};

@@ -19,29 +19,6 @@ namespace pathkernel {
 namespace fs = std::filesystem;
 using Clock = std::chrono::steady_clock;
 
-void check_kernel_route(const std::string& route) {
-  if (route != "auto" && route != "factorized" && route != "explicit" && route != "torchscript") {
-    throw InputError("--kernel-route must be auto, factorized, explicit or torchscript, not '" + route + "'");
-  }
-}
-
-void AnalyzeConfig::validate() const {
-  if (run.empty()) throw InputError("give the run directory");
-  if (out.empty()) throw InputError("--out DIR is required");
-  if (probes < 1 && probe_indices_file.empty() && probe_indices.empty()) throw InputError("--probes must be at least 1");
-  if (split != "test" && split != "train") throw InputError("--split must be test or train");
-  if (outputs != "all" && outputs != "true" && outputs != "pred" && outputs != "class") {
-    throw InputError("--outputs must be all, true or pred");
-  }
-  if (every < 1) throw InputError("--every must be at least 1");
-  check_kernel_route(kernel_route);
-  if (tc_rule != "tau" && tc_rule != "outlier") throw InputError("--tc-rule must be tau or outlier");
-  if (!(tau >= 0)) throw InputError("--tau must be >= 0");
-  if (exact_nodes < 0 || exact_nodes > 64) throw InputError("--exact takes 1..64 quadrature nodes");
-  if (tc_window < 2) throw InputError("--tc-window must be at least 2");
-  if (!(tc_kappa >= 0)) throw InputError("--tc-kappa must be >= 0");
-}
-
 namespace {
 
 ParamMap to_double_map(const NamedTensors& t) {

@@ -30,20 +30,6 @@
 namespace pathkernel {
 namespace fs = std::filesystem;
 
-void ExplainConfig::validate() const {
-  if (run.empty()) throw InputError("give the run directory");
-  if (out.empty()) throw InputError("--out DIR is required");
-  if (probe_indices.empty() && probes < 1) throw InputError("give --probe I (repeatable) or --probes N");
-  if (!probe_indices.empty() && probes > 0) throw InputError("give --probe I or --probes N, not both");
-  if (top < 1) throw InputError("--top must be at least 1");
-  if (exact_nodes < 0) throw InputError("--exact must be positive");
-  if (route != "auto" && route != "backward") throw InputError("route must be auto or backward");
-  if (!class_names_file.empty() && !std::filesystem::is_regular_file(class_names_file)) {
-    throw InputError(class_names_file + ": no such class names file");
-  }
-  check_kernel_route(kernel_route);
-}
-
 ExplainResult explain(const ExplainConfig& c) {
   c.validate();
   const auto t0 = std::chrono::steady_clock::now();

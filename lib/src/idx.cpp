@@ -7,6 +7,7 @@
 #include <cstring>
 
 #include "pathkernel/errors.h"
+#include "pathkernel/train_config.h"
 
 namespace pathkernel {
 namespace fs = std::filesystem;
@@ -183,8 +184,6 @@ Dataset load_split(const fs::path& dir, const std::string& split, int64_t limit)
   }
   return ds;
 }
-
-bool is_synthetic(const std::string& data) { return data.rfind("synthetic:", 0) == 0; }
 
 Dataset load_dataset(const std::string& data, const std::string& split, int64_t limit) {
   if (!is_synthetic(data)) return load_split(data, split, limit);

@@ -244,54 +244,6 @@ class AdamOptimizer final : public Optimizer {
 
 }  // namespace
 
-OptimizerKind parse_optimizer(const std::string& name) {
-  if (name == "sgd") return OptimizerKind::kSgd;
-  if (name == "adam") return OptimizerKind::kAdam;
-  if (name == "adamw") return OptimizerKind::kAdamW;
-  throw InputError("--optimizer must be sgd, adam or adamw, got '" + name + "'");
-}
-
-std::string optimizer_name(OptimizerKind kind) {
-  switch (kind) {
-    case OptimizerKind::kSgd: return "sgd";
-    case OptimizerKind::kAdam: return "adam";
-    case OptimizerKind::kAdamW: return "adamw";
-  }
-  return "sgd";
-}
-
-void OptimizerOptions::validate() const {
-  if (!(weight_decay >= 0) || !std::isfinite(weight_decay)) throw InputError("--weight-decay must be >= 0");
-  if (kind == OptimizerKind::kSgd) {
-    if (!(momentum >= 0 && momentum < 1)) throw InputError("--momentum must be in [0, 1)");
-    if (!(dampening >= 0 && dampening <= 1)) throw InputError("--dampening must be in [0, 1]");
-    if (nesterov && (momentum <= 0 || dampening != 0)) {
-      throw InputError("--nesterov needs --momentum > 0 and --dampening 0 (as torch.optim.SGD)");
-    }
-    return;
-  }
-  if (!(beta1 >= 0 && beta1 < 1) || !(beta2 >= 0 && beta2 < 1)) throw InputError("--betas must both be in [0, 1)");
-  if (!(eps > 0) || !std::isfinite(eps)) throw InputError("--eps must be a positive number");
-  if (momentum != 0 || nesterov || dampening != 0) {
-    throw InputError("--momentum, --nesterov and --dampening apply to --optimizer sgd only");
-  }
-}
-
-nlohmann::json OptimizerOptions::to_json() const {
-  nlohmann::json j = {{"name", optimizer_name(kind)}, {"weight_decay", weight_decay}};
-  if (kind == OptimizerKind::kSgd) {
-    j["momentum"] = momentum;
-    j["dampening"] = dampening;
-    j["nesterov"] = nesterov;
-  } else {
-    j["betas"] = {beta1, beta2};
-    j["eps"] = eps;
-    j["amsgrad"] = false;
-    j["weight_decay_kind"] = kind == OptimizerKind::kAdamW ? "decoupled" : "l2";
-  }
-  return j;
-}
-
 Optimizer::Optimizer(OptimizerOptions options, std::vector<std::string> names, std::vector<at::Tensor> params)
     : options_(options), names_(std::move(names)), params_(std::move(params)) {
   options_.validate();

@@ -24,15 +24,6 @@ namespace pathkernel {
 namespace fs = std::filesystem;
 using report_detail::html_text;
 
-void ReportConfig::validate() const {
-  if (analysis.empty()) throw InputError("give the analysis directory");
-  if (out.empty()) throw InputError("--out DIR is required");
-  if (curves < 1) throw InputError("--curves must be at least 1");
-  if (!class_names_file.empty() && !fs::is_regular_file(class_names_file)) {
-    throw InputError(class_names_file + ": no such class names file");
-  }
-}
-
 namespace {
 
 /// The report trusts nothing in the analysis folder that it can check: the tables and arrays

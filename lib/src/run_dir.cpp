@@ -162,4 +162,25 @@ void check_step_records(const std::vector<nlohmann::json>& log, int64_t n, int64
   }
 }
 
+bool fresh_run_dir(const fs::path& root) {
+  if (!fs::exists(root)) return true;
+  if (!fs::is_directory(root)) return false;
+  for (const auto& e : fs::directory_iterator(root)) {
+    const std::string name = e.path().filename().string();
+    if (name == ".lock") continue;
+    if (name == "checkpoints" && fs::is_directory(e.path()) && fs::is_empty(e.path())) continue;
+    return false;
+  }
+  return true;
+}
+
+void check_new_run_dir(const fs::path& root) {
+  if (!fresh_run_dir(root)) {
+    throw InputError(root.string() + " already exists and is not empty; choose another --out, or " +
+                     "continue it with --resume " + root.string());
+  }
+  std::error_code ec;
+  if (!fs::exists(root, ec)) check_output_dir(root, /*force=*/false, "manifest.json");  // creatable?
+}
+
 }  // namespace pathkernel

@@ -18,34 +18,6 @@
 namespace pathkernel {
 namespace fs = std::filesystem;
 
-void SweepConfig::validate() const {
-  if (lrs.empty()) throw InputError("--lr needs at least one learning rate (e.g. 1e-4,1e-3,1e-2,1e-1)");
-  for (double lr : lrs) {
-    if (!(lr > 0) || !std::isfinite(lr)) throw InputError("--lr: every rate must be positive");
-  }
-  if (out.empty()) throw InputError("--out DIR is required");
-  // A sweep continues in its own folder: an existing --out may hold only what a sweep writes
-  // (lr_* folders, sweep.*), never a user's files.
-  std::error_code ec;
-  if (fs::is_directory(out, ec)) {
-    for (const auto& e : fs::directory_iterator(out, ec)) {
-      const std::string name = e.path().filename().string();
-      if (name.rfind("lr_", 0) != 0 && name.rfind("sweep.", 0) != 0 && name.rfind(".lr_", 0) != 0) {
-        throw InputError(out + ": holds " + name + ", which a sweep does not write; --out takes a new folder or an "
-                         "earlier sweep's, to continue it");
-      }
-    }
-  } else {
-    check_output_dir(out, /*force=*/false, "sweep.csv");  // a new folder: it must be creatable
-  }
-  for (double lr : lrs) {
-    TrainConfig t = train;
-    t.out = out;
-    t.lr = lr;
-    t.validate();
-  }
-}
-
 namespace {
 
 /// A sweep continues only runs it made itself: a run in its folder trained with other settings

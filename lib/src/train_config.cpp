@@ -9,6 +9,8 @@
 
 namespace pathkernel {
 
+bool is_synthetic(const std::string& data) { return data.rfind("synthetic:", 0) == 0; }
+
 void TrainConfig::validate() const {
   try {
     models::parse_model_spec(model);

@@ -299,20 +299,6 @@ void check_schedule_file(const RunDir& dir, const nlohmann::json& manifest) {
   }
 }
 
-/// A folder a new run may be created in: absent, empty, or left by a run killed during set-up
-/// before its manifest (only the lock file and an empty checkpoints/ folder).
-bool fresh_run_dir(const fs::path& root) {
-  if (!fs::exists(root)) return true;
-  if (!fs::is_directory(root)) return false;
-  for (const auto& e : fs::directory_iterator(root)) {
-    const std::string name = e.path().filename().string();
-    if (name == ".lock") continue;
-    if (name == "checkpoints" && fs::is_directory(e.path()) && fs::is_empty(e.path())) continue;
-    return false;
-  }
-  return true;
-}
-
 }  // namespace
 
 TrainSummary train(const TrainConfig& user_config, const std::string& command_line) {
@@ -321,12 +307,7 @@ TrainSummary train(const TrainConfig& user_config, const std::string& command_li
   // Recorded absolute, so that replay and resume work from any working directory.
   if (!is_synthetic(config.data_dir)) config.data_dir = fs::absolute(config.data_dir).lexically_normal().string();
   const RunDir dir(config.out);
-  if (!fresh_run_dir(dir.root())) {
-    throw InputError(dir.root().string() + " already exists and is not empty; choose another --out, or " +
-                     "continue it with --resume " + dir.root().string());
-  }
-  std::error_code ec;
-  if (!fs::exists(dir.root(), ec)) check_output_dir(dir.root(), /*force=*/false, "manifest.json");  // creatable?
+  check_new_run_dir(dir.root());
   auto ctx = make_run_context(config);
   fs::create_directories(dir.checkpoints_dir());
   // One process per run: the lock is taken, then the folder checked again, so two trainings

@@ -55,9 +55,6 @@ Dataset load_split(const std::filesystem::path& dir, const std::string& split, i
 /// data of the toy:wave model. Throws InputError.
 Dataset load_dataset(const std::string& data, const std::string& split, int64_t limit = 0);
 
-/// True for a `synthetic:NAME` data spec.
-bool is_synthetic(const std::string& data);
-
 /// How pixels become inputs: x = (pixel / 255 - mean) / std. The default is pixel / 255.
 struct Normalization {
   double mean = 0.0;

@@ -55,6 +55,12 @@ class RunDir {
   std::filesystem::path root_;
 };
 
+/// True for a folder a new run may be created in: absent, empty, or left by a run killed during
+/// set-up before its manifest (only the lock file and an empty checkpoints/ folder).
+bool fresh_run_dir(const std::filesystem::path& root);
+/// Throws InputError unless `root` is such a folder and can be created (train's --out).
+void check_new_run_dir(const std::filesystem::path& root);
+
 /// Reads steps.jsonl. A partial last line (a crash mid-write) is dropped; any other line that is
 /// not JSON, or steps that are not 0, 1, 2, ... in order, throw InputError naming the line.
 std::vector<nlohmann::json> read_step_log(const std::filesystem::path& path);

@@ -50,6 +50,9 @@ struct TrainConfig {
 };
 
 nlohmann::json to_json(const TrainConfig& c);
+
+/// True for a `synthetic:NAME` data spec (--data synthetic:wave), false for an IDX folder.
+bool is_synthetic(const std::string& data);
 /// Reads a config written by to_json; throws InputError naming `source` on a missing field.
 TrainConfig train_config_from_json(const nlohmann::json& j, const std::string& source);
 

@@ -1,0 +1,241 @@
+// Command lines -> settings, and every check that needs no LibTorch (prepare.h). Free of
+// LibTorch: the launcher links it without LibTorch, so the linker keeps it that way.
+#include "prepare.h"
+
+#include <cxxopts.hpp>
+#include <spdlog/spdlog.h>
+
+#include <filesystem>
+
+#include "options.h"
+#include "pathkernel/errors.h"
+#include "pathkernel/fs_util.h"
+#include "pathkernel/run_dir.h"
+
+namespace pathkernel::app {
+namespace fs = std::filesystem;
+
+std::string joined_command_line(const Args& args) {
+  std::string s;
+  for (const auto& a : args) s += (s.empty() ? "" : " ") + a;
+  return s;
+}
+
+namespace {
+
+/// An input folder a command reads (a run, an analysis): it must exist as a folder. What is in
+/// it is checked by the readers (they trust nothing they can verify).
+void check_input_dir(const std::string& dir, const std::string& what) {
+  std::error_code ec;
+  if (!fs::is_directory(dir, ec)) throw InputError(dir + ": no such " + what);
+}
+
+void check_input_file(const std::string& file, const std::string& what) {
+  std::error_code ec;
+  if (!file.empty() && !fs::is_regular_file(file, ec)) throw InputError(file + ": no such " + what);
+}
+
+/// --data: a synthetic set or an existing folder (its files are checked when they are read).
+void check_data(const TrainConfig& c) {
+  if (!is_synthetic(c.data_dir)) check_input_dir(c.data_dir, "data folder (--data)");
+}
+
+}  // namespace
+
+bool prepare_train(const Args& args, TrainCommand& cmd) {
+  TrainConfig& c = cmd.config;
+  cxxopts::Options opts("pathkernel train", "Train a model with logged minibatch SGD into a run directory.");
+  add_train_options(opts, c, /*with_lr=*/true);
+  opts.add_options()("out", "run directory to create (must not exist or be empty)", cxxopts::value(c.out))(
+      "resume", "continue the interrupted run RUN from its last checkpoint", cxxopts::value(cmd.resume));
+  cxxopts::ParseResult r;
+  if (!parse_options(opts, args, r)) return false;
+  read_betas(r, c);
+  cmd.json = json_output(r);
+  cmd.command_line = joined_command_line(args);
+  if (r.count("resume")) {
+    for (const auto& kv : r.arguments()) {
+      if (kv.key() != "resume" && kv.key() != "log-level" && kv.key() != "json") {
+        throw InputError("--resume continues a run with the settings in its manifest; drop --" + kv.key());
+      }
+    }
+    check_input_dir(cmd.resume, "run directory (--resume)");
+    return true;
+  }
+  c.validate();
+  check_new_run_dir(c.out);  // before any work
+  check_data(c);
+  return true;
+}
+
+bool prepare_replay(const Args& args, ReplayCommand& cmd) {
+  cxxopts::Options opts("pathkernel replay",
+                        "Rebuild the weights of a run at any step from its checkpoints and step log.");
+  // clang-format off
+  opts.add_options()
+    ("run", "run directory", cxxopts::value(cmd.run))
+    ("verify", "replay between every pair of checkpoints and compare bit for bit")
+    ("step", "write the weights at this step", cxxopts::value<int64_t>())
+    ("out", "file for --step (a state_dict .pt for torch.load)", cxxopts::value(cmd.out))
+    ("force", "overwrite --out if it exists");
+  // clang-format on
+  opts.parse_positional({"run"});
+  opts.positional_help("RUN");
+  cxxopts::ParseResult r;
+  if (!parse_options(opts, args, r)) return false;
+  cmd.verify = r.count("verify") > 0;
+  cmd.force = r.count("force") > 0;
+  if (r.count("step")) cmd.step = r["step"].as<int64_t>();
+  if (cmd.run.empty()) throw InputError("pathkernel replay: give the run directory (see --help)");
+  if (!cmd.verify && !cmd.step) throw InputError("pathkernel replay: give --verify or --step K --out FILE");
+  if (cmd.step && cmd.out.empty()) throw InputError("pathkernel replay: --step needs --out FILE");
+  if (!cmd.out.empty()) check_output_file(cmd.out, cmd.force);  // before any work
+  check_input_dir(cmd.run, "run directory");
+  return true;
+}
+
+bool prepare_analyze(const Args& args, AnalyzeCommand& cmd) {
+  AnalyzeConfig& c = cmd.config;
+  std::string steps, old_steps;
+  cxxopts::Options opts("pathkernel analyze",
+                        "Split every step of a run into kernel term K, update term U and Taylor residual R.");
+  add_analysis_options(opts, c);
+  opts.add_options()("run", "run directory", cxxopts::value(c.run))(
+      "out", "analysis directory to create", cxxopts::value(c.out))(
+      "range", "A:B, the steps k with A <= k < B (default: all)", cxxopts::value(steps))(
+      "steps", "old name of --range (train's --steps is a count; this one was a range)", cxxopts::value(old_steps))(
+      "force", "write into a non-empty --out");
+  opts.parse_positional({"run"});
+  opts.positional_help("RUN");
+  cxxopts::ParseResult r;
+  if (!parse_options(opts, args, r)) return false;
+  c.force = r.count("force") > 0;
+  cmd.json = json_output(r);
+  if (!old_steps.empty()) {
+    if (!steps.empty()) throw InputError("give --range only (--steps is its old name)");
+    spdlog::warn("analyze --steps is now --range (the old name works for one more release)");
+    steps = old_steps;
+  }
+  if (!steps.empty()) {
+    const size_t colon = steps.find(':');
+    try {
+      if (colon == std::string::npos) throw std::invalid_argument("");
+      c.step_begin = colon == 0 ? 0 : std::stoll(steps.substr(0, colon));
+      c.step_end = colon + 1 == steps.size() ? -1 : std::stoll(steps.substr(colon + 1));
+    } catch (const std::exception&) {
+      throw InputError("--range must be A:B (either side may be empty), got '" + steps + "'");
+    }
+  }
+  c.validate();
+  check_output_dir(c.out, c.force, "summary.json", kAnalysisFormat);  // before any work
+  check_input_dir(c.run, "run directory");
+  check_input_file(c.probe_indices_file, "probe indices file (--probe-indices)");
+  return true;
+}
+
+bool prepare_explain(const Args& args, ExplainCommand& cmd) {
+  ExplainConfig& c = cmd.config;
+  cxxopts::Options opts("pathkernel explain",
+                        "The kernel-machine view: which training examples pushed a prediction (a_i = summed K).");
+  // clang-format off
+  opts.add_options()
+    ("run", "run directory", cxxopts::value(c.run))
+    ("out", "explanation directory to create", cxxopts::value(c.out))
+    ("probe", "probe index in the split (repeatable, or I,J,...)", cxxopts::value(c.probe_indices))
+    ("probes", "or N probes evenly spaced over the split (they share one pass over the run)",
+     cxxopts::value(c.probes)->default_value("0"))
+    ("split", "test | train", cxxopts::value(c.split)->default_value("test"))
+    ("logit", "the logit to explain (default: each probe's final prediction)", cxxopts::value(c.output))
+    ("output", "old name of --logit (next to analyze's --outputs it read as the same flag)", cxxopts::value<int64_t>())
+    ("top", "proponents and opponents listed and shown per probe", cxxopts::value(c.top)->default_value("16"))
+    ("exact", "Q: also attribute with the exact path kernel (Q-node quadrature): no residual left",
+     cxxopts::value(c.exact_nodes))
+    ("self-influence", "rank training examples by TracIn self-influence (finds mislabeled ones)")
+    ("kernel-route", "auto | factorized | explicit | torchscript (a recorded run's own model, by autograd)",
+     cxxopts::value(c.kernel_route)->default_value("auto"))
+    ("class-names", "file with one class name per line for the grids (default: Fashion-MNIST's names for its data)",
+     cxxopts::value(c.class_names_file))
+    ("grids", "PNG grids for at most this many probes", cxxopts::value(c.grids)->default_value("16"))
+    ("force", "write into a non-empty --out");
+  // clang-format on
+  opts.parse_positional({"run"});
+  opts.positional_help("RUN");
+  cxxopts::ParseResult r;
+  if (!parse_options(opts, args, r)) return false;
+  if (r.count("output")) {
+    if (r.count("logit")) throw InputError("give --logit only (--output is its old name)");
+    spdlog::warn("explain --output is now --logit (the old name works for one more release)");
+    c.output = r["output"].as<int64_t>();
+  }
+  c.self_influence = r.count("self-influence") > 0;
+  c.force = r.count("force") > 0;
+  cmd.json = json_output(r);
+  check_output_dir(c.out, c.force, "summary.json", kExplainFormat);  // before any work
+  c.validate();
+  check_input_dir(c.run, "run directory");
+  return true;
+}
+
+bool prepare_report(const Args& args, ReportCommand& cmd) {
+  ReportConfig& c = cmd.config;
+  cxxopts::Options opts("pathkernel report", "Plots (gnuplot PNGs) and report.html of an analysis directory.");
+  // clang-format off
+  opts.add_options()
+    ("analysis", "analysis directory (from pathkernel analyze)", cxxopts::value(c.analysis))
+    ("out", "report directory to create", cxxopts::value(c.out))
+    ("curves", "probes whose cumulative sums are plotted", cxxopts::value(c.curves)->default_value("4"))
+    ("class-names", "file with one class name per line (default: Fashion-MNIST's names for its data)",
+     cxxopts::value(c.class_names_file))
+    ("force", "write into a non-empty --out");
+  // clang-format on
+  opts.parse_positional({"analysis"});
+  opts.positional_help("ANALYSIS");
+  cxxopts::ParseResult r;
+  if (!parse_options(opts, args, r)) return false;
+  c.force = r.count("force") > 0;
+  cmd.json = json_output(r);
+  c.validate();
+  check_output_dir(c.out, c.force, "report.html");  // before anything is read
+  check_input_dir(c.analysis, "analysis directory");
+  return true;
+}
+
+bool prepare_sweep(const Args& args, SweepCommand& cmd) {
+  SweepConfig& c = cmd.config;
+  cxxopts::Options opts("pathkernel sweep",
+                        "Train and analyze the same model, data and batches at each learning rate.");
+  add_train_options(opts, c.train, /*with_lr=*/false);
+  add_analysis_options(opts, c.analysis);
+  opts.add_options()("lr", "learning rates, e.g. 1e-4,1e-3,1e-2,1e-1,0.5,1", cxxopts::value(c.lrs))(
+      "out", "sweep directory (an interrupted sweep is continued there)", cxxopts::value(c.out));
+  cxxopts::ParseResult r;
+  if (!parse_options(opts, args, r)) return false;
+  read_betas(r, c.train);
+  cmd.json = json_output(r);
+  c.command_line = joined_command_line(args);
+  c.validate();  // the --out folder included
+  check_data(c.train);
+  return true;
+}
+
+namespace {
+
+template <typename Command>
+bool prepare_one(bool (*f)(const Args&, Command&), const Args& args) {
+  Command cmd;
+  return f(args, cmd);
+}
+
+}  // namespace
+
+bool prepare(const std::string& command, const Args& args) {
+  if (command == "train") return prepare_one(prepare_train, args);
+  if (command == "replay") return prepare_one(prepare_replay, args);
+  if (command == "analyze") return prepare_one(prepare_analyze, args);
+  if (command == "explain") return prepare_one(prepare_explain, args);
+  if (command == "report") return prepare_one(prepare_report, args);
+  if (command == "sweep") return prepare_one(prepare_sweep, args);
+  throw InputError("unknown command '" + command + "'");
+}
+
+}  // namespace pathkernel::app

@@ -1,0 +1,66 @@
+#pragma once
+// The first half of every subcommand: its command line parsed into its settings and everything
+// checked that needs no LibTorch (flags, settings, the output folder, that the inputs exist).
+// The `pathkernel` launcher runs it before LibTorch is even loaded, so that a bad flag or an
+// unusable --out is refused in milliseconds; the commands (pathkernel-core) run it again and
+// then do the work. Each returns false after printing --help or --version; each throws
+// InputError for anything it refuses.
+
+#include <cstdint>
+#include <optional>
+#include <string>
+
+#include "commands.h"
+#include "pathkernel/analyzer.h"
+#include "pathkernel/explain.h"
+#include "pathkernel/report.h"
+#include "pathkernel/sweep.h"
+#include "pathkernel/train_config.h"
+
+namespace pathkernel::app {
+
+struct TrainCommand {
+  TrainConfig config;
+  std::string resume;        ///< --resume RUN (then config is unused)
+  std::string command_line;  ///< for the manifest
+  bool json = false;
+};
+
+struct ReplayCommand {
+  std::string run, out;
+  std::optional<int64_t> step;  ///< --step K (with --out)
+  bool verify = false, force = false;
+};
+
+struct AnalyzeCommand {
+  AnalyzeConfig config;
+  bool json = false;
+};
+
+struct ExplainCommand {
+  ExplainConfig config;
+  bool json = false;
+};
+
+struct ReportCommand {
+  ReportConfig config;
+  bool json = false;
+};
+
+struct SweepCommand {
+  SweepConfig config;
+  bool json = false;
+};
+
+bool prepare_train(const Args& args, TrainCommand& cmd);
+bool prepare_replay(const Args& args, ReplayCommand& cmd);
+bool prepare_analyze(const Args& args, AnalyzeCommand& cmd);
+bool prepare_explain(const Args& args, ExplainCommand& cmd);
+bool prepare_report(const Args& args, ReportCommand& cmd);
+bool prepare_sweep(const Args& args, SweepCommand& cmd);
+
+/// Runs the prepare_* function of `command` ("train", "analyze", ...). Returns false after
+/// --help or --version. Throws InputError (an unknown command included).
+bool prepare(const std::string& command, const Args& args);
+
+}  // namespace pathkernel::app

@@ -1,0 +1,143 @@
+// The checks of every command's settings, in a unit free of LibTorch: the `pathkernel`
+// launcher runs them (and the output checks of fs_util.cpp) before LibTorch is loaded, so a bad
+// flag or an unusable --out is refused in milliseconds.
+#include <nlohmann/json.hpp>
+
+#include <cmath>
+#include <filesystem>
+#include <string>
+
+#include "pathkernel/analyzer.h"
+#include "pathkernel/errors.h"
+#include "pathkernel/explain.h"
+#include "pathkernel/fs_util.h"
+#include "pathkernel/optimizer.h"
+#include "pathkernel/report.h"
+#include "pathkernel/sweep.h"
+
+namespace pathkernel {
+namespace fs = std::filesystem;
+
+OptimizerKind parse_optimizer(const std::string& name) {
+  if (name == "sgd") return OptimizerKind::kSgd;
+  if (name == "adam") return OptimizerKind::kAdam;
+  if (name == "adamw") return OptimizerKind::kAdamW;
+  throw InputError("--optimizer must be sgd, adam or adamw, got '" + name + "'");
+}
+
+std::string optimizer_name(OptimizerKind kind) {
+  switch (kind) {
+    case OptimizerKind::kSgd: return "sgd";
+    case OptimizerKind::kAdam: return "adam";
+    case OptimizerKind::kAdamW: return "adamw";
+  }
+  return "sgd";
+}
+
+void OptimizerOptions::validate() const {
+  if (!(weight_decay >= 0) || !std::isfinite(weight_decay)) throw InputError("--weight-decay must be >= 0");
+  if (kind == OptimizerKind::kSgd) {
+    if (!(momentum >= 0 && momentum < 1)) throw InputError("--momentum must be in [0, 1)");
+    if (!(dampening >= 0 && dampening <= 1)) throw InputError("--dampening must be in [0, 1]");
+    if (nesterov && (momentum <= 0 || dampening != 0)) {
+      throw InputError("--nesterov needs --momentum > 0 and --dampening 0 (as torch.optim.SGD)");
+    }
+    return;
+  }
+  if (!(beta1 >= 0 && beta1 < 1) || !(beta2 >= 0 && beta2 < 1)) throw InputError("--betas must both be in [0, 1)");
+  if (!(eps > 0) || !std::isfinite(eps)) throw InputError("--eps must be a positive number");
+  if (momentum != 0 || nesterov || dampening != 0) {
+    throw InputError("--momentum, --nesterov and --dampening apply to --optimizer sgd only");
+  }
+}
+
+nlohmann::json OptimizerOptions::to_json() const {
+  nlohmann::json j = {{"name", optimizer_name(kind)}, {"weight_decay", weight_decay}};
+  if (kind == OptimizerKind::kSgd) {
+    j["momentum"] = momentum;
+    j["dampening"] = dampening;
+    j["nesterov"] = nesterov;
+  } else {
+    j["betas"] = {beta1, beta2};
+    j["eps"] = eps;
+    j["amsgrad"] = false;
+    j["weight_decay_kind"] = kind == OptimizerKind::kAdamW ? "decoupled" : "l2";
+  }
+  return j;
+}
+
+void check_kernel_route(const std::string& route) {
+  if (route != "auto" && route != "factorized" && route != "explicit" && route != "torchscript") {
+    throw InputError("--kernel-route must be auto, factorized, explicit or torchscript, not '" + route + "'");
+  }
+}
+
+void AnalyzeConfig::validate() const {
+  if (run.empty()) throw InputError("give the run directory");
+  if (out.empty()) throw InputError("--out DIR is required");
+  if (probes < 1 && probe_indices_file.empty() && probe_indices.empty()) throw InputError("--probes must be at least 1");
+  if (split != "test" && split != "train") throw InputError("--split must be test or train");
+  if (outputs != "all" && outputs != "true" && outputs != "pred" && outputs != "class") {
+    throw InputError("--outputs must be all, true or pred");
+  }
+  if (every < 1) throw InputError("--every must be at least 1");
+  check_kernel_route(kernel_route);
+  if (tc_rule != "tau" && tc_rule != "outlier") throw InputError("--tc-rule must be tau or outlier");
+  if (!(tau >= 0)) throw InputError("--tau must be >= 0");
+  if (exact_nodes < 0 || exact_nodes > 64) throw InputError("--exact takes 1..64 quadrature nodes");
+  if (tc_window < 2) throw InputError("--tc-window must be at least 2");
+  if (!(tc_kappa >= 0)) throw InputError("--tc-kappa must be >= 0");
+}
+
+void ExplainConfig::validate() const {
+  if (run.empty()) throw InputError("give the run directory");
+  if (out.empty()) throw InputError("--out DIR is required");
+  if (probe_indices.empty() && probes < 1) throw InputError("give --probe I (repeatable) or --probes N");
+  if (!probe_indices.empty() && probes > 0) throw InputError("give --probe I or --probes N, not both");
+  if (top < 1) throw InputError("--top must be at least 1");
+  if (exact_nodes < 0) throw InputError("--exact must be positive");
+  if (route != "auto" && route != "backward") throw InputError("route must be auto or backward");
+  if (!class_names_file.empty() && !std::filesystem::is_regular_file(class_names_file)) {
+    throw InputError(class_names_file + ": no such class names file");
+  }
+  check_kernel_route(kernel_route);
+}
+
+void ReportConfig::validate() const {
+  if (analysis.empty()) throw InputError("give the analysis directory");
+  if (out.empty()) throw InputError("--out DIR is required");
+  if (curves < 1) throw InputError("--curves must be at least 1");
+  if (!class_names_file.empty() && !fs::is_regular_file(class_names_file)) {
+    throw InputError(class_names_file + ": no such class names file");
+  }
+}
+
+void SweepConfig::validate() const {
+  if (lrs.empty()) throw InputError("--lr needs at least one learning rate (e.g. 1e-4,1e-3,1e-2,1e-1)");
+  for (double lr : lrs) {
+    if (!(lr > 0) || !std::isfinite(lr)) throw InputError("--lr: every rate must be positive");
+  }
+  if (out.empty()) throw InputError("--out DIR is required");
+  // A sweep continues in its own folder: an existing --out may hold only what a sweep writes
+  // (lr_* folders, sweep.*), never a user's files.
+  std::error_code ec;
+  if (fs::is_directory(out, ec)) {
+    for (const auto& e : fs::directory_iterator(out, ec)) {
+      const std::string name = e.path().filename().string();
+      if (name.rfind("lr_", 0) != 0 && name.rfind("sweep.", 0) != 0 && name.rfind(".lr_", 0) != 0) {
+        throw InputError(out + ": holds " + name + ", which a sweep does not write; --out takes a new folder or an "
+                         "earlier sweep's, to continue it");
+      }
+    }
+  } else {
+    check_output_dir(out, /*force=*/false, "sweep.csv");  // a new folder: it must be creatable
+  }
+  for (double lr : lrs) {
+    TrainConfig t = train;
+    t.out = out;
+    t.lr = lr;
+    t.validate();
+  }
+}
+
+}  // namespace pathkernel
