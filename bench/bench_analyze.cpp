@@ -1,9 +1,17 @@
-// The analyzer's kernel work per step (MLP 784-128-10, batch 64, 256 probes x 10 outputs, float64)
-// by the factorized route against the explicit-Jacobian route and against its floor, one
-// forward plus backward pass over the probe rows, all in one process; then the peak memory of a
-// whole `analyze` on that setting.
+// The analyzer per step against its references, all measured in this one process:
+//  - the kernel work of a step (per-example K against the batch, and F) at 16, 64, 256 and 1024
+//    probes x 10 logits (MLP 784-128-10, batch 64, float64), against explicit per-row Jacobians
+//    (what a functorch jacrev route computes: every probe row's and batch example's gradient,
+//    then J_p J_m^T; in chunks of 256 probes, so that 1024 probes fit in memory) and against the
+//    floor: one forward and one backward pass over the P distinct probes and the M batch rows;
+//  - a whole `analyze` per step at each probe count (the difference of two ranges of one run,
+//    so that start-up does not count), and its peak memory;
+//  - 2 threads against 1 (whole analyze, 256 probes; needs OMP_WAIT_POLICY=PASSIVE, which this
+//    program sets for itself as the pathkernel launcher does);
+//  - CNNs: the kernel work of cnn:16,32 and cnn:32,64 at 64 probes x 10 logits against their
+//    floor.
 //
-// usage: bench_analyze [--data DIR] [--steps N]
+// usage: bench_analyze [--data DIR] [--repeats N]
 #include <ATen/ATen.h>
 #include <spdlog/spdlog.h>
 #include <sys/resource.h>
@@ -12,8 +20,10 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <functional>
+#include <vector>
 
 #include "pathkernel/analyzer.h"
 #include "pathkernel/idx.h"
@@ -27,91 +37,202 @@ using namespace pathkernel;
 
 namespace {
 
+double seconds_of(const std::function<void()>& fn) {
+  const auto t0 = Clock::now();
+  fn();
+  return std::chrono::duration<double>(Clock::now() - t0).count();
+}
+
 double best_of(int repeats, const std::function<void()>& fn) {
   double best = 1e30;
-  for (int i = 0; i < repeats; ++i) {
-    const auto t0 = Clock::now();
-    fn();
-    best = std::min(best, std::chrono::duration<double>(Clock::now() - t0).count());
-  }
+  for (int i = 0; i < repeats; ++i) best = std::min(best, seconds_of(fn));
   return best;
+}
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+struct Batch {
+  at::Tensor xp, xb, yb;  ///< probes (1024), batch inputs and labels (64)
+};
+
+Batch make_batch(const std::string& data) {
+  const Dataset train_set = load_split(data, "train", 5000), test_set = load_split(data, "test");
+  const at::Tensor pidx = at::arange(0, 10000, 10000 / 1024, at::kLong).slice(0, 0, 1024);
+  const at::Tensor bidx = at::arange(64, at::kLong);
+  return {to_inputs(test_set.images.index_select(0, pidx), at::kDouble, {}),
+          to_inputs(train_set.images.index_select(0, bidx), at::kDouble, {}), train_set.labels.index_select(0, bidx)};
+}
+
+std::shared_ptr<models::Model> make_model(const std::string& spec) {
+  at::manual_seed(0);
+  auto model = models::build_model(models::parse_model_spec(spec), {1, 28, 28}, 10);
+  model->to(at::kDouble);
+  return model;
+}
+
+ParamMap random_direction(models::Model& model) {
+  ParamMap dw;
+  for (const auto& item : model.named_parameters()) dw[item.key()] = at::randn_like(item.value()).detach() * 1e-3;
+  return dw;
+}
+
+const at::Tensor& all_outputs(int64_t probes) {
+  static at::Tensor cols;
+  if (!cols.defined() || cols.size(0) != probes) cols = shared_columns(probes, {0, 1, 2, 3, 4, 5, 6, 7, 8, 9});
+  return cols;
+}
+
+/// The kernel work of one analyzed step: probe rows and batch rows at w_k, K per example, F.
+at::Tensor kernel_work(models::Model& m, const at::Tensor& xp, const Batch& b, const ParamMap& dw) {
+  const RowGradients sp = probe_rows(m, xp, all_outputs(xp.size(0)), /*explicit_route=*/false);
+  const RowGradients sb = loss_rows(m, b.xb, b.yb, LossKind::kCrossEntropy, /*explicit_route=*/false);
+  const at::Tensor k = row_gram(sp, sb);
+  row_directional(sp, dw);
+  return k;
+}
+
+/// The floor: one forward and one backward (parameter gradients) over the distinct probes and
+/// the batch rows.
+void floor_work(models::Model& m, const at::Tensor& xp, const Batch& b) {
+  m.set_capture(false);
+  const at::Tensor out = m.forward(at::cat({xp, b.xb}));
+  (out * at::randn_like(out)).sum().backward();
+  m.zero_grad();
+}
+
+/// The same K and F by explicit per-row Jacobians, 256 probes at a time.
+at::Tensor explicit_work(models::Model& m, const at::Tensor& xp, const Batch& b, const ParamMap& dw) {
+  const at::Tensor jb = explicit_loss_jacobian(m, b.xb, b.yb, LossKind::kCrossEntropy);
+  const at::Tensor v = flatten_params(m, dw);
+  std::vector<at::Tensor> k;
+  for (int64_t p = 0; p < xp.size(0); p += 256) {
+    const at::Tensor x = xp.slice(0, p, std::min<int64_t>(p + 256, xp.size(0)));
+    const at::Tensor jp = explicit_probe_jacobian(m, x, all_outputs(x.size(0)));
+    k.push_back(at::mm(jp, jb.t()));
+    at::mv(jp, v);
+  }
+  return at::cat(k);
+}
+
+/// A short real run at the benchmark's setting, analyzed by `analyze_step`.
+struct RunUnderTest {
+  fs::path dir;
+  std::string run;
+};
+
+RunUnderTest train_run(const std::string& data, int64_t steps) {
+  RunUnderTest r{fs::temp_directory_path() / ("pathkernel-bench-analyze-" + std::to_string(::getpid())), ""};
+  TrainConfig tc;
+  tc.data_dir = data;
+  tc.train_limit = 5000;
+  tc.steps = steps;
+  tc.out = (r.dir / "run").string();
+  train(tc, "bench_analyze");
+  r.run = tc.out;
+  return r;
+}
+
+/// A whole analysis per step: analyze steps 0:long and 0:short, divide the difference.
+double analyze_step(const RunUnderTest& r, int64_t probes, int threads, int64_t short_range, int64_t long_range) {
+  auto time_range = [&](int64_t end) {
+    AnalyzeConfig ac;
+    ac.run = r.run;
+    ac.out = (r.dir / "analysis").string();
+    ac.probes = probes;
+    ac.threads = threads;
+    ac.step_end = end;
+    return seconds_of([&] { analyze(ac); });
+  };
+  const double t_short = time_range(short_range), t_long = time_range(long_range);
+  pin_threads(1);
+  return (t_long - t_short) / static_cast<double>(long_range - short_range);
+}
+
+void bench_mlp(const Batch& b, int repeats) {
+  auto model = make_model("mlp:128:tanh");
+  const ParamMap dw = random_direction(*model);
+  std::printf("kernel work per step, mlp:128:tanh, batch 64, P probes x 10 logits, float64:\n");
+  std::printf("  %6s %12s %12s %14s %10s %12s %10s\n", "probes", "floor ms", "analyzer ms", "explicit ms", "x floor",
+              "x faster", "K agrees");
+  for (int64_t p : {16, 64, 256, 1024}) {
+    const at::Tensor xp = b.xp.slice(0, 0, p);
+    at::Tensor k_fast, k_slow;
+    const double floor = best_of(repeats, [&] { floor_work(*model, xp, b); });
+    const double fast = best_of(repeats, [&] { k_fast = kernel_work(*model, xp, b, dw); });
+    const double slow = best_of(1, [&] { k_slow = explicit_work(*model, xp, b, dw); });
+    const double agree = (k_fast - k_slow).abs().max().item<double>() / k_slow.abs().max().item<double>();
+    std::printf("  %6lld %12.2f %12.2f %14.1f %10.2f %12.0f %10.1e\n", static_cast<long long>(p), floor * 1e3,
+                fast * 1e3, slow * 1e3, fast / floor, slow / fast, agree);
+  }
+}
+
+void bench_cnn(const Batch& b, int repeats) {
+  std::printf("kernel work per step, CNNs, batch 64, 64 probes x 10 logits, float64:\n");
+  for (const char* spec : {"cnn:16,32", "cnn:32,64"}) {
+    auto model = make_model(spec);
+    const ParamMap dw = random_direction(*model);
+    const at::Tensor xp = b.xp.slice(0, 0, 64);
+    std::vector<double> ratios, floors, fasts;
+    for (int i = 0; i < repeats; ++i) {
+      const double floor = seconds_of([&] { floor_work(*model, xp, b); });
+      const double fast = seconds_of([&] { kernel_work(*model, xp, b, dw); });
+      floors.push_back(floor);
+      fasts.push_back(fast);
+      ratios.push_back(fast / floor);
+    }
+    std::printf("  %-10s floor %8.1f ms   analyzer %8.1f ms   x%.2f of the floor (median of %d paired repeats)\n",
+                spec, median(floors) * 1e3, median(fasts) * 1e3, median(ratios), repeats);
+  }
+}
+
+void bench_whole(const std::string& data, int repeats) {
+  const RunUnderTest r = train_run(data, 45);
+  std::printf("whole analyze per analyzed step (mlp:128:tanh, steps 5..45 of a run, start-up excluded):\n");
+  for (int64_t p : {16, 64, 256, 1024}) {
+    std::printf("  %5lld probes x 10 logits   %8.1f ms/step\n", static_cast<long long>(p),
+                analyze_step(r, p, 1, 5, 45) * 1e3);
+  }
+  std::vector<double> ratios;
+  double one = 0, two = 0;
+  for (int i = 0; i < repeats; ++i) {
+    one = analyze_step(r, 256, 1, 5, 45);
+    two = analyze_step(r, 256, 2, 5, 45);
+    ratios.push_back(one / two);
+  }
+  std::printf("  256 probes, 2 threads against 1: %.1f against %.1f ms/step, x%.2f (median of %d paired repeats)\n",
+              two * 1e3, one * 1e3, median(ratios), repeats);
+  struct rusage ru {};
+  getrusage(RUSAGE_SELF, &ru);
+  std::printf("  peak RSS of this process (the explicit route's Jacobians included): %.0f MB\n", ru.ru_maxrss / 1024.0);
+  fs::remove_all(r.dir);
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
+  // libgomp reads its wait policy when it loads: set it for a fresh image of this program.
+  if (!std::getenv("OMP_WAIT_POLICY")) {
+    ::setenv("OMP_WAIT_POLICY", "PASSIVE", 1);
+    ::execv("/proc/self/exe", argv);
+  }
   std::string data = "/usr/share/datasets/fashion-mnist";
-  int64_t steps = 20;
+  int repeats = 5;
   for (int i = 1; i + 1 < argc; i += 2) {
     if (std::string(argv[i]) == "--data") data = argv[i + 1];
-    if (std::string(argv[i]) == "--steps") steps = std::stoll(argv[i + 1]);
+    if (std::string(argv[i]) == "--repeats") repeats = std::stoi(argv[i + 1]);
   }
   tune_allocator();
   spdlog::set_level(spdlog::level::warn);
   const ThreadInfo threads = pin_threads(1);
-  const Dataset train_set = load_split(data, "train", 5000), test_set = load_split(data, "test");
-  at::manual_seed(0);
-  auto model = models::build_model(models::parse_model_spec("mlp:128:tanh"), {1, 28, 28}, 10);
-  model->to(at::kDouble);
-  const at::Tensor pidx = at::arange(0, 10000, 10000 / 256, at::kLong).slice(0, 0, 256);
-  const at::Tensor xp = to_inputs(test_set.images.index_select(0, pidx), at::kDouble, {});
-  const at::Tensor bidx = at::arange(64, at::kLong);
-  const at::Tensor xb = to_inputs(train_set.images.index_select(0, bidx), at::kDouble, {});
-  const at::Tensor yb = train_set.labels.index_select(0, bidx);
-  std::vector<int64_t> outputs(10);
-  for (int i = 0; i < 10; ++i) outputs[i] = i;
-  ParamMap dw;
-  for (const auto& item : model->named_parameters()) dw[item.key()] = at::randn_like(item.value()).detach() * 1e-3;
-
-  // A whole analysis of a short real run at this setting, for time per step and peak memory.
-  const fs::path tmp = fs::temp_directory_path() / ("pathkernel-bench-analyze-" + std::to_string(::getpid()));
-  TrainConfig tc;
-  tc.data_dir = data;
-  tc.train_limit = 5000;
-  tc.steps = steps;
-  tc.out = (tmp / "run").string();
-  train(tc, "bench_analyze");
-  AnalyzeConfig ac;
-  ac.run = tc.out;
-  ac.out = (tmp / "analysis").string();
-  ac.probes = 256;
-  const auto t0 = Clock::now();
-  const AnalysisResult res = analyze(ac);
-  const double per_step = std::chrono::duration<double>(Clock::now() - t0).count() / static_cast<double>(steps);
-  struct rusage ru {};
-  getrusage(RUSAGE_SELF, &ru);  // before the explicit route's own 2 GB Jacobian
-  fs::remove_all(tmp);
-
-  at::Tensor k_fast, k_slow;
-  const double floor = best_of(5, [&] {
-    model->set_capture(false);
-    const at::Tensor xr = xp.repeat_interleave(10, 0);
-    const at::Tensor out = model->forward(xr);
-    (out * at::randn_like(out)).sum().backward();
-  });
-  const double fast = best_of(5, [&] {
-    const RowSignals sp = probe_signals(*model, xp, outputs);
-    const RowSignals sb = loss_signals(*model, xb, yb, LossKind::kCrossEntropy);
-    k_fast = factorized_gram(sp, sb);
-    factorized_directional(sp, dw);
-  });
-  const double slow = best_of(1, [&] {
-    const at::Tensor jp = explicit_probe_jacobian(*model, xp, outputs);
-    const at::Tensor jb = explicit_loss_jacobian(*model, xb, yb, LossKind::kCrossEntropy);
-    k_slow = at::mm(jp, jb.t());
-    at::mv(jp, flatten_params(*model, dw));
-  });
-  const double agree = (k_fast - k_slow).abs().max().item<double>() / k_slow.abs().max().item<double>();
-
-  std::printf("bench_analyze: mlp:128:tanh, batch 64, 256 probes x 10 outputs, float64, %d thread(s), %s\n",
-              threads.torch_threads, threads.blas.c_str());
-  std::printf("  floor: forward+backward over the 2560 probe rows   %8.2f ms\n", floor * 1e3);
-  std::printf("  factorized kernels (K per example, F)             %8.2f ms   x%.2f of the floor\n", fast * 1e3,
-              fast / floor);
-  std::printf("  explicit per-row Jacobians (same K, F)            %8.2f ms   factorized is x%.0f faster\n",
-              slow * 1e3, slow / fast);
-  std::printf("  the two routes' K agree to                        %8.1e (relative)\n", agree);
-  std::printf("  whole analyze, %lld steps: %.1f ms/step (identity error %.1e); peak RSS %.0f MB\n",
-              static_cast<long long>(steps), per_step * 1e3, res.identity_error, ru.ru_maxrss / 1024.0);
+  const char* core = std::getenv("OPENBLAS_CORETYPE");
+  std::printf("bench_analyze: 1 thread unless said, %s, OPENBLAS_CORETYPE=%s\n", threads.blas.c_str(),
+              core ? core : "(unset)");
+  const Batch b = make_batch(data);
+  bench_mlp(b, repeats);
+  bench_cnn(b, repeats);
+  bench_whole(data, 3);
   return 0;
 }

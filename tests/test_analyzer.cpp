@@ -196,6 +196,32 @@ TEST_F(AnalyzerTest, ExplicitJacobianRouteGivesTheSameAnalysis) {
   }
 }
 
+// --threads 2 gives the analysis of one thread: the replayed steps run with the BLAS threads the
+// run was trained with (OpenBLAS rounds differently with another count; without that the
+// replayed weights drift from the checkpoints' by float rounding), the analysis with its own.
+// The sizes are large enough for OpenBLAS to split its products over two threads.
+TEST_F(AnalyzerTest, TwoThreadsGiveTheAnalysisOfOne) {
+  testing::write_synthetic_idx(tmp_ / "data28", 256, 40, 28, 10);
+  TrainConfig c;
+  c.data_dir = (tmp_ / "data28").string();
+  c.model = "mlp:64:tanh";
+  c.steps = 14;
+  c.batch = 32;
+  c.checkpoint_every = 7;
+  c.out = (tmp_ / "threads-run").string();
+  train(c, "");
+  AnalyzeConfig a = config(c.out);
+  a.probes = 32;
+  const AnalysisResult one = analyze(a);
+  a.threads = 2;
+  const AnalysisResult two = analyze(a);
+  EXPECT_EQ(one.threads, 1);
+  EXPECT_EQ(two.threads, 2);
+  for (const auto& [x, y] : {std::pair{one.d, two.d}, {one.f, two.f}, {one.k, two.k}, {one.u, two.u}, {one.r, two.r}}) {
+    EXPECT_LE(max_abs(x - y), 1e-12 * max_abs(x));
+  }
+}
+
 TEST(GaussLegendreTest, IntegratesPolynomialsExactly) {
   const auto [x2, w2] = gauss_legendre(2);
   EXPECT_NEAR(x2[0], 0.5 - 0.5 / std::sqrt(3.0), 1e-15);

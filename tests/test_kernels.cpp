@@ -49,6 +49,35 @@ TEST(KernelsTest, FactorizedGramAndDirectionalEqualExplicitJacobians) {
   }
 }
 
+// Probe rows are formed once per probe (one forward, one backward per output, input-side
+// products once per probe): every product over them equals the explicit per-row Jacobians' to
+// rounding, with a different output per probe too (--outputs true/pred).
+TEST(KernelsTest, ProbeRowsOncePerProbeEqualExplicitJacobiansEverywhere) {
+  for (const char* spec : {"mlp:7,6:tanh", "mlp:6:relu", "cnn:3,4:gelu"}) {
+    auto m = make(spec);
+    at::manual_seed(5);
+    const at::Tensor xp = at::rand({4, 1, 8, 8}, at::kDouble);
+    const at::Tensor xb = at::rand({5, 1, 8, 8}, at::kDouble);
+    const at::Tensor yb = at::randint(0, 3, {5}, at::kLong);
+    const at::Tensor cols = at::tensor({2, 0, 1, 1, 0, 2, 2, 2}, at::kLong).reshape({4, 2});
+    const RowGradients sp = probe_rows(*m, xp, cols, /*explicit_route=*/false);
+    const RowGradients sb = loss_rows(*m, xb, yb, LossKind::kCrossEntropy, /*explicit_route=*/false);
+    ASSERT_EQ(sp.signals.repeat, 2);
+    ASSERT_EQ(sp.signals.taps[0].input.size(0), 4);  // the inputs once per probe
+    const at::Tensor jp = explicit_probe_jacobian(*m, xp, cols);
+    const at::Tensor jb = explicit_loss_jacobian(*m, xb, yb, LossKind::kCrossEntropy);
+    EXPECT_LT(rel_err(row_gram(sp, sb), at::mm(jp, jb.t())), 1e-13) << spec;
+    EXPECT_LT(rel_err(row_gram(sp, sp), at::mm(jp, jp.t())), 1e-13) << spec;
+    const ParamMap v = random_direction(*m, 1.0);
+    EXPECT_LT(rel_err(row_directional(sp, v), at::mv(jp, flatten_params(*m, v))), 1e-13) << spec;
+    EXPECT_LT(rel_err(row_jacobian(*m, sp), jp), 1e-13) << spec;
+    const at::Tensor dirs = at::randn({3, jp.size(1)}, at::kDouble);
+    EXPECT_LT(rel_err(directions_dot_rows(*m, sp, dirs), at::mm(dirs, jp.t())), 1e-13) << spec;
+    const at::Tensor w = at::rand({jp.size(1)}, at::kDouble);
+    EXPECT_LT(rel_err(rows_weighted_sq(*m, sp, w), at::mv(jp.pow(2), w)), 1e-13) << spec;
+  }
+}
+
 TEST(KernelsTest, SecondOrderMatchesFiniteDifferencesOnTanh) {
   auto m = make("mlp:6,5:tanh");
   at::manual_seed(2);

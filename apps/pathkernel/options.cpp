@@ -50,7 +50,7 @@ void add_train_options(cxxopts::Options& opts, TrainConfig& c, bool with_lr) {
   if (with_lr) opts.add_options("training")("lr", "learning rate", cxxopts::value(c.lr)->default_value("0.1"));
 }
 
-void add_analysis_options(cxxopts::Options& opts, AnalyzeConfig& c) {
+void add_analysis_options(cxxopts::Options& opts, AnalyzeConfig& c, bool with_threads) {
   // clang-format off
   opts.add_options("analysis")
     ("probes", "number of probe images, evenly spaced over the split", cxxopts::value(c.probes)->default_value("64"))
@@ -70,8 +70,14 @@ void add_analysis_options(cxxopts::Options& opts, AnalyzeConfig& c) {
     ("tc-rule", "tau | outlier", cxxopts::value(c.tc_rule)->default_value("tau"))
     ("tau", "tau rule: step in T_c when |R|/|F| > tau", cxxopts::value(c.tau)->default_value("0.1"))
     ("tc-window", "outlier rule: steps of history", cxxopts::value(c.tc_window)->default_value("50"))
-    ("tc-kappa", "outlier rule: MADs above the median", cxxopts::value(c.tc_kappa)->default_value("5"));
+    ("tc-kappa", "outlier rule: MADs above the median", cxxopts::value(c.tc_kappa)->default_value("5"))
+    ("check-every", "with momentum or Adam: the kernel split's independent check on every N-th analyzed step "
+     "(plain SGD: every step, at no cost)", cxxopts::value(c.check_every)->default_value("10"));
   // clang-format on
+  if (with_threads) {
+    opts.add_options("analysis")("threads", "LibTorch and OpenBLAS threads (pinned, recorded in the summary)",
+                                 cxxopts::value(c.threads)->default_value("1"));
+  }
 }
 
 void read_betas(const cxxopts::ParseResult& r, TrainConfig& c) {
@@ -109,7 +115,7 @@ void check_number(const std::string& command, const std::string& key, const std:
 void check_numbers(const Args& args) {
   static const std::set<std::string> integers = {
       "steps", "epochs", "batch", "seed", "threads", "train-limit", "checkpoint-every", "eval-every", "probes",
-      "every", "exact", "tc-window", "output", "top", "grids", "curves", "step"};
+      "every", "exact", "tc-window", "output", "top", "grids", "curves", "step", "check-every"};
   static const std::set<std::string> reals = {"lr", "momentum", "dampening", "eps", "weight-decay", "tau", "tc-kappa"};
   const std::string& command = args[0];
   for (size_t i = 1; i < args.size(); ++i) {

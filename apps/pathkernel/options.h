@@ -19,7 +19,7 @@ void add_train_options(cxxopts::Options& opts, TrainConfig& c, bool with_lr);
 void read_betas(const cxxopts::ParseResult& r, TrainConfig& c);
 /// The analysis flags that do not name files or steps (probes, outputs, every, second order,
 /// exact, route, T_c), bound to `c`.
-void add_analysis_options(cxxopts::Options& opts, AnalyzeConfig& c);
+void add_analysis_options(cxxopts::Options& opts, AnalyzeConfig& c, bool with_threads = true);
 /// Adds --log-level and --help, parses, and sets the log level. Returns false after printing the
 /// help (the caller returns 0). Throws InputError on a parse error.
 bool parse_options(cxxopts::Options& opts, const Args& args, cxxopts::ParseResult& result);

@@ -156,6 +156,8 @@ bool prepare_explain(const Args& args, ExplainCommand& cmd) {
     ("class-names", "file with one class name per line for the grids (default: Fashion-MNIST's names for its data)",
      cxxopts::value(c.class_names_file))
     ("grids", "PNG grids for at most this many probes", cxxopts::value(c.grids)->default_value("16"))
+    ("threads", "LibTorch and OpenBLAS threads (pinned, recorded in the summary)",
+     cxxopts::value(c.threads)->default_value("1"))
     ("force", "write into a non-empty --out");
   // clang-format on
   opts.parse_positional({"run"});
@@ -205,12 +207,13 @@ bool prepare_sweep(const Args& args, SweepCommand& cmd) {
   cxxopts::Options opts("pathkernel sweep",
                         "Train and analyze the same model, data and batches at each learning rate.");
   add_train_options(opts, c.train, /*with_lr=*/false);
-  add_analysis_options(opts, c.analysis);
+  add_analysis_options(opts, c.analysis, /*with_threads=*/false);  // train's --threads serves both
   opts.add_options()("lr", "learning rates, e.g. 1e-4,1e-3,1e-2,1e-1,0.5,1", cxxopts::value(c.lrs))(
       "out", "sweep directory (an interrupted sweep is continued there)", cxxopts::value(c.out));
   cxxopts::ParseResult r;
   if (!parse_options(opts, args, r)) return false;
   read_betas(r, c.train);
+  c.analysis.threads = c.train.threads;
   cmd.json = json_output(r);
   c.command_line = joined_command_line(args);
   c.validate();  // the --out folder included

@@ -127,7 +127,8 @@ nlohmann::json summary_json(const AnalysisResult& r, const AnalyzeConfig& c) {
                              {"every", c.every}, {"second_order", c.second_order}, {"exact_nodes", c.exact_nodes},
                              {"kernel_route", c.kernel_route}, {"tc_rule", c.tc_rule},
                              {"tau", c.tau}, {"tc_window", c.tc_window}, {"tc_kappa", c.tc_kappa},
-                             {"identity_tolerance", c.identity_tolerance}};
+                             {"identity_tolerance", c.identity_tolerance}, {"check_every", c.check_every},
+                             {"threads", c.threads}};
   return {{"format", kAnalysisFormat},
           {"steps_analyzed", static_cast<int64_t>(r.steps.size())},
           {"first_step", r.steps.front().step},
@@ -160,6 +161,7 @@ nlohmann::json summary_json(const AnalysisResult& r, const AnalyzeConfig& c) {
           {"identity_applies", r.contiguous},
           {"max_identity_error", r.contiguous ? nlohmann::json(r.identity_error) : nlohmann::json(nullptr)},
           {"max_kernel_split_error", r.kernel_split_error},
+          {"kernel_split_checked_steps", r.kernel_split_checked},
           {"max_quad_error", [&] {
              if (!r.kexact.defined()) return nlohmann::json(nullptr);
              double m = 0;
@@ -170,6 +172,8 @@ nlohmann::json summary_json(const AnalysisResult& r, const AnalyzeConfig& c) {
           {"smooth_model", r.smooth},
           {"seconds", r.seconds},
           {"seconds_per_step", r.seconds / static_cast<double>(r.steps.size())},
+          {"threads", r.threads},
+          {"blas", r.blas},
           {"settings", settings}};
 }
 

@@ -12,6 +12,7 @@
 
 #include "pathkernel/errors.h"
 #include "pathkernel/kernels.h"
+#include "pathkernel/threads.h"
 #include "pathkernel/trajectory.h"
 #include "pathkernel/update_terms.h"
 
@@ -194,6 +195,9 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
   const auto t0 = Clock::now();
   const std::unique_ptr<Trajectory> run = open_trajectory(c.run, c.kernel_route == "torchscript");
   Trajectory& traj = *run;
+  // After opening the run (which pins its training threads): the analysis's own. Replayed
+  // steps still run with the run's (Replayer::replay_step).
+  const ThreadInfo threads = pin_threads(c.threads);
   const std::string model_spec = traj.model_spec();
   const LossKind loss = traj.loss();
   const int64_t last = traj.logged_steps();
@@ -264,6 +268,8 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
   }
   auto last_report = t0;
   const OptimizerOptions oo = traj.optimizer_after(begin).options();
+  res.threads = threads.torch_threads;
+  res.blas = threads.blas;
   res.optimizer = optimizer_name(oo.kind);
   res.model = model_spec;
   res.route = explicit_route ? "explicit" : "factorized";
@@ -302,23 +308,18 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
     const at::Tensor f1 = forward_nograd(*model, xp);
     const double loss_after = batch_loss(forward_nograd(*model, xb), yb, loss).item<double>();
     set_weights(*model, w0);
-    const at::Tensor f0 = forward_nograd(*model, xp);
     const double loss_before = batch_loss(forward_nograd(*model, xb), yb, loss).item<double>();
-    if (k == begin) res.f_initial = select(f0);
 
-    // Rows (p, c) and the batch's per-example loss rows, both at w_k.
-    const RowGradients sp = probe_rows(*model, xp, res.outputs, explicit_route);
+    // Rows (p, c) and the batch's per-example loss rows, both at w_k; the probes' outputs f(w_k)
+    // come from the same forward.
+    at::Tensor f0;
+    const RowGradients sp = probe_rows(*model, xp, res.outputs, explicit_route, &f0);
+    if (k == begin) res.f_initial = select(f0);
     const RowGradients sb = loss_rows(*model, xb, yb, loss, explicit_route);
     const at::Tensor k_per = row_gram(sp, sb).mul_(-lr / nb);  // K_{k,m}: [P*C, M]
     const at::Tensor k_full = k_per.sum(1).reshape({np, nc});
     const at::Tensor f_full = row_directional(sp, dw).reshape({np, nc});
-    // An independent route to K: -a_k g . grad L_k, with grad L_k by autograd.
     const ParamMap grad_l = batch_gradient(*model, xb, yb, loss);
-    {
-      const at::Tensor k_direct = row_directional(sp, grad_l).reshape({np, nc}) * (-lr);
-      const double scale = std::max(1e-300, k_direct.abs().max().item<double>());
-      res.kernel_split_error = std::max(res.kernel_split_error, (k_full - k_direct).abs().max().item<double>() / scale);
-    }
     at::Tensor u_wd = at::zeros_like(f_full), u_mom = at::zeros_like(f_full);
     if (oo.weight_decay != 0) u_wd = row_directional(sp, w0).reshape({np, nc}) * (-lr * oo.weight_decay);
     if (oo.momentum != 0 && !v_prev.empty()) {
@@ -328,6 +329,17 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
     recurrence.advance(k, grad_l, w0);
     const ParamMap kernel_dir = recurrence.kernel_direction(precond);
     const at::Tensor kopt = row_directional(sp, kernel_dir).reshape({np, nc}) * (-lr);
+    // An independent route to K: -a_k g . grad L_k, with grad L_k by autograd (the per-example
+    // split summed must equal it). Plain SGD's kernel direction is grad L_k itself, so Kopt is
+    // that product and the check costs nothing; with memory it costs a product of its own and
+    // runs on every check_every-th analyzed step (the first always).
+    const bool checked = !res.uses_kopt || res.steps.size() % static_cast<size_t>(c.check_every) == 0;
+    if (checked) {
+      const at::Tensor k_direct = res.uses_kopt ? row_directional(sp, grad_l).reshape({np, nc}) * (-lr) : kopt;
+      const double scale = std::max(1e-300, k_direct.abs().max().item<double>());
+      res.kernel_split_error = std::max(res.kernel_split_error, (k_full - k_direct).abs().max().item<double>() / scale);
+      ++res.kernel_split_checked;
+    }
     const at::Tensor uopt_wd = recurrence.has_decay()
                                    ? row_directional(sp, recurrence.decay_direction(precond)).reshape({np, nc}) * (-lr)
                                    : at::zeros_like(kopt);

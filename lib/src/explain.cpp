@@ -43,6 +43,7 @@ ExplainResult explain(const ExplainConfig& c) {
   a.output_class = c.output;
   a.probe_indices = c.probe_indices;
   a.kernel_route = c.kernel_route;
+  a.threads = c.threads;
   // The manifest alone: the analysis below opens the run itself.
   const RunFacts facts = run_facts(c.run);
   const int64_t n_train = facts.train_examples;

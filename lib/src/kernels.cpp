@@ -15,9 +15,29 @@ std::vector<at::Tensor> parameters_of(models::Model& model) {
 }
 
 /// Per-row weight gradients of a conv tap, flattened: [R, Cout*Cin*kh*kw], and bias: [R, Cout].
-std::pair<at::Tensor, at::Tensor> conv_row_grads(const models::Tap& t) {
+std::pair<at::Tensor, at::Tensor> conv_row_grads(const models::Tap& t, int64_t repeat) {
   const int64_t n = t.grad_output.size(0), cout = t.grad_output.size(1);
-  return {conv_per_example_weight_grad(t).reshape({n, -1}), t.grad_output.reshape({n, cout, -1}).sum(2)};
+  return {conv_per_example_weight_grad(t, repeat).reshape({n, -1}), t.grad_output.reshape({n, cout, -1}).sum(2)};
+}
+
+/// Fills the Conv2d taps' per-row gradients of `r` (formed once, when the signals are captured).
+void form_conv_rows(RowSignals& r) {
+  for (const auto& t : r.taps) {
+    if (t.kind == models::LayerKind::kConv2d) {
+      auto [w, b] = conv_row_grads(t, r.repeat);
+      r.conv_weight_grads.push_back(w);
+      r.conv_bias_grads.push_back(b);
+    } else {
+      r.conv_weight_grads.emplace_back();
+      r.conv_bias_grads.emplace_back();
+    }
+  }
+}
+
+/// Row r's layer inputs, one per row (input row r / repeat), for the few callers that
+/// materialize per-row gradients.
+at::Tensor row_inputs(const models::Tap& t, int64_t repeat) {
+  return repeat == 1 ? t.input : t.input.repeat_interleave(repeat, 0);
 }
 
 /// Runs a forward pass with capture on and a backward from `seed_fn(outputs)`, returning the taps.
@@ -35,16 +55,8 @@ RowSignals capture(models::Model& model, const at::Tensor& x, SeedFn seed_fn, at
   r.taps = model.taps();
   r.rows = x.size(0);
   model.clear_captures();
-  for (const auto& t : r.taps) {
-    if (t.kind == models::LayerKind::kConv2d) {
-      auto [w, b] = conv_row_grads(t);
-      r.conv_weight_grads.push_back(w);
-      r.conv_bias_grads.push_back(b);
-    } else {
-      r.conv_weight_grads.emplace_back();
-      r.conv_bias_grads.emplace_back();
-    }
-  }
+  for (auto& t : r.taps) t.output = at::Tensor();
+  form_conv_rows(r);
   if (logits) *logits = out.detach();
   return r;
 }
@@ -57,18 +69,38 @@ at::Tensor shared_columns(int64_t probes, const std::vector<int64_t>& outputs) {
 
 RowSignals probe_signals(models::Model& model, const at::Tensor& x, const at::Tensor& cols, at::Tensor* logits) {
   const int64_t c = cols.size(1), p = x.size(0);
-  // Each probe row repeated once per chosen output, each copy seeded with a one-hot on its
-  // output: one backward pass serves every probe and output.
-  const at::Tensor xr = x.repeat_interleave(c, 0);
-  at::Tensor out_rep;
-  RowSignals r = capture(
-      model, xr,
-      [&](const at::Tensor& out) {
-        const at::Tensor seed = at::one_hot(cols.reshape({-1}), out.size(1)).to(out.scalar_type());
-        return (out * seed).sum();
-      },
-      &out_rep);
-  if (logits) *logits = out_rep.index_select(0, at::arange(0, p * c, c, at::kLong));
+  // One forward of the P probes; then, per column j, one backward seeded with the one-hot of
+  // each probe's output cols[p][j], asking autograd for the signals at the tapped layers'
+  // outputs only (no parameter gradients, nothing below the first tapped layer).
+  model.set_capture(true);
+  const at::Tensor out = model.forward(x);
+  model.set_capture(false);
+  std::vector<at::Tensor> outputs;
+  for (const auto& t : model.taps()) {
+    TORCH_CHECK(t.output.defined(), "tapped layer ", t.name, " produced no output to differentiate");
+    outputs.push_back(t.output);
+  }
+  std::vector<std::vector<at::Tensor>> signals(outputs.size());
+  for (int64_t j = 0; j < c; ++j) {
+    const at::Tensor seed = at::one_hot(cols.select(1, j), out.size(1)).to(out.scalar_type());
+    const auto g = torch::autograd::grad({(out * seed).sum()}, outputs, {}, /*retain_graph=*/j + 1 < c,
+                                         /*create_graph=*/false, /*allow_unused=*/true);
+    for (size_t l = 0; l < g.size(); ++l) signals[l].push_back(g[l].defined() ? g[l] : at::zeros_like(outputs[l]));
+  }
+  RowSignals r;
+  r.taps = model.taps();
+  r.rows = p * c;
+  r.repeat = c;
+  model.clear_captures();
+  for (size_t l = 0; l < r.taps.size(); ++l) {
+    auto& t = r.taps[l];
+    t.output = at::Tensor();
+    std::vector<int64_t> shape = outputs[l].sizes().vec();
+    shape[0] = p * c;
+    t.grad_output = at::stack(signals[l], 1).reshape(shape);  // row p*C + j
+  }
+  form_conv_rows(r);
+  if (logits) *logits = out.detach();
   return r;
 }
 
@@ -93,15 +125,20 @@ bool factorizable(models::Model& model) {
 }
 
 at::Tensor factorized_gram(const RowSignals& a, const RowSignals& b) {
+  const int64_t pa = a.rows / a.repeat, pb = b.rows / b.repeat;
   at::Tensor gram;
   for (size_t l = 0; l < a.taps.size(); ++l) {
     const auto& ta = a.taps[l];
     const auto& tb = b.taps[l];
     at::Tensor g;
     if (ta.kind == models::LayerKind::kLinear) {
+      // (G_i . G_j)(A_i . A_j + 1), the input side once per pair of distinct inputs.
       at::Tensor aa = at::mm(ta.input, tb.input.t());
       if (ta.bias.defined()) aa.add_(1.0);
-      g = at::mm(ta.grad_output, tb.grad_output.t()).mul_(aa);
+      g = at::mm(ta.grad_output, tb.grad_output.t())
+              .view({pa, a.repeat, pb, b.repeat})
+              .mul_(aa.view({pa, 1, pb, 1}))
+              .view({a.rows, b.rows});
     } else {
       g = at::mm(a.conv_weight_grads[l], b.conv_weight_grads[l].t());
       if (ta.bias.defined()) g.add_(at::mm(a.conv_bias_grads[l], b.conv_bias_grads[l].t()));
@@ -112,13 +149,16 @@ at::Tensor factorized_gram(const RowSignals& a, const RowSignals& b) {
 }
 
 at::Tensor factorized_directional(const RowSignals& a, const ParamMap& v) {
+  const int64_t pa = a.rows / a.repeat;
   at::Tensor out;
   for (size_t l = 0; l < a.taps.size(); ++l) {
     const auto& t = a.taps[l];
     const at::Tensor& dw = v.at(t.name + ".weight");
     at::Tensor d;
     if (t.kind == models::LayerKind::kLinear) {
-      d = (at::mm(t.grad_output, dw) * t.input).sum(1);  // G_r^T dW A_r
+      // G_r^T dW A_r = G_r . (dW A_r): dW A once per distinct input.
+      const at::Tensor da = at::mm(t.input, dw.t());  // [P, out]
+      d = (t.grad_output.view({pa, a.repeat, -1}) * da.unsqueeze(1)).sum(2).view({a.rows});
       if (t.bias.defined()) d.add_(at::mv(t.grad_output, v.at(t.name + ".bias")));
     } else {
       d = at::mv(a.conv_weight_grads[l], dw.reshape({-1}));
@@ -265,13 +305,18 @@ std::vector<std::string> names_of(models::Model& model) {
 
 }  // namespace
 
-RowGradients probe_rows(models::Model& model, const at::Tensor& x, const at::Tensor& cols, bool explicit_route) {
+RowGradients probe_rows(models::Model& model, const at::Tensor& x, const at::Tensor& cols, bool explicit_route,
+                        at::Tensor* logits) {
   RowGradients r;
   if (explicit_route) {
     r.jacobian = explicit_probe_jacobian(model, x, cols).detach();
     r.names = names_of(model);
+    if (logits) {
+      at::NoGradGuard ng;
+      *logits = model.forward(x);
+    }
   } else {
-    r.signals = probe_signals(model, x, cols);
+    r.signals = probe_signals(model, x, cols, logits);
   }
   return r;
 }
@@ -323,7 +368,7 @@ void for_each_tap_rows(const RowSignals& s, Fn fn) {
     const auto& t = s.taps[l];
     if (t.kind == models::LayerKind::kLinear) {
       const int64_t r = t.grad_output.size(0);
-      const at::Tensor w = (t.grad_output.unsqueeze(2) * t.input.unsqueeze(1)).reshape({r, -1});
+      const at::Tensor w = (t.grad_output.unsqueeze(2) * row_inputs(t, s.repeat).unsqueeze(1)).reshape({r, -1});
       fn(l, w, t.bias.defined() ? t.grad_output : at::Tensor());
     } else {
       fn(l, s.conv_weight_grads[l], t.bias.defined() ? s.conv_bias_grads[l] : at::Tensor());
@@ -364,9 +409,11 @@ at::Tensor directions_dot_rows(models::Model& model, const RowGradients& rows, c
     const at::Tensor dw = dirs.narrow(1, ws.offset, ws.numel);
     if (t.kind == models::LayerKind::kLinear) {
       // sum_{o,i} G[r,o] Dir[d,o,i] A[r,i] = ((Dir A^T) [d, o, r] * G^T).sum(o)
-      const int64_t n_out = t.weight.size(0), n_in = t.weight.size(1);
-      const at::Tensor da = at::mm(dw.reshape({nd * n_out, n_in}), t.input.t()).reshape({nd, n_out, -1});
-      out.add_((da * t.grad_output.t().unsqueeze(0)).sum(1));
+      // (Dir A^T) once per distinct input: [d, o, P], against the R signal rows of each input.
+      const int64_t n_out = t.weight.size(0), n_in = t.weight.size(1), rep = rows.signals.repeat;
+      const int64_t p = rows.signals.rows / rep;
+      const at::Tensor da = at::mm(dw.reshape({nd * n_out, n_in}), t.input.t()).reshape({nd, n_out, p, 1});
+      out.add_((da * t.grad_output.t().reshape({1, n_out, p, rep})).sum(1).reshape({nd, rows.signals.rows}));
     } else {
       out.add_(at::mm(dw, rows.signals.conv_weight_grads[l].t()));
     }
@@ -391,8 +438,9 @@ at::Tensor rows_weighted_sq(models::Model& model, const RowGradients& rows, cons
     const at::Tensor g2 = t.kind == models::LayerKind::kLinear ? t.grad_output.pow(2) : at::Tensor();
     if (t.kind == models::LayerKind::kLinear) {
       // (G_r A_r^T)^2 = G_r^2 (A_r^2)^T, weighted by P_W: sum_o G_r,o^2 (P_W A_r^2)_o
+      const int64_t rep = rows.signals.repeat, p = rows.signals.rows / rep;
       const at::Tensor pa = at::mm(t.input.pow(2), pw.reshape({t.weight.size(0), t.weight.size(1)}).t());
-      out.add_((g2 * pa).sum(1));
+      out.add_((g2.view({p, rep, -1}) * pa.unsqueeze(1)).sum(2).view({rows.signals.rows}));
     } else {
       out.add_(at::mv(rows.signals.conv_weight_grads[l].pow(2), pw));
     }

@@ -4,13 +4,14 @@
 
 namespace pathkernel {
 
-at::Tensor conv_per_example_weight_grad(const models::Tap& tap) {
+at::Tensor conv_per_example_weight_grad(const models::Tap& tap, int64_t repeat) {
   const auto& c = tap.conv;
   const at::Tensor u = at::im2col(tap.input, {c.kernel_h, c.kernel_w}, /*dilation=*/{1, 1},
-                                  {c.pad_h, c.pad_w}, {c.stride_h, c.stride_w});  // [N, Cin*k*k, L]
-  const int64_t n = tap.grad_output.size(0), cout = tap.grad_output.size(1);
-  const at::Tensor g = tap.grad_output.reshape({n, cout, -1});  // [N, Cout, L]
-  return at::bmm(g, u.transpose(1, 2));
+                                  {c.pad_h, c.pad_w}, {c.stride_h, c.stride_w});  // [P, Cin*k*k, L]
+  const int64_t n = tap.grad_output.size(0), cout = tap.grad_output.size(1), p = u.size(0);
+  // Rows p*R .. p*R + R-1 share input p: [P, R*Cout, L] against that input's patches.
+  const at::Tensor g = tap.grad_output.reshape({p, repeat * cout, -1});
+  return at::bmm(g, u.transpose(1, 2)).reshape({n, cout, -1});
 }
 
 namespace {

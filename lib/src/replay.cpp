@@ -10,6 +10,7 @@
 #include "pathkernel/errors.h"
 #include "pathkernel/sha256.h"
 #include "pathkernel/fs_util.h"
+#include "pathkernel/threads.h"
 
 namespace pathkernel {
 namespace fs = std::filesystem;
@@ -121,6 +122,7 @@ Replayer::LoggedStep Replayer::logged_step(int64_t k, at::ScalarType dtype) cons
 }
 
 StepRecord Replayer::replay_step(int64_t k) {
+  const ScopedThreads training_threads(ctx_->config.threads);  // as trained: bit for bit
   const auto& rec = log_.at(static_cast<size_t>(k));
   const std::vector<int64_t> idx = rec.at("batch").get<std::vector<int64_t>>();
   const auto [x, y] = ctx_->batch(idx);

@@ -14,6 +14,7 @@
 #include "pathkernel/optimizer.h"
 #include "pathkernel/report.h"
 #include "pathkernel/sweep.h"
+#include "pathkernel/train_config.h"
 
 namespace pathkernel {
 namespace fs = std::filesystem;
@@ -87,6 +88,10 @@ void AnalyzeConfig::validate() const {
   if (exact_nodes < 0 || exact_nodes > 64) throw InputError("--exact takes 1..64 quadrature nodes");
   if (tc_window < 2) throw InputError("--tc-window must be at least 2");
   if (!(tc_kappa >= 0)) throw InputError("--tc-kappa must be >= 0");
+  if (check_every < 1) throw InputError("--check-every must be at least 1");
+  if (threads < 1 || threads > kMaxThreads) {
+    throw InputError("--threads must be between 1 and " + std::to_string(kMaxThreads));
+  }
 }
 
 void ExplainConfig::validate() const {
@@ -95,6 +100,9 @@ void ExplainConfig::validate() const {
   if (probe_indices.empty() && probes < 1) throw InputError("give --probe I (repeatable) or --probes N");
   if (!probe_indices.empty() && probes > 0) throw InputError("give --probe I or --probes N, not both");
   if (top < 1) throw InputError("--top must be at least 1");
+  if (threads < 1 || threads > kMaxThreads) {
+    throw InputError("--threads must be between 1 and " + std::to_string(kMaxThreads));
+  }
   if (exact_nodes < 0) throw InputError("--exact must be positive");
   if (route != "auto" && route != "backward") throw InputError("route must be auto or backward");
   if (!class_names_file.empty() && !std::filesystem::is_regular_file(class_names_file)) {

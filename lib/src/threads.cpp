@@ -13,6 +13,35 @@ void tune_allocator() {
   mallopt(M_TRIM_THRESHOLD, 256 << 20);
 }
 
+namespace {
+
+using SetFn = void (*)(int);
+using GetFn = int (*)();
+
+SetFn blas_setter() { return reinterpret_cast<SetFn>(dlsym(RTLD_DEFAULT, "openblas_set_num_threads")); }
+GetFn blas_getter() { return reinterpret_cast<GetFn>(dlsym(RTLD_DEFAULT, "openblas_get_num_threads")); }
+
+}  // namespace
+
+ScopedThreads::ScopedThreads(int threads) {
+  // Only OpenBLAS's count: at::set_num_threads rebuilds LibTorch's thread pool (measured: 2
+  // thread switches per step made a 2-thread analysis slower than 1 thread), and LibTorch's own
+  // kernels on a step's tensors give the same bits with any count (their reductions stay below
+  // the parallel grain); the replay tests check it bit for bit.
+  static const SetFn set = blas_setter();
+  static const GetFn get = blas_getter();
+  if (!set || !get) return;
+  blas_before_ = get();
+  if (blas_before_ == threads) return;
+  changed_ = true;
+  set(threads);
+}
+
+ScopedThreads::~ScopedThreads() {
+  static const SetFn set = blas_setter();
+  if (changed_ && set) set(blas_before_);
+}
+
 ThreadInfo pin_threads(int threads) {
   if (threads < 1) throw std::invalid_argument("--threads must be at least 1");
   at::set_num_threads(threads);
@@ -20,11 +49,9 @@ ThreadInfo pin_threads(int threads) {
   info.torch_threads = at::get_num_threads();
   // OpenBLAS reads OPENBLAS_NUM_THREADS when it loads, before main(); the only reliable way to
   // pin it afterwards is its own setter, looked up at run time so that any libblas.so.3 works.
-  using SetFn = void (*)(int);
-  using GetFn = int (*)();
   using ConfigFn = char* (*)();
-  auto set = reinterpret_cast<SetFn>(dlsym(RTLD_DEFAULT, "openblas_set_num_threads"));
-  auto get = reinterpret_cast<GetFn>(dlsym(RTLD_DEFAULT, "openblas_get_num_threads"));
+  const SetFn set = blas_setter();
+  const GetFn get = blas_getter();
   auto config = reinterpret_cast<ConfigFn>(dlsym(RTLD_DEFAULT, "openblas_get_config"));
   if (set && get) {
     set(threads);

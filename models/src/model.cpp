@@ -10,6 +10,7 @@ void Model::clear_captures() {
   for (auto& t : taps_) {
     t.input = torch::Tensor();
     t.grad_output = torch::Tensor();
+    t.output = torch::Tensor();
   }
 }
 
@@ -33,6 +34,7 @@ void Model::record_input(size_t tap, const torch::Tensor& input) {
 
 void Model::record_output(size_t tap, const torch::Tensor& output) {
   if (!capture_ || !output.requires_grad()) return;
+  taps_[tap].output = output;
   // The hook only stores the signal; it never changes the gradient flowing on.
   output.register_hook([this, tap](torch::Tensor g) { taps_[tap].grad_output = g; });
 }

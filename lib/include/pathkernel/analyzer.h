@@ -50,6 +50,12 @@ struct AnalyzeConfig {
   double tau = 0.1;
   int64_t tc_window = 50;
   double tc_kappa = 5.0;
+  /// The kernel split's independent check (failed_checks) on every check_every-th analyzed step
+  /// when the optimizer has memory or a preconditioner (it costs a product per step there);
+  /// plain SGD checks every step at no cost.
+  int64_t check_every = 10;
+  /// LibTorch and OpenBLAS threads, pinned for the analysis and recorded in its summary.
+  int threads = 1;
   double identity_tolerance = 1e-8;  ///< relative to max |f_N - f_0|; beyond it: exit 4
   double kernel_split_tolerance = 1e-8;  ///< relative; beyond it: exit 4
   /// With exact_nodes on a smooth model: quad_error_rel beyond it is exit 4 (more nodes needed).
@@ -98,11 +104,14 @@ struct AnalysisResult {
   bool contiguous = true;              ///< every step in the range analyzed: the run identity applies
   double identity_error = 0;           ///< max |f_final - f_initial - sum(K + U + R)| / max |f_final - f_initial|
   double kernel_split_error = 0;       ///< max relative |sum_m K_{k,m} - (-a_k g . grad L_k)|
+  int64_t kernel_split_checked = 0;    ///< the steps that check ran on
   /// The model is smooth (no ReLU, no max-pool): Gauss-Legendre quadrature converges fast.
   bool smooth = true;
   /// With exact_nodes: max_k |D_k - gbar_k . dw_k| / max_k |D_k| (Frobenius norms over probes).
   double quad_error_rel = 0;
   double seconds = 0;
+  int threads = 1;                     ///< threads in force (pin_threads)
+  std::string blas;                    ///< the BLAS library in force
 };
 
 /// The format tag of an analysis's summary.json.

@@ -34,6 +34,7 @@ struct ExplainConfig {
   std::string route = "auto";
   /// As AnalyzeConfig::kernel_route (auto | factorized | explicit | torchscript).
   std::string kernel_route = "auto";
+  int threads = 1;  ///< LibTorch and OpenBLAS threads (pinned, recorded)
 
   void validate() const;
 };

@@ -24,15 +24,23 @@ namespace pathkernel {
 
 /// The captured layer inputs and signals of a set of rows, one Tap per tapped layer.
 struct RowSignals {
+  /// Per tap: the inputs of the distinct examples [rows / repeat, ...] and the signals of every
+  /// row [rows, ...] (graph-free copies; Tap::output is undefined).
   std::vector<models::Tap> taps;
   int64_t rows = 0;
+  /// Rows per distinct input: probe rows (p, j) share probe p's input, so row r's input is
+  /// input row r / repeat (C for probe rows, 1 for loss rows). Everything input-side (A A^T,
+  /// A dW^T, Conv2d patches) is computed once per input, not once per row.
+  int64_t repeat = 1;
   /// Per tap: for Conv2d, the per-row weight gradients [R, Cout*Cin*kh*kw] and bias gradients
   /// [R, Cout], formed once when the signals are captured; undefined for Linear taps.
   std::vector<at::Tensor> conv_weight_grads, conv_bias_grads;
 };
 
 /// Rows (p, c) for probes x [P, ...] and outputs `outputs` (C of them): row p*C + j is the
-/// output outputs[j] of probe p. Also returns the model outputs [P, num_classes] in `logits`.
+/// output outputs[j] of probe p. One forward of the P probes; the C signals by C backward passes
+/// that stop at the tapped layers' outputs (repeat = C). Also returns the model outputs
+/// [P, num_classes] in `logits`.
 RowSignals probe_signals(models::Model& model, const at::Tensor& x, const std::vector<int64_t>& outputs,
                          at::Tensor* logits = nullptr);
 
@@ -80,8 +88,10 @@ struct RowGradients {
   bool is_explicit() const { return jacobian.defined(); }
 };
 
-/// Probe rows (as probe_signals) by the factorized or the explicit route.
-RowGradients probe_rows(models::Model& model, const at::Tensor& x, const at::Tensor& cols, bool explicit_route);
+/// Probe rows (as probe_signals) by the factorized or the explicit route; the model's outputs
+/// [P, num_classes] at the same weights in `logits` when given.
+RowGradients probe_rows(models::Model& model, const at::Tensor& x, const at::Tensor& cols, bool explicit_route,
+                        at::Tensor* logits = nullptr);
 /// Per-example loss rows (as loss_signals) by the factorized or the explicit route.
 RowGradients loss_rows(models::Model& model, const at::Tensor& x, const at::Tensor& y, LossKind loss,
                        bool explicit_route);

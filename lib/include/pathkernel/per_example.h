@@ -24,7 +24,9 @@ at::Tensor per_example_grad_sq_norms(const std::vector<models::Tap>& taps, doubl
 std::vector<double> per_example_grad_sq_norms_vec(const std::vector<models::Tap>& taps, double scale);
 
 /// Per-example weight gradient of a Conv2d tap: [N, Cout, Cin*kh*kw] (bias gradient: signal
-/// summed over positions). Exposed for the analyzer's kernels.
-at::Tensor conv_per_example_weight_grad(const models::Tap& tap);
+/// summed over positions). Exposed for the analyzer's kernels. With `repeat` R, input row i
+/// serves the R signal rows i*R .. i*R + R-1 (probe rows: one input, one signal per output):
+/// the input is unfolded once per input row, not once per signal row.
+at::Tensor conv_per_example_weight_grad(const models::Tap& tap, int64_t repeat = 1);
 
 }  // namespace pathkernel

@@ -28,4 +28,19 @@ void tune_allocator();
 /// to `threads` (>= 1). Returns what is in force afterwards.
 ThreadInfo pin_threads(int threads);
 
+/// Pins OpenBLAS to `threads` for the life of the object and then restores the count in force
+/// before: a replay runs a run's steps with the BLAS threads it was trained with (OpenBLAS
+/// rounds differently with another count), while the analysis around it uses its own.
+class ScopedThreads {
+ public:
+  explicit ScopedThreads(int threads);
+  ~ScopedThreads();
+  ScopedThreads(const ScopedThreads&) = delete;
+  ScopedThreads& operator=(const ScopedThreads&) = delete;
+
+ private:
+  int blas_before_ = -1;
+  bool changed_ = false;
+};
+
 }  // namespace pathkernel

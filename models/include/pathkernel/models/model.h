@@ -39,6 +39,9 @@ struct Tap {
   torch::Tensor input;
   /// Backpropagated signal d(loss)/d(output) of the last backward: [N, out] or [N, Cout, H', W'].
   torch::Tensor grad_output;
+  /// The layer's output of the last captured forward, with its graph (so that signals can be
+  /// asked of autograd directly); dropped by clear_captures().
+  torch::Tensor output;
 };
 
 /// Base class of the zoo's models. Parameters are registered in forward order with PyTorch
