@@ -11,7 +11,7 @@
 //  - CNNs: the kernel work of cnn:16,32 and cnn:32,64 at 64 probes x 10 logits against their
 //    floor.
 //
-// usage: bench_analyze [--data DIR] [--repeats N]
+// usage: bench_analyze [--data DIR] [--repeats N] [--part mlp|cnn|whole]
 #include <ATen/ATen.h>
 #include <spdlog/spdlog.h>
 #include <sys/resource.h>
@@ -188,6 +188,26 @@ void bench_cnn(const Batch& b, int repeats) {
   }
 }
 
+/// Where a CNN step's kernel work goes (the parts of kernel_work, each timed alone).
+void bench_cnn_parts(const Batch& b, int repeats) {
+  for (const char* spec : {"cnn:16,32", "cnn:32,64"}) {
+    auto model = make_model(spec);
+    const ParamMap dw = random_direction(*model);
+    const at::Tensor xp = b.xp.slice(0, 0, 64);
+    RowSignals sp, sb;
+    const double probe = best_of(repeats, [&] { sp = probe_signals(*model, xp, all_outputs(64)); });
+    const double batch = best_of(repeats, [&] { sb = loss_signals(*model, b.xb, b.yb, LossKind::kCrossEntropy); });
+    const double gram = best_of(repeats, [&] { factorized_gram(sp, sb); });
+    const double dir = best_of(repeats, [&] { factorized_directional(sp, dw); });
+    const double fwd = best_of(repeats, [&] {
+      at::NoGradGuard ng;
+      model->forward(xp);
+    });
+    std::printf("  %-10s probe rows %7.1f ms (a forward alone %5.1f)  batch rows %6.1f  gram %6.1f  F %5.1f ms\n", spec,
+                probe * 1e3, fwd * 1e3, batch * 1e3, gram * 1e3, dir * 1e3);
+  }
+}
+
 void bench_whole(const std::string& data, int repeats) {
   const RunUnderTest r = train_run(data, 45);
   std::printf("whole analyze per analyzed step (mlp:128:tanh, steps 5..45 of a run, start-up excluded):\n");
@@ -220,8 +240,10 @@ int main(int argc, char** argv) {
   }
   std::string data = "/usr/share/datasets/fashion-mnist";
   int repeats = 5;
+  std::string part;
   for (int i = 1; i + 1 < argc; i += 2) {
     if (std::string(argv[i]) == "--data") data = argv[i + 1];
+    if (std::string(argv[i]) == "--part") part = argv[i + 1];
     if (std::string(argv[i]) == "--repeats") repeats = std::stoi(argv[i + 1]);
   }
   tune_allocator();
@@ -231,8 +253,9 @@ int main(int argc, char** argv) {
   std::printf("bench_analyze: 1 thread unless said, %s, OPENBLAS_CORETYPE=%s\n", threads.blas.c_str(),
               core ? core : "(unset)");
   const Batch b = make_batch(data);
-  bench_mlp(b, repeats);
-  bench_cnn(b, repeats);
-  bench_whole(data, 3);
+  if (part.empty() || part == "mlp") bench_mlp(b, repeats);
+  if (part.empty() || part == "cnn") bench_cnn(b, repeats);
+  if (part.empty() || part == "cnn") bench_cnn_parts(b, repeats);
+  if (part.empty() || part == "whole") bench_whole(data, 3);
   return 0;
 }

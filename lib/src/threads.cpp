@@ -9,8 +9,8 @@
 namespace pathkernel {
 
 void tune_allocator() {
-  mallopt(M_MMAP_THRESHOLD, 64 << 20);
-  mallopt(M_TRIM_THRESHOLD, 256 << 20);
+  mallopt(M_MMAP_THRESHOLD, 256 << 20);
+  mallopt(M_TRIM_THRESHOLD, 1024 << 20);
 }
 
 namespace {
