@@ -1,5 +1,8 @@
 // The kernel-machine view against explicit per-example gradients from the checkpoints.
 #include <ATen/ATen.h>
+
+#include <set>
+#include <sstream>
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
 
@@ -10,6 +13,7 @@
 #include "pathkernel/fs_util.h"
 #include "pathkernel/idx.h"
 #include "pathkernel/kernels.h"
+#include "pathkernel/npy.h"
 #include "pathkernel/run_dir.h"
 #include "pathkernel/trainer.h"
 
@@ -101,6 +105,51 @@ TEST_F(ExplainTest, AttributionsAndSelfInfluenceEqualTheExplicitRoute) {
   EXPECT_NE(grid.find(fmt::format("probe {}: {}", r.probe_indices[0], names[r.probe_labels[0]])), std::string::npos);
   EXPECT_NE(grid.find(fmt::format("{} {}", e.output < 0 ? "predicted" : "logit of", names[r.outputs[0]])), std::string::npos);
   EXPECT_THROW_WITH(write_explanation(r, e), InputError, "already exists");
+}
+
+/// The cells of a CSV's data rows (no quoting in pathkernel's CSVs).
+std::vector<std::vector<std::string>> csv_rows(const fs::path& file) {
+  std::vector<std::vector<std::string>> rows;
+  std::istringstream in(read_file(file));
+  std::string line;
+  std::getline(in, line);  // the header
+  while (std::getline(in, line)) {
+    std::vector<std::string> cells;
+    std::istringstream cs(line);
+    for (std::string cell; std::getline(cs, cell, ',');) cells.push_back(cell);
+    rows.push_back(cells);
+  }
+  return rows;
+}
+
+// attributions.csv holds by default each probe's top proponents and opponents (the examples of
+// top.csv), with --csv all every example; its values are attributions.npy's either way.
+TEST_F(ExplainTest, TheCsvHoldsTheTopExamplesUnlessAllAreAsked) {
+  ExplainConfig e = config();
+  e.top = 3;
+  const ExplainResult r = explain(e);
+  for (const std::string csv : {"top", "all"}) {
+    e.csv = csv;
+    e.out = (tmp_ / ("explain-" + csv)).string();
+    write_explanation(r, e);
+    const fs::path dir = e.out;
+    const at::Tensor a = load_npy(dir / "attributions.npy");
+    std::set<std::pair<int64_t, int64_t>> listed;  // (probe, example)
+    for (const auto& cells : csv_rows(dir / "attributions.csv")) {
+      const int64_t probe = std::stoll(cells.at(0)), example = std::stoll(cells.at(2));
+      const auto at_ = std::find(r.probe_indices.begin(), r.probe_indices.end(), probe);
+      ASSERT_NE(at_, r.probe_indices.end()) << probe;
+      EXPECT_EQ(std::stod(cells.at(4)), a[at_ - r.probe_indices.begin()][example].item<double>());
+      EXPECT_TRUE(listed.insert({probe, example}).second) << "listed twice: " << probe << ", " << example;
+    }
+    std::set<std::pair<int64_t, int64_t>> top;  // top.csv: probe, output, kind, rank, example
+    for (const auto& cells : csv_rows(dir / "top.csv")) top.insert({std::stoll(cells.at(0)), std::stoll(cells.at(4))});
+    if (csv == "all") {
+      EXPECT_EQ(listed.size(), r.probe_indices.size() * static_cast<size_t>(a.size(1)));
+    } else {
+      EXPECT_EQ(listed, top);
+    }
+  }
 }
 
 TEST_F(ExplainTest, ExactPathKernelLeavesNoResidual) {

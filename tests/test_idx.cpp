@@ -25,6 +25,22 @@ TEST(IdxTest, ReadsRawAndGzippedIdentically) {
   }
 }
 
+// A --train-limit run decodes only its examples: the first items equal a full read's, and what
+// lies past them is not read (so a file cut short after them still serves the limit).
+TEST(IdxTest, ReadsOnlyTheFirstItemsWhenAsked) {
+  TempDir dir;
+  std::vector<uint8_t> data(5 * 2 * 2);
+  for (size_t i = 0; i < data.size(); ++i) data[i] = static_cast<uint8_t>(3 * i + 1);
+  write_file(dir / "a.gz", idx_bytes({5, 2, 2}, data), true);
+  const IdxArray full = read_idx(dir / "a.gz", 3), first = read_idx(dir / "a.gz", 3, 2);
+  EXPECT_EQ(first.dims, (std::vector<int64_t>{2, 2, 2}));
+  EXPECT_EQ(first.data, std::vector<uint8_t>(full.data.begin(), full.data.begin() + 8));
+  EXPECT_EQ(read_idx(dir / "a.gz", 3, 9).data, full.data);  // a limit past the end reads all
+  write_file(dir / "cut", idx_bytes({5, 2, 2}, data).substr(0, 16 + 12), false);
+  EXPECT_EQ(read_idx(dir / "cut", 3, 3).data, std::vector<uint8_t>(data.begin(), data.begin() + 12));
+  EXPECT_THROW_WITH(read_idx(dir / "cut", 3), InputError, "truncated");
+}
+
 TEST(IdxTest, RejectsBadHeadersAndLengths) {
   TempDir dir;
   std::vector<uint8_t> data(10, 1);

@@ -23,7 +23,7 @@ TEST(PythonReaderTest, ReturnsTheNumbersOfTheFilesWithTheirCoordinates) {
   ASSERT_EQ(testing::run_program({bin, "analyze", run.string(), "--probes", "4", "--second-order", "--out", an.string()}, log),
             0)
       << read_file(log);
-  ASSERT_EQ(testing::run_program({bin, "explain", run.string(), "--probes", "3", "--exact", "2", "--self-influence",
+  ASSERT_EQ(testing::run_program({bin, "explain", run.string(), "--csv", "all", "--probes", "3", "--exact", "2", "--self-influence",
                                   "--out", ex.string()},
                                  log),
             0)

@@ -4,6 +4,7 @@
 // start-up takes most of a second; a refusal here takes milliseconds and writes nothing.
 // Linked without LibTorch: a check that needed it would not link.
 #include <spdlog/sinks/stdout_color_sinks.h>
+#include <dlfcn.h>
 #include <spdlog/spdlog.h>
 #include <unistd.h>
 
@@ -18,7 +19,9 @@
 #include <string>
 #include <vector>
 
+#include "pathkernel/blas_core.h"
 #include "pathkernel/errors.h"
+#include "pathkernel/fs_util.h"
 #include "pathkernel/version.h"
 #include "prepare.h"
 #include "usage.h"
@@ -40,8 +43,57 @@ fs::path core_path() {
                            ": reinstall pathkernel (cmake --install)");
 }
 
+/// The kernel set OpenBLAS picks by itself here ("" when libblas.so.3 is not OpenBLAS), asked
+/// of a copy loaded with one thread (the launcher computes nothing with it).
+std::string detected_blas_core() {
+  const bool had_threads = std::getenv("OPENBLAS_NUM_THREADS") != nullptr;
+  if (!had_threads) ::setenv("OPENBLAS_NUM_THREADS", "1", 1);
+  std::string core;
+  if (void* lib = ::dlopen("libblas.so.3", RTLD_NOW | RTLD_LOCAL)) {
+    using CoreFn = char* (*)();
+    if (auto f = reinterpret_cast<CoreFn>(::dlsym(lib, "openblas_get_corename"))) core = f();
+    ::dlclose(lib);
+  }
+  if (!had_threads) ::unsetenv("OPENBLAS_NUM_THREADS");
+  return core;
+}
+
+/// The OpenBLAS core a run was trained with, from its manifest ("" when it records none).
+std::string run_blas_core(const std::string& run) {
+  if (run.empty()) return "";
+  try {
+    const nlohmann::json m = pathkernel::read_json(fs::path(run) / "manifest.json");
+    return m.at("threads").value("blas_core", "");
+  } catch (const std::exception&) {
+    return "";  // a recorded run, or one made before cores were recorded; the command checks the rest
+  }
+}
+
+/// Sets OPENBLAS_CORETYPE for pathkernel-core (blas_core.h has the rules). Unless the
+/// environment set the core (or PATHKERNEL_BLAS_CORE=keep), PATHKERNEL_BLAS_SELFCHECK asks the
+/// core to check its products, whether chosen here or detected by OpenBLAS.
+void choose_blas_core(const std::string& run) {
+  const char* env = std::getenv("OPENBLAS_CORETYPE");
+  const char* mode = std::getenv("PATHKERNEL_BLAS_CORE");
+  const bool keep = mode && std::string(mode) == "keep";
+  const std::string run_core = run_blas_core(run);
+  if (env && !run_core.empty() && run_core != env) {
+    spdlog::warn("{} was trained with OpenBLAS core {}; OPENBLAS_CORETYPE={} is kept as the environment sets it, so "
+                 "replayed steps may differ from the checkpoints by rounding",
+                 run, run_core, env);
+  }
+  const std::string detected = env || keep ? "" : detected_blas_core();
+  const pathkernel::BlasCoreChoice c =
+      pathkernel::choose_blas_core(env, keep, run_core, detected, pathkernel::read_cpu_flags());
+  if (!detected.empty()) ::setenv("PATHKERNEL_BLAS_SELFCHECK", "1", 1);
+  if (c.core.empty()) return;
+  spdlog::debug("OpenBLAS core {} ({}; OpenBLAS detected {})", c.core, c.reason == "run" ? "the run's" : "the CPU's",
+                detected);
+  ::setenv("OPENBLAS_CORETYPE", c.core.c_str(), 1);
+}
+
 /// Checks the command line; returns an exit status, or -1 when the command should run.
-int check(int argc, char** argv) {
+int check(int argc, char** argv, std::string& run) {
   if (argc < 2 || std::string(argv[1]) == "--help" || std::string(argv[1]) == "-h") {
     std::cout << pathkernel::app::kUsage;
     return argc < 2 ? 2 : 0;
@@ -68,7 +120,7 @@ int check(int argc, char** argv) {
   pathkernel::app::Args args = {"pathkernel " + name};
   args.insert(args.end(), rest.begin(), rest.end());
   try {
-    return pathkernel::app::prepare(name, args) ? -1 : 0;
+    return pathkernel::app::prepare(name, args, &run) ? -1 : 0;
   } catch (const pathkernel::InputError& e) {
     spdlog::error("{}", e.what());
     return 2;
@@ -87,9 +139,11 @@ int main(int argc, char** argv) {
   auto logger = spdlog::stderr_color_mt("pathkernel");
   logger->set_pattern("[%H:%M:%S] %^%l%$ %v");
   spdlog::set_default_logger(logger);
-  const int status = check(argc, argv);
+  std::string run;
+  const int status = check(argc, argv, run);
   if (status >= 0) return status;
   try {
+    choose_blas_core(run);
     const std::string core = core_path().string();
     std::vector<char*> core_argv(argv, argv + argc + 1);  // the trailing nullptr included
     core_argv[0] = const_cast<char*>(core.c_str());

@@ -7,7 +7,12 @@
 #include <c10/util/Exception.h>
 #include <nlohmann/json.hpp>
 
+#include <unistd.h>
+
+#include <cerrno>
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <iostream>
 #include <map>
 #include <string>
@@ -19,11 +24,34 @@
 #include "pathkernel/version.h"
 #include "usage.h"
 
+namespace {
+
+/// Unless the environment chose the OpenBLAS core (blas_core.h), a small product must come out
+/// right to rounding; otherwise this program starts again on the generic core (Prescott: SSE3
+/// kernels, slow and sure), and the manifest records that.
+void check_blas_core(char** argv) {
+  if (!std::getenv("PATHKERNEL_BLAS_SELFCHECK")) return;
+  ::unsetenv("PATHKERNEL_BLAS_SELFCHECK");
+  const double error = pathkernel::blas_product_error();
+  if (error <= 1e-12) return;
+  const std::string core = pathkernel::pin_threads(1).blas_core;
+  spdlog::warn("OpenBLAS core {} fails the self-check (a product off by {:.1e} of its rounding scale): starting again "
+               "on the generic core Prescott", core, error);
+  ::setenv("OPENBLAS_CORETYPE", "Prescott", 1);
+  ::setenv("PATHKERNEL_BLAS_CORE", "keep", 1);
+  ::execv("/proc/self/exe", argv);
+  spdlog::error("cannot start {} again: {}", argv[0], std::strerror(errno));
+  std::exit(1);
+}
+
+}  // namespace
+
 int main(int argc, char** argv) {
   pathkernel::tune_allocator();
   auto logger = spdlog::stderr_color_mt("pathkernel");
   logger->set_pattern("[%H:%M:%S] %^%l%$ %v");
   spdlog::set_default_logger(logger);
+  check_blas_core(argv);
 
   if (argc < 2 || std::string(argv[1]) == "--help" || std::string(argv[1]) == "-h") {
     std::cout << pathkernel::app::kUsage;

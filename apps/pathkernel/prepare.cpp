@@ -156,6 +156,8 @@ bool prepare_explain(const Args& args, ExplainCommand& cmd) {
     ("class-names", "file with one class name per line for the grids (default: Fashion-MNIST's names for its data)",
      cxxopts::value(c.class_names_file))
     ("grids", "PNG grids for at most this many probes", cxxopts::value(c.grids)->default_value("16"))
+    ("csv", "attributions.csv holds: top (each probe's --top proponents and opponents) | all (every training "
+     "example; attributions.npy always holds them all)", cxxopts::value(c.csv)->default_value("top"))
     ("threads", "LibTorch and OpenBLAS threads (pinned, recorded in the summary)",
      cxxopts::value(c.threads)->default_value("1"))
     ("force", "write into a non-empty --out");
@@ -223,21 +225,31 @@ bool prepare_sweep(const Args& args, SweepCommand& cmd) {
 
 namespace {
 
+/// The run a prepared command reads.
+std::string run_of(const TrainCommand& c) { return c.resume; }
+std::string run_of(const ReplayCommand& c) { return c.run; }
+std::string run_of(const AnalyzeCommand& c) { return c.config.run; }
+std::string run_of(const ExplainCommand& c) { return c.config.run; }
+std::string run_of(const ReportCommand&) { return ""; }
+std::string run_of(const SweepCommand&) { return ""; }
+
 template <typename Command>
-bool prepare_one(bool (*f)(const Args&, Command&), const Args& args) {
+bool prepare_one(bool (*f)(const Args&, Command&), const Args& args, std::string* run_dir) {
   Command cmd;
-  return f(args, cmd);
+  const bool go = f(args, cmd);
+  if (run_dir) *run_dir = go ? run_of(cmd) : "";
+  return go;
 }
 
 }  // namespace
 
-bool prepare(const std::string& command, const Args& args) {
-  if (command == "train") return prepare_one(prepare_train, args);
-  if (command == "replay") return prepare_one(prepare_replay, args);
-  if (command == "analyze") return prepare_one(prepare_analyze, args);
-  if (command == "explain") return prepare_one(prepare_explain, args);
-  if (command == "report") return prepare_one(prepare_report, args);
-  if (command == "sweep") return prepare_one(prepare_sweep, args);
+bool prepare(const std::string& command, const Args& args, std::string* run_dir) {
+  if (command == "train") return prepare_one(prepare_train, args, run_dir);
+  if (command == "replay") return prepare_one(prepare_replay, args, run_dir);
+  if (command == "analyze") return prepare_one(prepare_analyze, args, run_dir);
+  if (command == "explain") return prepare_one(prepare_explain, args, run_dir);
+  if (command == "report") return prepare_one(prepare_report, args, run_dir);
+  if (command == "sweep") return prepare_one(prepare_sweep, args, run_dir);
   throw InputError("unknown command '" + command + "'");
 }
 

@@ -60,7 +60,8 @@ bool prepare_report(const Args& args, ReportCommand& cmd);
 bool prepare_sweep(const Args& args, SweepCommand& cmd);
 
 /// Runs the prepare_* function of `command` ("train", "analyze", ...). Returns false after
-/// --help or --version. Throws InputError (an unknown command included).
-bool prepare(const std::string& command, const Args& args);
+/// --help or --version. Throws InputError (an unknown command included). `run_dir`, when given,
+/// receives the run directory the command reads (resume, replay, analyze, explain), else "".
+bool prepare(const std::string& command, const Args& args, std::string* run_dir = nullptr);
 
 }  // namespace pathkernel::app

@@ -172,8 +172,10 @@ nlohmann::json summary_json(const AnalysisResult& r, const AnalyzeConfig& c) {
           {"smooth_model", r.smooth},
           {"seconds", r.seconds},
           {"seconds_per_step", r.seconds / static_cast<double>(r.steps.size())},
+          {"startup_seconds", r.startup_seconds},
           {"threads", r.threads},
           {"blas", r.blas},
+          {"blas_core", r.blas_core},
           {"settings", settings}};
 }
 

@@ -270,6 +270,7 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
   const OptimizerOptions oo = traj.optimizer_after(begin).options();
   res.threads = threads.torch_threads;
   res.blas = threads.blas;
+  res.blas_core = threads.blas_core;
   res.optimizer = optimizer_name(oo.kind);
   res.model = model_spec;
   res.route = explicit_route ? "explicit" : "factorized";
@@ -283,6 +284,8 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
   // With memory the recurrences need every step's gradient from step 0 on, analyzed or not.
   const int64_t walk_from = res.uses_kopt ? 0 : begin;
   traj.check_steps(begin, end, c.every, res.uses_kopt);
+  res.startup_seconds = std::chrono::duration<double>(Clock::now() - t0).count();
+  spdlog::debug("analysis set up in {:.3f} s (run opened, data decoded, probes chosen)", res.startup_seconds);
   for (int64_t k = walk_from; k < end; ++k) {
     const bool analyzed = k >= begin && (k - begin) % c.every == 0;
     if (!analyzed && !res.uses_kopt) continue;

@@ -8,6 +8,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <filesystem>
 #include <fstream>
@@ -157,7 +158,18 @@ void write_explanation(const ExplainResult& r, const ExplainConfig& c) {
   std::string csv = exact ? "probe,output,example,label,a,a_exact,times_drawn,steps\n"
                           : "probe,output,example,label,a,times_drawn,steps\n";
   for (int64_t p = 0; p < np; ++p) {
-    for (int64_t i = 0; i < n; ++i) {
+    // --csv top: the examples of top.csv, in example order; all: every example.
+    std::vector<int64_t> rows;
+    if (c.csv == "all") {
+      rows.resize(static_cast<size_t>(n));
+      for (int64_t i = 0; i < n; ++i) rows[static_cast<size_t>(i)] = i;
+    } else {
+      rows = top_k(r.attributions[p], c.top, true);
+      for (int64_t i : top_k(r.attributions[p], c.top, false)) rows.push_back(i);
+      std::sort(rows.begin(), rows.end());
+      rows.erase(std::unique(rows.begin(), rows.end()), rows.end());
+    }
+    for (int64_t i : rows) {
       csv += fmt::format("{},{},{},{},{}", r.probe_indices[p], r.outputs[p], i, labels[i], g(a[p * n + i]));
       if (exact) csv += "," + g(attr_ex.data_ptr<double>()[p * n + i]);
       csv += fmt::format(",{},{}\n", drawn[i], fmt::join(r.drawn_at[static_cast<size_t>(i)], ";"));
@@ -235,7 +247,8 @@ void write_explanation(const ExplainResult& r, const ExplainConfig& c) {
                                                           : "a: the note's kernel term of each step"},
                       {"seconds", r.seconds},
                       {"settings", {{"split", c.split}, {"output", c.output}, {"top", c.top},
-                                    {"exact_nodes", c.exact_nodes}, {"self_influence", c.self_influence}}}};
+                                    {"exact_nodes", c.exact_nodes}, {"self_influence", c.self_influence},
+                                    {"csv", c.csv}, {"threads", c.threads}}}};
   // Per probe, the terms of the sum check, for scripts (sum_u: U, or Uopt_wd + Uopt_round).
   nlohmann::json per = nlohmann::json::array();
   const at::Tensor sum_a = r.attributions.sum(1);

@@ -67,7 +67,7 @@ uint32_t be32(const uint8_t* p) {
 
 }  // namespace
 
-IdxArray read_idx(const fs::path& path, int expected_ndims) {
+IdxArray read_idx(const fs::path& path, int expected_ndims, int64_t max_items) {
   const std::string name = path.string();
   GzReader in(path);
   uint8_t head[4 + 4 * 255];
@@ -96,6 +96,11 @@ IdxArray read_idx(const fs::path& path, int expected_ndims) {
       throw InputError(name + ": dimensions describe more than " + std::to_string(kMaxIdxBytes) + " bytes of data");
     }
   }
+  const bool partial = max_items > 0 && max_items < arr.dims[0];
+  if (partial) {
+    count = count / static_cast<uint64_t>(arr.dims[0]) * static_cast<uint64_t>(max_items);
+    arr.dims[0] = max_items;
+  }
   // The buffer grows with the data that actually arrives: a header cannot make it allocate.
   while (arr.data.size() < count) {
     // Doubling from 64 KiB: at most twice what arrived, and few copies for large files.
@@ -108,6 +113,7 @@ IdxArray read_idx(const fs::path& path, int expected_ndims) {
                        std::to_string(at + n));
     }
   }
+  if (partial) return arr;
   uint8_t extra[4096];
   if (const size_t more = in.read(extra, sizeof extra); more > 0) {
     throw InputError(name + ": " + (more == sizeof extra ? "more than " : "") + std::to_string(more) +
@@ -160,8 +166,8 @@ Dataset load_split(const fs::path& dir, const std::string& split, int64_t limit)
   Dataset ds;
   ds.images_file = find_idx_file(dir, prefix, "images");
   ds.labels_file = find_idx_file(dir, prefix, "labels");
-  IdxArray img = read_idx(ds.images_file, 3);
-  IdxArray lab = read_idx(ds.labels_file, 1);
+  IdxArray img = read_idx(ds.images_file, 3, limit);
+  IdxArray lab = read_idx(ds.labels_file, 1, limit);
   if (img.dims[0] != lab.dims[0]) {
     throw InputError(ds.images_file.string() + " has " + std::to_string(img.dims[0]) + " images but " +
                      ds.labels_file.string() + " has " + std::to_string(lab.dims[0]) + " labels");

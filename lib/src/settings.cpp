@@ -100,6 +100,7 @@ void ExplainConfig::validate() const {
   if (probe_indices.empty() && probes < 1) throw InputError("give --probe I (repeatable) or --probes N");
   if (!probe_indices.empty() && probes > 0) throw InputError("give --probe I or --probes N, not both");
   if (top < 1) throw InputError("--top must be at least 1");
+  if (csv != "top" && csv != "all") throw InputError("--csv must be top or all, got '" + csv + "'");
   if (threads < 1 || threads > kMaxThreads) {
     throw InputError("--threads must be between 1 and " + std::to_string(kMaxThreads));
   }

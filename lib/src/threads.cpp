@@ -1,9 +1,12 @@
 #include "pathkernel/threads.h"
 
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <dlfcn.h>
 #include <malloc.h>
 
+#include <algorithm>
+#include <cmath>
 #include <stdexcept>
 
 namespace pathkernel {
@@ -42,6 +45,31 @@ ScopedThreads::~ScopedThreads() {
   if (changed_ && set) set(blas_before_);
 }
 
+double blas_product_error(at::Tensor (*product)(const at::Tensor&, const at::Tensor&)) {
+  // Above OpenBLAS's small-matrix path (M N K <= 100^3 on AVX-512 cores): the main kernels are checked.
+  const int64_t m = 128, k = 136, n = 120;
+  at::Tensor a = at::empty({m, k}, at::kDouble), b = at::empty({k, n}, at::kDouble);
+  double* pa = a.data_ptr<double>();
+  double* pb = b.data_ptr<double>();
+  for (int64_t i = 0; i < m * k; ++i) pa[i] = std::sin(0.37 * static_cast<double>(i) + 0.1);
+  for (int64_t i = 0; i < k * n; ++i) pb[i] = std::cos(0.23 * static_cast<double>(i) - 0.4);
+  const at::Tensor c = (product ? product(a, b) : at::mm(a, b)).contiguous();
+  const double* pc = c.data_ptr<double>();
+  double worst = 0;
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t j = 0; j < n; ++j) {
+      long double sum = 0, scale = 0;
+      for (int64_t t = 0; t < k; ++t) {
+        sum += static_cast<long double>(pa[i * k + t]) * pb[t * n + j];
+        scale += std::fabs(static_cast<long double>(pa[i * k + t]) * pb[t * n + j]);
+      }
+      const double e = static_cast<double>(std::fabs(pc[i * n + j] - sum) / scale);
+      worst = std::isnan(e) ? INFINITY : std::max(worst, e);
+    }
+  }
+  return worst;
+}
+
 ThreadInfo pin_threads(int threads) {
   if (threads < 1) throw std::invalid_argument("--threads must be at least 1");
   at::set_num_threads(threads);
@@ -57,6 +85,8 @@ ThreadInfo pin_threads(int threads) {
     set(threads);
     info.blas_threads = get();
     info.blas = std::string("openblas") + (config ? std::string(": ") + config() : "");
+    using CoreFn = char* (*)();
+    if (auto core = reinterpret_cast<CoreFn>(dlsym(RTLD_DEFAULT, "openblas_get_corename"))) info.blas_core = core();
   } else {
     info.blas = "reference (or unknown) BLAS";
   }

@@ -66,7 +66,7 @@ nlohmann::json make_manifest(const RunContext& ctx, const std::string& command_l
       {"seed", c.seed},
       {"dtype", c.dtype},
       {"threads", {{"torch", ctx.threads.torch_threads}, {"blas", ctx.threads.blas_threads},
-                   {"blas_library", ctx.threads.blas}}},
+                   {"blas_library", ctx.threads.blas}, {"blas_core", ctx.threads.blas_core}}},
       {"batch", c.batch},
       {"total_steps", ctx.total_steps},
       {"steps_per_epoch", ctx.sampler->steps_per_epoch()},

@@ -110,8 +110,10 @@ struct AnalysisResult {
   /// With exact_nodes: max_k |D_k - gbar_k . dw_k| / max_k |D_k| (Frobenius norms over probes).
   double quad_error_rel = 0;
   double seconds = 0;
+  double startup_seconds = 0;          ///< from the call to the first step (run opened, data decoded)
   int threads = 1;                     ///< threads in force (pin_threads)
   std::string blas;                    ///< the BLAS library in force
+  std::string blas_core;               ///< OpenBLAS's kernel set in force ("" for another BLAS)
 };
 
 /// The format tag of an analysis's summary.json.

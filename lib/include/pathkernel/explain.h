@@ -35,6 +35,9 @@ struct ExplainConfig {
   /// As AnalyzeConfig::kernel_route (auto | factorized | explicit | torchscript).
   std::string kernel_route = "auto";
   int threads = 1;  ///< LibTorch and OpenBLAS threads (pinned, recorded)
+  /// attributions.csv holds "top": each probe's top proponents and opponents, or "all": every
+  /// training example (P x N rows; attributions.npy always holds them all).
+  std::string csv = "top";
 
   void validate() const;
 };

@@ -25,7 +25,10 @@ inline constexpr uint64_t kMaxIdxBytes = uint64_t{1} << 34;
 /// Checks the magic number, the type code, the number of dimensions against `expected_ndims`,
 /// and the length of the data against the header. Throws InputError naming the file and the
 /// problem (for example "truncated: header says 47040016 bytes of data, file has 1000").
-IdxArray read_idx(const std::filesystem::path& path, int expected_ndims);
+/// With `max_items` > 0, only the first max_items items (along the first dimension) are read
+/// and dims[0] says so: the header is checked as always, the rest of the file is not read (nor
+/// is its length or gzip checksum checked), so a --train-limit run decodes only its examples.
+IdxArray read_idx(const std::filesystem::path& path, int expected_ndims, int64_t max_items = 0);
 
 /// One split of an IDX data folder.
 struct Dataset {
