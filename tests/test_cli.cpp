@@ -60,6 +60,10 @@ TEST(CliTest, EverySubcommandRefusesABadOutOrFlagAtOnceWritingNothing) {
       {{"explain", nowhere, "--probes", "2", "--out", used.string()}, "already exists and is not empty"},
       {{"explain", nowhere, "--probes", "2", "--out", below_file}, "cannot be created"},
       {{"explain", run.string(), "--probes", "2", "--top", "-3", "--out", (tmp / "e").string()}, "--top"},
+      {{"influence", nowhere, "--out", used.string()}, "already exists and is not empty"},
+      {{"influence", run.string(), "--checkpoints", "0,x", "--out", (tmp / "i").string()}, "--checkpoints"},
+      {{"influence", run.string(), "--train-examples", "many", "--out", (tmp / "i").string()}, "--train-examples"},
+      {{"influence", nowhere, "--out", (tmp / "i").string()}, "no such run directory"},
       {{"report", nowhere, "--out", used.string()}, "already exists and is not empty"},
       {{"report", nowhere, "--out", below_file}, "cannot be created"},
       {{"report", an.string(), "--bogus", "--out", (tmp / "r").string()}, "bogus"},
@@ -103,7 +107,7 @@ TEST(CliTest, EverySubcommandRefusesABadOutOrFlagAtOnceWritingNothing) {
 TEST(CliTest, HelpAndVersionWorkForEveryCommand) {
   testing::TempDir tmp;
   const fs::path log = tmp / "cmd.log";
-  for (const std::string cmd : {"train", "replay", "analyze", "explain", "report", "sweep"}) {
+  for (const std::string cmd : {"train", "replay", "analyze", "explain", "influence", "report", "sweep"}) {
     ASSERT_EQ(testing::run_program({PATHKERNEL_BIN, cmd, "--version"}, log), 0) << cmd;
     EXPECT_EQ(read_file(log).rfind("pathkernel ", 0), 0u) << cmd << ": " << read_file(log);
     ASSERT_EQ(testing::run_program({PATHKERNEL_BIN, "help", cmd}, log), 0) << cmd;

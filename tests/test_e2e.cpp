@@ -410,6 +410,39 @@ TEST(E2eTest, AnalyzeSplitsEveryStepAndAgreesWithPyTorch) {
   EXPECT_GT(fs::file_size(ex / "self_influence.png"), 10000u);
 }
 
+// Issue 11's influence: Captum's TracInCP matrix (sum over checkpoints of lr_t <grad l(test),
+// grad l(train_i)>) and self-influence, against the same computed by functorch (vmap of grad,
+// as Captum does) in Python from the same checkpoints, one of them (step 30) not stored and so
+// replayed; in Captum's orientation [test, train].
+TEST(E2eTest, InfluenceEqualsTracInCPByFunctorch) {
+  testing::TempDir tmp;
+  const fs::path run_dir = tmp / "run", out = tmp / "influence";
+  ASSERT_EQ(run({"train", "--model", "mlp:32:tanh", "--train-limit", "600", "--steps", "60", "--checkpoint-every", "20",
+                 "--lr-schedule", "step:25:0.5", "--out", run_dir.string()},
+                tmp.path()).status, 0);
+  const Result r = run({"influence", run_dir.string(), "--checkpoints", "0,20,30,60", "--train-examples", "500",
+                        "--probes", "12", "--chunk", "128", "--out", out.string()},
+                       tmp.path());
+  ASSERT_EQ(r.status, 0) << r.err;
+  EXPECT_NE(r.out.find("TracInCP over 4 checkpoints: 12 test x 500 training examples"), std::string::npos) << r.out;
+  const auto s = nlohmann::json::parse(read_file(out / "summary.json"));
+  EXPECT_EQ(s["rates"], nlohmann::json::parse("[0.1, 0.1, 0.05, 0.025]"));  // step:25:0.5; the end takes the last step's
+  ASSERT_EQ(run({"replay", run_dir.string(), "--step", "30", "--out", (tmp / "w30.pt").string()}, tmp.path()).status, 0);
+  ASSERT_EQ(testing::run_program({"/usr/bin/python3", std::string(PATHKERNEL_SOURCE_DIR) + "/scripts/check_influence.py",
+                                  run_dir.string(), out.string(), "--tol", "1e-9", "--weights",
+                                  "30=" + (tmp / "w30.pt").string()},
+                                 tmp / "check.json"),
+            0)
+      << read_file(tmp / "check.json");
+  const Result again = run({"influence", run_dir.string(), "--out", out.string()}, tmp.path());
+  EXPECT_EQ(again.status, 2) << "an existing output is never overwritten without --force";
+  const Result past = run({"influence", run_dir.string(), "--checkpoints", "61", "--out", (tmp / "past").string()},
+                          tmp.path());
+  EXPECT_EQ(past.status, 2);
+  EXPECT_NE(past.err.find("past the run's last step 60"), std::string::npos) << past.err;
+  EXPECT_FALSE(fs::exists(tmp / "past"));
+}
+
 // The README's recipe: one epoch of mlp:128:tanh on all of Fashion-MNIST reaches 80%, and the
 // final checkpoint, loaded by Python's torch.load into the equivalent torch.nn model, scores the same.
 TEST(E2eTest, FullEpochReaches80PercentAndLoadsInPyTorch) {

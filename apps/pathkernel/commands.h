@@ -15,6 +15,7 @@ int cmd_train(const Args& args);
 int cmd_replay(const Args& args);
 int cmd_analyze(const Args& args);
 int cmd_explain(const Args& args);
+int cmd_influence(const Args& args);
 int cmd_report(const Args& args);
 int cmd_sweep(const Args& args);
 

@@ -112,7 +112,7 @@ int check(int argc, char** argv, std::string& run) {
     name = argv[2];
     rest = {"--help"};
   }
-  static const std::vector<std::string> commands = {"train", "replay", "analyze", "explain", "report", "sweep"};
+  static const std::vector<std::string> commands = {"train", "replay", "analyze", "explain", "influence", "report", "sweep"};
   if (std::find(commands.begin(), commands.end(), name) == commands.end()) {
     std::cerr << "pathkernel: unknown command '" << name << "'\n\n" << pathkernel::app::kUsage;
     return 2;

@@ -66,6 +66,7 @@ int main(int argc, char** argv) {
       {"replay", pathkernel::app::cmd_replay},
       {"analyze", pathkernel::app::cmd_analyze},
       {"explain", pathkernel::app::cmd_explain},
+      {"influence", pathkernel::app::cmd_influence},
       {"report", pathkernel::app::cmd_report},
       {"sweep", pathkernel::app::cmd_sweep}};
   std::string name = argv[1];

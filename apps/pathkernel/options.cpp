@@ -115,7 +115,7 @@ void check_number(const std::string& command, const std::string& key, const std:
 void check_numbers(const Args& args) {
   static const std::set<std::string> integers = {
       "steps", "epochs", "batch", "seed", "threads", "train-limit", "checkpoint-every", "eval-every", "probes",
-      "every", "exact", "tc-window", "output", "top", "grids", "curves", "step", "check-every"};
+      "every", "exact", "tc-window", "output", "top", "grids", "curves", "step", "check-every", "train-examples", "chunk"};
   static const std::set<std::string> reals = {"lr", "momentum", "dampening", "eps", "weight-decay", "tau", "tc-kappa"};
   const std::string& command = args[0];
   for (size_t i = 1; i < args.size(); ++i) {

@@ -180,6 +180,39 @@ bool prepare_explain(const Args& args, ExplainCommand& cmd) {
   return true;
 }
 
+bool prepare_influence(const Args& args, InfluenceCommand& cmd) {
+  InfluenceConfig& c = cmd.config;
+  cxxopts::Options opts("pathkernel influence",
+                        "TracInCP (as Captum computes it): sum over checkpoints of lr_t <grad l(test), grad l(train_i)>, "
+                        "and each training example's self-influence.");
+  // clang-format off
+  opts.add_options()
+    ("run", "run directory", cxxopts::value(c.run))
+    ("out", "influence directory to create", cxxopts::value(c.out))
+    ("checkpoints", "all (every stored checkpoint) | S1,S2,... (steps; others are replayed)",
+     cxxopts::value(c.checkpoints)->default_value("all"))
+    ("train-examples", "the first N training examples (0: all)", cxxopts::value(c.train_examples)->default_value("0"))
+    ("probes", "N test examples evenly spaced over the split", cxxopts::value(c.probes)->default_value("64"))
+    ("balanced", "with --probes N: N/C of each class", cxxopts::value(c.balanced)->default_value("false"))
+    ("probe-indices", "file of probe indices, one per line (instead of --probes)", cxxopts::value(c.probe_indices_file))
+    ("split", "test | train: where the probes come from", cxxopts::value(c.split)->default_value("test"))
+    ("chunk", "training examples per product (bounds the memory)", cxxopts::value(c.chunk)->default_value("1000"))
+    ("threads", "LibTorch and OpenBLAS threads", cxxopts::value(c.threads)->default_value("1"))
+    ("force", "write into a non-empty --out");
+  // clang-format on
+  opts.parse_positional({"run"});
+  opts.positional_help("RUN");
+  cxxopts::ParseResult r;
+  if (!parse_options(opts, args, r)) return false;
+  c.force = r.count("force") > 0;
+  cmd.json = json_output(r);
+  c.validate();
+  check_output_dir(c.out, c.force, "summary.json", kInfluenceFormat);  // before any work
+  check_input_dir(c.run, "run directory");
+  check_input_file(c.probe_indices_file, "probe indices file (--probe-indices)");
+  return true;
+}
+
 bool prepare_report(const Args& args, ReportCommand& cmd) {
   ReportConfig& c = cmd.config;
   cxxopts::Options opts("pathkernel report", "Plots (gnuplot PNGs) and report.html of an analysis directory.");
@@ -230,6 +263,7 @@ std::string run_of(const TrainCommand& c) { return c.resume; }
 std::string run_of(const ReplayCommand& c) { return c.run; }
 std::string run_of(const AnalyzeCommand& c) { return c.config.run; }
 std::string run_of(const ExplainCommand& c) { return c.config.run; }
+std::string run_of(const InfluenceCommand& c) { return c.config.run; }
 std::string run_of(const ReportCommand&) { return ""; }
 std::string run_of(const SweepCommand&) { return ""; }
 
@@ -248,6 +282,7 @@ bool prepare(const std::string& command, const Args& args, std::string* run_dir)
   if (command == "replay") return prepare_one(prepare_replay, args, run_dir);
   if (command == "analyze") return prepare_one(prepare_analyze, args, run_dir);
   if (command == "explain") return prepare_one(prepare_explain, args, run_dir);
+  if (command == "influence") return prepare_one(prepare_influence, args, run_dir);
   if (command == "report") return prepare_one(prepare_report, args, run_dir);
   if (command == "sweep") return prepare_one(prepare_sweep, args, run_dir);
   throw InputError("unknown command '" + command + "'");

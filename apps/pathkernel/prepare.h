@@ -13,6 +13,7 @@
 #include "commands.h"
 #include "pathkernel/analyzer.h"
 #include "pathkernel/explain.h"
+#include "pathkernel/influence.h"
 #include "pathkernel/report.h"
 #include "pathkernel/sweep.h"
 #include "pathkernel/train_config.h"
@@ -42,6 +43,11 @@ struct ExplainCommand {
   bool json = false;
 };
 
+struct InfluenceCommand {
+  InfluenceConfig config;
+  bool json = false;
+};
+
 struct ReportCommand {
   ReportConfig config;
   bool json = false;
@@ -56,6 +62,7 @@ bool prepare_train(const Args& args, TrainCommand& cmd);
 bool prepare_replay(const Args& args, ReplayCommand& cmd);
 bool prepare_analyze(const Args& args, AnalyzeCommand& cmd);
 bool prepare_explain(const Args& args, ExplainCommand& cmd);
+bool prepare_influence(const Args& args, InfluenceCommand& cmd);
 bool prepare_report(const Args& args, ReportCommand& cmd);
 bool prepare_sweep(const Args& args, SweepCommand& cmd);
 

@@ -38,6 +38,8 @@ at::Tensor forward_nograd(models::Model& model, const at::Tensor& x) {
   return model.forward(x);
 }
 
+}  // namespace
+
 std::vector<int64_t> choose_probes(const AnalyzeConfig& c, int64_t n, const at::Tensor& labels) {
   std::vector<int64_t> idx;
   if (!c.probe_indices.empty()) {
@@ -92,6 +94,8 @@ std::vector<int64_t> choose_probes(const AnalyzeConfig& c, int64_t n, const at::
   for (int64_t i = 0; i < p; ++i) idx.push_back(i * n / p);
   return idx;
 }
+
+namespace {
 
 double frob(const at::Tensor& t) { return t.norm().item<double>(); }
 

@@ -3,7 +3,9 @@
 // flag or an unusable --out is refused in milliseconds.
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <cmath>
+#include <sstream>
 #include <filesystem>
 #include <string>
 
@@ -11,6 +13,7 @@
 #include "pathkernel/errors.h"
 #include "pathkernel/explain.h"
 #include "pathkernel/fs_util.h"
+#include "pathkernel/influence.h"
 #include "pathkernel/optimizer.h"
 #include "pathkernel/report.h"
 #include "pathkernel/sweep.h"
@@ -147,6 +150,42 @@ void SweepConfig::validate() const {
     t.lr = lr;
     t.validate();
   }
+}
+
+std::vector<int64_t> parse_checkpoint_list(const std::string& text) {
+  std::vector<int64_t> steps;
+  if (text == "all") return steps;
+  std::stringstream ss(text);
+  for (std::string item; std::getline(ss, item, ',');) {
+    size_t used = 0;
+    long long v = -1;
+    try {
+      v = std::stoll(item, &used);
+    } catch (const std::exception&) {
+      used = 0;
+    }
+    if (item.empty() || used != item.size() || v < 0) {
+      throw InputError("--checkpoints must be all or steps S1,S2,... (whole numbers >= 0), got '" + text + "'");
+    }
+    steps.push_back(v);
+  }
+  if (steps.empty()) throw InputError("--checkpoints names no step");
+  std::sort(steps.begin(), steps.end());
+  steps.erase(std::unique(steps.begin(), steps.end()), steps.end());
+  return steps;
+}
+
+void InfluenceConfig::validate() const {
+  if (run.empty()) throw InputError("give the run directory");
+  if (out.empty()) throw InputError("--out DIR is required");
+  if (probes < 1 && probe_indices_file.empty() && probe_indices.empty()) throw InputError("--probes must be at least 1");
+  if (split != "test" && split != "train") throw InputError("--split must be test or train");
+  if (train_examples < 0) throw InputError("--train-examples must not be negative");
+  if (chunk < 1) throw InputError("--chunk must be at least 1");
+  if (threads < 1 || threads > kMaxThreads) {
+    throw InputError("--threads must be between 1 and " + std::to_string(kMaxThreads));
+  }
+  parse_checkpoint_list(checkpoints);
 }
 
 }  // namespace pathkernel

@@ -122,6 +122,11 @@ inline constexpr const char* kAnalysisFormat = "pathkernel-analysis/1";
 /// Runs the analysis (no files written). Throws InputError for a bad run or settings.
 AnalysisResult analyze(const AnalyzeConfig& config);
 
+/// The probes of a split of n examples by c's rule: c.probe_indices, else the indices in
+/// c.probe_indices_file, else c.probes evenly spaced (with c.balanced, per class of `labels`,
+/// int64 [n]; undefined otherwise). Throws InputError for an index outside the split.
+std::vector<int64_t> choose_probes(const AnalyzeConfig& c, int64_t n, const at::Tensor& labels);
+
 /// Throws InputError unless `route` is auto, factorized, explicit or torchscript.
 void check_kernel_route(const std::string& route);
 

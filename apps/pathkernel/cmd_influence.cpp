@@ -1,0 +1,32 @@
+// pathkernel influence: prepare_influence -> influence, write, print a short summary.
+#include <iostream>
+
+#include "commands.h"
+#include "options.h"
+#include "pathkernel/fs_util.h"
+#include "pathkernel/influence.h"
+#include "prepare.h"
+
+namespace pathkernel::app {
+
+int cmd_influence(const Args& args) {
+  InfluenceCommand cmd;
+  if (!prepare_influence(args, cmd)) return 0;
+  const InfluenceConfig& c = cmd.config;
+  const InfluenceResult res = influence(c);
+  write_influence(res, c);
+  if (cmd.json) {
+    nlohmann::json doc = read_json(std::filesystem::path(c.out) / "summary.json");
+    doc["out"] = c.out;
+    print_json(doc);
+  } else {
+    std::cout << "TracInCP over " << res.checkpoints.size() << " checkpoints: " << res.influence.size(0)
+              << " test x " << res.influence.size(1) << " training examples in " << res.seconds << " s\n"
+              << "files: " << c.out
+              << "/{influence.npy,self_influence.npy,probes.npy,probe_labels.npy,train_labels.npy,checkpoints.csv,"
+                 "summary.json}\n";
+  }
+  return 0;
+}
+
+}  // namespace pathkernel::app
