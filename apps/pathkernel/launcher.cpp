@@ -10,7 +10,6 @@
 
 #include <nlohmann/json.hpp>
 
-#include <algorithm>
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
@@ -22,9 +21,8 @@
 #include "pathkernel/blas_core.h"
 #include "pathkernel/errors.h"
 #include "pathkernel/fs_util.h"
-#include "pathkernel/version.h"
 #include "prepare.h"
-#include "usage.h"
+#include "invocation.h"
 
 namespace {
 namespace fs = std::filesystem;
@@ -94,33 +92,10 @@ void choose_blas_core(const std::string& run) {
 
 /// Checks the command line; returns an exit status, or -1 when the command should run.
 int check(int argc, char** argv, std::string& run) {
-  if (argc < 2 || std::string(argv[1]) == "--help" || std::string(argv[1]) == "-h") {
-    std::cout << pathkernel::app::kUsage;
-    return argc < 2 ? 2 : 0;
-  }
-  if (std::string(argv[1]) == "--version") {
-    std::cout << "pathkernel " << pathkernel::kVersion << " (" << pathkernel::kGitRevision << ")\n";
-    return 0;
-  }
-  std::string name = argv[1];
-  std::vector<std::string> rest(argv + 2, argv + argc);
-  if (name == "help") {  // pathkernel help CMD == pathkernel CMD --help
-    if (argc < 3) {
-      std::cout << pathkernel::app::kUsage;
-      return 0;
-    }
-    name = argv[2];
-    rest = {"--help"};
-  }
-  static const std::vector<std::string> commands = {"train", "replay", "analyze", "explain", "influence", "report", "sweep"};
-  if (std::find(commands.begin(), commands.end(), name) == commands.end()) {
-    std::cerr << "pathkernel: unknown command '" << name << "'\n\n" << pathkernel::app::kUsage;
-    return 2;
-  }
-  pathkernel::app::Args args = {"pathkernel " + name};
-  args.insert(args.end(), rest.begin(), rest.end());
+  const pathkernel::app::Invocation inv = pathkernel::app::read_invocation(argc, argv);
+  if (inv.status >= 0) return inv.status;
   try {
-    return pathkernel::app::prepare(name, args, &run) ? -1 : 0;
+    return pathkernel::app::prepare(inv.name, inv.args, &run) ? -1 : 0;
   } catch (const pathkernel::InputError& e) {
     spdlog::error("{}", e.what());
     return 2;

@@ -16,13 +16,11 @@
 #include <iostream>
 #include <map>
 #include <string>
-#include <vector>
 
 #include "commands.h"
+#include "invocation.h"
 #include "pathkernel/errors.h"
 #include "pathkernel/threads.h"
-#include "pathkernel/version.h"
-#include "usage.h"
 
 namespace {
 
@@ -53,14 +51,8 @@ int main(int argc, char** argv) {
   spdlog::set_default_logger(logger);
   check_blas_core(argv);
 
-  if (argc < 2 || std::string(argv[1]) == "--help" || std::string(argv[1]) == "-h") {
-    std::cout << pathkernel::app::kUsage;
-    return argc < 2 ? 2 : 0;
-  }
-  if (std::string(argv[1]) == "--version") {
-    std::cout << "pathkernel " << pathkernel::kVersion << " (" << pathkernel::kGitRevision << ")\n";
-    return 0;
-  }
+  const pathkernel::app::Invocation inv = pathkernel::app::read_invocation(argc, argv);
+  if (inv.status >= 0) return inv.status;
   const std::map<std::string, int (*)(const pathkernel::app::Args&)> commands = {
       {"train", pathkernel::app::cmd_train},
       {"replay", pathkernel::app::cmd_replay},
@@ -69,25 +61,8 @@ int main(int argc, char** argv) {
       {"influence", pathkernel::app::cmd_influence},
       {"report", pathkernel::app::cmd_report},
       {"sweep", pathkernel::app::cmd_sweep}};
-  std::string name = argv[1];
-  std::vector<std::string> rest(argv + 2, argv + argc);
-  if (name == "help") {  // pathkernel help CMD == pathkernel CMD --help
-    if (argc < 3) {
-      std::cout << pathkernel::app::kUsage;
-      return 0;
-    }
-    name = argv[2];
-    rest = {"--help"};
-  }
-  const auto it = commands.find(name);
-  if (it == commands.end()) {
-    std::cerr << "pathkernel: unknown command '" << name << "'\n\n" << pathkernel::app::kUsage;
-    return 2;
-  }
-  pathkernel::app::Args args = {"pathkernel " + name};
-  args.insert(args.end(), rest.begin(), rest.end());
   try {
-    return it->second(args);
+    return commands.at(inv.name)(inv.args);
   } catch (const pathkernel::InputError& e) {
     spdlog::error("{}", e.what());
     return 2;
