@@ -64,6 +64,9 @@ TEST(CliTest, EverySubcommandRefusesABadOutOrFlagAtOnceWritingNothing) {
       {{"influence", run.string(), "--checkpoints", "0,x", "--out", (tmp / "i").string()}, "--checkpoints"},
       {{"influence", run.string(), "--train-examples", "many", "--out", (tmp / "i").string()}, "--train-examples"},
       {{"influence", nowhere, "--out", (tmp / "i").string()}, "no such run directory"},
+      {{"analyze", run.string(), "--shard", "3/2", "--out", (tmp / "a").string()}, "--shard"},
+      {{"merge", an.string(), "--out", used.string()}, "already exists and is not empty"},
+      {{"merge", nowhere, "--out", (tmp / "m").string()}, "no such shard"},
       {{"report", nowhere, "--out", used.string()}, "already exists and is not empty"},
       {{"report", nowhere, "--out", below_file}, "cannot be created"},
       {{"report", an.string(), "--bogus", "--out", (tmp / "r").string()}, "bogus"},
@@ -107,7 +110,7 @@ TEST(CliTest, EverySubcommandRefusesABadOutOrFlagAtOnceWritingNothing) {
 TEST(CliTest, HelpAndVersionWorkForEveryCommand) {
   testing::TempDir tmp;
   const fs::path log = tmp / "cmd.log";
-  for (const std::string cmd : {"train", "replay", "analyze", "explain", "influence", "report", "sweep"}) {
+  for (const std::string cmd : {"train", "replay", "analyze", "explain", "influence", "report", "sweep", "merge"}) {
     ASSERT_EQ(testing::run_program({PATHKERNEL_BIN, cmd, "--version"}, log), 0) << cmd;
     EXPECT_EQ(read_file(log).rfind("pathkernel ", 0), 0u) << cmd << ": " << read_file(log);
     ASSERT_EQ(testing::run_program({PATHKERNEL_BIN, "help", cmd}, log), 0) << cmd;

@@ -410,6 +410,36 @@ TEST(E2eTest, AnalyzeSplitsEveryStepAndAgreesWithPyTorch) {
   EXPECT_GT(fs::file_size(ex / "self_influence.png"), 10000u);
 }
 
+// Issue 12's sharding through the command line: two shards of a real run merged equal the
+// single-process analysis; a merge with a shard missing exits 2 and writes nothing.
+TEST(E2eTest, ShardsMergeIntoTheSingleProcessAnalysis) {
+  testing::TempDir tmp;
+  const fs::path run_dir = tmp / "run";
+  ASSERT_EQ(run({"train", "--model", "mlp:16:tanh", "--train-limit", "600", "--steps", "40", "--checkpoint-every", "10",
+                 "--momentum", "0.9", "--out", run_dir.string()},
+                tmp.path()).status, 0);
+  ASSERT_EQ(run({"analyze", run_dir.string(), "--probes", "8", "--out", (tmp / "whole").string()}, tmp.path()).status, 0);
+  for (const char* i : {"1", "2"}) {
+    const Result r = run({"analyze", run_dir.string(), "--probes", "8", "--shard", std::string(i) + "/2", "--out",
+                          (tmp / (std::string("s") + i)).string()},
+                         tmp.path());
+    ASSERT_EQ(r.status, 0) << r.err;
+  }
+  const Result m = run({"merge", (tmp / "s2").string(), (tmp / "s1").string(), "--out", (tmp / "merged").string()},
+                       tmp.path());
+  ASSERT_EQ(m.status, 0) << m.err;
+  EXPECT_NE(m.out.find("f_N - f_0  =  sum Kopt"), std::string::npos) << m.out;
+  for (const char* a : {"D", "F", "K", "U", "R", "Kopt", "Uopt_wd", "Uopt_round"}) {
+    EXPECT_EQ(read_file(tmp / "whole" / "arrays" / (std::string(a) + ".npy")),
+              read_file(tmp / "merged" / "arrays" / (std::string(a) + ".npy"))) << a;
+  }
+  EXPECT_EQ(read_file(tmp / "whole" / "steps.csv"), read_file(tmp / "merged" / "steps.csv"));
+  const Result missing = run({"merge", (tmp / "s2").string(), "--out", (tmp / "m2").string()}, tmp.path());
+  EXPECT_EQ(missing.status, 2);
+  EXPECT_NE(missing.err.find("shard 1 of 2 is missing"), std::string::npos) << missing.err;
+  EXPECT_FALSE(fs::exists(tmp / "m2"));
+}
+
 // Issue 11's influence: Captum's TracInCP matrix (sum over checkpoints of lr_t <grad l(test),
 // grad l(train_i)>) and self-influence, against the same computed by functorch (vmap of grad,
 // as Captum does) in Python from the same checkpoints, one of them (step 30) not stored and so

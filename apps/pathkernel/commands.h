@@ -17,6 +17,7 @@ int cmd_analyze(const Args& args);
 int cmd_explain(const Args& args);
 int cmd_influence(const Args& args);
 int cmd_report(const Args& args);
+int cmd_merge(const Args& args);
 int cmd_sweep(const Args& args);
 
 /// The full command line, for manifests.

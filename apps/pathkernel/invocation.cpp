@@ -19,6 +19,7 @@ constexpr const char* kUsage =
     "  explain    which training examples pushed a prediction (the kernel-machine view)\n"
     "  influence  TracInCP from the checkpoints (Captum's matrix and self-influence), fast\n"
     "  report     plots and report.html of an analysis\n"
+    "  merge      join the shards of an analysis (analyze --shard I/N) into one\n"
     "  sweep      train and analyze at several learning rates (how the residual grows with the step)\n"
     "  help       `pathkernel help <command>`: a command's options\n"
     "\n"
@@ -27,7 +28,7 @@ constexpr const char* kUsage =
     "exit status: 0 ok, 1 internal error, 2 bad input, 3 training diverged, 4 identity/sum check fails,\n"
     "             5 replay mismatch\n";
 
-const std::vector<std::string> kCommands = {"train", "replay", "analyze", "explain", "influence", "report", "sweep"};
+const std::vector<std::string> kCommands = {"train", "replay", "analyze", "explain", "influence", "report", "sweep", "merge"};
 
 }  // namespace
 

@@ -60,6 +60,7 @@ int main(int argc, char** argv) {
       {"explain", pathkernel::app::cmd_explain},
       {"influence", pathkernel::app::cmd_influence},
       {"report", pathkernel::app::cmd_report},
+      {"merge", pathkernel::app::cmd_merge},
       {"sweep", pathkernel::app::cmd_sweep}};
   try {
     return commands.at(inv.name)(inv.args);

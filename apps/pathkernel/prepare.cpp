@@ -6,6 +6,7 @@
 #include <spdlog/spdlog.h>
 
 #include <filesystem>
+#include <tuple>
 
 #include "options.h"
 #include "pathkernel/errors.h"
@@ -104,13 +105,16 @@ bool prepare_analyze(const Args& args, AnalyzeCommand& cmd) {
       "out", "analysis directory to create", cxxopts::value(c.out))(
       "range", "A:B, the steps k with A <= k < B (default: all)", cxxopts::value(steps))(
       "steps", "old name of --range (train's --steps is a count; this one was a range)", cxxopts::value(old_steps))(
-      "force", "write into a non-empty --out");
+      "force", "write into a non-empty --out")(
+      "shard", "I/N: only the I-th of N contiguous parts of the range, split at stored checkpoints (join the parts "
+      "with pathkernel merge)", cxxopts::value<std::string>());
   opts.parse_positional({"run"});
   opts.positional_help("RUN");
   cxxopts::ParseResult r;
   if (!parse_options(opts, args, r)) return false;
   c.force = r.count("force") > 0;
   cmd.json = json_output(r);
+  if (r.count("shard")) std::tie(c.shard_index, c.shard_count) = parse_shard(r["shard"].as<std::string>());
   if (!old_steps.empty()) {
     if (!steps.empty()) throw InputError("give --range only (--steps is its old name)");
     spdlog::warn("analyze --steps is now --range (the old name works for one more release)");
@@ -213,6 +217,24 @@ bool prepare_influence(const Args& args, InfluenceCommand& cmd) {
   return true;
 }
 
+bool prepare_merge(const Args& args, MergeCommand& cmd) {
+  MergeConfig& c = cmd.config;
+  cxxopts::Options opts("pathkernel merge",
+                        "Join the shards of one analysis (analyze --shard I/N) into the analysis one process writes.");
+  opts.add_options()("shards", "the shards' analysis directories", cxxopts::value(c.shards))(
+      "out", "analysis directory to create", cxxopts::value(c.out))("force", "write into a non-empty --out");
+  opts.parse_positional({"shards"});
+  opts.positional_help("SHARD...");
+  cxxopts::ParseResult r;
+  if (!parse_options(opts, args, r)) return false;
+  c.force = r.count("force") > 0;
+  cmd.json = json_output(r);
+  c.validate();
+  check_output_dir(c.out, c.force, "summary.json", kAnalysisFormat);  // before any work
+  for (const auto& s : c.shards) check_input_dir(s, "shard (analysis directory)");
+  return true;
+}
+
 bool prepare_report(const Args& args, ReportCommand& cmd) {
   ReportConfig& c = cmd.config;
   cxxopts::Options opts("pathkernel report", "Plots (gnuplot PNGs) and report.html of an analysis directory.");
@@ -265,6 +287,7 @@ std::string run_of(const AnalyzeCommand& c) { return c.config.run; }
 std::string run_of(const ExplainCommand& c) { return c.config.run; }
 std::string run_of(const InfluenceCommand& c) { return c.config.run; }
 std::string run_of(const ReportCommand&) { return ""; }
+std::string run_of(const MergeCommand&) { return ""; }
 std::string run_of(const SweepCommand&) { return ""; }
 
 template <typename Command>
@@ -284,6 +307,7 @@ bool prepare(const std::string& command, const Args& args, std::string* run_dir)
   if (command == "explain") return prepare_one(prepare_explain, args, run_dir);
   if (command == "influence") return prepare_one(prepare_influence, args, run_dir);
   if (command == "report") return prepare_one(prepare_report, args, run_dir);
+  if (command == "merge") return prepare_one(prepare_merge, args, run_dir);
   if (command == "sweep") return prepare_one(prepare_sweep, args, run_dir);
   throw InputError("unknown command '" + command + "'");
 }

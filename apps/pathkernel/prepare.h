@@ -15,6 +15,7 @@
 #include "pathkernel/explain.h"
 #include "pathkernel/influence.h"
 #include "pathkernel/report.h"
+#include "pathkernel/shards.h"
 #include "pathkernel/sweep.h"
 #include "pathkernel/train_config.h"
 
@@ -48,6 +49,11 @@ struct InfluenceCommand {
   bool json = false;
 };
 
+struct MergeCommand {
+  MergeConfig config;
+  bool json = false;
+};
+
 struct ReportCommand {
   ReportConfig config;
   bool json = false;
@@ -64,6 +70,7 @@ bool prepare_analyze(const Args& args, AnalyzeCommand& cmd);
 bool prepare_explain(const Args& args, ExplainCommand& cmd);
 bool prepare_influence(const Args& args, InfluenceCommand& cmd);
 bool prepare_report(const Args& args, ReportCommand& cmd);
+bool prepare_merge(const Args& args, MergeCommand& cmd);
 bool prepare_sweep(const Args& args, SweepCommand& cmd);
 
 /// Runs the prepare_* function of `command` ("train", "analyze", ...). Returns false after

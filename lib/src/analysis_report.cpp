@@ -176,6 +176,9 @@ nlohmann::json summary_json(const AnalysisResult& r, const AnalyzeConfig& c) {
           {"threads", r.threads},
           {"blas", r.blas},
           {"blas_core", r.blas_core},
+          {"shard", r.shard_count > 0 ? nlohmann::json{{"index", r.shard_index}, {"count", r.shard_count},
+                                                       {"whole_begin", r.whole_begin}, {"whole_end", r.whole_end}}
+                                     : nlohmann::json(nullptr)},
           {"settings", settings}};
 }
 

@@ -12,6 +12,7 @@
 
 #include "pathkernel/errors.h"
 #include "pathkernel/kernels.h"
+#include "pathkernel/shards.h"
 #include "pathkernel/threads.h"
 #include "pathkernel/trajectory.h"
 #include "pathkernel/update_terms.h"
@@ -205,10 +206,18 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
   const std::string model_spec = traj.model_spec();
   const LossKind loss = traj.loss();
   const int64_t last = traj.logged_steps();
-  const int64_t begin = c.step_begin, end = c.step_end < 0 ? last : c.step_end;
-  if (begin < 0 || begin >= end || end > last) {
-    throw InputError("--range " + std::to_string(begin) + ":" + std::to_string(end) + " is outside the run's steps 0:" +
-                     std::to_string(last));
+  const int64_t whole_begin = c.step_begin, whole_end = c.step_end < 0 ? last : c.step_end;
+  if (whole_begin < 0 || whole_begin >= whole_end || whole_end > last) {
+    throw InputError("--range " + std::to_string(whole_begin) + ":" + std::to_string(whole_end) +
+                     " is outside the run's steps 0:" + std::to_string(last));
+  }
+  int64_t begin = whole_begin, end = whole_end;
+  if (c.shard_count > 0) {  // the I-th of N parts, split at stored checkpoints
+    const std::vector<int64_t> bounds = shard_bounds(whole_begin, whole_end, traj.checkpoints(), c.shard_count);
+    begin = bounds[static_cast<size_t>(c.shard_index - 1)];
+    end = bounds[static_cast<size_t>(c.shard_index)];
+    spdlog::info("shard {}/{}: steps {}..{} of {}..{}", c.shard_index, c.shard_count, begin, end - 1, whole_begin,
+                 whole_end - 1);
   }
 
   // The analysis model: the run's architecture in float64 (SPEC, numerical rules).
@@ -255,8 +264,8 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
   } else if (c.outputs == "true") {
     res.outputs = yp.unsqueeze(1).clone();
   } else {
-    traj.check_steps(end - 1, end, 1, false);
-    set_weights(*model, to_double_map(traj.weights_at(end)));
+    traj.check_steps(whole_end - 1, whole_end, 1, false);  // the whole range's end, shards too
+    set_weights(*model, to_double_map(traj.weights_at(whole_end)));
     res.outputs = forward_nograd(*model, xp).argmax(1).unsqueeze(1);
   }
   auto select = [&](const at::Tensor& full) { return full.gather(1, res.outputs); };  // [P, ncls] -> [P, C]
@@ -272,6 +281,10 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
   }
   auto last_report = t0;
   const OptimizerOptions oo = traj.optimizer_after(begin).options();
+  res.shard_index = c.shard_index;
+  res.shard_count = c.shard_count;
+  res.whole_begin = whole_begin;
+  res.whole_end = whole_end;
   res.threads = threads.torch_threads;
   res.blas = threads.blas;
   res.blas_core = threads.blas_core;
@@ -340,7 +353,8 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
     // split summed must equal it). Plain SGD's kernel direction is grad L_k itself, so Kopt is
     // that product and the check costs nothing; with memory it costs a product of its own and
     // runs on every check_every-th analyzed step (the first always).
-    const bool checked = !res.uses_kopt || res.steps.size() % static_cast<size_t>(c.check_every) == 0;
+    // Counted from the whole range's first step, so that shards check the steps one process would.
+    const bool checked = !res.uses_kopt || ((k - whole_begin) / c.every) % c.check_every == 0;
     if (checked) {
       const at::Tensor k_direct = res.uses_kopt ? row_directional(sp, grad_l).reshape({np, nc}) * (-lr) : kopt;
       const double scale = std::max(1e-300, k_direct.abs().max().item<double>());
@@ -456,6 +470,14 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
       res.koptexact = at::stack(koptexs);
       res.uoptexact = at::stack(uoptexs);
     }
+  }
+  finish_analysis(res, c);
+  res.seconds = std::chrono::duration<double>(Clock::now() - t0).count();
+  return res;
+}
+
+void finish_analysis(AnalysisResult& res, const AnalyzeConfig& c) {
+  if (res.kexact.defined()) {
     double qmax = 0, dmax = 0;
     for (const auto& row : res.steps) {
       qmax = std::max(qmax, row.quad_error);
@@ -473,8 +495,6 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
     const double scale = std::max(1e-300, total.abs().max().item<double>());
     res.identity_error = (total - sum).abs().max().item<double>() / scale;
   }
-  res.seconds = std::chrono::duration<double>(Clock::now() - t0).count();
-  return res;
 }
 
 }  // namespace pathkernel

@@ -16,6 +16,7 @@
 #include "pathkernel/influence.h"
 #include "pathkernel/optimizer.h"
 #include "pathkernel/report.h"
+#include "pathkernel/shards.h"
 #include "pathkernel/sweep.h"
 #include "pathkernel/train_config.h"
 
@@ -92,6 +93,11 @@ void AnalyzeConfig::validate() const {
   if (tc_window < 2) throw InputError("--tc-window must be at least 2");
   if (!(tc_kappa >= 0)) throw InputError("--tc-kappa must be >= 0");
   if (check_every < 1) throw InputError("--check-every must be at least 1");
+  if (shard_count < 0 || (shard_count > 0 && (shard_index < 1 || shard_index > shard_count))) {
+    throw InputError("--shard must be I/N with 1 <= I <= N");
+  }
+  if (shard_count > 0 && every != 1) throw InputError("--shard needs --every 1 (the shards must join into every step)");
+  if (shard_count > 0 && on_step) throw InputError("sharded analyses cannot report each step to a caller");
   if (threads < 1 || threads > kMaxThreads) {
     throw InputError("--threads must be between 1 and " + std::to_string(kMaxThreads));
   }
@@ -186,6 +192,25 @@ void InfluenceConfig::validate() const {
     throw InputError("--threads must be between 1 and " + std::to_string(kMaxThreads));
   }
   parse_checkpoint_list(checkpoints);
+}
+
+std::pair<int64_t, int64_t> parse_shard(const std::string& text) {
+  const size_t slash = text.find('/');
+  try {
+    size_t u1 = 0, u2 = 0;
+    if (slash == std::string::npos) throw std::invalid_argument("");
+    const std::string a = text.substr(0, slash), b = text.substr(slash + 1);
+    const long long i = std::stoll(a, &u1), n = std::stoll(b, &u2);
+    if (u1 != a.size() || u2 != b.size() || n < 1 || n > 10000 || i < 1 || i > n) throw std::invalid_argument("");
+    return {i, n};
+  } catch (const std::exception&) {
+    throw InputError("--shard must be I/N with 1 <= I <= N (e.g. 2/3), got '" + text + "'");
+  }
+}
+
+void MergeConfig::validate() const {
+  if (shards.empty()) throw InputError("give the shards' analysis directories");
+  if (out.empty()) throw InputError("--out DIR is required");
 }
 
 }  // namespace pathkernel

@@ -41,6 +41,9 @@ struct AnalyzeConfig {
   int64_t step_begin = 0;          ///< first step analyzed
   int64_t step_end = -1;           ///< one past the last (-1: the end of the run)
   int64_t every = 1;               ///< analyze every S-th step
+  /// --shard I/N (shard_count > 0): only the I-th (1-based) of N contiguous parts of the range,
+  /// split at stored checkpoints (shards.h); `pathkernel merge` joins the parts.
+  int64_t shard_index = 0, shard_count = 0;
   bool second_order = false;       ///< also S = 1/2 dw^T H dw (exact, double backward)
   /// auto | factorized | explicit (per-row Jacobians, slow) | torchscript (a recorded run's own
   /// TorchScript model through autograd, even where the recorder recognized a zoo model).
@@ -109,6 +112,8 @@ struct AnalysisResult {
   bool smooth = true;
   /// With exact_nodes: max_k |D_k - gbar_k . dw_k| / max_k |D_k| (Frobenius norms over probes).
   double quad_error_rel = 0;
+  /// A shard's place: its index and count, and the whole range [whole_begin, whole_end).
+  int64_t shard_index = 0, shard_count = 0, whole_begin = 0, whole_end = 0;
   double seconds = 0;
   double startup_seconds = 0;          ///< from the call to the first step (run opened, data decoded)
   int threads = 1;                     ///< threads in force (pin_threads)
@@ -132,6 +137,11 @@ void check_kernel_route(const std::string& route);
 
 /// Gauss-Legendre nodes and weights on [0, 1]: exact for polynomials of degree <= 2q - 1.
 std::pair<std::vector<double>, std::vector<double>> gauss_legendre(int64_t q);
+
+/// What is computed over all the analyzed steps once they are there: quad_error_rel (with the
+/// exact kernel), T_c (mark_complex_steps) and the run identity error. analyze() ends with it;
+/// merging shards calls it on the joined steps.
+void finish_analysis(AnalysisResult& result, const AnalyzeConfig& config);
 
 /// Marks T_c in result.steps by the configured rule (SPEC, "Complex timesteps").
 void mark_complex_steps(std::vector<StepRow>& steps, const AnalyzeConfig& config);

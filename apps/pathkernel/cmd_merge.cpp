@@ -1,0 +1,32 @@
+// pathkernel merge: prepare_merge -> merge_shards, write, print Eq. 9 as analyze does.
+#include <spdlog/spdlog.h>
+
+#include <iostream>
+
+#include "commands.h"
+#include "options.h"
+#include "pathkernel/fs_util.h"
+#include "pathkernel/shards.h"
+#include "prepare.h"
+
+namespace pathkernel::app {
+
+int cmd_merge(const Args& args) {
+  MergeCommand cmd;
+  if (!prepare_merge(args, cmd)) return 0;
+  const auto [res, config] = merge_shards(cmd.config);
+  write_analysis(res, config);
+  if (cmd.json) {
+    nlohmann::json doc = read_json(std::filesystem::path(config.out) / "summary.json");
+    doc["out"] = config.out;
+    print_json(doc);
+  } else {
+    std::cout << eq9_table(res, config) << "files: " << config.out
+              << "/{steps.csv,probes.csv,summary.json,arrays/}\n";
+  }
+  const std::vector<std::string> failed = failed_checks(res, config);
+  for (const auto& f : failed) spdlog::error("check failed: {}", f);
+  return failed.empty() ? 0 : 4;
+}
+
+}  // namespace pathkernel::app

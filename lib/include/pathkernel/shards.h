@@ -1,0 +1,50 @@
+#pragma once
+/// \file shards.h
+/// One analysis spread over several processes or machines: `analyze --shard I/N` analyzes the
+/// I-th of N contiguous step ranges (their inner boundaries at stored checkpoints, so a shard
+/// replays from its own first step), and `merge` joins the shards into the analysis one process
+/// would have written: the per-step arrays and rows concatenated (bit for bit what one process
+/// computes), T_c, the run identity, the Eq. 9 sums and the summary recomputed over the whole.
+
+#include <nlohmann/json.hpp>
+
+#include <cstdint>
+#include <filesystem>
+#include <string>
+#include <vector>
+
+#include "pathkernel/analyzer.h"
+
+namespace pathkernel {
+
+/// Boundaries b_0 = begin < b_1 < ... < b_n = end of n shards of the steps [begin, end); each
+/// inner boundary is the stored checkpoint nearest to an even split. Throws InputError when the
+/// checkpoints do not allow n non-empty shards.
+std::vector<int64_t> shard_bounds(int64_t begin, int64_t end, const std::vector<int64_t>& checkpoints, int64_t n);
+
+/// Parses --shard I/N (1 <= I <= N). Throws InputError.
+std::pair<int64_t, int64_t> parse_shard(const std::string& text);
+
+/// An analysis directory read back: its arrays and tables as an AnalysisResult, its settings as
+/// an AnalyzeConfig (out unset), and its summary. Throws InputError naming the file.
+struct StoredAnalysis {
+  std::filesystem::path dir;
+  AnalysisResult result;
+  AnalyzeConfig config;
+  nlohmann::json summary;
+};
+StoredAnalysis read_analysis(const std::filesystem::path& dir);
+
+struct MergeConfig {
+  std::vector<std::string> shards;  ///< the shards' analysis directories, in any order
+  std::string out;
+  bool force = false;
+  void validate() const;
+};
+
+/// Joins the shards. Refuses (InputError naming the file) shards of different runs, settings or
+/// OpenBLAS cores, of different shard counts, a missing, repeated or overlapping shard.
+/// Returns the merged analysis and its settings (with config.out = c.out).
+std::pair<AnalysisResult, AnalyzeConfig> merge_shards(const MergeConfig& c);
+
+}  // namespace pathkernel

@@ -1,0 +1,137 @@
+// Sharded analyses (shards.h): three shards merged equal one process's analysis of the same run
+// (arrays bit for bit, the tables and the summary equal), and merge refuses what does not join.
+#include <ATen/ATen.h>
+#include <nlohmann/json.hpp>
+#include <spdlog/spdlog.h>
+
+#include "fixtures.h"
+#include "pathkernel/errors.h"
+#include "pathkernel/fs_util.h"
+#include "pathkernel/npy.h"
+#include "pathkernel/shards.h"
+#include "pathkernel/trainer.h"
+
+namespace pathkernel {
+namespace {
+namespace fs = std::filesystem;
+
+class ShardsTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    spdlog::set_level(spdlog::level::warn);
+    testing::write_synthetic_idx(tmp_ / "data", 60, 20, 8, 3);
+  }
+  std::string train_run(const std::string& name, double momentum) {
+    TrainConfig c;
+    c.data_dir = (tmp_ / "data").string();
+    c.model = "mlp:5:tanh";
+    c.steps = 24;
+    c.batch = 10;
+    c.lr = 2.0;  // large steps: r jumps about, and the outlier rule marks some
+    c.momentum = momentum;
+    c.weight_decay = 1e-3;
+    c.checkpoint_every = 4;
+    c.out = (tmp_ / name).string();
+    train(c, "");
+    return c.out;
+  }
+  AnalyzeConfig config(const std::string& run, const std::string& out) const {
+    AnalyzeConfig a;
+    a.run = run;
+    a.out = (tmp_ / out).string();
+    a.probes = 5;
+    a.second_order = true;
+    a.tc_rule = "outlier";  // its running window crosses the shards' boundaries
+    a.tc_window = 5;
+    a.tc_kappa = 0;  // above the window's median: about half the steps
+    a.check_every = 3;
+    return a;
+  }
+  std::vector<std::string> shards(const std::string& run, const std::string& prefix, int n) {
+    std::vector<std::string> dirs;
+    for (int i = 1; i <= n; ++i) {
+      AnalyzeConfig a = config(run, prefix + std::to_string(i));
+      a.shard_index = i;
+      a.shard_count = n;
+      write_analysis(analyze(a), a);
+      dirs.push_back(a.out);
+    }
+    return dirs;
+  }
+  testing::TempDir tmp_;
+};
+
+nlohmann::json without_timings(nlohmann::json s) {
+  for (const char* k : {"seconds", "seconds_per_step", "startup_seconds"}) s.erase(k);
+  return s;
+}
+
+TEST_F(ShardsTest, ThreeShardsMergedEqualOneProcess) {
+  for (double momentum : {0.0, 0.9}) {
+    const std::string run = train_run(momentum > 0 ? "run-mom" : "run-sgd", momentum);
+    const std::string tag = momentum > 0 ? "-mom" : "-sgd";
+    const AnalyzeConfig whole = config(run, "whole" + tag);
+    write_analysis(analyze(whole), whole);
+    std::vector<std::string> parts = shards(run, "shard" + tag, 3);
+    const auto s2 = nlohmann::json::parse(read_file(fs::path(parts[1]) / "summary.json"));
+    EXPECT_EQ(s2["first_step"], 8);  // split at the checkpoints 8 and 16
+    EXPECT_EQ(s2["last_step"], 15);
+    std::swap(parts[0], parts[2]);  // in any order
+    MergeConfig m{parts, (tmp_ / ("merged" + tag)).string(), false};
+    const auto [merged, mc] = merge_shards(m);
+    write_analysis(merged, mc);
+    const fs::path a = whole.out, b = m.out;
+    for (const auto& e : fs::directory_iterator(a / "arrays")) {
+      const at::Tensor x = load_npy(e.path()), y = load_npy(b / "arrays" / e.path().filename());
+      EXPECT_TRUE(x.sizes() == y.sizes() && at::equal(x, y)) << e.path().filename() << tag;
+    }
+    EXPECT_EQ(read_file(a / "steps.csv"), read_file(b / "steps.csv")) << tag;
+    EXPECT_EQ(read_file(a / "probes.csv"), read_file(b / "probes.csv")) << tag;
+    const auto sa = nlohmann::json::parse(read_file(a / "summary.json"));
+    const auto sb = nlohmann::json::parse(read_file(b / "summary.json"));
+    EXPECT_EQ(without_timings(sa), without_timings(sb)) << tag;
+    EXPECT_GT(sa["tc_size"].get<int64_t>(), 0) << "the outlier rule marked no step: the test shows nothing" << read_file(a / "steps.csv");
+  }
+}
+
+TEST_F(ShardsTest, MergeRefusesShardsThatDoNotJoin) {
+  const std::string run = train_run("run", 0.0), other = train_run("other", 0.9);
+  const std::vector<std::string> parts = shards(run, "s", 3);
+  auto merge = [&](std::vector<std::string> dirs) { return merge_shards({dirs, (tmp_ / "m").string(), false}); };
+  EXPECT_THROW_WITH(merge({parts[0], parts[2]}), InputError, "shard 2 of 3 is missing");
+  EXPECT_THROW_WITH(merge({parts[0], parts[1]}), InputError, "shard 3 of 3 is missing");
+  EXPECT_THROW_WITH(merge({parts[0], parts[1], parts[1], parts[2]}), InputError, "given twice");
+  const std::vector<std::string> foreign = shards(other, "o", 3);
+  EXPECT_THROW_WITH(merge({parts[0], foreign[1], parts[2]}), InputError, "another run or other settings");
+  AnalyzeConfig tau = config(run, "tau2");
+  tau.tau = 0.2;
+  tau.shard_index = 2;
+  tau.shard_count = 3;
+  write_analysis(analyze(tau), tau);
+  EXPECT_THROW_WITH(merge({parts[0], tau.out, parts[2]}), InputError, (fs::path(tau.out) / "summary.json").string());
+  AnalyzeConfig two = config(run, "of2");
+  two.shard_index = 2;
+  two.shard_count = 2;
+  write_analysis(analyze(two), two);
+  EXPECT_THROW_WITH(merge({parts[0], two.out, parts[2]}), InputError, "shard of 2, the others of 3");
+  const AnalyzeConfig whole = config(run, "whole");
+  write_analysis(analyze(whole), whole);
+  EXPECT_THROW_WITH(merge({whole.out}), InputError, "not a shard");
+  EXPECT_FALSE(fs::exists(tmp_ / "m"));
+}
+
+TEST(ShardBoundsTest, SplitsAtTheNearestCheckpoints) {
+  const std::vector<int64_t> ck = {0, 4, 8, 12, 16, 20, 24};
+  EXPECT_EQ(shard_bounds(0, 24, ck, 3), (std::vector<int64_t>{0, 8, 16, 24}));
+  EXPECT_EQ(shard_bounds(0, 24, ck, 1), (std::vector<int64_t>{0, 24}));
+  EXPECT_EQ(shard_bounds(5, 24, ck, 2), (std::vector<int64_t>{5, 16, 24}));
+  EXPECT_THROW_WITH(shard_bounds(0, 24, {0, 24}, 2), InputError, "too few");
+  EXPECT_EQ(parse_shard("2/3"), (std::pair<int64_t, int64_t>{2, 3}));
+  for (const char* bad : {"0/3", "4/3", "2", "2/3x", "a/b", "-1/2"}) {
+    SCOPED_TRACE(bad);
+    EXPECT_THROW_WITH(parse_shard(bad), InputError, "--shard");
+  }
+}
+
+}  // namespace
+}  // namespace pathkernel
