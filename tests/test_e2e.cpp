@@ -12,6 +12,7 @@
 #include <chrono>
 #include <cstring>
 #include <fstream>
+#include <random>
 #include <thread>
 
 #include "fixtures.h"
@@ -408,6 +409,65 @@ TEST(E2eTest, AnalyzeSplitsEveryStepAndAgreesWithPyTorch) {
   EXPECT_LT(es["max_sum_error"].get<double>(), 1e-8);
   EXPECT_GT(fs::file_size(ex / "grids" / "probe_7.png"), 10000u);
   EXPECT_GT(fs::file_size(ex / "self_influence.png"), 10000u);
+}
+
+/// Segments an interrupted analysis has written so far.
+int64_t segments_in(const fs::path& analysis) {
+  std::error_code ec;
+  int64_t n = 0;
+  for (const auto& e : fs::directory_iterator(analysis / "segments", ec)) n += e.path().filename().string().rfind("seg_", 0) == 0;
+  return n;
+}
+
+// Issue 12's resumable analysis: killed with SIGKILL after a random number of finished segments
+// (so mid-segment, at a random step), twice, then run again to the end: the same files as an
+// uninterrupted analysis; another command on the partial folder exits 2 and changes nothing.
+TEST(E2eTest, AnalysisKilledAtARandomStepContinuesToTheSameFiles) {
+  testing::TempDir tmp;
+  const fs::path run_dir = tmp / "run", ref = tmp / "ref", cut = tmp / "cut";
+  ASSERT_EQ(run({"train", "--model", "mlp:32:tanh", "--train-limit", "2000", "--steps", "200", "--checkpoint-every",
+                 "20", "--momentum", "0.9", "--out", run_dir.string()},
+                tmp.path()).status, 0);
+  const std::vector<std::string> cmd = {"analyze", run_dir.string(), "--probes", "32", "--second-order", "--out"};
+  auto with_out = [&](const fs::path& out) {
+    std::vector<std::string> a = cmd;
+    a.push_back(out.string());
+    return a;
+  };
+  ASSERT_EQ(run(with_out(ref), tmp.path()).status, 0);
+  std::mt19937 rng(std::random_device{}());
+  int kills = 0;
+  for (int round = 0; round < 2; ++round) {
+    const int64_t target = segments_in(cut) + 1 + static_cast<int64_t>(rng() % 3);
+    const pid_t pid = spawn(with_out(cut), tmp.path());
+    for (;;) {
+      int status = 0;
+      if (waitpid(pid, &status, WNOHANG) == pid) break;
+      if (segments_in(cut) >= target) {
+        kill(pid, SIGKILL);
+        wait_status(pid);
+        ++kills;
+        break;
+      }
+      std::this_thread::sleep_for(std::chrono::microseconds(200));
+    }
+  }
+  ASSERT_GE(kills, 1) << "the analysis finished before it could be killed";
+  ASSERT_TRUE(fs::exists(cut / "partial.json"));
+  const auto before = segments_in(cut);
+  const Result other = run({"analyze", run_dir.string(), "--probes", "8", "--out", cut.string()}, tmp.path());
+  EXPECT_EQ(other.status, 2);
+  EXPECT_NE(other.err.find("interrupted analysis of another command"), std::string::npos) << other.err;
+  EXPECT_EQ(segments_in(cut), before);
+  const Result fin = run(with_out(cut), tmp.path());
+  ASSERT_EQ(fin.status, 0) << fin.err;
+  EXPECT_NE(fin.err.find("continuing an interrupted analysis"), std::string::npos) << fin.err;
+  for (const auto& e : fs::directory_iterator(ref / "arrays")) {
+    EXPECT_EQ(read_file(e.path()), read_file(cut / "arrays" / e.path().filename())) << e.path().filename();
+  }
+  EXPECT_EQ(read_file(ref / "steps.csv"), read_file(cut / "steps.csv"));
+  EXPECT_EQ(read_file(ref / "probes.csv"), read_file(cut / "probes.csv"));
+  EXPECT_FALSE(fs::exists(cut / "partial.json"));
 }
 
 // Issue 12's sharding through the command line: two shards of a real run merged equal the

@@ -120,6 +120,57 @@ TEST_F(ShardsTest, MergeRefusesShardsThatDoNotJoin) {
   EXPECT_FALSE(fs::exists(tmp_ / "m"));
 }
 
+// An analysis keeping its progress (AnalyzeConfig::progress_dir, as the CLI does) ends with the
+// files of one that does not; cut short (its last segments gone, a segment's staging folder
+// left behind, as a kill leaves them) and run again it continues and ends with the same files;
+// another command on the partial folder is refused, and --force starts it anew.
+TEST_F(ShardsTest, AnInterruptedAnalysisContinuesToTheSameFiles) {
+  const std::string run = train_run("run", 0.9);
+  const AnalyzeConfig plain = config(run, "plain");
+  write_analysis(analyze(plain), plain);
+  AnalyzeConfig a = config(run, "resumed");
+  a.progress_dir = a.out;
+  write_analysis(analyze(a), a);  // uninterrupted, through segments
+  auto same = [&](const fs::path& x, const fs::path& y) {
+    for (const auto& e : fs::directory_iterator(x / "arrays")) {
+      EXPECT_EQ(read_file(e.path()), read_file(y / "arrays" / e.path().filename())) << e.path().filename();
+    }
+    EXPECT_EQ(read_file(x / "steps.csv"), read_file(y / "steps.csv"));
+    EXPECT_EQ(read_file(x / "probes.csv"), read_file(y / "probes.csv"));
+    EXPECT_EQ(without_timings(nlohmann::json::parse(read_file(x / "summary.json"))),
+              without_timings(nlohmann::json::parse(read_file(y / "summary.json"))));
+  };
+  same(plain.out, a.out);
+  EXPECT_FALSE(fs::exists(fs::path(a.out) / "segments")) << "the partial state is gone once complete";
+
+  // Interrupted after its second segment: partial.json and segments 0 and 4 are left.
+  fs::remove_all(a.out);
+  analyze(a);
+  fs::path segs = fs::path(a.out) / "segments";
+  std::vector<fs::path> all;
+  for (const auto& e : fs::directory_iterator(segs)) all.push_back(e.path());
+  std::sort(all.begin(), all.end());
+  ASSERT_EQ(all.size(), 6u);  // checkpoints every 4 of 24 steps
+  for (size_t i = 2; i < all.size(); ++i) fs::remove_all(all[i]);
+  fs::create_directories(segs / ".seg_00000008.staging-ab12Cd");  // cut off while being written
+  atomic_write(segs / ".seg_00000008.staging-ab12Cd" / "D.npy", "half");
+  AnalyzeConfig other = a;
+  other.tau = 0.5;
+  EXPECT_THROW_WITH(analyze(other), InputError, "holds an interrupted analysis of another command");
+  const AnalysisResult resumed = analyze(a);
+  EXPECT_EQ(resumed.steps.size(), 24u);
+  write_analysis(resumed, a);
+  same(plain.out, a.out);
+
+  // --force on another command's partial folder: discarded, started anew.
+  fs::remove_all(a.out);
+  analyze(a);
+  other.force = true;
+  other.progress_dir = other.out = a.out;
+  const AnalysisResult anew = analyze(other);
+  EXPECT_EQ(anew.steps.size(), 24u);
+}
+
 TEST(ShardBoundsTest, SplitsAtTheNearestCheckpoints) {
   const std::vector<int64_t> ck = {0, 4, 8, 12, 16, 20, 24};
   EXPECT_EQ(shard_bounds(0, 24, ck, 3), (std::vector<int64_t>{0, 8, 16, 24}));

@@ -130,8 +130,10 @@ bool prepare_analyze(const Args& args, AnalyzeCommand& cmd) {
       throw InputError("--range must be A:B (either side may be empty), got '" + steps + "'");
     }
   }
+  c.progress_dir = c.out;  // resumable: an interrupted analysis continues from what it finished
   c.validate();
-  check_output_dir(c.out, c.force, "summary.json", kAnalysisFormat);  // before any work
+  // before any work; an interrupted analysis's folder is continued (analyze checks its settings)
+  if (!is_partial_analysis(c.out)) check_output_dir(c.out, c.force, "summary.json", kAnalysisFormat);
   check_input_dir(c.run, "run directory");
   check_input_file(c.probe_indices_file, "probe indices file (--probe-indices)");
   return true;

@@ -110,6 +110,21 @@ nlohmann::json tc_by_rule(const AnalysisResult& r, const AnalyzeConfig& c) {
   return out;
 }
 
+}  // namespace
+
+nlohmann::json analysis_settings(const AnalyzeConfig& c, int64_t probes) {
+  return {{"run", c.run}, {"probes", probes}, {"balanced", c.balanced},
+          {"probe_indices_file", c.probe_indices_file}, {"split", c.split},
+          {"outputs", c.outputs}, {"step_begin", c.step_begin}, {"step_end", c.step_end},
+          {"every", c.every}, {"second_order", c.second_order}, {"exact_nodes", c.exact_nodes},
+          {"kernel_route", c.kernel_route}, {"tc_rule", c.tc_rule},
+          {"tau", c.tau}, {"tc_window", c.tc_window}, {"tc_kappa", c.tc_kappa},
+          {"identity_tolerance", c.identity_tolerance}, {"check_every", c.check_every},
+          {"threads", c.threads}};
+}
+
+namespace {
+
 nlohmann::json summary_json(const AnalysisResult& r, const AnalyzeConfig& c) {
   std::vector<double> rs, lrs;
   double r_tc = 0, r_all = 0;
@@ -121,14 +136,7 @@ nlohmann::json summary_json(const AnalysisResult& r, const AnalyzeConfig& c) {
     if (s.in_tc) r_tc += s.r_norm, ++tc;
     up += s.loss_up;
   }
-  nlohmann::json settings = {{"run", c.run}, {"probes", static_cast<int64_t>(r.probe_indices.size())}, {"balanced", c.balanced},
-                             {"probe_indices_file", c.probe_indices_file}, {"split", c.split},
-                             {"outputs", c.outputs}, {"step_begin", c.step_begin}, {"step_end", c.step_end},
-                             {"every", c.every}, {"second_order", c.second_order}, {"exact_nodes", c.exact_nodes},
-                             {"kernel_route", c.kernel_route}, {"tc_rule", c.tc_rule},
-                             {"tau", c.tau}, {"tc_window", c.tc_window}, {"tc_kappa", c.tc_kappa},
-                             {"identity_tolerance", c.identity_tolerance}, {"check_every", c.check_every},
-                             {"threads", c.threads}};
+  const nlohmann::json settings = analysis_settings(c, static_cast<int64_t>(r.probe_indices.size()));
   return {{"format", kAnalysisFormat},
           {"steps_analyzed", static_cast<int64_t>(r.steps.size())},
           {"first_step", r.steps.front().step},
@@ -185,7 +193,7 @@ nlohmann::json summary_json(const AnalysisResult& r, const AnalyzeConfig& c) {
 }  // namespace
 
 void write_analysis(const AnalysisResult& r, const AnalyzeConfig& c) {
-  check_output_dir(c.out, c.force, "summary.json", kAnalysisFormat);
+  if (!is_partial_analysis(c.out)) check_output_dir(c.out, c.force, "summary.json", kAnalysisFormat);
   // Written beside --out and moved into place when complete: a failure leaves nothing, and
   // --force leaves no stale file of an earlier analysis.
   StagedOutput staged(c.out);

@@ -2,12 +2,14 @@
 
 #include <ATen/ATen.h>
 #include <fmt/format.h>
+#include <nlohmann/json.hpp>
 #include <spdlog/spdlog.h>
 #include <torch/csrc/autograd/autograd.h>
 
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <filesystem>
 #include <fstream>
 
 #include "pathkernel/errors.h"
@@ -22,6 +24,41 @@ namespace fs = std::filesystem;
 using Clock = std::chrono::steady_clock;
 
 namespace {
+
+/// Undoes the partial state an analysis started unless it completes: a failure the process sees
+/// (bad input, a full disk) leaves nothing of this call's, as any command; only a kill leaves
+/// the partial state behind, for the same command to continue. A partial folder an earlier,
+/// interrupted run left is kept as it was found (with what this call finished added).
+class ProgressGuard {
+ public:
+  explicit ProgressGuard(const std::string& dir) : dir_(dir) {
+    std::error_code ec;
+    if (dir_.empty()) return;
+    if (!fs::exists(dir_, ec) || fs::is_empty(dir_, ec)) {
+      mode_ = kNew;
+    } else if (!is_partial_analysis(dir)) {
+      mode_ = kOverEarlierOutput;  // --force over a complete earlier analysis
+    }
+  }
+  ~ProgressGuard() {
+    std::error_code ec;
+    if (done_ || dir_.empty()) return;
+    if (mode_ == kNew) fs::remove_all(dir_, ec);
+    if (mode_ == kOverEarlierOutput) {
+      fs::remove_all(dir_ / "segments", ec);
+      fs::remove(dir_ / "partial.json", ec);
+    }
+  }
+  ProgressGuard(const ProgressGuard&) = delete;
+  ProgressGuard& operator=(const ProgressGuard&) = delete;
+  void done() { done_ = true; }
+
+ private:
+  enum Mode { kNew, kOverEarlierOutput, kResumed };
+  fs::path dir_;
+  Mode mode_ = kResumed;
+  bool done_ = false;
+};
 
 ParamMap to_double_map(const NamedTensors& t) {
   ParamMap m;
@@ -298,13 +335,39 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
   const std::unique_ptr<Optimizer> coefficients = make_optimizer(oo, {}, {});
   UpdateRecurrence recurrence(*coefficients);
   std::vector<at::Tensor> kopts, uwds, urounds, koptexs, uoptexs;
-  // With memory the recurrences need every step's gradient from step 0 on, analyzed or not.
-  const int64_t walk_from = res.uses_kopt ? 0 : begin;
   traj.check_steps(begin, end, c.every, res.uses_kopt);
+  // Resumable (progress_dir): what an interrupted run of this same command finished.
+  const bool progress = !c.progress_dir.empty();
+  nlohmann::json progress_key;
+  int64_t resume_at = begin;
+  ProgressGuard guard(c.progress_dir);
+  if (progress) {
+    progress_key = {{"settings", analysis_settings(c, np)}, {"shard", {c.shard_index, c.shard_count}}};
+    progress_key["settings"].erase("threads");  // results equal across thread counts
+    const std::vector<StoredAnalysis> finished = open_progress(c.progress_dir, progress_key, c.force);
+    for (const auto& s : finished) {
+      if (s.result.steps.front().step != resume_at) {
+        throw InputError(s.dir.string() + ": a segment that does not continue the ones before it (expected step " +
+                         std::to_string(resume_at) + ")");
+      }
+      resume_at = s.result.steps.back().step + c.every;
+    }
+    if (!finished.empty()) {
+      spdlog::info("continuing an interrupted analysis: steps {}..{} done ({} segments in {}/segments)", begin,
+                   resume_at - c.every, finished.size(), c.progress_dir);
+    }
+  }
+  const std::vector<int64_t>& stored = traj.checkpoints();
+  size_t seg_row0 = 0;  // the current segment's first row
+  at::Tensor seg_f0;
+  double seg_split_error = 0;
+  int64_t seg_checked = 0;
+  // With memory the recurrences need every step's gradient from step 0 on, analyzed or not.
+  const int64_t walk_from = res.uses_kopt ? 0 : resume_at;
   res.startup_seconds = std::chrono::duration<double>(Clock::now() - t0).count();
   spdlog::debug("analysis set up in {:.3f} s (run opened, data decoded, probes chosen)", res.startup_seconds);
-  for (int64_t k = walk_from; k < end; ++k) {
-    const bool analyzed = k >= begin && (k - begin) % c.every == 0;
+  for (int64_t k = walk_from; k < end && resume_at < end; ++k) {  // (nothing left when resumed at the end)
+    const bool analyzed = k >= resume_at && (k - begin) % c.every == 0;
     if (!analyzed && !res.uses_kopt) continue;
     const ParamMap w0 = to_double_map(traj.weights_at(k));
     const LoggedStep batch = traj.logged_step(k, at::kDouble);
@@ -358,8 +421,11 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
     if (checked) {
       const at::Tensor k_direct = res.uses_kopt ? row_directional(sp, grad_l).reshape({np, nc}) * (-lr) : kopt;
       const double scale = std::max(1e-300, k_direct.abs().max().item<double>());
-      res.kernel_split_error = std::max(res.kernel_split_error, (k_full - k_direct).abs().max().item<double>() / scale);
+      const double e = (k_full - k_direct).abs().max().item<double>() / scale;
+      res.kernel_split_error = std::max(res.kernel_split_error, e);
+      seg_split_error = std::max(seg_split_error, e);
       ++res.kernel_split_checked;
+      ++seg_checked;
     }
     const at::Tensor uopt_wd = recurrence.has_decay()
                                    ? row_directional(sp, recurrence.decay_direction(precond)).reshape({np, nc}) * (-lr)
@@ -443,6 +509,45 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
     rs.push_back(r);
     res.steps.push_back(row);
     res.f_final = select(f1);
+    if (progress) {
+      if (seg_row0 + 1 == res.steps.size()) seg_f0 = select(f0);
+      // A segment ends where the next analyzed step would cross a stored checkpoint, or at the end.
+      const int64_t next = k + c.every;
+      const bool boundary = next >= end || std::any_of(stored.begin(), stored.end(), [&](int64_t s) {
+                              return s > k && s <= next;
+                            });
+      if (boundary) {
+        AnalysisResult seg = res;  // the header fields; the steps and arrays of this segment below
+        seg.steps.assign(res.steps.begin() + static_cast<std::ptrdiff_t>(seg_row0), res.steps.end());
+        auto part = [&](const std::vector<at::Tensor>& v) {
+          return v.empty() ? at::Tensor()
+                           : at::stack(std::vector<at::Tensor>(v.begin() + static_cast<std::ptrdiff_t>(seg_row0), v.end()));
+        };
+        seg.d = part(ds);
+        seg.f = part(fs);
+        seg.k = part(ks);
+        seg.u = part(us);
+        seg.r = part(rs);
+        seg.s = part(ss);
+        seg.kopt = part(kopts);
+        seg.uopt_wd = part(uwds);
+        seg.uopt_round = part(urounds);
+        seg.kexact = part(kes);
+        seg.uexact = part(ues);
+        seg.koptexact = part(koptexs);
+        seg.uoptexact = part(uoptexs);
+        seg.f_initial = seg_f0;
+        seg.f_final = res.f_final;
+        seg.kernel_split_error = seg_split_error;
+        seg.kernel_split_checked = seg_checked;
+        finish_analysis(seg, c);
+        seg.seconds = std::chrono::duration<double>(Clock::now() - t0).count();
+        write_segment(c.progress_dir, seg, c);
+        seg_row0 = res.steps.size();
+        seg_split_error = 0;
+        seg_checked = 0;
+      }
+    }
 
     const auto now = Clock::now();
     if (now - last_report > std::chrono::seconds(2) || k + c.every >= end) {
@@ -453,6 +558,17 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
                    static_cast<int64_t>(total), row.r, done / el, (total - done) * el / done);
       last_report = now;
     }
+  }
+  if (progress) {
+    // Every step is in the segments now, the earlier run's and this one's: the result is their
+    // join, read back from the files (which hold every number exactly).
+    const std::vector<StoredAnalysis> all = open_progress(c.progress_dir, progress_key, /*force=*/false);
+    AnalysisResult joined = join_parts(all);
+    finish_analysis(joined, c);
+    joined.startup_seconds = res.startup_seconds;
+    joined.seconds = std::chrono::duration<double>(Clock::now() - t0).count();
+    guard.done();
+    return joined;
   }
   res.d = at::stack(ds);
   res.f = at::stack(fs);

@@ -213,4 +213,14 @@ void MergeConfig::validate() const {
   if (out.empty()) throw InputError("--out DIR is required");
 }
 
+bool is_partial_analysis(const std::string& dir) {
+  std::error_code ec;
+  if (dir.empty() || !fs::is_regular_file(fs::path(dir) / "partial.json", ec)) return false;
+  try {
+    return read_json(fs::path(dir) / "partial.json").value("format", "") == kPartialAnalysisFormat;
+  } catch (const std::exception&) {
+    return false;
+  }
+}
+
 }  // namespace pathkernel

@@ -1,6 +1,7 @@
 #include "pathkernel/shards.h"
 
 #include <ATen/ATen.h>
+#include <fmt/format.h>
 
 #include <algorithm>
 #include <cmath>
@@ -199,6 +200,72 @@ nlohmann::json comparable(nlohmann::json settings) {
 
 }  // namespace
 
+AnalysisResult join_parts(const std::vector<StoredAnalysis>& parts) {
+  AnalysisResult m = parts.front().result;
+  m.steps.clear();
+  m.kernel_split_error = 0;
+  m.kernel_split_checked = 0;
+  m.seconds = m.startup_seconds = 0;
+  for (const auto& p : parts) {
+    m.steps.insert(m.steps.end(), p.result.steps.begin(), p.result.steps.end());
+    m.kernel_split_error = std::max(m.kernel_split_error, p.result.kernel_split_error);
+    m.kernel_split_checked += p.result.kernel_split_checked;
+    m.seconds += p.result.seconds;
+    m.startup_seconds += p.result.startup_seconds;
+  }
+  for (at::Tensor AnalysisResult::*member :
+       {&AnalysisResult::d, &AnalysisResult::f, &AnalysisResult::k, &AnalysisResult::u, &AnalysisResult::r,
+        &AnalysisResult::s, &AnalysisResult::kopt, &AnalysisResult::uopt_wd, &AnalysisResult::uopt_round,
+        &AnalysisResult::kexact, &AnalysisResult::uexact, &AnalysisResult::koptexact, &AnalysisResult::uoptexact}) {
+    m.*member = cat_arrays(parts, member);
+  }
+  m.f_final = parts.back().result.f_final;
+  return m;
+}
+
+std::vector<StoredAnalysis> open_progress(const fs::path& dir, const nlohmann::json& key, bool force) {
+  const fs::path marker = dir / "partial.json", segments = dir / "segments";
+  const nlohmann::json want = {{"format", kPartialAnalysisFormat}, {"key", key}};
+  if (is_partial_analysis(dir.string())) {
+    const nlohmann::json have = read_json(marker);
+    if (have.value("key", nlohmann::json()) != key) {
+      if (!force) {
+        throw InputError(dir.string() + ": holds an interrupted analysis of another command (other run, settings or "
+                         "shard: see " + marker.string() + "); run that command again to continue it, or give "
+                         "another --out (--force discards it)");
+      }
+      std::error_code ec;
+      fs::remove_all(segments, ec);
+      atomic_write(marker, want.dump(2) + "\n");
+    }
+  } else {
+    fs::create_directories(dir);
+    atomic_write(marker, want.dump(2) + "\n");
+  }
+  std::vector<StoredAnalysis> done;
+  if (!fs::is_directory(segments)) return done;
+  std::vector<fs::path> found;
+  for (const auto& e : fs::directory_iterator(segments)) {
+    const std::string name = e.path().filename().string();
+    if (name.rfind("seg_", 0) == 0 && e.is_directory()) {
+      found.push_back(e.path());
+    } else {
+      std::error_code ec;
+      fs::remove_all(e.path(), ec);  // a segment whose writing was cut off (its staging folder)
+    }
+  }
+  std::sort(found.begin(), found.end());  // seg_<first step, 8 digits>
+  for (const auto& f : found) done.push_back(read_analysis(f));
+  return done;
+}
+
+void write_segment(const fs::path& dir, const AnalysisResult& segment, AnalyzeConfig c) {
+  c.out = (dir / "segments" / fmt::format("seg_{:08d}", segment.steps.front().step)).string();
+  c.progress_dir.clear();
+  c.force = false;
+  write_analysis(segment, c);
+}
+
 std::pair<AnalysisResult, AnalyzeConfig> merge_shards(const MergeConfig& c) {
   c.validate();
   std::vector<StoredAnalysis> parts;
@@ -249,26 +316,8 @@ std::pair<AnalysisResult, AnalyzeConfig> merge_shards(const MergeConfig& c) {
                      std::to_string(first.result.whole_end));
   }
 
-  AnalysisResult m = first.result;
+  AnalysisResult m = join_parts(parts);
   m.shard_index = m.shard_count = m.whole_begin = m.whole_end = 0;
-  m.steps.clear();
-  m.kernel_split_error = 0;
-  m.kernel_split_checked = 0;
-  m.seconds = m.startup_seconds = 0;
-  for (const auto& p : parts) {
-    m.steps.insert(m.steps.end(), p.result.steps.begin(), p.result.steps.end());
-    m.kernel_split_error = std::max(m.kernel_split_error, p.result.kernel_split_error);
-    m.kernel_split_checked += p.result.kernel_split_checked;
-    m.seconds += p.result.seconds;
-    m.startup_seconds += p.result.startup_seconds;
-  }
-  for (at::Tensor AnalysisResult::*member :
-       {&AnalysisResult::d, &AnalysisResult::f, &AnalysisResult::k, &AnalysisResult::u, &AnalysisResult::r,
-        &AnalysisResult::s, &AnalysisResult::kopt, &AnalysisResult::uopt_wd, &AnalysisResult::uopt_round,
-        &AnalysisResult::kexact, &AnalysisResult::uexact, &AnalysisResult::koptexact, &AnalysisResult::uoptexact}) {
-    m.*member = cat_arrays(parts, member);
-  }
-  m.f_final = parts.back().result.f_final;
   AnalyzeConfig config = first.config;
   config.out = c.out;
   config.force = c.force;

@@ -4,6 +4,7 @@
 /// kernel term K, update term U and Taylor residual R (docs/spec.md), in float64.
 
 #include <ATen/core/Tensor.h>
+#include <nlohmann/json_fwd.hpp>
 
 #include <cstdint>
 #include <functional>
@@ -65,6 +66,12 @@ struct AnalyzeConfig {
   /// Not applied across ReLU or max-pool kinks, where quadrature converges only like 1/Q.
   double quadrature_tolerance = 1e-6;
   bool force = false;              ///< overwrite a non-empty `out`
+  /// When set (`pathkernel analyze` sets it to --out): the analysis keeps what it finished there
+  /// as it goes, one segment per stretch between stored checkpoints (a documented partial state:
+  /// partial.json and segments/), and the same command run again continues from the segments
+  /// and ends with the files of an uninterrupted analysis. Another command on that folder is
+  /// refused (with force: the segments are discarded and it starts anew).
+  std::string progress_dir;
   /// Called after each analyzed step (library use: `pathkernel explain` attributes through it).
   std::function<void(const StepTerms&)> on_step;
 
@@ -123,6 +130,14 @@ struct AnalysisResult {
 
 /// The format tag of an analysis's summary.json.
 inline constexpr const char* kAnalysisFormat = "pathkernel-analysis/1";
+/// The format tag of an interrupted analysis's partial.json (AnalyzeConfig::progress_dir).
+inline constexpr const char* kPartialAnalysisFormat = "pathkernel-analysis-partial/1";
+
+/// True when `dir` holds an interrupted analysis (partial.json of that format).
+bool is_partial_analysis(const std::string& dir);
+
+/// The settings of an analysis as its summary.json records them (`probes` is the count chosen).
+nlohmann::json analysis_settings(const AnalyzeConfig& c, int64_t probes);
 
 /// Runs the analysis (no files written). Throws InputError for a bad run or settings.
 AnalysisResult analyze(const AnalyzeConfig& config);

@@ -35,6 +35,20 @@ struct StoredAnalysis {
 };
 StoredAnalysis read_analysis(const std::filesystem::path& dir);
 
+/// The parts of one analysis joined, in the order given: steps and arrays concatenated,
+/// f_initial from the first and f_final from the last part, the kernel split's largest error
+/// and its count, the seconds summed. T_c and the identity are left to finish_analysis.
+AnalysisResult join_parts(const std::vector<StoredAnalysis>& parts);
+
+/// An analysis's partial state in `dir` (AnalyzeConfig::progress_dir): starts it (partial.json
+/// holding `key`, the command's settings) or, when it is there for the same key, returns the
+/// segments it finished, in step order (a segment cut off while being written is removed).
+/// Another key: InputError, or with `force` the old segments are discarded.
+std::vector<StoredAnalysis> open_progress(const std::filesystem::path& dir, const nlohmann::json& key, bool force);
+
+/// Writes a finished segment (steps from its first to its last) into dir/segments.
+void write_segment(const std::filesystem::path& dir, const AnalysisResult& segment, AnalyzeConfig config);
+
 struct MergeConfig {
   std::vector<std::string> shards;  ///< the shards' analysis directories, in any order
   std::string out;
