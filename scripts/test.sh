@@ -14,11 +14,12 @@ if [ "${1:-}" = "--sanitize" ]; then
   sanitize=1
   shift
 fi
-# chromium: the report is opened in a real headless browser (ReportBrowserTest).
+# chromium: the report is opened in a real headless browser (ReportBrowserTest); slurm-wlm and
+# munge: a real single-node Slurm runs the sharded analysis (SlurmTest).
 if [ -n "$sanitize" ]; then
-  bash scripts/setup.sh chromium clang libclang-rt-14-dev  # + libFuzzer and the sanitizer runtimes
+  bash scripts/setup.sh chromium slurm-wlm munge clang libclang-rt-14-dev  # + libFuzzer and the sanitizer runtimes
 else
-  bash scripts/setup.sh chromium
+  bash scripts/setup.sh chromium slurm-wlm munge
 fi
 if [ -n "$sanitize" ]; then
   echo "test: unit tests under ASan + UBSan, and the fuzzers (build-sanitize/)" >&2
