@@ -25,6 +25,26 @@ using Clock = std::chrono::steady_clock;
 
 namespace {
 
+/// The per-step [P, C] terms as the steps are analyzed, one list per array of AnalysisResult
+/// (the optional ones stay empty when not computed).
+struct StepArrays {
+  std::vector<at::Tensor> d, f, k, u, r, s, kopt, uopt_wd, uopt_round, kexact, uexact, koptexact, uoptexact;
+
+  /// Stacks the steps from row `from` on into r's arrays ([steps, P, C]; undefined when empty).
+  void stack_into(AnalysisResult& res, size_t from = 0) const {
+    const std::pair<const std::vector<at::Tensor>*, at::Tensor*> lists[] = {
+        {&d, &res.d},       {&f, &res.f},         {&k, &res.k},          {&u, &res.u},
+        {&r, &res.r},       {&s, &res.s},         {&kopt, &res.kopt},    {&uopt_wd, &res.uopt_wd},
+        {&uopt_round, &res.uopt_round}, {&kexact, &res.kexact}, {&uexact, &res.uexact},
+        {&koptexact, &res.koptexact},   {&uoptexact, &res.uoptexact}};
+    for (const auto& [list, out] : lists) {
+      *out = list->size() <= from ? at::Tensor()
+                                  : at::stack(std::vector<at::Tensor>(list->begin() + static_cast<std::ptrdiff_t>(from),
+                                                                      list->end()));
+    }
+  }
+};
+
 /// Undoes the partial state an analysis started unless it completes: a failure the process sees
 /// (bad input, a full disk) leaves nothing of this call's, as any command; only a kill leaves
 /// the partial state behind, for the same command to continue. A partial folder an earlier,
@@ -308,7 +328,7 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
   auto select = [&](const at::Tensor& full) { return full.gather(1, res.outputs); };  // [P, ncls] -> [P, C]
   const int64_t nc = res.outputs.size(1);
 
-  std::vector<at::Tensor> ds, fs, ks, us, rs, ss, kes, ues;
+  StepArrays arrays;
   const auto [nodes, node_weights] = gauss_legendre(std::max<int64_t>(c.exact_nodes, 1));
   res.contiguous = c.every == 1;
   {
@@ -334,7 +354,6 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
   // The update's coefficients c_{k,j} depend only on the settings and the step.
   const std::unique_ptr<Optimizer> coefficients = make_optimizer(oo, {}, {});
   UpdateRecurrence recurrence(*coefficients);
-  std::vector<at::Tensor> kopts, uwds, urounds, koptexs, uoptexs;
   traj.check_steps(begin, end, c.every, res.uses_kopt);
   // Resumable (progress_dir): what an interrupted run of this same command finished.
   const bool progress = !c.progress_dir.empty();
@@ -459,9 +478,9 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
     row.kopt_norm = frob(kopt);
     row.uopt_wd_norm = frob(uopt_wd);
     row.uopt_round_norm = frob(uopt_round);
-    kopts.push_back(kopt);
-    uwds.push_back(uopt_wd);
-    urounds.push_back(uopt_round);
+    arrays.kopt.push_back(kopt);
+    arrays.uopt_wd.push_back(uopt_wd);
+    arrays.uopt_round.push_back(uopt_round);
     row.r_norm = frob(r);
     row.r = row.f_norm > 0 ? row.r_norm / row.f_norm : 0.0;
     at::Tensor kex_per_step;
@@ -482,15 +501,15 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
       if (res.uses_kopt) {
         // Kopt with gbar in place of g (SPEC): the rest of gbar . dw is decay and rounding.
         const at::Tensor koex = gbar_kdir.reshape({np, nc}) * (-lr);
-        koptexs.push_back(koex);
-        uoptexs.push_back(gbar_dw.reshape({np, nc}) - koex);
+        arrays.koptexact.push_back(koex);
+        arrays.uoptexact.push_back(gbar_dw.reshape({np, nc}) - koex);
       }
       set_weights(*model, w0);
       kex_per_step = kex_per;
       const at::Tensor kex = kex_per.sum(1).reshape({np, nc});
       const at::Tensor fex = gbar_dw.reshape({np, nc});
-      kes.push_back(kex);
-      ues.push_back(fex - kex);  // Uexact = gbar . (dw + a_k grad L_k) = gbar . dw - sum_m Kexact_m
+      arrays.kexact.push_back(kex);
+      arrays.uexact.push_back(fex - kex);  // Uexact = gbar . (dw + a_k grad L_k) = gbar . dw - sum_m Kexact_m
       row.kexact_norm = frob(kex);
       row.quad_error = frob(d - fex);
     }
@@ -500,13 +519,13 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
       const at::Tensor s = second_order(*model, xp, res.outputs, dw).reshape({np, nc});
       row.s_norm = frob(s);
       row.higher_norm = frob(r - s);
-      ss.push_back(s);
+      arrays.s.push_back(s);
     }
-    ds.push_back(d);
-    fs.push_back(f);
-    ks.push_back(kk);
-    us.push_back(u);
-    rs.push_back(r);
+    arrays.d.push_back(d);
+    arrays.f.push_back(f);
+    arrays.k.push_back(kk);
+    arrays.u.push_back(u);
+    arrays.r.push_back(r);
     res.steps.push_back(row);
     res.f_final = select(f1);
     if (progress) {
@@ -519,23 +538,7 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
       if (boundary) {
         AnalysisResult seg = res;  // the header fields; the steps and arrays of this segment below
         seg.steps.assign(res.steps.begin() + static_cast<std::ptrdiff_t>(seg_row0), res.steps.end());
-        auto part = [&](const std::vector<at::Tensor>& v) {
-          return v.empty() ? at::Tensor()
-                           : at::stack(std::vector<at::Tensor>(v.begin() + static_cast<std::ptrdiff_t>(seg_row0), v.end()));
-        };
-        seg.d = part(ds);
-        seg.f = part(fs);
-        seg.k = part(ks);
-        seg.u = part(us);
-        seg.r = part(rs);
-        seg.s = part(ss);
-        seg.kopt = part(kopts);
-        seg.uopt_wd = part(uwds);
-        seg.uopt_round = part(urounds);
-        seg.kexact = part(kes);
-        seg.uexact = part(ues);
-        seg.koptexact = part(koptexs);
-        seg.uoptexact = part(uoptexs);
+        arrays.stack_into(seg, seg_row0);
         seg.f_initial = seg_f0;
         seg.f_final = res.f_final;
         seg.kernel_split_error = seg_split_error;
@@ -570,23 +573,7 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
     guard.done();
     return joined;
   }
-  res.d = at::stack(ds);
-  res.f = at::stack(fs);
-  res.k = at::stack(ks);
-  res.u = at::stack(us);
-  res.r = at::stack(rs);
-  res.kopt = at::stack(kopts);
-  res.uopt_wd = at::stack(uwds);
-  res.uopt_round = at::stack(urounds);
-  if (c.second_order) res.s = at::stack(ss);
-  if (c.exact_nodes > 0) {
-    res.kexact = at::stack(kes);
-    res.uexact = at::stack(ues);
-    if (res.uses_kopt) {
-      res.koptexact = at::stack(koptexs);
-      res.uoptexact = at::stack(uoptexs);
-    }
-  }
+  arrays.stack_into(res);
   finish_analysis(res, c);
   res.seconds = std::chrono::duration<double>(Clock::now() - t0).count();
   return res;
