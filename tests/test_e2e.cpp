@@ -428,7 +428,8 @@ TEST(E2eTest, AnalysisKilledAtARandomStepContinuesToTheSameFiles) {
   ASSERT_EQ(run({"train", "--model", "mlp:32:tanh", "--train-limit", "2000", "--steps", "200", "--checkpoint-every",
                  "20", "--momentum", "0.9", "--out", run_dir.string()},
                 tmp.path()).status, 0);
-  const std::vector<std::string> cmd = {"analyze", run_dir.string(), "--probes", "32", "--second-order", "--out"};
+  const std::vector<std::string> cmd = {"analyze", run_dir.string(), "--probes", "32", "--second-order",
+                                        "--segment-every", "0", "--out"};
   auto with_out = [&](const fs::path& out) {
     std::vector<std::string> a = cmd;
     a.push_back(out.string());

@@ -116,7 +116,8 @@ void check_numbers(const Args& args) {
   static const std::set<std::string> integers = {
       "steps", "epochs", "batch", "seed", "threads", "train-limit", "checkpoint-every", "eval-every", "probes",
       "every", "exact", "tc-window", "output", "top", "grids", "curves", "step", "check-every", "train-examples", "chunk"};
-  static const std::set<std::string> reals = {"lr", "momentum", "dampening", "eps", "weight-decay", "tau", "tc-kappa"};
+  static const std::set<std::string> reals = {"lr", "momentum", "dampening", "eps", "weight-decay", "tau", "tc-kappa",
+                                              "segment-every"};
   const std::string& command = args[0];
   for (size_t i = 1; i < args.size(); ++i) {
     const std::string& a = args[i];

@@ -107,7 +107,9 @@ bool prepare_analyze(const Args& args, AnalyzeCommand& cmd) {
       "steps", "old name of --range (train's --steps is a count; this one was a range)", cxxopts::value(old_steps))(
       "force", "write into a non-empty --out")(
       "shard", "I/N: only the I-th of N contiguous parts of the range, split at stored checkpoints (join the parts "
-      "with pathkernel merge)", cxxopts::value<std::string>());
+      "with pathkernel merge)", cxxopts::value<std::string>())(
+      "segment-every", "keep finished work (to continue after a kill) at a stored checkpoint every S seconds",
+      cxxopts::value(c.segment_seconds)->default_value("5"));
   opts.parse_positional({"run"});
   opts.positional_help("RUN");
   cxxopts::ParseResult r;

@@ -378,6 +378,7 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
   }
   const std::vector<int64_t>& stored = traj.checkpoints();
   size_t seg_row0 = 0;  // the current segment's first row
+  auto seg_started = Clock::now();
   at::Tensor seg_f0;
   double seg_split_error = 0;
   int64_t seg_checked = 0;
@@ -530,11 +531,14 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
     res.f_final = select(f1);
     if (progress) {
       if (seg_row0 + 1 == res.steps.size()) seg_f0 = select(f0);
-      // A segment ends where the next analyzed step would cross a stored checkpoint, or at the end.
+      // A segment ends at the end, or where the next analyzed step would cross a stored
+      // checkpoint once it holds segment_seconds of work.
       const int64_t next = k + c.every;
-      const bool boundary = next >= end || std::any_of(stored.begin(), stored.end(), [&](int64_t s) {
-                              return s > k && s <= next;
-                            });
+      const bool long_enough =
+          std::chrono::duration<double>(Clock::now() - seg_started).count() >= c.segment_seconds;
+      const bool boundary = next >= end || (long_enough && std::any_of(stored.begin(), stored.end(), [&](int64_t s) {
+                                              return s > k && s <= next;
+                                            }));
       if (boundary) {
         AnalysisResult seg = res;  // the header fields; the steps and arrays of this segment below
         seg.steps.assign(res.steps.begin() + static_cast<std::ptrdiff_t>(seg_row0), res.steps.end());
@@ -547,6 +551,7 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
         seg.seconds = std::chrono::duration<double>(Clock::now() - t0).count();
         write_segment(c.progress_dir, seg, c);
         seg_row0 = res.steps.size();
+        seg_started = Clock::now();
         seg_split_error = 0;
         seg_checked = 0;
       }

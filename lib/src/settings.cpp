@@ -93,6 +93,7 @@ void AnalyzeConfig::validate() const {
   if (tc_window < 2) throw InputError("--tc-window must be at least 2");
   if (!(tc_kappa >= 0)) throw InputError("--tc-kappa must be >= 0");
   if (check_every < 1) throw InputError("--check-every must be at least 1");
+  if (!(segment_seconds >= 0)) throw InputError("--segment-every must be >= 0 seconds");
   if (shard_count < 0 || (shard_count > 0 && (shard_index < 1 || shard_index > shard_count))) {
     throw InputError("--shard must be I/N with 1 <= I <= N");
   }

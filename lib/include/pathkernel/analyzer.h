@@ -72,6 +72,9 @@ struct AnalyzeConfig {
   /// and ends with the files of an uninterrupted analysis. Another command on that folder is
   /// refused (with force: the segments are discarded and it starts anew).
   std::string progress_dir;
+  /// With progress_dir: a segment ends at a stored checkpoint once this many seconds of work
+  /// went into it (0: at every checkpoint), so that frequent checkpoints do not mean many writes.
+  double segment_seconds = 5;
   /// Called after each analyzed step (library use: `pathkernel explain` attributes through it).
   std::function<void(const StepTerms&)> on_step;
 
