@@ -163,6 +163,15 @@ TEST_F(ShardsTest, AnInterruptedAnalysisContinuesToTheSameFiles) {
   write_analysis(resumed, a);
   same(plain.out, a.out);
 
+  // The same command on a run whose end moved (trained on after the kill): not continued.
+  fs::remove_all(a.out);
+  analyze(a);
+  nlohmann::json partial = nlohmann::json::parse(read_file(fs::path(a.out) / "partial.json"));
+  ASSERT_EQ(partial["key"]["range"], nlohmann::json::parse("[0, 24]"));
+  partial["key"]["range"] = {0, 20};
+  atomic_write(fs::path(a.out) / "partial.json", partial.dump());
+  EXPECT_THROW_WITH(analyze(a), InputError, "holds an interrupted analysis of another command");
+
   // --force on another command's partial folder: discarded, started anew.
   fs::remove_all(a.out);
   analyze(a);

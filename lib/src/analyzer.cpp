@@ -253,7 +253,10 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
   int64_t resume_at = begin;
   ProgressGuard guard(c.progress_dir);
   if (progress) {
-    progress_key = {{"settings", analysis_settings(c, np)}, {"shard", {c.shard_index, c.shard_count}}};
+    // The resolved range too: a run trained on after the kill has another end (and another
+    // final model, which --outputs pred reads).
+    progress_key = {{"settings", analysis_settings(c, np)}, {"shard", {c.shard_index, c.shard_count}},
+                    {"range", {begin, end}}};
     progress_key["settings"].erase("threads");  // results equal across thread counts
     const std::vector<StoredAnalysis> finished = open_progress(c.progress_dir, progress_key, c.force);
     for (const auto& s : finished) {
