@@ -186,16 +186,16 @@ StoredAnalysis read_analysis(const fs::path& dir) {
 
 namespace {
 
-at::Tensor cat_arrays(const std::vector<StoredAnalysis>& parts, at::Tensor AnalysisResult::*member) {
-  std::vector<at::Tensor> ts;
-  for (const auto& p : parts) ts.push_back(p.result.*member);
-  return ts.front().defined() ? at::cat(ts) : at::Tensor();
-}
-
 /// Settings that must agree between shards: all but the threads (results equal across them).
 nlohmann::json comparable(nlohmann::json settings) {
   settings.erase("threads");
   return settings;
+}
+
+at::Tensor cat_arrays(const std::vector<StoredAnalysis>& parts, at::Tensor AnalysisResult::*member) {
+  std::vector<at::Tensor> ts;
+  for (const auto& p : parts) ts.push_back(p.result.*member);
+  return ts.front().defined() ? at::cat(ts) : at::Tensor();
 }
 
 }  // namespace
@@ -266,59 +266,63 @@ void write_segment(const fs::path& dir, const AnalysisResult& segment, AnalyzeCo
   write_analysis(segment, c);
 }
 
+void check_shard_set(std::vector<ShardInfo>& shards) {
+  std::sort(shards.begin(), shards.end(), [](const ShardInfo& a, const ShardInfo& b) { return a.index < b.index; });
+  const ShardInfo& first = shards.front();
+  const int64_t n = first.count;
+  const std::string first_file = (first.dir / "summary.json").string();
+  for (size_t i = 0; i < shards.size(); ++i) {
+    const ShardInfo& p = shards[i];
+    const std::string file = (p.dir / "summary.json").string();
+    if (p.count == 0) throw InputError(file + ": not a shard (--shard I/N writes shards)");
+    if (p.count != n) throw InputError(file + ": shard of " + std::to_string(p.count) + ", the others of " + std::to_string(n));
+    if (comparable(p.settings) != comparable(first.settings)) {
+      throw InputError(file + ": another run or other settings than " + first_file);
+    }
+    if (p.core != first.core) {
+      throw InputError(file + ": computed on OpenBLAS core " + p.core + ", " + first.dir.string() + " on " + first.core +
+                       " (their last bits differ)");
+    }
+    if (p.whole_begin != first.whole_begin || p.whole_end != first.whole_end) {
+      throw InputError(file + ": a shard of another range of steps");
+    }
+    if (i > 0 && p.index == shards[i - 1].index) {
+      throw InputError(file + ": shard " + std::to_string(p.index) + " given twice (also " + shards[i - 1].dir.string() + ")");
+    }
+    if (p.index != static_cast<int64_t>(i) + 1) {
+      throw InputError("shard " + std::to_string(i + 1) + " of " + std::to_string(n) + " is missing (next given: " + file + ")");
+    }
+    const int64_t want_first = i == 0 ? p.whole_begin : shards[i - 1].last + 1;
+    if (p.first != want_first) {
+      throw InputError(file + ": begins at step " + std::to_string(p.first) + ", expected " + std::to_string(want_first) +
+                       " (shards overlap or leave a gap)");
+    }
+  }
+  if (static_cast<int64_t>(shards.size()) != n) {
+    throw InputError("shard " + std::to_string(shards.size() + 1) + " of " + std::to_string(n) + " is missing");
+  }
+  if (shards.back().last + 1 != first.whole_end) {
+    throw InputError((shards.back().dir / "summary.json").string() + ": the last shard ends before step " +
+                     std::to_string(first.whole_end));
+  }
+}
+
 std::pair<AnalysisResult, AnalyzeConfig> merge_shards(const MergeConfig& c) {
   c.validate();
   std::vector<StoredAnalysis> parts;
   for (const auto& d : c.shards) parts.push_back(read_analysis(d));
   std::sort(parts.begin(), parts.end(),
             [](const StoredAnalysis& a, const StoredAnalysis& b) { return a.result.shard_index < b.result.shard_index; });
-  const StoredAnalysis& first = parts.front();
-  const int64_t n = first.result.shard_count;
+  std::vector<ShardInfo> infos;
   for (const auto& p : parts) {
-    const std::string file = (p.dir / "summary.json").string();
-    if (p.result.shard_count == 0) throw InputError(file + ": not a shard (analyze --shard I/N writes shards)");
-    if (p.result.shard_count != n) {
-      throw InputError(file + ": shard of " + std::to_string(p.result.shard_count) + ", the others of " +
-                       std::to_string(n));
-    }
-    if (comparable(p.summary.at("settings")) != comparable(first.summary.at("settings"))) {
-      throw InputError(file + ": another run or other settings than " + (first.dir / "summary.json").string());
-    }
-    if (p.result.blas_core != first.result.blas_core) {
-      throw InputError(file + ": computed on OpenBLAS core " + p.result.blas_core + ", " + first.dir.string() + " on " +
-                       first.result.blas_core + " (their last bits differ)");
-    }
-    if (p.result.whole_begin != first.result.whole_begin || p.result.whole_end != first.result.whole_end) {
-      throw InputError(file + ": a shard of another range of steps");
-    }
+    const AnalysisResult& r = p.result;
+    infos.push_back({p.dir, p.summary.at("settings"), r.blas_core, r.shard_index, r.shard_count, r.steps.front().step,
+                     r.steps.back().step, r.whole_begin, r.whole_end});
   }
-  for (size_t i = 0; i < parts.size(); ++i) {
-    const auto& r = parts[i].result;
-    const std::string file = (parts[i].dir / "summary.json").string();
-    if (i > 0 && r.shard_index == parts[i - 1].result.shard_index) {
-      throw InputError(file + ": shard " + std::to_string(r.shard_index) + " given twice (also " +
-                       parts[i - 1].dir.string() + ")");
-    }
-    if (r.shard_index != static_cast<int64_t>(i) + 1) {
-      throw InputError("shard " + std::to_string(i + 1) + " of " + std::to_string(n) + " is missing (next given: " + file + ")");
-    }
-    const int64_t want_first = i == 0 ? r.whole_begin : parts[i - 1].result.steps.back().step + 1;
-    if (r.steps.front().step != want_first) {
-      throw InputError(file + ": begins at step " + std::to_string(r.steps.front().step) + ", expected " +
-                       std::to_string(want_first) + " (shards overlap or leave a gap)");
-    }
-  }
-  if (static_cast<int64_t>(parts.size()) != n) {
-    throw InputError("shard " + std::to_string(parts.size() + 1) + " of " + std::to_string(n) + " is missing");
-  }
-  if (parts.back().result.steps.back().step + 1 != first.result.whole_end) {
-    throw InputError((parts.back().dir / "summary.json").string() + ": the last shard ends before step " +
-                     std::to_string(first.result.whole_end));
-  }
-
+  check_shard_set(infos);
   AnalysisResult m = join_parts(parts);
   m.shard_index = m.shard_count = m.whole_begin = m.whole_end = 0;
-  AnalyzeConfig config = first.config;
+  AnalyzeConfig config = parts.front().config;
   config.out = c.out;
   config.force = c.force;
   finish_analysis(m, config);

@@ -49,6 +49,19 @@ std::vector<StoredAnalysis> open_progress(const std::filesystem::path& dir, cons
 /// Writes a finished segment (steps from its first to its last) into dir/segments.
 void write_segment(const std::filesystem::path& dir, const AnalysisResult& segment, AnalyzeConfig config);
 
+/// What merge checks of each shard, read from its summary.json.
+struct ShardInfo {
+  std::filesystem::path dir;
+  nlohmann::json settings;
+  std::string core;  ///< the OpenBLAS core it ran on ("" when not recorded)
+  int64_t index = 0, count = 0, first = 0, last = 0, whole_begin = 0, whole_end = 0;
+};
+
+/// Sorts `shards` by index; throws InputError naming the file unless they are the N shards of
+/// one command: same count, settings (but threads) and core, indices 1..N once each, each
+/// beginning after the one before, from whole_begin to whole_end.
+void check_shard_set(std::vector<ShardInfo>& shards);
+
 struct MergeConfig {
   std::vector<std::string> shards;  ///< the shards' analysis directories, in any order
   std::string out;
