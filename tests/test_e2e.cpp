@@ -495,6 +495,12 @@ TEST(E2eTest, ShardsMergeIntoTheSingleProcessAnalysis) {
               read_file(tmp / "merged" / "arrays" / (std::string(a) + ".npy"))) << a;
   }
   EXPECT_EQ(read_file(tmp / "whole" / "steps.csv"), read_file(tmp / "merged" / "steps.csv"));
+  // explain --shard attributes plain SGD only: this momentum run is refused, naming why.
+  const Result ex = run({"explain", run_dir.string(), "--probes", "2", "--shard", "1/2", "--out", (tmp / "ex").string()},
+                        tmp.path());
+  EXPECT_EQ(ex.status, 2);
+  EXPECT_NE(ex.err.find("not sharded"), std::string::npos) << ex.err;
+  EXPECT_FALSE(fs::exists(tmp / "ex"));
   const Result missing = run({"merge", (tmp / "s2").string(), "--out", (tmp / "m2").string()}, tmp.path());
   EXPECT_EQ(missing.status, 2);
   EXPECT_NE(missing.err.find("shard 1 of 2 is missing"), std::string::npos) << missing.err;

@@ -1,11 +1,14 @@
 // Sharded analyses (shards.h): three shards merged equal one process's analysis of the same run
 // (arrays bit for bit, the tables and the summary equal), and merge refuses what does not join.
 #include <ATen/ATen.h>
+
+#include <sstream>
 #include <nlohmann/json.hpp>
 #include <spdlog/spdlog.h>
 
 #include "fixtures.h"
 #include "pathkernel/errors.h"
+#include "pathkernel/explain.h"
 #include "pathkernel/fs_util.h"
 #include "pathkernel/npy.h"
 #include "pathkernel/shards.h"
@@ -179,6 +182,61 @@ TEST_F(ShardsTest, AnInterruptedAnalysisContinuesToTheSameFiles) {
   other.progress_dir = other.out = a.out;
   const AnalysisResult anew = analyze(other);
   EXPECT_EQ(anew.steps.size(), 24u);
+}
+
+// explain --shard: three parts of a plain-SGD run added up by merge equal one process's
+// explanation (a_i, a_exact, times drawn and self-influence to 1e-12, the sum check holding),
+// and a run trained with momentum is refused.
+TEST_F(ShardsTest, ExplanationShardsAddUpToOneProcess) {
+  const std::string run = train_run("run", 0.0);
+  ExplainConfig e;
+  e.run = run;
+  e.probes = 3;
+  e.exact_nodes = 2;
+  e.self_influence = true;
+  e.grids = 0;
+  e.out = (tmp_ / "whole").string();
+  const ExplainResult whole = explain(e);
+  std::vector<std::string> dirs;
+  for (int i = 1; i <= 3; ++i) {
+    ExplainConfig s = e;
+    s.shard_index = i;
+    s.shard_count = 3;
+    s.out = (tmp_ / ("e" + std::to_string(i))).string();
+    const ExplainResult part = explain(s);
+    EXPECT_LT(part.sum_error, 1e-10) << "each shard explains its own stretch";
+    write_explanation(part, s);
+    dirs.insert(dirs.begin(), s.out);  // in any order
+  }
+  const auto [merged, mc] = merge_explanations({dirs, (tmp_ / "merged").string(), false});
+  auto close = [](const at::Tensor& a, const at::Tensor& b) {
+    return (a - b).abs().max().item<double>() <= 1e-12 * std::max(1e-300, b.abs().max().item<double>());
+  };
+  EXPECT_TRUE(close(merged.attributions, whole.attributions));
+  EXPECT_TRUE(close(merged.attributions_exact, whole.attributions_exact));
+  EXPECT_TRUE(close(merged.self_influence, whole.self_influence));
+  EXPECT_TRUE(at::equal(merged.times_drawn, whole.times_drawn));
+  EXPECT_EQ(merged.drawn_at, whole.drawn_at);
+  EXPECT_LT(merged.sum_error, 1e-10);
+  // Two nodes at lr 2 leave a quadrature error; the parts' sum leaves the same.
+  EXPECT_NEAR(merged.sum_error_exact, whole.sum_error_exact, 1e-10);
+  write_explanation(merged, mc);
+  ExplainConfig w = e;
+  write_explanation(whole, w);
+  auto ranking = [](const fs::path& top) {  // probe, output, kind, rank, example: the last digits of a aside
+    std::vector<std::string> rows;
+    std::istringstream in(read_file(top));
+    for (std::string line; std::getline(in, line);) rows.push_back(line.substr(0, line.rfind(',')));
+    return rows;
+  };
+  EXPECT_EQ(ranking(fs::path(mc.out) / "top.csv"), ranking(fs::path(w.out) / "top.csv"));
+  EXPECT_THROW_WITH(merge_explanations({{dirs[0], dirs[2]}, (tmp_ / "m2").string(), false}), InputError, "missing");
+
+  ExplainConfig mom = e;
+  mom.run = train_run("mom", 0.9);
+  mom.shard_index = 1;
+  mom.shard_count = 2;
+  EXPECT_THROW_WITH(explain(mom), InputError, "not sharded");
 }
 
 TEST(ShardBoundsTest, SplitsAtTheNearestCheckpoints) {

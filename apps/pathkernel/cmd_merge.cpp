@@ -5,15 +5,42 @@
 
 #include "commands.h"
 #include "options.h"
+#include "pathkernel/explain.h"
 #include "pathkernel/fs_util.h"
 #include "pathkernel/shards.h"
 #include "prepare.h"
 
 namespace pathkernel::app {
 
+namespace {
+
+int merge_explanation_shards(const MergeCommand& cmd) {
+  const auto [res, config] = merge_explanations(cmd.config);
+  write_explanation(res, config);
+  if (cmd.json) {
+    nlohmann::json doc = read_json(std::filesystem::path(config.out) / "summary.json");
+    doc["out"] = config.out;
+    print_json(doc);
+  } else {
+    std::cout << explain_table(res, config) << "files: " << config.out << "/{attributions.csv,attributions.npy,top.csv,"
+              << "grids/,summary.json}\n";
+  }
+  if (!(res.sum_error <= config.tolerance)) {  // NaN fails too
+    spdlog::error("the sum check fails: error {:.3e} exceeds {:.0e}", res.sum_error, config.tolerance);
+    return 4;
+  }
+  return 0;
+}
+
+}  // namespace
+
 int cmd_merge(const Args& args) {
   MergeCommand cmd;
   if (!prepare_merge(args, cmd)) return 0;
+  if (read_json(std::filesystem::path(cmd.config.shards.front()) / "summary.json").value("format", "") ==
+      kExplainFormat) {
+    return merge_explanation_shards(cmd);
+  }
   const auto [res, config] = merge_shards(cmd.config);
   write_analysis(res, config);
   if (cmd.json) {

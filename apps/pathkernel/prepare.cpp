@@ -164,6 +164,8 @@ bool prepare_explain(const Args& args, ExplainCommand& cmd) {
     ("class-names", "file with one class name per line for the grids (default: Fashion-MNIST's names for its data)",
      cxxopts::value(c.class_names_file))
     ("grids", "PNG grids for at most this many probes", cxxopts::value(c.grids)->default_value("16"))
+    ("shard", "I/N: attribute only the I-th of N parts of the run (plain SGD; add the parts up with pathkernel merge)",
+     cxxopts::value<std::string>())
     ("csv", "attributions.csv holds: top (each probe's --top proponents and opponents) | all (every training "
      "example; attributions.npy always holds them all)", cxxopts::value(c.csv)->default_value("top"))
     ("threads", "LibTorch and OpenBLAS threads (pinned, recorded in the summary)",
@@ -181,6 +183,7 @@ bool prepare_explain(const Args& args, ExplainCommand& cmd) {
   }
   c.self_influence = r.count("self-influence") > 0;
   c.force = r.count("force") > 0;
+  if (r.count("shard")) std::tie(c.shard_index, c.shard_count) = parse_shard(r["shard"].as<std::string>());
   cmd.json = json_output(r);
   check_output_dir(c.out, c.force, "summary.json", kExplainFormat);  // before any work
   c.validate();
@@ -234,8 +237,15 @@ bool prepare_merge(const Args& args, MergeCommand& cmd) {
   c.force = r.count("force") > 0;
   cmd.json = json_output(r);
   c.validate();
-  check_output_dir(c.out, c.force, "summary.json", kAnalysisFormat);  // before any work
-  for (const auto& s : c.shards) check_input_dir(s, "shard (analysis directory)");
+  for (const auto& s : c.shards) check_input_dir(s, "shard (analysis or explanation directory)");
+  // before any work; the shards' kind (analysis or explanation) is the output's
+  std::string format = kAnalysisFormat;
+  try {
+    format = read_json(fs::path(c.shards.front()) / "summary.json").value("format", format);
+  } catch (const InputError&) {
+    // merge itself names the shard that cannot be read
+  }
+  check_output_dir(c.out, c.force, "summary.json", format);
   return true;
 }
 

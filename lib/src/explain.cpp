@@ -43,6 +43,8 @@ ExplainResult explain(const ExplainConfig& c) {
   a.outputs = c.output >= 0 ? "class" : "pred";
   a.output_class = c.output;
   a.probe_indices = c.probe_indices;
+  a.shard_index = c.shard_index;
+  a.shard_count = c.shard_count;
   a.kernel_route = c.kernel_route;
   a.threads = c.threads;
   // The manifest alone: the analysis below opens the run itself.
@@ -52,6 +54,10 @@ ExplainResult explain(const ExplainConfig& c) {
   ExplainResult res;
   res.optimizer = optimizer_name(oo.kind);
   res.through_optimizer = c.route == "backward" || oo.kind != OptimizerKind::kSgd || oo.momentum != 0;
+  if (res.through_optimizer && c.shard_count > 0) {
+    throw InputError("explain --shard: a run trained with momentum, Adam or AdamW is attributed through the optimizer's "
+                     "recursion over the whole run, which is not sharded; explain it in one process");
+  }
   res.drawn_at.resize(static_cast<size_t>(n_train));
   at::Tensor attr, attr_exact, drawn = at::zeros({n_train}, at::kLong), self = at::zeros({n_train}, at::kDouble);
   if (!res.through_optimizer) a.on_step = [&](const StepTerms& t) {
@@ -75,7 +81,9 @@ ExplainResult explain(const ExplainConfig& c) {
     }
   };
   const AnalysisResult an = analyze(a);
-  if (!an.contiguous || an.steps.front().step != 0) throw InputError("explain needs every step of the run");
+  if (!an.contiguous || (c.shard_count > 0 ? an.whole_begin : an.steps.front().step) != 0) {
+    throw InputError("explain needs every step of the run");
+  }
   if (res.through_optimizer) {
     OptimizerAttributionConfig oc;
     oc.run = c.run;
@@ -114,6 +122,12 @@ ExplainResult explain(const ExplainConfig& c) {
     res.sum_error_exact = (change - (attr_exact.sum(1) + res.sum_uexact)).abs().max().item<double>() / scale;
     for (const auto& s : an.steps) res.max_quad_error = std::max(res.max_quad_error, s.quad_error);
   }
+  res.shard_index = an.shard_index;
+  res.shard_count = an.shard_count;
+  res.whole_begin = an.whole_begin;
+  res.whole_end = an.whole_end;
+  res.first_step = an.steps.front().step;
+  res.last_step = an.steps.back().step;
   res.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   return res;
 }
@@ -246,6 +260,12 @@ void write_explanation(const ExplainResult& r, const ExplainConfig& c) {
                       {"attribution", r.through_optimizer ? "aopt: through the optimizer, over all earlier steps"
                                                           : "a: the note's kernel term of each step"},
                       {"seconds", r.seconds},
+                      {"first_step", r.first_step},
+                      {"last_step", r.last_step},
+                      {"shard", r.shard_count > 0 ? nlohmann::json{{"index", r.shard_index}, {"count", r.shard_count},
+                                                                   {"whole_begin", r.whole_begin},
+                                                                   {"whole_end", r.whole_end}}
+                                                  : nlohmann::json(nullptr)},
                       {"settings", {{"split", c.split}, {"output", c.output}, {"top", c.top},
                                     {"exact_nodes", c.exact_nodes}, {"self_influence", c.self_influence},
                                     {"csv", c.csv}, {"threads", c.threads}}}};

@@ -98,7 +98,6 @@ void AnalyzeConfig::validate() const {
     throw InputError("--shard must be I/N with 1 <= I <= N");
   }
   if (shard_count > 0 && every != 1) throw InputError("--shard needs --every 1 (the shards must join into every step)");
-  if (shard_count > 0 && on_step) throw InputError("sharded analyses cannot report each step to a caller");
   if (threads < 1 || threads > kMaxThreads) {
     throw InputError("--threads must be between 1 and " + std::to_string(kMaxThreads));
   }
@@ -111,6 +110,9 @@ void ExplainConfig::validate() const {
   if (!probe_indices.empty() && probes > 0) throw InputError("give --probe I or --probes N, not both");
   if (top < 1) throw InputError("--top must be at least 1");
   if (csv != "top" && csv != "all") throw InputError("--csv must be top or all, got '" + csv + "'");
+  if (shard_count < 0 || (shard_count > 0 && (shard_index < 1 || shard_index > shard_count))) {
+    throw InputError("--shard must be I/N with 1 <= I <= N");
+  }
   if (threads < 1 || threads > kMaxThreads) {
     throw InputError("--threads must be between 1 and " + std::to_string(kMaxThreads));
   }

@@ -38,6 +38,9 @@ struct ExplainConfig {
   /// attributions.csv holds "top": each probe's top proponents and opponents, or "all": every
   /// training example (P x N rows; attributions.npy always holds them all).
   std::string csv = "top";
+  /// --shard I/N: attribute the I-th of N parts of the run only (plain SGD); `pathkernel merge`
+  /// adds the parts' attributions up into the whole run's (shards.h).
+  int64_t shard_index = 0, shard_count = 0;
 
   void validate() const;
 };
@@ -58,6 +61,8 @@ struct ExplainResult {
   double sum_error_exact = 0;     ///< the same for sum a_exact + sum Uexact (with exact_nodes)
   double max_quad_error = 0;
   double seconds = 0;
+  /// A shard's place (shard_count 0: the whole run) and the steps it attributes.
+  int64_t shard_index = 0, shard_count = 0, whole_begin = 0, whole_end = 0, first_step = 0, last_step = 0;
 };
 
 /// The format tag of an explanation's summary.json.

@@ -74,4 +74,12 @@ struct MergeConfig {
 /// Returns the merged analysis and its settings (with config.out = c.out).
 std::pair<AnalysisResult, AnalyzeConfig> merge_shards(const MergeConfig& c);
 
+struct ExplainResult;
+struct ExplainConfig;
+/// Adds up the shards of one explanation (explain --shard I/N): a_i, a_exact, times drawn and
+/// self-influence summed, U and R summed per probe, f at the ends from the first and last shard,
+/// the sum check recomputed, which steps drew each example from the run's step log. The same
+/// refusals as merge_shards. Returns the explanation and its settings (out = c.out).
+std::pair<ExplainResult, ExplainConfig> merge_explanations(const MergeConfig& c);
+
 }  // namespace pathkernel
