@@ -18,9 +18,7 @@ int cmd_analyze(const Args& args) {
   const AnalysisResult res = analyze(c);
   write_analysis(res, c);
   if (cmd.json) {
-    nlohmann::json doc = read_json(std::filesystem::path(c.out) / "summary.json");
-    doc["out"] = c.out;
-    print_json(doc);
+    print_summary_json(c.out);
   } else {
     std::cout << eq9_table(res, c) << "files: " << c.out << "/{steps.csv,probes.csv,summary.json,arrays/}\n";
   }

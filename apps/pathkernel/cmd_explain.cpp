@@ -18,9 +18,7 @@ int cmd_explain(const Args& args) {
   const ExplainResult res = explain(c);
   write_explanation(res, c);
   if (cmd.json) {
-    nlohmann::json doc = read_json(std::filesystem::path(c.out) / "summary.json");
-    doc["out"] = c.out;
-    print_json(doc);
+    print_summary_json(c.out);
   } else {
     std::cout << explain_table(res, c) << "files: " << c.out
               << "/{attributions.csv,attributions.npy,top.csv,grids/,summary.json"

@@ -16,9 +16,7 @@ int cmd_influence(const Args& args) {
   const InfluenceResult res = influence(c);
   write_influence(res, c);
   if (cmd.json) {
-    nlohmann::json doc = read_json(std::filesystem::path(c.out) / "summary.json");
-    doc["out"] = c.out;
-    print_json(doc);
+    print_summary_json(c.out);
   } else {
     std::cout << "TracInCP over " << res.checkpoints.size() << " checkpoints: " << res.influence.size(0)
               << " test x " << res.influence.size(1) << " training examples in " << res.seconds << " s\n"

@@ -18,9 +18,7 @@ int merge_explanation_shards(const MergeCommand& cmd) {
   const auto [res, config] = merge_explanations(cmd.config);
   write_explanation(res, config);
   if (cmd.json) {
-    nlohmann::json doc = read_json(std::filesystem::path(config.out) / "summary.json");
-    doc["out"] = config.out;
-    print_json(doc);
+    print_summary_json(config.out);
   } else {
     std::cout << explain_table(res, config) << "files: " << config.out << "/{attributions.csv,attributions.npy,top.csv,"
               << "grids/,summary.json}\n";
@@ -44,9 +42,7 @@ int cmd_merge(const Args& args) {
   const auto [res, config] = merge_shards(cmd.config);
   write_analysis(res, config);
   if (cmd.json) {
-    nlohmann::json doc = read_json(std::filesystem::path(config.out) / "summary.json");
-    doc["out"] = config.out;
-    print_json(doc);
+    print_summary_json(config.out);
   } else {
     std::cout << eq9_table(res, config) << "files: " << config.out
               << "/{steps.csv,probes.csv,summary.json,arrays/}\n";

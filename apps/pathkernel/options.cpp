@@ -4,11 +4,13 @@
 
 #include <cerrno>
 #include <cstdlib>
+#include <filesystem>
 #include <iostream>
 #include <set>
 #include <sstream>
 
 #include "pathkernel/errors.h"
+#include "pathkernel/fs_util.h"
 #include "pathkernel/version.h"
 
 namespace pathkernel::app {
@@ -144,6 +146,12 @@ void check_numbers(const Args& args) {
 bool json_output(const cxxopts::ParseResult& result) { return result.count("json") > 0; }
 
 void print_json(const nlohmann::json& doc) { std::cout << doc.dump() << "\n"; }
+
+void print_summary_json(const std::string& out) {
+  nlohmann::json doc = read_json(std::filesystem::path(out) / "summary.json");
+  doc["out"] = out;
+  print_json(doc);
+}
 
 bool parse_options(cxxopts::Options& opts, const Args& args, cxxopts::ParseResult& result) {
   opts.add_options()("log-level", "trace | debug | info | warn | error",

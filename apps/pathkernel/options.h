@@ -31,4 +31,7 @@ bool json_output(const cxxopts::ParseResult& result);
 /// Prints `doc` as the --json summary (one line).
 void print_json(const nlohmann::json& doc);
 
+/// Prints the summary.json a command wrote into `out`, with "out" added, as the --json summary.
+void print_summary_json(const std::string& out);
+
 }  // namespace pathkernel::app
