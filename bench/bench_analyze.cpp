@@ -28,6 +28,7 @@
 #include "pathkernel/analyzer.h"
 #include "pathkernel/idx.h"
 #include "pathkernel/kernels.h"
+#include <torch/csrc/autograd/autograd.h>
 #include "pathkernel/threads.h"
 #include "pathkernel/trainer.h"
 
@@ -94,6 +95,21 @@ at::Tensor kernel_work(models::Model& m, const at::Tensor& xp, const Batch& b, c
   return k;
 }
 
+/// The kernel work of an analyzed step whose per-example split is not checked: the batch's
+/// loss gradient grad L_k (one forward and backward of the batch), then K = -lr J_p grad L_k and
+/// F = J_p dw by forward-mode AD over the probes (two forwards carrying a tangent).
+at::Tensor jvp_work(models::Model& m, const at::Tensor& xp, const Batch& b, const ParamMap& dw) {
+  m.set_capture(false);
+  const at::Tensor loss = at::cross_entropy_loss(m.forward(b.xb), b.yb);
+  std::vector<at::Tensor> params;
+  for (const auto& item : m.named_parameters()) params.push_back(item.value());
+  const auto g = torch::autograd::grad({loss}, params);
+  ParamMap grad;
+  size_t i = 0;
+  for (const auto& item : m.named_parameters()) grad[item.key()] = g[i++];
+  return probe_jvps(m, xp, all_outputs(xp.size(0)), {&grad, &dw})[0];
+}
+
 /// The floor: one forward and one backward (parameter gradients) over the distinct probes and
 /// the batch rows.
 void floor_work(models::Model& m, const at::Tensor& xp, const Batch& b) {
@@ -155,17 +171,23 @@ void bench_mlp(const Batch& b, int repeats) {
   auto model = make_model("mlp:128:tanh");
   const ParamMap dw = random_direction(*model);
   std::printf("kernel work per step, mlp:128:tanh, batch 64, P probes x 10 logits, float64:\n");
-  std::printf("  %6s %12s %12s %14s %10s %12s %10s\n", "probes", "floor ms", "analyzer ms", "explicit ms", "x floor",
-              "x faster", "K agrees");
+  std::printf("  (split: the per-example K_{k,m} and F, as explain and analyze's checked steps form them;\n"
+              "   fwd: K and F by forward-mode AD, analyze's other steps; analyze: the split on every 10th step)\n");
+  std::printf("  %6s %9s %9s %9s %12s %8s %8s %10s %10s %10s %9s\n", "probes", "floor ms", "split ms", "fwd ms",
+              "explicit ms", "split/fl", "fwd/fl", "analyze/fl", "split x", "analyze x", "K agrees");
+  std::printf("  %6s %9s %9s %9s %12s %8s %8s %10s %10s %10s\n", "", "", "", "", "", "", "", "", "faster", "faster");
   for (int64_t p : {16, 64, 256, 1024}) {
     const at::Tensor xp = b.xp.slice(0, 0, p);
     at::Tensor k_fast, k_slow;
     const double floor = best_of(repeats, [&] { floor_work(*model, xp, b); });
     const double fast = best_of(repeats, [&] { k_fast = kernel_work(*model, xp, b, dw); });
+    const double fwd = best_of(repeats, [&] { jvp_work(*model, xp, b, dw); });
     const double slow = best_of(1, [&] { k_slow = explicit_work(*model, xp, b, dw); });
     const double agree = (k_fast - k_slow).abs().max().item<double>() / k_slow.abs().max().item<double>();
-    std::printf("  %6lld %12.2f %12.2f %14.1f %10.2f %12.0f %10.1e\n", static_cast<long long>(p), floor * 1e3,
-                fast * 1e3, slow * 1e3, fast / floor, slow / fast, agree);
+    const double mixed = 0.9 * fwd + 0.1 * (fwd + fast);
+    std::printf("  %6lld %9.2f %9.2f %9.2f %12.1f %8.2f %8.2f %10.2f %10.0f %10.0f %9.1e\n",
+                static_cast<long long>(p), floor * 1e3, fast * 1e3, fwd * 1e3, slow * 1e3, fast / floor, fwd / floor,
+                mixed / floor, slow / fast, slow / mixed, agree);
   }
 }
 
@@ -175,16 +197,23 @@ void bench_cnn(const Batch& b, int repeats) {
     auto model = make_model(spec);
     const ParamMap dw = random_direction(*model);
     const at::Tensor xp = b.xp.slice(0, 0, 64);
-    std::vector<double> ratios, floors, fasts;
+    std::vector<double> ratios, floors, fasts, jvps, jratios, mixed;
     for (int i = 0; i < repeats; ++i) {
       const double floor = seconds_of([&] { floor_work(*model, xp, b); });
       const double fast = seconds_of([&] { kernel_work(*model, xp, b, dw); });
+      const double jvp = seconds_of([&] { jvp_work(*model, xp, b, dw); });
       floors.push_back(floor);
       fasts.push_back(fast);
+      jvps.push_back(jvp);
       ratios.push_back(fast / floor);
+      jratios.push_back(jvp / floor);
+      // analyze's default: the split on every 10th analyzed step, forward-mode on the others
+      mixed.push_back((0.9 * jvp + 0.1 * (jvp + fast)) / floor);
     }
-    std::printf("  %-10s floor %8.1f ms   analyzer %8.1f ms   x%.2f of the floor (median of %d paired repeats)\n",
-                spec, median(floors) * 1e3, median(fasts) * 1e3, median(ratios), repeats);
+    std::printf("  %-10s floor %8.1f ms   per-example split %8.1f ms x%.2f   forward-mode K, F %8.1f ms x%.2f   "
+                "analyze (split on every 10th step) x%.2f of the floor (medians of %d paired repeats)\n",
+                spec, median(floors) * 1e3, median(fasts) * 1e3, median(ratios), median(jvps) * 1e3, median(jratios),
+                median(mixed), repeats);
   }
 }
 

@@ -78,6 +78,32 @@ TEST(KernelsTest, ProbeRowsOncePerProbeEqualExplicitJacobiansEverywhere) {
   }
 }
 
+// Forward-mode AD's J_p v (the analyzer's K and F on unchecked steps) against the explicit
+// Jacobians, for several directions at once and a per-probe output table; a model's parameters
+// and capture state are left as they were.
+TEST(KernelsTest, ProbeJvpsEqualExplicitJacobiansTimesDirections) {
+  for (const char* spec : {"linear", "mlp:7,6:tanh", "mlp:6:relu", "cnn:3,4:gelu", "cnn:3,4:relu"}) {
+    auto m = make(spec);
+    at::manual_seed(6);
+    const at::Tensor xp = at::rand({4, 1, 8, 8}, at::kDouble);
+    const at::Tensor cols = at::tensor({2, 0, 1, 1, 0, 2, 2, 2}, at::kLong).reshape({4, 2});
+    const ParamMap v1 = random_direction(*m, 1.0), v2 = random_direction(*m, 1e-3);
+    const at::Tensor jp = explicit_probe_jacobian(*m, xp, cols);
+    m->set_capture(true);
+    at::Tensor logits;
+    const std::vector<at::Tensor> j = probe_jvps(*m, xp, cols, {&v1, &v2}, &logits);
+    ASSERT_EQ(j.size(), 2u);
+    EXPECT_LT(rel_err(j[0], at::mv(jp, flatten_params(*m, v1))), 1e-13) << spec;
+    EXPECT_LT(rel_err(j[1], at::mv(jp, flatten_params(*m, v2))), 1e-13) << spec;
+    EXPECT_TRUE(m->capture()) << spec;
+    m->set_capture(false);
+    at::NoGradGuard ng;
+    EXPECT_TRUE(at::equal(logits, m->forward(xp))) << spec;
+    // No tangent is left on the parameters: a plain forward carries none.
+    for (const auto& item : m->named_parameters()) EXPECT_FALSE(item.value()._fw_grad(0).defined()) << spec;
+  }
+}
+
 TEST(KernelsTest, SecondOrderMatchesFiniteDifferencesOnTanh) {
   auto m = make("mlp:6,5:tanh");
   at::manual_seed(2);

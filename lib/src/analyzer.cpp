@@ -183,6 +183,9 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
     }
     explicit_route = true;
   }
+  // Zoo models take forward-mode AD for their probes' directional products (kernels.h,
+  // probe_jvps); the explicit route keeps the per-row Jacobians for everything.
+  const bool jvp_route = !explicit_route;
   if (c.kernel_route == "factorized" && !factorizable(*model)) {
     throw InputError(model_spec == "torchscript"
                          ? "--kernel-route factorized: the recorder did not recognize this run's model as one of the "
@@ -308,43 +311,58 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
     set_weights(*model, w0);
     const double loss_before = batch_loss(forward_nograd(*model, xb), yb, loss).item<double>();
 
-    // Rows (p, c) and the batch's per-example loss rows, both at w_k; the probes' outputs f(w_k)
-    // come from the same forward.
-    at::Tensor f0;
-    const RowGradients sp = probe_rows(*model, xp, res.outputs, explicit_route, &f0);
-    if (k == begin) res.f_initial = select(f0);
-    const RowGradients sb = loss_rows(*model, xb, yb, loss, explicit_route);
-    const at::Tensor k_per = row_gram(sp, sb).mul_(-lr / nb);  // K_{k,m}: [P*C, M]
-    const at::Tensor k_full = k_per.sum(1).reshape({np, nc});
-    const at::Tensor f_full = row_directional(sp, dw).reshape({np, nc});
+    // The probes' products with every direction the step needs, J_p v for v = dw, grad L_k and
+    // the optimizer's directions, all at w_k; f(w_k) comes from the same forwards.
     const ParamMap grad_l = batch_gradient(*model, xb, yb, loss);
-    at::Tensor u_wd = at::zeros_like(f_full), u_mom = at::zeros_like(f_full);
-    if (oo.weight_decay != 0) u_wd = row_directional(sp, w0).reshape({np, nc}) * (-lr * oo.weight_decay);
-    if (oo.momentum != 0 && !v_prev.empty()) {
-      u_mom = row_directional(sp, v_prev).reshape({np, nc}) * (-lr * oo.momentum);
-    }
-    // The optimizer's kernel term (SPEC): Kopt_k = -a_k g . P_k (.) sum_j c_{k,j} grad L_j(w_j).
     recurrence.advance(k, grad_l, w0);
     const ParamMap kernel_dir = recurrence.kernel_direction(precond);
-    const at::Tensor kopt = row_directional(sp, kernel_dir).reshape({np, nc}) * (-lr);
-    // An independent route to K: -a_k g . grad L_k, with grad L_k by autograd (the per-example
-    // split summed must equal it). Plain SGD's kernel direction is grad L_k itself, so Kopt is
-    // that product and the check costs nothing; with memory it costs a product of its own and
-    // runs on every check_every-th analyzed step (the first always).
-    // Counted from the whole range's first step, so that shards check the steps one process would.
-    const bool checked = !res.uses_kopt || ((k - whole_begin) / c.every) % c.check_every == 0;
-    if (checked) {
-      const at::Tensor k_direct = res.uses_kopt ? row_directional(sp, grad_l).reshape({np, nc}) * (-lr) : kopt;
+    const ParamMap decay_dir = recurrence.has_decay() ? recurrence.decay_direction(precond) : ParamMap{};
+    const bool with_wd = oo.weight_decay != 0, with_mom = oo.momentum != 0 && !v_prev.empty();
+    std::vector<const ParamMap*> dirs = {&dw, &grad_l};
+    if (res.uses_kopt) dirs.push_back(&kernel_dir);
+    if (with_wd) dirs.push_back(&w0);
+    if (with_mom) dirs.push_back(&v_prev);
+    if (recurrence.has_decay()) dirs.push_back(&decay_dir);
+    // The per-example split K_{k,m} (probe rows against the batch's loss rows) is needed by the
+    // step callback (explain) and on the checked steps (counted from the whole range's first
+    // step, so that shards check the steps one process would): there its sum over m is compared
+    // with -a_k g . grad L_k, an independent route (exit status 4 beyond tolerance). The
+    // forward-mode route gives K and F without it on the other steps; the explicit route forms
+    // the rows anyway and checks every step.
+    const bool checked = ((k - whole_begin) / c.every) % c.check_every == 0;
+    const bool split = !jvp_route || c.on_step || checked;
+    at::Tensor f0;
+    std::vector<at::Tensor> jv;
+    if (jvp_route) jv = probe_jvps(*model, xp, res.outputs, dirs, &f0);
+    RowGradients sp, sb;
+    at::Tensor k_per;
+    if (split) {
+      sp = probe_rows(*model, xp, res.outputs, explicit_route, jvp_route ? nullptr : &f0);
+      sb = loss_rows(*model, xb, yb, loss, explicit_route);
+      k_per = row_gram(sp, sb).mul_(-lr / nb);  // K_{k,m}: [P*C, M]
+    }
+    auto product = [&](const ParamMap& v) {
+      const size_t i = static_cast<size_t>(std::find(dirs.begin(), dirs.end(), &v) - dirs.begin());
+      return (jvp_route ? jv.at(i) : row_directional(sp, v)).reshape({np, nc});
+    };
+    if (k == begin) res.f_initial = select(f0);
+    const at::Tensor k_direct = product(grad_l) * (-lr);
+    const at::Tensor k_full = jvp_route ? k_direct : k_per.sum(1).reshape({np, nc});
+    const at::Tensor f_full = product(dw);
+    at::Tensor u_wd = at::zeros_like(f_full), u_mom = at::zeros_like(f_full);
+    if (with_wd) u_wd = product(w0) * (-lr * oo.weight_decay);
+    if (with_mom) u_mom = product(v_prev) * (-lr * oo.momentum);
+    // The optimizer's kernel term (SPEC): Kopt_k = -a_k g . P_k (.) sum_j c_{k,j} grad L_j(w_j).
+    const at::Tensor kopt = res.uses_kopt ? product(kernel_dir) * (-lr) : k_direct;
+    if (split) {
       const double scale = std::max(1e-300, k_direct.abs().max().item<double>());
-      const double e = (k_full - k_direct).abs().max().item<double>() / scale;
+      const double e = (k_per.sum(1).reshape({np, nc}) - k_direct).abs().max().item<double>() / scale;
       res.kernel_split_error = std::max(res.kernel_split_error, e);
       seg_split_error = std::max(seg_split_error, e);
       ++res.kernel_split_checked;
       ++seg_checked;
     }
-    const at::Tensor uopt_wd = recurrence.has_decay()
-                                   ? row_directional(sp, recurrence.decay_direction(precond)).reshape({np, nc}) * (-lr)
-                                   : at::zeros_like(kopt);
+    const at::Tensor uopt_wd = recurrence.has_decay() ? product(decay_dir) * (-lr) : at::zeros_like(kopt);
 
     const at::Tensor d = select(f1 - f0), f = f_full, kk = k_full;
     const at::Tensor u = f - kk, r = d - f;
@@ -383,12 +401,24 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
     if (c.exact_nodes > 0) {
       // gbar = integral_0^1 g(w_k + t dw) dt by quadrature (SPEC, "exact path kernel"): the probe
       // rows' signals at each node against the batch's loss signals at w_k.
-      at::Tensor gbar_dw = at::zeros({np * nc}, at::kDouble), kex_per = at::zeros_like(k_per);
+      const bool split_nodes = !jvp_route || c.on_step;  // else forward mode at the nodes
+      at::Tensor gbar_dw = at::zeros({np * nc}, at::kDouble), kex_per;
+      if (split_nodes) kex_per = at::zeros_like(k_per);
       at::Tensor gbar_kdir = at::zeros({np * nc}, at::kDouble);
+      at::Tensor gbar_grad = at::zeros({np * nc}, at::kDouble);
       for (size_t q = 0; q < nodes.size(); ++q) {
         ParamMap wq;
         for (const auto& [name, t] : w0) wq[name] = t + dw.at(name) * nodes[q];
         set_weights(*model, wq);
+        if (!split_nodes) {
+          std::vector<const ParamMap*> node_dirs = {&dw, &grad_l};
+          if (res.uses_kopt) node_dirs.push_back(&kernel_dir);
+          const std::vector<at::Tensor> t = probe_jvps(*model, xp, res.outputs, node_dirs);
+          gbar_dw.add_(t[0], node_weights[q]);
+          gbar_grad.add_(t[1], node_weights[q]);
+          if (res.uses_kopt) gbar_kdir.add_(t[2], node_weights[q]);
+          continue;
+        }
         const RowGradients sq = probe_rows(*model, xp, res.outputs, explicit_route);
         gbar_dw.add_(row_directional(sq, dw), node_weights[q]);
         kex_per.add_(row_gram(sq, sb), node_weights[q] * (-lr / nb));
@@ -401,8 +431,8 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
         arrays.uoptexact.push_back(gbar_dw.reshape({np, nc}) - koex);
       }
       set_weights(*model, w0);
-      kex_per_step = kex_per;
-      const at::Tensor kex = kex_per.sum(1).reshape({np, nc});
+      if (split_nodes) kex_per_step = kex_per;
+      const at::Tensor kex = split_nodes ? kex_per.sum(1).reshape({np, nc}) : gbar_grad.reshape({np, nc}) * (-lr);
       const at::Tensor fex = gbar_dw.reshape({np, nc});
       arrays.kexact.push_back(kex);
       arrays.uexact.push_back(fex - kex);  // Uexact = gbar . (dw + a_k grad L_k) = gbar . dw - sum_m Kexact_m

@@ -295,6 +295,36 @@ at::Tensor second_order(models::Model& model, const at::Tensor& x, const at::Ten
   return (second.gather(1, cols) * 0.5).reshape({-1});
 }
 
+std::vector<at::Tensor> probe_jvps(models::Model& model, const at::Tensor& x, const at::Tensor& cols,
+                                   const std::vector<const ParamMap*>& dirs, at::Tensor* logits) {
+  const bool capture = model.capture();
+  model.set_capture(false);
+  at::NoGradGuard ng;  // forward-mode AD does not need the tape
+  std::vector<at::Tensor> out;
+  if (logits) *logits = model.forward(x);
+  for (const ParamMap* v : dirs) {
+    const uint64_t level = torch::autograd::forward_ad::enter_dual_level();
+    try {
+      for (const auto& item : model.named_parameters()) {
+        const at::Tensor& p = item.value();
+        item.value()._set_fw_grad(v->at(item.key()).to(p.options()).contiguous(), level, /*is_inplace_op=*/false);
+      }
+      const at::Tensor y = model.forward(x);
+      const at::Tensor tangent = std::get<1>(at::_unpack_dual(y, level));
+      // A model whose outputs do not depend on the parameters has no tangent: J v = 0.
+      out.push_back(tangent.defined() ? tangent.gather(1, cols).reshape({-1}).clone()
+                                      : at::zeros({cols.numel()}, y.options()));
+    } catch (...) {
+      torch::autograd::forward_ad::exit_dual_level(level);
+      model.set_capture(capture);
+      throw;
+    }
+    torch::autograd::forward_ad::exit_dual_level(level);
+  }
+  model.set_capture(capture);
+  return out;
+}
+
 namespace {
 
 std::vector<std::string> names_of(models::Model& model) {

@@ -54,9 +54,8 @@ struct AnalyzeConfig {
   double tau = 0.1;
   int64_t tc_window = 50;
   double tc_kappa = 5.0;
-  /// The kernel split's independent check (failed_checks) on every check_every-th analyzed step
-  /// when the optimizer has memory or a preconditioner (it costs a product per step there);
-  /// plain SGD checks every step at no cost.
+  /// The per-example kernel split formed and checked against forward-mode K (failed_checks) on
+  /// every check_every-th analyzed step (the explicit route: every step).
   int64_t check_every = 10;
   /// LibTorch and OpenBLAS threads, pinned for the analysis and recorded in its summary.
   int threads = 1;

@@ -72,6 +72,15 @@ at::Tensor explicit_loss_jacobian(models::Model& model, const at::Tensor& x, con
 /// Flattens a ParamMap in the model's state_dict order: [n_params].
 at::Tensor flatten_params(models::Model& model, const ParamMap& v);
 
+/// Probe rows dotted with directions by forward-mode AD: for each direction v, one forward of
+/// the P probes carrying the tangent v on the parameters gives J_p v for every output at once
+/// (no per-output backward, no per-row gradients). Returns one [P*C'] tensor per direction, rows
+/// as probe_signals (row p*C' + j is output cols[p][j]); the model's outputs [P, num_classes] in
+/// `logits` when given. An independent route to row_directional: the analyzer's K and F on the
+/// steps whose per-example split it does not need.
+std::vector<at::Tensor> probe_jvps(models::Model& model, const at::Tensor& x, const at::Tensor& cols,
+                                   const std::vector<const ParamMap*>& dirs, at::Tensor* logits = nullptr);
+
 /// [P*C]: 1/2 dw^T H_row dw for every probe row at once, exactly, by double backward (SPEC's S).
 at::Tensor second_order(models::Model& model, const at::Tensor& x, const std::vector<int64_t>& outputs,
                         const ParamMap& dw);
