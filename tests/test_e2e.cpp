@@ -18,6 +18,7 @@
 #include "fixtures.h"
 #include "pathkernel/checkpoint.h"
 #include "pathkernel/fs_util.h"
+#include "pathkernel/npy.h"
 #include "pathkernel/run_dir.h"
 
 extern char** environ;
@@ -409,6 +410,69 @@ TEST(E2eTest, AnalyzeSplitsEveryStepAndAgreesWithPyTorch) {
   EXPECT_LT(es["max_sum_error"].get<double>(), 1e-8);
   EXPECT_GT(fs::file_size(ex / "grids" / "probe_7.png"), 10000u);
   EXPECT_GT(fs::file_size(ex / "self_influence.png"), 10000u);
+}
+
+// A CNN's analysis takes forward-mode AD for K and F and forms the per-example split on every
+// --check-every-th step only: both kinds of step (0 and 8 checked, 5 and 11 not) agree with the
+// independent float64 PyTorch computation from the checkpoints.
+TEST(E2eTest, CnnAnalysisByForwardModeAgreesWithPyTorch) {
+  testing::TempDir tmp;
+  const fs::path run_dir = tmp / "run", out = tmp / "analysis";
+  ASSERT_EQ(run({"train", "--model", "cnn:3,4:relu", "--train-limit", "500", "--steps", "12", "--checkpoint-every",
+                 "1", "--momentum", "0.9", "--weight-decay", "1e-3", "--out", run_dir.string()},
+                tmp.path()).status, 0);
+  const Result a = run({"analyze", run_dir.string(), "--probes", "8", "--check-every", "4", "--out", out.string()},
+                       tmp.path());
+  ASSERT_EQ(a.status, 0) << a.err;
+  const auto summary = nlohmann::json::parse(read_file(out / "summary.json"));
+  EXPECT_EQ(summary["kernel_split_checked_steps"], 3);
+  EXPECT_LT(summary["max_kernel_split_error"].get<double>(), 1e-10);
+  EXPECT_EQ(testing::run_program({"/usr/bin/python3", std::string(PATHKERNEL_SOURCE_DIR) + "/scripts/check_analysis.py",
+                                  run_dir.string(), out.string(), "--steps", "0,5,8,11"},
+                                 tmp / "check.json"),
+            0)
+      << read_file(tmp / "check.json");
+}
+
+// explain --project: a projection that keeps every side reproduces the exact attributions; a
+// small one is reported with its error (exit 0, the sum check measuring it); Adam is refused.
+TEST(E2eTest, ExplainThroughARandomProjection) {
+  testing::TempDir tmp;
+  const fs::path run_dir = tmp / "run";
+  ASSERT_EQ(run({"train", "--model", "mlp:16:tanh", "--train-limit", "500", "--steps", "20", "--momentum", "0.9",
+                 "--out", run_dir.string()}, tmp.path()).status, 0);
+  auto explain = [&](const std::string& name, const std::vector<std::string>& extra) {
+    std::vector<std::string> args = {"explain", run_dir.string(), "--probes", "4", "--grids", "0", "--out",
+                                     (tmp / name).string()};
+    args.insert(args.end(), extra.begin(), extra.end());
+    return run(args, tmp.path());
+  };
+  ASSERT_EQ(explain("exact", {}).status, 0);
+  const Result kept = explain("kept", {"--project", "1000000"});
+  ASSERT_EQ(kept.status, 0) << kept.err;
+  const Result small = explain("small", {"--project", "64", "--project-seed", "3"});
+  ASSERT_EQ(small.status, 0) << small.err;
+  EXPECT_NE(small.out.find("the sum check measures the projection"), std::string::npos) << small.out;
+  const at::Tensor exact = load_npy(tmp / "exact" / "attributions.npy");
+  const double scale = exact.abs().max().item<double>();
+  EXPECT_LT((load_npy(tmp / "kept" / "attributions.npy") - exact).abs().max().item<double>(), 1e-12 * scale);
+  EXPECT_GT((load_npy(tmp / "small" / "attributions.npy") - exact).abs().max().item<double>(), 1e-4 * scale);
+  const auto ss = nlohmann::json::parse(read_file(tmp / "small" / "summary.json"));
+  EXPECT_EQ(ss["projection"]["seed"], 3);
+  EXPECT_EQ(ss["projection"]["dims"], 64 + 64);  // both layers (16 x 785, 10 x 17) sketched to 64
+  EXPECT_GT(ss["max_sum_error"].get<double>(), 1e-6);
+
+  ASSERT_EQ(run({"train", "--model", "mlp:16:tanh", "--train-limit", "500", "--steps", "5", "--optimizer", "adam",
+                 "--lr", "1e-3", "--out", (tmp / "adam").string()}, tmp.path()).status, 0);
+  const Result adam = run({"explain", (tmp / "adam").string(), "--probes", "2", "--project", "64", "--out",
+                           (tmp / "adam-ex").string()}, tmp.path());
+  EXPECT_EQ(adam.status, 2);
+  EXPECT_NE(adam.err.find("does not commute"), std::string::npos) << adam.err;
+  EXPECT_FALSE(fs::exists(tmp / "adam-ex" / "summary.json"));
+  const Result neg = run({"explain", run_dir.string(), "--probes", "2", "--project", "-3", "--out",
+                          (tmp / "neg").string()}, tmp.path());
+  EXPECT_EQ(neg.status, 2);
+  EXPECT_NE(neg.err.find("--project"), std::string::npos) << neg.err;
 }
 
 /// Segments an interrupted analysis has written so far.

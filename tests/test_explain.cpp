@@ -176,3 +176,82 @@ TEST_F(ExplainTest, RejectsBadSettings) {
 
 }  // namespace
 }  // namespace pathkernel
+
+namespace pathkernel {
+namespace {
+
+// explain --project: a D that keeps every layer's sides gives the exact attributions back (so the
+// projected code path computes the same kernel), on the step route and through the momentum
+// recursion; a small D is really projected (off, but unbiased enough that it is still an
+// estimate of the same numbers) and its error is reported; Adam is refused.
+class ProjectedExplainTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    spdlog::set_level(spdlog::level::warn);
+    testing::write_synthetic_idx(tmp_ / "data", 40, 12, 8, 3);
+  }
+  std::string train_run(const std::string& name, const std::string& optimizer, double momentum) {
+    TrainConfig c;
+    c.data_dir = (tmp_ / "data").string();
+    c.model = "mlp:12:tanh";
+    c.steps = 9;
+    c.batch = 16;
+    c.lr = 0.1;
+    c.optimizer = optimizer;
+    c.momentum = momentum;
+    c.checkpoint_every = 3;
+    c.seed = 2;
+    c.out = (tmp_ / name).string();
+    train(c, "");
+    return c.out;
+  }
+  ExplainResult run_explain(const std::string& run, int64_t project, const std::string& name) {
+    ExplainConfig e;
+    e.run = run;
+    e.out = (tmp_ / name).string();
+    e.probe_indices = {1, 5, 7};
+    e.output = 2;
+    e.exact_nodes = 2;
+    e.project = project;
+    e.project_seed = 11;
+    return explain(e);
+  }
+  static double rel(const at::Tensor& a, const at::Tensor& b) {
+    return (a - b).abs().max().item<double>() / b.abs().max().item<double>();
+  }
+  testing::TempDir tmp_;
+};
+
+TEST_F(ProjectedExplainTest, KeptSidesAreExactAndSmallDIsAnEstimate) {
+  for (double momentum : {0.0, 0.9}) {
+    const std::string run = train_run(momentum > 0 ? "mom" : "sgd", "sgd", momentum);
+    const std::string tag = momentum > 0 ? "mom" : "sgd";
+    const ExplainResult exact = run_explain(run, 0, tag + "-exact");
+    const ExplainResult kept = run_explain(run, 100000, tag + "-kept");
+    const ExplainResult small = run_explain(run, 9, tag + "-small");
+    EXPECT_EQ(kept.through_optimizer, momentum > 0);
+    EXPECT_GT(kept.project_dims, 0);
+    EXPECT_LT(rel(kept.attributions, exact.attributions), 1e-12) << tag;
+    EXPECT_LT(rel(kept.attributions_exact, exact.attributions_exact), 1e-12) << tag;
+    EXPECT_LT(kept.sum_error, 1e-10) << tag;
+    if (momentum == 0) {
+      EXPECT_LT(kept.projection_error, 1e-12);
+    }
+    // Both layers' gradients (12 x 65, 3 x 13) have more than 9 entries: 9 each.
+    EXPECT_EQ(small.project_dims, 9 + 9);
+    const double off = rel(small.attributions, exact.attributions);
+    EXPECT_GT(off, 1e-3) << tag;
+    EXPECT_TRUE(std::isfinite(small.sum_error)) << tag;
+    EXPECT_GT(small.sum_error, 1e-6) << tag;
+    if (momentum == 0) {
+      EXPECT_GT(small.projection_error, 1e-6);
+    }
+    // The exact route's U and R are the same: the projection touches only the split.
+    EXPECT_TRUE(at::allclose(small.sum_u, exact.sum_u, 1e-12, 1e-14)) << tag;
+  }
+  const std::string adam = train_run("adam", "adam", 0);
+  EXPECT_THROW(run_explain(adam, 16, "adam-small"), InputError);
+}
+
+}  // namespace
+}  // namespace pathkernel

@@ -1,6 +1,7 @@
 // pathkernel explain: prepare_explain -> explain, write, print the sum check.
 #include <spdlog/spdlog.h>
 
+#include <cmath>
 #include <iostream>
 
 #include "commands.h"
@@ -24,7 +25,8 @@ int cmd_explain(const Args& args) {
               << "/{attributions.csv,attributions.npy,top.csv,grids/,summary.json"
               << (c.self_influence ? ",self_influence.csv,self_influence.png" : "") << "}\n";
   }
-  if (!(res.sum_error <= c.tolerance)) {  // NaN fails too
+  // With --project the sum check measures the projection (reported, not gated); a NaN fails.
+  if (c.project > 0 ? !std::isfinite(res.sum_error) : !(res.sum_error <= c.tolerance)) {
     spdlog::error("the sum check fails: error {:.3e} exceeds {:.0e}", res.sum_error, c.tolerance);
     return 4;
   }

@@ -73,8 +73,8 @@ void add_analysis_options(cxxopts::Options& opts, AnalyzeConfig& c, bool with_th
     ("tau", "tau rule: step in T_c when |R|/|F| > tau", cxxopts::value(c.tau)->default_value("0.1"))
     ("tc-window", "outlier rule: steps of history", cxxopts::value(c.tc_window)->default_value("50"))
     ("tc-kappa", "outlier rule: MADs above the median", cxxopts::value(c.tc_kappa)->default_value("5"))
-    ("check-every", "the per-example kernel split checked against forward-mode K on every N-th analyzed "
-     "step", cxxopts::value(c.check_every)->default_value("10"));
+    ("check-every", "models with convolutions: the per-example kernel split checked against forward-mode "
+     "K on every N-th analyzed step (others: every step)", cxxopts::value(c.check_every)->default_value("10"));
   // clang-format on
   if (with_threads) {
     opts.add_options("analysis")("threads", "LibTorch and OpenBLAS threads (pinned, recorded in the summary)",
@@ -117,7 +117,8 @@ void check_number(const std::string& command, const std::string& key, const std:
 void check_numbers(const Args& args) {
   static const std::set<std::string> integers = {
       "steps", "epochs", "batch", "seed", "threads", "train-limit", "checkpoint-every", "eval-every", "probes",
-      "every", "exact", "tc-window", "output", "top", "grids", "curves", "step", "check-every", "train-examples", "chunk"};
+      "every", "exact", "tc-window", "output", "top", "grids", "curves", "step", "check-every", "train-examples", "chunk",
+      "project", "project-seed"};
   static const std::set<std::string> reals = {"lr", "momentum", "dampening", "eps", "weight-decay", "tau", "tc-kappa",
                                               "segment-every"};
   const std::string& command = args[0];

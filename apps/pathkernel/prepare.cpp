@@ -168,6 +168,10 @@ bool prepare_explain(const Args& args, ExplainCommand& cmd) {
      cxxopts::value<std::string>())
     ("csv", "attributions.csv holds: top (each probe's --top proponents and opponents) | all (every training "
      "example; attributions.npy always holds them all)", cxxopts::value(c.csv)->default_value("top"))
+    ("project", "D: the per-example kernels through a seeded random projection of each layer's gradients to about "
+     "D dims (for models too big for exact ones; the sum check then measures its error)",
+     cxxopts::value(c.project)->default_value("0"))
+    ("project-seed", "the projection's seed", cxxopts::value(c.project_seed)->default_value("0"))
     ("threads", "LibTorch and OpenBLAS threads (pinned, recorded in the summary)",
      cxxopts::value(c.threads)->default_value("1"))
     ("force", "write into a non-empty --out");

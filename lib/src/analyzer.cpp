@@ -13,6 +13,7 @@
 
 #include "pathkernel/errors.h"
 #include "pathkernel/kernels.h"
+#include "pathkernel/projection.h"
 #include "pathkernel/shards.h"
 #include "pathkernel/threads.h"
 #include "pathkernel/trajectory.h"
@@ -183,9 +184,18 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
     }
     explicit_route = true;
   }
-  // Zoo models take forward-mode AD for their probes' directional products (kernels.h,
-  // probe_jvps); the explicit route keeps the per-row Jacobians for everything.
-  const bool jvp_route = !explicit_route;
+  // Zoo models with a convolution take forward-mode AD for their probes' directional products
+  // (kernels.h, probe_jvps): one forward per direction instead of one backward per logit through
+  // the convolutions. Linear-only models keep the probe rows on every step, which is cheaper
+  // there (bench_analyze), and so does the explicit route.
+  bool has_conv = false;
+  for (const auto& t : model->taps()) has_conv = has_conv || t.kind == models::LayerKind::kConv2d;
+  const bool jvp_route = !explicit_route && has_conv;
+  if (c.project > 0 && explicit_route) {
+    throw InputError("--project needs the factorized route: this run's model has parameters outside tapped "
+                     "Linear/Conv2d layers or was recorded as TorchScript");
+  }
+  const Projection projection = c.project > 0 ? make_projection(*model, c.project, c.project_seed) : Projection{};
   if (c.kernel_route == "factorized" && !factorizable(*model)) {
     throw InputError(model_spec == "torchscript"
                          ? "--kernel-route factorized: the recorder did not recognize this run's model as one of the "
@@ -195,6 +205,7 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
 
   if (traj.split_size(c.split) == 0) throw InputError(c.run + ": the run has no " + c.split + " split for probes");
   AnalysisResult res;
+  res.project_dims = projection.dims;
   res.probe_indices = choose_probes(
       c, traj.split_size(c.split),
       c.balanced ? traj.labels(c.split, at::arange(traj.split_size(c.split), at::kLong)).contiguous() : at::Tensor());
@@ -335,11 +346,16 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
     std::vector<at::Tensor> jv;
     if (jvp_route) jv = probe_jvps(*model, xp, res.outputs, dirs, &f0);
     RowGradients sp, sb;
-    at::Tensor k_per;
+    at::Tensor k_per, zb;  // zb: the batch rows projected (with --project)
     if (split) {
       sp = probe_rows(*model, xp, res.outputs, explicit_route, jvp_route ? nullptr : &f0);
       sb = loss_rows(*model, xb, yb, loss, explicit_route);
-      k_per = row_gram(sp, sb).mul_(-lr / nb);  // K_{k,m}: [P*C, M]
+      if (c.project > 0) {
+        zb = project_rows(projection, sb);
+        k_per = at::mm(project_rows(projection, sp), zb.t()).mul_(-lr / nb);  // K~_{k,m}
+      } else {
+        k_per = row_gram(sp, sb).mul_(-lr / nb);  // K_{k,m}: [P*C, M]
+      }
     }
     auto product = [&](const ParamMap& v) {
       const size_t i = static_cast<size_t>(std::find(dirs.begin(), dirs.end(), &v) - dirs.begin());
@@ -347,7 +363,8 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
     };
     if (k == begin) res.f_initial = select(f0);
     const at::Tensor k_direct = product(grad_l) * (-lr);
-    const at::Tensor k_full = jvp_route ? k_direct : k_per.sum(1).reshape({np, nc});
+    // K itself is exact: a projected split only estimates its per-example parts.
+    const at::Tensor k_full = jvp_route || c.project > 0 ? k_direct : k_per.sum(1).reshape({np, nc});
     const at::Tensor f_full = product(dw);
     at::Tensor u_wd = at::zeros_like(f_full), u_mom = at::zeros_like(f_full);
     if (with_wd) u_wd = product(w0) * (-lr * oo.weight_decay);
@@ -357,8 +374,12 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
     if (split) {
       const double scale = std::max(1e-300, k_direct.abs().max().item<double>());
       const double e = (k_per.sum(1).reshape({np, nc}) - k_direct).abs().max().item<double>() / scale;
-      res.kernel_split_error = std::max(res.kernel_split_error, e);
-      seg_split_error = std::max(seg_split_error, e);
+      if (c.project > 0) {  // the projection's error, not a failed check
+        res.projection_error = std::max(res.projection_error, e);
+      } else {
+        res.kernel_split_error = std::max(res.kernel_split_error, e);
+        seg_split_error = std::max(seg_split_error, e);
+      }
       ++res.kernel_split_checked;
       ++seg_checked;
     }
@@ -421,7 +442,9 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
         }
         const RowGradients sq = probe_rows(*model, xp, res.outputs, explicit_route);
         gbar_dw.add_(row_directional(sq, dw), node_weights[q]);
-        kex_per.add_(row_gram(sq, sb), node_weights[q] * (-lr / nb));
+        if (c.project > 0) gbar_grad.add_(row_directional(sq, grad_l), node_weights[q]);
+        kex_per.add_(c.project > 0 ? at::mm(project_rows(projection, sq), zb.t()) : row_gram(sq, sb),
+                     node_weights[q] * (-lr / nb));
         if (res.uses_kopt) gbar_kdir.add_(row_directional(sq, kernel_dir), node_weights[q]);
       }
       if (res.uses_kopt) {
@@ -432,7 +455,8 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
       }
       set_weights(*model, w0);
       if (split_nodes) kex_per_step = kex_per;
-      const at::Tensor kex = split_nodes ? kex_per.sum(1).reshape({np, nc}) : gbar_grad.reshape({np, nc}) * (-lr);
+      const at::Tensor kex = split_nodes && c.project == 0 ? kex_per.sum(1).reshape({np, nc})
+                                                           : gbar_grad.reshape({np, nc}) * (-lr);
       const at::Tensor fex = gbar_dw.reshape({np, nc});
       arrays.kexact.push_back(kex);
       arrays.uexact.push_back(fex - kex);  // Uexact = gbar . (dw + a_k grad L_k) = gbar . dw - sum_m Kexact_m

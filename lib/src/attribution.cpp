@@ -9,6 +9,7 @@
 #include "pathkernel/analyzer.h"
 #include "pathkernel/errors.h"
 #include "pathkernel/kernels.h"
+#include "pathkernel/projection.h"
 #include "pathkernel/trajectory.h"
 
 namespace pathkernel {
@@ -83,16 +84,36 @@ OptimizerAttribution attribute_through_optimizer(const OptimizerAttributionConfi
   const Optimizer& opt = *coefficients;
   int64_t n_params = 0;
   for (const auto& p : model->parameters()) n_params += p.numel();
+  // With a projection, Phi, Psi and the probes' gradients live in its space (projection.h): the
+  // recursion's coefficients are scalars, so it commutes with the sketch. An elementwise
+  // preconditioner does not.
+  Projection projection;
+  if (c.project > 0) {
+    if (explicit_route) throw InputError("--project needs the factorized route (a zoo model's run)");
+    if (traj.optimizer_after(0).options().kind != OptimizerKind::kSgd) {
+      throw InputError("--project: Adam's and AdamW's elementwise preconditioner does not commute with a random "
+                       "projection; explain this run without --project");
+    }
+    projection = make_projection(*model, c.project, c.project_seed);
+  }
+  const int64_t n_cols = c.project > 0 ? projection.dims : n_params;
+  // The probes' gradients as the recursion's rows: projected, or materialized in full.
+  auto probe_gradients = [&](at::Tensor& buf) -> at::Tensor {
+    const RowGradients rows = probe_rows(*model, xp, c.cols, explicit_route);
+    if (c.project > 0) return buf.copy_(project_rows(projection, rows));
+    return row_jacobian(*model, rows, buf);
+  };
   const int64_t rows = c.cols.numel(), n_train = traj.split_size("train");
   const auto [nodes, node_weights] = gauss_legendre(std::max<int64_t>(c.exact_nodes, 1));
 
   OptimizerAttribution res;
+  res.project_dims = c.project > 0 ? projection.dims : 0;
   res.attr = at::zeros({rows, n_train}, at::kDouble);
   if (c.exact_nodes > 0) res.attr_exact = at::zeros_like(res.attr);
   if (c.self_influence) res.self_influence = at::zeros({n_train}, at::kDouble);
   res.times_drawn = at::zeros({n_train}, at::kLong);
   res.drawn_at.resize(static_cast<size_t>(n_train));
-  at::Tensor phi = at::zeros({rows, n_params}, at::kDouble), phi_exact, gbar_buf;
+  at::Tensor phi = at::zeros({rows, n_cols}, at::kDouble), phi_exact, gbar_buf;
   at::Tensor g_buf = at::empty_like(phi), psi = at::empty_like(phi);
   if (c.exact_nodes > 0) {
     phi_exact = at::zeros_like(phi);
@@ -132,6 +153,7 @@ OptimizerAttribution attribute_through_optimizer(const OptimizerAttributionConfi
       const at::Tensor w = s.weights[static_cast<int64_t>(local)].to(at::kDouble);
       set_flat(*model, w);
       const RowGradients sb = loss_rows(*model, xb, yb, loss, explicit_route);
+      const at::Tensor zb = c.project > 0 ? project_rows(projection, sb) : at::Tensor();
       // Phi_j = a_j alpha_j P_j (.) g(x; w_j) + beta Phi_{j+1};  Psi_j = s_j Phi_j + a_j nu P_j (.) g(x; w_j).
       // In place on workspace tensors of [rows, n_params]: fresh ones every step would grow the heap.
       auto accumulate = [&](at::Tensor& phi_acc, at::Tensor& g, at::Tensor& target) {
@@ -139,16 +161,17 @@ OptimizerAttribution attribute_through_optimizer(const OptimizerAttributionConfi
         phi_acc.mul_(lu.beta).add_(g, lr * lu.alpha);
         at::mul_out(psi, phi_acc, lu.s);
         if (lu.nu != 0) psi.add_(g, lr * lu.nu);
-        target.index_add_(1, bidx, directions_dot_rows(*model, sb, psi).mul_(-1.0 / nb));
+        target.index_add_(1, bidx,
+                          (c.project > 0 ? at::mm(psi, zb.t()) : directions_dot_rows(*model, sb, psi)).mul_(-1.0 / nb));
       };
-      row_jacobian(*model, probe_rows(*model, xp, c.cols, explicit_route), g_buf);
+      probe_gradients(g_buf);
       accumulate(phi, g_buf, res.attr);
       if (c.exact_nodes > 0) {
         gbar_buf.zero_();
         const at::Tensor dw = s.weights[static_cast<int64_t>(local) + 1].to(at::kDouble) - w;  // exact in float64
         for (size_t q = 0; q < nodes.size(); ++q) {
           set_flat(*model, w + dw * nodes[q]);
-          gbar_buf.add_(row_jacobian(*model, probe_rows(*model, xp, c.cols, explicit_route), g_buf), node_weights[q]);
+          gbar_buf.add_(probe_gradients(g_buf), node_weights[q]);
         }
         accumulate(phi_exact, gbar_buf, res.attr_exact);
       }

@@ -95,6 +95,8 @@ std::pair<ExplainResult, ExplainConfig> merge_explanations(const MergeConfig& c)
   config.self_influence = st.at("self_influence").get<bool>();
   config.csv = st.at("csv").get<std::string>();
   config.threads = st.at("threads").get<int>();
+  config.project = st.value("project", int64_t{0});
+  config.project_seed = st.value("project_seed", uint64_t{0});
 
   ExplainResult m;
   m.probe_indices = config.probe_indices;
@@ -114,6 +116,11 @@ std::pair<ExplainResult, ExplainConfig> merge_explanations(const MergeConfig& c)
     if (exact) m.sum_uexact = accumulate(m.sum_uexact, per_probe(p.summary, "sum_u_exact"));
     if (exact) m.max_quad_error = std::max(m.max_quad_error, p.summary.at("max_quad_error").get<double>());
     m.seconds += p.summary.at("seconds").get<double>();
+    if (config.project > 0) {
+      const nlohmann::json& pj = p.summary.at("projection");
+      m.project_dims = pj.at("dims").get<int64_t>();
+      m.projection_error = std::max(m.projection_error, pj.at("max_batch_sum_error").get<double>());
+    }
   }
   const at::Tensor change = m.f_final - m.f_initial;
   const double scale = std::max(1e-300, change.abs().max().item<double>());

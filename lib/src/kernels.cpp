@@ -301,7 +301,7 @@ std::vector<at::Tensor> probe_jvps(models::Model& model, const at::Tensor& x, co
   model.set_capture(false);
   at::NoGradGuard ng;  // forward-mode AD does not need the tape
   std::vector<at::Tensor> out;
-  if (logits) *logits = model.forward(x);
+  if (logits && dirs.empty()) *logits = model.forward(x);
   for (const ParamMap* v : dirs) {
     const uint64_t level = torch::autograd::forward_ad::enter_dual_level();
     try {
@@ -310,7 +310,8 @@ std::vector<at::Tensor> probe_jvps(models::Model& model, const at::Tensor& x, co
         item.value()._set_fw_grad(v->at(item.key()).to(p.options()).contiguous(), level, /*is_inplace_op=*/false);
       }
       const at::Tensor y = model.forward(x);
-      const at::Tensor tangent = std::get<1>(at::_unpack_dual(y, level));
+      const auto [primal, tangent] = at::_unpack_dual(y, level);
+      if (logits && out.empty()) *logits = primal.clone();
       // A model whose outputs do not depend on the parameters has no tangent: J v = 0.
       out.push_back(tangent.defined() ? tangent.gather(1, cols).reshape({-1}).clone()
                                       : at::zeros({cols.numel()}, y.options()));

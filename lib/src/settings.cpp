@@ -118,6 +118,10 @@ void ExplainConfig::validate() const {
   }
   if (exact_nodes < 0) throw InputError("--exact must be positive");
   if (route != "auto" && route != "backward") throw InputError("route must be auto or backward");
+  if (project < 0) throw InputError("--project must be positive (the projection's dims per layer)");
+  if (project > 0 && (kernel_route == "explicit" || kernel_route == "torchscript")) {
+    throw InputError("--project needs the factorized route (--kernel-route auto or factorized)");
+  }
   if (!class_names_file.empty() && !std::filesystem::is_regular_file(class_names_file)) {
     throw InputError(class_names_file + ": no such class names file");
   }

@@ -54,9 +54,13 @@ struct AnalyzeConfig {
   double tau = 0.1;
   int64_t tc_window = 50;
   double tc_kappa = 5.0;
-  /// The per-example kernel split formed and checked against forward-mode K (failed_checks) on
-  /// every check_every-th analyzed step (the explicit route: every step).
+  /// Models with a Conv2d layer: the per-example split formed and checked against forward-mode K
+  /// (failed_checks) on every check_every-th analyzed step; other models check every step.
   int64_t check_every = 10;
+  /// The per-example split through a random projection (explain --project; projection.h): the
+  /// split's check then measures the projection (AnalysisResult::projection_error), ungated.
+  int64_t project = 0;
+  uint64_t project_seed = 0;
   /// LibTorch and OpenBLAS threads, pinned for the analysis and recorded in its summary.
   int threads = 1;
   double identity_tolerance = 1e-8;  ///< relative to max |f_N - f_0|; beyond it: exit 4
@@ -117,6 +121,8 @@ struct AnalysisResult {
   double identity_error = 0;           ///< max |f_final - f_initial - sum(K + U + R)| / max |f_final - f_initial|
   double kernel_split_error = 0;       ///< max relative |sum_m K_{k,m} - (-a_k g . grad L_k)|
   int64_t kernel_split_checked = 0;    ///< the steps that check ran on
+  int64_t project_dims = 0;            ///< with project: a projected row's length
+  double projection_error = 0;         ///< with project: the split's check, max over its steps
   /// The model is smooth (no ReLU, no max-pool): Gauss-Legendre quadrature converges fast.
   bool smooth = true;
   /// With exact_nodes: max_k |D_k - gbar_k . dw_k| / max_k |D_k| (Frobenius norms over probes).

@@ -29,6 +29,9 @@ struct OptimizerAttributionConfig {
   int64_t exact_nodes = 0;             ///< Q > 0: also with the exact path kernel
   std::string kernel_route = "auto";   ///< as AnalyzeConfig::kernel_route
   bool self_influence = false;         ///< also sum over steps of a_j <grad l_i, P_j (.) grad l_i>
+  /// > 0: Phi, Psi and the gradients in the projected space of projection.h (no preconditioner)
+  int64_t project = 0;
+  uint64_t project_seed = 0;
 };
 
 struct OptimizerAttribution {
@@ -37,6 +40,7 @@ struct OptimizerAttribution {
   at::Tensor self_influence;  ///< float64 [N_train] with self_influence
   at::Tensor times_drawn;     ///< int64 [N_train]
   std::vector<std::vector<int64_t>> drawn_at;  ///< per training example, the steps that drew it
+  int64_t project_dims = 0;   ///< with project: a projected row's length
 };
 
 /// Runs the backward recursion over steps 0 .. end-1. Throws InputError for a bad run.

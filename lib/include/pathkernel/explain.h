@@ -41,6 +41,11 @@ struct ExplainConfig {
   /// --shard I/N: attribute the I-th of N parts of the run only (plain SGD); `pathkernel merge`
   /// adds the parts' attributions up into the whole run's (shards.h).
   int64_t shard_index = 0, shard_count = 0;
+  /// --project D (> 0): the per-example split (a_i, K_{k,m}) through a seeded random projection
+  /// of the gradients to about D dims per layer (projection.h); D, F, U, R, S and the run's K
+  /// stay exact. Factorized route; plain SGD, momentum, Nesterov (no preconditioner).
+  int64_t project = 0;
+  uint64_t project_seed = 0;
 
   void validate() const;
 };
@@ -60,6 +65,11 @@ struct ExplainResult {
   double sum_error = 0;           ///< max_p |f_N - f_0 - (sum a + sum U + sum R)| / max_p |f_N - f_0|
   double sum_error_exact = 0;     ///< the same for sum a_exact + sum Uexact (with exact_nodes)
   double max_quad_error = 0;
+  /// With --project: the length of a projected gradient row, and (plain SGD) the largest
+  /// relative error over the steps of the projected split's batch sum against the exact K
+  /// (max_p,c |sum_m K~_{k,m} - K_k| / max |K_k|). The sum check then measures the projection.
+  int64_t project_dims = 0;
+  double projection_error = 0;
   double seconds = 0;
   /// A shard's place (shard_count 0: the whole run) and the steps it attributes.
   int64_t shard_index = 0, shard_count = 0, whole_begin = 0, whole_end = 0, first_step = 0, last_step = 0;
