@@ -44,7 +44,7 @@ class SmallCnn(nn.Module):
         return self.fc(x.flatten(1))
 
 
-ACTS = {"tanh": torch.tanh, "relu": torch.relu, "softplus": nn.functional.softplus,
+ACTS = {"tanh": torch.tanh, "relu": torch.relu, "leaky_relu": nn.functional.leaky_relu, "softplus": nn.functional.softplus,
         "gelu": nn.functional.gelu, "none": lambda x: x}
 
 

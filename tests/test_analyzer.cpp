@@ -13,6 +13,7 @@
 #include "pathkernel/idx.h"
 #include "pathkernel/kernels.h"
 #include "pathkernel/run_dir.h"
+#include "pathkernel/sharpness.h"
 #include "pathkernel/trainer.h"
 
 namespace pathkernel {
@@ -89,6 +90,78 @@ TEST_F(AnalyzerTest, ForwardModeRouteEqualsExplicitJacobianRoute) {
   EXPECT_TRUE(agree(fast.kexact, slow.kexact));
   EXPECT_TRUE(agree(fast.koptexact, slow.koptexact));
   EXPECT_TRUE(at::equal(fast.d, slow.d));
+}
+
+// Issue 13: split at the kinks, the exact path kernel reproduces D to 1e-12 on ReLU and max-pool
+// models at lr 0.1, where the plain Q-node rule leaves far more; the kinks are counted.
+TEST_F(AnalyzerTest, KinkSplitExactKernelReproducesDOnReluModels) {
+  for (const char* spec : {"mlp:16:relu", "mlp:8,6:leaky_relu", "cnn:2,3:relu"}) {
+    const std::string dir = run(std::string("kinks-") + spec[0] + spec[4], spec, 0.1, 8);
+    AnalyzeConfig a = config(dir);
+    a.exact_nodes = 2;
+    const AnalysisResult plain = analyze(a);
+    a.kink_split = true;
+    a.out += "-kinks";
+    const AnalysisResult split = analyze(a);
+    double worst_plain = 0, worst_split = 0, kinks = 0;
+    for (size_t k = 0; k < split.steps.size(); ++k) {
+      worst_plain = std::max(worst_plain, plain.steps[k].quad_error / plain.steps[k].d_norm);
+      worst_split = std::max(worst_split, split.steps[k].quad_error / split.steps[k].d_norm);
+      EXPECT_FALSE(std::isnan(split.steps[k].kinks_batch)) << spec;
+      EXPECT_GE(split.steps[k].kink_pieces, 1.0) << spec;
+      kinks += split.steps[k].kinks_probes;
+      EXPECT_TRUE(std::isnan(plain.steps[k].kinks_probes)) << spec;
+    }
+    EXPECT_LT(worst_split, 1e-12) << spec << " plain " << worst_plain;
+    EXPECT_GT(worst_plain, 1e-9) << spec;  // the test would fail without the split
+    EXPECT_GT(kinks, 0) << spec;
+    EXPECT_TRUE(at::equal(plain.d, split.d)) << spec;
+  }
+}
+
+// --sharpness: lambda_max of the training subset's loss at w_k equals the explicit Hessian's
+// largest eigenvalue, computed here from the run's checkpoint; the cosine between consecutive
+// batch gradients equals autograd's.
+TEST_F(AnalyzerTest, SharpnessAndGradientCosinesEqualIndependentRoutes) {
+  const std::string dir = run("sharp", "mlp:4:tanh", 0.5, 11);
+  AnalyzeConfig a = config(dir);
+  a.sharpness_every = 5;
+  a.sharpness_examples = 30;
+  const AnalysisResult r = analyze(a);
+  ASSERT_EQ(r.steps.size(), 11u);
+  const RunDir run_dir(dir);
+  const Dataset train_set = load_split(tmp_ / "data", "train");
+  const at::Tensor xs = to_inputs(train_set.images.slice(0, 0, 30), at::kDouble, {});
+  const at::Tensor ys = train_set.labels.slice(0, 0, 30);
+  for (int64_t k : {0, 5, 10}) {
+    ASSERT_FALSE(std::isnan(r.steps[k].lambda_train)) << k;
+    auto m = models::build_model(models::parse_model_spec("mlp:4:tanh"), {1, 8, 8}, 3);
+    m->to(at::kDouble);
+    {
+      at::NoGradGuard ng;
+      for (const auto& [name, t] : load_tensor_dict(run_dir.checkpoint(k))) {
+        m->named_parameters()[name].copy_(t);
+      }
+    }
+    const double top = at::linalg_eigvalsh(explicit_hessian(*m, xs, ys, LossKind::kCrossEntropy)).max().item<double>();
+    EXPECT_NEAR(r.steps[k].lambda_train, top, 1e-8 * std::abs(top)) << k;
+    EXPECT_GT(r.steps[k].lambda_batch, 0) << k;
+    EXPECT_FALSE(std::isnan(r.steps[k].subset_loss_after)) << k;
+  }
+  EXPECT_TRUE(std::isnan(r.steps[1].lambda_train));
+  EXPECT_TRUE(std::isnan(r.steps[0].grad_cos));
+  for (size_t k = 1; k < r.steps.size(); ++k) {
+    EXPECT_GE(r.steps[k].grad_cos, -1.0);
+    EXPECT_LE(r.steps[k].grad_cos, 1.0);
+  }
+  // Every other step: the cosine is still between consecutive steps' gradients.
+  AnalyzeConfig b = config(dir);
+  b.every = 2;
+  b.out += "-every2";
+  const AnalysisResult r2 = analyze(b);
+  for (size_t i = 1; i < r2.steps.size(); ++i) {
+    EXPECT_NEAR(r2.steps[i].grad_cos, r.steps[static_cast<size_t>(r2.steps[i].step)].grad_cos, 1e-12) << i;
+  }
 }
 
 TEST_F(AnalyzerTest, BalancedProbesTakeEachClassInTurn) {

@@ -73,6 +73,15 @@ void add_analysis_options(cxxopts::Options& opts, AnalyzeConfig& c, bool with_th
     ("tau", "tau rule: step in T_c when |R|/|F| > tau", cxxopts::value(c.tau)->default_value("0.1"))
     ("tc-window", "outlier rule: steps of history", cxxopts::value(c.tc_window)->default_value("50"))
     ("tc-kappa", "outlier rule: MADs above the median", cxxopts::value(c.tc_kappa)->default_value("5"))
+    ("kinks", "with --exact: split each step at the kinks of its ReLU / leaky ReLU / max-pool patterns, so that "
+     "the exact path kernel is exact for them too; kinks crossed per step in steps.csv",
+     cxxopts::value(c.kink_split)->default_value("false"))
+    ("sharpness", "EVERY: lambda_max of the loss Hessian (training subset and batch) at every EVERY-th step, into "
+     "sharpness.csv", cxxopts::value(c.sharpness_every)->default_value("0"))
+    ("sharpness-examples", "the training subset of --sharpness: the first N examples",
+     cxxopts::value(c.sharpness_examples)->default_value("1000"))
+    ("sharpness-iterations", "Lanczos iterations at most per lambda_max",
+     cxxopts::value(c.sharpness_iterations)->default_value("100"))
     ("check-every", "models with convolutions: the per-example kernel split checked against forward-mode "
      "K on every N-th analyzed step (others: every step)", cxxopts::value(c.check_every)->default_value("10"));
   // clang-format on
@@ -118,7 +127,7 @@ void check_numbers(const Args& args) {
   static const std::set<std::string> integers = {
       "steps", "epochs", "batch", "seed", "threads", "train-limit", "checkpoint-every", "eval-every", "probes",
       "every", "exact", "tc-window", "output", "top", "grids", "curves", "step", "check-every", "train-examples", "chunk",
-      "project", "project-seed"};
+      "project", "project-seed", "sharpness", "sharpness-examples", "sharpness-iterations"};
   static const std::set<std::string> reals = {"lr", "momentum", "dampening", "eps", "weight-decay", "tau", "tc-kappa",
                                               "segment-every"};
   const std::string& command = args[0];

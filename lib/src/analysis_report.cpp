@@ -48,20 +48,40 @@ at::Tensor tc_mask(const AnalysisResult& r) {
 }
 
 std::string g(double v) { return csv_float(v); }
+/// A cell computed on some steps only (the signals of issue 13): empty where it was not.
+std::string opt(double v) { return std::isnan(v) ? "" : csv_float(v); }
+
+/// sharpness.csv: the steps where lambda_max was computed.
+std::string sharpness_csv(const AnalysisResult& r) {
+  std::string s =
+      "step,lr,lambda_max_train,lambda_max_batch,lr_times_lambda,iterations,residual,subset_loss_before,"
+      "subset_loss_after,subset_loss_up\n";
+  for (const auto& x : r.steps) {
+    if (std::isnan(x.lambda_train)) continue;
+    s += fmt::format("{},{},{},{},{},{},{},{},{},{}\n", x.step, g(x.lr), g(x.lambda_train), g(x.lambda_batch),
+                     g(x.lr * x.lambda_train), g(x.lanczos_iterations), g(x.lanczos_residual), g(x.subset_loss_before),
+                     g(x.subset_loss_after), x.subset_loss_after > x.subset_loss_before ? 1 : 0);
+  }
+  return s;
+}
 
 std::string steps_csv(const AnalysisResult& r, bool second) {
   std::string s =
       "step,lr,batch_loss_before,batch_loss_after,loss_went_up,grad_norm,update_norm,D_norm,F_norm,K_norm,U_norm,"
       "U_round_norm,U_wd_norm,U_mom_norm,R_norm,S_norm,higher_norm,r,in_Tc,Kexact_norm,quad_error,"
-      "Kopt_norm,Uopt_wd_norm,Uopt_round_norm\n";
+      "Kopt_norm,Uopt_wd_norm,Uopt_round_norm,grad_cos_prev,kinks_probes,kinks_batch,kink_pieces,lambda_max_train,"
+      "lambda_max_batch,lr_times_lambda,lanczos_iterations,lanczos_residual,subset_loss_before,subset_loss_after\n";
   const bool exact = r.kexact.defined();
   for (const auto& x : r.steps) {
-    s += fmt::format("{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}\n", x.step, g(x.lr),
+    s += fmt::format("{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}\n", x.step, g(x.lr),
                      g(x.loss_before), g(x.loss_after), x.loss_up ? 1 : 0, g(x.grad_norm), g(x.update_norm),
                      g(x.d_norm), g(x.f_norm), g(x.k_norm), g(x.u_norm), g(x.u_round_norm), g(x.u_wd_norm),
                      g(x.u_mom_norm), g(x.r_norm), second ? g(x.s_norm) : "", second ? g(x.higher_norm) : "", g(x.r),
                      x.in_tc ? 1 : 0, exact ? g(x.kexact_norm) : "", exact ? g(x.quad_error) : "", g(x.kopt_norm),
-                     g(x.uopt_wd_norm), g(x.uopt_round_norm));
+                     g(x.uopt_wd_norm), g(x.uopt_round_norm), opt(x.grad_cos), opt(x.kinks_probes),
+                     opt(x.kinks_batch), opt(x.kink_pieces), opt(x.lambda_train), opt(x.lambda_batch),
+                     opt(x.lr * x.lambda_train), opt(x.lanczos_iterations), opt(x.lanczos_residual),
+                     opt(x.subset_loss_before), opt(x.subset_loss_after));
   }
   return s;
 }
@@ -120,7 +140,8 @@ nlohmann::json analysis_settings(const AnalyzeConfig& c, int64_t probes) {
           {"kernel_route", c.kernel_route}, {"tc_rule", c.tc_rule},
           {"tau", c.tau}, {"tc_window", c.tc_window}, {"tc_kappa", c.tc_kappa},
           {"identity_tolerance", c.identity_tolerance}, {"check_every", c.check_every},
-          {"threads", c.threads}};
+          {"threads", c.threads}, {"kinks", c.kink_split}, {"sharpness_every", c.sharpness_every},
+          {"sharpness_examples", c.sharpness_examples}, {"sharpness_iterations", c.sharpness_iterations}};
 }
 
 namespace {
@@ -226,6 +247,7 @@ void write_analysis(const AnalysisResult& r, const AnalyzeConfig& c) {
   save_npy(out / "arrays" / "label.npy", at::tensor(r.probe_labels, at::kLong));
   atomic_write(out / "steps.csv", steps_csv(r, second));
   atomic_write(out / "probes.csv", probes_csv(r, second));
+  if (c.sharpness_every > 0) atomic_write(out / "sharpness.csv", sharpness_csv(r));
   atomic_write(out / "summary.json", summary_json(r, c).dump(2) + "\n");
   staged.commit();
 }

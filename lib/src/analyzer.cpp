@@ -13,6 +13,8 @@
 
 #include "pathkernel/errors.h"
 #include "pathkernel/kernels.h"
+#include "pathkernel/kinks.h"
+#include "pathkernel/sharpness.h"
 #include "pathkernel/projection.h"
 #include "pathkernel/shards.h"
 #include "pathkernel/threads.h"
@@ -133,10 +135,11 @@ std::vector<std::string> failed_checks(const AnalysisResult& r, const AnalyzeCon
     failed.push_back(fmt::format("the kernel term's per-example split differs from -a_k g . grad L_k (autograd) by "
                                  "{:.3e}, beyond {:.0e}", r.kernel_split_error, c.kernel_split_tolerance));
   }
-  if (c.exact_nodes > 0 && r.smooth && !(r.quad_error_rel <= c.quadrature_tolerance)) {
+  if (c.exact_nodes > 0 && (r.smooth || c.kink_split) && !(r.quad_error_rel <= c.quadrature_tolerance)) {
     failed.push_back(fmt::format("the exact path kernel's quadrature error is {:.3e} of max |D| with {} nodes on a "
-                                 "smooth model, beyond {:.0e}: use more nodes (--exact Q)",
-                                 r.quad_error_rel, c.exact_nodes, c.quadrature_tolerance));
+                                 "{}, beyond {:.0e}: use more nodes (--exact Q)",
+                                 r.quad_error_rel, c.exact_nodes, c.kink_split ? "model split at its kinks" : "smooth model",
+                                 c.quadrature_tolerance));
   }
   if (r.contiguous && !(r.identity_error <= c.identity_tolerance)) {
     failed.push_back(fmt::format("the run identity fails: error {:.3e} exceeds {:.0e} of max |f_N - f_0|",
@@ -196,6 +199,12 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
                      "Linear/Conv2d layers or was recorded as TorchScript");
   }
   const Projection projection = c.project > 0 ? make_projection(*model, c.project, c.project_seed) : Projection{};
+  if (c.kink_split && explicit_route) {
+    throw InputError("--kinks needs one of the zoo's models (its ReLU, leaky ReLU and max-pool patterns are read "
+                     "and frozen along each step); this run's model takes the explicit route");
+  }
+  // Nodes per piece with --kinks: enough for the frozen network's polynomial gradients.
+  const int64_t piece_nodes = c.kink_split ? std::max(c.exact_nodes, nodes_needed(*model)) : c.exact_nodes;
   if (c.kernel_route == "factorized" && !factorizable(*model)) {
     throw InputError(model_spec == "torchscript"
                          ? "--kernel-route factorized: the recorder did not recognize this run's model as one of the "
@@ -240,7 +249,7 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
   {
     // A TorchScript model may hold kinks (ReLU, max, abs) we cannot see: not gated as smooth.
     const models::ModelSpec& spec = model->spec();
-    res.smooth = spec.activation != "relu" && spec.kind != "cnn" && spec.kind != "torchscript";
+    res.smooth = spec.activation != "relu" && spec.activation != "leaky_relu" && spec.kind != "cnn" && spec.kind != "torchscript";
   }
   auto last_report = t0;
   const OptimizerOptions oo = traj.optimizer_after(begin).options();
@@ -295,6 +304,25 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
   const int64_t walk_from = res.uses_kopt ? 0 : resume_at;
   res.startup_seconds = std::chrono::duration<double>(Clock::now() - t0).count();
   spdlog::debug("analysis set up in {:.3f} s (run opened, data decoded, probes chosen)", res.startup_seconds);
+  // The fixed training subset of --sharpness: its first sharpness_examples examples.
+  at::Tensor xs, ys;
+  if (c.sharpness_every > 0) {
+    const at::Tensor sidx = at::arange(std::min(c.sharpness_examples, traj.split_size("train")), at::kLong);
+    xs = traj.inputs("train", sidx, at::kDouble);
+    ys = traj.labels("train", sidx);
+  }
+  // The previous step's batch gradient, for the cosine between consecutive gradients.
+  ParamMap prev_grad;
+  int64_t prev_grad_step = -2;
+  auto cosine = [](const ParamMap& a, const ParamMap& b) {
+    double ab = 0, aa = 0, bb = 0;
+    for (const auto& [name, t] : a) {
+      ab += (t * b.at(name)).sum().item<double>();
+      aa += t.pow(2).sum().item<double>();
+      bb += b.at(name).pow(2).sum().item<double>();
+    }
+    return ab / std::sqrt(aa * bb);
+  };
   for (int64_t k = walk_from; k < end && resume_at < end; ++k) {  // (nothing left when resumed at the end)
     const bool analyzed = k >= resume_at && (k - begin) % c.every == 0;
     if (!analyzed && !res.uses_kopt) continue;
@@ -307,7 +335,9 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
     const double nb = static_cast<double>(bidx.size(0));
     if (!analyzed) {
       set_weights(*model, w0);
-      recurrence.advance(k, batch_gradient(*model, xb, yb, loss), w0);
+      prev_grad = batch_gradient(*model, xb, yb, loss);
+      prev_grad_step = k;
+      recurrence.advance(k, prev_grad, w0);
       continue;
     }
     const ParamMap v_prev = sgd_sources ? momentum_buffer_of(traj.optimizer_after(k)) : ParamMap{};
@@ -325,6 +355,18 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
     // The probes' products with every direction the step needs, J_p v for v = dw, grad L_k and
     // the optimizer's directions, all at w_k; f(w_k) comes from the same forwards.
     const ParamMap grad_l = batch_gradient(*model, xb, yb, loss);
+    double grad_cos = NAN;
+    if (k > 0) {
+      if (prev_grad_step != k - 1) {  // the first step of a range, or every > 1: step k-1's own
+        const LoggedStep before = traj.logged_step(k - 1, at::kDouble);
+        set_weights(*model, to_double_map(traj.weights_at(k - 1)));
+        prev_grad = batch_gradient(*model, before.x, before.y, loss);
+        set_weights(*model, w0);
+      }
+      grad_cos = cosine(grad_l, prev_grad);
+    }
+    prev_grad = grad_l;
+    prev_grad_step = k;
     recurrence.advance(k, grad_l, w0);
     const ParamMap kernel_dir = recurrence.kernel_direction(precond);
     const ParamMap decay_dir = recurrence.has_decay() ? recurrence.decay_direction(precond) : ParamMap{};
@@ -393,6 +435,7 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
     row.loss_before = loss_before;
     row.loss_after = loss_after;
     row.loss_up = loss_after > loss_before;
+    row.grad_cos = grad_cos;
     row.grad_norm = traj.logged_grad_norm(k);
     if (std::isnan(row.grad_norm)) {  // not logged (a recorded run): the float64 gradient's norm
       double sq = 0;
@@ -427,25 +470,38 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
       if (split_nodes) kex_per = at::zeros_like(k_per);
       at::Tensor gbar_kdir = at::zeros({np * nc}, at::kDouble);
       at::Tensor gbar_grad = at::zeros({np * nc}, at::kDouble);
-      for (size_t q = 0; q < nodes.size(); ++q) {
+      std::vector<double> step_nodes = nodes, step_weights = node_weights;
+      if (c.kink_split) {
+        // The probes' segment split at its kinks (kinks.h); the batch's kinks only counted.
+        try {
+          const KinkWalk pw = walk_kinks(*model, w0, dw, xp);
+          std::tie(step_nodes, step_weights) = piecewise_nodes(pw.breaks, piece_nodes);
+          row.kinks_probes = static_cast<double>(pw.kinks);
+          row.kink_pieces = static_cast<double>(pw.breaks.size() - 1);
+          row.kinks_batch = static_cast<double>(walk_kinks(*model, w0, dw, xb).kinks);
+        } catch (const std::invalid_argument& e) {
+          throw InputError(std::string("--kinks: ") + e.what());
+        }
+      }
+      for (size_t q = 0; q < step_nodes.size(); ++q) {
         ParamMap wq;
-        for (const auto& [name, t] : w0) wq[name] = t + dw.at(name) * nodes[q];
+        for (const auto& [name, t] : w0) wq[name] = t + dw.at(name) * step_nodes[q];
         set_weights(*model, wq);
         if (!split_nodes) {
           std::vector<const ParamMap*> node_dirs = {&dw, &grad_l};
           if (res.uses_kopt) node_dirs.push_back(&kernel_dir);
           const std::vector<at::Tensor> t = probe_jvps(*model, xp, res.outputs, node_dirs);
-          gbar_dw.add_(t[0], node_weights[q]);
-          gbar_grad.add_(t[1], node_weights[q]);
-          if (res.uses_kopt) gbar_kdir.add_(t[2], node_weights[q]);
+          gbar_dw.add_(t[0], step_weights[q]);
+          gbar_grad.add_(t[1], step_weights[q]);
+          if (res.uses_kopt) gbar_kdir.add_(t[2], step_weights[q]);
           continue;
         }
         const RowGradients sq = probe_rows(*model, xp, res.outputs, explicit_route);
-        gbar_dw.add_(row_directional(sq, dw), node_weights[q]);
-        if (c.project > 0) gbar_grad.add_(row_directional(sq, grad_l), node_weights[q]);
+        gbar_dw.add_(row_directional(sq, dw), step_weights[q]);
+        if (c.project > 0) gbar_grad.add_(row_directional(sq, grad_l), step_weights[q]);
         kex_per.add_(c.project > 0 ? at::mm(project_rows(projection, sq), zb.t()) : row_gram(sq, sb),
-                     node_weights[q] * (-lr / nb));
-        if (res.uses_kopt) gbar_kdir.add_(row_directional(sq, kernel_dir), node_weights[q]);
+                     step_weights[q] * (-lr / nb));
+        if (res.uses_kopt) gbar_kdir.add_(row_directional(sq, kernel_dir), step_weights[q]);
       }
       if (res.uses_kopt) {
         // Kopt with gbar in place of g (SPEC): the rest of gbar . dw is decay and rounding.
@@ -470,6 +526,31 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
       row.s_norm = frob(s);
       row.higher_norm = frob(r - s);
       arrays.s.push_back(s);
+    }
+    if (c.sharpness_every > 0 && (k - whole_begin) % c.sharpness_every == 0) {
+      // lambda_max at w_k (sharpness.h), seeded by the step so that shards agree with one process.
+      set_weights(*model, w0);
+      const Sharpness st = hessian_top_eigenvalue(*model, xs, ys, loss, c.sharpness_iterations, 1e-7,
+                                                  static_cast<uint64_t>(k));
+      const Sharpness sb_ = hessian_top_eigenvalue(*model, xb, yb, loss, c.sharpness_iterations, 1e-7,
+                                                   static_cast<uint64_t>(k) + 1);
+      row.lambda_train = st.lambda_max;
+      row.lanczos_iterations = static_cast<double>(st.iterations);
+      row.lanczos_residual = st.residual;
+      row.lambda_batch = sb_.lambda_max;
+      auto subset_loss = [&] {
+        double total = 0;
+        for (int64_t i = 0; i < xs.size(0); i += 1000) {
+          const int64_t len = std::min<int64_t>(1000, xs.size(0) - i);
+          total += batch_loss(forward_nograd(*model, xs.narrow(0, i, len)), ys.narrow(0, i, len), loss).item<double>() *
+                   static_cast<double>(len);
+        }
+        return total / static_cast<double>(xs.size(0));
+      };
+      row.subset_loss_before = subset_loss();
+      set_weights(*model, w1);
+      row.subset_loss_after = subset_loss();
+      set_weights(*model, w0);
     }
     arrays.d.push_back(d);
     arrays.f.push_back(f);

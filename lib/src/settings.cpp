@@ -93,6 +93,10 @@ void AnalyzeConfig::validate() const {
   if (tc_window < 2) throw InputError("--tc-window must be at least 2");
   if (!(tc_kappa >= 0)) throw InputError("--tc-kappa must be >= 0");
   if (check_every < 1) throw InputError("--check-every must be at least 1");
+  if (kink_split && exact_nodes < 1) throw InputError("--kinks splits the exact path kernel: give --exact Q too");
+  if (sharpness_every < 0) throw InputError("--sharpness must be a positive step count");
+  if (sharpness_examples < 1) throw InputError("--sharpness-examples must be at least 1");
+  if (sharpness_iterations < 1) throw InputError("--sharpness-iterations must be at least 1");
   if (!(segment_seconds >= 0)) throw InputError("--segment-every must be >= 0 seconds");
   if (shard_count < 0 || (shard_count > 0 && (shard_index < 1 || shard_index > shard_count))) {
     throw InputError("--shard must be I/N with 1 <= I <= N");

@@ -76,6 +76,18 @@ std::vector<StepRow> read_step_rows(const fs::path& file) {
     s.kopt_norm = c("Kopt_norm");
     s.uopt_wd_norm = c("Uopt_wd_norm");
     s.uopt_round_norm = c("Uopt_round_norm");
+    // Issue 13's signals, empty where not computed (NaN); absent in older analyses.
+    auto o = [&](const char* col) { return t.cols.count(col) ? t.cols.at(col)[i] : NAN; };
+    s.grad_cos = o("grad_cos_prev");
+    s.kinks_probes = o("kinks_probes");
+    s.kinks_batch = o("kinks_batch");
+    s.kink_pieces = o("kink_pieces");
+    s.lambda_train = o("lambda_max_train");
+    s.lambda_batch = o("lambda_max_batch");
+    s.lanczos_iterations = o("lanczos_iterations");
+    s.lanczos_residual = o("lanczos_residual");
+    s.subset_loss_before = o("subset_loss_before");
+    s.subset_loss_after = o("subset_loss_after");
   }
   return rows;
 }
@@ -112,6 +124,10 @@ AnalyzeConfig config_from_settings(const nlohmann::json& s) {
   c.identity_tolerance = s.at("identity_tolerance").get<double>();
   c.check_every = s.at("check_every").get<int64_t>();
   c.threads = s.at("threads").get<int>();
+  c.kink_split = s.value("kinks", false);
+  c.sharpness_every = s.value("sharpness_every", int64_t{0});
+  c.sharpness_examples = s.value("sharpness_examples", int64_t{1000});
+  c.sharpness_iterations = s.value("sharpness_iterations", int64_t{100});
   return c;
 }
 

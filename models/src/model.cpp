@@ -27,21 +27,72 @@ size_t Model::add_tap(const std::string& name, LayerKind kind, torch::Tensor wei
 }
 
 void Model::record_input(size_t tap, const torch::Tensor& input) {
+  if (tap == 0) {  // a forward begins
+    next_site_ = 0;
+    layers_done_ = 0;
+  }
   if (!capture_) return;
   taps_[tap].input = input.detach();
   taps_[tap].grad_output = torch::Tensor();
 }
 
 void Model::record_output(size_t tap, const torch::Tensor& output) {
+  layers_done_ = static_cast<int64_t>(tap) + 1;
   if (!capture_ || !output.requires_grad()) return;
   taps_[tap].output = output;
   // The hook only stores the signal; it never changes the gradient flowing on.
   output.register_hook([this, tap](torch::Tensor g) { taps_[tap].grad_output = g; });
 }
 
+KinkSite& Model::site_for(bool pool) {
+  const size_t s = next_site_++;
+  if (kink_mode_ == KinkMode::kRecord) {
+    if (kink_sites_.size() < s + 1) kink_sites_.resize(s + 1);
+  } else if (s >= kink_sites_.size() || kink_sites_[s].pool != pool) {
+    throw std::logic_error("frozen kink pattern recorded for another forward");
+  }
+  KinkSite& site = kink_sites_[s];
+  site.pool = pool;
+  site.degree = layers_done_;
+  return site;
+}
+
+torch::Tensor Model::activate(const torch::Tensor& x) {
+  const std::string& a = spec_.activation;
+  if (kink_mode_ == KinkMode::kOff || (a != "relu" && a != "leaky_relu")) return apply_activation(a, x);
+  KinkSite& site = site_for(false);
+  site.values = x.detach();
+  if (kink_mode_ == KinkMode::kRecord) {
+    site.pattern = (x > 0).detach();
+    return apply_activation(a, x);
+  }
+  // (x * 0.01 as leaky_relu computes it: a slope tensor made from the scalar would be float32)
+  return a == "relu" ? x * site.pattern.to(x.scalar_type()) : at::where(site.pattern, x, x * 0.01);
+}
+
+torch::Tensor Model::max_pool2(const torch::Tensor& x) {
+  if (kink_mode_ == KinkMode::kOff) return at::max_pool2d(x, {2, 2});
+  KinkSite& site = site_for(true);
+  at::Tensor out;
+  if (kink_mode_ == KinkMode::kRecord) {
+    auto [o, idx] = at::max_pool2d_with_indices(x, {2, 2});
+    out = o;
+    site.pattern = idx.detach();
+  } else {
+    const at::Tensor& idx = site.pattern;
+    out = x.flatten(2).gather(2, idx.flatten(2)).view(idx.sizes());
+  }
+  // Each window's candidates [N, C, H/2, W/2, 4] against the value picked.
+  const int64_t h = out.size(2) * 2, w = out.size(3) * 2;
+  const at::Tensor cand = x.detach().narrow(2, 0, h).narrow(3, 0, w).unfold(2, 2, 2).unfold(3, 2, 2).flatten(4);
+  site.values = cand - out.detach().unsqueeze(4);
+  return out;
+}
+
 torch::Tensor apply_activation(const std::string& name, const torch::Tensor& x) {
   if (name == "tanh") return at::tanh(x);
   if (name == "relu") return at::relu(x);
+  if (name == "leaky_relu") return at::leaky_relu(x, 0.01);
   if (name == "softplus") return at::softplus(x, /*beta=*/1, /*threshold=*/20);
   if (name == "gelu") return at::gelu(x);
   if (name == "none") return x;

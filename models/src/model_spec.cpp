@@ -40,7 +40,7 @@ std::string check_activation(const std::string& spec, const std::string& act) {
   const auto& known = known_activations();
   if (std::find(known.begin(), known.end(), act) == known.end()) {
     throw std::invalid_argument("model spec '" + spec + "': unknown activation '" + act +
-                                "' (expected tanh, relu, softplus or gelu)");
+                                "' (expected tanh, relu, leaky_relu, softplus or gelu)");
   }
   return act;
 }
@@ -48,7 +48,7 @@ std::string check_activation(const std::string& spec, const std::string& act) {
 }  // namespace
 
 const std::vector<std::string>& known_activations() {
-  static const std::vector<std::string> kActs = {"tanh", "relu", "softplus", "gelu"};
+  static const std::vector<std::string> kActs = {"tanh", "relu", "leaky_relu", "softplus", "gelu"};
   return kActs;
 }
 

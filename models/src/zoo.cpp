@@ -33,7 +33,7 @@ class DenseNet : public Model {
   torch::Tensor forward(const torch::Tensor& x) override {
     torch::Tensor h = x.reshape({x.size(0), -1});
     for (size_t i = 0; i < linears_.size(); ++i) {
-      if (i > 0) h = apply_activation(spec().activation, h);
+      if (i > 0) h = activate(h);
       record_input(i, h);
       h = linears_[i]->forward(h);
       record_output(i, h);
@@ -77,7 +77,7 @@ class SmallCnn : public Model {
       record_input(i, h);
       h = conv_list_[i]->forward(h);
       record_output(i, h);
-      h = at::max_pool2d(apply_activation(spec().activation, h), {2, 2});
+      h = max_pool2(activate(h));
     }
     h = h.reshape({h.size(0), -1});
     record_input(2, h);

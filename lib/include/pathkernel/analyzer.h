@@ -6,6 +6,7 @@
 #include <ATen/core/Tensor.h>
 #include <nlohmann/json_fwd.hpp>
 
+#include <cmath>
 #include <cstdint>
 #include <functional>
 #include <string>
@@ -61,6 +62,17 @@ struct AnalyzeConfig {
   /// split's check then measures the projection (AnalysisResult::projection_error), ungated.
   int64_t project = 0;
   uint64_t project_seed = 0;
+  /// --kinks (with exact_nodes): split each step's segment at the kinks of the probes' ReLU /
+  /// leaky ReLU / max-pool patterns (kinks.h) and integrate each piece with exact_nodes (at
+  /// least the model's nodes_needed) nodes, so that the exact path kernel is exact again; the
+  /// kinks crossed by probes and by the batch are counted per step.
+  bool kink_split = false;
+  /// --sharpness EVERY (> 0): lambda_max of the Hessian of the training loss on the first
+  /// sharpness_examples training examples and of the step's batch loss, at every EVERY-th step
+  /// counted from the whole range's first (sharpness.h), with the subset's loss before and after.
+  int64_t sharpness_every = 0;
+  int64_t sharpness_examples = 1000;
+  int64_t sharpness_iterations = 100;
   /// LibTorch and OpenBLAS threads, pinned for the analysis and recorded in its summary.
   int threads = 1;
   double identity_tolerance = 1e-8;  ///< relative to max |f_N - f_0|; beyond it: exit 4
@@ -98,6 +110,15 @@ struct StepRow {
   double kexact_norm = 0, quad_error = 0;  ///< with exact_nodes: |sum_m Kexact_{k,m}|, |D - gbar . dw|
   bool loss_up = false;  ///< L_k(w_{k+1}) > L_k(w_k)
   bool in_tc = false;
+  /// cos(grad L_k(w_k), grad L_{k-1}(w_{k-1})): NaN at step 0.
+  double grad_cos = NAN;
+  /// With kink_split: kinks crossed along the step by the probes and by the batch's examples,
+  /// and the pieces the probes' segment was integrated in. NaN without.
+  double kinks_probes = NAN, kinks_batch = NAN, kink_pieces = NAN;
+  /// At sharpness steps (NaN elsewhere): lambda_max of the subset's and the batch's loss, the
+  /// subset's Lanczos iterations and relative residual, the subset's loss at w_k and w_{k+1}.
+  double lambda_train = NAN, lambda_batch = NAN, lanczos_iterations = NAN, lanczos_residual = NAN;
+  double subset_loss_before = NAN, subset_loss_after = NAN;
 };
 
 struct AnalysisResult {

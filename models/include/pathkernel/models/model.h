@@ -44,6 +44,27 @@ struct Tap {
   torch::Tensor output;
 };
 
+/// How the piecewise-linear operations (ReLU, leaky ReLU, 2x2 max-pool) of a forward behave,
+/// for splitting a segment of weights at their kinks (issue 13, SPEC "exact path kernel").
+enum class KinkMode {
+  kOff,     ///< plain operations
+  kRecord,  ///< plain operations; each site's switching pattern and values are recorded
+  kFrozen,  ///< each site applies the recorded pattern (a polynomial network in the weights)
+};
+
+/// One piecewise-linear operation of the last forward, in forward order.
+struct KinkSite {
+  bool pool = false;
+  /// Parameterized layers before the site: along w + t dw (frozen pattern) its values are
+  /// polynomials in t of at most this degree.
+  int64_t degree = 0;
+  /// ReLU: bool mask (pre-activation > 0); max-pool: int64 argmax per window (flat in the plane).
+  torch::Tensor pattern;
+  /// ReLU: the pre-activation [N, ...]; max-pool: each window's 4 candidates minus the one the
+  /// pattern picks [N, C, H/2, W/2, 4]. The pattern changes where one of these crosses zero.
+  torch::Tensor values;
+};
+
 /// Base class of the zoo's models. Parameters are registered in forward order with PyTorch
 /// state_dict names, so `named_parameters()` is the state_dict order used everywhere.
 class Model : public torch::nn::Module {
@@ -62,6 +83,11 @@ class Model : public torch::nn::Module {
   /// Drops the captured tensors (frees their memory).
   void clear_captures();
 
+  /// The kink sites' behaviour (off by default) and what the last forward recorded.
+  void set_kink_mode(KinkMode mode) { kink_mode_ = mode; }
+  KinkMode kink_mode() const { return kink_mode_; }
+  std::vector<KinkSite>& kink_sites() { return kink_sites_; }
+
   /// The spec this model was built from.
   const ModelSpec& spec() const { return spec_; }
   /// Number of output classes.
@@ -77,12 +103,21 @@ class Model : public torch::nn::Module {
   void record_input(size_t tap, const torch::Tensor& input);
   /// Called by subclasses on a tapped layer's output; registers the signal hook.
   void record_output(size_t tap, const torch::Tensor& output);
+  /// The spec's activation, through the kink machinery when it is ReLU or leaky ReLU.
+  torch::Tensor activate(const torch::Tensor& x);
+  /// 2x2 max-pool (stride 2), through the kink machinery.
+  torch::Tensor max_pool2(const torch::Tensor& x);
 
  private:
   ModelSpec spec_;
   int64_t num_classes_;
   bool capture_ = false;
   std::vector<Tap> taps_;
+  KinkMode kink_mode_ = KinkMode::kOff;
+  std::vector<KinkSite> kink_sites_;
+  size_t next_site_ = 0;
+  int64_t layers_done_ = 0;
+  KinkSite& site_for(bool pool);
 };
 
 /// Input geometry of the data a model is built for.
@@ -97,7 +132,8 @@ struct InputShape {
 std::shared_ptr<Model> build_model(const ModelSpec& spec, const InputShape& shape,
                                    int64_t num_classes);
 
-/// Applies an activation by name (tanh, relu, softplus, gelu).
+/// Applies an activation by name (tanh, relu, leaky_relu (slope 0.01, PyTorch's default),
+/// softplus, gelu).
 torch::Tensor apply_activation(const std::string& name, const torch::Tensor& x);
 
 }  // namespace pathkernel::models

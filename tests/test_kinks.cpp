@@ -1,0 +1,88 @@
+// The kink walk against a brute-force scan of the activation patterns along the segment, and the
+// piecewise quadrature nodes.
+#include <ATen/ATen.h>
+
+#include "fixtures.h"
+#include "pathkernel/analyzer.h"
+#include "pathkernel/kinks.h"
+
+namespace pathkernel {
+namespace {
+
+ParamMap weights_of(models::Model& m) {
+  ParamMap w;
+  for (const auto& item : m.named_parameters()) w[item.key()] = item.value().detach().clone();
+  return w;
+}
+
+/// Pattern changes between consecutive points of a grid of `n` + 1 values of t, and the cells in
+/// which they happened.
+int64_t brute_force(models::Model& m, const ParamMap& w0, const ParamMap& dw, const at::Tensor& x, int64_t n,
+                    std::vector<int64_t>* cells) {
+  at::NoGradGuard ng;
+  std::vector<at::Tensor> prev;
+  int64_t changes = 0;
+  m.set_kink_mode(models::KinkMode::kRecord);
+  for (int64_t j = 0; j <= n; ++j) {
+    const double t = static_cast<double>(j) / static_cast<double>(n);
+    for (const auto& item : m.named_parameters()) item.value().copy_(w0.at(item.key()) + dw.at(item.key()) * t);
+    m.forward(x);
+    std::vector<at::Tensor> now;
+    for (const auto& s : m.kink_sites()) now.push_back(s.pattern.clone());
+    if (!prev.empty()) {
+      int64_t c = 0;
+      for (size_t i = 0; i < now.size(); ++i) c += now[i].ne(prev[i]).sum().item<int64_t>();
+      if (c > 0) cells->push_back(j);
+      changes += c;
+    }
+    prev = now;
+  }
+  m.set_kink_mode(models::KinkMode::kOff);
+  return changes;
+}
+
+TEST(KinksTest, WalkFindsTheKinksABruteForceScanFinds) {
+  for (const char* spec : {"mlp:6:relu", "mlp:4,3:leaky_relu", "cnn:2,2:relu"}) {
+    at::manual_seed(8);
+    auto m = models::build_model(models::parse_model_spec(spec), {1, 4, 4}, 3);
+    m->to(at::kDouble);
+    const at::Tensor x = at::rand({3, 1, 4, 4}, at::kDouble) - 0.3;
+    const ParamMap w0 = weights_of(*m);
+    ParamMap dw;
+    for (const auto& [k, v] : w0) dw[k] = at::randn_like(v) * 0.6;  // a long step: many kinks
+    const KinkWalk walk = walk_kinks(*m, w0, dw, x);
+    // The model is left at w0 with kink mode off.
+    EXPECT_EQ(m->kink_mode(), models::KinkMode::kOff);
+    for (const auto& item : m->named_parameters()) EXPECT_TRUE(at::equal(item.value(), w0.at(item.key()))) << spec;
+    std::vector<int64_t> cells;
+    const int64_t n = 20000;
+    const int64_t brute = brute_force(*m, w0, dw, x, n, &cells);
+    EXPECT_GT(brute, 3) << spec;
+    EXPECT_EQ(walk.kinks, brute) << spec;
+    // Every interior break lies in a grid cell where the pattern changed, and vice versa.
+    ASSERT_GE(walk.breaks.size(), 2u);
+    EXPECT_EQ(walk.breaks.front(), 0.0);
+    EXPECT_EQ(walk.breaks.back(), 1.0);
+    std::vector<int64_t> walk_cells;
+    for (size_t i = 1; i + 1 < walk.breaks.size(); ++i) {
+      walk_cells.push_back(static_cast<int64_t>(std::ceil(walk.breaks[i] * static_cast<double>(n))));
+    }
+    walk_cells.erase(std::unique(walk_cells.begin(), walk_cells.end()), walk_cells.end());
+    EXPECT_EQ(walk_cells, cells) << spec;
+  }
+}
+
+TEST(KinksTest, PiecewiseNodesIntegratePolynomialsPieceByPiece) {
+  const auto [x, w] = piecewise_nodes({0.0, 0.25, 0.7, 1.0}, 2);
+  ASSERT_EQ(x.size(), 6u);
+  // |t - 1/4| t^2 is a cubic on each piece, so 2 nodes per piece are exact:
+  // int_0^1 |t - 1/4| t^2 dt = 1/6 + 2 (1/768 - 1/1024).
+  double s = 0;
+  for (size_t i = 0; i < x.size(); ++i) s += w[i] * std::abs(x[i] - 0.25) * x[i] * x[i];
+  EXPECT_NEAR(s, 1.0 / 6.0 + 2.0 * (1.0 / 768.0 - 1.0 / 1024.0), 1e-15);
+  // One piece of [0, 1] is plain Gauss-Legendre.
+  EXPECT_EQ(piecewise_nodes({0.0, 1.0}, 3).first, gauss_legendre(3).first);
+}
+
+}  // namespace
+}  // namespace pathkernel
