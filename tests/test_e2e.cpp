@@ -16,6 +16,8 @@
 #include <thread>
 
 #include "fixtures.h"
+#include "pathkernel/csv.h"
+#include <fmt/format.h>
 #include "pathkernel/checkpoint.h"
 #include "pathkernel/fs_util.h"
 #include "pathkernel/npy.h"
@@ -473,6 +475,41 @@ TEST(E2eTest, ExplainThroughARandomProjection) {
                           (tmp / "neg").string()}, tmp.path());
   EXPECT_EQ(neg.status, 2);
   EXPECT_NE(neg.err.find("--project"), std::string::npos) << neg.err;
+}
+
+// Issue 13's full-batch gradient descent (--batch = --train-limit: every step the whole subset,
+// the note's Eq. 2) on a model whose loss is quadratic in w (linear, MSE): its Hessian is
+// constant, so GD converges iff lr < 2 / lambda_max. lambda_max from analyze --sharpness (on the
+// same subset); training at 0.95 x 2 / lambda_max converges, at 1.05 x it diverges with exit 3.
+TEST(E2eTest, FullBatchGdOnAQuadraticLossDivergesJustAboveTwoOverLambdaMax) {
+  testing::TempDir tmp;
+  const std::vector<std::string> common = {"--model", "linear", "--loss", "mse", "--train-limit", "200", "--batch",
+                                           "200", "--checkpoint-every", "1000"};
+  auto train = [&](const std::string& name, double lr, int64_t steps) {
+    std::vector<std::string> a = {"train", "--lr", fmt::format("{:.17g}", lr), "--steps", std::to_string(steps),
+                                  "--out", (tmp / name).string()};
+    a.insert(a.end(), common.begin(), common.end());
+    return run(a, tmp.path());
+  };
+  ASSERT_EQ(train("probe", 1e-4, 1).status, 0);
+  const Result an = run({"analyze", (tmp / "probe").string(), "--probes", "2", "--sharpness", "1",
+                         "--sharpness-examples", "200", "--out", (tmp / "an").string()}, tmp.path());
+  ASSERT_EQ(an.status, 0) << an.err;
+  const Table sharp = read_csv(tmp / "an" / "sharpness.csv");
+  ASSERT_EQ(sharp.rows, 1u);
+  const double lambda = sharp.at("lambda_max_train", tmp / "an")[0];
+  ASSERT_GT(lambda, 0);
+  EXPECT_LT(sharp.at("residual", tmp / "an")[0], 1e-6);
+  // The batch is the subset: both Hessians are the same.
+  EXPECT_NEAR(sharp.at("lambda_max_batch", tmp / "an")[0], lambda, 1e-9 * lambda);
+
+  const Result below = train("below", 0.95 * 2 / lambda, 3000);
+  EXPECT_EQ(below.status, 0) << below.err;
+  const auto log = read_step_log(RunDir(tmp / "below").steps_log());
+  EXPECT_LT(log.back()["loss"].get<double>(), log.front()["loss"].get<double>());
+  const Result above = train("above", 1.05 * 2 / lambda, 3000);
+  EXPECT_EQ(above.status, 3) << above.err;
+  EXPECT_NE(above.err.find("diverged"), std::string::npos) << above.err;
 }
 
 /// Segments an interrupted analysis has written so far.

@@ -27,7 +27,7 @@ class ShardsTest : public ::testing::Test {
   std::string train_run(const std::string& name, double momentum) {
     TrainConfig c;
     c.data_dir = (tmp_ / "data").string();
-    c.model = "mlp:5:tanh";
+    c.model = "mlp:5:relu";
     c.steps = 24;
     c.batch = 10;
     c.lr = 2.0;  // large steps: r jumps about, and the outlier rule marks some
@@ -48,6 +48,12 @@ class ShardsTest : public ::testing::Test {
     a.tc_window = 5;
     a.tc_kappa = 0;  // above the window's median: about half the steps
     a.check_every = 3;
+    // Issue 13's per-step signals too: kinks, sharpness (its steps counted from the whole range's
+    // first) and the cosine between consecutive gradients (across the shards' boundaries).
+    a.exact_nodes = 1;
+    a.kink_split = true;
+    a.sharpness_every = 5;
+    a.sharpness_examples = 20;
     return a;
   }
   std::vector<std::string> shards(const std::string& run, const std::string& prefix, int n) {
@@ -90,6 +96,8 @@ TEST_F(ShardsTest, ThreeShardsMergedEqualOneProcess) {
     }
     EXPECT_EQ(read_file(a / "steps.csv"), read_file(b / "steps.csv")) << tag;
     EXPECT_EQ(read_file(a / "probes.csv"), read_file(b / "probes.csv")) << tag;
+    EXPECT_EQ(read_file(a / "sharpness.csv"), read_file(b / "sharpness.csv")) << tag;
+    EXPECT_NE(read_file(a / "sharpness.csv").find("\n20,"), std::string::npos) << tag;  // steps 0, 5, ..., 20
     const auto sa = nlohmann::json::parse(read_file(a / "summary.json"));
     const auto sb = nlohmann::json::parse(read_file(b / "summary.json"));
     EXPECT_EQ(without_timings(sa), without_timings(sb)) << tag;
