@@ -86,3 +86,29 @@ TEST(KinksTest, PiecewiseNodesIntegratePolynomialsPieceByPiece) {
 
 }  // namespace
 }  // namespace pathkernel
+
+namespace pathkernel {
+namespace {
+
+// The endpoint count equals the walk's where every kink is of degree 1 (one hidden layer: each
+// pre-activation is linear in t and crosses zero at most once) and never exceeds it.
+TEST(KinksTest, PatternChangesAtTheEndsCountDegreeOneKinksExactly) {
+  for (const char* spec : {"mlp:6:relu", "mlp:4,3:leaky_relu"}) {
+    at::manual_seed(9);
+    auto m = models::build_model(models::parse_model_spec(spec), {1, 4, 4}, 3);
+    m->to(at::kDouble);
+    const at::Tensor x = at::rand({5, 1, 4, 4}, at::kDouble) - 0.3;
+    ParamMap w0, dw;
+    for (const auto& item : m->named_parameters()) {
+      w0[item.key()] = item.value().detach().clone();
+      dw[item.key()] = at::randn_like(item.value()) * 0.6;
+    }
+    const int64_t walk = walk_kinks(*m, w0, dw, x).kinks, ends = pattern_changes(*m, w0, dw, x);
+    EXPECT_GT(ends, 0) << spec;
+    EXPECT_LE(ends, walk) << spec;
+    if (std::string(spec) == "mlp:6:relu") EXPECT_EQ(ends, walk);
+  }
+}
+
+}  // namespace
+}  // namespace pathkernel

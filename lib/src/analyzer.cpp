@@ -478,7 +478,7 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
           std::tie(step_nodes, step_weights) = piecewise_nodes(pw.breaks, piece_nodes);
           row.kinks_probes = static_cast<double>(pw.kinks);
           row.kink_pieces = static_cast<double>(pw.breaks.size() - 1);
-          row.kinks_batch = static_cast<double>(walk_kinks(*model, w0, dw, xb).kinks);
+          row.kinks_batch = static_cast<double>(pattern_changes(*model, w0, dw, xb));
         } catch (const std::invalid_argument& e) {
           throw InputError(std::string("--kinks: ") + e.what());
         }

@@ -68,6 +68,25 @@ std::pair<std::vector<double>, std::vector<double>> piecewise_nodes(const std::v
   return {nodes, weights};
 }
 
+int64_t pattern_changes(models::Model& model, const ParamMap& w0, const ParamMap& dw, const at::Tensor& x) {
+  at::NoGradGuard ng;
+  std::vector<at::Tensor> before;
+  int64_t changes = 0;
+  model.set_kink_mode(models::KinkMode::kRecord);
+  for (double t : {0.0, 1.0}) {
+    set_weights_at(model, w0, dw, t);
+    model.forward(x);
+    if (t == 0.0) {
+      for (const auto& s : model.kink_sites()) before.push_back(s.pattern.clone());
+    } else {
+      for (size_t i = 0; i < before.size(); ++i) changes += model.kink_sites()[i].pattern.ne(before[i]).sum().item<int64_t>();
+    }
+  }
+  model.set_kink_mode(models::KinkMode::kOff);
+  set_weights_at(model, w0, dw, 0.0);
+  return changes;
+}
+
 KinkWalk walk_kinks(models::Model& model, const ParamMap& w0, const ParamMap& dw, const at::Tensor& x) {
   at::NoGradGuard ng;
   KinkWalk walk;

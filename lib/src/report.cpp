@@ -174,6 +174,34 @@ ReportFiles write_report(const ReportConfig& c) {
     }
   }
 
+  // 1c. With --sharpness: lambda_max over training against the stability limit 2 / lr, with the
+  // steps in T_c marked (issue 13: does T_c gather where lr * lambda_max nears 2?).
+  if (steps.cols.count("lambda_max_train")) {
+    const auto& lt = steps.at("lambda_max_train", in / "steps.csv");
+    const auto& lb = steps.at("lambda_max_batch", in / "steps.csv");
+    csv = "step,lambda_max_train,lambda_max_batch,two_over_lr\n";
+    size_t points = 0;
+    for (size_t i = 0; i < steps.rows; ++i) {
+      if (std::isnan(lt[i])) continue;
+      csv += fmt::format("{},{},{},{}\n", step[i], g(lt[i]), g(lb[i]), g(2.0 / lr[i]));
+      ++points;
+    }
+    if (points > 0) {
+      write_data(out, files, "sharpness", csv);
+      if (files.gnuplot) {
+        figure(out, files, "sharpness", fmt::format(
+            "set terminal pngcairo size 1000,450 font 'sans,10'\nset output '@OUTPUT@'\nset datafile separator ','\n"
+            "set key outside right top\nset xlabel 'step k'\nset ylabel 'top Hessian eigenvalue'\nset yrange [0:*]\n"
+            "set title 'Sharpness against the stability limit of gradient descent (lr * lambda_max = 2); T_c marked'\n"
+            "plot '{}' skip 1 using 1:2 with linespoints pt 7 ps 0.5 lw 1.5 lc rgb '#3060c0' title 'lambda_max, "
+            "training subset', '' skip 1 using 1:3 with points pt 6 ps 0.6 lc rgb '#30a030' title 'lambda_max, batch', "
+            "'' skip 1 using 1:4 with lines dt 2 lw 1.5 lc rgb '#d02020' title '2 / lr', "
+            "'{}' skip 1 using 1:($3 > 0 ? 0 : 1/0) with points pt 5 ps 0.35 lc rgb '#d02020' title 'step in T_c'\n",
+            "data/sharpness.csv", "data/r_per_step.csv"));
+      }
+    }
+  }
+
   // 2. Cumulative sum K, sum U, sum R against the actual change, for a few probes.
   const int64_t np = d.size(1), nc = d.size(2), curves = std::min<int64_t>(c.curves, np);
   const auto& plabel = probes.at("label", in / "probes.csv");

@@ -112,8 +112,10 @@ struct StepRow {
   bool in_tc = false;
   /// cos(grad L_k(w_k), grad L_{k-1}(w_{k-1})): NaN at step 0.
   double grad_cos = NAN;
-  /// With kink_split: kinks crossed along the step by the probes and by the batch's examples,
-  /// and the pieces the probes' segment was integrated in. NaN without.
+  /// With kink_split: kinks crossed along the step by the probes (the walk, kinks.h), the batch's
+  /// sites whose pattern differs between w_k and w_{k+1} (pattern_changes: exact for the first
+  /// kinked layer, a lower bound below it), and the pieces the probes' segment was integrated in.
+  /// NaN without.
   double kinks_probes = NAN, kinks_batch = NAN, kink_pieces = NAN;
   /// At sharpness steps (NaN elsewhere): lambda_max of the subset's and the batch's loss, the
   /// subset's Lanczos iterations and relative residual, the subset's loss at w_k and w_{k+1}.

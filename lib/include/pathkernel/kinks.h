@@ -39,6 +39,11 @@ bool has_kinks(models::Model& model);
 /// w0 with kink mode off. Throws std::invalid_argument for a model the walk cannot solve.
 KinkWalk walk_kinks(models::Model& model, const ParamMap& w0, const ParamMap& dw, const at::Tensor& x);
 
+/// Sites whose pattern differs between w0 and w0 + dw, summed over the inputs: two plain forwards.
+/// Exact for kinks of degree 1 (a pre-activation linear in t crosses zero at most once), a lower
+/// bound for deeper ones; the cheap count for many inputs (the batch). Leaves the model at w0.
+int64_t pattern_changes(models::Model& model, const ParamMap& w0, const ParamMap& dw, const at::Tensor& x);
+
 /// Gauss-Legendre nodes and weights on [0, 1] with q nodes on each piece of `breaks`.
 std::pair<std::vector<double>, std::vector<double>> piecewise_nodes(const std::vector<double>& breaks, int64_t q);
 

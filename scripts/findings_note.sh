@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# README Findings, "The note's open question" (issue 13): on 1000 Fashion-MNIST images, for
+# mlp:128:tanh, mlp:128:relu and cnn:8,16:relu, full-batch gradient descent (batch = the 1000)
+# and SGD (batch 64), 100 steps each at learning rates 0.5, 1 and 2 times 2 / lambda_0 (lambda_0:
+# the training loss's top Hessian eigenvalue at initialization, measured here), with weight decay
+# 0 and 1e-3. Each run is analyzed at 16 probes x 10 logits with the exact path kernel (split at
+# the kinks for the ReLU models), sharpness every 10 steps (every 20 for the CNN) on the 1000
+# training images, and reported; then one table (scripts/findings_note_table.py).
+# Resumable: finished runs and analyses are kept. About an hour on two cores.
+#
+# usage: scripts/findings_note.sh [OUT]        (default: findings/note)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+pk=./build/apps/pathkernel
+out=${1:-findings/note}
+mkdir -p "$out"
+common=(--train-limit 1000 --checkpoint-every 10)
+
+# lambda_0 of a model: one tiny full-batch step, analyzed with --sharpness 1.
+lambda0() {
+  local model=$1 dir="$out/$1-lambda0"
+  [ -f "$dir/run/COMPLETE" ] || $pk train --model "$model" "${common[@]}" --batch 1000 --steps 1 --lr 1e-6 \
+    --out "$dir/run" >/dev/null
+  [ -f "$dir/analysis/summary.json" ] || $pk analyze "$dir/run" --probes 2 --sharpness 1 --sharpness-examples 1000 \
+    --out "$dir/analysis" --force >/dev/null
+  python3 -c 'import csv,sys; print(next(csv.DictReader(open(sys.argv[1])))["lambda_max_train"])' \
+    "$dir/analysis/sharpness.csv"
+}
+
+one() {  # model regime batch factor lr wd
+  local model=$1 regime=$2 batch=$3 factor=$4 lr=$5 wd=$6
+  local dir="$out/$model/$regime-x$factor-wd$wd"
+  mkdir -p "$dir"
+  if [ ! -f "$dir/run/COMPLETE" ] && [ ! -f "$dir/diverged" ]; then
+    rm -rf "$dir/run"
+    local st=0
+    $pk train --model "$model" "${common[@]}" --batch "$batch" --steps 100 --lr "$lr" --weight-decay "$wd" \
+      --out "$dir/run" >"$dir/train.log" 2>&1 || st=$?
+    if [ "$st" = 3 ]; then echo "lr $lr" >"$dir/diverged"; return 0; fi
+    [ "$st" = 0 ] || { cat "$dir/train.log" >&2; return "$st"; }
+  fi
+  [ -f "$dir/diverged" ] && return 0
+  local exact=(--exact 4) every=10
+  case $model in *relu*) exact=(--exact 2 --kinks) ;; esac
+  case $model in cnn*) every=20 ;; esac
+  [ -f "$dir/analysis/summary.json" ] || $pk analyze "$dir/run" --probes 16 "${exact[@]}" --sharpness "$every" \
+    --sharpness-examples 1000 --sharpness-iterations 40 --out "$dir/analysis" --force >"$dir/analyze.log" 2>&1 || {
+      st=$?; [ "$st" = 4 ] || { cat "$dir/analyze.log" >&2; return "$st"; }; }
+  [ -f "$dir/report/report.html" ] || $pk report "$dir/analysis" --out "$dir/report" --force >/dev/null
+}
+
+grid() {
+  local model=$1 l0
+  l0=$(lambda0 "$model")
+  echo "$model: lambda_0 = $l0" >&2
+  for factor in 0.5 1 2; do
+    local lr
+    lr=$(python3 -c 'import sys; print("%.4g" % (float(sys.argv[1]) * 2 / float(sys.argv[2])))' "$factor" "$l0")
+    for wd in 0 1e-3; do
+      one "$model" gd 1000 "$factor" "$lr" "$wd"
+      one "$model" sgd 64 "$factor" "$lr" "$wd"
+    done
+  done
+}
+
+grid mlp:128:tanh &
+grid mlp:128:relu &
+wait
+grid cnn:8,16:relu
+python3 scripts/findings_note_table.py "$out"
