@@ -11,7 +11,9 @@
 //  - CNNs: the kernel work of cnn:16,32 and cnn:32,64 at 64 probes x 10 logits against their
 //    floor.
 //
-// usage: bench_analyze [--data DIR] [--repeats N] [--part mlp|cnn|whole]
+//  - issue 13's signals: --exact, --kinks and a --sharpness point against a plain analyzed step.
+//
+// usage: bench_analyze [--data DIR] [--repeats N] [--part mlp|cnn|whole|signals]
 #include <ATen/ATen.h>
 #include <spdlog/spdlog.h>
 #include <sys/resource.h>
@@ -139,12 +141,13 @@ struct RunUnderTest {
   std::string run;
 };
 
-RunUnderTest train_run(const std::string& data, int64_t steps) {
+RunUnderTest train_run(const std::string& data, int64_t steps, const std::string& model = "mlp:128:tanh") {
   RunUnderTest r{fs::temp_directory_path() / ("pathkernel-bench-analyze-" + std::to_string(::getpid())), ""};
   TrainConfig tc;
   tc.data_dir = data;
   tc.train_limit = 5000;
   tc.steps = steps;
+  tc.model = model;
   tc.out = (r.dir / "run").string();
   train(tc, "bench_analyze");
   r.run = tc.out;
@@ -152,7 +155,8 @@ RunUnderTest train_run(const std::string& data, int64_t steps) {
 }
 
 /// A whole analysis per step: analyze steps 0:long and 0:short, divide the difference.
-double analyze_step(const RunUnderTest& r, int64_t probes, int threads, int64_t short_range, int64_t long_range) {
+double analyze_step(const RunUnderTest& r, int64_t probes, int threads, int64_t short_range, int64_t long_range,
+                    const std::function<void(AnalyzeConfig&)>& more = {}) {
   auto time_range = [&](int64_t end) {
     AnalyzeConfig ac;
     ac.run = r.run;
@@ -160,6 +164,7 @@ double analyze_step(const RunUnderTest& r, int64_t probes, int threads, int64_t 
     ac.probes = probes;
     ac.threads = threads;
     ac.step_end = end;
+    if (more) more(ac);
     return seconds_of([&] { analyze(ac); });
   };
   const double t_short = time_range(short_range), t_long = time_range(long_range);
@@ -256,6 +261,40 @@ void bench_whole(const std::string& data, int repeats) {
   fs::remove_all(r.dir);
 }
 
+/// Issue 13's signals: a plain analyzed step against the same step with the exact path kernel
+/// (2 nodes), split at its kinks, and with a sharpness point (lambda_max on 1000 training
+/// examples and on the batch), for a ReLU MLP and a ReLU CNN at 16 probes x 10 logits.
+void bench_signals(const std::string& data) {
+  std::printf("issue 13's signals per analyzed step, 16 probes x 10 logits, steps 5..25 of a run (lr 0.1, batch 64):\n");
+  for (const char* spec : {"mlp:128:relu", "cnn:8,16:relu"}) {
+    const RunUnderTest r = train_run(data, 25, spec);
+    const double plain = analyze_step(r, 16, 1, 5, 25);
+    const double exact = analyze_step(r, 16, 1, 5, 25, [](AnalyzeConfig& a) { a.exact_nodes = 2; });
+    int64_t pieces = 0;
+    const double kinks = analyze_step(r, 16, 1, 5, 25, [](AnalyzeConfig& a) {
+      a.exact_nodes = 2;
+      a.kink_split = true;
+    });
+    {
+      AnalyzeConfig a;
+      a.run = r.run;
+      a.out = (r.dir / "analysis").string();
+      a.probes = 16;
+      a.exact_nodes = 2;
+      a.kink_split = true;
+      a.step_begin = 5;
+      a.step_end = 25;
+      for (const auto& s : analyze(a).steps) pieces += static_cast<int64_t>(s.kink_pieces);
+    }
+    const double sharp = analyze_step(r, 16, 1, 5, 25, [](AnalyzeConfig& a) { a.sharpness_every = 1; });
+    std::printf("  %-14s plain %7.1f ms   --exact 2 %7.1f ms (x%.1f)   --exact 2 --kinks %8.1f ms (x%.1f, %.1f pieces "
+                "per step)   a sharpness point %8.1f ms (x%.1f)\n",
+                spec, plain * 1e3, exact * 1e3, exact / plain, kinks * 1e3, kinks / plain,
+                static_cast<double>(pieces) / 20.0, (sharp - plain) * 1e3, sharp / plain);
+    fs::remove_all(r.dir);
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -283,5 +322,6 @@ int main(int argc, char** argv) {
   if (part.empty() || part == "cnn") bench_cnn(b, repeats);
   if (part.empty() || part == "cnn") bench_cnn_parts(b, repeats);
   if (part.empty() || part == "whole") bench_whole(data, 3);
+  if (part.empty() || part == "signals") bench_signals(data);
   return 0;
 }
