@@ -6,7 +6,7 @@
 # 0 and 1e-3. Each run is analyzed at 16 probes x 10 logits with the exact path kernel (split at
 # the kinks for the ReLU models), sharpness every 10 steps (every 20 for the CNN) on the 1000
 # training images, and reported; then one table (scripts/findings_note_table.py).
-# Resumable: finished runs and analyses are kept. About an hour on two cores.
+# Resumable: finished runs and analyses are kept. About an hour and a half on two cores.
 #
 # usage: scripts/findings_note.sh [OUT]        (default: findings/note)
 set -euo pipefail
@@ -63,8 +63,7 @@ grid() {
   done
 }
 
-grid mlp:128:tanh &
+(grid mlp:128:tanh && grid cnn:8,16:relu) &
 grid mlp:128:relu &
 wait
-grid cnn:8,16:relu
 python3 scripts/findings_note_table.py "$out"

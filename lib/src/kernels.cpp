@@ -6,13 +6,14 @@
 #include "pathkernel/per_example.h"
 
 namespace pathkernel {
-namespace {
 
 std::vector<at::Tensor> parameters_of(models::Model& model) {
   std::vector<at::Tensor> p;
   for (const auto& item : model.named_parameters()) p.push_back(item.value());
   return p;
 }
+
+namespace {
 
 /// Per-row weight gradients of a conv tap, flattened: [R, Cout*Cin*kh*kw], and bias: [R, Cout].
 std::pair<at::Tensor, at::Tensor> conv_row_grads(const models::Tap& t, int64_t repeat) {

@@ -8,14 +8,10 @@
 #include <cmath>
 #include <vector>
 
+#include "pathkernel/kernels.h"
+
 namespace pathkernel {
 namespace {
-
-std::vector<at::Tensor> params_of(models::Model& m) {
-  std::vector<at::Tensor> p;
-  for (const auto& item : m.named_parameters()) p.push_back(item.value());
-  return p;
-}
 
 at::Tensor flat(const std::vector<at::Tensor>& ts, const std::vector<at::Tensor>& like) {
   std::vector<at::Tensor> f;
@@ -28,7 +24,7 @@ at::Tensor flat(const std::vector<at::Tensor>& ts, const std::vector<at::Tensor>
 /// H v for the mean loss over (x, y), summed over chunks with their share of the examples.
 at::Tensor hvp(models::Model& model, const at::Tensor& x, const at::Tensor& y, LossKind loss, const at::Tensor& v,
                int64_t chunk) {
-  const std::vector<at::Tensor> params = params_of(model);
+  const std::vector<at::Tensor> params = parameters_of(model);
   std::vector<at::Tensor> vs;
   int64_t off = 0;
   for (const auto& p : params) {
@@ -57,7 +53,7 @@ at::Tensor hvp(models::Model& model, const at::Tensor& x, const at::Tensor& y, L
 
 Sharpness hessian_top_eigenvalue(models::Model& model, const at::Tensor& x, const at::Tensor& y, LossKind loss,
                                  int64_t max_iterations, double tolerance, uint64_t seed, int64_t chunk) {
-  const std::vector<at::Tensor> params = params_of(model);
+  const std::vector<at::Tensor> params = parameters_of(model);
   int64_t n = 0;
   for (const auto& p : params) n += p.numel();
   const auto opts = at::TensorOptions().dtype(at::kDouble);
@@ -95,7 +91,7 @@ Sharpness hessian_top_eigenvalue(models::Model& model, const at::Tensor& x, cons
 }
 
 at::Tensor explicit_hessian(models::Model& model, const at::Tensor& x, const at::Tensor& y, LossKind loss) {
-  const std::vector<at::Tensor> params = params_of(model);
+  const std::vector<at::Tensor> params = parameters_of(model);
   const at::Tensor l = batch_loss(model.forward(x), y, loss);
   const auto g = torch::autograd::grad({l}, params, {}, true, true, true);
   const at::Tensor gf = flat(g, params);

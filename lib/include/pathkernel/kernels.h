@@ -54,6 +54,9 @@ at::Tensor shared_columns(int64_t probes, const std::vector<int64_t>& outputs);
 /// Rows m = the per-example losses l(y_m, f(x_m)) of a batch (not divided by the batch size).
 RowSignals loss_signals(models::Model& model, const at::Tensor& x, const at::Tensor& y, LossKind loss);
 
+/// The model's parameters in state_dict order.
+std::vector<at::Tensor> parameters_of(models::Model& model);
+
 /// True when every parameter of the model belongs to a tapped Linear/Conv2d layer, so that the
 /// factorized route covers the whole gradient.
 bool factorizable(models::Model& model);
