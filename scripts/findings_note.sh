@@ -4,7 +4,7 @@
 # and SGD (batch 64), 100 steps each at learning rates 0.5, 1 and 2 times 2 / lambda_0 (lambda_0:
 # the training loss's top Hessian eigenvalue at initialization, measured here), with weight decay
 # 0 and 1e-3. Each run is analyzed at 16 probes x 10 logits with the exact path kernel (split at
-# the kinks for the ReLU models), sharpness every 10 steps (every 20 for the CNN) on the 1000
+# the kinks for the ReLU MLP), sharpness every 10 steps (every 20 for the CNN) on the 1000
 # training images, and reported; then one table (scripts/findings_note_table.py).
 # Resumable: finished runs and analyses are kept. About an hour and a half on two cores.
 #
@@ -40,9 +40,10 @@ one() {  # model regime batch factor lr wd
     [ "$st" = 0 ] || { cat "$dir/train.log" >&2; return "$st"; }
   fi
   [ -f "$dir/diverged" ] && return 0
+  # The CNN without --kinks: its walk crosses thousands of kinks per step at these rates
+  # (minutes per step; docs/benchmarks.md), so its exact kernel keeps the plain 2-node rule.
   local exact=(--exact 4) every=10
-  case $model in *relu*) exact=(--exact 2 --kinks) ;; esac
-  case $model in cnn*) every=20 ;; esac
+  case $model in mlp*relu*) exact=(--exact 2 --kinks) ;; cnn*) exact=(--exact 2) every=20 ;; esac
   [ -f "$dir/analysis/summary.json" ] || $pk analyze "$dir/run" --probes 16 "${exact[@]}" --sharpness "$every" \
     --sharpness-examples 1000 --sharpness-iterations 40 --out "$dir/analysis" --force >"$dir/analyze.log" 2>&1 || {
       st=$?; [ "$st" = 4 ] || { cat "$dir/analyze.log" >&2; return "$st"; }; }

@@ -191,7 +191,8 @@ ReportFiles write_report(const ReportConfig& c) {
       if (files.gnuplot) {
         figure(out, files, "sharpness", fmt::format(
             "set terminal pngcairo size 1000,450 font 'sans,10'\nset output '@OUTPUT@'\nset datafile separator ','\n"
-            "set key outside right top\nset xlabel 'step k'\nset ylabel 'top Hessian eigenvalue'\nset yrange [0:*]\n"
+            "set termoption noenhanced\nset key outside right top\nset xlabel 'step k'\n"
+            "set ylabel 'top Hessian eigenvalue'\nset yrange [0:*]\n"
             "set title 'Sharpness against the stability limit of gradient descent (lr * lambda_max = 2); T_c marked'\n"
             "plot '{}' skip 1 using 1:2 with linespoints pt 7 ps 0.5 lw 1.5 lc rgb '#3060c0' title 'lambda_max, "
             "training subset', '' skip 1 using 1:3 with points pt 6 ps 0.6 lc rgb '#30a030' title 'lambda_max, batch', "
