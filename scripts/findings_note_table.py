@@ -23,8 +23,8 @@ def main():
     root = sys.argv[1]
     print("| model | regime | lr (x 2/lambda_0) | wd | median r | share of sum \\|R\\| in T_c: tau / outlier "
           "| \\|sum R\\| / \\|change\\| | lr lambda_max: start, max, end | loss up: batch / subset "
-          "| kinks per step: probes / batch | test acc |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| kinks per step: probes / batch | median cos(g_k, g_k-1) | test acc |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for model in sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and "lambda0" not in d):
         for name in sorted(os.listdir(os.path.join(root, model)), key=lambda n: (n.split("-")[0], float(n.split("-x")[1].split("-")[0]), n)):
             d = os.path.join(root, model, name)
@@ -32,7 +32,7 @@ def main():
             factor, wd = rest.split("-wd")
             if os.path.exists(os.path.join(d, "diverged")):
                 lr = open(os.path.join(d, "diverged")).read().split()[1]
-                print(f"| {model} | {regime} | {lr} (x{factor}) | {wd} | diverged (exit 3) | | | | | | |")
+                print(f"| {model} | {regime} | {lr} (x{factor}) | {wd} | diverged (exit 3) | | | | | | | |")
                 continue
             an = json.load(open(os.path.join(d, "analysis", "summary.json")))
             run = json.load(open(os.path.join(d, "run", "summary.json")))
@@ -52,10 +52,11 @@ def main():
             kb = [num(s.get("kinks_batch")) for s in st]
             kinks = "-" if kp[0] is None else "%.0f / %.0f" % (statistics.mean(kp), statistics.mean(kb))
             acc = run.get("test_accuracy")
+            cos = statistics.median(float(s["grad_cos_prev"]) for s in st if s["grad_cos_prev"])
             print(f"| {model} | {regime} | {lr:.4g} (x{factor}) | {wd} | {r:.3g} | "
                   f"{by['tau']['share_of_R_norm_in_tc']:.2f} ({by['tau']['tc_size']} steps) / "
                   f"{by['outlier']['share_of_R_norm_in_tc']:.2f} ({by['outlier']['tc_size']}) | {sr / ch:.3g} | "
-                  f"{ll[0]:.2f}, {max(ll):.2f}, {ll[-1]:.2f} | {up_b:.2f} / {sum(up_s) / len(up_s):.2f} | {kinks} | "
+                  f"{ll[0]:.2f}, {max(ll):.2f}, {ll[-1]:.2f} | {up_b:.2f} / {sum(up_s) / len(up_s):.2f} | {kinks} | {cos:.2f} | "
                   f"{acc if acc is None else '%.3f' % acc} |")
 
 
