@@ -65,7 +65,9 @@ TEST(BlasCoreTest, TheCoreInForceIsReported) {
   const ThreadInfo t = pin_threads(1);
   if (t.blas.rfind("openblas", 0) != 0) GTEST_SKIP() << "not OpenBLAS: " << t.blas;
   EXPECT_FALSE(t.blas_core.empty());
-  if (const char* env = std::getenv("OPENBLAS_CORETYPE")) EXPECT_EQ(lower(t.blas_core), lower(env));
+  if (const char* env = std::getenv("OPENBLAS_CORETYPE")) {
+    EXPECT_EQ(lower(t.blas_core), lower(env));
+  }
 }
 
 }  // namespace

@@ -106,7 +106,9 @@ TEST(KinksTest, PatternChangesAtTheEndsCountDegreeOneKinksExactly) {
     const int64_t walk = walk_kinks(*m, w0, dw, x).kinks, ends = pattern_changes(*m, w0, dw, x);
     EXPECT_GT(ends, 0) << spec;
     EXPECT_LE(ends, walk) << spec;
-    if (std::string(spec) == "mlp:6:relu") EXPECT_EQ(ends, walk);
+    if (std::string(spec) == "mlp:6:relu") {
+      EXPECT_EQ(ends, walk);
+    }
   }
 }
 
