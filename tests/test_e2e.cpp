@@ -522,6 +522,7 @@ TEST(E2eTest, FullBatchGdOnAQuadraticLossDivergesJustAboveTwoOverLambdaMax) {
   const Result an = run({"analyze", (tmp / "probe").string(), "--probes", "2", "--sharpness", "1",
                          "--sharpness-examples", "200", "--out", (tmp / "an").string()}, tmp.path());
   ASSERT_EQ(an.status, 0) << an.err;
+  EXPECT_NE(an.out.find(",sharpness.csv}"), std::string::npos) << an.out;
   const Table sharp = read_csv(tmp / "an" / "sharpness.csv");
   ASSERT_EQ(sharp.rows, 1u);
   const double lambda = sharp.at("lambda_max_train", tmp / "an")[0];

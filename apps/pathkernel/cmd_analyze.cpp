@@ -20,7 +20,8 @@ int cmd_analyze(const Args& args) {
   if (cmd.json) {
     print_summary_json(c.out);
   } else {
-    std::cout << eq9_table(res, c) << "files: " << c.out << "/{steps.csv,probes.csv,summary.json,arrays/}\n";
+    std::cout << eq9_table(res, c) << "files: " << c.out << "/{steps.csv,probes.csv,summary.json,arrays/"
+              << (c.sharpness_every > 0 ? ",sharpness.csv" : "") << "}\n";
   }
   const std::vector<std::string> failed = failed_checks(res, c);
   for (const auto& f : failed) spdlog::error("check failed: {}", f);

@@ -44,8 +44,8 @@ int cmd_merge(const Args& args) {
   if (cmd.json) {
     print_summary_json(config.out);
   } else {
-    std::cout << eq9_table(res, config) << "files: " << config.out
-              << "/{steps.csv,probes.csv,summary.json,arrays/}\n";
+    std::cout << eq9_table(res, config) << "files: " << config.out << "/{steps.csv,probes.csv,summary.json,arrays/"
+              << (config.sharpness_every > 0 ? ",sharpness.csv" : "") << "}\n";
   }
   const std::vector<std::string> failed = failed_checks(res, config);
   for (const auto& f : failed) spdlog::error("check failed: {}", f);
