@@ -8,6 +8,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <cctype>
 #include <cerrno>
 #include <chrono>
 #include <cstring>
@@ -32,7 +33,7 @@ namespace fs = std::filesystem;
 const char* kData = "/usr/share/datasets/fashion-mnist";
 
 /// Starts the pathkernel binary with `args`, stdout and stderr to files in `log_dir`.
-pid_t spawn(const std::vector<std::string>& args, const fs::path& log_dir) {
+pid_t spawn(const std::vector<std::string>& args, const fs::path& log_dir, char** env = environ) {
   std::vector<std::string> all = {PATHKERNEL_BIN};
   all.insert(all.end(), args.begin(), args.end());
   std::vector<char*> argv;
@@ -43,9 +44,14 @@ pid_t spawn(const std::vector<std::string>& args, const fs::path& log_dir) {
   posix_spawn_file_actions_addopen(&fa, 1, (log_dir / "stdout").c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
   posix_spawn_file_actions_addopen(&fa, 2, (log_dir / "stderr").c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
   pid_t pid = 0;
-  EXPECT_EQ(posix_spawn(&pid, PATHKERNEL_BIN, &fa, nullptr, argv.data(), environ), 0);
+  EXPECT_EQ(posix_spawn(&pid, PATHKERNEL_BIN, &fa, nullptr, argv.data(), env), 0);
   posix_spawn_file_actions_destroy(&fa);
   return pid;
+}
+
+std::string lower(std::string s) {
+  for (auto& ch : s) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+  return s;
 }
 
 int wait_status(pid_t pid) {
@@ -439,6 +445,39 @@ TEST(E2eTest, AMillionParameterModelIsExplainedThroughAProjection) {
   }
   const auto s = nlohmann::json::parse(read_file(tmp / "ex16384" / "summary.json"));
   EXPECT_GT(s["projection"]["dims"].get<int64_t>(), 16384);
+}
+
+// Issue 11's core pinning, end to end: a command that reads a run, started without
+// OPENBLAS_CORETYPE, runs on the core the run's manifest records (the launcher sets it), so
+// replay --verify reproduces every checkpoint bit for bit and the analysis records that core.
+// The run is trained under this environment's own core, so the child computes with the very
+// kernels the environment asks for: no core the environment did not choose ever runs.
+TEST(E2eTest, ACommandWithoutACoreSetRunsOnTheRunsRecordedCore) {
+  testing::TempDir tmp;
+  const fs::path run_dir = tmp / "run";
+  ASSERT_EQ(run({"train", "--model", "mlp:16:tanh", "--train-limit", "500", "--steps", "30", "--checkpoint-every",
+                 "10", "--out", run_dir.string()}, tmp.path()).status, 0);
+  const auto manifest = nlohmann::json::parse(read_file(run_dir / "manifest.json"));
+  const std::string core = manifest["threads"]["blas_core"].get<std::string>();
+  ASSERT_FALSE(core.empty());
+  if (const char* env = std::getenv("OPENBLAS_CORETYPE")) {
+    ASSERT_EQ(lower(core), lower(env)) << "the run was trained under this environment's core";
+  }
+  std::vector<std::string> kept;
+  for (char** e = environ; *e; ++e) {
+    if (std::string(*e).rfind("OPENBLAS_CORETYPE=", 0) != 0) kept.push_back(*e);
+  }
+  std::vector<char*> env;
+  for (auto& e : kept) env.push_back(e.data());
+  env.push_back(nullptr);
+  auto run_without_core = [&](const std::vector<std::string>& args) {
+    return wait_status(spawn(args, tmp.path(), env.data()));
+  };
+  EXPECT_EQ(run_without_core({"replay", run_dir.string(), "--verify"}), 0) << read_file(tmp / "stderr");
+  ASSERT_EQ(run_without_core({"analyze", run_dir.string(), "--probes", "4", "--out", (tmp / "an").string()}), 0)
+      << read_file(tmp / "stderr");
+  const auto summary = nlohmann::json::parse(read_file(tmp / "an" / "summary.json"));
+  EXPECT_EQ(lower(summary["blas_core"].get<std::string>()), lower(core));
 }
 
 // A CNN's analysis takes forward-mode AD for K and F and forms the per-example split on every
