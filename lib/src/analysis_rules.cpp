@@ -1,7 +1,8 @@
 // The analysis's rules that need no run: which probes (choose_probes), the Gauss-Legendre nodes
-// of the exact path kernel, and which steps are complex (mark_complex_steps, SPEC "Complex
-// timesteps").
+// of the exact path kernel, which steps are complex (mark_complex_steps, SPEC "Complex
+// timesteps") and which of the analysis's own checks failed (failed_checks).
 #include <ATen/ATen.h>
+#include <fmt/format.h>
 
 #include <algorithm>
 #include <cmath>
@@ -113,6 +114,33 @@ void mark_complex_steps(std::vector<StepRow>& steps, const AnalyzeConfig& c) {
     const double mad = w.size() % 2 ? w[w.size() / 2] : 0.5 * (w[w.size() / 2 - 1] + w[w.size() / 2]);
     steps[k].in_tc = steps[k].r > med + c.tc_kappa * 1.4826 * mad;
   }
+}
+
+std::vector<std::string> failed_checks(const AnalysisResult& r, const AnalyzeConfig& c) {
+  std::vector<std::string> failed;
+  const std::pair<const char*, const at::Tensor*> arrays[] = {{"D", &r.d}, {"F", &r.f}, {"K", &r.k}, {"U", &r.u},
+                                                             {"R", &r.r}, {"S", &r.s}, {"Kopt", &r.kopt},
+                                                             {"Kexact", &r.kexact}};
+  for (const auto& [name, t] : arrays) {
+    if (t->defined() && !at::isfinite(*t).all().item<bool>()) {
+      failed.push_back(std::string(name) + " holds values that are not finite (NaN or inf)");
+    }
+  }
+  if (!(r.kernel_split_error <= c.kernel_split_tolerance)) {
+    failed.push_back(fmt::format("the kernel term's per-example split differs from -a_k g . grad L_k (autograd) by "
+                                 "{:.3e}, beyond {:.0e}", r.kernel_split_error, c.kernel_split_tolerance));
+  }
+  if (c.exact_nodes > 0 && (r.smooth || c.kink_split) && !(r.quad_error_rel <= c.quadrature_tolerance)) {
+    failed.push_back(fmt::format("the exact path kernel's quadrature error is {:.3e} of max |D| with {} nodes on a "
+                                 "{}, beyond {:.0e}: use more nodes (--exact Q)",
+                                 r.quad_error_rel, c.exact_nodes, c.kink_split ? "model split at its kinks" : "smooth model",
+                                 c.quadrature_tolerance));
+  }
+  if (r.contiguous && !(r.identity_error <= c.identity_tolerance)) {
+    failed.push_back(fmt::format("the run identity fails: error {:.3e} exceeds {:.0e} of max |f_N - f_0|",
+                                 r.identity_error, c.identity_tolerance));
+  }
+  return failed;
 }
 
 }  // namespace pathkernel

@@ -112,6 +112,17 @@ ParamMap batch_gradient(models::Model& model, const at::Tensor& xb, const at::Te
 
 /// The stored momentum buffer b_{k-1} as float64, when the SPEC's U_mom applies (SGD momentum,
 /// no Nesterov or dampening); empty otherwise.
+/// cos(a, b) over every parameter.
+double gradient_cosine(const ParamMap& a, const ParamMap& b) {
+  double ab = 0, aa = 0, bb = 0;
+  for (const auto& [name, t] : a) {
+    ab += (t * b.at(name)).sum().item<double>();
+    aa += t.pow(2).sum().item<double>();
+    bb += b.at(name).pow(2).sum().item<double>();
+  }
+  return ab / std::sqrt(aa * bb);
+}
+
 ParamMap momentum_buffer_of(const Optimizer& opt) {
   for (const auto& [slot, tensors] : opt.state()) {
     if (slot == "momentum_buffer") return to_double_map(tensors);
@@ -120,33 +131,6 @@ ParamMap momentum_buffer_of(const Optimizer& opt) {
 }
 
 }  // namespace
-
-std::vector<std::string> failed_checks(const AnalysisResult& r, const AnalyzeConfig& c) {
-  std::vector<std::string> failed;
-  const std::pair<const char*, const at::Tensor*> arrays[] = {{"D", &r.d}, {"F", &r.f}, {"K", &r.k}, {"U", &r.u},
-                                                             {"R", &r.r}, {"S", &r.s}, {"Kopt", &r.kopt},
-                                                             {"Kexact", &r.kexact}};
-  for (const auto& [name, t] : arrays) {
-    if (t->defined() && !at::isfinite(*t).all().item<bool>()) {
-      failed.push_back(std::string(name) + " holds values that are not finite (NaN or inf)");
-    }
-  }
-  if (!(r.kernel_split_error <= c.kernel_split_tolerance)) {
-    failed.push_back(fmt::format("the kernel term's per-example split differs from -a_k g . grad L_k (autograd) by "
-                                 "{:.3e}, beyond {:.0e}", r.kernel_split_error, c.kernel_split_tolerance));
-  }
-  if (c.exact_nodes > 0 && (r.smooth || c.kink_split) && !(r.quad_error_rel <= c.quadrature_tolerance)) {
-    failed.push_back(fmt::format("the exact path kernel's quadrature error is {:.3e} of max |D| with {} nodes on a "
-                                 "{}, beyond {:.0e}: use more nodes (--exact Q)",
-                                 r.quad_error_rel, c.exact_nodes, c.kink_split ? "model split at its kinks" : "smooth model",
-                                 c.quadrature_tolerance));
-  }
-  if (r.contiguous && !(r.identity_error <= c.identity_tolerance)) {
-    failed.push_back(fmt::format("the run identity fails: error {:.3e} exceeds {:.0e} of max |f_N - f_0|",
-                                 r.identity_error, c.identity_tolerance));
-  }
-  return failed;
-}
 
 AnalysisResult analyze(const AnalyzeConfig& c) {
   c.validate();
@@ -314,15 +298,6 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
   // The previous step's batch gradient, for the cosine between consecutive gradients.
   ParamMap prev_grad;
   int64_t prev_grad_step = -2;
-  auto cosine = [](const ParamMap& a, const ParamMap& b) {
-    double ab = 0, aa = 0, bb = 0;
-    for (const auto& [name, t] : a) {
-      ab += (t * b.at(name)).sum().item<double>();
-      aa += t.pow(2).sum().item<double>();
-      bb += b.at(name).pow(2).sum().item<double>();
-    }
-    return ab / std::sqrt(aa * bb);
-  };
   for (int64_t k = walk_from; k < end && resume_at < end; ++k) {  // (nothing left when resumed at the end)
     const bool analyzed = k >= resume_at && (k - begin) % c.every == 0;
     if (!analyzed && !res.uses_kopt) continue;
@@ -363,7 +338,7 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
         prev_grad = batch_gradient(*model, before.x, before.y, loss);
         set_weights(*model, w0);
       }
-      grad_cos = cosine(grad_l, prev_grad);
+      grad_cos = gradient_cosine(grad_l, prev_grad);
     }
     prev_grad = grad_l;
     prev_grad_step = k;
@@ -538,18 +513,9 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
       row.lanczos_iterations = static_cast<double>(st.iterations);
       row.lanczos_residual = st.residual;
       row.lambda_batch = sb_.lambda_max;
-      auto subset_loss = [&] {
-        double total = 0;
-        for (int64_t i = 0; i < xs.size(0); i += 1000) {
-          const int64_t len = std::min<int64_t>(1000, xs.size(0) - i);
-          total += batch_loss(forward_nograd(*model, xs.narrow(0, i, len)), ys.narrow(0, i, len), loss).item<double>() *
-                   static_cast<double>(len);
-        }
-        return total / static_cast<double>(xs.size(0));
-      };
-      row.subset_loss_before = subset_loss();
+      row.subset_loss_before = mean_loss(*model, xs, ys, loss);
       set_weights(*model, w1);
-      row.subset_loss_after = subset_loss();
+      row.subset_loss_after = mean_loss(*model, xs, ys, loss);
       set_weights(*model, w0);
     }
     arrays.d.push_back(d);

@@ -90,6 +90,17 @@ Sharpness hessian_top_eigenvalue(models::Model& model, const at::Tensor& x, cons
   return s;
 }
 
+double mean_loss(models::Model& model, const at::Tensor& x, const at::Tensor& y, LossKind loss, int64_t chunk) {
+  at::NoGradGuard ng;
+  double total = 0;
+  for (int64_t i = 0; i < x.size(0); i += chunk) {
+    const int64_t len = std::min(chunk, x.size(0) - i);
+    total += batch_loss(model.forward(x.narrow(0, i, len)), y.narrow(0, i, len), loss).item<double>() *
+             static_cast<double>(len);
+  }
+  return total / static_cast<double>(x.size(0));
+}
+
 at::Tensor explicit_hessian(models::Model& model, const at::Tensor& x, const at::Tensor& y, LossKind loss) {
   const std::vector<at::Tensor> params = parameters_of(model);
   const at::Tensor l = batch_loss(model.forward(x), y, loss);

@@ -30,6 +30,9 @@ Sharpness hessian_top_eigenvalue(models::Model& model, const at::Tensor& x, cons
                                  int64_t max_iterations = 100, double tolerance = 1e-7, uint64_t seed = 0,
                                  int64_t chunk = 1000);
 
+/// The mean loss over (x, y) at the model's current weights, without a graph, in chunks.
+double mean_loss(models::Model& model, const at::Tensor& x, const at::Tensor& y, LossKind loss, int64_t chunk = 1000);
+
 /// The explicit Hessian [n, n] of the same loss (one double backward per parameter): the tests'
 /// independent route, for small models only.
 at::Tensor explicit_hessian(models::Model& model, const at::Tensor& x, const at::Tensor& y, LossKind loss);
