@@ -119,6 +119,22 @@ TEST_F(AnalyzerTest, KinkSplitExactKernelReproducesDOnReluModels) {
   }
 }
 
+// A kink three layers deep has a cubic pre-activation the walk does not solve: refused, naming
+// the model; and --kinks needs the exact path kernel.
+TEST_F(AnalyzerTest, KinkSplitRefusesWhatItCannotSolve) {
+  AnalyzeConfig a = config(run("deep", "mlp:4,3,3:relu", 0.1, 2));
+  a.exact_nodes = 2;
+  a.kink_split = true;
+  try {
+    analyze(a);
+    FAIL() << "a kink three layers deep was accepted";
+  } catch (const InputError& e) {
+    EXPECT_NE(std::string(e.what()).find("mlp:4,3,3:relu"), std::string::npos) << e.what();
+  }
+  a.exact_nodes = 0;
+  EXPECT_THROW(a.validate(), InputError);
+}
+
 // --sharpness: lambda_max of the training subset's loss at w_k equals the explicit Hessian's
 // largest eigenvalue, computed here from the run's checkpoint; the cosine between consecutive
 // batch gradients equals autograd's.
