@@ -1,5 +1,7 @@
 #include <ATen/ATen.h>
 
+#include <map>
+
 #include "fixtures.h"
 #include "pathkernel/models/model.h"
 
@@ -72,6 +74,70 @@ TEST(ModelTest, QuadraticModelHasNoNonlinearity) {
       at::linear(at::linear(x.reshape({2, -1}), p["layers.0.weight"], p["layers.0.bias"]), p["layers.1.weight"],
                  p["layers.1.bias"]);
   EXPECT_TRUE(at::allclose(m->forward(x), expected, 1e-14, 1e-14));
+}
+
+// A row segment runs each row at its own weights w + t[n] dw: the same logits, and the same
+// gradient with respect to w, as moving the model's weights there and forwarding the row alone.
+TEST(ModelTest, RowSegmentRunsEachRowAtItsOwnWeights) {
+  for (const char* spec : {"mlp:5,4:relu", "cnn:2,3:relu", "linear"}) {
+    at::manual_seed(2);
+    auto m = build_model(parse_model_spec(spec), {1, 4, 4}, 3);
+    m->to(at::kDouble);
+    const at::Tensor x = at::rand({3, 1, 4, 4}, at::kDouble);
+    const at::Tensor t = at::tensor({0.0, 0.37, 1.2}, at::kDouble);
+    std::map<std::string, at::Tensor> w0, dw;
+    for (const auto& p : m->named_parameters()) {
+      w0[p.key()] = p.value().detach().clone();
+      dw[p.key()] = at::randn_like(p.value());
+    }
+    RowSegment seg;
+    seg.t = t;
+    for (const auto& tap : m->taps()) {
+      seg.weight.push_back(dw.at(tap.name + ".weight"));
+      seg.bias.push_back(dw.at(tap.name + ".bias"));
+    }
+    m->set_row_segment(seg);
+    m->zero_grad();
+    const at::Tensor rows = m->forward(x);
+    rows.sum().backward();
+    std::map<std::string, at::Tensor> grad_rows;
+    for (const auto& p : m->named_parameters()) grad_rows[p.key()] = p.value().grad().clone();
+    m->set_row_segment({});
+    std::map<std::string, at::Tensor> grad_alone;
+    for (int64_t n = 0; n < 3; ++n) {
+      {
+        at::NoGradGuard ng;
+        for (const auto& p : m->named_parameters()) p.value().copy_(w0[p.key()] + dw[p.key()] * t[n].item<double>());
+      }
+      m->zero_grad();
+      const at::Tensor alone = m->forward(x.narrow(0, n, 1));
+      EXPECT_TRUE(at::allclose(rows.narrow(0, n, 1), alone, 1e-12, 1e-12)) << spec << " row " << n;
+      alone.sum().backward();
+      for (const auto& p : m->named_parameters()) {
+        auto& g = grad_alone[p.key()];
+        g = g.defined() ? g + p.value().grad() : p.value().grad().clone();
+      }
+    }
+    for (const auto& [k, g] : grad_rows) EXPECT_TRUE(at::allclose(g, grad_alone[k], 1e-12, 1e-12)) << spec << " " << k;
+  }
+}
+
+TEST(ModelTest, RowSegmentRefusesDirectionsThatDoNotMatchTheTaps) {
+  auto m = build_model(parse_model_spec("mlp:5:relu"), {1, 4, 4}, 3);
+  RowSegment seg;
+  seg.t = at::zeros({2});
+  EXPECT_THROW(m->set_row_segment(seg), std::invalid_argument);  // no directions
+  for (const auto& tap : m->taps()) {
+    seg.weight.push_back(at::zeros_like(tap.weight));
+    seg.bias.push_back(at::zeros_like(tap.bias));
+  }
+  seg.weight[1] = at::zeros({2, 2});
+  try {
+    m->set_row_segment(seg);
+    FAIL() << "a wrong shape was accepted";
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("layers.1"), std::string::npos) << e.what();
+  }
 }
 
 }  // namespace

@@ -31,17 +31,51 @@ void Model::record_input(size_t tap, const torch::Tensor& input) {
     next_site_ = 0;
     layers_done_ = 0;
   }
+  if (segment_.t.defined()) segment_inputs_[tap] = input;
   if (!capture_) return;
   taps_[tap].input = input.detach();
   taps_[tap].grad_output = torch::Tensor();
 }
 
-void Model::record_output(size_t tap, const torch::Tensor& output) {
+torch::Tensor Model::record_output(size_t tap, torch::Tensor output) {
   layers_done_ = static_cast<int64_t>(tap) + 1;
-  if (!capture_ || !output.requires_grad()) return;
+  if (segment_.t.defined()) {
+    const Tap& tp = taps_[tap];
+    const torch::Tensor& x = segment_inputs_[tap];
+    const torch::Tensor& w = segment_.weight[tap];
+    const torch::Tensor& b = segment_.bias[tap];
+    std::vector<int64_t> shape(static_cast<size_t>(output.dim()), 1);
+    shape[0] = output.size(0);
+    const torch::Tensor along = tp.kind == LayerKind::kLinear
+                                    ? at::linear(x, w, b)
+                                    : at::conv2d(x, w, b, {tp.conv.stride_h, tp.conv.stride_w}, {tp.conv.pad_h, tp.conv.pad_w});
+    output = output + segment_.t.view(shape) * along;
+    segment_inputs_[tap] = torch::Tensor();
+  }
+  if (!capture_ || !output.requires_grad()) return output;
   taps_[tap].output = output;
   // The hook only stores the signal; it never changes the gradient flowing on.
   output.register_hook([this, tap](torch::Tensor g) { taps_[tap].grad_output = g; });
+  return output;
+}
+
+void Model::set_row_segment(RowSegment segment) {
+  if (segment.t.defined()) {
+    if (segment.weight.size() != taps_.size() || segment.bias.size() != taps_.size()) {
+      throw std::invalid_argument("row segment: " + std::to_string(segment.weight.size()) + " directions for " +
+                                  std::to_string(taps_.size()) + " tapped layers");
+    }
+    for (size_t i = 0; i < taps_.size(); ++i) {
+      if (!segment.weight[i].defined() || !segment.weight[i].sizes().equals(taps_[i].weight.sizes()) ||
+          segment.bias[i].defined() != taps_[i].bias.defined() ||
+          (segment.bias[i].defined() && !segment.bias[i].sizes().equals(taps_[i].bias.sizes()))) {
+        throw std::invalid_argument("row segment: the direction of '" + taps_[i].name + "' does not match its shape");
+      }
+    }
+    if (segment.t.dim() != 1) throw std::invalid_argument("row segment: t must be one value per row");
+  }
+  segment_ = std::move(segment);
+  segment_inputs_.assign(taps_.size(), torch::Tensor());
 }
 
 KinkSite& Model::site_for(bool pool) {

@@ -36,7 +36,7 @@ class DenseNet : public Model {
       if (i > 0) h = activate(h);
       record_input(i, h);
       h = linears_[i]->forward(h);
-      record_output(i, h);
+      h = record_output(i, h);
     }
     return h;
   }
@@ -76,13 +76,13 @@ class SmallCnn : public Model {
     for (size_t i = 0; i < conv_list_.size(); ++i) {
       record_input(i, h);
       h = conv_list_[i]->forward(h);
-      record_output(i, h);
+      h = record_output(i, h);
       h = max_pool2(activate(h));
     }
     h = h.reshape({h.size(0), -1});
     record_input(2, h);
     h = fc_->forward(h);
-    record_output(2, h);
+    h = record_output(2, h);
     return h;
   }
 

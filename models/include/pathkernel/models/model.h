@@ -65,6 +65,18 @@ struct KinkSite {
   torch::Tensor values;
 };
 
+/// Weights that differ per row of a forward, along one segment: row n runs at w + t[n] dw, w the
+/// model's parameters. Every tapped layer is linear in its weights, so its output becomes
+/// layer(x; w) + t[n] layer(x; dw) (a backward or a forward-mode tangent through w is then the
+/// derivative at w + t[n] dw). The kink walk moves each row along its own t this way.
+struct RowSegment {
+  /// [N] positions on the segment, one per input row, in the model's dtype.
+  torch::Tensor t;
+  /// Per tapped layer (taps() order): the direction of its weight, and of its bias (undefined
+  /// when the layer has none).
+  std::vector<torch::Tensor> weight, bias;
+};
+
 /// Base class of the zoo's models. Parameters are registered in forward order with PyTorch
 /// state_dict names, so `named_parameters()` is the state_dict order used everywhere.
 class Model : public torch::nn::Module {
@@ -88,6 +100,10 @@ class Model : public torch::nn::Module {
   KinkMode kink_mode() const { return kink_mode_; }
   std::vector<KinkSite>& kink_sites() { return kink_sites_; }
 
+  /// Sets per-row weights for the forwards that follow (RowSegment), or clears them (an undefined t).
+  /// Throws std::invalid_argument when the directions do not match the taps.
+  void set_row_segment(RowSegment segment);
+
   /// The spec this model was built from.
   const ModelSpec& spec() const { return spec_; }
   /// Number of output classes.
@@ -101,8 +117,9 @@ class Model : public torch::nn::Module {
                  torch::Tensor bias, ConvGeometry conv = {});
   /// Called by subclasses on a tapped layer's input before the layer runs.
   void record_input(size_t tap, const torch::Tensor& input);
-  /// Called by subclasses on a tapped layer's output; registers the signal hook.
-  void record_output(size_t tap, const torch::Tensor& output);
+  /// Called by subclasses on a tapped layer's output; returns the output to use (the row segment's
+  /// term added when one is set) and registers the signal hook on it.
+  torch::Tensor record_output(size_t tap, torch::Tensor output);
   /// The spec's activation, through the kink machinery when it is ReLU or leaky ReLU.
   torch::Tensor activate(const torch::Tensor& x);
   /// 2x2 max-pool (stride 2), through the kink machinery.
@@ -115,6 +132,8 @@ class Model : public torch::nn::Module {
   std::vector<Tap> taps_;
   KinkMode kink_mode_ = KinkMode::kOff;
   std::vector<KinkSite> kink_sites_;
+  RowSegment segment_;
+  std::vector<torch::Tensor> segment_inputs_;  // each tap's input of the running forward
   size_t next_site_ = 0;
   int64_t layers_done_ = 0;
   KinkSite& site_for(bool pool);
