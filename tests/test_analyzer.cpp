@@ -116,11 +116,78 @@ TEST_F(AnalyzerTest, KinkSplitExactKernelReproducesDOnReluModels) {
     EXPECT_GT(worst_plain, 1e-9) << spec;  // the test would fail without the split
     EXPECT_GT(kinks, 0) << spec;
     EXPECT_TRUE(at::equal(plain.d, split.d)) << spec;
+    // --kinks-max 2: the steps on which an example crosses two kinks or more are not walked, and
+    // their exact kernel is the plain rule's; the quadrature gate leaves them out.
+    a.kinks_max = 2;
+    a.out += "-max";
+    const AnalysisResult capped = analyze(a);
+    int64_t skipped = 0;
+    for (size_t k = 0; k < split.steps.size(); ++k) {
+      if (!std::isnan(capped.steps[k].kinks_probes)) {
+        EXPECT_EQ(capped.steps[k].kinks_probes, split.steps[k].kinks_probes) << spec;
+        EXPECT_EQ(capped.steps[k].kinks_batch, split.steps[k].kinks_batch) << spec;
+        continue;
+      }
+      ++skipped;
+      EXPECT_TRUE(std::isnan(capped.steps[k].kinks_batch)) << spec;
+      EXPECT_TRUE(at::equal(capped.kexact[static_cast<int64_t>(k)], plain.kexact[static_cast<int64_t>(k)])) << spec;
+      EXPECT_GT(split.steps[k].kinks_probes + split.steps[k].kinks_batch, 1.0) << spec;
+    }
+    EXPECT_GT(skipped, 0) << spec;
+    EXPECT_EQ(capped.kinks_skipped, skipped) << spec;
+    a.kinks_max = 0;
+    // --kinks without --exact: the same counts, no exact kernel.
+    a.exact_nodes = 0;
+    a.out += "-count";
+    const AnalysisResult counted = analyze(a);
+    ASSERT_EQ(counted.steps.size(), split.steps.size());
+    EXPECT_FALSE(counted.kexact.defined()) << spec;
+    for (size_t k = 0; k < split.steps.size(); ++k) {
+      EXPECT_EQ(counted.steps[k].kinks_probes, split.steps[k].kinks_probes) << spec;
+      EXPECT_EQ(counted.steps[k].kinks_batch, split.steps[k].kinks_batch) << spec;
+    }
+  }
+}
+
+// --kinks counts the batch's kinks; on one hidden layer (pre-activations linear in t) they are
+// the units whose sign differs between w_k and w_{k+1}: two plain forwards of the batch from the
+// run's checkpoint files. --kinks-examples N walks the first N examples of the batch.
+TEST_F(AnalyzerTest, BatchKinksEqualSignChangesBetweenTheCheckpoints) {
+  const std::string dir = run("batchkinks", "mlp:16:relu", 2.0, 1);
+  const RunDir run_dir(dir);
+  const Dataset train_set = load_split(tmp_ / "data", "train");
+  auto changes = [&](const at::Tensor& idx) {
+    auto m = models::build_model(models::parse_model_spec("mlp:16:relu"), {1, 8, 8}, 3);
+    m->to(at::kDouble);
+    m->set_kink_mode(models::KinkMode::kRecord);
+    const at::Tensor x = to_inputs(train_set.images.index_select(0, idx), at::kDouble, {});
+    at::Tensor before;
+    for (int64_t k : {0, 1}) {
+      at::NoGradGuard ng;
+      for (const auto& [name, t] : load_tensor_dict(run_dir.checkpoint(k))) m->named_parameters()[name].copy_(t);
+      m->forward(x);
+      if (k == 0) before = m->kink_sites()[0].pattern.clone();
+    }
+    return static_cast<double>(m->kink_sites()[0].pattern.ne(before).sum().item<int64_t>());
+  };
+  for (int64_t cap : {0, 4}) {
+    AnalyzeConfig a = config(dir);
+    a.kink_split = true;
+    a.kinks_examples = cap;
+    a.out += "-" + std::to_string(cap);
+    at::Tensor batch;
+    a.on_step = [&](const StepTerms& t) { batch = t.batch.clone(); };
+    const AnalysisResult r = analyze(a);
+    ASSERT_EQ(r.steps.size(), 1u);
+    ASSERT_EQ(batch.size(0), 10);
+    const double expected = changes(cap > 0 ? batch.narrow(0, 0, cap) : batch);
+    EXPECT_GT(expected, 0) << cap;
+    EXPECT_EQ(r.steps[0].kinks_batch, expected) << cap;
   }
 }
 
 // A kink three layers deep has a cubic pre-activation the walk does not solve: refused, naming
-// the model; and --kinks needs the exact path kernel.
+// the model.
 TEST_F(AnalyzerTest, KinkSplitRefusesWhatItCannotSolve) {
   AnalyzeConfig a = config(run("deep", "mlp:4,3,3:relu", 0.1, 2));
   a.exact_nodes = 2;
@@ -131,8 +198,6 @@ TEST_F(AnalyzerTest, KinkSplitRefusesWhatItCannotSolve) {
   } catch (const InputError& e) {
     EXPECT_NE(std::string(e.what()).find("mlp:4,3,3:relu"), std::string::npos) << e.what();
   }
-  a.exact_nodes = 0;
-  EXPECT_THROW(a.validate(), InputError);
 }
 
 // --sharpness: lambda_max of the training subset's loss at w_k equals the explicit Hessian's

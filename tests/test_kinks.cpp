@@ -84,14 +84,16 @@ TEST(KinksTest, PiecewiseNodesIntegratePolynomialsPieceByPiece) {
   EXPECT_EQ(piecewise_nodes({0.0, 1.0}, 3).first, gauss_legendre(3).first);
 }
 
-}  // namespace
-}  // namespace pathkernel
 
-namespace pathkernel {
-namespace {
+/// Sites whose pattern differs between the segment's ends, summed over the inputs: two forwards.
+int64_t pattern_changes(models::Model& m, const ParamMap& w0, const ParamMap& dw, const at::Tensor& x) {
+  std::vector<int64_t> cells;
+  return brute_force(m, w0, dw, x, /*n=*/1, &cells);
+}
 
-// The endpoint count equals the walk's where every kink is of degree 1 (one hidden layer: each
-// pre-activation is linear in t and crosses zero at most once) and never exceeds it.
+// The count at the segment's ends, by two plain forwards, equals the walk's where every kink is
+// of degree 1 (one hidden layer: each pre-activation is linear in t and crosses zero at most
+// once) and never exceeds it.
 TEST(KinksTest, PatternChangesAtTheEndsCountDegreeOneKinksExactly) {
   for (const char* spec : {"mlp:6:relu", "mlp:4,3:leaky_relu"}) {
     at::manual_seed(9);
@@ -109,6 +111,45 @@ TEST(KinksTest, PatternChangesAtTheEndsCountDegreeOneKinksExactly) {
     if (std::string(spec) == "mlp:6:relu") {
       EXPECT_EQ(ends, walk);
     }
+  }
+}
+
+
+// Walking the rows together, each at its own t, finds for every row what walking it alone finds.
+TEST(KinksTest, RowsWalkedTogetherEqualEachRowWalkedAlone) {
+  for (const char* spec : {"mlp:6,4:relu", "cnn:2,2:relu"}) {
+    at::manual_seed(10);
+    auto m = models::build_model(models::parse_model_spec(spec), {1, 4, 4}, 3);
+    m->to(at::kDouble);
+    const at::Tensor x = at::rand({4, 1, 4, 4}, at::kDouble) - 0.3;
+    ParamMap w0, dw;
+    for (const auto& item : m->named_parameters()) {
+      w0[item.key()] = item.value().detach().clone();
+      dw[item.key()] = at::randn_like(item.value()) * 0.6;
+    }
+    const RowKinks rows = walk_rows(*m, w0, dw, x);
+    ASSERT_EQ(rows.kinks.size(), 4u);
+    int64_t total = 0;
+    for (int64_t i = 0; i < 4; ++i) {
+      const KinkWalk alone = walk_kinks(*m, w0, dw, x.narrow(0, i, 1));
+      EXPECT_EQ(rows.kinks[static_cast<size_t>(i)], alone.kinks) << spec << " row " << i;
+      ASSERT_EQ(rows.breaks[static_cast<size_t>(i)].size() + 2, alone.breaks.size()) << spec << " row " << i;
+      for (size_t j = 0; j < rows.breaks[static_cast<size_t>(i)].size(); ++j) {
+        EXPECT_NEAR(rows.breaks[static_cast<size_t>(i)][j], alone.breaks[j + 1], 1e-12);
+      }
+      total += rows.kinks[static_cast<size_t>(i)];
+    }
+    EXPECT_GT(total, 4) << spec;
+    EXPECT_TRUE(rows.complete);
+    // A limit above every row's pieces changes nothing; one below gives up, as does one the
+    // segment's ends already exceed (a row's kinks are at least its sites that differ there).
+    int64_t most = 0;
+    for (const auto& b : rows.breaks) most = std::max<int64_t>(most, static_cast<int64_t>(b.size()) + 1);
+    const RowKinks enough = walk_rows(*m, w0, dw, x, most);
+    EXPECT_TRUE(enough.complete) << spec;
+    EXPECT_EQ(enough.kinks, rows.kinks) << spec;
+    EXPECT_FALSE(walk_rows(*m, w0, dw, x, most - 1).complete) << spec;
+    EXPECT_FALSE(walk_rows(*m, w0, dw, x, 1).complete) << spec;
   }
 }
 

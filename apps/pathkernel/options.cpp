@@ -73,9 +73,13 @@ void add_analysis_options(cxxopts::Options& opts, AnalyzeConfig& c, bool with_th
     ("tau", "tau rule: step in T_c when |R|/|F| > tau", cxxopts::value(c.tau)->default_value("0.1"))
     ("tc-window", "outlier rule: steps of history", cxxopts::value(c.tc_window)->default_value("50"))
     ("tc-kappa", "outlier rule: MADs above the median", cxxopts::value(c.tc_kappa)->default_value("5"))
-    ("kinks", "with --exact: split each step at the kinks of its ReLU / leaky ReLU / max-pool patterns, so that "
-     "the exact path kernel is exact for them too; kinks crossed per step in steps.csv",
+    ("kinks", "walk each step's kinks (ReLU / leaky ReLU / max-pool pattern changes) of every probe and batch "
+     "example: kinks crossed per step in steps.csv; with --exact, the exact path kernel split at them (exact again)",
      cxxopts::value(c.kink_split)->default_value("false"))
+    ("kinks-examples", "with --kinks: walk only the first N examples of each batch (0: all)",
+     cxxopts::value(c.kinks_examples)->default_value("0"))
+    ("kinks-max", "with --kinks: a step where one example would need more than N pieces is not walked (its kink "
+     "columns empty, its exact kernel by the plain rule; 0: no limit)", cxxopts::value(c.kinks_max)->default_value("0"))
     ("sharpness", "EVERY: lambda_max of the loss Hessian (training subset and batch) at every EVERY-th step, into "
      "sharpness.csv", cxxopts::value(c.sharpness_every)->default_value("0"))
     ("sharpness-examples", "the training subset of --sharpness: the first N examples",
@@ -127,7 +131,7 @@ void check_numbers(const Args& args) {
   static const std::set<std::string> integers = {
       "steps", "epochs", "batch", "seed", "threads", "train-limit", "checkpoint-every", "eval-every", "probes",
       "every", "exact", "tc-window", "output", "top", "grids", "curves", "step", "check-every", "train-examples", "chunk",
-      "project", "project-seed", "sharpness", "sharpness-examples", "sharpness-iterations"};
+      "project", "project-seed", "kinks-examples", "kinks-max", "sharpness", "sharpness-examples", "sharpness-iterations"};
   static const std::set<std::string> reals = {"lr", "momentum", "dampening", "eps", "weight-decay", "tau", "tc-kappa",
                                               "segment-every"};
   const std::string& command = args[0];

@@ -140,7 +140,9 @@ nlohmann::json analysis_settings(const AnalyzeConfig& c, int64_t probes) {
           {"kernel_route", c.kernel_route}, {"tc_rule", c.tc_rule},
           {"tau", c.tau}, {"tc_window", c.tc_window}, {"tc_kappa", c.tc_kappa},
           {"identity_tolerance", c.identity_tolerance}, {"check_every", c.check_every},
-          {"threads", c.threads}, {"kinks", c.kink_split}, {"sharpness_every", c.sharpness_every},
+          {"threads", c.threads}, {"kinks", c.kink_split}, {"kinks_examples", c.kinks_examples},
+          {"kinks_max", c.kinks_max},
+          {"sharpness_every", c.sharpness_every},
           {"sharpness_examples", c.sharpness_examples}, {"sharpness_iterations", c.sharpness_iterations}};
 }
 
@@ -199,6 +201,7 @@ nlohmann::json summary_json(const AnalysisResult& r, const AnalyzeConfig& c) {
            }()},
           {"quad_error_rel", r.kexact.defined() ? nlohmann::json(r.quad_error_rel) : nlohmann::json(nullptr)},
           {"smooth_model", r.smooth},
+          {"kinks_skipped_steps", c.kink_split ? nlohmann::json(r.kinks_skipped) : nlohmann::json(nullptr)},
           {"seconds", r.seconds},
           {"seconds_per_step", r.seconds / static_cast<double>(r.steps.size())},
           {"startup_seconds", r.startup_seconds},

@@ -12,6 +12,7 @@
 #include <filesystem>
 
 #include "pathkernel/errors.h"
+#include "pathkernel/exact_kernel.h"
 #include "pathkernel/kernels.h"
 #include "pathkernel/kinks.h"
 #include "pathkernel/sharpness.h"
@@ -437,54 +438,49 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
     row.r_norm = frob(r);
     row.r = row.f_norm > 0 ? row.r_norm / row.f_norm : 0.0;
     at::Tensor kex_per_step;
+    StepKinks kinks;
+    if (c.kink_split) {
+      // Each probe's and batch example's kinks along the step, walked row by row (kinks.h).
+      try {
+        kinks = walk_step(*model, w0, dw, xp, xb, c.kinks_examples, c.kinks_max);
+      } catch (const std::invalid_argument& e) {
+        throw InputError(std::string("--kinks: ") + e.what());
+      }
+      row.kinks_probes = kinks.probe_kinks;
+      row.kinks_batch = kinks.batch_kinks;
+      row.kink_pieces = kinks.probe_pieces;
+    }
     if (c.exact_nodes > 0) {
       // gbar = integral_0^1 g(w_k + t dw) dt by quadrature (SPEC, "exact path kernel"): the probe
-      // rows' signals at each node against the batch's loss signals at w_k.
-      const bool split_nodes = !jvp_route || c.on_step;  // else forward mode at the nodes
-      at::Tensor gbar_dw = at::zeros({np * nc}, at::kDouble), kex_per;
-      if (split_nodes) kex_per = at::zeros_like(k_per);
-      at::Tensor gbar_kdir = at::zeros({np * nc}, at::kDouble);
-      at::Tensor gbar_grad = at::zeros({np * nc}, at::kDouble);
-      std::vector<double> step_nodes = nodes, step_weights = node_weights;
-      if (c.kink_split) {
-        // The probes' segment split at its kinks (kinks.h); the batch's kinks only counted.
-        try {
-          const KinkWalk pw = walk_kinks(*model, w0, dw, xp);
-          std::tie(step_nodes, step_weights) = piecewise_nodes(pw.breaks, piece_nodes);
-          row.kinks_probes = static_cast<double>(pw.kinks);
-          row.kink_pieces = static_cast<double>(pw.breaks.size() - 1);
-          row.kinks_batch = static_cast<double>(pattern_changes(*model, w0, dw, xb));
-        } catch (const std::invalid_argument& e) {
-          throw InputError(std::string("--kinks: ") + e.what());
-        }
-      }
-      for (size_t q = 0; q < step_nodes.size(); ++q) {
-        ParamMap wq;
-        for (const auto& [name, t] : w0) wq[name] = t + dw.at(name) * step_nodes[q];
-        set_weights(*model, wq);
-        if (!split_nodes) {
-          std::vector<const ParamMap*> node_dirs = {&dw, &grad_l};
-          if (res.uses_kopt) node_dirs.push_back(&kernel_dir);
-          const std::vector<at::Tensor> t = probe_jvps(*model, xp, res.outputs, node_dirs);
-          gbar_dw.add_(t[0], step_weights[q]);
-          gbar_grad.add_(t[1], step_weights[q]);
-          if (res.uses_kopt) gbar_kdir.add_(t[2], step_weights[q]);
-          continue;
-        }
-        const RowGradients sq = probe_rows(*model, xp, res.outputs, explicit_route);
-        gbar_dw.add_(row_directional(sq, dw), step_weights[q]);
-        if (c.project > 0) gbar_grad.add_(row_directional(sq, grad_l), step_weights[q]);
-        kex_per.add_(c.project > 0 ? at::mm(project_rows(projection, sq), zb.t()) : row_gram(sq, sb),
-                     step_weights[q] * (-lr / nb));
-        if (res.uses_kopt) gbar_kdir.add_(row_directional(sq, kernel_dir), step_weights[q]);
-      }
+      // rows' signals at each node against the batch's loss signals at w_k; with --kinks each
+      // probe over its own pieces.
+      ExactStepInputs in;
+      in.model = model.get();
+      in.xp = &xp;
+      in.cols = &res.outputs;
+      in.w0 = &w0;
+      in.dw = &dw;
+      in.grad_l = &grad_l;
+      in.kernel_dir = res.uses_kopt ? &kernel_dir : nullptr;
+      in.split = !jvp_route || c.on_step;  // else forward mode at the nodes
+      in.explicit_route = explicit_route;
+      in.batch_rows = &sb;
+      in.projection = c.project > 0 ? &projection : nullptr;
+      in.batch_sketch = &zb;
+      in.lr = lr;
+      in.batch_size = nb;
+      in.per_row = kinks.walked;
+      in.rounds = in.per_row ? row_node_rounds(kinks.probes, piece_nodes) : shared_node_rounds(nodes, node_weights, np);
+      const ExactStepSums sums = integrate_exact_step(in);
+      const bool split_nodes = in.split;
+      const at::Tensor &gbar_dw = sums.gbar_dw, &gbar_grad = sums.gbar_grad, &gbar_kdir = sums.gbar_kdir,
+                       &kex_per = sums.kex_per;
       if (res.uses_kopt) {
         // Kopt with gbar in place of g (SPEC): the rest of gbar . dw is decay and rounding.
         const at::Tensor koex = gbar_kdir.reshape({np, nc}) * (-lr);
         arrays.koptexact.push_back(koex);
         arrays.uoptexact.push_back(gbar_dw.reshape({np, nc}) - koex);
       }
-      set_weights(*model, w0);
       if (split_nodes) kex_per_step = kex_per;
       const at::Tensor kex = split_nodes && c.project == 0 ? kex_per.sum(1).reshape({np, nc})
                                                            : gbar_grad.reshape({np, nc}) * (-lr);
@@ -584,10 +580,15 @@ void finish_analysis(AnalysisResult& res, const AnalyzeConfig& c) {
   if (res.kexact.defined()) {
     double qmax = 0, dmax = 0;
     for (const auto& row : res.steps) {
-      qmax = std::max(qmax, row.quad_error);
+      // With --kinks, a step not walked (--kinks-max) took the plain rule: it is not gated.
+      if (!c.kink_split || !std::isnan(row.kinks_probes)) qmax = std::max(qmax, row.quad_error);
       dmax = std::max(dmax, row.d_norm);
     }
     res.quad_error_rel = qmax / std::max(dmax, 1e-300);
+  }
+  res.kinks_skipped = 0;
+  if (c.kink_split) {
+    for (const auto& row : res.steps) res.kinks_skipped += std::isnan(row.kinks_probes) ? 1 : 0;
   }
   mark_complex_steps(res.steps, c);
 

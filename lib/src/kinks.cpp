@@ -42,13 +42,6 @@ at::Tensor first_root(const at::Tensor& c0, const at::Tensor& c1, const at::Tens
 
 }  // namespace
 
-bool has_kinks(models::Model& model) {
-  const models::ModelSpec& s = model.spec();
-  const bool act = s.activation == "relu" || s.activation == "leaky_relu";
-  if (s.kind == "cnn") return true;
-  return s.kind == "mlp" && act;
-}
-
 int64_t nodes_needed(models::Model& model) {
   const int64_t layers = static_cast<int64_t>(model.taps().size());
   return std::max<int64_t>(1, (layers + 1) / 2);
@@ -68,65 +61,111 @@ std::pair<std::vector<double>, std::vector<double>> piecewise_nodes(const std::v
   return {nodes, weights};
 }
 
-int64_t pattern_changes(models::Model& model, const ParamMap& w0, const ParamMap& dw, const at::Tensor& x) {
-  at::NoGradGuard ng;
-  std::vector<at::Tensor> before;
-  int64_t changes = 0;
-  model.set_kink_mode(models::KinkMode::kRecord);
-  for (double t : {0.0, 1.0}) {
-    set_weights_at(model, w0, dw, t);
-    model.forward(x);
-    if (t == 0.0) {
-      for (const auto& s : model.kink_sites()) before.push_back(s.pattern.clone());
-    } else {
-      for (size_t i = 0; i < before.size(); ++i) changes += model.kink_sites()[i].pattern.ne(before[i]).sum().item<int64_t>();
+std::vector<NodeRound> row_node_rounds(const RowKinks& rows, int64_t q) {
+  std::vector<NodeRound> rounds;
+  for (size_t i = 0; i < rows.breaks.size(); ++i) {
+    std::vector<double> b = {0.0};
+    b.insert(b.end(), rows.breaks[i].begin(), rows.breaks[i].end());
+    b.push_back(1.0);
+    const auto [x, w] = piecewise_nodes(b, q);
+    if (rounds.size() < x.size()) rounds.resize(x.size());
+    for (size_t j = 0; j < x.size(); ++j) {
+      rounds[j].rows.push_back(static_cast<int64_t>(i));
+      rounds[j].t.push_back(x[j]);
+      rounds[j].weight.push_back(w[j]);
     }
   }
-  model.set_kink_mode(models::KinkMode::kOff);
-  set_weights_at(model, w0, dw, 0.0);
-  return changes;
+  return rounds;
 }
 
-KinkWalk walk_kinks(models::Model& model, const ParamMap& w0, const ParamMap& dw, const at::Tensor& x) {
+models::RowSegment segment_along(models::Model& model, const ParamMap& dw, const at::Tensor& t) {
+  models::RowSegment seg;
+  seg.t = t;
+  for (const auto& tap : model.taps()) {
+    seg.weight.push_back(dw.at(tap.name + ".weight"));
+    seg.bias.push_back(tap.bias.defined() ? dw.at(tap.name + ".bias") : at::Tensor());
+  }
+  return seg;
+}
+
+RowKinks walk_rows(models::Model& model, const ParamMap& w0, const ParamMap& dw, const at::Tensor& x,
+                   int64_t max_pieces) {
   at::NoGradGuard ng;
-  KinkWalk walk;
-  walk.breaks.push_back(0.0);
-  std::vector<at::Tensor> previous;  // the last piece's patterns
+  const int64_t n_rows = x.size(0);
+  RowKinks out;
+  out.breaks.assign(static_cast<size_t>(n_rows), {});
+  out.kinks.assign(static_cast<size_t>(n_rows), 0);
   struct Restore {
     models::Model& m;
     const ParamMap& w0;
     ~Restore() {
       m.set_kink_mode(models::KinkMode::kOff);
+      m.set_row_segment({});
       at::NoGradGuard g;
       for (const auto& item : m.named_parameters()) item.value().copy_(w0.at(item.key()));
     }
   } restore{model, w0};
-  double t = 0.0;
-  for (int64_t piece = 0;; ++piece) {
-    if (piece > kMaxPieces) throw std::runtime_error("kink walk: more than a million pieces in one step");
-    const double ta = std::min(1.0, t + kAfter);
-    set_weights_at(model, w0, dw, ta);
+  if (max_pieces > 0) {
+    // Each row's kinks are at least its sites that differ between the ends.
+    std::vector<at::Tensor> ends;
     model.set_kink_mode(models::KinkMode::kRecord);
-    model.forward(x);
-    std::vector<models::KinkSite>& sites = model.kink_sites();
-    if (piece == 0) {
-      for (const auto& s : sites) {
-        if (s.degree > 2) {
-          throw std::invalid_argument("kink splitting solves kinks up to two layers deep; model '" +
-                                      model.spec().str() + "' has one " + std::to_string(s.degree) + " layers deep");
+    at::Tensor differ = at::zeros({n_rows}, at::kLong);
+    for (double t : {0.0, 1.0}) {
+      set_weights_at(model, w0, dw, t);
+      model.forward(x);
+      const auto& sites = model.kink_sites();
+      for (size_t i = 0; i < sites.size(); ++i) {
+        if (t == 0.0) {
+          ends.push_back(sites[i].pattern.clone());
+        } else {
+          differ += sites[i].pattern.ne(ends[i]).flatten(1).sum(1);
         }
       }
     }
-    if (!previous.empty()) {
-      for (size_t i = 0; i < sites.size(); ++i) walk.kinks += sites[i].pattern.ne(previous[i]).sum().item<int64_t>();
+    if (n_rows > 0 && differ.max().item<int64_t>() >= max_pieces) {
+      out.complete = false;
+      return out;
     }
-    previous.clear();
+  }
+  set_weights_at(model, w0, dw, 0.0);
+  // Each row at its own t: rows are independent, so each walks only its own kinks, and all rows
+  // advance together, one piece per round (rounds: the most kinks of one row, plus one).
+  auto forward_at = [&](const at::Tensor& xa, const at::Tensor& t) {
+    model.set_row_segment(segment_along(model, dw, t.to(x.scalar_type())));
+    model.forward(xa);
+  };
+  std::vector<int64_t> active(static_cast<size_t>(n_rows));
+  for (int64_t i = 0; i < n_rows; ++i) active[static_cast<size_t>(i)] = i;
+  at::Tensor t = at::zeros({n_rows}, at::kDouble);  // where each row's current piece starts
+  std::vector<at::Tensor> previous;                  // each site's pattern of every row's last piece
+  for (int64_t round = 0; !active.empty(); ++round) {
+    if (round > kMaxPieces) throw std::runtime_error("kink walk: more than a million pieces in one step");
+    if (max_pieces > 0 && round >= max_pieces) {
+      out.complete = false;
+      return out;
+    }
+    const at::Tensor idx = at::tensor(active, at::kLong);
+    const at::Tensor xa = x.index_select(0, idx);
+    const at::Tensor ta = at::clamp_max(t.index_select(0, idx) + kAfter, 1.0);
+    model.set_kink_mode(models::KinkMode::kRecord);
+    forward_at(xa, ta);
+    std::vector<models::KinkSite>& sites = model.kink_sites();
     int64_t degree = 1;
-    for (const auto& s : sites) {
-      previous.push_back(s.pattern.clone());
-      degree = std::max(degree, s.degree);
+    at::Tensor changed = at::zeros({idx.size(0)}, at::kLong);
+    for (size_t i = 0; i < sites.size(); ++i) {
+      if (sites[i].degree > 2) {
+        throw std::invalid_argument("kink splitting solves kinks up to two layers deep; model '" + model.spec().str() +
+                                    "' has one " + std::to_string(sites[i].degree) + " layers deep");
+      }
+      degree = std::max(degree, sites[i].degree);
+      const at::Tensor& p = sites[i].pattern;
+      if (round == 0) {
+        previous.push_back(p.clone());
+      } else {
+        changed += p.ne(previous[i].index_select(0, idx)).flatten(1).sum(1);
+        previous[i].index_copy_(0, idx, p);
+      }
     }
-    if (ta >= 1.0) break;
     // The frozen network's site values at degree + 1 Chebyshev points of s in [0, 1], t = ta + s (1 - ta).
     const int64_t n = degree + 1;
     std::vector<double> sn(static_cast<size_t>(n));
@@ -134,30 +173,80 @@ KinkWalk walk_kinks(models::Model& model, const ParamMap& w0, const ParamMap& dw
     std::vector<std::vector<at::Tensor>> values(sites.size());
     model.set_kink_mode(models::KinkMode::kFrozen);
     for (int64_t j = 0; j < n; ++j) {
-      set_weights_at(model, w0, dw, ta + sn[j] * (1.0 - ta));
-      model.forward(x);
-      for (size_t i = 0; i < sites.size(); ++i) values[i].push_back(model.kink_sites()[i].values.reshape({-1}));
+      forward_at(xa, ta + sn[j] * (1.0 - ta));
+      for (size_t i = 0; i < sites.size(); ++i) values[i].push_back(model.kink_sites()[i].values.reshape({xa.size(0), -1}));
     }
-    // Monomial coefficients in s per unit: solve the Vandermonde system once for all units.
+    // Monomial coefficients in s per unit: one Vandermonde solve for all rows and units.
     at::Tensor vander = at::empty({n, n}, at::kDouble);
     for (int64_t j = 0; j < n; ++j) {
       for (int64_t k = 0; k < n; ++k) vander[j][k] = std::pow(sn[j], static_cast<double>(k));
     }
     const at::Tensor inv = at::linalg_inv(vander);
-    double s_min = std::numeric_limits<double>::infinity();
+    at::Tensor s_min = at::full({idx.size(0)}, std::numeric_limits<double>::infinity(), at::kDouble);
     for (size_t i = 0; i < sites.size(); ++i) {
-      const at::Tensor v = at::stack(values[i]).to(at::kDouble);  // [n, U]
-      const at::Tensor coef = at::mm(inv, v);                     // [n, U]
+      const at::Tensor v = at::stack(values[i]).to(at::kDouble);                     // [n, rows, U]
+      const at::Tensor coef = at::mm(inv, v.flatten(1)).view(v.sizes());            // [n, rows, U]
       const at::Tensor scale = v.abs().amax(0);
       const int64_t d = std::min<int64_t>(sites[i].degree, n - 1);
-      const at::Tensor root = first_root(coef[0], coef[1], d >= 2 ? coef[2] : at::Tensor(), scale);
-      s_min = std::min(s_min, root.min().item<double>());
+      // Only units with |c0| <= |c1| + |c2| can have a root in [0, 1]: the rest are skipped.
+      const at::Tensor c0 = coef[0].flatten(), c1 = coef[1].flatten();
+      const at::Tensor c2 = d >= 2 ? coef[2].flatten() : at::Tensor();
+      const at::Tensor bound = d >= 2 ? c1.abs() + c2.abs() : c1.abs();
+      const at::Tensor cand = at::nonzero(c0.abs() <= bound).squeeze(1);
+      if (cand.numel() == 0) continue;
+      at::Tensor root = at::full({c0.numel()}, std::numeric_limits<double>::infinity(), at::kDouble);
+      root.index_put_({cand}, first_root(c0.index_select(0, cand), c1.index_select(0, cand),
+                                         d >= 2 ? c2.index_select(0, cand) : at::Tensor(),
+                                         scale.flatten().index_select(0, cand)));
+      s_min = at::minimum(s_min, std::get<0>(root.view(scale.sizes()).min(1)));
     }
-    if (!std::isfinite(s_min)) break;
-    t = ta + s_min * (1.0 - ta);
-    walk.breaks.push_back(t);
+    const auto ch = changed.accessor<int64_t, 1>();
+    const auto tav = ta.accessor<double, 1>();
+    const auto sv = s_min.accessor<double, 1>();
+    std::vector<int64_t> next;
+    for (int64_t j = 0; j < idx.size(0); ++j) {
+      const int64_t row = active[static_cast<size_t>(j)];
+      out.kinks[static_cast<size_t>(row)] += ch[j];
+      if (tav[j] >= 1.0 || !std::isfinite(sv[j])) continue;
+      const double tn = tav[j] + sv[j] * (1.0 - tav[j]);
+      t[row] = tn;
+      out.breaks[static_cast<size_t>(row)].push_back(tn);
+      next.push_back(row);
+    }
+    active = std::move(next);
   }
-  walk.breaks.push_back(1.0);
+  return out;
+}
+
+StepKinks walk_step(models::Model& model, const ParamMap& w0, const ParamMap& dw, const at::Tensor& xp,
+                    const at::Tensor& xb, int64_t batch_examples, int64_t max_pieces) {
+  StepKinks s;
+  s.probes = walk_rows(model, w0, dw, xp, max_pieces);
+  if (!s.probes.complete) return s;
+  const int64_t nb = batch_examples > 0 ? std::min(batch_examples, xb.size(0)) : xb.size(0);
+  const RowKinks batch = walk_rows(model, w0, dw, xb.narrow(0, 0, nb), max_pieces);
+  if (!batch.complete) return s;
+  s.walked = true;
+  s.probe_kinks = s.batch_kinks = s.probe_pieces = 0;
+  for (size_t i = 0; i < s.probes.kinks.size(); ++i) {
+    s.probe_kinks += static_cast<double>(s.probes.kinks[i]);
+    s.probe_pieces += static_cast<double>(s.probes.breaks[i].size() + 1);
+  }
+  for (int64_t n : batch.kinks) s.batch_kinks += static_cast<double>(n);
+  return s;
+}
+
+KinkWalk walk_kinks(models::Model& model, const ParamMap& w0, const ParamMap& dw, const at::Tensor& x) {
+  const RowKinks rows = walk_rows(model, w0, dw, x);
+  KinkWalk walk;
+  for (size_t i = 0; i < rows.breaks.size(); ++i) {
+    walk.breaks.insert(walk.breaks.end(), rows.breaks[i].begin(), rows.breaks[i].end());
+    walk.kinks += rows.kinks[i];
+  }
+  std::sort(walk.breaks.begin(), walk.breaks.end());
+  walk.breaks.erase(std::unique(walk.breaks.begin(), walk.breaks.end()), walk.breaks.end());
+  walk.breaks.insert(walk.breaks.begin(), 0.0);
+  if (walk.breaks.back() < 1.0) walk.breaks.push_back(1.0);
   return walk;
 }
 

@@ -93,7 +93,8 @@ void AnalyzeConfig::validate() const {
   if (tc_window < 2) throw InputError("--tc-window must be at least 2");
   if (!(tc_kappa >= 0)) throw InputError("--tc-kappa must be >= 0");
   if (check_every < 1) throw InputError("--check-every must be at least 1");
-  if (kink_split && exact_nodes < 1) throw InputError("--kinks splits the exact path kernel: give --exact Q too");
+  if (kinks_max < 0) throw InputError("--kinks-max must be >= 0 (0: no limit)");
+  if (kinks_examples < 0) throw InputError("--kinks-examples must be >= 0 (0: the whole batch)");
   if (sharpness_every < 0) throw InputError("--sharpness must be a positive step count");
   if (sharpness_examples < 1) throw InputError("--sharpness-examples must be at least 1");
   if (sharpness_iterations < 1) throw InputError("--sharpness-iterations must be at least 1");

@@ -125,6 +125,8 @@ AnalyzeConfig config_from_settings(const nlohmann::json& s) {
   c.check_every = s.at("check_every").get<int64_t>();
   c.threads = s.at("threads").get<int>();
   c.kink_split = s.value("kinks", false);
+  c.kinks_examples = s.value("kinks_examples", int64_t{0});
+  c.kinks_max = s.value("kinks_max", int64_t{0});
   c.sharpness_every = s.value("sharpness_every", int64_t{0});
   c.sharpness_examples = s.value("sharpness_examples", int64_t{1000});
   c.sharpness_iterations = s.value("sharpness_iterations", int64_t{100});

@@ -62,11 +62,18 @@ struct AnalyzeConfig {
   /// split's check then measures the projection (AnalysisResult::projection_error), ungated.
   int64_t project = 0;
   uint64_t project_seed = 0;
-  /// --kinks (with exact_nodes): split each step's segment at the kinks of the probes' ReLU /
-  /// leaky ReLU / max-pool patterns (kinks.h) and integrate each piece with exact_nodes (at
-  /// least the model's nodes_needed) nodes, so that the exact path kernel is exact again; the
-  /// kinks crossed by probes and by the batch are counted per step.
+  /// --kinks: walk each step's kinks (ReLU / leaky ReLU / max-pool pattern changes, kinks.h) of
+  /// every probe and batch example and count them per step; with exact_nodes, split each probe's
+  /// segment at its kinks and integrate each piece with exact_nodes (at least the model's
+  /// nodes_needed) nodes, so that the exact path kernel is exact again.
   bool kink_split = false;
+  /// --kinks-examples N (> 0): walk only the first N examples of each batch (the walk's cost
+  /// follows the rows walked; a full batch of a CNN is slow). 0: the whole batch.
+  int64_t kinks_examples = 0;
+  /// --kinks-max N (> 0): a step on which one walked example would need more than N pieces is not
+  /// walked (kinks_max_pieces, kinks.h): its kink columns stay empty, its exact kernel takes the
+  /// plain Q-node rule and is left out of the quadrature gate. 0: no limit.
+  int64_t kinks_max = 0;
   /// --sharpness EVERY (> 0): lambda_max of the Hessian of the training loss on the first
   /// sharpness_examples training examples and of the step's batch loss, at every EVERY-th step
   /// counted from the whole range's first (sharpness.h), with the subset's loss before and after.
@@ -112,9 +119,8 @@ struct StepRow {
   bool in_tc = false;
   /// cos(grad L_k(w_k), grad L_{k-1}(w_{k-1})): NaN at step 0.
   double grad_cos = NAN;
-  /// With kink_split: kinks crossed along the step by the probes (the walk, kinks.h), the batch's
-  /// sites whose pattern differs between w_k and w_{k+1} (pattern_changes: exact for the first
-  /// kinked layer, a lower bound below it), and the pieces the probes' segment was integrated in.
+  /// With kink_split: kinks crossed along the step, summed over the probes and over the batch
+  /// examples (walk_rows, kinks.h), and the probes' pieces of constant pattern, summed over them.
   /// NaN without.
   double kinks_probes = NAN, kinks_batch = NAN, kink_pieces = NAN;
   /// At sharpness steps (NaN elsewhere): lambda_max of the subset's and the batch's loss, the
@@ -148,8 +154,11 @@ struct AnalysisResult {
   double projection_error = 0;         ///< with project: the split's check, max over its steps
   /// The model is smooth (no ReLU, no max-pool): Gauss-Legendre quadrature converges fast.
   bool smooth = true;
-  /// With exact_nodes: max_k |D_k - gbar_k . dw_k| / max_k |D_k| (Frobenius norms over probes).
+  /// With exact_nodes: max_k |D_k - gbar_k . dw_k| / max_k |D_k| (Frobenius norms over probes;
+  /// with kink_split over the steps walked).
   double quad_error_rel = 0;
+  /// With kink_split: the steps not walked (kinks_max).
+  int64_t kinks_skipped = 0;
   /// A shard's place: its index and count, and the whole range [whole_begin, whole_end).
   int64_t shard_index = 0, shard_count = 0, whole_begin = 0, whole_end = 0;
   double seconds = 0;
