@@ -262,17 +262,19 @@ void bench_whole(const std::string& data, int repeats) {
 }
 
 /// Issue 13's signals: a plain analyzed step against the same step with the exact path kernel
-/// (2 nodes), split at its kinks, and with a sharpness point (lambda_max on 1000 training
-/// examples and on the batch), for a ReLU MLP and a ReLU CNN at 16 probes x 10 logits.
+/// (2 nodes), with its kinks walked (probes and batch) and counted, walked and split, and with a
+/// sharpness point (lambda_max on 1000 training examples and on the batch), for a ReLU MLP and a
+/// ReLU CNN at 16 probes x 10 logits.
 void bench_signals(const std::string& data) {
   std::printf("issue 13's signals per analyzed step, 16 probes x 10 logits, a run at lr 0.1, batch 64 (mlp: steps "
-              "5..25; cnn: steps 5..7, its kink walk being slow):\n");
+              "5..25; cnn: steps 5..8):\n");
   for (const char* spec : {"mlp:128:relu", "cnn:8,16:relu"}) {
     const bool cnn = std::string(spec).rfind("cnn", 0) == 0;
-    const int64_t a = 5, b = cnn ? 7 : 25;
+    const int64_t a = 5, b = cnn ? 8 : 25;
     const RunUnderTest r = train_run(data, b, spec);
     const double plain = analyze_step(r, 16, 1, a, b);
     const double exact = analyze_step(r, 16, 1, a, b, [](AnalyzeConfig& c) { c.exact_nodes = 2; });
+    const double counted = analyze_step(r, 16, 1, a, b, [](AnalyzeConfig& c) { c.kink_split = true; });
     const double kinks = analyze_step(r, 16, 1, a, b, [](AnalyzeConfig& c) {
       c.exact_nodes = 2;
       c.kink_split = true;
@@ -285,14 +287,20 @@ void bench_signals(const std::string& data) {
     c.kink_split = true;
     c.step_begin = a;
     c.step_end = b;
-    double pieces = 0;
+    double pieces = 0, kp = 0, kb = 0;
     const AnalysisResult res = analyze(c);
-    for (const auto& s : res.steps) pieces += s.kink_pieces / static_cast<double>(res.steps.size());
+    const double n = static_cast<double>(res.steps.size());
+    for (const auto& s : res.steps) {
+      pieces += s.kink_pieces / n;
+      kp += s.kinks_probes / n;
+      kb += s.kinks_batch / n;
+    }
     const double sharp = analyze_step(r, 16, 1, a, b, [](AnalyzeConfig& c2) { c2.sharpness_every = 1; });
-    std::printf("  %-14s plain %7.1f ms   --exact 2 %7.1f ms (x%.1f)   --exact 2 --kinks %9.1f ms (x%.1f; %.0f pieces "
-                "per step)   with a sharpness point %8.1f ms (x%.1f)\n",
-                spec, plain * 1e3, exact * 1e3, exact / plain, kinks * 1e3, kinks / plain, pieces, sharp * 1e3,
-                sharp / plain);
+    std::printf("  %-14s plain %7.1f ms   --exact 2 %7.1f ms (x%.1f)   --kinks %8.1f ms (x%.1f; kinks per step: %.0f "
+                "probes, %.0f batch)   --exact 2 --kinks %8.1f ms (x%.1f; %.0f probe pieces)   with a sharpness point "
+                "%8.1f ms (x%.1f)\n",
+                spec, plain * 1e3, exact * 1e3, exact / plain, counted * 1e3, counted / plain, kp, kb, kinks * 1e3,
+                kinks / plain, pieces, sharp * 1e3, sharp / plain);
     fs::remove_all(r.dir);
   }
 }
