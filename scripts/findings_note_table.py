@@ -23,7 +23,7 @@ def main():
     root = sys.argv[1]
     print("| model | regime | lr (x 2/lambda_0) | wd | median r | share of sum \\|R\\| in T_c: tau / outlier "
           "| \\|sum R\\| / \\|change\\| | lr lambda_max: start, max, end | loss up: batch / subset "
-          "| kinks per step: probes / batch | median cos(g_k, g_k-1) | test acc |")
+          "| kinks per step and example: probes / batch | median cos(g_k, g_k-1) | test acc |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for model in sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and "lambda0" not in d):
         for name in sorted(os.listdir(os.path.join(root, model)), key=lambda n: (n.split("-")[0], float(n.split("-x")[1].split("-")[0]), n)):
@@ -48,9 +48,23 @@ def main():
             ll = [lr * float(s["lambda_max_train"]) for s in sh]
             up_b = sum(int(s["loss_went_up"]) for s in st) / len(st)
             up_s = [float(s["subset_loss_after"]) > float(s["subset_loss_before"]) for s in sh]
+            # Kinks per step per example walked (the probes; the batch, or its first
+            # kinks_examples), over the steps walked; steps not walked (--kinks-max) counted.
+            man = json.load(open(os.path.join(d, "run", "manifest.json")))
+            settings = an["settings"]
+            cap = settings.get("kinks_examples", 0)
+            walked = min(cap, man["batch"]) if cap else man["batch"]
             kp = [num(s.get("kinks_probes")) for s in st]
             kb = [num(s.get("kinks_batch")) for s in st]
-            kinks = "-" if kp[0] is None else "%.0f / %.0f" % (statistics.mean(kp), statistics.mean(kb))
+            kp_w = [v for v in kp if v is not None]
+            kb_w = [v for v in kb if v is not None]
+            kinks = "-"
+            if settings.get("kinks") and kp_w:
+                kinks = "%.1f / %.1f" % (statistics.mean(kp_w) / settings["probes"], statistics.mean(kb_w) / walked)
+                if len(kp_w) < len(st):
+                    kinks += " (%d steps not walked)" % (len(st) - len(kp_w))
+            elif settings.get("kinks"):
+                kinks = "- (no step walked)"
             acc = run.get("test_accuracy")
             cos = statistics.median(float(s["grad_cos_prev"]) for s in st if s["grad_cos_prev"])
             print(f"| {model} | {regime} | {lr:.4g} (x{factor}) | {wd} | {r:.3g} | "
