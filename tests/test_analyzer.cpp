@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <map>
 
 #include "fixtures.h"
 #include "pathkernel/analyzer.h"
@@ -208,6 +209,8 @@ TEST_F(AnalyzerTest, SharpnessAndGradientCosinesEqualIndependentRoutes) {
   AnalyzeConfig a = config(dir);
   a.sharpness_every = 5;
   a.sharpness_examples = 30;
+  std::map<int64_t, at::Tensor> batches;
+  a.on_step = [&](const StepTerms& t) { batches[t.step] = t.batch.clone(); };
   const AnalysisResult r = analyze(a);
   ASSERT_EQ(r.steps.size(), 11u);
   const RunDir run_dir(dir);
@@ -226,7 +229,14 @@ TEST_F(AnalyzerTest, SharpnessAndGradientCosinesEqualIndependentRoutes) {
     }
     const double top = at::linalg_eigvalsh(explicit_hessian(*m, xs, ys, LossKind::kCrossEntropy)).max().item<double>();
     EXPECT_NEAR(r.steps[k].lambda_train, top, 1e-8 * std::abs(top)) << k;
-    EXPECT_GT(r.steps[k].lambda_batch, 0) << k;
+    // The batch's (10 of the run's examples, not the subset): its own Hessian.
+    const at::Tensor& bi = batches.at(k);
+    const at::Tensor xb = to_inputs(train_set.images.index_select(0, bi), at::kDouble, {});
+    const double top_b =
+        at::linalg_eigvalsh(explicit_hessian(*m, xb, train_set.labels.index_select(0, bi), LossKind::kCrossEntropy))
+            .max()
+            .item<double>();
+    EXPECT_NEAR(r.steps[k].lambda_batch, top_b, 1e-8 * std::abs(top_b)) << k;
     EXPECT_FALSE(std::isnan(r.steps[k].subset_loss_after)) << k;
   }
   EXPECT_TRUE(std::isnan(r.steps[1].lambda_train));

@@ -290,9 +290,9 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
   res.startup_seconds = std::chrono::duration<double>(Clock::now() - t0).count();
   spdlog::debug("analysis set up in {:.3f} s (run opened, data decoded, probes chosen)", res.startup_seconds);
   // The fixed training subset of --sharpness: its first sharpness_examples examples.
-  at::Tensor xs, ys;
+  at::Tensor xs, ys, sidx;
   if (c.sharpness_every > 0) {
-    const at::Tensor sidx = at::arange(std::min(c.sharpness_examples, traj.split_size("train")), at::kLong);
+    sidx = at::arange(std::min(c.sharpness_examples, traj.split_size("train")), at::kLong);
     xs = traj.inputs("train", sidx, at::kDouble);
     ys = traj.labels("train", sidx);
   }
@@ -503,8 +503,11 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
       set_weights(*model, w0);
       const Sharpness st = hessian_top_eigenvalue(*model, xs, ys, loss, c.sharpness_iterations, 1e-7,
                                                   static_cast<uint64_t>(k));
-      const Sharpness sb_ = hessian_top_eigenvalue(*model, xb, yb, loss, c.sharpness_iterations, 1e-7,
-                                                   static_cast<uint64_t>(k) + 1);
+      // Full-batch GD: the batch is the subset in another order, one Hessian; its lambda_max is reused.
+      const bool batch_is_subset = bidx.size(0) == sidx.size(0) && at::equal(std::get<0>(bidx.sort()), sidx);
+      const Sharpness sb_ = batch_is_subset ? st
+                                            : hessian_top_eigenvalue(*model, xb, yb, loss, c.sharpness_iterations,
+                                                                     1e-7, static_cast<uint64_t>(k) + 1);
       row.lambda_train = st.lambda_max;
       row.lanczos_iterations = static_cast<double>(st.iterations);
       row.lanczos_residual = st.residual;
