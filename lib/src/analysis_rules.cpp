@@ -1,6 +1,8 @@
 // The analysis's rules that need no run: which probes (choose_probes), the Gauss-Legendre nodes
 // of the exact path kernel, which steps are complex (mark_complex_steps, SPEC "Complex
-// timesteps") and which of the analysis's own checks failed (failed_checks).
+// timesteps"), what is computed over the analyzed steps once they are all there (finish_analysis:
+// the quadrature error, the steps not walked, T_c, the run identity) and which of the
+// analysis's own checks failed (failed_checks).
 #include <ATen/ATen.h>
 #include <fmt/format.h>
 
@@ -141,6 +143,32 @@ std::vector<std::string> failed_checks(const AnalysisResult& r, const AnalyzeCon
                                  r.identity_error, c.identity_tolerance));
   }
   return failed;
+}
+
+void finish_analysis(AnalysisResult& res, const AnalyzeConfig& c) {
+  if (res.kexact.defined()) {
+    double qmax = 0, dmax = 0;
+    for (const auto& row : res.steps) {
+      // With --kinks, a step not walked (--kinks-max) took the plain rule: it is not gated.
+      if (!c.kink_split || !std::isnan(row.kinks_probes)) qmax = std::max(qmax, row.quad_error);
+      dmax = std::max(dmax, row.d_norm);
+    }
+    res.quad_error_rel = qmax / std::max(dmax, 1e-300);
+  }
+  res.kinks_skipped = 0;
+  if (c.kink_split) {
+    for (const auto& row : res.steps) res.kinks_skipped += std::isnan(row.kinks_probes) ? 1 : 0;
+  }
+  mark_complex_steps(res.steps, c);
+
+  // The run identity (Eq. 9): f(w_end) - f(w_begin) = sum K + sum U + sum R, checked against
+  // the outputs of the two end points computed directly.
+  if (res.contiguous) {
+    const at::Tensor total = res.f_final - res.f_initial;
+    const at::Tensor sum = (res.k + res.u + res.r).sum(0);
+    const double scale = std::max(1e-300, total.abs().max().item<double>());
+    res.identity_error = (total - sum).abs().max().item<double>() / scale;
+  }
 }
 
 }  // namespace pathkernel
