@@ -103,6 +103,11 @@ std::pair<int, std::string> run_gnuplot(const std::string& exe, const fs::path& 
 
 }  // namespace
 
+std::string png_header(int width, int height, int font_pt) {
+  return "set terminal pngcairo size " + std::to_string(width) + "," + std::to_string(height) + " font 'sans," +
+         std::to_string(font_pt) + "'\nset output '@OUTPUT@'\nset datafile separator ','\n";
+}
+
 bool gnuplot_available() { return !find_gnuplot().empty(); }
 
 std::string gp_text(const std::string& s) {

@@ -134,8 +134,7 @@ ReportFiles write_report(const ReportConfig& c) {
     if (!(r_hi > 0)) r_lo = 1e-3, r_hi = 1;
     const double band = r_lo / 3;  // the T_c ticks' row, below every value of r
     const bool lr_varies = *std::min_element(lr.begin(), lr.end()) != *std::max_element(lr.begin(), lr.end());
-    std::string plot = fmt::format(
-        "set terminal pngcairo size 1000,450 font 'sans,10'\nset output '@OUTPUT@'\nset datafile separator ','\n"
+    std::string plot = png_header(1000, 450, 10) + fmt::format(
         "set key outside right top\nset xlabel 'step k'\nset ylabel 'r = |R| / |F|'\nset logscale y\n"
         "set yrange [{}:{}]\nset title 'Taylor residual per step: {} of {} steps in T_c (rule {})'\n",
         band / 2, r_hi * 2, static_cast<int64_t>(summary.value("tc_size", 0)), steps.rows, gp_text(rule));
@@ -163,8 +162,7 @@ ReportFiles write_report(const ReportConfig& c) {
     }
     write_data(out, files, "second_order", csv);
     if (files.gnuplot) {
-      figure(out, files, "second_order", fmt::format(
-          "set terminal pngcairo size 1000,420 font 'sans,10'\nset output '@OUTPUT@'\nset datafile separator ','\n"
+      figure(out, files, "second_order", png_header(1000, 420, 10) + fmt::format(
           "set key outside right top\nset xlabel 'step k'\nset ylabel 'norm over probes and outputs'\nset logscale y\n"
           "set title 'The residual and its orders: S = 1/2 dw^T H dw (exact), R - S (third and higher)'\n"
           "plot '{}' skip 1 using 1:2 with lines lw 1.5 lc rgb '#d02020' title '|R|', "
@@ -189,8 +187,7 @@ ReportFiles write_report(const ReportConfig& c) {
     if (points > 0) {
       write_data(out, files, "sharpness", csv);
       if (files.gnuplot) {
-        figure(out, files, "sharpness", fmt::format(
-            "set terminal pngcairo size 1000,450 font 'sans,10'\nset output '@OUTPUT@'\nset datafile separator ','\n"
+        figure(out, files, "sharpness", png_header(1000, 450, 10) + fmt::format(
             "set termoption noenhanced\nset key outside right top\nset xlabel 'step k'\n"
             "set ylabel 'top Hessian eigenvalue'\nset yrange [0:*]\n"
             "set title 'Sharpness against the stability limit of gradient descent (lr * lambda_max = 2); T_c marked'\n"
@@ -235,11 +232,10 @@ ReportFiles write_report(const ReportConfig& c) {
   write_data(out, files, "cumulative", csv);
   if (files.gnuplot) {
     const int cols = curves > 1 ? 2 : 1, rows = static_cast<int>((curves + 1) / 2);
-    figure(out, files, "cumulative", fmt::format(
-        "set terminal pngcairo size 1000,{} font 'sans,9'\nset output '@OUTPUT@'\nset datafile separator ','\n"
+    figure(out, files, "cumulative", png_header(1000, rows * 330 + 40, 9) + fmt::format(
         "set key outside right top\nset xlabel 'step'\nset multiplot layout {},{} title 'Eq. 9 over the run: f - f_0 = "
         "sum K + sum U + sum R'\n{}unset multiplot\n",
-        rows * 330 + 40, rows, cols, plots));
+        rows, cols, plots));
   }
 
   // 3. D against F for every step and probe: distance from the tangent plane.
@@ -249,8 +245,7 @@ ReportFiles write_report(const ReportConfig& c) {
   for (int64_t i = 0; i < n; i += stride) csv += fmt::format("{},{}\n", g(fflat[i].item<double>()), g(dflat[i].item<double>()));
   write_data(out, files, "d_vs_f", csv);
   if (files.gnuplot) {
-    figure(out, files, "d_vs_f", fmt::format(
-        "set terminal pngcairo size 600,560 font 'sans,10'\nset output '@OUTPUT@'\nset datafile separator ','\n"
+    figure(out, files, "d_vs_f", png_header(600, 560, 10) + fmt::format(
         "set key top left\nset xlabel 'F = g . dw (first order)'\nset ylabel 'D (actual change)'\nset size ratio -1\n"
         "set title 'actual against first-order change (every {}th point)'\n"
         "plot '{}' skip 1 using 1:2 with points pt 7 ps 0.3 lc rgb '#3060c0' title 'step x probe x output', "
@@ -271,8 +266,7 @@ ReportFiles write_report(const ReportConfig& c) {
   for (size_t i = 0; i < counts.size(); ++i) csv += fmt::format("{},{},{}\n", lo + i * 0.25, lo + (i + 1) * 0.25, counts[i]);
   write_data(out, files, "r_histogram", csv);
   if (files.gnuplot) {
-    figure(out, files, "r_histogram", fmt::format(
-        "set terminal pngcairo size 700,450 font 'sans,10'\nset output '@OUTPUT@'\nset datafile separator ','\n"
+    figure(out, files, "r_histogram", png_header(700, 450, 10) + fmt::format(
         "set xlabel 'log10 r'\nset ylabel 'steps'\nset style fill solid 0.6\nunset key\n"
         "set title 'r = |R|/|F| over steps; share of sum |R| in T_c: {:.1f}%'\n"
         "plot '{}' skip 1 using (($1+$2)/2):3:(0.24) with boxes lc rgb '#3060c0'\n",
@@ -311,8 +305,7 @@ ReportFiles write_report(const ReportConfig& c) {
       write_data(out, files, "landscape", land);
       write_data(out, files, "path", pcsv);
       if (files.gnuplot) {
-        figure(out, files, "landscape", fmt::format(
-            "set terminal pngcairo size 900,500 font 'sans,10'\nset output '@OUTPUT@'\nset datafile separator ','\n"
+        figure(out, files, "landscape", png_header(900, 500, 10) + fmt::format(
             "set xlabel 'w'\nset ylabel 'training loss L(w)'\nset key top right\n"
             "set title 'Loss landscape of {} and the path of w (lr {}); T_c steps in red'\n"
             "plot '{}' skip 1 using 1:2 with lines lw 2 lc rgb 'black' title 'L(w)', "
@@ -409,8 +402,7 @@ ReportFiles write_report(const ReportConfig& c) {
     }
     write_data(out, files, "by_class", csv);
     if (files.gnuplot) {
-      figure(out, files, "by_class", fmt::format(
-          "set terminal pngcairo size 1000,450 font 'sans,10'\nset output '@OUTPUT@'\nset datafile separator ','\n"
+      figure(out, files, "by_class", png_header(1000, 450, 10) + fmt::format(
           "set key outside right top\nset style data histograms\nset style histogram clustered gap 1\n"
           "set style fill solid 0.7 border -1\nset ylabel 'mean over the class (summed over steps)'\n"
           "set y2label 'median r'\nset y2tics\nset ytics nomirror\nset xtics rotate by -30 noenhanced\n"

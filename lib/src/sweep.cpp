@@ -121,8 +121,7 @@ std::vector<SweepRow> sweep(const SweepConfig& c) {
   }
   atomic_write(fs::path(c.out) / "sweep.csv", csv);
   if (gnuplot_available()) {
-    render_gnuplot(fs::path(c.out) / "sweep.png", fmt::format(
-        "set terminal pngcairo size 900,520 font 'sans,10'\nset output '@OUTPUT@'\nset datafile separator ','\n"
+    render_gnuplot(fs::path(c.out) / "sweep.png", png_header(900, 520, 10) + fmt::format(
         "set logscale xy\nset format y '10^{{%L}}'\nset format x '10^{{%L}}'\nset xlabel 'learning rate'\n"
         "set key top left\nset grid\nset title 'Kernel picture against learning rate ({})'\nset y2tics\nset y2range [0:1]\nset ytics nomirror\n"
         "set y2label 'test accuracy'\n"

@@ -20,6 +20,11 @@ bool gnuplot_available();
 /// no escapes). Every string from a file or the command line goes through it.
 std::string gp_text(const std::string& s);
 
+/// The first lines of a figure's script: the pngcairo terminal at width x height pixels with a
+/// sans font of `font_pt` points (the line render_gnuplot's vector copies read), the output
+/// placeholder @OUTPUT@ and comma-separated data.
+std::string png_header(int width, int height, int font_pt);
+
 /// Runs a gnuplot script that sets its own output to `png`'s temporary name (use the
 /// placeholder @OUTPUT@ in `script`), started with posix_spawn in `png`'s folder with the script
 /// on its standard input: file names in the script are relative to that folder. Writes `png`
