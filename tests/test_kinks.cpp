@@ -15,6 +15,26 @@ ParamMap weights_of(models::Model& m) {
   return w;
 }
 
+/// A tiny float64 model on 4x4 inputs, `rows` inputs and a long step from its initial weights
+/// (many kinks), all drawn from `seed`.
+struct LongStep {
+  std::shared_ptr<models::Model> m;
+  at::Tensor x;
+  ParamMap w0, dw;
+};
+LongStep long_step(const char* spec, uint64_t seed, int64_t rows) {
+  at::manual_seed(seed);
+  LongStep s;
+  s.m = models::build_model(models::parse_model_spec(spec), {1, 4, 4}, 3);
+  s.m->to(at::kDouble);
+  s.x = at::rand({rows, 1, 4, 4}, at::kDouble) - 0.3;
+  for (const auto& item : s.m->named_parameters()) {
+    s.w0[item.key()] = item.value().detach().clone();
+    s.dw[item.key()] = at::randn_like(item.value()) * 0.6;
+  }
+  return s;
+}
+
 /// Pattern changes between consecutive points of a grid of `n` + 1 values of t, and the cells in
 /// which they happened.
 int64_t brute_force(models::Model& m, const ParamMap& w0, const ParamMap& dw, const at::Tensor& x, int64_t n,
@@ -96,15 +116,7 @@ int64_t pattern_changes(models::Model& m, const ParamMap& w0, const ParamMap& dw
 // once) and never exceeds it.
 TEST(KinksTest, PatternChangesAtTheEndsCountDegreeOneKinksExactly) {
   for (const char* spec : {"mlp:6:relu", "mlp:4,3:leaky_relu"}) {
-    at::manual_seed(9);
-    auto m = models::build_model(models::parse_model_spec(spec), {1, 4, 4}, 3);
-    m->to(at::kDouble);
-    const at::Tensor x = at::rand({5, 1, 4, 4}, at::kDouble) - 0.3;
-    ParamMap w0, dw;
-    for (const auto& item : m->named_parameters()) {
-      w0[item.key()] = item.value().detach().clone();
-      dw[item.key()] = at::randn_like(item.value()) * 0.6;
-    }
+    auto [m, x, w0, dw] = long_step(spec, /*seed=*/9, /*rows=*/5);
     const int64_t walk = walk_kinks(*m, w0, dw, x).kinks, ends = pattern_changes(*m, w0, dw, x);
     EXPECT_GT(ends, 0) << spec;
     EXPECT_LE(ends, walk) << spec;
@@ -118,15 +130,7 @@ TEST(KinksTest, PatternChangesAtTheEndsCountDegreeOneKinksExactly) {
 // Walking the rows together, each at its own t, finds for every row what walking it alone finds.
 TEST(KinksTest, RowsWalkedTogetherEqualEachRowWalkedAlone) {
   for (const char* spec : {"mlp:6,4:relu", "cnn:2,2:relu"}) {
-    at::manual_seed(10);
-    auto m = models::build_model(models::parse_model_spec(spec), {1, 4, 4}, 3);
-    m->to(at::kDouble);
-    const at::Tensor x = at::rand({4, 1, 4, 4}, at::kDouble) - 0.3;
-    ParamMap w0, dw;
-    for (const auto& item : m->named_parameters()) {
-      w0[item.key()] = item.value().detach().clone();
-      dw[item.key()] = at::randn_like(item.value()) * 0.6;
-    }
+    auto [m, x, w0, dw] = long_step(spec, /*seed=*/10, /*rows=*/4);
     const RowKinks rows = walk_rows(*m, w0, dw, x);
     ASSERT_EQ(rows.kinks.size(), 4u);
     int64_t total = 0;

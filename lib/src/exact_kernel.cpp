@@ -3,15 +3,6 @@
 #include <ATen/ATen.h>
 
 namespace pathkernel {
-namespace {
-
-void set_weights_at(models::Model& model, const ParamMap& w0, const ParamMap& dw, double t) {
-  at::NoGradGuard ng;
-  for (const auto& item : model.named_parameters()) item.value().copy_(w0.at(item.key()) + dw.at(item.key()) * t);
-}
-
-}  // namespace
-
 std::vector<NodeRound> shared_node_rounds(const std::vector<double>& nodes, const std::vector<double>& weights,
                                           int64_t rows) {
   std::vector<NodeRound> rounds(nodes.size());
@@ -32,16 +23,8 @@ ExactStepSums integrate_exact_step(const ExactStepInputs& in) {
   out.gbar_grad = at::zeros({np * nc}, at::kDouble);
   if (kopt) out.gbar_kdir = at::zeros({np * nc}, at::kDouble);
   if (in.split) out.kex_per = at::zeros({np * nc, in.batch_size}, at::kDouble);
-  struct Restore {
-    models::Model& m;
-    const ParamMap& w0;
-    ~Restore() {
-      m.set_row_segment({});
-      at::NoGradGuard g;
-      for (const auto& item : m.named_parameters()) item.value().copy_(w0.at(item.key()));
-    }
-  } restore{model, *in.w0};
-  if (in.per_row) set_weights_at(model, *in.w0, *in.dw, 0.0);
+  const SegmentRestore restore(model, *in.w0);
+  if (in.per_row) set_weights_along(model, *in.w0, *in.dw, 0.0);
   for (const NodeRound& round : in.rounds) {
     const int64_t na = static_cast<int64_t>(round.rows.size());
     at::Tensor x = *in.xp, cols = *in.cols, rows, weights;
@@ -52,7 +35,7 @@ ExactStepSums integrate_exact_step(const ExactStepInputs& in) {
       weights = at::tensor(round.weight, at::kDouble);
       model.set_row_segment(segment_along(model, *in.dw, at::tensor(round.t, at::kDouble).to(x.scalar_type())));
     } else {
-      set_weights_at(model, *in.w0, *in.dw, round.t.front());
+      set_weights_along(model, *in.w0, *in.dw, round.t.front());
     }
     // target += weight * scale * v, v's rows those of the round's probes.
     auto add = [&](at::Tensor& target, const at::Tensor& v, double scale) {

@@ -15,10 +15,6 @@ namespace {
 constexpr double kAfter = 1e-9;          // the pattern of a piece is read this far into it
 constexpr int64_t kMaxPieces = 1000000;  // a bound on the walk, far beyond any real step
 
-void set_weights_at(models::Model& model, const ParamMap& w0, const ParamMap& dw, double t) {
-  at::NoGradGuard ng;
-  for (const auto& item : model.named_parameters()) item.value().copy_(w0.at(item.key()) + dw.at(item.key()) * t);
-}
 
 /// The smallest root in (0, 1] of c0 + c1 s + c2 s^2 per unit (c2 undefined: linear), or +inf.
 /// Coefficients below `tiny` times the unit's scale count as zero.
@@ -78,6 +74,18 @@ std::vector<NodeRound> row_node_rounds(const RowKinks& rows, int64_t q) {
   return rounds;
 }
 
+void set_weights_along(models::Model& model, const ParamMap& w0, const ParamMap& dw, double t) {
+  at::NoGradGuard ng;
+  for (const auto& item : model.named_parameters()) item.value().copy_(w0.at(item.key()) + dw.at(item.key()) * t);
+}
+
+SegmentRestore::~SegmentRestore() {
+  model_.set_kink_mode(models::KinkMode::kOff);
+  model_.set_row_segment({});
+  at::NoGradGuard ng;
+  for (const auto& item : model_.named_parameters()) item.value().copy_(w0_.at(item.key()));
+}
+
 models::RowSegment segment_along(models::Model& model, const ParamMap& dw, const at::Tensor& t) {
   models::RowSegment seg;
   seg.t = t;
@@ -95,23 +103,14 @@ RowKinks walk_rows(models::Model& model, const ParamMap& w0, const ParamMap& dw,
   RowKinks out;
   out.breaks.assign(static_cast<size_t>(n_rows), {});
   out.kinks.assign(static_cast<size_t>(n_rows), 0);
-  struct Restore {
-    models::Model& m;
-    const ParamMap& w0;
-    ~Restore() {
-      m.set_kink_mode(models::KinkMode::kOff);
-      m.set_row_segment({});
-      at::NoGradGuard g;
-      for (const auto& item : m.named_parameters()) item.value().copy_(w0.at(item.key()));
-    }
-  } restore{model, w0};
+  const SegmentRestore restore(model, w0);
   if (max_pieces > 0) {
     // Each row's kinks are at least its sites that differ between the ends.
     std::vector<at::Tensor> ends;
     model.set_kink_mode(models::KinkMode::kRecord);
     at::Tensor differ = at::zeros({n_rows}, at::kLong);
     for (double t : {0.0, 1.0}) {
-      set_weights_at(model, w0, dw, t);
+      set_weights_along(model, w0, dw, t);
       model.forward(x);
       const auto& sites = model.kink_sites();
       for (size_t i = 0; i < sites.size(); ++i) {
@@ -127,7 +126,7 @@ RowKinks walk_rows(models::Model& model, const ParamMap& w0, const ParamMap& dw,
       return out;
     }
   }
-  set_weights_at(model, w0, dw, 0.0);
+  set_weights_along(model, w0, dw, 0.0);
   // Each row at its own t: rows are independent, so each walks only its own kinks, and all rows
   // advance together, one piece per round (rounds: the most kinks of one row, plus one).
   auto forward_at = [&](const at::Tensor& xa, const at::Tensor& t) {

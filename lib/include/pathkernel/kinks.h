@@ -32,6 +32,23 @@ struct KinkWalk {
   int64_t kinks = 0;
 };
 
+/// Sets the model's weights to w0 + t dw (both by parameter name).
+void set_weights_along(models::Model& model, const ParamMap& w0, const ParamMap& dw, double t);
+
+/// On destruction, puts the model back at w0 with kink mode off and no row segment: the state the
+/// walks and the per-row quadrature promise to leave, also when they throw.
+class SegmentRestore {
+ public:
+  SegmentRestore(models::Model& model, const ParamMap& w0) : model_(model), w0_(w0) {}
+  ~SegmentRestore();
+  SegmentRestore(const SegmentRestore&) = delete;
+  SegmentRestore& operator=(const SegmentRestore&) = delete;
+
+ private:
+  models::Model& model_;
+  const ParamMap& w0_;
+};
+
 /// The row segment along dw (by parameter name) at positions t [N], in the model's dtype.
 models::RowSegment segment_along(models::Model& model, const ParamMap& dw, const at::Tensor& t);
 
