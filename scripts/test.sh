@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets everything up (scripts/setup.sh) and runs all test suites: `unit` (seconds, synthetic
 # data) and `e2e` (the pathkernel binary on real Fashion-MNIST). Extra arguments go to ctest,
-# e.g. `bash scripts/test.sh -L unit`.
+# e.g. `bash scripts/test.sh -L unit`. Without arguments, the unit tests then run again under
+# two or three other OpenBLAS kernel sets (scripts/blas_cores.sh), each differently rounded.
 #
 # With CI set (as CI runs it) or with --sanitize first, a second build with clang,
 # AddressSanitizer and UndefinedBehaviorSanitizer (build-sanitize/, about 6 more minutes from
@@ -34,3 +35,12 @@ if [ -n "$sanitize" ]; then
   bash scripts/fuzz.sh --time 30
 fi
 ctest --test-dir build --output-on-failure -j 2 "$@"
+# The unit tests again under other OpenBLAS kernel sets than this CPU's (scripts/blas_cores.sh):
+# a tolerance tuned to one kernel set's rounding fails here, not on a user's machine. Only for
+# the whole run (extra arguments select tests to run once). PATHKERNEL_CORES=none skips this.
+if [ $# -eq 0 ] && [ "${PATHKERNEL_CORES:-}" != none ]; then
+  for core in $(bash scripts/blas_cores.sh); do
+    echo "test: the unit tests under OPENBLAS_CORETYPE=$core" >&2
+    OPENBLAS_CORETYPE=$core ctest --test-dir build --output-on-failure -j 2 -L unit
+  done
+fi

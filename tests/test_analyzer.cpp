@@ -80,8 +80,11 @@ TEST_F(AnalyzerTest, ForwardModeRouteEqualsExplicitJacobianRoute) {
   EXPECT_EQ(fast.kernel_split_checked, 3);  // steps 0, 4, 8 of 11
   EXPECT_EQ(slow.kernel_split_checked, 11);
   EXPECT_LT(fast.kernel_split_error, 1e-12);
-  auto agree = [](const at::Tensor& x, const at::Tensor& y) {
-    return (x - y).abs().max().item<double>() <= 1e-12 * std::max(1e-300, y.abs().max().item<double>());
+  // Each difference against the scale of the whole change (|F|, |D|), never against a part that
+  // may itself be rounding: U and Uopt_wd are parts of F, Kexact of D.
+  const double whole = std::max(max_abs(slow.f), max_abs(slow.d));
+  auto agree = [whole](const at::Tensor& x, const at::Tensor& y) {
+    return (x - y).abs().max().item<double>() <= 1e-12 * whole;
   };
   EXPECT_TRUE(agree(fast.k, slow.k));
   EXPECT_TRUE(agree(fast.f, slow.f));
@@ -279,7 +282,7 @@ TEST_F(AnalyzerTest, QuadraticModelResidualIsExactlySecondOrder) {
   const AnalysisResult r = analyze(a);
   for (int64_t k = 0; k < r.r.size(0); ++k) {
     EXPECT_GT(max_abs(r.r[k]), 0.0);
-    EXPECT_LE(max_abs(r.r[k] - r.s[k]), 1e-9 * max_abs(r.r[k])) << "step " << k;
+    EXPECT_LE(max_abs(r.r[k] - r.s[k]), 1e-9 * max_abs(r.d[k])) << "step " << k;
   }
 }
 
@@ -323,7 +326,7 @@ TEST_F(AnalyzerTest, UpdateTermSplitsIntoWeightDecayAndMomentum) {
       EXPECT_GT(s.u_mom_norm, 0.0);
     }
     EXPECT_GT(s.u_wd_norm, 0.0);
-    EXPECT_LE(s.u_round_norm, 1e-9 * s.u_norm) << "step " << s.step;
+    EXPECT_LE(s.u_round_norm, 1e-9 * s.f_norm) << "step " << s.step;  // a part of F, against F
   }
   // In float32 the rounding of the stored update is a source of its own.
   const AnalysisResult r32 = analyze(config(run("plain32", "mlp:6:tanh", 0.1, 10)));
@@ -382,9 +385,10 @@ TEST_F(AnalyzerTest, ExplicitJacobianRouteGivesTheSameAnalysis) {
     const AnalysisResult fast = analyze(a);
     a.kernel_route = "explicit";
     const AnalysisResult slow = analyze(a);
+    const double whole = std::max(max_abs(slow.f), max_abs(slow.d));  // U and R are parts of it
     for (const auto& [x, y] : {std::pair{fast.k, slow.k}, {fast.f, slow.f}, {fast.u, slow.u}, {fast.r, slow.r},
                                {fast.kexact, slow.kexact}}) {
-      EXPECT_LE(max_abs(x - y), 1e-10 * max_abs(y)) << spec;
+      EXPECT_LE(max_abs(x - y), 1e-10 * whole) << spec;
     }
   }
 }
@@ -410,8 +414,11 @@ TEST_F(AnalyzerTest, TwoThreadsGiveTheAnalysisOfOne) {
   const AnalysisResult two = analyze(a);
   EXPECT_EQ(one.threads, 1);
   EXPECT_EQ(two.threads, 2);
+  // Against the scale of the whole change: on plain SGD U is rounding alone (max|U| 6.9e-8 on an
+  // AMD EPYC's Cooperlake kernels), so a tolerance relative to U itself measured noise by noise.
+  const double whole = std::max(max_abs(one.f), max_abs(one.d));
   for (const auto& [x, y] : {std::pair{one.d, two.d}, {one.f, two.f}, {one.k, two.k}, {one.u, two.u}, {one.r, two.r}}) {
-    EXPECT_LE(max_abs(x - y), 1e-12 * max_abs(x));
+    EXPECT_LE(max_abs(x - y), 1e-12 * whole);
   }
 }
 
