@@ -218,11 +218,14 @@ TEST_F(TrainerTest, ADamagedCheckpointIsCaughtByItsDigestAndResumeFallsBack) {
   EXPECT_THROW_WITH(Replayer(dir.root()).seek(31), InputError, "is Long, the run's weights are Float");
 }
 
+// A short gradient log is never zero-filled: the resume goes back to the newest checkpoint whose
+// digest vouches for the records the log holds, and writes the rest as training writes it.
 TEST_F(TrainerTest, AShortGradientLogIsNotZeroFilledOnResume) {
   TrainConfig c = config("grads");
   c.log_gradients = true;
   train(c, "");
   const RunDir dir(c.out);
+  const std::string logged = read_file(dir.gradients());
   fs::remove(dir.complete_marker());
   for (int64_t s : {30, 40}) {
     fs::remove(dir.checkpoint(s));
@@ -231,10 +234,10 @@ TEST_F(TrainerTest, AShortGradientLogIsNotZeroFilledOnResume) {
   }
   truncate_step_log(dir.steps_log(), 20);
   fs::resize_file(dir.gradients(), fs::file_size(dir.gradients()) / 4);  // 10 of 40 records
-  EXPECT_THROW_WITH(resume(dir.root(), ""), InputError, "gradients.bin: holds 10 whole gradient records, the run has "
-                                                        "reached step 20");
-  fs::remove(dir.gradients());
-  EXPECT_THROW_WITH(resume(dir.root(), ""), InputError, "holds 0 whole gradient records");
+  spdlog::set_level(spdlog::level::off);
+  resume(dir.root(), "");  // from step 10: the digest of step 20 covers 20 records
+  EXPECT_EQ(read_file(dir.gradients()), logged);
+  EXPECT_EQ(read_step_log(dir.steps_log()).size(), 40u);
 }
 
 TEST_F(TrainerTest, AScheduleFileIsCopiedIntoTheRunAndChecked) {

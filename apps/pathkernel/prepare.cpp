@@ -41,6 +41,17 @@ void check_data(const TrainConfig& c) {
   if (!is_synthetic(c.data_dir)) check_input_dir(c.data_dir, "data folder (--data)");
 }
 
+/// --out for one writer: `check` (the command's output checks) runs first, so that a refusal
+/// creates nothing; then the output's lock is taken and `check` runs again under it, so that an
+/// output another command finished meanwhile is seen. Throws InputError.
+template <typename Check>
+std::shared_ptr<OutputLock> claim_output(const std::string& out, Check check) {
+  check();
+  auto lock = std::make_shared<OutputLock>(out);
+  check();
+  return lock;
+}
+
 }  // namespace
 
 bool prepare_train(const Args& args, TrainCommand& cmd) {
@@ -64,6 +75,7 @@ bool prepare_train(const Args& args, TrainCommand& cmd) {
     return true;
   }
   c.validate();
+  check_thread_flag(c.threads);
   check_new_run_dir(c.out);  // before any work
   check_data(c);
   return true;
@@ -135,9 +147,17 @@ bool prepare_analyze(const Args& args, AnalyzeCommand& cmd) {
   c.progress_dir = c.out;  // resumable: an interrupted analysis continues from what it finished
   c.validate();
   // before any work; an interrupted analysis's folder is continued (analyze checks its settings)
-  if (!is_partial_analysis(c.out)) check_output_dir(c.out, c.force, "summary.json", kAnalysisFormat);
+  auto check_out = [&] {
+    if (!is_partial_analysis(c.out)) {
+      check_output_dir(c.out, c.force, "summary.json", kAnalysisFormat);
+    } else if (fs::is_symlink(c.out)) {
+      throw InputError(c.out + ": is a symbolic link; give a real folder");
+    }
+  };
+  check_out();
   check_input_dir(c.run, "run directory");
   check_input_file(c.probe_indices_file, "probe indices file (--probe-indices)");
+  cmd.lock = claim_output(c.out, check_out);
   return true;
 }
 
@@ -185,6 +205,10 @@ bool prepare_explain(const Args& args, ExplainCommand& cmd) {
     spdlog::warn("explain --output is now --logit (the old name works for one more release)");
     c.output = r["output"].as<int64_t>();
   }
+  if ((r.count("logit") || r.count("output")) && c.output < 0) {
+    throw InputError("--logit must be a logit index, 0 or more (leave it out to explain each probe's prediction), got " +
+                     std::to_string(c.output));
+  }
   c.self_influence = r.count("self-influence") > 0;
   c.force = r.count("force") > 0;
   if (r.count("shard")) std::tie(c.shard_index, c.shard_count) = parse_shard(r["shard"].as<std::string>());
@@ -192,6 +216,7 @@ bool prepare_explain(const Args& args, ExplainCommand& cmd) {
   check_output_dir(c.out, c.force, "summary.json", kExplainFormat);  // before any work
   c.validate();
   check_input_dir(c.run, "run directory");
+  cmd.lock = claim_output(c.out, [&] { check_output_dir(c.out, c.force, "summary.json", kExplainFormat); });
   return true;
 }
 
@@ -225,6 +250,7 @@ bool prepare_influence(const Args& args, InfluenceCommand& cmd) {
   check_output_dir(c.out, c.force, "summary.json", kInfluenceFormat);  // before any work
   check_input_dir(c.run, "run directory");
   check_input_file(c.probe_indices_file, "probe indices file (--probe-indices)");
+  cmd.lock = claim_output(c.out, [&] { check_output_dir(c.out, c.force, "summary.json", kInfluenceFormat); });
   return true;
 }
 
@@ -249,7 +275,7 @@ bool prepare_merge(const Args& args, MergeCommand& cmd) {
   } catch (const InputError&) {
     // merge itself names the shard that cannot be read
   }
-  check_output_dir(c.out, c.force, "summary.json", format);
+  cmd.lock = claim_output(c.out, [&] { check_output_dir(c.out, c.force, "summary.json", format); });
   return true;
 }
 
@@ -274,6 +300,7 @@ bool prepare_report(const Args& args, ReportCommand& cmd) {
   c.validate();
   check_output_dir(c.out, c.force, "report.html");  // before anything is read
   check_input_dir(c.analysis, "analysis directory");
+  cmd.lock = claim_output(c.out, [&] { check_output_dir(c.out, c.force, "report.html"); });
   return true;
 }
 
@@ -293,6 +320,7 @@ bool prepare_sweep(const Args& args, SweepCommand& cmd) {
   c.command_line = joined_command_line(args);
   c.validate();  // the --out folder included
   check_data(c.train);
+  cmd.lock = claim_output(c.out, [&] { c.validate(); });
   return true;
 }
 

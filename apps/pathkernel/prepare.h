@@ -7,12 +7,14 @@
 // InputError for anything it refuses.
 
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <string>
 
 #include "commands.h"
 #include "pathkernel/analyzer.h"
 #include "pathkernel/explain.h"
+#include "pathkernel/fs_util.h"
 #include "pathkernel/influence.h"
 #include "pathkernel/report.h"
 #include "pathkernel/shards.h"
@@ -37,31 +39,37 @@ struct ReplayCommand {
 struct AnalyzeCommand {
   AnalyzeConfig config;
   bool json = false;
+  std::shared_ptr<OutputLock> lock;  ///< --out, held from the checks to the end of the command
 };
 
 struct ExplainCommand {
   ExplainConfig config;
   bool json = false;
+  std::shared_ptr<OutputLock> lock;  ///< --out, held from the checks to the end of the command
 };
 
 struct InfluenceCommand {
   InfluenceConfig config;
   bool json = false;
+  std::shared_ptr<OutputLock> lock;  ///< --out, held from the checks to the end of the command
 };
 
 struct MergeCommand {
   MergeConfig config;
   bool json = false;
+  std::shared_ptr<OutputLock> lock;  ///< --out, held from the checks to the end of the command
 };
 
 struct ReportCommand {
   ReportConfig config;
   bool json = false;
+  std::shared_ptr<OutputLock> lock;  ///< --out, held from the checks to the end of the command
 };
 
 struct SweepCommand {
   SweepConfig config;
   bool json = false;
+  std::shared_ptr<OutputLock> lock;  ///< --out, held from the checks to the end of the command
 };
 
 bool prepare_train(const Args& args, TrainCommand& cmd);

@@ -45,9 +45,10 @@ std::string crc_of(const fs::path& p) {
 
 }  // namespace
 
-void RunDir::write_digest(int64_t step) const {
+void RunDir::write_digest(int64_t step, const std::string& extra) const {
   atomic_write(digest(step),
-               "weights " + crc_of(checkpoint(step)) + "\nstate " + crc_of(state(step)) + "\n", /*durable=*/false);
+               "weights " + crc_of(checkpoint(step)) + "\nstate " + crc_of(state(step)) + "\n" + extra,
+               /*durable=*/false);
 }
 
 void RunDir::check_digest(int64_t step) const {

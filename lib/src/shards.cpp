@@ -189,6 +189,10 @@ StoredAnalysis read_analysis(const fs::path& dir) {
     r.threads = s.at("threads").get<int>();
     r.blas = s.at("blas").get<std::string>();
     r.blas_core = s.at("blas_core").get<std::string>();
+    if (s.contains("run") && s["run"].is_object()) {
+      r.run_path = s["run"].value("path", "");
+      r.run_manifest_sha256 = s["run"].value("manifest_sha256", "");
+    }
     if (s.at("shard").is_object()) {
       r.shard_index = s["shard"].at("index").get<int64_t>();
       r.shard_count = s["shard"].at("count").get<int64_t>();
@@ -241,11 +245,58 @@ AnalysisResult join_parts(const std::vector<StoredAnalysis>& parts) {
   return m;
 }
 
+namespace {
+
+/// What lstat says is at `p`, without following a link.
+fs::file_type entry_type(const fs::path& p) {
+  std::error_code ec;
+  return fs::symlink_status(p, ec).type();
+}
+
+/// The segments folder of an interrupted analysis: a real folder this command made, holding
+/// finished segments (seg_<step>) and the staging folders of one cut off (.seg_<step>.staging-*,
+/// .seg_<step>.replaced-*).
+/// Anything else, a symbolic link above all, is refused: it is not ours to read or delete.
+std::vector<fs::path> segment_dirs(const fs::path& segments) {
+  std::vector<fs::path> found;
+  const fs::file_type t = entry_type(segments);
+  if (t == fs::file_type::not_found) return found;
+  if (t != fs::file_type::directory) {
+    throw InputError(segments.string() + ": is not a folder this command made (" +
+                     (t == fs::file_type::symlink ? "a symbolic link" : "not a folder") +
+                     "); pathkernel neither follows nor deletes it: remove it, or give another --out");
+  }
+  for (const auto& e : fs::directory_iterator(segments)) {
+    const std::string name = e.path().filename().string();
+    const fs::file_type et = entry_type(e.path());
+    if (name.rfind("seg_", 0) == 0 && et == fs::file_type::directory) {
+      found.push_back(e.path());
+    } else if (name.rfind(".seg_", 0) == 0 &&
+               (name.find(".staging-") != std::string::npos || name.find(".replaced-") != std::string::npos) &&
+               et == fs::file_type::directory) {
+      std::error_code ec;
+      fs::remove_all(e.path(), ec);  // a segment whose writing was cut off (StagedOutput's folders)
+    } else {
+      throw InputError(e.path().string() + ": not a segment of an interrupted analysis (" +
+                       (et == fs::file_type::symlink ? "a symbolic link" : "an unexpected entry") +
+                       "); pathkernel neither follows nor deletes it: remove it, or give another --out");
+    }
+  }
+  std::sort(found.begin(), found.end());  // seg_<first step, 8 digits>
+  return found;
+}
+
+}  // namespace
+
 std::vector<StoredAnalysis> open_progress(const fs::path& dir, const nlohmann::json& key, bool force) {
   const fs::path marker = dir / "partial.json", segments = dir / "segments";
   const nlohmann::json want = {{"format", kPartialAnalysisFormat}, {"key", key}};
+  if (entry_type(dir) == fs::file_type::symlink) {
+    throw InputError(dir.string() + ": is a symbolic link; give a real folder");
+  }
   if (is_partial_analysis(dir.string())) {
     const nlohmann::json have = read_json(marker);
+    const std::vector<fs::path> old = segment_dirs(segments);  // refused before anything is removed
     if (have.value("key", nlohmann::json()) != key) {
       if (!force) {
         throw InputError(dir.string() + ": holds an interrupted analysis of another command (other run, settings or "
@@ -253,7 +304,7 @@ std::vector<StoredAnalysis> open_progress(const fs::path& dir, const nlohmann::j
                          "another --out (--force discards it)");
       }
       std::error_code ec;
-      fs::remove_all(segments, ec);
+      fs::remove_all(segments, ec);  // checked above: a real folder of segments
       atomic_write(marker, want.dump(2) + "\n");
     }
   } else {
@@ -261,19 +312,7 @@ std::vector<StoredAnalysis> open_progress(const fs::path& dir, const nlohmann::j
     atomic_write(marker, want.dump(2) + "\n");
   }
   std::vector<StoredAnalysis> done;
-  if (!fs::is_directory(segments)) return done;
-  std::vector<fs::path> found;
-  for (const auto& e : fs::directory_iterator(segments)) {
-    const std::string name = e.path().filename().string();
-    if (name.rfind("seg_", 0) == 0 && e.is_directory()) {
-      found.push_back(e.path());
-    } else {
-      std::error_code ec;
-      fs::remove_all(e.path(), ec);  // a segment whose writing was cut off (its staging folder)
-    }
-  }
-  std::sort(found.begin(), found.end());  // seg_<first step, 8 digits>
-  for (const auto& f : found) done.push_back(read_analysis(f));
+  for (const auto& f : segment_dirs(segments)) done.push_back(read_analysis(f));
   return done;
 }
 

@@ -10,7 +10,10 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <fcntl.h>
+#include <sys/stat.h>
 #include <unistd.h>
+#include <zlib.h>
 
 #include "pathkernel/checkpoint.h"
 #include "pathkernel/errors.h"
@@ -25,15 +28,6 @@ namespace fs = std::filesystem;
 using Clock = std::chrono::steady_clock;
 namespace {
 
-nlohmann::json file_entry(const fs::path& p) { return {{"path", p.string()}, {"sha256", sha256_file(p)}}; }
-
-nlohmann::json data_files(const RunContext& ctx) {
-  if (is_synthetic(ctx.config.data_dir)) return {{"synthetic", ctx.config.data_dir}};
-  return {{"train_images", file_entry(ctx.train.images_file)},
-          {"train_labels", file_entry(ctx.train.labels_file)},
-          {"test_images", file_entry(ctx.test.images_file)},
-          {"test_labels", file_entry(ctx.test.labels_file)}};
-}
 
 nlohmann::json make_manifest(const RunContext& ctx, const std::string& command_line) {
   nlohmann::json params = nlohmann::json::array();
@@ -52,7 +46,7 @@ nlohmann::json make_manifest(const RunContext& ctx, const std::string& command_l
       {"model", {{"spec", ctx.model->spec().str()}, {"num_classes", ctx.num_classes},
                  {"input_shape", {1, ctx.train.height(), ctx.train.width()}},
                  {"num_parameters", ctx.stepper->num_parameters()}, {"parameters", params}}},
-      {"data", {{"dir", c.data_dir}, {"files", data_files(ctx)}, {"train_examples", ctx.train.size()},
+      {"data", {{"dir", c.data_dir}, {"files", data_file_digests(ctx)}, {"train_examples", ctx.train.size()},
                 {"test_examples", ctx.test.size()},
                 {"normalization", {{"mode", c.normalize}, {"mean", ctx.normalization.mean},
                                    {"std", ctx.normalization.std}}}}},
@@ -123,17 +117,54 @@ void step_line(fmt::memory_buffer& out, const StepRecord& r, const std::vector<i
   fmt::format_to(it, "}}\n");
 }
 
+/// The CRC-32 of the first `bytes` bytes of the open file `fd` (named `path` in errors).
+uLong crc_of_prefix(int fd, int64_t bytes, const fs::path& path) {
+  uLong crc = crc32(0L, Z_NULL, 0);
+  std::vector<char> buf(1 << 20);
+  for (int64_t off = 0; off < bytes;) {
+    const ssize_t n = ::pread(fd, buf.data(), static_cast<size_t>(std::min<int64_t>(bytes - off, 1 << 20)), off);
+    if (n <= 0) throw InputError("cannot read " + path.string() + ": " + (n < 0 ? std::strerror(errno) : "it is shorter"));
+    crc = crc32(crc, reinterpret_cast<const Bytef*>(buf.data()), static_cast<uInt>(n));
+    off += n;
+  }
+  return crc;
+}
+
 /// Appends records to a file. The caller flushes them to the OS at every checkpoint and at least
 /// twice a second: a SIGKILL can lose only records after the last checkpoint, which a resume
-/// re-creates anyway, and a torn last line, which read_step_log drops.
+/// re-creates anyway, and a torn last line, which read_step_log drops. The file is opened
+/// without following a symbolic link (a planted link is refused, its target untouched), cut to
+/// `keep_bytes` through that same descriptor, and a CRC-32 of everything in it is kept up to date.
 class Appender {
  public:
   Appender(const fs::path& path, int64_t keep_bytes) : path_(path) {
-    if (keep_bytes >= 0 && fs::exists(path) && ::truncate(path.c_str(), keep_bytes) != 0) {
+    const int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_APPEND | O_CLOEXEC | O_NOFOLLOW, 0644);
+    if (fd < 0) {
+      throw InputError("cannot open " + path.string() + " for appending: " +
+                       (errno == ELOOP ? "it is a symbolic link, which pathkernel does not follow inside a run"
+                                       : std::strerror(errno)));
+    }
+    struct stat st {};
+    if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+      ::close(fd);
+      throw InputError(path.string() + ": not a regular file");
+    }
+    if (keep_bytes >= 0 && st.st_size > keep_bytes && ::ftruncate(fd, keep_bytes) != 0) {
+      ::close(fd);
       throw InputError("cannot truncate " + path.string() + ": " + std::strerror(errno));
     }
-    f_ = std::fopen(path.c_str(), "ab");
-    if (!f_) throw InputError("cannot open " + path.string() + " for appending: " + std::strerror(errno));
+    bytes_ = keep_bytes >= 0 ? std::min<int64_t>(keep_bytes, st.st_size) : st.st_size;
+    try {
+      crc_ = crc_of_prefix(fd, bytes_, path);  // what is kept, read through the same descriptor
+    } catch (...) {
+      ::close(fd);
+      throw;
+    }
+    f_ = ::fdopen(fd, "ab");
+    if (!f_) {
+      ::close(fd);
+      throw InputError("cannot open " + path.string() + " for appending: " + std::strerror(errno));
+    }
   }
   ~Appender() {
     if (f_) std::fclose(f_);
@@ -142,22 +173,90 @@ class Appender {
   Appender& operator=(const Appender&) = delete;
   void write(const void* data, size_t n) {
     if (std::fwrite(data, 1, n, f_) != n) throw InputError("cannot write " + path_.string() + ": " + std::strerror(errno));
+    crc_ = crc32(crc_, static_cast<const Bytef*>(data), static_cast<uInt>(n));
+    bytes_ += static_cast<int64_t>(n);
   }
   void flush() {
     if (std::fflush(f_) != 0) throw InputError("cannot write " + path_.string() + ": " + std::strerror(errno));
   }
+  int64_t bytes() const { return bytes_; }
+  /// The file's CRC-32 as eight hex digits.
+  std::string crc() const { return fmt::format("{:08x}", static_cast<unsigned long>(crc_)); }
 
  private:
   fs::path path_;
   std::FILE* f_ = nullptr;
+  int64_t bytes_ = 0;
+  uLong crc_ = 0;
 };
 
-void save_checkpoint(const RunDir& dir, RunContext& ctx, int64_t step) {
+/// The line of a checkpoint's digest file that vouches for the gradient log up to that step:
+/// its length and CRC-32, so that bytes of the right length that training did not write
+/// (another file, text) are refused on resume.
+std::string gradient_digest(int64_t bytes, const std::string& crc) {
+  return "gradients " + std::to_string(bytes) + " " + crc + "\n";
+}
+
+/// Checks that the run's gradient log holds, in its first bytes, exactly the records training
+/// wrote up to checkpoint `step` (the length and CRC-32 in the checkpoint's digest file). Throws
+/// InputError naming the file: a planted link, a short log, a digest without the entry, or
+/// other bytes of the right length.
+void check_gradient_log(const RunDir& dir, int64_t step, int64_t numel) {
+  const fs::path file = dir.gradients(), digest = dir.digest(step);
+  const int64_t need = step * numel * 4;
+  const std::string text = fs::exists(digest) ? read_file(digest) : "";
+  const size_t at = text.find("\ngradients ");
+  long long bytes = -1;
+  char crc[9] = {0};
+  if (at == std::string::npos || std::sscanf(text.c_str() + at + 1, "gradients %lld %8[0-9a-f]", &bytes, crc) != 2) {
+    throw InputError(digest.string() + ": vouches for no gradient log (missing, or written before gradient logs had "
+                     "digests); " + file.string() + " cannot be checked and is not continued");
+  }
+  if (bytes != need) {
+    throw InputError(digest.string() + ": its gradient log entry covers " + std::to_string(bytes) + " bytes, step " +
+                     std::to_string(step) + " needs " + std::to_string(need));
+  }
+  const int fd = ::open(file.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK);
+  if (fd < 0) {
+    throw InputError(file.string() + ": cannot be read (" +
+                     (errno == ELOOP ? std::string("a symbolic link, not followed inside a run") : std::strerror(errno)) +
+                     ")");
+  }
+  struct stat st {};
+  const bool regular = ::fstat(fd, &st) == 0 && S_ISREG(st.st_mode);
+  std::string got;
+  try {
+    if (!regular) throw InputError(file.string() + ": not a regular file");
+    if (st.st_size < need) {
+      throw InputError(file.string() + ": holds " + std::to_string(st.st_size / std::max<int64_t>(numel * 4, 1)) +
+                       " whole gradient records, the run has reached step " + std::to_string(step) +
+                       "; the gradient log is incomplete and cannot be continued");
+    }
+    got = fmt::format("{:08x}", static_cast<unsigned long>(crc_of_prefix(fd, need, file)));
+  } catch (...) {
+    ::close(fd);
+    throw;
+  }
+  ::close(fd);
+  if (got != crc) {
+    throw InputError(file.string() + ": its first " + std::to_string(step) + " records are not the ones training wrote "
+                     "(CRC-32 " + got + ", the digest in " + digest.string() + " says " + crc + ")");
+  }
+}
+
+void save_checkpoint(const RunDir& dir, RunContext& ctx, int64_t step, const Appender* grads = nullptr) {
   const TrainerState st = ctx.state_at(step);
   // State first, weights last: a step counts as checkpointed only when its .pt exists.
   save_trainer_state(dir.state(step), st);
   save_tensor_dict(dir.checkpoint(step), state_dict_of(*ctx.model));
-  dir.write_digest(step);  // last: the digest vouches for both files as written
+  // last: the digest vouches for both files as written (and for the gradient log so far)
+  std::string extra;
+  if (grads) {
+    extra = gradient_digest(grads->bytes(), grads->crc());
+  } else if (ctx.config.log_gradients && step == 0) {
+    extra = gradient_digest(0, fmt::format("{:08x}", static_cast<unsigned long>(crc32(0L, Z_NULL, 0))));
+  }
+  dir.write_digest(step, extra);
 }
 
 void write_summary(const RunDir& dir, const TrainSummary& s, const RunContext& ctx, const std::string& reason) {
@@ -191,15 +290,10 @@ TrainSummary run_loop(const RunDir& dir, RunContext& ctx, int64_t start, double 
   Appender log(dir.steps_log(), -1);
   std::unique_ptr<Appender> grads;
   if (c.log_gradients) {
-    // Resuming at `start` keeps the first `start` records: a shorter file would be zero-filled.
-    const int64_t need = start * numel * 4;
-    const int64_t have = fs::exists(dir.gradients()) ? static_cast<int64_t>(fs::file_size(dir.gradients())) : 0;
-    if (have < need) {
-      throw InputError(dir.gradients().string() + ": holds " + std::to_string(have / (numel * 4)) +
-                       " whole gradient records, the run has reached step " + std::to_string(start) +
-                       "; the gradient log is incomplete and cannot be continued");
-    }
-    grads = std::make_unique<Appender>(dir.gradients(), need);
+    // Resuming at `start` keeps the first `start` records, which resume() checked against the
+    // checkpoint's digest (check_gradient_log: a shorter file would be zero-filled, a replaced
+    // one continued).
+    grads = std::make_unique<Appender>(dir.gradients(), start * numel * 4);
   }
 
   TrainSummary s;
@@ -219,7 +313,7 @@ TrainSummary run_loop(const RunDir& dir, RunContext& ctx, int64_t start, double 
       s.status = "diverged";
       s.steps_completed = k;
       s.seconds = std::chrono::duration<double>(Clock::now() - t0).count();
-      save_checkpoint(dir, ctx, k);  // w_k is finite: the run stays valid up to here
+      save_checkpoint(dir, ctx, k, grads.get());  // w_k is finite: the run stays valid up to here
       const std::string why = "step " + std::to_string(k) + ": " + rec.nonfinite + " is not finite (loss " +
                               fmt::format("{}", rec.loss) + ", lr " + fmt::format("{}", rec.lr) + ")";
       write_summary(dir, s, ctx, why);
@@ -240,7 +334,7 @@ TrainSummary run_loop(const RunDir& dir, RunContext& ctx, int64_t start, double 
     if ((k + 1) % c.checkpoint_every == 0 || k + 1 == n) {
       log.flush();
       if (grads) grads->flush();
-      save_checkpoint(dir, ctx, k + 1);
+      save_checkpoint(dir, ctx, k + 1, grads.get());
       last_flush = now;
     } else if (now - last_flush > std::chrono::milliseconds(500)) {
       log.flush();
@@ -346,13 +440,14 @@ TrainSummary resume(const fs::path& run, const std::string& command_line) {
   check_schedule_file(dir, manifest);
   auto ctx = make_run_context(config, Normalization{norm.at("mean").get<double>(), norm.at("std").get<double>()},
                               dir.root().string());
-  // The data must be the very files the run started with.
-  const nlohmann::json now = data_files(*ctx);
-  for (const auto& [key, entry] : manifest.at("data").at("files").items()) {
-    if (key == "synthetic") continue;  // generated, not read
-    if (now.at(key).at("sha256") != entry.at("sha256")) {
-      throw InputError(now.at(key).at("path").get<std::string>() + ": differs from the file the run was trained on " +
-                       "(SHA-256 mismatch); resume needs the same data");
+  check_data_files(manifest, *ctx, dir.manifest().string(), "resume");  // the very files the run started with
+  if (config.log_gradients) {  // never written through a link, whatever checkpoint is chosen
+    std::error_code ec;
+    const auto t = fs::symlink_status(dir.gradients(), ec).type();
+    if (t != fs::file_type::not_found && t != fs::file_type::regular) {
+      throw InputError(dir.gradients().string() + ": is " +
+                       (t == fs::file_type::symlink ? "a symbolic link" : "not a regular file") +
+                       "; pathkernel neither follows nor replaces it inside a run");
     }
   }
   const auto steps = dir.checkpoint_steps();
@@ -366,6 +461,7 @@ TrainSummary resume(const fs::path& run, const std::string& command_line) {
     for (auto it = steps.rbegin(); it != steps.rend(); ++it) {
       try {
         dir.check_digest(*it);
+        if (config.log_gradients && *it > 0) check_gradient_log(dir, *it, ctx->stepper->num_parameters());
         load_weights(*ctx->model, load_tensor_dict(dir.checkpoint(*it)), dir.checkpoint(*it).string());
         ctx->restore(load_trainer_state(dir.state(*it)), *it, dir.state(*it).string());
         start = *it;

@@ -4,6 +4,7 @@
 
 #include <nlohmann/json_fwd.hpp>
 
+#include <cstdint>
 #include <filesystem>
 #include <string>
 
@@ -15,8 +16,23 @@ namespace pathkernel {
 /// call). Throws InputError naming the path when it cannot be written.
 void atomic_write(const std::filesystem::path& path, const std::string& bytes, bool durable = true);
 
-/// Reads a whole file. Throws InputError naming the path when it cannot be opened.
-std::string read_file(const std::filesystem::path& path);
+/// The most a reader takes from one file unless it names a bound of its own (64 GiB: no real
+/// input is near it; the point of the bound is that nothing is allocated before it is checked).
+inline constexpr int64_t kMaxFileBytes = int64_t{1} << 36;
+
+/// Opens `path` for reading if it is a regular file (a link is followed to one), without ever
+/// blocking: a FIFO, a socket, a device such as /dev/zero, or a folder is refused, and a file
+/// larger than `max_bytes` too. Returns the descriptor (close-on-exec) and its size in `size`.
+/// Throws InputError naming the path and the problem (`what` names the kind of file, if given).
+int open_regular_file(const std::filesystem::path& path, int64_t& size, int64_t max_bytes = kMaxFileBytes,
+                      const std::string& what = "");
+
+/// Reads a whole regular file (open_regular_file's checks: no FIFO, device or folder, at most
+/// `max_bytes`), exactly the bytes it held when opened. Throws InputError naming the path.
+std::string read_file(const std::filesystem::path& path, int64_t max_bytes = kMaxFileBytes);
+
+/// `file` resolved (links followed) lies inside `dir` resolved.
+bool resolves_inside(const std::filesystem::path& dir, const std::filesystem::path& file);
 
 /// Parses a JSON file. Throws InputError naming the file when it is missing or not valid JSON,
 /// or (with `object`) not a JSON object.
@@ -38,8 +54,13 @@ void check_output_dir(const std::filesystem::path& out, bool force, const std::s
 void check_output_file(const std::filesystem::path& out, bool force);
 
 /// A command's output folder written through a staging folder beside it: write into path(),
-/// then commit() puts it in place of `out` (an earlier output there is removed only then).
-/// Without commit() (an error, a kill) the staging folder is removed and `out` is untouched.
+/// then commit() puts it in place of `out`. Without commit() (an error, a kill) the staging folder
+/// is removed and `out` is untouched. commit() replaces only what was at `out` when the object was
+/// made (the same folder, by device and inode, checked with lstat): an `out` that appeared, or was
+/// replaced, while the command ran is refused (InputError), never overwritten. The earlier output
+/// is first moved into a folder of a unique name that this object creates (`.NAME.replaced-XXXXXX`),
+/// so no file the user owns beside `out` is touched, and removed from there once the new one is in
+/// place. Nothing is followed through a symbolic link.
 class StagedOutput {
  public:
   explicit StagedOutput(const std::filesystem::path& out);
@@ -51,7 +72,29 @@ class StagedOutput {
 
  private:
   std::filesystem::path out_, staging_;
+  bool existed_ = false;          ///< `out` was there when the object was made
+  unsigned long dev_ = 0, ino_ = 0;  ///< and was this folder
   bool committed_ = false;
+};
+
+/// One writer per output: an exclusive advisory lock (flock) on `.NAME.lock` beside the output
+/// path `out` (in the folder that will hold it, created if missing), so that two commands given
+/// one --out cannot both write it, whether or not `out` exists yet. The lock file is opened
+/// without following links and removed again when the lock is released; a process killed with
+/// -9 leaves it, unlocked, and the next command takes it. Throws InputError naming `out` when
+/// another process holds the lock.
+class OutputLock {
+ public:
+  explicit OutputLock(const std::filesystem::path& out);
+  ~OutputLock();
+  OutputLock(const OutputLock&) = delete;
+  OutputLock& operator=(const OutputLock&) = delete;
+  /// The lock file's path.
+  const std::filesystem::path& path() const { return path_; }
+
+ private:
+  std::filesystem::path path_;
+  int fd_ = -1;
 };
 
 /// An advisory lock (flock) on a folder, through the file DIR/.lock, released when the object

@@ -36,8 +36,9 @@ class RunDir {
   std::filesystem::path state(int64_t step) const;
   /// CRC-32 digests of the step's two checkpoint files, written after both (step_X.crc32).
   std::filesystem::path digest(int64_t step) const;
-  /// Writes the digest file of step `step` from the files as they are on disk.
-  void write_digest(int64_t step) const;
+  /// Writes the digest file of step `step` from the files as they are on disk; `extra` (whole
+  /// lines, such as the gradient log's "gradients BYTES CRC") is appended.
+  void write_digest(int64_t step, const std::string& extra = "") const;
   /// Checks the step's checkpoint files against their digest file; without one (runs made
   /// before digests, or a kill just before it was written) nothing is checked. Throws
   /// InputError naming the file that does not match.
