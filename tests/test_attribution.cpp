@@ -188,8 +188,10 @@ TEST_F(AttributionTest, RoundingIsAllThatIsLeftOnFloat32Runs) {
     const TrainConfig c = train_run(s);
     const ExplainResult r = explain(explain_config(c, std::string("r-") + s.name));
     // Weight decay 0: sum Uopt is the float32 rounding of the stored updates alone.
-    const at::Tensor change = (r.f_final - r.f_initial).abs();
-    EXPECT_LT((r.sum_u.abs() / change).max().item<double>(), 1e-4) << s.name;
+    // Against the largest change, not each probe's own (a probe that hardly moved would divide
+    // rounding by rounding).
+    const double change = (r.f_final - r.f_initial).abs().max().item<double>();
+    EXPECT_LT(r.sum_u.abs().max().item<double>(), 1e-4 * change) << s.name;
     EXPECT_GT(r.sum_u.abs().max().item<double>(), 0.0) << s.name << ": float32 updates round";
   }
   // In float64 the optimizer's linear form is the stored update up to float64 rounding.
@@ -220,7 +222,7 @@ TEST_F(AttributionTest, BackwardRouteEqualsTheStepByStepRouteOnPlainSgd) {
                                    }});
   ExplainConfig e = explain_config(c, "forward");
   e.self_influence = true;
-  e.exact_nodes = 4;
+  e.exact_nodes = model[0] == 'm' ? 4 : 0;  // explain --exact refuses the CNN's max-pool kinks
   const ExplainResult f = explain(e);
   EXPECT_FALSE(f.through_optimizer);
   e.route = "backward";
@@ -228,7 +230,9 @@ TEST_F(AttributionTest, BackwardRouteEqualsTheStepByStepRouteOnPlainSgd) {
   const ExplainResult b = explain(e);
   EXPECT_TRUE(b.through_optimizer);
   EXPECT_LT(rel(b.attributions, f.attributions), 1e-12) << model;
-  EXPECT_LT(rel(b.attributions_exact, f.attributions_exact), 1e-12) << model;
+  if (e.exact_nodes > 0) {
+    EXPECT_LT(rel(b.attributions_exact, f.attributions_exact), 1e-12) << model;
+  }
   EXPECT_LT(rel(b.self_influence, f.self_influence), 1e-12) << model;
   EXPECT_EQ(b.drawn_at, f.drawn_at);
   }

@@ -1,4 +1,5 @@
 #include <ATen/ATen.h>
+#include <sys/stat.h>
 #include <ATen/core/Dict.h>
 #include <ATen/core/ivalue.h>
 #include <torch/csrc/jit/serialization/pickle.h>
@@ -175,6 +176,53 @@ TEST(NpyTest, ShapesAreParsedStrictlyAndCheckedBeforeAllocating) {
   EXPECT_THROW_WITH(load_npy(dir / "huge.npy"), InputError, "data size does not match the shape");
   testing::write_file(dir / "wrap.npy", npy("(4294967296, 4294967296, 4)", 0), false);
   EXPECT_THROW_WITH(load_npy(dir / "wrap.npy"), InputError, "shape too large");
+}
+
+// Issue 22: the header was matched by substring, so a header with a key twice was read by
+// whichever occurrence a search met first. It is parsed as the dict it is now.
+TEST(NpyTest, TheHeaderIsParsedAsADictWithEachKeyOnce) {
+  testing::TempDir dir;
+  auto npy = [](const std::string& dict, size_t data_bytes) {
+    std::string h = dict;
+    h.append(63 - (10 + h.size()) % 64, ' ');
+    h += '\n';
+    return std::string("\x93NUMPY\x01\x00", 8) + static_cast<char>(h.size() & 0xFF) + static_cast<char>(h.size() >> 8) + h +
+           std::string(data_bytes, '\0');
+  };
+  const std::vector<std::pair<std::string, std::string>> bad = {
+      {"{'descr': '<f4', 'descr': '<f8', 'fortran_order': False, 'shape': (2,), }", "the key 'descr' twice"},
+      {"{'descr': '<f8', 'fortran_order': True, 'fortran_order': False, 'shape': (2,), }",
+       "the key 'fortran_order' twice"},
+      {"{'descr': '<f8', 'fortran_order': False, 'shape': (2,), 'shape': (1,), }", "the key 'shape' twice"},
+      {"{'descr': '<f8', 'fortran_order': False, 'shape': (2,), 'extra': 1}", "an unknown key 'extra'"},
+      {"{'descr': '<f8', 'shape': (2,), }", "not all of descr, fortran_order and shape"},
+      {"{'descr': '<f8', 'fortran_order': False, 'shape': (2,), } x", "text after the dict"},
+      {"{'descr': '<f8' 'fortran_order': False, 'shape': (2,), }", "no ',' or '}' after 'descr'"},
+      {"{'descr': '<f8', 'fortran_order': maybe, 'shape': (2,), }", "fortran_order must be True or False"},
+      {"'descr': '<f8', 'fortran_order': False, 'shape': (2,)", "expected '{'"},
+  };
+  for (const auto& [dict, why] : bad) {
+    SCOPED_TRACE(dict);
+    testing::write_file(dir / "h.npy", npy(dict, 16), false);
+    EXPECT_THROW_WITH(load_npy(dir / "h.npy"), InputError, "h.npy: malformed header (" + why);
+  }
+  // numpy's own spellings still read: double quotes, no trailing comma, keys in another order.
+  testing::write_file(dir / "ok.npy", npy("{\"shape\": (2,), \"fortran_order\": False, \"descr\": \"<f8\"}", 16), false);
+  EXPECT_EQ(load_npy(dir / "ok.npy").sizes(), (std::vector<int64_t>{2}));
+}
+
+// A .npy that is a FIFO hung forever, one linked to /dev/zero ran out of memory: only regular
+// files are read, each no larger than it says.
+TEST(NpyTest, OnlyRegularFilesAreRead) {
+  testing::TempDir dir;
+  ASSERT_EQ(::mkfifo((dir / "fifo.npy").c_str(), 0600), 0);
+  EXPECT_THROW_WITH(load_npy(dir / "fifo.npy"), InputError, "fifo.npy: not a regular file");
+  fs::create_symlink("/dev/zero", dir / "zero.npy");
+  EXPECT_THROW_WITH(load_npy(dir / "zero.npy"), InputError, "zero.npy: not a regular file");
+  fs::create_directories(dir / "folder.npy");
+  EXPECT_THROW_WITH(load_npy(dir / "folder.npy"), InputError, "folder.npy: is a folder");
+  EXPECT_THROW_WITH(read_file(dir / "fifo.npy"), InputError, "not a regular file");
+  EXPECT_THROW_WITH(read_json(dir / "zero.npy"), InputError, "not a regular file");
 }
 
 }  // namespace

@@ -79,6 +79,14 @@ TEST(CliTest, EverySubcommandRefusesABadOutOrFlagAtOnceWritingNothing) {
       {{"sweep", "--data", nowhere, "--lr", "0.1", "--steps", "4", "--out", used.string()}, "notes.txt, which a sweep"},
       {{"sweep", "--data", nowhere, "--lr", "0.1", "--steps", "4", "--out", below_file}, "cannot be created"},
       {{"sweep", "--data", data.string(), "--lr", "fast", "--steps", "4", "--out", (tmp / "s").string()}, "--lr"},
+      // Issue 22: values that were accepted, or refused only deep inside the work (exit 1).
+      {{"explain", run.string(), "--probes", "2", "--logit", "-1", "--out", (tmp / "e").string()},
+       "--logit must be a logit index, 0 or more"},
+      {{"train", "--data", data.string(), "--steps", "4", "--model", "cnn:100000,100000", "--out", (tmp / "t").string()},
+       "cnn channel counts must be at most 4096"},
+      {{"analyze", run.string(), "--threads", "64", "--out", (tmp / "a").string()}, "(the cores this process may use)"},
+      {{"explain", run.string(), "--probes", "2", "--threads", "200", "--out", (tmp / "e").string()},
+       "(the cores this process may use)"},
       // A usable --out, a missing input: refused before anything is created.
       {{"train", "--data", nowhere, "--steps", "4", "--out", (tmp / "t").string()}, "no such data folder"},
       {{"train", "--resume", nowhere}, "no such run directory"},

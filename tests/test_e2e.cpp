@@ -195,15 +195,19 @@ TEST(E2eTest, BadInputExitsTwoNamingTheFileAndWritesNothing) {
            {{"--batch", "64x"}, "--batch must be an integer"},
            {{"--model", "mlp:"}, "no widths given"},
            {{"--log-level", "loud"}, "--log-level must be"},
-           {{"--threads", "100000"}, "--threads must be between 1 and 256"},
+           {{"--threads", "100000"}, "(the cores this process may use), got 100000"},
            {{"--epochs", "9223372036854775807", "--steps", "0"}, "--epochs must be at most"},
-           {{"--weight-decay", "1e300"}, "--weight-decay must be below 1e38"}}) {
+           {{"--weight-decay", "1e300"}, "--weight-decay must be below 1e38"},
+           // Issue 22: a schedule file that never ends hung; one that is not a schedule was echoed.
+           {{"--lr-schedule", "file:/dev/zero"}, "/dev/zero: not a regular file"},
+           {{"--lr-schedule", "file:/etc/passwd"}, "/etc/passwd:1: not a learning rate"}}) {
     std::vector<std::string> args = {"train", "--steps", "5", "--out", (tmp / "flags").string()};
     args.insert(args.end(), flags.begin(), flags.end());
     const auto t0 = std::chrono::steady_clock::now();
     const Result bad = run(args, tmp.path());
     EXPECT_EQ(bad.status, 2) << flags[0];
     EXPECT_NE(bad.err.find(named), std::string::npos) << bad.err;
+    EXPECT_EQ(bad.err.find("root:"), std::string::npos) << "a file's text in an error: " << bad.err;
     EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), 5.0) << flags[0];
     EXPECT_FALSE(fs::exists(tmp / "flags")) << flags[0];
   }
@@ -507,6 +511,34 @@ TEST(E2eTest, FullEpochReaches80PercentAndLoadsInPyTorch) {
   const std::string py_out = read_file(tmp / "py.json");
   const auto py = nlohmann::json::parse(py_out.substr(py_out.find('{')));
   EXPECT_EQ(py["test_accuracy"].get<double>(), summary["test_accuracy"].get<double>());
+}
+
+// Issue 22: two identical analyses on one --out, the second "continued" the first's live
+// segments and exited 0 with part of the run. One writer per output: the second is refused.
+TEST(E2eTest, OneWriterPerOutput) {
+  testing::TempDir tmp;
+  const fs::path run_dir = tmp / "run", out = tmp / "an";
+  ASSERT_EQ(run({"train", "--model", "mlp:32:tanh", "--train-limit", "1000", "--steps", "400", "--batch", "32",
+                 "--checkpoint-every", "20", "--out", run_dir.string()}, tmp.path()).status, 0);
+  const std::vector<std::string> analyze = {"analyze", run_dir.string(), "--probes", "64", "--exact", "8",
+                                            "--second-order", "--out", out.string()};
+  fs::create_directories(tmp / "first");
+  const pid_t first = spawn(analyze, tmp / "first");
+  const auto t0 = std::chrono::steady_clock::now();
+  while (!fs::exists(out / "partial.json") && std::chrono::steady_clock::now() - t0 < std::chrono::seconds(60)) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  ASSERT_TRUE(fs::exists(out / "partial.json")) << "the first analysis did not start";
+  const Result second = run(analyze, tmp.path());
+  int still = 0;
+  const pid_t ended = ::waitpid(first, &still, WNOHANG);
+  EXPECT_EQ(ended, 0) << "the first analysis ended before the second was tried";
+  EXPECT_EQ(second.status, 2) << second.err;
+  EXPECT_NE(second.err.find("an: another pathkernel command is writing it"), std::string::npos) << second.err;
+  EXPECT_EQ(ended == first ? (WIFEXITED(still) ? WEXITSTATUS(still) : -1) : wait_status(first), 0)
+      << read_file(tmp / "first" / "stderr");
+  EXPECT_EQ(read_json(out / "summary.json")["steps_analyzed"], 400);
+  EXPECT_FALSE(fs::exists(tmp / ".an.lock")) << "the lock file goes with its holder";
 }
 
 }  // namespace

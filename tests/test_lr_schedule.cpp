@@ -36,8 +36,26 @@ TEST(LrScheduleTest, FileOfRates) {
   EXPECT_THROW_WITH(LrSchedule("file:" + (dir / "lr.txt").string(), 1.0, 4), InputError,
                     "has 3 learning rates, the run needs 4");
   testing::write_file(dir / "bad.txt", "0.1\nfast\n", false);
-  EXPECT_THROW_WITH(LrSchedule("file:" + (dir / "bad.txt").string(), 1.0, 2), InputError, "'fast'");
+  EXPECT_THROW_WITH(LrSchedule("file:" + (dir / "bad.txt").string(), 1.0, 2), InputError,
+                    "bad.txt:2: not a learning rate (one number per line)");
   EXPECT_THROW_WITH(LrSchedule("file:" + (dir / "none").string(), 1.0, 2), InputError, "cannot open");
+}
+
+// Issue 22: `file:/dev/zero` hung; `file:/etc/shadow` printed the file's first line in the error.
+// Regular files only, and a line that is not a rate is named by its number, never echoed.
+TEST(LrScheduleTest, FilesAreReadBoundedAndNeverEchoed) {
+  testing::TempDir dir;
+  EXPECT_THROW_WITH(LrSchedule("file:/dev/zero", 1.0, 2), InputError, "/dev/zero: not a regular file");
+  testing::write_file(dir / "secret", "root:$6$s3cr3t-hash:19000:0:99999:7:::\n", false);
+  try {
+    LrSchedule("file:" + (dir / "secret").string(), 1.0, 2);
+    ADD_FAILURE() << "a file of secrets read as rates";
+  } catch (const InputError& e) {
+    const std::string what = e.what();
+    EXPECT_NE(what.find("secret:1: not a learning rate"), std::string::npos) << what;
+    EXPECT_EQ(what.find("s3cr3t"), std::string::npos) << what;
+    EXPECT_EQ(what.find("root"), std::string::npos) << what;
+  }
 }
 
 TEST(LrScheduleTest, RejectsBadSpecs) {

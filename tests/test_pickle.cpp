@@ -171,6 +171,18 @@ TEST(PickleTest, CraftedArchivesAreRefusedWithTheFileNamed) {
   compressed[8] = 8;  // local header method
   compressed[compressed.rfind(std::string("PK\x01\x02", 4)) + 10] = 8;  // central method of the last record
   expect_refused(compressed, "is compressed");
+  // Issue 22: one 256 KB storage memoized once and named by 40 entries (BINPUT, then BINGET):
+  // under the value limit, but 10 MB of tensors from a file of 256 KB. The real case, 200,000
+  // entries of a 4 MB storage, would have been 800 GB.
+  std::string reused = str("w0") + tensor("0", 1 << 16, 0, {1 << 16}, {1}) + "q\x01";
+  for (int i = 1; i < 40; ++i) reused += str("w" + std::to_string(i)) + "h\x01";
+  expect_refused(zip_of({{"a/data.pkl", dict_pickle(reused)}, {"a/data/0", floats(1 << 16)}}),
+                 "one storage reused by many entries?");
+  // The same name twice: which tensor would the model get?
+  expect_refused(zip_of({{"a/data.pkl", dict_pickle(str("w") + tensor("0", 4, 0, {4}, {1}) + str("w") +
+                                                    tensor("0", 4, 0, {2}, {1}))},
+                         {"a/data/0", floats(4)}}),
+                 "the key 'w' twice");
 }
 
 TEST(PickleTest, TrainerStateFieldsAreTyped) {

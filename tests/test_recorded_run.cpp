@@ -3,6 +3,7 @@
 // weights and Adam's state line up with an independent recomputation in C++, and damaged runs
 // are refused with the file named.
 #include <ATen/ATen.h>
+#include <sys/stat.h>
 #include <signal.h>
 #include <nlohmann/json.hpp>
 #include <torch/nn/module.h>
@@ -245,6 +246,45 @@ TEST_F(RecordedRunTest, DamagedRunsAreRefusedWithTheFileNamed) {
     EXPECT_THROW_WITH(RecordedRun{r}, InputError, "is outside the run directory");
     cli_refuses(r, "is outside the run directory");
   }
+  // Issue 22: a data file that is a link out of the run passed the lexical check; a FIFO hung.
+  {
+    const fs::path r = copy("linked");
+    fs::remove(r / "data" / "train_x.npy");
+    fs::create_symlink(run_ / "data" / "train_x.npy", r / "data" / "train_x.npy");
+    EXPECT_THROW_WITH(RecordedRun{r}, InputError, "train_x.npy: a symbolic link that leads outside the run directory");
+    cli_refuses(r, "train_x.npy: a symbolic link that leads outside the run directory");
+  }
+  {
+    const fs::path r = copy("fifo");
+    fs::remove(r / "data" / "test_x.npy");
+    ASSERT_EQ(::mkfifo((r / "data" / "test_x.npy").c_str(), 0600), 0);
+    EXPECT_THROW_WITH(RecordedRun{r}, InputError, "test_x.npy: not a regular file");
+    cli_refuses(r, "test_x.npy: not a regular file");
+  }
+}
+
+// Issue 22: the zoo model a manifest names was never compared with model.pt; a Tanh network
+// analyzed as a ReLU one gave exit 0. Now a forward of both on recorded inputs must agree.
+TEST_F(RecordedRunTest, AZooModelThatIsNotTheTrainedNetworkIsRefused) {
+  const fs::path r = copy("zoo-relu");
+  std::string m = read_file(r / "manifest.json");
+  const size_t at = m.find("mlp:64:tanh");
+  ASSERT_NE(at, std::string::npos) << m;
+  m.replace(at, 11, "mlp:64:relu");
+  atomic_write(r / "manifest.json", m);
+  const fs::path out = tmp_->path() / "zoo-relu-analysis", log = tmp_->path() / "zoo.log";
+  EXPECT_EQ(testing::run_program({PATHKERNEL_BIN, "analyze", r.string(), "--probes", "2", "--out", out.string()}, log), 2);
+  EXPECT_NE(read_file(log).find("model.pt: the manifest analyzes this run as the zoo model mlp:64:relu, but that "
+                                "model's outputs on the recorded inputs differ"),
+            std::string::npos)
+      << read_file(log);
+  EXPECT_FALSE(fs::exists(out));
+  // Its own model still analyzes it.
+  EXPECT_EQ(testing::run_program({PATHKERNEL_BIN, "analyze", r.string(), "--probes", "2", "--kernel-route",
+                                  "torchscript", "--out", out.string()},
+                                 log),
+            0)
+      << read_file(log);
 }
 
 }  // namespace

@@ -87,9 +87,9 @@ TEST(TrajectoryTest, ARecordedCopyOfANativeRunAnalyzesTheSame) {
       {"zoo", {{"spec", "mlp:5:tanh"}, {"names", names}}},
       {"data", data}};
   atomic_write(rec / "manifest.json", manifest.dump(1));
-  // The zoo route never runs model.pt (the analyzer runs the zoo model on the stored weights);
-  // the reader only requires it to be there.
-  atomic_write(rec / "model.pt", "TorchScript is not loaded on the zoo route");
+  // The zoo route analyzes with the zoo model on the stored weights; the reader first checks
+  // that the zoo model is the network model.pt holds (the same outputs on recorded inputs).
+  fs::copy_file(fs::path(PATHKERNEL_TEST_DATA) / "scripted_zoo_mlp.pt", rec / "model.pt");
   std::string log;
   for (const auto& r : read_step_log(native.steps_log())) {
     log += nlohmann::json{{"step", r["step"]}, {"lr", r["lr"]}, {"batch", r["batch"]}, {"loss", r["loss"]}}.dump() + "\n";
@@ -116,9 +116,10 @@ TEST(TrajectoryTest, ARecordedCopyOfANativeRunAnalyzesTheSame) {
       {"D", {&want.d, &got.d}},       {"F", {&want.f, &got.f}},         {"K", {&want.k, &got.k}},
       {"U", {&want.u, &got.u}},       {"R", {&want.r, &got.r}},         {"Kopt", {&want.kopt, &got.kopt}},
       {"Uopt_wd", {&want.uopt_wd, &got.uopt_wd}}, {"Uopt_round", {&want.uopt_round, &got.uopt_round}}};
+  // Against the scale of the whole change (U and Uopt_round are rounding-sized parts of it).
+  const double scale = std::max(want.f.abs().max().item<double>(), want.d.abs().max().item<double>());
   for (const auto& [name, pair] : arrays) {
-    const double scale = std::max(1e-300, pair.first->abs().max().item<double>());
-    EXPECT_LE((*pair.first - *pair.second).abs().max().item<double>() / scale, 1e-9) << name;
+    EXPECT_LE((*pair.first - *pair.second).abs().max().item<double>(), 1e-9 * scale) << name;
   }
   EXPECT_TRUE(at::equal(want.outputs, got.outputs));
   EXPECT_EQ(want.probe_indices, got.probe_indices);
@@ -126,6 +127,12 @@ TEST(TrajectoryTest, ARecordedCopyOfANativeRunAnalyzesTheSame) {
   for (size_t k = 0; k < want.steps.size(); ++k) {
     EXPECT_NEAR(want.steps[k].u_mom_norm, got.steps[k].u_mom_norm, 1e-12 * (1 + want.steps[k].u_mom_norm)) << k;
   }
+
+  // The same run said to be another zoo model (ReLU for tanh): its outputs are not model.pt's.
+  nlohmann::json relu = manifest;
+  relu["zoo"]["spec"] = "mlp:5:relu";
+  atomic_write(rec / "manifest.json", relu.dump(1));
+  EXPECT_THROW_WITH(analyze(a), InputError, "model.pt: the manifest analyzes this run as the zoo model mlp:5:relu");
 }
 
 }  // namespace

@@ -20,14 +20,16 @@ int cmd_replay(const Args& args) {
   }
   if (cmd.verify) {
     int64_t last_report = 0;
-    replayer.verify([&](int64_t done, int64_t total) {
+    const int64_t compared = replayer.verify([&](int64_t done, int64_t total) {
       if (done - last_report >= 200 || done == total) {
         spdlog::info("replayed {}/{} steps", done, total);
         last_report = done;
       }
     });
-    std::cout << "verified: " << replayer.checkpoints().size() << " checkpoints of "
-              << replayer.dir().root().string() << " reproduced bit for bit\n";
+    const int64_t stored = static_cast<int64_t>(replayer.checkpoints().size()) - 1;  // after step 0
+    std::cout << "verified: " << compared << " of " << stored << " checkpoints after step 0 of "
+              << replayer.dir().root().string() << " reproduced bit for bit"
+              << (compared < stored ? " (the run is still being trained; its log ends before the others)" : "") << "\n";
   }
   return 0;
 }

@@ -15,6 +15,7 @@
 #include <cstring>
 #include <iostream>
 #include <map>
+#include <new>
 #include <string>
 
 #include "commands.h"
@@ -40,6 +41,14 @@ void check_blas_core(char** argv) {
   ::execv("/proc/self/exe", argv);
   spdlog::error("cannot start {} again: {}", argv[0], std::strerror(errno));
   std::exit(1);
+}
+
+/// The sizes a command was given (a model, probes, a manifest's outputs) need more memory than
+/// this machine has: bad input for this machine, exit 2, with what to change.
+int out_of_memory(const std::string& what) {
+  spdlog::error("not enough memory for these inputs and settings ({}); use fewer --probes or --chunk, a smaller "
+                "model, or a machine with more memory", what.substr(0, 200));
+  return 2;
 }
 
 }  // namespace
@@ -78,8 +87,12 @@ int main(int argc, char** argv) {
     spdlog::error("malformed JSON field in an input file: {}", e.what());
     return 2;
   } catch (const c10::Error& e) {
-    spdlog::error("internal error (LibTorch): {}", e.what_without_backtrace());
+    const std::string what = e.what_without_backtrace();
+    if (what.find("can't allocate memory") != std::string::npos) return out_of_memory(what);
+    spdlog::error("internal error (LibTorch): {}", what);
     return 1;
+  } catch (const std::bad_alloc& e) {
+    return out_of_memory(e.what());
   } catch (const std::exception& e) {
     spdlog::error("internal error: {}", e.what());
     return 1;

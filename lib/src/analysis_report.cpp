@@ -159,7 +159,9 @@ nlohmann::json summary_json(const AnalysisResult& r, const AnalyzeConfig& c) {
     if (s.in_tc) r_tc += s.r_norm, ++tc;
     up += s.loss_up;
   }
-  const nlohmann::json settings = analysis_settings(c, static_cast<int64_t>(r.probe_indices.size()));
+  nlohmann::json settings = analysis_settings(c, static_cast<int64_t>(r.probe_indices.size()));
+  // What was used: a run with fewer training examples than asked for gives all it has.
+  if (c.sharpness_every > 0 && r.sharpness_examples > 0) settings["sharpness_examples"] = r.sharpness_examples;
   return {{"format", kAnalysisFormat},
           {"steps_analyzed", static_cast<int64_t>(r.steps.size())},
           {"first_step", r.steps.front().step},
@@ -208,6 +210,7 @@ nlohmann::json summary_json(const AnalysisResult& r, const AnalyzeConfig& c) {
           {"threads", r.threads},
           {"blas", r.blas},
           {"blas_core", r.blas_core},
+          {"run", {{"path", r.run_path}, {"manifest_sha256", r.run_manifest_sha256}}},
           {"shard", r.shard_count > 0 ? nlohmann::json{{"index", r.shard_index}, {"count", r.shard_count},
                                                        {"whole_begin", r.whole_begin}, {"whole_end", r.whole_end}}
                                      : nlohmann::json(nullptr)},

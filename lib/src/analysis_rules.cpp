@@ -8,10 +8,11 @@
 
 #include <algorithm>
 #include <cmath>
-#include <fstream>
+#include <sstream>
 
 #include "pathkernel/analyzer.h"
 #include "pathkernel/errors.h"
+#include "pathkernel/fs_util.h"
 
 namespace pathkernel {
 
@@ -27,8 +28,7 @@ std::vector<int64_t> choose_probes(const AnalyzeConfig& c, int64_t n, const at::
     return c.probe_indices;
   }
   if (!c.probe_indices_file.empty()) {
-    std::ifstream in(c.probe_indices_file);
-    if (!in) throw InputError(c.probe_indices_file + ": cannot open probe index file");
+    std::istringstream in(read_file(c.probe_indices_file, int64_t{64} << 20));  // regular files only
     long long v;
     while (in >> v) {
       if (v < 0 || v >= n) {

@@ -12,6 +12,7 @@
 #include <filesystem>
 
 #include "pathkernel/errors.h"
+#include "pathkernel/sha256.h"
 #include "pathkernel/exact_kernel.h"
 #include "pathkernel/kernels.h"
 #include "pathkernel/kinks.h"
@@ -245,6 +246,8 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
   res.threads = threads.torch_threads;
   res.blas = threads.blas;
   res.blas_core = threads.blas_core;
+  res.run_path = fs::canonical(c.run).string();
+  res.run_manifest_sha256 = sha256_file(fs::path(c.run) / "manifest.json");
   res.optimizer = optimizer_name(oo.kind);
   res.model = model_spec;
   res.route = explicit_route ? "explicit" : "factorized";
@@ -255,6 +258,7 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
   const std::unique_ptr<Optimizer> coefficients = make_optimizer(oo, {}, {});
   UpdateRecurrence recurrence(*coefficients);
   traj.check_steps(begin, end, c.every, res.uses_kopt);
+  traj.verify_through(end);  // --range inside a checkpoint interval: still the run's own weights
   // Resumable (progress_dir): what an interrupted run of this same command finished.
   const bool progress = !c.progress_dir.empty();
   nlohmann::json progress_key;
@@ -292,7 +296,8 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
   // The fixed training subset of --sharpness: its first sharpness_examples examples.
   at::Tensor xs, ys, sidx;
   if (c.sharpness_every > 0) {
-    sidx = at::arange(std::min(c.sharpness_examples, traj.split_size("train")), at::kLong);
+    res.sharpness_examples = std::min(c.sharpness_examples, traj.split_size("train"));
+    sidx = at::arange(res.sharpness_examples, at::kLong);
     xs = traj.inputs("train", sidx, at::kDouble);
     ys = traj.labels("train", sidx);
   }

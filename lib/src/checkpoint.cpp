@@ -1,7 +1,10 @@
 #include "pathkernel/checkpoint.h"
 
+#include <set>
+
 #include <ATen/core/Dict.h>
 #include <ATen/core/ivalue.h>
+#include <ATen/Functions.h>
 #include <ATen/ops/empty.h>
 #include <c10/core/ScalarType.h>
 #include <torch/csrc/jit/serialization/pickle.h>
@@ -34,7 +37,7 @@ int64_t checked_mul(int64_t a, int64_t b, const CheckpointFile& c) {
 
 // The tensor a checkpoint describes, copied out of its storage record after every extent was
 // checked against the record's size.
-at::Tensor materialize(const PickledTensor& t, const CheckpointFile& c, const std::string& name) {
+at::Tensor materialize(const PickledTensor& t, const CheckpointFile& c, const std::string& name, int64_t& budget) {
   const StorageDtype* dtype = nullptr;
   for (const auto& d : kStorageDtypes) {
     if (t.storage_type == d.name) dtype = &d;
@@ -63,9 +66,17 @@ at::Tensor materialize(const PickledTensor& t, const CheckpointFile& c, const st
     c.fail("tensor '" + name + "' reaches element " + std::to_string(last) + " of a storage of " +
            std::to_string(t.storage_numel));
   }
+  const int64_t bytes = checked_mul(numel, element, c);
+  if (bytes > budget) {
+    c.fail("its tensors would take more memory than such a file can describe (at '" + name + "': " +
+           std::to_string(bytes) + " more bytes, " + std::to_string(budget) + " left of 4x the file's size); one "
+           "storage reused by many entries?");
+  }
+  budget -= bytes;
+  // Copied out of the record itself, as the view describes it: nothing but the tensor allocated.
   const std::string_view data = c.archive().read("data/" + t.key);
-  at::Tensor storage = at::empty({t.storage_numel}, at::TensorOptions().dtype(dtype->type));
-  if (record > 0) std::memcpy(storage.data_ptr(), data.data(), static_cast<size_t>(record));
+  const at::Tensor storage = at::from_blob(const_cast<char*>(data.data()), {t.storage_numel},
+                                           at::TensorOptions().dtype(dtype->type));
   return storage.as_strided(t.sizes, t.strides, t.offset).clone(at::MemoryFormat::Contiguous);
 }
 
@@ -86,6 +97,7 @@ CheckpointFile CheckpointFile::from_bytes(std::string bytes, std::string name) {
 }
 
 void CheckpointFile::parse() {
+  budget_ = 4 * static_cast<int64_t>(bytes_.size()) + (int64_t{1} << 20);
   zip_ = std::make_unique<ZipArchive>(bytes_, path_);
   if (zip_->has("byteorder") && zip_->read("byteorder") != "little") {
     fail("written on a big-endian machine, which is not supported");
@@ -99,7 +111,9 @@ void CheckpointFile::fail(const std::string& what) const { throw InputError(path
 
 at::Tensor CheckpointFile::tensor(const PickleValue& v, const std::string& name) const {
   if (v.kind != PickleValue::Kind::Tensor) fail("'" + name + "' is a " + v.kind_name() + ", not a tensor");
-  return materialize(*v.tensor, *this, name);
+  // Views of one storage (tied weights, slices) are legitimate; their copies together stay within
+  // a small multiple of the file.
+  return materialize(*v.tensor, *this, name, budget_);
 }
 
 namespace {
@@ -107,10 +121,12 @@ namespace {
 NamedTensors tensors_of(const PickleValue& v, const CheckpointFile& c) {
   if (v.kind != PickleValue::Kind::Dict) c.fail("checkpoint is not a dict of tensors");
   NamedTensors out;
+  std::set<std::string> seen;
   for (const auto& [k, t] : v.entries) {
     if (k->kind != PickleValue::Kind::String || t->kind != PickleValue::Kind::Tensor) {
       c.fail("checkpoint entry is not name -> tensor");
     }
+    if (!seen.insert(k->s).second) c.fail("the key '" + k->s.substr(0, 80) + "' twice");
     out.emplace_back(k->s, c.tensor(*t, k->s));
   }
   return out;

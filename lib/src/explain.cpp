@@ -22,6 +22,7 @@
 #include "pathkernel/idx.h"
 #include "pathkernel/kernels.h"
 #include "pathkernel/npy.h"
+#include "pathkernel/models/model_spec.h"
 #include "pathkernel/per_example.h"
 #include "pathkernel/run_dir.h"
 #include "pathkernel/trajectory.h"
@@ -51,6 +52,18 @@ ExplainResult explain(const ExplainConfig& c) {
   const RunFacts facts = run_facts(c.run);
   const int64_t n_train = facts.train_examples;
   const OptimizerOptions& oo = facts.optimizer;
+  // Exact attribution integrates each step's segment by quadrature, which is exact only where the
+  // model is smooth along it: across ReLU or max-pool kinks it converges like 1/Q (off by 2e-2
+  // on a ReLU MLP). analyze splits the segments at the kinks (--kinks); explain does not.
+  if (c.exact_nodes > 0 && !facts.model.empty() && c.kernel_route != "torchscript") {
+    const models::ModelSpec spec = models::parse_model_spec(facts.model);
+    if (spec.activation == "relu" || spec.activation == "leaky_relu" || spec.kind == "cnn") {
+      throw InputError("explain --exact: " + facts.model + " has kinks (" +
+                       (spec.kind == "cnn" ? std::string("max-pool") : spec.activation) +
+                       "), where the quadrature of the exact kernel is not exact; explain it without --exact, "
+                       "or measure the exact kernel with analyze --exact Q --kinks");
+    }
+  }
   ExplainResult res;
   res.optimizer = optimizer_name(oo.kind);
   res.through_optimizer = c.route == "backward" || oo.kind != OptimizerKind::kSgd || oo.momentum != 0;

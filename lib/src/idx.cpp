@@ -1,12 +1,14 @@
 #include "pathkernel/idx.h"
 
 #include <ATen/ATen.h>
+#include <unistd.h>
 #include <zlib.h>
 
 #include <algorithm>
 #include <cstring>
 
 #include "pathkernel/errors.h"
+#include "pathkernel/fs_util.h"
 #include "pathkernel/train_config.h"
 
 namespace pathkernel {
@@ -18,9 +20,14 @@ namespace {
 class GzReader {
  public:
   explicit GzReader(const fs::path& path) : name_(path.string()) {
-    if (!fs::is_regular_file(path)) throw InputError(name_ + ": no such file");
-    f_ = gzopen(path.c_str(), "rb");
-    if (!f_) throw InputError(name_ + ": cannot open: " + std::strerror(errno));
+    if (!fs::exists(path)) throw InputError(name_ + ": no such file");
+    int64_t size = 0;
+    const int fd = open_regular_file(path, size);  // never a FIFO or a device
+    f_ = gzdopen(fd, "rb");
+    if (!f_) {
+      ::close(fd);
+      throw InputError(name_ + ": cannot open: " + std::strerror(errno));
+    }
     gzbuffer(f_, 1 << 16);
   }
   ~GzReader() {

@@ -1,10 +1,11 @@
 #include "pathkernel/lr_schedule.h"
 
 #include <cmath>
-#include <fstream>
+#include <cstdlib>
 #include <sstream>
 
 #include "pathkernel/errors.h"
+#include "pathkernel/fs_util.h"
 
 namespace pathkernel {
 namespace {
@@ -57,8 +58,9 @@ LrSchedule::LrSchedule(const std::string& spec, double base_lr, int64_t total_st
     kind_ = "file";
     std::string path = rest.substr(5);
     if (!base_dir.empty() && !path.empty() && path[0] != '/') path = base_dir + "/" + path;
-    std::ifstream in(path);
-    if (!in) throw InputError("--lr-schedule: cannot open learning-rate file " + path);
+    // A regular file of at most 64 MiB (millions of rates); its text is never echoed in an error,
+    // so naming a file that is not a schedule (a secret, say) reveals nothing of it.
+    std::istringstream in(read_file(path, int64_t{64} << 20));
     std::string line;
     int64_t lineno = 0;
     while (std::getline(in, line)) {
@@ -67,7 +69,12 @@ LrSchedule::LrSchedule(const std::string& spec, double base_lr, int64_t total_st
       if (hash != std::string::npos) line.resize(hash);
       const size_t a = line.find_first_not_of(" \t\r"), b = line.find_last_not_of(" \t\r");
       if (a == std::string::npos) continue;
-      const double v = parse_double(spec, line.substr(a, b - a + 1));
+      const std::string word = line.substr(a, b - a + 1);
+      char* end = nullptr;
+      const double v = std::strtod(word.c_str(), &end);
+      if (end != word.c_str() + word.size() || !std::isfinite(v)) {
+        throw InputError(path + ":" + std::to_string(lineno) + ": not a learning rate (one number per line)");
+      }
       if (!(v > 0)) throw InputError(path + ":" + std::to_string(lineno) + ": learning rate must be positive");
       table_.push_back(v);
     }

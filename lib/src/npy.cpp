@@ -2,9 +2,11 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "pathkernel/errors.h"
 #include "pathkernel/fs_util.h"
@@ -37,48 +39,140 @@ void save_npy(const std::filesystem::path& path, const at::Tensor& t) {
   atomic_write(path, bytes);
 }
 
+namespace {
+
+/// The header of a .npy file, a Python dict literal such as
+/// `{'descr': '<f4', 'fortran_order': False, 'shape': (3, 4), }`, parsed strictly: exactly the
+/// keys descr, fortran_order and shape, each once, nothing else.
+class NpyHeader {
+ public:
+  NpyHeader(const std::string& text, const std::string& name) : s_(text), name_(name) {
+    expect('{');
+    bool descr = false, order = false, shape = false;
+    while (true) {
+      skip();
+      if (peek() == '}') {
+        ++i_;
+        break;
+      }
+      const std::string key = quoted();
+      skip();
+      expect(':');
+      skip();
+      if (key == "descr" && !descr) {
+        descr = true;
+        descr_ = quoted();
+      } else if (key == "fortran_order" && !order) {
+        order = true;
+        fortran_ = word() == "True";
+      } else if (key == "shape" && !shape) {
+        shape = true;
+        read_shape();
+      } else {
+        const bool known = key == "descr" || key == "fortran_order" || key == "shape";
+        fail(known ? "the key '" + key + "' twice" : "an unknown key '" + key.substr(0, 20) + "'");
+      }
+      skip();
+      if (peek() == ',') {
+        ++i_;
+      } else if (peek() != '}') {
+        fail("no ',' or '}' after '" + key + "'");
+      }
+    }
+    if (!descr || !order || !shape) fail("not all of descr, fortran_order and shape");
+    if (s_.find_first_not_of(" \n", i_) != std::string::npos) fail("text after the dict");
+  }
+  const std::string& descr() const { return descr_; }
+  bool fortran_order() const { return fortran_; }
+  const std::vector<int64_t>& shape() const { return shape_; }
+
+ private:
+  [[noreturn]] void fail(const std::string& what) const { throw InputError(name_ + ": malformed header (" + what + ")"); }
+  char peek() const { return i_ < s_.size() ? s_[i_] : '\0'; }
+  void skip() {
+    while (peek() == ' ') ++i_;
+  }
+  void expect(char c) {
+    if (peek() != c) fail(std::string("expected '") + c + "'");
+    ++i_;
+  }
+  std::string quoted() {
+    const char q = peek();
+    if (q != '\'' && q != '"') fail("expected a quoted string");
+    const size_t end = s_.find(q, i_ + 1);
+    if (end == std::string::npos || end - i_ > 64) fail("an unterminated or long string");
+    std::string v = s_.substr(i_ + 1, end - i_ - 1);
+    i_ = end + 1;
+    return v;
+  }
+  std::string word() {
+    for (const char* w : {"True", "False"}) {
+      if (s_.compare(i_, std::strlen(w), w) == 0) {
+        i_ += std::strlen(w);
+        return w;
+      }
+    }
+    fail("fortran_order must be True or False");
+  }
+  void read_shape() {
+    expect('(');
+    while (true) {
+      skip();
+      if (peek() == ')') {
+        ++i_;
+        break;
+      }
+      if (peek() == ',') fail("malformed shape");
+      const size_t a = i_;
+      while (peek() >= '0' && peek() <= '9') ++i_;
+      if (i_ == a || (peek() != ',' && peek() != ')' && peek() != ' ')) {
+        const size_t end = std::min(s_.find_first_of(",)", a), a + 20);
+        throw InputError(name_ + ": shape entry '" + s_.substr(a, end - a) + "' is not a whole number");
+      }
+      if (i_ - a > 18) fail("a shape entry too large");
+      shape_.push_back(std::stoll(s_.substr(a, i_ - a)));
+      skip();
+      if (peek() == ',') {
+        ++i_;
+      } else if (peek() != ')') {
+        fail("malformed shape");
+      }
+    }
+    if (shape_.size() > 16) fail("more than 16 dimensions");
+  }
+
+  std::string s_, name_;
+  size_t i_ = 0;
+  std::string descr_;
+  bool fortran_ = false;
+  std::vector<int64_t> shape_;
+};
+
+}  // namespace
+
 at::Tensor load_npy(const std::filesystem::path& path) {
   const std::string bytes = read_file(path);
   const std::string name = path.string();
   if (bytes.size() < 10 || bytes.compare(0, 6, "\x93NUMPY") != 0) throw InputError(name + ": not a .npy file");
   const size_t hlen = static_cast<uint8_t>(bytes[8]) | (static_cast<size_t>(static_cast<uint8_t>(bytes[9])) << 8);
   if (bytes[6] != 1 || bytes.size() < 10 + hlen) throw InputError(name + ": unsupported .npy version or truncated header");
-  const std::string header = bytes.substr(10, hlen);
+  const NpyHeader header(bytes.substr(10, hlen), name);
   at::ScalarType type;
-  if (header.find("'<f8'") != std::string::npos) type = at::kDouble;
-  else if (header.find("'<f4'") != std::string::npos) type = at::kFloat;
-  else if (header.find("'<i8'") != std::string::npos) type = at::kLong;
+  if (header.descr() == "<f8") type = at::kDouble;
+  else if (header.descr() == "<f4") type = at::kFloat;
+  else if (header.descr() == "<i8") type = at::kLong;
   else throw InputError(name + ": unsupported dtype (expected <f8, <f4 or <i8)");
-  if (header.find("'fortran_order': False") == std::string::npos) throw InputError(name + ": Fortran order");
-  const size_t a = header.find("'shape': ("), b = header.find(')', a);
-  if (a == std::string::npos || b == std::string::npos) throw InputError(name + ": no shape in header");
-  // Dimensions are plain decimal numbers; their product times the element size must be exactly
-  // the bytes after the header, checked before anything is allocated.
-  std::vector<int64_t> shape;
-  const std::string dims = header.substr(a + 10, b - a - 10);
+  if (header.fortran_order()) throw InputError(name + ": Fortran order");
+  // The shape's product times the element size must be exactly the bytes after the header,
+  // checked before anything is allocated.
   int64_t nbytes = static_cast<int64_t>(c10::elementSize(type));
-  for (size_t pos = 0; pos < dims.size();) {
-    const size_t comma = dims.find(',', pos);
-    std::string d = dims.substr(pos, comma == std::string::npos ? std::string::npos : comma - pos);
-    d.erase(0, d.find_first_not_of(' '));
-    d.erase(d.find_last_not_of(' ') + 1);
-    if (!d.empty()) {
-      if (d.size() > 18 || d.find_first_not_of("0123456789") != std::string::npos) {
-        throw InputError(name + ": shape entry '" + d.substr(0, 20) + "' is not a whole number");
-      }
-      shape.push_back(std::stoll(d));
-      if (__builtin_mul_overflow(nbytes, shape.back(), &nbytes)) throw InputError(name + ": shape too large");
-    } else if (comma != std::string::npos && !(shape.size() == 1 && dims.find_first_not_of(' ', comma + 1) == std::string::npos)) {
-      throw InputError(name + ": malformed shape (" + dims.substr(0, 40) + ")");
-    }
-    if (comma == std::string::npos) break;
-    pos = comma + 1;
+  for (int64_t d : header.shape()) {
+    if (__builtin_mul_overflow(nbytes, d, &nbytes)) throw InputError(name + ": shape too large");
   }
-  if (shape.size() > 16) throw InputError(name + ": more than 16 dimensions");
   if (static_cast<uint64_t>(nbytes) != bytes.size() - 10 - hlen) {
     throw InputError(name + ": data size does not match the shape in its header");
   }
-  at::Tensor t = at::empty(shape, type);
+  at::Tensor t = at::empty(header.shape(), type);
   if (nbytes > 0) std::memcpy(t.data_ptr(), bytes.data() + 10 + hlen, static_cast<size_t>(nbytes));
   return t;
 }

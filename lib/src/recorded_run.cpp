@@ -134,11 +134,15 @@ void RecordedRun::read_split(const std::string& split, at::Tensor& x, at::Tensor
   } catch (const nlohmann::json::exception& e) {
     throw InputError(mf + ": data." + split + " malformed (" + std::string(e.what()) + ")");
   }
-  // Data files must stay inside the run directory.
+  // Data files must stay inside the run directory, as they are named and where their links lead.
   for (const fs::path& f : {xf, yf}) {
     const std::string rel = f.lexically_relative(dir_).lexically_normal().string();
     if (rel.empty() || rel.rfind("..", 0) == 0 || f.lexically_relative(dir_).is_absolute()) {
       throw InputError(mf + ": data file " + f.string() + " is outside the run directory");
+    }
+    if (!resolves_inside(dir_, f)) {
+      throw InputError(f.string() + ": a symbolic link that leads outside the run directory; a run's data files "
+                       "are its own");
     }
   }
   x = load_npy(xf);

@@ -33,6 +33,9 @@ Replayer::Replayer(const std::filesystem::path& run) : dir_(run) {
   }
   ctx_ = make_run_context(config, Normalization{norm.at("mean").get<double>(), norm.at("std").get<double>()},
                           dir_.root().string());
+  // Every reader of a run (replay, analyze, explain, influence) works on the data it was trained
+  // on: other files (inverted images, say) would give other numbers, "verified" all the same.
+  check_data_files(manifest_, *ctx_, dir_.manifest().string(), "reading this run");
   log_ = read_step_log(dir_.steps_log());
   checkpoints_ = dir_.checkpoint_steps();
   if (checkpoints_.empty() || checkpoints_.front() != 0) {
@@ -46,6 +49,11 @@ void Replayer::check_run() const {
   // manifest's own settings before it is used.
   const std::string manifest = dir_.manifest().string(), log = dir_.steps_log().string();
   try {
+    const std::string spec = manifest_.at("model").at("spec").get<std::string>();
+    if (spec != ctx_->model->spec().str()) {
+      throw InputError(manifest + ": model.spec '" + spec.substr(0, 80) + "' and config.model '" + ctx_->config.model +
+                       "' (built as " + ctx_->model->spec().str() + ") disagree");
+    }
     const auto& data = manifest_.at("data");
     if (data.at("train_examples").get<int64_t>() != ctx_->train.size() ||
         data.at("test_examples").get<int64_t>() != ctx_->test.size()) {
@@ -59,6 +67,12 @@ void Replayer::check_run() const {
     }
   } catch (const nlohmann::json::exception& e) {
     throw InputError(manifest + ": malformed (" + std::string(e.what()) + ")");
+  }
+  if (dir_.complete() && (logged_steps() < checkpoints_.back() || logged_steps() < ctx_->total_steps)) {
+    throw InputError(log + ": holds " + std::to_string(logged_steps()) + " steps, but the run is complete (" +
+                     dir_.complete_marker().string() + ") with " + std::to_string(ctx_->total_steps) +
+                     " steps and a checkpoint at step " + std::to_string(checkpoints_.back()) +
+                     ": the step log was cut short or damaged");
   }
   if (logged_steps() > ctx_->total_steps) {
     throw InputError(log + ": holds " + std::to_string(logged_steps()) + " steps, the run has " +
@@ -186,7 +200,8 @@ void Replayer::compare_optimizer_state(const TrainerState& stored, int64_t step)
   }
 }
 
-void Replayer::verify(const std::function<void(int64_t, int64_t)>& progress) {
+int64_t Replayer::verify(const std::function<void(int64_t, int64_t)>& progress) {
+  int64_t compared = 0;
   const int64_t total = std::min<int64_t>(checkpoints_.back(), logged_steps());
   if (total == 0) {
     throw InputError(dir_.root().string() + ": nothing to verify: " +
@@ -194,7 +209,8 @@ void Replayer::verify(const std::function<void(int64_t, int64_t)>& progress) {
   }
   for (size_t c = 0; c + 1 < checkpoints_.size(); ++c) {
     const int64_t from = checkpoints_[c], to = checkpoints_[c + 1];
-    if (to > logged_steps()) break;
+    if (to > logged_steps()) break;  // a run still training (check_run refuses this on a complete one)
+    ++compared;
     load_checkpoint(from);
     for (int64_t k = from; k < to; ++k) {
       const StepRecord r = replay_step(k);
@@ -228,6 +244,7 @@ void Replayer::verify(const std::function<void(int64_t, int64_t)>& progress) {
     }
     compare_optimizer_state(load_trainer_state(dir_.state(to)), to);
   }
+  return compared;
 }
 
 }  // namespace pathkernel

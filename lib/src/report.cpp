@@ -92,6 +92,8 @@ ReportFiles write_report(const ReportConfig& c) {
   c.validate();
   const fs::path in(c.analysis);
   check_output_dir(c.out, c.force, "report.html");  // before anything is read
+  // Made now, so that an --out that another process writes while this one runs is seen at commit.
+  StagedOutput staged(c.out);
   for (const char* f : {"steps.csv", "probes.csv", "summary.json", "arrays/D.npy"}) {
     if (!fs::exists(in / f)) throw InputError((in / f).string() + ": missing (not an analysis directory?)");
   }
@@ -104,7 +106,7 @@ ReportFiles write_report(const ReportConfig& c) {
   const at::Tensor k = load_npy(in / "arrays/K.npy"), u = load_npy(in / "arrays/U.npy");
   const at::Tensor r = load_npy(in / "arrays/R.npy"), outputs = load_npy(in / "arrays/outputs.npy");
   check_inputs(in, steps, probes, {d, f, k, u, r}, outputs);
-  StagedOutput staged(c.out);
+  const fs::path run_dir = report_detail::analyzed_run(summary, in / "summary.json");  // this run, or none
   const fs::path out = staged.path();
   fs::create_directories(out / "data");
   ReportFiles files;
@@ -274,8 +276,7 @@ ReportFiles write_report(const ReportConfig& c) {
   }
 
   // 5. For a one-parameter toy run: the loss landscape with the path of w and T_c marked.
-  const std::string run_dir = summary["settings"].value("run", "");
-  if (!run_dir.empty() && fs::exists(fs::path(run_dir) / "manifest.json") && !is_recorded_run(run_dir)) {
+  if (!run_dir.empty() && !is_recorded_run(run_dir)) {
     Replayer replay(run_dir);
     RunContext& ctx = replay.context();
     if (ctx.model->parameters().size() == 1 && ctx.model->parameters()[0].numel() == 1) {
@@ -343,8 +344,8 @@ ReportFiles write_report(const ReportConfig& c) {
       "figure{{margin:1.5em 0}} figcaption{{font-size:90%;color:#444}}</style></head><body>\n"
       "<h1>pathkernel report</h1>\n<p>Analysis <code>{}</code> of run <code>{}</code>, {} probes x {} outputs, "
       "in float64.</p>\n<h2>Run</h2>\n<table>\n{}</table>\n",
-      html_text(c.analysis), html_text(summary["settings"].value("run", "")), np, nc,
-      report_detail::run_facts_rows(summary, steps, in / "steps.csv"));
+      html_text(c.analysis), html_text(run_dir.empty() ? summary["settings"].value("run", "") : run_dir.string()), np, nc,
+      report_detail::run_facts_rows(summary, run_dir, steps, in / "steps.csv"));
   const std::string kname = kopt ? "Kopt" : "K", uname = kopt ? "Uopt" : "U";
   auto u_mean = [&](bool absolute) {
     if (!kopt) return absolute ? mean_abs("sum_U") : mean("sum_U");
@@ -387,7 +388,7 @@ ReportFiles write_report(const ReportConfig& c) {
     const at::Tensor uu = kopt ? load_npy(in / "arrays/Uopt_wd.npy") + load_npy(in / "arrays/Uopt_round.npy") : u;
     if (kk.sizes() != d.sizes() || uu.sizes() != d.sizes()) throw InputError(c.analysis + ": Kopt/Uopt arrays differ in shape from D");
     const auto rows = report_detail::class_rows(
-        labels, report_detail::class_names(summary["settings"].value("run", ""), classes, c.class_names_file), d, f, kk, uu, r);
+        labels, report_detail::class_names(run_dir, classes, c.class_names_file), d, f, kk, uu, r);
     html += "<h2>By probe class</h2>\n" + report_detail::class_table_html(rows, kname);
     // The same as a figure: the Eq. 9 terms by class as bars, r by class as points. Names go
     // into the data file (read as text by gnuplot, never as code), without CSV separators.

@@ -5,10 +5,12 @@
 
 #include <algorithm>
 #include <cmath>
-#include <fstream>
+#include <sstream>
 #include <map>
 
 #include "pathkernel/errors.h"
+#include <spdlog/spdlog.h>
+#include "pathkernel/sha256.h"
 #include "pathkernel/fs_util.h"
 #include "pathkernel/recorded_run.h"
 
@@ -73,8 +75,29 @@ RunFiles read_run(const fs::path& run) {
 
 }  // namespace
 
-std::string run_facts_rows(const nlohmann::json& summary, const Table& steps, const fs::path& steps_file) {
-  const RunFiles run = read_run(summary.at("settings").value("run", ""));
+fs::path analyzed_run(const nlohmann::json& summary, const fs::path& summary_file) {
+  const nlohmann::json id = summary.value("run", nlohmann::json());
+  const std::string path = id.is_object() ? id.value("path", "") : "";
+  if (path.empty()) {
+    spdlog::warn("{}: made before analyses recorded their run's identity; the run's facts are left out",
+                 summary_file.string());
+    return {};
+  }
+  std::error_code ec;
+  if (!fs::is_regular_file(fs::path(path) / "manifest.json", ec)) {
+    spdlog::warn("{}: the run it analyzed ({}) is not there any more; its facts are left out", summary_file.string(), path);
+    return {};
+  }
+  if (sha256_file(fs::path(path) / "manifest.json") != id.value("manifest_sha256", "")) {
+    throw InputError(summary_file.string() + ": the run at " + path + " is not the one this analysis analyzed (its "
+                     "manifest.json's SHA-256 differs from the one recorded); the report would show another run's facts");
+  }
+  return path;
+}
+
+std::string run_facts_rows(const nlohmann::json& summary, const fs::path& run_dir, const Table& steps,
+                           const fs::path& steps_file) {
+  const RunFiles run = read_run(run_dir);
   const nlohmann::json& m = run.manifest;
   std::string s;
   const std::string model = summary.value("model", m.is_object() && !run.recorded ? m["model"].value("spec", "") : "");
@@ -141,8 +164,7 @@ std::string run_facts_rows(const nlohmann::json& summary, const Table& steps, co
 std::vector<std::string> class_names(const fs::path& run_dir, int64_t classes, const std::string& names_file) {
   std::vector<std::string> names;
   if (!names_file.empty()) {
-    std::ifstream in(names_file);
-    if (!in) throw InputError(names_file + ": cannot open the class names file");
+    std::istringstream in(read_file(names_file, int64_t{1} << 20));  // regular files only
     for (std::string line; std::getline(in, line) && static_cast<int64_t>(names.size()) < classes;) {
       if (!line.empty() && line.back() == '\r') line.pop_back();
       names.push_back(line.substr(0, 60));

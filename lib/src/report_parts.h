@@ -19,11 +19,19 @@ std::string html_text(const std::string& t);
 /// Standard base64 of `bytes` (for images embedded in the page).
 std::string base64(const std::string& bytes);
 
+/// The run an analysis analyzed, as its summary.json (`summary_file`) identifies it: the
+/// absolute path it recorded, if a run is still there and its manifest.json has the SHA-256 the
+/// analysis recorded. "" (with a warning) when the run is gone or the analysis is older than
+/// these records, so that its facts are left out. Throws InputError when a run is there but is
+/// not the one analyzed (its manifest differs): the report would show another run's facts.
+std::filesystem::path analyzed_run(const nlohmann::json& summary, const std::filesystem::path& summary_file);
+
 /// The run's facts as HTML table rows (model, parameters, loss, optimizer, learning rate, batch,
-/// steps, data, test accuracy, probes), from the analysis summary, its steps table and, when the
-/// run directory named in the summary is there, the run's manifest and summary. Facts that
-/// cannot be had are left out rather than guessed.
-std::string run_facts_rows(const nlohmann::json& summary, const Table& steps, const std::filesystem::path& steps_file);
+/// steps, data, test accuracy, probes), from the analysis summary, its steps table and, when
+/// `run` (analyzed_run) is not empty, the run's manifest and summary. Facts that cannot be had
+/// are left out rather than guessed.
+std::string run_facts_rows(const nlohmann::json& summary, const std::filesystem::path& run, const Table& steps,
+                           const std::filesystem::path& steps_file);
 
 /// Names of classes 0..classes-1: one per line from `names_file` when given; Fashion-MNIST's ten
 /// names when the data of the run in directory `run` is Fashion-MNIST (its folder name says so);

@@ -4,6 +4,7 @@
 
 
 #include "pathkernel/errors.h"
+#include "pathkernel/sha256.h"
 
 namespace pathkernel {
 
@@ -104,6 +105,37 @@ std::unique_ptr<RunContext> make_run_context(const TrainConfig& config, std::opt
   ctx->model->to(ctx->dtype);
   ctx->stepper = std::make_unique<Stepper>(*ctx->model, config.optimizer_options(), parse_loss(config.loss));
   return ctx;
+}
+
+nlohmann::json data_file_digests(const RunContext& ctx) {
+  if (is_synthetic(ctx.config.data_dir)) return {{"synthetic", ctx.config.data_dir}};
+  auto entry = [](const std::filesystem::path& p) {
+    return nlohmann::json{{"path", p.string()}, {"sha256", sha256_file(p)}};
+  };
+  return {{"train_images", entry(ctx.train.images_file)},
+          {"train_labels", entry(ctx.train.labels_file)},
+          {"test_images", entry(ctx.test.images_file)},
+          {"test_labels", entry(ctx.test.labels_file)}};
+}
+
+void check_data_files(const nlohmann::json& manifest, const RunContext& ctx, const std::string& manifest_path,
+                      const std::string& why) {
+  const nlohmann::json now = data_file_digests(ctx);
+  try {
+    const nlohmann::json& files = manifest.at("data").at("files");
+    if (files.contains("synthetic") != now.contains("synthetic")) {
+      throw InputError(manifest_path + ": data.files does not describe the data in --data (" + ctx.config.data_dir + ")");
+    }
+    for (const auto& [key, entry] : now.items()) {
+      if (key == "synthetic") continue;  // generated from the seed, not read
+      if (!files.contains(key) || files.at(key).at("sha256") != entry.at("sha256")) {
+        throw InputError(entry.at("path").get<std::string>() + ": differs from the file the run was trained on " +
+                         "(SHA-256 mismatch with " + manifest_path + "); " + why + " needs the same data");
+      }
+    }
+  } catch (const nlohmann::json::exception& e) {
+    throw InputError(manifest_path + ": data.files malformed (" + std::string(e.what()) + ")");
+  }
 }
 
 }  // namespace pathkernel

@@ -103,9 +103,7 @@ void AnalyzeConfig::validate() const {
     throw InputError("--shard must be I/N with 1 <= I <= N");
   }
   if (shard_count > 0 && every != 1) throw InputError("--shard needs --every 1 (the shards must join into every step)");
-  if (threads < 1 || threads > kMaxThreads) {
-    throw InputError("--threads must be between 1 and " + std::to_string(kMaxThreads));
-  }
+  check_thread_flag(threads);
 }
 
 void ExplainConfig::validate() const {
@@ -118,9 +116,7 @@ void ExplainConfig::validate() const {
   if (shard_count < 0 || (shard_count > 0 && (shard_index < 1 || shard_index > shard_count))) {
     throw InputError("--shard must be I/N with 1 <= I <= N");
   }
-  if (threads < 1 || threads > kMaxThreads) {
-    throw InputError("--threads must be between 1 and " + std::to_string(kMaxThreads));
-  }
+  check_thread_flag(threads);
   if (exact_nodes < 0) throw InputError("--exact must be positive");
   if (route != "auto" && route != "backward") throw InputError("route must be auto or backward");
   if (project < 0) throw InputError("--project must be positive (the projection's dims per layer)");
@@ -200,9 +196,7 @@ void InfluenceConfig::validate() const {
   if (split != "test" && split != "train") throw InputError("--split must be test or train");
   if (train_examples < 0) throw InputError("--train-examples must not be negative");
   if (chunk < 1) throw InputError("--chunk must be at least 1");
-  if (threads < 1 || threads > kMaxThreads) {
-    throw InputError("--threads must be between 1 and " + std::to_string(kMaxThreads));
-  }
+  check_thread_flag(threads);
   parse_checkpoint_list(checkpoints);
 }
 

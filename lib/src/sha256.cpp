@@ -2,10 +2,12 @@
 
 #include <cerrno>
 #include <cstring>
-#include <fstream>
+#include <algorithm>
+#include <unistd.h>
 #include <vector>
 
 #include "pathkernel/errors.h"
+#include "pathkernel/fs_util.h"
 
 namespace pathkernel {
 namespace {
@@ -87,14 +89,21 @@ std::string sha256_hex(const std::string& bytes) {
 }
 
 std::string sha256_file(const std::filesystem::path& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw InputError("cannot open " + path.string() + ": " + std::strerror(errno));
+  int64_t size = 0;
+  const int fd = open_regular_file(path, size);  // never a FIFO or a device: it would not end
   Sha256 h;
   std::vector<char> buf(1 << 20);
-  while (in) {
-    in.read(buf.data(), static_cast<std::streamsize>(buf.size()));
-    h.update(buf.data(), static_cast<size_t>(in.gcount()));
+  for (int64_t done = 0; done < size;) {
+    const ssize_t n = ::read(fd, buf.data(), static_cast<size_t>(std::min<int64_t>(size - done, 1 << 20)));
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      ::close(fd);
+      throw InputError("cannot read " + path.string() + ": " + (n < 0 ? std::strerror(errno) : "it became shorter"));
+    }
+    h.update(buf.data(), static_cast<size_t>(n));
+    done += n;
   }
+  ::close(fd);
   return h.hex_digest();
 }
 

@@ -1,13 +1,31 @@
 #include "pathkernel/train_config.h"
 
 #include <nlohmann/json.hpp>
+#include <sched.h>
 
+#include <algorithm>
+#include <cctype>
 #include <cmath>
 
 #include "pathkernel/errors.h"
 #include "pathkernel/models/model_spec.h"
 
 namespace pathkernel {
+
+int usable_cores() {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (::sched_getaffinity(0, sizeof(set), &set) != 0) return 1;
+  return std::max(1, CPU_COUNT(&set));
+}
+
+void check_thread_flag(int threads) {
+  const int cores = std::min(usable_cores(), kMaxThreads);
+  if (threads < 1 || threads > cores) {
+    throw InputError("--threads must be between 1 and " + std::to_string(cores) + " (the cores this process may use), got " +
+                     std::to_string(threads));
+  }
+}
 
 bool is_synthetic(const std::string& data) { return data.rfind("synthetic:", 0) == 0; }
 
@@ -69,14 +87,44 @@ nlohmann::json to_json(const TrainConfig& c) {
           {"out", c.out}};
 }
 
+namespace {
+
+/// A whole number from a manifest: 30.5 or "30" is refused, not truncated or converted.
+int64_t whole_number(const nlohmann::json& j, const char* key, const std::string& source) {
+  const nlohmann::json& v = j.at(key);
+  if (!v.is_number_integer()) {
+    throw InputError(source + ": config." + key + " must be a whole number, not " + v.dump().substr(0, 40));
+  }
+  return v.get<int64_t>();
+}
+
+/// A check's message names the flag (--batch); about a manifest it names the key (config.batch).
+std::string as_manifest_keys(const std::string& message) {
+  std::string out;
+  for (size_t i = 0; i < message.size(); ++i) {
+    if (message.compare(i, 2, "--") == 0 && i + 2 < message.size() && std::islower(static_cast<unsigned char>(message[i + 2]))) {
+      out += "config.";
+      for (i += 2; i < message.size() && (std::islower(static_cast<unsigned char>(message[i])) || message[i] == '-'); ++i) {
+        out += message[i] == '-' ? '_' : message[i];
+      }
+      --i;
+    } else {
+      out += message[i];
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
 TrainConfig train_config_from_json(const nlohmann::json& j, const std::string& source) {
   TrainConfig c;
   try {
     c.data_dir = j.at("data_dir").get<std::string>();
     c.model = j.at("model").get<std::string>();
-    c.steps = j.at("steps").get<int64_t>();
-    c.epochs = j.at("epochs").get<int64_t>();
-    c.batch = j.at("batch").get<int64_t>();
+    c.steps = whole_number(j, "steps", source);
+    c.epochs = whole_number(j, "epochs", source);
+    c.batch = whole_number(j, "batch", source);
     c.lr = j.at("lr").get<double>();
     c.lr_schedule = j.at("lr_schedule").get<std::string>();
     c.momentum = j.at("momentum").get<double>();
@@ -93,17 +141,22 @@ TrainConfig train_config_from_json(const nlohmann::json& j, const std::string& s
     c.eps = j.value("eps", 1e-8);
     c.weight_decay = j.at("weight_decay").get<double>();
     c.seed = j.at("seed").get<uint64_t>();
-    c.threads = j.at("threads").get<int>();
+    c.threads = static_cast<int>(std::clamp<int64_t>(whole_number(j, "threads", source), -1, kMaxThreads + 1));
     c.dtype = j.at("dtype").get<std::string>();
     c.loss = j.at("loss").get<std::string>();
-    c.train_limit = j.at("train_limit").get<int64_t>();
+    c.train_limit = whole_number(j, "train_limit", source);
     c.normalize = j.at("normalize").get<std::string>();
-    c.checkpoint_every = j.at("checkpoint_every").get<int64_t>();
-    c.eval_every = j.at("eval_every").get<int64_t>();
+    c.checkpoint_every = whole_number(j, "checkpoint_every", source);
+    c.eval_every = whole_number(j, "eval_every", source);
     c.log_gradients = j.at("log_gradients").get<bool>();
     c.out = j.at("out").get<std::string>();
   } catch (const nlohmann::json::exception& e) {
     throw InputError(source + ": bad training config (" + e.what() + ")");
+  }
+  try {
+    c.validate();
+  } catch (const InputError& e) {
+    throw InputError(source + ": " + as_manifest_keys(e.what()));
   }
   return c;
 }

@@ -1,6 +1,7 @@
 #include "pathkernel/trajectory.h"
 
 #include <ATen/ATen.h>
+#include <fmt/format.h>
 
 #include <algorithm>
 #include <cmath>
@@ -24,6 +25,13 @@ class ReplayTrajectory : public Trajectory {
   explicit ReplayTrajectory(const fs::path& run) : replay_(run), ctx_(replay_.context()) {}
   int64_t logged_steps() const override { return replay_.logged_steps(); }
   void check_steps(int64_t, int64_t, int64_t, bool) const override {}  // replay reaches every step
+  void verify_through(int64_t end) override {
+    const std::vector<int64_t>& stored = replay_.checkpoints();
+    const auto it = std::lower_bound(stored.begin(), stored.end(), std::max<int64_t>(end, 1));
+    if (it == stored.end() || *it > replay_.logged_steps()) return;  // a run still training: none yet
+    replay_.seek(*it - 1);
+    replay_.seek(*it);  // walking into a stored checkpoint replays its last step and compares
+  }
   std::string model_spec() const override { return ctx_.config.model; }
   std::shared_ptr<models::Model> make_model() const override {
     return models::build_model(models::parse_model_spec(ctx_.config.model), input_shape(), ctx_.num_classes);
@@ -81,6 +89,7 @@ class RecordedTrajectory : public Trajectory {
           throw InputError((dir / "manifest.json").string() + ": zoo.names does not map the zoo parameter '" + n + "'");
         }
       }
+      check_zoo_model();
     }
   }
   std::shared_ptr<models::Model> make_model() const override {
@@ -203,6 +212,36 @@ class RecordedTrajectory : public Trajectory {
     }
   }
 
+  /// The zoo model the manifest names must be the network that was trained: with the weights of
+  /// the first stored checkpoint, its outputs on recorded inputs must be model.pt's (to float32
+  /// rounding; a Tanh network recorded as a ReLU zoo model differs at once).
+  void check_zoo_model() const {
+    const std::string mf = run_.model_file().string();
+    const std::shared_ptr<models::Model> script = load_scripted_model(run_.model_file(), run_.outputs());
+    const NamedTensors recorded = run_.weights(run_.checkpoints().front());
+    const std::map<std::string, at::Tensor> by_name(recorded.begin(), recorded.end());
+    at::NoGradGuard no_grad;
+    for (auto& p : script->named_parameters()) {
+      const auto it = by_name.find(p.key());
+      if (it == by_name.end() || it->second.sizes() != p.value().sizes()) {
+        throw InputError(mf + ": parameter '" + p.key() + "' is not the run's (zoo " + run_.zoo_spec() + ")");
+      }
+      p.value().copy_(it->second);
+    }
+    for (size_t i = 0; i < names_.size(); ++i) params_[i].copy_(by_name.at(to_recorded_.at(names_[i])));
+    const at::Tensor x = run_.train_inputs().slice(0, 0, std::min<int64_t>(8, run_.train_inputs().size(0))).to(at::kFloat);
+    const at::Tensor want = script->forward(x).to(at::kDouble), got = model_->forward(x).to(at::kDouble);
+    const double scale = std::max(want.abs().max().item<double>(), 1e-6);
+    const double diff = got.sizes() == want.sizes() ? (got - want).abs().max().item<double>() : INFINITY;
+    if (!(diff <= 1e-4 * scale)) {
+      throw InputError(mf + ": the manifest analyzes this run as the zoo model " + run_.zoo_spec() +
+                       ", but that model's outputs on the recorded inputs differ from model.pt's (by " +
+                       fmt::format("{:.3g}", diff) + " of a scale of " + fmt::format("{:.3g}", scale) +
+                       "): another architecture or activation; record the run again, or analyze it through "
+                       "its own model (--kernel-route torchscript)");
+    }
+  }
+
   RecordedRun run_;
   bool script_ = false;
   models::InputShape shape_;
@@ -222,13 +261,16 @@ RunFacts run_facts(const fs::path& run) {
     const RecordedRun r(run);
     f.train_examples = r.train_inputs().size(0);
     f.optimizer = r.optimizer();
+    f.model = r.zoo_spec();
     return f;
   }
   const RunDir dir(run);
   const nlohmann::json manifest = dir.read_manifest();
   try {
     f.train_examples = manifest.at("data").at("train_examples").get<int64_t>();
-    f.optimizer = train_config_from_json(manifest.at("config"), dir.manifest().string()).optimizer_options();
+    const TrainConfig config = train_config_from_json(manifest.at("config"), dir.manifest().string());
+    f.optimizer = config.optimizer_options();
+    f.model = config.model;
   } catch (const nlohmann::json::exception& e) {
     throw InputError(dir.manifest().string() + ": malformed (" + std::string(e.what()) + ")");
   }

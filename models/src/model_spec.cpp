@@ -84,6 +84,19 @@ ModelSpec parse_model_spec(const std::string& spec) {
     if (m.kind == "cnn" && m.widths.size() != 2) {
       throw std::invalid_argument("model spec '" + spec + "': cnn takes exactly two channel counts");
     }
+    // Bounds that no model of this tool's size comes near, so that a typo is refused here rather
+    // than as an allocation failure deep in LibTorch.
+    if (m.kind == "cnn" && std::max(m.widths[0], m.widths[1]) > kMaxCnnChannels) {
+      throw std::invalid_argument("model spec '" + spec + "': cnn channel counts must be at most " +
+                                  std::to_string(kMaxCnnChannels));
+    }
+    for (size_t i = 1; i < m.widths.size(); ++i) {
+      if (m.widths[i - 1] * m.widths[i] > kMaxLayerWeights) {
+        throw std::invalid_argument("model spec '" + spec + "': a layer of " + std::to_string(m.widths[i - 1]) + " x " +
+                                    std::to_string(m.widths[i]) + " weights is more than " +
+                                    std::to_string(kMaxLayerWeights) + " allowed");
+      }
+    }
   } else if (m.kind == "toy") {
     if (parts.size() != 2 || parts[1] != "wave") {
       throw std::invalid_argument("model spec '" + spec + "': the toy model is toy:wave");

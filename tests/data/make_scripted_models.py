@@ -35,3 +35,23 @@ class NoParams(torch.nn.Module):
 
 
 torch.jit.save(torch.jit.script(NoParams()), os.path.join(here, "scripted_noparams.pt"))
+
+
+# The zoo's mlp:5:tanh for 1x8x8 inputs and 3 outputs under the zoo's own parameter names
+# (layers.0, layers.1): the model.pt of tests/test_trajectory.cpp's recorded copy of a native run,
+# which the reader compares with the zoo model it analyzes the run as.
+class ZooMlp(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.ModuleList([torch.nn.Linear(64, 5), torch.nn.Linear(5, 3)])
+
+    def forward(self, x):
+        h = x.flatten(1)
+        for i, layer in enumerate(self.layers):
+            h = layer(h)
+            if i + 1 < len(self.layers):
+                h = torch.tanh(h)
+        return h
+
+
+torch.jit.save(torch.jit.script(ZooMlp()), os.path.join(here, "scripted_zoo_mlp.pt"))

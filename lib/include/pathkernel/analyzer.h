@@ -159,6 +159,8 @@ struct AnalysisResult {
   double quad_error_rel = 0;
   /// With kink_split: the steps not walked (kinks_max).
   int64_t kinks_skipped = 0;
+  /// With sharpness_every: the training examples of the fixed subset (at most the run's).
+  int64_t sharpness_examples = 0;
   /// A shard's place: its index and count, and the whole range [whole_begin, whole_end).
   int64_t shard_index = 0, shard_count = 0, whole_begin = 0, whole_end = 0;
   double seconds = 0;
@@ -166,6 +168,9 @@ struct AnalysisResult {
   int threads = 1;                     ///< threads in force (pin_threads)
   std::string blas;                    ///< the BLAS library in force
   std::string blas_core;               ///< OpenBLAS's kernel set in force ("" for another BLAS)
+  /// The run analyzed: its absolute path and its manifest.json's SHA-256, so that a report finds
+  /// this run and no other, from any working folder ("" in analyses made before they were kept).
+  std::string run_path, run_manifest_sha256;
 };
 
 /// The format tag of an analysis's summary.json.

@@ -50,6 +50,10 @@ class CheckpointFile {
 
   std::string path_;
   std::string bytes_;
+  /// Bytes that tensors copied out of the file may still take: 4x the file's size (tensor()), so
+  /// that a file whose many entries reuse one storage through the pickle memo cannot make it
+  /// allocate without end.
+  mutable int64_t budget_ = 0;
   std::unique_ptr<ZipArchive> zip_;
   PickleRef root_;
 };

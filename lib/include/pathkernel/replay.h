@@ -51,8 +51,10 @@ class Replayer {
 
   /// Replays from each checkpoint to the next and compares bit for bit, and compares each
   /// replayed step's loss with the log. Throws ReplayMismatchError naming the first step that
-  /// differs. `progress` is called with (steps replayed, total).
-  void verify(const std::function<void(int64_t, int64_t)>& progress = {});
+  /// differs. `progress` is called with (steps replayed, total). Returns the number of
+  /// checkpoints compared (after step 0): all of them, except on a run still being trained,
+  /// whose log may end before its newest checkpoint.
+  int64_t verify(const std::function<void(int64_t, int64_t)>& progress = {});
 
  private:
   void load_checkpoint(int64_t step);

@@ -1,4 +1,6 @@
 #pragma once
+
+#include <nlohmann/json.hpp>
 /// \file run_context.h
 /// Everything a training run computes with, built from a TrainConfig: data, inputs, model,
 /// stepper, sampler and learning rates. Training, resume and replay all build it the same way,
@@ -54,5 +56,15 @@ struct RunContext {
 std::unique_ptr<RunContext> make_run_context(const TrainConfig& config,
                                              std::optional<Normalization> normalization = {},
                                              const std::string& run_root = "");
+
+/// The data files a context read, each with its path and SHA-256, as a manifest records them
+/// (`{"synthetic": SPEC}` for generated data).
+nlohmann::json data_file_digests(const RunContext& ctx);
+
+/// Checks that the data a context read are the very files the run was trained on: each file's
+/// SHA-256 against the manifest's `data.files` (`manifest_path` names it in errors). Throws
+/// InputError naming the file that differs; `why` says what needs the same data.
+void check_data_files(const nlohmann::json& manifest, const RunContext& ctx, const std::string& manifest_path,
+                      const std::string& why);
 
 }  // namespace pathkernel

@@ -17,6 +17,14 @@ inline constexpr int64_t kMaxSteps = 1000000000, kMaxEpochs = 1000000;
 inline constexpr int kMaxThreads = 256;
 inline constexpr int64_t kMaxClasses = 1024;
 
+/// The cores this process may run on (its CPU affinity), at least 1.
+int usable_cores();
+
+/// Checks a --threads given on the command line: 1 to the cores this process may use (more
+/// threads only contend for them, and under a memory limit their creation can fail and hang).
+/// Not for a manifest's count, which was the training machine's. Throws InputError.
+void check_thread_flag(int threads);
+
 struct TrainConfig {
   std::string data_dir = "/usr/share/datasets/fashion-mnist";  ///< MNIST-style IDX folder
   std::string model = "mlp:128:tanh";                         ///< model spec (models/model_spec.h)

@@ -36,6 +36,11 @@ class Trajectory {
   /// [0, end) when `from_zero`, as optimizers with memory need) whose weights before and after
   /// cannot be had.
   virtual void check_steps(int64_t begin, int64_t end, int64_t every, bool from_zero) const = 0;
+  /// Makes sure the weights up to step `end` are the run's own, though `end` may lie inside a
+  /// checkpoint interval: a replayed run is replayed on to the first stored checkpoint at or
+  /// after `end` and compared with it (ReplayMismatchError, exit 5). Stored weights (a recorded
+  /// run) need nothing.
+  virtual void verify_through(int64_t /*end*/) {}
 
   /// The architecture as a zoo spec ("mlp:128:tanh"), or "torchscript" for a recorded run
   /// analyzed through its own TorchScript model; its input geometry and outputs.
@@ -75,6 +80,8 @@ class Trajectory {
 struct RunFacts {
   int64_t train_examples = 0;
   OptimizerOptions optimizer;
+  /// The zoo spec the run is analyzed with by default ("" for a recorded run's own TorchScript).
+  std::string model;
 };
 RunFacts run_facts(const std::filesystem::path& run);
 

@@ -9,6 +9,10 @@
 
 namespace pathkernel::models {
 
+/// The most channels a cnn layer may have, and the most weights between two mlp layers.
+inline constexpr int64_t kMaxCnnChannels = 4096;
+inline constexpr int64_t kMaxLayerWeights = int64_t{1} << 30;
+
 /// A parsed model spec. `kind` is one of linear, quadratic, mlp, cnn.
 struct ModelSpec {
   std::string kind;
