@@ -11,6 +11,7 @@
 #include "pathkernel/errors.h"
 #include "pathkernel/fs_util.h"
 #include "pathkernel/run_dir.h"
+#include "pathkernel/sha256.h"
 
 namespace pathkernel {
 namespace {
@@ -223,6 +224,9 @@ TEST(NpyTest, OnlyRegularFilesAreRead) {
   EXPECT_THROW_WITH(load_npy(dir / "folder.npy"), InputError, "folder.npy: is a folder");
   EXPECT_THROW_WITH(read_file(dir / "fifo.npy"), InputError, "not a regular file");
   EXPECT_THROW_WITH(read_json(dir / "zero.npy"), InputError, "not a regular file");
+  fs::create_symlink("/dev/zero", dir / "steps.jsonl");  // a step log: bad_alloc before
+  EXPECT_THROW_WITH(read_step_log(dir / "steps.jsonl"), InputError, "steps.jsonl: not a regular file");
+  EXPECT_THROW_WITH(sha256_file(dir / "fifo.npy"), InputError, "fifo.npy: not a regular file");
 }
 
 }  // namespace
