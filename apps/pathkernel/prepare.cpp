@@ -74,8 +74,8 @@ bool prepare_train(const Args& args, TrainCommand& cmd) {
     check_input_dir(cmd.resume, "run directory (--resume)");
     return true;
   }
+  check_thread_flag(c.threads);  // this machine's bound, named as such, before the manifest's (validate)
   c.validate();
-  check_thread_flag(c.threads);
   check_new_run_dir(c.out);  // before any work
   check_data(c);
   return true;
