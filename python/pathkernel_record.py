@@ -27,6 +27,31 @@ import torch
 FORMAT = "pathkernel-recorded-run/1"
 _OPTIMIZERS = {torch.optim.SGD: "sgd", torch.optim.Adam: "adam", torch.optim.AdamW: "adamw"}
 
+# The gradient fingerprint (docs/run-format.md): the norm of the gradient the optimizer applied
+# at each step and its products with a few fixed +-1 vectors. pathkernel recomputes both from
+# the stored weights, batch and data, so a step whose gradient was not the one the analysis sees
+# (a module's mode switched, augmented inputs, clipping) is caught.
+FINGERPRINT_SEED = 0x7061746B  # "patk"
+FINGERPRINT_PROJECTIONS = 4
+
+
+def _splitmix64(x):
+    """splitmix64 of a uint64 array, wrapping like C's uint64_t."""
+    with np.errstate(over="ignore"):
+        z = x + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def fingerprint_signs(seed, j, n):
+    """Vector j of the fingerprint: float64 [n], element i is +1 when the top bit of
+    splitmix64(seed + j * 2**40 + i) is set, else -1 (i counts over every trained parameter,
+    flattened, in the manifest's model.parameters order)."""
+    base = np.uint64(seed) + np.uint64(j) * np.uint64(1 << 40)
+    z = _splitmix64(base + np.arange(n, dtype=np.uint64))
+    return np.where((z >> np.uint64(63)) == np.uint64(1), 1.0, -1.0)
+
 
 def _atomic(path, write):
     """Writes path through write(tmp_path) and a rename: never a torn file."""
@@ -217,6 +242,10 @@ class Recorder:
             raise ValueError("the model maps a batch to %d-d outputs; pathkernel needs [batch, outputs]" % outputs.dim())
         _atomic(os.path.join(out, "model.pt"), lambda tmp: torch.jit.save(scripted, tmp))
 
+        self._order = order
+        numel = sum(p.numel() for p in order)
+        self._signs = torch.from_numpy(np.stack(
+            [fingerprint_signs(FINGERPRINT_SEED, j, numel) for j in range(FINGERPRINT_PROJECTIONS)]))
         groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         manifest = {
             "format": FORMAT,
@@ -231,6 +260,9 @@ class Recorder:
             "zoo": None,
             "checkpoint_every": self.every,
             "data": data,
+            "fingerprint": {"seed": FINGERPRINT_SEED, "projections": FINGERPRINT_PROJECTIONS,
+                            "of": "the gradient in .grad when optimizer.step() ran, float64, "
+                                  "parameters flattened in model.parameters order"},
         }
         known = zoo_spec(model, data["train"]["input_shape"])
         if known is not None:
@@ -243,6 +275,7 @@ class Recorder:
 
         def step(*args, **kwargs):
             self._rates = [float(g["lr"]) for g in optimizer.param_groups]
+            self._fingerprint = self._gradient_fingerprint()
             return original(*args, **kwargs)
         if hasattr(original, "_with_counter"):  # an LR scheduler already counts the steps
             step._with_counter = original._with_counter
@@ -254,6 +287,13 @@ class Recorder:
             with open(tmp, "w") as f:
                 json.dump(obj, f, indent=1)
         _atomic(os.path.join(self.out, name), write)
+
+    def _gradient_fingerprint(self):
+        """The norm of the gradient about to be applied and its products with the fixed vectors."""
+        with torch.no_grad():
+            g = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().reshape(-1)
+                           .to(device="cpu", dtype=torch.float64) for p in self._order])
+            return {"grad_norm": float(g.norm()), "grad_proj": [float(v) for v in self._signs @ g]}
 
     def _save(self, k):
         """Weights and optimizer state after k steps; the weights file last (it marks the pair)."""
@@ -268,6 +308,11 @@ class Recorder:
             raise RuntimeError("the recorder is closed")
         if self._rates is None:
             raise RuntimeError("call rec.step() after optimizer.step()")
+        try:  # at every step: a loop's own model.train() switches Dropout or BatchNorm back on
+            _check_model(self.model)
+        except ValueError as e:
+            raise ValueError("step %d: %s (the loop switched the module's mode after the Recorder saw the model, "
+                             "for example with model.train())" % (self.k, e)) from None
         idx = [int(i) for i in torch.as_tensor(batch).reshape(-1).tolist()]
         if not idx or min(idx) < 0 or max(idx) >= self.n_train:
             raise ValueError("batch indices must be in 0..%d" % (self.n_train - 1))
@@ -277,6 +322,7 @@ class Recorder:
         elif (k + 1) % self.every == 0:
             self._save(k + 1)
         rec = {"step": k, "lr": self._rates[0], "batch": idx, "loss": float(torch.as_tensor(loss).item())}
+        rec.update(self._fingerprint)
         if len(set(self._rates)) > 1:
             rec["lrs"] = self._rates
         self._log.write(json.dumps(rec) + "\n")

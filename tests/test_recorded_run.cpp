@@ -9,6 +9,7 @@
 #include <torch/nn/module.h>
 
 #include "fixtures.h"
+#include "pathkernel/csv.h"
 #include "pathkernel/errors.h"
 #include "pathkernel/fs_util.h"
 #include "pathkernel/models/model.h"
@@ -285,6 +286,96 @@ TEST_F(RecordedRunTest, AZooModelThatIsNotTheTrainedNetworkIsRefused) {
                                  log),
             0)
       << read_file(log);
+}
+
+}  // namespace
+}  // namespace pathkernel
+
+namespace pathkernel {
+namespace {
+
+// Issue 23, item 1: every analyzed step of a recorded run is verified to be the logged
+// optimizer's update of the logged batch (step_verification.h). Each habit of real training
+// loops that made the analysis explain a trajectory it never verified is recorded on
+// Fashion-MNIST by tests/data/record_habits.py and must be refused with its cause named: exit 4,
+// no output. The clean loop passes, and --allow-unverified analyzes a broken one with its steps
+// marked.
+class RecordedHabitsTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() { tmp_ = new testing::TempDir(); }
+  static void TearDownTestSuite() { delete tmp_; }
+  fs::path record(const std::string& habit) {
+    const fs::path run = tmp_->path() / habit;
+    if (!fs::exists(run / "COMPLETE")) {
+      const int st = testing::run_program({"/usr/bin/python3", std::string(PATHKERNEL_SOURCE_DIR) + "/tests/data/record_habits.py",
+                                           habit, run.string()},
+                                          tmp_->path() / (habit + ".log"));
+      EXPECT_EQ(st, 0) << read_file(tmp_->path() / (habit + ".log"));
+    }
+    return run;
+  }
+  int analyze(const fs::path& run, const std::string& out, std::string& log, bool allow = false) {
+    std::vector<std::string> argv = {PATHKERNEL_BIN, "analyze", run.string(), "--probes", "4", "--out",
+                                     (tmp_->path() / out).string()};
+    if (allow) argv.push_back("--allow-unverified");
+    const int st = testing::run_program(argv, tmp_->path() / "analyze.log");
+    log = read_file(tmp_->path() / "analyze.log");
+    return st;
+  }
+  static testing::TempDir* tmp_;
+};
+testing::TempDir* RecordedHabitsTest::tmp_ = nullptr;
+
+TEST_F(RecordedHabitsTest, TheCleanLoopVerifiesOnEveryStep) {
+  std::string log;
+  ASSERT_EQ(analyze(record("clean"), "clean-an", log), 0) << log;
+  const nlohmann::json s = read_json(tmp_->path() / "clean-an" / "summary.json");
+  EXPECT_EQ(s["verification"]["steps_checked"], 30);
+  EXPECT_EQ(s["verification"]["steps_failed"], 0);
+  const Table t = read_csv(tmp_->path() / "clean-an" / "steps.csv");
+  for (size_t i = 0; i < t.rows; ++i) {
+    EXPECT_EQ(t.cols.at("verified")[i], 1);
+    EXPECT_LT(t.cols.at("verify_loss_error")[i], 1e-6) << i;
+    EXPECT_LT(t.cols.at("verify_gradient_error")[i], 1e-5) << i;
+  }
+}
+
+TEST_F(RecordedHabitsTest, EachBrokenHabitIsRefusedWithItsCauseNamed) {
+  const std::vector<std::pair<std::string, std::string>> habits = {
+      {"functional", "a module's mode changed"},
+      {"augment", "augmented inputs that the recorder did not store"},
+      {"clip", "gradient clipping (clip_grad_norm_)"},
+      {"onecycle", "OneCycleLR's cycle_momentum"},
+      {"moved", "outside optimizer.step()"},
+  };
+  for (const auto& [habit, cause] : habits) {
+    std::string log;
+    EXPECT_EQ(analyze(record(habit), habit + "-an", log), 4) << habit << "\n" << log;
+    EXPECT_NE(log.find("check failed: "), std::string::npos) << log;
+    EXPECT_NE(log.find(cause), std::string::npos) << habit << "\n" << log;
+    EXPECT_FALSE(fs::exists(tmp_->path() / (habit + "-an"))) << habit << ": output left";
+  }
+  // --allow-unverified: analyzed, the failed steps marked and counted.
+  std::string log;
+  ASSERT_EQ(analyze(record("moved"), "moved-allowed", log, /*allow=*/true), 0) << log;
+  const nlohmann::json s = read_json(tmp_->path() / "moved-allowed" / "summary.json");
+  EXPECT_GE(s["verification"]["steps_failed"].get<int64_t>(), 1);
+  const Table t = read_csv(tmp_->path() / "moved-allowed" / "steps.csv");
+  EXPECT_EQ(t.cols.at("verified")[10], 0) << "the step whose weights were moved";
+  EXPECT_EQ(t.cols.at("verified")[3], 1);
+}
+
+// The recorder checks module modes at every step: the loop's model.train() re-enabling Dropout
+// is refused at the step it happens, naming it.
+TEST_F(RecordedHabitsTest, AModeSwitchIsRefusedByTheRecorderAtItsStep) {
+  const fs::path run = tmp_->path() / "train_mode";
+  const int st = testing::run_program({"/usr/bin/python3", std::string(PATHKERNEL_SOURCE_DIR) + "/tests/data/record_habits.py",
+                                       "train_mode", run.string()},
+                                      tmp_->path() / "train_mode.log");
+  EXPECT_NE(st, 0);
+  EXPECT_NE(read_file(tmp_->path() / "train_mode.log").find("step 5: module '3' is Dropout in training mode"),
+            std::string::npos)
+      << read_file(tmp_->path() / "train_mode.log");
 }
 
 }  // namespace

@@ -128,6 +128,29 @@ TEST(TrajectoryTest, ARecordedCopyOfANativeRunAnalyzesTheSame) {
     EXPECT_NEAR(want.steps[k].u_mom_norm, got.steps[k].u_mom_norm, 1e-12 * (1 + want.steps[k].u_mom_norm)) << k;
   }
 
+  // Every step was verified against its logged loss (no fingerprint in this copy).
+  EXPECT_EQ(got.verified_steps, static_cast<int64_t>(c.steps));
+  EXPECT_EQ(got.unverified_steps, 0);
+  EXPECT_EQ(want.verified_steps, -1) << "a trained run is checked by its replay";
+  // A step whose logged loss is not the one its stored weights and batch give: refused, exit 4.
+  {
+    std::string edited;
+    for (auto r : read_step_log(rec / "steps.jsonl")) {
+      if (r["step"] == 7) r["loss"] = r["loss"].get<double>() * 1.01;
+      edited += r.dump() + "\n";
+    }
+    const std::string original = read_file(rec / "steps.jsonl");
+    atomic_write(rec / "steps.jsonl", edited);
+    EXPECT_THROW_WITH(analyze(a), CheckFailedError, "step 7: the batch loss recomputed from the stored weights and data is off by 0.0099");
+    a.allow_unverified = true;
+    const AnalysisResult marked = analyze(a);
+    EXPECT_EQ(marked.unverified_steps, 1);
+    EXPECT_EQ(marked.steps[7].verified, 0);
+    EXPECT_EQ(marked.steps[6].verified, 1);
+    a.allow_unverified = false;
+    atomic_write(rec / "steps.jsonl", original);
+  }
+
   // The same run said to be another zoo model (ReLU for tanh): its outputs are not model.pt's.
   nlohmann::json relu = manifest;
   relu["zoo"]["spec"] = "mlp:5:relu";

@@ -79,6 +79,9 @@ int main(int argc, char** argv) {
   } catch (const pathkernel::DivergenceError& e) {
     spdlog::error("{}", e.what());
     return 3;
+  } catch (const pathkernel::CheckFailedError& e) {
+    spdlog::error("check failed: {}", e.what());
+    return 4;
   } catch (const pathkernel::ReplayMismatchError& e) {
     spdlog::error("replay mismatch: {}", e.what());
     return 5;

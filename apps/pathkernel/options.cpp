@@ -76,6 +76,9 @@ void add_analysis_options(cxxopts::Options& opts, AnalyzeConfig& c, bool with_th
     ("kinks", "walk each step's kinks (ReLU / leaky ReLU / max-pool pattern changes) of every probe and batch "
      "example: kinks crossed per step in steps.csv; with --exact, the exact path kernel split at them (exact again)",
      cxxopts::value(c.kink_split)->default_value("false"))
+    ("allow-unverified", "a recorded run: analyze the steps that fail the check against their logged loss and "
+     "gradient fingerprint, marked (steps.csv verified 0), instead of exit 4",
+     cxxopts::value(c.allow_unverified)->default_value("false"))
     ("kinks-examples", "with --kinks: walk only the first N examples of each batch (0: all)",
      cxxopts::value(c.kinks_examples)->default_value("0"))
     ("kinks-max", "with --kinks: a step where one example would need more than N pieces is not walked (its kink "

@@ -11,6 +11,7 @@
 #include "pathkernel/csv.h"
 #include "pathkernel/errors.h"
 #include "pathkernel/fs_util.h"
+#include "pathkernel/step_verification.h"
 #include "pathkernel/npy.h"
 
 namespace pathkernel {
@@ -70,10 +71,11 @@ std::string steps_csv(const AnalysisResult& r, bool second) {
       "step,lr,batch_loss_before,batch_loss_after,loss_went_up,grad_norm,update_norm,D_norm,F_norm,K_norm,U_norm,"
       "U_round_norm,U_wd_norm,U_mom_norm,R_norm,S_norm,higher_norm,r,in_Tc,Kexact_norm,quad_error,"
       "Kopt_norm,Uopt_wd_norm,Uopt_round_norm,grad_cos_prev,kinks_probes,kinks_batch,kink_pieces,lambda_max_train,"
-      "lambda_max_batch,lr_times_lambda,lanczos_iterations,lanczos_residual,subset_loss_before,subset_loss_after\n";
+      "lambda_max_batch,lr_times_lambda,lanczos_iterations,lanczos_residual,subset_loss_before,subset_loss_after,"
+      "verified,verify_loss_error,verify_gradient_error\n";
   const bool exact = r.kexact.defined();
   for (const auto& x : r.steps) {
-    s += fmt::format("{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}\n", x.step, g(x.lr),
+    s += fmt::format("{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}\n", x.step, g(x.lr),
                      g(x.loss_before), g(x.loss_after), x.loss_up ? 1 : 0, g(x.grad_norm), g(x.update_norm),
                      g(x.d_norm), g(x.f_norm), g(x.k_norm), g(x.u_norm), g(x.u_round_norm), g(x.u_wd_norm),
                      g(x.u_mom_norm), g(x.r_norm), second ? g(x.s_norm) : "", second ? g(x.higher_norm) : "", g(x.r),
@@ -81,7 +83,9 @@ std::string steps_csv(const AnalysisResult& r, bool second) {
                      g(x.uopt_wd_norm), g(x.uopt_round_norm), opt(x.grad_cos), opt(x.kinks_probes),
                      opt(x.kinks_batch), opt(x.kink_pieces), opt(x.lambda_train), opt(x.lambda_batch),
                      opt(x.lr * x.lambda_train), opt(x.lanczos_iterations), opt(x.lanczos_residual),
-                     opt(x.subset_loss_before), opt(x.subset_loss_after));
+                     opt(x.subset_loss_before), opt(x.subset_loss_after),
+                     x.verified < 0 ? std::string() : std::to_string(x.verified), opt(x.verify_loss_error),
+                     opt(x.verify_gradient_error));
   }
   return s;
 }
@@ -141,7 +145,7 @@ nlohmann::json analysis_settings(const AnalyzeConfig& c, int64_t probes) {
           {"tau", c.tau}, {"tc_window", c.tc_window}, {"tc_kappa", c.tc_kappa},
           {"identity_tolerance", c.identity_tolerance}, {"check_every", c.check_every},
           {"threads", c.threads}, {"kinks", c.kink_split}, {"kinks_examples", c.kinks_examples},
-          {"kinks_max", c.kinks_max},
+          {"kinks_max", c.kinks_max}, {"allow_unverified", c.allow_unverified},
           {"sharpness_every", c.sharpness_every},
           {"sharpness_examples", c.sharpness_examples}, {"sharpness_iterations", c.sharpness_iterations}};
 }
@@ -211,6 +215,12 @@ nlohmann::json summary_json(const AnalysisResult& r, const AnalyzeConfig& c) {
           {"blas", r.blas},
           {"blas_core", r.blas_core},
           {"run", {{"path", r.run_path}, {"manifest_sha256", r.run_manifest_sha256}}},
+          {"verification", r.verified_steps < 0
+                               ? nlohmann::json(nullptr)
+                               : nlohmann::json{{"steps_checked", r.verified_steps},
+                                                {"steps_failed", r.unverified_steps},
+                                                {"loss_tolerance", kLossTolerance},
+                                                {"gradient_tolerance", kGradientTolerance}}},
           {"shard", r.shard_count > 0 ? nlohmann::json{{"index", r.shard_index}, {"count", r.shard_count},
                                                        {"whole_begin", r.whole_begin}, {"whole_end", r.whole_end}}
                                      : nlohmann::json(nullptr)},

@@ -10,6 +10,7 @@
 #include <chrono>
 #include <cmath>
 #include <filesystem>
+#include <map>
 
 #include "pathkernel/errors.h"
 #include "pathkernel/sha256.h"
@@ -17,6 +18,7 @@
 #include "pathkernel/kernels.h"
 #include "pathkernel/kinks.h"
 #include "pathkernel/sharpness.h"
+#include "pathkernel/step_verification.h"
 #include "pathkernel/projection.h"
 #include "pathkernel/shards.h"
 #include "pathkernel/threads.h"
@@ -101,6 +103,20 @@ at::Tensor forward_nograd(models::Model& model, const at::Tensor& x) {
 }
 
 double frob(const at::Tensor& t) { return t.norm().item<double>(); }
+
+/// A recorded run's update check (check_updates): exit 4 before any output, unless
+/// --allow-unverified, which keeps the steps marked and counted.
+void gate_updates(AnalysisResult& res, const AnalyzeConfig& c) {
+  const std::string failures = check_updates(res.steps, c.run);
+  if (!failures.empty() && !c.allow_unverified) throw CheckFailedError(failures);
+  if (!failures.empty()) spdlog::warn("{}", failures.substr(0, failures.find("\n  analyze --allow")));
+  res.verified_steps = 0;  // counted from the rows: a continued analysis reads earlier ones back
+  res.unverified_steps = 0;
+  for (const auto& s : res.steps) {
+    res.verified_steps += s.verified >= 0 ? 1 : 0;
+    res.unverified_steps += s.verified == 0 ? 1 : 0;
+  }
+}
 
 /// grad L_k(w) for the model's current weights, in the model's dtype, by state_dict name.
 ParamMap batch_gradient(models::Model& model, const at::Tensor& xb, const at::Tensor& yb, LossKind loss) {
@@ -259,6 +275,24 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
   UpdateRecurrence recurrence(*coefficients);
   traj.check_steps(begin, end, c.every, res.uses_kopt);
   traj.verify_through(end);  // --range inside a checkpoint interval: still the run's own weights
+  // A recorded run: every analyzed step checked against its logged loss and gradient before any
+  // output (a trained run's replay checks its steps against its checkpoints instead).
+  std::map<int64_t, StepVerification> verdicts;
+  {
+    std::vector<int64_t> analyzed;
+    for (int64_t k = begin; k < end; k += c.every) analyzed.push_back(k);
+    const std::vector<StepVerification> checked = verify_steps(traj, *model, analyzed, loss);
+    if (!checked.empty()) {
+      const std::string failures = describe_failures(checked, c.run);
+      if (!failures.empty() && !c.allow_unverified) throw CheckFailedError(failures);
+      if (!failures.empty()) spdlog::warn("{}", failures.substr(0, failures.find("\n  analyze --allow")));
+      res.verified_steps = static_cast<int64_t>(checked.size());
+      for (const auto& v : checked) {
+        res.unverified_steps += v.ok ? 0 : 1;
+        verdicts[v.step] = v;
+      }
+    }
+  }
   // Resumable (progress_dir): what an interrupted run of this same command finished.
   const bool progress = !c.progress_dir.empty();
   nlohmann::json progress_key;
@@ -417,6 +451,11 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
     row.loss_after = loss_after;
     row.loss_up = loss_after > loss_before;
     row.grad_cos = grad_cos;
+    if (const auto v = verdicts.find(k); v != verdicts.end()) {
+      row.verify_loss_error = v->second.loss_error;
+      row.verify_gradient_error = v->second.gradient_error;
+      row.verified = v->second.ok ? 1 : 0;
+    }
     row.grad_norm = traj.logged_grad_norm(k);
     if (std::isnan(row.grad_norm)) {  // not logged (a recorded run): the float64 gradient's norm
       double sq = 0;
@@ -573,6 +612,7 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
     const std::vector<StoredAnalysis> all = open_progress(c.progress_dir, progress_key, /*force=*/false);
     AnalysisResult joined = join_parts(all);
     finish_analysis(joined, c);
+    if (res.verified_steps > 0) gate_updates(joined, c);
     joined.startup_seconds = res.startup_seconds;
     joined.seconds = std::chrono::duration<double>(Clock::now() - t0).count();
     guard.done();
@@ -580,6 +620,7 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
   }
   arrays.stack_into(res);
   finish_analysis(res, c);
+  if (res.verified_steps > 0) gate_updates(res, c);
   res.seconds = std::chrono::duration<double>(Clock::now() - t0).count();
   return res;
 }

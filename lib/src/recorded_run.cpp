@@ -97,6 +97,15 @@ RecordedRun::RecordedRun(const fs::path& dir) : dir_(dir) {
       }
     }
     optimizer_ = optimizer_of(manifest_.at("optimizer"), mf);
+    if (manifest_.contains("fingerprint") && manifest_["fingerprint"].is_object()) {
+      const auto& fp = manifest_["fingerprint"];
+      if (!fp.at("seed").is_number_unsigned() || !fp.at("projections").is_number_integer() ||
+          fp.at("projections").get<int64_t>() < 1 || fp.at("projections").get<int64_t>() > 64) {
+        throw InputError(mf + ": fingerprint must give a seed and 1..64 projections");
+      }
+      fingerprint_seed_ = fp["seed"].get<uint64_t>();
+      fingerprint_projections_ = fp["projections"].get<int64_t>();
+    }
     if (manifest_.contains("zoo") && !manifest_["zoo"].is_null()) {
       zoo_spec_ = manifest_["zoo"].at("spec").get<std::string>();
       try {
@@ -174,6 +183,17 @@ void RecordedRun::read_log() {
   log_ = read_step_log(path);
   check_step_records(log_, train_x_.size(0), train_x_.size(0), path.string());
   for (size_t k = 0; k < log_.size(); ++k) {
+    if (fingerprint_projections_ > 0 && log_[k].contains("grad_proj")) {
+      const auto& n = log_[k]["grad_norm"];
+      const auto& p = log_[k]["grad_proj"];
+      const bool ok = n.is_number() && std::isfinite(n.get<double>()) && n.get<double>() >= 0 && p.is_array() &&
+                      static_cast<int64_t>(p.size()) == fingerprint_projections_ &&
+                      std::all_of(p.begin(), p.end(), [](const auto& v) { return v.is_number() && std::isfinite(v.template get<double>()); });
+      if (!ok) {
+        throw InputError(path.string() + ":" + std::to_string(k + 1) + ": the gradient fingerprint must be a finite "
+                         "grad_norm and " + std::to_string(fingerprint_projections_) + " finite grad_proj values");
+      }
+    }
     if (log_[k].contains("lrs")) {
       const auto& lrs = log_[k]["lrs"];
       if (!lrs.is_array() || std::any_of(lrs.begin(), lrs.end(), [&](const auto& v) { return v != log_[k]["lr"]; })) {
@@ -281,7 +301,12 @@ OptimizerState RecordedRun::optimizer_state(int64_t k, int64_t* updates) const {
 
 RecordedRun::Step RecordedRun::step(int64_t k) const {
   const auto& r = log_.at(static_cast<size_t>(k));
-  return {r.at("lr").get<double>(), r.at("batch").get<std::vector<int64_t>>(), r.at("loss").get<double>()};
+  Step s{r.at("lr").get<double>(), r.at("batch").get<std::vector<int64_t>>(), r.at("loss").get<double>(), 0, {}};
+  if (fingerprint_projections_ > 0 && r.contains("grad_proj")) {
+    s.grad_norm = r.at("grad_norm").get<double>();
+    s.grad_proj = r.at("grad_proj").get<std::vector<double>>();
+  }
+  return s;
 }
 
 }  // namespace pathkernel

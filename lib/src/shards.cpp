@@ -88,6 +88,11 @@ std::vector<StepRow> read_step_rows(const fs::path& file) {
     s.lanczos_residual = o("lanczos_residual");
     s.subset_loss_before = o("subset_loss_before");
     s.subset_loss_after = o("subset_loss_after");
+    // Issue 23's verification of recorded steps (empty for a trained run).
+    s.verify_loss_error = o("verify_loss_error");
+    s.verify_gradient_error = o("verify_gradient_error");
+    const double v = o("verified");
+    s.verified = std::isnan(v) ? -1 : static_cast<int>(v);
   }
   return rows;
 }
@@ -127,6 +132,7 @@ AnalyzeConfig config_from_settings(const nlohmann::json& s) {
   c.kink_split = s.value("kinks", false);
   c.kinks_examples = s.value("kinks_examples", int64_t{0});
   c.kinks_max = s.value("kinks_max", int64_t{0});
+  c.allow_unverified = s.value("allow_unverified", false);
   c.sharpness_every = s.value("sharpness_every", int64_t{0});
   c.sharpness_examples = s.value("sharpness_examples", int64_t{1000});
   c.sharpness_iterations = s.value("sharpness_iterations", int64_t{100});

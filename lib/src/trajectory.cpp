@@ -13,6 +13,7 @@
 #include "pathkernel/replay.h"
 #include "pathkernel/run_dir.h"
 #include "pathkernel/scripted_model.h"
+#include "pathkernel/step_verification.h"
 #include "pathkernel/train_config.h"
 
 namespace pathkernel {
@@ -155,6 +156,30 @@ class RecordedTrajectory : public Trajectory {
     return out;
   }
   double logged_grad_norm(int64_t) const override { return NAN; }
+  bool logged_fingerprint(int64_t k, double& loss, double& grad_norm, std::vector<double>& grad_proj) const override {
+    const RecordedRun::Step s = run_.step(k);
+    loss = s.loss;
+    grad_norm = s.grad_norm;
+    grad_proj = s.grad_proj;
+    return true;
+  }
+  std::vector<double> fingerprint_of(const ParamMap& gradient) const override {
+    const int64_t j_count = run_.fingerprint_projections();
+    if (j_count == 0) return {};
+    // The recorder flattens the optimizer's parameters in the manifest's order.
+    std::vector<at::Tensor> flat;
+    std::map<std::string, std::string> to_model;
+    for (const auto& [model_name, recorded] : to_recorded_) to_model[recorded] = model_name;
+    for (const auto& [name, shape] : run_.parameters()) flat.push_back(gradient.at(to_model.at(name)).reshape({-1}));
+    const at::Tensor g = at::cat(flat).to(at::kDouble);
+    if (!signs_.defined() || signs_.size(1) != g.size(0)) {
+      std::vector<at::Tensor> rows;
+      for (int64_t j = 0; j < j_count; ++j) rows.push_back(fingerprint_signs(run_.fingerprint_seed(), j, g.size(0)));
+      signs_ = at::stack(rows);
+    }
+    const at::Tensor p = at::mv(signs_, g);
+    return std::vector<double>(p.data_ptr<double>(), p.data_ptr<double>() + p.numel());
+  }
   const Optimizer& optimizer_after(int64_t k) override {
     int64_t updates = 0;
     OptimizerState state = run_.optimizer_state(k, &updates);
@@ -251,6 +276,7 @@ class RecordedTrajectory : public Trajectory {
   std::map<std::string, std::string> to_recorded_;
   std::unique_ptr<Optimizer> optimizer_;
   mutable std::pair<double, double> train_range_{1, 0}, test_range_{1, 0};  ///< min, max of the inputs
+  mutable at::Tensor signs_;  ///< the fingerprint's +-1 vectors, float64 [J, parameters], made once
 };
 
 }  // namespace

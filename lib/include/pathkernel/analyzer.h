@@ -67,6 +67,9 @@ struct AnalyzeConfig {
   /// segment at its kinks and integrate each piece with exact_nodes (at least the model's
   /// nodes_needed) nodes, so that the exact path kernel is exact again.
   bool kink_split = false;
+  /// --allow-unverified: a recorded run's steps that fail the verification (step_verification.h)
+  /// are analyzed anyway and marked (StepRow::verified 0) instead of failing the analysis.
+  bool allow_unverified = false;
   /// --kinks-examples N (> 0): walk only the first N examples of each batch (the walk's cost
   /// follows the rows walked; a full batch of a CNN is slow). 0: the whole batch.
   int64_t kinks_examples = 0;
@@ -127,6 +130,11 @@ struct StepRow {
   /// subset's Lanczos iterations and relative residual, the subset's loss at w_k and w_{k+1}.
   double lambda_train = NAN, lambda_batch = NAN, lanczos_iterations = NAN, lanczos_residual = NAN;
   double subset_loss_before = NAN, subset_loss_after = NAN;
+  /// A recorded run's step checked against its logged loss and gradient fingerprint
+  /// (step_verification.h): the relative errors, and 1 verified, 0 failed (kept with
+  /// allow_unverified). NaN / -1 for a trained run (its replay checks it) or a value not logged.
+  double verify_loss_error = NAN, verify_gradient_error = NAN;
+  int verified = -1;
 };
 
 struct AnalysisResult {
@@ -159,6 +167,9 @@ struct AnalysisResult {
   double quad_error_rel = 0;
   /// With kink_split: the steps not walked (kinks_max).
   int64_t kinks_skipped = 0;
+  /// A recorded run's steps checked against their logged loss and gradient (step_verification.h)
+  /// and those that failed (analyzed with allow_unverified); -1 when nothing was checked.
+  int64_t verified_steps = -1, unverified_steps = 0;
   /// With sharpness_every: the training examples of the fixed subset (at most the run's).
   int64_t sharpness_examples = 0;
   /// A shard's place: its index and count, and the whole range [whole_begin, whole_end).

@@ -1,7 +1,7 @@
 #pragma once
 /// \file errors.h
 /// Exception types that map to the tool's exit statuses. The library throws them; only the
-/// app's main() turns them into exit codes (2 bad input, 3 divergence, 5 replay mismatch).
+/// app's main() turns them into exit codes (2 bad input, 3 divergence, 4 a failed check, 5 replay mismatch).
 
 #include <stdexcept>
 #include <string>
@@ -16,6 +16,13 @@ class InputError : public std::runtime_error {
 
 /// Training produced a non-finite loss or weight. Exit status 3.
 class DivergenceError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+/// A check of the analysis failed before any output was written (a recorded step that is not
+/// the logged optimizer's update of the logged batch). Exit status 4, as the other failed checks.
+class CheckFailedError : public std::runtime_error {
  public:
   using std::runtime_error::runtime_error;
 };

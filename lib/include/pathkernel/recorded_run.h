@@ -68,9 +68,17 @@ class RecordedRun {
     double lr = 0;
     std::vector<int64_t> batch;
     double loss = 0;
+    /// The gradient fingerprint the recorder took when optimizer.step() ran (grad_proj empty
+    /// when the run was recorded without one): the applied gradient's norm and its products
+    /// with the fixed +-1 vectors of fingerprint_signs().
+    double grad_norm = 0;
+    std::vector<double> grad_proj;
   };
   /// The record of step k (0 <= k < logged_steps()).
   Step step(int64_t k) const;
+  /// The fingerprint's seed and number of projections (0 when the run has none).
+  uint64_t fingerprint_seed() const { return fingerprint_seed_; }
+  int64_t fingerprint_projections() const { return fingerprint_projections_; }
 
   /// The data exactly as fed to the model: inputs float32 (or float64) [N, ...], targets int64 [N] (ce) or
   /// float32 [N, outputs] (mse). Test tensors are undefined when the run has no test split.
@@ -95,6 +103,8 @@ class RecordedRun {
   int64_t outputs_ = 0;
   std::vector<std::pair<std::string, std::vector<int64_t>>> state_dict_;  ///< names and shapes
   std::vector<std::string> param_order_;  ///< the optimizer's parameters, in its order
+  uint64_t fingerprint_seed_ = 0;
+  int64_t fingerprint_projections_ = 0;
   std::string zoo_spec_;
   std::map<std::string, std::string> zoo_names_;
   std::vector<nlohmann::json> log_;

@@ -41,6 +41,15 @@ class Trajectory {
   /// after `end` and compared with it (ReplayMismatchError, exit 5). Stored weights (a recorded
   /// run) need nothing.
   virtual void verify_through(int64_t /*end*/) {}
+  /// A recorded run's record of step k to verify the step by (step_verification.h): its batch
+  /// loss and gradient fingerprint. False for a trained run, whose replay checks it.
+  virtual bool logged_fingerprint(int64_t /*k*/, double& /*loss*/, double& /*grad_norm*/,
+                                  std::vector<double>& /*grad_proj*/) const {
+    return false;
+  }
+  /// The fingerprint's projections of a gradient given by the analyzed model's parameter names
+  /// (empty when the run has no fingerprint).
+  virtual std::vector<double> fingerprint_of(const ParamMap& /*gradient*/) const { return {}; }
 
   /// The architecture as a zoo spec ("mlp:128:tanh"), or "torchscript" for a recorded run
   /// analyzed through its own TorchScript model; its input geometry and outputs.

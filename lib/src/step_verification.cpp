@@ -1,0 +1,140 @@
+#include "pathkernel/step_verification.h"
+
+#include <ATen/ATen.h>
+#include <fmt/format.h>
+#include <torch/csrc/autograd/autograd.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "pathkernel/trajectory.h"
+
+namespace pathkernel {
+
+at::Tensor fingerprint_signs(uint64_t seed, int64_t j, int64_t n) {
+  at::Tensor out = at::empty({n}, at::kDouble);
+  double* p = out.data_ptr<double>();
+  const uint64_t base = seed + static_cast<uint64_t>(j) * (uint64_t{1} << 40);
+  for (int64_t i = 0; i < n; ++i) {
+    uint64_t z = base + static_cast<uint64_t>(i) + 0x9E3779B97F4A7C15ULL;  // splitmix64
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    z ^= z >> 31;
+    p[i] = (z >> 63) ? 1.0 : -1.0;
+  }
+  return out;
+}
+
+namespace {
+
+/// What disagreed, and what in a training loop makes it so.
+std::string diagnosis(const StepVerification& v) {
+  const bool loss_off = !(v.loss_error <= kLossTolerance);
+  const bool grad_off = !std::isnan(v.gradient_error) && !(v.gradient_error <= kGradientTolerance);
+  std::string what;
+  if (loss_off) what += fmt::format("the batch loss recomputed from the stored weights and data is off by {:.2g} (relative)", v.loss_error);
+  if (grad_off) {
+    what += fmt::format("{}the applied gradient's fingerprint is off by {:.2g} of its norm (norm ratio {:.4g})",
+                        loss_off ? "; " : "", v.gradient_error, v.norm_ratio);
+  }
+  if (loss_off) {
+    what += ". Likely: the model computed something else on this batch than the stored inputs give: a module's "
+            "mode changed (the loop's own model.train() switching Dropout or BatchNorm back on), or the loop fed "
+            "augmented inputs that the recorder did not store";
+  } else if (grad_off) {
+    what += ". Likely: the gradient was changed between backward() and optimizer.step(): gradient clipping "
+            "(clip_grad_norm_), scaling, or noise";
+  }
+  return what;
+}
+
+}  // namespace
+
+std::vector<StepVerification> verify_steps(Trajectory& traj, models::Model& model, const std::vector<int64_t>& steps,
+                                           LossKind loss) {
+  std::vector<StepVerification> out;
+  double logged_loss = 0, logged_norm = 0;
+  std::vector<double> logged_proj;
+  for (int64_t k : steps) {
+    if (!traj.logged_fingerprint(k, logged_loss, logged_norm, logged_proj)) return {};
+    {
+      at::NoGradGuard ng;
+      const NamedTensors w = traj.weights_at(k);
+      auto params = model.named_parameters();
+      for (const auto& [name, t] : w) params[name].copy_(t);
+    }
+    const LoggedStep s = traj.logged_step(k, at::kDouble);
+    const std::vector<at::Tensor> params = model.parameters();
+    const at::Tensor l = batch_loss(model.forward(s.x), s.y, loss);
+    const std::vector<at::Tensor> g = torch::autograd::grad({l}, params);
+    StepVerification v;
+    v.step = k;
+    const double mine = l.item<double>();
+    v.loss_error = std::abs(mine - logged_loss) / std::max(std::abs(logged_loss), 1e-12);
+    v.gradient_error = NAN;
+    if (!logged_proj.empty()) {
+      ParamMap grad;
+      size_t i = 0;
+      double sq = 0;
+      for (const auto& item : model.named_parameters()) {
+        grad[item.key()] = g[i];
+        sq += g[i].pow(2).sum().item<double>();
+        ++i;
+      }
+      const std::vector<double> proj = traj.fingerprint_of(grad);
+      const double scale = std::max(logged_norm, 1e-30);
+      double worst = std::abs(std::sqrt(sq) - logged_norm) / scale;
+      for (size_t j = 0; j < proj.size() && j < logged_proj.size(); ++j) {
+        worst = std::max(worst, std::abs(proj[j] - logged_proj[j]) / scale);
+      }
+      v.gradient_error = worst;
+      v.norm_ratio = std::sqrt(sq) / scale;
+    }
+    v.ok = v.loss_error <= kLossTolerance && (std::isnan(v.gradient_error) || v.gradient_error <= kGradientTolerance);
+    if (!v.ok) v.what = diagnosis(v);
+    out.push_back(std::move(v));
+  }
+  return out;
+}
+
+std::string describe_failures(const std::vector<StepVerification>& verdicts, const std::string& run) {
+  std::string msg;
+  int64_t failed = 0;
+  for (const auto& v : verdicts) {
+    if (v.ok) continue;
+    if (++failed <= 3) msg += fmt::format("\n  step {}: {}", v.step, v.what);
+  }
+  if (failed == 0) return "";
+  return fmt::format("{}: {} of {} analyzed steps are not the logged optimizer's update of the logged batch, as far "
+                     "as the recomputed loss and gradient tell (the analysis would explain a trajectory it cannot "
+                     "verify):{}{}\n  analyze --allow-unverified analyzes anyway and marks those steps (steps.csv "
+                     "column verified)",
+                     run, failed, verdicts.size(), msg, failed > 3 ? fmt::format("\n  ... and {} more", failed - 3) : "");
+}
+
+std::string check_updates(std::vector<StepRow>& steps, const std::string& run) {
+  double kopt = 0;
+  for (const auto& s : steps) kopt = std::max(kopt, s.kopt_norm);
+  std::vector<const StepRow*> off;
+  for (auto& s : steps) {
+    if (s.verified < 0) continue;  // not a checked step
+    if (!(s.uopt_round_norm <= kUpdateTolerance * kopt)) {
+      s.verified = 0;
+      off.push_back(&s);
+    }
+  }
+  if (off.empty()) return "";
+  std::string list;
+  for (size_t i = 0; i < off.size() && i < 3; ++i) {
+    list += fmt::format("\n  step {}: the logged optimizer's update of the recomputed gradient leaves {:.2g} of the "
+                        "run's largest kernel term unexplained (Uopt_round)", off[i]->step,
+                        off[i]->uopt_round_norm / std::max(kopt, 1e-300));
+  }
+  return fmt::format("{}: {} analyzed steps moved the weights otherwise than the logged optimizer would:{}{}\n  "
+                     "Likely: the optimizer's settings changed during training without being recorded (a scheduler "
+                     "changing momentum or betas, such as OneCycleLR's cycle_momentum), or the weights were changed "
+                     "outside optimizer.step()\n  analyze --allow-unverified analyzes anyway and marks those steps",
+                     run, off.size(), list, off.size() > 3 ? fmt::format("\n  ... and {} more", off.size() - 3) : "");
+}
+
+}  // namespace pathkernel

@@ -1,0 +1,83 @@
+"""Records one small Fashion-MNIST run with one habit of real training loops, for the e2e tests
+of the per-step verification of recorded runs (tests/test_recorded_run.cpp):
+
+    python3 tests/data/record_habits.py HABIT OUT
+
+clean        the README's loop
+functional   dropout through F.dropout(training=True), which no module mode shows
+augment      the loop trains on flipped and shifted inputs, the recorder stores the plain ones
+clip         clip_grad_norm_ scales the gradient between backward() and optimizer.step()
+onecycle     OneCycleLR with cycle_momentum=True changes SGD's momentum every step, unrecorded
+moved        the weights are changed outside optimizer.step() after step 10
+train_mode   a Dropout module put back in training mode by the loop's model.train() at step 5
+"""
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+here = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(here, "..", "..", "python"))
+sys.path.insert(0, os.path.join(here, "..", "..", "examples"))
+from pathkernel_record import Recorder  # noqa: E402
+from record_mlp import fashion_mnist  # noqa: E402
+
+
+class FunctionalDropout(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(784, 64)
+        self.fc2 = torch.nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.fc2(F.dropout(torch.tanh(self.fc1(x.flatten(1))), 0.3, training=True))
+
+
+def main():
+    habit, out = sys.argv[1], sys.argv[2]
+    torch.manual_seed(0)
+    X, y = fashion_mnist("/usr/share/datasets/fashion-mnist", "train", 600)
+    Xt, yt = fashion_mnist("/usr/share/datasets/fashion-mnist", "test", 100)
+    if habit == "functional":
+        model = FunctionalDropout()
+    elif habit == "train_mode":
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 64), torch.nn.Tanh(),
+                                    torch.nn.Dropout(0.3), torch.nn.Linear(64, 10))
+        model.eval()
+    else:
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 64), torch.nn.Tanh(),
+                                    torch.nn.Linear(64, 10))
+    if habit == "onecycle":
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=30)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.5)
+        sched = None
+    rec = Recorder(out, model, opt, train=(X, y), test=(Xt, yt), loss="ce")
+    g = torch.Generator().manual_seed(0)
+    for step in range(30):
+        if habit == "train_mode" and step == 5:
+            model.train()
+        idx = torch.randint(0, X.shape[0], (32,), generator=g)
+        x = X[idx]
+        if habit == "augment":
+            x = torch.roll(torch.flip(x, dims=[3]), shifts=2, dims=2)
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y[idx])
+        loss.backward()
+        if habit == "clip":
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=0.1)
+        opt.step()
+        if habit == "moved" and step == 10:
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(0.01 * torch.randn_like(p))
+        rec.step(idx, loss)
+        if sched is not None:
+            sched.step()
+    rec.close()
+
+
+if __name__ == "__main__":
+    main()
