@@ -17,6 +17,7 @@ to the model (.npy), one record per step (rate, batch indices, loss), and state_
 checkpoints of the weights and the optimizer. Needs only torch and numpy. A run killed mid-way
 stays readable up to its last complete step.
 """
+import copy
 import json
 import os
 import time
@@ -26,6 +27,8 @@ import torch
 
 FORMAT = "pathkernel-recorded-run/1"
 _OPTIMIZERS = {torch.optim.SGD: "sgd", torch.optim.Adam: "adam", torch.optim.AdamW: "adamw"}
+# Keys of a parameter group that LR schedulers set or change: the rate is recorded at every step.
+_RATE_KEYS = ("params", "lr", "initial_lr", "max_lr", "min_lr", "base_lr")
 
 # The gradient fingerprint (docs/run-format.md): the norm of the gradient the optimizer applied
 # at each step and its products with a few fixed +-1 vectors. pathkernel recomputes both from
@@ -69,6 +72,24 @@ def _save_npy(path, array):
         with open(tmp, "wb") as f:
             np.save(f, array)
     _atomic(path, write)
+
+
+def _to_cpu(obj):
+    """A state dict with every tensor on the CPU (pathkernel reads CPU storages), structure kept."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return type(obj)((k, _to_cpu(v)) for k, v in obj.items()) if not hasattr(obj, "_metadata") else \
+            _with_metadata(obj)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+def _with_metadata(sd):
+    out = type(sd)((k, _to_cpu(v)) for k, v in sd.items())
+    out._metadata = sd._metadata
+    return out
 
 
 def _check_model(model):
@@ -182,6 +203,7 @@ class Recorder:
 
     def __init__(self, out, model, optimizer, train, test=None, loss="ce", checkpoint_every=1,
                  script=True):
+        # Everything is checked before anything is written: a refused Recorder leaves no files.
         if loss not in ("ce", "mse"):
             raise ValueError("loss must be 'ce' or 'mse', not %r" % (loss,))
         if int(checkpoint_every) < 1:
@@ -189,23 +211,24 @@ class Recorder:
         kind = _OPTIMIZERS.get(type(optimizer))
         if kind is None:
             raise ValueError("optimizer %s is not supported (SGD, Adam, AdamW)" % type(optimizer).__name__)
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        if any(g != groups[0] for g in groups[1:]):
+            raise ValueError("parameter groups with different settings (%s) are not supported yet: pathkernel's "
+                             "optimizer terms assume one setting for all parameters" % ", ".join(
+                                 sorted({k for g in groups[1:] for k in g if g[k] != groups[0].get(k)})))
+        memory = kind != "sgd" or groups[0].get("momentum", 0) != 0
+        if int(checkpoint_every) > 1 and memory:
+            raise ValueError("checkpoint_every=%d with %s: the analyzer needs the optimizer state at every step "
+                             "(it does not replay the optimizer between stored states); use checkpoint_every=1"
+                             % (int(checkpoint_every), "momentum" if kind == "sgd" else kind))
         _check_model(model)
-        if os.path.exists(out) and os.listdir(out):
-            raise FileExistsError("%s exists and is not empty: pathkernel never overwrites a run" % out)
-        self.out, self.model, self.optimizer = out, model, optimizer
-        self.every = int(checkpoint_every)
-        self.k = 0
-        self.closed = False
-        os.makedirs(os.path.join(out, "checkpoints"), exist_ok=True)
-        os.makedirs(os.path.join(out, "data"), exist_ok=True)
-
+        if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+            raise FileExistsError("%s exists and is not an empty folder: pathkernel never overwrites a run" % out)
         names = {id(p): n for n, p in model.named_parameters()}
         order = [p for g in optimizer.param_groups for p in g["params"]]
         if any(id(p) not in names for p in order):
             raise ValueError("the optimizer holds tensors that are not parameters of the model")
-        self.param_names = [names[id(p)] for p in order]
-
-        data = {}
+        splits = {}
         for split, pair in (("train", train), ("test", test)):
             if pair is None:
                 continue
@@ -217,15 +240,12 @@ class Recorder:
                 raise ValueError("%s targets must be %s for loss %s, not %s" % (split, want, loss, y.dtype))
             if x.shape[0] != y.shape[0] or x.shape[0] == 0:
                 raise ValueError("%s: %d inputs, %d targets" % (split, x.shape[0], y.shape[0]))
-            _save_npy(os.path.join(out, "data", split + "_x.npy"), x.contiguous().numpy())
-            _save_npy(os.path.join(out, "data", split + "_y.npy"), y.contiguous().numpy())
-            data[split] = {"x": "data/%s_x.npy" % split, "y": "data/%s_y.npy" % split,
-                           "examples": int(x.shape[0]), "input_shape": list(x.shape[1:])}
-        if "train" not in data:
+            splits[split] = (x, y)
+        if "train" not in splits:
             raise ValueError("train=(inputs, targets) is required")
-        self.n_train = data["train"]["examples"]
-
-        example = torch.as_tensor(train[0][:1]).float()
+        # The model on the CPU, as pathkernel reads it (a model trained on a GPU records the same).
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        example = splits["train"][0][:1].to(device)
         scripted = None
         if script:
             try:
@@ -238,23 +258,75 @@ class Recorder:
             how = "trace"
         with torch.no_grad():
             outputs = scripted(example)
+        if not isinstance(outputs, torch.Tensor):
+            raise ValueError("the model returns a %s; pathkernel needs one tensor [batch, outputs] (wrap the model "
+                             "in a module whose forward returns the output to analyze)" % type(outputs).__name__)
         if outputs.dim() != 2:
             raise ValueError("the model maps a batch to %d-d outputs; pathkernel needs [batch, outputs]" % outputs.dim())
-        _atomic(os.path.join(out, "model.pt"), lambda tmp: torch.jit.save(scripted, tmp))
 
+        self.out, self.model, self.optimizer = out, model, optimizer
+        self.every = int(checkpoint_every)
+        self.k = 0
+        self.closed = False
+        self.param_names = [names[id(p)] for p in order]
+        self.n_train = int(splits["train"][0].shape[0])
         self._order = order
+        self._groups = groups
         numel = sum(p.numel() for p in order)
         self._signs = torch.from_numpy(np.stack(
             [fingerprint_signs(FINGERPRINT_SEED, j, numel) for j in range(FINGERPRINT_PROJECTIONS)]))
-        groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        created = not os.path.exists(out)
+        try:
+            self._write_run(splits, scripted, how, int(outputs.shape[1]), kind, groups, loss)
+        except BaseException:
+            # Nothing half-made is left: the files this Recorder wrote go, and the folder if it made it.
+            for sub in ("data", "checkpoints"):
+                path = os.path.join(out, sub)
+                if os.path.isdir(path):
+                    for f in os.listdir(path):
+                        os.remove(os.path.join(path, f))
+                    os.rmdir(path)
+            for f in ("model.pt", "manifest.json"):
+                if os.path.exists(os.path.join(out, f)):
+                    os.remove(os.path.join(out, f))
+            if created and os.path.isdir(out) and not os.listdir(out):
+                os.rmdir(out)
+            raise
+        # The rate each step used, taken when optimizer.step() runs (before any scheduler moves it).
+        self._rates = None
+        original = optimizer.step
+
+        def step(*args, **kwargs):
+            self._rates = [float(g["lr"]) for g in optimizer.param_groups]
+            self._settings = [{k: g.get(k) for k in self._groups[0] if k not in _RATE_KEYS} for g in optimizer.param_groups]
+            self._fingerprint = self._gradient_fingerprint()
+            return original(*args, **kwargs)
+        if hasattr(original, "_with_counter"):  # an LR scheduler already counts the steps
+            step._with_counter = original._with_counter
+        optimizer.step = step
+        self._log = open(os.path.join(out, "steps.jsonl"), "a")
+
+    def _write_run(self, splits, scripted, how, outputs, kind, groups, loss):
+        out = self.out
+        os.makedirs(os.path.join(out, "checkpoints"), exist_ok=True)
+        os.makedirs(os.path.join(out, "data"), exist_ok=True)
+        data = {}
+        for split, (x, y) in splits.items():
+            _save_npy(os.path.join(out, "data", split + "_x.npy"), x.contiguous().numpy())
+            _save_npy(os.path.join(out, "data", split + "_y.npy"), y.contiguous().numpy())
+            data[split] = {"x": "data/%s_x.npy" % split, "y": "data/%s_y.npy" % split,
+                           "examples": int(x.shape[0]), "input_shape": list(x.shape[1:])}
+        on_cpu = all(p.device.type == "cpu" for p in self.model.parameters())
+        cpu = scripted if on_cpu else copy.deepcopy(scripted).cpu()
+        _atomic(os.path.join(out, "model.pt"), lambda tmp: torch.jit.save(cpu, tmp))
         manifest = {
             "format": FORMAT,
             "created_by": "pathkernel_record.py",
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "torch_version": torch.__version__,
-            "model": {"file": "model.pt", "torchscript": how, "outputs": int(outputs.shape[1]),
-                      "parameters": [[n, list(dict(model.named_parameters())[n].shape)] for n in self.param_names],
-                      "state_dict_keys": list(model.state_dict().keys())},
+            "model": {"file": "model.pt", "torchscript": how, "outputs": outputs,
+                      "parameters": [[n, list(dict(self.model.named_parameters())[n].shape)] for n in self.param_names],
+                      "state_dict_keys": list(self.model.state_dict().keys())},
             "loss": loss,
             "optimizer": {"name": kind, "param_groups": groups},
             "zoo": None,
@@ -264,23 +336,11 @@ class Recorder:
                             "of": "the gradient in .grad when optimizer.step() ran, float64, "
                                   "parameters flattened in model.parameters order"},
         }
-        known = zoo_spec(model, data["train"]["input_shape"])
+        known = zoo_spec(self.model, data["train"]["input_shape"])
         if known is not None:
             manifest["zoo"] = {"spec": known[0], "names": known[1]}
         self._write_json("manifest.json", manifest)
         self._save(0)
-        # The rate each step used, taken when optimizer.step() runs (before any scheduler moves it).
-        self._rates = None
-        original = optimizer.step
-
-        def step(*args, **kwargs):
-            self._rates = [float(g["lr"]) for g in optimizer.param_groups]
-            self._fingerprint = self._gradient_fingerprint()
-            return original(*args, **kwargs)
-        if hasattr(original, "_with_counter"):  # an LR scheduler already counts the steps
-            step._with_counter = original._with_counter
-        optimizer.step = step
-        self._log = open(os.path.join(out, "steps.jsonl"), "a")
 
     def _write_json(self, name, obj):
         def write(tmp):
@@ -298,8 +358,8 @@ class Recorder:
     def _save(self, k):
         """Weights and optimizer state after k steps; the weights file last (it marks the pair)."""
         base = os.path.join(self.out, "checkpoints", "step_%08d" % k)
-        _atomic(base + ".optim.pt", lambda tmp: torch.save(self.optimizer.state_dict(), tmp))
-        _atomic(base + ".pt", lambda tmp: torch.save(self.model.state_dict(), tmp))
+        _atomic(base + ".optim.pt", lambda tmp: torch.save(_to_cpu(self.optimizer.state_dict()), tmp))
+        _atomic(base + ".pt", lambda tmp: torch.save(_to_cpu(self.model.state_dict()), tmp))
 
     def step(self, batch, loss):
         """Records the step just taken: `batch` the training indices it used (a tensor or a
@@ -308,6 +368,17 @@ class Recorder:
             raise RuntimeError("the recorder is closed")
         if self._rates is None:
             raise RuntimeError("call rec.step() after optimizer.step()")
+        # The optimizer's settings other than the rate must stay as recorded: a scheduler that
+        # changes momentum or betas (OneCycleLR's cycle_momentum) would make every step's update
+        # another than the analysis computes.
+        for g in self._settings:
+            changed = sorted(k for k, v in g.items() if v != self._groups[0].get(k))
+            if changed:
+                raise ValueError("step %d: the optimizer's %s changed during training (%s, recorded %s); a scheduler "
+                                 "such as OneCycleLR or CyclicLR with cycle_momentum=True does this. Only the learning "
+                                 "rate may change between steps: pass cycle_momentum=False" % (
+                                     self.k, ", ".join(changed), ", ".join("%s=%r" % (k, g[k]) for k in changed),
+                                     ", ".join("%s=%r" % (k, self._groups[0].get(k)) for k in changed)))
         try:  # at every step: a loop's own model.train() switches Dropout or BatchNorm back on
             _check_model(self.model)
         except ValueError as e:

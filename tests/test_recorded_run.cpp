@@ -345,9 +345,17 @@ TEST_F(RecordedHabitsTest, EachBrokenHabitIsRefusedWithItsCauseNamed) {
       {"functional", "a module's mode changed"},
       {"augment", "augmented inputs that the recorder did not store"},
       {"clip", "gradient clipping (clip_grad_norm_)"},
-      {"onecycle", "OneCycleLR's cycle_momentum"},
       {"moved", "outside optimizer.step()"},
+      {"momentum", "OneCycleLR's cycle_momentum"},  // the clean run, its manifest's momentum changed
   };
+  {
+    const fs::path run = tmp_->path() / "momentum";
+    if (!fs::exists(run)) fs::copy(record("clean"), run, fs::copy_options::recursive);
+    nlohmann::json m = read_json(run / "manifest.json");
+    ASSERT_EQ(m["optimizer"]["param_groups"][0]["momentum"], 0.5);
+    m["optimizer"]["param_groups"][0]["momentum"] = 0.9;
+    atomic_write(run / "manifest.json", m.dump(1));
+  }
   for (const auto& [habit, cause] : habits) {
     std::string log;
     EXPECT_EQ(analyze(record(habit), habit + "-an", log), 4) << habit << "\n" << log;
@@ -365,9 +373,30 @@ TEST_F(RecordedHabitsTest, EachBrokenHabitIsRefusedWithItsCauseNamed) {
   EXPECT_EQ(t.cols.at("verified")[3], 1);
 }
 
-// The recorder checks module modes at every step: the loop's model.train() re-enabling Dropout
-// is refused at the step it happens, naming it.
-TEST_F(RecordedHabitsTest, AModeSwitchIsRefusedByTheRecorderAtItsStep) {
+// The recorder checks module modes and the optimizer's settings at every step: the loop's
+// model.train() re-enabling Dropout, or OneCycleLR changing momentum, is refused at the step it
+// happens, naming it.
+TEST_F(RecordedHabitsTest, AModeSwitchOrAMomentumScheduleIsRefusedByTheRecorderAtItsStep) {
+  {  // refused by Recorder() itself, before training, leaving nothing behind
+    const fs::path run = tmp_->path() / "every5";
+    EXPECT_NE(testing::run_program({"/usr/bin/python3", std::string(PATHKERNEL_SOURCE_DIR) + "/tests/data/record_habits.py",
+                                    "every5", run.string()},
+                                   tmp_->path() / "every5.log"),
+              0);
+    EXPECT_NE(read_file(tmp_->path() / "every5.log").find("checkpoint_every=5 with momentum"), std::string::npos)
+        << read_file(tmp_->path() / "every5.log");
+    EXPECT_FALSE(fs::exists(run)) << "a refused Recorder leaves no files";
+  }
+  {
+    const fs::path run = tmp_->path() / "onecycle";
+    EXPECT_NE(testing::run_program({"/usr/bin/python3", std::string(PATHKERNEL_SOURCE_DIR) + "/tests/data/record_habits.py",
+                                    "onecycle", run.string()},
+                                   tmp_->path() / "onecycle.log"),
+              0);
+    EXPECT_NE(read_file(tmp_->path() / "onecycle.log").find("step 1: the optimizer's momentum changed during training"),
+              std::string::npos)
+        << read_file(tmp_->path() / "onecycle.log");
+  }
   const fs::path run = tmp_->path() / "train_mode";
   const int st = testing::run_program({"/usr/bin/python3", std::string(PATHKERNEL_SOURCE_DIR) + "/tests/data/record_habits.py",
                                        "train_mode", run.string()},

@@ -266,7 +266,8 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
   res.run_manifest_sha256 = sha256_file(fs::path(c.run) / "manifest.json");
   res.optimizer = optimizer_name(oo.kind);
   res.model = model_spec;
-  res.route = explicit_route ? "explicit" : "factorized";
+  // A recorded run's own TorchScript model is named as such (its per-row gradients by autograd).
+  res.route = model_spec == "torchscript" ? "torchscript" : explicit_route ? "explicit" : "factorized";
   res.uses_kopt = oo.kind != OptimizerKind::kSgd || oo.momentum != 0;
   // The SPEC's sources of U (U_wd, U_mom) are defined for SGD without Nesterov or dampening.
   const bool sgd_sources = oo.kind == OptimizerKind::kSgd && !oo.nesterov && oo.dampening == 0;

@@ -7,7 +7,9 @@ clean        the README's loop
 functional   dropout through F.dropout(training=True), which no module mode shows
 augment      the loop trains on flipped and shifted inputs, the recorder stores the plain ones
 clip         clip_grad_norm_ scales the gradient between backward() and optimizer.step()
-onecycle     OneCycleLR with cycle_momentum=True changes SGD's momentum every step, unrecorded
+onecycle     OneCycleLR with cycle_momentum=True changes SGD's momentum every step (the recorder
+             refuses it at step 1)
+every5       checkpoint_every=5 with momentum (refused by Recorder() before any file is written)
 moved        the weights are changed outside optimizer.step() after step 10
 train_mode   a Dropout module put back in training mode by the loop's model.train() at step 5
 """
@@ -54,7 +56,8 @@ def main():
     else:
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.5)
         sched = None
-    rec = Recorder(out, model, opt, train=(X, y), test=(Xt, yt), loss="ce")
+    rec = Recorder(out, model, opt, train=(X, y), test=(Xt, yt), loss="ce",
+                   checkpoint_every=5 if habit == "every5" else 1)
     g = torch.Generator().manual_seed(0)
     for step in range(30):
         if habit == "train_mode" and step == 5:
