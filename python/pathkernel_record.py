@@ -199,10 +199,14 @@ class Recorder:
         squared error per example, as pathkernel train defines it).
     checkpoint_every: 1 saves the weights after every step (every step can be analyzed); K > 1
         saves the weights before and after every K-th step (steps 0, K, 2K, ... can be analyzed).
+    capture_inputs: the inputs of the model's last training forward before optimizer.step() are
+        compared with the stored rows of the batch; when they differ (augmentation), they are
+        stored with the step, so the analysis sees what training saw. rec.step(..., inputs=x)
+        gives them explicitly.
     """
 
     def __init__(self, out, model, optimizer, train, test=None, loss="ce", checkpoint_every=1,
-                 script=True):
+                 script=True, capture_inputs=True):
         # Everything is checked before anything is written: a refused Recorder leaves no files.
         if loss not in ("ce", "mse"):
             raise ValueError("loss must be 'ce' or 'mse', not %r" % (loss,))
@@ -300,11 +304,22 @@ class Recorder:
             self._rates = [float(g["lr"]) for g in optimizer.param_groups]
             self._settings = [{k: g.get(k) for k in self._groups[0] if k not in _RATE_KEYS} for g in optimizer.param_groups]
             self._fingerprint = self._gradient_fingerprint()
+            self._fed_at_step, self._fed = self._fed, None
             return original(*args, **kwargs)
         if hasattr(original, "_with_counter"):  # an LR scheduler already counts the steps
             step._with_counter = original._with_counter
         optimizer.step = step
         self._log = open(os.path.join(out, "steps.jsonl"), "a")
+        # The inputs of the training forwards (with gradients on), the last of them taken when
+        # optimizer.step() runs: what the step was computed on. Registered after scripting.
+        self._train_x = splits["train"][0]
+        self._fed = self._fed_at_step = None
+        self._hook = None
+        if capture_inputs:
+            def pre_hook(module, args):
+                if torch.is_grad_enabled() and args and isinstance(args[0], torch.Tensor):
+                    self._fed = args[0]
+            self._hook = model.register_forward_pre_hook(pre_hook)
 
     def _write_run(self, splits, scripted, how, outputs, kind, groups, loss):
         out = self.out
@@ -361,9 +376,11 @@ class Recorder:
         _atomic(base + ".optim.pt", lambda tmp: torch.save(_to_cpu(self.optimizer.state_dict()), tmp))
         _atomic(base + ".pt", lambda tmp: torch.save(_to_cpu(self.model.state_dict()), tmp))
 
-    def step(self, batch, loss):
+    def step(self, batch, loss, inputs=None):
         """Records the step just taken: `batch` the training indices it used (a tensor or a
-        list), `loss` its batch loss (a tensor or a float). Call after optimizer.step()."""
+        list), `loss` its batch loss (a tensor or a float), `inputs` (optional) the inputs fed to
+        the model when they are not the stored rows train[0][batch] (augmentation; by default the
+        recorder takes them from the model's last training forward). Call after optimizer.step()."""
         if self.closed:
             raise RuntimeError("the recorder is closed")
         if self._rates is None:
@@ -394,6 +411,19 @@ class Recorder:
             self._save(k + 1)
         rec = {"step": k, "lr": self._rates[0], "batch": idx, "loss": float(torch.as_tensor(loss).item())}
         rec.update(self._fingerprint)
+        fed = inputs if inputs is not None else self._fed_at_step
+        self._fed_at_step = None
+        if fed is not None:
+            fed = torch.as_tensor(fed).detach().to(device="cpu", dtype=torch.float32)
+            stored = self._train_x[torch.as_tensor(idx)]
+            if fed.shape != stored.shape:
+                if inputs is not None:
+                    raise ValueError("step %d: inputs of shape %s for a batch of %s" % (k, tuple(fed.shape), tuple(stored.shape)))
+            elif not torch.equal(fed, stored):  # augmented: stored with the step, as fed
+                name = "data/batches/step_%08d_x.npy" % k
+                os.makedirs(os.path.join(self.out, "data", "batches"), exist_ok=True)
+                _save_npy(os.path.join(self.out, name), fed.contiguous().numpy())
+                rec["inputs"] = name
         if len(set(self._rates)) > 1:
             rec["lrs"] = self._rates
         self._log.write(json.dumps(rec) + "\n")
@@ -407,6 +437,8 @@ class Recorder:
             return
         if not os.path.exists(os.path.join(self.out, "checkpoints", "step_%08d.pt" % self.k)):
             self._save(self.k)
+        if self._hook is not None:
+            self._hook.remove()
         self._log.close()
         self._write_json("COMPLETE", {"steps": self.k})
         self.closed = True
@@ -419,4 +451,6 @@ class Recorder:
             self.close()
         else:
             self._log.close()
+            if self._hook is not None:
+                self._hook.remove()
         return False

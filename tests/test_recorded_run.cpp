@@ -343,7 +343,7 @@ TEST_F(RecordedHabitsTest, TheCleanLoopVerifiesOnEveryStep) {
 TEST_F(RecordedHabitsTest, EachBrokenHabitIsRefusedWithItsCauseNamed) {
   const std::vector<std::pair<std::string, std::string>> habits = {
       {"functional", "a module's mode changed"},
-      {"augment", "augmented inputs that the recorder did not store"},
+      {"unstored", "augmented inputs that the recorder did not store"},
       {"clip", "gradient clipping (clip_grad_norm_)"},
       {"moved", "outside optimizer.step()"},
       {"momentum", "OneCycleLR's cycle_momentum"},  // the clean run, its manifest's momentum changed
@@ -371,6 +371,29 @@ TEST_F(RecordedHabitsTest, EachBrokenHabitIsRefusedWithItsCauseNamed) {
   const Table t = read_csv(tmp_->path() / "moved-allowed" / "steps.csv");
   EXPECT_EQ(t.cols.at("verified")[10], 0) << "the step whose weights were moved";
   EXPECT_EQ(t.cols.at("verified")[3], 1);
+}
+
+// Augmentation: the recorder stores the inputs the loop fed with each step (taken from the
+// model's last training forward), and the analysis uses them, so every step verifies and the
+// run identity holds; the stored files are the flipped and shifted batches.
+TEST_F(RecordedHabitsTest, AugmentedInputsAreStoredAndAnalyzedAsFed) {
+  const fs::path run = record("augment");
+  std::string log;
+  ASSERT_EQ(analyze(run, "augment-an", log), 0) << log;
+  const nlohmann::json s = read_json(tmp_->path() / "augment-an" / "summary.json");
+  EXPECT_EQ(s["verification"]["steps_failed"], 0);
+  EXPECT_LT(s["max_identity_error"].get<double>(), 1e-8);
+  const auto records = read_step_log(run / "steps.jsonl");
+  ASSERT_TRUE(records[4].contains("inputs")) << records[4].dump();
+  const at::Tensor fed = load_npy(run / records[4]["inputs"].get<std::string>());
+  const at::Tensor x = load_npy(run / "data" / "train_x.npy");
+  const at::Tensor rows = x.index_select(0, at::tensor(records[4]["batch"].get<std::vector<int64_t>>(), at::kLong));
+  EXPECT_TRUE(at::equal(fed, at::roll(at::flip(rows, {3}), {2}, {2}))) << "the batch as fed: flipped, then shifted";
+  // An inputs file that is not the batch's shape is refused, naming it.
+  save_npy(run / records[4]["inputs"].get<std::string>(), fed.slice(0, 0, 3));
+  EXPECT_EQ(analyze(run, "augment-bad", log), 2) << log;
+  EXPECT_NE(log.find("the inputs fed at step 4 must be float32 32x1x28x28"), std::string::npos) << log;
+  save_npy(run / records[4]["inputs"].get<std::string>(), fed);
 }
 
 // The recorder checks module modes and the optimizer's settings at every step: the loop's

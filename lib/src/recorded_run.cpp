@@ -299,9 +299,29 @@ OptimizerState RecordedRun::optimizer_state(int64_t k, int64_t* updates) const {
   return out;
 }
 
+at::Tensor RecordedRun::fed_inputs(int64_t k, const std::string& name, size_t rows) const {
+  const std::string where = (dir_ / "steps.jsonl").string() + ":" + std::to_string(k + 1);
+  const fs::path f = dir_ / name;
+  const std::string rel = f.lexically_relative(dir_).lexically_normal().string();
+  if (rel.empty() || rel.rfind("..", 0) == 0 || fs::path(name).is_absolute() || !resolves_inside(dir_, f)) {
+    throw InputError(where + ": the step's inputs " + name + " are outside the run directory");
+  }
+  const at::Tensor x = load_npy(f);
+  std::vector<int64_t> want = {static_cast<int64_t>(rows)};
+  const auto shape = train_x_.sizes().vec();
+  want.insert(want.end(), shape.begin() + 1, shape.end());
+  if ((x.scalar_type() != at::kFloat && x.scalar_type() != at::kDouble) || x.sizes().vec() != want) {
+    throw InputError(fmt::format("{}: the inputs fed at step {} must be float32 {}, the file holds {} {}", f.string(), k,
+                                 fmt::join(want, "x"), c10::toString(x.scalar_type()), fmt::join(x.sizes(), "x")));
+  }
+  if (!at::isfinite(x).all().item<bool>()) throw InputError(f.string() + ": inputs hold NaN or inf");
+  return x.to(at::kDouble);
+}
+
 RecordedRun::Step RecordedRun::step(int64_t k) const {
   const auto& r = log_.at(static_cast<size_t>(k));
-  Step s{r.at("lr").get<double>(), r.at("batch").get<std::vector<int64_t>>(), r.at("loss").get<double>(), 0, {}};
+  Step s{r.at("lr").get<double>(), r.at("batch").get<std::vector<int64_t>>(), r.at("loss").get<double>(), 0, {}, {}};
+  if (r.contains("inputs")) s.inputs = fed_inputs(k, r.at("inputs").get<std::string>(), s.batch.size());
   if (fingerprint_projections_ > 0 && r.contains("grad_proj")) {
     s.grad_norm = r.at("grad_norm").get<double>();
     s.grad_proj = r.at("grad_proj").get<std::vector<double>>();

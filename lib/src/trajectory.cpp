@@ -151,7 +151,8 @@ class RecordedTrajectory : public Trajectory {
     LoggedStep out;
     out.lr = s.lr;
     out.indices = at::tensor(s.batch, at::kLong);
-    out.x = run_.train_inputs().index_select(0, out.indices).to(dtype);
+    // What the loop fed (augmented inputs the recorder stored), else the stored rows.
+    out.x = (s.inputs.defined() ? s.inputs : run_.train_inputs().index_select(0, out.indices)).to(dtype);
     out.y = run_.train_targets().index_select(0, out.indices);
     return out;
   }

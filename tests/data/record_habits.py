@@ -5,7 +5,8 @@ of the per-step verification of recorded runs (tests/test_recorded_run.cpp):
 
 clean        the README's loop
 functional   dropout through F.dropout(training=True), which no module mode shows
-augment      the loop trains on flipped and shifted inputs, the recorder stores the plain ones
+augment      the loop trains on flipped and shifted inputs; the recorder stores them with each step
+unstored     the same with capture_inputs=False: the recorder stores only the plain rows
 clip         clip_grad_norm_ scales the gradient between backward() and optimizer.step()
 onecycle     OneCycleLR with cycle_momentum=True changes SGD's momentum every step (the recorder
              refuses it at step 1)
@@ -57,14 +58,14 @@ def main():
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.5)
         sched = None
     rec = Recorder(out, model, opt, train=(X, y), test=(Xt, yt), loss="ce",
-                   checkpoint_every=5 if habit == "every5" else 1)
+                   checkpoint_every=5 if habit == "every5" else 1, capture_inputs=habit != "unstored")
     g = torch.Generator().manual_seed(0)
     for step in range(30):
         if habit == "train_mode" and step == 5:
             model.train()
         idx = torch.randint(0, X.shape[0], (32,), generator=g)
         x = X[idx]
-        if habit == "augment":
+        if habit in ("augment", "unstored"):
             x = torch.roll(torch.flip(x, dims=[3]), shifts=2, dims=2)
         opt.zero_grad()
         loss = F.cross_entropy(model(x), y[idx])

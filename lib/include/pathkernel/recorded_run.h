@@ -73,6 +73,10 @@ class RecordedRun {
     /// with the fixed +-1 vectors of fingerprint_signs().
     double grad_norm = 0;
     std::vector<double> grad_proj;
+    /// The inputs the loop fed at this step when they were not the stored rows of the batch
+    /// (augmentation): float64 [batch, input_shape...], read from the record's `inputs` file;
+    /// undefined otherwise.
+    at::Tensor inputs;
   };
   /// The record of step k (0 <= k < logged_steps()).
   Step step(int64_t k) const;
@@ -102,6 +106,8 @@ class RecordedRun {
   OptimizerOptions optimizer_;
   int64_t outputs_ = 0;
   std::vector<std::pair<std::string, std::vector<int64_t>>> state_dict_;  ///< names and shapes
+  /// Step k's fed inputs from `name` (inside the run), checked against the batch and input shape.
+  at::Tensor fed_inputs(int64_t k, const std::string& name, size_t rows) const;
   std::vector<std::string> param_order_;  ///< the optimizer's parameters, in its order
   uint64_t fingerprint_seed_ = 0;
   int64_t fingerprint_projections_ = 0;
