@@ -1,16 +1,19 @@
 """Record a PyTorch training run in the format pathkernel analyzes.
 
-    from pathkernel_record import Recorder
+    from pathkernel_record import Indexed, Recorder
 
-    rec = Recorder("runs/mine", model, optimizer, train=(X, y), test=(Xt, yt), loss="ce")
-    for step, idx in enumerate(batches):
+    loader = DataLoader(Indexed(train_set), batch_size=64, shuffle=True)   # items (x, y, index)
+    rec = Recorder("runs/mine", model, optimizer, train=train_set, test=test_set, loss="ce")
+    for data, target, idx in loader:
         optimizer.zero_grad()
-        loss = F.cross_entropy(model(X[idx]), y[idx])
+        loss = F.cross_entropy(model(data), target)
         loss.backward()
         optimizer.step()
         rec.step(idx, loss)
         scheduler.step()            # any LR scheduler: the rate each step used is recorded
     rec.close()
+
+train and test may also be tensors (X, y); the loop then indexes them itself, X[idx].
 
 The run directory (docs/run-format.md) holds the model as TorchScript, the data exactly as fed
 to the model (.npy), one record per step (rate, batch indices, loss), and state_dict
@@ -185,6 +188,43 @@ def zoo_spec(model, input_shape=None):
     return _mlp_spec(mods) or _cnn_spec(mods, None if input_shape is None else tuple(input_shape))
 
 
+class Indexed(torch.utils.data.Dataset):
+    """A dataset whose items carry their index, so that a DataLoader loop knows its batches:
+
+        loader = DataLoader(Indexed(train_set), batch_size=64, shuffle=True)
+        for data, target, idx in loader:
+            ...
+            rec.step(idx, loss)
+    """
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        x, y = self.dataset[i][:2]
+        return x, y, i
+
+
+def _as_pair(data, name):
+    """(inputs, targets) from a pair of tensors, or a map-style Dataset of (input, target) items
+    (an Indexed one too), stacked in index order as the dataset gives them."""
+    if isinstance(data, Indexed):
+        data = data.dataset
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        return data
+    if hasattr(data, "__len__") and hasattr(data, "__getitem__"):
+        items = [data[i] for i in range(len(data))]
+        if not items:
+            raise ValueError("%s: the dataset is empty" % name)
+        x = torch.stack([torch.as_tensor(it[0]) for it in items])
+        y = torch.stack([torch.as_tensor(it[1]) for it in items])
+        return x, y
+    raise ValueError("%s must be (inputs, targets) or a map-style Dataset of (input, target) items" % name)
+
+
 class Recorder:
     """Writes a recorded run to `out` (created; must not exist or be empty).
 
@@ -195,6 +235,8 @@ class Recorder:
         the model's parameters, one learning rate for all parameter groups.
     train, test: (inputs, targets) exactly as fed to the model: float32 inputs of any shape
         [N, ...]; int64 class labels [N] for loss "ce", float32 targets [N, C] for loss "mse".
+        Or a map-style Dataset of (input, target) items (torchvision's, with its transforms),
+        read once in index order; wrap the training set in Indexed for the DataLoader.
     loss: "ce" (mean cross-entropy over the batch) or "mse" (mean over the batch of the summed
         squared error per example, as pathkernel train defines it).
     checkpoint_every: 1 saves the weights after every step (every step can be analyzed); K > 1
@@ -236,7 +278,7 @@ class Recorder:
         for split, pair in (("train", train), ("test", test)):
             if pair is None:
                 continue
-            x, y = (torch.as_tensor(t).detach().cpu() for t in pair)
+            x, y = (torch.as_tensor(t).detach().cpu() for t in _as_pair(pair, split))
             if x.dtype != torch.float32:
                 raise ValueError("%s inputs must be float32, not %s" % (split, x.dtype))
             want = torch.int64 if loss == "ce" else torch.float32

@@ -5,6 +5,8 @@
 #include <ATen/ATen.h>
 #include <sys/stat.h>
 #include <signal.h>
+
+#include <algorithm>
 #include <nlohmann/json.hpp>
 #include <torch/nn/module.h>
 
@@ -371,6 +373,28 @@ TEST_F(RecordedHabitsTest, EachBrokenHabitIsRefusedWithItsCauseNamed) {
   const Table t = read_csv(tmp_->path() / "moved-allowed" / "steps.csv");
   EXPECT_EQ(t.cols.at("verified")[10], 0) << "the step whose weights were moved";
   EXPECT_EQ(t.cols.at("verified")[3], 1);
+}
+
+// The loop people write (issue 23, item 3): a Dataset, a shuffling DataLoader over Indexed(...),
+// `for data, target, index in loader`, the Recorder given the datasets themselves. Recorded by
+// examples/record_loader.py and analyzed with every step verified.
+TEST_F(RecordedHabitsTest, ADataLoaderLoopRecordsAndEveryStepVerifies) {
+  const fs::path run = tmp_->path() / "loader";
+  const int st = testing::run_program({"/usr/bin/python3", std::string(PATHKERNEL_SOURCE_DIR) + "/examples/record_loader.py",
+                                       run.string(), "--train-limit", "640"},
+                                      tmp_->path() / "loader.log");
+  ASSERT_EQ(st, 0) << read_file(tmp_->path() / "loader.log");
+  std::string log;
+  ASSERT_EQ(analyze(run, "loader-an", log), 0) << log;
+  const nlohmann::json s = read_json(tmp_->path() / "loader-an" / "summary.json");
+  EXPECT_EQ(s["verification"]["steps_checked"], 10);
+  EXPECT_EQ(s["verification"]["steps_failed"], 0);
+  const auto records = read_step_log(run / "steps.jsonl");
+  const auto first = records[0]["batch"].get<std::vector<int64_t>>();
+  EXPECT_FALSE(std::is_sorted(first.begin(), first.end())) << "the loader shuffles";
+  // The recorded inputs are the dataset's items as the loop saw them (normalized).
+  const at::Tensor x = load_npy(run / "data" / "train_x.npy");
+  EXPECT_NEAR(x[0].min().item<double>(), -0.1307 / 0.3081, 1e-6);
 }
 
 // Augmentation: the recorder stores the inputs the loop fed with each step (taken from the
