@@ -356,6 +356,16 @@ class Recorder:
         # optimizer.step() runs: what the step was computed on. Registered after scripting.
         self._train_x = splits["train"][0]
         self._fed = self._fed_at_step = None
+        # The raw gradient of each parameter, as backward() computes it (tensor hooks, summed over
+        # the backward passes of a step): a uniform factor between it and the gradient applied
+        # (clip_grad_norm_) is recorded as the step's grad_scale.
+        self._raw = [None] * len(order)
+
+        def raw_hook(i):
+            def hook(g):
+                self._raw[i] = g.detach().clone() if self._raw[i] is None else self._raw[i] + g.detach()
+            return hook
+        self._grad_hooks = [p.register_hook(raw_hook(i)) for i, p in enumerate(order)]
         self._hook = None
         if capture_inputs:
             def pre_hook(module, args):
@@ -406,11 +416,22 @@ class Recorder:
         _atomic(os.path.join(self.out, name), write)
 
     def _gradient_fingerprint(self):
-        """The norm of the gradient about to be applied and its products with the fixed vectors."""
+        """The norm of the gradient about to be applied and its products with the fixed vectors;
+        with grad_scale when it is a uniform multiple of the raw gradient other than 1."""
         with torch.no_grad():
             g = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().reshape(-1)
                            .to(device="cpu", dtype=torch.float64) for p in self._order])
-            return {"grad_norm": float(g.norm()), "grad_proj": [float(v) for v in self._signs @ g]}
+            out = {"grad_norm": float(g.norm()), "grad_proj": [float(v) for v in self._signs @ g]}
+            if all(r is not None for r in self._raw):
+                raw = torch.cat([r.reshape(-1).to(device="cpu", dtype=torch.float64) for r in self._raw])
+                raw_sq = float(raw @ raw)
+                if raw_sq > 0:
+                    scale = float(g @ raw) / raw_sq
+                    off = float((g - scale * raw).norm()) / max(float(g.norm()), 1e-300)
+                    if off <= 1e-5 and abs(scale - 1) > 1e-6:
+                        out["grad_scale"] = scale
+            self._raw = [None] * len(self._order)
+            return out
 
     def _save(self, k):
         """Weights and optimizer state after k steps; the weights file last (it marks the pair)."""
@@ -481,6 +502,8 @@ class Recorder:
             self._save(self.k)
         if self._hook is not None:
             self._hook.remove()
+        for h in self._grad_hooks:
+            h.remove()
         self._log.close()
         self._write_json("COMPLETE", {"steps": self.k})
         self.closed = True

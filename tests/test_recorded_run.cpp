@@ -346,7 +346,7 @@ TEST_F(RecordedHabitsTest, EachBrokenHabitIsRefusedWithItsCauseNamed) {
   const std::vector<std::pair<std::string, std::string>> habits = {
       {"functional", "a module's mode changed"},
       {"unstored", "augmented inputs that the recorder did not store"},
-      {"clip", "gradient clipping (clip_grad_norm_)"},
+      {"clipvalue", "clipping by value (clip_grad_value_)"},
       {"moved", "outside optimizer.step()"},
       {"momentum", "OneCycleLR's cycle_momentum"},  // the clean run, its manifest's momentum changed
   };
@@ -395,6 +395,35 @@ TEST_F(RecordedHabitsTest, ADataLoaderLoopRecordsAndEveryStepVerifies) {
   // The recorded inputs are the dataset's items as the loop saw them (normalized).
   const at::Tensor x = load_npy(run / "data" / "train_x.npy");
   EXPECT_NEAR(x[0].min().item<double>(), -0.1307 / 0.3081, 1e-6);
+}
+
+// Gradient clipping by norm (issue 23, item 2): the recorder records each step's uniform scale
+// between the raw gradient (tensor hooks) and the one applied, and Kopt, the per-example terms
+// and self-influence use the applied gradient: every step verifies, the optimizer's update of it
+// gives the step (Uopt_round at float rounding against Kopt), and explain's sum check closes.
+TEST_F(RecordedHabitsTest, ClippingByNormIsRecordedAndAnalyzedExactly) {
+  const fs::path run = record("clip");
+  const auto records = read_step_log(run / "steps.jsonl");
+  ASSERT_TRUE(records[0].contains("grad_scale"));
+  EXPECT_LT(records[0]["grad_scale"].get<double>(), 1.0);
+  std::string log;
+  ASSERT_EQ(analyze(run, "clip-an", log), 0) << log;
+  const nlohmann::json s = read_json(tmp_->path() / "clip-an" / "summary.json");
+  EXPECT_EQ(s["verification"]["steps_failed"], 0);
+  const Table t = read_csv(tmp_->path() / "clip-an" / "steps.csv");
+  double kopt = 0, round = 0;
+  for (size_t i = 0; i < t.rows; ++i) {
+    kopt = std::max(kopt, t.cols.at("Kopt_norm")[i]);
+    round = std::max(round, t.cols.at("Uopt_round_norm")[i]);
+  }
+  EXPECT_LT(round, 1e-5 * kopt) << "the applied (clipped) gradient's update gives every step";
+  const fs::path ex = tmp_->path() / "clip-explain";
+  ASSERT_EQ(testing::run_program({PATHKERNEL_BIN, "explain", run.string(), "--probes", "3", "--self-influence",
+                                  "--out", ex.string()},
+                                 tmp_->path() / "explain.log"),
+            0)
+      << read_file(tmp_->path() / "explain.log");
+  EXPECT_LT(read_json(ex / "summary.json")["max_sum_error"].get<double>(), 1e-8);
 }
 
 // Augmentation: the recorder stores the inputs the loop fed with each step (taken from the

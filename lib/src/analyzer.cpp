@@ -104,6 +104,13 @@ at::Tensor forward_nograd(models::Model& model, const at::Tensor& x) {
 
 double frob(const at::Tensor& t) { return t.norm().item<double>(); }
 
+/// s * g, parameter by parameter.
+ParamMap scaled(const ParamMap& g, double s) {
+  ParamMap out;
+  for (const auto& [name, t] : g) out[name] = t * s;
+  return out;
+}
+
 /// A recorded run's update check (check_updates): exit 4 before any output, unless
 /// --allow-unverified, which keeps the steps marked and counted.
 void gate_updates(AnalysisResult& res, const AnalyzeConfig& c) {
@@ -353,7 +360,7 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
       set_weights(*model, w0);
       prev_grad = batch_gradient(*model, xb, yb, loss);
       prev_grad_step = k;
-      recurrence.advance(k, prev_grad, w0);
+      recurrence.advance(k, scaled(prev_grad, batch.grad_scale), w0);
       continue;
     }
     const ParamMap v_prev = sgd_sources ? momentum_buffer_of(traj.optimizer_after(k)) : ParamMap{};
@@ -383,11 +390,14 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
     }
     prev_grad = grad_l;
     prev_grad_step = k;
-    recurrence.advance(k, grad_l, w0);
+    // The gradient the optimizer applied: grad L_k times a recorded clipping scale (1 without).
+    const double gs = batch.grad_scale;
+    const ParamMap applied = gs == 1 ? grad_l : scaled(grad_l, gs);
+    recurrence.advance(k, applied, w0);
     const ParamMap kernel_dir = recurrence.kernel_direction(precond);
     const ParamMap decay_dir = recurrence.has_decay() ? recurrence.decay_direction(precond) : ParamMap{};
     const bool with_wd = oo.weight_decay != 0, with_mom = oo.momentum != 0 && !v_prev.empty();
-    std::vector<const ParamMap*> dirs = {&dw, &grad_l};
+    std::vector<const ParamMap*> dirs = {&dw, &applied};
     if (res.uses_kopt) dirs.push_back(&kernel_dir);
     if (with_wd) dirs.push_back(&w0);
     if (with_mom) dirs.push_back(&v_prev);
@@ -410,9 +420,9 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
       sb = loss_rows(*model, xb, yb, loss, explicit_route);
       if (c.project > 0) {
         zb = project_rows(projection, sb);
-        k_per = at::mm(project_rows(projection, sp), zb.t()).mul_(-lr / nb);  // K~_{k,m}
+        k_per = at::mm(project_rows(projection, sp), zb.t()).mul_(-lr * gs / nb);  // K~_{k,m}
       } else {
-        k_per = row_gram(sp, sb).mul_(-lr / nb);  // K_{k,m}: [P*C, M]
+        k_per = row_gram(sp, sb).mul_(-lr * gs / nb);  // K_{k,m}: [P*C, M]
       }
     }
     auto product = [&](const ParamMap& v) {
@@ -420,7 +430,7 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
       return (jvp_route ? jv.at(i) : row_directional(sp, v)).reshape({np, nc});
     };
     if (k == begin) res.f_initial = select(f0);
-    const at::Tensor k_direct = product(grad_l) * (-lr);
+    const at::Tensor k_direct = product(applied) * (-lr);
     // K itself is exact: a projected split only estimates its per-example parts.
     const at::Tensor k_full = jvp_route || c.project > 0 ? k_direct : k_per.sum(1).reshape({np, nc});
     const at::Tensor f_full = product(dw);
@@ -505,14 +515,14 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
       in.cols = &res.outputs;
       in.w0 = &w0;
       in.dw = &dw;
-      in.grad_l = &grad_l;
+      in.grad_l = &applied;
       in.kernel_dir = res.uses_kopt ? &kernel_dir : nullptr;
       in.split = !jvp_route || c.on_step;  // else forward mode at the nodes
       in.explicit_route = explicit_route;
       in.batch_rows = &sb;
       in.projection = c.project > 0 ? &projection : nullptr;
       in.batch_sketch = &zb;
-      in.lr = lr;
+      in.lr = lr * gs;  // the per-example terms of the applied gradient
       in.batch_size = nb;
       in.per_row = kinks.walked;
       in.rounds = in.per_row ? row_node_rounds(kinks.probes, piece_nodes) : shared_node_rounds(nodes, node_weights, np);
@@ -535,7 +545,7 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
       row.kexact_norm = frob(kex);
       row.quad_error = frob(d - fex);
     }
-    if (c.on_step) c.on_step(StepTerms{k, lr, bidx, k_per, kex_per_step, &sb});
+    if (c.on_step) c.on_step(StepTerms{k, lr * gs, bidx, k_per, kex_per_step, &sb});
     if (c.second_order) {
       set_weights(*model, w0);
       const at::Tensor s = second_order(*model, xp, res.outputs, dw).reshape({np, nc});

@@ -162,7 +162,8 @@ OptimizerAttribution attribute_through_optimizer(const OptimizerAttributionConfi
         at::mul_out(psi, phi_acc, lu.s);
         if (lu.nu != 0) psi.add_(g, lr * lu.nu);
         target.index_add_(1, bidx,
-                          (c.project > 0 ? at::mm(psi, zb.t()) : directions_dot_rows(*model, sb, psi)).mul_(-1.0 / nb));
+                          (c.project > 0 ? at::mm(psi, zb.t()) : directions_dot_rows(*model, sb, psi))
+                              .mul_(-batch.grad_scale / nb));  // the applied gradient: clipping's scale
       };
       probe_gradients(g_buf);
       accumulate(phi, g_buf, res.attr);
@@ -178,7 +179,8 @@ OptimizerAttribution attribute_through_optimizer(const OptimizerAttributionConfi
       if (c.self_influence) {
         // TracIn with the optimizer's preconditioner: (a_j / |B_j|) <grad l_i, P_j (.) grad l_i>.
         res.self_influence.index_add_(
-            0, bidx, rows_weighted_sq(*model, sb, p.defined() ? p : ones) * (lr / static_cast<double>(bidx.size(0))));
+            0, bidx,
+            rows_weighted_sq(*model, sb, p.defined() ? p : ones) * (lr * batch.grad_scale / static_cast<double>(bidx.size(0))));
       }
       res.times_drawn.index_add_(0, bidx, at::ones({bidx.size(0)}, at::kLong));
       const int64_t* bi = bidx.data_ptr<int64_t>();

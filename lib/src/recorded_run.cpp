@@ -194,6 +194,12 @@ void RecordedRun::read_log() {
                          "grad_norm and " + std::to_string(fingerprint_projections_) + " finite grad_proj values");
       }
     }
+    if (log_[k].contains("grad_scale")) {
+      const auto& g = log_[k]["grad_scale"];
+      if (!g.is_number() || !std::isfinite(g.get<double>()) || !(g.get<double>() > 0)) {
+        throw InputError(path.string() + ":" + std::to_string(k + 1) + ": grad_scale must be a positive number");
+      }
+    }
     if (log_[k].contains("lrs")) {
       const auto& lrs = log_[k]["lrs"];
       if (!lrs.is_array() || std::any_of(lrs.begin(), lrs.end(), [&](const auto& v) { return v != log_[k]["lr"]; })) {
@@ -322,6 +328,7 @@ RecordedRun::Step RecordedRun::step(int64_t k) const {
   const auto& r = log_.at(static_cast<size_t>(k));
   Step s{r.at("lr").get<double>(), r.at("batch").get<std::vector<int64_t>>(), r.at("loss").get<double>(), 0, {}, {}};
   if (r.contains("inputs")) s.inputs = fed_inputs(k, r.at("inputs").get<std::string>(), s.batch.size());
+  if (r.contains("grad_scale")) s.grad_scale = r.at("grad_scale").get<double>();
   if (fingerprint_projections_ > 0 && r.contains("grad_proj")) {
     s.grad_norm = r.at("grad_norm").get<double>();
     s.grad_proj = r.at("grad_proj").get<std::vector<double>>();

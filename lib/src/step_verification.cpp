@@ -42,8 +42,9 @@ std::string diagnosis(const StepVerification& v) {
             "mode changed (the loop's own model.train() switching Dropout or BatchNorm back on), or the loop fed "
             "augmented inputs that the recorder did not store";
   } else if (grad_off) {
-    what += ". Likely: the gradient was changed between backward() and optimizer.step(): gradient clipping "
-            "(clip_grad_norm_), scaling, or noise";
+    what += ". Likely: the gradient was changed between backward() and optimizer.step() in a way the recorder "
+            "could not record: clipping by value (clip_grad_value_), per-parameter scaling, or noise (a uniform "
+            "scale, such as clip_grad_norm_'s, is recorded and analyzed exactly)";
   }
   return what;
 }
@@ -76,9 +77,9 @@ std::vector<StepVerification> verify_steps(Trajectory& traj, models::Model& mode
       ParamMap grad;
       size_t i = 0;
       double sq = 0;
-      for (const auto& item : model.named_parameters()) {
-        grad[item.key()] = g[i];
-        sq += g[i].pow(2).sum().item<double>();
+      for (const auto& item : model.named_parameters()) {  // the gradient applied: times a clipping scale
+        grad[item.key()] = g[i] * s.grad_scale;
+        sq += grad[item.key()].pow(2).sum().item<double>();
         ++i;
       }
       const std::vector<double> proj = traj.fingerprint_of(grad);

@@ -154,6 +154,7 @@ class RecordedTrajectory : public Trajectory {
     // What the loop fed (augmented inputs the recorder stored), else the stored rows.
     out.x = (s.inputs.defined() ? s.inputs : run_.train_inputs().index_select(0, out.indices)).to(dtype);
     out.y = run_.train_targets().index_select(0, out.indices);
+    out.grad_scale = s.grad_scale;
     return out;
   }
   double logged_grad_norm(int64_t) const override { return NAN; }

@@ -7,7 +7,9 @@ clean        the README's loop
 functional   dropout through F.dropout(training=True), which no module mode shows
 augment      the loop trains on flipped and shifted inputs; the recorder stores them with each step
 unstored     the same with capture_inputs=False: the recorder stores only the plain rows
-clip         clip_grad_norm_ scales the gradient between backward() and optimizer.step()
+clip         clip_grad_norm_ scales the gradient between backward() and optimizer.step() (the
+             recorder records the scale: analyzed exactly)
+clipvalue    clip_grad_value_ clips each entry (not a uniform scale: refused by the analysis)
 onecycle     OneCycleLR with cycle_momentum=True changes SGD's momentum every step (the recorder
              refuses it at step 1)
 every5       checkpoint_every=5 with momentum (refused by Recorder() before any file is written)
@@ -72,6 +74,8 @@ def main():
         loss.backward()
         if habit == "clip":
             torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=0.1)
+        if habit == "clipvalue":
+            torch.nn.utils.clip_grad_value_(model.parameters(), clip_value=0.002)
         opt.step()
         if habit == "moved" and step == 10:
             with torch.no_grad():

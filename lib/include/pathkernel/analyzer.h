@@ -20,7 +20,7 @@ struct RowGradients;
 /// (plain SGD; with memory or a preconditioner see attribution.h).
 struct StepTerms {
   int64_t step = 0;
-  double lr = 0;
+  double lr = 0;                   ///< a_k, times a recorded gradient scale (clipping) when there is one
   const at::Tensor& batch;         ///< int64 [M]: the example indices of B_k
   const at::Tensor& k_per;         ///< float64 [P*C, M]: K_{k,m} for every probe row and example
   const at::Tensor& kexact_per;    ///< the same with the exact path kernel (undefined without exact)

@@ -77,6 +77,9 @@ class RecordedRun {
     /// (augmentation): float64 [batch, input_shape...], read from the record's `inputs` file;
     /// undefined otherwise.
     at::Tensor inputs;
+    /// The uniform factor the loop applied to the gradient (clipping), recorded as grad_scale; 1
+    /// when none was.
+    double grad_scale = 1;
   };
   /// The record of step k (0 <= k < logged_steps()).
   Step step(int64_t k) const;

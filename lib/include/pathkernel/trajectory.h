@@ -24,6 +24,10 @@ namespace pathkernel {
 struct LoggedStep {
   double lr = 0;
   at::Tensor indices, x, y;
+  /// The factor the loop applied to the batch gradient before optimizer.step() (a recorded
+  /// run's gradient clipping, clip_grad_norm_): the update is the optimizer's of
+  /// grad_scale * grad L_k. 1 otherwise.
+  double grad_scale = 1;
 };
 
 class Trajectory {
