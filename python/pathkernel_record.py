@@ -318,6 +318,7 @@ class Recorder:
         self.n_train = int(splits["train"][0].shape[0])
         self._order = order
         self._groups = groups
+        self._loss = loss
         numel = sum(p.numel() for p in order)
         self._signs = torch.from_numpy(np.stack(
             [fingerprint_signs(FINGERPRINT_SEED, j, numel) for j in range(FINGERPRINT_PROJECTIONS)]))
@@ -505,8 +506,29 @@ class Recorder:
         for h in self._grad_hooks:
             h.remove()
         self._log.close()
-        self._write_json("COMPLETE", {"steps": self.k})
+        done = {"steps": self.k}
+        accuracy = self._test_accuracy()
+        if accuracy is not None:
+            done["test_accuracy"] = accuracy
+        self._write_json("COMPLETE", done)
         self.closed = True
+
+    def _test_accuracy(self):
+        """The final model's accuracy on the recorded test split (cross-entropy runs), computed as
+        the model is (its mode unchanged), in chunks; None without a test split."""
+        path = os.path.join(self.out, "data", "test_x.npy")
+        if self._loss != "ce" or not os.path.exists(path):
+            return None
+        x = torch.from_numpy(np.load(path))
+        y = torch.from_numpy(np.load(os.path.join(self.out, "data", "test_y.npy")))
+        device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
+        correct = 0
+        with torch.no_grad():
+            for i in range(0, x.shape[0], 1000):
+                out = self.model(x[i:i + 1000].to(device))
+                correct += int((out.argmax(1).cpu() == y[i:i + 1000]).sum())
+        self._fed = None  # that forward was no training step
+        return correct / x.shape[0]
 
     def __enter__(self):
         return self

@@ -7,6 +7,7 @@
 #include <signal.h>
 
 #include <algorithm>
+#include <fmt/format.h>
 #include <nlohmann/json.hpp>
 #include <torch/nn/module.h>
 
@@ -334,6 +335,17 @@ TEST_F(RecordedHabitsTest, TheCleanLoopVerifiesOnEveryStep) {
   const nlohmann::json s = read_json(tmp_->path() / "clean-an" / "summary.json");
   EXPECT_EQ(s["verification"]["steps_checked"], 30);
   EXPECT_EQ(s["verification"]["steps_failed"], 0);
+  // The report shows the recorded run's final test accuracy (COMPLETE, written by rec.close()).
+  const nlohmann::json done = read_json(tmp_->path() / "clean" / "COMPLETE");
+  ASSERT_TRUE(done.contains("test_accuracy")) << done.dump();
+  ASSERT_EQ(testing::run_program({PATHKERNEL_BIN, "report", (tmp_->path() / "clean-an").string(), "--out",
+                                  (tmp_->path() / "clean-report").string()},
+                                 tmp_->path() / "report.log"),
+            0)
+      << read_file(tmp_->path() / "report.log");
+  const std::string html = read_file(tmp_->path() / "clean-report" / "report.html");
+  EXPECT_NE(html.find(fmt::format("{:.4f}", done["test_accuracy"].get<double>())), std::string::npos);
+  EXPECT_NE(html.find("test accuracy at the end"), std::string::npos);
   const Table t = read_csv(tmp_->path() / "clean-an" / "steps.csv");
   for (size_t i = 0; i < t.rows; ++i) {
     EXPECT_EQ(t.cols.at("verified")[i], 1);

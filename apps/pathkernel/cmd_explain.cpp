@@ -2,6 +2,7 @@
 #include <spdlog/spdlog.h>
 
 #include <cmath>
+#include <filesystem>
 #include <iostream>
 
 #include "commands.h"
@@ -21,9 +22,12 @@ int cmd_explain(const Args& args) {
   if (cmd.json) {
     print_summary_json(c.out);
   } else {
-    std::cout << explain_table(res, c) << "files: " << c.out
-              << "/{attributions.csv,attributions.npy,top.csv,grids/,summary.json"
-              << (c.self_influence ? ",self_influence.csv,self_influence.png" : "") << "}\n";
+    // What was written: no picture is promised for inputs that are not images, or without gnuplot.
+    const std::filesystem::path out(c.out);
+    std::cout << explain_table(res, c) << "files: " << c.out << "/{attributions.csv,attributions.npy,top.csv"
+              << (std::filesystem::is_directory(out / "grids") ? ",grids/" : "") << ",summary.json"
+              << (c.self_influence ? ",self_influence.csv" : "")
+              << (std::filesystem::exists(out / "self_influence.png") ? ",self_influence.png" : "") << "}\n";
   }
   // With --project the sum check measures the projection (reported, not gated); a NaN fails.
   if (c.project > 0 ? !std::isfinite(res.sum_error) : !(res.sum_error <= c.tolerance)) {

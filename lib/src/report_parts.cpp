@@ -67,6 +67,8 @@ RunFiles read_run(const fs::path& run) {
     r.manifest = read_json(run / "manifest.json");
     r.recorded = r.manifest.value("format", "") == kRecordedRunFormat;
     if (fs::exists(run / "summary.json")) r.summary = read_json(run / "summary.json");
+    // A recorded run's COMPLETE marker holds its final test accuracy (python/pathkernel_record.py).
+    if (r.recorded && fs::exists(run / "COMPLETE")) r.summary = read_json(run / "COMPLETE");
   } catch (const InputError&) {
     r.manifest = nlohmann::json();  // the facts are optional: the analysis itself was checked
   }
@@ -146,8 +148,9 @@ std::string run_facts_rows(const nlohmann::json& summary, const fs::path& run_di
   }
   const auto& lr = steps.at("lr", steps_file);
   const auto [lo, hi] = std::minmax_element(lr.begin(), lr.end());
-  s += row("learning rate in the analyzed steps", *lo == *hi ? fmt::format("{} (constant)", *lo)
-                                                             : fmt::format("{} to {}", *lo, *hi));
+  // Four significant digits: a scheduler's rates (0.0040000000000000036) read as what they are.
+  s += row("learning rate in the analyzed steps", *lo == *hi ? fmt::format("{:.4g} (constant)", *lo)
+                                                             : fmt::format("{:.4g} to {:.4g}", *lo, *hi));
   s += row("analyzed steps", fmt::format("{} ({}..{})", summary.value("steps_analyzed", 0), summary.value("first_step", 0),
                                          summary.value("last_step", 0)));
   if (run.summary.is_object() && run.summary.contains("test_accuracy") && run.summary["test_accuracy"].is_number()) {
