@@ -118,7 +118,9 @@ TEST_F(RunIdentityTest, TheManifestsModelAndConfigAgreeAndItsValuesAreNamedAsKey
            {"checkpoint_every", 0, "config.checkpoint_every must be at least 1"},
            {"model", "cnn:100000,100000", "config.model: model spec 'cnn:100000,100000': cnn channel counts must be at most"}}) {
     atomic_write(manifest, original);
-    edit_json(manifest, [&](nlohmann::json& m) { m["config"][key] = value; });
+    const std::string k = key;  // a structured binding cannot be captured in C++17
+    const nlohmann::json v = value;
+    edit_json(manifest, [&](nlohmann::json& m) { m["config"][k] = v; });
     EXPECT_THROW_WITH(Replayer{run}, InputError, manifest.string() + ": " + message);
   }
 }
