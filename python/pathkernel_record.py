@@ -423,8 +423,9 @@ class Recorder:
             g = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().reshape(-1)
                            .to(device="cpu", dtype=torch.float64) for p in self._order])
             out = {"grad_norm": float(g.norm()), "grad_proj": [float(v) for v in self._signs @ g]}
-            if all(r is not None for r in self._raw):
-                raw = torch.cat([r.reshape(-1).to(device="cpu", dtype=torch.float64) for r in self._raw])
+            if any(r is not None for r in self._raw):  # a parameter no backward reached has a zero gradient
+                raw = torch.cat([(r if r is not None else torch.zeros_like(p)).reshape(-1)
+                                 .to(device="cpu", dtype=torch.float64) for r, p in zip(self._raw, self._order)])
                 raw_sq = float(raw @ raw)
                 if raw_sq > 0:
                     scale = float(g @ raw) / raw_sq
