@@ -104,27 +104,6 @@ at::Tensor forward_nograd(models::Model& model, const at::Tensor& x) {
 
 double frob(const at::Tensor& t) { return t.norm().item<double>(); }
 
-/// s * g, parameter by parameter.
-ParamMap scaled(const ParamMap& g, double s) {
-  ParamMap out;
-  for (const auto& [name, t] : g) out[name] = t * s;
-  return out;
-}
-
-/// A recorded run's update check (check_updates): exit 4 before any output, unless
-/// --allow-unverified, which keeps the steps marked and counted.
-void gate_updates(AnalysisResult& res, const AnalyzeConfig& c) {
-  const std::string failures = check_updates(res.steps, c.run);
-  if (!failures.empty() && !c.allow_unverified) throw CheckFailedError(failures);
-  if (!failures.empty()) spdlog::warn("{}", failures.substr(0, failures.find("\n  analyze --allow")));
-  res.verified_steps = 0;  // counted from the rows: a continued analysis reads earlier ones back
-  res.unverified_steps = 0;
-  for (const auto& s : res.steps) {
-    res.verified_steps += s.verified >= 0 ? 1 : 0;
-    res.unverified_steps += s.verified == 0 ? 1 : 0;
-  }
-}
-
 /// grad L_k(w) for the model's current weights, in the model's dtype, by state_dict name.
 ParamMap batch_gradient(models::Model& model, const at::Tensor& xb, const at::Tensor& yb, LossKind loss) {
   const auto params = model.parameters();
@@ -285,22 +264,7 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
   traj.verify_through(end);  // --range inside a checkpoint interval: still the run's own weights
   // A recorded run: every analyzed step checked against its logged loss and gradient before any
   // output (a trained run's replay checks its steps against its checkpoints instead).
-  std::map<int64_t, StepVerification> verdicts;
-  {
-    std::vector<int64_t> analyzed;
-    for (int64_t k = begin; k < end; k += c.every) analyzed.push_back(k);
-    const std::vector<StepVerification> checked = verify_steps(traj, *model, analyzed, loss);
-    if (!checked.empty()) {
-      const std::string failures = describe_failures(checked, c.run);
-      if (!failures.empty() && !c.allow_unverified) throw CheckFailedError(failures);
-      if (!failures.empty()) spdlog::warn("{}", failures.substr(0, failures.find("\n  analyze --allow")));
-      res.verified_steps = static_cast<int64_t>(checked.size());
-      for (const auto& v : checked) {
-        res.unverified_steps += v.ok ? 0 : 1;
-        verdicts[v.step] = v;
-      }
-    }
-  }
+  const std::map<int64_t, StepVerification> verdicts = verify_analyzed_steps(traj, *model, begin, end, c, loss, res);
   // Resumable (progress_dir): what an interrupted run of this same command finished.
   const bool progress = !c.progress_dir.empty();
   nlohmann::json progress_key;
@@ -462,11 +426,7 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
     row.loss_after = loss_after;
     row.loss_up = loss_after > loss_before;
     row.grad_cos = grad_cos;
-    if (const auto v = verdicts.find(k); v != verdicts.end()) {
-      row.verify_loss_error = v->second.loss_error;
-      row.verify_gradient_error = v->second.gradient_error;
-      row.verified = v->second.ok ? 1 : 0;
-    }
+    mark_verified(row, verdicts);
     row.grad_norm = traj.logged_grad_norm(k);
     if (std::isnan(row.grad_norm)) {  // not logged (a recorded run): the float64 gradient's norm
       double sq = 0;
@@ -623,7 +583,7 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
     const std::vector<StoredAnalysis> all = open_progress(c.progress_dir, progress_key, /*force=*/false);
     AnalysisResult joined = join_parts(all);
     finish_analysis(joined, c);
-    if (res.verified_steps > 0) gate_updates(joined, c);
+    if (res.verified_steps > 0) gate_updates(joined, c.run, c.allow_unverified);
     joined.startup_seconds = res.startup_seconds;
     joined.seconds = std::chrono::duration<double>(Clock::now() - t0).count();
     guard.done();
@@ -631,7 +591,7 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
   }
   arrays.stack_into(res);
   finish_analysis(res, c);
-  if (res.verified_steps > 0) gate_updates(res, c);
+  if (res.verified_steps > 0) gate_updates(res, c.run, c.allow_unverified);
   res.seconds = std::chrono::duration<double>(Clock::now() - t0).count();
   return res;
 }

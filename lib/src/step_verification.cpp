@@ -7,6 +7,9 @@
 #include <algorithm>
 #include <cmath>
 
+#include <spdlog/spdlog.h>
+
+#include "pathkernel/errors.h"
 #include "pathkernel/trajectory.h"
 
 namespace pathkernel {
@@ -136,6 +139,54 @@ std::string check_updates(std::vector<StepRow>& steps, const std::string& run) {
                      "changing momentum or betas, such as OneCycleLR's cycle_momentum), or the weights were changed "
                      "outside optimizer.step()\n  analyze --allow-unverified analyzes anyway and marks those steps",
                      run, off.size(), list, off.size() > 3 ? fmt::format("\n  ... and {} more", off.size() - 3) : "");
+}
+
+namespace {
+
+/// The part of a failure message to log when the analysis goes on (the flag hint dropped).
+std::string without_hint(const std::string& failures) {
+  return failures.substr(0, failures.find("\n  analyze --allow"));
+}
+
+}  // namespace
+
+std::map<int64_t, StepVerification> verify_analyzed_steps(Trajectory& traj, models::Model& model, int64_t begin,
+                                                          int64_t end, const AnalyzeConfig& c, LossKind loss,
+                                                          AnalysisResult& res) {
+  std::vector<int64_t> analyzed;
+  for (int64_t k = begin; k < end; k += c.every) analyzed.push_back(k);
+  std::map<int64_t, StepVerification> verdicts;
+  const std::vector<StepVerification> checked = verify_steps(traj, model, analyzed, loss);
+  if (checked.empty()) return verdicts;
+  const std::string failures = describe_failures(checked, c.run);
+  if (!failures.empty() && !c.allow_unverified) throw CheckFailedError(failures);
+  if (!failures.empty()) spdlog::warn("{}", without_hint(failures));
+  res.verified_steps = static_cast<int64_t>(checked.size());
+  for (const auto& v : checked) {
+    res.unverified_steps += v.ok ? 0 : 1;
+    verdicts[v.step] = v;
+  }
+  return verdicts;
+}
+
+void mark_verified(StepRow& row, const std::map<int64_t, StepVerification>& verdicts) {
+  const auto v = verdicts.find(row.step);
+  if (v == verdicts.end()) return;
+  row.verify_loss_error = v->second.loss_error;
+  row.verify_gradient_error = v->second.gradient_error;
+  row.verified = v->second.ok ? 1 : 0;
+}
+
+void gate_updates(AnalysisResult& res, const std::string& run, bool allow_unverified) {
+  const std::string failures = check_updates(res.steps, run);
+  if (!failures.empty() && !allow_unverified) throw CheckFailedError(failures);
+  if (!failures.empty()) spdlog::warn("{}", without_hint(failures));
+  res.verified_steps = 0;
+  res.unverified_steps = 0;
+  for (const auto& s : res.steps) {
+    res.verified_steps += s.verified >= 0 ? 1 : 0;
+    res.unverified_steps += s.verified == 0 ? 1 : 0;
+  }
 }
 
 }  // namespace pathkernel

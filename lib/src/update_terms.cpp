@@ -14,6 +14,12 @@ ParamMap precondition(const ParamMap& p, const ParamMap& v) {
   return out;
 }
 
+ParamMap scaled(const ParamMap& g, double s) {
+  ParamMap out;
+  for (const auto& [name, t] : g) out[name] = t * s;
+  return out;
+}
+
 void UpdateRecurrence::advance(int64_t k, const ParamMap& grad, const ParamMap& weights) {
   lu_ = optimizer_.linear_update(k);
   // Without memory a step's update depends on that step alone: any step may come next.

@@ -8,6 +8,7 @@
 /// step fails here, before any output. Native runs are checked by their replay instead.
 
 #include <cstdint>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -60,5 +61,21 @@ std::string describe_failures(const std::vector<StepVerification>& verdicts, con
 /// (a scheduler changing momentum or betas, weights changed outside optimizer.step()). Marks
 /// such steps unverified (StepRow::verified 0) and returns the message naming them, or "".
 std::string check_updates(std::vector<StepRow>& steps, const std::string& run);
+
+/// The analyzer's side of the checks, before any work: verify_steps on the steps it analyzes
+/// ([begin, end), every c.every-th), a CheckFailedError (exit 4) naming the failures unless
+/// c.allow_unverified (then a warning), the counts in `res`. Returns the verdicts by step (empty
+/// for a trained run).
+std::map<int64_t, StepVerification> verify_analyzed_steps(Trajectory& traj, models::Model& model, int64_t begin,
+                                                          int64_t end, const AnalyzeConfig& c, LossKind loss,
+                                                          AnalysisResult& res);
+
+/// Copies the verdict of row.step (when there is one) into the row's verification columns.
+void mark_verified(StepRow& row, const std::map<int64_t, StepVerification>& verdicts);
+
+/// The analyzer's side after its work: check_updates on `res`'s rows, a CheckFailedError unless
+/// `allow_unverified`, and the counts recomputed from the rows (a continued analysis reads the
+/// earlier segments' rows back).
+void gate_updates(AnalysisResult& res, const std::string& run, bool allow_unverified);
 
 }  // namespace pathkernel

@@ -47,4 +47,7 @@ class UpdateRecurrence {
 /// a (.) b by name; `a` empty stands for all ones.
 ParamMap precondition(const ParamMap& p, const ParamMap& v);
 
+/// s * g, parameter by parameter (a recorded step's applied gradient: clipping's scale).
+ParamMap scaled(const ParamMap& g, double s);
+
 }  // namespace pathkernel
