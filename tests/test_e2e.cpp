@@ -539,6 +539,12 @@ TEST(E2eTest, OneWriterPerOutput) {
       << read_file(tmp / "first" / "stderr");
   EXPECT_EQ(read_json(out / "summary.json")["steps_analyzed"], 400);
   EXPECT_FALSE(fs::exists(tmp / ".an.lock")) << "the lock file goes with its holder";
+  // An --out typed with a trailing slash is the same output: its lock and staging beside it.
+  const Result rep = run({"report", out.string() + "/", "--out", (tmp / "rep").string() + "/"}, tmp.path());
+  EXPECT_EQ(rep.status, 0) << rep.err;
+  EXPECT_TRUE(fs::exists(tmp / "rep" / "report.html"));
+  EXPECT_FALSE(fs::exists(tmp / "rep" / ".lock"));
+  EXPECT_FALSE(fs::exists(tmp / "rep" / ".rep.lock"));
 }
 
 }  // namespace

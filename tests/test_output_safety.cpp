@@ -154,6 +154,19 @@ TEST_F(OutputSafetyTest, OneWriterPerOutput) {
   }
   EXPECT_FALSE(fs::exists(tmp_ / "sub" / ".out.lock"));
   { OutputLock again(out); }
+  {  // "sub/out/" names the same output: its lock beside it, not inside a folder it creates
+    OutputLock slash(out.string() + "/");
+    EXPECT_EQ(slash.path(), tmp_ / "sub" / ".out.lock");
+    EXPECT_FALSE(fs::exists(out));
+    EXPECT_THROW_WITH(OutputLock other(out), InputError, "another pathkernel command is writing it");
+  }
+  {
+    StagedOutput s(out.string() + "/");
+    atomic_write(s.path() / "a.txt", "x");
+    EXPECT_EQ(s.path().parent_path(), tmp_ / "sub");
+    s.commit();
+    EXPECT_EQ(read_file(out / "a.txt"), "x");
+  }
   const fs::path target = victim(tmp_ / "victim");
   fs::create_symlink(target / "precious.txt", tmp_ / "sub" / ".out.lock");
   EXPECT_THROW_WITH(OutputLock planted(out), InputError, ".out.lock: cannot be opened");

@@ -184,9 +184,18 @@ bool lstat_of(const fs::path& p, struct stat& st) { return ::lstat(p.c_str(), &s
 
 fs::path parent_of(const fs::path& p) { return p.parent_path().empty() ? fs::path(".") : p.parent_path(); }
 
+/// An output path as named, without a trailing separator ("runs/a/" is runs/a), so that what is
+/// made beside it (staging folder, lock file) lands beside it and not inside it.
+fs::path named_path(const fs::path& out) {
+  fs::path p = out.lexically_normal();
+  while (!p.has_filename() && p.has_parent_path() && p != p.root_path()) p = p.parent_path();
+  return p;
+}
+
 }  // namespace
 
-StagedOutput::StagedOutput(const fs::path& out) : out_(out) {
+StagedOutput::StagedOutput(const fs::path& named) : out_(named_path(named)) {
+  const fs::path& out = out_;
   const fs::path parent = parent_of(out);
   fs::create_directories(parent);
   struct stat st {};
@@ -237,7 +246,8 @@ void StagedOutput::commit() {
   if (!displaced.empty()) fs::remove_all(displaced, ec);
 }
 
-OutputLock::OutputLock(const fs::path& out) {
+OutputLock::OutputLock(const fs::path& named) {
+  const fs::path out = named_path(named);
   const fs::path parent = parent_of(out);
   fs::create_directories(parent);
   path_ = parent / ("." + out.filename().string() + ".lock");
