@@ -283,6 +283,20 @@ TEST_F(RecordedRunTest, AZooModelThatIsNotTheTrainedNetworkIsRefused) {
             std::string::npos)
       << read_file(log);
   EXPECT_FALSE(fs::exists(out));
+  {  // model.outputs 100000 for a run of 10 outputs: exit 1 (a LibTorch size error) before
+    const fs::path wide = copy("outputs-100k");
+    nlohmann::json mm = read_json(wide / "manifest.json");
+    mm["model"]["outputs"] = 100000;
+    atomic_write(wide / "manifest.json", mm.dump(1));
+    const fs::path wlog = tmp_->path() / "wide.log";
+    EXPECT_EQ(testing::run_program({PATHKERNEL_BIN, "analyze", wide.string(), "--probes", "2", "--out",
+                                    (tmp_->path() / "wide-an").string()},
+                                   wlog),
+              2)
+        << read_file(wlog);
+    EXPECT_NE(read_file(wlog).find("with 100000 outputs (model.outputs) has parameter"), std::string::npos)
+        << read_file(wlog);
+  }
   // Its own model still analyzes it.
   EXPECT_EQ(testing::run_program({PATHKERNEL_BIN, "analyze", r.string(), "--probes", "2", "--kernel-route",
                                   "torchscript", "--out", out.string()},

@@ -255,7 +255,15 @@ class RecordedTrajectory : public Trajectory {
       }
       p.value().copy_(it->second);
     }
-    for (size_t i = 0; i < names_.size(); ++i) params_[i].copy_(by_name.at(to_recorded_.at(names_[i])));
+    for (size_t i = 0; i < names_.size(); ++i) {
+      const at::Tensor& w = by_name.at(to_recorded_.at(names_[i]));
+      if (w.sizes() != params_[i].sizes()) {
+        throw InputError((run_.dir() / "manifest.json").string() + ": the zoo model " + run_.zoo_spec() + " with " +
+                         std::to_string(run_.outputs()) + " outputs (model.outputs) has parameter '" + names_[i] +
+                         "' of shape " + c10::str(params_[i].sizes()) + ", the run's is " + c10::str(w.sizes()));
+      }
+      params_[i].copy_(w);
+    }
     const at::Tensor x = run_.train_inputs().slice(0, 0, std::min<int64_t>(8, run_.train_inputs().size(0))).to(at::kFloat);
     const at::Tensor want = script->forward(x).to(at::kDouble), got = model_->forward(x).to(at::kDouble);
     const double scale = std::max(want.abs().max().item<double>(), 1e-6);
