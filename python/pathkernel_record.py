@@ -225,6 +225,18 @@ def _as_pair(data, name):
     raise ValueError("%s must be (inputs, targets) or a map-style Dataset of (input, target) items" % name)
 
 
+class _Selected(torch.nn.Module):
+    """The model with the one output the analysis reads: forward returns model(x)[key]."""
+
+    def __init__(self, model, key):
+        super().__init__()
+        self.model = model
+        self.key = key
+
+    def forward(self, x):
+        return self.model(x)[self.key]
+
+
 class Recorder:
     """Writes a recorded run to `out` (created; must not exist or be empty).
 
@@ -241,6 +253,9 @@ class Recorder:
         squared error per example, as pathkernel train defines it).
     checkpoint_every: 1 saves the weights after every step (every step can be analyzed); K > 1
         saves the weights before and after every K-th step (steps 0, K, 2K, ... can be analyzed).
+    output: for a model whose forward returns a tuple, list or dict, the index or key of the
+        output the loss is computed from (the run then records the model with that output, its
+        parameters named model.<name>).
     capture_inputs: the inputs of the model's last training forward before optimizer.step() are
         compared with the stored rows of the batch; when they differ (augmentation), they are
         stored with the step, so the analysis sees what training saw. rec.step(..., inputs=x)
@@ -248,7 +263,7 @@ class Recorder:
     """
 
     def __init__(self, out, model, optimizer, train, test=None, loss="ce", checkpoint_every=1,
-                 script=True, capture_inputs=True):
+                 script=True, capture_inputs=True, output=None):
         # Everything is checked before anything is written: a refused Recorder leaves no files.
         if loss not in ("ce", "mse"):
             raise ValueError("loss must be 'ce' or 'mse', not %r" % (loss,))
@@ -268,6 +283,9 @@ class Recorder:
                              "(it does not replay the optimizer between stored states); use checkpoint_every=1"
                              % (int(checkpoint_every), "momentum" if kind == "sgd" else kind))
         _check_model(model)
+        if output is not None:  # recorded as a module whose forward gives the named output
+            model = _Selected(model, output)
+            script = False
         if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
             raise FileExistsError("%s exists and is not an empty folder: pathkernel never overwrites a run" % out)
         names = {id(p): n for n, p in model.named_parameters()}
@@ -305,8 +323,8 @@ class Recorder:
         with torch.no_grad():
             outputs = scripted(example)
         if not isinstance(outputs, torch.Tensor):
-            raise ValueError("the model returns a %s; pathkernel needs one tensor [batch, outputs] (wrap the model "
-                             "in a module whose forward returns the output to analyze)" % type(outputs).__name__)
+            raise ValueError("the model returns a %s; pathkernel needs one tensor [batch, outputs]: name the one "
+                             "the loss is computed from with Recorder(..., output=INDEX or KEY)" % type(outputs).__name__)
         if outputs.dim() != 2:
             raise ValueError("the model maps a batch to %d-d outputs; pathkernel needs [batch, outputs]" % outputs.dim())
 
@@ -372,7 +390,9 @@ class Recorder:
             def pre_hook(module, args):
                 if torch.is_grad_enabled() and args and isinstance(args[0], torch.Tensor):
                     self._fed = args[0]
-            self._hook = model.register_forward_pre_hook(pre_hook)
+            # On the module the loop calls (inside the output selection, when there is one).
+            called = model.model if isinstance(model, _Selected) else model
+            self._hook = called.register_forward_pre_hook(pre_hook)
 
     def _write_run(self, splits, scripted, how, outputs, kind, groups, loss):
         out = self.out

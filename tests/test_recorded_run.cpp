@@ -452,6 +452,23 @@ TEST_F(RecordedHabitsTest, ClippingByNormIsRecordedAndAnalyzedExactly) {
   EXPECT_LT(read_json(ex / "summary.json")["max_sum_error"].get<double>(), 1e-8);
 }
 
+// A forward that returns a tuple (logits, features): Recorder(..., output=0) records the model
+// with that output, and every step verifies; without output= the Recorder refuses it, naming
+// the argument, before any file is written.
+TEST_F(RecordedHabitsTest, ATupleOutputIsRecordedByNameOrRefused) {
+  std::string log;
+  ASSERT_EQ(analyze(record("tuple"), "tuple-an", log), 0) << log;
+  EXPECT_EQ(read_json(tmp_->path() / "tuple-an" / "summary.json")["verification"]["steps_failed"], 0);
+  const fs::path run = tmp_->path() / "tuple_unnamed";
+  EXPECT_NE(testing::run_program({"/usr/bin/python3", std::string(PATHKERNEL_SOURCE_DIR) + "/tests/data/record_habits.py",
+                                  "tuple_unnamed", run.string()},
+                                 tmp_->path() / "tuple_unnamed.log"),
+            0);
+  EXPECT_NE(read_file(tmp_->path() / "tuple_unnamed.log").find("Recorder(..., output=INDEX or KEY)"), std::string::npos)
+      << read_file(tmp_->path() / "tuple_unnamed.log");
+  EXPECT_FALSE(fs::exists(run));
+}
+
 // Augmentation: the recorder stores the inputs the loop fed with each step (taken from the
 // model's last training forward), and the analysis uses them, so every step verifies and the
 // run identity holds; the stored files are the flipped and shifted batches.

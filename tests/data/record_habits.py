@@ -13,6 +13,8 @@ clipvalue    clip_grad_value_ clips each entry (not a uniform scale: refused by 
 onecycle     OneCycleLR with cycle_momentum=True changes SGD's momentum every step (the recorder
              refuses it at step 1)
 every5       checkpoint_every=5 with momentum (refused by Recorder() before any file is written)
+tuple        a model whose forward returns (logits, features), recorded with output=0
+tuple_unnamed  the same without output=: refused by Recorder(), naming output=
 moved        the weights are changed outside optimizer.step() after step 10
 train_mode   a Dropout module put back in training mode by the loop's model.train() at step 5
 """
@@ -27,6 +29,17 @@ sys.path.insert(0, os.path.join(here, "..", "..", "python"))
 sys.path.insert(0, os.path.join(here, "..", "..", "examples"))
 from pathkernel_record import Recorder  # noqa: E402
 from record_mlp import fashion_mnist  # noqa: E402
+
+
+class TwoOutputs(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(784, 64)
+        self.fc2 = torch.nn.Linear(64, 10)
+
+    def forward(self, x):
+        h = torch.tanh(self.fc1(x.flatten(1)))
+        return self.fc2(h), h
 
 
 class FunctionalDropout(torch.nn.Module):
@@ -46,6 +59,8 @@ def main():
     Xt, yt = fashion_mnist("/usr/share/datasets/fashion-mnist", "test", 100)
     if habit == "functional":
         model = FunctionalDropout()
+    elif habit.startswith("tuple"):
+        model = TwoOutputs()
     elif habit == "train_mode":
         model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 64), torch.nn.Tanh(),
                                     torch.nn.Dropout(0.3), torch.nn.Linear(64, 10))
@@ -60,7 +75,8 @@ def main():
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.5)
         sched = None
     rec = Recorder(out, model, opt, train=(X, y), test=(Xt, yt), loss="ce",
-                   checkpoint_every=5 if habit == "every5" else 1, capture_inputs=habit != "unstored")
+                   checkpoint_every=5 if habit == "every5" else 1, capture_inputs=habit != "unstored",
+                   output=0 if habit == "tuple" else None)
     g = torch.Generator().manual_seed(0)
     for step in range(30):
         if habit == "train_mode" and step == 5:
@@ -70,7 +86,8 @@ def main():
         if habit in ("augment", "unstored"):
             x = torch.roll(torch.flip(x, dims=[3]), shifts=2, dims=2)
         opt.zero_grad()
-        loss = F.cross_entropy(model(x), y[idx])
+        out = model(x)
+        loss = F.cross_entropy(out[0] if habit.startswith("tuple") else out, y[idx])
         loss.backward()
         if habit == "clip":
             torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=0.1)
