@@ -360,6 +360,9 @@ TEST_F(RecordedHabitsTest, TheCleanLoopVerifiesOnEveryStep) {
   const std::string html = read_file(tmp_->path() / "clean-report" / "report.html");
   EXPECT_NE(html.find(fmt::format("{:.4f}", done["test_accuracy"].get<double>())), std::string::npos);
   EXPECT_NE(html.find("test accuracy at the end"), std::string::npos);
+  // Momentum: the optimizer's update term as weight decay and rounding, in columns of their own.
+  EXPECT_NE(html.find("<th>sum Uopt_wd</th><th>sum Uopt_round</th>"), std::string::npos);
+  EXPECT_NE(html.find("<th>mean sum Uopt_wd</th><th>mean sum Uopt_round</th>"), std::string::npos);
   const Table t = read_csv(tmp_->path() / "clean-an" / "steps.csv");
   for (size_t i = 0; i < t.rows; ++i) {
     EXPECT_EQ(t.cols.at("verified")[i], 1);

@@ -347,23 +347,28 @@ ReportFiles write_report(const ReportConfig& c) {
       html_text(c.analysis), html_text(run_dir.empty() ? summary["settings"].value("run", "") : run_dir.string()), np, nc,
       report_detail::run_facts_rows(summary, run_dir, steps, in / "steps.csv"));
   const std::string kname = kopt ? "Kopt" : "K", uname = kopt ? "Uopt" : "U";
-  auto u_mean = [&](bool absolute) {
-    if (!kopt) return absolute ? mean_abs("sum_U") : mean("sum_U");
-    double t = 0;
-    for (size_t i = 0; i < probes.rows; ++i) {
-      const double v = probes.at("sum_Uopt_wd", in / "probes.csv")[i] + probes.at("sum_Uopt_round", in / "probes.csv")[i];
-      t += (absolute ? std::abs(v) : v) / static_cast<double>(probes.rows);
-    }
-    return t;
-  };
+  // With the optimizer's split, its update term in two columns: weight decay, and rounding (what
+  // the optimizer's update leaves: float rounding in a verified run).
+  const std::vector<std::string> ucols = kopt ? std::vector<std::string>{"sum_Uopt_wd", "sum_Uopt_round"}
+                                              : std::vector<std::string>{"sum_U"};
+  std::string uhead, umean, uabs;
+  for (const auto& col : ucols) {
+    uhead += "<th>sum " + col.substr(4) + "</th>";
+    umean += fmt::format("<td>{:.4g}</td>", mean(col.c_str()));
+    uabs += fmt::format("<td>{:.4g}</td>", mean_abs(col.c_str()));
+  }
   html += fmt::format(
       "<h2>Eq. 9: f_N - f_0 = sum {k} + sum {u} + sum R(T_c) + sum R(rest)</h2>\n"
-      "<table><tr><th></th><th>f_N - f_0</th><th>sum {k}</th><th>sum {u}</th><th>sum R(T_c)</th><th>sum R(rest)</th></tr>\n"
-      "<tr><th>mean</th><td>{:.4g}</td><td>{:.4g}</td><td>{:.4g}</td><td>{:.4g}</td><td>{:.4g}</td></tr>\n"
-      "<tr><th>mean |.|</th><td>{:.4g}</td><td>{:.4g}</td><td>{:.4g}</td><td>{:.4g}</td><td>{:.4g}</td></tr></table>\n"
-      "<p>Means over probes and outputs of each term summed over the analyzed steps.</p>\n",
-      mc, mean(kcol), u_mean(false), mean("sum_R_Tc"), mean("sum_R_other"), mac, mean_abs(kcol), u_mean(true),
-      mean_abs("sum_R_Tc"), mean_abs("sum_R_other"), fmt::arg("k", kname), fmt::arg("u", uname));
+      "<table><tr><th></th><th>f_N - f_0</th><th>sum {k}</th>{uh}<th>sum R(T_c)</th><th>sum R(rest)</th></tr>\n"
+      "<tr><th>mean</th><td>{:.4g}</td><td>{:.4g}</td>{um}<td>{:.4g}</td><td>{:.4g}</td></tr>\n"
+      "<tr><th>mean |.|</th><td>{:.4g}</td><td>{:.4g}</td>{ua}<td>{:.4g}</td><td>{:.4g}</td></tr></table>\n"
+      "<p>Means over probes and outputs of each term summed over the analyzed steps{note}.</p>\n",
+      mc, mean(kcol), mean("sum_R_Tc"), mean("sum_R_other"), mac, mean_abs(kcol),
+      mean_abs("sum_R_Tc"), mean_abs("sum_R_other"), fmt::arg("k", kname), fmt::arg("u", uname),
+      fmt::arg("uh", uhead), fmt::arg("um", umean), fmt::arg("ua", uabs),
+      fmt::arg("note", kopt ? "; sum Uopt = sum Uopt_wd (weight decay) + sum Uopt_round (what the optimizer's "
+                              "update leaves: float rounding)"
+                            : ""));
   const auto& pct = summary["r_percentiles"];
   html += fmt::format(
       "<h2>Summary</h2><table>\n<tr><th>T_c (rule {})</th><td>{} of {} steps</td></tr>\n"
@@ -385,10 +390,14 @@ ReportFiles write_report(const ReportConfig& c) {
       classes = std::max(classes, labels.back() + 1);
     }
     const at::Tensor kk = kopt ? load_npy(in / "arrays/Kopt.npy") : k;
-    const at::Tensor uu = kopt ? load_npy(in / "arrays/Uopt_wd.npy") + load_npy(in / "arrays/Uopt_round.npy") : u;
-    if (kk.sizes() != d.sizes() || uu.sizes() != d.sizes()) throw InputError(c.analysis + ": Kopt/Uopt arrays differ in shape from D");
+    // With the optimizer's split: decay and rounding in columns of their own.
+    const at::Tensor uu = kopt ? load_npy(in / "arrays/Uopt_wd.npy") : u;
+    const at::Tensor ur = kopt ? load_npy(in / "arrays/Uopt_round.npy") : at::Tensor();
+    if (kk.sizes() != d.sizes() || uu.sizes() != d.sizes() || (ur.defined() && ur.sizes() != d.sizes())) {
+      throw InputError(c.analysis + ": Kopt/Uopt arrays differ in shape from D");
+    }
     const auto rows = report_detail::class_rows(
-        labels, report_detail::class_names(run_dir, classes, c.class_names_file), d, f, kk, uu, r);
+        labels, report_detail::class_names(run_dir, classes, c.class_names_file), d, f, kk, uu, r, ur);
     html += "<h2>By probe class</h2>\n" + report_detail::class_table_html(rows, kname);
     // The same as a figure: the Eq. 9 terms by class as bars, r by class as points. Names go
     // into the data file (read as text by gnuplot, never as code), without CSV separators.
@@ -398,8 +407,8 @@ ReportFiles write_report(const ReportConfig& c) {
       for (char& ch : name) {
         if (ch == ',' || ch == '"' || ch == '\n' || ch == '\r') ch = ' ';
       }
-      csv += fmt::format("{},\"{}\",{},{},{},{},{}\n", row.label, name, g(row.change), g(row.k), g(row.u), g(row.r),
-                         g(row.median_r));
+      csv += fmt::format("{},\"{}\",{},{},{},{},{}\n", row.label, name, g(row.change), g(row.k),
+                         g(row.u + (std::isnan(row.u_round) ? 0.0 : row.u_round)), g(row.r), g(row.median_r));
     }
     write_data(out, files, "by_class", csv);
     if (files.gnuplot) {

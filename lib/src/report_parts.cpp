@@ -191,7 +191,7 @@ std::vector<std::string> class_names(const fs::path& run_dir, int64_t classes, c
 
 std::vector<ClassRow> class_rows(const std::vector<int64_t>& probe_labels, const std::vector<std::string>& names,
                                  const at::Tensor& d, const at::Tensor& f, const at::Tensor& k, const at::Tensor& u,
-                                 const at::Tensor& r) {
+                                 const at::Tensor& r, const at::Tensor& u_round) {
   std::map<int64_t, std::vector<int64_t>> by_class;
   for (size_t p = 0; p < probe_labels.size(); ++p) by_class[probe_labels[p]].push_back(static_cast<int64_t>(p));
   std::vector<ClassRow> rows;
@@ -208,6 +208,7 @@ std::vector<ClassRow> class_rows(const std::vector<int64_t>& probe_labels, const
     row.change = sel(d).sum(0).mean().item<double>();
     row.k = sel(k).sum(0).mean().item<double>();
     row.u = sel(u).sum(0).mean().item<double>();
+    if (u_round.defined()) row.u_round = sel(u_round).sum(0).mean().item<double>();
     row.r = sel(r).sum(0).mean().item<double>();
     row.median_r = rk.median().item<double>();
     rows.push_back(row);
@@ -216,14 +217,16 @@ std::vector<ClassRow> class_rows(const std::vector<int64_t>& probe_labels, const
 }
 
 std::string class_table_html(const std::vector<ClassRow>& rows, const std::string& kernel_name) {
+  const bool split = !rows.empty() && !std::isnan(rows.front().u_round);
   std::string s = fmt::format(
-      "<table><tr><th>class</th><th>probes</th><th>mean f_N - f_0</th><th>mean sum {}</th><th>mean sum U</th>"
+      "<table><tr><th>class</th><th>probes</th><th>mean f_N - f_0</th><th>mean sum {}</th>{}"
       "<th>mean sum R</th><th>median over steps of r</th></tr>\n",
-      html_text(kernel_name));
+      html_text(kernel_name),
+      split ? "<th>mean sum Uopt_wd</th><th>mean sum Uopt_round</th>" : "<th>mean sum U</th>");
   for (const auto& c : rows) {
-    s += fmt::format("<tr><th>{} ({})</th><td>{}</td><td>{:.4g}</td><td>{:.4g}</td><td>{:.4g}</td><td>{:.4g}</td>"
-                     "<td>{:.3g}</td></tr>\n",
-                     html_text(c.name), c.label, c.probes, c.change, c.k, c.u, c.r, c.median_r);
+    const std::string u = split ? fmt::format("<td>{:.4g}</td><td>{:.4g}</td>", c.u, c.u_round) : fmt::format("<td>{:.4g}</td>", c.u);
+    s += fmt::format("<tr><th>{} ({})</th><td>{}</td><td>{:.4g}</td><td>{:.4g}</td>{}<td>{:.4g}</td><td>{:.3g}</td></tr>\n",
+                     html_text(c.name), c.label, c.probes, c.change, c.k, u, c.r, c.median_r);
   }
   return s + "</table>\n";
 }

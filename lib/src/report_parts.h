@@ -6,6 +6,7 @@
 #include <nlohmann/json.hpp>
 
 #include <filesystem>
+#include <cmath>
 #include <string>
 #include <vector>
 
@@ -47,14 +48,17 @@ struct ClassRow {
   std::string name;
   int64_t probes = 0;
   double change = 0, k = 0, u = 0, r = 0, median_r = 0;
+  /// With the optimizer's split: u is its weight-decay part and this its rounding part; NaN without.
+  double u_round = NAN;
 };
 
 /// The rows of every class present among the probes, by label. Arrays are [steps, probes, outputs].
 std::vector<ClassRow> class_rows(const std::vector<int64_t>& probe_labels, const std::vector<std::string>& names,
                                  const at::Tensor& d, const at::Tensor& f, const at::Tensor& k, const at::Tensor& u,
-                                 const at::Tensor& r);
+                                 const at::Tensor& r, const at::Tensor& u_round = {});
 
-/// The rows as an HTML table; `kernel_name` is K or Kopt.
+/// The rows as an HTML table; `kernel_name` is K or Kopt. Rows with u_round get a column for it
+/// (the update term as Uopt_wd and Uopt_round).
 std::string class_table_html(const std::vector<ClassRow>& rows, const std::string& kernel_name);
 
 }  // namespace pathkernel::report_detail
