@@ -30,8 +30,21 @@ import torch
 
 FORMAT = "pathkernel-recorded-run/1"
 _OPTIMIZERS = {torch.optim.SGD: "sgd", torch.optim.Adam: "adam", torch.optim.AdamW: "adamw"}
-# Keys of a parameter group that LR schedulers set or change: the rate is recorded at every step.
-_RATE_KEYS = ("params", "lr", "initial_lr", "max_lr", "min_lr", "base_lr")
+# The settings of a parameter group that enter the update besides the rate. A scheduler may change
+# them between steps (OneCycleLR's momentum or beta1): each step records them when they differ
+# from the manifest's. Parameter groups may differ in their rate and weight decay.
+_UPDATE_KEYS = ("momentum", "dampening", "nesterov", "betas", "eps", "weight_decay")
+_GROUP_KEYS = ("momentum", "dampening", "nesterov", "betas", "eps")
+
+
+def _update_settings(group):
+    """A parameter group's update settings as JSON values (betas as a list)."""
+    return json.loads(json.dumps({k: group[k] for k in _UPDATE_KEYS if k in group}))
+
+
+def _group_mismatch(groups):
+    """The settings (other than lr and weight_decay) in which parameter groups differ."""
+    return sorted({k for g in groups[1:] for k in _GROUP_KEYS if g.get(k) != groups[0].get(k)})
 
 # The gradient fingerprint (docs/run-format.md): the norm of the gradient the optimizer applied
 # at each step and its products with a few fixed +-1 vectors. pathkernel recomputes both from
@@ -244,7 +257,8 @@ class Recorder:
         MSE). Saved as TorchScript: scripted, or traced from the first training input when
         scripting fails (or always, with script=False).
     optimizer: torch.optim.SGD (momentum, Nesterov, dampening, weight decay), Adam or AdamW over
-        the model's parameters, one learning rate for all parameter groups.
+        the model's parameters. Parameter groups may have their own learning rate and weight
+        decay; a scheduler may change the rate, momentum, betas and weight decay at every step.
     train, test: (inputs, targets) exactly as fed to the model: float32 inputs of any shape
         [N, ...]; int64 class labels [N] for loss "ce", float32 targets [N, C] for loss "mse".
         Or a map-style Dataset of (input, target) items (torchvision's, with its transforms),
@@ -273,10 +287,13 @@ class Recorder:
         if kind is None:
             raise ValueError("optimizer %s is not supported (SGD, Adam, AdamW)" % type(optimizer).__name__)
         groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-        if any(g != groups[0] for g in groups[1:]):
-            raise ValueError("parameter groups with different settings (%s) are not supported yet: pathkernel's "
-                             "optimizer terms assume one setting for all parameters" % ", ".join(
-                                 sorted({k for g in groups[1:] for k in g if g[k] != groups[0].get(k)})))
+        if _group_mismatch(groups):
+            raise ValueError("parameter groups with different %s are not supported: groups may differ in their "
+                             "learning rate and weight decay" % ", ".join(_group_mismatch(groups)))
+        for g in groups:
+            for flag in ("maximize", "amsgrad"):
+                if g.get(flag):
+                    raise ValueError("%s=True is not supported" % flag)
         memory = kind != "sgd" or groups[0].get("momentum", 0) != 0
         if int(checkpoint_every) > 1 and memory:
             raise ValueError("checkpoint_every=%d with %s: the analyzer needs the optimizer state at every step "
@@ -333,9 +350,14 @@ class Recorder:
         self.k = 0
         self.closed = False
         self.param_names = [names[id(p)] for p in order]
+        self._members, at = [], 0  # each group's parameters, as indices into param_names
+        for g in optimizer.param_groups:
+            self._members.append(list(range(at, at + len(g["params"]))))
+            at += len(g["params"])
         self.n_train = int(splits["train"][0].shape[0])
         self._order = order
         self._groups = groups
+        self._manifest_settings = [_update_settings(g) for g in groups]
         self._loss = loss
         numel = sum(p.numel() for p in order)
         self._signs = torch.from_numpy(np.stack(
@@ -363,7 +385,7 @@ class Recorder:
 
         def step(*args, **kwargs):
             self._rates = [float(g["lr"]) for g in optimizer.param_groups]
-            self._settings = [{k: g.get(k) for k in self._groups[0] if k not in _RATE_KEYS} for g in optimizer.param_groups]
+            self._settings = [_update_settings(g) for g in optimizer.param_groups]
             self._fingerprint = self._gradient_fingerprint()
             self._fed_at_step, self._fed = self._fed, None
             return original(*args, **kwargs)
@@ -416,7 +438,8 @@ class Recorder:
                       "parameters": [[n, list(dict(self.model.named_parameters())[n].shape)] for n in self.param_names],
                       "state_dict_keys": list(self.model.state_dict().keys())},
             "loss": loss,
-            "optimizer": {"name": kind, "param_groups": groups},
+            "optimizer": {"name": kind, "param_groups": [
+                dict(g, param_names=[self.param_names[i] for i in members]) for g, members in zip(groups, self._members)]},
             "zoo": None,
             "checkpoint_every": self.every,
             "data": data,
@@ -470,17 +493,11 @@ class Recorder:
             raise RuntimeError("the recorder is closed")
         if self._rates is None:
             raise RuntimeError("call rec.step() after optimizer.step()")
-        # The optimizer's settings other than the rate must stay as recorded: a scheduler that
-        # changes momentum or betas (OneCycleLR's cycle_momentum) would make every step's update
-        # another than the analysis computes.
-        for g in self._settings:
-            changed = sorted(k for k, v in g.items() if v != self._groups[0].get(k))
-            if changed:
-                raise ValueError("step %d: the optimizer's %s changed during training (%s, recorded %s); a scheduler "
-                                 "such as OneCycleLR or CyclicLR with cycle_momentum=True does this. Only the learning "
-                                 "rate may change between steps: pass cycle_momentum=False" % (
-                                     self.k, ", ".join(changed), ", ".join("%s=%r" % (k, g[k]) for k in changed),
-                                     ", ".join("%s=%r" % (k, self._groups[0].get(k)) for k in changed)))
+        # The optimizer's settings as this step used them: a scheduler may have changed momentum or
+        # betas (OneCycleLR's cycle_momentum); recorded with the step when not the manifest's.
+        if _group_mismatch(self._settings):
+            raise ValueError("step %d: the parameter groups' %s differ; groups may differ in their learning rate and "
+                             "weight decay only" % (self.k, ", ".join(_group_mismatch(self._settings))))
         try:  # at every step: a loop's own model.train() switches Dropout or BatchNorm back on
             _check_model(self.model)
         except ValueError as e:
@@ -511,6 +528,8 @@ class Recorder:
                 rec["inputs"] = name
         if len(set(self._rates)) > 1:
             rec["lrs"] = self._rates
+        if self._settings != self._manifest_settings:
+            rec["groups"] = self._settings
         self._log.write(json.dumps(rec) + "\n")
         self._log.flush()
         self._rates = None

@@ -254,13 +254,16 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
   res.model = model_spec;
   // A recorded run's own TorchScript model is named as such (its per-row gradients by autograd).
   res.route = model_spec == "torchscript" ? "torchscript" : explicit_route ? "explicit" : "factorized";
-  res.uses_kopt = oo.kind != OptimizerKind::kSgd || oo.momentum != 0;
-  // The SPEC's sources of U (U_wd, U_mom) are defined for SGD without Nesterov or dampening.
-  const bool sgd_sources = oo.kind == OptimizerKind::kSgd && !oo.nesterov && oo.dampening == 0;
-  // The update's coefficients c_{k,j} depend only on the settings and the step.
-  const std::unique_ptr<Optimizer> coefficients = make_optimizer(oo, {}, {});
-  UpdateRecurrence recurrence(*coefficients);
-  traj.check_steps(begin, end, c.every, res.uses_kopt);
+  // Settings that vary by step or parameter group (a recorded run) are the optimizer's: Kopt.
+  const bool varying = traj.settings_vary();
+  const bool memory = oo.kind != OptimizerKind::kSgd || oo.momentum != 0;  // earlier gradients in the update
+  res.uses_kopt = memory || varying;
+  // The SPEC's sources of U (U_wd, U_mom) are defined for SGD without Nesterov or dampening, one
+  // setting for the run.
+  const bool sgd_sources = oo.kind == OptimizerKind::kSgd && !oo.nesterov && oo.dampening == 0 && !varying;
+  // The update's coefficients c_{k,j}, from each step's settings.
+  UpdateRecurrence recurrence;
+  traj.check_steps(begin, end, c.every, memory);
   traj.verify_through(end);  // --range inside a checkpoint interval: still the run's own weights
   // A recorded run: every analyzed step checked against its logged loss and gradient before any
   // output (a trained run's replay checks its steps against its checkpoints instead).
@@ -296,7 +299,7 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
   double seg_split_error = 0;
   int64_t seg_checked = 0;
   // With memory the recurrences need every step's gradient from step 0 on, analyzed or not.
-  const int64_t walk_from = res.uses_kopt ? 0 : resume_at;
+  const int64_t walk_from = memory ? 0 : resume_at;
   res.startup_seconds = std::chrono::duration<double>(Clock::now() - t0).count();
   spdlog::debug("analysis set up in {:.3f} s (run opened, data decoded, probes chosen)", res.startup_seconds);
   // The fixed training subset of --sharpness: its first sharpness_examples examples.
@@ -312,7 +315,7 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
   int64_t prev_grad_step = -2;
   for (int64_t k = walk_from; k < end && resume_at < end; ++k) {  // (nothing left when resumed at the end)
     const bool analyzed = k >= resume_at && (k - begin) % c.every == 0;
-    if (!analyzed && !res.uses_kopt) continue;
+    if (!analyzed && !memory) continue;
     const ParamMap w0 = to_double_map(traj.weights_at(k));
     const LoggedStep batch = traj.logged_step(k, at::kDouble);
     const double lr = batch.lr;
@@ -324,7 +327,7 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
       set_weights(*model, w0);
       prev_grad = batch_gradient(*model, xb, yb, loss);
       prev_grad_step = k;
-      recurrence.advance(k, scaled(prev_grad, batch.grad_scale), w0);
+      recurrence.advance(k, scaled(prev_grad, batch.grad_scale), w0, batch.settings);
       continue;
     }
     const ParamMap v_prev = sgd_sources ? momentum_buffer_of(traj.optimizer_after(k)) : ParamMap{};
@@ -357,7 +360,7 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
     // The gradient the optimizer applied: grad L_k times a recorded clipping scale (1 without).
     const double gs = batch.grad_scale;
     const ParamMap applied = gs == 1 ? grad_l : scaled(grad_l, gs);
-    recurrence.advance(k, applied, w0);
+    recurrence.advance(k, applied, w0, batch.settings);
     const ParamMap kernel_dir = recurrence.kernel_direction(precond);
     const ParamMap decay_dir = recurrence.has_decay() ? recurrence.decay_direction(precond) : ParamMap{};
     const bool with_wd = oo.weight_decay != 0, with_mom = oo.momentum != 0 && !v_prev.empty();

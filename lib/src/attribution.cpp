@@ -130,7 +130,11 @@ OptimizerAttribution attribute_through_optimizer(const OptimizerAttributionConfi
     max_len = std::max(max_len, (i + 1 < starts.size() ? starts[i + 1] : c.end) - starts[i]);
   }
   Stretch s;
-  at::Tensor p_buf;
+  at::Tensor p_buf, r_buf;
+  // The parameters' order in the flat rows, for a step's rate scales (parameter groups).
+  std::vector<std::pair<std::string, int64_t>> flat_params;
+  for (const auto& p : model->named_parameters()) flat_params.emplace_back(p.key(), p.value().numel());
+  double beta_next = 0;  // the buffer's decay at step j + 1 (Phi_{j+1} enters Phi_j with it)
   int64_t done = 0;
   auto last_report = t0;
   for (auto it = starts.rbegin(); it != starts.rend(); ++it) {
@@ -144,11 +148,31 @@ OptimizerAttribution attribute_through_optimizer(const OptimizerAttributionConfi
       const at::Tensor& xb = batch.x;
       const at::Tensor& yb = batch.y;
       const double nb = static_cast<double>(bidx.size(0));
-      const LinearUpdate lu = opt.linear_update(j);
+      // The step's own settings (a recorded scheduler's momentum or betas, groups' rates).
+      const StepSettings& st = batch.settings;
+      const LinearUpdate lu = linear_update(st.options, j);
       at::Tensor p;
       if (s.pstate.defined()) {
-        opt.preconditioner_from(s.pstate[static_cast<int64_t>(local)], j + 1, p_buf);  // P_j, after step j
+        const std::unique_ptr<Optimizer> at_j = traj.settings_vary() ? make_optimizer(st.options, {}, {}) : nullptr;
+        (at_j ? *at_j : opt).preconditioner_from(s.pstate[static_cast<int64_t>(local)], j + 1, p_buf);  // P_j
         p = p_buf;
+      }
+      if (!st.rate_scale.empty()) {
+        if (c.project > 0) {
+          throw InputError("--project: parameter groups with their own learning rates scale the update parameter by "
+                           "parameter, which does not commute with a random projection; explain this run without --project");
+        }
+        if (!r_buf.defined()) r_buf = at::empty({n_params}, at::kDouble);
+        int64_t off = 0;
+        for (const auto& [name, numel] : flat_params) {
+          r_buf.narrow(0, off, numel).fill_(st.rate_of(name));
+          off += numel;
+        }
+        if (p.defined()) {
+          p_buf.mul_(r_buf);  // r (.) P_j
+        } else {
+          p = r_buf;
+        }
       }
       const at::Tensor w = s.weights[static_cast<int64_t>(local)].to(at::kDouble);
       set_flat(*model, w);
@@ -158,7 +182,7 @@ OptimizerAttribution attribute_through_optimizer(const OptimizerAttributionConfi
       // In place on workspace tensors of [rows, n_params]: fresh ones every step would grow the heap.
       auto accumulate = [&](at::Tensor& phi_acc, at::Tensor& g, at::Tensor& target) {
         if (p.defined()) g.mul_(p);
-        phi_acc.mul_(lu.beta).add_(g, lr * lu.alpha);
+        phi_acc.mul_(beta_next).add_(g, lr * lu.alpha);
         at::mul_out(psi, phi_acc, lu.s);
         if (lu.nu != 0) psi.add_(g, lr * lu.nu);
         target.index_add_(1, bidx,
@@ -182,6 +206,7 @@ OptimizerAttribution attribute_through_optimizer(const OptimizerAttributionConfi
             0, bidx,
             rows_weighted_sq(*model, sb, p.defined() ? p : ones) * (lr * batch.grad_scale / static_cast<double>(bidx.size(0))));
       }
+      beta_next = lu.beta;
       res.times_drawn.index_add_(0, bidx, at::ones({bidx.size(0)}, at::kLong));
       const int64_t* bi = bidx.data_ptr<int64_t>();
       for (int64_t m = 0; m < bidx.size(0); ++m) res.drawn_at[static_cast<size_t>(bi[m])].push_back(j);

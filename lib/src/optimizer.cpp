@@ -249,8 +249,9 @@ Optimizer::Optimizer(OptimizerOptions options, std::vector<std::string> names, s
   options_.validate();
 }
 
-LinearUpdate Optimizer::linear_update(int64_t k) const {
-  const auto& o = options_;
+LinearUpdate Optimizer::linear_update(int64_t k) const { return pathkernel::linear_update(options_, k); }
+
+LinearUpdate linear_update(const OptimizerOptions& o, int64_t k) {
   LinearUpdate u;
   if (o.kind == OptimizerKind::kSgd) {
     u.lc = o.weight_decay;

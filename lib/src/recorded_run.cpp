@@ -28,19 +28,10 @@ std::vector<int64_t> shape_of(const nlohmann::json& j) {
   return s;
 }
 
-OptimizerOptions optimizer_of(const nlohmann::json& o, const std::string& where) {
+/// One parameter group's settings (torch.optim's names) as pathkernel's options of `kind`.
+OptimizerOptions options_of_group(OptimizerKind kind, const nlohmann::json& g, const std::string& where) {
   OptimizerOptions opt;
-  const std::string name = o.at("name").get<std::string>();
-  opt.kind = parse_optimizer(name);
-  const auto& groups = o.at("param_groups");
-  if (!groups.is_array() || groups.empty()) throw InputError(where + ": optimizer has no parameter groups");
-  for (const auto& g : groups) {
-    if (g != groups[0] && (g.value("weight_decay", 0.0) != groups[0].value("weight_decay", 0.0) ||
-                           g.value("momentum", 0.0) != groups[0].value("momentum", 0.0))) {
-      throw InputError(where + ": parameter groups with different settings are not supported");
-    }
-  }
-  const auto& g = groups[0];
+  opt.kind = kind;
   opt.weight_decay = g.value("weight_decay", 0.0);
   if (g.value("maximize", false)) throw InputError(where + ": maximize=True is not supported");
   if (opt.kind == OptimizerKind::kSgd) {
@@ -53,8 +44,22 @@ OptimizerOptions optimizer_of(const nlohmann::json& o, const std::string& where)
     opt.beta2 = g.at("betas").at(1).get<double>();
     opt.eps = g.at("eps").get<double>();
   }
-  opt.validate();
+  try {
+    opt.validate();
+  } catch (const InputError& e) {
+    throw InputError(where + ": " + e.what());
+  }
   return opt;
+}
+
+/// The settings two groups may not differ in (only the rate and weight decay may).
+std::string differing_setting(const OptimizerOptions& a, const OptimizerOptions& b) {
+  if (a.momentum != b.momentum) return "momentum";
+  if (a.dampening != b.dampening) return "dampening";
+  if (a.nesterov != b.nesterov) return "nesterov";
+  if (a.beta1 != b.beta1 || a.beta2 != b.beta2) return "betas";
+  if (a.eps != b.eps) return "eps";
+  return "";
 }
 
 }  // namespace
@@ -96,7 +101,7 @@ RecordedRun::RecordedRun(const fs::path& dir) : dir_(dir) {
         throw InputError(mf + ": parameter '" + name + "' is not in state_dict_keys");
       }
     }
-    optimizer_ = optimizer_of(manifest_.at("optimizer"), mf);
+    read_groups(manifest_.at("optimizer"), mf);
     if (manifest_.contains("fingerprint") && manifest_["fingerprint"].is_object()) {
       const auto& fp = manifest_["fingerprint"];
       if (!fp.at("seed").is_number_unsigned() || !fp.at("projections").is_number_integer() ||
@@ -200,14 +205,110 @@ void RecordedRun::read_log() {
         throw InputError(path.string() + ":" + std::to_string(k + 1) + ": grad_scale must be a positive number");
       }
     }
-    if (log_[k].contains("lrs")) {
-      const auto& lrs = log_[k]["lrs"];
-      if (!lrs.is_array() || std::any_of(lrs.begin(), lrs.end(), [&](const auto& v) { return v != log_[k]["lr"]; })) {
-        throw InputError(path.string() + ":" + std::to_string(k + 1) +
-                         ": parameter groups with different learning rates are not supported");
+    const StepSettings st = settings_at(k);  // the step's settings, checked now
+    if (!st.rate_scale.empty() || !st.weight_decay.empty() || !differing_setting(st.options, optimizer_).empty() ||
+        st.options.weight_decay != optimizer_.weight_decay) {
+      settings_vary_ = true;
+    }
+  }
+}
+
+void RecordedRun::read_groups(const nlohmann::json& o, const std::string& mf) {
+  const OptimizerKind kind = parse_optimizer(o.at("name").get<std::string>());
+  const auto& groups = o.at("param_groups");
+  if (!groups.is_array() || groups.empty()) throw InputError(mf + ": optimizer has no parameter groups");
+  for (size_t i = 0; i < groups.size(); ++i) {
+    group_json_.push_back(groups[i]);
+    groups_.push_back(options_of_group(kind, groups[i], mf + ": optimizer.param_groups[" + std::to_string(i) + "]"));
+    const std::string d = differing_setting(groups_[0], groups_.back());
+    if (!d.empty()) {
+      throw InputError(mf + ": parameter groups with different " + d + " are not supported (groups may differ in "
+                       "their learning rate and weight decay)");
+    }
+  }
+  optimizer_ = groups_[0];
+  // Which group each parameter is in: by name (param_names), or all in one group.
+  group_of_.assign(param_order_.size(), 0);
+  const bool named = std::all_of(groups.begin(), groups.end(), [](const auto& g) { return g.contains("param_names"); });
+  if (groups.size() > 1 && !named) {
+    throw InputError(mf + ": " + std::to_string(groups.size()) + " parameter groups without param_names: which "
+                     "parameters each group holds is not recorded");
+  }
+  if (named && groups.size() > 1) {
+    std::vector<int> seen(param_order_.size(), 0);
+    for (size_t gi = 0; gi < groups.size(); ++gi) {
+      for (const auto& n : groups[gi].at("param_names")) {
+        const auto pos = std::find(param_order_.begin(), param_order_.end(), n.get<std::string>());
+        if (pos == param_order_.end()) {
+          throw InputError(mf + ": optimizer.param_groups[" + std::to_string(gi) + "] names '" + n.get<std::string>() +
+                           "', which is not a trained parameter");
+        }
+        const size_t i = static_cast<size_t>(pos - param_order_.begin());
+        ++seen[i];
+        group_of_[i] = gi;
+      }
+    }
+    for (size_t i = 0; i < seen.size(); ++i) {
+      if (seen[i] != 1) {
+        throw InputError(mf + ": parameter '" + param_order_[i] + "' is in " + std::to_string(seen[i]) +
+                         " parameter groups (must be in exactly one)");
       }
     }
   }
+  for (const auto& g : groups_) {
+    if (g.weight_decay != groups_[0].weight_decay) settings_vary_ = true;
+  }
+}
+
+StepSettings RecordedRun::settings_at(int64_t k) const {
+  const auto& r = log_.at(static_cast<size_t>(k));
+  const std::string where = (dir_ / "steps.jsonl").string() + ":" + std::to_string(k + 1);
+  const size_t n = groups_.size();
+  // Rates by group: "lrs" when the groups' rates differ, else "lr" for all.
+  std::vector<double> lrs(n, r.at("lr").get<double>());
+  if (r.contains("lrs")) {
+    const auto& j = r["lrs"];
+    if (!j.is_array() || j.size() != n ||
+        std::any_of(j.begin(), j.end(), [](const auto& v) { return !v.is_number() || !std::isfinite(v.template get<double>()) || !(v.template get<double>() > 0); })) {
+      throw InputError(where + ": lrs must hold a finite positive rate for each of the " + std::to_string(n) +
+                       " parameter groups");
+    }
+    for (size_t i = 0; i < n; ++i) lrs[i] = j[i].get<double>();
+    if (lrs[0] != r.at("lr").get<double>()) throw InputError(where + ": lrs[0] must equal lr");
+  }
+  // Settings by group: the manifest's, or as a scheduler set them at this step ("groups").
+  std::vector<OptimizerOptions> opts = groups_;
+  if (r.contains("groups")) {
+    const auto& j = r["groups"];
+    if (!j.is_array() || j.size() != n) {
+      throw InputError(where + ": groups must hold the settings of each of the " + std::to_string(n) + " parameter groups");
+    }
+    for (size_t i = 0; i < n; ++i) {
+      if (!j[i].is_object()) throw InputError(where + ": groups[" + std::to_string(i) + "] must be an object");
+      nlohmann::json g = group_json_[i];
+      for (const auto& item : j[i].items()) g[item.key()] = item.value();
+      try {
+        opts[i] = options_of_group(groups_[0].kind, g, where + ": groups[" + std::to_string(i) + "]");
+      } catch (const nlohmann::json::exception& e) {
+        throw InputError(where + ": groups[" + std::to_string(i) + "] malformed (" + e.what() + ")");
+      }
+      const std::string d = differing_setting(opts[0], opts[i]);
+      if (!d.empty()) {
+        throw InputError(where + ": parameter groups with different " + d + " are not supported (groups may differ "
+                         "in their learning rate and weight decay)");
+      }
+    }
+  }
+  StepSettings st;
+  st.options = opts[0];
+  const bool rates_differ = std::any_of(lrs.begin(), lrs.end(), [&](double v) { return v != lrs[0]; });
+  const bool decay_differs = std::any_of(opts.begin(), opts.end(), [&](const auto& o) { return o.weight_decay != opts[0].weight_decay; });
+  for (size_t i = 0; i < param_order_.size(); ++i) {
+    const size_t g = group_of_[i];
+    if (rates_differ) st.rate_scale[param_order_[i]] = lrs[g] / lrs[0];
+    if (decay_differs) st.weight_decay[param_order_[i]] = opts[g].weight_decay;
+  }
+  return st;
 }
 
 fs::path RecordedRun::weights_file(int64_t k) const { return dir_ / "checkpoints" / fmt::format("step_{:08d}.pt", k); }
@@ -326,9 +427,13 @@ at::Tensor RecordedRun::fed_inputs(int64_t k, const std::string& name, size_t ro
 
 RecordedRun::Step RecordedRun::step(int64_t k) const {
   const auto& r = log_.at(static_cast<size_t>(k));
-  Step s{r.at("lr").get<double>(), r.at("batch").get<std::vector<int64_t>>(), r.at("loss").get<double>(), 0, {}, {}};
+  Step s;
+  s.lr = r.at("lr").get<double>();
+  s.batch = r.at("batch").get<std::vector<int64_t>>();
+  s.loss = r.at("loss").get<double>();
   if (r.contains("inputs")) s.inputs = fed_inputs(k, r.at("inputs").get<std::string>(), s.batch.size());
   if (r.contains("grad_scale")) s.grad_scale = r.at("grad_scale").get<double>();
+  s.settings = settings_at(k);
   if (fingerprint_projections_ > 0 && r.contains("grad_proj")) {
     s.grad_norm = r.at("grad_norm").get<double>();
     s.grad_proj = r.at("grad_proj").get<std::vector<double>>();

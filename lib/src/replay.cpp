@@ -132,6 +132,7 @@ Replayer::LoggedStep Replayer::logged_step(int64_t k, at::ScalarType dtype) cons
   s.indices = at::tensor(rec.at("batch").get<std::vector<int64_t>>(), at::kLong);
   s.x = to_inputs(ctx_->train.images.index_select(0, s.indices), dtype, ctx_->normalization);
   s.y = ctx_->train.labels.index_select(0, s.indices);
+  s.settings.options = ctx_->stepper->optimizer().options();  // one setting for the whole run
   return s;
 }
 

@@ -155,8 +155,15 @@ class RecordedTrajectory : public Trajectory {
     out.x = (s.inputs.defined() ? s.inputs : run_.train_inputs().index_select(0, out.indices)).to(dtype);
     out.y = run_.train_targets().index_select(0, out.indices);
     out.grad_scale = s.grad_scale;
+    // The step's settings by the analyzed model's parameter names.
+    out.settings.options = s.settings.options;
+    for (const auto& [model_name, recorded] : to_recorded_) {
+      if (s.settings.rate_scale.count(recorded)) out.settings.rate_scale[model_name] = s.settings.rate_scale.at(recorded);
+      if (s.settings.weight_decay.count(recorded)) out.settings.weight_decay[model_name] = s.settings.weight_decay.at(recorded);
+    }
     return out;
   }
+  bool settings_vary() const override { return run_.settings_vary(); }
   double logged_grad_norm(int64_t) const override { return NAN; }
   bool logged_fingerprint(int64_t k, double& loss, double& grad_norm, std::vector<double>& grad_proj) const override {
     const RecordedRun::Step s = run_.step(k);
@@ -191,7 +198,8 @@ class RecordedTrajectory : public Trajectory {
         for (auto& [name, t] : tensors) name = to_zoo.at(name);
       }
     }
-    optimizer_ = make_optimizer(run_.optimizer(), names_, params_);
+    // As the optimizer was at its last step (its P after step k - 1 uses that step's betas).
+    optimizer_ = make_optimizer(k > 0 ? run_.settings_at(k - 1).options : run_.optimizer(), names_, params_);
     optimizer_->load_state(state, updates, run_.optimizer_file(k).string());
     return *optimizer_;
   }

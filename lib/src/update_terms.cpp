@@ -20,50 +20,65 @@ ParamMap scaled(const ParamMap& g, double s) {
   return out;
 }
 
-void UpdateRecurrence::advance(int64_t k, const ParamMap& grad, const ParamMap& weights) {
-  lu_ = optimizer_.linear_update(k);
+void UpdateRecurrence::advance(int64_t k, const ParamMap& grad, const ParamMap& weights,
+                                const StepSettings& settings) {
+  lu_ = linear_update(settings.options, k);
   // Without memory a step's update depends on that step alone: any step may come next.
   if (k != next_ && lu_.has_memory()) {
     throw std::logic_error("UpdateRecurrence: step " + std::to_string(k) + " given, " + std::to_string(next_) +
                            " expected");
   }
+  const bool coupled = lu_.lc != 0 || (settings.options.kind != OptimizerKind::kAdamW && !settings.weight_decay.empty());
+  decays_ = false;
   for (const auto& [name, g] : grad) {
     auto& gb = g_buf_[name];
     gb = gb.defined() && lu_.beta != 0 ? gb * lu_.beta + g * lu_.s : g * lu_.s;
-    if (lu_.lc != 0) {
-      auto& wb = w_buf_[name];
-      const at::Tensor term = weights.at(name) * (lu_.s * lu_.lc);
-      wb = wb.defined() && lu_.beta != 0 ? wb * lu_.beta + term : term;
+    // The coupled (L2) decay's buffer, kept while any step's decay is in it.
+    const double lc = coupled ? settings.decay_of(name) : 0.0;
+    auto& wb = w_buf_[name];
+    const bool carried = wb.defined() && lu_.beta != 0;
+    if (lc != 0) {
+      const at::Tensor term = weights.at(name) * (lu_.s * lc);
+      wb = carried ? wb * lu_.beta + term : term;
+    } else {
+      wb = carried ? wb * lu_.beta : at::Tensor();
     }
+    if (wb.defined()) decays_ = true;
+    if (settings.options.kind == OptimizerKind::kAdamW && settings.decay_of(name) != 0) decays_ = true;
   }
   grad_ = grad;
   weights_ = weights;
+  settings_ = settings;
   next_ = k + 1;
 }
 
 ParamMap UpdateRecurrence::kernel_direction(const ParamMap& p) const {
   ParamMap d;
   for (const auto& [name, gb] : g_buf_) {
-    at::Tensor t = gb * lu_.alpha;
-    if (lu_.nu != 0) t = t + grad_.at(name) * lu_.nu;
+    at::Tensor t = gb * (lu_.alpha * settings_.rate_of(name));
+    if (lu_.nu != 0) t = t + grad_.at(name) * (lu_.nu * settings_.rate_of(name));
     d[name] = t;
   }
   return precondition(p, d);
 }
 
 ParamMap UpdateRecurrence::decay_direction(const ParamMap& p) const {
+  const bool decoupled = settings_.options.kind == OptimizerKind::kAdamW;
   ParamMap d;
   for (const auto& [name, w] : weights_) {
-    at::Tensor t = at::zeros_like(w);
-    if (lu_.lc != 0) {
-      t = w_buf_.at(name) * lu_.alpha;
-      if (lu_.nu != 0) t = t + w * (lu_.nu * lu_.lc);
-    }
+    const double r = settings_.rate_of(name);
+    const at::Tensor& wb = w_buf_.at(name);
+    at::Tensor t = wb.defined() ? wb * (lu_.alpha * r) : at::zeros_like(w);
+    const double lc = decoupled ? 0.0 : settings_.decay_of(name);
+    if (lu_.nu != 0 && lc != 0) t = t + w * (lu_.nu * lc * r);
     d[name] = t;
   }
   d = precondition(p, d);
-  if (lu_.ld != 0) {
-    for (auto& [name, t] : d) t = t + weights_.at(name) * lu_.ld;
+  if (decoupled) {
+    for (auto& [name, t] : d) {
+      const double ld = settings_.decay_of(name);
+      if (ld != 0) t = t + weights_.at(name) * (ld * settings_.rate_of(name));
+    }
   }
   return d;
 }

@@ -10,8 +10,12 @@ unstored     the same with capture_inputs=False: the recorder stores only the pl
 clip         clip_grad_norm_ scales the gradient between backward() and optimizer.step() (the
              recorder records the scale: analyzed exactly)
 clipvalue    clip_grad_value_ clips each entry (not a uniform scale: refused by the analysis)
-onecycle     OneCycleLR with cycle_momentum=True changes SGD's momentum every step (the recorder
-             refuses it at step 1)
+onecycle     OneCycleLR with cycle_momentum=True changes SGD's momentum every step (recorded with
+             each step: analyzed exactly)
+onecycle_adam  the same with Adam: beta1 changes every step
+groups       AdamW with the usual parameter groups: no weight decay on biases, the output layer at
+             half the rate, and a cosine schedule (analyzed exactly)
+group_momentum  parameter groups with different momentum (refused by Recorder(), naming it)
 every5       checkpoint_every=5 with momentum (refused by Recorder() before any file is written)
 tuple        a model whose forward returns (logits, features), recorded with output=0
 tuple_unnamed  the same without output=: refused by Recorder(), naming output=
@@ -71,6 +75,21 @@ def main():
     if habit == "onecycle":
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=30)
+    elif habit == "onecycle_adam":
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=30)
+    elif habit == "groups":
+        decay = [p for n, p in model.named_parameters() if n.endswith("weight") and not n.startswith("3.")]
+        plain = [p for n, p in model.named_parameters() if n.endswith("bias")]
+        head = [p for n, p in model.named_parameters() if n == "3.weight"]
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05},
+                                 {"params": plain, "weight_decay": 0.0},
+                                 {"params": head, "weight_decay": 0.05, "lr": 1e-3}], lr=2e-3)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=30)
+    elif habit == "group_momentum":
+        opt = torch.optim.SGD([{"params": model[1].parameters(), "momentum": 0.9},
+                               {"params": model[3].parameters()}], lr=0.1, momentum=0.5)
+        sched = None
     else:
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.5)
         sched = None

@@ -65,6 +65,29 @@ struct LinearUpdate {
   bool has_memory() const { return beta != 0; }
 };
 
+/// The coefficients of step k's update for the given settings (k 0-based: the optimizer's count
+/// t = k + 1). Settings may differ from step to step (a recorded scheduler's momentum or betas):
+/// the buffer then decays by each step's own beta.
+LinearUpdate linear_update(const OptimizerOptions& options, int64_t k);
+
+/// What one step's update used, as far as it differs from step to step or from parameter to
+/// parameter: the settings at this step (a recorded run's OneCycleLR momentum or beta1; for a
+/// `pathkernel train` run the run's own) and parameter groups' rates and weight decay. The update
+/// of parameter p is the optimizer's with rate lr * rate_scale[p] and decay weight_decay[p].
+struct StepSettings {
+  OptimizerOptions options;                      ///< the first group's settings at this step
+  std::map<std::string, double> rate_scale;      ///< by parameter: its group's lr / the step's lr; empty: all 1
+  std::map<std::string, double> weight_decay;    ///< by parameter; empty: options.weight_decay for all
+  double rate_of(const std::string& p) const {
+    auto it = rate_scale.find(p);
+    return it == rate_scale.end() ? 1.0 : it->second;
+  }
+  double decay_of(const std::string& p) const {
+    auto it = weight_decay.find(p);
+    return it == weight_decay.end() ? options.weight_decay : it->second;
+  }
+};
+
 /// Named optimizer state: slot ("momentum_buffer", "exp_avg", "exp_avg_sq") -> tensors by
 /// parameter name. A slot's tensors have their parameters' shapes and dtype.
 using OptimizerState = std::vector<std::pair<std::string, NamedTensors>>;

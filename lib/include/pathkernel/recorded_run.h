@@ -31,7 +31,7 @@ class RecordedRun {
   /// Throws InputError naming the file for anything malformed or inconsistent: inputs that are
   /// not float32 or float64 [N, input_shape...], labels outside 0..outputs-1 (ce) or targets not float32
   /// [N, outputs] (mse), batch indices outside the training set, a rate that is not finite and
-  /// positive, parameter groups with different rates.
+  /// positive, parameter groups that differ in more than their rate and weight decay.
   explicit RecordedRun(const std::filesystem::path& dir);
 
   const nlohmann::json& manifest() const { return manifest_; }
@@ -80,7 +80,14 @@ class RecordedRun {
     /// The uniform factor the loop applied to the gradient (clipping), recorded as grad_scale; 1
     /// when none was.
     double grad_scale = 1;
+    /// The optimizer's settings at this step, by recorded parameter name: a scheduler's momentum
+    /// or betas (the record's `groups`), parameter groups' rates (`lrs`) and weight decay.
+    StepSettings settings;
   };
+  /// True when the settings change between steps or differ between parameter groups.
+  bool settings_vary() const { return settings_vary_; }
+  /// Step k's settings alone (Step::settings), by recorded parameter name.
+  StepSettings settings_at(int64_t k) const;
   /// The record of step k (0 <= k < logged_steps()).
   Step step(int64_t k) const;
   /// The fingerprint's seed and number of projections (0 when the run has none).
@@ -101,6 +108,7 @@ class RecordedRun {
  private:
   void read_split(const std::string& split, at::Tensor& x, at::Tensor& y);
   void read_log();
+  void read_groups(const nlohmann::json& optimizer, const std::string& mf);
   void list_checkpoints();
 
   std::filesystem::path dir_;
@@ -112,6 +120,10 @@ class RecordedRun {
   /// Step k's fed inputs from `name` (inside the run), checked against the batch and input shape.
   at::Tensor fed_inputs(int64_t k, const std::string& name, size_t rows) const;
   std::vector<std::string> param_order_;  ///< the optimizer's parameters, in its order
+  std::vector<OptimizerOptions> groups_;   ///< the manifest's parameter groups
+  std::vector<nlohmann::json> group_json_;
+  std::vector<size_t> group_of_;           ///< by param_order_ index
+  bool settings_vary_ = false;
   uint64_t fingerprint_seed_ = 0;
   int64_t fingerprint_projections_ = 0;
   std::string zoo_spec_;

@@ -28,6 +28,9 @@ struct LoggedStep {
   /// run's gradient clipping, clip_grad_norm_): the update is the optimizer's of
   /// grad_scale * grad L_k. 1 otherwise.
   double grad_scale = 1;
+  /// The optimizer's settings at this step: a `pathkernel train` run's own; a recorded run's as
+  /// they were at the step (a scheduler's momentum or betas, parameter groups' rates and decay).
+  StepSettings settings;
 };
 
 class Trajectory {
@@ -54,6 +57,11 @@ class Trajectory {
   /// The fingerprint's projections of a gradient given by the analyzed model's parameter names
   /// (empty when the run has no fingerprint).
   virtual std::vector<double> fingerprint_of(const ParamMap& /*gradient*/) const { return {}; }
+
+  /// True when the optimizer's settings change between steps or parameters (a recorded run's
+  /// scheduled momentum or betas, parameter groups with their own rate or weight decay): the
+  /// analysis then takes each step's update from LoggedStep::settings.
+  virtual bool settings_vary() const { return false; }
 
   /// The architecture as a zoo spec ("mlp:128:tanh"), or "torchscript" for a recorded run
   /// analyzed through its own TorchScript model; its input geometry and outputs.

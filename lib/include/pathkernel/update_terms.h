@@ -20,27 +20,31 @@ namespace pathkernel {
 
 class UpdateRecurrence {
  public:
-  explicit UpdateRecurrence(const Optimizer& optimizer) : optimizer_(optimizer) {}
+  UpdateRecurrence() = default;
 
-  /// Takes in step k: the float64 batch gradient grad L_k(w_k) and the weights w_k by name.
-  /// With memory, steps must come in order 0, 1, 2, ... (throws std::logic_error otherwise).
-  void advance(int64_t k, const ParamMap& grad, const ParamMap& weights);
+  /// Takes in step k: the float64 gradient the optimizer applied, grad L_k(w_k) (times a
+  /// recorded clipping scale), the weights w_k by name and the step's settings (its momentum or
+  /// betas, the parameters' rates and decay). With memory, steps must come in order 0, 1, 2, ...
+  /// (throws std::logic_error otherwise). Each step's settings enter the buffers with that step:
+  ///   G_k = beta_k G_{k-1} + s_k grad L_k,   W_k = beta_k W_{k-1} + s_k lc_k(p) w_k.
+  void advance(int64_t k, const ParamMap& grad, const ParamMap& weights, const StepSettings& settings);
 
-  /// P_k (.) (alpha_k G_k + nu grad L_k), without the factor -a_k. `p` is the preconditioner
-  /// after step k (empty: the identity).
+  /// r (.) P_k (.) (alpha_k G_k + nu grad L_k), without the factor -a_k; r the parameters' rate
+  /// scales. `p` is the preconditioner after step k (empty: the identity).
   ParamMap kernel_direction(const ParamMap& p) const;
-  /// P_k (.) (alpha_k W_k + nu lc w_k) + ld w_k, without the factor -a_k.
+  /// r (.) P_k (.) (alpha_k W_k + nu lc w_k) + r ld w_k, without the factor -a_k.
   ParamMap decay_direction(const ParamMap& p) const;
 
   /// The coefficients of the last step taken in.
   const LinearUpdate& coefficients() const { return lu_; }
-  /// True when the run's update has any decay term.
-  bool has_decay() const { return lu_.lc != 0 || lu_.ld != 0; }
+  /// True when the last step's update has a decay term (now, or decay carried in the buffer).
+  bool has_decay() const { return decays_; }
 
  private:
-  const Optimizer& optimizer_;
   int64_t next_ = 0;
   LinearUpdate lu_;
+  StepSettings settings_;
+  bool decays_ = false;
   ParamMap g_buf_, w_buf_, grad_, weights_;
 };
 

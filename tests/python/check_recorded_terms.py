@@ -1,0 +1,177 @@
+"""Independent float64 check of a recorded run's optimizer kernel term and attributions.
+
+    /usr/bin/python3 tests/python/check_recorded_terms.py RUN ANALYSIS [EXPLANATION]
+
+Recomputes, with PyTorch alone and from the files on disk (model.pt, the state_dict checkpoints,
+the optimizer state files torch.optim wrote, steps.jsonl), what pathkernel computed:
+
+  Kopt_k(x, c) = -lr_k * g_c(x; w_k) . r_k (.) P_k (.) sum_{j<=k} c_{k,j} gs_j grad L_j(w_j)
+
+with the coefficients c_{k,j} written out as explicit products of each step's own settings (a
+scheduler's momentum or beta1), r_k each parameter group's rate over the first group's, P_k
+Adam's preconditioner from the exp_avg_sq torch.optim saved after step k, and gs_j a recorded
+clipping scale. No recurrence, no pathkernel code. With an explanation, the same sum split over
+training examples (a_i = sum over the steps j whose batch held i, of -(gs_j / |B_j|) grad l_i(w_j)
+times the same coefficients) for each probe's explained logit.
+
+Prints one JSON line: the largest differences relative to the largest |Kopt| and |a|.
+"""
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+
+
+def main():
+    run, analysis = sys.argv[1], sys.argv[2]
+    explanation = sys.argv[3] if len(sys.argv) > 3 else None
+    torch.set_default_dtype(torch.float64)
+    manifest = json.load(open(os.path.join(run, "manifest.json")))
+    steps = [json.loads(line) for line in open(os.path.join(run, "steps.jsonl"))]
+    kind = manifest["optimizer"]["name"]
+    groups = manifest["optimizer"]["param_groups"]
+    names = [p[0] for p in manifest["model"]["parameters"]]
+    group_of = {n: 0 for n in names}
+    for gi, g in enumerate(groups):
+        for n in g.get("param_names", []):
+            group_of[n] = gi
+    model = torch.jit.load(os.path.join(run, "model.pt")).double()
+    params = dict(model.named_parameters())
+    ce = manifest["loss"] == "ce"
+    x_train = torch.from_numpy(np.load(os.path.join(run, "data", "train_x.npy"))).double()
+    y_train = torch.from_numpy(np.load(os.path.join(run, "data", "train_y.npy")))
+
+    def ckpt(k):
+        return os.path.join(run, "checkpoints", "step_%08d" % k)
+
+    def set_weights(k):
+        sd = torch.load(ckpt(k) + ".pt")
+        with torch.no_grad():
+            for n in names:
+                params[n].copy_(sd[n].double())
+
+    def flat_grad(scalar):
+        gs = torch.autograd.grad(scalar, [params[n] for n in names], allow_unused=True, retain_graph=True)
+        return torch.cat([(g if g is not None else torch.zeros_like(params[n])).reshape(-1) for g, n in zip(gs, names)])
+
+    def loss_of(out, y):
+        if ce:
+            return torch.nn.functional.cross_entropy(out, y)
+        return ((out - y.double()) ** 2).sum(1).mean()
+
+    def settings(k):
+        """Each group's settings at step k: the manifest's, or the record's own."""
+        rec = steps[k]
+        out = []
+        for gi, g in enumerate(groups):
+            s = dict(g)
+            if "groups" in rec:
+                s.update(rec["groups"][gi])
+            s["lr"] = rec["lrs"][gi] if "lrs" in rec else rec["lr"]
+            out.append(s)
+        return out
+
+    def batch(k):
+        rec = steps[k]
+        idx = torch.tensor(rec["batch"])
+        x = torch.from_numpy(np.load(os.path.join(run, rec["inputs"]))).double() if "inputs" in rec else x_train[idx]
+        return idx, x, y_train[idx]
+
+    n_steps = len(steps)
+    sizes = [params[n].numel() for n in names]
+    # Per step: the applied gradient at w_j (flat, float64), its per-example rows when explaining.
+    probes = np.load(os.path.join(analysis, "arrays", "probe.npy"))
+    a_summary = json.load(open(os.path.join(analysis, "summary.json")))
+    split = a_summary["settings"]["split"]
+    x_probe_all = torch.from_numpy(np.load(os.path.join(run, "data", split + "_x.npy"))).double()
+    kopt_pk = np.load(os.path.join(analysis, "arrays", "Kopt.npy"))
+    step_of = np.load(os.path.join(analysis, "arrays", "step.npy"))
+    explained = None
+    if explanation:
+        e_summary = json.load(open(os.path.join(explanation, "summary.json")))
+        explained = [(p["probe"], p["output"]) for p in e_summary["per_probe"]]
+        e_split = e_summary["settings"]["split"]
+        x_explained = torch.from_numpy(np.load(os.path.join(run, "data", e_split + "_x.npy"))).double()
+
+    def scale_vector(st):
+        return torch.cat([torch.full((sz,), st[group_of[n]]["lr"] / st[0]["lr"]) for n, sz in zip(names, sizes)])
+
+    def precond(k, st):
+        if kind == "sgd":
+            return torch.ones(sum(sizes))
+        state = torch.load(ckpt(k + 1) + ".optim.pt")["state"]
+        b2, eps = st[0]["betas"][1], st[0]["eps"]
+        v = torch.cat([state[i]["exp_avg_sq"].double().reshape(-1) for i in range(len(names))])
+        return 1.0 / ((v / (1 - b2 ** (k + 1))).sqrt() + eps)
+
+    def coefficients(k):
+        """c_{k,j} for j = 0..k, as explicit products of each step's own settings."""
+        st_k = settings(k)[0]
+        c = []
+        for j in range(k + 1):
+            st_j = settings(j)[0]
+            if kind == "sgd":
+                mu_k = st_k.get("momentum", 0)
+                if mu_k == 0:
+                    c.append(1.0 if j == k else 0.0)
+                    continue
+                s_j = 1.0 if j == 0 else 1 - st_j.get("dampening", 0)
+                prod = 1.0
+                for i in range(j + 1, k + 1):
+                    prod *= settings(i)[0]["momentum"]
+                alpha, nu = (mu_k, 1.0) if st_k.get("nesterov") else (1.0, 0.0)
+                c.append(alpha * s_j * prod + (nu if j == k else 0.0))
+            else:
+                b1_k = st_k["betas"][0]
+                prod = 1.0
+                for i in range(j + 1, k + 1):
+                    prod *= settings(i)[0]["betas"][0]
+                c.append((1 - st_j["betas"][0]) * prod / (1 - b1_k ** (k + 1)))
+        return c
+
+    grads, rows = [], []
+    for j in range(n_steps):
+        set_weights(j)
+        idx, x, y = batch(j)
+        gs = steps[j].get("grad_scale", 1.0)
+        grads.append(gs * flat_grad(loss_of(model(x), y)))
+        if explained is not None:
+            rows.append((idx, torch.stack([gs / len(idx) * flat_grad(loss_of(model(x[m:m + 1]), y[m:m + 1]))
+                                           for m in range(len(idx))])))
+    worst_k, scale_k = 0.0, 0.0
+    attr = None
+    if explained is not None:
+        attr = torch.zeros(len(explained), x_train.shape[0])
+    for k in range(n_steps):
+        st = settings(k)
+        lr = st[0]["lr"]
+        rp = scale_vector(st) * precond(k, st)
+        c = coefficients(k)
+        direction = rp * sum(c[j] * grads[j] for j in range(k + 1))
+        set_weights(k)
+        if k in set(int(s) for s in step_of):
+            row = int(np.nonzero(step_of == k)[0][0])
+            out = model(x_probe_all[torch.tensor(probes)])
+            for p in range(out.shape[0]):
+                for o in range(out.shape[1]):
+                    mine = -lr * float(flat_grad(out[p, o]) @ direction)
+                    worst_k = max(worst_k, abs(mine - kopt_pk[row, p, o]))
+                    scale_k = max(scale_k, abs(mine))
+        if explained is not None:
+            for p, (probe, logit) in enumerate(explained):
+                g = flat_grad(model(x_explained[probe:probe + 1])[0, logit])
+                for j in range(k + 1):
+                    idx, r = rows[j]
+                    attr[p].index_add_(0, idx, -lr * c[j] * (r @ (rp * g)))
+    result = {"kopt_max_error": worst_k / max(scale_k, 1e-300), "kopt_scale": scale_k}
+    if explained is not None:
+        theirs = torch.from_numpy(np.load(os.path.join(explanation, "attributions.npy")))
+        result["attr_max_error"] = float((theirs - attr).abs().max() / attr.abs().max())
+        result["attr_scale"] = float(attr.abs().max())
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
