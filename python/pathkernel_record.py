@@ -29,12 +29,14 @@ import numpy as np
 import torch
 
 FORMAT = "pathkernel-recorded-run/1"
-_OPTIMIZERS = {torch.optim.SGD: "sgd", torch.optim.Adam: "adam", torch.optim.AdamW: "adamw"}
+_OPTIMIZERS = {torch.optim.SGD: "sgd", torch.optim.Adam: "adam", torch.optim.AdamW: "adamw",
+               torch.optim.RMSprop: "rmsprop", torch.optim.Adagrad: "adagrad", torch.optim.Adadelta: "adadelta"}
 # The settings of a parameter group that enter the update besides the rate. A scheduler may change
 # them between steps (OneCycleLR's momentum or beta1): each step records them when they differ
 # from the manifest's. Parameter groups may differ in their rate and weight decay.
-_UPDATE_KEYS = ("momentum", "dampening", "nesterov", "betas", "eps", "weight_decay")
-_GROUP_KEYS = ("momentum", "dampening", "nesterov", "betas", "eps")
+_GROUP_KEYS = ("momentum", "dampening", "nesterov", "betas", "eps", "alpha", "centered", "rho", "lr_decay",
+               "initial_accumulator_value")
+_UPDATE_KEYS = _GROUP_KEYS + ("weight_decay",)
 
 
 def _update_settings(group):
@@ -256,8 +258,8 @@ class Recorder:
     model: an nn.Module mapping a batch of inputs [M, ...] to logits [M, C] (or outputs for
         MSE). Saved as TorchScript: scripted, or traced from the first training input when
         scripting fails (or always, with script=False).
-    optimizer: torch.optim.SGD (momentum, Nesterov, dampening, weight decay), Adam or AdamW over
-        the model's parameters. Parameter groups may have their own learning rate and weight
+    optimizer: torch.optim.SGD (momentum, Nesterov, dampening, weight decay), Adam, AdamW,
+        RMSprop (momentum, centered), Adagrad or Adadelta over the model's parameters. Parameter groups may have their own learning rate and weight
         decay; a scheduler may change the rate, momentum, betas and weight decay at every step.
     train, test: (inputs, targets) exactly as fed to the model: float32 inputs of any shape
         [N, ...]; int64 class labels [N] for loss "ce", float32 targets [N, C] for loss "mse".
@@ -285,7 +287,8 @@ class Recorder:
             raise ValueError("checkpoint_every must be at least 1")
         kind = _OPTIMIZERS.get(type(optimizer))
         if kind is None:
-            raise ValueError("optimizer %s is not supported (SGD, Adam, AdamW)" % type(optimizer).__name__)
+            raise ValueError("optimizer %s is not supported (SGD, Adam, AdamW, RMSprop, Adagrad, Adadelta)"
+                             % type(optimizer).__name__)
         groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         if _group_mismatch(groups):
             raise ValueError("parameter groups with different %s are not supported: groups may differ in their "

@@ -28,6 +28,11 @@ struct Setting {
 
 /// c_{k,j} of torch.optim's rules, written out (not through Optimizer::linear_update).
 double coefficient(const TrainConfig& c, int64_t k, int64_t j) {
+  if (c.optimizer == "rmsprop") {  // the buffer holds preconditioned gradients: P_j stays with j
+    return c.momentum == 0 ? (j == k ? 1.0 : 0.0) : std::pow(c.momentum, static_cast<double>(k - j));
+  }
+  if (c.optimizer == "adagrad") return j == k ? 1.0 / (1.0 + static_cast<double>(k) * c.lr_decay) : 0.0;
+  if (c.optimizer == "adadelta") return j == k ? 1.0 : 0.0;
   if (c.optimizer != "sgd") {
     return (1 - c.beta1) * std::pow(c.beta1, static_cast<double>(k - j)) /
            (1 - std::pow(c.beta1, static_cast<double>(k + 1)));
@@ -100,14 +105,30 @@ class AttributionTest : public ::testing::Test {
       jb[k] = explicit_loss_jacobian(*model, xb, train_set.labels.index_select(0, batches[k]), LossKind::kCrossEntropy);
       jp[k] = explicit_probe_jacobian(*model, xp, std::vector<int64_t>{2});
       w[k] = flat_weights();
-      // P_k from the second moment after step k, as the state file of step k + 1 holds it.
+      // P_k from the state after step k, as the state file of step k + 1 holds it (torch.optim's
+      // formulas, written out here; Adadelta's also from the state before step k).
       precond[k] = at::ones_like(w[k]);
-      if (c.optimizer != "sgd") {
-        const TrainerState st = load_trainer_state(dir.state(k + 1));
-        std::vector<at::Tensor> v;
-        for (const auto& [name, t] : st.optimizer_state.at(1).second) v.push_back(t.to(at::kDouble).reshape({-1}));
+      auto slot = [&](int64_t step, const std::string& name) {
+        const TrainerState st = load_trainer_state(dir.state(step));
+        for (const auto& [sname, tensors] : st.optimizer_state) {
+          if (sname != name) continue;
+          std::vector<at::Tensor> v;
+          for (const auto& [pname, t] : tensors) v.push_back(t.to(at::kDouble).reshape({-1}));
+          return at::cat(v);
+        }
+        return at::zeros_like(w[k]);  // not kept yet (before step 0)
+      };
+      if (c.optimizer == "adam" || c.optimizer == "adamw") {
         const double bc2 = 1 - std::pow(c.beta2, static_cast<double>(k + 1));
-        precond[k] = 1.0 / ((at::cat(v) / bc2).sqrt() + c.eps);
+        precond[k] = 1.0 / ((slot(k + 1, "exp_avg_sq") / bc2).sqrt() + c.eps);
+      } else if (c.optimizer == "rmsprop") {
+        at::Tensor v = slot(k + 1, "square_avg");
+        if (c.centered) v = v - slot(k + 1, "grad_avg").pow(2);
+        precond[k] = 1.0 / (v.sqrt() + c.eps);
+      } else if (c.optimizer == "adagrad") {
+        precond[k] = 1.0 / (slot(k + 1, "sum").sqrt() + c.eps);
+      } else if (c.optimizer == "adadelta") {
+        precond[k] = (slot(k, "acc_delta") + c.eps).sqrt() / (slot(k + 1, "square_avg") + c.eps).sqrt();
       }
     }
     const double lc = c.optimizer == "adamw" ? 0.0 : c.weight_decay, ld = c.optimizer == "adamw" ? c.weight_decay : 0.0;
@@ -116,18 +137,20 @@ class AttributionTest : public ::testing::Test {
     e.kopt = at::zeros({n, 2}, at::kDouble);
     e.uopt_wd = at::zeros({n, 2}, at::kDouble);
     e.self = at::zeros({40}, at::kDouble);
+    // RMSprop with momentum keeps P_j with gradient j (its buffer holds P_j (.) gtilde_j).
+    const bool inner = c.optimizer == "rmsprop" && c.momentum > 0;
     for (int64_t k = 0; k < n; ++k) {
       const double a_k = log[k]["lr"].get<double>();
-      const at::Tensor gp = jp[k] * precond[k];  // [2, n_params]: P_k (.) g(x; w_k)
+      const at::Tensor gp = inner ? jp[k] : jp[k] * precond[k];  // [2, n_params]: P_k (.) g(x; w_k)
       at::Tensor decay = w[k] * ld / precond[k];  // ld w_k sits outside P_k
       for (int64_t j = 0; j <= k; ++j) {
         const double ckj = coefficient(c, k, j);
         const double nb = static_cast<double>(batches[j].size(0));
-        // Kopt_{k,j,m} = -(a_k c_{k,j} / |B_j|) < g(x; w_k), P_k (.) grad l_m(w_j) >
-        const at::Tensor per = at::mm(gp, jb[j].t()) * (-a_k * ckj / nb);  // [2, M]
+        // Kopt_{k,j,m} = -(a_k c_{k,j} / |B_j|) < g(x; w_k), P_k (.) grad l_m(w_j) > (P_j inside)
+        const at::Tensor per = at::mm(gp, (inner ? jb[j] * precond[j] : jb[j]).t()) * (-a_k * ckj / nb);  // [2, M]
         e.aopt.index_add_(1, batches[j], per);
         e.kopt[k] += per.sum(1);
-        decay = decay + w[j] * (ckj * lc);
+        decay = decay + w[j] * (ckj * lc) * (inner ? precond[j] : at::ones_like(w[j]));
       }
       e.uopt_wd[k] = at::mv(gp, decay) * (-a_k);
       e.self.index_add_(0, batches[k], at::mv(jb[k].pow(2), precond[k]) * (a_k / static_cast<double>(batches[k].size(0))));
@@ -148,6 +171,15 @@ const std::vector<Setting> kMemorySettings = {
     {"adam", [](TrainConfig& c) { c.optimizer = "adam", c.lr = 0.02, c.beta1 = 0.8, c.beta2 = 0.9; }},
     {"adam_l2", [](TrainConfig& c) { c.optimizer = "adam", c.lr = 0.02, c.weight_decay = 0.05; }},
     {"adamw", [](TrainConfig& c) { c.optimizer = "adamw", c.lr = 0.02, c.weight_decay = 0.1; }},
+    {"rmsprop", [](TrainConfig& c) { c.optimizer = "rmsprop", c.lr = 0.01, c.alpha = 0.9, c.weight_decay = 0.01; }},
+    {"rmsprop_centered_momentum",
+     [](TrainConfig& c) { c.optimizer = "rmsprop", c.lr = 0.01, c.momentum = 0.9, c.centered = true, c.weight_decay = 0.01; }},
+    {"adagrad",
+     [](TrainConfig& c) {
+       c.optimizer = "adagrad", c.lr = 0.1, c.lr_decay = 0.05, c.initial_accumulator = 0.1, c.weight_decay = 0.01;
+       c.eps = 1e-10;
+     }},
+    {"adadelta", [](TrainConfig& c) { c.optimizer = "adadelta", c.lr = 1.0, c.rho = 0.9, c.eps = 1e-6, c.weight_decay = 0.01; }},
 };
 
 TEST_F(AttributionTest, AoptKoptAndDecayEqualTheExplicitDoubleSum) {

@@ -19,6 +19,7 @@
 #include "e2e_support.h"
 #include "fixtures.h"
 #include "pathkernel/checkpoint.h"
+#include "pathkernel/csv.h"
 #include "pathkernel/fs_util.h"
 #include "pathkernel/npy.h"
 #include "pathkernel/run_dir.h"
@@ -265,7 +266,10 @@ TEST(E2eTest, OptimizersTrainResumeAnalyzeAndExplain) {
   EXPECT_LT(es["max_sum_error"].get<double>(), 1e-8);
 
   for (const auto& [flags, named] : std::vector<std::pair<std::vector<std::string>, std::string>>{
-           {{"--optimizer", "rmsprop"}, "--optimizer"},
+           {{"--optimizer", "lbfgs"}, "--optimizer"},
+           {{"--optimizer", "rmsprop", "--alpha", "1"}, "--alpha"},
+           {{"--optimizer", "adadelta", "--momentum", "0.9"}, "--momentum"},
+           {{"--optimizer", "adagrad", "--lr-decay", "-1"}, "--lr-decay"},
            {{"--optimizer", "adam", "--betas", "1,0.9"}, "--betas"},
            {{"--optimizer", "adam", "--betas", "0.9"}, "--betas"},
            {{"--optimizer", "adamw", "--eps", "-1e-8"}, "--eps"},
@@ -277,6 +281,35 @@ TEST(E2eTest, OptimizersTrainResumeAnalyzeAndExplain) {
     EXPECT_EQ(r.status, 2) << flags[0];
     EXPECT_NE(r.err.find(named), std::string::npos) << r.err;
     EXPECT_FALSE(fs::exists(tmp / "bad")) << flags[0];
+  }
+  // RMSprop, Adagrad and Adadelta through the binary (issue 23, item 4): trained with torch.optim's
+  // default eps, analyzed with the optimizer's kernel term closing the update, explained.
+  for (const auto& [name, flags] : std::vector<std::pair<std::string, std::vector<std::string>>>{
+           {"adadelta", {"--lr", "1.0", "--weight-decay", "1e-3"}},
+           {"rmsprop", {"--lr", "1e-3", "--momentum", "0.9", "--centered"}},
+           {"adagrad", {"--lr", "0.05", "--lr-decay", "0.01"}}}) {
+    std::vector<std::string> args = {"train", "--model", "mlp:16:tanh", "--train-limit", "500", "--steps", "20",
+                                     "--optimizer", name, "--checkpoint-every", "5", "--out", (tmp / name).string()};
+    args.insert(args.end(), flags.begin(), flags.end());
+    ASSERT_EQ(run(args, tmp.path()).status, 0) << name;
+    const auto m = RunDir(tmp / name).read_manifest();
+    EXPECT_EQ(m["optimizer"]["eps"], name == "adadelta" ? 1e-6 : name == "adagrad" ? 1e-10 : 1e-8) << name;
+    const Result a = run({"analyze", (tmp / name).string(), "--probes", "8", "--out", (tmp / (name + "-an")).string()},
+                         tmp.path());
+    ASSERT_EQ(a.status, 0) << a.err;
+    const Table t = read_csv(tmp / (name + "-an") / "steps.csv");
+    double kopt = 0, round = 0;
+    for (size_t i = 0; i < t.rows; ++i) {
+      kopt = std::max(kopt, t.cols.at("Kopt_norm")[i]);
+      round = std::max(round, t.cols.at("Uopt_round_norm")[i]);
+    }
+    EXPECT_LT(round, 1e-5 * kopt) << name << ": the optimizer's linear form gives every float32 update";
+    const Result x = run({"explain", (tmp / name).string(), "--probe", "3", "--out", (tmp / (name + "-ex")).string()},
+                         tmp.path());
+    ASSERT_EQ(x.status, 0) << x.err;
+    EXPECT_LT(nlohmann::json::parse(read_file(tmp / (name + "-ex") / "summary.json"))["max_sum_error"].get<double>(),
+              1e-8)
+        << name;
   }
   // A damaged optimizer state: the run's second moments cut to the wrong shape.
   TrainerState st = load_trainer_state(RunDir(cut).state(50));

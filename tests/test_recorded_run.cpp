@@ -522,10 +522,12 @@ TEST_F(RecordedHabitsTest, ClippingByNormIsRecordedAndAnalyzedExactly) {
 // exactly: every step verifies, the optimizer's update closes (Uopt_round <= 1e-5 of Kopt), and
 // Kopt and explain's a_i equal an independent float64 computation from the files on disk
 // (tests/python/check_recorded_terms.py: explicit coefficient products, torch.optim's own state
-// files) to 1e-9. Clipping by norm goes through the same check. The check can fail: the same
+// files) to 1e-9. Clipping by norm goes through the same check, and so do RMSprop (centered, with
+// momentum: P inside the buffer), Adagrad and Adadelta with StepLR (issue 23, item 4). The check can fail: the same
 // OneCycleLR run read with its per-step momentum dropped is refused (exit 4).
-TEST_F(RecordedHabitsTest, SchedulesOfMomentumAndParameterGroupsAreAnalyzedExactly) {
-  for (const std::string habit : {"onecycle", "onecycle_adam", "groups", "clip"}) {
+TEST_F(RecordedHabitsTest, SchedulesGroupsAndEveryOptimizerAreAnalyzedExactly) {
+  for (const std::string habit :
+       {"onecycle", "onecycle_adam", "groups", "groups_sgd", "clip", "rmsprop", "adagrad", "adadelta"}) {
     SCOPED_TRACE(habit);
     const fs::path run = record(habit);
     std::string log;

@@ -11,6 +11,7 @@
 
 #include "pathkernel/errors.h"
 #include "pathkernel/fs_util.h"
+#include "pathkernel/optimizer.h"
 #include "pathkernel/version.h"
 
 namespace pathkernel::app {
@@ -26,13 +27,21 @@ void add_train_options(cxxopts::Options& opts, TrainConfig& c, bool with_lr) {
     ("batch", "minibatch size", cxxopts::value(c.batch)->default_value("64"))
     ("lr-schedule", "[warmup:W+]constant | step:EVERY:GAMMA | cosine[:LR_MIN] | file:PATH",
      cxxopts::value(c.lr_schedule)->default_value("constant"))
-    ("optimizer", "sgd | adam | adamw (as torch.optim defines them)",
+    ("optimizer", "sgd | adam | adamw | rmsprop | adagrad | adadelta (as torch.optim defines them)",
      cxxopts::value(c.optimizer)->default_value("sgd"))
-    ("momentum", "sgd: momentum mu", cxxopts::value(c.momentum)->default_value("0"))
+    ("momentum", "sgd, rmsprop: momentum mu", cxxopts::value(c.momentum)->default_value("0"))
     ("nesterov", "sgd: Nesterov momentum", cxxopts::value(c.nesterov)->default_value("false"))
     ("dampening", "sgd: dampening tau of the momentum buffer", cxxopts::value(c.dampening)->default_value("0"))
     ("betas", "adam, adamw: B1,B2", cxxopts::value<std::string>()->default_value("0.9,0.999"))
-    ("eps", "adam, adamw: epsilon", cxxopts::value(c.eps)->default_value("1e-8"))
+    ("eps", "adam, adamw, rmsprop: epsilon (default 1e-8); adagrad (1e-10); adadelta (1e-6)",
+     cxxopts::value(c.eps))
+    ("alpha", "rmsprop: smoothing of the squared gradient", cxxopts::value(c.alpha)->default_value("0.99"))
+    ("centered", "rmsprop: centered (divide by the gradient's variance estimate)",
+     cxxopts::value(c.centered)->default_value("false"))
+    ("rho", "adadelta: decay of the running averages", cxxopts::value(c.rho)->default_value("0.9"))
+    ("lr-decay", "adagrad: rate decay, lr / (1 + k lr_decay)", cxxopts::value(c.lr_decay)->default_value("0"))
+    ("initial-accumulator", "adagrad: the sum of squares' initial value",
+     cxxopts::value(c.initial_accumulator)->default_value("0"))
     ("weight-decay", "sgd, adam: L2 weight decay lambda; adamw: decoupled weight decay",
      cxxopts::value(c.weight_decay)->default_value("0"))
     ("seed", "seed of the initial weights and the batch order", cxxopts::value(c.seed)->default_value("0"))
@@ -99,6 +108,14 @@ void add_analysis_options(cxxopts::Options& opts, AnalyzeConfig& c, bool with_th
 }
 
 void read_betas(const cxxopts::ParseResult& r, TrainConfig& c) {
+  // --eps defaults to the optimizer's own torch.optim default.
+  if (!r.count("eps")) {
+    try {
+      c.eps = default_eps(parse_optimizer(c.optimizer));
+    } catch (const InputError&) {
+      c.eps = 1e-8;  // an unknown --optimizer is named by validate()
+    }
+  }
   const std::string text = r["betas"].as<std::string>();
   const size_t comma = text.find(',');
   try {

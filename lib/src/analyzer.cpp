@@ -136,6 +136,19 @@ ParamMap momentum_buffer_of(const Optimizer& opt) {
 
 }  // namespace
 
+namespace {
+/// P_k of step k in float64 by parameter name (empty: the identity), from the optimizer's state
+/// after step k and, for Adadelta, the state before it.
+ParamMap step_preconditioner(Trajectory& traj, int64_t k, OptimizerKind kind) {
+  at::Tensor before;
+  if (preconditioner_needs_before(kind) && k > 0) {
+    before = traj.optimizer_after(k).preconditioner_state();
+    if (before.defined()) before = before.clone();  // the next call reuses the optimizer
+  }
+  return traj.optimizer_after(k + 1).preconditioner(before);
+}
+}  // namespace
+
 AnalysisResult analyze(const AnalyzeConfig& c) {
   c.validate();
   const auto t0 = Clock::now();
@@ -327,12 +340,15 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
       set_weights(*model, w0);
       prev_grad = batch_gradient(*model, xb, yb, loss);
       prev_grad_step = k;
-      recurrence.advance(k, scaled(prev_grad, batch.grad_scale), w0, batch.settings);
+      // P_k only where it enters the buffer (RMSprop with momentum).
+      const bool inner = linear_update(batch.settings.options, k).inner;
+      recurrence.advance(k, scaled(prev_grad, batch.grad_scale), w0, batch.settings,
+                         inner ? step_preconditioner(traj, k, oo.kind) : ParamMap{});
       continue;
     }
     const ParamMap v_prev = sgd_sources ? momentum_buffer_of(traj.optimizer_after(k)) : ParamMap{};
     const ParamMap w1 = to_double_map(traj.weights_at(k + 1));
-    const ParamMap precond = traj.optimizer_after(k + 1).preconditioner();  // P_k, after step k
+    const ParamMap precond = step_preconditioner(traj, k, oo.kind);  // P_k, after step k
     ParamMap dw;
     for (const auto& [name, t] : w0) dw[name] = w1.at(name) - t;  // exact: float32 -> float64 first
 
@@ -360,7 +376,7 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
     // The gradient the optimizer applied: grad L_k times a recorded clipping scale (1 without).
     const double gs = batch.grad_scale;
     const ParamMap applied = gs == 1 ? grad_l : scaled(grad_l, gs);
-    recurrence.advance(k, applied, w0, batch.settings);
+    recurrence.advance(k, applied, w0, batch.settings, precond);
     const ParamMap kernel_dir = recurrence.kernel_direction(precond);
     const ParamMap decay_dir = recurrence.has_decay() ? recurrence.decay_direction(precond) : ParamMap{};
     const bool with_wd = oo.weight_decay != 0, with_mom = oo.momentum != 0 && !v_prev.empty();

@@ -23,6 +23,7 @@ using Clock = std::chrono::steady_clock;
 /// reused: fresh ones per stretch would be page-faulted in again each time.
 struct Stretch {
   int64_t a = 0, b = 0;
+  at::Tensor first_before;  ///< the state after step a (Adadelta's P_a needs it); undefined at 0
   at::Tensor weights;  ///< [>= b - a + 1, n_params]: rows 0.. hold w_a .. w_b, in the run's dtype
   at::Tensor pstate;   ///< [>= b - a, n_params]: rows 0.. hold the state after steps a .. b-1
 };
@@ -47,6 +48,10 @@ void replay_stretch(Trajectory& traj, int64_t a, int64_t b, int64_t max_len, Str
   }
   (void)n;
   flatten_into(first, s.weights[0]);
+  s.first_before = at::Tensor();
+  if (a > 0 && preconditioner_needs_before(traj.optimizer_after(a).options().kind)) {
+    s.first_before = traj.optimizer_after(a).preconditioner_state().clone();
+  }
   for (int64_t k = a; k < b; ++k) {
     flatten_into(traj.weights_at(k + 1), s.weights[k + 1 - a]);
     const at::Tensor ps = traj.optimizer_after(k + 1).preconditioner_state();
@@ -151,10 +156,11 @@ OptimizerAttribution attribute_through_optimizer(const OptimizerAttributionConfi
       // The step's own settings (a recorded scheduler's momentum or betas, groups' rates).
       const StepSettings& st = batch.settings;
       const LinearUpdate lu = linear_update(st.options, j);
-      at::Tensor p;
+      at::Tensor p, r;  // P_j; the parameters' rate scales (parameter groups)
       if (s.pstate.defined()) {
         const std::unique_ptr<Optimizer> at_j = traj.settings_vary() ? make_optimizer(st.options, {}, {}) : nullptr;
-        (at_j ? *at_j : opt).preconditioner_from(s.pstate[static_cast<int64_t>(local)], j + 1, p_buf);  // P_j
+        const at::Tensor before = local == 0 ? s.first_before : s.pstate[static_cast<int64_t>(local) - 1];
+        (at_j ? *at_j : opt).preconditioner_from(s.pstate[static_cast<int64_t>(local)], j + 1, p_buf, before);  // P_j
         p = p_buf;
       }
       if (!st.rate_scale.empty()) {
@@ -168,12 +174,12 @@ OptimizerAttribution attribute_through_optimizer(const OptimizerAttributionConfi
           r_buf.narrow(0, off, numel).fill_(st.rate_of(name));
           off += numel;
         }
-        if (p.defined()) {
-          p_buf.mul_(r_buf);  // r (.) P_j
-        } else {
-          p = r_buf;
-        }
+        r = r_buf;
       }
+      // r multiplies step j's update; P_j the probe side too, or (inside the buffer, RMSprop with
+      // momentum) the batch's gradient of step j as it enters the buffer.
+      const at::Tensor both = p.defined() && r.defined() ? p * r : p.defined() ? p : r;
+      const at::Tensor probe_side = lu.inner ? r : both, batch_side = lu.inner ? p : at::Tensor();
       const at::Tensor w = s.weights[static_cast<int64_t>(local)].to(at::kDouble);
       set_flat(*model, w);
       const RowGradients sb = loss_rows(*model, xb, yb, loss, explicit_route);
@@ -181,10 +187,11 @@ OptimizerAttribution attribute_through_optimizer(const OptimizerAttributionConfi
       // Phi_j = a_j alpha_j P_j (.) g(x; w_j) + beta Phi_{j+1};  Psi_j = s_j Phi_j + a_j nu P_j (.) g(x; w_j).
       // In place on workspace tensors of [rows, n_params]: fresh ones every step would grow the heap.
       auto accumulate = [&](at::Tensor& phi_acc, at::Tensor& g, at::Tensor& target) {
-        if (p.defined()) g.mul_(p);
+        if (probe_side.defined()) g.mul_(probe_side);
         phi_acc.mul_(beta_next).add_(g, lr * lu.alpha);
         at::mul_out(psi, phi_acc, lu.s);
         if (lu.nu != 0) psi.add_(g, lr * lu.nu);
+        if (batch_side.defined()) psi.mul_(batch_side);
         target.index_add_(1, bidx,
                           (c.project > 0 ? at::mm(psi, zb.t()) : directions_dot_rows(*model, sb, psi))
                               .mul_(-batch.grad_scale / nb));  // the applied gradient: clipping's scale
@@ -204,7 +211,7 @@ OptimizerAttribution attribute_through_optimizer(const OptimizerAttributionConfi
         // TracIn with the optimizer's preconditioner: (a_j / |B_j|) <grad l_i, P_j (.) grad l_i>.
         res.self_influence.index_add_(
             0, bidx,
-            rows_weighted_sq(*model, sb, p.defined() ? p : ones) * (lr * batch.grad_scale / static_cast<double>(bidx.size(0))));
+            rows_weighted_sq(*model, sb, both.defined() ? both : ones) * (lr * batch.grad_scale / static_cast<double>(bidx.size(0))));
       }
       beta_next = lu.beta;
       res.times_drawn.index_add_(0, bidx, at::ones({bidx.size(0)}, at::kLong));

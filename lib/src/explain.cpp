@@ -66,7 +66,9 @@ ExplainResult explain(const ExplainConfig& c) {
   }
   ExplainResult res;
   res.optimizer = optimizer_name(oo.kind);
-  res.through_optimizer = c.route == "backward" || oo.kind != OptimizerKind::kSgd || oo.momentum != 0;
+  // Settings that vary by step or parameter group are attributed through the optimizer's terms.
+  res.through_optimizer =
+      c.route == "backward" || oo.kind != OptimizerKind::kSgd || oo.momentum != 0 || facts.settings_vary;
   if (res.through_optimizer && c.shard_count > 0) {
     throw InputError("explain --shard: a run trained with momentum, Adam or AdamW is attributed through the optimizer's "
                      "recursion over the whole run, which is not sharded; explain it in one process");

@@ -206,25 +206,6 @@ class AdamOptimizer final : public Optimizer {
     steps_ = steps;
   }
 
-  ParamMap preconditioner() const override {
-    ParamMap p;
-    if (steps_ == 0) return p;
-    const double bc2 = 1 - std::pow(options_.beta2, static_cast<double>(steps_));
-    // In float64 from the state as the optimizer holds it (SPEC: P_k after step k); the float32
-    // route's own rounding of this expression ends up in Uopt_round. One buffer, in place: this
-    // runs for every analyzed step.
-    (void)bc2;
-    at::Tensor flat;
-    preconditioner_from(preconditioner_state(), steps_, flat);
-    int64_t off = 0;
-    for (size_t i = 0; i < params_.size(); ++i) {
-      const int64_t m = exp_avg_sq_[i].numel();
-      p[names_[i]] = flat.narrow(0, off, m).view(exp_avg_sq_[i].sizes());
-      off += m;
-    }
-    return p;
-  }
-
   at::Tensor preconditioner_state() const override {
     if (steps_ == 0) return {};
     std::vector<at::Tensor> flat;
@@ -232,7 +213,8 @@ class AdamOptimizer final : public Optimizer {
     return at::cat(flat);
   }
 
-  void preconditioner_from(const at::Tensor& state, int64_t steps, at::Tensor& out) const override {
+  void preconditioner_from(const at::Tensor& state, int64_t steps, at::Tensor& out,
+                           const at::Tensor& /*before*/) const override {
     const double bc2 = 1 - std::pow(options_.beta2, static_cast<double>(steps));
     if (!out.defined() || out.numel() != state.numel()) out = at::empty({state.numel()}, at::kDouble);
     out.copy_(state).div_(bc2).sqrt_().add_(options_.eps).reciprocal_();
@@ -240,6 +222,269 @@ class AdamOptimizer final : public Optimizer {
 
  private:
   std::vector<at::Tensor> exp_avg_, exp_avg_sq_;
+};
+
+
+/// Flattens tensors (state_dict order) into one vector.
+at::Tensor flat_of(const std::vector<at::Tensor>& ts) {
+  std::vector<at::Tensor> flat;
+  for (const auto& t : ts) flat.push_back(t.reshape({-1}));
+  return at::cat(flat);
+}
+
+/// torch.optim.RMSprop: gt = g + lc w; v = a v + (1 - a) gt^2; centered: m = a m + (1 - a) gt and
+/// v - m^2 under the root; d = gt / (sqrt(.) + eps); with momentum b = mu b + d, w -= lr b, else
+/// w -= lr d. The new state is formed out of place and committed when finite.
+class RmspropOptimizer final : public Optimizer {
+ public:
+  RmspropOptimizer(OptimizerOptions o, std::vector<std::string> names, std::vector<at::Tensor> params)
+      : Optimizer(o, std::move(names), std::move(params)) {
+    for (const auto& p : params_) {
+      square_avg_.push_back(at::zeros_like(p));
+      if (o.centered) grad_avg_.push_back(at::zeros_like(p));
+      if (o.momentum > 0) buf_.push_back(at::zeros_like(p));
+    }
+  }
+
+  UpdateOutcome step(const std::vector<at::Tensor>& grads, const std::vector<double>& /*grad_sq*/,
+                     double lr) override {
+    const auto& o = options_;
+    const size_t n = params_.size();
+    std::vector<at::Tensor> v(n), m(n), b(n), w(n);
+    UpdateOutcome out;
+    double update_sq = 0;
+    for (size_t i = 0; i < n; ++i) {
+      at::Tensor g = grads[i];
+      const at::Tensor p = params_[i].detach();
+      if (o.weight_decay != 0) g = g.add(p, o.weight_decay);
+      v[i] = square_avg_[i].mul(o.alpha).addcmul_(g, g, 1 - o.alpha);
+      at::Tensor avg;
+      if (o.centered) {
+        m[i] = grad_avg_[i].mul(o.alpha).add_(g, 1 - o.alpha);
+        avg = v[i].addcmul(m[i], m[i], -1).sqrt_().add_(o.eps);
+      } else {
+        avg = v[i].sqrt().add_(o.eps);
+      }
+      if (o.momentum > 0) {
+        b[i] = buf_[i].mul(o.momentum).addcdiv_(g, avg);
+        w[i] = p.add(b[i], -lr);
+      } else {
+        w[i] = p.addcdiv(g, avg, -lr);
+      }
+      if (!accept_update(i, w[i], update_sq, out)) return out;
+    }
+    for (size_t i = 0; i < n; ++i) {
+      params_[i].detach().copy_(w[i]);
+      square_avg_[i] = v[i];
+      if (o.centered) grad_avg_[i] = m[i];
+      if (o.momentum > 0) buf_[i] = b[i];
+    }
+    ++steps_;
+    out.update_norm = std::sqrt(update_sq);
+    return out;
+  }
+
+  OptimizerState state() const override {
+    if (steps_ == 0) return {};
+    OptimizerState st = {{"square_avg", cloned(square_avg_)}};
+    if (options_.momentum > 0) st.emplace_back("momentum_buffer", cloned(buf_));
+    if (options_.centered) st.emplace_back("grad_avg", cloned(grad_avg_));
+    return st;
+  }
+
+  void load_state(const OptimizerState& state, int64_t steps, const std::string& source) override {
+    const size_t n = params_.size();
+    std::vector<at::Tensor> v(n), m(n), b(n);
+    read_slot(state, "square_avg", v, source, steps > 0);
+    read_slot(state, "grad_avg", m, source, options_.centered && steps > 0);
+    read_slot(state, "momentum_buffer", b, source, options_.momentum > 0 && steps > 0);
+    for (const auto& [slot, tensors] : state) {
+      if ((slot == "grad_avg" && !options_.centered) || (slot == "momentum_buffer" && options_.momentum == 0)) {
+        throw InputError(source + ": holds '" + slot + "', which the run's RMSprop settings do not keep");
+      }
+    }
+    for (size_t i = 0; i < n; ++i) {
+      square_avg_[i] = v[i].defined() ? v[i] : at::zeros_like(params_[i]);
+      if (square_avg_[i].lt(0).any().item<bool>()) {
+        throw InputError(source + ": square_avg of '" + names_[i] + "' has negative entries");
+      }
+      if (options_.centered) grad_avg_[i] = m[i].defined() ? m[i] : at::zeros_like(params_[i]);
+      if (options_.momentum > 0) buf_[i] = b[i].defined() ? b[i] : at::zeros_like(params_[i]);
+    }
+    steps_ = steps;
+  }
+
+  at::Tensor preconditioner_state() const override {
+    if (steps_ == 0) return {};
+    return options_.centered ? at::cat({flat_of(square_avg_), flat_of(grad_avg_)}) : flat_of(square_avg_);
+  }
+
+  void preconditioner_from(const at::Tensor& state, int64_t /*steps*/, at::Tensor& out,
+                           const at::Tensor& /*before*/) const override {
+    const int64_t n = options_.centered ? state.numel() / 2 : state.numel();
+    if (!out.defined() || out.numel() != n) out = at::empty({n}, at::kDouble);
+    out.copy_(state.narrow(0, 0, n));
+    if (options_.centered) {
+      const at::Tensor m = state.narrow(0, n, n).to(at::kDouble);
+      out.sub_(m * m).clamp_min_(0);
+    }
+    out.sqrt_().add_(options_.eps).reciprocal_();
+  }
+
+ private:
+  NamedTensors cloned(const std::vector<at::Tensor>& ts) const {
+    NamedTensors out = named(ts);
+    for (auto& [name, t] : out) t = t.clone();
+    return out;
+  }
+  std::vector<at::Tensor> square_avg_, grad_avg_, buf_;
+};
+
+/// torch.optim.Adagrad: gt = g + lc w; s += gt^2 (s starts at initial_accumulator_value);
+/// w -= lr / (1 + k lr_decay) * gt / (sqrt(s) + eps) at step k (0-based).
+class AdagradOptimizer final : public Optimizer {
+ public:
+  AdagradOptimizer(OptimizerOptions o, std::vector<std::string> names, std::vector<at::Tensor> params)
+      : Optimizer(o, std::move(names), std::move(params)) {
+    for (const auto& p : params_) sum_.push_back(at::full_like(p, o.initial_accumulator));
+  }
+
+  UpdateOutcome step(const std::vector<at::Tensor>& grads, const std::vector<double>& /*grad_sq*/,
+                     double lr) override {
+    const auto& o = options_;
+    const size_t n = params_.size();
+    const double clr = lr / (1 + static_cast<double>(steps_) * o.lr_decay);
+    std::vector<at::Tensor> s(n), w(n);
+    UpdateOutcome out;
+    double update_sq = 0;
+    for (size_t i = 0; i < n; ++i) {
+      at::Tensor g = grads[i];
+      const at::Tensor p = params_[i].detach();
+      if (o.weight_decay != 0) g = g.add(p, o.weight_decay);
+      s[i] = sum_[i].addcmul(g, g, 1);
+      w[i] = p.addcdiv(g, s[i].sqrt().add_(o.eps), -clr);
+      if (!accept_update(i, w[i], update_sq, out)) return out;
+    }
+    for (size_t i = 0; i < n; ++i) {
+      params_[i].detach().copy_(w[i]);
+      sum_[i] = s[i];
+    }
+    ++steps_;
+    out.update_norm = std::sqrt(update_sq);
+    return out;
+  }
+
+  OptimizerState state() const override {
+    NamedTensors s = named(sum_);
+    for (auto& [name, t] : s) t = t.clone();
+    return {{"sum", s}};
+  }
+
+  void load_state(const OptimizerState& state, int64_t steps, const std::string& source) override {
+    std::vector<at::Tensor> s(params_.size());
+    read_slot(state, "sum", s, source, steps > 0);
+    for (size_t i = 0; i < params_.size(); ++i) {
+      sum_[i] = s[i].defined() ? s[i] : at::full_like(params_[i], options_.initial_accumulator);
+      if (sum_[i].lt(0).any().item<bool>()) throw InputError(source + ": sum of '" + names_[i] + "' has negative entries");
+    }
+    steps_ = steps;
+  }
+
+  at::Tensor preconditioner_state() const override { return flat_of(sum_); }
+
+  void preconditioner_from(const at::Tensor& state, int64_t /*steps*/, at::Tensor& out,
+                           const at::Tensor& /*before*/) const override {
+    if (!out.defined() || out.numel() != state.numel()) out = at::empty({state.numel()}, at::kDouble);
+    out.copy_(state).sqrt_().add_(options_.eps).reciprocal_();
+  }
+
+ private:
+  std::vector<at::Tensor> sum_;
+};
+
+/// torch.optim.Adadelta: gt = g + lc w; v = rho v + (1 - rho) gt^2;
+/// d = sqrt(u + eps) / sqrt(v + eps) * gt with u the accumulated squared update before this step;
+/// u = rho u + (1 - rho) d^2; w -= lr d.
+class AdadeltaOptimizer final : public Optimizer {
+ public:
+  AdadeltaOptimizer(OptimizerOptions o, std::vector<std::string> names, std::vector<at::Tensor> params)
+      : Optimizer(o, std::move(names), std::move(params)) {
+    for (const auto& p : params_) {
+      square_avg_.push_back(at::zeros_like(p));
+      acc_delta_.push_back(at::zeros_like(p));
+    }
+  }
+
+  UpdateOutcome step(const std::vector<at::Tensor>& grads, const std::vector<double>& /*grad_sq*/,
+                     double lr) override {
+    const auto& o = options_;
+    const size_t n = params_.size();
+    std::vector<at::Tensor> v(n), u(n), w(n);
+    UpdateOutcome out;
+    double update_sq = 0;
+    for (size_t i = 0; i < n; ++i) {
+      at::Tensor g = grads[i];
+      const at::Tensor p = params_[i].detach();
+      if (o.weight_decay != 0) g = g.add(p, o.weight_decay);
+      v[i] = square_avg_[i].mul(o.rho).addcmul_(g, g, 1 - o.rho);
+      const at::Tensor std_ = v[i].add(o.eps).sqrt_();
+      const at::Tensor delta = acc_delta_[i].add(o.eps).sqrt_().div_(std_).mul_(g);
+      u[i] = acc_delta_[i].mul(o.rho).addcmul_(delta, delta, 1 - o.rho);
+      w[i] = p.add(delta, -lr);
+      if (!accept_update(i, w[i], update_sq, out)) return out;
+    }
+    for (size_t i = 0; i < n; ++i) {
+      params_[i].detach().copy_(w[i]);
+      square_avg_[i] = v[i];
+      acc_delta_[i] = u[i];
+    }
+    ++steps_;
+    out.update_norm = std::sqrt(update_sq);
+    return out;
+  }
+
+  OptimizerState state() const override {
+    if (steps_ == 0) return {};
+    NamedTensors v = named(square_avg_), u = named(acc_delta_);
+    for (auto& [name, t] : v) t = t.clone();
+    for (auto& [name, t] : u) t = t.clone();
+    return {{"square_avg", v}, {"acc_delta", u}};
+  }
+
+  void load_state(const OptimizerState& state, int64_t steps, const std::string& source) override {
+    std::vector<at::Tensor> v(params_.size()), u(params_.size());
+    read_slot(state, "square_avg", v, source, steps > 0);
+    read_slot(state, "acc_delta", u, source, steps > 0);
+    for (size_t i = 0; i < params_.size(); ++i) {
+      square_avg_[i] = v[i].defined() ? v[i] : at::zeros_like(params_[i]);
+      acc_delta_[i] = u[i].defined() ? u[i] : at::zeros_like(params_[i]);
+      if (square_avg_[i].lt(0).any().item<bool>() || acc_delta_[i].lt(0).any().item<bool>()) {
+        throw InputError(source + ": square_avg or acc_delta of '" + names_[i] + "' has negative entries");
+      }
+    }
+    steps_ = steps;
+  }
+
+  /// [square_avg, acc_delta], flattened.
+  at::Tensor preconditioner_state() const override {
+    return at::cat({flat_of(square_avg_), flat_of(acc_delta_)});
+  }
+
+  void preconditioner_from(const at::Tensor& state, int64_t /*steps*/, at::Tensor& out,
+                           const at::Tensor& before) const override {
+    const int64_t n = state.numel() / 2;
+    if (!out.defined() || out.numel() != n) out = at::empty({n}, at::kDouble);
+    // sqrt(u_{k-1} + eps) / sqrt(v_k + eps): u before the step (0 before step 0), v after it.
+    out.copy_(state.narrow(0, 0, n)).add_(options_.eps).sqrt_().reciprocal_();
+    if (before.defined()) {
+      out.mul_(before.narrow(0, n, n).to(at::kDouble).add(options_.eps).sqrt_());
+    } else {
+      out.mul_(std::sqrt(options_.eps));
+    }
+  }
+
+ private:
+  std::vector<at::Tensor> square_avg_, acc_delta_;
 };
 
 }  // namespace
@@ -264,6 +509,15 @@ LinearUpdate linear_update(const OptimizerOptions& o, int64_t k) {
     }
     return u;
   }
+  if (o.kind == OptimizerKind::kRmsprop || o.kind == OptimizerKind::kAdagrad || o.kind == OptimizerKind::kAdadelta) {
+    u.lc = o.weight_decay;
+    if (o.kind == OptimizerKind::kAdagrad) u.alpha = 1.0 / (1.0 + static_cast<double>(k) * o.lr_decay);
+    if (o.kind == OptimizerKind::kRmsprop && o.momentum > 0) {
+      u.beta = o.momentum;  // b_k = mu b_{k-1} + P_k (.) gtilde_k
+      u.inner = true;
+    }
+    return u;
+  }
   u.beta = o.beta1;
   u.s = 1 - o.beta1;
   u.alpha = 1.0 / (1.0 - std::pow(o.beta1, static_cast<double>(k + 1)));
@@ -279,9 +533,10 @@ void Optimizer::read_slot(const OptimizerState& state, const std::string& slot, 
     if (required) throw InputError(source + ": optimizer state has no '" + slot + "'");
     return;
   }
+  const std::vector<std::string> known = state_slots(options_.kind);
   for (const auto& s : state) {
-    if (s.first != "momentum_buffer" && s.first != "exp_avg" && s.first != "exp_avg_sq") {
-      throw InputError(source + ": unknown optimizer state slot '" + s.first + "'");
+    if (std::find(known.begin(), known.end(), s.first) == known.end()) {
+      throw InputError(source + ": unknown optimizer state slot '" + s.first + "' for " + optimizer_name(options_.kind));
     }
   }
   if (it->second.size() != params_.size()) {
@@ -319,12 +574,46 @@ NamedTensors Optimizer::named(const std::vector<at::Tensor>& tensors) const {
   return out;
 }
 
+ParamMap Optimizer::preconditioner(const at::Tensor& before) const {
+  ParamMap p;
+  const at::Tensor st = preconditioner_state();
+  if (!st.defined() || steps_ == 0) return p;
+  // In float64 from the state as the optimizer holds it (SPEC: P_k after step k); the float32
+  // route's own rounding of this expression ends up in Uopt_round.
+  at::Tensor flat;
+  preconditioner_from(st, steps_, flat, before);
+  int64_t off = 0;
+  for (size_t i = 0; i < params_.size(); ++i) {
+    const int64_t m = params_[i].numel();
+    p[names_[i]] = flat.narrow(0, off, m).view(params_[i].sizes());
+    off += m;
+  }
+  return p;
+}
+
+std::vector<std::string> state_slots(OptimizerKind kind) {
+  switch (kind) {
+    case OptimizerKind::kSgd: return {"momentum_buffer"};
+    case OptimizerKind::kAdam:
+    case OptimizerKind::kAdamW: return {"exp_avg", "exp_avg_sq"};
+    case OptimizerKind::kRmsprop: return {"square_avg", "momentum_buffer", "grad_avg"};
+    case OptimizerKind::kAdagrad: return {"sum"};
+    case OptimizerKind::kAdadelta: return {"square_avg", "acc_delta"};
+  }
+  return {};
+}
+
 std::unique_ptr<Optimizer> make_optimizer(const OptimizerOptions& options, std::vector<std::string> names,
                                           std::vector<at::Tensor> params) {
-  if (options.kind == OptimizerKind::kSgd) {
-    return std::make_unique<SgdOptimizer>(options, std::move(names), std::move(params));
+  switch (options.kind) {
+    case OptimizerKind::kSgd: return std::make_unique<SgdOptimizer>(options, std::move(names), std::move(params));
+    case OptimizerKind::kAdam:
+    case OptimizerKind::kAdamW: return std::make_unique<AdamOptimizer>(options, std::move(names), std::move(params));
+    case OptimizerKind::kRmsprop: return std::make_unique<RmspropOptimizer>(options, std::move(names), std::move(params));
+    case OptimizerKind::kAdagrad: return std::make_unique<AdagradOptimizer>(options, std::move(names), std::move(params));
+    case OptimizerKind::kAdadelta: return std::make_unique<AdadeltaOptimizer>(options, std::move(names), std::move(params));
   }
-  return std::make_unique<AdamOptimizer>(options, std::move(names), std::move(params));
+  throw InputError("unknown optimizer");
 }
 
 }  // namespace pathkernel

@@ -38,6 +38,18 @@ OptimizerOptions options_of_group(OptimizerKind kind, const nlohmann::json& g, c
     opt.momentum = g.value("momentum", 0.0);
     opt.dampening = g.value("dampening", 0.0);
     opt.nesterov = g.value("nesterov", false);
+  } else if (opt.kind == OptimizerKind::kRmsprop) {
+    opt.alpha = g.at("alpha").get<double>();
+    opt.eps = g.at("eps").get<double>();
+    opt.momentum = g.value("momentum", 0.0);
+    opt.centered = g.value("centered", false);
+  } else if (opt.kind == OptimizerKind::kAdagrad) {
+    opt.lr_decay = g.value("lr_decay", 0.0);
+    opt.initial_accumulator = g.value("initial_accumulator_value", 0.0);
+    opt.eps = g.at("eps").get<double>();
+  } else if (opt.kind == OptimizerKind::kAdadelta) {
+    opt.rho = g.at("rho").get<double>();
+    opt.eps = g.at("eps").get<double>();
   } else {
     if (g.value("amsgrad", false)) throw InputError(where + ": amsgrad=True is not supported");
     opt.beta1 = g.at("betas").at(0).get<double>();
@@ -59,6 +71,11 @@ std::string differing_setting(const OptimizerOptions& a, const OptimizerOptions&
   if (a.nesterov != b.nesterov) return "nesterov";
   if (a.beta1 != b.beta1 || a.beta2 != b.beta2) return "betas";
   if (a.eps != b.eps) return "eps";
+  if (a.alpha != b.alpha) return "alpha";
+  if (a.centered != b.centered) return "centered";
+  if (a.rho != b.rho) return "rho";
+  if (a.lr_decay != b.lr_decay) return "lr_decay";
+  if (a.initial_accumulator != b.initial_accumulator) return "initial_accumulator_value";
   return "";
 }
 
@@ -371,9 +388,7 @@ OptimizerState RecordedRun::optimizer_state(int64_t k, int64_t* updates) const {
   const CheckpointFile file(f);
   const PickleValue* state = file.root().find("state");
   if (!state || state->kind != PickleValue::Kind::Dict) file.fail("no 'state' dict (not an optimizer state_dict)");
-  const std::vector<std::string> slots = optimizer_.kind == OptimizerKind::kSgd
-                                             ? std::vector<std::string>{"momentum_buffer"}
-                                             : std::vector<std::string>{"exp_avg", "exp_avg_sq"};
+  const std::vector<std::string> slots = state_slots(optimizer_.kind);
   OptimizerState out;
   for (const auto& s : slots) out.emplace_back(s, NamedTensors{});
   *updates = -1;

@@ -27,7 +27,10 @@ OptimizerKind parse_optimizer(const std::string& name) {
   if (name == "sgd") return OptimizerKind::kSgd;
   if (name == "adam") return OptimizerKind::kAdam;
   if (name == "adamw") return OptimizerKind::kAdamW;
-  throw InputError("--optimizer must be sgd, adam or adamw, got '" + name + "'");
+  if (name == "rmsprop") return OptimizerKind::kRmsprop;
+  if (name == "adagrad") return OptimizerKind::kAdagrad;
+  if (name == "adadelta") return OptimizerKind::kAdadelta;
+  throw InputError("--optimizer must be sgd, adam, adamw, rmsprop, adagrad or adadelta, got '" + name + "'");
 }
 
 std::string optimizer_name(OptimizerKind kind) {
@@ -35,8 +38,17 @@ std::string optimizer_name(OptimizerKind kind) {
     case OptimizerKind::kSgd: return "sgd";
     case OptimizerKind::kAdam: return "adam";
     case OptimizerKind::kAdamW: return "adamw";
+    case OptimizerKind::kRmsprop: return "rmsprop";
+    case OptimizerKind::kAdagrad: return "adagrad";
+    case OptimizerKind::kAdadelta: return "adadelta";
   }
   return "sgd";
+}
+
+double default_eps(OptimizerKind kind) {
+  if (kind == OptimizerKind::kAdagrad) return 1e-10;
+  if (kind == OptimizerKind::kAdadelta) return 1e-6;
+  return 1e-8;
 }
 
 void OptimizerOptions::validate() const {
@@ -49,11 +61,26 @@ void OptimizerOptions::validate() const {
     }
     return;
   }
-  if (!(beta1 >= 0 && beta1 < 1) || !(beta2 >= 0 && beta2 < 1)) throw InputError("--betas must both be in [0, 1)");
   if (!(eps > 0) || !std::isfinite(eps)) throw InputError("--eps must be a positive number");
-  if (momentum != 0 || nesterov || dampening != 0) {
-    throw InputError("--momentum, --nesterov and --dampening apply to --optimizer sgd only");
+  if (nesterov || dampening != 0) throw InputError("--nesterov and --dampening apply to --optimizer sgd only");
+  if (kind == OptimizerKind::kRmsprop) {
+    if (!(alpha >= 0 && alpha < 1)) throw InputError("--alpha must be in [0, 1)");
+    if (!(momentum >= 0 && momentum < 1)) throw InputError("--momentum must be in [0, 1)");
+    return;
   }
+  if (momentum != 0) throw InputError("--momentum applies to --optimizer sgd and rmsprop only");
+  if (kind == OptimizerKind::kAdagrad) {
+    if (!(lr_decay >= 0) || !std::isfinite(lr_decay)) throw InputError("--lr-decay must be >= 0");
+    if (!(initial_accumulator >= 0) || !std::isfinite(initial_accumulator)) {
+      throw InputError("--initial-accumulator must be >= 0");
+    }
+    return;
+  }
+  if (kind == OptimizerKind::kAdadelta) {
+    if (!(rho >= 0 && rho <= 1)) throw InputError("--rho must be in [0, 1]");
+    return;
+  }
+  if (!(beta1 >= 0 && beta1 < 1) || !(beta2 >= 0 && beta2 < 1)) throw InputError("--betas must both be in [0, 1)");
 }
 
 nlohmann::json OptimizerOptions::to_json() const {
@@ -62,11 +89,24 @@ nlohmann::json OptimizerOptions::to_json() const {
     j["momentum"] = momentum;
     j["dampening"] = dampening;
     j["nesterov"] = nesterov;
-  } else {
+  } else if (kind == OptimizerKind::kAdam || kind == OptimizerKind::kAdamW) {
     j["betas"] = {beta1, beta2};
     j["eps"] = eps;
     j["amsgrad"] = false;
     j["weight_decay_kind"] = kind == OptimizerKind::kAdamW ? "decoupled" : "l2";
+  } else {
+    j["eps"] = eps;
+    if (kind == OptimizerKind::kRmsprop) {
+      j["alpha"] = alpha;
+      j["centered"] = centered;
+      j["momentum"] = momentum;
+    } else if (kind == OptimizerKind::kAdagrad) {
+      j["lr_decay"] = lr_decay;
+      j["initial_accumulator_value"] = initial_accumulator;
+    } else {
+      j["rho"] = rho;
+    }
+    j["weight_decay_kind"] = "l2";
   }
   return j;
 }

@@ -68,11 +68,16 @@ OptimizerOptions TrainConfig::optimizer_options() const {
   o.beta1 = beta1;
   o.beta2 = beta2;
   o.eps = eps;
+  o.alpha = alpha;
+  o.centered = centered;
+  o.rho = rho;
+  o.lr_decay = lr_decay;
+  o.initial_accumulator = initial_accumulator;
   return o;
 }
 
 nlohmann::json to_json(const TrainConfig& c) {
-  return {{"data_dir", c.data_dir},       {"model", c.model},
+  nlohmann::json j = {{"data_dir", c.data_dir},       {"model", c.model},
           {"steps", c.steps},             {"epochs", c.epochs},
           {"batch", c.batch},             {"lr", c.lr},
           {"lr_schedule", c.lr_schedule}, {"momentum", c.momentum},
@@ -85,6 +90,17 @@ nlohmann::json to_json(const TrainConfig& c) {
           {"normalize", c.normalize},     {"checkpoint_every", c.checkpoint_every},
           {"eval_every", c.eval_every},   {"log_gradients", c.log_gradients},
           {"out", c.out}};
+  // The settings of RMSprop, Adagrad and Adadelta, written for those runs only.
+  if (c.optimizer == "rmsprop") {
+    j["alpha"] = c.alpha;
+    j["centered"] = c.centered;
+  } else if (c.optimizer == "adagrad") {
+    j["lr_decay"] = c.lr_decay;
+    j["initial_accumulator"] = c.initial_accumulator;
+  } else if (c.optimizer == "adadelta") {
+    j["rho"] = c.rho;
+  }
+  return j;
 }
 
 namespace {
@@ -139,6 +155,12 @@ TrainConfig train_config_from_json(const nlohmann::json& j, const std::string& s
       c.beta2 = betas[1];
     }
     c.eps = j.value("eps", 1e-8);
+    // Absent from runs made before RMSprop, Adagrad and Adadelta: their torch.optim defaults.
+    c.alpha = j.value("alpha", 0.99);
+    c.centered = j.value("centered", false);
+    c.rho = j.value("rho", 0.9);
+    c.lr_decay = j.value("lr_decay", 0.0);
+    c.initial_accumulator = j.value("initial_accumulator", 0.0);
     c.weight_decay = j.at("weight_decay").get<double>();
     c.seed = j.at("seed").get<uint64_t>();
     c.threads = static_cast<int>(std::clamp<int64_t>(whole_number(j, "threads", source), -1, kMaxThreads + 1));

@@ -306,6 +306,7 @@ RunFacts run_facts(const fs::path& run) {
     f.train_examples = r.train_inputs().size(0);
     f.optimizer = r.optimizer();
     f.model = r.zoo_spec();
+    f.settings_vary = r.settings_vary();
     return f;
   }
   const RunDir dir(run);

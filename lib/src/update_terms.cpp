@@ -21,7 +21,7 @@ ParamMap scaled(const ParamMap& g, double s) {
 }
 
 void UpdateRecurrence::advance(int64_t k, const ParamMap& grad, const ParamMap& weights,
-                                const StepSettings& settings) {
+                                const StepSettings& settings, const ParamMap& p) {
   lu_ = linear_update(settings.options, k);
   // Without memory a step's update depends on that step alone: any step may come next.
   if (k != next_ && lu_.has_memory()) {
@@ -30,7 +30,12 @@ void UpdateRecurrence::advance(int64_t k, const ParamMap& grad, const ParamMap& 
   }
   const bool coupled = lu_.lc != 0 || (settings.options.kind != OptimizerKind::kAdamW && !settings.weight_decay.empty());
   decays_ = false;
-  for (const auto& [name, g] : grad) {
+  if (lu_.inner && p.empty() && settings.options.kind != OptimizerKind::kSgd) {
+    throw std::logic_error("UpdateRecurrence: step " + std::to_string(k) + " needs its preconditioner");
+  }
+  for (const auto& [name, g0] : grad) {
+    // With P inside the buffer each step's gradient enters preconditioned.
+    const at::Tensor g = lu_.inner ? g0 * p.at(name) : g0;
     auto& gb = g_buf_[name];
     gb = gb.defined() && lu_.beta != 0 ? gb * lu_.beta + g * lu_.s : g * lu_.s;
     // The coupled (L2) decay's buffer, kept while any step's decay is in it.
@@ -38,7 +43,8 @@ void UpdateRecurrence::advance(int64_t k, const ParamMap& grad, const ParamMap& 
     auto& wb = w_buf_[name];
     const bool carried = wb.defined() && lu_.beta != 0;
     if (lc != 0) {
-      const at::Tensor term = weights.at(name) * (lu_.s * lc);
+      at::Tensor term = weights.at(name) * (lu_.s * lc);
+      if (lu_.inner) term = term * p.at(name);
       wb = carried ? wb * lu_.beta + term : term;
     } else {
       wb = carried ? wb * lu_.beta : at::Tensor();
@@ -59,7 +65,7 @@ ParamMap UpdateRecurrence::kernel_direction(const ParamMap& p) const {
     if (lu_.nu != 0) t = t + grad_.at(name) * (lu_.nu * settings_.rate_of(name));
     d[name] = t;
   }
-  return precondition(p, d);
+  return lu_.inner ? d : precondition(p, d);
 }
 
 ParamMap UpdateRecurrence::decay_direction(const ParamMap& p) const {
@@ -73,7 +79,7 @@ ParamMap UpdateRecurrence::decay_direction(const ParamMap& p) const {
     if (lu_.nu != 0 && lc != 0) t = t + w * (lu_.nu * lc * r);
     d[name] = t;
   }
-  d = precondition(p, d);
+  if (!lu_.inner) d = precondition(p, d);
   if (decoupled) {
     for (auto& [name, t] : d) {
       const double ld = settings_.decay_of(name);

@@ -15,6 +15,11 @@ onecycle     OneCycleLR with cycle_momentum=True changes SGD's momentum every st
 onecycle_adam  the same with Adam: beta1 changes every step
 groups       AdamW with the usual parameter groups: no weight decay on biases, the output layer at
              half the rate, and a cosine schedule (analyzed exactly)
+groups_sgd   plain SGD (no momentum) with the same groups: weight decay on weights only, the
+             output layer at half the rate (the analysis takes the optimizer's route)
+rmsprop      RMSprop, centered, with momentum 0.9 and weight decay
+adagrad      Adagrad with a rate decay and weight decay
+adadelta     Adadelta (lr 1.0, pytorch/examples mnist's optimizer) with StepLR
 group_momentum  parameter groups with different momentum (refused by Recorder(), naming it)
 every5       checkpoint_every=5 with momentum (refused by Recorder() before any file is written)
 tuple        a model whose forward returns (logits, features), recorded with output=0
@@ -86,6 +91,22 @@ def main():
                                  {"params": plain, "weight_decay": 0.0},
                                  {"params": head, "weight_decay": 0.05, "lr": 1e-3}], lr=2e-3)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=30)
+    elif habit == "groups_sgd":
+        decay = [p for n, p in model.named_parameters() if n == "1.weight"]
+        plain = [p for n, p in model.named_parameters() if n.endswith("bias")]
+        head = [p for n, p in model.named_parameters() if n == "3.weight"]
+        opt = torch.optim.SGD([{"params": decay, "weight_decay": 5e-3}, {"params": plain},
+                               {"params": head, "weight_decay": 5e-3, "lr": 0.05}], lr=0.1)
+        sched = None
+    elif habit == "rmsprop":
+        opt = torch.optim.RMSprop(model.parameters(), lr=1e-3, momentum=0.9, centered=True, weight_decay=1e-4)
+        sched = None
+    elif habit == "adagrad":
+        opt = torch.optim.Adagrad(model.parameters(), lr=0.05, lr_decay=0.01, weight_decay=1e-4)
+        sched = None
+    elif habit == "adadelta":
+        opt = torch.optim.Adadelta(model.parameters(), lr=1.0, weight_decay=1e-4)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=10, gamma=0.7)
     elif habit == "group_momentum":
         opt = torch.optim.SGD([{"params": model[1].parameters(), "momentum": 0.9},
                                {"params": model[3].parameters()}], lr=0.1, momentum=0.5)

@@ -8,9 +8,10 @@ the optimizer state files torch.optim wrote, steps.jsonl), what pathkernel compu
   Kopt_k(x, c) = -lr_k * g_c(x; w_k) . r_k (.) P_k (.) sum_{j<=k} c_{k,j} gs_j grad L_j(w_j)
 
 with the coefficients c_{k,j} written out as explicit products of each step's own settings (a
-scheduler's momentum or beta1), r_k each parameter group's rate over the first group's, P_k
-Adam's preconditioner from the exp_avg_sq torch.optim saved after step k, and gs_j a recorded
-clipping scale. No recurrence, no pathkernel code. With an explanation, the same sum split over
+scheduler's momentum or beta1), r_k each parameter group's rate over the first group's, P_k the
+preconditioner of Adam, RMSprop, Adagrad or Adadelta from the state torch.optim saved (P_j in
+place of P_k for RMSprop with momentum, whose buffer holds preconditioned gradients), and gs_j a
+recorded clipping scale. No recurrence, no pathkernel code. With an explanation, the same sum split over
 training examples (a_i = sum over the steps j whose batch held i, of -(gs_j / |B_j|) grad l_i(w_j)
 times the same coefficients) for each probe's explained logit.
 
@@ -98,13 +99,30 @@ def main():
     def scale_vector(st):
         return torch.cat([torch.full((sz,), st[group_of[n]]["lr"] / st[0]["lr"]) for n, sz in zip(names, sizes)])
 
+    def slot(k, name):
+        """A state slot after k steps, flattened in the optimizer's order (zeros before it exists)."""
+        state = torch.load(ckpt(k) + ".optim.pt")["state"]
+        if not state or name not in state[0]:
+            return torch.zeros(sum(sizes))
+        return torch.cat([state[i][name].double().reshape(-1) for i in range(len(names))])
+
     def precond(k, st):
+        """P_k from torch.optim's state files, as each optimizer divides by it."""
+        g0 = st[0]
         if kind == "sgd":
             return torch.ones(sum(sizes))
-        state = torch.load(ckpt(k + 1) + ".optim.pt")["state"]
-        b2, eps = st[0]["betas"][1], st[0]["eps"]
-        v = torch.cat([state[i]["exp_avg_sq"].double().reshape(-1) for i in range(len(names))])
-        return 1.0 / ((v / (1 - b2 ** (k + 1))).sqrt() + eps)
+        if kind in ("adam", "adamw"):
+            return 1.0 / ((slot(k + 1, "exp_avg_sq") / (1 - g0["betas"][1] ** (k + 1))).sqrt() + g0["eps"])
+        if kind == "rmsprop":
+            v = slot(k + 1, "square_avg")
+            if g0.get("centered"):
+                v = v - slot(k + 1, "grad_avg") ** 2
+            return 1.0 / (v.sqrt() + g0["eps"])
+        if kind == "adagrad":
+            return 1.0 / (slot(k + 1, "sum").sqrt() + g0["eps"])
+        if kind == "adadelta":  # the accumulated update before step k, the squared gradient after it
+            return (slot(k, "acc_delta") + g0["eps"]).sqrt() / (slot(k + 1, "square_avg") + g0["eps"]).sqrt()
+        raise ValueError(kind)
 
     def coefficients(k):
         """c_{k,j} for j = 0..k, as explicit products of each step's own settings."""
@@ -123,6 +141,15 @@ def main():
                     prod *= settings(i)[0]["momentum"]
                 alpha, nu = (mu_k, 1.0) if st_k.get("nesterov") else (1.0, 0.0)
                 c.append(alpha * s_j * prod + (nu if j == k else 0.0))
+            elif kind == "rmsprop":  # b_k = mu b_{k-1} + P_k gt_k: P_j stays with gradient j
+                prod = 1.0
+                for i in range(j + 1, k + 1):
+                    prod *= settings(i)[0].get("momentum", 0)
+                c.append(prod)
+            elif kind == "adagrad":
+                c.append(1.0 / (1 + k * st_k.get("lr_decay", 0)) if j == k else 0.0)
+            elif kind == "adadelta":
+                c.append(1.0 if j == k else 0.0)
             else:
                 b1_k = st_k["betas"][0]
                 prod = 1.0
@@ -144,12 +171,15 @@ def main():
     attr = None
     if explained is not None:
         attr = torch.zeros(len(explained), x_train.shape[0])
+    inner = kind == "rmsprop" and groups[0].get("momentum", 0) > 0  # P_j inside the buffer
+    p_of = [precond(k, settings(k)) for k in range(n_steps)]
     for k in range(n_steps):
         st = settings(k)
         lr = st[0]["lr"]
-        rp = scale_vector(st) * precond(k, st)
+        r = scale_vector(st)
+        q = [r * (p_of[j] if inner else p_of[k]) for j in range(k + 1)]  # the factor of gradient j at step k
         c = coefficients(k)
-        direction = rp * sum(c[j] * grads[j] for j in range(k + 1))
+        direction = sum(c[j] * q[j] * grads[j] for j in range(k + 1))
         set_weights(k)
         if k in set(int(s) for s in step_of):
             row = int(np.nonzero(step_of == k)[0][0])
@@ -163,8 +193,8 @@ def main():
             for p, (probe, logit) in enumerate(explained):
                 g = flat_grad(model(x_explained[probe:probe + 1])[0, logit])
                 for j in range(k + 1):
-                    idx, r = rows[j]
-                    attr[p].index_add_(0, idx, -lr * c[j] * (r @ (rp * g)))
+                    idx, rows_j = rows[j]
+                    attr[p].index_add_(0, idx, -lr * c[j] * (rows_j @ (q[j] * g)))
     result = {"kopt_max_error": worst_k / max(scale_k, 1e-300), "kopt_scale": scale_k}
     if explained is not None:
         theirs = torch.from_numpy(np.load(os.path.join(explanation, "attributions.npy")))

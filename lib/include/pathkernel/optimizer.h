@@ -13,6 +13,12 @@
 ///     Nesterov: alpha = mu, nu = 1; without momentum: beta = 0, s = 1, alpha = 1.
 ///   Adam / AdamW: beta = b1, s = 1 - b1, alpha_k = 1 / (1 - b1^(k+1)), nu = 0, and
 ///     P_k = 1 / (sqrt(v_k / (1 - b2^(k+1))) + eps) from the second moment after step k.
+///   RMSprop (smoothing a, centered or not): P_k = 1 / (sqrt(v_k [- m_k^2]) + eps); without
+///     momentum beta = 0; with momentum mu the buffer holds preconditioned gradients,
+///     B_k = mu B_{k-1} + P_k (.) gtilde_k (`inner`: P enters with each step, not at the end).
+///   Adagrad (lr_decay d): beta = 0, alpha_k = 1 / (1 + k d), P_k = 1 / (sqrt(sum_k) + eps).
+///   Adadelta (rho, eps): beta = 0, P_k = sqrt(acc_{k-1} + eps) / sqrt(v_k + eps), from the
+///     state before step k (acc_delta) and after it (square_avg).
 
 #include <ATen/core/Tensor.h>
 #include <nlohmann/json_fwd.hpp>
@@ -31,9 +37,10 @@ using NamedTensors = std::vector<std::pair<std::string, at::Tensor>>;
 /// Parameter-shaped tensors by state_dict name.
 using ParamMap = std::map<std::string, at::Tensor>;
 
-enum class OptimizerKind { kSgd, kAdam, kAdamW };
+enum class OptimizerKind { kSgd, kAdam, kAdamW, kRmsprop, kAdagrad, kAdadelta };
 
-/// "sgd", "adam" or "adamw"; throws InputError naming --optimizer otherwise.
+/// "sgd", "adam", "adamw", "rmsprop", "adagrad" or "adadelta"; throws InputError naming
+/// --optimizer otherwise.
 OptimizerKind parse_optimizer(const std::string& name);
 std::string optimizer_name(OptimizerKind kind);
 
@@ -45,7 +52,12 @@ struct OptimizerOptions {
   double dampening = 0;     ///< SGD: tau in [0, 1]
   bool nesterov = false;    ///< SGD: needs momentum > 0 and dampening 0 (as torch.optim)
   double beta1 = 0.9, beta2 = 0.999;  ///< Adam/AdamW: in [0, 1)
-  double eps = 1e-8;                  ///< Adam/AdamW: > 0
+  double eps = 1e-8;                  ///< Adam/AdamW, RMSprop, Adagrad, Adadelta: > 0
+  double alpha = 0.99;                ///< RMSprop: smoothing of the squared gradient, in [0, 1)
+  bool centered = false;              ///< RMSprop: divide by the gradient's variance estimate
+  double rho = 0.9;                   ///< Adadelta: in [0, 1]
+  double lr_decay = 0;                ///< Adagrad: >= 0
+  double initial_accumulator = 0;     ///< Adagrad: >= 0 (torch's initial_accumulator_value)
 
   /// Throws InputError naming the flag (--momentum, --betas, --eps, ...).
   void validate() const;
@@ -61,6 +73,8 @@ struct LinearUpdate {
   double nu = 0;     ///< weight of gtilde_k added directly (Nesterov)
   double lc = 0;     ///< coupled (L2) weight decay, inside gtilde
   double ld = 0;     ///< decoupled weight decay (AdamW), outside the preconditioner
+  /// P_k multiplies gtilde_k as it enters the buffer (RMSprop with momentum), not the buffer.
+  bool inner = false;
   /// True when some earlier gradient enters the update (c_{k,j} != 0 for some j < k).
   bool has_memory() const { return beta != 0; }
 };
@@ -119,15 +133,18 @@ class Optimizer {
   /// Call after the weights were changed from outside (they bound the in-place update).
   virtual void weights_changed() {}
 
-  /// The preconditioner P_k after the last step, in float64 by parameter name; empty when it is
-  /// the identity (SGD).
-  virtual ParamMap preconditioner() const { return {}; }
+  /// The preconditioner P_k of the last step, in float64 by parameter name; empty when it is
+  /// the identity (SGD). `before`: preconditioner_state() before that step, for the optimizers
+  /// whose P needs it (preconditioner_needs_before(); undefined: the state before step 0).
+  ParamMap preconditioner(const at::Tensor& before = {}) const;
   /// A compact copy of the state that determines P (Adam: v flattened in state_dict order, in
   /// the parameters' dtype); undefined when P is the identity. For keeping P of many steps.
   virtual at::Tensor preconditioner_state() const { return {}; }
   /// P, flattened in state_dict order in float64, from a preconditioner_state() taken after
-  /// `steps` updates, written into `out` [n_params] (float64).
-  virtual void preconditioner_from(const at::Tensor& /*state*/, int64_t /*steps*/, at::Tensor& /*out*/) const {}
+  /// `steps` updates (and, for Adadelta, the one taken before; undefined at step 0), written
+  /// into `out` [n_params] (float64).
+  virtual void preconditioner_from(const at::Tensor& /*state*/, int64_t /*steps*/, at::Tensor& /*out*/,
+                                   const at::Tensor& /*before*/ = {}) const {}
   /// The linear form of the update of step k (0-based; the optimizer's count t = k + 1).
   LinearUpdate linear_update(int64_t k) const;
 
@@ -151,6 +168,15 @@ class Optimizer {
   std::vector<at::Tensor> params_;
   int64_t steps_ = 0;
 };
+
+/// True when P_k needs the state before step k as well as after it (Adadelta).
+inline bool preconditioner_needs_before(OptimizerKind kind) { return kind == OptimizerKind::kAdadelta; }
+
+/// The state slots of an optimizer kind, as torch.optim names them in its state_dict.
+std::vector<std::string> state_slots(OptimizerKind kind);
+
+/// The default eps of a kind, as torch.optim's (Adam, RMSprop 1e-8; Adagrad 1e-10; Adadelta 1e-6).
+double default_eps(OptimizerKind kind);
 
 /// An optimizer of `options.kind` over the given parameters (state_dict names and tensors).
 std::unique_ptr<Optimizer> make_optimizer(const OptimizerOptions& options, std::vector<std::string> names,

@@ -38,7 +38,12 @@ struct TrainConfig {
   double dampening = 0.0;       ///< SGD: tau
   bool nesterov = false;        ///< SGD: Nesterov momentum
   double beta1 = 0.9, beta2 = 0.999;  ///< Adam/AdamW betas
-  double eps = 1e-8;            ///< Adam/AdamW epsilon
+  double eps = 1e-8;            ///< Adam/AdamW, RMSprop, Adagrad, Adadelta epsilon (read_betas sets the kind's default)
+  double alpha = 0.99;          ///< RMSprop smoothing
+  bool centered = false;        ///< RMSprop centered
+  double rho = 0.9;             ///< Adadelta
+  double lr_decay = 0;          ///< Adagrad
+  double initial_accumulator = 0;  ///< Adagrad
   double weight_decay = 0.0;    ///< SGD and Adam: L2 lambda; AdamW: decoupled
   uint64_t seed = 0;            ///< seeds weight init and batch order
   int threads = 1;              ///< torch intra-op threads and OpenBLAS threads

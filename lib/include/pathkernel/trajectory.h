@@ -103,6 +103,8 @@ struct RunFacts {
   OptimizerOptions optimizer;
   /// The zoo spec the run is analyzed with by default ("" for a recorded run's own TorchScript).
   std::string model;
+  /// A recorded run whose settings change between steps or parameter groups (Trajectory::settings_vary).
+  bool settings_vary = false;
 };
 RunFacts run_facts(const std::filesystem::path& run);
 

@@ -27,10 +27,14 @@ class UpdateRecurrence {
   /// betas, the parameters' rates and decay). With memory, steps must come in order 0, 1, 2, ...
   /// (throws std::logic_error otherwise). Each step's settings enter the buffers with that step:
   ///   G_k = beta_k G_{k-1} + s_k grad L_k,   W_k = beta_k W_{k-1} + s_k lc_k(p) w_k.
-  void advance(int64_t k, const ParamMap& grad, const ParamMap& weights, const StepSettings& settings);
+  /// `p`: P_k, needed here when it enters the buffer (LinearUpdate::inner, RMSprop with momentum:
+  /// G_k = beta_k G_{k-1} + s_k P_k (.) grad L_k); else ignored.
+  void advance(int64_t k, const ParamMap& grad, const ParamMap& weights, const StepSettings& settings,
+               const ParamMap& p = {});
 
   /// r (.) P_k (.) (alpha_k G_k + nu grad L_k), without the factor -a_k; r the parameters' rate
-  /// scales. `p` is the preconditioner after step k (empty: the identity).
+  /// scales. `p` is the preconditioner after step k (empty: the identity); with P inside the
+  /// buffer, r (.) alpha_k G_k (p unused).
   ParamMap kernel_direction(const ParamMap& p) const;
   /// r (.) P_k (.) (alpha_k W_k + nu lc w_k) + r ld w_k, without the factor -a_k.
   ParamMap decay_direction(const ParamMap& p) const;
