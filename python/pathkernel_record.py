@@ -1,17 +1,21 @@
 """Record a PyTorch training run in the format pathkernel analyzes.
 
-    from pathkernel_record import Indexed, Recorder
+    from pathkernel_record import Recorder, Tracked
 
-    loader = DataLoader(Indexed(train_set), batch_size=64, shuffle=True)   # items (x, y, index)
+    train_set = Tracked(train_set)            # remembers the indices the loader fetches
+    loader = DataLoader(train_set, batch_size=64, shuffle=True)
     rec = Recorder("runs/mine", model, optimizer, train=train_set, test=test_set, loss="ce")
-    for data, target, idx in loader:
+    for data, target in loader:
         optimizer.zero_grad()
         loss = F.cross_entropy(model(data), target)
         loss.backward()
         optimizer.step()
-        rec.step(idx, loss)
-        scheduler.step()            # any LR scheduler: the rate each step used is recorded
+        rec.step(loss)
+        scheduler.step()            # any scheduler: each step's rate and settings are recorded
     rec.close()
+
+With worker processes (num_workers > 0), wrap the set in Indexed instead: its items carry their
+index (`for data, target, idx in loader`, `rec.step(idx, loss)`).
 
 train and test may also be tensors (X, y); the loop then indexes them itself, X[idx].
 
@@ -22,6 +26,7 @@ stays readable up to its last complete step.
 """
 import copy
 import json
+import types
 import os
 import time
 
@@ -223,10 +228,40 @@ class Indexed(torch.utils.data.Dataset):
         return x, y, i
 
 
+class Tracked(torch.utils.data.Dataset):
+    """The dataset as it is, which remembers the indices a DataLoader fetches from it, so that
+    the loop stays as written and rec.step(loss) knows the batch:
+
+        train_set = Tracked(train_set)
+        loader = DataLoader(train_set, batch_size=64, shuffle=True)
+        rec = Recorder("runs/mine", model, optimizer, train=train_set)
+        for data, target in loader:
+            ...
+            optimizer.step()
+            rec.step(loss)
+
+    The loader must fetch in this process (num_workers=0, the default); with worker processes
+    use Indexed and rec.step(idx, loss).
+    """
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+        self.fetched = []
+        self.tracking = True
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        if self.tracking:
+            self.fetched.append(int(i))
+        return self.dataset[i]
+
+
 def _as_pair(data, name):
     """(inputs, targets) from a pair of tensors, or a map-style Dataset of (input, target) items
-    (an Indexed one too), stacked in index order as the dataset gives them."""
-    if isinstance(data, Indexed):
+    (an Indexed or Tracked one too), stacked in index order as the dataset gives them."""
+    if isinstance(data, (Indexed, Tracked)):
         data = data.dataset
     if isinstance(data, (tuple, list)) and len(data) == 2:
         return data
@@ -386,19 +421,23 @@ class Recorder:
         self._rates = None
         original = optimizer.step
 
-        def step(*args, **kwargs):
-            self._rates = [float(g["lr"]) for g in optimizer.param_groups]
-            self._settings = [_update_settings(g) for g in optimizer.param_groups]
+        def step(opt, *args, **kwargs):
+            self._rates = [float(g["lr"]) for g in opt.param_groups]
+            self._settings = [_update_settings(g) for g in opt.param_groups]
             self._fingerprint = self._gradient_fingerprint()
             self._fed_at_step, self._fed = self._fed, None
             return original(*args, **kwargs)
         if hasattr(original, "_with_counter"):  # an LR scheduler already counts the steps
             step._with_counter = original._with_counter
-        optimizer.step = step
+        # A bound method, as torch.optim's own: a scheduler made after the Recorder wraps it again.
+        optimizer.step = types.MethodType(step, optimizer)
         self._log = open(os.path.join(out, "steps.jsonl"), "a")
         # The inputs of the training forwards (with gradients on), the last of them taken when
         # optimizer.step() runs: what the step was computed on. Registered after scripting.
         self._train_x = splits["train"][0]
+        self._tracked = train if isinstance(train, Tracked) else None
+        if self._tracked is not None:
+            self._tracked.fetched = []  # the recorder's own reading of the data is no batch
         self._fed = self._fed_at_step = None
         # The raw gradient of each parameter, as backward() computes it (tensor hooks, summed over
         # the backward passes of a step): a uniform factor between it and the gradient applied
@@ -487,15 +526,18 @@ class Recorder:
         _atomic(base + ".optim.pt", lambda tmp: torch.save(_to_cpu(self.optimizer.state_dict()), tmp))
         _atomic(base + ".pt", lambda tmp: torch.save(_to_cpu(self.model.state_dict()), tmp))
 
-    def step(self, batch, loss, inputs=None):
-        """Records the step just taken: `batch` the training indices it used (a tensor or a
-        list), `loss` its batch loss (a tensor or a float), `inputs` (optional) the inputs fed to
-        the model when they are not the stored rows train[0][batch] (augmentation; by default the
+    def step(self, batch, loss=None, inputs=None):
+        """Records the step just taken: rec.step(batch, loss) or, with the training set wrapped
+        in Tracked, rec.step(loss). `batch` the training indices it used (a tensor or a list),
+        `loss` its batch loss (a tensor or a float), `inputs` (optional) the inputs fed to the
+        model when they are not the stored rows train[0][batch] (augmentation; by default the
         recorder takes them from the model's last training forward). Call after optimizer.step()."""
         if self.closed:
             raise RuntimeError("the recorder is closed")
         if self._rates is None:
             raise RuntimeError("call rec.step() after optimizer.step()")
+        if loss is None:  # rec.step(loss): the batch the Tracked training set handed out
+            batch, loss = self._tracked_batch(), batch
         # The optimizer's settings as this step used them: a scheduler may have changed momentum or
         # betas (OneCycleLR's cycle_momentum); recorded with the step when not the manifest's.
         if _group_mismatch(self._settings):
@@ -537,6 +579,19 @@ class Recorder:
         self._log.flush()
         self._rates = None
         self.k += 1
+
+    def _tracked_batch(self):
+        if self._tracked is None:
+            raise ValueError("rec.step(loss) needs the training set wrapped in Tracked(...) (or pass the batch: "
+                             "rec.step(indices, loss))")
+        fetched, self._tracked.fetched = self._tracked.fetched, []
+        fed = self._fed_at_step
+        n = int(fed.shape[0]) if isinstance(fed, torch.Tensor) and fed.dim() > 0 else len(fetched)
+        if not fetched or len(fetched) < n:
+            raise ValueError("step %d: the Tracked training set handed out %d examples since the last step, the "
+                             "model was fed %d: the loader must fetch in this process (num_workers=0), or use "
+                             "Indexed and rec.step(indices, loss)" % (self.k, len(fetched), n))
+        return fetched[-n:]
 
     def close(self):
         """Marks the run complete (the last step's weights are always saved)."""

@@ -487,6 +487,45 @@ TEST_F(RecordedHabitsTest, ADataLoaderLoopRecordsAndEveryStepVerifies) {
   EXPECT_NEAR(x[0].min().item<double>(), -0.1307 / 0.3081, 1e-6);
 }
 
+// pytorch/examples' mnist loop (issue 23, item 3): its Net (1.2M parameters, log_softmax and
+// nll_loss), Adadelta at lr 1.0 with StepLR, model.train() each epoch and `for batch_idx, (data,
+// target) in enumerate(train_loader)` as written, plus five marked lines (Tracked(...) around the
+// training set, the Recorder, rec.step(loss), rec.close(), the import). Recorded on Fashion-MNIST,
+// every step verified, analyzed with the update closing, reported with the test accuracy.
+TEST_F(RecordedHabitsTest, PytorchExamplesMnistLoopRecordsWithFiveAddedLines) {
+  const std::string script = std::string(PATHKERNEL_SOURCE_DIR) + "/examples/record_examples_mnist.py";
+  const std::string text = read_file(script);
+  size_t marked = 0;
+  for (size_t at = text.find("# pathkernel"); at != std::string::npos; at = text.find("# pathkernel", at + 1)) ++marked;
+  EXPECT_LE(marked, 5u) << "the lines recording adds, marked";
+  EXPECT_NE(text.find("for batch_idx, (data, target) in enumerate(train_loader):"), std::string::npos);
+  const fs::path run = tmp_->path() / "examples-mnist";
+  ASSERT_EQ(testing::run_program({"/usr/bin/python3", script, run.string(), "--train-limit", "320", "--test-limit", "500"},
+                                 tmp_->path() / "examples-mnist.log"),
+            0)
+      << read_file(tmp_->path() / "examples-mnist.log");
+  EXPECT_EQ(read_json(run / "manifest.json")["optimizer"]["name"], "adadelta");
+  std::string log;
+  ASSERT_EQ(analyze(run, "examples-mnist-an", log), 0) << log;
+  const fs::path an = tmp_->path() / "examples-mnist-an";
+  const nlohmann::json s = read_json(an / "summary.json");
+  EXPECT_EQ(s["verification"]["steps_checked"], 5);
+  EXPECT_EQ(s["verification"]["steps_failed"], 0);
+  const Table t = read_csv(an / "steps.csv");
+  double kopt = 0, round = 0;
+  for (size_t i = 0; i < t.rows; ++i) {
+    kopt = std::max(kopt, t.cols.at("Kopt_norm")[i]);
+    round = std::max(round, t.cols.at("Uopt_round_norm")[i]);
+  }
+  EXPECT_LT(round, 1e-5 * kopt);
+  ASSERT_EQ(testing::run_program({PATHKERNEL_BIN, "report", an.string(), "--out", (tmp_->path() / "examples-mnist-report").string()},
+                                 tmp_->path() / "report.log"),
+            0)
+      << read_file(tmp_->path() / "report.log");
+  const std::string html = read_file(tmp_->path() / "examples-mnist-report" / "report.html");
+  EXPECT_NE(html.find("test accuracy at the end"), std::string::npos);
+}
+
 // Gradient clipping by norm (issue 23, item 2): the recorder records each step's uniform scale
 // between the raw gradient (tensor hooks) and the one applied, and Kopt, the per-example terms
 // and self-influence use the applied gradient: every step verifies, the optimizer's update of it
@@ -638,6 +677,16 @@ TEST_F(RecordedHabitsTest, AModeSwitchIsRefusedAtItsStepAndUnsupportedSettingsBe
               std::string::npos)
         << read_file(tmp_->path() / "group_momentum.log");
     EXPECT_FALSE(fs::exists(run)) << "a refused Recorder leaves no files";
+  }
+  {  // rec.step(loss) needs the Tracked training set to know the batch
+    const fs::path run = tmp_->path() / "untracked";
+    EXPECT_NE(testing::run_program({"/usr/bin/python3", std::string(PATHKERNEL_SOURCE_DIR) + "/tests/data/record_habits.py",
+                                    "untracked", run.string()},
+                                   tmp_->path() / "untracked.log"),
+              0);
+    EXPECT_NE(read_file(tmp_->path() / "untracked.log").find("rec.step(loss) needs the training set wrapped in Tracked"),
+              std::string::npos)
+        << read_file(tmp_->path() / "untracked.log");
   }
   const fs::path run = tmp_->path() / "train_mode";
   const int st = testing::run_program({"/usr/bin/python3", std::string(PATHKERNEL_SOURCE_DIR) + "/tests/data/record_habits.py",

@@ -20,6 +20,8 @@ groups_sgd   plain SGD (no momentum) with the same groups: weight decay on weigh
 rmsprop      RMSprop, centered, with momentum 0.9 and weight decay
 adagrad      Adagrad with a rate decay and weight decay
 adadelta     Adadelta (lr 1.0, pytorch/examples mnist's optimizer) with StepLR
+untracked    rec.step(loss) without the batch, the training set not wrapped in Tracked: refused at
+             step 0, naming Tracked
 group_momentum  parameter groups with different momentum (refused by Recorder(), naming it)
 every5       checkpoint_every=5 with momentum (refused by Recorder() before any file is written)
 tuple        a model whose forward returns (logits, features), recorded with output=0
@@ -138,7 +140,10 @@ def main():
             with torch.no_grad():
                 for p in model.parameters():
                     p.add_(0.01 * torch.randn_like(p))
-        rec.step(idx, loss)
+        if habit == "untracked":
+            rec.step(loss)
+        else:
+            rec.step(idx, loss)
         if sched is not None:
             sched.step()
     rec.close()
