@@ -297,7 +297,8 @@ class Recorder:
         RMSprop (momentum, centered), Adagrad or Adadelta over the model's parameters. Parameter groups may have their own learning rate and weight
         decay; a scheduler may change the rate, momentum, betas and weight decay at every step.
     train, test: (inputs, targets) exactly as fed to the model: float32 inputs of any shape
-        [N, ...]; int64 class labels [N] for loss "ce", float32 targets [N, C] for loss "mse".
+        [N, ...] (or int64 tokens [N, ...] for a model that embeds them, nn.Embedding); int64
+        class labels [N] for loss "ce", float32 targets [N, C] for loss "mse".
         Or a map-style Dataset of (input, target) items (torchvision's, with its transforms),
         read once in index order; wrap the training set in Indexed for the DataLoader.
     loss: "ce" (mean cross-entropy over the batch) or "mse" (mean over the batch of the summed
@@ -352,8 +353,10 @@ class Recorder:
             if pair is None:
                 continue
             x, y = (torch.as_tensor(t).detach().cpu() for t in _as_pair(pair, split))
-            if x.dtype != torch.float32:
-                raise ValueError("%s inputs must be float32, not %s" % (split, x.dtype))
+            if x.dtype not in (torch.float32, torch.int64):
+                raise ValueError("%s inputs must be float32 (or int64 tokens), not %s" % (split, x.dtype))
+            if split == "test" and "train" in splits and x.dtype != splits["train"][0].dtype:
+                raise ValueError("test inputs are %s, the training inputs %s" % (x.dtype, splits["train"][0].dtype))
             want = torch.int64 if loss == "ce" else torch.float32
             if y.dtype != want:
                 raise ValueError("%s targets must be %s for loss %s, not %s" % (split, want, loss, y.dtype))
@@ -561,7 +564,7 @@ class Recorder:
         fed = inputs if inputs is not None else self._fed_at_step
         self._fed_at_step = None
         if fed is not None:
-            fed = torch.as_tensor(fed).detach().to(device="cpu", dtype=torch.float32)
+            fed = torch.as_tensor(fed).detach().to(device="cpu", dtype=self._train_x.dtype)
             stored = self._train_x[torch.as_tensor(idx)]
             if fed.shape != stored.shape:
                 if inputs is not None:

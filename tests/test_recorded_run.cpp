@@ -223,8 +223,8 @@ TEST_F(RecordedRunTest, DamagedRunsAreRefusedWithTheFileNamed) {
   {  // inputs of another shape than the manifest says
     const fs::path r = copy("shape");
     save_npy(r / "data" / "test_x.npy", at::zeros({500, 784}, at::kDouble));  // right dtype, wrong shape
-    EXPECT_THROW_WITH(RecordedRun{r}, InputError, "test_x.npy: inputs must be float32 (or float64) 500x1x28x28");
-    cli_refuses(r, "test_x.npy: inputs must be float32 (or float64) 500x1x28x28");
+    EXPECT_THROW_WITH(RecordedRun{r}, InputError, "test_x.npy: inputs must be float32 (or float64, or int64 tokens) 500x1x28x28");
+    cli_refuses(r, "test_x.npy: inputs must be float32 (or float64, or int64 tokens) 500x1x28x28");
   }
   {  // a state_dict that does not match the manifest (a renamed key, a changed shape)
     const fs::path r = copy("keys");
@@ -250,6 +250,12 @@ TEST_F(RecordedRunTest, DamagedRunsAreRefusedWithTheFileNamed) {
     atomic_write(r / "manifest.json", m);
     EXPECT_THROW_WITH(RecordedRun{r}, InputError, "is outside the run directory");
     cli_refuses(r, "is outside the run directory");
+  }
+  {  // int64 tokens for a split whose training inputs are images
+    const fs::path r = copy("tokens-mixed");
+    save_npy(r / "data" / "test_x.npy", at::zeros({500, 1, 28, 28}, at::kLong));
+    EXPECT_THROW_WITH(RecordedRun{r}, InputError, "test_x.npy: test inputs are Long, the training inputs Float");
+    cli_refuses(r, "test_x.npy: test inputs are Long, the training inputs Float");
   }
   // Issue 23: parameter groups and per-step settings are read strictly.
   auto edit_manifest = [&](const std::string& name, const std::function<void(nlohmann::json&)>& f) {
@@ -562,11 +568,13 @@ TEST_F(RecordedHabitsTest, ClippingByNormIsRecordedAndAnalyzedExactly) {
 // Kopt and explain's a_i equal an independent float64 computation from the files on disk
 // (tests/python/check_recorded_terms.py: explicit coefficient products, torch.optim's own state
 // files) to 1e-9. Clipping by norm goes through the same check, and so do RMSprop (centered, with
-// momentum: P inside the buffer), Adagrad and Adadelta with StepLR (issue 23, item 4). The check can fail: the same
+// momentum: P inside the buffer), Adagrad and Adadelta with StepLR (issue 23, item 4), and an
+// nn.Embedding + LSTM on int64 tokens with AdamW (item 3: tokens recorded and analyzed as they
+// are, and reported). The check can fail: the same
 // OneCycleLR run read with its per-step momentum dropped is refused (exit 4).
 TEST_F(RecordedHabitsTest, SchedulesGroupsAndEveryOptimizerAreAnalyzedExactly) {
   for (const std::string habit :
-       {"onecycle", "onecycle_adam", "groups", "groups_sgd", "clip", "rmsprop", "adagrad", "adadelta"}) {
+       {"onecycle", "onecycle_adam", "groups", "groups_sgd", "clip", "rmsprop", "adagrad", "adadelta", "tokens"}) {
     SCOPED_TRACE(habit);
     const fs::path run = record(habit);
     std::string log;
@@ -598,6 +606,16 @@ TEST_F(RecordedHabitsTest, SchedulesGroupsAndEveryOptimizerAreAnalyzedExactly) {
     EXPECT_LT(check["kopt_max_error"].get<double>(), 1e-9) << check.dump();
     EXPECT_LT(check["attr_max_error"].get<double>(), 1e-9) << check.dump();
     EXPECT_GT(check["kopt_scale"].get<double>(), 0);
+  }
+  {  // the token run: int64 inputs stored as they are, and reported
+    const fs::path run = record("tokens");
+    EXPECT_EQ(load_npy(run / "data" / "train_x.npy").scalar_type(), at::kLong);
+    ASSERT_EQ(testing::run_program({PATHKERNEL_BIN, "report", (tmp_->path() / "tokens-exact").string(), "--out",
+                                    (tmp_->path() / "tokens-report").string()},
+                                   tmp_->path() / "report.log"),
+              0)
+        << read_file(tmp_->path() / "report.log");
+    EXPECT_TRUE(fs::exists(tmp_->path() / "tokens-report" / "report.html"));
   }
   // The per-step momentum dropped from the records: the update no longer closes, exit 4.
   const fs::path run = tmp_->path() / "onecycle-held";

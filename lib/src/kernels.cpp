@@ -203,7 +203,8 @@ at::Tensor explicit_probe_jacobian(models::Model& model, const at::Tensor& x, co
   const int64_t c = cols.size(1);
   const at::Tensor col = cols.contiguous();
   const auto cl = col.accessor<int64_t, 2>();
-  at::Tensor jac = at::empty({x.size(0) * c, count_params(params)}, x.options());
+  // In the parameters' dtype: the inputs may be int64 tokens.
+  at::Tensor jac = at::empty({x.size(0) * c, count_params(params)}, params.front().options());
   for (int64_t p = 0; p < x.size(0); ++p) {
     const at::Tensor out = model.forward(x.slice(0, p, p + 1))[0];
     for (int64_t j = 0; j < c; ++j) gradient_row(params, out[cl[p][j]], jac[p * c + j]);
@@ -217,7 +218,7 @@ at::Tensor explicit_probe_jacobian(models::Model& model, const at::Tensor& x, co
 
 at::Tensor explicit_loss_jacobian(models::Model& model, const at::Tensor& x, const at::Tensor& y, LossKind loss) {
   const auto params = parameters_of(model);
-  at::Tensor jac = at::empty({x.size(0), count_params(params)}, x.options());
+  at::Tensor jac = at::empty({x.size(0), count_params(params)}, params.front().options());
   for (int64_t m = 0; m < x.size(0); ++m) {
     gradient_row(params, batch_loss(model.forward(x.slice(0, m, m + 1)), y.slice(0, m, m + 1), loss), jac[m]);
   }
@@ -244,12 +245,12 @@ at::Tensor second_order_per_row(models::Model& model, const at::Tensor& x, const
   const int64_t c = cols.size(1);
   const at::Tensor col = cols.contiguous();
   const auto cl = col.accessor<int64_t, 2>();
-  at::Tensor s = at::empty({x.size(0) * c}, x.options());
+  at::Tensor s = at::empty({x.size(0) * c}, params.front().options());
   for (int64_t p = 0; p < x.size(0); ++p) {
     const at::Tensor out = model.forward(x.slice(0, p, p + 1))[0];
     for (int64_t j = 0; j < c; ++j) {
       const auto g = torch::autograd::grad({out[cl[p][j]]}, params, {}, /*retain_graph=*/true, /*create_graph=*/true, true);
-      at::Tensor gdw = at::zeros({}, x.options());
+      at::Tensor gdw = at::zeros({}, params.front().options());
       for (size_t i = 0; i < g.size(); ++i) {
         if (g[i].defined()) gdw = gdw + (g[i] * dirs[i]).sum();
       }

@@ -180,11 +180,20 @@ void RecordedRun::read_split(const std::string& split, at::Tensor& x, at::Tensor
   y = load_npy(yf);
   std::vector<int64_t> want = {n};
   want.insert(want.end(), input_shape.begin(), input_shape.end());
-  if ((x.scalar_type() != at::kFloat && x.scalar_type() != at::kDouble) || x.sizes().vec() != want) {
-    throw InputError(fmt::format("{}: inputs must be float32 (or float64) {}, the file holds {} {}", xf.string(), fmt::join(want, "x"),
-                                 c10::toString(x.scalar_type()), fmt::join(x.sizes(), "x")));
+  const bool tokens = x.scalar_type() == at::kLong;  // int64 tokens, for a model that embeds them
+  if ((x.scalar_type() != at::kFloat && x.scalar_type() != at::kDouble && !tokens) || x.sizes().vec() != want) {
+    throw InputError(fmt::format("{}: inputs must be float32 (or float64, or int64 tokens) {}, the file holds {} {}",
+                                 xf.string(), fmt::join(want, "x"), c10::toString(x.scalar_type()), fmt::join(x.sizes(), "x")));
   }
-  if (!at::isfinite(x).all().item<bool>()) throw InputError(xf.string() + ": inputs hold NaN or inf");
+  if (split == "test" && train_x_.defined() && x.scalar_type() != train_x_.scalar_type() &&
+      (tokens || train_x_.scalar_type() == at::kLong)) {
+    throw InputError(xf.string() + ": test inputs are " + std::string(c10::toString(x.scalar_type())) +
+                     ", the training inputs " + std::string(c10::toString(train_x_.scalar_type())));
+  }
+  if (tokens && x.numel() > 0 && x.min().item<int64_t>() < 0) {
+    throw InputError(xf.string() + ": int64 tokens must not be negative");
+  }
+  if (!tokens && !at::isfinite(x).all().item<bool>()) throw InputError(xf.string() + ": inputs hold NaN or inf");
   if (loss_ == "ce") {
     if (y.scalar_type() != at::kLong || y.dim() != 1 || y.size(0) != n) {
       throw InputError(fmt::format("{}: labels must be int64 [{}]", yf.string(), n));
@@ -432,9 +441,16 @@ at::Tensor RecordedRun::fed_inputs(int64_t k, const std::string& name, size_t ro
   std::vector<int64_t> want = {static_cast<int64_t>(rows)};
   const auto shape = train_x_.sizes().vec();
   want.insert(want.end(), shape.begin() + 1, shape.end());
-  if ((x.scalar_type() != at::kFloat && x.scalar_type() != at::kDouble) || x.sizes().vec() != want) {
-    throw InputError(fmt::format("{}: the inputs fed at step {} must be float32 {}, the file holds {} {}", f.string(), k,
-                                 fmt::join(want, "x"), c10::toString(x.scalar_type()), fmt::join(x.sizes(), "x")));
+  const bool tokens = train_x_.scalar_type() == at::kLong;
+  if ((tokens ? x.scalar_type() != at::kLong : x.scalar_type() != at::kFloat && x.scalar_type() != at::kDouble) ||
+      x.sizes().vec() != want) {
+    throw InputError(fmt::format("{}: the inputs fed at step {} must be {} {}, the file holds {} {}", f.string(), k,
+                                 tokens ? "int64" : "float32", fmt::join(want, "x"), c10::toString(x.scalar_type()),
+                                 fmt::join(x.sizes(), "x")));
+  }
+  if (tokens) {
+    if (x.numel() > 0 && x.min().item<int64_t>() < 0) throw InputError(f.string() + ": int64 tokens must not be negative");
+    return x;
   }
   if (!at::isfinite(x).all().item<bool>()) throw InputError(f.string() + ": inputs hold NaN or inf");
   return x.to(at::kDouble);

@@ -123,7 +123,8 @@ class RecordedTrajectory : public Trajectory {
     return x.defined() ? x.size(0) : 0;
   }
   at::Tensor inputs(const std::string& split, const at::Tensor& idx, at::ScalarType dtype) const override {
-    return (split == "test" ? run_.test_inputs() : run_.train_inputs()).index_select(0, idx).to(dtype);
+    const at::Tensor x = (split == "test" ? run_.test_inputs() : run_.train_inputs()).index_select(0, idx);
+    return x.scalar_type() == at::kLong ? x : x.to(dtype);  // int64 tokens stay tokens
   }
   at::Tensor labels(const std::string& split, const at::Tensor& idx) const override {
     const at::Tensor y = (split == "test" ? run_.test_targets() : run_.train_targets()).index_select(0, idx);
@@ -152,7 +153,8 @@ class RecordedTrajectory : public Trajectory {
     out.lr = s.lr;
     out.indices = at::tensor(s.batch, at::kLong);
     // What the loop fed (augmented inputs the recorder stored), else the stored rows.
-    out.x = (s.inputs.defined() ? s.inputs : run_.train_inputs().index_select(0, out.indices)).to(dtype);
+    out.x = s.inputs.defined() ? s.inputs : run_.train_inputs().index_select(0, out.indices);
+    if (out.x.scalar_type() != at::kLong) out.x = out.x.to(dtype);  // int64 tokens stay tokens
     out.y = run_.train_targets().index_select(0, out.indices);
     out.grad_scale = s.grad_scale;
     // The step's settings by the analyzed model's parameter names.
@@ -233,7 +235,7 @@ class RecordedTrajectory : public Trajectory {
     at::Tensor out;
     try {
       at::NoGradGuard no_grad;
-      out = model_->forward(x.to(at::kFloat));
+      out = model_->forward(x.scalar_type() == at::kLong ? x : x.to(at::kFloat));
     } catch (const InputError&) {
       throw;
     } catch (const std::exception& e) {

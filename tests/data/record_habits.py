@@ -20,6 +20,8 @@ groups_sgd   plain SGD (no momentum) with the same groups: weight decay on weigh
 rmsprop      RMSprop, centered, with momentum 0.9 and weight decay
 adagrad      Adagrad with a rate decay and weight decay
 adadelta     Adadelta (lr 1.0, pytorch/examples mnist's optimizer) with StepLR
+tokens       int64 token inputs: each image as 49 tokens (7x7 patches, 16 brightness levels),
+             an nn.Embedding, an LSTM and a linear head, AdamW (analyzed through its TorchScript)
 untracked    rec.step(loss) without the batch, the training set not wrapped in Tracked: refused at
              step 0, naming Tracked
 group_momentum  parameter groups with different momentum (refused by Recorder(), naming it)
@@ -53,6 +55,26 @@ class TwoOutputs(torch.nn.Module):
         return self.fc2(h), h
 
 
+class TokenLstm(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(16, 8)
+        self.lstm = torch.nn.LSTM(8, 16, batch_first=True)
+        self.head = torch.nn.Linear(16, 10)
+
+    def forward(self, tokens):
+        h, _ = self.lstm(self.embed(tokens))
+        return self.head(h[:, -1])
+
+
+def tokens_of(x):
+    """Fashion-MNIST images [N, 1, 28, 28] as 49 tokens each: the mean brightness of each 4x4
+    patch, in 16 levels (int64)."""
+    patches = F.avg_pool2d(x, 4).flatten(1)  # [N, 49], in [0, 1] before normalization
+    lo, hi = patches.min(), patches.max()
+    return ((patches - lo) / (hi - lo) * 15.999).floor().long()
+
+
 class FunctionalDropout(torch.nn.Module):
     def __init__(self):
         super().__init__()
@@ -68,7 +90,10 @@ def main():
     torch.manual_seed(0)
     X, y = fashion_mnist("/usr/share/datasets/fashion-mnist", "train", 600)
     Xt, yt = fashion_mnist("/usr/share/datasets/fashion-mnist", "test", 100)
-    if habit == "functional":
+    if habit == "tokens":
+        X, Xt = tokens_of(X), tokens_of(Xt)
+        model = TokenLstm()
+    elif habit == "functional":
         model = FunctionalDropout()
     elif habit.startswith("tuple"):
         model = TwoOutputs()
@@ -109,6 +134,9 @@ def main():
     elif habit == "adadelta":
         opt = torch.optim.Adadelta(model.parameters(), lr=1.0, weight_decay=1e-4)
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=10, gamma=0.7)
+    elif habit == "tokens":
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=1e-2)
+        sched = None
     elif habit == "group_momentum":
         opt = torch.optim.SGD([{"params": model[1].parameters(), "momentum": 0.9},
                                {"params": model[3].parameters()}], lr=0.1, momentum=0.5)

@@ -41,7 +41,12 @@ def main():
     model = torch.jit.load(os.path.join(run, "model.pt")).double()
     params = dict(model.named_parameters())
     ce = manifest["loss"] == "ce"
-    x_train = torch.from_numpy(np.load(os.path.join(run, "data", "train_x.npy"))).double()
+    def inputs(path):
+        """Inputs as fed: float64 for the float64 model, int64 tokens as they are."""
+        x = torch.from_numpy(np.load(path))
+        return x.double() if x.is_floating_point() else x
+
+    x_train = inputs(os.path.join(run, "data", "train_x.npy"))
     y_train = torch.from_numpy(np.load(os.path.join(run, "data", "train_y.npy")))
 
     def ckpt(k):
@@ -77,7 +82,7 @@ def main():
     def batch(k):
         rec = steps[k]
         idx = torch.tensor(rec["batch"])
-        x = torch.from_numpy(np.load(os.path.join(run, rec["inputs"]))).double() if "inputs" in rec else x_train[idx]
+        x = inputs(os.path.join(run, rec["inputs"])) if "inputs" in rec else x_train[idx]
         return idx, x, y_train[idx]
 
     n_steps = len(steps)
@@ -86,7 +91,7 @@ def main():
     probes = np.load(os.path.join(analysis, "arrays", "probe.npy"))
     a_summary = json.load(open(os.path.join(analysis, "summary.json")))
     split = a_summary["settings"]["split"]
-    x_probe_all = torch.from_numpy(np.load(os.path.join(run, "data", split + "_x.npy"))).double()
+    x_probe_all = inputs(os.path.join(run, "data", split + "_x.npy"))
     kopt_pk = np.load(os.path.join(analysis, "arrays", "Kopt.npy"))
     step_of = np.load(os.path.join(analysis, "arrays", "step.npy"))
     explained = None
@@ -94,7 +99,7 @@ def main():
         e_summary = json.load(open(os.path.join(explanation, "summary.json")))
         explained = [(p["probe"], p["output"]) for p in e_summary["per_probe"]]
         e_split = e_summary["settings"]["split"]
-        x_explained = torch.from_numpy(np.load(os.path.join(run, "data", e_split + "_x.npy"))).double()
+        x_explained = inputs(os.path.join(run, "data", e_split + "_x.npy"))
 
     def scale_vector(st):
         return torch.cat([torch.full((sz,), st[group_of[n]]["lr"] / st[0]["lr"]) for n, sz in zip(names, sizes)])

@@ -20,7 +20,7 @@
 namespace pathkernel {
 
 /// Logged step k: its learning rate and batch (indices int64 [M], inputs [M, ...] in the asked
-/// dtype, the loss's targets: labels int64 [M], or float [M, C] for a recorded MSE run).
+/// dtype or int64 tokens, the loss's targets: labels int64 [M], or float [M, C] for a recorded MSE run).
 struct LoggedStep {
   double lr = 0;
   at::Tensor indices, x, y;
@@ -75,7 +75,8 @@ class Trajectory {
 
   /// Examples in "train" or "test" (0 when the run has no such split).
   virtual int64_t split_size(const std::string& split) const = 0;
-  /// Inputs of examples `idx` of a split as the model was fed them, in `dtype`.
+  /// Inputs of examples `idx` of a split as the model was fed them, in `dtype` (int64 tokens of a
+  /// recorded run stay int64).
   virtual at::Tensor inputs(const std::string& split, const at::Tensor& idx, at::ScalarType dtype) const = 0;
   /// Class labels int64 [M] of examples `idx` (for MSE targets: each row's largest entry).
   virtual at::Tensor labels(const std::string& split, const at::Tensor& idx) const = 0;
