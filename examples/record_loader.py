@@ -24,6 +24,9 @@ from record_mlp import idx  # noqa: E402
 class FashionMnist(Dataset):
     """Images normalized as pytorch/examples does for MNIST (mean 0.1307, std 0.3081)."""
 
+    classes = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+               "Ankle boot"]
+
     def __init__(self, root, train, limit):
         prefix = "train" if train else "t10k"
         self.images = idx(os.path.join(root, "%s-images-idx3-ubyte.gz" % prefix))[:limit]

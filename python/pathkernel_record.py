@@ -308,6 +308,8 @@ class Recorder:
     output: for a model whose forward returns a tuple, list or dict, the index or key of the
         output the loss is computed from (the run then records the model with that output, its
         parameters named model.<name>).
+    classes: the class names, one per output (reports and grids show them); by default the
+        training set's own `classes` attribute when it has one (torchvision's datasets do).
     capture_inputs: the inputs of the model's last training forward before optimizer.step() are
         compared with the stored rows of the batch; when they differ (augmentation), they are
         stored with the step, so the analysis sees what training saw. rec.step(..., inputs=x)
@@ -315,7 +317,7 @@ class Recorder:
     """
 
     def __init__(self, out, model, optimizer, train, test=None, loss="ce", checkpoint_every=1,
-                 script=True, capture_inputs=True, output=None):
+                 script=True, capture_inputs=True, output=None, classes=None):
         # Everything is checked before anything is written: a refused Recorder leaves no files.
         if loss not in ("ce", "mse"):
             raise ValueError("loss must be 'ce' or 'mse', not %r" % (loss,))
@@ -385,6 +387,15 @@ class Recorder:
                              "the loss is computed from with Recorder(..., output=INDEX or KEY)" % type(outputs).__name__)
         if outputs.dim() != 2:
             raise ValueError("the model maps a batch to %d-d outputs; pathkernel needs [batch, outputs]" % outputs.dim())
+        if classes is None:  # the dataset's own names (torchvision's datasets have them)
+            base = train.dataset if isinstance(train, (Indexed, Tracked)) else train
+            classes = getattr(base, "classes", None)
+        if classes is not None:
+            classes = [str(c) for c in classes]
+            if len(classes) != int(outputs.shape[1]) or not all(classes) or max(len(c) for c in classes) > 200:
+                raise ValueError("classes must name each of the model's %d outputs (non-empty, at most 200 "
+                                 "characters), got %d names" % (int(outputs.shape[1]), len(classes)))
+        self._classes = classes
 
         self.out, self.model, self.optimizer = out, model, optimizer
         self.every = int(checkpoint_every)
@@ -486,6 +497,7 @@ class Recorder:
             "optimizer": {"name": kind, "param_groups": [
                 dict(g, param_names=[self.param_names[i] for i in members]) for g, members in zip(groups, self._members)]},
             "zoo": None,
+            "classes": self._classes,
             "checkpoint_every": self.every,
             "data": data,
             "fingerprint": {"seed": FINGERPRINT_SEED, "projections": FINGERPRINT_PROJECTIONS,

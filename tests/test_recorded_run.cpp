@@ -276,6 +276,10 @@ TEST_F(RecordedRunTest, DamagedRunsAreRefusedWithTheFileNamed) {
     atomic_write(r / "steps.jsonl", jsonl);
     return r;
   };
+  {  // class names that do not name every output
+    const fs::path r = edit_manifest("classes-short", [](nlohmann::json& m) { m["classes"] = {"a", "b"}; });
+    EXPECT_THROW_WITH(RecordedRun{r}, InputError, "classes must name each of the model's 10 outputs");
+  }
   {  // two groups with no record of which parameters each holds
     const fs::path r = edit_manifest("groups-unnamed", [](nlohmann::json& m) {
       auto& g = m["optimizer"]["param_groups"];
@@ -530,6 +534,9 @@ TEST_F(RecordedHabitsTest, PytorchExamplesMnistLoopRecordsWithFiveAddedLines) {
       << read_file(tmp_->path() / "report.log");
   const std::string html = read_file(tmp_->path() / "examples-mnist-report" / "report.html");
   EXPECT_NE(html.find("test accuracy at the end"), std::string::npos);
+  // The dataset's class names (its `classes`), recorded in the manifest and shown by the report.
+  EXPECT_EQ(read_json(run / "manifest.json")["classes"][9], "Ankle boot");
+  EXPECT_NE(html.find("Ankle boot"), std::string::npos);
 }
 
 // Gradient clipping by norm (issue 23, item 2): the recorder records each step's uniform scale

@@ -119,6 +119,16 @@ RecordedRun::RecordedRun(const fs::path& dir) : dir_(dir) {
       }
     }
     read_groups(manifest_.at("optimizer"), mf);
+    if (manifest_.contains("classes") && !manifest_["classes"].is_null()) {
+      const auto& names = manifest_["classes"];
+      if (!names.is_array() || static_cast<int64_t>(names.size()) != outputs_ ||
+          std::any_of(names.begin(), names.end(), [](const auto& n) {
+            return !n.is_string() || n.template get<std::string>().empty() || n.template get<std::string>().size() > 200;
+          })) {
+        throw InputError(mf + ": classes must name each of the model's " + std::to_string(outputs_) +
+                         " outputs (non-empty strings of at most 200 characters)");
+      }
+    }
     if (manifest_.contains("fingerprint") && manifest_["fingerprint"].is_object()) {
       const auto& fp = manifest_["fingerprint"];
       if (!fp.at("seed").is_number_unsigned() || !fp.at("projections").is_number_integer() ||

@@ -179,6 +179,14 @@ std::vector<std::string> class_names(const fs::path& run_dir, int64_t classes, c
     return names;
   }
   const RunFiles run = read_run(run_dir);
+  // A recorded run's own class names (Recorder(classes=...) or its dataset's `classes`), when they
+  // name every class; the reader checked them.
+  if (run.recorded && run.manifest.contains("classes") && run.manifest["classes"].is_array() &&
+      static_cast<int64_t>(run.manifest["classes"].size()) == classes) {
+    for (const auto& n : run.manifest["classes"]) names.push_back(n.is_string() ? n.get<std::string>().substr(0, 60) : "");
+    if (std::none_of(names.begin(), names.end(), [](const std::string& n) { return n.empty(); })) return names;
+    names.clear();
+  }
   std::string data;
   if (run.manifest.is_object() && !run.recorded) data = run.manifest["config"].value("data_dir", "");
   std::transform(data.begin(), data.end(), data.begin(), [](unsigned char c) { return std::tolower(c); });

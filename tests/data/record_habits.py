@@ -67,6 +67,10 @@ class TokenLstm(torch.nn.Module):
         return self.head(h[:, -1])
 
 
+FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                   "Ankle boot"]
+
+
 def tokens_of(x):
     """Fashion-MNIST images [N, 1, 28, 28] as 49 tokens each: the mean brightness of each 4x4
     patch, in 16 levels (int64)."""
@@ -146,7 +150,8 @@ def main():
         sched = None
     rec = Recorder(out, model, opt, train=(X, y), test=(Xt, yt), loss="ce",
                    checkpoint_every=5 if habit == "every5" else 1, capture_inputs=habit != "unstored",
-                   output=0 if habit == "tuple" else None)
+                   output=0 if habit == "tuple" else None,
+                   classes=None if habit == "clean" else FASHION_CLASSES)
     g = torch.Generator().manual_seed(0)
     for step in range(30):
         if habit == "train_mode" and step == 5:
