@@ -44,3 +44,5 @@ if [ $# -eq 0 ] && [ "${PATHKERNEL_CORES:-}" != none ]; then
     OPENBLAS_CORETYPE=$core ctest --test-dir build --output-on-failure -j 2 -L unit
   done
 fi
+# The largest functions and files of lib/ (issue 24: informational, gates nothing).
+python3 scripts/code_size.py --top 5 >&2 || true
