@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# README Findings, "The note's open question" (issue 13): on 1000 Fashion-MNIST images, for
+# docs/findings.md, "The note's open question" (issue 13): on 1000 Fashion-MNIST images, for
 # mlp:128:tanh, mlp:128:relu and cnn:8,16:relu, full-batch gradient descent (batch = the 1000)
 # and SGD (batch 64), 100 steps each at learning rates 0.5, 1 and 2 times 2 / lambda_0 (and 0.1
 # for the CNN; lambda_0: the training loss's top Hessian eigenvalue at initialization, measured

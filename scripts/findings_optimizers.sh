@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# README Findings, "The kernel-machine view under momentum and Adam" (issue 7): one epoch of
+# docs/findings.md, "The kernel-machine view under momentum and Adam" (issue 7): one epoch of
 # mlp:128:tanh on Fashion-MNIST with plain SGD, SGD + momentum, Nesterov, Adam and AdamW; each
 # run analyzed at 64 test probes x 10 logits and explained at 16 probes (first order and exact,
 # 8 nodes), then a table. Resumable: finished steps are kept. About 20 minutes on one core.

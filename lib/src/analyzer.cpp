@@ -209,7 +209,7 @@ AnalysisResult analyze(const AnalyzeConfig& c) {
   if (c.kernel_route == "factorized" && !factorizable(*model)) {
     throw InputError(model_spec == "torchscript"
                          ? "--kernel-route factorized: the recorder did not recognize this run's model as one of the "
-                           "zoo's (README: Analyze your own PyTorch training); use auto or torchscript"
+                           "zoo's (docs/pytorch.md: Analyze your own PyTorch training); use auto or torchscript"
                          : "--kernel-route factorized: model '" + model_spec + "' has parameters outside Linear/Conv2d layers");
   }
 

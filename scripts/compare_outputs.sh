@@ -1,0 +1,144 @@
+#!/usr/bin/env bash
+# Behaviour unchanged (issue 24): builds two commits side by side, runs the same jobs with each,
+# and compares what they wrote byte for byte.
+#
+#   bash scripts/compare_outputs.sh BEFORE [AFTER] [--full]
+#
+# BEFORE and AFTER are commits (AFTER defaults to HEAD); each is checked out with `git worktree`
+# under $PATHKERNEL_COMPARE_DIR (default /tmp/pathkernel-compare) and built there (Release, no
+# tests or benchmarks; ccache shares objects between the two). The jobs, one thread each:
+#   - training: the default job's model (mlp:128:tanh, batch 64, lr 0.1; 300 steps, or the whole
+#     epoch of 938 with --full), a CNN with Adam, an MLP with momentum, weight decay and a cosine
+#     schedule, RMSprop with momentum; both binaries train each run and every checkpoint, state
+#     file and step record (without its timings) must be equal;
+#   - analyses of the runs BEFORE trained, by both binaries: the default job's analysis (64
+#     probes, --second-order), --exact with --kinks on the CNN, --sharpness, the Adam CNN's Kopt,
+#     a --range with --every, RMSprop, a recorded PyTorch run (examples/record_mlp.py); and
+#     explain (with --exact, --self-influence, --project).
+# Compared: steps.csv, probes.csv, arrays/*.npy, attributions, self-influence and every CSV byte
+# for byte; summary.json without its timings (keys holding "seconds"). Prints each difference;
+# exit status 1 when there is one, 0 when every file agrees.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+src=$(pwd)
+before=""
+after=HEAD
+full=0
+for a in "$@"; do
+  case "$a" in
+    --full) full=1 ;;
+    *) if [ -z "$before" ]; then before=$a; else after=$a; fi ;;
+  esac
+done
+if [ -z "$before" ]; then
+  echo "usage: bash scripts/compare_outputs.sh BEFORE [AFTER] [--full]" >&2
+  exit 2
+fi
+work=${PATHKERNEL_COMPARE_DIR:-/tmp/pathkernel-compare}
+data=/usr/share/datasets/fashion-mnist
+python=/usr/bin/python3
+mkdir -p "$work"
+export OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1
+
+build() {  # build COMMIT NAME
+  local tree="$work/$2"
+  if [ -d "$tree" ]; then git -C "$src" worktree remove --force "$tree" 2>/dev/null || rm -rf "$tree"; fi
+  git -C "$src" worktree add --detach "$tree" "$1" >&2
+  echo "compare: building $2 ($(git -C "$tree" rev-parse --short HEAD))" >&2
+  CCACHE_BASEDIR="$tree" cmake -S "$tree" -B "$tree/build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+    -DPATHKERNEL_BUILD_TESTS=OFF -DPATHKERNEL_BUILD_BENCH=OFF >&2
+  CCACHE_BASEDIR="$tree" cmake --build "$tree/build" -j 2 >&2
+}
+build "$before" before
+build "$after" after
+
+steps=300
+[ "$full" = 1 ] && steps=938
+out="$work/out"
+rm -rf "$out"
+mkdir -p "$out"
+cd "$out"
+declare -A train_args=(
+  [default]="--model mlp:128:tanh --steps $steps --lr 0.1 --batch 64 --checkpoint-every 100"
+  [cnn-adam]="--model cnn:4,8:relu --train-limit 1000 --steps 40 --optimizer adam --lr 1e-3 --checkpoint-every 10"
+  [mlp-momentum]="--model mlp:32:tanh --train-limit 1000 --steps 60 --momentum 0.9 --weight-decay 1e-3 --lr-schedule cosine --checkpoint-every 20"
+  [rmsprop]="--model mlp:16:tanh --train-limit 500 --steps 30 --optimizer rmsprop --momentum 0.5 --lr 1e-3 --checkpoint-every 10"
+)
+status=0
+differ() { echo "DIFFERS: $*"; status=1; }
+
+for side in before after; do
+  for run in "${!train_args[@]}"; do
+    # shellcheck disable=SC2086
+    "$work/$side/build/apps/pathkernel" train --data "$data" ${train_args[$run]} --threads 1 \
+      --out "$side-runs/$run" > /dev/null 2>> "$side-train.log"
+  done
+done
+for run in "${!train_args[@]}"; do  # training: the same weights, states and step records
+  for f in before-runs/"$run"/checkpoints/*; do
+    cmp -s "$f" "after-runs/$run/checkpoints/$(basename "$f")" || differ "$f"
+  done
+  "$python" - "before-runs/$run/steps.jsonl" "after-runs/$run/steps.jsonl" <<'EOF' || differ "$run/steps.jsonl"
+import json, sys
+def rows(p):
+    return [{k: v for k, v in json.loads(l).items() if "seconds" not in k and "time" not in k} for l in open(p)]
+sys.exit(0 if rows(sys.argv[1]) == rows(sys.argv[2]) else 1)
+EOF
+done
+# A recorded PyTorch run, recorded once.
+"$python" "$src/examples/record_mlp.py" recorded --steps 40 --train-limit 600 > /dev/null 2>&1
+
+jobs=(
+  "analyze:default before-runs/default --probes 64 --second-order"
+  "analyze:cnn-exact before-runs/cnn-adam --probes 8 --exact 4 --kinks"
+  "analyze:momentum-sharpness before-runs/mlp-momentum --probes 16 --sharpness 20 --exact 3"
+  "analyze:range before-runs/default --probes 8 --range 50:120 --every 3"
+  "analyze:rmsprop before-runs/rmsprop --probes 8"
+  "analyze:recorded recorded --probes 8 --second-order"
+  "explain:momentum before-runs/mlp-momentum --probes 3 --self-influence --exact 3"
+  "explain:default before-runs/default --probes 2"
+  "explain:momentum-project before-runs/mlp-momentum --probes 2 --project 64"
+  "explain:recorded recorded --probes 2 --self-influence"
+)
+for side in before after; do
+  for job in "${jobs[@]}"; do
+    cmd=${job%%:*}
+    rest=${job#*:}
+    name=${rest%% *}
+    args=${rest#* }
+    # shellcheck disable=SC2086
+    "$work/$side/build/apps/pathkernel" "$cmd" $args --threads 1 --out "$side/$name" > /dev/null 2>> "$side-jobs.log" ||
+      differ "$side: $cmd $args failed (see $out/$side-jobs.log)"
+  done
+done
+for job in "${jobs[@]}"; do
+  rest=${job#*:}
+  name=${rest%% *}
+  [ -d "before/$name" ] || continue
+  (cd "before/$name" && find . -type f | sort) > "$work/files-before"
+  (cd "after/$name" 2>/dev/null && find . -type f | sort) > "$work/files-after" || true
+  cmp -s "$work/files-before" "$work/files-after" || differ "$name: the file lists differ"
+  while read -r f; do
+    case "$f" in
+      *summary.json)
+        "$python" - "before/$name/$f" "after/$name/$f" <<'EOF' || differ "$name/$f"
+import json, sys
+def strip(v):
+    if isinstance(v, dict):
+        return {k: strip(x) for k, x in v.items() if "seconds" not in k}
+    if isinstance(v, list):
+        return [strip(x) for x in v]
+    return v
+a, b = (strip(json.load(open(p))) for p in sys.argv[1:3])
+sys.exit(0 if a == b else 1)
+EOF
+        ;;
+      *.png|*.gp|*.html) ;;  # figures: drawn from the compared numbers
+      *) cmp -s "before/$name/$f" "after/$name/$f" || differ "$name/$f" ;;
+    esac
+  done < "$work/files-before"
+done
+if [ "$status" = 0 ]; then
+  echo "compare: every output of $(git -C "$src" rev-parse --short "$before") and $(git -C "$src" rev-parse --short "$after") agrees"
+fi
+exit "$status"
