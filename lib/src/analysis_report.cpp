@@ -72,7 +72,12 @@ std::string steps_csv(const AnalysisResult& r, bool second) {
       "U_round_norm,U_wd_norm,U_mom_norm,R_norm,S_norm,higher_norm,r,in_Tc,Kexact_norm,quad_error,"
       "Kopt_norm,Uopt_wd_norm,Uopt_round_norm,grad_cos_prev,kinks_probes,kinks_batch,kink_pieces,lambda_max_train,"
       "lambda_max_batch,lr_times_lambda,lanczos_iterations,lanczos_residual,subset_loss_before,subset_loss_after,"
-      "verified,verify_loss_error,verify_gradient_error\n";
+      "verified,verify_loss_error,verify_gradient_error";
+  // Columns of terms added through AnalyzeConfig::extra_terms (step_terms.h), after these.
+  if (!r.steps.empty()) {
+    for (const auto& [name, v] : r.steps.front().extra) s += "," + name;
+  }
+  s += "\n";
   const bool exact = r.kexact.defined();
   for (const auto& x : r.steps) {
     s += fmt::format("{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}\n", x.step, g(x.lr),
@@ -86,6 +91,11 @@ std::string steps_csv(const AnalysisResult& r, bool second) {
                      opt(x.subset_loss_before), opt(x.subset_loss_after),
                      x.verified < 0 ? std::string() : std::to_string(x.verified), opt(x.verify_loss_error),
                      opt(x.verify_gradient_error));
+    if (!x.extra.empty()) {
+      s.pop_back();  // the row's newline, after its extra columns
+      for (const auto& [name, v] : x.extra) s += "," + opt(v);
+      s += "\n";
+    }
   }
   return s;
 }

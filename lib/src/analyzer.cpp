@@ -23,6 +23,7 @@
 #include "pathkernel/shards.h"
 #include "pathkernel/threads.h"
 #include "pathkernel/trajectory.h"
+#include "pathkernel/step_terms.h"
 #include "pathkernel/update_terms.h"
 
 namespace pathkernel {
@@ -30,26 +31,6 @@ namespace fs = std::filesystem;
 using Clock = std::chrono::steady_clock;
 
 namespace {
-
-/// The per-step [P, C] terms as the steps are analyzed, one list per array of AnalysisResult
-/// (the optional ones stay empty when not computed).
-struct StepArrays {
-  std::vector<at::Tensor> d, f, k, u, r, s, kopt, uopt_wd, uopt_round, kexact, uexact, koptexact, uoptexact;
-
-  /// Stacks the steps from row `from` on into r's arrays ([steps, P, C]; undefined when empty).
-  void stack_into(AnalysisResult& res, size_t from = 0) const {
-    const std::pair<const std::vector<at::Tensor>*, at::Tensor*> lists[] = {
-        {&d, &res.d},       {&f, &res.f},         {&k, &res.k},          {&u, &res.u},
-        {&r, &res.r},       {&s, &res.s},         {&kopt, &res.kopt},    {&uopt_wd, &res.uopt_wd},
-        {&uopt_round, &res.uopt_round}, {&kexact, &res.kexact}, {&uexact, &res.uexact},
-        {&koptexact, &res.koptexact},   {&uoptexact, &res.uoptexact}};
-    for (const auto& [list, out] : lists) {
-      *out = list->size() <= from ? at::Tensor()
-                                  : at::stack(std::vector<at::Tensor>(list->begin() + static_cast<std::ptrdiff_t>(from),
-                                                                      list->end()));
-    }
-  }
-};
 
 /// Undoes the partial state an analysis started unless it completes: a failure the process sees
 /// (bad input, a full disk) leaves nothing of this call's, as any command; only a kill leaves
@@ -86,533 +67,377 @@ class ProgressGuard {
   bool done_ = false;
 };
 
-ParamMap to_double_map(const NamedTensors& t) {
-  ParamMap m;
-  for (const auto& [name, v] : t) m[name] = v.to(at::kDouble);
-  return m;
-}
-
-void set_weights(models::Model& model, const ParamMap& w) {
-  at::NoGradGuard ng;
-  for (const auto& item : model.named_parameters()) item.value().copy_(w.at(item.key()));
-}
-
-at::Tensor forward_nograd(models::Model& model, const at::Tensor& x) {
-  at::NoGradGuard ng;
-  return model.forward(x);
-}
-
-double frob(const at::Tensor& t) { return t.norm().item<double>(); }
-
-/// grad L_k(w) for the model's current weights, in the model's dtype, by state_dict name.
-ParamMap batch_gradient(models::Model& model, const at::Tensor& xb, const at::Tensor& yb, LossKind loss) {
-  const auto params = model.parameters();
-  const auto g = torch::autograd::grad({batch_loss(model.forward(xb), yb, loss)}, params);
-  ParamMap out;
-  size_t i = 0;
-  for (const auto& item : model.named_parameters()) out[item.key()] = g[i++];
-  return out;
-}
-
-/// The stored momentum buffer b_{k-1} as float64, when the SPEC's U_mom applies (SGD momentum,
-/// no Nesterov or dampening); empty otherwise.
-/// cos(a, b) over every parameter.
-double gradient_cosine(const ParamMap& a, const ParamMap& b) {
-  double ab = 0, aa = 0, bb = 0;
-  for (const auto& [name, t] : a) {
-    ab += (t * b.at(name)).sum().item<double>();
-    aa += t.pow(2).sum().item<double>();
-    bb += b.at(name).pow(2).sum().item<double>();
-  }
-  return ab / std::sqrt(aa * bb);
-}
-
-ParamMap momentum_buffer_of(const Optimizer& opt) {
-  for (const auto& [slot, tensors] : opt.state()) {
-    if (slot == "momentum_buffer") return to_double_map(tensors);
-  }
-  return {};
-}
-
 }  // namespace
 
 namespace {
-/// P_k of step k in float64 by parameter name (empty: the identity), from the optimizer's state
-/// after step k and, for Adadelta, the state before it.
-ParamMap step_preconditioner(Trajectory& traj, int64_t k, OptimizerKind kind) {
-  at::Tensor before;
-  if (preconditioner_needs_before(kind) && k > 0) {
-    before = traj.optimizer_after(k).preconditioner_state();
-    if (before.defined()) before = before.clone();  // the next call reuses the optimizer
+
+/// The analysis driver: opens the run, chooses the route, the probes and their outputs, then
+/// walks the range and hands every step's shared context to the step terms (step_terms.h),
+/// keeping what an interrupted analysis finished (progress_dir) in segments.
+class Driver {
+ public:
+  explicit Driver(const AnalyzeConfig& c)
+      : c_(c), t0_(Clock::now()), run_(open_trajectory(c.run, c.kernel_route == "torchscript")), traj_(*run_) {}
+
+  AnalysisResult run() {
+    // After opening the run (which pins its training threads): the analysis's own. Replayed
+    // steps still run with the run's (Replayer::replay_step).
+    threads_ = pin_threads(c_.threads);
+    resolve_range();
+    // The analysis model: the run's architecture in float64 (SPEC, numerical rules).
+    model_ = traj_.make_model();
+    model_->to(at::kDouble);
+    choose_route();
+    choose_probes_and_outputs();
+    describe();
+    StepContext ctx{c_, traj_, *model_, res_, traj_.loss(), xp_, res_.outputs, np_, res_.outputs.size(1),
+                    explicit_route_, jvp_route_, projection_};
+    set_up(ctx);
+    for (int64_t k = walk_from_; k < end_ && resume_at_ < end_; ++k) {  // (nothing left when resumed at the end)
+      const bool analyzed = k >= resume_at_ && (k - begin_) % c_.every == 0;
+      if (!analyzed && !ctx.memory) continue;
+      load_step(ctx, k);
+      if (!analyzed) {
+        for (auto& t : terms_) t->walk(ctx);
+        continue;
+      }
+      analyze_step(ctx);
+      if (progress_) end_segment_if_due(ctx);
+      report(k);
+    }
+    return finish();
   }
-  return traj.optimizer_after(k + 1).preconditioner(before);
-}
+
+ private:
+  void resolve_range() {
+    const int64_t last = traj_.logged_steps();
+    whole_begin_ = c_.step_begin;
+    whole_end_ = c_.step_end < 0 ? last : c_.step_end;
+    if (whole_begin_ < 0 || whole_begin_ >= whole_end_ || whole_end_ > last) {
+      throw InputError("--range " + std::to_string(whole_begin_) + ":" + std::to_string(whole_end_) +
+                       " is outside the run's steps 0:" + std::to_string(last));
+    }
+    begin_ = whole_begin_;
+    end_ = whole_end_;
+    if (c_.shard_count > 0) {  // the I-th of N parts, split at stored checkpoints
+      const std::vector<int64_t> bounds = shard_bounds(whole_begin_, whole_end_, traj_.checkpoints(), c_.shard_count);
+      begin_ = bounds[static_cast<size_t>(c_.shard_index - 1)];
+      end_ = bounds[static_cast<size_t>(c_.shard_index)];
+      spdlog::info("shard {}/{}: steps {}..{} of {}..{}", c_.shard_index, c_.shard_count, begin_, end_ - 1,
+                   whole_begin_, whole_end_ - 1);
+    }
+  }
+
+  /// The factorized route covers models whose parameters all sit in tapped Linear/Conv2d layers;
+  /// anything else (a recorded TorchScript model too) goes through explicit per-row Jacobians.
+  /// Zoo models with a convolution take forward-mode AD for their probes' directional products
+  /// (kernels.h, probe_jvps): one forward per direction instead of one backward per logit through
+  /// the convolutions. Linear-only models keep the probe rows on every step, which is cheaper
+  /// there (bench_analyze), and so does the explicit route.
+  void choose_route() {
+    const std::string spec = traj_.model_spec();
+    explicit_route_ = c_.kernel_route == "explicit" || c_.kernel_route == "torchscript";
+    if (c_.kernel_route == "auto" && !factorizable(*model_)) {
+      if (spec == "torchscript") {
+        spdlog::info("the recorded TorchScript model: per-row gradients by autograd");
+      } else {
+        spdlog::warn("model '{}' has parameters outside Linear/Conv2d layers: using explicit Jacobians (slow)", spec);
+      }
+      explicit_route_ = true;
+    }
+    bool has_conv = false;
+    for (const auto& t : model_->taps()) has_conv = has_conv || t.kind == models::LayerKind::kConv2d;
+    jvp_route_ = !explicit_route_ && has_conv;
+    if (c_.project > 0 && explicit_route_) {
+      throw InputError("--project needs the factorized route: this run's model has parameters outside tapped "
+                       "Linear/Conv2d layers or was recorded as TorchScript");
+    }
+    projection_ = c_.project > 0 ? make_projection(*model_, c_.project, c_.project_seed) : Projection{};
+    if (c_.kink_split && explicit_route_) {
+      throw InputError("--kinks needs one of the zoo's models (its ReLU, leaky ReLU and max-pool patterns are read "
+                       "and frozen along each step); this run's model takes the explicit route");
+    }
+    if (c_.kernel_route == "factorized" && !factorizable(*model_)) {
+      throw InputError(spec == "torchscript"
+                           ? "--kernel-route factorized: the recorder did not recognize this run's model as one of "
+                             "the zoo's (docs/pytorch.md: Analyze your own PyTorch training); use auto or torchscript"
+                           : "--kernel-route factorized: model '" + spec + "' has parameters outside Linear/Conv2d layers");
+    }
+  }
+
+  /// The probes, and which logit each column holds: all, one class, the label's, or the final
+  /// model's prediction.
+  void choose_probes_and_outputs() {
+    if (traj_.split_size(c_.split) == 0) throw InputError(c_.run + ": the run has no " + c_.split + " split for probes");
+    res_.project_dims = projection_.dims;
+    res_.probe_indices = choose_probes(
+        c_, traj_.split_size(c_.split),
+        c_.balanced ? traj_.labels(c_.split, at::arange(traj_.split_size(c_.split), at::kLong)).contiguous() : at::Tensor());
+    const at::Tensor pidx = at::tensor(res_.probe_indices, at::kLong);
+    xp_ = traj_.inputs(c_.split, pidx, at::kDouble);
+    const at::Tensor yp = traj_.labels(c_.split, pidx);
+    for (int64_t i = 0; i < yp.size(0); ++i) res_.probe_labels.push_back(yp[i].item<int64_t>());
+    np_ = xp_.size(0);
+    const int64_t ncls = traj_.num_classes();
+    if (c_.outputs == "all") {
+      res_.outputs = at::arange(ncls, at::kLong).unsqueeze(0).expand({np_, ncls}).contiguous();
+    } else if (c_.outputs == "class") {
+      if (c_.output_class < 0 || c_.output_class >= ncls) {
+        throw InputError("--logit " + std::to_string(c_.output_class) + " is not a class of this run (0.." +
+                         std::to_string(ncls - 1) + ")");
+      }
+      res_.outputs = at::full({np_, 1}, c_.output_class, at::kLong);
+    } else if (c_.outputs == "true") {
+      res_.outputs = yp.unsqueeze(1).clone();
+    } else {
+      traj_.check_steps(whole_end_ - 1, whole_end_, 1, false);  // the whole range's end, shards too
+      set_weights(*model_, to_double_map(traj_.weights_at(whole_end_)));
+      res_.outputs = forward_nograd(*model_, xp_).argmax(1).unsqueeze(1);
+    }
+  }
+
+  /// The facts of the analysis in its summary.
+  void describe() {
+    res_.contiguous = c_.every == 1;
+    // A TorchScript model may hold kinks (ReLU, max, abs) we cannot see: not gated as smooth.
+    const models::ModelSpec& spec = model_->spec();
+    res_.smooth = spec.activation != "relu" && spec.activation != "leaky_relu" && spec.kind != "cnn" &&
+                  spec.kind != "torchscript";
+    options_ = traj_.optimizer_after(begin_).options();
+    res_.shard_index = c_.shard_index;
+    res_.shard_count = c_.shard_count;
+    res_.whole_begin = whole_begin_;
+    res_.whole_end = whole_end_;
+    res_.threads = threads_.torch_threads;
+    res_.blas = threads_.blas;
+    res_.blas_core = threads_.blas_core;
+    res_.run_path = fs::canonical(c_.run).string();
+    res_.run_manifest_sha256 = sha256_file(fs::path(c_.run) / "manifest.json");
+    res_.optimizer = optimizer_name(options_.kind);
+    res_.model = traj_.model_spec();
+    // A recorded run's own TorchScript model is named as such (its per-row gradients by autograd).
+    res_.route = res_.model == "torchscript" ? "torchscript" : explicit_route_ ? "explicit" : "factorized";
+  }
+
+  /// The run-wide facts of the context, the verification of a recorded run's steps, what an
+  /// interrupted analysis finished, and the terms.
+  void set_up(StepContext& ctx) {
+    // Settings that vary by step or parameter group (a recorded run) are the optimizer's: Kopt.
+    const bool varying = traj_.settings_vary();
+    ctx.options = options_;
+    ctx.memory = options_.kind != OptimizerKind::kSgd || options_.momentum != 0;  // earlier gradients in the update
+    res_.uses_kopt = ctx.memory || varying;
+    // The SPEC's sources of U (U_wd, U_mom): SGD without Nesterov or dampening, one setting.
+    ctx.sgd_sources = options_.kind == OptimizerKind::kSgd && !options_.nesterov && options_.dampening == 0 && !varying;
+    ctx.whole_begin = whole_begin_;
+    traj_.check_steps(begin_, end_, c_.every, ctx.memory);
+    traj_.verify_through(end_);  // --range inside a checkpoint interval: still the run's own weights
+    // A recorded run: every analyzed step checked against its logged loss and gradient before any
+    // output (a trained run's replay checks its steps against its checkpoints instead).
+    verdicts_ = verify_analyzed_steps(traj_, *model_, begin_, end_, c_, ctx.loss, res_);
+    ctx.verdicts = &verdicts_;
+    resume_progress();
+    // With memory the recurrences need every step's gradient from step 0 on, analyzed or not.
+    walk_from_ = ctx.memory ? 0 : resume_at_;
+    terms_ = standard_terms(c_);
+    terms_.insert(terms_.end(), c_.extra_terms.begin(), c_.extra_terms.end());
+    for (auto& t : terms_) t->start(ctx);
+    res_.startup_seconds = std::chrono::duration<double>(Clock::now() - t0_).count();
+    spdlog::debug("analysis set up in {:.3f} s (run opened, data decoded, probes chosen)", res_.startup_seconds);
+  }
+
+  /// Resumable (progress_dir): what an interrupted run of this same command finished.
+  void resume_progress() {
+    progress_ = !c_.progress_dir.empty();
+    guard_ = std::make_unique<ProgressGuard>(c_.progress_dir);
+    resume_at_ = begin_;
+    if (!progress_) return;
+    // The resolved range too: a run trained on after the kill has another end (and another
+    // final model, which --outputs pred reads).
+    progress_key_ = {{"settings", analysis_settings(c_, np_)}, {"shard", {c_.shard_index, c_.shard_count}},
+                     {"range", {begin_, end_}}};
+    progress_key_["settings"].erase("threads");  // results equal across thread counts
+    const std::vector<StoredAnalysis> finished = open_progress(c_.progress_dir, progress_key_, c_.force);
+    for (const auto& s : finished) {
+      if (s.result.steps.front().step != resume_at_) {
+        throw InputError(s.dir.string() + ": a segment that does not continue the ones before it (expected step " +
+                         std::to_string(resume_at_) + ")");
+      }
+      resume_at_ = s.result.steps.back().step + c_.every;
+    }
+    if (!finished.empty()) {
+      spdlog::info("continuing an interrupted analysis: steps {}..{} done ({} segments in {}/segments)", begin_,
+                   resume_at_ - c_.every, finished.size(), c_.progress_dir);
+    }
+    seg_started_ = Clock::now();
+  }
+
+  /// w_k, the batch and its gradient at w_k, for a walked or an analyzed step.
+  void load_step(StepContext& ctx, int64_t k) {
+    ctx.k = k;
+    ctx.w0 = to_double_map(traj_.weights_at(k));
+    ctx.batch = traj_.logged_step(k, at::kDouble);
+    ctx.lr = ctx.batch.lr;
+    ctx.gs = ctx.batch.grad_scale;
+    ctx.nb = static_cast<double>(ctx.batch.indices.size(0));
+    ctx.dw.clear();
+    ctx.w1.clear();
+    ctx.kinks = StepKinks{};
+    ctx.kex_per = at::Tensor();
+    ctx.kernel_dir = nullptr;
+    ctx.dirs.clear();
+    ctx.jv.clear();
+    if (ctx.memory && !((k >= resume_at_) && (k - begin_) % c_.every == 0)) {  // walked
+      set_weights(*model_, ctx.w0);
+      ctx.grad_l = batch_gradient(*model_, ctx.batch.x, ctx.batch.y, ctx.loss);
+      // The gradient the optimizer applied: grad L_k times a recorded clipping scale (1 without).
+      ctx.applied = scaled(ctx.grad_l, ctx.gs);
+    }
+  }
+
+  /// One analyzed step: the terms load, the driver reads w_{k+1} and forms the outputs, the
+  /// losses and the batch gradient, the terms ask for directions, the driver forms the products
+  /// and rows, the terms compute.
+  void analyze_step(StepContext& ctx) {
+    for (auto& t : terms_) t->load(ctx);
+    ctx.w1 = to_double_map(traj_.weights_at(ctx.k + 1));
+    for (const auto& [name, t] : ctx.w0) ctx.dw[name] = ctx.w1.at(name) - t;  // exact: float32 -> float64 first
+    const at::Tensor& xb = ctx.batch.x;
+    const at::Tensor& yb = ctx.batch.y;
+    set_weights(*model_, ctx.w1);
+    ctx.f1 = forward_nograd(*model_, xp_);
+    ctx.loss_after = batch_loss(forward_nograd(*model_, xb), yb, ctx.loss).item<double>();
+    set_weights(*model_, ctx.w0);
+    ctx.loss_before = batch_loss(forward_nograd(*model_, xb), yb, ctx.loss).item<double>();
+    ctx.grad_l = batch_gradient(*model_, xb, yb, ctx.loss);
+    ctx.applied = ctx.gs == 1 ? ctx.grad_l : scaled(ctx.grad_l, ctx.gs);
+    for (auto& t : terms_) t->prepare(ctx);
+    form_products(ctx);
+    if (ctx.k == begin_) res_.f_initial = ctx.select(ctx.f0);
+    ctx.d = ctx.select(ctx.f1 - ctx.f0);
+    StepRow row;
+    row.step = ctx.k;
+    row.lr = ctx.lr;
+    StepArrays& arrays = arrays_;
+    for (auto& t : terms_) t->compute(ctx, row, arrays);
+    if (c_.on_step) c_.on_step(StepTerms{ctx.k, ctx.lr * ctx.gs, ctx.batch.indices, ctx.k_per, ctx.kex_per, &ctx.sb});
+    res_.steps.push_back(row);
+    res_.f_final = ctx.select(ctx.f1);
+    if (progress_ && seg_row0_ + 1 == res_.steps.size()) seg_f0_ = ctx.select(ctx.f0);
+  }
+
+  /// The probes' products with every direction asked for, J_p v, all at w_k; f(w_k) from the
+  /// same forwards. The per-example split K_{k,m} (probe rows against the batch's loss rows) is
+  /// formed for the step callback (explain) and on the checked steps (counted from the whole
+  /// range's first step, so that shards check the steps one process would), where its sum over
+  /// m is compared with -a_k g . grad L_k, an independent route (exit status 4 beyond
+  /// tolerance). The forward-mode route gives K and F without it on the other steps; the
+  /// explicit route forms the rows anyway and checks every step.
+  void form_products(StepContext& ctx) {
+    const bool checked = ((ctx.k - whole_begin_) / c_.every) % c_.check_every == 0;
+    ctx.split = !jvp_route_ || c_.on_step || checked;
+    ctx.f0 = at::Tensor();
+    if (jvp_route_) ctx.jv = probe_jvps(*model_, xp_, res_.outputs, ctx.dirs, &ctx.f0);
+    ctx.sp = RowGradients{};
+    ctx.sb = RowGradients{};
+    ctx.k_per = at::Tensor();
+    ctx.zb = at::Tensor();
+    if (!ctx.split) return;
+    ctx.sp = probe_rows(*model_, xp_, res_.outputs, explicit_route_, jvp_route_ ? nullptr : &ctx.f0);
+    ctx.sb = loss_rows(*model_, ctx.batch.x, ctx.batch.y, ctx.loss, explicit_route_);
+    const double scale = -ctx.lr * ctx.gs / ctx.nb;
+    if (c_.project > 0) {
+      ctx.zb = project_rows(projection_, ctx.sb);
+      ctx.k_per = at::mm(project_rows(projection_, ctx.sp), ctx.zb.t()).mul_(scale);  // K~_{k,m}
+    } else {
+      ctx.k_per = row_gram(ctx.sp, ctx.sb).mul_(scale);  // K_{k,m}: [P*C, M]
+    }
+  }
+
+  /// A segment ends at the end, or where the next analyzed step would cross a stored checkpoint
+  /// once it holds segment_seconds of work.
+  void end_segment_if_due(StepContext& ctx) {
+    const int64_t k = ctx.k, next = k + c_.every;
+    const std::vector<int64_t>& stored = traj_.checkpoints();
+    const bool long_enough = std::chrono::duration<double>(Clock::now() - seg_started_).count() >= c_.segment_seconds;
+    const bool boundary = next >= end_ || (long_enough && std::any_of(stored.begin(), stored.end(), [&](int64_t s) {
+                                             return s > k && s <= next;
+                                           }));
+    if (!boundary) return;
+    AnalysisResult seg = res_;  // the header fields; the steps and arrays of this segment below
+    seg.steps.assign(res_.steps.begin() + static_cast<std::ptrdiff_t>(seg_row0_), res_.steps.end());
+    arrays_.stack_into(seg, seg_row0_);
+    seg.f_initial = seg_f0_;
+    seg.f_final = res_.f_final;
+    seg.kernel_split_error = ctx.seg_split_error;
+    seg.kernel_split_checked = ctx.seg_checked;
+    finish_analysis(seg, c_);
+    seg.seconds = std::chrono::duration<double>(Clock::now() - t0_).count();
+    write_segment(c_.progress_dir, seg, c_);
+    seg_row0_ = res_.steps.size();
+    seg_started_ = Clock::now();
+    ctx.seg_split_error = 0;
+    ctx.seg_checked = 0;
+  }
+
+  void report(int64_t k) {
+    const auto now = Clock::now();
+    if (now - last_report_ < std::chrono::seconds(2) && k + c_.every < end_) return;
+    const double el = std::chrono::duration<double>(now - t0_).count();
+    const double done = static_cast<double>(res_.steps.size());
+    const double total = static_cast<double>((end_ - begin_ + c_.every - 1) / c_.every);
+    spdlog::info("analyzed step {} ({}/{})  r {:.3g}  {:.1f} steps/s  ETA {:.0f}s", k, res_.steps.size(),
+                 static_cast<int64_t>(total), res_.steps.back().r, done / el, (total - done) * el / done);
+    last_report_ = now;
+  }
+
+  AnalysisResult finish() {
+    if (progress_) {
+      // Every step is in the segments now, the earlier run's and this one's: the result is their
+      // join, read back from the files (which hold every number exactly).
+      const std::vector<StoredAnalysis> all = open_progress(c_.progress_dir, progress_key_, /*force=*/false);
+      AnalysisResult joined = join_parts(all);
+      finish_analysis(joined, c_);
+      if (res_.verified_steps > 0) gate_updates(joined, c_.run, c_.allow_unverified);
+      joined.startup_seconds = res_.startup_seconds;
+      joined.seconds = std::chrono::duration<double>(Clock::now() - t0_).count();
+      guard_->done();
+      return joined;
+    }
+    arrays_.stack_into(res_);
+    finish_analysis(res_, c_);
+    if (res_.verified_steps > 0) gate_updates(res_, c_.run, c_.allow_unverified);
+    res_.seconds = std::chrono::duration<double>(Clock::now() - t0_).count();
+    return res_;
+  }
+
+  const AnalyzeConfig& c_;
+  const Clock::time_point t0_;
+  Clock::time_point last_report_ = Clock::now(), seg_started_ = Clock::now();
+  const std::unique_ptr<Trajectory> run_;
+  Trajectory& traj_;
+  ThreadInfo threads_;
+  std::shared_ptr<models::Model> model_;
+  int64_t whole_begin_ = 0, whole_end_ = 0, begin_ = 0, end_ = 0, resume_at_ = 0, walk_from_ = 0, np_ = 0;
+  bool explicit_route_ = false, jvp_route_ = false, progress_ = false;
+  Projection projection_;
+  OptimizerOptions options_;
+  at::Tensor xp_;
+  AnalysisResult res_;
+  StepArrays arrays_;
+  std::map<int64_t, StepVerification> verdicts_;
+  std::vector<std::shared_ptr<StepTerm>> terms_;
+  nlohmann::json progress_key_;
+  std::unique_ptr<ProgressGuard> guard_;
+  size_t seg_row0_ = 0;  // the current segment's first row
+  at::Tensor seg_f0_;
+};
+
 }  // namespace
 
 AnalysisResult analyze(const AnalyzeConfig& c) {
   c.validate();
-  const auto t0 = Clock::now();
-  const std::unique_ptr<Trajectory> run = open_trajectory(c.run, c.kernel_route == "torchscript");
-  Trajectory& traj = *run;
-  // After opening the run (which pins its training threads): the analysis's own. Replayed
-  // steps still run with the run's (Replayer::replay_step).
-  const ThreadInfo threads = pin_threads(c.threads);
-  const std::string model_spec = traj.model_spec();
-  const LossKind loss = traj.loss();
-  const int64_t last = traj.logged_steps();
-  const int64_t whole_begin = c.step_begin, whole_end = c.step_end < 0 ? last : c.step_end;
-  if (whole_begin < 0 || whole_begin >= whole_end || whole_end > last) {
-    throw InputError("--range " + std::to_string(whole_begin) + ":" + std::to_string(whole_end) +
-                     " is outside the run's steps 0:" + std::to_string(last));
-  }
-  int64_t begin = whole_begin, end = whole_end;
-  if (c.shard_count > 0) {  // the I-th of N parts, split at stored checkpoints
-    const std::vector<int64_t> bounds = shard_bounds(whole_begin, whole_end, traj.checkpoints(), c.shard_count);
-    begin = bounds[static_cast<size_t>(c.shard_index - 1)];
-    end = bounds[static_cast<size_t>(c.shard_index)];
-    spdlog::info("shard {}/{}: steps {}..{} of {}..{}", c.shard_index, c.shard_count, begin, end - 1, whole_begin,
-                 whole_end - 1);
-  }
-
-  // The analysis model: the run's architecture in float64 (SPEC, numerical rules).
-  auto model = traj.make_model();
-  model->to(at::kDouble);
-  // The factorized route covers models whose parameters all sit in tapped Linear/Conv2d layers;
-  // anything else (a recorded TorchScript model too) goes through explicit per-row Jacobians.
-  bool explicit_route = c.kernel_route == "explicit" || c.kernel_route == "torchscript";
-  if (c.kernel_route == "auto" && !factorizable(*model)) {
-    if (model_spec == "torchscript") {
-      spdlog::info("the recorded TorchScript model: per-row gradients by autograd");
-    } else {
-      spdlog::warn("model '{}' has parameters outside Linear/Conv2d layers: using explicit Jacobians (slow)", model_spec);
-    }
-    explicit_route = true;
-  }
-  // Zoo models with a convolution take forward-mode AD for their probes' directional products
-  // (kernels.h, probe_jvps): one forward per direction instead of one backward per logit through
-  // the convolutions. Linear-only models keep the probe rows on every step, which is cheaper
-  // there (bench_analyze), and so does the explicit route.
-  bool has_conv = false;
-  for (const auto& t : model->taps()) has_conv = has_conv || t.kind == models::LayerKind::kConv2d;
-  const bool jvp_route = !explicit_route && has_conv;
-  if (c.project > 0 && explicit_route) {
-    throw InputError("--project needs the factorized route: this run's model has parameters outside tapped "
-                     "Linear/Conv2d layers or was recorded as TorchScript");
-  }
-  const Projection projection = c.project > 0 ? make_projection(*model, c.project, c.project_seed) : Projection{};
-  if (c.kink_split && explicit_route) {
-    throw InputError("--kinks needs one of the zoo's models (its ReLU, leaky ReLU and max-pool patterns are read "
-                     "and frozen along each step); this run's model takes the explicit route");
-  }
-  // Nodes per piece with --kinks: enough for the frozen network's polynomial gradients.
-  const int64_t piece_nodes = c.kink_split ? std::max(c.exact_nodes, nodes_needed(*model)) : c.exact_nodes;
-  if (c.kernel_route == "factorized" && !factorizable(*model)) {
-    throw InputError(model_spec == "torchscript"
-                         ? "--kernel-route factorized: the recorder did not recognize this run's model as one of the "
-                           "zoo's (docs/pytorch.md: Analyze your own PyTorch training); use auto or torchscript"
-                         : "--kernel-route factorized: model '" + model_spec + "' has parameters outside Linear/Conv2d layers");
-  }
-
-  if (traj.split_size(c.split) == 0) throw InputError(c.run + ": the run has no " + c.split + " split for probes");
-  AnalysisResult res;
-  res.project_dims = projection.dims;
-  res.probe_indices = choose_probes(
-      c, traj.split_size(c.split),
-      c.balanced ? traj.labels(c.split, at::arange(traj.split_size(c.split), at::kLong)).contiguous() : at::Tensor());
-  const at::Tensor pidx = at::tensor(res.probe_indices, at::kLong);
-  const at::Tensor xp = traj.inputs(c.split, pidx, at::kDouble);
-  const at::Tensor yp = traj.labels(c.split, pidx);
-  for (int64_t i = 0; i < yp.size(0); ++i) res.probe_labels.push_back(yp[i].item<int64_t>());
-  const int64_t np = xp.size(0), ncls = traj.num_classes();
-
-  // Which logit each column holds: all, the label's, or the final model's prediction.
-  if (c.outputs == "all") {
-    res.outputs = at::arange(ncls, at::kLong).unsqueeze(0).expand({np, ncls}).contiguous();
-  } else if (c.outputs == "class") {
-    if (c.output_class < 0 || c.output_class >= ncls) {
-      throw InputError("--logit " + std::to_string(c.output_class) + " is not a class of this run (0.." +
-                       std::to_string(ncls - 1) + ")");
-    }
-    res.outputs = at::full({np, 1}, c.output_class, at::kLong);
-  } else if (c.outputs == "true") {
-    res.outputs = yp.unsqueeze(1).clone();
-  } else {
-    traj.check_steps(whole_end - 1, whole_end, 1, false);  // the whole range's end, shards too
-    set_weights(*model, to_double_map(traj.weights_at(whole_end)));
-    res.outputs = forward_nograd(*model, xp).argmax(1).unsqueeze(1);
-  }
-  auto select = [&](const at::Tensor& full) { return full.gather(1, res.outputs); };  // [P, ncls] -> [P, C]
-  const int64_t nc = res.outputs.size(1);
-
-  StepArrays arrays;
-  const auto [nodes, node_weights] = gauss_legendre(std::max<int64_t>(c.exact_nodes, 1));
-  res.contiguous = c.every == 1;
-  {
-    // A TorchScript model may hold kinks (ReLU, max, abs) we cannot see: not gated as smooth.
-    const models::ModelSpec& spec = model->spec();
-    res.smooth = spec.activation != "relu" && spec.activation != "leaky_relu" && spec.kind != "cnn" && spec.kind != "torchscript";
-  }
-  auto last_report = t0;
-  const OptimizerOptions oo = traj.optimizer_after(begin).options();
-  res.shard_index = c.shard_index;
-  res.shard_count = c.shard_count;
-  res.whole_begin = whole_begin;
-  res.whole_end = whole_end;
-  res.threads = threads.torch_threads;
-  res.blas = threads.blas;
-  res.blas_core = threads.blas_core;
-  res.run_path = fs::canonical(c.run).string();
-  res.run_manifest_sha256 = sha256_file(fs::path(c.run) / "manifest.json");
-  res.optimizer = optimizer_name(oo.kind);
-  res.model = model_spec;
-  // A recorded run's own TorchScript model is named as such (its per-row gradients by autograd).
-  res.route = model_spec == "torchscript" ? "torchscript" : explicit_route ? "explicit" : "factorized";
-  // Settings that vary by step or parameter group (a recorded run) are the optimizer's: Kopt.
-  const bool varying = traj.settings_vary();
-  const bool memory = oo.kind != OptimizerKind::kSgd || oo.momentum != 0;  // earlier gradients in the update
-  res.uses_kopt = memory || varying;
-  // The SPEC's sources of U (U_wd, U_mom) are defined for SGD without Nesterov or dampening, one
-  // setting for the run.
-  const bool sgd_sources = oo.kind == OptimizerKind::kSgd && !oo.nesterov && oo.dampening == 0 && !varying;
-  // The update's coefficients c_{k,j}, from each step's settings.
-  UpdateRecurrence recurrence;
-  traj.check_steps(begin, end, c.every, memory);
-  traj.verify_through(end);  // --range inside a checkpoint interval: still the run's own weights
-  // A recorded run: every analyzed step checked against its logged loss and gradient before any
-  // output (a trained run's replay checks its steps against its checkpoints instead).
-  const std::map<int64_t, StepVerification> verdicts = verify_analyzed_steps(traj, *model, begin, end, c, loss, res);
-  // Resumable (progress_dir): what an interrupted run of this same command finished.
-  const bool progress = !c.progress_dir.empty();
-  nlohmann::json progress_key;
-  int64_t resume_at = begin;
-  ProgressGuard guard(c.progress_dir);
-  if (progress) {
-    // The resolved range too: a run trained on after the kill has another end (and another
-    // final model, which --outputs pred reads).
-    progress_key = {{"settings", analysis_settings(c, np)}, {"shard", {c.shard_index, c.shard_count}},
-                    {"range", {begin, end}}};
-    progress_key["settings"].erase("threads");  // results equal across thread counts
-    const std::vector<StoredAnalysis> finished = open_progress(c.progress_dir, progress_key, c.force);
-    for (const auto& s : finished) {
-      if (s.result.steps.front().step != resume_at) {
-        throw InputError(s.dir.string() + ": a segment that does not continue the ones before it (expected step " +
-                         std::to_string(resume_at) + ")");
-      }
-      resume_at = s.result.steps.back().step + c.every;
-    }
-    if (!finished.empty()) {
-      spdlog::info("continuing an interrupted analysis: steps {}..{} done ({} segments in {}/segments)", begin,
-                   resume_at - c.every, finished.size(), c.progress_dir);
-    }
-  }
-  const std::vector<int64_t>& stored = traj.checkpoints();
-  size_t seg_row0 = 0;  // the current segment's first row
-  auto seg_started = Clock::now();
-  at::Tensor seg_f0;
-  double seg_split_error = 0;
-  int64_t seg_checked = 0;
-  // With memory the recurrences need every step's gradient from step 0 on, analyzed or not.
-  const int64_t walk_from = memory ? 0 : resume_at;
-  res.startup_seconds = std::chrono::duration<double>(Clock::now() - t0).count();
-  spdlog::debug("analysis set up in {:.3f} s (run opened, data decoded, probes chosen)", res.startup_seconds);
-  // The fixed training subset of --sharpness: its first sharpness_examples examples.
-  at::Tensor xs, ys, sidx;
-  if (c.sharpness_every > 0) {
-    res.sharpness_examples = std::min(c.sharpness_examples, traj.split_size("train"));
-    sidx = at::arange(res.sharpness_examples, at::kLong);
-    xs = traj.inputs("train", sidx, at::kDouble);
-    ys = traj.labels("train", sidx);
-  }
-  // The previous step's batch gradient, for the cosine between consecutive gradients.
-  ParamMap prev_grad;
-  int64_t prev_grad_step = -2;
-  for (int64_t k = walk_from; k < end && resume_at < end; ++k) {  // (nothing left when resumed at the end)
-    const bool analyzed = k >= resume_at && (k - begin) % c.every == 0;
-    if (!analyzed && !memory) continue;
-    const ParamMap w0 = to_double_map(traj.weights_at(k));
-    const LoggedStep batch = traj.logged_step(k, at::kDouble);
-    const double lr = batch.lr;
-    const at::Tensor& bidx = batch.indices;
-    const at::Tensor& xb = batch.x;
-    const at::Tensor& yb = batch.y;
-    const double nb = static_cast<double>(bidx.size(0));
-    if (!analyzed) {
-      set_weights(*model, w0);
-      prev_grad = batch_gradient(*model, xb, yb, loss);
-      prev_grad_step = k;
-      // P_k only where it enters the buffer (RMSprop with momentum).
-      const bool inner = linear_update(batch.settings.options, k).inner;
-      recurrence.advance(k, scaled(prev_grad, batch.grad_scale), w0, batch.settings,
-                         inner ? step_preconditioner(traj, k, oo.kind) : ParamMap{});
-      continue;
-    }
-    const ParamMap v_prev = sgd_sources ? momentum_buffer_of(traj.optimizer_after(k)) : ParamMap{};
-    const ParamMap w1 = to_double_map(traj.weights_at(k + 1));
-    const ParamMap precond = step_preconditioner(traj, k, oo.kind);  // P_k, after step k
-    ParamMap dw;
-    for (const auto& [name, t] : w0) dw[name] = w1.at(name) - t;  // exact: float32 -> float64 first
-
-    set_weights(*model, w1);
-    const at::Tensor f1 = forward_nograd(*model, xp);
-    const double loss_after = batch_loss(forward_nograd(*model, xb), yb, loss).item<double>();
-    set_weights(*model, w0);
-    const double loss_before = batch_loss(forward_nograd(*model, xb), yb, loss).item<double>();
-
-    // The probes' products with every direction the step needs, J_p v for v = dw, grad L_k and
-    // the optimizer's directions, all at w_k; f(w_k) comes from the same forwards.
-    const ParamMap grad_l = batch_gradient(*model, xb, yb, loss);
-    double grad_cos = NAN;
-    if (k > 0) {
-      if (prev_grad_step != k - 1) {  // the first step of a range, or every > 1: step k-1's own
-        const LoggedStep before = traj.logged_step(k - 1, at::kDouble);
-        set_weights(*model, to_double_map(traj.weights_at(k - 1)));
-        prev_grad = batch_gradient(*model, before.x, before.y, loss);
-        set_weights(*model, w0);
-      }
-      grad_cos = gradient_cosine(grad_l, prev_grad);
-    }
-    prev_grad = grad_l;
-    prev_grad_step = k;
-    // The gradient the optimizer applied: grad L_k times a recorded clipping scale (1 without).
-    const double gs = batch.grad_scale;
-    const ParamMap applied = gs == 1 ? grad_l : scaled(grad_l, gs);
-    recurrence.advance(k, applied, w0, batch.settings, precond);
-    const ParamMap kernel_dir = recurrence.kernel_direction(precond);
-    const ParamMap decay_dir = recurrence.has_decay() ? recurrence.decay_direction(precond) : ParamMap{};
-    const bool with_wd = oo.weight_decay != 0, with_mom = oo.momentum != 0 && !v_prev.empty();
-    std::vector<const ParamMap*> dirs = {&dw, &applied};
-    if (res.uses_kopt) dirs.push_back(&kernel_dir);
-    if (with_wd) dirs.push_back(&w0);
-    if (with_mom) dirs.push_back(&v_prev);
-    if (recurrence.has_decay()) dirs.push_back(&decay_dir);
-    // The per-example split K_{k,m} (probe rows against the batch's loss rows) is needed by the
-    // step callback (explain) and on the checked steps (counted from the whole range's first
-    // step, so that shards check the steps one process would): there its sum over m is compared
-    // with -a_k g . grad L_k, an independent route (exit status 4 beyond tolerance). The
-    // forward-mode route gives K and F without it on the other steps; the explicit route forms
-    // the rows anyway and checks every step.
-    const bool checked = ((k - whole_begin) / c.every) % c.check_every == 0;
-    const bool split = !jvp_route || c.on_step || checked;
-    at::Tensor f0;
-    std::vector<at::Tensor> jv;
-    if (jvp_route) jv = probe_jvps(*model, xp, res.outputs, dirs, &f0);
-    RowGradients sp, sb;
-    at::Tensor k_per, zb;  // zb: the batch rows projected (with --project)
-    if (split) {
-      sp = probe_rows(*model, xp, res.outputs, explicit_route, jvp_route ? nullptr : &f0);
-      sb = loss_rows(*model, xb, yb, loss, explicit_route);
-      if (c.project > 0) {
-        zb = project_rows(projection, sb);
-        k_per = at::mm(project_rows(projection, sp), zb.t()).mul_(-lr * gs / nb);  // K~_{k,m}
-      } else {
-        k_per = row_gram(sp, sb).mul_(-lr * gs / nb);  // K_{k,m}: [P*C, M]
-      }
-    }
-    auto product = [&](const ParamMap& v) {
-      const size_t i = static_cast<size_t>(std::find(dirs.begin(), dirs.end(), &v) - dirs.begin());
-      return (jvp_route ? jv.at(i) : row_directional(sp, v)).reshape({np, nc});
-    };
-    if (k == begin) res.f_initial = select(f0);
-    const at::Tensor k_direct = product(applied) * (-lr);
-    // K itself is exact: a projected split only estimates its per-example parts.
-    const at::Tensor k_full = jvp_route || c.project > 0 ? k_direct : k_per.sum(1).reshape({np, nc});
-    const at::Tensor f_full = product(dw);
-    at::Tensor u_wd = at::zeros_like(f_full), u_mom = at::zeros_like(f_full);
-    if (with_wd) u_wd = product(w0) * (-lr * oo.weight_decay);
-    if (with_mom) u_mom = product(v_prev) * (-lr * oo.momentum);
-    // The optimizer's kernel term (SPEC): Kopt_k = -a_k g . P_k (.) sum_j c_{k,j} grad L_j(w_j).
-    const at::Tensor kopt = res.uses_kopt ? product(kernel_dir) * (-lr) : k_direct;
-    if (split) {
-      const double scale = std::max(1e-300, k_direct.abs().max().item<double>());
-      const double e = (k_per.sum(1).reshape({np, nc}) - k_direct).abs().max().item<double>() / scale;
-      if (c.project > 0) {  // the projection's error, not a failed check
-        res.projection_error = std::max(res.projection_error, e);
-      } else {
-        res.kernel_split_error = std::max(res.kernel_split_error, e);
-        seg_split_error = std::max(seg_split_error, e);
-      }
-      ++res.kernel_split_checked;
-      ++seg_checked;
-    }
-    const at::Tensor uopt_wd = recurrence.has_decay() ? product(decay_dir) * (-lr) : at::zeros_like(kopt);
-
-    const at::Tensor d = select(f1 - f0), f = f_full, kk = k_full;
-    const at::Tensor u = f - kk, r = d - f;
-    StepRow row;
-    row.step = k;
-    row.lr = lr;
-    row.loss_before = loss_before;
-    row.loss_after = loss_after;
-    row.loss_up = loss_after > loss_before;
-    row.grad_cos = grad_cos;
-    mark_verified(row, verdicts);
-    row.grad_norm = traj.logged_grad_norm(k);
-    if (std::isnan(row.grad_norm)) {  // not logged (a recorded run): the float64 gradient's norm
-      double sq = 0;
-      for (const auto& [name, g] : grad_l) sq += g.pow(2).sum().item<double>();
-      row.grad_norm = std::sqrt(sq);
-    }
-    double dw_sq = 0;
-    for (const auto& [name, t] : dw) dw_sq += t.pow(2).sum().item<double>();
-    row.update_norm = std::sqrt(dw_sq);
-    row.d_norm = frob(d);
-    row.f_norm = frob(f);
-    row.k_norm = frob(kk);
-    row.u_norm = frob(u);
-    row.u_wd_norm = sgd_sources ? frob(u_wd) : NAN;
-    row.u_mom_norm = sgd_sources ? frob(u_mom) : NAN;
-    row.u_round_norm = sgd_sources ? frob(u - u_wd - u_mom) : NAN;
-    const at::Tensor uopt_round = f - kopt - uopt_wd;
-    row.kopt_norm = frob(kopt);
-    row.uopt_wd_norm = frob(uopt_wd);
-    row.uopt_round_norm = frob(uopt_round);
-    arrays.kopt.push_back(kopt);
-    arrays.uopt_wd.push_back(uopt_wd);
-    arrays.uopt_round.push_back(uopt_round);
-    row.r_norm = frob(r);
-    row.r = row.f_norm > 0 ? row.r_norm / row.f_norm : 0.0;
-    at::Tensor kex_per_step;
-    StepKinks kinks;
-    if (c.kink_split) {
-      // Each probe's and batch example's kinks along the step, walked row by row (kinks.h).
-      try {
-        kinks = walk_step(*model, w0, dw, xp, xb, c.kinks_examples, c.kinks_max);
-      } catch (const std::invalid_argument& e) {
-        throw InputError(std::string("--kinks: ") + e.what());
-      }
-      row.kinks_probes = kinks.probe_kinks;
-      row.kinks_batch = kinks.batch_kinks;
-      row.kink_pieces = kinks.probe_pieces;
-    }
-    if (c.exact_nodes > 0) {
-      // gbar = integral_0^1 g(w_k + t dw) dt by quadrature (SPEC, "exact path kernel"): the probe
-      // rows' signals at each node against the batch's loss signals at w_k; with --kinks each
-      // probe over its own pieces.
-      ExactStepInputs in;
-      in.model = model.get();
-      in.xp = &xp;
-      in.cols = &res.outputs;
-      in.w0 = &w0;
-      in.dw = &dw;
-      in.grad_l = &applied;
-      in.kernel_dir = res.uses_kopt ? &kernel_dir : nullptr;
-      in.split = !jvp_route || c.on_step;  // else forward mode at the nodes
-      in.explicit_route = explicit_route;
-      in.batch_rows = &sb;
-      in.projection = c.project > 0 ? &projection : nullptr;
-      in.batch_sketch = &zb;
-      in.lr = lr * gs;  // the per-example terms of the applied gradient
-      in.batch_size = nb;
-      in.per_row = kinks.walked;
-      in.rounds = in.per_row ? row_node_rounds(kinks.probes, piece_nodes) : shared_node_rounds(nodes, node_weights, np);
-      const ExactStepSums sums = integrate_exact_step(in);
-      const bool split_nodes = in.split;
-      const at::Tensor &gbar_dw = sums.gbar_dw, &gbar_grad = sums.gbar_grad, &gbar_kdir = sums.gbar_kdir,
-                       &kex_per = sums.kex_per;
-      if (res.uses_kopt) {
-        // Kopt with gbar in place of g (SPEC): the rest of gbar . dw is decay and rounding.
-        const at::Tensor koex = gbar_kdir.reshape({np, nc}) * (-lr);
-        arrays.koptexact.push_back(koex);
-        arrays.uoptexact.push_back(gbar_dw.reshape({np, nc}) - koex);
-      }
-      if (split_nodes) kex_per_step = kex_per;
-      const at::Tensor kex = split_nodes && c.project == 0 ? kex_per.sum(1).reshape({np, nc})
-                                                           : gbar_grad.reshape({np, nc}) * (-lr);
-      const at::Tensor fex = gbar_dw.reshape({np, nc});
-      arrays.kexact.push_back(kex);
-      arrays.uexact.push_back(fex - kex);  // Uexact = gbar . (dw + a_k grad L_k) = gbar . dw - sum_m Kexact_m
-      row.kexact_norm = frob(kex);
-      row.quad_error = frob(d - fex);
-    }
-    if (c.on_step) c.on_step(StepTerms{k, lr * gs, bidx, k_per, kex_per_step, &sb});
-    if (c.second_order) {
-      set_weights(*model, w0);
-      const at::Tensor s = second_order(*model, xp, res.outputs, dw).reshape({np, nc});
-      row.s_norm = frob(s);
-      row.higher_norm = frob(r - s);
-      arrays.s.push_back(s);
-    }
-    if (c.sharpness_every > 0 && (k - whole_begin) % c.sharpness_every == 0) {
-      // lambda_max at w_k (sharpness.h), seeded by the step so that shards agree with one process.
-      set_weights(*model, w0);
-      const Sharpness st = hessian_top_eigenvalue(*model, xs, ys, loss, c.sharpness_iterations, 1e-7,
-                                                  static_cast<uint64_t>(k));
-      // Full-batch GD: the batch is the subset in another order, one Hessian; its lambda_max is reused.
-      const bool batch_is_subset = bidx.size(0) == sidx.size(0) && at::equal(std::get<0>(bidx.sort()), sidx);
-      const Sharpness sb_ = batch_is_subset ? st
-                                            : hessian_top_eigenvalue(*model, xb, yb, loss, c.sharpness_iterations,
-                                                                     1e-7, static_cast<uint64_t>(k) + 1);
-      row.lambda_train = st.lambda_max;
-      row.lanczos_iterations = static_cast<double>(st.iterations);
-      row.lanczos_residual = st.residual;
-      row.lambda_batch = sb_.lambda_max;
-      row.subset_loss_before = mean_loss(*model, xs, ys, loss);
-      set_weights(*model, w1);
-      row.subset_loss_after = mean_loss(*model, xs, ys, loss);
-      set_weights(*model, w0);
-    }
-    arrays.d.push_back(d);
-    arrays.f.push_back(f);
-    arrays.k.push_back(kk);
-    arrays.u.push_back(u);
-    arrays.r.push_back(r);
-    res.steps.push_back(row);
-    res.f_final = select(f1);
-    if (progress) {
-      if (seg_row0 + 1 == res.steps.size()) seg_f0 = select(f0);
-      // A segment ends at the end, or where the next analyzed step would cross a stored
-      // checkpoint once it holds segment_seconds of work.
-      const int64_t next = k + c.every;
-      const bool long_enough =
-          std::chrono::duration<double>(Clock::now() - seg_started).count() >= c.segment_seconds;
-      const bool boundary = next >= end || (long_enough && std::any_of(stored.begin(), stored.end(), [&](int64_t s) {
-                                              return s > k && s <= next;
-                                            }));
-      if (boundary) {
-        AnalysisResult seg = res;  // the header fields; the steps and arrays of this segment below
-        seg.steps.assign(res.steps.begin() + static_cast<std::ptrdiff_t>(seg_row0), res.steps.end());
-        arrays.stack_into(seg, seg_row0);
-        seg.f_initial = seg_f0;
-        seg.f_final = res.f_final;
-        seg.kernel_split_error = seg_split_error;
-        seg.kernel_split_checked = seg_checked;
-        finish_analysis(seg, c);
-        seg.seconds = std::chrono::duration<double>(Clock::now() - t0).count();
-        write_segment(c.progress_dir, seg, c);
-        seg_row0 = res.steps.size();
-        seg_started = Clock::now();
-        seg_split_error = 0;
-        seg_checked = 0;
-      }
-    }
-
-    const auto now = Clock::now();
-    if (now - last_report > std::chrono::seconds(2) || k + c.every >= end) {
-      const double el = std::chrono::duration<double>(now - t0).count();
-      const double done = static_cast<double>(res.steps.size());
-      const double total = static_cast<double>((end - begin + c.every - 1) / c.every);
-      spdlog::info("analyzed step {} ({}/{})  r {:.3g}  {:.1f} steps/s  ETA {:.0f}s", k, res.steps.size(),
-                   static_cast<int64_t>(total), row.r, done / el, (total - done) * el / done);
-      last_report = now;
-    }
-  }
-  if (progress) {
-    // Every step is in the segments now, the earlier run's and this one's: the result is their
-    // join, read back from the files (which hold every number exactly).
-    const std::vector<StoredAnalysis> all = open_progress(c.progress_dir, progress_key, /*force=*/false);
-    AnalysisResult joined = join_parts(all);
-    finish_analysis(joined, c);
-    if (res.verified_steps > 0) gate_updates(joined, c.run, c.allow_unverified);
-    joined.startup_seconds = res.startup_seconds;
-    joined.seconds = std::chrono::duration<double>(Clock::now() - t0).count();
-    guard.done();
-    return joined;
-  }
-  arrays.stack_into(res);
-  finish_analysis(res, c);
-  if (res.verified_steps > 0) gate_updates(res, c.run, c.allow_unverified);
-  res.seconds = std::chrono::duration<double>(Clock::now() - t0).count();
-  return res;
+  return Driver(c).run();
 }
 
 }  // namespace pathkernel

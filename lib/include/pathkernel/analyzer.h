@@ -9,12 +9,15 @@
 #include <cmath>
 #include <cstdint>
 #include <functional>
+#include <memory>
+#include <utility>
 #include <string>
 #include <vector>
 
 namespace pathkernel {
 
 struct RowGradients;
+class StepTerm;
 
 /// What the analyzer hands a per-step hook: enough to attribute a step to training examples
 /// (plain SGD; with memory or a preconditioner see attribution.h).
@@ -102,6 +105,9 @@ struct AnalyzeConfig {
   double segment_seconds = 5;
   /// Called after each analyzed step (library use: `pathkernel explain` attributes through it).
   std::function<void(const StepTerms&)> on_step;
+  /// Terms computed after the standard ones on every analyzed step (library use, step_terms.h):
+  /// their values go to steps.csv as extra columns (StepRow::extra).
+  std::vector<std::shared_ptr<StepTerm>> extra_terms;
 
   /// Throws InputError naming the flag.
   void validate() const;
@@ -135,6 +141,9 @@ struct StepRow {
   /// allow_unverified). NaN / -1 for a trained run (its replay checks it) or a value not logged.
   double verify_loss_error = NAN, verify_gradient_error = NAN;
   int verified = -1;
+  /// Columns of terms added through AnalyzeConfig::extra_terms: (name, value), the same names in
+  /// every row, written after the standard columns.
+  std::vector<std::pair<std::string, double>> extra;
 };
 
 struct AnalysisResult {
