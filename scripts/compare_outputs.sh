@@ -91,7 +91,7 @@ done
 jobs=(
   "analyze:default before-runs/default --probes 64 --second-order"
   "analyze:cnn-exact before-runs/cnn-adam --probes 8 --exact 4 --kinks"
-  "analyze:momentum-sharpness before-runs/mlp-momentum --probes 16 --sharpness 20 --exact 3"
+  "analyze:momentum-sharpness before-runs/mlp-momentum --probes 16 --sharpness 20 --exact 6"
   "analyze:range before-runs/default --probes 8 --range 50:120 --every 3"
   "analyze:rmsprop before-runs/rmsprop --probes 8"
   "analyze:recorded recorded --probes 8 --second-order"
@@ -104,7 +104,7 @@ for side in before after; do
   for job in "${jobs[@]}"; do
     cmd=${job%%:*}
     rest=${job#*:}
-    name=${rest%% *}
+    name=$cmd-${rest%% *}
     args=${rest#* }
     # shellcheck disable=SC2086
     "$work/$side/build/apps/pathkernel" "$cmd" $args --threads 1 --out "$side/$name" > /dev/null 2>> "$side-jobs.log" ||
@@ -113,7 +113,7 @@ for side in before after; do
 done
 for job in "${jobs[@]}"; do
   rest=${job#*:}
-  name=${rest%% *}
+  name=${job%%:*}-${rest%% *}
   [ -d "before/$name" ] || continue
   (cd "before/$name" && find . -type f | sort) > "$work/files-before"
   (cd "after/$name" 2>/dev/null && find . -type f | sort) > "$work/files-after" || true

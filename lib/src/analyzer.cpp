@@ -77,7 +77,10 @@ namespace {
 class Driver {
  public:
   explicit Driver(const AnalyzeConfig& c)
-      : c_(c), t0_(Clock::now()), run_(open_trajectory(c.run, c.kernel_route == "torchscript")), traj_(*run_) {}
+      : c_(c),
+        t0_(Clock::now()),
+        run_(c.trajectory ? nullptr : open_trajectory(c.run, c.kernel_route == "torchscript")),
+        traj_(c.trajectory ? *c.trajectory : *run_) {}
 
   AnalysisResult run() {
     // After opening the run (which pins its training threads): the analysis's own. Replayed

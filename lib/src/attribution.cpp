@@ -75,8 +75,9 @@ void set_flat(models::Model& model, const at::Tensor& row) {
 
 OptimizerAttribution attribute_through_optimizer(const OptimizerAttributionConfig& c) {
   const auto t0 = Clock::now();
-  const std::unique_ptr<Trajectory> run = open_trajectory(c.run, c.kernel_route == "torchscript");
-  Trajectory& traj = *run;
+  const std::unique_ptr<Trajectory> opened =
+      c.trajectory ? nullptr : open_trajectory(c.run, c.kernel_route == "torchscript");
+  Trajectory& traj = c.trajectory ? *c.trajectory : *opened;
   const LossKind loss = traj.loss();
   if (c.end < 1 || c.end > traj.logged_steps()) throw InputError(c.run + ": no steps to attribute");
   traj.check_steps(0, c.end, 1, true);

@@ -48,8 +48,14 @@ ExplainResult explain(const ExplainConfig& c) {
   a.shard_count = c.shard_count;
   a.kernel_route = c.kernel_route;
   a.threads = c.threads;
-  // The manifest alone: the analysis below opens the run itself.
-  const RunFacts facts = run_facts(c.run);
+  // The run, opened and decoded once: the analysis, the attribution and the files read it.
+  const std::shared_ptr<Trajectory> traj(open_trajectory(c.run, c.kernel_route == "torchscript"));
+  a.trajectory = traj.get();
+  RunFacts facts;
+  facts.train_examples = traj->split_size("train");
+  facts.optimizer = traj->optimizer_after(0).options();
+  facts.model = traj->model_spec() == "torchscript" ? "" : traj->model_spec();
+  facts.settings_vary = traj->settings_vary();
   const int64_t n_train = facts.train_examples;
   const OptimizerOptions& oo = facts.optimizer;
   // Exact attribution integrates each step's segment by quadrature, which is exact only where the
@@ -110,6 +116,7 @@ ExplainResult explain(const ExplainConfig& c) {
   if (res.through_optimizer) {
     OptimizerAttributionConfig oc;
     oc.run = c.run;
+    oc.trajectory = traj.get();
     oc.probe_indices = an.probe_indices;
     oc.split = c.split;
     oc.cols = an.outputs;
@@ -128,6 +135,7 @@ ExplainResult explain(const ExplainConfig& c) {
     res.project_dims = at.project_dims;
   }
 
+  res.trajectory = traj;
   res.probe_indices = an.probe_indices;
   res.probe_labels = an.probe_labels;
   for (int64_t p = 0; p < an.outputs.size(0); ++p) res.outputs.push_back(an.outputs[p][0].item<int64_t>());
@@ -177,7 +185,7 @@ std::vector<int64_t> top_k(const at::Tensor& v, int64_t k, bool largest) {
 
 void write_explanation(const ExplainResult& r, const ExplainConfig& c) {
   check_output_dir(c.out, c.force, "summary.json", kExplainFormat);
-  const std::unique_ptr<Trajectory> run = open_trajectory(c.run);
+  const std::shared_ptr<Trajectory> run = r.trajectory ? r.trajectory : std::shared_ptr<Trajectory>(open_trajectory(c.run));
   const int64_t n_train = run->split_size("train");
   if (n_train != r.attributions.size(1)) {
     throw InputError(c.run + ": holds " + std::to_string(n_train) + " training examples, the explanation " +

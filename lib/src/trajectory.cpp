@@ -192,6 +192,9 @@ class RecordedTrajectory : public Trajectory {
     return std::vector<double>(p.data_ptr<double>(), p.data_ptr<double>() + p.numel());
   }
   const Optimizer& optimizer_after(int64_t k) override {
+    // The state read last is kept: an analysis asks for the same step's state more than once
+    // (after step k, then before step k + 1).
+    if (optimizer_ && optimizer_step_ == k) return *optimizer_;
     int64_t updates = 0;
     OptimizerState state = run_.optimizer_state(k, &updates);
     if (!script_) {
@@ -203,6 +206,7 @@ class RecordedTrajectory : public Trajectory {
     // As the optimizer was at its last step (its P after step k - 1 uses that step's betas).
     optimizer_ = make_optimizer(k > 0 ? run_.settings_at(k - 1).options : run_.optimizer(), names_, params_);
     optimizer_->load_state(state, updates, run_.optimizer_file(k).string());
+    optimizer_step_ = k;
     return *optimizer_;
   }
 
@@ -295,6 +299,7 @@ class RecordedTrajectory : public Trajectory {
   std::vector<at::Tensor> params_;
   std::map<std::string, std::string> to_recorded_;
   std::unique_ptr<Optimizer> optimizer_;
+  int64_t optimizer_step_ = -1;
   mutable std::pair<double, double> train_range_{1, 0}, test_range_{1, 0};  ///< min, max of the inputs
   mutable at::Tensor signs_;  ///< the fingerprint's +-1 vectors, float64 [J, parameters], made once
 };

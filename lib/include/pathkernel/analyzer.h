@@ -18,6 +18,7 @@ namespace pathkernel {
 
 struct RowGradients;
 class StepTerm;
+class Trajectory;
 
 /// What the analyzer hands a per-step hook: enough to attribute a step to training examples
 /// (plain SGD; with memory or a preconditioner see attribution.h).
@@ -108,6 +109,9 @@ struct AnalyzeConfig {
   /// Terms computed after the standard ones on every analyzed step (library use, step_terms.h):
   /// their values go to steps.csv as extra columns (StepRow::extra).
   std::vector<std::shared_ptr<StepTerm>> extra_terms;
+  /// Library use: the run, already open (`run` still names it), so that a command opens and
+  /// decodes it once (explain: analysis, attribution and the files). Not owned.
+  Trajectory* trajectory = nullptr;
 
   /// Throws InputError naming the flag.
   void validate() const;

@@ -20,8 +20,11 @@
 
 namespace pathkernel {
 
+class Trajectory;
+
 struct OptimizerAttributionConfig {
   std::string run;                     ///< run directory
+  Trajectory* trajectory = nullptr;    ///< the run, already open (not owned); else opened from `run`
   std::vector<int64_t> probe_indices;  ///< into the split
   std::string split = "test";
   at::Tensor cols;                     ///< int64 [P, C']: the outputs of each probe (rows p*C' + j)

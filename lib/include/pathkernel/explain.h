@@ -10,6 +10,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -50,7 +51,11 @@ struct ExplainConfig {
   void validate() const;
 };
 
+class Trajectory;
+
 struct ExplainResult {
+  /// The run as explain opened it (once, for the analysis, the attribution and the files).
+  std::shared_ptr<Trajectory> trajectory;
   std::vector<int64_t> probe_indices, probe_labels, outputs;  ///< per probe
   at::Tensor attributions;        ///< float64 [P, N_train]: a_i(x)
   at::Tensor attributions_exact;  ///< with exact_nodes
