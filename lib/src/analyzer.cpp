@@ -93,8 +93,8 @@ class Driver {
     choose_route();
     choose_probes_and_outputs();
     describe();
-    StepContext ctx{c_, traj_, *model_, res_, traj_.loss(), xp_, res_.outputs, np_, res_.outputs.size(1),
-                    explicit_route_, jvp_route_, projection_};
+    StepContext ctx(c_, traj_, *model_, res_, traj_.loss(), xp_, res_.outputs, np_, res_.outputs.size(1),
+                    explicit_route_, jvp_route_, projection_);
     set_up(ctx);
     for (int64_t k = walk_from_; k < end_ && resume_at_ < end_; ++k) {  // (nothing left when resumed at the end)
       const bool analyzed = k >= resume_at_ && (k - begin_) % c_.every == 0;

@@ -15,6 +15,7 @@
 
 #include "pathkernel/analyzer.h"
 #include "pathkernel/attribution.h"
+#include "pathkernel/class_names.h"
 #include "pathkernel/csv.h"
 #include "pathkernel/errors.h"
 #include "pathkernel/fs_util.h"
@@ -27,7 +28,6 @@
 #include "pathkernel/run_dir.h"
 #include "pathkernel/trajectory.h"
 #include "pathkernel/train_config.h"
-#include "report_parts.h"
 
 namespace pathkernel {
 namespace fs = std::filesystem;
@@ -240,7 +240,7 @@ void write_explanation(const ExplainResult& r, const ExplainConfig& c) {
   for (int64_t l : r.probe_labels) classes = std::max(classes, l + 1);
   for (int64_t o : r.outputs) classes = std::max(classes, o + 1);
   const std::vector<std::string> names =
-      report_detail::class_names(c.run, classes, c.class_names_file);
+      class_names(c.run, classes, c.class_names_file);
   auto name = [&](int64_t k) { return names.at(static_cast<size_t>(k)); };
   for (int64_t p = 0; p < np; ++p) {
     const at::Tensor row = r.attributions[p];

@@ -7,9 +7,9 @@
 #include <algorithm>
 #include <cstring>
 
+#include "pathkernel/data_source.h"
 #include "pathkernel/errors.h"
 #include "pathkernel/fs_util.h"
-#include "pathkernel/train_config.h"
 
 namespace pathkernel {
 namespace fs = std::filesystem;

@@ -81,6 +81,20 @@ std::string differing_setting(const OptimizerOptions& a, const OptimizerOptions&
 
 }  // namespace
 
+at::Tensor fingerprint_signs(uint64_t seed, int64_t j, int64_t n) {
+  at::Tensor out = at::empty({n}, at::kDouble);
+  double* p = out.data_ptr<double>();
+  const uint64_t base = seed + static_cast<uint64_t>(j) * (uint64_t{1} << 40);
+  for (int64_t i = 0; i < n; ++i) {
+    uint64_t z = base + static_cast<uint64_t>(i) + 0x9E3779B97F4A7C15ULL;  // splitmix64
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    z ^= z >> 31;
+    p[i] = (z >> 63) ? 1.0 : -1.0;
+  }
+  return out;
+}
+
 bool is_recorded_run(const fs::path& dir) {
   if (!fs::is_regular_file(dir / "manifest.json")) return false;
   try {

@@ -11,6 +11,7 @@
 #include <map>
 #include <sstream>
 
+#include "pathkernel/class_names.h"
 #include "pathkernel/csv.h"
 #include "pathkernel/errors.h"
 #include "pathkernel/fs_util.h"
@@ -397,7 +398,7 @@ ReportFiles write_report(const ReportConfig& c) {
       throw InputError(c.analysis + ": Kopt/Uopt arrays differ in shape from D");
     }
     const auto rows = report_detail::class_rows(
-        labels, report_detail::class_names(run_dir, classes, c.class_names_file), d, f, kk, uu, r, ur);
+        labels, class_names(run_dir, classes, c.class_names_file), d, f, kk, uu, r, ur);
     html += "<h2>By probe class</h2>\n" + report_detail::class_table_html(rows, kname);
     // The same as a figure: the Eq. 9 terms by class as bars, r by class as points. Names go
     // into the data file (read as text by gnuplot, never as code), without CSV separators.

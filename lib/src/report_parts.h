@@ -34,11 +34,6 @@ std::filesystem::path analyzed_run(const nlohmann::json& summary, const std::fil
 std::string run_facts_rows(const nlohmann::json& summary, const std::filesystem::path& run, const Table& steps,
                            const std::filesystem::path& steps_file);
 
-/// Names of classes 0..classes-1: one per line from `names_file` when given; Fashion-MNIST's ten
-/// names when the data of the run in directory `run` is Fashion-MNIST (its folder name says so);
-/// else "class K". Throws InputError naming the file when it is unreadable or has fewer names
-/// than classes.
-std::vector<std::string> class_names(const std::filesystem::path& run, int64_t classes, const std::string& names_file);
 
 /// One probe class: its probes, the means over its probes and outputs of f_N - f_0 and of the
 /// summed K (or Kopt), U and R, and the median over steps of r restricted to its probes (|R| / |F|

@@ -27,7 +27,6 @@ void check_thread_flag(int threads) {
   }
 }
 
-bool is_synthetic(const std::string& data) { return data.rfind("synthetic:", 0) == 0; }
 
 void TrainConfig::validate() const {
   try {

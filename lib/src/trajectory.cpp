@@ -13,7 +13,6 @@
 #include "pathkernel/replay.h"
 #include "pathkernel/run_dir.h"
 #include "pathkernel/scripted_model.h"
-#include "pathkernel/step_verification.h"
 #include "pathkernel/train_config.h"
 
 namespace pathkernel {

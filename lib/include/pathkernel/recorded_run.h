@@ -22,6 +22,11 @@ namespace pathkernel {
 /// The format tag of a recorded run's manifest.json.
 inline constexpr const char* kRecordedRunFormat = "pathkernel-recorded-run/1";
 
+/// +-1 vector j of a recorded run's gradient fingerprint (python/pathkernel_record.py's
+/// fingerprint_signs): element i is +1 when the top bit of splitmix64(seed + j * 2^40 + i) is
+/// set, else -1. float64 [n].
+at::Tensor fingerprint_signs(uint64_t seed, int64_t j, int64_t n);
+
 /// True when `dir` holds a recorded run (its manifest has the recorded-run format tag).
 bool is_recorded_run(const std::filesystem::path& dir);
 

@@ -41,6 +41,12 @@ struct StepArrays {
 /// What every term reads. The fields above the line are fixed for the analysis; the rest are
 /// step k's, filled by the driver in the order of the phases below.
 struct StepContext {
+  StepContext(const AnalyzeConfig& c, Trajectory& t, models::Model& m, AnalysisResult& res, LossKind l,
+              const at::Tensor& probes, const at::Tensor& columns, int64_t n_probes, int64_t n_cols, bool explicit_rows,
+              bool forward_mode, const Projection& proj)
+      : config(c), traj(t), model(m), result(res), loss(l), xp(probes), cols(columns), np(n_probes), nc(n_cols),
+        explicit_route(explicit_rows), jvp_route(forward_mode), projection(proj) {}
+
   const AnalyzeConfig& config;
   Trajectory& traj;
   models::Model& model;  ///< float64; at w_k between terms (a term that moves it moves it back)

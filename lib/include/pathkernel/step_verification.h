@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "pathkernel/recorded_run.h"  // fingerprint_signs
 #include "pathkernel/analyzer.h"
 #include "pathkernel/optimizer.h"
 #include "pathkernel/stepper.h"
@@ -41,10 +42,6 @@ struct StepVerification {
   bool ok = true;
   std::string what;           ///< what disagreed and the likely causes, when !ok
 };
-
-/// +-1 vector j of a fingerprint (python/pathkernel_record.py's fingerprint_signs): element i is
-/// +1 when the top bit of splitmix64(seed + j * 2^40 + i) is set, else -1. float64 [n].
-at::Tensor fingerprint_signs(uint64_t seed, int64_t j, int64_t n);
 
 /// Checks steps `steps` of a recorded trajectory with `model` (float64, the trajectory's
 /// parameter names). Returns one verdict per step (empty for a trajectory that logs no

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <string>
 
+#include "pathkernel/data_source.h"
 #include "pathkernel/optimizer.h"
 
 namespace pathkernel {
@@ -64,8 +65,6 @@ struct TrainConfig {
 
 nlohmann::json to_json(const TrainConfig& c);
 
-/// True for a `synthetic:NAME` data spec (--data synthetic:wave), false for an IDX folder.
-bool is_synthetic(const std::string& data);
 /// Reads a config written by to_json; throws InputError naming `source` on a missing field.
 TrainConfig train_config_from_json(const nlohmann::json& j, const std::string& source);
 
