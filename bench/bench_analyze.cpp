@@ -27,12 +27,12 @@
 #include <functional>
 #include <vector>
 
-#include "pathkernel/analyzer.h"
-#include "pathkernel/idx.h"
-#include "pathkernel/kernels.h"
+#include "pathkernel/analysis/analyzer.h"
+#include "pathkernel/io/idx.h"
+#include "pathkernel/analysis/kernels.h"
 #include <torch/csrc/autograd/autograd.h>
-#include "pathkernel/threads.h"
-#include "pathkernel/trainer.h"
+#include "pathkernel/io/threads.h"
+#include "pathkernel/train/trainer.h"
 
 namespace fs = std::filesystem;
 using Clock = std::chrono::steady_clock;

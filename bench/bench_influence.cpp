@@ -16,11 +16,11 @@
 #include <cstdlib>
 #include <filesystem>
 
-#include "pathkernel/influence.h"
-#include "pathkernel/kernels.h"
-#include "pathkernel/threads.h"
-#include "pathkernel/trainer.h"
-#include "pathkernel/trajectory.h"
+#include "pathkernel/explain/influence.h"
+#include "pathkernel/analysis/kernels.h"
+#include "pathkernel/io/threads.h"
+#include "pathkernel/train/trainer.h"
+#include "pathkernel/trajectory/trajectory.h"
 
 namespace fs = std::filesystem;
 using Clock = std::chrono::steady_clock;

@@ -17,10 +17,10 @@
 #include <functional>
 #include <map>
 
-#include "pathkernel/analyzer.h"
-#include "pathkernel/explain.h"
-#include "pathkernel/threads.h"
-#include "pathkernel/trainer.h"
+#include "pathkernel/analysis/analyzer.h"
+#include "pathkernel/explain/explain.h"
+#include "pathkernel/io/threads.h"
+#include "pathkernel/train/trainer.h"
 
 namespace fs = std::filesystem;
 using Clock = std::chrono::steady_clock;

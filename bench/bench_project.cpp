@@ -22,10 +22,10 @@
 #include <set>
 #include <sstream>
 
-#include "pathkernel/explain.h"
-#include "pathkernel/npy.h"
-#include "pathkernel/threads.h"
-#include "pathkernel/trainer.h"
+#include "pathkernel/explain/explain.h"
+#include "pathkernel/io/npy.h"
+#include "pathkernel/io/threads.h"
+#include "pathkernel/train/trainer.h"
 
 namespace fs = std::filesystem;
 using Clock = std::chrono::steady_clock;

@@ -23,9 +23,9 @@
 #include <string>
 #include <vector>
 
-#include "pathkernel/analyzer.h"
-#include "pathkernel/threads.h"
-#include "pathkernel/trainer.h"
+#include "pathkernel/analysis/analyzer.h"
+#include "pathkernel/io/threads.h"
+#include "pathkernel/train/trainer.h"
 
 extern char** environ;
 

@@ -18,10 +18,10 @@
 #include <unistd.h>
 #include <vector>
 
-#include "pathkernel/idx.h"
-#include "pathkernel/sampler.h"
-#include "pathkernel/threads.h"
-#include "pathkernel/trainer.h"
+#include "pathkernel/io/idx.h"
+#include "pathkernel/train/sampler.h"
+#include "pathkernel/io/threads.h"
+#include "pathkernel/train/trainer.h"
 
 namespace fs = std::filesystem;
 using Clock = std::chrono::steady_clock;

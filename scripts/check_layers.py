@@ -3,11 +3,11 @@
 
     io <- train <- trajectory <- analysis <- explain, report <- cli
 
-Each source and header of lib/src and lib/include/pathkernel belongs to one stage (STAGES
-below; a new file must be added there). A file may include the headers of its own stage and of
-the stages below it; explain and report are peers and include neither each other. The models/
-library sits below them all. Exit status 1 with each offending include named, 2 for a file that
-belongs to no stage.
+A file's stage is its folder: lib/src/<stage>/ and lib/include/pathkernel/<stage>/ (STAGES
+below). A file may include the headers of its own stage and of the stages below it; explain
+and report are peers and include neither each other. The models/ library
+(pathkernel/models/...) sits below them all. Exit status 1 with each offending include named, 2
+for a file outside the stage folders or an include of lib/ that names no stage.
 
     python3 scripts/check_layers.py [ROOT]     (default: the repository)
     python3 scripts/check_layers.py --self-test
@@ -17,41 +17,42 @@ import re
 import sys
 import tempfile
 
-RANK = {"io": 0, "train": 1, "trajectory": 2, "analysis": 3, "explain": 4, "report": 4, "cli": 5}
-STAGES = {
-    "io": "data_source errors fs_util idx npy zip_archive pickle csv sha256 run_dir blas_core threads gnuplot version",
-    "train": "optimizer train_config sampler lr_schedule stepper per_example checkpoint run_context trainer",
-    "trajectory": "replay recorded_run scripted_model trajectory class_names",
-    "analysis": "analyzer analysis_rules analysis_report step_terms step_verification update_terms kernels "
-                "exact_kernel kinks sharpness projection shards",
-    "explain": "explain explain_shards attribution influence",
-    "report": "report report_parts sweep",
-    "cli": "settings",
-}
-STAGE_OF = {name: stage for stage, names in STAGES.items() for name in names.split()}
-INCLUDE = re.compile(r'^\s*#\s*include\s+"(?:pathkernel/)?([a-z_]+)\.h(?:\.in)?"', re.M)
+RANK = {"models": -1, "io": 0, "train": 1, "trajectory": 2, "analysis": 3, "explain": 4, "report": 4, "cli": 5}
+STAGES = [s for s in RANK if s != "models"]
+ROOTS = ("lib/src", "lib/include/pathkernel")
+INCLUDE = re.compile(r'^\s*#\s*include\s+"pathkernel/([^"]+)"', re.M)
+SOURCE = re.compile(r"\.(cpp|h|h\.in)$")
+
+
+def files_of(root):
+    """(path relative to root, stage or None) of every source and header under lib/."""
+    out = []
+    for sub in ROOTS:
+        base = os.path.join(root, sub)
+        for d, _, names in os.walk(base):
+            for f in sorted(names):
+                if SOURCE.search(f):
+                    rel = os.path.relpath(os.path.join(d, f), base)
+                    parts = rel.split(os.sep)
+                    stage = parts[0] if len(parts) == 2 and parts[0] in STAGES else None
+                    out.append((os.path.join(sub, rel), stage))
+    return sorted(out)
 
 
 def check(root):
-    files = []
-    for sub in ("lib/src", "lib/include/pathkernel"):
-        d = os.path.join(root, sub)
-        files += [os.path.join(d, f) for f in sorted(os.listdir(d)) if re.search(r"\.(cpp|h|h\.in)$", f)]
     problems, unknown = [], []
-    for path in files:
-        name = re.sub(r"\.(cpp|h|h\.in)$", "", os.path.basename(path))
-        stage = STAGE_OF.get(name)
+    for rel, stage in files_of(root):
         if stage is None:
-            unknown.append(os.path.relpath(path, root))
+            unknown.append("%s: in no stage folder (one of %s)" % (rel, ", ".join(STAGES)))
             continue
-        for dep in INCLUDE.findall(open(path, encoding="utf-8").read()):
-            other = STAGE_OF.get(dep)
-            if other is None or other == stage:
-                continue  # models/, or the same stage
-            if RANK[other] > RANK[stage] or (RANK[other] == RANK[stage]):
-                problems.append("%s (%s) includes %s.h (%s)" % (os.path.relpath(path, root), stage, dep, other))
+        for target in INCLUDE.findall(open(os.path.join(root, rel), encoding="utf-8").read()):
+            other = target.split("/")[0] if "/" in target else None
+            if other not in RANK:
+                unknown.append("%s includes pathkernel/%s, which is in no stage folder" % (rel, target))
+            elif other != stage and RANK[other] >= RANK[stage]:
+                problems.append("%s (%s) includes pathkernel/%s (%s)" % (rel, stage, target, other))
     for u in unknown:
-        print("%s: in no stage: add it to STAGES in scripts/check_layers.py" % u)
+        print(u)
     for p in problems:
         print("against the layering: " + p)
     if unknown:
@@ -60,26 +61,32 @@ def check(root):
 
 
 def self_test():
-    """A tree with an io file that includes an analysis header must fail; without it, pass."""
+    """A clean tree passes; an upward include, a peer include, a file outside the stage folders
+    and an include that names no stage each fail."""
     with tempfile.TemporaryDirectory() as t:
-        for sub in ("lib/src", "lib/include/pathkernel"):
-            os.makedirs(os.path.join(t, sub))
-        w = lambda p, s: open(os.path.join(t, p), "w").write(s)
-        w("lib/include/pathkernel/analyzer.h", '#include "pathkernel/npy.h"\n')
-        w("lib/src/npy.cpp", '#include "pathkernel/npy.h"\n')
-        w("lib/include/pathkernel/npy.h", "")
+        def w(p, s):
+            os.makedirs(os.path.dirname(os.path.join(t, p)), exist_ok=True)
+            open(os.path.join(t, p), "w").write(s)
+
+        w("lib/include/pathkernel/analysis/analyzer.h", '#include "pathkernel/io/npy.h"\n')
+        w("lib/src/io/npy.cpp", '#include "pathkernel/io/npy.h"\n#include "pathkernel/models/model.h"\n')
+        w("lib/include/pathkernel/io/npy.h", "")
         clean = check(t)
-        w("lib/src/npy.cpp", '#include "pathkernel/npy.h"\n#include "pathkernel/analyzer.h"\n')
+        w("lib/src/io/npy.cpp", '#include "pathkernel/io/npy.h"\n#include "pathkernel/analysis/analyzer.h"\n')
         upward = check(t)
-        w("lib/src/explain.cpp", '#include "pathkernel/report.h"\n')
-        w("lib/include/pathkernel/report.h", "")
-        w("lib/src/npy.cpp", '#include "pathkernel/npy.h"\n')
+        w("lib/src/explain/explain.cpp", '#include "pathkernel/report/report.h"\n')
+        w("lib/include/pathkernel/report/report.h", "")
+        w("lib/src/io/npy.cpp", '#include "pathkernel/io/npy.h"\n')
         peers = check(t)
+        os.remove(os.path.join(t, "lib/src/explain/explain.cpp"))
         w("lib/src/newfile.cpp", "")
         stray = check(t)
-    ok = clean == 0 and upward == 1 and peers == 1 and stray == 2
-    print("self-test: %s (clean %d, upward %d, peers %d, unassigned %d)" % ("ok" if ok else "FAILED", clean, upward,
-                                                                           peers, stray))
+        os.remove(os.path.join(t, "lib/src/newfile.cpp"))
+        w("lib/src/report/report.cpp", '#include "pathkernel/report.h"\n')
+        flat = check(t)
+    ok = clean == 0 and upward == 1 and peers == 1 and stray == 2 and flat == 2
+    print("self-test: %s (clean %d, upward %d, peers %d, outside the folders %d, include of no stage %d)"
+          % ("ok" if ok else "FAILED", clean, upward, peers, stray, flat))
     return 0 if ok else 1
 
 

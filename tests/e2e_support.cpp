@@ -13,7 +13,7 @@
 #include <thread>
 
 #include "fixtures.h"
-#include "pathkernel/fs_util.h"
+#include "pathkernel/io/fs_util.h"
 
 namespace pathkernel::e2e {
 namespace fs = std::filesystem;

@@ -5,8 +5,8 @@
 
 #include "commands.h"
 #include "options.h"
-#include "pathkernel/analyzer.h"
-#include "pathkernel/fs_util.h"
+#include "pathkernel/analysis/analyzer.h"
+#include "pathkernel/io/fs_util.h"
 #include "prepare.h"
 
 namespace pathkernel::app {

@@ -7,8 +7,8 @@
 
 #include "commands.h"
 #include "options.h"
-#include "pathkernel/explain.h"
-#include "pathkernel/fs_util.h"
+#include "pathkernel/explain/explain.h"
+#include "pathkernel/io/fs_util.h"
 #include "prepare.h"
 
 namespace pathkernel::app {

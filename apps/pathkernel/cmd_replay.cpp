@@ -5,7 +5,7 @@
 #include <iostream>
 
 #include "commands.h"
-#include "pathkernel/replay.h"
+#include "pathkernel/trajectory/replay.h"
 #include "prepare.h"
 
 namespace pathkernel::app {

@@ -3,7 +3,7 @@
 
 #include "commands.h"
 #include "options.h"
-#include "pathkernel/report.h"
+#include "pathkernel/report/report.h"
 #include "prepare.h"
 
 namespace pathkernel::app {

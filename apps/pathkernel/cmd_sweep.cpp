@@ -4,7 +4,7 @@
 
 #include "commands.h"
 #include "options.h"
-#include "pathkernel/sweep.h"
+#include "pathkernel/report/sweep.h"
 #include "prepare.h"
 
 namespace pathkernel::app {

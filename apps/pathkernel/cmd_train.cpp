@@ -3,7 +3,7 @@
 
 #include "commands.h"
 #include "options.h"
-#include "pathkernel/trainer.h"
+#include "pathkernel/train/trainer.h"
 #include "prepare.h"
 
 namespace pathkernel::app {

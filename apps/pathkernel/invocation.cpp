@@ -4,7 +4,7 @@
 #include <iostream>
 #include <vector>
 
-#include "pathkernel/version.h"
+#include "pathkernel/io/version.h"
 
 namespace pathkernel::app {
 namespace {

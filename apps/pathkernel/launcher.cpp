@@ -18,9 +18,9 @@
 #include <string>
 #include <vector>
 
-#include "pathkernel/blas_core.h"
-#include "pathkernel/errors.h"
-#include "pathkernel/fs_util.h"
+#include "pathkernel/io/blas_core.h"
+#include "pathkernel/io/errors.h"
+#include "pathkernel/io/fs_util.h"
 #include "prepare.h"
 #include "invocation.h"
 

@@ -20,8 +20,8 @@
 
 #include "commands.h"
 #include "invocation.h"
-#include "pathkernel/errors.h"
-#include "pathkernel/threads.h"
+#include "pathkernel/io/errors.h"
+#include "pathkernel/io/threads.h"
 
 namespace {
 

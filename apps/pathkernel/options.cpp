@@ -9,10 +9,10 @@
 #include <set>
 #include <sstream>
 
-#include "pathkernel/errors.h"
-#include "pathkernel/fs_util.h"
-#include "pathkernel/optimizer.h"
-#include "pathkernel/version.h"
+#include "pathkernel/io/errors.h"
+#include "pathkernel/io/fs_util.h"
+#include "pathkernel/train/optimizer.h"
+#include "pathkernel/io/version.h"
 
 namespace pathkernel::app {
 

@@ -8,8 +8,8 @@
 #include <string>
 
 #include "commands.h"
-#include "pathkernel/analyzer.h"
-#include "pathkernel/train_config.h"
+#include "pathkernel/analysis/analyzer.h"
+#include "pathkernel/train/train_config.h"
 
 namespace pathkernel::app {
 

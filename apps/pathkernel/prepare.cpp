@@ -9,9 +9,9 @@
 #include <tuple>
 
 #include "options.h"
-#include "pathkernel/errors.h"
-#include "pathkernel/fs_util.h"
-#include "pathkernel/run_dir.h"
+#include "pathkernel/io/errors.h"
+#include "pathkernel/io/fs_util.h"
+#include "pathkernel/io/run_dir.h"
 
 namespace pathkernel::app {
 namespace fs = std::filesystem;

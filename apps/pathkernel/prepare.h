@@ -12,14 +12,14 @@
 #include <string>
 
 #include "commands.h"
-#include "pathkernel/analyzer.h"
-#include "pathkernel/explain.h"
-#include "pathkernel/fs_util.h"
-#include "pathkernel/influence.h"
-#include "pathkernel/report.h"
-#include "pathkernel/shards.h"
-#include "pathkernel/sweep.h"
-#include "pathkernel/train_config.h"
+#include "pathkernel/analysis/analyzer.h"
+#include "pathkernel/explain/explain.h"
+#include "pathkernel/io/fs_util.h"
+#include "pathkernel/explain/influence.h"
+#include "pathkernel/report/report.h"
+#include "pathkernel/analysis/shards.h"
+#include "pathkernel/report/sweep.h"
+#include "pathkernel/train/train_config.h"
 
 namespace pathkernel::app {
 

@@ -1,4 +1,4 @@
-"""Writes the checkpoint fixtures of tests/test_checkpoint.cpp with Python's torch.save.
+"""Writes the checkpoint fixtures of tests/train/test_checkpoint.cpp with Python's torch.save.
 
 Run with Debian's python3-torch: python3 tests/data/make_python_checkpoints.py
 The files are committed; this script documents what they hold.

@@ -1,5 +1,5 @@
 """Writes tests/data/python_optimizer_runs.pt: fifty float64 steps of torch.optim's RMSprop,
-Adagrad and Adadelta on a small tanh MLP, the reference of tests/test_optimizer.cpp
+Adagrad and Adadelta on a small tanh MLP, the reference of tests/train/test_optimizer.cpp
 (PythonTorchOptimTest: pathkernel's optimizers must give the same weights and state).
 
 Run with Debian's python3-torch: /usr/bin/python3 tests/data/make_python_optimizer_runs.py

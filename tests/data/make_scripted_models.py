@@ -1,4 +1,4 @@
-"""Writes the TorchScript fixtures of tests/test_scripted_model.cpp (torch.jit.script + save).
+"""Writes the TorchScript fixtures of tests/trajectory/test_scripted_model.cpp (torch.jit.script + save).
 
 Run with Debian's python3-torch: python3 tests/data/make_scripted_models.py
 The files are committed; this script documents what they hold.
@@ -38,7 +38,7 @@ torch.jit.save(torch.jit.script(NoParams()), os.path.join(here, "scripted_nopara
 
 
 # The zoo's mlp:5:tanh for 1x8x8 inputs and 3 outputs under the zoo's own parameter names
-# (layers.0, layers.1): the model.pt of tests/test_trajectory.cpp's recorded copy of a native run,
+# (layers.0, layers.1): the model.pt of tests/trajectory/test_trajectory.cpp's recorded copy of a native run,
 # which the reader compares with the zoo model it analyzes the run as.
 class ZooMlp(torch.nn.Module):
     def __init__(self):

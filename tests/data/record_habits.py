@@ -1,5 +1,5 @@
 """Records one small Fashion-MNIST run with one habit of real training loops, for the e2e tests
-of the per-step verification of recorded runs (tests/test_recorded_run.cpp):
+of the per-step verification of recorded runs (tests/trajectory/test_recorded_run.cpp):
 
     python3 tests/data/record_habits.py HABIT OUT
 

@@ -1,5 +1,5 @@
 """Records 10 steps of SGD with Nesterov momentum on random data, then kills itself (SIGKILL)
-in the middle of step 11, as a crash would: tests/test_recorded_run.cpp reads what is left."""
+in the middle of step 11, as a crash would: tests/trajectory/test_recorded_run.cpp reads what is left."""
 import os
 import signal
 import sys

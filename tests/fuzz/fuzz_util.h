@@ -11,7 +11,7 @@
 #include <filesystem>
 #include <string>
 
-#include "pathkernel/errors.h"
+#include "pathkernel/io/errors.h"
 
 namespace pathkernel::fuzz {
 

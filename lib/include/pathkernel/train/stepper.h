@@ -1,0 +1,88 @@
+#pragma once
+/// \file stepper.h
+/// One training step: forward, loss, backward, the diagnostics of steps.jsonl, and the update by
+/// the run's Optimizer (optimizer.h: SGD with momentum, Nesterov and dampening, Adam, AdamW, as
+/// torch.optim defines them). Training and replay both go through Stepper::step, which is what
+/// makes a replay reproduce the stored checkpoints bit for bit.
+
+#include <ATen/core/Tensor.h>
+
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "pathkernel/train/checkpoint.h"
+#include "pathkernel/models/model.h"
+#include "pathkernel/train/optimizer.h"
+
+namespace pathkernel {
+
+/// The per-example loss l(y*, f).
+enum class LossKind {
+  kCrossEntropy,  ///< -log softmax(f)_y
+  kMse            ///< |f - y|^2 / 2, y = onehot(label) or a float target row
+};
+
+/// "ce" or "mse". Throws InputError otherwise.
+LossKind parse_loss(const std::string& name);
+std::string loss_name(LossKind kind);
+
+/// L(f) = mean over the batch of l(y*, f) (SPEC's step loss). logits [B, C]; labels int64 [B],
+/// or for kMse float targets [B, C] (a recorded run's).
+at::Tensor batch_loss(const at::Tensor& logits, const at::Tensor& labels, LossKind kind);
+
+/// What one step did; becomes one line of steps.jsonl.
+struct StepRecord {
+  int64_t step = 0;
+  double lr = 0;
+  double loss = 0;         ///< L_k(w_k)
+  double accuracy = 0;     ///< share of the batch classified right at w_k
+  double grad_norm = 0;    ///< |grad L_k(w_k)|
+  double update_norm = 0;  ///< |w_{k+1} - w_k| as computed, before rounding into w
+  std::vector<std::pair<std::string, double>> layer_grad_norms;  ///< by layer prefix
+  double pe_grad_min = 0, pe_grad_median = 0, pe_grad_max = 0;   ///< |grad l(x_m)| over the batch
+                                                                 ///< (NaN for models without taps)
+  bool finite = true;      ///< false: loss, gradient or new weights not finite; no update made
+  std::string nonfinite;   ///< what was not finite
+};
+
+class Stepper {
+ public:
+  /// Steps `model` with an optimizer of `options`. Throws InputError for invalid options.
+  Stepper(models::Model& model, const OptimizerOptions& options, LossKind loss);
+
+  /// One step on inputs x [B, ...] and labels y [B] at rate lr. With `per_example`, the model's
+  /// taps capture signals and the record gets per-example gradient norms. When anything is not
+  /// finite the weights and the optimizer state are left as they were and record.finite is false.
+  StepRecord step(const at::Tensor& x, const at::Tensor& y, double lr, bool per_example);
+
+  /// The batch gradient grad L_k(w_k) of the last step, flattened in state_dict order (float32).
+  at::Tensor flat_gradient() const;
+
+  /// The optimizer: its state (saved beside each checkpoint), settings and update rule.
+  Optimizer& optimizer() { return *optimizer_; }
+  const Optimizer& optimizer() const { return *optimizer_; }
+
+  /// Number of parameters (entries of the flattened gradient).
+  int64_t num_parameters() const;
+
+  /// Call after changing the weights from outside (load_weights does not know the stepper).
+  void sync_norms() { optimizer_->weights_changed(); }
+
+ private:
+  models::Model& model_;
+  LossKind loss_;
+  std::vector<std::string> names_;
+  std::vector<at::Tensor> params_;
+  std::vector<at::Tensor> grads_;
+  std::vector<double> grad_sq_;  ///< |grads_[i]|^2 of the last step
+  std::unique_ptr<Optimizer> optimizer_;
+};
+
+/// The model's parameters as name -> tensor in state_dict order (detached views, not copies).
+NamedTensors state_dict_of(models::Model& model);
+/// Copies `weights` into the model's parameters. Throws InputError naming `source` on a missing
+/// name, an extra name, or a shape mismatch.
+void load_weights(models::Model& model, const NamedTensors& weights, const std::string& source);
+
+}  // namespace pathkernel

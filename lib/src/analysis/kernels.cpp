@@ -1,0 +1,489 @@
+#include "pathkernel/analysis/kernels.h"
+
+#include <ATen/ATen.h>
+#include <torch/csrc/autograd/autograd.h>
+
+#include "pathkernel/train/per_example.h"
+
+namespace pathkernel {
+
+std::vector<at::Tensor> parameters_of(models::Model& model) {
+  std::vector<at::Tensor> p;
+  for (const auto& item : model.named_parameters()) p.push_back(item.value());
+  return p;
+}
+
+namespace {
+
+/// Per-row weight gradients of a conv tap, flattened: [R, Cout*Cin*kh*kw], and bias: [R, Cout].
+std::pair<at::Tensor, at::Tensor> conv_row_grads(const models::Tap& t, int64_t repeat) {
+  const int64_t n = t.grad_output.size(0), cout = t.grad_output.size(1);
+  return {conv_per_example_weight_grad(t, repeat).reshape({n, -1}), t.grad_output.reshape({n, cout, -1}).sum(2)};
+}
+
+/// Fills the Conv2d taps' per-row gradients of `r` (formed once, when the signals are captured).
+void form_conv_rows(RowSignals& r) {
+  for (const auto& t : r.taps) {
+    if (t.kind == models::LayerKind::kConv2d) {
+      auto [w, b] = conv_row_grads(t, r.repeat);
+      r.conv_weight_grads.push_back(w);
+      r.conv_bias_grads.push_back(b);
+    } else {
+      r.conv_weight_grads.emplace_back();
+      r.conv_bias_grads.emplace_back();
+    }
+  }
+}
+
+/// Row r's layer inputs, one per row (input row r / repeat), for the few callers that
+/// materialize per-row gradients.
+at::Tensor row_inputs(const models::Tap& t, int64_t repeat) {
+  return repeat == 1 ? t.input : t.input.repeat_interleave(repeat, 0);
+}
+
+/// Runs a forward pass with capture on and a backward from `seed_fn(outputs)`, returning the taps.
+template <typename SeedFn>
+RowSignals capture(models::Model& model, const at::Tensor& x, SeedFn seed_fn, at::Tensor* logits) {
+  model.set_capture(true);
+  const at::Tensor out = model.forward(x);
+  const at::Tensor s = seed_fn(out);
+  // Gradients with respect to all parameters make the engine reach every tapped layer; the
+  // parameter gradients themselves are dropped.
+  torch::autograd::grad({s}, parameters_of(model), {}, /*retain_graph=*/false, /*create_graph=*/false,
+                        /*allow_unused=*/true);
+  model.set_capture(false);
+  RowSignals r;
+  r.taps = model.taps();
+  r.rows = x.size(0);
+  model.clear_captures();
+  for (auto& t : r.taps) t.output = at::Tensor();
+  form_conv_rows(r);
+  if (logits) *logits = out.detach();
+  return r;
+}
+
+}  // namespace
+
+at::Tensor shared_columns(int64_t probes, const std::vector<int64_t>& outputs) {
+  return at::tensor(outputs, at::kLong).unsqueeze(0).expand({probes, static_cast<int64_t>(outputs.size())}).contiguous();
+}
+
+RowSignals probe_signals(models::Model& model, const at::Tensor& x, const at::Tensor& cols, at::Tensor* logits) {
+  const int64_t c = cols.size(1), p = x.size(0);
+  // One forward of the P probes; then, per column j, one backward seeded with the one-hot of
+  // each probe's output cols[p][j], asking autograd for the signals at the tapped layers'
+  // outputs only (no parameter gradients, nothing below the first tapped layer).
+  model.set_capture(true);
+  const at::Tensor out = model.forward(x);
+  model.set_capture(false);
+  std::vector<at::Tensor> outputs;
+  for (const auto& t : model.taps()) {
+    TORCH_CHECK(t.output.defined(), "tapped layer ", t.name, " produced no output to differentiate");
+    outputs.push_back(t.output);
+  }
+  std::vector<std::vector<at::Tensor>> signals(outputs.size());
+  for (int64_t j = 0; j < c; ++j) {
+    const at::Tensor seed = at::one_hot(cols.select(1, j), out.size(1)).to(out.scalar_type());
+    const auto g = torch::autograd::grad({(out * seed).sum()}, outputs, {}, /*retain_graph=*/j + 1 < c,
+                                         /*create_graph=*/false, /*allow_unused=*/true);
+    for (size_t l = 0; l < g.size(); ++l) signals[l].push_back(g[l].defined() ? g[l] : at::zeros_like(outputs[l]));
+  }
+  RowSignals r;
+  r.taps = model.taps();
+  r.rows = p * c;
+  r.repeat = c;
+  model.clear_captures();
+  for (size_t l = 0; l < r.taps.size(); ++l) {
+    auto& t = r.taps[l];
+    t.output = at::Tensor();
+    std::vector<int64_t> shape = outputs[l].sizes().vec();
+    shape[0] = p * c;
+    t.grad_output = at::stack(signals[l], 1).reshape(shape);  // row p*C + j
+  }
+  form_conv_rows(r);
+  if (logits) *logits = out.detach();
+  return r;
+}
+
+RowSignals probe_signals(models::Model& model, const at::Tensor& x, const std::vector<int64_t>& outputs,
+                         at::Tensor* logits) {
+  return probe_signals(model, x, shared_columns(x.size(0), outputs), logits);
+}
+
+RowSignals loss_signals(models::Model& model, const at::Tensor& x, const at::Tensor& y, LossKind loss) {
+  // The sum of the per-example losses: row m of each signal is then d l_m / d z_m.
+  return capture(
+      model, x, [&](const at::Tensor& out) { return batch_loss(out, y, loss) * static_cast<double>(x.size(0)); },
+      nullptr);
+}
+
+bool factorizable(models::Model& model) {
+  int64_t tapped = 0;
+  for (const auto& t : model.taps()) tapped += t.weight.numel() + (t.bias.defined() ? t.bias.numel() : 0);
+  int64_t all = 0;
+  for (const auto& p : model.parameters()) all += p.numel();
+  return tapped == all;
+}
+
+at::Tensor factorized_gram(const RowSignals& a, const RowSignals& b) {
+  const int64_t pa = a.rows / a.repeat, pb = b.rows / b.repeat;
+  at::Tensor gram;
+  for (size_t l = 0; l < a.taps.size(); ++l) {
+    const auto& ta = a.taps[l];
+    const auto& tb = b.taps[l];
+    at::Tensor g;
+    if (ta.kind == models::LayerKind::kLinear) {
+      // (G_i . G_j)(A_i . A_j + 1), the input side once per pair of distinct inputs.
+      at::Tensor aa = at::mm(ta.input, tb.input.t());
+      if (ta.bias.defined()) aa.add_(1.0);
+      g = at::mm(ta.grad_output, tb.grad_output.t())
+              .view({pa, a.repeat, pb, b.repeat})
+              .mul_(aa.view({pa, 1, pb, 1}))
+              .view({a.rows, b.rows});
+    } else {
+      g = at::mm(a.conv_weight_grads[l], b.conv_weight_grads[l].t());
+      if (ta.bias.defined()) g.add_(at::mm(a.conv_bias_grads[l], b.conv_bias_grads[l].t()));
+    }
+    gram = gram.defined() ? gram.add_(g) : g;
+  }
+  return gram;
+}
+
+at::Tensor factorized_directional(const RowSignals& a, const ParamMap& v) {
+  const int64_t pa = a.rows / a.repeat;
+  at::Tensor out;
+  for (size_t l = 0; l < a.taps.size(); ++l) {
+    const auto& t = a.taps[l];
+    const at::Tensor& dw = v.at(t.name + ".weight");
+    at::Tensor d;
+    if (t.kind == models::LayerKind::kLinear) {
+      // G_r^T dW A_r = G_r . (dW A_r): dW A once per distinct input.
+      const at::Tensor da = at::mm(t.input, dw.t());  // [P, out]
+      d = (t.grad_output.view({pa, a.repeat, -1}) * da.unsqueeze(1)).sum(2).view({a.rows});
+      if (t.bias.defined()) d.add_(at::mv(t.grad_output, v.at(t.name + ".bias")));
+    } else {
+      d = at::mv(a.conv_weight_grads[l], dw.reshape({-1}));
+      if (t.bias.defined()) d.add_(at::mv(a.conv_bias_grads[l], v.at(t.name + ".bias")));
+    }
+    out = out.defined() ? out.add_(d) : d;
+  }
+  return out;
+}
+
+namespace {
+
+/// The gradient of the scalar `out` with respect to every parameter, flattened in state_dict
+/// order (zeros for parameters it does not depend on) into `row`.
+void gradient_row(const std::vector<at::Tensor>& params, const at::Tensor& out, at::Tensor row) {
+  const auto g = torch::autograd::grad({out}, params, {}, /*retain_graph=*/true, false, /*allow_unused=*/true);
+  int64_t at_ = 0;
+  for (size_t i = 0; i < g.size(); ++i) {
+    const int64_t n = params[i].numel();
+    if (g[i].defined()) {
+      row.narrow(0, at_, n).copy_(g[i].reshape({-1}));
+    } else {
+      row.narrow(0, at_, n).zero_();
+    }
+    at_ += n;
+  }
+}
+
+int64_t count_params(const std::vector<at::Tensor>& params) {
+  int64_t n = 0;
+  for (const auto& p : params) n += p.numel();
+  return n;
+}
+
+}  // namespace
+
+// Each probe is forwarded on its own (examples do not interact: BatchNorm in training mode is
+// refused), so that a row's backward runs through one example's graph, not the whole batch's.
+at::Tensor explicit_probe_jacobian(models::Model& model, const at::Tensor& x, const at::Tensor& cols) {
+  const auto params = parameters_of(model);
+  const int64_t c = cols.size(1);
+  const at::Tensor col = cols.contiguous();
+  const auto cl = col.accessor<int64_t, 2>();
+  // In the parameters' dtype: the inputs may be int64 tokens.
+  at::Tensor jac = at::empty({x.size(0) * c, count_params(params)}, params.front().options());
+  for (int64_t p = 0; p < x.size(0); ++p) {
+    const at::Tensor out = model.forward(x.slice(0, p, p + 1))[0];
+    for (int64_t j = 0; j < c; ++j) gradient_row(params, out[cl[p][j]], jac[p * c + j]);
+  }
+  return jac;
+}
+
+at::Tensor explicit_probe_jacobian(models::Model& model, const at::Tensor& x, const std::vector<int64_t>& outputs) {
+  return explicit_probe_jacobian(model, x, shared_columns(x.size(0), outputs));
+}
+
+at::Tensor explicit_loss_jacobian(models::Model& model, const at::Tensor& x, const at::Tensor& y, LossKind loss) {
+  const auto params = parameters_of(model);
+  at::Tensor jac = at::empty({x.size(0), count_params(params)}, params.front().options());
+  for (int64_t m = 0; m < x.size(0); ++m) {
+    gradient_row(params, batch_loss(model.forward(x.slice(0, m, m + 1)), y.slice(0, m, m + 1), loss), jac[m]);
+  }
+  return jac;
+}
+
+at::Tensor flatten_params(models::Model& model, const ParamMap& v) {
+  std::vector<at::Tensor> flat;
+  for (const auto& item : model.named_parameters()) flat.push_back(v.at(item.key()).reshape({-1}));
+  return at::cat(flat);
+}
+
+at::Tensor second_order(models::Model& model, const at::Tensor& x, const std::vector<int64_t>& outputs,
+                        const ParamMap& dw) {
+  return second_order(model, x, shared_columns(x.size(0), outputs), dw);
+}
+
+namespace {
+
+/// S row by row, each as a Hessian-vector product of one output (one forward per probe, a
+/// double backward per row): needs only second derivatives of every operator.
+at::Tensor second_order_per_row(models::Model& model, const at::Tensor& x, const at::Tensor& cols,
+                                const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& dirs) {
+  const int64_t c = cols.size(1);
+  const at::Tensor col = cols.contiguous();
+  const auto cl = col.accessor<int64_t, 2>();
+  at::Tensor s = at::empty({x.size(0) * c}, params.front().options());
+  for (int64_t p = 0; p < x.size(0); ++p) {
+    const at::Tensor out = model.forward(x.slice(0, p, p + 1))[0];
+    for (int64_t j = 0; j < c; ++j) {
+      const auto g = torch::autograd::grad({out[cl[p][j]]}, params, {}, /*retain_graph=*/true, /*create_graph=*/true, true);
+      at::Tensor gdw = at::zeros({}, params.front().options());
+      for (size_t i = 0; i < g.size(); ++i) {
+        if (g[i].defined()) gdw = gdw + (g[i] * dirs[i]).sum();
+      }
+      double v = 0;
+      if (gdw.requires_grad()) {
+        const auto h = torch::autograd::grad({gdw}, params, {}, /*retain_graph=*/true, false, true);
+        for (size_t i = 0; i < h.size(); ++i) {
+          if (h[i].defined()) v += (h[i] * dirs[i]).sum().item<double>();
+        }
+      }
+      s[p * c + j] = 0.5 * v;
+    }
+  }
+  return s;
+}
+
+}  // namespace
+
+at::Tensor second_order(models::Model& model, const at::Tensor& x, const at::Tensor& cols, const ParamMap& dw) {
+  const auto params = parameters_of(model);
+  std::vector<at::Tensor> dirs;
+  for (const auto& item : model.named_parameters()) dirs.push_back(dw.at(item.key()));
+  // The all-rows trick below differentiates through the backward of the backward: a third
+  // derivative of every operator. LibTorch 1.13 gets that wrong for layer_norm (its saved mean
+  // and 1/std carry no autograd history: pytorch/pytorch#175754; measured here as a 30-50%
+  // error in S), so models from outside the zoo take the per-row Hessian-vector route.
+  if (model.spec().kind == "torchscript") return second_order_per_row(model, x, cols, params, dirs);
+  // jvp(out, dw) = d/du <grad(out . u, w), dw>: differentiable in w, so it can be applied twice,
+  // giving dw^T H dw for every output at once.
+  auto jvp = [&](const at::Tensor& out) {
+    const at::Tensor u = at::zeros_like(out).requires_grad_(true);
+    const auto v = torch::autograd::grad({out}, params, {u}, /*retain_graph=*/true, /*create_graph=*/true, true);
+    at::Tensor s = at::zeros({}, out.options());
+    for (size_t i = 0; i < v.size(); ++i) {
+      if (v[i].defined()) s = s + (v[i] * dirs[i]).sum();
+    }
+    return torch::autograd::grad({s}, {u}, {}, true, true, false)[0];
+  };
+  const at::Tensor out = model.forward(x);
+  const at::Tensor first = jvp(out);
+  // A model linear in w has first derivative constant in w: the second jvp has no graph to follow.
+  if (!first.requires_grad()) return at::zeros({cols.numel()}, out.options());
+  const at::Tensor second = jvp(first).detach();
+  return (second.gather(1, cols) * 0.5).reshape({-1});
+}
+
+std::vector<at::Tensor> probe_jvps(models::Model& model, const at::Tensor& x, const at::Tensor& cols,
+                                   const std::vector<const ParamMap*>& dirs, at::Tensor* logits) {
+  const bool capture = model.capture();
+  model.set_capture(false);
+  at::NoGradGuard ng;  // forward-mode AD does not need the tape
+  std::vector<at::Tensor> out;
+  if (logits && dirs.empty()) *logits = model.forward(x);
+  for (const ParamMap* v : dirs) {
+    const uint64_t level = torch::autograd::forward_ad::enter_dual_level();
+    try {
+      for (const auto& item : model.named_parameters()) {
+        const at::Tensor& p = item.value();
+        item.value()._set_fw_grad(v->at(item.key()).to(p.options()).contiguous(), level, /*is_inplace_op=*/false);
+      }
+      const at::Tensor y = model.forward(x);
+      const auto [primal, tangent] = at::_unpack_dual(y, level);
+      if (logits && out.empty()) *logits = primal.clone();
+      // A model whose outputs do not depend on the parameters has no tangent: J v = 0.
+      out.push_back(tangent.defined() ? tangent.gather(1, cols).reshape({-1}).clone()
+                                      : at::zeros({cols.numel()}, y.options()));
+    } catch (...) {
+      torch::autograd::forward_ad::exit_dual_level(level);
+      model.set_capture(capture);
+      throw;
+    }
+    torch::autograd::forward_ad::exit_dual_level(level);
+  }
+  model.set_capture(capture);
+  return out;
+}
+
+namespace {
+
+std::vector<std::string> names_of(models::Model& model) {
+  std::vector<std::string> n;
+  for (const auto& item : model.named_parameters()) n.push_back(item.key());
+  return n;
+}
+
+}  // namespace
+
+RowGradients probe_rows(models::Model& model, const at::Tensor& x, const at::Tensor& cols, bool explicit_route,
+                        at::Tensor* logits) {
+  RowGradients r;
+  if (explicit_route) {
+    r.jacobian = explicit_probe_jacobian(model, x, cols).detach();
+    r.names = names_of(model);
+    if (logits) {
+      at::NoGradGuard ng;
+      *logits = model.forward(x);
+    }
+  } else {
+    r.signals = probe_signals(model, x, cols, logits);
+  }
+  return r;
+}
+
+RowGradients loss_rows(models::Model& model, const at::Tensor& x, const at::Tensor& y, LossKind loss,
+                       bool explicit_route) {
+  RowGradients r;
+  if (explicit_route) {
+    r.jacobian = explicit_loss_jacobian(model, x, y, loss).detach();
+    r.names = names_of(model);
+  } else {
+    r.signals = loss_signals(model, x, y, loss);
+  }
+  return r;
+}
+
+at::Tensor row_gram(const RowGradients& a, const RowGradients& b) {
+  return a.is_explicit() ? at::mm(a.jacobian, b.jacobian.t()) : factorized_gram(a.signals, b.signals);
+}
+
+at::Tensor row_directional(const RowGradients& a, const ParamMap& v) {
+  if (!a.is_explicit()) return factorized_directional(a.signals, v);
+  std::vector<at::Tensor> flat;
+  for (const auto& n : a.names) flat.push_back(v.at(n).reshape({-1}));
+  return at::mv(a.jacobian, at::cat(flat));
+}
+
+namespace {
+
+/// Where each parameter sits in the flattened state_dict order.
+struct Slot {
+  int64_t offset = 0, numel = 0;
+};
+std::map<std::string, Slot> layout_of(models::Model& model) {
+  std::map<std::string, Slot> out;
+  int64_t offset = 0;
+  for (const auto& item : model.named_parameters()) {
+    out[item.key()] = {offset, item.value().numel()};
+    offset += item.value().numel();
+  }
+  return out;
+}
+
+/// Calls fn(tap index, weight rows [R, numel], bias rows [R, out] or undefined) with each tapped
+/// layer's per-row gradients, materialized.
+template <typename Fn>
+void for_each_tap_rows(const RowSignals& s, Fn fn) {
+  for (size_t l = 0; l < s.taps.size(); ++l) {
+    const auto& t = s.taps[l];
+    if (t.kind == models::LayerKind::kLinear) {
+      const int64_t r = t.grad_output.size(0);
+      const at::Tensor w = (t.grad_output.unsqueeze(2) * row_inputs(t, s.repeat).unsqueeze(1)).reshape({r, -1});
+      fn(l, w, t.bias.defined() ? t.grad_output : at::Tensor());
+    } else {
+      fn(l, s.conv_weight_grads[l], t.bias.defined() ? s.conv_bias_grads[l] : at::Tensor());
+    }
+  }
+}
+
+}  // namespace
+
+at::Tensor row_jacobian(models::Model& model, const RowGradients& rows, at::Tensor out) {
+  const auto layout = layout_of(model);
+  int64_t n = 0;
+  for (const auto& [name, slot] : layout) n += slot.numel;
+  const int64_t r = rows.is_explicit() ? rows.jacobian.size(0) : rows.signals.rows;
+  at::Tensor j = out.defined() && out.sizes() == at::IntArrayRef{r, n} ? out : at::empty({r, n}, at::kDouble);
+  if (rows.is_explicit()) return j.copy_(rows.jacobian);
+  j.zero_();
+  for_each_tap_rows(rows.signals, [&](size_t l, const at::Tensor& w, const at::Tensor& b) {
+    const std::string& name = rows.signals.taps[l].name;
+    const Slot ws = layout.at(name + ".weight");
+    j.narrow(1, ws.offset, ws.numel).copy_(w);
+    if (b.defined()) {
+      const Slot bs = layout.at(name + ".bias");
+      j.narrow(1, bs.offset, bs.numel).copy_(b);
+    }
+  });
+  return j;
+}
+
+at::Tensor directions_dot_rows(models::Model& model, const RowGradients& rows, const at::Tensor& dirs) {
+  if (rows.is_explicit()) return at::mm(dirs, rows.jacobian.t());
+  const auto layout = layout_of(model);
+  const int64_t nd = dirs.size(0);
+  at::Tensor out = at::zeros({nd, rows.signals.rows}, at::kDouble);
+  for (size_t l = 0; l < rows.signals.taps.size(); ++l) {
+    const auto& t = rows.signals.taps[l];
+    const Slot ws = layout.at(t.name + ".weight");
+    const at::Tensor dw = dirs.narrow(1, ws.offset, ws.numel);
+    if (t.kind == models::LayerKind::kLinear) {
+      // sum_{o,i} G[r,o] Dir[d,o,i] A[r,i] = ((Dir A^T) [d, o, r] * G^T).sum(o)
+      // (Dir A^T) once per distinct input: [d, o, P], against the R signal rows of each input.
+      const int64_t n_out = t.weight.size(0), n_in = t.weight.size(1), rep = rows.signals.repeat;
+      const int64_t p = rows.signals.rows / rep;
+      const at::Tensor da = at::mm(dw.reshape({nd * n_out, n_in}), t.input.t()).reshape({nd, n_out, p, 1});
+      out.add_((da * t.grad_output.t().reshape({1, n_out, p, rep})).sum(1).reshape({nd, rows.signals.rows}));
+    } else {
+      out.add_(at::mm(dw, rows.signals.conv_weight_grads[l].t()));
+    }
+    if (t.bias.defined()) {
+      const Slot bs = layout.at(t.name + ".bias");
+      const at::Tensor bias_rows =
+          t.kind == models::LayerKind::kLinear ? t.grad_output : rows.signals.conv_bias_grads[l];
+      out.add_(at::mm(dirs.narrow(1, bs.offset, bs.numel), bias_rows.t()));
+    }
+  }
+  return out;
+}
+
+at::Tensor rows_weighted_sq(models::Model& model, const RowGradients& rows, const at::Tensor& p) {
+  if (rows.is_explicit()) return at::mv(rows.jacobian.pow(2), p);
+  const auto layout = layout_of(model);
+  at::Tensor out = at::zeros({rows.signals.rows}, at::kDouble);
+  for (size_t l = 0; l < rows.signals.taps.size(); ++l) {
+    const auto& t = rows.signals.taps[l];
+    const Slot ws = layout.at(t.name + ".weight");
+    const at::Tensor pw = p.narrow(0, ws.offset, ws.numel);
+    const at::Tensor g2 = t.kind == models::LayerKind::kLinear ? t.grad_output.pow(2) : at::Tensor();
+    if (t.kind == models::LayerKind::kLinear) {
+      // (G_r A_r^T)^2 = G_r^2 (A_r^2)^T, weighted by P_W: sum_o G_r,o^2 (P_W A_r^2)_o
+      const int64_t rep = rows.signals.repeat, p = rows.signals.rows / rep;
+      const at::Tensor pa = at::mm(t.input.pow(2), pw.reshape({t.weight.size(0), t.weight.size(1)}).t());
+      out.add_((g2.view({p, rep, -1}) * pa.unsqueeze(1)).sum(2).view({rows.signals.rows}));
+    } else {
+      out.add_(at::mv(rows.signals.conv_weight_grads[l].pow(2), pw));
+    }
+    if (t.bias.defined()) {
+      const Slot bs = layout.at(t.name + ".bias");
+      const at::Tensor pb = p.narrow(0, bs.offset, bs.numel);
+      out.add_(at::mv(t.kind == models::LayerKind::kLinear ? g2 : rows.signals.conv_bias_grads[l].pow(2), pb));
+    }
+  }
+  return out;
+}
+
+}  // namespace pathkernel

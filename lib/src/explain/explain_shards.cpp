@@ -1,0 +1,141 @@
+// Explanations in shards (explain --shard I/N) added up by `pathkernel merge`: a_i is a sum over
+// the steps that drew i, so the whole run's is the sum of the parts' (shards.h, explain.h).
+#include <ATen/ATen.h>
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+
+#include "pathkernel/io/errors.h"
+#include "pathkernel/explain/explain.h"
+#include "pathkernel/io/fs_util.h"
+#include "pathkernel/io/npy.h"
+#include "pathkernel/analysis/shards.h"
+#include "pathkernel/trajectory/trajectory.h"
+
+namespace pathkernel {
+namespace fs = std::filesystem;
+
+namespace {
+
+struct StoredExplanation {
+  fs::path dir;
+  nlohmann::json summary;
+  at::Tensor attributions, attributions_exact, times_drawn, self_influence;
+};
+
+StoredExplanation read_explanation(const fs::path& dir) {
+  StoredExplanation e;
+  e.dir = dir;
+  e.summary = read_json(dir / "summary.json");
+  auto optional = [&](const char* name) {
+    const fs::path p = dir / name;
+    return fs::exists(p) ? load_npy(p) : at::Tensor();
+  };
+  e.attributions = load_npy(dir / "attributions.npy");
+  e.attributions_exact = optional("attributions_exact.npy");
+  e.times_drawn = load_npy(dir / "times_drawn.npy");
+  e.self_influence = optional("self_influence.npy");
+  if (e.attributions.dim() != 2 || e.times_drawn.dim() != 1 || e.times_drawn.size(0) != e.attributions.size(1)) {
+    throw InputError((dir / "attributions.npy").string() + ": its shape does not match times_drawn.npy");
+  }
+  return e;
+}
+
+/// The per-probe numbers of a summary as [P] tensors.
+at::Tensor per_probe(const nlohmann::json& summary, const char* key) {
+  std::vector<double> v;
+  for (const auto& row : summary.at("per_probe")) v.push_back(row.at(key).get<double>());
+  return at::tensor(v, at::kDouble);
+}
+
+at::Tensor accumulate(const at::Tensor& a, const at::Tensor& b) { return a.defined() ? a + b : b.clone(); }
+
+}  // namespace
+
+std::pair<ExplainResult, ExplainConfig> merge_explanations(const MergeConfig& c) {
+  c.validate();
+  std::vector<StoredExplanation> parts;
+  for (const auto& d : c.shards) parts.push_back(read_explanation(d));
+  std::vector<ShardInfo> infos;
+  try {
+    for (const auto& p : parts) {
+      const nlohmann::json& s = p.summary;
+      if (s.value("format", "") != kExplainFormat) {
+        throw InputError((p.dir / "summary.json").string() + ": not an explanation (the shards must be of one kind)");
+      }
+      ShardInfo info{p.dir, {{"settings", s.at("settings")}, {"run", s.at("run")}, {"probes", s.at("probes")},
+                             {"outputs", s.at("outputs")}}, "", 0, 0, s.at("first_step"), s.at("last_step"), 0, 0};
+      if (s.at("shard").is_object()) {
+        info.index = s["shard"].at("index");
+        info.count = s["shard"].at("count");
+        info.whole_begin = s["shard"].at("whole_begin");
+        info.whole_end = s["shard"].at("whole_end");
+      }
+      infos.push_back(info);
+    }
+  } catch (const nlohmann::json::exception& e) {
+    throw InputError("a shard's summary.json is malformed (" + std::string(e.what()) + ")");
+  }
+  check_shard_set(infos);  // sorted by index
+  std::sort(parts.begin(), parts.end(), [](const StoredExplanation& a, const StoredExplanation& b) {
+    return a.summary["shard"]["index"].get<int64_t>() < b.summary["shard"]["index"].get<int64_t>();
+  });
+
+  const nlohmann::json& first = parts.front().summary;
+  ExplainConfig config;
+  const nlohmann::json& st = first.at("settings");
+  config.run = first.at("run").get<std::string>();
+  config.out = c.out;
+  config.force = c.force;
+  config.probe_indices = first.at("probes").get<std::vector<int64_t>>();
+  config.split = st.at("split").get<std::string>();
+  config.output = st.at("output").get<int64_t>();
+  config.top = st.at("top").get<int64_t>();
+  config.exact_nodes = st.at("exact_nodes").get<int64_t>();
+  config.self_influence = st.at("self_influence").get<bool>();
+  config.csv = st.at("csv").get<std::string>();
+  config.threads = st.at("threads").get<int>();
+  config.project = st.value("project", int64_t{0});
+  config.project_seed = st.value("project_seed", uint64_t{0});
+
+  ExplainResult m;
+  m.probe_indices = config.probe_indices;
+  for (const auto& row : first.at("per_probe")) m.probe_labels.push_back(row.at("label").get<int64_t>());
+  m.outputs = first.at("outputs").get<std::vector<int64_t>>();
+  m.optimizer = first.at("optimizer").get<std::string>();
+  m.f_initial = per_probe(first, "f_initial");
+  m.f_final = per_probe(parts.back().summary, "f_final");
+  const bool exact = parts.front().attributions_exact.defined();
+  for (const auto& p : parts) {
+    m.attributions = accumulate(m.attributions, p.attributions);
+    if (exact) m.attributions_exact = accumulate(m.attributions_exact, p.attributions_exact);
+    m.times_drawn = accumulate(m.times_drawn, p.times_drawn);
+    if (p.self_influence.defined()) m.self_influence = accumulate(m.self_influence, p.self_influence);
+    m.sum_u = accumulate(m.sum_u, per_probe(p.summary, "sum_u"));
+    m.sum_r = accumulate(m.sum_r, per_probe(p.summary, "sum_r"));
+    if (exact) m.sum_uexact = accumulate(m.sum_uexact, per_probe(p.summary, "sum_u_exact"));
+    if (exact) m.max_quad_error = std::max(m.max_quad_error, p.summary.at("max_quad_error").get<double>());
+    m.seconds += p.summary.at("seconds").get<double>();
+    if (config.project > 0) {
+      const nlohmann::json& pj = p.summary.at("projection");
+      m.project_dims = pj.at("dims").get<int64_t>();
+      m.projection_error = std::max(m.projection_error, pj.at("max_batch_sum_error").get<double>());
+    }
+  }
+  const at::Tensor change = m.f_final - m.f_initial;
+  const double scale = std::max(1e-300, change.abs().max().item<double>());
+  m.sum_error = (change - (m.attributions.sum(1) + m.sum_u + m.sum_r)).abs().max().item<double>() / scale;
+  if (exact) m.sum_error_exact = (change - (m.attributions_exact.sum(1) + m.sum_uexact)).abs().max().item<double>() / scale;
+  // Which steps drew each example, from the run's step log over the whole range.
+  const auto traj = open_trajectory(config.run);
+  m.drawn_at.resize(static_cast<size_t>(m.attributions.size(1)));
+  for (int64_t k = infos.front().whole_begin; k < infos.front().whole_end; ++k) {
+    const at::Tensor idx = traj->logged_step(k, at::kDouble).indices.contiguous();
+    for (int64_t j = 0; j < idx.numel(); ++j) m.drawn_at.at(static_cast<size_t>(idx.data_ptr<int64_t>()[j])).push_back(k);
+  }
+  m.first_step = infos.front().first;
+  m.last_step = infos.back().last;
+  return {m, config};
+}
+
+}  // namespace pathkernel

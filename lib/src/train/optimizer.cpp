@@ -1,0 +1,619 @@
+#include "pathkernel/train/optimizer.h"
+
+#include <ATen/ATen.h>
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <cmath>
+
+#include "pathkernel/io/errors.h"
+
+namespace pathkernel {
+namespace {
+
+/// |t|^2 as one BLAS dot product, in t's dtype (a diagnostic and a bound, not a result).
+double squared_norm(const at::Tensor& t) {
+  const at::Tensor flat = t.reshape({-1});
+  return at::dot(flat, flat).item<double>();
+}
+
+/// torch.optim.SGD: d = g + lc w; b = mu b + (1 - tau) d (b = d at the first step);
+/// d = d + mu b (Nesterov) or b; w -= lr d.
+class SgdOptimizer final : public Optimizer {
+ public:
+  SgdOptimizer(OptimizerOptions o, std::vector<std::string> names, std::vector<at::Tensor> params)
+      : Optimizer(o, std::move(names), std::move(params)) {
+    buffers_.resize(params_.size());
+    weights_changed();
+  }
+
+  UpdateOutcome step(const std::vector<at::Tensor>& grads, const std::vector<double>& grad_sq,
+                     double lr) override {
+    double g_sq = 0;
+    for (double v : grad_sq) g_sq += v;
+    if (!in_place_is_safe(lr, std::sqrt(g_sq))) return step_out_of_place(grads, lr);
+    const auto& o = options_;
+    double update_sq = 0, buffer_sq = 0;
+    for (size_t i = 0; i < params_.size(); ++i) {
+      at::Tensor d = grads[i];
+      if (o.weight_decay != 0) d = d.add(params_[i], o.weight_decay);
+      if (o.momentum != 0) {
+        if (buffers_[i].defined()) {
+          buffers_[i].mul_(o.momentum).add_(d, 1 - o.dampening);
+        } else {
+          buffers_[i] = d.clone();
+        }
+        if (o.nesterov) {
+          buffer_sq += squared_norm(buffers_[i]);
+          d = d.add(buffers_[i], o.momentum);
+        } else {
+          d = buffers_[i];
+        }
+      }
+      // Without decay or momentum d is the gradient itself: its norm is known.
+      update_sq += d.data_ptr() == grads[i].data_ptr() ? grad_sq[i] : squared_norm(d);
+      params_[i].add_(d, -lr);
+    }
+    ++steps_;
+    UpdateOutcome out;
+    out.update_norm = lr * std::sqrt(update_sq);
+    // Running upper bounds instead of a pass over the weights every step.
+    buffer_norm_ = o.momentum == 0 ? 0.0 : o.nesterov ? std::sqrt(buffer_sq) : std::sqrt(update_sq);
+    weight_norm_ += out.update_norm;
+    return out;
+  }
+
+  OptimizerState state() const override {
+    if (options_.momentum == 0 || !buffers_[0].defined()) return {};
+    NamedTensors b = named(buffers_);
+    for (auto& [n, t] : b) t = t.clone();
+    return {{"momentum_buffer", b}};
+  }
+
+  void load_state(const OptimizerState& state, int64_t steps, const std::string& source) override {
+    for (auto& b : buffers_) b = at::Tensor();
+    read_slot(state, "momentum_buffer", buffers_, source, /*required=*/options_.momentum != 0 && steps > 0);
+    if (options_.momentum == 0 && !state.empty()) {
+      throw InputError(source + ": holds momentum buffers, but the run's optimizer has no momentum");
+    }
+    steps_ = steps;
+    weights_changed();
+  }
+
+  void weights_changed() override {
+    double w = 0, v = 0;
+    for (size_t i = 0; i < params_.size(); ++i) {
+      w += squared_norm(params_[i].detach());
+      if (buffers_[i].defined()) v += squared_norm(buffers_[i]);
+    }
+    weight_norm_ = std::sqrt(w);
+    buffer_norm_ = std::sqrt(v);
+  }
+
+ private:
+  /// Triangle inequality: |w_{k+1}| <= |w_k| + lr |d| with |d| bounded by the norms of the parts.
+  /// Far below the dtype's largest value no weight can overflow and the update is made in place
+  /// (as torch.optim does); otherwise it goes the careful way. |w_k| and |b_{k-1}| are running
+  /// bounds, made exact again when they grow too large.
+  double bound(double lr, double g_norm) const {
+    const auto& o = options_;
+    const double dn = g_norm + o.weight_decay * weight_norm_;
+    const double buffer = o.momentum * buffer_norm_ + dn;
+    const double d = o.momentum == 0 ? dn : o.nesterov ? dn + o.momentum * buffer : buffer;
+    const double b = weight_norm_ + lr * d;
+    return std::isfinite(b) ? b : HUGE_VAL;
+  }
+  double limit() const { return params_.empty() || params_[0].scalar_type() == at::kDouble ? 1e300 : 1e36; }
+  bool in_place_is_safe(double lr, double g_norm) {
+    if (!(bound(lr, g_norm) < limit())) weights_changed();
+    return bound(lr, g_norm) < limit();
+  }
+
+  /// The update formed out of place and committed only when every new weight is finite, so a
+  /// diverging step leaves w_k and the buffers intact.
+  UpdateOutcome step_out_of_place(const std::vector<at::Tensor>& grads, double lr) {
+    const auto& o = options_;
+    std::vector<at::Tensor> next(params_.size()), next_buffers(params_.size());
+    UpdateOutcome out;
+    double update_sq = 0;
+    for (size_t i = 0; i < params_.size(); ++i) {
+      at::Tensor d = grads[i];
+      if (o.weight_decay != 0) d = d.add(params_[i], o.weight_decay);
+      if (o.momentum != 0) {
+        next_buffers[i] = buffers_[i].defined() ? buffers_[i].mul(o.momentum).add_(d, 1 - o.dampening) : d.clone();
+        d = o.nesterov ? d.add(next_buffers[i], o.momentum) : next_buffers[i];
+      }
+      next[i] = at::add(params_[i], d, -lr);
+      if (!accept_update(i, next[i], update_sq, out)) return out;
+    }
+    for (size_t i = 0; i < params_.size(); ++i) {
+      params_[i].copy_(next[i]);
+      if (o.momentum != 0) buffers_[i] = next_buffers[i];
+    }
+    ++steps_;
+    weights_changed();
+    out.update_norm = std::sqrt(update_sq);
+    return out;
+  }
+
+  std::vector<at::Tensor> buffers_;
+  double weight_norm_ = 0, buffer_norm_ = 0;
+};
+
+/// torch.optim.Adam / AdamW (amsgrad off): m = b1 m + (1 - b1) g, v = b2 v + (1 - b2) g^2,
+/// w -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps); Adam adds lc w to g, AdamW first
+/// scales w by 1 - lr ld. The new state is formed out of place and committed when finite.
+class AdamOptimizer final : public Optimizer {
+ public:
+  AdamOptimizer(OptimizerOptions o, std::vector<std::string> names, std::vector<at::Tensor> params)
+      : Optimizer(o, std::move(names), std::move(params)) {
+    for (const auto& p : params_) {
+      exp_avg_.push_back(at::zeros_like(p));
+      exp_avg_sq_.push_back(at::zeros_like(p));
+    }
+  }
+
+  UpdateOutcome step(const std::vector<at::Tensor>& grads, const std::vector<double>& /*grad_sq*/,
+                     double lr) override {
+    const auto& o = options_;
+    const bool decoupled = o.kind == OptimizerKind::kAdamW;
+    const double t = static_cast<double>(steps_ + 1);
+    const double bc1 = 1 - std::pow(o.beta1, t), bc2 = 1 - std::pow(o.beta2, t);
+    const double step_size = lr / bc1, bc2_sqrt = std::sqrt(bc2);
+    std::vector<at::Tensor> m(params_.size()), v(params_.size()), w(params_.size());
+    UpdateOutcome out;
+    double update_sq = 0;
+    for (size_t i = 0; i < params_.size(); ++i) {
+      at::Tensor g = grads[i];
+      at::Tensor p = params_[i].detach();
+      if (decoupled && o.weight_decay != 0) p = p.mul(1 - lr * o.weight_decay);
+      if (!decoupled && o.weight_decay != 0) g = g.add(params_[i], o.weight_decay);
+      m[i] = exp_avg_[i].mul(o.beta1).add_(g, 1 - o.beta1);
+      v[i] = exp_avg_sq_[i].mul(o.beta2).addcmul_(g, g, 1 - o.beta2);
+      const at::Tensor denom = (v[i].sqrt() / bc2_sqrt).add_(o.eps);
+      w[i] = p.addcdiv(m[i], denom, -step_size);
+      if (!accept_update(i, w[i], update_sq, out)) return out;
+    }
+    for (size_t i = 0; i < params_.size(); ++i) {
+      params_[i].detach().copy_(w[i]);
+      exp_avg_[i] = m[i];
+      exp_avg_sq_[i] = v[i];
+    }
+    ++steps_;
+    out.update_norm = std::sqrt(update_sq);
+    return out;
+  }
+
+  OptimizerState state() const override {
+    if (steps_ == 0) return {};
+    NamedTensors m = named(exp_avg_), v = named(exp_avg_sq_);
+    for (auto& [n, t] : m) t = t.clone();
+    for (auto& [n, t] : v) t = t.clone();
+    return {{"exp_avg", m}, {"exp_avg_sq", v}};
+  }
+
+  void load_state(const OptimizerState& state, int64_t steps, const std::string& source) override {
+    std::vector<at::Tensor> m(params_.size()), v(params_.size());
+    read_slot(state, "exp_avg", m, source, steps > 0);
+    read_slot(state, "exp_avg_sq", v, source, steps > 0);
+    for (size_t i = 0; i < params_.size(); ++i) {
+      exp_avg_[i] = m[i].defined() ? m[i] : at::zeros_like(params_[i]);
+      exp_avg_sq_[i] = v[i].defined() ? v[i] : at::zeros_like(params_[i]);
+      if (exp_avg_sq_[i].lt(0).any().item<bool>()) {
+        throw InputError(source + ": exp_avg_sq of '" + names_[i] + "' has negative entries");
+      }
+    }
+    steps_ = steps;
+  }
+
+  at::Tensor preconditioner_state() const override {
+    if (steps_ == 0) return {};
+    std::vector<at::Tensor> flat;
+    for (const auto& v : exp_avg_sq_) flat.push_back(v.reshape({-1}));
+    return at::cat(flat);
+  }
+
+  void preconditioner_from(const at::Tensor& state, int64_t steps, at::Tensor& out,
+                           const at::Tensor& /*before*/) const override {
+    const double bc2 = 1 - std::pow(options_.beta2, static_cast<double>(steps));
+    if (!out.defined() || out.numel() != state.numel()) out = at::empty({state.numel()}, at::kDouble);
+    out.copy_(state).div_(bc2).sqrt_().add_(options_.eps).reciprocal_();
+  }
+
+ private:
+  std::vector<at::Tensor> exp_avg_, exp_avg_sq_;
+};
+
+
+/// Flattens tensors (state_dict order) into one vector.
+at::Tensor flat_of(const std::vector<at::Tensor>& ts) {
+  std::vector<at::Tensor> flat;
+  for (const auto& t : ts) flat.push_back(t.reshape({-1}));
+  return at::cat(flat);
+}
+
+/// torch.optim.RMSprop: gt = g + lc w; v = a v + (1 - a) gt^2; centered: m = a m + (1 - a) gt and
+/// v - m^2 under the root; d = gt / (sqrt(.) + eps); with momentum b = mu b + d, w -= lr b, else
+/// w -= lr d. The new state is formed out of place and committed when finite.
+class RmspropOptimizer final : public Optimizer {
+ public:
+  RmspropOptimizer(OptimizerOptions o, std::vector<std::string> names, std::vector<at::Tensor> params)
+      : Optimizer(o, std::move(names), std::move(params)) {
+    for (const auto& p : params_) {
+      square_avg_.push_back(at::zeros_like(p));
+      if (o.centered) grad_avg_.push_back(at::zeros_like(p));
+      if (o.momentum > 0) buf_.push_back(at::zeros_like(p));
+    }
+  }
+
+  UpdateOutcome step(const std::vector<at::Tensor>& grads, const std::vector<double>& /*grad_sq*/,
+                     double lr) override {
+    const auto& o = options_;
+    const size_t n = params_.size();
+    std::vector<at::Tensor> v(n), m(n), b(n), w(n);
+    UpdateOutcome out;
+    double update_sq = 0;
+    for (size_t i = 0; i < n; ++i) {
+      at::Tensor g = grads[i];
+      const at::Tensor p = params_[i].detach();
+      if (o.weight_decay != 0) g = g.add(p, o.weight_decay);
+      v[i] = square_avg_[i].mul(o.alpha).addcmul_(g, g, 1 - o.alpha);
+      at::Tensor avg;
+      if (o.centered) {
+        m[i] = grad_avg_[i].mul(o.alpha).add_(g, 1 - o.alpha);
+        avg = v[i].addcmul(m[i], m[i], -1).sqrt_().add_(o.eps);
+      } else {
+        avg = v[i].sqrt().add_(o.eps);
+      }
+      if (o.momentum > 0) {
+        b[i] = buf_[i].mul(o.momentum).addcdiv_(g, avg);
+        w[i] = p.add(b[i], -lr);
+      } else {
+        w[i] = p.addcdiv(g, avg, -lr);
+      }
+      if (!accept_update(i, w[i], update_sq, out)) return out;
+    }
+    for (size_t i = 0; i < n; ++i) {
+      params_[i].detach().copy_(w[i]);
+      square_avg_[i] = v[i];
+      if (o.centered) grad_avg_[i] = m[i];
+      if (o.momentum > 0) buf_[i] = b[i];
+    }
+    ++steps_;
+    out.update_norm = std::sqrt(update_sq);
+    return out;
+  }
+
+  OptimizerState state() const override {
+    if (steps_ == 0) return {};
+    OptimizerState st = {{"square_avg", cloned(square_avg_)}};
+    if (options_.momentum > 0) st.emplace_back("momentum_buffer", cloned(buf_));
+    if (options_.centered) st.emplace_back("grad_avg", cloned(grad_avg_));
+    return st;
+  }
+
+  void load_state(const OptimizerState& state, int64_t steps, const std::string& source) override {
+    const size_t n = params_.size();
+    std::vector<at::Tensor> v(n), m(n), b(n);
+    read_slot(state, "square_avg", v, source, steps > 0);
+    read_slot(state, "grad_avg", m, source, options_.centered && steps > 0);
+    read_slot(state, "momentum_buffer", b, source, options_.momentum > 0 && steps > 0);
+    for (const auto& [slot, tensors] : state) {
+      if ((slot == "grad_avg" && !options_.centered) || (slot == "momentum_buffer" && options_.momentum == 0)) {
+        throw InputError(source + ": holds '" + slot + "', which the run's RMSprop settings do not keep");
+      }
+    }
+    for (size_t i = 0; i < n; ++i) {
+      square_avg_[i] = v[i].defined() ? v[i] : at::zeros_like(params_[i]);
+      if (square_avg_[i].lt(0).any().item<bool>()) {
+        throw InputError(source + ": square_avg of '" + names_[i] + "' has negative entries");
+      }
+      if (options_.centered) grad_avg_[i] = m[i].defined() ? m[i] : at::zeros_like(params_[i]);
+      if (options_.momentum > 0) buf_[i] = b[i].defined() ? b[i] : at::zeros_like(params_[i]);
+    }
+    steps_ = steps;
+  }
+
+  at::Tensor preconditioner_state() const override {
+    if (steps_ == 0) return {};
+    return options_.centered ? at::cat({flat_of(square_avg_), flat_of(grad_avg_)}) : flat_of(square_avg_);
+  }
+
+  void preconditioner_from(const at::Tensor& state, int64_t /*steps*/, at::Tensor& out,
+                           const at::Tensor& /*before*/) const override {
+    const int64_t n = options_.centered ? state.numel() / 2 : state.numel();
+    if (!out.defined() || out.numel() != n) out = at::empty({n}, at::kDouble);
+    out.copy_(state.narrow(0, 0, n));
+    if (options_.centered) {
+      const at::Tensor m = state.narrow(0, n, n).to(at::kDouble);
+      out.sub_(m * m).clamp_min_(0);
+    }
+    out.sqrt_().add_(options_.eps).reciprocal_();
+  }
+
+ private:
+  NamedTensors cloned(const std::vector<at::Tensor>& ts) const {
+    NamedTensors out = named(ts);
+    for (auto& [name, t] : out) t = t.clone();
+    return out;
+  }
+  std::vector<at::Tensor> square_avg_, grad_avg_, buf_;
+};
+
+/// torch.optim.Adagrad: gt = g + lc w; s += gt^2 (s starts at initial_accumulator_value);
+/// w -= lr / (1 + k lr_decay) * gt / (sqrt(s) + eps) at step k (0-based).
+class AdagradOptimizer final : public Optimizer {
+ public:
+  AdagradOptimizer(OptimizerOptions o, std::vector<std::string> names, std::vector<at::Tensor> params)
+      : Optimizer(o, std::move(names), std::move(params)) {
+    for (const auto& p : params_) sum_.push_back(at::full_like(p, o.initial_accumulator));
+  }
+
+  UpdateOutcome step(const std::vector<at::Tensor>& grads, const std::vector<double>& /*grad_sq*/,
+                     double lr) override {
+    const auto& o = options_;
+    const size_t n = params_.size();
+    const double clr = lr / (1 + static_cast<double>(steps_) * o.lr_decay);
+    std::vector<at::Tensor> s(n), w(n);
+    UpdateOutcome out;
+    double update_sq = 0;
+    for (size_t i = 0; i < n; ++i) {
+      at::Tensor g = grads[i];
+      const at::Tensor p = params_[i].detach();
+      if (o.weight_decay != 0) g = g.add(p, o.weight_decay);
+      s[i] = sum_[i].addcmul(g, g, 1);
+      w[i] = p.addcdiv(g, s[i].sqrt().add_(o.eps), -clr);
+      if (!accept_update(i, w[i], update_sq, out)) return out;
+    }
+    for (size_t i = 0; i < n; ++i) {
+      params_[i].detach().copy_(w[i]);
+      sum_[i] = s[i];
+    }
+    ++steps_;
+    out.update_norm = std::sqrt(update_sq);
+    return out;
+  }
+
+  OptimizerState state() const override {
+    NamedTensors s = named(sum_);
+    for (auto& [name, t] : s) t = t.clone();
+    return {{"sum", s}};
+  }
+
+  void load_state(const OptimizerState& state, int64_t steps, const std::string& source) override {
+    std::vector<at::Tensor> s(params_.size());
+    read_slot(state, "sum", s, source, steps > 0);
+    for (size_t i = 0; i < params_.size(); ++i) {
+      sum_[i] = s[i].defined() ? s[i] : at::full_like(params_[i], options_.initial_accumulator);
+      if (sum_[i].lt(0).any().item<bool>()) throw InputError(source + ": sum of '" + names_[i] + "' has negative entries");
+    }
+    steps_ = steps;
+  }
+
+  at::Tensor preconditioner_state() const override { return flat_of(sum_); }
+
+  void preconditioner_from(const at::Tensor& state, int64_t /*steps*/, at::Tensor& out,
+                           const at::Tensor& /*before*/) const override {
+    if (!out.defined() || out.numel() != state.numel()) out = at::empty({state.numel()}, at::kDouble);
+    out.copy_(state).sqrt_().add_(options_.eps).reciprocal_();
+  }
+
+ private:
+  std::vector<at::Tensor> sum_;
+};
+
+/// torch.optim.Adadelta: gt = g + lc w; v = rho v + (1 - rho) gt^2;
+/// d = sqrt(u + eps) / sqrt(v + eps) * gt with u the accumulated squared update before this step;
+/// u = rho u + (1 - rho) d^2; w -= lr d.
+class AdadeltaOptimizer final : public Optimizer {
+ public:
+  AdadeltaOptimizer(OptimizerOptions o, std::vector<std::string> names, std::vector<at::Tensor> params)
+      : Optimizer(o, std::move(names), std::move(params)) {
+    for (const auto& p : params_) {
+      square_avg_.push_back(at::zeros_like(p));
+      acc_delta_.push_back(at::zeros_like(p));
+    }
+  }
+
+  UpdateOutcome step(const std::vector<at::Tensor>& grads, const std::vector<double>& /*grad_sq*/,
+                     double lr) override {
+    const auto& o = options_;
+    const size_t n = params_.size();
+    std::vector<at::Tensor> v(n), u(n), w(n);
+    UpdateOutcome out;
+    double update_sq = 0;
+    for (size_t i = 0; i < n; ++i) {
+      at::Tensor g = grads[i];
+      const at::Tensor p = params_[i].detach();
+      if (o.weight_decay != 0) g = g.add(p, o.weight_decay);
+      v[i] = square_avg_[i].mul(o.rho).addcmul_(g, g, 1 - o.rho);
+      const at::Tensor std_ = v[i].add(o.eps).sqrt_();
+      const at::Tensor delta = acc_delta_[i].add(o.eps).sqrt_().div_(std_).mul_(g);
+      u[i] = acc_delta_[i].mul(o.rho).addcmul_(delta, delta, 1 - o.rho);
+      w[i] = p.add(delta, -lr);
+      if (!accept_update(i, w[i], update_sq, out)) return out;
+    }
+    for (size_t i = 0; i < n; ++i) {
+      params_[i].detach().copy_(w[i]);
+      square_avg_[i] = v[i];
+      acc_delta_[i] = u[i];
+    }
+    ++steps_;
+    out.update_norm = std::sqrt(update_sq);
+    return out;
+  }
+
+  OptimizerState state() const override {
+    if (steps_ == 0) return {};
+    NamedTensors v = named(square_avg_), u = named(acc_delta_);
+    for (auto& [name, t] : v) t = t.clone();
+    for (auto& [name, t] : u) t = t.clone();
+    return {{"square_avg", v}, {"acc_delta", u}};
+  }
+
+  void load_state(const OptimizerState& state, int64_t steps, const std::string& source) override {
+    std::vector<at::Tensor> v(params_.size()), u(params_.size());
+    read_slot(state, "square_avg", v, source, steps > 0);
+    read_slot(state, "acc_delta", u, source, steps > 0);
+    for (size_t i = 0; i < params_.size(); ++i) {
+      square_avg_[i] = v[i].defined() ? v[i] : at::zeros_like(params_[i]);
+      acc_delta_[i] = u[i].defined() ? u[i] : at::zeros_like(params_[i]);
+      if (square_avg_[i].lt(0).any().item<bool>() || acc_delta_[i].lt(0).any().item<bool>()) {
+        throw InputError(source + ": square_avg or acc_delta of '" + names_[i] + "' has negative entries");
+      }
+    }
+    steps_ = steps;
+  }
+
+  /// [square_avg, acc_delta], flattened.
+  at::Tensor preconditioner_state() const override {
+    return at::cat({flat_of(square_avg_), flat_of(acc_delta_)});
+  }
+
+  void preconditioner_from(const at::Tensor& state, int64_t /*steps*/, at::Tensor& out,
+                           const at::Tensor& before) const override {
+    const int64_t n = state.numel() / 2;
+    if (!out.defined() || out.numel() != n) out = at::empty({n}, at::kDouble);
+    // sqrt(u_{k-1} + eps) / sqrt(v_k + eps): u before the step (0 before step 0), v after it.
+    out.copy_(state.narrow(0, 0, n)).add_(options_.eps).sqrt_().reciprocal_();
+    if (before.defined()) {
+      out.mul_(before.narrow(0, n, n).to(at::kDouble).add(options_.eps).sqrt_());
+    } else {
+      out.mul_(std::sqrt(options_.eps));
+    }
+  }
+
+ private:
+  std::vector<at::Tensor> square_avg_, acc_delta_;
+};
+
+}  // namespace
+
+Optimizer::Optimizer(OptimizerOptions options, std::vector<std::string> names, std::vector<at::Tensor> params)
+    : options_(options), names_(std::move(names)), params_(std::move(params)) {
+  options_.validate();
+}
+
+LinearUpdate Optimizer::linear_update(int64_t k) const { return pathkernel::linear_update(options_, k); }
+
+LinearUpdate linear_update(const OptimizerOptions& o, int64_t k) {
+  LinearUpdate u;
+  if (o.kind == OptimizerKind::kSgd) {
+    u.lc = o.weight_decay;
+    if (o.momentum == 0) return u;
+    u.beta = o.momentum;
+    u.s = k == 0 ? 1.0 : 1.0 - o.dampening;
+    if (o.nesterov) {
+      u.alpha = o.momentum;
+      u.nu = 1;
+    }
+    return u;
+  }
+  if (o.kind == OptimizerKind::kRmsprop || o.kind == OptimizerKind::kAdagrad || o.kind == OptimizerKind::kAdadelta) {
+    u.lc = o.weight_decay;
+    if (o.kind == OptimizerKind::kAdagrad) u.alpha = 1.0 / (1.0 + static_cast<double>(k) * o.lr_decay);
+    if (o.kind == OptimizerKind::kRmsprop && o.momentum > 0) {
+      u.beta = o.momentum;  // b_k = mu b_{k-1} + P_k (.) gtilde_k
+      u.inner = true;
+    }
+    return u;
+  }
+  u.beta = o.beta1;
+  u.s = 1 - o.beta1;
+  u.alpha = 1.0 / (1.0 - std::pow(o.beta1, static_cast<double>(k + 1)));
+  if (o.kind == OptimizerKind::kAdam) u.lc = o.weight_decay;
+  if (o.kind == OptimizerKind::kAdamW) u.ld = o.weight_decay;
+  return u;
+}
+
+void Optimizer::read_slot(const OptimizerState& state, const std::string& slot, std::vector<at::Tensor>& out,
+                          const std::string& source, bool required) const {
+  auto it = std::find_if(state.begin(), state.end(), [&](const auto& s) { return s.first == slot; });
+  if (it == state.end()) {
+    if (required) throw InputError(source + ": optimizer state has no '" + slot + "'");
+    return;
+  }
+  const std::vector<std::string> known = state_slots(options_.kind);
+  for (const auto& s : state) {
+    if (std::find(known.begin(), known.end(), s.first) == known.end()) {
+      throw InputError(source + ": unknown optimizer state slot '" + s.first + "' for " + optimizer_name(options_.kind));
+    }
+  }
+  if (it->second.size() != params_.size()) {
+    throw InputError(source + ": optimizer state '" + slot + "' has " + std::to_string(it->second.size()) +
+                     " tensors, the model has " + std::to_string(params_.size()) + " parameters");
+  }
+  for (const auto& [name, t] : it->second) {
+    auto pos = std::find(names_.begin(), names_.end(), name);
+    if (pos == names_.end()) throw InputError(source + ": optimizer state '" + slot + "." + name + "' matches no parameter");
+    const size_t i = static_cast<size_t>(pos - names_.begin());
+    if (t.sizes() != params_[i].sizes() || !t.is_floating_point()) {
+      throw InputError(source + ": optimizer state '" + slot + "." + name + "' has shape " + c10::str(t.sizes()) +
+                       " (" + std::string(c10::toString(t.scalar_type())) + "), expected " +
+                       c10::str(params_[i].sizes()));
+    }
+    out[i] = t.to(params_[i].scalar_type()).clone();
+  }
+}
+
+bool Optimizer::accept_update(size_t i, const at::Tensor& next, double& update_sq, UpdateOutcome& out) const {
+  // w_i is finite, so the new weight is finite exactly when the change is.
+  const double sq = squared_norm(next - params_[i]);
+  if (!std::isfinite(sq)) {
+    out.finite = false;
+    out.nonfinite = "weights (" + names_[i] + ")";
+    return false;
+  }
+  update_sq += sq;
+  return true;
+}
+
+NamedTensors Optimizer::named(const std::vector<at::Tensor>& tensors) const {
+  NamedTensors out;
+  for (size_t i = 0; i < tensors.size(); ++i) out.emplace_back(names_[i], tensors[i]);
+  return out;
+}
+
+ParamMap Optimizer::preconditioner(const at::Tensor& before) const {
+  ParamMap p;
+  const at::Tensor st = preconditioner_state();
+  if (!st.defined() || steps_ == 0) return p;
+  // In float64 from the state as the optimizer holds it (SPEC: P_k after step k); the float32
+  // route's own rounding of this expression ends up in Uopt_round.
+  at::Tensor flat;
+  preconditioner_from(st, steps_, flat, before);
+  int64_t off = 0;
+  for (size_t i = 0; i < params_.size(); ++i) {
+    const int64_t m = params_[i].numel();
+    p[names_[i]] = flat.narrow(0, off, m).view(params_[i].sizes());
+    off += m;
+  }
+  return p;
+}
+
+std::vector<std::string> state_slots(OptimizerKind kind) {
+  switch (kind) {
+    case OptimizerKind::kSgd: return {"momentum_buffer"};
+    case OptimizerKind::kAdam:
+    case OptimizerKind::kAdamW: return {"exp_avg", "exp_avg_sq"};
+    case OptimizerKind::kRmsprop: return {"square_avg", "momentum_buffer", "grad_avg"};
+    case OptimizerKind::kAdagrad: return {"sum"};
+    case OptimizerKind::kAdadelta: return {"square_avg", "acc_delta"};
+  }
+  return {};
+}
+
+std::unique_ptr<Optimizer> make_optimizer(const OptimizerOptions& options, std::vector<std::string> names,
+                                          std::vector<at::Tensor> params) {
+  switch (options.kind) {
+    case OptimizerKind::kSgd: return std::make_unique<SgdOptimizer>(options, std::move(names), std::move(params));
+    case OptimizerKind::kAdam:
+    case OptimizerKind::kAdamW: return std::make_unique<AdamOptimizer>(options, std::move(names), std::move(params));
+    case OptimizerKind::kRmsprop: return std::make_unique<RmspropOptimizer>(options, std::move(names), std::move(params));
+    case OptimizerKind::kAdagrad: return std::make_unique<AdagradOptimizer>(options, std::move(names), std::move(params));
+    case OptimizerKind::kAdadelta: return std::make_unique<AdadeltaOptimizer>(options, std::move(names), std::move(params));
+  }
+  throw InputError("unknown optimizer");
+}
+
+}  // namespace pathkernel

@@ -1,0 +1,264 @@
+// Sharded analyses (shards.h): three shards merged equal one process's analysis of the same run
+// (arrays bit for bit, the tables and the summary equal), and merge refuses what does not join.
+#include <ATen/ATen.h>
+
+#include <sstream>
+#include <nlohmann/json.hpp>
+#include <spdlog/spdlog.h>
+
+#include "fixtures.h"
+#include "pathkernel/io/errors.h"
+#include "pathkernel/explain/explain.h"
+#include "pathkernel/io/fs_util.h"
+#include "pathkernel/io/npy.h"
+#include "pathkernel/analysis/shards.h"
+#include "pathkernel/train/trainer.h"
+
+namespace pathkernel {
+namespace {
+namespace fs = std::filesystem;
+
+class ShardsTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    spdlog::set_level(spdlog::level::warn);
+    testing::write_synthetic_idx(tmp_ / "data", 60, 20, 8, 3);
+  }
+  std::string train_run(const std::string& name, double momentum, const std::string& model = "mlp:5:relu") {
+    TrainConfig c;
+    c.data_dir = (tmp_ / "data").string();
+    c.model = model;
+    c.steps = 24;
+    c.batch = 10;
+    c.lr = 2.0;  // large steps: r jumps about, and the outlier rule marks some
+    c.momentum = momentum;
+    c.weight_decay = 1e-3;
+    c.checkpoint_every = 4;
+    c.out = (tmp_ / name).string();
+    train(c, "");
+    return c.out;
+  }
+  AnalyzeConfig config(const std::string& run, const std::string& out) const {
+    AnalyzeConfig a;
+    a.run = run;
+    a.out = (tmp_ / out).string();
+    a.probes = 5;
+    a.second_order = true;
+    a.tc_rule = "outlier";  // its running window crosses the shards' boundaries
+    a.tc_window = 5;
+    a.tc_kappa = 0;  // above the window's median: about half the steps
+    a.check_every = 3;
+    // Issue 13's per-step signals too: kinks, sharpness (its steps counted from the whole range's
+    // first) and the cosine between consecutive gradients (across the shards' boundaries).
+    a.exact_nodes = 1;
+    a.kink_split = true;
+    a.sharpness_every = 5;
+    a.sharpness_examples = 20;
+    return a;
+  }
+  std::vector<std::string> shards(const std::string& run, const std::string& prefix, int n) {
+    std::vector<std::string> dirs;
+    for (int i = 1; i <= n; ++i) {
+      AnalyzeConfig a = config(run, prefix + std::to_string(i));
+      a.shard_index = i;
+      a.shard_count = n;
+      write_analysis(analyze(a), a);
+      dirs.push_back(a.out);
+    }
+    return dirs;
+  }
+  testing::TempDir tmp_;
+};
+
+nlohmann::json without_timings(nlohmann::json s) {
+  for (const char* k : {"seconds", "seconds_per_step", "startup_seconds"}) s.erase(k);
+  return s;
+}
+
+TEST_F(ShardsTest, ThreeShardsMergedEqualOneProcess) {
+  for (double momentum : {0.0, 0.9}) {
+    const std::string run = train_run(momentum > 0 ? "run-mom" : "run-sgd", momentum);
+    const std::string tag = momentum > 0 ? "-mom" : "-sgd";
+    const AnalyzeConfig whole = config(run, "whole" + tag);
+    write_analysis(analyze(whole), whole);
+    std::vector<std::string> parts = shards(run, "shard" + tag, 3);
+    const auto s2 = nlohmann::json::parse(read_file(fs::path(parts[1]) / "summary.json"));
+    EXPECT_EQ(s2["first_step"], 8);  // split at the checkpoints 8 and 16
+    EXPECT_EQ(s2["last_step"], 15);
+    std::swap(parts[0], parts[2]);  // in any order
+    MergeConfig m{parts, (tmp_ / ("merged" + tag)).string(), false};
+    const auto [merged, mc] = merge_shards(m);
+    write_analysis(merged, mc);
+    const fs::path a = whole.out, b = m.out;
+    for (const auto& e : fs::directory_iterator(a / "arrays")) {
+      const at::Tensor x = load_npy(e.path()), y = load_npy(b / "arrays" / e.path().filename());
+      EXPECT_TRUE(x.sizes() == y.sizes() && at::equal(x, y)) << e.path().filename() << tag;
+    }
+    EXPECT_EQ(read_file(a / "steps.csv"), read_file(b / "steps.csv")) << tag;
+    EXPECT_EQ(read_file(a / "probes.csv"), read_file(b / "probes.csv")) << tag;
+    EXPECT_EQ(read_file(a / "sharpness.csv"), read_file(b / "sharpness.csv")) << tag;
+    EXPECT_NE(read_file(a / "sharpness.csv").find("\n20,"), std::string::npos) << tag;  // steps 0, 5, ..., 20
+    const auto sa = nlohmann::json::parse(read_file(a / "summary.json"));
+    const auto sb = nlohmann::json::parse(read_file(b / "summary.json"));
+    EXPECT_EQ(without_timings(sa), without_timings(sb)) << tag;
+    EXPECT_GT(sa["tc_size"].get<int64_t>(), 0) << "the outlier rule marked no step: the test shows nothing" << read_file(a / "steps.csv");
+  }
+}
+
+TEST_F(ShardsTest, MergeRefusesShardsThatDoNotJoin) {
+  const std::string run = train_run("run", 0.0), other = train_run("other", 0.9);
+  const std::vector<std::string> parts = shards(run, "s", 3);
+  auto merge = [&](std::vector<std::string> dirs) { return merge_shards({dirs, (tmp_ / "m").string(), false}); };
+  EXPECT_THROW_WITH(merge({parts[0], parts[2]}), InputError, "shard 2 of 3 is missing");
+  EXPECT_THROW_WITH(merge({parts[0], parts[1]}), InputError, "shard 3 of 3 is missing");
+  EXPECT_THROW_WITH(merge({parts[0], parts[1], parts[1], parts[2]}), InputError, "given twice");
+  const std::vector<std::string> foreign = shards(other, "o", 3);
+  EXPECT_THROW_WITH(merge({parts[0], foreign[1], parts[2]}), InputError, "another run or other settings");
+  AnalyzeConfig tau = config(run, "tau2");
+  tau.tau = 0.2;
+  tau.shard_index = 2;
+  tau.shard_count = 3;
+  write_analysis(analyze(tau), tau);
+  EXPECT_THROW_WITH(merge({parts[0], tau.out, parts[2]}), InputError, (fs::path(tau.out) / "summary.json").string());
+  AnalyzeConfig two = config(run, "of2");
+  two.shard_index = 2;
+  two.shard_count = 2;
+  write_analysis(analyze(two), two);
+  EXPECT_THROW_WITH(merge({parts[0], two.out, parts[2]}), InputError, "shard of 2, the others of 3");
+  const AnalyzeConfig whole = config(run, "whole");
+  write_analysis(analyze(whole), whole);
+  EXPECT_THROW_WITH(merge({whole.out}), InputError, "not a shard");
+  EXPECT_FALSE(fs::exists(tmp_ / "m"));
+}
+
+// An analysis keeping its progress (AnalyzeConfig::progress_dir, as the CLI does) ends with the
+// files of one that does not; cut short (its last segments gone, a segment's staging folder
+// left behind, as a kill leaves them) and run again it continues and ends with the same files;
+// another command on the partial folder is refused, and --force starts it anew.
+TEST_F(ShardsTest, AnInterruptedAnalysisContinuesToTheSameFiles) {
+  const std::string run = train_run("run", 0.9);
+  const AnalyzeConfig plain = config(run, "plain");
+  write_analysis(analyze(plain), plain);
+  AnalyzeConfig a = config(run, "resumed");
+  a.progress_dir = a.out;
+  a.segment_seconds = 0;  // a segment at every checkpoint
+  write_analysis(analyze(a), a);  // uninterrupted, through segments
+  auto same = [&](const fs::path& x, const fs::path& y) {
+    for (const auto& e : fs::directory_iterator(x / "arrays")) {
+      EXPECT_EQ(read_file(e.path()), read_file(y / "arrays" / e.path().filename())) << e.path().filename();
+    }
+    EXPECT_EQ(read_file(x / "steps.csv"), read_file(y / "steps.csv"));
+    EXPECT_EQ(read_file(x / "probes.csv"), read_file(y / "probes.csv"));
+    EXPECT_EQ(without_timings(nlohmann::json::parse(read_file(x / "summary.json"))),
+              without_timings(nlohmann::json::parse(read_file(y / "summary.json"))));
+  };
+  same(plain.out, a.out);
+  EXPECT_FALSE(fs::exists(fs::path(a.out) / "segments")) << "the partial state is gone once complete";
+
+  // Interrupted after its second segment: partial.json and segments 0 and 4 are left.
+  fs::remove_all(a.out);
+  analyze(a);
+  fs::path segs = fs::path(a.out) / "segments";
+  std::vector<fs::path> all;
+  for (const auto& e : fs::directory_iterator(segs)) all.push_back(e.path());
+  std::sort(all.begin(), all.end());
+  ASSERT_EQ(all.size(), 6u);  // checkpoints every 4 of 24 steps
+  for (size_t i = 2; i < all.size(); ++i) fs::remove_all(all[i]);
+  fs::create_directories(segs / ".seg_00000008.staging-ab12Cd");  // cut off while being written
+  atomic_write(segs / ".seg_00000008.staging-ab12Cd" / "D.npy", "half");
+  AnalyzeConfig other = a;
+  other.tau = 0.5;
+  EXPECT_THROW_WITH(analyze(other), InputError, "holds an interrupted analysis of another command");
+  const AnalysisResult resumed = analyze(a);
+  EXPECT_EQ(resumed.steps.size(), 24u);
+  write_analysis(resumed, a);
+  same(plain.out, a.out);
+
+  // The same command on a run whose end moved (trained on after the kill): not continued.
+  fs::remove_all(a.out);
+  analyze(a);
+  nlohmann::json partial = nlohmann::json::parse(read_file(fs::path(a.out) / "partial.json"));
+  ASSERT_EQ(partial["key"]["range"], nlohmann::json::parse("[0, 24]"));
+  partial["key"]["range"] = {0, 20};
+  atomic_write(fs::path(a.out) / "partial.json", partial.dump());
+  EXPECT_THROW_WITH(analyze(a), InputError, "holds an interrupted analysis of another command");
+
+  // --force on another command's partial folder: discarded, started anew.
+  fs::remove_all(a.out);
+  analyze(a);
+  other.force = true;
+  other.progress_dir = other.out = a.out;
+  const AnalysisResult anew = analyze(other);
+  EXPECT_EQ(anew.steps.size(), 24u);
+}
+
+// explain --shard: three parts of a plain-SGD run added up by merge equal one process's
+// explanation (a_i, a_exact, times drawn and self-influence to 1e-12, the sum check holding),
+// and a run trained with momentum is refused.
+TEST_F(ShardsTest, ExplanationShardsAddUpToOneProcess) {
+  const std::string run = train_run("run", 0.0, "mlp:5:tanh");  // smooth: explain --exact refuses kinks
+  ExplainConfig e;
+  e.run = run;
+  e.probes = 3;
+  e.exact_nodes = 2;
+  e.self_influence = true;
+  e.grids = 0;
+  e.out = (tmp_ / "whole").string();
+  const ExplainResult whole = explain(e);
+  std::vector<std::string> dirs;
+  for (int i = 1; i <= 3; ++i) {
+    ExplainConfig s = e;
+    s.shard_index = i;
+    s.shard_count = 3;
+    s.out = (tmp_ / ("e" + std::to_string(i))).string();
+    const ExplainResult part = explain(s);
+    EXPECT_LT(part.sum_error, 1e-10) << "each shard explains its own stretch";
+    write_explanation(part, s);
+    dirs.insert(dirs.begin(), s.out);  // in any order
+  }
+  const auto [merged, mc] = merge_explanations({dirs, (tmp_ / "merged").string(), false});
+  auto close = [](const at::Tensor& a, const at::Tensor& b) {
+    return (a - b).abs().max().item<double>() <= 1e-12 * std::max(1e-300, b.abs().max().item<double>());
+  };
+  EXPECT_TRUE(close(merged.attributions, whole.attributions));
+  EXPECT_TRUE(close(merged.attributions_exact, whole.attributions_exact));
+  EXPECT_TRUE(close(merged.self_influence, whole.self_influence));
+  EXPECT_TRUE(at::equal(merged.times_drawn, whole.times_drawn));
+  EXPECT_EQ(merged.drawn_at, whole.drawn_at);
+  EXPECT_LT(merged.sum_error, 1e-10);
+  // Two nodes at lr 2 leave a quadrature error; the parts' sum leaves the same.
+  EXPECT_NEAR(merged.sum_error_exact, whole.sum_error_exact, 1e-10);
+  write_explanation(merged, mc);
+  ExplainConfig w = e;
+  write_explanation(whole, w);
+  auto ranking = [](const fs::path& top) {  // probe, output, kind, rank, example: the last digits of a aside
+    std::vector<std::string> rows;
+    std::istringstream in(read_file(top));
+    for (std::string line; std::getline(in, line);) rows.push_back(line.substr(0, line.rfind(',')));
+    return rows;
+  };
+  EXPECT_EQ(ranking(fs::path(mc.out) / "top.csv"), ranking(fs::path(w.out) / "top.csv"));
+  EXPECT_THROW_WITH(merge_explanations({{dirs[0], dirs[2]}, (tmp_ / "m2").string(), false}), InputError, "missing");
+
+  ExplainConfig mom = e;
+  mom.run = train_run("mom", 0.9, "mlp:5:tanh");
+  mom.shard_index = 1;
+  mom.shard_count = 2;
+  EXPECT_THROW_WITH(explain(mom), InputError, "not sharded");
+}
+
+TEST(ShardBoundsTest, SplitsAtTheNearestCheckpoints) {
+  const std::vector<int64_t> ck = {0, 4, 8, 12, 16, 20, 24};
+  EXPECT_EQ(shard_bounds(0, 24, ck, 3), (std::vector<int64_t>{0, 8, 16, 24}));
+  EXPECT_EQ(shard_bounds(0, 24, ck, 1), (std::vector<int64_t>{0, 24}));
+  EXPECT_EQ(shard_bounds(5, 24, ck, 2), (std::vector<int64_t>{5, 16, 24}));
+  EXPECT_THROW_WITH(shard_bounds(0, 24, {0, 24}, 2), InputError, "too few");
+  EXPECT_EQ(parse_shard("2/3"), (std::pair<int64_t, int64_t>{2, 3}));
+  for (const char* bad : {"0/3", "4/3", "2", "2/3x", "a/b", "-1/2"}) {
+    SCOPED_TRACE(bad);
+    EXPECT_THROW_WITH(parse_shard(bad), InputError, "--shard");
+  }
+}
+
+}  // namespace
+}  // namespace pathkernel

@@ -1,0 +1,83 @@
+// Issue 12's cluster test: a real single-node Slurm (Debian's slurm-wlm and munge, started by
+// scripts/slurm/local_cluster.sh in a scratch folder), the job array of scripts/slurm/submit.sh
+// analyzing a real run in 3 shards and the dependent merge job: the merged analysis equals the
+// single-process one. If Slurm cannot start, the test fails (it does not skip).
+#include <gtest/gtest.h>
+#include <sys/stat.h>
+
+#include <chrono>
+#include <cstdlib>
+#include <filesystem>
+#include <thread>
+
+#include "fixtures.h"
+#include "pathkernel/io/fs_util.h"
+
+namespace pathkernel {
+namespace {
+namespace fs = std::filesystem;
+
+const std::string kScripts = std::string(PATHKERNEL_SOURCE_DIR) + "/scripts/slurm/";
+
+/// Starts the cluster in `scratch` and stops it when destroyed.
+class LocalCluster {
+ public:
+  explicit LocalCluster(const fs::path& scratch) : scratch_(scratch) {
+    status_ = testing::run_program({"/bin/bash", kScripts + "local_cluster.sh", "start", scratch.string()},
+                                   scratch.parent_path() / "cluster.log");
+  }
+  ~LocalCluster() {
+    testing::run_program({"/bin/bash", kScripts + "local_cluster.sh", "stop", scratch_.string()},
+                         scratch_.parent_path() / "cluster-stop.log");
+  }
+  bool up() const { return status_ == 0; }
+
+ private:
+  fs::path scratch_;
+  int status_ = -1;
+};
+
+TEST(SlurmTest, AJobArrayOfShardsAndADependentMergeEqualOneProcess) {
+  testing::TempDir tmp;
+  ::chmod(tmp.path().c_str(), 0755);  // munged runs as the munge user, inside it
+  const fs::path log = tmp / "cmd.log", run = tmp / "run", ref = tmp / "ref", out = tmp / "merged";
+  const std::string bin = PATHKERNEL_BIN;
+  ASSERT_EQ(testing::run_program({bin, "train", "--model", "mlp:16:tanh", "--train-limit", "800", "--steps", "60",
+                                  "--checkpoint-every", "15", "--momentum", "0.9", "--out", run.string()},
+                                 log),
+            0)
+      << read_file(log);
+  ASSERT_EQ(testing::run_program({bin, "analyze", run.string(), "--probes", "8", "--out", ref.string()}, log), 0)
+      << read_file(log);
+
+  LocalCluster cluster(tmp / "cluster");
+  ASSERT_TRUE(cluster.up()) << "Slurm did not start:\n" << read_file(tmp / "cluster.log");
+  ::setenv("SLURM_CONF", (tmp / "cluster" / "slurm" / "slurm.conf").c_str(), 1);
+  ::setenv("PATHKERNEL", bin.c_str(), 1);  // the jobs' executable (exported by sbatch)
+  ASSERT_EQ(testing::run_program({"/bin/bash", kScripts + "submit.sh", run.string(), out.string(), "3", "--probes", "8"},
+                                 log),
+            0)
+      << read_file(log);
+  const std::string submitted = read_file(log);
+  EXPECT_NE(submitted.find("array job"), std::string::npos) << submitted;
+  const auto t0 = std::chrono::steady_clock::now();
+  while (!fs::exists(out / "summary.json") && std::chrono::steady_clock::now() - t0 < std::chrono::seconds(240)) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  }
+  testing::run_program({"/usr/bin/squeue"}, tmp / "squeue.log");
+  ASSERT_TRUE(fs::exists(out / "summary.json"))
+      << "no merged analysis after 240 s; " << submitted << "\nsqueue:\n" << read_file(tmp / "squeue.log")
+      << "\nmerge log:\n" << (fs::exists(tmp / "merged.shards" / "merge.log") ? read_file(tmp / "merged.shards" / "merge.log") : "");
+  for (int i = 1; i <= 3; ++i) {
+    EXPECT_TRUE(fs::exists(tmp / "merged.shards" / ("shard_" + std::to_string(i)) / "summary.json")) << i;
+  }
+  for (const auto& e : fs::directory_iterator(ref / "arrays")) {
+    EXPECT_EQ(read_file(e.path()), read_file(out / "arrays" / e.path().filename())) << e.path().filename();
+  }
+  EXPECT_EQ(read_file(ref / "steps.csv"), read_file(out / "steps.csv"));
+  EXPECT_EQ(read_file(ref / "probes.csv"), read_file(out / "probes.csv"));
+  ::unsetenv("SLURM_CONF");
+}
+
+}  // namespace
+}  // namespace pathkernel

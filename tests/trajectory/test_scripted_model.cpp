@@ -1,0 +1,160 @@
+// A recorded run's own TorchScript model (scripted_model.cpp): loaded with its state_dict names,
+// converted to float64 in place, and differentiated by autograd. Its per-row gradients are
+// compared with the zoo's factorized kernels on the same CNN, and with finite differences on a
+// custom residual + LayerNorm module; damaged archives are refused naming the file.
+#include <ATen/ATen.h>
+
+#include <map>
+
+#include "fixtures.h"
+#include "pathkernel/io/errors.h"
+#include "pathkernel/io/fs_util.h"
+#include "pathkernel/analysis/kernels.h"
+#include "pathkernel/trajectory/scripted_model.h"
+
+namespace pathkernel {
+namespace {
+namespace fs = std::filesystem;
+
+const fs::path kData = PATHKERNEL_TEST_DATA;
+
+/// Loads the fixture `name` (tests/data/make_scripted_models.py) in float64.
+std::shared_ptr<models::Model> scripted(const std::string& name, int64_t outputs) {
+  auto m = load_scripted_model(kData / name, outputs);
+  m->to(at::kDouble);
+  return m;
+}
+
+double max_rel(const at::Tensor& a, const at::Tensor& b) {
+  return (a - b).abs().max().item<double>() / std::max(b.abs().max().item<double>(), 1e-300);
+}
+
+TEST(ScriptedModelTest, ParametersCarryTheStateDictNamesAndFollowDtypeChanges) {
+  auto m = scripted("scripted_cnn.pt", 4);
+  std::vector<std::string> names;
+  for (const auto& p : m->named_parameters()) {
+    names.push_back(p.key());
+    EXPECT_EQ(p.value().scalar_type(), at::kDouble) << p.key();
+  }
+  EXPECT_EQ(names, (std::vector<std::string>{"0.weight", "0.bias", "3.weight", "3.bias", "7.weight", "7.bias"}));
+  EXPECT_EQ(m->spec().str(), "torchscript");
+  // Weights written into the registered parameters are the ones the scripted forward uses.
+  const at::Tensor x = at::rand({2, 1, 8, 8}, at::kDouble);
+  at::NoGradGuard ng;
+  const at::Tensor before = m->forward(x);
+  m->named_parameters()["7.bias"].add_(1.0);
+  EXPECT_NEAR((m->forward(x) - before).min().item<double>(), 1.0, 1e-12);
+  EXPECT_EQ(m->forward(x).scalar_type(), at::kDouble);
+}
+
+TEST(ScriptedModelTest, CnnRowsEqualTheZooFactorizedKernels) {
+  // The zoo's cnn:2,3:tanh with the scripted nn.Sequential's weights (0 -> convs.0, 3 ->
+  // convs.1, 7 -> fc): both routes must give the same gradients of every row.
+  auto s = scripted("scripted_cnn.pt", 4);
+  auto z = models::build_model(models::parse_model_spec("cnn:2,3:tanh"), {1, 8, 8}, 4);
+  z->to(at::kDouble);
+  const std::map<std::string, std::string> to_zoo = {{"0", "convs.0"}, {"3", "convs.1"}, {"7", "fc"}};
+  {
+    at::NoGradGuard ng;
+    auto zp = z->named_parameters();
+    for (const auto& p : s->named_parameters()) {
+      const std::string layer = p.key().substr(0, p.key().find('.'));
+      zp[to_zoo.at(layer) + p.key().substr(p.key().find('.'))].copy_(p.value());
+    }
+  }
+  at::manual_seed(5);
+  const at::Tensor x = at::randn({5, 1, 8, 8}, at::kDouble);
+  const at::Tensor y = at::tensor({0, 3, 1, 2, 3}, at::kLong);
+  const at::Tensor cols = shared_columns(5, {0, 1, 2, 3});
+  const at::Tensor js = explicit_probe_jacobian(*s, x, cols);
+  const at::Tensor jz = row_jacobian(*z, probe_rows(*z, x, cols, /*explicit_route=*/false));
+  EXPECT_LT(max_rel(js, jz), 1e-12);
+  const at::Tensor ls = explicit_loss_jacobian(*s, x, y, LossKind::kCrossEntropy);
+  const at::Tensor lz = row_jacobian(*z, loss_rows(*z, x, y, LossKind::kCrossEntropy, false));
+  EXPECT_LT(max_rel(ls, lz), 1e-12);
+  ParamMap dw_s, dw_z;
+  for (const auto& p : s->named_parameters()) {
+    const at::Tensor d = at::randn_like(p.value()) * 0.1;
+    dw_s[p.key()] = d;
+    dw_z[to_zoo.at(p.key().substr(0, p.key().find('.'))) + p.key().substr(p.key().find('.'))] = d;
+  }
+  EXPECT_LT(max_rel(second_order(*s, x, cols, dw_s), second_order(*z, x, cols, dw_z)), 1e-12);
+}
+
+/// Central finite differences of f(params) [R] with respect to every parameter element: [R, n].
+template <class F>
+at::Tensor finite_jacobian(models::Model& m, F f, double h) {
+  at::NoGradGuard ng;
+  std::vector<at::Tensor> cols;
+  for (auto& p : m.parameters()) {
+    at::Tensor flat = p.view({-1});
+    for (int64_t i = 0; i < flat.numel(); ++i) {
+      const double keep = flat[i].item<double>();
+      flat[i].fill_(keep + h);
+      const at::Tensor up = f();
+      flat[i].fill_(keep - h);
+      const at::Tensor down = f();
+      flat[i].fill_(keep);
+      cols.push_back((up - down) / (2 * h));
+    }
+  }
+  return at::stack(cols, 1);
+}
+
+TEST(ScriptedModelTest, ResidualLayerNormRowsMatchFiniteDifferences) {
+  auto m = scripted("scripted_resnorm.pt", 3);
+  at::manual_seed(7);
+  const at::Tensor x = at::randn({3, 16}, at::kDouble);
+  const at::Tensor cols = shared_columns(3, {0, 1, 2});
+  const at::Tensor fd = finite_jacobian(*m, [&] { return m->forward(x).reshape({-1}); }, 1e-6);
+  EXPECT_LT(max_rel(explicit_probe_jacobian(*m, x, cols), fd), 1e-8);
+
+  // MSE against float targets (a recorded run's): l_m = |f(x_m) - t_m|^2 / 2, written out here.
+  const at::Tensor t = at::randn({3, 3}, at::kDouble);
+  const at::Tensor fd_loss = finite_jacobian(*m, [&] { return (m->forward(x) - t).pow(2).sum(1) * 0.5; }, 1e-6);
+  EXPECT_LT(max_rel(explicit_loss_jacobian(*m, x, t, LossKind::kMse), fd_loss), 1e-8);
+
+  // S = 1/2 dw^T H dw by double backward through the interpreter, against the second difference
+  // (f(w + dw) - 2 f(w) + f(w - dw)) / 2 = S + O(|dw|^4).
+  ParamMap dw;
+  for (const auto& p : m->named_parameters()) dw[p.key()] = at::randn_like(p.value()) * 1e-3;
+  const at::Tensor s = second_order(*m, x, cols, dw);
+  at::Tensor f0, fp, fm;
+  {
+    at::NoGradGuard ng;
+    f0 = m->forward(x).reshape({-1});
+    for (const auto& p : m->named_parameters()) p.value().add_(dw.at(p.key()));
+    fp = m->forward(x).reshape({-1});
+    for (const auto& p : m->named_parameters()) p.value().sub_(dw.at(p.key()) * 2);
+    fm = m->forward(x).reshape({-1});
+  }
+  EXPECT_GT(s.abs().max().item<double>(), 1e-9);  // LayerNorm and tanh: a curved model
+  EXPECT_LT(max_rel(s, (fp - 2 * f0 + fm) * 0.5), 1e-4);
+}
+
+TEST(ScriptedModelTest, DamagedOrUnusableArchivesAreRefusedNamingTheFile) {
+  testing::TempDir tmp;
+  const std::string good = read_file(kData / "scripted_cnn.pt");
+  atomic_write(tmp / "text.pt", "def forward(self, x): return x\n");
+  EXPECT_THROW_WITH(load_scripted_model(tmp / "text.pt", 4), InputError, "text.pt: not a readable TorchScript archive");
+  atomic_write(tmp / "short.pt", good.substr(0, good.size() / 2));
+  EXPECT_THROW_WITH(load_scripted_model(tmp / "short.pt", 4), InputError, "short.pt: not a readable TorchScript archive");
+  // One bit flipped inside a deflated code record and inside a stored weight record.
+  for (const std::string record : {"code/__torch__/torch/nn/modules/conv.py", "data/0"}) {
+    const std::string full = "scripted_cnn/" + record;
+    const size_t name = good.find(full);  // in its local header (they precede the directory)
+    ASSERT_NE(name, std::string::npos);
+    const auto extra = static_cast<size_t>(static_cast<unsigned char>(good[name - 2])) +
+                       256 * static_cast<size_t>(static_cast<unsigned char>(good[name - 1]));
+    std::string bad = good;
+    bad[name + full.size() + extra + 3] ^= 1;  // the 4th byte of the record's data
+    atomic_write(tmp / "flipped.pt", bad);
+    SCOPED_TRACE(record);
+    EXPECT_THROW_WITH(load_scripted_model(tmp / "flipped.pt", 4), InputError, "is damaged");
+  }
+  EXPECT_THROW_WITH(load_scripted_model(kData / "scripted_noparams.pt", 4), InputError, "has no parameters");
+  EXPECT_THROW_WITH(load_scripted_model(tmp / "missing.pt", 4), InputError, "missing.pt");
+}
+
+}  // namespace
+}  // namespace pathkernel
