@@ -28,8 +28,8 @@
 #include <vector>
 
 #include "pathkernel/analysis/analyzer.h"
-#include "pathkernel/io/idx.h"
 #include "pathkernel/analysis/kernels.h"
+#include "pathkernel/io/idx.h"
 #include <torch/csrc/autograd/autograd.h>
 #include "pathkernel/io/threads.h"
 #include "pathkernel/train/trainer.h"

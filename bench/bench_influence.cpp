@@ -16,8 +16,8 @@
 #include <cstdlib>
 #include <filesystem>
 
-#include "pathkernel/explain/influence.h"
 #include "pathkernel/analysis/kernels.h"
+#include "pathkernel/explain/influence.h"
 #include "pathkernel/io/threads.h"
 #include "pathkernel/train/trainer.h"
 #include "pathkernel/trajectory/trajectory.h"

@@ -14,9 +14,9 @@
 #include <cstdlib>
 #include <functional>
 
+#include "pathkernel/io/threads.h"
 #include "pathkernel/train/per_example.h"
 #include "pathkernel/train/stepper.h"
-#include "pathkernel/io/threads.h"
 
 using Clock = std::chrono::steady_clock;
 

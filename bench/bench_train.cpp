@@ -19,8 +19,8 @@
 #include <vector>
 
 #include "pathkernel/io/idx.h"
-#include "pathkernel/train/sampler.h"
 #include "pathkernel/io/threads.h"
+#include "pathkernel/train/sampler.h"
 #include "pathkernel/train/trainer.h"
 
 namespace fs = std::filesystem;

@@ -3,8 +3,8 @@
 
 #include "commands.h"
 #include "options.h"
-#include "pathkernel/io/fs_util.h"
 #include "pathkernel/explain/influence.h"
+#include "pathkernel/io/fs_util.h"
 #include "prepare.h"
 
 namespace pathkernel::app {

@@ -5,9 +5,9 @@
 
 #include "commands.h"
 #include "options.h"
+#include "pathkernel/analysis/shards.h"
 #include "pathkernel/explain/explain.h"
 #include "pathkernel/io/fs_util.h"
-#include "pathkernel/analysis/shards.h"
 #include "prepare.h"
 
 namespace pathkernel::app {

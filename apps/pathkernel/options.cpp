@@ -11,8 +11,8 @@
 
 #include "pathkernel/io/errors.h"
 #include "pathkernel/io/fs_util.h"
-#include "pathkernel/train/optimizer.h"
 #include "pathkernel/io/version.h"
+#include "pathkernel/train/optimizer.h"
 
 namespace pathkernel::app {
 

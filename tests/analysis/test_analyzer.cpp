@@ -9,12 +9,12 @@
 
 #include "fixtures.h"
 #include "pathkernel/analysis/analyzer.h"
-#include "pathkernel/train/checkpoint.h"
+#include "pathkernel/analysis/kernels.h"
+#include "pathkernel/analysis/sharpness.h"
 #include "pathkernel/io/errors.h"
 #include "pathkernel/io/idx.h"
-#include "pathkernel/analysis/kernels.h"
 #include "pathkernel/io/run_dir.h"
-#include "pathkernel/analysis/sharpness.h"
+#include "pathkernel/train/checkpoint.h"
 #include "pathkernel/train/trainer.h"
 
 namespace pathkernel {

@@ -7,11 +7,11 @@
 #include <spdlog/spdlog.h>
 
 #include "fixtures.h"
-#include "pathkernel/io/errors.h"
+#include "pathkernel/analysis/shards.h"
 #include "pathkernel/explain/explain.h"
+#include "pathkernel/io/errors.h"
 #include "pathkernel/io/fs_util.h"
 #include "pathkernel/io/npy.h"
-#include "pathkernel/analysis/shards.h"
 #include "pathkernel/train/trainer.h"
 
 namespace pathkernel {

@@ -8,9 +8,9 @@
 #include <memory>
 
 #include "fixtures.h"
+#include "pathkernel/analysis/step_terms.h"
 #include "pathkernel/io/csv.h"
 #include "pathkernel/io/npy.h"
-#include "pathkernel/analysis/step_terms.h"
 #include "pathkernel/train/trainer.h"
 
 namespace pathkernel {

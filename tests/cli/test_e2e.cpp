@@ -18,11 +18,11 @@
 
 #include "e2e_support.h"
 #include "fixtures.h"
-#include "pathkernel/train/checkpoint.h"
 #include "pathkernel/io/csv.h"
 #include "pathkernel/io/fs_util.h"
 #include "pathkernel/io/npy.h"
 #include "pathkernel/io/run_dir.h"
+#include "pathkernel/train/checkpoint.h"
 
 namespace pathkernel {
 namespace {

@@ -9,14 +9,14 @@
 
 #include "fixtures.h"
 #include "pathkernel/analysis/analyzer.h"
-#include "pathkernel/train/checkpoint.h"
-#include "pathkernel/io/errors.h"
 #include "pathkernel/explain/explain.h"
+#include "pathkernel/io/errors.h"
 #include "pathkernel/io/fs_util.h"
-#include "pathkernel/trajectory/replay.h"
-#include "pathkernel/report/report.h"
 #include "pathkernel/io/run_dir.h"
+#include "pathkernel/report/report.h"
+#include "pathkernel/train/checkpoint.h"
 #include "pathkernel/train/trainer.h"
+#include "pathkernel/trajectory/replay.h"
 
 namespace pathkernel {
 namespace {

@@ -10,11 +10,11 @@
 
 #include "fixtures.h"
 #include "pathkernel/analysis/analyzer.h"
-#include "pathkernel/train/checkpoint.h"
+#include "pathkernel/analysis/kernels.h"
 #include "pathkernel/explain/explain.h"
 #include "pathkernel/io/idx.h"
-#include "pathkernel/analysis/kernels.h"
 #include "pathkernel/io/run_dir.h"
+#include "pathkernel/train/checkpoint.h"
 #include "pathkernel/train/trainer.h"
 
 namespace pathkernel {

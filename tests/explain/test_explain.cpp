@@ -9,14 +9,14 @@
 #include <spdlog/spdlog.h>
 
 #include "fixtures.h"
-#include "pathkernel/train/checkpoint.h"
-#include "pathkernel/io/errors.h"
+#include "pathkernel/analysis/kernels.h"
 #include "pathkernel/explain/explain.h"
+#include "pathkernel/io/errors.h"
 #include "pathkernel/io/fs_util.h"
 #include "pathkernel/io/idx.h"
-#include "pathkernel/analysis/kernels.h"
 #include "pathkernel/io/npy.h"
 #include "pathkernel/io/run_dir.h"
+#include "pathkernel/train/checkpoint.h"
 #include "pathkernel/train/trainer.h"
 
 namespace pathkernel {

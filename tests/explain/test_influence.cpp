@@ -3,9 +3,9 @@
 #include <spdlog/spdlog.h>
 
 #include "fixtures.h"
-#include "pathkernel/io/errors.h"
-#include "pathkernel/explain/influence.h"
 #include "pathkernel/analysis/kernels.h"
+#include "pathkernel/explain/influence.h"
+#include "pathkernel/io/errors.h"
 #include "pathkernel/io/npy.h"
 #include "pathkernel/train/trainer.h"
 #include "pathkernel/trajectory/trajectory.h"

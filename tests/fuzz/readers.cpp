@@ -1,13 +1,13 @@
 // What each libFuzzer harness does with one input: hand it to one of the tool's readers, which
 // may accept it or refuse it as bad input (exit status 2), and nothing else. The harnesses
 // (fuzz_<reader>.cpp) and the unit test of the kept inputs (test_fuzz_inputs.cpp) share these.
-#include "pathkernel/train/checkpoint.h"
 #include "pathkernel/io/csv.h"
 #include "pathkernel/io/fs_util.h"
 #include "pathkernel/io/idx.h"
-#include "pathkernel/train/lr_schedule.h"
 #include "pathkernel/io/npy.h"
 #include "pathkernel/io/run_dir.h"
+#include "pathkernel/train/checkpoint.h"
+#include "pathkernel/train/lr_schedule.h"
 #include "pathkernel/train/train_config.h"
 #include <ATen/core/Tensor.h>
 

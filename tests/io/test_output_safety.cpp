@@ -7,10 +7,10 @@
 
 #include "fixtures.h"
 #include "pathkernel/analysis/analyzer.h"
+#include "pathkernel/analysis/shards.h"
 #include "pathkernel/io/errors.h"
 #include "pathkernel/io/fs_util.h"
 #include "pathkernel/io/run_dir.h"
-#include "pathkernel/analysis/shards.h"
 #include "pathkernel/train/trainer.h"
 
 namespace pathkernel {

@@ -7,11 +7,11 @@
 #include <zlib.h>
 
 #include "fixtures.h"
-#include "pathkernel/train/checkpoint.h"
 #include "pathkernel/io/errors.h"
 #include "pathkernel/io/fs_util.h"
 #include "pathkernel/io/pickle.h"
 #include "pathkernel/io/zip_archive.h"
+#include "pathkernel/train/checkpoint.h"
 
 namespace pathkernel {
 namespace {

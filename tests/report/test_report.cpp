@@ -211,8 +211,8 @@ TEST_F(ReportTest, RejectsWhatIsNotAnAnalysis) {
 }  // namespace
 }  // namespace pathkernel
 
-#include "pathkernel/train/checkpoint.h"
 #include "pathkernel/io/run_dir.h"
+#include "pathkernel/train/checkpoint.h"
 
 namespace pathkernel {
 namespace {

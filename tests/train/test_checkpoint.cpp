@@ -7,11 +7,11 @@
 #include <fstream>
 
 #include "fixtures.h"
-#include "pathkernel/train/checkpoint.h"
 #include "pathkernel/io/errors.h"
 #include "pathkernel/io/fs_util.h"
 #include "pathkernel/io/run_dir.h"
 #include "pathkernel/io/sha256.h"
+#include "pathkernel/train/checkpoint.h"
 
 namespace pathkernel {
 namespace {

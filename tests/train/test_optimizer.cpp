@@ -13,10 +13,10 @@
 #include <map>
 
 #include "fixtures.h"
-#include "pathkernel/train/checkpoint.h"
-#include "pathkernel/io/errors.h"
-#include "pathkernel/train/stepper.h"
 #include "pathkernel/analysis/update_terms.h"
+#include "pathkernel/io/errors.h"
+#include "pathkernel/train/checkpoint.h"
+#include "pathkernel/train/stepper.h"
 
 namespace pathkernel {
 namespace {

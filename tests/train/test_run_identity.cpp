@@ -11,10 +11,10 @@
 #include "pathkernel/io/errors.h"
 #include "pathkernel/io/fs_util.h"
 #include "pathkernel/io/idx.h"
-#include "pathkernel/trajectory/replay.h"
-#include "pathkernel/report/report.h"
 #include "pathkernel/io/run_dir.h"
+#include "pathkernel/report/report.h"
 #include "pathkernel/train/trainer.h"
+#include "pathkernel/trajectory/replay.h"
 
 namespace pathkernel {
 namespace {

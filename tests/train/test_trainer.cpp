@@ -9,12 +9,12 @@
 #include <functional>
 
 #include "fixtures.h"
-#include "pathkernel/train/checkpoint.h"
 #include "pathkernel/io/errors.h"
 #include "pathkernel/io/fs_util.h"
-#include "pathkernel/trajectory/replay.h"
 #include "pathkernel/io/run_dir.h"
+#include "pathkernel/train/checkpoint.h"
 #include "pathkernel/train/trainer.h"
+#include "pathkernel/trajectory/replay.h"
 
 namespace pathkernel {
 namespace {

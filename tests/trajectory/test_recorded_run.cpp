@@ -16,13 +16,13 @@
 #include "pathkernel/io/csv.h"
 #include "pathkernel/io/errors.h"
 #include "pathkernel/io/fs_util.h"
+#include "pathkernel/io/npy.h"
+#include "pathkernel/io/run_dir.h"
 #include "pathkernel/models/model.h"
 #include "pathkernel/models/model_spec.h"
-#include "pathkernel/io/npy.h"
 #include "pathkernel/train/optimizer.h"
-#include "pathkernel/trajectory/recorded_run.h"
-#include "pathkernel/io/run_dir.h"
 #include "pathkernel/train/stepper.h"
+#include "pathkernel/trajectory/recorded_run.h"
 
 namespace pathkernel {
 namespace {

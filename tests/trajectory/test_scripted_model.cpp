@@ -7,9 +7,9 @@
 #include <map>
 
 #include "fixtures.h"
+#include "pathkernel/analysis/kernels.h"
 #include "pathkernel/io/errors.h"
 #include "pathkernel/io/fs_util.h"
-#include "pathkernel/analysis/kernels.h"
 #include "pathkernel/trajectory/scripted_model.h"
 
 namespace pathkernel {

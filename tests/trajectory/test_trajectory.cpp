@@ -9,14 +9,14 @@
 
 #include "fixtures.h"
 #include "pathkernel/analysis/analyzer.h"
-#include "pathkernel/train/checkpoint.h"
 #include "pathkernel/io/errors.h"
 #include "pathkernel/io/fs_util.h"
 #include "pathkernel/io/idx.h"
 #include "pathkernel/io/npy.h"
-#include "pathkernel/trajectory/recorded_run.h"
 #include "pathkernel/io/run_dir.h"
+#include "pathkernel/train/checkpoint.h"
 #include "pathkernel/train/trainer.h"
+#include "pathkernel/trajectory/recorded_run.h"
 
 namespace pathkernel {
 namespace {

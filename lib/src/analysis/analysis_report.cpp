@@ -8,10 +8,10 @@
 #include <filesystem>
 
 #include "pathkernel/analysis/analyzer.h"
+#include "pathkernel/analysis/step_verification.h"
 #include "pathkernel/io/csv.h"
 #include "pathkernel/io/errors.h"
 #include "pathkernel/io/fs_util.h"
-#include "pathkernel/analysis/step_verification.h"
 #include "pathkernel/io/npy.h"
 
 namespace pathkernel {

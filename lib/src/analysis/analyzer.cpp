@@ -12,19 +12,19 @@
 #include <filesystem>
 #include <map>
 
-#include "pathkernel/io/errors.h"
-#include "pathkernel/io/sha256.h"
 #include "pathkernel/analysis/exact_kernel.h"
 #include "pathkernel/analysis/kernels.h"
 #include "pathkernel/analysis/kinks.h"
-#include "pathkernel/analysis/sharpness.h"
-#include "pathkernel/analysis/step_verification.h"
 #include "pathkernel/analysis/projection.h"
 #include "pathkernel/analysis/shards.h"
+#include "pathkernel/analysis/sharpness.h"
+#include "pathkernel/analysis/step_terms.h"
+#include "pathkernel/analysis/step_verification.h"
+#include "pathkernel/analysis/update_terms.h"
+#include "pathkernel/io/errors.h"
+#include "pathkernel/io/sha256.h"
 #include "pathkernel/io/threads.h"
 #include "pathkernel/trajectory/trajectory.h"
-#include "pathkernel/analysis/step_terms.h"
-#include "pathkernel/analysis/update_terms.h"
 
 namespace pathkernel {
 namespace fs = std::filesystem;

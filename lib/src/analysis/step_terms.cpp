@@ -7,10 +7,10 @@
 #include <algorithm>
 #include <cmath>
 
-#include "pathkernel/io/errors.h"
 #include "pathkernel/analysis/exact_kernel.h"
 #include "pathkernel/analysis/sharpness.h"
 #include "pathkernel/analysis/update_terms.h"
+#include "pathkernel/io/errors.h"
 
 namespace pathkernel {
 namespace {

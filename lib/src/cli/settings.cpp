@@ -10,14 +10,14 @@
 #include <string>
 
 #include "pathkernel/analysis/analyzer.h"
-#include "pathkernel/io/errors.h"
-#include "pathkernel/explain/explain.h"
-#include "pathkernel/io/fs_util.h"
-#include "pathkernel/explain/influence.h"
-#include "pathkernel/train/optimizer.h"
-#include "pathkernel/report/report.h"
 #include "pathkernel/analysis/shards.h"
+#include "pathkernel/explain/explain.h"
+#include "pathkernel/explain/influence.h"
+#include "pathkernel/io/errors.h"
+#include "pathkernel/io/fs_util.h"
+#include "pathkernel/report/report.h"
 #include "pathkernel/report/sweep.h"
+#include "pathkernel/train/optimizer.h"
 #include "pathkernel/train/train_config.h"
 
 namespace pathkernel {

@@ -7,9 +7,9 @@
 #include <chrono>
 
 #include "pathkernel/analysis/analyzer.h"
-#include "pathkernel/io/errors.h"
 #include "pathkernel/analysis/kernels.h"
 #include "pathkernel/analysis/projection.h"
+#include "pathkernel/io/errors.h"
 #include "pathkernel/trajectory/trajectory.h"
 
 namespace pathkernel {

@@ -5,11 +5,11 @@
 
 #include <algorithm>
 
-#include "pathkernel/io/errors.h"
+#include "pathkernel/analysis/shards.h"
 #include "pathkernel/explain/explain.h"
+#include "pathkernel/io/errors.h"
 #include "pathkernel/io/fs_util.h"
 #include "pathkernel/io/npy.h"
-#include "pathkernel/analysis/shards.h"
 #include "pathkernel/trajectory/trajectory.h"
 
 namespace pathkernel {

@@ -9,12 +9,12 @@
 #include <chrono>
 
 #include "pathkernel/analysis/analyzer.h"
+#include "pathkernel/analysis/kernels.h"
 #include "pathkernel/io/errors.h"
 #include "pathkernel/io/fs_util.h"
-#include "pathkernel/analysis/kernels.h"
 #include "pathkernel/io/npy.h"
-#include "pathkernel/train/per_example.h"
 #include "pathkernel/io/threads.h"
+#include "pathkernel/train/per_example.h"
 #include "pathkernel/trajectory/trajectory.h"
 
 namespace pathkernel {

@@ -10,8 +10,8 @@
 
 #include "pathkernel/io/errors.h"
 #include <spdlog/spdlog.h>
-#include "pathkernel/io/sha256.h"
 #include "pathkernel/io/fs_util.h"
+#include "pathkernel/io/sha256.h"
 #include "pathkernel/trajectory/recorded_run.h"
 
 namespace pathkernel::report_detail {

@@ -15,13 +15,13 @@
 #include <unistd.h>
 #include <zlib.h>
 
-#include "pathkernel/train/checkpoint.h"
 #include "pathkernel/io/errors.h"
 #include "pathkernel/io/fs_util.h"
-#include "pathkernel/train/run_context.h"
 #include "pathkernel/io/run_dir.h"
 #include "pathkernel/io/sha256.h"
 #include "pathkernel/io/version.h"
+#include "pathkernel/train/checkpoint.h"
+#include "pathkernel/train/run_context.h"
 
 namespace pathkernel {
 namespace fs = std::filesystem;

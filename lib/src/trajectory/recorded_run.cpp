@@ -7,12 +7,12 @@
 #include <cmath>
 #include <regex>
 
-#include "pathkernel/train/checkpoint.h"
 #include "pathkernel/io/errors.h"
 #include "pathkernel/io/fs_util.h"
-#include "pathkernel/models/model_spec.h"
 #include "pathkernel/io/npy.h"
 #include "pathkernel/io/run_dir.h"
+#include "pathkernel/models/model_spec.h"
+#include "pathkernel/train/checkpoint.h"
 
 namespace pathkernel {
 namespace fs = std::filesystem;

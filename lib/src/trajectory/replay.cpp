@@ -8,8 +8,8 @@
 #include <cmath>
 
 #include "pathkernel/io/errors.h"
-#include "pathkernel/io/sha256.h"
 #include "pathkernel/io/fs_util.h"
+#include "pathkernel/io/sha256.h"
 #include "pathkernel/io/threads.h"
 
 namespace pathkernel {

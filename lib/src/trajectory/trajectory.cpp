@@ -8,12 +8,12 @@
 #include <map>
 
 #include "pathkernel/io/errors.h"
+#include "pathkernel/io/run_dir.h"
 #include "pathkernel/models/model_spec.h"
+#include "pathkernel/train/train_config.h"
 #include "pathkernel/trajectory/recorded_run.h"
 #include "pathkernel/trajectory/replay.h"
-#include "pathkernel/io/run_dir.h"
 #include "pathkernel/trajectory/scripted_model.h"
-#include "pathkernel/train/train_config.h"
 
 namespace pathkernel {
 namespace fs = std::filesystem;

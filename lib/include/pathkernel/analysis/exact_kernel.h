@@ -13,8 +13,8 @@
 
 #include "pathkernel/analysis/kernels.h"
 #include "pathkernel/analysis/kinks.h"
-#include "pathkernel/models/model.h"
 #include "pathkernel/analysis/projection.h"
+#include "pathkernel/models/model.h"
 #include "pathkernel/train/stepper.h"
 
 namespace pathkernel {

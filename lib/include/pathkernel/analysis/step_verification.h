@@ -12,10 +12,10 @@
 #include <string>
 #include <vector>
 
-#include "pathkernel/trajectory/recorded_run.h"  // fingerprint_signs
 #include "pathkernel/analysis/analyzer.h"
 #include "pathkernel/train/optimizer.h"
 #include "pathkernel/train/stepper.h"
+#include "pathkernel/trajectory/recorded_run.h"  // fingerprint_signs
 
 namespace pathkernel {
 

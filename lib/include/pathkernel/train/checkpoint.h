@@ -12,8 +12,8 @@
 #include <utility>
 #include <vector>
 
-#include "pathkernel/train/optimizer.h"
 #include "pathkernel/io/pickle.h"
+#include "pathkernel/train/optimizer.h"
 #include "pathkernel/train/sampler.h"
 
 namespace pathkernel {

@@ -12,13 +12,13 @@
 #include <optional>
 #include <vector>
 
-#include "pathkernel/train/checkpoint.h"
 #include "pathkernel/io/idx.h"
-#include "pathkernel/train/lr_schedule.h"
+#include "pathkernel/io/threads.h"
 #include "pathkernel/models/model.h"
+#include "pathkernel/train/checkpoint.h"
+#include "pathkernel/train/lr_schedule.h"
 #include "pathkernel/train/sampler.h"
 #include "pathkernel/train/stepper.h"
-#include "pathkernel/io/threads.h"
 #include "pathkernel/train/train_config.h"
 
 namespace pathkernel {

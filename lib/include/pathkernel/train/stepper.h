@@ -11,8 +11,8 @@
 #include <utility>
 #include <vector>
 
-#include "pathkernel/train/checkpoint.h"
 #include "pathkernel/models/model.h"
+#include "pathkernel/train/checkpoint.h"
 #include "pathkernel/train/optimizer.h"
 
 namespace pathkernel {

@@ -11,10 +11,10 @@
 
 #include <nlohmann/json.hpp>
 
-#include "pathkernel/train/checkpoint.h"
 #include "pathkernel/io/fs_util.h"
-#include "pathkernel/train/run_context.h"
 #include "pathkernel/io/run_dir.h"
+#include "pathkernel/train/checkpoint.h"
+#include "pathkernel/train/run_context.h"
 #include "pathkernel/trajectory/trajectory.h"
 
 namespace pathkernel {
