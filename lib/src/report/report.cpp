@@ -11,12 +11,12 @@
 #include <map>
 #include <sstream>
 
-#include "pathkernel/trajectory/class_names.h"
 #include "pathkernel/io/csv.h"
 #include "pathkernel/io/errors.h"
 #include "pathkernel/io/fs_util.h"
 #include "pathkernel/io/gnuplot.h"
 #include "pathkernel/io/npy.h"
+#include "pathkernel/trajectory/class_names.h"
 #include "pathkernel/trajectory/recorded_run.h"
 #include "pathkernel/trajectory/replay.h"
 #include "report_parts.h"
@@ -87,43 +87,51 @@ void write_data(const fs::path& out, ReportFiles& files, const std::string& name
   files.csvs.push_back("data/" + name + ".csv");
 }
 
-}  // namespace
+/// What every part of the report reads: the analysis folder's tables, summary and arrays, each
+/// checked (check_inputs), and the run it analyzed (empty when that run is not there).
+struct Analysis {
+  fs::path in;
+  Table steps, probes;
+  nlohmann::json summary;
+  at::Tensor d, f, k, u, r, outputs;
+  fs::path run_dir;
+};
 
-ReportFiles write_report(const ReportConfig& c) {
-  c.validate();
-  const fs::path in(c.analysis);
-  check_output_dir(c.out, c.force, "report.html");  // before anything is read
-  // Made now, so that an --out that another process writes while this one runs is seen at commit.
-  StagedOutput staged(c.out);
+void check_analysis_files(const fs::path& in) {
   for (const char* f : {"steps.csv", "probes.csv", "summary.json", "arrays/D.npy"}) {
     if (!fs::exists(in / f)) throw InputError((in / f).string() + ": missing (not an analysis directory?)");
   }
-  if (fs::weakly_canonical(c.out) == fs::weakly_canonical(in)) {
-    throw InputError(c.out + ": is the analysis itself; give the report its own folder");
-  }
-  const Table steps = read_csv(in / "steps.csv"), probes = read_csv(in / "probes.csv");
-  const nlohmann::json summary = read_json(in / "summary.json");
-  const at::Tensor d = load_npy(in / "arrays/D.npy"), f = load_npy(in / "arrays/F.npy");
-  const at::Tensor k = load_npy(in / "arrays/K.npy"), u = load_npy(in / "arrays/U.npy");
-  const at::Tensor r = load_npy(in / "arrays/R.npy"), outputs = load_npy(in / "arrays/outputs.npy");
-  check_inputs(in, steps, probes, {d, f, k, u, r}, outputs);
-  const fs::path run_dir = report_detail::analyzed_run(summary, in / "summary.json");  // this run, or none
-  const fs::path out = staged.path();
-  fs::create_directories(out / "data");
-  ReportFiles files;
-  files.gnuplot = gnuplot_available();
-  if (!files.gnuplot) {
-    spdlog::warn("gnuplot not found (apt-get install gnuplot-nox): writing the plot data as CSV, no PNGs");
-  }
-  const auto& step = steps.at("step", in / "steps.csv");
-  const auto& rr = steps.at("r", in / "steps.csv");
-  const auto& tc = steps.at("in_Tc", in / "steps.csv");
-  const auto& lr = steps.at("lr", in / "steps.csv");
-  const double share = summary.value("share_of_R_norm_in_tc", 0.0);
-  const std::string rule = summary["settings"].value("tc_rule", "tau");
+}
 
-  // 1. r per step (log scale): the tau line under rule tau, T_c as ticks in a band below the
-  // curve (they never cover it), the learning rate only when it varies.
+Analysis read_analysis_folder(const fs::path& in) {
+  Analysis a;
+  a.in = in;
+  a.steps = read_csv(in / "steps.csv");
+  a.probes = read_csv(in / "probes.csv");
+  a.summary = read_json(in / "summary.json");
+  a.d = load_npy(in / "arrays/D.npy"), a.f = load_npy(in / "arrays/F.npy");
+  a.k = load_npy(in / "arrays/K.npy"), a.u = load_npy(in / "arrays/U.npy");
+  a.r = load_npy(in / "arrays/R.npy"), a.outputs = load_npy(in / "arrays/outputs.npy");
+  check_inputs(in, a.steps, a.probes, {a.d, a.f, a.k, a.u, a.r}, a.outputs);
+  a.run_dir = report_detail::analyzed_run(a.summary, in / "summary.json");  // this run, or none
+  return a;
+}
+
+/// The kernel term the analysis sums: Kopt for optimizers with memory or a preconditioner.
+bool uses_kopt(const Analysis& a) {
+  return a.summary.value("kernel_term", "K") == "Kopt" && a.probes.cols.count("sum_Kopt");
+}
+
+/// Figure 1: r per step (log scale), the tau line under rule tau, T_c as ticks in a band below
+/// the curve (they never cover it), the learning rate only when it varies.
+void plot_r_per_step(const Analysis& a, const fs::path& out, ReportFiles& files) {
+  const Table& steps = a.steps;
+  const nlohmann::json& summary = a.summary;
+  const auto& step = a.steps.at("step", a.in / "steps.csv");
+  const auto& rr = a.steps.at("r", a.in / "steps.csv");
+  const auto& tc = a.steps.at("in_Tc", a.in / "steps.csv");
+  const auto& lr = a.steps.at("lr", a.in / "steps.csv");
+  const std::string rule = a.summary["settings"].value("tc_rule", "tau");
   std::string csv = "step,r,in_Tc,lr\n";
   for (size_t i = 0; i < steps.rows; ++i) csv += fmt::format("{},{},{},{}\n", step[i], g(rr[i]), tc[i], g(lr[i]));
   write_data(out, files, "r_per_step", csv);
@@ -150,8 +158,13 @@ ReportFiles write_report(const ReportConfig& c) {
     if (lr_varies) plot += ", '' skip 1 using 1:4 axes x1y2 with lines lc rgb '#909090' dt 3 title 'learning rate'";
     figure(out, files, "r_per_step", plot + "\n");
   }
+}
 
-  // 1b. With --second-order: |R|, its second-order part |S| and the rest |R - S| per step.
+/// With --second-order: |R|, its second-order part |S| and the rest |R - S| per step.
+void plot_second_order(const Analysis& a, const fs::path& out, ReportFiles& files) {
+  const fs::path& in = a.in;
+  const Table& steps = a.steps;
+  const auto& step = a.steps.at("step", a.in / "steps.csv");
   const bool has_s = steps.cols.count("S_norm") && steps.cols.count("higher_norm") &&
                      std::all_of(steps.cols.at("S_norm").begin(), steps.cols.at("S_norm").end(),
                                  [](double v) { return std::isfinite(v); });
@@ -159,7 +172,7 @@ ReportFiles write_report(const ReportConfig& c) {
     const auto& s_norm = steps.at("S_norm", in / "steps.csv");
     const auto& r_norm = steps.at("R_norm", in / "steps.csv");
     const auto& higher = steps.at("higher_norm", in / "steps.csv");
-    csv = "step,R_norm,S_norm,higher_norm\n";
+    std::string csv = "step,R_norm,S_norm,higher_norm\n";
     for (size_t i = 0; i < steps.rows; ++i) {
       csv += fmt::format("{},{},{},{}\n", step[i], g(r_norm[i]), g(s_norm[i]), g(higher[i]));
     }
@@ -174,13 +187,19 @@ ReportFiles write_report(const ReportConfig& c) {
           "data/second_order.csv"));
     }
   }
+}
 
-  // 1c. With --sharpness: lambda_max over training against the stability limit 2 / lr, with the
-  // steps in T_c marked (issue 13: does T_c gather where lr * lambda_max nears 2?).
+/// With --sharpness: lambda_max over training against the stability limit 2 / lr, with the
+/// steps in T_c marked (issue 13: does T_c gather where lr * lambda_max nears 2?).
+void plot_sharpness(const Analysis& a, const fs::path& out, ReportFiles& files) {
+  const fs::path& in = a.in;
+  const Table& steps = a.steps;
+  const auto& step = a.steps.at("step", a.in / "steps.csv");
+  const auto& lr = a.steps.at("lr", a.in / "steps.csv");
   if (steps.cols.count("lambda_max_train")) {
     const auto& lt = steps.at("lambda_max_train", in / "steps.csv");
     const auto& lb = steps.at("lambda_max_batch", in / "steps.csv");
-    csv = "step,lambda_max_train,lambda_max_batch,two_over_lr\n";
+    std::string csv = "step,lambda_max_train,lambda_max_batch,two_over_lr\n";
     size_t points = 0;
     for (size_t i = 0; i < steps.rows; ++i) {
       if (std::isnan(lt[i])) continue;
@@ -202,12 +221,23 @@ ReportFiles write_report(const ReportConfig& c) {
       }
     }
   }
+}
 
-  // 2. Cumulative sum K, sum U, sum R against the actual change, for a few probes.
-  const int64_t np = d.size(1), nc = d.size(2), curves = std::min<int64_t>(c.curves, np);
+/// Cumulative sum K, sum U, sum R against the actual change, for a few probes.
+void plot_cumulative(const Analysis& a, int64_t max_curves, const fs::path& out, ReportFiles& files) {
+  const fs::path& in = a.in;
+  const Table& steps = a.steps;
+  const Table& probes = a.probes;
+  const auto& step = a.steps.at("step", a.in / "steps.csv");
+  const at::Tensor& d = a.d;
+  const at::Tensor& k = a.k;
+  const at::Tensor& u = a.u;
+  const at::Tensor& r = a.r;
+  const at::Tensor& outputs = a.outputs;
+  const int64_t np = d.size(1), nc = d.size(2), curves = std::min<int64_t>(max_curves, np);
   const auto& plabel = probes.at("label", in / "probes.csv");
   const auto& pidx = probes.at("probe", in / "probes.csv");
-  csv = "step,probe,output,cum_D,cum_K,cum_U,cum_R\n";
+  std::string csv = "step,probe,output,cum_D,cum_K,cum_U,cum_R\n";
   std::string plots;
   for (int64_t p = 0; p < curves; ++p) {
     // The column of the probe's label when all logits were analyzed, else the one column.
@@ -240,11 +270,15 @@ ReportFiles write_report(const ReportConfig& c) {
         "sum K + sum U + sum R'\n{}unset multiplot\n",
         rows, cols, plots));
   }
+}
 
-  // 3. D against F for every step and probe: distance from the tangent plane.
+/// D against F for every step and probe: distance from the tangent plane.
+void plot_d_vs_f(const Analysis& a, const fs::path& out, ReportFiles& files) {
+  const at::Tensor& d = a.d;
+  const at::Tensor& f = a.f;
   const at::Tensor dflat = d.reshape({-1}), fflat = f.reshape({-1});
   const int64_t n = dflat.size(0), stride = std::max<int64_t>(1, n / 20000);
-  csv = "F,D\n";
+  std::string csv = "F,D\n";
   for (int64_t i = 0; i < n; i += stride) csv += fmt::format("{},{}\n", g(fflat[i].item<double>()), g(dflat[i].item<double>()));
   write_data(out, files, "d_vs_f", csv);
   if (files.gnuplot) {
@@ -255,8 +289,12 @@ ReportFiles write_report(const ReportConfig& c) {
         "x with lines lc rgb 'black' dt 2 title 'D = F'\n",
         stride, "data/d_vs_f.csv"));
   }
+}
 
-  // 4. Histogram of r (log bins).
+/// Histogram of r (log bins).
+void plot_r_histogram(const Analysis& a, const fs::path& out, ReportFiles& files) {
+  const auto& rr = a.steps.at("r", a.in / "steps.csv");
+  const double share = a.summary.value("share_of_R_norm_in_tc", 0.0);
   std::vector<double> logs;
   for (double v : rr) {
     if (v > 0) logs.push_back(std::log10(v));
@@ -265,7 +303,7 @@ ReportFiles write_report(const ReportConfig& c) {
   const double hi = logs.empty() ? 1 : std::ceil(*std::max_element(logs.begin(), logs.end()) * 4) / 4 + 0.25;
   std::vector<int64_t> counts(static_cast<size_t>(std::max(1.0, (hi - lo) * 4)), 0);
   for (double v : logs) counts[std::min(counts.size() - 1, static_cast<size_t>((v - lo) * 4))]++;
-  csv = "log10_r_lo,log10_r_hi,steps\n";
+  std::string csv = "log10_r_lo,log10_r_hi,steps\n";
   for (size_t i = 0; i < counts.size(); ++i) csv += fmt::format("{},{},{}\n", lo + i * 0.25, lo + (i + 1) * 0.25, counts[i]);
   write_data(out, files, "r_histogram", csv);
   if (files.gnuplot) {
@@ -275,8 +313,14 @@ ReportFiles write_report(const ReportConfig& c) {
         "plot '{}' skip 1 using (($1+$2)/2):3:(0.24) with boxes lc rgb '#3060c0'\n",
         100 * share, "data/r_histogram.csv"));
   }
+}
 
-  // 5. For a one-parameter toy run: the loss landscape with the path of w and T_c marked.
+/// For a one-parameter toy run: the loss landscape with the path of w and T_c marked.
+void plot_landscape(const Analysis& a, const fs::path& out, ReportFiles& files) {
+  const Table& steps = a.steps;
+  const fs::path& run_dir = a.run_dir;
+  const auto& step = a.steps.at("step", a.in / "steps.csv");
+  const auto& tc = a.steps.at("in_Tc", a.in / "steps.csv");
   if (!run_dir.empty() && !is_recorded_run(run_dir)) {
     Replayer replay(run_dir);
     RunContext& ctx = replay.context();
@@ -317,8 +361,15 @@ ReportFiles write_report(const ReportConfig& c) {
       }
     }
   }
+}
 
-  // report.html: the pictures, the summary numbers and Eq. 9 (from probes.csv).
+/// report.html's head, the run's facts and Eq. 9's terms (from probes.csv).
+std::string eq9_html(const Analysis& a, const std::string& analysis) {
+  const fs::path& in = a.in;
+  const Table& steps = a.steps;
+  const Table& probes = a.probes;
+  const nlohmann::json& summary = a.summary;
+  const fs::path& run_dir = a.run_dir;
   auto mean = [&](const char* col) {
     double s = 0;
     for (double v : probes.at(col, in / "probes.csv")) s += v;
@@ -329,6 +380,7 @@ ReportFiles write_report(const ReportConfig& c) {
     for (double v : probes.at(col, in / "probes.csv")) s += std::abs(v);
     return s / static_cast<double>(probes.rows);
   };
+  const int64_t np = a.d.size(1), nc = a.d.size(2);
   std::vector<double> change;
   for (size_t i = 0; i < probes.rows; ++i) {
     change.push_back(probes.at("f_final", in / "probes.csv")[i] - probes.at("f_initial", in / "probes.csv")[i]);
@@ -336,7 +388,7 @@ ReportFiles write_report(const ReportConfig& c) {
   double mc = 0, mac = 0;
   for (double v : change) mc += v / change.size(), mac += std::abs(v) / change.size();
   // The kernel term the analysis sums: Kopt for optimizers with memory or a preconditioner.
-  const bool kopt = summary.value("kernel_term", "K") == "Kopt" && probes.cols.count("sum_Kopt");
+  const bool kopt = uses_kopt(a);
   const char* kcol = kopt ? "sum_Kopt" : "sum_K";
   std::string html = fmt::format(
       "<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>pathkernel report</title>\n"
@@ -345,7 +397,7 @@ ReportFiles write_report(const ReportConfig& c) {
       "figure{{margin:1.5em 0}} figcaption{{font-size:90%;color:#444}}</style></head><body>\n"
       "<h1>pathkernel report</h1>\n<p>Analysis <code>{}</code> of run <code>{}</code>, {} probes x {} outputs, "
       "in float64.</p>\n<h2>Run</h2>\n<table>\n{}</table>\n",
-      html_text(c.analysis), html_text(run_dir.empty() ? summary["settings"].value("run", "") : run_dir.string()), np, nc,
+      html_text(analysis), html_text(run_dir.empty() ? summary["settings"].value("run", "") : run_dir.string()), np, nc,
       report_detail::run_facts_rows(summary, run_dir, steps, in / "steps.csv"));
   const std::string kname = kopt ? "Kopt" : "K", uname = kopt ? "Uopt" : "U";
   // With the optimizer's split, its update term in two columns: weight decay, and rounding (what
@@ -370,8 +422,16 @@ ReportFiles write_report(const ReportConfig& c) {
       fmt::arg("note", kopt ? "; sum Uopt = sum Uopt_wd (weight decay) + sum Uopt_round (what the optimizer's "
                               "update leaves: float rounding)"
                             : ""));
+  return html;
+}
+
+/// report.html's summary table (T_c, r's percentiles, the residual's share).
+std::string summary_html(const Analysis& a) {
+  const nlohmann::json& summary = a.summary;
+  const double share = a.summary.value("share_of_R_norm_in_tc", 0.0);
+  const std::string rule = a.summary["settings"].value("tc_rule", "tau");
   const auto& pct = summary["r_percentiles"];
-  html += fmt::format(
+  return fmt::format(
       "<h2>Summary</h2><table>\n<tr><th>T_c (rule {})</th><td>{} of {} steps</td></tr>\n"
       "<tr><th>share of sum over steps of |R_k| in T_c</th><td>{:.1f}%</td></tr>\n<tr><th>r percentiles p5 / p50 / p95 / max</th>"
       "<td>{:.3g} / {:.3g} / {:.3g} / {:.3g}</td></tr>\n"
@@ -382,48 +442,67 @@ ReportFiles write_report(const ReportConfig& c) {
       pct.value("p5", 0.0), pct.value("p50", 0.0), pct.value("p95", 0.0), pct.value("max", 0.0),
       summary.value("sum_R_over_change", 0.0), summary.value("steps_with_loss_up", 0),
       summary["max_identity_error"].dump(), summary.value("pearson_r_lr", 0.0));
-  // Per probe class (names: --class-names, or Fashion-MNIST's own).
-  {
-    std::vector<int64_t> labels;
-    int64_t classes = 0;
-    for (int64_t p = 0; p < np; ++p) {
-      labels.push_back(static_cast<int64_t>(plabel[static_cast<size_t>(p * nc)]));
-      classes = std::max(classes, labels.back() + 1);
-    }
-    const at::Tensor kk = kopt ? load_npy(in / "arrays/Kopt.npy") : k;
-    // With the optimizer's split: decay and rounding in columns of their own.
-    const at::Tensor uu = kopt ? load_npy(in / "arrays/Uopt_wd.npy") : u;
-    const at::Tensor ur = kopt ? load_npy(in / "arrays/Uopt_round.npy") : at::Tensor();
-    if (kk.sizes() != d.sizes() || uu.sizes() != d.sizes() || (ur.defined() && ur.sizes() != d.sizes())) {
-      throw InputError(c.analysis + ": Kopt/Uopt arrays differ in shape from D");
-    }
-    const auto rows = report_detail::class_rows(
-        labels, class_names(run_dir, classes, c.class_names_file), d, f, kk, uu, r, ur);
-    html += "<h2>By probe class</h2>\n" + report_detail::class_table_html(rows, kname);
-    // The same as a figure: the Eq. 9 terms by class as bars, r by class as points. Names go
-    // into the data file (read as text by gnuplot, never as code), without CSV separators.
-    csv = "label,name,change,sum_K,sum_U,sum_R,median_r\n";
-    for (const auto& row : rows) {
-      std::string name = row.name;
-      for (char& ch : name) {
-        if (ch == ',' || ch == '"' || ch == '\n' || ch == '\r') ch = ' ';
-      }
-      csv += fmt::format("{},\"{}\",{},{},{},{},{}\n", row.label, name, g(row.change), g(row.k),
-                         g(row.u + (std::isnan(row.u_round) ? 0.0 : row.u_round)), g(row.r), g(row.median_r));
-    }
-    write_data(out, files, "by_class", csv);
-    if (files.gnuplot) {
-      figure(out, files, "by_class", png_header(1000, 450, 10) + fmt::format(
-          "set key outside right top\nset style data histograms\nset style histogram clustered gap 1\n"
-          "set style fill solid 0.7 border -1\nset ylabel 'mean over the class (summed over steps)'\n"
-          "set y2label 'median r'\nset y2tics\nset ytics nomirror\nset xtics rotate by -30 noenhanced\n"
-          "set title 'Eq. 9 by probe class: f_N - f_0 = sum {} + sum {} + sum R'\n"
-          "plot '{}' skip 1 using 3:xtic(2) lc rgb 'black' title 'f_N - f_0', '' skip 1 using 4 lc rgb '#3060c0' "
-          "title 'sum {}', '' skip 1 using 5 lc rgb '#30a030' title 'sum {}', '' skip 1 using 6 lc rgb '#d02020' "
-          "title 'sum R', '' skip 1 using 0:7 axes x1y2 with points pt 7 ps 1.2 lc rgb '#e08000' title 'median r'\n",
-          kname, uname, "data/by_class.csv", kname, uname));
-    }
+}
+
+/// report.html's table by probe class (names: --class-names, the run's, or Fashion-MNIST's), and
+/// the same as a figure.
+std::string by_class_html(const Analysis& a, const ReportConfig& c, const fs::path& out, ReportFiles& files) {
+  const fs::path& in = a.in;
+  const fs::path& run_dir = a.run_dir;
+  const at::Tensor& d = a.d;
+  const at::Tensor& f = a.f;
+  const at::Tensor& k = a.k;
+  const at::Tensor& u = a.u;
+  const at::Tensor& r = a.r;
+  const int64_t np = d.size(1), nc = d.size(2);
+  const auto& plabel = a.probes.at("label", in / "probes.csv");
+  const bool kopt = uses_kopt(a);
+  const std::string kname = kopt ? "Kopt" : "K", uname = kopt ? "Uopt" : "U";
+  std::vector<int64_t> labels;
+  int64_t classes = 0;
+  for (int64_t p = 0; p < np; ++p) {
+    labels.push_back(static_cast<int64_t>(plabel[static_cast<size_t>(p * nc)]));
+    classes = std::max(classes, labels.back() + 1);
   }
+  const at::Tensor kk = kopt ? load_npy(in / "arrays/Kopt.npy") : k;
+  // With the optimizer's split: decay and rounding in columns of their own.
+  const at::Tensor uu = kopt ? load_npy(in / "arrays/Uopt_wd.npy") : u;
+  const at::Tensor ur = kopt ? load_npy(in / "arrays/Uopt_round.npy") : at::Tensor();
+  if (kk.sizes() != d.sizes() || uu.sizes() != d.sizes() || (ur.defined() && ur.sizes() != d.sizes())) {
+    throw InputError(c.analysis + ": Kopt/Uopt arrays differ in shape from D");
+  }
+  const auto rows = report_detail::class_rows(
+      labels, class_names(run_dir, classes, c.class_names_file), d, f, kk, uu, r, ur);
+  std::string html = "<h2>By probe class</h2>\n" + report_detail::class_table_html(rows, kname);
+  // The same as a figure: the Eq. 9 terms by class as bars, r by class as points. Names go
+  // into the data file (read as text by gnuplot, never as code), without CSV separators.
+  std::string csv = "label,name,change,sum_K,sum_U,sum_R,median_r\n";
+  for (const auto& row : rows) {
+    std::string name = row.name;
+    for (char& ch : name) {
+      if (ch == ',' || ch == '"' || ch == '\n' || ch == '\r') ch = ' ';
+    }
+    csv += fmt::format("{},\"{}\",{},{},{},{},{}\n", row.label, name, g(row.change), g(row.k),
+                       g(row.u + (std::isnan(row.u_round) ? 0.0 : row.u_round)), g(row.r), g(row.median_r));
+  }
+  write_data(out, files, "by_class", csv);
+  if (files.gnuplot) {
+    figure(out, files, "by_class", png_header(1000, 450, 10) + fmt::format(
+        "set key outside right top\nset style data histograms\nset style histogram clustered gap 1\n"
+        "set style fill solid 0.7 border -1\nset ylabel 'mean over the class (summed over steps)'\n"
+        "set y2label 'median r'\nset y2tics\nset ytics nomirror\nset xtics rotate by -30 noenhanced\n"
+        "set title 'Eq. 9 by probe class: f_N - f_0 = sum {} + sum {} + sum R'\n"
+        "plot '{}' skip 1 using 3:xtic(2) lc rgb 'black' title 'f_N - f_0', '' skip 1 using 4 lc rgb '#3060c0' "
+        "title 'sum {}', '' skip 1 using 5 lc rgb '#30a030' title 'sum {}', '' skip 1 using 6 lc rgb '#d02020' "
+        "title 'sum R', '' skip 1 using 0:7 axes x1y2 with points pt 7 ps 1.2 lc rgb '#e08000' title 'median r'\n",
+        kname, uname, "data/by_class.csv", kname, uname));
+  }
+  return html;
+}
+
+/// report.html's figures (embedded) and the links to the plot data.
+std::string figures_html(const fs::path& out, const ReportFiles& files) {
+  std::string html;
   if (files.gnuplot) {
     html += "<h2>Figures</h2>\n";
     for (const auto& png : files.pngs) {
@@ -446,6 +525,43 @@ ReportFiles write_report(const ReportConfig& c) {
           "for (var i = 0; i < document.images.length; ++i) { ++n; var im = document.images[i]; "
           "if (im.complete && im.naturalWidth > 0) ++ok; } "
           "document.body.setAttribute('data-images-loaded', ok + '/' + n); });</script>\n</body></html>\n";
+  return html;
+}
+
+}  // namespace
+
+ReportFiles write_report(const ReportConfig& c) {
+  c.validate();
+  check_output_dir(c.out, c.force, "report.html");  // before anything is read
+  // Made now, so that an --out that another process writes while this one runs is seen at commit.
+  StagedOutput staged(c.out);
+  const fs::path in(c.analysis);
+  check_analysis_files(in);
+  if (fs::weakly_canonical(c.out) == fs::weakly_canonical(in)) {
+    throw InputError(c.out + ": is the analysis itself; give the report its own folder");
+  }
+  const Analysis a = read_analysis_folder(in);
+  const fs::path out = staged.path();
+  fs::create_directories(out / "data");
+  ReportFiles files;
+  files.gnuplot = gnuplot_available();
+  if (!files.gnuplot) {
+    spdlog::warn("gnuplot not found (apt-get install gnuplot-nox): writing the plot data as CSV, no PNGs");
+  }
+  // The figures, in the page's order; each writes its data (data/NAME.csv) and, with gnuplot, its
+  // picture.
+  plot_r_per_step(a, out, files);
+  plot_second_order(a, out, files);
+  plot_sharpness(a, out, files);
+  plot_cumulative(a, c.curves, out, files);
+  plot_d_vs_f(a, out, files);
+  plot_r_histogram(a, out, files);
+  plot_landscape(a, out, files);
+  // report.html: the run, Eq. 9 (from probes.csv), the summary, the classes, the figures.
+  std::string html = eq9_html(a, c.analysis);
+  html += summary_html(a);
+  html += by_class_html(a, c, out, files);
+  html += figures_html(out, files);
   atomic_write(out / "report.html", html);
   staged.commit();
   files.html = (fs::path(c.out) / "report.html").string();
