@@ -14,27 +14,28 @@
 #include <fstream>
 
 #include "pathkernel/analysis/analyzer.h"
+#include "pathkernel/analysis/kernels.h"
 #include "pathkernel/explain/attribution.h"
-#include "pathkernel/trajectory/class_names.h"
 #include "pathkernel/io/csv.h"
 #include "pathkernel/io/errors.h"
 #include "pathkernel/io/fs_util.h"
 #include "pathkernel/io/gnuplot.h"
 #include "pathkernel/io/idx.h"
-#include "pathkernel/analysis/kernels.h"
 #include "pathkernel/io/npy.h"
+#include "pathkernel/io/run_dir.h"
 #include "pathkernel/models/model_spec.h"
 #include "pathkernel/train/per_example.h"
-#include "pathkernel/io/run_dir.h"
-#include "pathkernel/trajectory/trajectory.h"
 #include "pathkernel/train/train_config.h"
+#include "pathkernel/trajectory/class_names.h"
+#include "pathkernel/trajectory/trajectory.h"
 
 namespace pathkernel {
 namespace fs = std::filesystem;
 
-ExplainResult explain(const ExplainConfig& c) {
-  c.validate();
-  const auto t0 = std::chrono::steady_clock::now();
+namespace {
+
+/// The analysis explain runs: its settings, on the run explain opened.
+AnalyzeConfig analysis_config(const ExplainConfig& c, Trajectory* traj) {
   AnalyzeConfig a;
   a.run = c.run;
   a.out = c.out;
@@ -48,101 +49,91 @@ ExplainResult explain(const ExplainConfig& c) {
   a.shard_count = c.shard_count;
   a.kernel_route = c.kernel_route;
   a.threads = c.threads;
-  // The run, opened and decoded once: the analysis, the attribution and the files read it.
-  const std::shared_ptr<Trajectory> traj(open_trajectory(c.run, c.kernel_route == "torchscript"));
-  a.trajectory = traj.get();
-  RunFacts facts;
-  facts.train_examples = traj->split_size("train");
-  facts.optimizer = traj->optimizer_after(0).options();
-  facts.model = traj->model_spec() == "torchscript" ? "" : traj->model_spec();
-  facts.settings_vary = traj->settings_vary();
-  const int64_t n_train = facts.train_examples;
-  const OptimizerOptions& oo = facts.optimizer;
-  // Exact attribution integrates each step's segment by quadrature, which is exact only where the
-  // model is smooth along it: across ReLU or max-pool kinks it converges like 1/Q (off by 2e-2
-  // on a ReLU MLP). analyze splits the segments at the kinks (--kinks); explain does not.
-  if (c.exact_nodes > 0 && !facts.model.empty() && c.kernel_route != "torchscript") {
-    const models::ModelSpec spec = models::parse_model_spec(facts.model);
-    if (spec.activation == "relu" || spec.activation == "leaky_relu" || spec.kind == "cnn") {
-      throw InputError("explain --exact: " + facts.model + " has kinks (" +
-                       (spec.kind == "cnn" ? std::string("max-pool") : spec.activation) +
-                       "), where the quadrature of the exact kernel is not exact; explain it without --exact, "
-                       "or measure the exact kernel with analyze --exact Q --kinks");
-    }
+  a.trajectory = traj;
+  return a;
+}
+
+/// Exact attribution integrates each step's segment by quadrature, which is exact only where the
+/// model is smooth along it: across ReLU or max-pool kinks it converges like 1/Q (off by 2e-2
+/// on a ReLU MLP). analyze splits the segments at the kinks (--kinks); explain does not.
+void refuse_exact_across_kinks(const ExplainConfig& c, const RunFacts& facts) {
+  if (c.exact_nodes <= 0 || facts.model.empty() || c.kernel_route == "torchscript") return;
+  const models::ModelSpec spec = models::parse_model_spec(facts.model);
+  if (spec.activation == "relu" || spec.activation == "leaky_relu" || spec.kind == "cnn") {
+    throw InputError("explain --exact: " + facts.model + " has kinks (" +
+                     (spec.kind == "cnn" ? std::string("max-pool") : spec.activation) +
+                     "), where the quadrature of the exact kernel is not exact; explain it without --exact, "
+                     "or measure the exact kernel with analyze --exact Q --kinks");
   }
-  ExplainResult res;
-  res.optimizer = optimizer_name(oo.kind);
-  // Settings that vary by step or parameter group are attributed through the optimizer's terms.
-  res.through_optimizer =
-      c.route == "backward" || oo.kind != OptimizerKind::kSgd || oo.momentum != 0 || facts.settings_vary;
-  if (res.through_optimizer && c.shard_count > 0) {
-    throw InputError("explain --shard: a run trained with momentum, Adam or AdamW is attributed through the optimizer's "
-                     "recursion over the whole run, which is not sharded; explain it in one process");
-  }
-  if (c.project > 0 && oo.kind != OptimizerKind::kSgd) {
-    throw InputError("--project: Adam's and AdamW's elementwise preconditioner does not commute with a random "
-                     "projection; explain this run without --project");
-  }
-  if (!res.through_optimizer) {  // the step route's split goes through the projection
-    a.project = c.project;
-    a.project_seed = c.project_seed;
-  }
-  res.drawn_at.resize(static_cast<size_t>(n_train));
-  at::Tensor attr, attr_exact, drawn = at::zeros({n_train}, at::kLong), self = at::zeros({n_train}, at::kDouble);
-  if (!res.through_optimizer) a.on_step = [&](const StepTerms& t) {
+}
+
+/// The step route's attribution, gathered from the analysis step by step: a_i accumulates
+/// K_{k,i} over the steps that drew i, self-influence (a_k / |B_k|) |grad l_i|^2.
+struct StepAttribution {
+  int64_t n_train;
+  bool self_influence;
+  at::Tensor attr, attr_exact, drawn, self;
+  std::vector<std::vector<int64_t>> drawn_at;
+
+  StepAttribution(int64_t n, bool with_self)
+      : n_train(n), self_influence(with_self), drawn(at::zeros({n}, at::kLong)), self(at::zeros({n}, at::kDouble)),
+        drawn_at(static_cast<size_t>(n)) {}
+
+  void add(const StepTerms& t) {
     if (!attr.defined()) {
       attr = at::zeros({t.k_per.size(0), n_train}, at::kDouble);
       if (t.kexact_per.defined()) attr_exact = at::zeros_like(attr);
     }
-    // a_i accumulates K_{k,i} over the steps that drew i (index_add_ also handles an example
-    // drawn twice in one batch).
+    // index_add_ also handles an example drawn twice in one batch.
     attr.index_add_(1, t.batch, t.k_per);
     if (t.kexact_per.defined()) attr_exact.index_add_(1, t.batch, t.kexact_per);
     drawn.index_add_(0, t.batch, at::ones({t.batch.size(0)}, at::kLong));
     const int64_t* b = t.batch.data_ptr<int64_t>();
-    for (int64_t j = 0; j < t.batch.size(0); ++j) res.drawn_at[static_cast<size_t>(b[j])].push_back(t.step);
-    if (c.self_influence) {
+    for (int64_t j = 0; j < t.batch.size(0); ++j) drawn_at[static_cast<size_t>(b[j])].push_back(t.step);
+    if (self_influence) {
       const RowGradients& rows = *t.batch_rows;
       const at::Tensor sq = rows.is_explicit() ? rows.jacobian.pow(2).sum(1)
                                                : per_example_grad_sq_norms(rows.signals.taps, /*scale=*/1.0);
       // SPEC: (a_k / |B_k|) |grad l_i|^2, the same weight as K_{k,i}.
       self.index_add_(0, t.batch, sq * (t.lr / static_cast<double>(t.batch.size(0))));
     }
-  };
-  const AnalysisResult an = analyze(a);
-  if (!an.contiguous || (c.shard_count > 0 ? an.whole_begin : an.steps.front().step) != 0) {
-    throw InputError("explain needs every step of the run");
   }
-  if (res.through_optimizer) {
-    OptimizerAttributionConfig oc;
-    oc.run = c.run;
-    oc.trajectory = traj.get();
-    oc.probe_indices = an.probe_indices;
-    oc.split = c.split;
-    oc.cols = an.outputs;
-    oc.end = an.steps.back().step + 1;
-    oc.exact_nodes = c.exact_nodes;
-    oc.self_influence = c.self_influence;
-    oc.kernel_route = c.kernel_route;
-    oc.project = c.project;
-    oc.project_seed = c.project_seed;
-    OptimizerAttribution at = attribute_through_optimizer(oc);
-    attr = at.attr;
-    attr_exact = at.attr_exact;
-    drawn = at.times_drawn;
-    if (c.self_influence) self = at.self_influence;
-    res.drawn_at = std::move(at.drawn_at);
-    res.project_dims = at.project_dims;
-  }
+};
 
-  res.trajectory = traj;
+/// The attribution through the optimizer's recursion (aopt_i) over the analyzed steps.
+void attribute_by_optimizer(const ExplainConfig& c, Trajectory* traj, const AnalysisResult& an,
+                            StepAttribution& sa, ExplainResult& res) {
+  OptimizerAttributionConfig oc;
+  oc.run = c.run;
+  oc.trajectory = traj;
+  oc.probe_indices = an.probe_indices;
+  oc.split = c.split;
+  oc.cols = an.outputs;
+  oc.end = an.steps.back().step + 1;
+  oc.exact_nodes = c.exact_nodes;
+  oc.self_influence = c.self_influence;
+  oc.kernel_route = c.kernel_route;
+  oc.project = c.project;
+  oc.project_seed = c.project_seed;
+  OptimizerAttribution at = attribute_through_optimizer(oc);
+  sa.attr = at.attr;
+  sa.attr_exact = at.attr_exact;
+  sa.drawn = at.times_drawn;
+  if (c.self_influence) sa.self = at.self_influence;
+  sa.drawn_at = std::move(at.drawn_at);
+  res.project_dims = at.project_dims;
+}
+
+/// The explanation's terms and its sum check from the analysis and the attribution.
+void fill_result(const ExplainConfig& c, const AnalysisResult& an, StepAttribution& sa, ExplainResult& res) {
+  res.drawn_at = std::move(sa.drawn_at);
   res.probe_indices = an.probe_indices;
   res.probe_labels = an.probe_labels;
   for (int64_t p = 0; p < an.outputs.size(0); ++p) res.outputs.push_back(an.outputs[p][0].item<int64_t>());
-  res.attributions = attr;
-  res.attributions_exact = attr_exact;
-  res.times_drawn = drawn;
-  if (c.self_influence) res.self_influence = self;
+  res.attributions = sa.attr;
+  res.attributions_exact = sa.attr_exact;
+  res.times_drawn = sa.drawn;
+  if (c.self_influence) res.self_influence = sa.self;
   res.f_initial = an.f_initial.reshape({-1});
   res.f_final = an.f_final.reshape({-1});
   // What the kernel view leaves to the update: U (plain SGD) or Uopt_wd + Uopt_round.
@@ -150,10 +141,10 @@ ExplainResult explain(const ExplainConfig& c) {
   res.sum_r = an.r.sum(0).reshape({-1});
   const at::Tensor change = res.f_final - res.f_initial;
   const double scale = std::max(1e-300, change.abs().max().item<double>());
-  res.sum_error = (change - (attr.sum(1) + res.sum_u + res.sum_r)).abs().max().item<double>() / scale;
-  if (attr_exact.defined()) {
+  res.sum_error = (change - (sa.attr.sum(1) + res.sum_u + res.sum_r)).abs().max().item<double>() / scale;
+  if (sa.attr_exact.defined()) {
     res.sum_uexact = (an.uses_kopt ? an.uoptexact : an.uexact).sum(0).reshape({-1});
-    res.sum_error_exact = (change - (attr_exact.sum(1) + res.sum_uexact)).abs().max().item<double>() / scale;
+    res.sum_error_exact = (change - (sa.attr_exact.sum(1) + res.sum_uexact)).abs().max().item<double>() / scale;
     for (const auto& s : an.steps) res.max_quad_error = std::max(res.max_quad_error, s.quad_error);
   }
   if (c.project > 0) {
@@ -166,6 +157,49 @@ ExplainResult explain(const ExplainConfig& c) {
   res.whole_end = an.whole_end;
   res.first_step = an.steps.front().step;
   res.last_step = an.steps.back().step;
+}
+
+}  // namespace
+
+ExplainResult explain(const ExplainConfig& c) {
+  c.validate();
+  const auto t0 = std::chrono::steady_clock::now();
+  // The run, opened and decoded once: the analysis, the attribution and the files read it.
+  const std::shared_ptr<Trajectory> traj(open_trajectory(c.run, c.kernel_route == "torchscript"));
+  AnalyzeConfig a = analysis_config(c, traj.get());
+  RunFacts facts;
+  facts.train_examples = traj->split_size("train");
+  facts.optimizer = traj->optimizer_after(0).options();
+  facts.model = traj->model_spec() == "torchscript" ? "" : traj->model_spec();
+  facts.settings_vary = traj->settings_vary();
+  const OptimizerOptions& oo = facts.optimizer;
+  refuse_exact_across_kinks(c, facts);
+  ExplainResult res;
+  res.trajectory = traj;
+  res.optimizer = optimizer_name(oo.kind);
+  // Settings that vary by step or parameter group are attributed through the optimizer's terms.
+  res.through_optimizer =
+      c.route == "backward" || oo.kind != OptimizerKind::kSgd || oo.momentum != 0 || facts.settings_vary;
+  if (res.through_optimizer && c.shard_count > 0) {
+    throw InputError("explain --shard: a run trained with momentum, Adam or AdamW is attributed through the optimizer's "
+                     "recursion over the whole run, which is not sharded; explain it in one process");
+  }
+  if (c.project > 0 && oo.kind != OptimizerKind::kSgd) {
+    throw InputError("--project: Adam's and AdamW's elementwise preconditioner does not commute with a random "
+                     "projection; explain this run without --project");
+  }
+  StepAttribution sa(facts.train_examples, c.self_influence);
+  if (!res.through_optimizer) {  // the step route's split goes through the projection
+    a.project = c.project;
+    a.project_seed = c.project_seed;
+    a.on_step = [&sa](const StepTerms& t) { sa.add(t); };
+  }
+  const AnalysisResult an = analyze(a);
+  if (!an.contiguous || (c.shard_count > 0 ? an.whole_begin : an.steps.front().step) != 0) {
+    throw InputError("explain needs every step of the run");
+  }
+  if (res.through_optimizer) attribute_by_optimizer(c, traj.get(), an, sa, res);
+  fill_result(c, an, sa, res);
   res.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   return res;
 }
@@ -183,19 +217,29 @@ std::vector<int64_t> top_k(const at::Tensor& v, int64_t k, bool largest) {
 
 }  // namespace
 
-void write_explanation(const ExplainResult& r, const ExplainConfig& c) {
-  check_output_dir(c.out, c.force, "summary.json", kExplainFormat);
-  const std::shared_ptr<Trajectory> run = r.trajectory ? r.trajectory : std::shared_ptr<Trajectory>(open_trajectory(c.run));
-  const int64_t n_train = run->split_size("train");
-  if (n_train != r.attributions.size(1)) {
-    throw InputError(c.run + ": holds " + std::to_string(n_train) + " training examples, the explanation " +
-                     std::to_string(r.attributions.size(1)));
-  }
-  const at::Tensor train_labels = run->labels("train", at::arange(n_train, at::kLong)).contiguous();
-  StagedOutput staged(c.out);
-  const fs::path out = staged.path();
-  const bool exact = r.attributions_exact.defined();
+namespace {
 
+/// The examples attributions.csv lists for probe p: --csv all, every one; --csv top, those of
+/// top.csv, in example order.
+std::vector<int64_t> csv_rows(const ExplainResult& r, const ExplainConfig& c, int64_t p) {
+  const int64_t n = r.attributions.size(1);
+  std::vector<int64_t> rows;
+  if (c.csv == "all") {
+    rows.resize(static_cast<size_t>(n));
+    for (int64_t i = 0; i < n; ++i) rows[static_cast<size_t>(i)] = i;
+  } else {
+    rows = top_k(r.attributions[p], c.top, true);
+    for (int64_t i : top_k(r.attributions[p], c.top, false)) rows.push_back(i);
+    std::sort(rows.begin(), rows.end());
+    rows.erase(std::unique(rows.begin(), rows.end()), rows.end());
+  }
+  return rows;
+}
+
+/// attributions.npy (and _exact), example_labels.npy, times_drawn.npy and attributions.csv.
+void write_attributions(const fs::path& out, const ExplainResult& r, const ExplainConfig& c,
+                        const at::Tensor& train_labels) {
+  const bool exact = r.attributions_exact.defined();
   save_npy(out / "attributions.npy", r.attributions);
   if (exact) save_npy(out / "attributions_exact.npy", r.attributions_exact);
   // The coordinates of the attributions' columns, for readers that skip the CSV.
@@ -210,45 +254,40 @@ void write_explanation(const ExplainResult& r, const ExplainConfig& c) {
   std::string csv = exact ? "probe,output,example,label,a,a_exact,times_drawn,steps\n"
                           : "probe,output,example,label,a,times_drawn,steps\n";
   for (int64_t p = 0; p < np; ++p) {
-    // --csv top: the examples of top.csv, in example order; all: every example.
-    std::vector<int64_t> rows;
-    if (c.csv == "all") {
-      rows.resize(static_cast<size_t>(n));
-      for (int64_t i = 0; i < n; ++i) rows[static_cast<size_t>(i)] = i;
-    } else {
-      rows = top_k(r.attributions[p], c.top, true);
-      for (int64_t i : top_k(r.attributions[p], c.top, false)) rows.push_back(i);
-      std::sort(rows.begin(), rows.end());
-      rows.erase(std::unique(rows.begin(), rows.end()), rows.end());
-    }
-    for (int64_t i : rows) {
+    for (int64_t i : csv_rows(r, c, p)) {
       csv += fmt::format("{},{},{},{},{}", r.probe_indices[p], r.outputs[p], i, labels[i], g(a[p * n + i]));
       if (exact) csv += "," + g(attr_ex.data_ptr<double>()[p * n + i]);
       csv += fmt::format(",{},{}\n", drawn[i], fmt::join(r.drawn_at[static_cast<size_t>(i)], ";"));
     }
   }
   atomic_write(out / "attributions.csv", csv);
+}
 
+/// What the pictures show: the run's training images, and the names of their classes.
+struct Pictures {
+  const Trajectory& run;
+  const ExplainConfig& c;
+  std::vector<std::string> names;  ///< per class (Fashion-MNIST's built in, --class-names for other data)
+  bool plots = false;              ///< gnuplot is there and the inputs are single-channel images
+  const std::string& name(int64_t k) const { return names.at(static_cast<size_t>(k)); }
+};
+
+/// top.csv (each probe's top proponents and opponents) and, for the first --grids probes, a PNG
+/// grid of the probe and those examples.
+void write_top(const fs::path& out, const ExplainResult& r, const Pictures& pic, const at::Tensor& train_labels) {
+  const ExplainConfig& c = pic.c;
+  const int64_t np = r.attributions.size(0), n = r.attributions.size(1);
+  const at::Tensor attr = r.attributions.contiguous();
+  const double* a = attr.data_ptr<double>();
+  const int64_t* labels = train_labels.data_ptr<int64_t>();
   std::string top = "probe,output,kind,rank,example,label,a\n";
-  const bool images = run->image("train", 0).defined();
-  const bool plots = gnuplot_available() && images;
-  if (!gnuplot_available()) spdlog::warn("gnuplot not found (apt-get install gnuplot-nox): no PNG grids; the CSVs are written");
-  if (!images) spdlog::warn("{}: the inputs are not single-channel images: no PNG grids; the CSVs are written", c.run);
-  if (plots) fs::create_directories(out / "grids");
-  // Class names in the pictures (Fashion-MNIST's built in, --class-names for other data).
-  int64_t classes = train_labels.numel() ? train_labels.max().item<int64_t>() + 1 : 0;
-  for (int64_t l : r.probe_labels) classes = std::max(classes, l + 1);
-  for (int64_t o : r.outputs) classes = std::max(classes, o + 1);
-  const std::vector<std::string> names =
-      class_names(c.run, classes, c.class_names_file);
-  auto name = [&](int64_t k) { return names.at(static_cast<size_t>(k)); };
   for (int64_t p = 0; p < np; ++p) {
     const at::Tensor row = r.attributions[p];
     const auto pro = top_k(row, c.top, true), opp = top_k(row, c.top, false);
     std::vector<GridImage> tiles;
-    if (plots && p < c.grids) {
-      tiles.push_back({run->image(c.split, r.probe_indices[p]),
-                       fmt::format("probe {}: {}", r.probe_indices[p], name(r.probe_labels[p]))});
+    if (pic.plots && p < c.grids) {
+      tiles.push_back({pic.run.image(c.split, r.probe_indices[p]),
+                       fmt::format("probe {}: {}", r.probe_indices[p], pic.name(r.probe_labels[p]))});
     }
     for (int64_t j = 1; !tiles.empty() && j < std::min<int64_t>(c.top, 8); ++j) {
       tiles.push_back({at::zeros_like(tiles[0].pixels), ""});
@@ -258,37 +297,48 @@ void write_explanation(const ExplainResult& r, const ExplainConfig& c) {
         const int64_t i = list[j];
         top += fmt::format("{},{},{},{},{},{},{}\n", r.probe_indices[p], r.outputs[p], kind, j + 1, i, labels[i],
                            g(a[p * n + i]));
-        if (!tiles.empty()) tiles.push_back({run->image("train", i), fmt::format("#{} {} a={:+.2g}", i, name(labels[i]), a[p * n + i])});
+        if (!tiles.empty()) {
+          tiles.push_back({pic.run.image("train", i), fmt::format("#{} {} a={:+.2g}", i, pic.name(labels[i]), a[p * n + i])});
+        }
       }
     }
-    if (plots && p < c.grids) {
+    if (pic.plots && p < c.grids) {
       render_image_grid(out / "grids" / fmt::format("probe_{}.png", r.probe_indices[p]), tiles,
                         static_cast<int>(std::min<int64_t>(c.top, 8)),
                         fmt::format("probe {} ({}), {} {}: row 1 the probe, then top proponents, then top opponents "
                                     "(a_i = summed kernel term)",
-                                    r.probe_indices[p], name(r.probe_labels[p]),
-                                    c.output < 0 ? "predicted" : "logit of", name(r.outputs[p])));
+                                    r.probe_indices[p], pic.name(r.probe_labels[p]),
+                                    c.output < 0 ? "predicted" : "logit of", pic.name(r.outputs[p])));
     }
   }
   atomic_write(out / "top.csv", top);
+}
 
-  if (r.self_influence.defined()) {
-    save_npy(out / "self_influence.npy", r.self_influence);
-    const auto order = top_k(r.self_influence, n, true);
-    std::string s = "rank,example,label,self_influence,times_drawn\n";
-    std::vector<GridImage> tiles;
-    for (size_t j = 0; j < order.size(); ++j) {
-      const int64_t i = order[j];
-      const double v = r.self_influence[i].item<double>();
-      s += fmt::format("{},{},{},{},{}\n", j + 1, i, labels[i], g(v), drawn[i]);
-      if (j < 32 && plots) tiles.push_back({run->image("train", i), fmt::format("#{} {} {:.3g}", i, name(labels[i]), v)});
-    }
-    atomic_write(out / "self_influence.csv", s);
-    if (plots) {
-      render_image_grid(out / "self_influence.png", tiles, 8,
-                        "highest self-influence (TracIn: sum of lr / |B| |grad l_i|^2 over the steps that drew i)");
-    }
+/// self_influence.npy, .csv (every example by rank) and .png (the 32 highest).
+void write_self_influence(const fs::path& out, const ExplainResult& r, const Pictures& pic,
+                          const at::Tensor& train_labels) {
+  save_npy(out / "self_influence.npy", r.self_influence);
+  const int64_t* drawn = r.times_drawn.data_ptr<int64_t>();
+  const int64_t* labels = train_labels.data_ptr<int64_t>();
+  const auto order = top_k(r.self_influence, r.attributions.size(1), true);
+  std::string s = "rank,example,label,self_influence,times_drawn\n";
+  std::vector<GridImage> tiles;
+  for (size_t j = 0; j < order.size(); ++j) {
+    const int64_t i = order[j];
+    const double v = r.self_influence[i].item<double>();
+    s += fmt::format("{},{},{},{},{}\n", j + 1, i, labels[i], g(v), drawn[i]);
+    if (j < 32 && pic.plots) tiles.push_back({pic.run.image("train", i), fmt::format("#{} {} {:.3g}", i, pic.name(labels[i]), v)});
   }
+  atomic_write(out / "self_influence.csv", s);
+  if (pic.plots) {
+    render_image_grid(out / "self_influence.png", tiles, 8,
+                      "highest self-influence (TracIn: sum of lr / |B| |grad l_i|^2 over the steps that drew i)");
+  }
+}
+
+/// summary.json: the settings, the sum check, the projection, and per probe the check's terms.
+nlohmann::json explanation_summary(const ExplainResult& r, const ExplainConfig& c) {
+  const bool exact = r.attributions_exact.defined();
   nlohmann::json j = {{"format", kExplainFormat},
                       {"run", c.run},
                       {"probes", r.probe_indices},
@@ -319,7 +369,7 @@ void write_explanation(const ExplainResult& r, const ExplainConfig& c) {
   // Per probe, the terms of the sum check, for scripts (sum_u: U, or Uopt_wd + Uopt_round).
   nlohmann::json per = nlohmann::json::array();
   const at::Tensor sum_a = r.attributions.sum(1);
-  for (int64_t p = 0; p < np; ++p) {
+  for (int64_t p = 0; p < r.attributions.size(0); ++p) {
     nlohmann::json row = {{"probe", r.probe_indices[p]},
                           {"label", r.probe_labels[p]},
                           {"output", r.outputs[p]},
@@ -339,7 +389,37 @@ void write_explanation(const ExplainResult& r, const ExplainConfig& c) {
     j["max_sum_error_exact"] = r.sum_error_exact;
     j["max_quad_error"] = r.max_quad_error;
   }
-  atomic_write(out / "summary.json", j.dump(2) + "\n");
+  return j;
+}
+
+}  // namespace
+
+void write_explanation(const ExplainResult& r, const ExplainConfig& c) {
+  check_output_dir(c.out, c.force, "summary.json", kExplainFormat);
+  const std::shared_ptr<Trajectory> run = r.trajectory ? r.trajectory : std::shared_ptr<Trajectory>(open_trajectory(c.run));
+  const int64_t n_train = run->split_size("train");
+  if (n_train != r.attributions.size(1)) {
+    throw InputError(c.run + ": holds " + std::to_string(n_train) + " training examples, the explanation " +
+                     std::to_string(r.attributions.size(1)));
+  }
+  const at::Tensor train_labels = run->labels("train", at::arange(n_train, at::kLong)).contiguous();
+  StagedOutput staged(c.out);
+  const fs::path out = staged.path();
+  write_attributions(out, r, c, train_labels);
+
+  Pictures pic{*run, c, {}, false};
+  const bool images = run->image("train", 0).defined();
+  pic.plots = gnuplot_available() && images;
+  if (!gnuplot_available()) spdlog::warn("gnuplot not found (apt-get install gnuplot-nox): no PNG grids; the CSVs are written");
+  if (!images) spdlog::warn("{}: the inputs are not single-channel images: no PNG grids; the CSVs are written", c.run);
+  if (pic.plots) fs::create_directories(out / "grids");
+  int64_t classes = train_labels.numel() ? train_labels.max().item<int64_t>() + 1 : 0;
+  for (int64_t l : r.probe_labels) classes = std::max(classes, l + 1);
+  for (int64_t o : r.outputs) classes = std::max(classes, o + 1);
+  pic.names = class_names(c.run, classes, c.class_names_file);
+  write_top(out, r, pic, train_labels);
+  if (r.self_influence.defined()) write_self_influence(out, r, pic, train_labels);
+  atomic_write(out / "summary.json", explanation_summary(r, c).dump(2) + "\n");
   staged.commit();
 }
 
