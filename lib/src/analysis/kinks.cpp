@@ -96,6 +96,104 @@ models::RowSegment segment_along(models::Model& model, const ParamMap& dw, const
   return seg;
 }
 
+namespace {
+
+/// The model's forward of rows xa, each at its own point t of the segment w0 + t dw.
+void forward_along(models::Model& model, const ParamMap& dw, const at::Tensor& xa, const at::Tensor& t) {
+  model.set_row_segment(segment_along(model, dw, t.to(xa.scalar_type())));
+  model.forward(xa);
+}
+
+/// Whether some row needs at least max_pieces pieces, known from the ends alone: each row's kinks
+/// are at least its sites that differ between t = 0 and t = 1.
+bool ends_need_too_many(models::Model& model, const ParamMap& w0, const ParamMap& dw, const at::Tensor& x,
+                        int64_t max_pieces) {
+  std::vector<at::Tensor> ends;
+  model.set_kink_mode(models::KinkMode::kRecord);
+  at::Tensor differ = at::zeros({x.size(0)}, at::kLong);
+  for (double t : {0.0, 1.0}) {
+    set_weights_along(model, w0, dw, t);
+    model.forward(x);
+    const auto& sites = model.kink_sites();
+    for (size_t i = 0; i < sites.size(); ++i) {
+      if (t == 0.0) {
+        ends.push_back(sites[i].pattern.clone());
+      } else {
+        differ += sites[i].pattern.ne(ends[i]).flatten(1).sum(1);
+      }
+    }
+  }
+  return x.size(0) > 0 && differ.max().item<int64_t>() >= max_pieces;
+}
+
+/// After a forward in KinkMode::kRecord: adds to `changed` each active row's sites whose pattern
+/// differs from that row's last piece, keeps the new patterns in `previous`, and returns the
+/// deepest site's degree.
+int64_t record_patterns(models::Model& model, bool first_round, const at::Tensor& idx,
+                        std::vector<at::Tensor>& previous, at::Tensor& changed) {
+  std::vector<models::KinkSite>& sites = model.kink_sites();
+  int64_t degree = 1;
+  for (size_t i = 0; i < sites.size(); ++i) {
+    if (sites[i].degree > 2) {
+      throw std::invalid_argument("kink splitting solves kinks up to two layers deep; model '" + model.spec().str() +
+                                  "' has one " + std::to_string(sites[i].degree) + " layers deep");
+    }
+    degree = std::max(degree, sites[i].degree);
+    const at::Tensor& p = sites[i].pattern;
+    if (first_round) {
+      previous.push_back(p.clone());
+    } else {
+      changed += p.ne(previous[i].index_select(0, idx)).flatten(1).sum(1);
+      previous[i].index_copy_(0, idx, p);
+    }
+  }
+  return degree;
+}
+
+/// For each active row, the first s in [0, 1] at which a unit of the frozen network (the current
+/// piece's pattern, KinkMode::kFrozen) crosses zero on t = ta + s (1 - ta); infinity if none.
+/// The site values are polynomials in s of at most `degree`: fitted at degree + 1 Chebyshev points.
+at::Tensor first_crossing(models::Model& model, const ParamMap& dw, const at::Tensor& xa, const at::Tensor& ta,
+                          int64_t degree) {
+  const int64_t n = degree + 1;
+  std::vector<double> sn(static_cast<size_t>(n));
+  for (int64_t j = 0; j < n; ++j) sn[j] = 0.5 - 0.5 * std::cos(M_PI * (2.0 * j + 1.0) / (2.0 * n));
+  const size_t n_sites = model.kink_sites().size();
+  std::vector<std::vector<at::Tensor>> values(n_sites);
+  model.set_kink_mode(models::KinkMode::kFrozen);
+  for (int64_t j = 0; j < n; ++j) {
+    forward_along(model, dw, xa, ta + sn[j] * (1.0 - ta));
+    for (size_t i = 0; i < n_sites; ++i) values[i].push_back(model.kink_sites()[i].values.reshape({xa.size(0), -1}));
+  }
+  // Monomial coefficients in s per unit: one Vandermonde solve for all rows and units.
+  at::Tensor vander = at::empty({n, n}, at::kDouble);
+  for (int64_t j = 0; j < n; ++j) {
+    for (int64_t k = 0; k < n; ++k) vander[j][k] = std::pow(sn[j], static_cast<double>(k));
+  }
+  const at::Tensor inv = at::linalg_inv(vander);
+  at::Tensor s_min = at::full({xa.size(0)}, std::numeric_limits<double>::infinity(), at::kDouble);
+  for (size_t i = 0; i < n_sites; ++i) {
+    const at::Tensor v = at::stack(values[i]).to(at::kDouble);                     // [n, rows, U]
+    const at::Tensor coef = at::mm(inv, v.flatten(1)).view(v.sizes());            // [n, rows, U]
+    const at::Tensor scale = v.abs().amax(0);
+    const int64_t d = std::min<int64_t>(model.kink_sites()[i].degree, n - 1);
+    // Only units with |c0| <= |c1| + |c2| can have a root in [0, 1]: the rest are skipped.
+    const at::Tensor c0 = coef[0].flatten(), c1 = coef[1].flatten();
+    const at::Tensor c2 = d >= 2 ? coef[2].flatten() : at::Tensor();
+    const at::Tensor bound = d >= 2 ? c1.abs() + c2.abs() : c1.abs();
+    const at::Tensor cand = at::nonzero(c0.abs() <= bound).squeeze(1);
+    if (cand.numel() == 0) continue;
+    at::Tensor root = at::full({c0.numel()}, std::numeric_limits<double>::infinity(), at::kDouble);
+    root.index_put_({cand}, first_root(c0.index_select(0, cand), c1.index_select(0, cand),
+                                       d >= 2 ? c2.index_select(0, cand) : at::Tensor(),
+                                       scale.flatten().index_select(0, cand)));
+    s_min = at::minimum(s_min, std::get<0>(root.view(scale.sizes()).min(1)));
+  }
+  return s_min;
+}
+
+}  // namespace
+
 RowKinks walk_rows(models::Model& model, const ParamMap& w0, const ParamMap& dw, const at::Tensor& x,
                    int64_t max_pieces) {
   at::NoGradGuard ng;
@@ -104,35 +202,13 @@ RowKinks walk_rows(models::Model& model, const ParamMap& w0, const ParamMap& dw,
   out.breaks.assign(static_cast<size_t>(n_rows), {});
   out.kinks.assign(static_cast<size_t>(n_rows), 0);
   const SegmentRestore restore(model, w0);
-  if (max_pieces > 0) {
-    // Each row's kinks are at least its sites that differ between the ends.
-    std::vector<at::Tensor> ends;
-    model.set_kink_mode(models::KinkMode::kRecord);
-    at::Tensor differ = at::zeros({n_rows}, at::kLong);
-    for (double t : {0.0, 1.0}) {
-      set_weights_along(model, w0, dw, t);
-      model.forward(x);
-      const auto& sites = model.kink_sites();
-      for (size_t i = 0; i < sites.size(); ++i) {
-        if (t == 0.0) {
-          ends.push_back(sites[i].pattern.clone());
-        } else {
-          differ += sites[i].pattern.ne(ends[i]).flatten(1).sum(1);
-        }
-      }
-    }
-    if (n_rows > 0 && differ.max().item<int64_t>() >= max_pieces) {
-      out.complete = false;
-      return out;
-    }
+  if (max_pieces > 0 && ends_need_too_many(model, w0, dw, x, max_pieces)) {
+    out.complete = false;
+    return out;
   }
   set_weights_along(model, w0, dw, 0.0);
   // Each row at its own t: rows are independent, so each walks only its own kinks, and all rows
   // advance together, one piece per round (rounds: the most kinks of one row, plus one).
-  auto forward_at = [&](const at::Tensor& xa, const at::Tensor& t) {
-    model.set_row_segment(segment_along(model, dw, t.to(x.scalar_type())));
-    model.forward(xa);
-  };
   std::vector<int64_t> active(static_cast<size_t>(n_rows));
   for (int64_t i = 0; i < n_rows; ++i) active[static_cast<size_t>(i)] = i;
   at::Tensor t = at::zeros({n_rows}, at::kDouble);  // where each row's current piece starts
@@ -147,58 +223,10 @@ RowKinks walk_rows(models::Model& model, const ParamMap& w0, const ParamMap& dw,
     const at::Tensor xa = x.index_select(0, idx);
     const at::Tensor ta = at::clamp_max(t.index_select(0, idx) + kAfter, 1.0);
     model.set_kink_mode(models::KinkMode::kRecord);
-    forward_at(xa, ta);
-    std::vector<models::KinkSite>& sites = model.kink_sites();
-    int64_t degree = 1;
+    forward_along(model, dw, xa, ta);
     at::Tensor changed = at::zeros({idx.size(0)}, at::kLong);
-    for (size_t i = 0; i < sites.size(); ++i) {
-      if (sites[i].degree > 2) {
-        throw std::invalid_argument("kink splitting solves kinks up to two layers deep; model '" + model.spec().str() +
-                                    "' has one " + std::to_string(sites[i].degree) + " layers deep");
-      }
-      degree = std::max(degree, sites[i].degree);
-      const at::Tensor& p = sites[i].pattern;
-      if (round == 0) {
-        previous.push_back(p.clone());
-      } else {
-        changed += p.ne(previous[i].index_select(0, idx)).flatten(1).sum(1);
-        previous[i].index_copy_(0, idx, p);
-      }
-    }
-    // The frozen network's site values at degree + 1 Chebyshev points of s in [0, 1], t = ta + s (1 - ta).
-    const int64_t n = degree + 1;
-    std::vector<double> sn(static_cast<size_t>(n));
-    for (int64_t j = 0; j < n; ++j) sn[j] = 0.5 - 0.5 * std::cos(M_PI * (2.0 * j + 1.0) / (2.0 * n));
-    std::vector<std::vector<at::Tensor>> values(sites.size());
-    model.set_kink_mode(models::KinkMode::kFrozen);
-    for (int64_t j = 0; j < n; ++j) {
-      forward_at(xa, ta + sn[j] * (1.0 - ta));
-      for (size_t i = 0; i < sites.size(); ++i) values[i].push_back(model.kink_sites()[i].values.reshape({xa.size(0), -1}));
-    }
-    // Monomial coefficients in s per unit: one Vandermonde solve for all rows and units.
-    at::Tensor vander = at::empty({n, n}, at::kDouble);
-    for (int64_t j = 0; j < n; ++j) {
-      for (int64_t k = 0; k < n; ++k) vander[j][k] = std::pow(sn[j], static_cast<double>(k));
-    }
-    const at::Tensor inv = at::linalg_inv(vander);
-    at::Tensor s_min = at::full({idx.size(0)}, std::numeric_limits<double>::infinity(), at::kDouble);
-    for (size_t i = 0; i < sites.size(); ++i) {
-      const at::Tensor v = at::stack(values[i]).to(at::kDouble);                     // [n, rows, U]
-      const at::Tensor coef = at::mm(inv, v.flatten(1)).view(v.sizes());            // [n, rows, U]
-      const at::Tensor scale = v.abs().amax(0);
-      const int64_t d = std::min<int64_t>(sites[i].degree, n - 1);
-      // Only units with |c0| <= |c1| + |c2| can have a root in [0, 1]: the rest are skipped.
-      const at::Tensor c0 = coef[0].flatten(), c1 = coef[1].flatten();
-      const at::Tensor c2 = d >= 2 ? coef[2].flatten() : at::Tensor();
-      const at::Tensor bound = d >= 2 ? c1.abs() + c2.abs() : c1.abs();
-      const at::Tensor cand = at::nonzero(c0.abs() <= bound).squeeze(1);
-      if (cand.numel() == 0) continue;
-      at::Tensor root = at::full({c0.numel()}, std::numeric_limits<double>::infinity(), at::kDouble);
-      root.index_put_({cand}, first_root(c0.index_select(0, cand), c1.index_select(0, cand),
-                                         d >= 2 ? c2.index_select(0, cand) : at::Tensor(),
-                                         scale.flatten().index_select(0, cand)));
-      s_min = at::minimum(s_min, std::get<0>(root.view(scale.sizes()).min(1)));
-    }
+    const int64_t degree = record_patterns(model, round == 0, idx, previous, changed);
+    const at::Tensor s_min = first_crossing(model, dw, xa, ta, degree);
     const auto ch = changed.accessor<int64_t, 1>();
     const auto tav = ta.accessor<double, 1>();
     const auto sv = s_min.accessor<double, 1>();

@@ -71,166 +71,211 @@ void set_flat(models::Model& model, const at::Tensor& row) {
   }
 }
 
-}  // namespace
+/// The backward walk of the attribution through the optimizer (attribution.h): the run's steps
+/// from the last to the first, a checkpoint stretch at a time, carrying Phi (and with exact nodes
+/// Phi_exact) from step j + 1 to step j.
+class BackwardAttribution {
+ public:
+  BackwardAttribution(const OptimizerAttributionConfig& c, Trajectory& traj);
+  OptimizerAttribution run();
 
-OptimizerAttribution attribute_through_optimizer(const OptimizerAttributionConfig& c) {
-  const auto t0 = Clock::now();
-  const std::unique_ptr<Trajectory> opened =
-      c.trajectory ? nullptr : open_trajectory(c.run, c.kernel_route == "torchscript");
-  Trajectory& traj = c.trajectory ? *c.trajectory : *opened;
-  const LossKind loss = traj.loss();
+ private:
+  /// Step j's factors on the probes' rows and the batch's: P_j, the parameters' rate scales.
+  struct Factors {
+    at::Tensor both;         ///< P_j (.) r_j (or either), on step j's update; undefined: ones
+    at::Tensor probe_side;   ///< what multiplies the probes' gradients
+    at::Tensor batch_side;   ///< RMSprop with momentum: P_j inside the buffer, on the batch's side
+  };
+  Factors factors(int64_t j, size_t local, const StepSettings& st, const LinearUpdate& lu);
+  at::Tensor probe_gradients(at::Tensor& buf);
+  void attribute(int64_t j, size_t local);
+  void report_progress(int64_t done);
+
+  const OptimizerAttributionConfig& c_;
+  Trajectory& traj_;
+  LossKind loss_;
+  std::shared_ptr<models::Model> model_;
+  bool explicit_route_ = false;
+  at::Tensor xp_;
+  std::unique_ptr<Optimizer> coefficients_;  ///< the update's coefficients and P from a stored state
+  int64_t n_params_ = 0;
+  Projection projection_;
+  std::vector<double> nodes_, node_weights_;
+  /// The parameters' order in the flat rows, for a step's rate scales (parameter groups).
+  std::vector<std::pair<std::string, int64_t>> flat_params_;
+  OptimizerAttribution res_;
+  at::Tensor phi_, phi_exact_, gbar_buf_, g_buf_, psi_, ones_, p_buf_, r_buf_;
+  Stretch s_;
+  double beta_next_ = 0;  ///< the buffer's decay at step j + 1 (Phi_{j+1} enters Phi_j with it)
+  Clock::time_point t0_ = Clock::now(), last_report_ = t0_;
+};
+
+BackwardAttribution::BackwardAttribution(const OptimizerAttributionConfig& c, Trajectory& traj)
+    : c_(c), traj_(traj), loss_(traj.loss()) {
   if (c.end < 1 || c.end > traj.logged_steps()) throw InputError(c.run + ": no steps to attribute");
   traj.check_steps(0, c.end, 1, true);
-  auto model = traj.make_model();
-  model->to(at::kDouble);
-  const bool explicit_route = c.kernel_route != "auto" && c.kernel_route != "factorized" ? true : !factorizable(*model);
-  const at::Tensor xp = traj.inputs(c.split, at::tensor(c.probe_indices, at::kLong), at::kDouble);
+  model_ = traj.make_model();
+  model_->to(at::kDouble);
+  explicit_route_ = c.kernel_route != "auto" && c.kernel_route != "factorized" ? true : !factorizable(*model_);
+  xp_ = traj.inputs(c.split, at::tensor(c.probe_indices, at::kLong), at::kDouble);
   // The update's coefficients and P from a stored state depend only on the settings.
-  const std::unique_ptr<Optimizer> coefficients = make_optimizer(traj.optimizer_after(0).options(), {}, {});
-  const Optimizer& opt = *coefficients;
-  int64_t n_params = 0;
-  for (const auto& p : model->parameters()) n_params += p.numel();
+  coefficients_ = make_optimizer(traj.optimizer_after(0).options(), {}, {});
+  for (const auto& p : model_->parameters()) n_params_ += p.numel();
   // With a projection, Phi, Psi and the probes' gradients live in its space (projection.h): the
   // recursion's coefficients are scalars, so it commutes with the sketch. An elementwise
   // preconditioner does not.
-  Projection projection;
   if (c.project > 0) {
-    if (explicit_route) throw InputError("--project needs the factorized route (a zoo model's run)");
+    if (explicit_route_) throw InputError("--project needs the factorized route (a zoo model's run)");
     if (traj.optimizer_after(0).options().kind != OptimizerKind::kSgd) {
       throw InputError("--project: Adam's and AdamW's elementwise preconditioner does not commute with a random "
                        "projection; explain this run without --project");
     }
-    projection = make_projection(*model, c.project, c.project_seed);
+    projection_ = make_projection(*model_, c.project, c.project_seed);
   }
-  const int64_t n_cols = c.project > 0 ? projection.dims : n_params;
-  // The probes' gradients as the recursion's rows: projected, or materialized in full.
-  auto probe_gradients = [&](at::Tensor& buf) -> at::Tensor {
-    const RowGradients rows = probe_rows(*model, xp, c.cols, explicit_route);
-    if (c.project > 0) return buf.copy_(project_rows(projection, rows));
-    return row_jacobian(*model, rows, buf);
-  };
+  const int64_t n_cols = c.project > 0 ? projection_.dims : n_params_;
   const int64_t rows = c.cols.numel(), n_train = traj.split_size("train");
-  const auto [nodes, node_weights] = gauss_legendre(std::max<int64_t>(c.exact_nodes, 1));
-
-  OptimizerAttribution res;
-  res.project_dims = c.project > 0 ? projection.dims : 0;
-  res.attr = at::zeros({rows, n_train}, at::kDouble);
-  if (c.exact_nodes > 0) res.attr_exact = at::zeros_like(res.attr);
-  if (c.self_influence) res.self_influence = at::zeros({n_train}, at::kDouble);
-  res.times_drawn = at::zeros({n_train}, at::kLong);
-  res.drawn_at.resize(static_cast<size_t>(n_train));
-  at::Tensor phi = at::zeros({rows, n_cols}, at::kDouble), phi_exact, gbar_buf;
-  at::Tensor g_buf = at::empty_like(phi), psi = at::empty_like(phi);
+  std::tie(nodes_, node_weights_) = gauss_legendre(std::max<int64_t>(c.exact_nodes, 1));
+  res_.project_dims = c.project > 0 ? projection_.dims : 0;
+  res_.attr = at::zeros({rows, n_train}, at::kDouble);
+  if (c.exact_nodes > 0) res_.attr_exact = at::zeros_like(res_.attr);
+  if (c.self_influence) res_.self_influence = at::zeros({n_train}, at::kDouble);
+  res_.times_drawn = at::zeros({n_train}, at::kLong);
+  res_.drawn_at.resize(static_cast<size_t>(n_train));
+  phi_ = at::zeros({rows, n_cols}, at::kDouble);
+  g_buf_ = at::empty_like(phi_);
+  psi_ = at::empty_like(phi_);
   if (c.exact_nodes > 0) {
-    phi_exact = at::zeros_like(phi);
-    gbar_buf = at::empty_like(phi);
+    phi_exact_ = at::zeros_like(phi_);
+    gbar_buf_ = at::empty_like(phi_);
   }
-  const at::Tensor ones = at::ones({n_params}, at::kDouble);
+  ones_ = at::ones({n_params_}, at::kDouble);
+  for (const auto& p : model_->named_parameters()) flat_params_.emplace_back(p.key(), p.value().numel());
+}
 
+/// The probes' gradients as the recursion's rows: projected, or materialized in full.
+at::Tensor BackwardAttribution::probe_gradients(at::Tensor& buf) {
+  const RowGradients rows = probe_rows(*model_, xp_, c_.cols, explicit_route_);
+  if (c_.project > 0) return buf.copy_(project_rows(projection_, rows));
+  return row_jacobian(*model_, rows, buf);
+}
+
+BackwardAttribution::Factors BackwardAttribution::factors(int64_t j, size_t local, const StepSettings& st,
+                                                          const LinearUpdate& lu) {
+  at::Tensor p, r;  // P_j; the parameters' rate scales (parameter groups)
+  if (s_.pstate.defined()) {
+    const std::unique_ptr<Optimizer> at_j = traj_.settings_vary() ? make_optimizer(st.options, {}, {}) : nullptr;
+    const at::Tensor before = local == 0 ? s_.first_before : s_.pstate[static_cast<int64_t>(local) - 1];
+    (at_j ? *at_j : *coefficients_).preconditioner_from(s_.pstate[static_cast<int64_t>(local)], j + 1, p_buf_, before);
+    p = p_buf_;
+  }
+  if (!st.rate_scale.empty()) {
+    if (c_.project > 0) {
+      throw InputError("--project: parameter groups with their own learning rates scale the update parameter by "
+                       "parameter, which does not commute with a random projection; explain this run without --project");
+    }
+    if (!r_buf_.defined()) r_buf_ = at::empty({n_params_}, at::kDouble);
+    int64_t off = 0;
+    for (const auto& [name, numel] : flat_params_) {
+      r_buf_.narrow(0, off, numel).fill_(st.rate_of(name));
+      off += numel;
+    }
+    r = r_buf_;
+  }
+  // r multiplies step j's update; P_j the probe side too, or (inside the buffer, RMSprop with
+  // momentum) the batch's gradient of step j as it enters the buffer.
+  Factors f;
+  f.both = p.defined() && r.defined() ? p * r : p.defined() ? p : r;
+  f.probe_side = lu.inner ? r : f.both;
+  f.batch_side = lu.inner ? p : at::Tensor();
+  return f;
+}
+
+void BackwardAttribution::attribute(int64_t j, size_t local) {
+  const LoggedStep batch = traj_.logged_step(j, at::kDouble);
+  const double lr = batch.lr;
+  const at::Tensor& bidx = batch.indices;
+  const double nb = static_cast<double>(bidx.size(0));
+  // The step's own settings (a recorded scheduler's momentum or betas, groups' rates).
+  const LinearUpdate lu = linear_update(batch.settings.options, j);
+  const Factors fa = factors(j, local, batch.settings, lu);
+  const at::Tensor w = s_.weights[static_cast<int64_t>(local)].to(at::kDouble);
+  set_flat(*model_, w);
+  const RowGradients sb = loss_rows(*model_, batch.x, batch.y, loss_, explicit_route_);
+  const at::Tensor zb = c_.project > 0 ? project_rows(projection_, sb) : at::Tensor();
+  // Phi_j = a_j alpha_j P_j (.) g(x; w_j) + beta Phi_{j+1};  Psi_j = s_j Phi_j + a_j nu P_j (.) g(x; w_j).
+  // In place on workspace tensors of [rows, n_params]: fresh ones every step would grow the heap.
+  auto accumulate = [&](at::Tensor& phi_acc, at::Tensor& g, at::Tensor& target) {
+    if (fa.probe_side.defined()) g.mul_(fa.probe_side);
+    phi_acc.mul_(beta_next_).add_(g, lr * lu.alpha);
+    at::mul_out(psi_, phi_acc, lu.s);
+    if (lu.nu != 0) psi_.add_(g, lr * lu.nu);
+    if (fa.batch_side.defined()) psi_.mul_(fa.batch_side);
+    target.index_add_(1, bidx,
+                      (c_.project > 0 ? at::mm(psi_, zb.t()) : directions_dot_rows(*model_, sb, psi_))
+                          .mul_(-batch.grad_scale / nb));  // the applied gradient: clipping's scale
+  };
+  probe_gradients(g_buf_);
+  accumulate(phi_, g_buf_, res_.attr);
+  if (c_.exact_nodes > 0) {
+    gbar_buf_.zero_();
+    const at::Tensor dw = s_.weights[static_cast<int64_t>(local) + 1].to(at::kDouble) - w;  // exact in float64
+    for (size_t q = 0; q < nodes_.size(); ++q) {
+      set_flat(*model_, w + dw * nodes_[q]);
+      gbar_buf_.add_(probe_gradients(g_buf_), node_weights_[q]);
+    }
+    accumulate(phi_exact_, gbar_buf_, res_.attr_exact);
+  }
+  if (c_.self_influence) {
+    // TracIn with the optimizer's preconditioner: (a_j / |B_j|) <grad l_i, P_j (.) grad l_i>.
+    res_.self_influence.index_add_(
+        0, bidx,
+        rows_weighted_sq(*model_, sb, fa.both.defined() ? fa.both : ones_) * (lr * batch.grad_scale / static_cast<double>(bidx.size(0))));
+  }
+  beta_next_ = lu.beta;
+  res_.times_drawn.index_add_(0, bidx, at::ones({bidx.size(0)}, at::kLong));
+  const int64_t* bi = bidx.data_ptr<int64_t>();
+  for (int64_t m = 0; m < bidx.size(0); ++m) res_.drawn_at[static_cast<size_t>(bi[m])].push_back(j);
+}
+
+void BackwardAttribution::report_progress(int64_t done) {
+  const auto now = Clock::now();
+  if (now - last_report_ > std::chrono::seconds(2) || done == c_.end) {
+    const double el = std::chrono::duration<double>(now - t0_).count();
+    spdlog::info("attributed through the optimizer: {}/{} steps (backwards)  {:.1f} steps/s", done, c_.end,
+                 static_cast<double>(done) / el);
+    last_report_ = now;
+  }
+}
+
+OptimizerAttribution BackwardAttribution::run() {
   std::vector<int64_t> starts;
-  for (int64_t cp : traj.checkpoints()) {
-    if (cp < c.end) starts.push_back(cp);
+  for (int64_t cp : traj_.checkpoints()) {
+    if (cp < c_.end) starts.push_back(cp);
   }
   int64_t max_len = 0;
   for (size_t i = 0; i < starts.size(); ++i) {
-    max_len = std::max(max_len, (i + 1 < starts.size() ? starts[i + 1] : c.end) - starts[i]);
+    max_len = std::max(max_len, (i + 1 < starts.size() ? starts[i + 1] : c_.end) - starts[i]);
   }
-  Stretch s;
-  at::Tensor p_buf, r_buf;
-  // The parameters' order in the flat rows, for a step's rate scales (parameter groups).
-  std::vector<std::pair<std::string, int64_t>> flat_params;
-  for (const auto& p : model->named_parameters()) flat_params.emplace_back(p.key(), p.value().numel());
-  double beta_next = 0;  // the buffer's decay at step j + 1 (Phi_{j+1} enters Phi_j with it)
   int64_t done = 0;
-  auto last_report = t0;
   for (auto it = starts.rbegin(); it != starts.rend(); ++it) {
-    const int64_t a = *it, b = it == starts.rbegin() ? c.end : std::min(*(it - 1), c.end);
-    replay_stretch(traj, a, b, max_len, s);
+    const int64_t a = *it, b = it == starts.rbegin() ? c_.end : std::min(*(it - 1), c_.end);
+    replay_stretch(traj_, a, b, max_len, s_);
     for (int64_t j = b - 1; j >= a; --j) {
-      const size_t local = static_cast<size_t>(j - a);
-      const LoggedStep batch = traj.logged_step(j, at::kDouble);
-      const double lr = batch.lr;
-      const at::Tensor& bidx = batch.indices;
-      const at::Tensor& xb = batch.x;
-      const at::Tensor& yb = batch.y;
-      const double nb = static_cast<double>(bidx.size(0));
-      // The step's own settings (a recorded scheduler's momentum or betas, groups' rates).
-      const StepSettings& st = batch.settings;
-      const LinearUpdate lu = linear_update(st.options, j);
-      at::Tensor p, r;  // P_j; the parameters' rate scales (parameter groups)
-      if (s.pstate.defined()) {
-        const std::unique_ptr<Optimizer> at_j = traj.settings_vary() ? make_optimizer(st.options, {}, {}) : nullptr;
-        const at::Tensor before = local == 0 ? s.first_before : s.pstate[static_cast<int64_t>(local) - 1];
-        (at_j ? *at_j : opt).preconditioner_from(s.pstate[static_cast<int64_t>(local)], j + 1, p_buf, before);  // P_j
-        p = p_buf;
-      }
-      if (!st.rate_scale.empty()) {
-        if (c.project > 0) {
-          throw InputError("--project: parameter groups with their own learning rates scale the update parameter by "
-                           "parameter, which does not commute with a random projection; explain this run without --project");
-        }
-        if (!r_buf.defined()) r_buf = at::empty({n_params}, at::kDouble);
-        int64_t off = 0;
-        for (const auto& [name, numel] : flat_params) {
-          r_buf.narrow(0, off, numel).fill_(st.rate_of(name));
-          off += numel;
-        }
-        r = r_buf;
-      }
-      // r multiplies step j's update; P_j the probe side too, or (inside the buffer, RMSprop with
-      // momentum) the batch's gradient of step j as it enters the buffer.
-      const at::Tensor both = p.defined() && r.defined() ? p * r : p.defined() ? p : r;
-      const at::Tensor probe_side = lu.inner ? r : both, batch_side = lu.inner ? p : at::Tensor();
-      const at::Tensor w = s.weights[static_cast<int64_t>(local)].to(at::kDouble);
-      set_flat(*model, w);
-      const RowGradients sb = loss_rows(*model, xb, yb, loss, explicit_route);
-      const at::Tensor zb = c.project > 0 ? project_rows(projection, sb) : at::Tensor();
-      // Phi_j = a_j alpha_j P_j (.) g(x; w_j) + beta Phi_{j+1};  Psi_j = s_j Phi_j + a_j nu P_j (.) g(x; w_j).
-      // In place on workspace tensors of [rows, n_params]: fresh ones every step would grow the heap.
-      auto accumulate = [&](at::Tensor& phi_acc, at::Tensor& g, at::Tensor& target) {
-        if (probe_side.defined()) g.mul_(probe_side);
-        phi_acc.mul_(beta_next).add_(g, lr * lu.alpha);
-        at::mul_out(psi, phi_acc, lu.s);
-        if (lu.nu != 0) psi.add_(g, lr * lu.nu);
-        if (batch_side.defined()) psi.mul_(batch_side);
-        target.index_add_(1, bidx,
-                          (c.project > 0 ? at::mm(psi, zb.t()) : directions_dot_rows(*model, sb, psi))
-                              .mul_(-batch.grad_scale / nb));  // the applied gradient: clipping's scale
-      };
-      probe_gradients(g_buf);
-      accumulate(phi, g_buf, res.attr);
-      if (c.exact_nodes > 0) {
-        gbar_buf.zero_();
-        const at::Tensor dw = s.weights[static_cast<int64_t>(local) + 1].to(at::kDouble) - w;  // exact in float64
-        for (size_t q = 0; q < nodes.size(); ++q) {
-          set_flat(*model, w + dw * nodes[q]);
-          gbar_buf.add_(probe_gradients(g_buf), node_weights[q]);
-        }
-        accumulate(phi_exact, gbar_buf, res.attr_exact);
-      }
-      if (c.self_influence) {
-        // TracIn with the optimizer's preconditioner: (a_j / |B_j|) <grad l_i, P_j (.) grad l_i>.
-        res.self_influence.index_add_(
-            0, bidx,
-            rows_weighted_sq(*model, sb, both.defined() ? both : ones) * (lr * batch.grad_scale / static_cast<double>(bidx.size(0))));
-      }
-      beta_next = lu.beta;
-      res.times_drawn.index_add_(0, bidx, at::ones({bidx.size(0)}, at::kLong));
-      const int64_t* bi = bidx.data_ptr<int64_t>();
-      for (int64_t m = 0; m < bidx.size(0); ++m) res.drawn_at[static_cast<size_t>(bi[m])].push_back(j);
-
-      ++done;
-      const auto now = Clock::now();
-      if (now - last_report > std::chrono::seconds(2) || done == c.end) {
-        const double el = std::chrono::duration<double>(now - t0).count();
-        spdlog::info("attributed through the optimizer: {}/{} steps (backwards)  {:.1f} steps/s", done, c.end,
-                     static_cast<double>(done) / el);
-        last_report = now;
-      }
+      attribute(j, static_cast<size_t>(j - a));
+      report_progress(++done);
     }
   }
-  for (auto& steps : res.drawn_at) std::reverse(steps.begin(), steps.end());
-  return res;
+  for (auto& steps : res_.drawn_at) std::reverse(steps.begin(), steps.end());
+  return std::move(res_);
+}
+
+}  // namespace
+
+OptimizerAttribution attribute_through_optimizer(const OptimizerAttributionConfig& c) {
+  const std::unique_ptr<Trajectory> opened =
+      c.trajectory ? nullptr : open_trajectory(c.run, c.kernel_route == "torchscript");
+  Trajectory& traj = c.trajectory ? *c.trajectory : *opened;
+  return BackwardAttribution(c, traj).run();
 }
 
 }  // namespace pathkernel
