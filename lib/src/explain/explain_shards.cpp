@@ -50,12 +50,8 @@ at::Tensor per_probe(const nlohmann::json& summary, const char* key) {
 
 at::Tensor accumulate(const at::Tensor& a, const at::Tensor& b) { return a.defined() ? a + b : b.clone(); }
 
-}  // namespace
-
-std::pair<ExplainResult, ExplainConfig> merge_explanations(const MergeConfig& c) {
-  c.validate();
-  std::vector<StoredExplanation> parts;
-  for (const auto& d : c.shards) parts.push_back(read_explanation(d));
+/// Each shard's place and settings, from its summary.json (check_shard_set compares them).
+std::vector<ShardInfo> shard_infos(const std::vector<StoredExplanation>& parts) {
   std::vector<ShardInfo> infos;
   try {
     for (const auto& p : parts) {
@@ -76,12 +72,11 @@ std::pair<ExplainResult, ExplainConfig> merge_explanations(const MergeConfig& c)
   } catch (const nlohmann::json::exception& e) {
     throw InputError("a shard's summary.json is malformed (" + std::string(e.what()) + ")");
   }
-  check_shard_set(infos);  // sorted by index
-  std::sort(parts.begin(), parts.end(), [](const StoredExplanation& a, const StoredExplanation& b) {
-    return a.summary["shard"]["index"].get<int64_t>() < b.summary["shard"]["index"].get<int64_t>();
-  });
+  return infos;
+}
 
-  const nlohmann::json& first = parts.front().summary;
+/// The settings the shards were explained with, as the merged explanation's config.
+ExplainConfig stored_config(const nlohmann::json& first, const MergeConfig& c) {
   ExplainConfig config;
   const nlohmann::json& st = first.at("settings");
   config.run = first.at("run").get<std::string>();
@@ -97,7 +92,23 @@ std::pair<ExplainResult, ExplainConfig> merge_explanations(const MergeConfig& c)
   config.threads = st.at("threads").get<int>();
   config.project = st.value("project", int64_t{0});
   config.project_seed = st.value("project_seed", uint64_t{0});
+  return config;
+}
 
+}  // namespace
+
+std::pair<ExplainResult, ExplainConfig> merge_explanations(const MergeConfig& c) {
+  c.validate();
+  std::vector<StoredExplanation> parts;
+  for (const auto& d : c.shards) parts.push_back(read_explanation(d));
+  std::vector<ShardInfo> infos = shard_infos(parts);
+  check_shard_set(infos);  // sorted by index
+  std::sort(parts.begin(), parts.end(), [](const StoredExplanation& a, const StoredExplanation& b) {
+    return a.summary["shard"]["index"].get<int64_t>() < b.summary["shard"]["index"].get<int64_t>();
+  });
+
+  const nlohmann::json& first = parts.front().summary;
+  const ExplainConfig config = stored_config(first, c);
   ExplainResult m;
   m.probe_indices = config.probe_indices;
   for (const auto& row : first.at("per_probe")) m.probe_labels.push_back(row.at("label").get<int64_t>());
@@ -127,7 +138,8 @@ std::pair<ExplainResult, ExplainConfig> merge_explanations(const MergeConfig& c)
   m.sum_error = (change - (m.attributions.sum(1) + m.sum_u + m.sum_r)).abs().max().item<double>() / scale;
   if (exact) m.sum_error_exact = (change - (m.attributions_exact.sum(1) + m.sum_uexact)).abs().max().item<double>() / scale;
   // Which steps drew each example, from the run's step log over the whole range.
-  const auto traj = open_trajectory(config.run);
+  const std::shared_ptr<Trajectory> traj(open_trajectory(config.run));
+  m.trajectory = traj;  // the writer reads the same run
   m.drawn_at.resize(static_cast<size_t>(m.attributions.size(1)));
   for (int64_t k = infos.front().whole_begin; k < infos.front().whole_end; ++k) {
     const at::Tensor idx = traj->logged_step(k, at::kDouble).indices.contiguous();

@@ -50,69 +50,61 @@ void check_same_analysis(const fs::path& summary_file, const nlohmann::json& sum
   }
 }
 
-}  // namespace
-
-std::vector<SweepRow> sweep(const SweepConfig& c) {
-  c.validate();
-  fs::create_directories(c.out);
-  std::vector<SweepRow> rows;
-  for (double lr : c.lrs) {
-    const fs::path dir = fs::path(c.out) / fmt::format("lr_{}", lr);
-    TrainConfig t = c.train;
-    t.lr = lr;
-    t.out = (dir / "run").string();
-    SweepRow row;
-    row.lr = lr;
-    const RunDir run(t.out);
-    if (fs::exists(run.manifest())) check_same_settings(run, t);
-    if (run.complete()) {
-      spdlog::info("lr {}: reusing the complete run {}", lr, t.out);
-    } else if (fs::exists(run.manifest())) {
-      if (fs::exists(run.summary()) &&
-          read_json(run.summary()).value("status", "") == "diverged") {
-        spdlog::info("lr {}: reusing the diverged run {}", lr, t.out);
-      } else {
-        spdlog::info("lr {}: resuming {}", lr, t.out);
-        resume(t.out, c.command_line);
-      }
+/// The run at rate lr in DIR/run: reused when complete or diverged, resumed when cut short,
+/// else trained (a divergence ends it and is kept).
+void ensure_run(const SweepConfig& c, const TrainConfig& t, const RunDir& run, const fs::path& dir) {
+  const double lr = t.lr;
+  if (fs::exists(run.manifest())) check_same_settings(run, t);
+  if (run.complete()) {
+    spdlog::info("lr {}: reusing the complete run {}", lr, t.out);
+  } else if (fs::exists(run.manifest())) {
+    if (fs::exists(run.summary()) &&
+        read_json(run.summary()).value("status", "") == "diverged") {
+      spdlog::info("lr {}: reusing the diverged run {}", lr, t.out);
     } else {
-      spdlog::info("lr {}: training into {}", lr, t.out);
-      fs::create_directories(dir);
-      try {
-        train(t, c.command_line + fmt::format(" [lr {}]", lr));
-      } catch (const DivergenceError& e) {
-        spdlog::warn("lr {}: {}", lr, e.what());
-      }
+      spdlog::info("lr {}: resuming {}", lr, t.out);
+      resume(t.out, c.command_line);
     }
-    const auto summary = read_json(run.summary());
-    row.status = summary.value("status", "");
-    row.test_accuracy = summary["test_accuracy"].is_number() ? summary["test_accuracy"].get<double>() : NAN;
-
-    AnalyzeConfig a = c.analysis;
-    a.run = t.out;
-    a.out = (dir / "analysis").string();
-    nlohmann::json as;
-    if (fs::exists(fs::path(a.out) / "summary.json")) {
-      as = read_json(fs::path(a.out) / "summary.json");
-      check_same_analysis(fs::path(a.out) / "summary.json", as, a);
-    } else if (read_step_log(run.steps_log()).empty()) {
-      spdlog::warn("lr {}: diverged at its first step; nothing to analyze", lr);
-    } else {
-      spdlog::info("lr {}: analyzing", lr);
-      const AnalysisResult res = analyze(a);
-      write_analysis(res, a);
-      as = read_json(fs::path(a.out) / "summary.json");
+  } else {
+    spdlog::info("lr {}: training into {}", lr, t.out);
+    fs::create_directories(dir);
+    try {
+      train(t, c.command_line + fmt::format(" [lr {}]", lr));
+    } catch (const DivergenceError& e) {
+      spdlog::warn("lr {}: {}", lr, e.what());
     }
-    if (!as.is_null()) {
-      row.steps = as.value("steps_analyzed", int64_t{0});
-      row.median_r = as["r_percentiles"].value("p50", 0.0);
-      row.tc_share_steps = row.steps ? static_cast<double>(as.value("tc_size", int64_t{0})) / row.steps : 0.0;
-      row.tc_share_r = as.value("share_of_R_norm_in_tc", 0.0);
-      row.sum_r_over_change = as.value("sum_R_over_change", 0.0);
-    }
-    rows.push_back(row);
   }
+}
 
+/// The analysis of the run at rate lr in DIR/analysis (reused when there, with the same
+/// settings), its numbers into row.
+void analyze_rate(const SweepConfig& c, const RunDir& run, const TrainConfig& t, const fs::path& dir, SweepRow& row) {
+  AnalyzeConfig a = c.analysis;
+  a.run = t.out;
+  a.out = (dir / "analysis").string();
+  nlohmann::json as;
+  if (fs::exists(fs::path(a.out) / "summary.json")) {
+    as = read_json(fs::path(a.out) / "summary.json");
+    check_same_analysis(fs::path(a.out) / "summary.json", as, a);
+  } else if (read_step_log(run.steps_log()).empty()) {
+    spdlog::warn("lr {}: diverged at its first step; nothing to analyze", t.lr);
+  } else {
+    spdlog::info("lr {}: analyzing", t.lr);
+    const AnalysisResult res = analyze(a);
+    write_analysis(res, a);
+    as = read_json(fs::path(a.out) / "summary.json");
+  }
+  if (!as.is_null()) {
+    row.steps = as.value("steps_analyzed", int64_t{0});
+    row.median_r = as["r_percentiles"].value("p50", 0.0);
+    row.tc_share_steps = row.steps ? static_cast<double>(as.value("tc_size", int64_t{0})) / row.steps : 0.0;
+    row.tc_share_r = as.value("share_of_R_norm_in_tc", 0.0);
+    row.sum_r_over_change = as.value("sum_R_over_change", 0.0);
+  }
+}
+
+/// sweep.csv and sweep.png (with gnuplot).
+void write_sweep(const SweepConfig& c, const std::vector<SweepRow>& rows) {
   std::string csv = "lr,status,steps,test_accuracy,median_r,tc_share_steps,tc_share_R,sum_R_over_change\n";
   for (const auto& r : rows) {
     csv += fmt::format("{},{},{},{},{},{},{},{}\n", csv_float(r.lr), r.status, r.steps,
@@ -133,6 +125,30 @@ std::vector<SweepRow> sweep(const SweepConfig& c) {
   } else {
     spdlog::warn("gnuplot not found (apt-get install gnuplot-nox): sweep.csv written, no sweep.png");
   }
+}
+
+}  // namespace
+
+std::vector<SweepRow> sweep(const SweepConfig& c) {
+  c.validate();
+  fs::create_directories(c.out);
+  std::vector<SweepRow> rows;
+  for (double lr : c.lrs) {
+    const fs::path dir = fs::path(c.out) / fmt::format("lr_{}", lr);
+    TrainConfig t = c.train;
+    t.lr = lr;
+    t.out = (dir / "run").string();
+    SweepRow row;
+    row.lr = lr;
+    const RunDir run(t.out);
+    ensure_run(c, t, run, dir);
+    const auto summary = read_json(run.summary());
+    row.status = summary.value("status", "");
+    row.test_accuracy = summary["test_accuracy"].is_number() ? summary["test_accuracy"].get<double>() : NAN;
+    analyze_rate(c, run, t, dir, row);
+    rows.push_back(row);
+  }
+  write_sweep(c, rows);
   return rows;
 }
 
