@@ -75,6 +75,20 @@ def functions(path):
                     before = head[:j].rstrip()
                     ident = re.search(r"([~\w:]+(?:<[^<>]*>)?)\s*$", before)
                     word = ident.group(1) if ident else ""
+                    # A constructor's member initializers (`X::X(a) : m_(a), n_(b) {`): the name is
+                    # the one before the parameter list, left of the initializers' colon.
+                    init = re.search(r"\)\s*(?:noexcept\s*)?:(?!:)[^;{}]*$", head[:close + 1])
+                    if init and re.search(r"(?<!:):(?!:)\s*$|,\s*$", before[:len(before) - len(word)]):
+                        k, depth = init.start(), 0
+                        while k >= 0:
+                            depth += head[k] == ")"
+                            depth -= head[k] == "("
+                            if depth == 0:
+                                break
+                            k -= 1
+                        j = k
+                        ident = re.search(r"([~\w:]+(?:<[^<>]*>)?)\s*$", head[:j].rstrip())
+                        word = ident.group(1) if ident else word
                     if word and word.split("::")[-1] not in ("if", "for", "while", "switch", "catch", "return"):
                         kind, name = "function", word
                         start_line = text.count("\n", 0, max(0, pos - 2000) + j) + 1
