@@ -361,6 +361,37 @@ TEST(OptimizerTest, LoadStateRefusesWrongShapesAndMissingSlots) {
   EXPECT_THROW_WITH(plain.optimizer().load_state(st, 1, "g.pt"), InputError, "g.pt");
 }
 
+
+// Every squared-gradient or squared-update slot is a sum of squares: a state file with a negative
+// entry there is damaged and refused, naming the file, the slot and the parameter. Slots that
+// may be negative (a momentum buffer, RMSprop's centered mean) load as they are.
+TEST(OptimizerTest, LoadStateRefusesNegativeSquareSlotsNamingThem) {
+  auto [m, unused] = twin_models("mlp:4:tanh");
+  const at::Tensor x = at::rand({3, 1, 6, 6}, at::kDouble);
+  const at::Tensor y = at::randint(0, 3, {3}, at::kLong);
+  const std::vector<std::pair<OptimizerOptions, std::vector<std::string>>> cases = {
+      {rmsprop(0.9, true), {"square_avg"}},
+      {other(OptimizerKind::kAdagrad), {"sum"}},
+      {other(OptimizerKind::kAdadelta), {"square_avg", "acc_delta"}}};
+  for (const auto& [o, squares] : cases) {
+    Stepper s(*m, o, LossKind::kCrossEntropy);
+    s.step(x, y, 0.01, false);
+    const OptimizerState st = s.optimizer().state();
+    for (size_t slot = 0; slot < st.size(); ++slot) {
+      OptimizerState negative = st;
+      auto& [name, tensor] = negative[slot].second[1];
+      tensor = -at::ones_like(tensor);
+      const bool square = std::find(squares.begin(), squares.end(), st[slot].first) != squares.end();
+      if (square) {
+        EXPECT_THROW_WITH(s.optimizer().load_state(negative, 1, "f.pt"), InputError,
+                          "f.pt: " + st[slot].first + " of '" + name + "' has negative entries");
+      } else {
+        EXPECT_NO_THROW(s.optimizer().load_state(negative, 1, "f.pt")) << st[slot].first;
+      }
+    }
+    EXPECT_NO_THROW(s.optimizer().load_state(st, 1, "f.pt"));
+  }
+}
 TEST(OptimizerTest, OptionsAreValidatedWithTheFlagNamed) {
   OptimizerOptions o = adam(OptimizerKind::kAdam, 0);
   o.beta1 = 1.0;

@@ -140,13 +140,61 @@ class SgdOptimizer final : public Optimizer {
   double weight_norm_ = 0, buffer_norm_ = 0;
 };
 
+/// What the optimizers with per-parameter state slots share. A step forms the new weights and
+/// slots out of place and commits them only when every new weight is finite (accept_update), so
+/// a diverging step leaves w_k and the state intact.
+class SlotOptimizer : public Optimizer {
+ protected:
+  using Optimizer::Optimizer;
+  using Slot = std::vector<at::Tensor>;
+
+  /// Commits the new weights and, for each (slot, its new values), the slot (a slot the settings
+  /// do not keep is empty and skipped); one more step done.
+  void commit(const Slot& w, std::initializer_list<std::pair<Slot*, const Slot*>> slots, double update_sq,
+              UpdateOutcome& out) {
+    for (size_t i = 0; i < params_.size(); ++i) {
+      params_[i].detach().copy_(w[i]);
+      for (const auto& [slot, next] : slots) {
+        if (!slot->empty()) (*slot)[i] = (*next)[i];
+      }
+    }
+    ++steps_;
+    out.update_norm = std::sqrt(update_sq);
+  }
+
+  /// A slot's tensors, cloned, named as the parameters.
+  NamedTensors cloned(const Slot& ts) const {
+    NamedTensors out = named(ts);
+    for (auto& [name, t] : out) t = t.clone();
+    return out;
+  }
+
+  /// Parameter i's value of a slot read from a state file (`read`; undefined: `fill` everywhere),
+  /// refused naming the file when `nonnegative` and some entry is below 0.
+  at::Tensor loaded(const Slot& read, size_t i, double fill, const char* slot, const std::string& source,
+                    bool nonnegative) const {
+    at::Tensor t = read[i].defined() ? read[i] : at::full_like(params_[i], fill);
+    if (nonnegative && t.lt(0).any().item<bool>()) {
+      throw InputError(source + ": " + slot + " of '" + names_[i] + "' has negative entries");
+    }
+    return t;
+  }
+};
+
+/// Flattens tensors (state_dict order) into one vector.
+at::Tensor flat_of(const std::vector<at::Tensor>& ts) {
+  std::vector<at::Tensor> flat;
+  for (const auto& t : ts) flat.push_back(t.reshape({-1}));
+  return at::cat(flat);
+}
+
 /// torch.optim.Adam / AdamW (amsgrad off): m = b1 m + (1 - b1) g, v = b2 v + (1 - b2) g^2,
 /// w -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps); Adam adds lc w to g, AdamW first
 /// scales w by 1 - lr ld. The new state is formed out of place and committed when finite.
-class AdamOptimizer final : public Optimizer {
+class AdamOptimizer final : public SlotOptimizer {
  public:
   AdamOptimizer(OptimizerOptions o, std::vector<std::string> names, std::vector<at::Tensor> params)
-      : Optimizer(o, std::move(names), std::move(params)) {
+      : SlotOptimizer(o, std::move(names), std::move(params)) {
     for (const auto& p : params_) {
       exp_avg_.push_back(at::zeros_like(p));
       exp_avg_sq_.push_back(at::zeros_like(p));
@@ -174,22 +222,13 @@ class AdamOptimizer final : public Optimizer {
       w[i] = p.addcdiv(m[i], denom, -step_size);
       if (!accept_update(i, w[i], update_sq, out)) return out;
     }
-    for (size_t i = 0; i < params_.size(); ++i) {
-      params_[i].detach().copy_(w[i]);
-      exp_avg_[i] = m[i];
-      exp_avg_sq_[i] = v[i];
-    }
-    ++steps_;
-    out.update_norm = std::sqrt(update_sq);
+    commit(w, {{&exp_avg_, &m}, {&exp_avg_sq_, &v}}, update_sq, out);
     return out;
   }
 
   OptimizerState state() const override {
     if (steps_ == 0) return {};
-    NamedTensors m = named(exp_avg_), v = named(exp_avg_sq_);
-    for (auto& [n, t] : m) t = t.clone();
-    for (auto& [n, t] : v) t = t.clone();
-    return {{"exp_avg", m}, {"exp_avg_sq", v}};
+    return {{"exp_avg", cloned(exp_avg_)}, {"exp_avg_sq", cloned(exp_avg_sq_)}};
   }
 
   void load_state(const OptimizerState& state, int64_t steps, const std::string& source) override {
@@ -197,20 +236,15 @@ class AdamOptimizer final : public Optimizer {
     read_slot(state, "exp_avg", m, source, steps > 0);
     read_slot(state, "exp_avg_sq", v, source, steps > 0);
     for (size_t i = 0; i < params_.size(); ++i) {
-      exp_avg_[i] = m[i].defined() ? m[i] : at::zeros_like(params_[i]);
-      exp_avg_sq_[i] = v[i].defined() ? v[i] : at::zeros_like(params_[i]);
-      if (exp_avg_sq_[i].lt(0).any().item<bool>()) {
-        throw InputError(source + ": exp_avg_sq of '" + names_[i] + "' has negative entries");
-      }
+      exp_avg_[i] = loaded(m, i, 0, "exp_avg", source, false);
+      exp_avg_sq_[i] = loaded(v, i, 0, "exp_avg_sq", source, true);
     }
     steps_ = steps;
   }
 
   at::Tensor preconditioner_state() const override {
     if (steps_ == 0) return {};
-    std::vector<at::Tensor> flat;
-    for (const auto& v : exp_avg_sq_) flat.push_back(v.reshape({-1}));
-    return at::cat(flat);
+    return flat_of(exp_avg_sq_);
   }
 
   void preconditioner_from(const at::Tensor& state, int64_t steps, at::Tensor& out,
@@ -224,21 +258,13 @@ class AdamOptimizer final : public Optimizer {
   std::vector<at::Tensor> exp_avg_, exp_avg_sq_;
 };
 
-
-/// Flattens tensors (state_dict order) into one vector.
-at::Tensor flat_of(const std::vector<at::Tensor>& ts) {
-  std::vector<at::Tensor> flat;
-  for (const auto& t : ts) flat.push_back(t.reshape({-1}));
-  return at::cat(flat);
-}
-
 /// torch.optim.RMSprop: gt = g + lc w; v = a v + (1 - a) gt^2; centered: m = a m + (1 - a) gt and
 /// v - m^2 under the root; d = gt / (sqrt(.) + eps); with momentum b = mu b + d, w -= lr b, else
 /// w -= lr d. The new state is formed out of place and committed when finite.
-class RmspropOptimizer final : public Optimizer {
+class RmspropOptimizer final : public SlotOptimizer {
  public:
   RmspropOptimizer(OptimizerOptions o, std::vector<std::string> names, std::vector<at::Tensor> params)
-      : Optimizer(o, std::move(names), std::move(params)) {
+      : SlotOptimizer(o, std::move(names), std::move(params)) {
     for (const auto& p : params_) {
       square_avg_.push_back(at::zeros_like(p));
       if (o.centered) grad_avg_.push_back(at::zeros_like(p));
@@ -273,14 +299,7 @@ class RmspropOptimizer final : public Optimizer {
       }
       if (!accept_update(i, w[i], update_sq, out)) return out;
     }
-    for (size_t i = 0; i < n; ++i) {
-      params_[i].detach().copy_(w[i]);
-      square_avg_[i] = v[i];
-      if (o.centered) grad_avg_[i] = m[i];
-      if (o.momentum > 0) buf_[i] = b[i];
-    }
-    ++steps_;
-    out.update_norm = std::sqrt(update_sq);
+    commit(w, {{&square_avg_, &v}, {&grad_avg_, &m}, {&buf_, &b}}, update_sq, out);  // empty when not kept
     return out;
   }
 
@@ -304,12 +323,9 @@ class RmspropOptimizer final : public Optimizer {
       }
     }
     for (size_t i = 0; i < n; ++i) {
-      square_avg_[i] = v[i].defined() ? v[i] : at::zeros_like(params_[i]);
-      if (square_avg_[i].lt(0).any().item<bool>()) {
-        throw InputError(source + ": square_avg of '" + names_[i] + "' has negative entries");
-      }
-      if (options_.centered) grad_avg_[i] = m[i].defined() ? m[i] : at::zeros_like(params_[i]);
-      if (options_.momentum > 0) buf_[i] = b[i].defined() ? b[i] : at::zeros_like(params_[i]);
+      square_avg_[i] = loaded(v, i, 0, "square_avg", source, true);
+      if (options_.centered) grad_avg_[i] = loaded(m, i, 0, "grad_avg", source, false);
+      if (options_.momentum > 0) buf_[i] = loaded(b, i, 0, "momentum_buffer", source, false);
     }
     steps_ = steps;
   }
@@ -332,20 +348,15 @@ class RmspropOptimizer final : public Optimizer {
   }
 
  private:
-  NamedTensors cloned(const std::vector<at::Tensor>& ts) const {
-    NamedTensors out = named(ts);
-    for (auto& [name, t] : out) t = t.clone();
-    return out;
-  }
   std::vector<at::Tensor> square_avg_, grad_avg_, buf_;
 };
 
 /// torch.optim.Adagrad: gt = g + lc w; s += gt^2 (s starts at initial_accumulator_value);
 /// w -= lr / (1 + k lr_decay) * gt / (sqrt(s) + eps) at step k (0-based).
-class AdagradOptimizer final : public Optimizer {
+class AdagradOptimizer final : public SlotOptimizer {
  public:
   AdagradOptimizer(OptimizerOptions o, std::vector<std::string> names, std::vector<at::Tensor> params)
-      : Optimizer(o, std::move(names), std::move(params)) {
+      : SlotOptimizer(o, std::move(names), std::move(params)) {
     for (const auto& p : params_) sum_.push_back(at::full_like(p, o.initial_accumulator));
   }
 
@@ -365,28 +376,18 @@ class AdagradOptimizer final : public Optimizer {
       w[i] = p.addcdiv(g, s[i].sqrt().add_(o.eps), -clr);
       if (!accept_update(i, w[i], update_sq, out)) return out;
     }
-    for (size_t i = 0; i < n; ++i) {
-      params_[i].detach().copy_(w[i]);
-      sum_[i] = s[i];
-    }
-    ++steps_;
-    out.update_norm = std::sqrt(update_sq);
+    commit(w, {{&sum_, &s}}, update_sq, out);
     return out;
   }
 
   OptimizerState state() const override {
-    NamedTensors s = named(sum_);
-    for (auto& [name, t] : s) t = t.clone();
-    return {{"sum", s}};
+    return {{"sum", cloned(sum_)}};
   }
 
   void load_state(const OptimizerState& state, int64_t steps, const std::string& source) override {
     std::vector<at::Tensor> s(params_.size());
     read_slot(state, "sum", s, source, steps > 0);
-    for (size_t i = 0; i < params_.size(); ++i) {
-      sum_[i] = s[i].defined() ? s[i] : at::full_like(params_[i], options_.initial_accumulator);
-      if (sum_[i].lt(0).any().item<bool>()) throw InputError(source + ": sum of '" + names_[i] + "' has negative entries");
-    }
+    for (size_t i = 0; i < params_.size(); ++i) sum_[i] = loaded(s, i, options_.initial_accumulator, "sum", source, true);
     steps_ = steps;
   }
 
@@ -405,10 +406,10 @@ class AdagradOptimizer final : public Optimizer {
 /// torch.optim.Adadelta: gt = g + lc w; v = rho v + (1 - rho) gt^2;
 /// d = sqrt(u + eps) / sqrt(v + eps) * gt with u the accumulated squared update before this step;
 /// u = rho u + (1 - rho) d^2; w -= lr d.
-class AdadeltaOptimizer final : public Optimizer {
+class AdadeltaOptimizer final : public SlotOptimizer {
  public:
   AdadeltaOptimizer(OptimizerOptions o, std::vector<std::string> names, std::vector<at::Tensor> params)
-      : Optimizer(o, std::move(names), std::move(params)) {
+      : SlotOptimizer(o, std::move(names), std::move(params)) {
     for (const auto& p : params_) {
       square_avg_.push_back(at::zeros_like(p));
       acc_delta_.push_back(at::zeros_like(p));
@@ -433,22 +434,13 @@ class AdadeltaOptimizer final : public Optimizer {
       w[i] = p.add(delta, -lr);
       if (!accept_update(i, w[i], update_sq, out)) return out;
     }
-    for (size_t i = 0; i < n; ++i) {
-      params_[i].detach().copy_(w[i]);
-      square_avg_[i] = v[i];
-      acc_delta_[i] = u[i];
-    }
-    ++steps_;
-    out.update_norm = std::sqrt(update_sq);
+    commit(w, {{&square_avg_, &v}, {&acc_delta_, &u}}, update_sq, out);
     return out;
   }
 
   OptimizerState state() const override {
     if (steps_ == 0) return {};
-    NamedTensors v = named(square_avg_), u = named(acc_delta_);
-    for (auto& [name, t] : v) t = t.clone();
-    for (auto& [name, t] : u) t = t.clone();
-    return {{"square_avg", v}, {"acc_delta", u}};
+    return {{"square_avg", cloned(square_avg_)}, {"acc_delta", cloned(acc_delta_)}};
   }
 
   void load_state(const OptimizerState& state, int64_t steps, const std::string& source) override {
@@ -456,11 +448,8 @@ class AdadeltaOptimizer final : public Optimizer {
     read_slot(state, "square_avg", v, source, steps > 0);
     read_slot(state, "acc_delta", u, source, steps > 0);
     for (size_t i = 0; i < params_.size(); ++i) {
-      square_avg_[i] = v[i].defined() ? v[i] : at::zeros_like(params_[i]);
-      acc_delta_[i] = u[i].defined() ? u[i] : at::zeros_like(params_[i]);
-      if (square_avg_[i].lt(0).any().item<bool>() || acc_delta_[i].lt(0).any().item<bool>()) {
-        throw InputError(source + ": square_avg or acc_delta of '" + names_[i] + "' has negative entries");
-      }
+      square_avg_[i] = loaded(v, i, 0, "square_avg", source, true);
+      acc_delta_[i] = loaded(u, i, 0, "acc_delta", source, true);
     }
     steps_ = steps;
   }
