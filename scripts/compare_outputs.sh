@@ -9,12 +9,13 @@
 # tests or benchmarks; ccache shares objects between the two). The jobs, one thread each:
 #   - training: the default job's model (mlp:128:tanh, batch 64, lr 0.1; 300 steps, or the whole
 #     epoch of 938 with --full), a CNN with Adam, an MLP with momentum, weight decay and a cosine
-#     schedule, RMSprop with momentum, the note's one-parameter toy at a large rate; both
+#     schedule, RMSprop with momentum, Adadelta, the note's one-parameter toy at a large rate; both
 #     binaries train each run and every checkpoint, state file and step record (without its
 #     timings) must be equal;
 #   - analyses of the runs BEFORE trained, by both binaries: the default job's analysis (64
 #     probes, --second-order), --exact with --kinks on the CNN, --sharpness, the Adam CNN's Kopt,
-#     a --range with --every, RMSprop, a recorded PyTorch run (examples/record_mlp.py), the toy;
+#     a --range with --every, RMSprop, Adadelta with --every, a recorded PyTorch run
+#     (examples/record_mlp.py), the toy;
 #     explain (with --exact, --self-influence, --project; two shards and their merge); report of
 #     five of BEFORE's analyses (figures, their data and scripts, report.html); a small sweep.
 # Compared: every file each job wrote. Binary files (arrays/*.npy, checkpoints, PNGs) byte for
@@ -67,6 +68,7 @@ declare -A train_args=(
   [mlp-momentum]="--model mlp:32:tanh --train-limit 1000 --steps 60 --momentum 0.9 --weight-decay 1e-3 --lr-schedule cosine --checkpoint-every 20"
   [rmsprop]="--model mlp:16:tanh --train-limit 500 --steps 30 --optimizer rmsprop --momentum 0.5 --lr 1e-3 --checkpoint-every 10"
   [toy]="--model toy:wave --steps 30 --batch 32 --lr 6 --checkpoint-every 1"
+  [adadelta]="--model mlp:16:tanh --train-limit 1000 --steps 100 --optimizer adadelta --lr 1 --checkpoint-every 50"
 )
 status=0
 differ() { echo "DIFFERS: $*"; status=1; }
@@ -104,10 +106,12 @@ jobs=(
   "analyze-rmsprop|analyze before-runs/rmsprop --probes 8"
   "analyze-recorded|analyze recorded --probes 8 --second-order"
   "analyze-toy|analyze before-runs/toy --probes 4 --exact 4"
+  "analyze-adadelta|analyze before-runs/adadelta --probes 8 --range 30:90 --every 7"
   "explain-momentum|explain before-runs/mlp-momentum --probes 3 --self-influence --exact 3"
   "explain-default|explain before-runs/default --probes 2"
   "explain-momentum-project|explain before-runs/mlp-momentum --probes 2 --project 64"
   "explain-recorded|explain recorded --probes 2 --self-influence"
+  "explain-adadelta|explain before-runs/adadelta --probes 2 --self-influence"
   "explain-shard1|explain before-runs/default --probes 2 --range 0:200 --shard 1/2"
   "explain-shard2|explain before-runs/default --probes 2 --range 0:200 --shard 2/2"
   "merge-explain|merge before/explain-shard1 before/explain-shard2"

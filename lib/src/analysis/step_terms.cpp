@@ -150,11 +150,11 @@ class OptimizerTerm final : public StepTerm {
   void walk(StepContext& ctx) override {
     // P_k only where it enters the buffer (RMSprop with momentum).
     const bool inner = linear_update(ctx.batch.settings.options, ctx.k).inner;
-    recurrence_.advance(ctx.k, ctx.applied, ctx.w0, ctx.batch.settings,
-                        inner ? step_preconditioner(ctx.traj, ctx.k, ctx.options.kind) : ParamMap{});
+    recurrence_.advance(ctx.k, ctx.applied, ctx.w0, ctx.batch.settings, inner ? preconditioner(ctx) : ParamMap{});
+    if (!inner && preconditioner_needs_before(ctx.options.kind)) keep_state_after(ctx);
   }
   void prepare(StepContext& ctx) override {
-    const ParamMap precond = step_preconditioner(ctx.traj, ctx.k, ctx.options.kind);  // P_k, after step k
+    const ParamMap precond = preconditioner(ctx);  // P_k, after step k
     recurrence_.advance(ctx.k, ctx.applied, ctx.w0, ctx.batch.settings, precond);
     kernel_dir_ = recurrence_.kernel_direction(precond);
     decay_dir_ = recurrence_.has_decay() ? recurrence_.decay_direction(precond) : ParamMap{};
@@ -175,8 +175,30 @@ class OptimizerTerm final : public StepTerm {
   }
 
  private:
+  /// P_k (step_preconditioner), with the state before step k taken from the previous step's
+  /// state after it when this term saw it: asking the trajectory for it again, once it stands at
+  /// w_{k+1}, would replay a run from its checkpoint every step (Adadelta).
+  ParamMap preconditioner(StepContext& ctx) {
+    if (!preconditioner_needs_before(ctx.options.kind)) return ctx.traj.optimizer_after(ctx.k + 1).preconditioner({});
+    at::Tensor before;
+    if (ctx.k > 0) {
+      before = state_k_ == ctx.k ? state_ : ctx.traj.optimizer_after(ctx.k).preconditioner_state();
+      if (before.defined() && state_k_ != ctx.k) before = before.clone();  // the next call reuses the optimizer
+    }
+    ParamMap p = ctx.traj.optimizer_after(ctx.k + 1).preconditioner(before);
+    keep_state_after(ctx);
+    return p;
+  }
+  void keep_state_after(StepContext& ctx) {
+    const at::Tensor s = ctx.traj.optimizer_after(ctx.k + 1).preconditioner_state();
+    state_ = s.defined() ? s.clone() : s;
+    state_k_ = ctx.k + 1;
+  }
+
   UpdateRecurrence recurrence_;
   ParamMap kernel_dir_, decay_dir_;
+  at::Tensor state_;     ///< the preconditioner's state after step state_k_ - 1 (before step state_k_)
+  int64_t state_k_ = -1;
 };
 
 /// --kinks: each probe's and batch example's kinks along the step, walked row by row (kinks.h).
