@@ -21,7 +21,8 @@
 # Compared: every file each job wrote. Binary files (arrays/*.npy, checkpoints, PNGs) byte for
 # byte; text files (CSV, HTML, gnuplot scripts) byte for byte once each side's folder name
 # (before/, after/) is replaced by one name; JSON without timings (keys holding "seconds" or
-# "time"). Prints each difference; exit status 1 when there is one, 0 when every file agrees.
+# "time") and a run's creation time, commit and manifest digest. Prints each difference; exit
+# status 1 when there is one, 0 when every file agrees.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 src=$(pwd)
@@ -105,15 +106,15 @@ jobs=(
   "analyze-range|analyze before-runs/default --probes 8 --range 50:120 --every 3"
   "analyze-rmsprop|analyze before-runs/rmsprop --probes 8"
   "analyze-recorded|analyze recorded --probes 8 --second-order"
-  "analyze-toy|analyze before-runs/toy --probes 4 --exact 4"
+  "analyze-toy|analyze before-runs/toy --probes 4"
   "analyze-adadelta|analyze before-runs/adadelta --probes 8 --range 30:90 --every 7"
   "explain-momentum|explain before-runs/mlp-momentum --probes 3 --self-influence --exact 3"
   "explain-default|explain before-runs/default --probes 2"
   "explain-momentum-project|explain before-runs/mlp-momentum --probes 2 --project 64"
   "explain-recorded|explain recorded --probes 2 --self-influence"
   "explain-adadelta|explain before-runs/adadelta --probes 2 --self-influence"
-  "explain-shard1|explain before-runs/default --probes 2 --range 0:200 --shard 1/2"
-  "explain-shard2|explain before-runs/default --probes 2 --range 0:200 --shard 2/2"
+  "explain-shard1|explain before-runs/default --probes 2 --shard 1/2"
+  "explain-shard2|explain before-runs/default --probes 2 --shard 2/2"
   "merge-explain|merge before/explain-shard1 before/explain-shard2"
   "report-default|report before/analyze-default"
   "report-cnn-exact|report before/analyze-cnn-exact"
@@ -126,8 +127,9 @@ for side in before after; do
   for job in "${jobs[@]}"; do
     name=${job%%|*}
     args=${job#*|}
+    case "$args" in analyze*|explain*|sweep*) args="$args --threads 1" ;; esac
     # shellcheck disable=SC2086
-    "$work/$side/build/apps/pathkernel" $args --threads 1 --out "$side/$name" > /dev/null 2>> "$side-jobs.log" ||
+    "$work/$side/build/apps/pathkernel" $args --out "$side/$name" > /dev/null 2>> "$side-jobs.log" ||
       differ "$side: $args failed (see $out/$side-jobs.log)"
   done
 done
@@ -141,13 +143,15 @@ for job in "${jobs[@]}"; do
   while read -r f; do
     case "$f" in
       *.json|*.jsonl)
-        # Without timings (keys holding "seconds" or "time") and with each side's folder named
-        # alike (a sweep's runs record where they are).
+        # Without timings (keys holding "seconds" or "time"), a run's creation time and commit,
+        # and with each side's folder named alike (a sweep's runs record where they are).
         "$python" - "before/$name/$f" "after/$name/$f" <<'EOF' || differ "$name/$f"
 import json, re, sys
+# When a run was made, by which commit, and the digest of a manifest that holds both.
+UNSTABLE = {"created_unix", "git_revision", "manifest_sha256"}
 def strip(v):
     if isinstance(v, dict):
-        return {k: strip(x) for k, x in v.items() if "seconds" not in k and "time" not in k}
+        return {k: strip(x) for k, x in v.items() if "seconds" not in k and "time" not in k and k not in UNSTABLE}
     if isinstance(v, list):
         return [strip(x) for x in v]
     if isinstance(v, str):
