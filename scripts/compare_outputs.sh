@@ -19,7 +19,7 @@
 #     explain (with --exact, --self-influence, --project; two shards and their merge); report of
 #     five of BEFORE's analyses (figures, their data and scripts, report.html); a small sweep.
 # Compared: every file each job wrote. Binary files (arrays/*.npy, checkpoints, PNGs) byte for
-# byte; text files (CSV, HTML, gnuplot scripts) byte for byte once each side's folder name
+# byte, PDFs but for their creation dates; text files (CSV, HTML, gnuplot scripts) byte for byte once each side's folder name
 # (before/, after/) is replaced by one name; JSON without timings (keys holding "seconds" or
 # "time") and a run's creation time, commit and manifest digest. Prints each difference; exit
 # status 1 when there is one, 0 when every file agrees.
@@ -169,6 +169,11 @@ EOF
       *.html|*.gp|*.csv|*.txt)
         # Text: byte for byte once each side's folder is named alike.
         cmp -s <(sed -E "$side_names" "before/$name/$f") <(sed -E "$side_names" "after/$name/$f") || differ "$name/$f"
+        ;;
+      *.pdf)
+        # A PDF holds the time it was drawn.
+        cmp -s <(grep -av 'CreationDate\|ModDate' "before/$name/$f") <(grep -av 'CreationDate\|ModDate' "after/$name/$f") ||
+          differ "$name/$f"
         ;;
       *) cmp -s "before/$name/$f" "after/$name/$f" || differ "$name/$f" ;;
     esac
