@@ -1,6 +1,8 @@
 """Record networks the analyzer does not build itself: a small CNN trained with SGD + Nesterov
 momentum, or a custom nn.Module with a residual connection and LayerNorm trained with AdamW,
-on Fashion-MNIST in plain PyTorch.
+on Fashion-MNIST in plain PyTorch; or, with SGD + momentum, a residual CNN (a stem and two
+BatchNorm-free basic blocks, global pooling), an LSTM over the image's rows, or a CNN with
+GroupNorm.
 
     python3 examples/record_custom.py runs/py-cnn --model cnn [--steps 40]
     python3 examples/record_custom.py runs/py-res --model resnorm [--loss mse]
@@ -39,7 +41,59 @@ class ResidualNorm(torch.nn.Module):
         return self.head(h)
 
 
+class BasicBlock(torch.nn.Module):
+    """ResNet's basic block without BatchNorm: x + conv(relu(conv(x)))."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return torch.relu(x + self.conv2(torch.relu(self.conv1(x))))
+
+
+class ResidualCnn(torch.nn.Module):
+    """A conv stem, two basic blocks, global average pooling and a linear head."""
+
+    def __init__(self, channels=16, outputs=10):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(1, channels, 3, stride=2, padding=1)
+        self.block1 = BasicBlock(channels)
+        self.block2 = BasicBlock(channels)
+        self.head = torch.nn.Linear(channels, outputs)
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x))
+        h = self.block2(self.block1(h))
+        return self.head(h.mean(dim=(2, 3)))
+
+
+class RowLstm(torch.nn.Module):
+    """An LSTM reading the image's rows as a sequence of 28 vectors; a linear head on its last state."""
+
+    def __init__(self, hidden=24, outputs=10):
+        super().__init__()
+        self.lstm = torch.nn.LSTM(28, hidden, batch_first=True)
+        self.head = torch.nn.Linear(hidden, outputs)
+
+    def forward(self, x):
+        seq, _ = self.lstm(x.flatten(1, 2))  # [N, 1, 28, 28] -> [N, 28, 28]
+        return self.head(seq[:, -1])
+
+
+def group_norm_cnn():
+    """Two convolutions with GroupNorm (which mixes no examples: fine in training mode) and a head."""
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.GroupNorm(2, 8), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.GroupNorm(4, 16), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Flatten(), torch.nn.Linear(16 * 7 * 7, 10))
+
+
 def build(kind):
+    if kind in ("rescnn", "lstm", "gncnn"):
+        model = {"rescnn": ResidualCnn, "lstm": RowLstm, "gncnn": group_norm_cnn}[kind]()
+        return model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     if kind == "cnn":
         model = torch.nn.Sequential(
             torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
@@ -55,7 +109,7 @@ def build(kind):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
-    ap.add_argument("--model", choices=("cnn", "resnorm"), default="cnn")
+    ap.add_argument("--model", choices=("cnn", "resnorm", "rescnn", "lstm", "gncnn"), default="cnn")
     ap.add_argument("--loss", choices=("ce", "mse"), default="ce")
     ap.add_argument("--data", default="/usr/share/datasets/fashion-mnist")
     ap.add_argument("--steps", type=int, default=40)

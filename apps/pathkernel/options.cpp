@@ -77,6 +77,9 @@ void add_analysis_options(cxxopts::Options& opts, AnalyzeConfig& c, bool with_th
     ("kernel-route", "auto | factorized | explicit (per-row Jacobians: the slow reference route) | torchscript "
      "(a recorded run's own model, by autograd)",
      cxxopts::value(c.kernel_route)->default_value("auto"))
+    ("products", "auto | forward | double-backward | rows: how the probes' products J v with each step's "
+     "directions are formed (Jacobian-vector products by forward-mode AD or by double backward, or gradient rows)",
+     cxxopts::value(c.products)->default_value("auto"))
     ("exact", "Q: also the exact path kernel by Q-node Gauss-Legendre quadrature", cxxopts::value(c.exact_nodes))
     ("tc-rule", "tau | outlier", cxxopts::value(c.tc_rule)->default_value("tau"))
     ("tau", "tau rule: step in T_c when |R|/|F| > tau", cxxopts::value(c.tau)->default_value("0.1"))

@@ -75,8 +75,14 @@ TEST_F(AnalyzerTest, ForwardModeRouteEqualsExplicitJacobianRoute) {
   a.exact_nodes = 2;
   const AnalysisResult fast = analyze(a);
   a.kernel_route = "explicit";
+  a.products = "rows";  // the probes' gradient rows, one backward each: the reference
   a.out += "-explicit";
   const AnalysisResult slow = analyze(a);
+  a.products = "double-backward";  // the explicit route's Jacobian-vector products
+  a.out += "-db";
+  const AnalysisResult db = analyze(a);
+  EXPECT_EQ(db.products, "double-backward");
+  EXPECT_EQ(slow.products, "rows");
   EXPECT_EQ(fast.kernel_split_checked, 3);  // steps 0, 4, 8 of 11
   EXPECT_EQ(slow.kernel_split_checked, 11);
   EXPECT_LT(fast.kernel_split_error, 1e-12);
@@ -94,6 +100,11 @@ TEST_F(AnalyzerTest, ForwardModeRouteEqualsExplicitJacobianRoute) {
   EXPECT_TRUE(agree(fast.kexact, slow.kexact));
   EXPECT_TRUE(agree(fast.koptexact, slow.koptexact));
   EXPECT_TRUE(at::equal(fast.d, slow.d));
+  for (at::Tensor AnalysisResult::*q : {&AnalysisResult::k, &AnalysisResult::f, &AnalysisResult::kopt, &AnalysisResult::u,
+                                        &AnalysisResult::uopt_wd, &AnalysisResult::kexact, &AnalysisResult::koptexact}) {
+    EXPECT_TRUE(agree(db.*q, slow.*q));
+  }
+  EXPECT_EQ(db.kernel_split_checked, 3);
 }
 
 // Issue 13: split at the kinks, the exact path kernel reproduces D to 1e-12 on ReLU and max-pool

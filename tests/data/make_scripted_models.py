@@ -29,6 +29,38 @@ with torch.no_grad():  # LayerNorm starts at weight 1, bias 0: move it so its gr
 torch.jit.save(torch.jit.script(net), os.path.join(here, "scripted_resnorm.pt"))
 
 
+class Prototypes(torch.nn.Module):
+    """Logits = -distances to learned prototypes (torch.cdist: neither a forward-mode AD formula
+    nor a differentiable backward in torch 1.13: J v by the gradient rows)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Linear(64, 6)
+        self.prototypes = torch.nn.Parameter(torch.randn(4, 6))
+
+    def forward(self, x):
+        return -torch.cdist(torch.tanh(self.embed(x.flatten(1))), self.prototypes)
+
+
+torch.jit.save(torch.jit.script(Prototypes()), os.path.join(here, "scripted_prototypes.pt"))
+
+
+class RunningScores(torch.nn.Module):
+    """Logits = logcumsumexp over the classes of a tanh MLP's scores (no forward-mode AD formula
+    in torch 1.13, a twice-differentiable backward: J v goes by double backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.hidden = torch.nn.Linear(64, 7)
+        self.scores = torch.nn.Linear(7, 4)
+
+    def forward(self, x):
+        return torch.logcumsumexp(self.scores(torch.tanh(self.hidden(x.flatten(1)))), dim=1)
+
+
+torch.jit.save(torch.jit.script(RunningScores()), os.path.join(here, "scripted_running_scores.pt"))
+
+
 class NoParams(torch.nn.Module):
     def forward(self, x):
         return x.flatten(1)

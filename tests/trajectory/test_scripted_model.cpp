@@ -8,6 +8,7 @@
 
 #include "fixtures.h"
 #include "pathkernel/analysis/kernels.h"
+#include "pathkernel/analysis/step_terms.h"
 #include "pathkernel/io/errors.h"
 #include "pathkernel/io/fs_util.h"
 #include "pathkernel/trajectory/scripted_model.h"
@@ -130,6 +131,91 @@ TEST(ScriptedModelTest, ResidualLayerNormRowsMatchFiniteDifferences) {
   }
   EXPECT_GT(s.abs().max().item<double>(), 1e-9);  // LayerNorm and tanh: a curved model
   EXPECT_LT(max_rel(s, (fp - 2 * f0 + fm) * 0.5), 1e-4);
+}
+
+/// A random direction over every parameter of `m`.
+ParamMap random_direction(models::Model& m) {
+  ParamMap v;
+  for (const auto& p : m.named_parameters()) v[p.key()] = at::randn_like(p.value());
+  return v;
+}
+
+/// J v by both Jacobian-vector routes against the explicit rows (one backward per row) times v.
+void expect_jvps_match_rows(models::Model& m, const at::Tensor& x, const at::Tensor& cols, bool forward_mode) {
+  const ParamMap v = random_direction(m);
+  const at::Tensor rows = explicit_probe_jacobian(m, x, cols).mv(flatten_params(m, v));
+  at::Tensor logits;
+  const at::Tensor db = probe_jvps(m, x, cols, {&v}, &logits, JvpMode::kDoubleBackward).at(0);
+  EXPECT_LT(max_rel(db, rows), 1e-12);
+  EXPECT_LT(max_rel(logits, forward_nograd(m, x)), 1e-15);
+  if (forward_mode) EXPECT_LT(max_rel(probe_jvps(m, x, cols, {&v}, nullptr, JvpMode::kForward).at(0), rows), 1e-12);
+  // A wrong direction (one parameter's part dropped) does not pass for the right one.
+  ParamMap wrong = v;
+  wrong.begin()->second = at::zeros_like(wrong.begin()->second);
+  EXPECT_GT(max_rel(probe_jvps(m, x, cols, {&wrong}, nullptr, JvpMode::kDoubleBackward).at(0), rows), 1e-6);
+}
+
+TEST(ScriptedModelTest, JacobianVectorProductsMatchExplicitRowsByEitherMode) {
+  at::manual_seed(3);
+  auto res = scripted("scripted_resnorm.pt", 3);
+  const at::Tensor x = at::randn({4, 16}, at::kDouble);
+  const at::Tensor cols = at::tensor({0, 2, 1, 1, 2, 0, 0, 1}, at::kLong).reshape({4, 2});
+  std::string why;
+  EXPECT_EQ(choose_jvp_mode(*res, x, cols, &why), JvpMode::kForward) << why;
+  expect_jvps_match_rows(*res, x, cols, /*forward_mode=*/true);
+  auto cnn = scripted("scripted_cnn.pt", 4);
+  expect_jvps_match_rows(*cnn, at::rand({3, 1, 8, 8}, at::kDouble), at::tensor({0, 3, 2}, at::kLong).reshape({3, 1}), true);
+}
+
+TEST(ScriptedModelTest, AnOperatorWithoutForwardModeFallsBackToDoubleBackwardThenToRows) {
+  // LibTorch 1.13 has no forward-mode formula for logcumsumexp (its backward is differentiable)
+  // nor for cdist (whose backward is not): choose_jvp_mode names the operator and picks the
+  // double backward for the first, the gradient rows for the second.
+  at::manual_seed(4);
+  const at::Tensor x = at::randn({5, 1, 8, 8}, at::kDouble);
+  const at::Tensor cols = at::arange(4, at::kLong).unsqueeze(0).expand({5, 4}).contiguous();
+  auto m = scripted("scripted_running_scores.pt", 4);
+  const ParamMap v = random_direction(*m);
+  EXPECT_THROW(probe_jvps(*m, x, cols, {&v}, nullptr, JvpMode::kForward), c10::Error);
+  std::string why;
+  EXPECT_EQ(choose_jvp_mode(*m, x, cols, &why), std::optional<JvpMode>(JvpMode::kDoubleBackward));
+  EXPECT_NE(why.find("logcumsumexp"), std::string::npos) << why;
+  expect_jvps_match_rows(*m, x, cols, /*forward_mode=*/false);
+  // A failed forward-mode attempt leaves no tangent behind: the next products are still right.
+  EXPECT_LT(max_rel(probe_jvps(*m, x, cols, {&v}, nullptr, JvpMode::kDoubleBackward).at(0),
+                    explicit_probe_jacobian(*m, x, cols).mv(flatten_params(*m, v))),
+            1e-12);
+  auto p = scripted("scripted_prototypes.pt", 4);
+  EXPECT_EQ(choose_jvp_mode(*p, x, cols, &why), std::nullopt);
+  EXPECT_NE(why.find("_cdist_backward"), std::string::npos) << why;
+}
+
+/// tanh(x W^T) whose forward drops W's tangent when forward-mode AD runs through it: a model
+/// whose forward-mode formulas would be wrong, for choose_jvp_mode's check against the rows.
+class WrongTangents : public models::Model {
+ public:
+  WrongTangents() : Model(models::ModelSpec{"torchscript", {}, "none"}, 3) {
+    w_ = register_parameter("w", at::randn({3, 5}, at::kDouble));
+  }
+  torch::Tensor forward(const torch::Tensor& x) override {
+    const bool dual = w_._fw_grad(0).defined();
+    return at::tanh(at::mm(x.flatten(1), (dual ? std::get<0>(at::_unpack_dual(w_, 0)) : w_).t()));
+  }
+
+ private:
+  at::Tensor w_;
+};
+
+TEST(ScriptedModelTest, AForwardModeThatDisagreesWithTheRowsIsNotTaken) {
+  at::manual_seed(5);
+  WrongTangents m;
+  const at::Tensor x = at::randn({2, 5}, at::kDouble);
+  const at::Tensor cols = at::tensor({0, 2, 1, 0}, at::kLong).reshape({2, 2});
+  const ParamMap v = random_direction(m);
+  EXPECT_EQ(probe_jvps(m, x, cols, {&v}, nullptr, JvpMode::kForward).at(0).abs().max().item<double>(), 0.0);
+  std::string why;
+  EXPECT_EQ(choose_jvp_mode(m, x, cols, &why), std::optional<JvpMode>(JvpMode::kDoubleBackward));
+  EXPECT_NE(why.find("off the gradient rows"), std::string::npos) << why;
 }
 
 TEST(ScriptedModelTest, DamagedOrUnusableArchivesAreRefusedNamingTheFile) {

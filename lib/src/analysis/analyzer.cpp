@@ -92,9 +92,11 @@ class Driver {
     model_->to(at::kDouble);
     choose_route();
     choose_probes_and_outputs();
+    choose_products();
     describe();
     StepContext ctx(c_, traj_, *model_, res_, traj_.loss(), xp_, res_.outputs, np_, res_.outputs.size(1),
                     explicit_route_, jvp_route_, projection_);
+    ctx.jvp_mode = jvp_mode_;
     set_up(ctx);
     for (int64_t k = walk_from_; k < end_ && resume_at_ < end_; ++k) {  // (nothing left when resumed at the end)
       const bool analyzed = k >= resume_at_ && (k - begin_) % c_.every == 0;
@@ -140,17 +142,22 @@ class Driver {
   void choose_route() {
     const std::string spec = traj_.model_spec();
     explicit_route_ = c_.kernel_route == "explicit" || c_.kernel_route == "torchscript";
-    if (c_.kernel_route == "auto" && !factorizable(*model_)) {
-      if (spec == "torchscript") {
-        spdlog::info("the recorded TorchScript model: per-row gradients by autograd");
-      } else {
-        spdlog::warn("model '{}' has parameters outside Linear/Conv2d layers: using explicit Jacobians (slow)", spec);
-      }
+    if (explicit_route_) {
+      res_.route_reason = "--kernel-route " + c_.kernel_route;
+    } else if (spec == "torchscript") {
+      res_.route_reason = "a recorded model the recorder did not recognize as one of the zoo's";
       explicit_route_ = true;
+    } else if (!factorizable(*model_)) {
+      res_.route_reason = "model '" + spec + "' has parameters outside Linear/Conv2d layers";
+      explicit_route_ = true;
+    } else {
+      res_.route_reason = "the zoo's " + spec + ": every parameter in a tapped Linear/Conv2d layer";
     }
-    bool has_conv = false;
-    for (const auto& t : model_->taps()) has_conv = has_conv || t.kind == models::LayerKind::kConv2d;
-    jvp_route_ = !explicit_route_ && has_conv;
+    if (explicit_route_ && c_.kernel_route == "auto") {
+      res_.route_reason += "; hint: the factorized route (much faster) serves nn.Sequential stacks of Linear/Conv2d "
+                           "layers with ReLU, leaky ReLU, tanh, max-pool, Flatten and identities (docs/pytorch.md)";
+    }
+    spdlog::info("kernel route: {} ({})", explicit_route_ ? "per-row autograd" : "factorized", res_.route_reason);
     if (c_.project > 0 && explicit_route_) {
       throw InputError("--project needs the factorized route: this run's model has parameters outside tapped "
                        "Linear/Conv2d layers or was recorded as TorchScript");
@@ -166,6 +173,31 @@ class Driver {
                              "the zoo's (docs/pytorch.md: Analyze your own PyTorch training); use auto or torchscript"
                            : "--kernel-route factorized: model '" + spec + "' has parameters outside Linear/Conv2d layers");
     }
+  }
+
+  /// How J v is formed (AnalyzeConfig::products); the per-example split's rows are formed on the
+  /// steps that need them whichever way.
+  void choose_products() {
+    bool has_conv = false;
+    for (const auto& t : model_->taps()) has_conv = has_conv || t.kind == models::LayerKind::kConv2d;
+    std::string why;
+    if (c_.products == "rows" || (c_.products == "auto" && !explicit_route_ && !has_conv)) {
+      jvp_route_ = false;
+      res_.products = "rows";
+    } else {
+      jvp_route_ = true;
+      if (c_.products == "forward" || (c_.products == "auto" && !explicit_route_)) {
+        jvp_mode_ = JvpMode::kForward;
+      } else if (c_.products == "double-backward") {
+        jvp_mode_ = JvpMode::kDoubleBackward;
+      } else {
+        const std::optional<JvpMode> mode = choose_jvp_mode(*model_, xp_, res_.outputs, &why);
+        jvp_route_ = mode.has_value();
+        jvp_mode_ = mode.value_or(JvpMode::kForward);
+      }
+      res_.products = !jvp_route_ ? "rows" : jvp_mode_ == JvpMode::kForward ? "forward" : "double-backward";
+    }
+    spdlog::info("probe products J v: {}{}", res_.products, why.empty() ? "" : " (" + why + ")");
   }
 
   /// The probes, and which logit each column holds: all, one class, the label's, or the final
@@ -334,13 +366,13 @@ class Driver {
   /// formed for the step callback (explain) and on the checked steps (counted from the whole
   /// range's first step, so that shards check the steps one process would), where its sum over
   /// m is compared with -a_k g . grad L_k, an independent route (exit status 4 beyond
-  /// tolerance). The forward-mode route gives K and F without it on the other steps; the
-  /// explicit route forms the rows anyway and checks every step.
+  /// tolerance). Jacobian-vector products (forward mode or double backward) give K and F without
+  /// it on the other steps; the rows route (--products rows) forms the rows and checks every step.
   void form_products(StepContext& ctx) {
     const bool checked = ((ctx.k - whole_begin_) / c_.every) % c_.check_every == 0;
     ctx.split = !jvp_route_ || c_.on_step || checked;
     ctx.f0 = at::Tensor();
-    if (jvp_route_) ctx.jv = probe_jvps(*model_, xp_, res_.outputs, ctx.dirs, &ctx.f0);
+    if (jvp_route_) ctx.jv = probe_jvps(*model_, xp_, res_.outputs, ctx.dirs, &ctx.f0, jvp_mode_);
     ctx.sp = RowGradients{};
     ctx.sb = RowGradients{};
     ctx.k_per = at::Tensor();
@@ -423,6 +455,7 @@ class Driver {
   std::shared_ptr<models::Model> model_;
   int64_t whole_begin_ = 0, whole_end_ = 0, begin_ = 0, end_ = 0, resume_at_ = 0, walk_from_ = 0, np_ = 0;
   bool explicit_route_ = false, jvp_route_ = false, progress_ = false;
+  JvpMode jvp_mode_ = JvpMode::kForward;
   Projection projection_;
   OptimizerOptions options_;
   at::Tensor xp_;

@@ -49,7 +49,7 @@ ExactStepSums integrate_exact_step(const ExactStepInputs& in) {
     if (!in.split) {
       std::vector<const ParamMap*> dirs = {in.dw, in.grad_l};
       if (kopt) dirs.push_back(in.kernel_dir);
-      const std::vector<at::Tensor> t = probe_jvps(model, x, cols, dirs);
+      const std::vector<at::Tensor> t = probe_jvps(model, x, cols, dirs, nullptr, in.jvp_mode);
       add(out.gbar_dw, t[0], 1.0);
       add(out.gbar_grad, t[1], 1.0);
       if (kopt) add(out.gbar_kdir, t[2], 1.0);

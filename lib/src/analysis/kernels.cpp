@@ -297,35 +297,155 @@ at::Tensor second_order(models::Model& model, const at::Tensor& x, const at::Ten
   return (second.gather(1, cols) * 0.5).reshape({-1});
 }
 
-std::vector<at::Tensor> probe_jvps(models::Model& model, const at::Tensor& x, const at::Tensor& cols,
-                                   const std::vector<const ParamMap*>& dirs, at::Tensor* logits) {
-  const bool capture = model.capture();
-  model.set_capture(false);
+namespace {
+
+/// Restores the model's capture flag however the products end.
+class CaptureOff {
+ public:
+  explicit CaptureOff(models::Model& m) : model_(m), was_(m.capture()) { model_.set_capture(false); }
+  ~CaptureOff() { model_.set_capture(was_); }
+  CaptureOff(const CaptureOff&) = delete;
+  CaptureOff& operator=(const CaptureOff&) = delete;
+
+ private:
+  models::Model& model_;
+  bool was_;
+};
+
+/// Leaves a forward-mode dual level however the forward ends.
+class DualLevel {
+ public:
+  DualLevel() : level_(torch::autograd::forward_ad::enter_dual_level()) {}
+  ~DualLevel() { torch::autograd::forward_ad::exit_dual_level(level_); }
+  DualLevel(const DualLevel&) = delete;
+  DualLevel& operator=(const DualLevel&) = delete;
+  uint64_t level() const { return level_; }
+
+ private:
+  uint64_t level_;
+};
+
+std::vector<at::Tensor> forward_mode_jvps(models::Model& model, const at::Tensor& x, const at::Tensor& cols,
+                                          const std::vector<const ParamMap*>& dirs, at::Tensor* logits) {
   at::NoGradGuard ng;  // forward-mode AD does not need the tape
   std::vector<at::Tensor> out;
   if (logits && dirs.empty()) *logits = model.forward(x);
   for (const ParamMap* v : dirs) {
-    const uint64_t level = torch::autograd::forward_ad::enter_dual_level();
-    try {
-      for (const auto& item : model.named_parameters()) {
-        const at::Tensor& p = item.value();
-        item.value()._set_fw_grad(v->at(item.key()).to(p.options()).contiguous(), level, /*is_inplace_op=*/false);
-      }
-      const at::Tensor y = model.forward(x);
-      const auto [primal, tangent] = at::_unpack_dual(y, level);
-      if (logits && out.empty()) *logits = primal.clone();
-      // A model whose outputs do not depend on the parameters has no tangent: J v = 0.
-      out.push_back(tangent.defined() ? tangent.gather(1, cols).reshape({-1}).clone()
-                                      : at::zeros({cols.numel()}, y.options()));
-    } catch (...) {
-      torch::autograd::forward_ad::exit_dual_level(level);
-      model.set_capture(capture);
-      throw;
+    const DualLevel dual;
+    for (const auto& item : model.named_parameters()) {
+      const at::Tensor& p = item.value();
+      item.value()._set_fw_grad(v->at(item.key()).to(p.options()).contiguous(), dual.level(), /*is_inplace_op=*/false);
     }
-    torch::autograd::forward_ad::exit_dual_level(level);
+    const at::Tensor y = model.forward(x);
+    const auto [primal, tangent] = at::_unpack_dual(y, dual.level());
+    if (logits && out.empty()) *logits = primal.clone();
+    // A model whose outputs do not depend on the parameters has no tangent: J v = 0.
+    out.push_back(tangent.defined() ? tangent.gather(1, cols).reshape({-1}).clone()
+                                    : at::zeros({cols.numel()}, y.options()));
   }
-  model.set_capture(capture);
   return out;
+}
+
+std::vector<at::Tensor> double_backward_jvps(models::Model& model, const at::Tensor& x, const at::Tensor& cols,
+                                             const std::vector<const ParamMap*>& dirs, at::Tensor* logits) {
+  const at::AutoGradMode grad_on(true);
+  std::vector<at::Tensor> params, tangents;
+  for (const auto& item : model.named_parameters()) {
+    if (!item.value().requires_grad()) continue;
+    params.push_back(item.value());
+  }
+  const at::Tensor y = model.forward(x);
+  if (logits) *logits = y.detach().clone();
+  std::vector<at::Tensor> out;
+  if (dirs.empty()) return out;
+  const at::Tensor sel = y.gather(1, cols);
+  if (!sel.requires_grad()) {  // outputs independent of the parameters: J v = 0
+    for (size_t i = 0; i < dirs.size(); ++i) out.push_back(at::zeros({cols.numel()}, y.options()));
+    return out;
+  }
+  // J^T u, differentiable in u (and linear in it, so any u serves: ones, since some backward
+  // formulas take the log of the incoming gradient): one backward of the probes' graph.
+  const at::Tensor u = at::ones_like(sel).requires_grad_(true);
+  const auto jtu = torch::autograd::grad({sel}, params, {u}, /*retain_graph=*/true, /*create_graph=*/true,
+                                         /*allow_unused=*/true);
+  std::vector<std::string> names;
+  for (const auto& item : model.named_parameters()) {
+    if (item.value().requires_grad()) names.push_back(item.key());
+  }
+  for (const ParamMap* v : dirs) {
+    at::Tensor s;
+    for (size_t i = 0; i < jtu.size(); ++i) {
+      if (!jtu[i].defined() || !jtu[i].requires_grad()) continue;
+      const at::Tensor term = (jtu[i] * v->at(names[i]).to(jtu[i].options())).sum();
+      s = s.defined() ? s + term : term;
+    }
+    if (!s.defined()) {
+      out.push_back(at::zeros({cols.numel()}, y.options()));
+      continue;
+    }
+    out.push_back(torch::autograd::grad({s}, {u}, {}, /*retain_graph=*/true, false)[0].reshape({-1}).detach());
+  }
+  return out;
+}
+
+}  // namespace
+
+std::vector<at::Tensor> probe_jvps(models::Model& model, const at::Tensor& x, const at::Tensor& cols,
+                                   const std::vector<const ParamMap*>& dirs, at::Tensor* logits, JvpMode mode) {
+  const CaptureOff off(model);
+  return mode == JvpMode::kForward ? forward_mode_jvps(model, x, cols, dirs, logits)
+                                   : double_backward_jvps(model, x, cols, dirs, logits);
+}
+
+namespace {
+
+/// The line of an error that names the operator (LibTorch's TorchScript interpreter wraps it).
+std::string operator_line(const c10::Error& e) {
+  const std::string what = e.what_without_backtrace();
+  for (size_t at_ = 0; at_ < what.size();) {
+    size_t end = what.find('\n', at_);
+    if (end == std::string::npos) end = what.size();
+    const std::string line = what.substr(at_, end - at_);
+    if (line.find("not implemented") != std::string::npos || line.find("not support") != std::string::npos) return line;
+    at_ = end + 1;
+  }
+  return what.substr(0, what.find('\n'));
+}
+
+}  // namespace
+
+std::optional<JvpMode> choose_jvp_mode(models::Model& model, const at::Tensor& x, const at::Tensor& cols,
+                                       std::string* why) {
+  // A direction in general position, and the first probe's rows as the reference each mode must
+  // match: a mode that runs but is wrong (a NaN from a backward formula) is not taken.
+  const at::Tensor x1 = x.slice(0, 0, 1), c1 = cols.slice(0, 0, 1);
+  ParamMap v;
+  {
+    const at::Generator gen = at::detail::createCPUGenerator(20250);
+    for (const auto& item : model.named_parameters()) v[item.key()] = at::randn(item.value().sizes(), gen, item.value().options());
+  }
+  const at::Tensor want = explicit_probe_jacobian(model, x1, c1).mv(flatten_params(model, v));
+  const double scale = std::max(want.abs().max().item<double>(), 1e-300);
+  std::string failed[2];
+  const JvpMode modes[2] = {JvpMode::kForward, JvpMode::kDoubleBackward};
+  for (int i = 0; i < 2; ++i) {
+    try {
+      const at::Tensor got = probe_jvps(model, x1, c1, {&v}, nullptr, modes[i]).at(0);
+      const double err = (got - want).abs().max().item<double>() / scale;
+      if (err <= 1e-9) {
+        if (why) {
+          *why = i == 0 ? "forward-mode AD covers every operator of the model's forward"
+                        : "no forward-mode AD for the model (" + failed[0] + "): double backward";
+        }
+        return modes[i];
+      }
+      failed[i] = "J v off the gradient rows by " + std::to_string(err) + " of their scale";
+    } catch (const c10::Error& e) {
+      failed[i] = operator_line(e);
+    }
+  }
+  if (why) *why = "neither forward-mode AD (" + failed[0] + ") nor double backward (" + failed[1] + ") for the model: the gradient rows";
+  return std::nullopt;
 }
 
 namespace {

@@ -122,6 +122,7 @@ AnalyzeConfig config_from_settings(const nlohmann::json& s) {
   c.second_order = s.at("second_order").get<bool>();
   c.exact_nodes = s.at("exact_nodes").get<int64_t>();
   c.kernel_route = s.at("kernel_route").get<std::string>();
+  c.products = s.value("products", "auto");
   c.tc_rule = s.at("tc_rule").get<std::string>();
   c.tau = s.at("tau").get<double>();
   c.tc_window = s.at("tc_window").get<int64_t>();
@@ -185,6 +186,8 @@ StoredAnalysis read_analysis(const fs::path& dir) {
     r.optimizer = s.at("optimizer").get<std::string>();
     r.model = s.at("model").get<std::string>();
     r.route = s.at("kernel_route_used").get<std::string>();
+    r.route_reason = s.value("kernel_route_reason", "");
+    r.products = s.value("products_used", "");
     r.uses_kopt = s.at("kernel_term").get<std::string>() == "Kopt";
     r.contiguous = s.at("identity_applies").get<bool>();
     r.kernel_split_error = s.at("max_kernel_split_error").get<double>();

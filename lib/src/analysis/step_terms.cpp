@@ -239,7 +239,8 @@ class ExactTerm final : public StepTerm {
     in.dw = &ctx.dw;
     in.grad_l = &ctx.applied;
     in.kernel_dir = ctx.kernel_dir;
-    in.split = !ctx.jvp_route || static_cast<bool>(c.on_step);  // else forward mode at the nodes
+    in.split = !ctx.jvp_route || static_cast<bool>(c.on_step);  // else J v at the nodes
+    in.jvp_mode = ctx.jvp_mode;
     in.explicit_route = ctx.explicit_route;
     in.batch_rows = &ctx.sb;
     in.projection = c.project > 0 ? &ctx.projection : nullptr;

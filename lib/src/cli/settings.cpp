@@ -117,6 +117,12 @@ void check_kernel_route(const std::string& route) {
   }
 }
 
+void check_products(const std::string& products) {
+  if (products != "auto" && products != "forward" && products != "double-backward" && products != "rows") {
+    throw InputError("--products must be auto, forward, double-backward or rows, not '" + products + "'");
+  }
+}
+
 void AnalyzeConfig::validate() const {
   if (run.empty()) throw InputError("give the run directory");
   if (out.empty()) throw InputError("--out DIR is required");
@@ -127,6 +133,7 @@ void AnalyzeConfig::validate() const {
   }
   if (every < 1) throw InputError("--every must be at least 1");
   check_kernel_route(kernel_route);
+  check_products(products);
   if (tc_rule != "tau" && tc_rule != "outlier") throw InputError("--tc-rule must be tau or outlier");
   if (!(tau >= 0)) throw InputError("--tau must be >= 0");
   if (exact_nodes < 0 || exact_nodes > 64) throw InputError("--exact takes 1..64 quadrature nodes");
@@ -143,6 +150,9 @@ void AnalyzeConfig::validate() const {
     throw InputError("--shard must be I/N with 1 <= I <= N");
   }
   if (shard_count > 0 && every != 1) throw InputError("--shard needs --every 1 (the shards must join into every step)");
+  if (workers < 1 || workers > 64) throw InputError("--workers takes 1..64 processes");
+  if (workers > 1 && shard_count > 0) throw InputError("--workers splits the range into shards itself: give --shard or --workers");
+  if (workers > 1 && every != 1) throw InputError("--workers needs --every 1 (the workers' shards must join into every step)");
   check_thread_flag(threads);
 }
 

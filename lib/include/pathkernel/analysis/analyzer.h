@@ -50,10 +50,19 @@ struct AnalyzeConfig {
   /// --shard I/N (shard_count > 0): only the I-th (1-based) of N contiguous parts of the range,
   /// split at stored checkpoints (shards.h); `pathkernel merge` joins the parts.
   int64_t shard_index = 0, shard_count = 0;
+  /// --workers N (> 1): the command line analyzes the range as N shards in N processes of its own
+  /// at once and joins them (pathkernel analyze; the library's analyze() runs one process).
+  int64_t workers = 1;
   bool second_order = false;       ///< also S = 1/2 dw^T H dw (exact, double backward)
   /// auto | factorized | explicit (per-row Jacobians, slow) | torchscript (a recorded run's own
   /// TorchScript model through autograd, even where the recorder recognized a zoo model).
   std::string kernel_route = "auto";
+  /// How the probes' products with each step's directions (F, K, Kopt, U's parts, the exact
+  /// nodes) are formed: auto | forward (forward-mode AD) | double-backward | rows (the probes'
+  /// gradient rows dotted with the direction: the reference). auto: rows for a factorized model
+  /// of Linear layers only, forward mode for a zoo model with a convolution, and for any other
+  /// model forward mode where LibTorch covers its operators, else the double backward.
+  std::string products = "auto";
   int64_t exact_nodes = 0;         ///< Q > 0: the exact path kernel by Q-node Gauss-Legendre quadrature
   std::string tc_rule = "tau";     ///< tau or outlier
   double tau = 0.1;
@@ -162,7 +171,9 @@ struct AnalysisResult {
   at::Tensor koptexact, uoptexact;
   std::string optimizer;               ///< the run's optimizer: sgd, adam, adamw
   std::string model;                   ///< the zoo spec analyzed, or "torchscript"
-  std::string route;                   ///< the kernel route taken: factorized or explicit
+  std::string route;                   ///< the kernel route taken: factorized, explicit or torchscript
+  std::string route_reason;            ///< why that route (and a hint when it is the slow one)
+  std::string products;                ///< how J v was formed: forward, double-backward or rows
   /// The optimizer has memory (momentum, Adam's moments) or a preconditioner: Eq. 9 uses Kopt.
   bool uses_kopt = false;
   at::Tensor f_initial, f_final;       ///< float64 [P, C] at the first analyzed step and after the last
@@ -218,6 +229,8 @@ std::vector<int64_t> choose_probes(const AnalyzeConfig& c, int64_t n, const at::
 
 /// Throws InputError unless `route` is auto, factorized, explicit or torchscript.
 void check_kernel_route(const std::string& route);
+/// Throws InputError unless `products` is auto, forward, double-backward or rows.
+void check_products(const std::string& products);
 
 /// Gauss-Legendre nodes and weights on [0, 1]: exact for polynomials of degree <= 2q - 1.
 std::pair<std::vector<double>, std::vector<double>> gauss_legendre(int64_t q);

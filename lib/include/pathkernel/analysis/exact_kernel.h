@@ -30,6 +30,7 @@ struct ExactStepInputs {
   const ParamMap* kernel_dir = nullptr; ///< the optimizer's kernel direction (Kopt), or null
   /// Per-example split against the batch rows at every node (else forward mode: directional only).
   bool split = true;
+  JvpMode jvp_mode = JvpMode::kForward;  ///< without split: how J v is formed at the nodes
   bool explicit_route = false;
   const RowGradients* batch_rows = nullptr;  ///< with split: the batch's loss rows at w_k
   const Projection* projection = nullptr;    ///< with split and --project: the sketch

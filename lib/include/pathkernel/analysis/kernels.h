@@ -14,6 +14,7 @@
 
 #include <cstdint>
 #include <map>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -81,8 +82,22 @@ at::Tensor flatten_params(models::Model& model, const ParamMap& v);
 /// as probe_signals (row p*C' + j is output cols[p][j]); the model's outputs [P, num_classes] in
 /// `logits` when given. An independent route to row_directional: the analyzer's K and F on the
 /// steps whose per-example split it does not need.
+/// How probe_jvps forms J v: forward-mode AD (one forward with tangents per direction), or the
+/// double-backward trick (one forward and one differentiable backward of the probes, then one
+/// backward per direction: J v = d/du <J^T u, v>), which needs only the backward formulas of
+/// every operator and their derivative in the incoming gradient.
+enum class JvpMode { kForward, kDoubleBackward };
+
 std::vector<at::Tensor> probe_jvps(models::Model& model, const at::Tensor& x, const at::Tensor& cols,
-                                   const std::vector<const ParamMap*>& dirs, at::Tensor* logits = nullptr);
+                                   const std::vector<const ParamMap*>& dirs, at::Tensor* logits = nullptr,
+                                   JvpMode mode = JvpMode::kForward);
+
+/// The mode for a model whose operators are not known in advance (a recorded TorchScript
+/// model), tried on the first probe: forward mode when LibTorch has a forward-mode formula for
+/// every operator of the forward, else the double backward when every backward is
+/// differentiable, else none (the gradient rows serve); `why` says which and why.
+std::optional<JvpMode> choose_jvp_mode(models::Model& model, const at::Tensor& x, const at::Tensor& cols,
+                                       std::string* why);
 
 /// [P*C]: 1/2 dw^T H_row dw for every probe row at once, exactly, by double backward (SPEC's S).
 at::Tensor second_order(models::Model& model, const at::Tensor& x, const std::vector<int64_t>& outputs,

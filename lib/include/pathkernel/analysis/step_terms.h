@@ -56,6 +56,7 @@ struct StepContext {
   const at::Tensor& cols;  ///< int64 [P, C]: the logit each column holds
   int64_t np = 0, nc = 0;
   bool explicit_route = false, jvp_route = false;
+  JvpMode jvp_mode = JvpMode::kForward;  ///< with jvp_route: how J v is formed
   const Projection& projection;
   OptimizerOptions options;     ///< the run's optimizer as at its first analyzed step
   bool memory = false;          ///< earlier gradients enter the update: every step from 0 is walked

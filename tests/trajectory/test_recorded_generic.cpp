@@ -1,0 +1,89 @@
+// Models only the generic route serves (examples/record_custom.py, real Fashion-MNIST, SGD with
+// momentum): a residual CNN, an LSTM over the image's rows and a CNN with GroupNorm. Their
+// first-order terms come from Jacobian-vector products (forward mode, or the double backward);
+// each must agree with the gradient-rows route (--products rows) and with an independent float64
+// computation in Python to 1e-12 of |F|.
+#include <ATen/ATen.h>
+#include <nlohmann/json.hpp>
+
+#include "fixtures.h"
+#include "pathkernel/io/fs_util.h"
+#include "pathkernel/io/npy.h"
+
+namespace pathkernel {
+namespace {
+namespace fs = std::filesystem;
+
+const std::string kSource = PATHKERNEL_SOURCE_DIR;
+
+nlohmann::json read_json(const fs::path& p) { return nlohmann::json::parse(read_file(p)); }
+
+/// Runs a program; fails the test with its output unless it exits 0; returns the output.
+std::string run_ok(const std::vector<std::string>& argv, const fs::path& log) {
+  const int st = testing::run_program(argv, log);
+  const std::string text = read_file(log);
+  EXPECT_EQ(st, 0) << text;
+  return text;
+}
+
+/// Records `model` for 8 steps, analyzes it with the three ways of forming J v (S too when
+/// `second_order`), and compares every array with the rows route and with Python.
+void check_generic_model(const std::string& model, bool second_order) {
+  testing::TempDir tmp;
+  const fs::path run = tmp / model, log = tmp / "cmd.log";
+  run_ok({"/usr/bin/python3", kSource + "/examples/record_custom.py", run.string(), "--model", model, "--steps", "8",
+          "--train-limit", "600"},
+         log);
+  const char* modes[] = {"auto", "double-backward", "rows"};
+  for (const char* mode : modes) {
+    std::vector<std::string> argv = {PATHKERNEL_BIN, "analyze", run.string(), "--probes", "6", "--products", mode,
+                                     "--out", (tmp / mode).string()};
+    if (second_order) argv.push_back("--second-order");
+    run_ok(argv, log);
+  }
+  const auto auto_summary = read_json(tmp / "auto" / "summary.json");
+  EXPECT_EQ(auto_summary["kernel_route_used"], "torchscript");
+  EXPECT_EQ(auto_summary["products_used"], "forward");  // LibTorch covers these models' operators
+  EXPECT_NE(auto_summary["kernel_route_reason"].get<std::string>().find("hint"), std::string::npos);
+  EXPECT_EQ(read_json(tmp / "double-backward" / "summary.json")["products_used"], "double-backward");
+  EXPECT_EQ(read_json(tmp / "rows" / "summary.json")["products_used"], "rows");
+  // Kopt, its rest and the exact parts of U against the rows route, relative to |F|.
+  const double f_scale = load_npy(tmp / "rows" / "arrays" / "F.npy").abs().max().item<double>();
+  ASSERT_GT(f_scale, 0);
+  std::vector<std::string> quantities = {"D", "F", "K", "U", "R", "Kopt", "Uopt_wd", "Uopt_round"};
+  if (second_order) quantities.push_back("S");
+  for (const char* mode : {"auto", "double-backward"}) {
+    for (const auto& q : quantities) {
+      const std::string f = "arrays/" + q + ".npy";
+      const at::Tensor a = load_npy(tmp / mode / f), b = load_npy(tmp / "rows" / f);
+      ASSERT_EQ(a.sizes(), b.sizes()) << mode << " " << q;
+      EXPECT_LT((a - b).abs().max().item<double>(), 1e-12 * f_scale) << model << " " << mode << " " << q;
+    }
+  }
+  // Python, float64, explicit per-row Jacobians of the run's own model.pt (D, F, K, R, S) and the
+  // optimizer's kernel term from torch.optim's own state (Kopt).
+  for (const char* mode : {"auto", "double-backward"}) {
+    run_ok({"/usr/bin/python3", kSource + "/scripts/check_analysis.py", run.string(), (tmp / mode).string(), "--steps",
+            "0,3,7", "--tol", "1e-12"},
+           log);
+    const std::string out = run_ok(
+        {"/usr/bin/python3", kSource + "/tests/python/check_recorded_terms.py", run.string(), (tmp / mode).string()}, log);
+    const auto check = nlohmann::json::parse(out.substr(out.rfind('{')));
+    EXPECT_LT(check["kopt_max_error"].get<double>(), 1e-12) << model << " " << mode << " " << check.dump();
+  }
+}
+
+TEST(RecordedGenericTest, AResidualCnnByJacobianVectorProductsAgreesWithRowsAndPython) {
+  check_generic_model("rescnn", /*second_order=*/false);
+}
+
+TEST(RecordedGenericTest, AnLstmByJacobianVectorProductsAgreesWithRowsAndPython) {
+  check_generic_model("lstm", /*second_order=*/true);
+}
+
+TEST(RecordedGenericTest, AGroupNormCnnByJacobianVectorProductsAgreesWithRowsAndPython) {
+  check_generic_model("gncnn", /*second_order=*/true);
+}
+
+}  // namespace
+}  // namespace pathkernel
