@@ -1,6 +1,6 @@
 """Train a small MLP on Fashion-MNIST in plain PyTorch and record it for pathkernel.
 
-    python3 examples/record_mlp.py runs/py-mlp [--steps 60] [--train-limit 2000]
+    python3 examples/record_mlp.py runs/py-mlp [--steps 60] [--train-limit 2000] [--dropout 0.2]
     pathkernel analyze runs/py-mlp --probes 16 --out runs/py-mlp-analysis
 
 Adam with a StepLR schedule; the data is read from Debian's dataset-fashion-mnist package.
@@ -40,11 +40,16 @@ def main():
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--train-limit", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dropout", type=float, default=None,
+                    help="add Dropout(P) (kept in eval mode: recorded with dropout off) and an nn.Identity")
     a = ap.parse_args()
     torch.manual_seed(a.seed)
     X, y = fashion_mnist(a.data, "train", a.train_limit)
     Xt, yt = fashion_mnist(a.data, "test", 500)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 64), torch.nn.Tanh(), torch.nn.Linear(64, 10))
+    if a.dropout is not None:  # identities in the chain: the recorder still recognizes mlp:64:tanh
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 64), torch.nn.Tanh(),
+                                    torch.nn.Dropout(a.dropout).eval(), torch.nn.Identity(), torch.nn.Linear(64, 10))
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=20, gamma=0.5)
     rec = Recorder(a.out, model, opt, train=(X, y), test=(Xt, yt), loss="ce")

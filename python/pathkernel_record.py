@@ -132,6 +132,24 @@ def _is_flatten(m):
     return isinstance(m, torch.nn.Flatten) and m.start_dim == 1 and m.end_dim == -1
 
 
+def _without_identities(mods):
+    """The chain without the modules that are identities in a recorded run: nn.Identity, Dropout
+    of any kind (recorded only in eval mode or with p = 0: _check_model refuses it otherwise, at
+    every step) and a Flatten of what is already flat (after a Linear or another Flatten)."""
+    out, flat = [], False
+    for name, m in mods:
+        if isinstance(m, (torch.nn.Identity, torch.nn.modules.dropout._DropoutNd)):
+            continue
+        if _is_flatten(m):
+            if flat:
+                continue
+            flat = True
+        elif isinstance(m, torch.nn.Linear):
+            flat = True
+        out.append((name, m))
+    return out
+
+
 def _mlp_spec(mods):
     """[Flatten,] Linear, act, ..., Linear (one activation kind): ("mlp:W..:act" or "linear", names)."""
     acts = {torch.nn.Tanh: "tanh", torch.nn.ReLU: "relu"}
@@ -200,11 +218,13 @@ def zoo_spec(model, input_shape=None):
     [Flatten,] Linear, act, ..., Linear with one activation kind (tanh or relu): "mlp:W1,..:act"
     or "linear"; and, for inputs of `input_shape` (C, H, W), the zoo's small CNN: Conv2d 3x3
     (padding 1), act, MaxPool2d(2), Conv2d 3x3 (padding 1), act, MaxPool2d(2), Flatten, Linear:
-    "cnn:C1,C2:act". The analyzer then uses its fast factorized kernels for it; any other model
+    "cnn:C1,C2:act". Identities (nn.Identity, Dropout, which is recorded only when it is off, and
+    a Flatten of flat features) are left out of the match; the parameter names still come from
+    the modules' own. The analyzer then uses its fast factorized kernels for it; any other model
     is analyzed through its TorchScript form by autograd."""
     if not isinstance(model, torch.nn.Sequential):
         return None
-    mods = list(model.named_children())
+    mods = _without_identities(list(model.named_children()))
     return _mlp_spec(mods) or _cnn_spec(mods, None if input_shape is None else tuple(input_shape))
 
 

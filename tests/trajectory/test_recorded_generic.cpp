@@ -85,5 +85,33 @@ TEST(RecordedGenericTest, AGroupNormCnnByJacobianVectorProductsAgreesWithRowsAnd
   check_generic_model("gncnn", /*second_order=*/true);
 }
 
+// An nn.Sequential MLP with an eval-mode Dropout and an nn.Identity in it: identities in a
+// recorded run, so the recorder recognizes the zoo's mlp:64:tanh and the analysis takes the
+// factorized route; it agrees with the model's own TorchScript through autograd.
+TEST(RecordedGenericTest, AnEvalDropoutMlpIsAnalyzedOnTheFactorizedRoute) {
+  testing::TempDir tmp;
+  const fs::path run = tmp / "drop", log = tmp / "cmd.log";
+  run_ok({"/usr/bin/python3", kSource + "/examples/record_mlp.py", run.string(), "--steps", "8", "--train-limit", "600",
+          "--dropout", "0.3"},
+         log);
+  const auto manifest = read_json(run / "manifest.json");
+  ASSERT_EQ(manifest["zoo"]["spec"], "mlp:64:tanh") << manifest["zoo"].dump();
+  EXPECT_EQ(manifest["zoo"]["names"]["5.weight"], "layers.1.weight");  // the Linear after Dropout and Identity
+  run_ok({PATHKERNEL_BIN, "analyze", run.string(), "--probes", "6", "--out", (tmp / "fact").string()}, log);
+  run_ok({PATHKERNEL_BIN, "analyze", run.string(), "--probes", "6", "--kernel-route", "torchscript", "--out",
+          (tmp / "script").string()},
+         log);
+  const auto s = read_json(tmp / "fact" / "summary.json");
+  EXPECT_EQ(s["kernel_route_used"], "factorized");
+  EXPECT_EQ(s["model"], "mlp:64:tanh");
+  EXPECT_EQ(s["kernel_route_reason"].get<std::string>().find("hint"), std::string::npos);
+  const double f_scale = load_npy(tmp / "script" / "arrays" / "F.npy").abs().max().item<double>();
+  for (const char* q : {"D", "F", "K", "R", "Kopt"}) {
+    const std::string f = std::string("arrays/") + q + ".npy";
+    EXPECT_LT((load_npy(tmp / "fact" / f) - load_npy(tmp / "script" / f)).abs().max().item<double>(), 1e-12 * f_scale)
+        << q;
+  }
+}
+
 }  // namespace
 }  // namespace pathkernel
