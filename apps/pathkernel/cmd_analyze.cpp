@@ -8,14 +8,25 @@
 #include "pathkernel/analysis/analyzer.h"
 #include "pathkernel/io/fs_util.h"
 #include "prepare.h"
+#include "workers.h"
 
 namespace pathkernel::app {
 
 int cmd_analyze(const Args& args) {
   AnalyzeCommand cmd;
   if (!prepare_analyze(args, cmd)) return 0;
-  const AnalyzeConfig& c = cmd.config;
-  const AnalysisResult res = analyze(c);
+  AnalyzeConfig c = cmd.config;
+  AnalysisResult res;
+  if (c.workers > 1) {
+    MergeConfig merge;
+    if (const int st = run_workers(args, c, merge); st != 0) return st;
+    auto joined = merge_shards(merge);
+    res = std::move(joined.first);
+    c = joined.second;
+    c.workers = cmd.config.workers;
+  } else {
+    res = analyze(c);
+  }
   write_analysis(res, c);
   if (cmd.json) {
     print_summary_json(c.out);

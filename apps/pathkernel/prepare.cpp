@@ -120,6 +120,8 @@ bool prepare_analyze(const Args& args, AnalyzeCommand& cmd) {
       "force", "write into a non-empty --out")(
       "shard", "I/N: only the I-th of N contiguous parts of the range, split at stored checkpoints (join the parts "
       "with pathkernel merge)", cxxopts::value<std::string>())(
+      "workers", "N: analyze the range as N shards in N processes at once and join them (bit for bit the "
+      "analysis of one; each with --threads threads)", cxxopts::value(c.workers)->default_value("1"))(
       "segment-every", "keep finished work (to continue after a kill) at a stored checkpoint every S seconds",
       cxxopts::value(c.segment_seconds)->default_value("5"));
   opts.parse_positional({"run"});

@@ -479,6 +479,35 @@ TEST(E2eTest, ShardsMergeIntoTheSingleProcessAnalysis) {
               read_file(tmp / "merged" / "arrays" / (std::string(a) + ".npy"))) << a;
   }
   EXPECT_EQ(read_file(tmp / "whole" / "steps.csv"), read_file(tmp / "merged" / "steps.csv"));
+  // --workers 2: the same shards in two processes at once, joined: the same analysis bit for bit,
+  // and nothing of the workers' own left in the output.
+  const Result w = run({"analyze", run_dir.string(), "--probes", "8", "--workers", "2", "--out",
+                        (tmp / "workers").string()},
+                       tmp.path());
+  ASSERT_EQ(w.status, 0) << w.err;
+  EXPECT_NE(w.out.find("f_N - f_0  =  sum Kopt"), std::string::npos) << w.out;
+  for (const char* a : {"D", "F", "K", "U", "R", "Kopt", "Uopt_wd", "Uopt_round", "outputs", "step", "probe"}) {
+    EXPECT_EQ(read_file(tmp / "whole" / "arrays" / (std::string(a) + ".npy")),
+              read_file(tmp / "workers" / "arrays" / (std::string(a) + ".npy"))) << a;
+  }
+  EXPECT_EQ(read_file(tmp / "whole" / "steps.csv"), read_file(tmp / "workers" / "steps.csv"));
+  EXPECT_EQ(read_file(tmp / "whole" / "probes.csv"), read_file(tmp / "workers" / "probes.csv"));
+  EXPECT_FALSE(fs::exists(tmp / "workers" / "workers"));
+  EXPECT_FALSE(fs::exists(tmp / "workers" / "partial.json"));
+  // Workers that fail (a probe index outside the split) fail the command with their status, and
+  // leave no output; --workers with --shard is refused before anything starts.
+  testing::write_file(tmp / "bad-probes.txt", "3\n999999\n", /*gz=*/false);
+  const Result bad = run({"analyze", run_dir.string(), "--probe-indices", (tmp / "bad-probes.txt").string(), "--workers",
+                          "2", "--out", (tmp / "bad").string()},
+                         tmp.path());
+  EXPECT_EQ(bad.status, 2) << bad.err;
+  EXPECT_NE(bad.err.find("999999"), std::string::npos) << bad.err;
+  EXPECT_FALSE(fs::exists(tmp / "bad"));
+  const Result both = run({"analyze", run_dir.string(), "--workers", "2", "--shard", "1/2", "--out",
+                           (tmp / "both").string()},
+                          tmp.path());
+  EXPECT_EQ(both.status, 2);
+  EXPECT_NE(both.err.find("--workers"), std::string::npos) << both.err;
   // explain --shard attributes plain SGD only: this momentum run is refused, naming why.
   const Result ex = run({"explain", run_dir.string(), "--probes", "2", "--shard", "1/2", "--out", (tmp / "ex").string()},
                         tmp.path());

@@ -1,0 +1,123 @@
+// pathkernel analyze --workers N: the range analyzed as N shards by N processes of this same
+// executable at once (each `analyze ... --shard I/N --out OUT/workers/shard-I-of-N`), then joined
+// as `pathkernel merge` joins them. No shell: each worker's command line is an argument vector.
+#include "workers.h"
+
+#include <fcntl.h>
+#include <spawn.h>
+#include <spdlog/spdlog.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+extern char** environ;
+
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
+#include <nlohmann/json.hpp>
+
+#include "pathkernel/analysis/shards.h"
+#include "pathkernel/io/errors.h"
+
+namespace pathkernel::app {
+namespace {
+namespace fs = std::filesystem;
+
+/// The command's own arguments without --out, --workers and --json (each worker gets its own).
+std::vector<std::string> shared_arguments(const Args& args) {
+  std::vector<std::string> out;
+  for (size_t i = 1; i < args.size(); ++i) {  // args[0] is "pathkernel analyze"
+    const std::string& a = args[i];
+    if (a == "--out" || a == "--workers") {
+      ++i;  // and its value
+      continue;
+    }
+    if (a.rfind("--out=", 0) == 0 || a.rfind("--workers=", 0) == 0 || a == "--json") continue;
+    out.push_back(a);
+  }
+  return out;
+}
+
+/// This process's environment with OPENBLAS_NUM_THREADS set to `threads` unless the user set it:
+/// OpenBLAS otherwise starts a pool of one thread per core in every worker, and the idle pools
+/// of N workers slow each other's single-threaded products (measured 15-25% on 2 cores). The
+/// analysis pins OpenBLAS to `threads` either way (pin_threads), so the numbers do not change.
+std::vector<std::string> worker_environment(int64_t threads) {
+  std::vector<std::string> env;
+  bool set = false;
+  for (char** e = environ; *e; ++e) {
+    env.emplace_back(*e);
+    set = set || env.back().rfind("OPENBLAS_NUM_THREADS=", 0) == 0;
+  }
+  if (!set) env.push_back("OPENBLAS_NUM_THREADS=" + std::to_string(threads));
+  return env;
+}
+
+/// Starts `argv` with stdout to /dev/null (its summary is the joined one's) and stderr shared.
+pid_t spawn(std::vector<std::string> argv, std::vector<std::string> env) {
+  posix_spawn_file_actions_t fa;
+  posix_spawn_file_actions_init(&fa);
+  posix_spawn_file_actions_addopen(&fa, 1, "/dev/null", O_WRONLY, 0);
+  std::vector<char*> cargv;
+  for (auto& a : argv) cargv.push_back(a.data());
+  cargv.push_back(nullptr);
+  std::vector<char*> cenv;
+  for (auto& e : env) cenv.push_back(e.data());
+  cenv.push_back(nullptr);
+  pid_t pid = 0;
+  const int rc = posix_spawn(&pid, "/proc/self/exe", &fa, nullptr, cargv.data(), cenv.data());
+  posix_spawn_file_actions_destroy(&fa);
+  if (rc != 0) throw std::runtime_error(std::string("cannot start a worker: ") + std::strerror(rc));
+  return pid;
+}
+
+/// Waits for `pid`; its exit status (128 + signal when killed).
+int wait_for(pid_t pid) {
+  int st = 0;
+  while (::waitpid(pid, &st, 0) < 0) {
+    if (errno != EINTR) throw std::runtime_error(std::string("waiting for a worker: ") + std::strerror(errno));
+  }
+  return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+}
+
+}  // namespace
+
+int run_workers(const Args& args, const AnalyzeConfig& c, MergeConfig& merge) {
+  const fs::path out(c.out), dir = out / "workers";
+  const std::vector<std::string> shared = shared_arguments(args);
+  // OUT is an interrupted analysis of this command: a rerun continues each worker's shard.
+  const nlohmann::json key = {{"workers", c.workers}, {"arguments", shared}};
+  const bool fresh = !fs::exists(out) || fs::is_empty(out);
+  (void)open_progress(out, key, c.force);
+  merge.out = c.out;
+  merge.force = true;  // OUT is this command's own (checked by analyze's preparation)
+  std::vector<std::pair<int64_t, pid_t>> running;
+  for (int64_t i = 1; i <= c.workers; ++i) {
+    const fs::path shard = dir / ("shard-" + std::to_string(i) + "-of-" + std::to_string(c.workers));
+    merge.shards.push_back(shard.string());
+    if (fs::is_regular_file(shard / "summary.json")) continue;  // finished before an interruption
+    std::vector<std::string> argv = {"pathkernel-core", "analyze"};
+    argv.insert(argv.end(), shared.begin(), shared.end());
+    for (const std::string& a : {std::string("--shard"), std::to_string(i) + "/" + std::to_string(c.workers),
+                                 std::string("--out"), shard.string()}) {
+      argv.push_back(a);
+    }
+    running.emplace_back(i, spawn(argv, worker_environment(c.threads)));
+  }
+  spdlog::info("analyzing in {} workers ({} started; shards in {})", c.workers, running.size(), dir.string());
+  int failed = 0;
+  for (const auto& [i, pid] : running) {
+    const int st = wait_for(pid);
+    if (st != 0 && st != 4) {  // 4: its checks failed, its shard is written (the joined checks say so again)
+      spdlog::error("worker {} of {} ended with status {}", i, c.workers, st);
+      if (failed == 0) failed = st;
+    }
+  }
+  if (failed != 0 && fresh) {
+    std::error_code ec;
+    fs::remove_all(out, ec);  // nothing of a failed new analysis is left behind
+  }
+  return failed;
+}
+
+}  // namespace pathkernel::app
