@@ -1,8 +1,9 @@
 """Record networks the analyzer does not build itself: a small CNN trained with SGD + Nesterov
 momentum, or a custom nn.Module with a residual connection and LayerNorm trained with AdamW,
 on Fashion-MNIST in plain PyTorch; or, with SGD + momentum, a residual CNN (a stem and two
-BatchNorm-free basic blocks, global pooling), an LSTM over the image's rows, or a CNN with
-GroupNorm.
+BatchNorm-free basic blocks, global pooling; rescnn77k is its 77k-parameter width), an LSTM
+over the image's rows, a CNN with GroupNorm, a small ViT, pytorch/examples mnist's Net (its
+Dropout off) or a 235k-parameter MLP (bench/bench_generic.sh compares them with functorch).
 
     python3 examples/record_custom.py runs/py-cnn --model cnn [--steps 40]
     python3 examples/record_custom.py runs/py-res --model resnorm [--loss mse]
@@ -90,9 +91,60 @@ def group_norm_cnn():
         torch.nn.Flatten(), torch.nn.Linear(16 * 7 * 7, 10))
 
 
+class SmallVit(torch.nn.Module):
+    """A small vision transformer: 7x7 patches (16 of a 28x28 image), a linear embedding, a class
+    token and learned positions, one pre-norm encoder layer (4-head self-attention, LayerNorm,
+    GELU MLP; no dropout), a LayerNorm and a linear head on the class token."""
+
+    def __init__(self, dim=32, heads=4, outputs=10):
+        super().__init__()
+        self.embed = torch.nn.Linear(49, dim)
+        self.cls = torch.nn.Parameter(0.02 * torch.randn(1, 1, dim))
+        self.pos = torch.nn.Parameter(0.02 * torch.randn(1, 17, dim))
+        self.encoder = torch.nn.TransformerEncoderLayer(dim, heads, dim_feedforward=2 * dim, dropout=0.0,
+                                                        activation="gelu", batch_first=True, norm_first=True)
+        self.norm = torch.nn.LayerNorm(dim)
+        self.head = torch.nn.Linear(dim, outputs)
+
+    def forward(self, x):
+        n = x.shape[0]
+        patches = x.reshape(n, 4, 7, 4, 7).permute(0, 1, 3, 2, 4).reshape(n, 16, 49)
+        h = torch.cat([self.cls.expand(n, 1, self.cls.shape[2]), self.embed(patches)], dim=1) + self.pos
+        h = self.encoder(h)
+        return self.head(self.norm(h[:, 0]))
+
+
+class MnistNet(torch.nn.Module):
+    """pytorch/examples mnist's Net (1.2M parameters), its Dropout modules kept (off when recorded)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(1, 32, 3, 1)
+        self.conv2 = torch.nn.Conv2d(32, 64, 3, 1)
+        self.dropout1 = torch.nn.Dropout(0.25)
+        self.dropout2 = torch.nn.Dropout(0.5)
+        self.fc1 = torch.nn.Linear(9216, 128)
+        self.fc2 = torch.nn.Linear(128, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.conv1(x))
+        x = torch.max_pool2d(torch.relu(self.conv2(x)), 2)
+        x = torch.flatten(self.dropout1(x), 1)
+        x = self.dropout2(torch.relu(self.fc1(x)))
+        return torch.log_softmax(self.fc2(x), dim=1)
+
+
 def build(kind):
-    if kind in ("rescnn", "lstm", "gncnn"):
-        model = {"rescnn": ResidualCnn, "lstm": RowLstm, "gncnn": group_norm_cnn}[kind]()
+    if kind in ("rescnn", "rescnn77k", "lstm", "gncnn", "vit", "mnistnet"):
+        model = {"rescnn": ResidualCnn, "rescnn77k": lambda: ResidualCnn(channels=46), "lstm": RowLstm,
+                 "gncnn": group_norm_cnn, "vit": SmallVit, "mnistnet": MnistNet}[kind]()
+        for m in model.modules():  # Dropout is recorded off (the recorder refuses it on)
+            if isinstance(m, torch.nn.Dropout):
+                m.eval()
+        return model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    if kind == "mlp235k":  # the zoo's mlp:296:tanh (235k parameters)
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 296), torch.nn.Tanh(),
+                                    torch.nn.Linear(296, 10))
         return model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     if kind == "cnn":
         model = torch.nn.Sequential(
@@ -109,7 +161,7 @@ def build(kind):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
-    ap.add_argument("--model", choices=("cnn", "resnorm", "rescnn", "lstm", "gncnn"), default="cnn")
+    ap.add_argument("--model", choices=("cnn", "resnorm", "rescnn", "rescnn77k", "lstm", "gncnn", "vit", "mnistnet", "mlp235k"), default="cnn")
     ap.add_argument("--loss", choices=("ce", "mse"), default="ce")
     ap.add_argument("--data", default="/usr/share/datasets/fashion-mnist")
     ap.add_argument("--steps", type=int, default=40)

@@ -76,6 +76,9 @@ namespace {
 /// keeping what an interrupted analysis finished (progress_dir) in segments.
 class Driver {
  public:
+  /// Probes whose rows an explicit-route split formed only for its check covers (form_products).
+  static constexpr int64_t kCheckedProbes = 4;
+
   explicit Driver(const AnalyzeConfig& c)
       : c_(c),
         t0_(Clock::now()),
@@ -368,6 +371,8 @@ class Driver {
   /// m is compared with -a_k g . grad L_k, an independent route (exit status 4 beyond
   /// tolerance). Jacobian-vector products (forward mode or double backward) give K and F without
   /// it on the other steps; the rows route (--products rows) forms the rows and checks every step.
+  /// On the explicit route each probe row costs a backward pass, so a split formed only to be
+  /// checked covers the first kCheckedProbes probes (every output of each).
   void form_products(StepContext& ctx) {
     const bool checked = ((ctx.k - whole_begin_) / c_.every) % c_.check_every == 0;
     ctx.split = !jvp_route_ || c_.on_step || checked;
@@ -377,8 +382,12 @@ class Driver {
     ctx.sb = RowGradients{};
     ctx.k_per = at::Tensor();
     ctx.zb = at::Tensor();
+    ctx.split_probes = np_;
     if (!ctx.split) return;
-    ctx.sp = probe_rows(*model_, xp_, res_.outputs, explicit_route_, jvp_route_ ? nullptr : &ctx.f0);
+    if (jvp_route_ && explicit_route_ && !c_.on_step) ctx.split_probes = std::min<int64_t>(np_, kCheckedProbes);
+    const int64_t sp = ctx.split_probes;
+    ctx.sp = probe_rows(*model_, xp_.slice(0, 0, sp), res_.outputs.slice(0, 0, sp), explicit_route_,
+                        jvp_route_ ? nullptr : &ctx.f0);
     ctx.sb = loss_rows(*model_, ctx.batch.x, ctx.batch.y, ctx.loss, explicit_route_);
     const double scale = -ctx.lr * ctx.gs / ctx.nb;
     if (c_.project > 0) {

@@ -73,6 +73,7 @@ struct StepContext {
   at::Tensor f0, f1;                 ///< the probes' outputs [P, num_classes] at w_k, w_{k+1}
   at::Tensor d;                      ///< D = f(w_{k+1}) - f(w_k), [P, C]
   bool split = false;                ///< the per-example split is formed on this step
+  int64_t split_probes = 0;          ///< with split: for the first split_probes probes (all but a check's)
   RowGradients sp, sb;               ///< with split: probe rows, batch loss rows
   at::Tensor k_per, zb;              ///< with split: K_{k,m} [P*C, M]; the batch rows projected
   /// Set by the terms for the ones after them (the order of standard_terms()):

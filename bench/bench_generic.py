@@ -1,0 +1,181 @@
+#!/usr/bin/python3
+"""Issue 25's benchmark: pathkernel's generic route (a recorded model's own TorchScript file) next
+to functorch on the same models, in one run, one thread, float64.
+
+For each model (examples/record_custom.py: a 77k-parameter residual CNN, a small ViT, pytorch/
+examples mnist's Net and a 235k-parameter MLP) it records a few SGD + momentum steps on
+Fashion-MNIST, then measures, each in its own process (time per step and peak memory):
+
+  pathkernel analyze, products by Jacobian-vector products (--products auto) and by gradient
+  rows (--products rows, the route before issue 25); for the MLP also its factorized route;
+  functorch jvp: J v for all probes along one direction (what each of analyze's directions costs);
+  functorch step: what one analyzed step computes, the functorch way: the probes' outputs at
+  w_{k+1} and J v along each of the step's directions (dw, the gradient, the momentum buffer, the
+  optimizer's kernel direction: 4 for SGD with momentum);
+  functorch vmap(jacrev): every probe's gradient rows (what explain's per-example split needs).
+
+Each figure is the median over --repeats; the processes alternate. Prints a table and, with
+--json FILE, writes the figures.
+
+usage: /usr/bin/python3 bench/bench_generic.py [--pathkernel build/apps/pathkernel] [--probes 64]
+       [--steps 6] [--repeats 3] [--models rescnn77k,vit,mnistnet,mlp235k] [--json FILE]
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+PROBES_OF = {"mnistnet": 8}  # the issue's figure for the 1.2M-parameter Net was at 8 probes
+
+
+def child(argv):
+    """Runs argv to its end with its own rusage: (stdout, peak RSS in MiB)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        os.dup2(w, 1)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.execv(argv[0], argv)
+    os.close(w)
+    chunks = []
+    while True:
+        b = os.read(r, 65536)
+        if not b:
+            break
+        chunks.append(b)
+    os.close(r)
+    _, status, usage = os.wait4(pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        sys.exit("failed (%d): %s" % (os.waitstatus_to_exitcode(status), " ".join(argv)))
+    return b"".join(chunks).decode(), usage.ru_maxrss / 1024.0
+
+
+def analyze(pk, run, out, probes, extra):
+    argv = [pk, "analyze", run, "--probes", str(probes), "--check-every", "1000000", "--threads", "1",
+            "--out", out, "--force"] + extra
+    _, rss = child(argv)
+    with open(os.path.join(out, "summary.json")) as f:
+        s = json.load(f)
+    return s["seconds_per_step"], rss, s.get("products_used", ""), s.get("kernel_route_used", "")
+
+
+def functorch_measure(kind, run, probes, what):
+    """In a child: one functorch measurement (seconds) of `what` on the run's model at step 0."""
+    out, rss = child(["/usr/bin/python3", os.path.abspath(__file__), "--functorch", kind, run, str(probes), what])
+    return float(out.strip().splitlines()[-1]), rss
+
+
+def functorch_child(kind, run, probes, what):
+    import numpy as np
+    import torch
+    import functorch
+    sys.path.insert(0, os.path.join(ROOT, "examples"))
+    from record_custom import build
+    torch.set_num_threads(1)
+    model, _ = build(kind)
+    model = model.double()
+    sd = torch.load(os.path.join(run, "checkpoints", "step_%08d.pt" % 0))
+    model.load_state_dict({k: v.double() for k, v in sd.items()})
+    xt = torch.from_numpy(np.load(os.path.join(run, "data", "test_x.npy"))).double()
+    x = xt[:: max(1, xt.shape[0] // probes)][:probes].contiguous()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    gen = torch.Generator().manual_seed(0)
+    dirs = [{k: torch.randn(v.shape, generator=gen, dtype=v.dtype) for k, v in params.items()} for _ in range(4)]
+
+    def f(p):
+        return torch.nn.utils.stateless.functional_call(model, p, (x,))
+
+    def jvp():
+        functorch.jvp(f, (params,), (dirs[0],))
+
+    def step():
+        with torch.no_grad():
+            f(params)  # the outputs at w_{k+1} (for D)
+        for d in dirs:
+            functorch.jvp(f, (params,), (d,))
+
+    def rows():
+        def one(p, xi):
+            return torch.nn.utils.stateless.functional_call(model, p, (xi.unsqueeze(0),))[0]
+        functorch.vmap(functorch.jacrev(one), in_dims=(None, 0))(params, x)
+
+    fn = {"jvp": jvp, "step": step, "rows": rows}[what]
+    fn()  # warm up
+    best = float("inf")
+    for _ in range(2):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    print(best)
+
+
+def main():
+    if len(sys.argv) > 1 and sys.argv[1] == "--functorch":
+        functorch_child(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5])
+        return
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--pathkernel", default=os.path.join(ROOT, "build", "apps", "pathkernel"))
+    ap.add_argument("--probes", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--models", default="rescnn77k,vit,mnistnet,mlp235k")
+    ap.add_argument("--json", default="")
+    a = ap.parse_args()
+    import torch  # noqa: F401  (only for the BLAS line below)
+    core = os.environ.get("OPENBLAS_CORETYPE", "(OpenBLAS's choice)")
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="bench_generic.") as tmp:
+        for kind in a.models.split(","):
+            probes = PROBES_OF.get(kind, a.probes)
+            run = os.path.join(tmp, kind)
+            child(["/usr/bin/python3", os.path.join(ROOT, "examples", "record_custom.py"), run, "--model", kind,
+                   "--steps", str(a.steps), "--train-limit", "600"])
+            routes = [("pathkernel jvp", ["--products", "auto"]), ("pathkernel rows", ["--products", "rows"])]
+            if kind == "mlp235k":
+                routes = [("pathkernel factorized", []), ("pathkernel torchscript jvp", ["--kernel-route", "torchscript"]),
+                          ("pathkernel torchscript rows", ["--kernel-route", "torchscript", "--products", "rows"])]
+            figures = {}
+            for rep in range(a.repeats):
+                for name, extra in routes:
+                    sps, rss, products, route = analyze(a.pathkernel, run, os.path.join(tmp, "an"), probes, extra)
+                    figures.setdefault(name, []).append((sps, rss, "%s/%s" % (route, products)))
+                for what in ("jvp", "step", "rows"):
+                    sec, rss = functorch_measure(kind, run, probes, what)
+                    figures.setdefault("functorch " + what, []).append((sec, rss, ""))
+                print("%s: repeat %d of %d done" % (kind, rep + 1, a.repeats), file=sys.stderr)
+            results[kind] = {name: {"seconds": statistics.median(v[0] for v in vals),
+                                    "peak_rss_mib": statistics.median(v[1] for v in vals),
+                                    "route": vals[0][2]}
+                             for name, vals in figures.items()}
+            results[kind]["probes"] = probes
+    from ctypes import CDLL, c_char_p
+    try:
+        ob = CDLL("libopenblas.so.0")
+        ob.openblas_get_corename.restype = c_char_p
+        core = ob.openblas_get_corename().decode()
+    except OSError:
+        pass
+    print("bench_generic: 1 thread, float64, OpenBLAS core %s, %d steps, median of %d" % (core, a.steps, a.repeats))
+    for kind, figs in results.items():
+        probes = figs.pop("probes")
+        print("\n%s, %d probes x 10 outputs (per analyzed step; functorch per call)" % (kind, probes))
+        ref = figs["functorch step"]["seconds"]
+        for name, f in figs.items():
+            print("  %-30s %8.4f s  x%6.2f of functorch step  peak %7.1f MiB  %s" %
+                  (name, f["seconds"], f["seconds"] / ref, f["peak_rss_mib"], f["route"]))
+        figs["probes"] = probes
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"blas_core": core, "results": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
