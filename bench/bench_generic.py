@@ -43,7 +43,9 @@ def child(argv):
         os.dup2(w, 1)
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, 2)
-        os.execv(argv[0], argv)
+        # One thread everywhere: Debian's torch multiplies through OpenBLAS, which ignores
+        # torch.set_num_threads (pathkernel pins it itself).
+        os.execve(argv[0], argv, dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1"))
     os.close(w)
     chunks = []
     while True:

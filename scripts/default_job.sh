@@ -10,6 +10,7 @@ run="runs/fashion-mlp-$(date +%Y%m%d-%H%M%S)"
 mkdir -p runs
 ./build/apps/pathkernel train --model mlp:128:tanh --epochs 1 --lr 0.1 --batch 64 --eval-every 200 --out "$run"
 echo
-./build/apps/pathkernel analyze "$run" --probes 64 --second-order --out "$run/analysis"
+workers=$(nproc); [ "$workers" -gt 8 ] && workers=8   # one process per core: the same analysis, sooner
+./build/apps/pathkernel analyze "$run" --probes 64 --second-order --workers "$workers" --out "$run/analysis"
 ./build/apps/pathkernel report "$run/analysis" --out "$run/report"
 echo "run directory: $run; open $run/report/report.html (formats: docs/run-format.md, docs/analysis-format.md)"

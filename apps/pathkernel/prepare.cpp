@@ -120,6 +120,8 @@ bool prepare_analyze(const Args& args, AnalyzeCommand& cmd) {
       "force", "write into a non-empty --out")(
       "shard", "I/N: only the I-th of N contiguous parts of the range, split at stored checkpoints (join the parts "
       "with pathkernel merge)", cxxopts::value<std::string>())(
+      "shard-even", "with --shard: split the range evenly, not at stored checkpoints (each shard replays from "
+      "the checkpoint before its first step)")(
       "workers", "N: analyze the range as N shards in N processes at once and join them (bit for bit the "
       "analysis of one; each with --threads threads)", cxxopts::value(c.workers)->default_value("1"))(
       "segment-every", "keep finished work (to continue after a kill) at a stored checkpoint every S seconds",
@@ -131,6 +133,7 @@ bool prepare_analyze(const Args& args, AnalyzeCommand& cmd) {
   c.force = r.count("force") > 0;
   cmd.json = json_output(r);
   if (r.count("shard")) std::tie(c.shard_index, c.shard_count) = parse_shard(r["shard"].as<std::string>());
+  c.shard_even = r.count("shard-even") > 0;
   if (!old_steps.empty()) {
     if (!steps.empty()) throw InputError("give --range only (--steps is its old name)");
     spdlog::warn("analyze --steps is now --range (the old name works for one more release)");

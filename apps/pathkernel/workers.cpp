@@ -99,7 +99,7 @@ int run_workers(const Args& args, const AnalyzeConfig& c, MergeConfig& merge) {
     std::vector<std::string> argv = {"pathkernel-core", "analyze"};
     argv.insert(argv.end(), shared.begin(), shared.end());
     for (const std::string& a : {std::string("--shard"), std::to_string(i) + "/" + std::to_string(c.workers),
-                                 std::string("--out"), shard.string()}) {
+                                 std::string("--shard-even"), std::string("--out"), shard.string()}) {
       argv.push_back(a);
     }
     running.emplace_back(i, spawn(argv, worker_environment(c.threads)));

@@ -7,6 +7,7 @@
 #include <torch/csrc/autograd/autograd.h>
 
 #include <algorithm>
+#include <numeric>
 #include <chrono>
 #include <cmath>
 #include <filesystem>
@@ -128,7 +129,12 @@ class Driver {
     begin_ = whole_begin_;
     end_ = whole_end_;
     if (c_.shard_count > 0) {  // the I-th of N parts, split at stored checkpoints
-      const std::vector<int64_t> bounds = shard_bounds(whole_begin_, whole_end_, traj_.checkpoints(), c_.shard_count);
+      std::vector<int64_t> at = traj_.checkpoints();
+      if (c_.shard_even) {
+        at.resize(static_cast<size_t>(whole_end_ - whole_begin_));
+        std::iota(at.begin(), at.end(), whole_begin_);
+      }
+      const std::vector<int64_t> bounds = shard_bounds(whole_begin_, whole_end_, at, c_.shard_count);
       begin_ = bounds[static_cast<size_t>(c_.shard_index - 1)];
       end_ = bounds[static_cast<size_t>(c_.shard_index)];
       spdlog::info("shard {}/{}: steps {}..{} of {}..{}", c_.shard_index, c_.shard_count, begin_, end_ - 1,

@@ -150,6 +150,7 @@ void AnalyzeConfig::validate() const {
     throw InputError("--shard must be I/N with 1 <= I <= N");
   }
   if (shard_count > 0 && every != 1) throw InputError("--shard needs --every 1 (the shards must join into every step)");
+  if (shard_even && shard_count == 0) throw InputError("--shard-even goes with --shard I/N");
   if (workers < 1 || workers > 64) throw InputError("--workers takes 1..64 processes");
   if (workers > 1 && shard_count > 0) throw InputError("--workers splits the range into shards itself: give --shard or --workers");
   if (workers > 1 && every != 1) throw InputError("--workers needs --every 1 (the workers' shards must join into every step)");

@@ -50,6 +50,10 @@ struct AnalyzeConfig {
   /// --shard I/N (shard_count > 0): only the I-th (1-based) of N contiguous parts of the range,
   /// split at stored checkpoints (shards.h); `pathkernel merge` joins the parts.
   int64_t shard_index = 0, shard_count = 0;
+  /// With shard_count: split the range evenly rather than at stored checkpoints (a shard then
+  /// replays from the checkpoint before its first step; --workers, whose shards run on one
+  /// machine, balances them so). Not a setting of the analysis: the numbers are the same.
+  bool shard_even = false;
   /// --workers N (> 1): the command line analyzes the range as N shards in N processes of its own
   /// at once and joins them (pathkernel analyze; the library's analyze() runs one process).
   int64_t workers = 1;
