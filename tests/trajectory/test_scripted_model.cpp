@@ -218,6 +218,29 @@ TEST(ScriptedModelTest, AForwardModeThatDisagreesWithTheRowsIsNotTaken) {
   EXPECT_NE(why.find("off the gradient rows"), std::string::npos) << why;
 }
 
+TEST(ScriptedModelTest, SecondOrderAllRowsAtOnceOnlyWhereItAgreesWithPerRowProducts) {
+  // The CNN (conv, tanh, max-pool): S of every row at once equals the rows' Hessian-vector
+  // products, so it is taken. The residual LayerNorm module: LibTorch 1.13's third derivative
+  // of layer_norm is wrong, the all-rows S is off, and the per-row route is kept.
+  at::manual_seed(9);
+  auto cnn = scripted("scripted_cnn.pt", 4);
+  const at::Tensor xc = at::rand({3, 1, 8, 8}, at::kDouble), cc = shared_columns(3, {0, 1, 2, 3});
+  const ParamMap dc = random_direction(*cnn);
+  std::string why;
+  EXPECT_EQ(choose_second_order_mode(*cnn, xc, cc, dc, &why), SecondOrderMode::kAllRows) << why;
+  EXPECT_LT(max_rel(second_order(*cnn, xc, cc, dc, SecondOrderMode::kAllRows),
+                    second_order(*cnn, xc, cc, dc, SecondOrderMode::kPerRow)),
+            1e-12);
+  auto res = scripted("scripted_resnorm.pt", 3);
+  const at::Tensor xr = at::randn({3, 16}, at::kDouble), cr = shared_columns(3, {0, 1, 2});
+  const ParamMap dr = random_direction(*res);
+  EXPECT_EQ(choose_second_order_mode(*res, xr, cr, dr, &why), SecondOrderMode::kPerRow) << why;
+  EXPECT_NE(why.find("off"), std::string::npos) << why;
+  EXPECT_GT(max_rel(second_order(*res, xr, cr, dr, SecondOrderMode::kAllRows),
+                    second_order(*res, xr, cr, dr, SecondOrderMode::kPerRow)),
+            1e-3);
+}
+
 TEST(ScriptedModelTest, DamagedOrUnusableArchivesAreRefusedNamingTheFile) {
   testing::TempDir tmp;
   const std::string good = read_file(kData / "scripted_cnn.pt");

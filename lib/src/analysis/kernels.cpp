@@ -269,15 +269,60 @@ at::Tensor second_order_per_row(models::Model& model, const at::Tensor& x, const
 
 }  // namespace
 
+namespace {
+
+/// The line of an error that names the operator (LibTorch's TorchScript interpreter wraps it).
+std::string operator_line(const c10::Error& e) {
+  const std::string what = e.what_without_backtrace();
+  for (size_t at_ = 0; at_ < what.size();) {
+    size_t end = what.find('\n', at_);
+    if (end == std::string::npos) end = what.size();
+    const std::string line = what.substr(at_, end - at_);
+    if (line.find("not implemented") != std::string::npos || line.find("not support") != std::string::npos) return line;
+    at_ = end + 1;
+  }
+  return what.substr(0, what.find('\n'));
+}
+
+}  // namespace
+
 at::Tensor second_order(models::Model& model, const at::Tensor& x, const at::Tensor& cols, const ParamMap& dw) {
+  // Models from outside the zoo may hold a layer_norm (second_order_mode below).
+  return second_order(model, x, cols, dw,
+                      model.spec().kind == "torchscript" ? SecondOrderMode::kPerRow : SecondOrderMode::kAllRows);
+}
+
+SecondOrderMode choose_second_order_mode(models::Model& model, const at::Tensor& x, const at::Tensor& cols,
+                                         const ParamMap& dw, std::string* why) {
+  const at::Tensor x1 = x.slice(0, 0, 1), c1 = cols.slice(0, 0, 1);
+  const at::Tensor want = second_order(model, x1, c1, dw, SecondOrderMode::kPerRow);
+  const double scale = want.abs().max().item<double>();
+  double err = 0;
+  try {
+    err = (second_order(model, x1, c1, dw, SecondOrderMode::kAllRows) - want).abs().max().item<double>() /
+          std::max(scale, 1e-300);
+  } catch (const c10::Error& e) {
+    if (why) *why = "per row (all rows at once fails: " + operator_line(e) + ")";
+    return SecondOrderMode::kPerRow;
+  }
+  if (scale > 0 && err <= 1e-9) {
+    if (why) *why = "all rows at once (agrees with the first probe's Hessian-vector products)";
+    return SecondOrderMode::kAllRows;
+  }
+  if (why) *why = "per row (all rows at once is off the first probe's Hessian-vector products by " + std::to_string(err) + ")";
+  return SecondOrderMode::kPerRow;
+}
+
+at::Tensor second_order(models::Model& model, const at::Tensor& x, const at::Tensor& cols, const ParamMap& dw,
+                        SecondOrderMode mode) {
   const auto params = parameters_of(model);
   std::vector<at::Tensor> dirs;
   for (const auto& item : model.named_parameters()) dirs.push_back(dw.at(item.key()));
   // The all-rows trick below differentiates through the backward of the backward: a third
   // derivative of every operator. LibTorch 1.13 gets that wrong for layer_norm (its saved mean
-  // and 1/std carry no autograd history: pytorch/pytorch#175754; measured here as a 30-50%
-  // error in S), so models from outside the zoo take the per-row Hessian-vector route.
-  if (model.spec().kind == "torchscript") return second_order_per_row(model, x, cols, params, dirs);
+  // and 1/std carry no autograd history; measured here as a 30-50% error in S): such models
+  // take the per-row Hessian-vector route (choose_second_order_mode).
+  if (mode == SecondOrderMode::kPerRow) return second_order_per_row(model, x, cols, params, dirs);
   // jvp(out, dw) = d/du <grad(out . u, w), dw>: differentiable in w, so it can be applied twice,
   // giving dw^T H dw for every output at once.
   auto jvp = [&](const at::Tensor& out) {
@@ -396,23 +441,6 @@ std::vector<at::Tensor> probe_jvps(models::Model& model, const at::Tensor& x, co
   return mode == JvpMode::kForward ? forward_mode_jvps(model, x, cols, dirs, logits)
                                    : double_backward_jvps(model, x, cols, dirs, logits);
 }
-
-namespace {
-
-/// The line of an error that names the operator (LibTorch's TorchScript interpreter wraps it).
-std::string operator_line(const c10::Error& e) {
-  const std::string what = e.what_without_backtrace();
-  for (size_t at_ = 0; at_ < what.size();) {
-    size_t end = what.find('\n', at_);
-    if (end == std::string::npos) end = what.size();
-    const std::string line = what.substr(at_, end - at_);
-    if (line.find("not implemented") != std::string::npos || line.find("not support") != std::string::npos) return line;
-    at_ = end + 1;
-  }
-  return what.substr(0, what.find('\n'));
-}
-
-}  // namespace
 
 std::optional<JvpMode> choose_jvp_mode(models::Model& model, const at::Tensor& x, const at::Tensor& cols,
                                        std::string* why) {

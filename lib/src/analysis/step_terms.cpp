@@ -2,10 +2,12 @@
 #include "pathkernel/analysis/step_terms.h"
 
 #include <ATen/ATen.h>
+#include <spdlog/spdlog.h>
 #include <torch/csrc/autograd/autograd.h>
 
 #include <algorithm>
 #include <cmath>
+#include <optional>
 
 #include "pathkernel/analysis/exact_kernel.h"
 #include "pathkernel/analysis/sharpness.h"
@@ -280,11 +282,21 @@ class SecondOrderTerm final : public StepTerm {
  public:
   void compute(StepContext& ctx, StepRow& row, StepArrays& arrays) override {
     set_weights(ctx.model, ctx.w0);
-    const at::Tensor s = second_order(ctx.model, ctx.xp, ctx.cols, ctx.dw).reshape({ctx.np, ctx.nc});
+    if (!mode_) {  // the zoo's models: all rows at once; any other model: checked on its first probe
+      std::string why = "all rows at once";
+      mode_ = ctx.model.spec().kind == "torchscript" || ctx.explicit_route
+                  ? choose_second_order_mode(ctx.model, ctx.xp, ctx.cols, ctx.dw, &why)
+                  : SecondOrderMode::kAllRows;
+      spdlog::info("S = 1/2 dw^T H dw: {}", why);
+    }
+    const at::Tensor s = second_order(ctx.model, ctx.xp, ctx.cols, ctx.dw, *mode_).reshape({ctx.np, ctx.nc});
     row.s_norm = frob(s);
     row.higher_norm = frob(ctx.r - s);
     arrays.s.push_back(s);
   }
+
+ private:
+  std::optional<SecondOrderMode> mode_;
 };
 
 /// --sharpness EVERY: lambda_max of the loss Hessian on a fixed training subset and on the

@@ -105,6 +105,19 @@ at::Tensor second_order(models::Model& model, const at::Tensor& x, const std::ve
 /// The same for a per-probe column table [P, C'].
 at::Tensor second_order(models::Model& model, const at::Tensor& x, const at::Tensor& cols, const ParamMap& dw);
 
+/// How S is formed: as the second directional derivative along dw of every row at once (J dw by
+/// the double backward, differentiated again along dw: third derivatives of every operator's
+/// backward), or row by row as a Hessian-vector product of each output (second derivatives only).
+enum class SecondOrderMode { kAllRows, kPerRow };
+at::Tensor second_order(models::Model& model, const at::Tensor& x, const at::Tensor& cols, const ParamMap& dw,
+                        SecondOrderMode mode);
+
+/// For a model whose operators are not known in advance: all rows at once when that agrees with
+/// the rows' Hessian-vector products on the first probe (to 1e-9 of their scale), else per row
+/// (LibTorch 1.13's layer_norm gets the third derivative wrong: 30-50% in S). `why` says which.
+SecondOrderMode choose_second_order_mode(models::Model& model, const at::Tensor& x, const at::Tensor& cols,
+                                         const ParamMap& dw, std::string* why);
+
 /// The gradients of a set of rows in the representation of the chosen route: captured signals
 /// (factorized) or an explicit Jacobian. The analyzer works through these so that a model with
 /// parameters outside tapped layers falls back to the explicit route.
