@@ -18,8 +18,16 @@ int cmd_analyze(const Args& args) {
   AnalyzeConfig c = cmd.config;
   AnalysisResult res;
   if (c.workers > 1) {
+    WorkerPlan plan;
+    plan.command = "analyze";
+    plan.count = c.workers;
+    plan.threads = c.threads;
+    plan.out = c.out;
+    plan.force = c.force;
+    plan.resumable = true;
+    plan.extra = {"--shard-even"};  // one machine: balanced shards beat starting at checkpoints
     MergeConfig merge;
-    if (const int st = run_workers(args, c, merge); st != 0) return st;
+    if (const int st = run_workers(args, plan, merge); st != 0) return st;
     auto joined = merge_shards(merge);
     res = std::move(joined.first);
     c = joined.second;

@@ -7,17 +7,44 @@
 
 #include "commands.h"
 #include "options.h"
+#include "pathkernel/analysis/shards.h"
 #include "pathkernel/explain/explain.h"
 #include "pathkernel/io/fs_util.h"
 #include "prepare.h"
+#include "workers.h"
 
 namespace pathkernel::app {
 
 int cmd_explain(const Args& args) {
   ExplainCommand cmd;
   if (!prepare_explain(args, cmd)) return 0;
-  const ExplainConfig& c = cmd.config;
-  const ExplainResult res = explain(c);
+  ExplainConfig c = cmd.config;
+  ExplainResult res;
+  const bool by_steps = c.workers > 1 && explain_by_steps(c);
+  if (c.workers > 1 && !by_steps) {
+    spdlog::info("--workers: this run is attributed through its optimizer's recursion over the whole run, in one process");
+  }
+  if (by_steps) {
+    WorkerPlan plan;
+    plan.command = "explain";
+    plan.count = c.workers;
+    plan.threads = c.threads;
+    plan.out = c.out;
+    plan.force = c.force;
+    MergeConfig merge;
+    if (const int st = run_workers(args, plan, merge); st != 0) return st;
+    auto joined = merge_explanations(merge);
+    // The shards are in memory now; OUT is again what the user gave (new, or an earlier
+    // explanation to replace with --force).
+    std::error_code ec;
+    std::filesystem::remove_all(std::filesystem::path(c.out) / "workers", ec);
+    if (std::filesystem::is_empty(c.out, ec)) std::filesystem::remove(c.out, ec);
+    res = std::move(joined.first);
+    c = joined.second;
+    c.workers = cmd.config.workers;
+  } else {
+    res = explain(c);
+  }
   write_explanation(res, c);
   if (cmd.json) {
     print_summary_json(c.out);

@@ -191,6 +191,8 @@ bool prepare_explain(const Args& args, ExplainCommand& cmd) {
     ("grids", "PNG grids for at most this many probes", cxxopts::value(c.grids)->default_value("16"))
     ("shard", "I/N: attribute only the I-th of N parts of the run (plain SGD; add the parts up with pathkernel merge)",
      cxxopts::value<std::string>())
+    ("workers", "N: attribute a plain-SGD run as N shards in N processes at once and add them up (other runs: one "
+     "process)", cxxopts::value(c.workers)->default_value("1"))
     ("csv", "attributions.csv holds: top (each probe's --top proponents and opponents) | all (every training "
      "example; attributions.npy always holds them all)", cxxopts::value(c.csv)->default_value("top"))
     ("project", "D: the per-example kernels through a seeded random projection of each layer's gradients to about "

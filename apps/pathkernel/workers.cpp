@@ -1,5 +1,5 @@
-// pathkernel analyze --workers N: the range analyzed as N shards by N processes of this same
-// executable at once (each `analyze ... --shard I/N --out OUT/workers/shard-I-of-N`), then joined
+// --workers N (analyze, explain): the steps as N shards done by N processes of this same
+// executable at once (each `COMMAND ... --shard I/N --out OUT/workers/shard-I-of-N`), then joined
 // as `pathkernel merge` joins them. No shell: each worker's command line is an argument vector.
 #include "workers.h"
 
@@ -24,9 +24,10 @@ namespace {
 namespace fs = std::filesystem;
 
 /// The command's own arguments without --out, --workers and --json (each worker gets its own).
+/// args[0] is "pathkernel COMMAND".
 std::vector<std::string> shared_arguments(const Args& args) {
   std::vector<std::string> out;
-  for (size_t i = 1; i < args.size(); ++i) {  // args[0] is "pathkernel analyze"
+  for (size_t i = 1; i < args.size(); ++i) {
     const std::string& a = args[i];
     if (a == "--out" || a == "--workers") {
       ++i;  // and its value
@@ -82,40 +83,48 @@ int wait_for(pid_t pid) {
 
 }  // namespace
 
-int run_workers(const Args& args, const AnalyzeConfig& c, MergeConfig& merge) {
-  const fs::path out(c.out), dir = out / "workers";
+int run_workers(const Args& args, const WorkerPlan& plan, MergeConfig& merge) {
+  const fs::path out(plan.out), dir = out / "workers";
   const std::vector<std::string> shared = shared_arguments(args);
-  // OUT is an interrupted analysis of this command: a rerun continues each worker's shard.
-  const nlohmann::json key = {{"workers", c.workers}, {"arguments", shared}};
   const bool fresh = !fs::exists(out) || fs::is_empty(out);
-  (void)open_progress(out, key, c.force);
-  merge.out = c.out;
-  merge.force = true;  // OUT is this command's own (checked by analyze's preparation)
+  if (plan.resumable) {
+    // OUT is an interrupted analysis of this command: a rerun continues each worker's shard.
+    const nlohmann::json key = {{"workers", plan.count}, {"arguments", shared}};
+    (void)open_progress(out, key, plan.force);
+  } else {
+    std::error_code ec;
+    fs::remove_all(dir, ec);  // what an interrupted run of workers left in an OUT given with --force
+    fs::create_directories(dir);
+  }
+  const std::string of = "-of-" + std::to_string(plan.count);
+  merge.out = plan.out;
+  merge.force = true;  // OUT is this command's own (checked by its preparation)
   std::vector<std::pair<int64_t, pid_t>> running;
-  for (int64_t i = 1; i <= c.workers; ++i) {
-    const fs::path shard = dir / ("shard-" + std::to_string(i) + "-of-" + std::to_string(c.workers));
+  for (int64_t i = 1; i <= plan.count; ++i) {
+    const fs::path shard = dir / ("shard-" + std::to_string(i) + of);
     merge.shards.push_back(shard.string());
-    if (fs::is_regular_file(shard / "summary.json")) continue;  // finished before an interruption
-    std::vector<std::string> argv = {"pathkernel-core", "analyze"};
+    if (plan.resumable && fs::is_regular_file(shard / "summary.json")) continue;  // finished before a kill
+    std::vector<std::string> argv = {"pathkernel-core", plan.command};
     argv.insert(argv.end(), shared.begin(), shared.end());
-    for (const std::string& a : {std::string("--shard"), std::to_string(i) + "/" + std::to_string(c.workers),
-                                 std::string("--shard-even"), std::string("--out"), shard.string()}) {
+    for (const std::string& a : {std::string("--shard"), std::to_string(i) + "/" + std::to_string(plan.count),
+                                 std::string("--out"), shard.string()}) {
       argv.push_back(a);
     }
-    running.emplace_back(i, spawn(argv, worker_environment(c.threads)));
+    argv.insert(argv.end(), plan.extra.begin(), plan.extra.end());
+    running.emplace_back(i, spawn(argv, worker_environment(plan.threads)));
   }
-  spdlog::info("analyzing in {} workers ({} started; shards in {})", c.workers, running.size(), dir.string());
+  spdlog::info("{} in {} workers ({} started; shards in {})", plan.command, plan.count, running.size(), dir.string());
   int failed = 0;
   for (const auto& [i, pid] : running) {
     const int st = wait_for(pid);
     if (st != 0 && st != 4) {  // 4: its checks failed, its shard is written (the joined checks say so again)
-      spdlog::error("worker {} of {} ended with status {}", i, c.workers, st);
+      spdlog::error("worker {} of {} ended with status {}", i, plan.count, st);
       if (failed == 0) failed = st;
     }
   }
   if (failed != 0 && fresh) {
     std::error_code ec;
-    fs::remove_all(out, ec);  // nothing of a failed new analysis is left behind
+    fs::remove_all(out, ec);  // nothing of a failed new output is left behind
   }
   return failed;
 }

@@ -1,14 +1,27 @@
 #pragma once
-// analyze --workers N: N shards of the range analyzed by N processes at once (workers.cpp).
+// --workers N: N shards of a command's steps (analyze, explain) by N processes at once (workers.cpp).
+#include <string>
+#include <vector>
+
 #include "commands.h"
-#include "pathkernel/analysis/analyzer.h"
 #include "pathkernel/analysis/shards.h"
 
 namespace pathkernel::app {
 
-/// Starts the N workers of `c` (c.workers shards of the range, in OUT/workers/shard-I-of-N; a
-/// shard an interrupted run finished is kept) and waits for them. Returns 0 with `merge` set to
-/// join them into c.out, or the status of the first worker that failed (a new OUT is removed).
-int run_workers(const Args& args, const AnalyzeConfig& c, MergeConfig& merge);
+/// What to start: `command` (analyze or explain) with the user's own arguments (less --out,
+/// --workers and --json) and `--shard I/N --out OUT/workers/shard-I-of-N` plus `extra`.
+struct WorkerPlan {
+  std::string command;
+  int64_t count = 2;
+  int threads = 1;                 ///< each worker's --threads (OPENBLAS_NUM_THREADS in its environment)
+  std::string out;
+  bool force = false;              ///< the user's --force
+  bool resumable = false;          ///< analyze: OUT is a partial analysis of this command, shards continue
+  std::vector<std::string> extra;  ///< more arguments for every worker
+};
+
+/// Starts the workers and waits for them. Returns 0 with `merge` set to join them into
+/// plan.out, or the status of the first worker that failed (a new OUT is removed).
+int run_workers(const Args& args, const WorkerPlan& plan, MergeConfig& merge);
 
 }  // namespace pathkernel::app

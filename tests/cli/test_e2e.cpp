@@ -520,6 +520,37 @@ TEST(E2eTest, ShardsMergeIntoTheSingleProcessAnalysis) {
   EXPECT_FALSE(fs::exists(tmp / "m2"));
 }
 
+// explain --workers: a plain-SGD run attributed in two processes at once and added up equals one
+// process (a_i to 1e-12 of the largest; the sum check holds); a momentum run, attributed through
+// the optimizer's recursion over the whole run, is explained in one process, as without workers.
+TEST(E2eTest, ExplainWorkersAddUpToOneProcess) {
+  testing::TempDir tmp;
+  const fs::path sgd = tmp / "sgd", mom = tmp / "mom";
+  for (const auto& [dir, momentum] : {std::pair{sgd, "0"}, std::pair{mom, "0.9"}}) {
+    ASSERT_EQ(run({"train", "--model", "mlp:16:tanh", "--train-limit", "600", "--steps", "30", "--checkpoint-every", "10",
+                   "--momentum", momentum, "--out", dir.string()},
+                  tmp.path()).status, 0);
+  }
+  for (const fs::path& r : {sgd, mom}) {
+    const std::string name = r.filename().string();
+    const Result one = run({"explain", r.string(), "--probes", "3", "--grids", "0", "--out", (tmp / (name + "-1")).string()},
+                           tmp.path());
+    ASSERT_EQ(one.status, 0) << one.err;
+    const Result two = run({"explain", r.string(), "--probes", "3", "--grids", "0", "--workers", "2", "--out",
+                            (tmp / (name + "-2")).string()},
+                           tmp.path());
+    ASSERT_EQ(two.status, 0) << two.err;
+    EXPECT_EQ(two.err.find("in one process") != std::string::npos, name == "mom") << two.err;
+    EXPECT_FALSE(fs::exists(tmp / (name + "-2") / "workers"));
+    const at::Tensor a = load_npy(tmp / (name + "-1") / "attributions.npy");
+    const at::Tensor b = load_npy(tmp / (name + "-2") / "attributions.npy");
+    ASSERT_EQ(a.sizes(), b.sizes());
+    EXPECT_LT((a - b).abs().max().item<double>(), 1e-12 * a.abs().max().item<double>()) << name;
+    const auto s = nlohmann::json::parse(read_file(tmp / (name + "-2") / "summary.json"));
+    EXPECT_LT(s["max_sum_error"].get<double>(), 1e-10) << name;
+  }
+}
+
 // Issue 11's influence: Captum's TracInCP matrix (sum over checkpoints of lr_t <grad l(test),
 // grad l(train_i)>) and self-influence, against the same computed by functorch (vmap of grad,
 // as Captum does) in Python from the same checkpoints, one of them (step 30) not stored and so

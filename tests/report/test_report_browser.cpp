@@ -28,6 +28,7 @@ std::vector<std::vector<std::string>> default_job(const fs::path& run) {
     for (std::string w; words >> w;) {
       w.erase(std::remove(w.begin(), w.end(), '"'), w.end());
       if (w.rfind("$run", 0) == 0) w = run.string() + w.substr(4);
+      if (w == "$workers") w = "2";  // the script's one worker per core, on these 2-core machines
       argv.push_back(w);
     }
     out.push_back(argv);

@@ -167,6 +167,8 @@ void ExplainConfig::validate() const {
   if (shard_count < 0 || (shard_count > 0 && (shard_index < 1 || shard_index > shard_count))) {
     throw InputError("--shard must be I/N with 1 <= I <= N");
   }
+  if (workers < 1 || workers > 64) throw InputError("--workers takes 1..64 processes");
+  if (workers > 1 && shard_count > 0) throw InputError("--workers splits the run into shards itself: give --shard or --workers");
   check_thread_flag(threads);
   if (exact_nodes < 0) throw InputError("--exact must be positive");
   if (route != "auto" && route != "backward") throw InputError("route must be auto or backward");

@@ -161,6 +161,12 @@ void fill_result(const ExplainConfig& c, const AnalysisResult& an, StepAttributi
 
 }  // namespace
 
+bool explain_by_steps(const ExplainConfig& c) {
+  const std::unique_ptr<Trajectory> traj(open_trajectory(c.run, c.kernel_route == "torchscript"));
+  const OptimizerOptions oo = traj->optimizer_after(0).options();
+  return c.route != "backward" && oo.kind == OptimizerKind::kSgd && oo.momentum == 0 && !traj->settings_vary();
+}
+
 ExplainResult explain(const ExplainConfig& c) {
   c.validate();
   const auto t0 = std::chrono::steady_clock::now();

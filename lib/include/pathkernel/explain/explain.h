@@ -42,6 +42,9 @@ struct ExplainConfig {
   /// --shard I/N: attribute the I-th of N parts of the run only (plain SGD); `pathkernel merge`
   /// adds the parts' attributions up into the whole run's (shards.h).
   int64_t shard_index = 0, shard_count = 0;
+  /// --workers N (> 1): the command line attributes a plain-SGD run as N shards in N processes
+  /// at once and adds them up (pathkernel explain; the library's explain() runs one process).
+  int64_t workers = 1;
   /// --project D (> 0): the per-example split (a_i, K_{k,m}) through a seeded random projection
   /// of the gradients to about D dims per layer (projection.h); D, F, U, R, S and the run's K
   /// stay exact. Factorized route; plain SGD, momentum, Nesterov (no preconditioner).
@@ -52,6 +55,11 @@ struct ExplainConfig {
 };
 
 class Trajectory;
+
+/// Whether `c`'s run is attributed step by step (plain SGD without per-step settings, the
+/// automatic route), so that its steps can be split into shards; else the optimizer's
+/// recursion runs over the whole run. Opens the run. Throws InputError for a bad run.
+bool explain_by_steps(const ExplainConfig& c);
 
 struct ExplainResult {
   /// The run as explain opened it (once, for the analysis, the attribution and the files).
