@@ -393,7 +393,7 @@ class Driver {
     if (jvp_route_ && explicit_route_ && !c_.on_step) ctx.split_probes = std::min<int64_t>(np_, kCheckedProbes);
     const int64_t sp = ctx.split_probes;
     ctx.sp = probe_rows(*model_, xp_.slice(0, 0, sp), res_.outputs.slice(0, 0, sp), explicit_route_,
-                        jvp_route_ ? nullptr : &ctx.f0);
+                        jvp_route_ ? nullptr : &ctx.f0, &rows_workspace_);
     ctx.sb = loss_rows(*model_, ctx.batch.x, ctx.batch.y, ctx.loss, explicit_route_);
     const double scale = -ctx.lr * ctx.gs / ctx.nb;
     if (c_.project > 0) {
@@ -471,6 +471,7 @@ class Driver {
   int64_t whole_begin_ = 0, whole_end_ = 0, begin_ = 0, end_ = 0, resume_at_ = 0, walk_from_ = 0, np_ = 0;
   bool explicit_route_ = false, jvp_route_ = false, progress_ = false;
   JvpMode jvp_mode_ = JvpMode::kForward;
+  at::Tensor rows_workspace_;  ///< the explicit route's probe rows, reused from step to step
   Projection projection_;
   OptimizerOptions options_;
   at::Tensor xp_;

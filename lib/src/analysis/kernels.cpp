@@ -200,11 +200,19 @@ int64_t count_params(const std::vector<at::Tensor>& params) {
 // refused), so that a row's backward runs through one example's graph, not the whole batch's.
 at::Tensor explicit_probe_jacobian(models::Model& model, const at::Tensor& x, const at::Tensor& cols) {
   const auto params = parameters_of(model);
+  // In the parameters' dtype: the inputs may be int64 tokens.
+  return explicit_probe_jacobian_into(model, x, cols,
+                                      at::empty({x.size(0) * cols.size(1), count_params(params)}, params.front().options()));
+}
+
+at::Tensor explicit_probe_jacobian_into(models::Model& model, const at::Tensor& x, const at::Tensor& cols, at::Tensor jac) {
+  const auto params = parameters_of(model);
   const int64_t c = cols.size(1);
   const at::Tensor col = cols.contiguous();
   const auto cl = col.accessor<int64_t, 2>();
-  // In the parameters' dtype: the inputs may be int64 tokens.
-  at::Tensor jac = at::empty({x.size(0) * c, count_params(params)}, params.front().options());
+  if (jac.dim() != 2 || jac.size(0) != x.size(0) * c || jac.size(1) != count_params(params)) {
+    throw std::invalid_argument("explicit_probe_jacobian_into: the output is not [P*C, n_params]");
+  }
   for (int64_t p = 0; p < x.size(0); ++p) {
     const at::Tensor out = model.forward(x.slice(0, p, p + 1))[0];
     for (int64_t j = 0; j < c; ++j) gradient_row(params, out[cl[p][j]], jac[p * c + j]);
@@ -487,10 +495,19 @@ std::vector<std::string> names_of(models::Model& model) {
 }  // namespace
 
 RowGradients probe_rows(models::Model& model, const at::Tensor& x, const at::Tensor& cols, bool explicit_route,
-                        at::Tensor* logits) {
+                        at::Tensor* logits, at::Tensor* workspace) {
   RowGradients r;
-  if (explicit_route) {
+  if (explicit_route && workspace) {
+    const auto params = parameters_of(model);
+    const int64_t rows = x.size(0) * cols.size(1), n = count_params(params);
+    if (!workspace->defined() || workspace->numel() < rows * n || workspace->scalar_type() != params.front().scalar_type()) {
+      *workspace = at::empty({rows * n}, params.front().options());
+    }
+    r.jacobian = explicit_probe_jacobian_into(model, x, cols, workspace->narrow(0, 0, rows * n).view({rows, n})).detach();
+  } else if (explicit_route) {
     r.jacobian = explicit_probe_jacobian(model, x, cols).detach();
+  }
+  if (explicit_route) {
     r.names = names_of(model);
     if (logits) {
       at::NoGradGuard ng;
