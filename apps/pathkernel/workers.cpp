@@ -87,6 +87,8 @@ int run_workers(const Args& args, const WorkerPlan& plan, MergeConfig& merge) {
   const fs::path out(plan.out), dir = out / "workers";
   const std::vector<std::string> shared = shared_arguments(args);
   const bool fresh = !fs::exists(out) || fs::is_empty(out);
+  // --force over an earlier complete output: a failure leaves it as it was found.
+  const bool earlier = !fresh && fs::is_regular_file(out / "summary.json") && !fs::exists(out / "partial.json");
   if (plan.resumable) {
     // OUT is an interrupted analysis of this command: a rerun continues each worker's shard.
     const nlohmann::json key = {{"workers", plan.count}, {"arguments", shared}};
@@ -122,9 +124,13 @@ int run_workers(const Args& args, const WorkerPlan& plan, MergeConfig& merge) {
       if (failed == 0) failed = st;
     }
   }
-  if (failed != 0 && fresh) {
+  if (failed != 0 && (fresh || earlier)) {
     std::error_code ec;
-    fs::remove_all(out, ec);  // nothing of a failed new output is left behind
+    if (fresh) fs::remove_all(out, ec);  // nothing of a failed new output is left behind
+    if (earlier) {
+      fs::remove_all(dir, ec);
+      fs::remove(out / "partial.json", ec);
+    }
   }
   return failed;
 }

@@ -503,6 +503,15 @@ TEST(E2eTest, ShardsMergeIntoTheSingleProcessAnalysis) {
   EXPECT_EQ(bad.status, 2) << bad.err;
   EXPECT_NE(bad.err.find("999999"), std::string::npos) << bad.err;
   EXPECT_FALSE(fs::exists(tmp / "bad"));
+  // The same over an earlier analysis with --force: it is left as it was found.
+  const std::string before = read_file(tmp / "workers" / "steps.csv");
+  const Result over = run({"analyze", run_dir.string(), "--probe-indices", (tmp / "bad-probes.txt").string(), "--workers",
+                           "2", "--force", "--out", (tmp / "workers").string()},
+                          tmp.path());
+  EXPECT_EQ(over.status, 2) << over.err;
+  EXPECT_EQ(read_file(tmp / "workers" / "steps.csv"), before);
+  EXPECT_FALSE(fs::exists(tmp / "workers" / "workers"));
+  EXPECT_FALSE(fs::exists(tmp / "workers" / "partial.json"));
   const Result both = run({"analyze", run_dir.string(), "--workers", "2", "--shard", "1/2", "--out",
                            (tmp / "both").string()},
                           tmp.path());
