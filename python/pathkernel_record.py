@@ -115,17 +115,147 @@ def _with_metadata(sd):
     return out
 
 
-def _check_model(model):
+def _check_model(model, mask_sites=()):
+    """Refuses a module mode the run cannot record: BatchNorm in training mode, and Dropout in
+    training mode other than an nn.Dropout whose masks the recorder keeps (mask_sites)."""
     for name, m in model.named_modules():
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training:
             raise ValueError(
                 "module '%s' is BatchNorm in training mode: each example's output depends on the "
                 "rest of its batch, which the kernel view cannot express. Put it in eval mode "
                 "(frozen statistics) or use GroupNorm or LayerNorm." % name)
-        if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.training and m.p > 0:
+        if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.training and m.p > 0 and name not in mask_sites:
+            if type(m) is not torch.nn.Dropout:
+                raise ValueError(
+                    "module '%s' is %s in training mode: the recorder keeps the masks of nn.Dropout only. Record "
+                    "with it off (p=0 or eval mode)." % (name, type(m).__name__))
+            if m.p >= 1:
+                raise ValueError("module '%s' is Dropout with p=%g in training mode: it drops every input" % (name, m.p))
             raise ValueError(
-                "module '%s' is Dropout in training mode: the outputs are random, so no step can "
-                "be recomputed. Record with dropout off (p=0 or eval mode)." % name)
+                "module '%s' is Dropout in training mode, which it was not when the Recorder was created: its "
+                "masks are kept only for a model recorded with its Dropout in training mode (a model whose "
+                "Dropout is off when the Recorder is created is matched to pathkernel's own layers). Create the "
+                "Recorder after model.train()." % name)
+
+
+class _StepMaskDropout(torch.nn.Module):
+    """nn.Dropout as the recorded model.pt holds it: in training mode the input times the step's
+    mask (0 or 1, over 1 - p), which pathkernel sets before each training forward of a step from
+    the masks the recorder kept; in eval mode the identity."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.pathkernel_dropout_p = float(p)
+        self.mask = torch.zeros(0)
+
+    def forward(self, x):
+        if self.training:
+            return x * self.mask
+        return x
+
+
+def read_step_masks(run, record):
+    """A recorded step's Dropout masks as {site name: bool tensor [batch, ...]} ({} when it has
+    none), from the record (a line of steps.jsonl) and its masks file in the run folder `run`."""
+    if "masks" not in record:
+        return {}
+    manifest = json.load(open(os.path.join(run, "manifest.json")))
+    names = [site["module"] for site in manifest["dropout"]["sites"] if site["module"] in record["mask_shapes"]]
+    shapes = [record["mask_shapes"][n] for n in names]
+    total = sum(int(np.prod(shape)) for shape in shapes)
+    bits = np.unpackbits(np.load(os.path.join(run, record["masks"])))
+    if bits.shape[0] != (total + 7) // 8 * 8 or bits[total:].any():
+        raise ValueError("%s: not the packed bits of masks %s" % (record["masks"], shapes))
+    out, at = {}, 0
+    for n, shape in zip(names, shapes):
+        size = int(np.prod(shape))
+        out[n] = torch.from_numpy(bits[at:at + size].reshape(shape).astype(bool))
+        at += size
+    return out
+
+
+def set_step_masks(scripted, masks, p):
+    """Makes the recorded TorchScript model's Dropout sites train with `masks` (read_step_masks;
+    p: {site: p}, the manifest's), or, with masks {}, predict (every site off)."""
+    dtype = next(scripted.parameters()).dtype
+    for name, module in scripted.named_modules():
+        if name in p:
+            on = name in masks
+            module.mask = masks[name].to(dtype) / (1 - p[name]) if on else torch.zeros(0, dtype=dtype)
+            module.train(on)
+
+
+def _dropout_sites(model):
+    """The nn.Dropout modules whose masks a run can record (p in (0, 1)), by name."""
+    return [(n, m) for n, m in model.named_modules() if type(m) is torch.nn.Dropout and 0 < m.p < 1]
+
+
+def _with_mask_sites(model, names):
+    """A copy of model with each named nn.Dropout replaced by a _StepMaskDropout (for scripting)."""
+    if not names:
+        return model
+    out = copy.deepcopy(model)
+    for name in names:
+        parent, _, leaf = name.rpartition(".")
+        holder = out.get_submodule(parent) if parent else out
+        site = _StepMaskDropout(holder.get_submodule(leaf).p)
+        site.train(False)
+        setattr(holder, leaf, site)
+    return out
+
+
+class _MaskKeeper:
+    """The masks of nn.Dropout in training mode, per training forward: each site's mask is drawn
+    again from the generator state its forward started from (the draws F.dropout makes on the
+    CPU) and checked to give the site's output bit for bit."""
+
+    def __init__(self, model, called, sites):
+        self.names = {id(m): n for n, m in sites}
+        self.forward = None   # the masks of the running training forward, by site name
+        self._pending = {}
+        self._hooks = []
+        if not sites:
+            return
+
+        def top(module, args):
+            if torch.is_grad_enabled():
+                self.forward = {}
+        self._hooks.append(called.register_forward_pre_hook(top))
+        for _, m in sites:
+            self._hooks.append(m.register_forward_pre_hook(self._before))
+            self._hooks.append(m.register_forward_hook(self._after))
+
+    def _before(self, module, args):
+        if not (module.training and torch.is_grad_enabled() and self.forward is not None):
+            return
+        x = args[0]
+        if x.device.type != "cpu":
+            raise ValueError("module '%s' is Dropout in training mode on %s: its masks are recorded on the CPU only"
+                             % (self.names[id(module)], x.device))
+        self._pending[id(module)] = (torch.get_rng_state(), x.detach().clone() if module.inplace else x.detach())
+
+    def _after(self, module, args, output):
+        pending = self._pending.pop(id(module), None)
+        if pending is None:
+            return
+        name, (state, x) = self.names[id(module)], pending
+        if name in self.forward:
+            raise ValueError("module '%s' (Dropout) ran twice in one forward: give each place its own nn.Dropout" % name)
+        now = torch.get_rng_state()
+        torch.set_rng_state(state)
+        try:
+            noise = torch.empty_like(x, memory_format=torch.contiguous_format).bernoulli_(1 - module.p)
+        finally:
+            torch.set_rng_state(now)
+        if not torch.equal(x * noise.div(1 - module.p), output.detach()):
+            raise ValueError("module '%s': its Dropout mask could not be reproduced from the generator state (this "
+                             "torch build draws it otherwise)" % name)
+        self.forward[name] = noise.to(torch.bool)
+
+    def remove(self):
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
 
 
 def _is_flatten(m):
@@ -360,10 +490,12 @@ class Recorder:
             raise ValueError("checkpoint_every=%d with %s: the analyzer needs the optimizer state at every step "
                              "(it does not replay the optimizer between stored states); use checkpoint_every=1"
                              % (int(checkpoint_every), "momentum" if kind == "sgd" else kind))
-        _check_model(model)
+        _check_model(model, [n for n, m in _dropout_sites(model) if m.training])
         if output is not None:  # recorded as a module whose forward gives the named output
             model = _Selected(model, output)
             script = False
+        sites = _dropout_sites(model)
+        dropout_on = [n for n, m in sites if m.training]
         if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
             raise FileExistsError("%s exists and is not an empty folder: pathkernel never overwrites a run" % out)
         names = {id(p): n for n, p in model.named_parameters()}
@@ -390,14 +522,22 @@ class Recorder:
         # The model on the CPU, as pathkernel reads it (a model trained on a GPU records the same).
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         example = splits["train"][0][:1].to(device)
+        # Each nn.Dropout becomes a site whose masks pathkernel sets (_StepMaskDropout), unless the
+        # model is one of pathkernel's own (its Dropout off) or must be traced (a trace keeps one mode).
+        known = None if dropout_on else zoo_spec(model, splits["train"][0].shape[1:])
+        mask_sites = [] if known is not None else [n for n, _ in sites]
         scripted = None
         if script:
             try:
-                scripted = torch.jit.script(model)
+                scripted = torch.jit.script(_with_mask_sites(model, mask_sites))
             except Exception:  # not scriptable: trace instead
                 scripted = None
         how = "script"
         if scripted is None:
+            if dropout_on:
+                raise ValueError("module '%s' is Dropout in training mode: its masks are recorded for a model that "
+                                 "TorchScript can script (torch.jit.script), not a traced one" % dropout_on[0])
+            mask_sites = []
             scripted = torch.jit.trace(model, example)
             how = "trace"
         with torch.no_grad():
@@ -416,6 +556,9 @@ class Recorder:
                 raise ValueError("classes must name each of the model's %d outputs (non-empty, at most 200 "
                                  "characters), got %d names" % (int(outputs.shape[1]), len(classes)))
         self._classes = classes
+        self._known = known
+        self._mask_sites = mask_sites
+        self._site_p = {n: float(m.p) for n, m in sites if n in mask_sites}
 
         self.out, self.model, self.optimizer = out, model, optimizer
         self.every = int(checkpoint_every)
@@ -460,6 +603,7 @@ class Recorder:
             self._settings = [_update_settings(g) for g in opt.param_groups]
             self._fingerprint = self._gradient_fingerprint()
             self._fed_at_step, self._fed = self._fed, None
+            self._masks_at_step, self._masks.forward = self._masks.forward, None
             return original(*args, **kwargs)
         if hasattr(original, "_with_counter"):  # an LR scheduler already counts the steps
             step._with_counter = original._with_counter
@@ -491,6 +635,9 @@ class Recorder:
             # On the module the loop calls (inside the output selection, when there is one).
             called = model.model if isinstance(model, _Selected) else model
             self._hook = called.register_forward_pre_hook(pre_hook)
+        self._masks = _MaskKeeper(model, model.model if isinstance(model, _Selected) else model,
+                                  [(n, m) for n, m in sites if n in mask_sites])
+        self._masks_at_step = None
 
     def _write_run(self, splits, scripted, how, outputs, kind, groups, loss):
         out = self.out
@@ -524,9 +671,13 @@ class Recorder:
                             "of": "the gradient in .grad when optimizer.step() ran, float64, "
                                   "parameters flattened in model.parameters order"},
         }
-        known = zoo_spec(self.model, data["train"]["input_shape"])
-        if known is not None:
-            manifest["zoo"] = {"spec": known[0], "names": known[1]}
+        if self._known is not None:
+            manifest["zoo"] = {"spec": self._known[0], "names": self._known[1]}
+        if self._mask_sites:
+            manifest["dropout"] = {
+                "sites": [{"module": n, "p": self._site_p[n]} for n in self._mask_sites],
+                "of": "nn.Dropout modules; a step trained with them on keeps their masks (0 or 1, bits packed) in its "
+                      "record's masks file, in this order"}
         self._write_json("manifest.json", manifest)
         self._save(0)
 
@@ -579,7 +730,7 @@ class Recorder:
             raise ValueError("step %d: the parameter groups' %s differ; groups may differ in their learning rate and "
                              "weight decay only" % (self.k, ", ".join(_group_mismatch(self._settings))))
         try:  # at every step: a loop's own model.train() switches Dropout or BatchNorm back on
-            _check_model(self.model)
+            _check_model(self.model, self._mask_sites)
         except ValueError as e:
             raise ValueError("step %d: %s (the loop switched the module's mode after the Recorder saw the model, "
                              "for example with model.train())" % (self.k, e)) from None
@@ -606,6 +757,9 @@ class Recorder:
                 os.makedirs(os.path.join(self.out, "data", "batches"), exist_ok=True)
                 _save_npy(os.path.join(self.out, name), fed.contiguous().numpy())
                 rec["inputs"] = name
+        masks, self._masks_at_step = self._masks_at_step, None
+        if masks and (self.every == 1 or k % self.every == 0):  # the analyzable steps' masks
+            rec.update(self._write_masks(k, masks, len(idx)))
         if len(set(self._rates)) > 1:
             rec["lrs"] = self._rates
         if self._settings != self._manifest_settings:
@@ -614,6 +768,19 @@ class Recorder:
         self._log.flush()
         self._rates = None
         self.k += 1
+
+    def _write_masks(self, k, masks, rows):
+        """Step k's Dropout masks in one file, the sites' bits packed in the manifest's order."""
+        names = [n for n in self._mask_sites if n in masks]
+        for n in names:
+            if masks[n].dim() == 0 or masks[n].shape[0] != rows:
+                raise ValueError("step %d: module '%s' (Dropout) ran on %s inputs, the batch has %d rows: the masks "
+                                 "of the step's last training forward must be the batch's" % (k, n, tuple(masks[n].shape), rows))
+        bits = np.packbits(torch.cat([masks[n].reshape(-1) for n in names]).numpy().astype(np.uint8))
+        name = "data/masks/step_%08d.npy" % k
+        os.makedirs(os.path.join(self.out, "data", "masks"), exist_ok=True)
+        _save_npy(os.path.join(self.out, name), bits)
+        return {"masks": name, "mask_shapes": {n: list(masks[n].shape) for n in names}}
 
     def _tracked_batch(self):
         if self._tracked is None:
@@ -636,6 +803,7 @@ class Recorder:
             self._save(self.k)
         if self._hook is not None:
             self._hook.remove()
+        self._masks.remove()
         for h in self._grad_hooks:
             h.remove()
         self._log.close()
@@ -673,4 +841,5 @@ class Recorder:
             self._log.close()
             if self._hook is not None:
                 self._hook.remove()
+            self._masks.remove()
         return False

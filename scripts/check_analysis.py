@@ -17,6 +17,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from check_checkpoint import build, read_idx  # noqa: E402
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
+from pathkernel_record import read_step_masks, set_step_masks  # noqa: E402
+
 
 def main():
     ap = argparse.ArgumentParser()
@@ -48,7 +51,9 @@ def main():
 
     ckdir = os.path.join(args.run, "checkpoints")
     steps = [int(s) for s in args.steps.split(",")] if args.steps else analyzed[:3]
-    if manifest.get("format") == "pathkernel-recorded-run/1":
+    recorded = manifest.get("format") == "pathkernel-recorded-run/1"
+    site_p = {site["module"]: site["p"] for site in manifest.get("dropout", {}).get("sites", [])}
+    if recorded:
         def npy(split, part):
             return torch.from_numpy(np.load(os.path.join(args.run, manifest["data"][split][part])))
         xtrain, ytrain = npy("train", "x").double(), npy("train", "y")
@@ -91,6 +96,8 @@ def main():
                            for f in rows_f.reshape(-1)])
         batch = torch.tensor(log[k]["batch"])
         x_b = xtrain[:len(ytrain)][batch]
+        masks = read_step_masks(args.run, log[k]) if recorded else {}
+        set_step_masks(m0, masks, site_p)  # the batch as training computed it (its Dropout masks)
         logits = m0(x_b)
         if manifest["loss"] == "ce":
             loss = torch.nn.functional.cross_entropy(logits, ytrain[batch])
@@ -99,6 +106,7 @@ def main():
             target = y_b.double() if y_b.is_floating_point() else torch.nn.functional.one_hot(y_b, logits.shape[1])
             loss = 0.5 * ((logits - target) ** 2).sum(1).mean()
         grad_l = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)])
+        set_step_masks(m0, {}, site_p)
         with torch.no_grad():
             ref = {"D": (m1(xp) - m0(xp)).gather(1, cols).numpy()}
         ref["F"] = (jac @ dw).reshape(rows_f.shape).detach().numpy()

@@ -59,6 +59,18 @@ torch::Tensor Model::record_output(size_t tap, torch::Tensor output) {
   return output;
 }
 
+void Model::set_training_context(const TrainingContext& ctx) {
+  apply_training_context(ctx);
+  in_context_ = !ctx.empty();
+}
+
+void Model::apply_training_context(const TrainingContext& ctx) {
+  if (!ctx.empty()) {
+    throw std::invalid_argument("model " + spec_.str() + " has no Dropout sites for a step's masks (site '" +
+                                ctx.dropout_masks.begin()->first + "')");
+  }
+}
+
 void Model::set_row_segment(RowSegment segment) {
   if (segment.t.defined()) {
     if (segment.weight.size() != taps_.size() || segment.bias.size() != taps_.size()) {

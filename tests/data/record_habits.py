@@ -30,6 +30,9 @@ tuple        a model whose forward returns (logits, features), recorded with out
 tuple_unnamed  the same without output=: refused by Recorder(), naming output=
 moved        the weights are changed outside optimizer.step() after step 10
 train_mode   a Dropout module put back in training mode by the loop's model.train() at step 5
+dropout      two nn.Dropout modules in training mode (p 0.1 on the inputs, 0.5 on the hidden layer)
+             with SGD and momentum; the loop switches to eval mode for steps 5-7 of every 10 (the
+             recorder keeps each trained step's masks: analyzed exactly)
 """
 import os
 import sys
@@ -101,6 +104,9 @@ def main():
         model = FunctionalDropout()
     elif habit.startswith("tuple"):
         model = TwoOutputs()
+    elif habit == "dropout":
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Dropout(0.1), torch.nn.Linear(784, 64),
+                                    torch.nn.Tanh(), torch.nn.Dropout(0.5), torch.nn.Linear(64, 10))
     elif habit == "train_mode":
         model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 64), torch.nn.Tanh(),
                                     torch.nn.Dropout(0.3), torch.nn.Linear(64, 10))
@@ -156,6 +162,8 @@ def main():
     for step in range(30):
         if habit == "train_mode" and step == 5:
             model.train()
+        if habit == "dropout":
+            model.train(step % 10 not in (5, 6, 7))
         idx = torch.randint(0, X.shape[0], (32,), generator=g)
         x = X[idx]
         if habit in ("augment", "unstored"):

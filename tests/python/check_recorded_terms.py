@@ -24,6 +24,9 @@ import sys
 import numpy as np
 import torch
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "python"))
+from pathkernel_record import read_step_masks, set_step_masks  # noqa: E402
+
 
 def main():
     run, analysis = sys.argv[1], sys.argv[2]
@@ -39,6 +42,7 @@ def main():
         for n in g.get("param_names", []):
             group_of[n] = gi
     model = torch.jit.load(os.path.join(run, "model.pt")).double()
+    site_p = {site["module"]: site["p"] for site in manifest.get("dropout", {}).get("sites", [])}
     params = dict(model.named_parameters())
     ce = manifest["loss"] == "ce"
     def inputs(path):
@@ -168,10 +172,16 @@ def main():
         set_weights(j)
         idx, x, y = batch(j)
         gs = steps[j].get("grad_scale", 1.0)
-        grads.append(gs * flat_grad(loss_of(model(x), y)))
+        # The batch as training computed it: a step's Dropout masks on its sites (then each example's
+        # row is its loss's gradient through that one batch forward); the probes below predict.
+        masks = read_step_masks(run, steps[j])
+        set_step_masks(model, masks, site_p)
+        out_b = model(x)
+        grads.append(gs * flat_grad(loss_of(out_b, y)))
         if explained is not None:
-            rows.append((idx, torch.stack([gs / len(idx) * flat_grad(loss_of(model(x[m:m + 1]), y[m:m + 1]))
-                                           for m in range(len(idx))])))
+            rows.append((idx, torch.stack([gs / len(idx) * flat_grad(
+                loss_of(out_b[m:m + 1] if masks else model(x[m:m + 1]), y[m:m + 1])) for m in range(len(idx))])))
+        set_step_masks(model, {}, site_p)
     worst_k, scale_k = 0.0, 0.0
     attr = None
     if explained is not None:

@@ -333,6 +333,7 @@ class Driver {
     ctx.jv.clear();
     if (ctx.memory && !((k >= resume_at_) && (k - begin_) % c_.every == 0)) {  // walked
       set_weights(*model_, ctx.w0);
+      const models::TrainingForward batch_forward(*model_, ctx.batch.context);
       ctx.grad_l = batch_gradient(*model_, ctx.batch.x, ctx.batch.y, ctx.loss);
       // The gradient the optimizer applied: grad L_k times a recorded clipping scale (1 without).
       ctx.applied = scaled(ctx.grad_l, ctx.gs);
@@ -350,10 +351,13 @@ class Driver {
     const at::Tensor& yb = ctx.batch.y;
     set_weights(*model_, ctx.w1);
     ctx.f1 = forward_nograd(*model_, xp_);
-    ctx.loss_after = batch_loss(forward_nograd(*model_, xb), yb, ctx.loss).item<double>();
-    set_weights(*model_, ctx.w0);
-    ctx.loss_before = batch_loss(forward_nograd(*model_, xb), yb, ctx.loss).item<double>();
-    ctx.grad_l = batch_gradient(*model_, xb, yb, ctx.loss);
+    {  // the batch as the step's training forward saw it (its Dropout masks); the probes as predicted
+      const models::TrainingForward batch_forward(*model_, ctx.batch.context);
+      ctx.loss_after = batch_loss(forward_nograd(*model_, xb), yb, ctx.loss).item<double>();
+      set_weights(*model_, ctx.w0);
+      ctx.loss_before = batch_loss(forward_nograd(*model_, xb), yb, ctx.loss).item<double>();
+      ctx.grad_l = batch_gradient(*model_, xb, yb, ctx.loss);
+    }
     ctx.applied = ctx.gs == 1 ? ctx.grad_l : scaled(ctx.grad_l, ctx.gs);
     for (auto& t : terms_) t->prepare(ctx);
     form_products(ctx);
@@ -394,7 +398,10 @@ class Driver {
     const int64_t sp = ctx.split_probes;
     ctx.sp = probe_rows(*model_, xp_.slice(0, 0, sp), res_.outputs.slice(0, 0, sp), explicit_route_,
                         jvp_route_ ? nullptr : &ctx.f0, &rows_workspace_);
-    ctx.sb = loss_rows(*model_, ctx.batch.x, ctx.batch.y, ctx.loss, explicit_route_);
+    {
+      const models::TrainingForward batch_forward(*model_, ctx.batch.context);
+      ctx.sb = loss_rows(*model_, ctx.batch.x, ctx.batch.y, ctx.loss, explicit_route_);
+    }
     const double scale = -ctx.lr * ctx.gs / ctx.nb;
     if (c_.project > 0) {
       ctx.zb = project_rows(projection_, ctx.sb);

@@ -227,6 +227,15 @@ at::Tensor explicit_probe_jacobian(models::Model& model, const at::Tensor& x, co
 at::Tensor explicit_loss_jacobian(models::Model& model, const at::Tensor& x, const at::Tensor& y, LossKind loss) {
   const auto params = parameters_of(model);
   at::Tensor jac = at::empty({x.size(0), count_params(params)}, params.front().options());
+  if (model.in_training_context()) {
+    // Batch-context rows: row m is the gradient of example m's loss as the batch's forward
+    // computed it (its Dropout mask), one backward each through that one forward.
+    const at::Tensor out = model.forward(x);
+    for (int64_t m = 0; m < x.size(0); ++m) {
+      gradient_row(params, batch_loss(out.slice(0, m, m + 1), y.slice(0, m, m + 1), loss), jac[m]);
+    }
+    return jac;
+  }
   for (int64_t m = 0; m < x.size(0); ++m) {
     gradient_row(params, batch_loss(model.forward(x.slice(0, m, m + 1)), y.slice(0, m, m + 1), loss), jac[m]);
   }
@@ -281,6 +290,7 @@ RowGradients loss_rows(models::Model& model, const at::Tensor& x, const at::Tens
     r.jacobian = explicit_loss_jacobian(model, x, y, loss).detach();
     r.names = names_of(model);
   } else {
+    if (model.in_training_context()) throw std::logic_error("loss_rows: factorized rows of a batch in a training context");
     r.signals = loss_signals(model, x, y, loss);
   }
   return r;

@@ -32,6 +32,7 @@ at::Tensor hvp(models::Model& model, const at::Tensor& x, const at::Tensor& y, L
     off += p.numel();
   }
   const int64_t n = x.size(0);
+  if (model.in_training_context()) chunk = n;  // a step's masks cover its whole batch: one forward
   at::Tensor out = at::zeros_like(v);
   for (int64_t i = 0; i < n; i += chunk) {
     const int64_t len = std::min(chunk, n - i);

@@ -53,6 +53,7 @@ class SignalsTerm final : public StepTerm {
       if (prev_step_ != k - 1) {  // the first step of a range, or every > 1: step k-1's own
         const LoggedStep before = ctx.traj.logged_step(k - 1, at::kDouble);
         set_weights(ctx.model, to_double_map(ctx.traj.weights_at(k - 1)));
+        const models::TrainingForward batch_forward(ctx.model, before.context);
         prev_grad_ = batch_gradient(ctx.model, before.x, before.y, ctx.loss);
         set_weights(ctx.model, ctx.w0);
       }
@@ -321,9 +322,12 @@ class SharpnessTerm final : public StepTerm {
     // Full-batch GD: the batch is the subset in another order, one Hessian; its lambda_max is reused.
     const at::Tensor& bidx = ctx.batch.indices;
     const bool batch_is_subset = bidx.size(0) == sidx_.size(0) && at::equal(std::get<0>(bidx.sort()), sidx_);
-    const Sharpness sb = batch_is_subset ? st
-                                         : hessian_top_eigenvalue(ctx.model, ctx.batch.x, ctx.batch.y, ctx.loss,
-                                                                  c.sharpness_iterations, 1e-7, static_cast<uint64_t>(k) + 1);
+    const Sharpness sb = [&] {
+      if (batch_is_subset && ctx.batch.context.empty()) return st;
+      const models::TrainingForward batch_forward(ctx.model, ctx.batch.context);  // the batch's loss as trained
+      return hessian_top_eigenvalue(ctx.model, ctx.batch.x, ctx.batch.y, ctx.loss, c.sharpness_iterations, 1e-7,
+                                    static_cast<uint64_t>(k) + 1);
+    }();
     row.lambda_train = st.lambda_max;
     row.lanczos_iterations = static_cast<double>(st.iterations);
     row.lanczos_residual = st.residual;

@@ -17,7 +17,7 @@ namespace pathkernel {
 namespace {
 
 /// What disagreed, and what in a training loop makes it so.
-std::string diagnosis(const StepVerification& v) {
+std::string diagnosis(const StepVerification& v, bool masked) {
   const bool loss_off = !(v.loss_error <= kLossTolerance);
   const bool grad_off = !std::isnan(v.gradient_error) && !(v.gradient_error <= kGradientTolerance);
   std::string what;
@@ -26,7 +26,12 @@ std::string diagnosis(const StepVerification& v) {
     what += fmt::format("{}the applied gradient's fingerprint is off by {:.2g} of its norm (norm ratio {:.4g})",
                         loss_off ? "; " : "", v.gradient_error, v.norm_ratio);
   }
-  if (loss_off) {
+  if (masked && (loss_off || grad_off)) {
+    what += ". Likely: the model computed something else on this batch than the stored inputs and the step's "
+            "Dropout masks give: the masks file is not the masks training drew, a random operation other than "
+            "nn.Dropout ran in the forward (F.dropout), or the loop fed augmented inputs that the recorder did not "
+            "store; or the gradient was changed before optimizer.step() in a way the recorder could not record";
+  } else if (loss_off) {
     what += ". Likely: the model computed something else on this batch than the stored inputs give: a module's "
             "mode changed (the loop's own model.train() switching Dropout or BatchNorm back on), or the loop fed "
             "augmented inputs that the recorder did not store";
@@ -55,7 +60,11 @@ std::vector<StepVerification> verify_steps(Trajectory& traj, models::Model& mode
     }
     const LoggedStep s = traj.logged_step(k, at::kDouble);
     const std::vector<at::Tensor> params = model.parameters();
-    const at::Tensor l = batch_loss(model.forward(s.x), s.y, loss);
+    at::Tensor l;
+    {
+      const models::TrainingForward batch_forward(model, s.context);  // the step's Dropout masks
+      l = batch_loss(model.forward(s.x), s.y, loss);
+    }
     const std::vector<at::Tensor> g = torch::autograd::grad({l}, params);
     StepVerification v;
     v.step = k;
@@ -81,7 +90,7 @@ std::vector<StepVerification> verify_steps(Trajectory& traj, models::Model& mode
       v.norm_ratio = std::sqrt(sq) / scale;
     }
     v.ok = v.loss_error <= kLossTolerance && (std::isnan(v.gradient_error) || v.gradient_error <= kGradientTolerance);
-    if (!v.ok) v.what = diagnosis(v);
+    if (!v.ok) v.what = diagnosis(v, !s.context.empty());
     out.push_back(std::move(v));
   }
   return out;

@@ -200,7 +200,10 @@ void BackwardAttribution::attribute(int64_t j, size_t local) {
   const Factors fa = factors(j, local, batch.settings, lu);
   const at::Tensor w = s_.weights[static_cast<int64_t>(local)].to(at::kDouble);
   set_flat(*model_, w);
-  const RowGradients sb = loss_rows(*model_, batch.x, batch.y, loss_, explicit_route_);
+  const RowGradients sb = [&] {
+    const models::TrainingForward batch_forward(*model_, batch.context);  // batch-context rows (Dropout masks)
+    return loss_rows(*model_, batch.x, batch.y, loss_, explicit_route_);
+  }();
   const at::Tensor zb = c_.project > 0 ? project_rows(projection_, sb) : at::Tensor();
   // Phi_j = a_j alpha_j P_j (.) g(x; w_j) + beta Phi_{j+1};  Psi_j = s_j Phi_j + a_j nu P_j (.) g(x; w_j).
   // In place on workspace tensors of [rows, n_params]: fresh ones every step would grow the heap.

@@ -19,6 +19,7 @@ void save_npy(const std::filesystem::path& path, const at::Tensor& t) {
   if (c.scalar_type() == at::kDouble) descr = "<f8";
   else if (c.scalar_type() == at::kLong) descr = "<i8";
   else if (c.scalar_type() == at::kFloat) descr = "<f4";
+  else if (c.scalar_type() == at::kByte) descr = "|u1";
   else throw std::invalid_argument("save_npy: unsupported dtype");
   std::string shape = "(";
   for (int64_t d : c.sizes()) shape += std::to_string(d) + ",";
@@ -161,7 +162,8 @@ at::Tensor load_npy(const std::filesystem::path& path) {
   if (header.descr() == "<f8") type = at::kDouble;
   else if (header.descr() == "<f4") type = at::kFloat;
   else if (header.descr() == "<i8") type = at::kLong;
-  else throw InputError(name + ": unsupported dtype (expected <f8, <f4 or <i8)");
+  else if (header.descr() == "|u1") type = at::kByte;
+  else throw InputError(name + ": unsupported dtype (expected <f8, <f4, <i8 or |u1)");
   if (header.fortran_order()) throw InputError(name + ": Fortran order");
   // The shape's product times the element size must be exactly the bytes after the header,
   // checked before anything is allocated.

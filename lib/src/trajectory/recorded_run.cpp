@@ -152,6 +152,17 @@ RecordedRun::RecordedRun(const fs::path& dir) : dir_(dir) {
       fingerprint_seed_ = fp["seed"].get<uint64_t>();
       fingerprint_projections_ = fp["projections"].get<int64_t>();
     }
+    if (manifest_.contains("dropout")) {
+      for (const auto& site : manifest_["dropout"].at("sites")) {
+        const std::string name = site.at("module").get<std::string>();
+        const double p = site.at("p").get<double>();
+        if (name.empty() || !(p > 0 && p < 1) ||
+            std::any_of(dropout_sites_.begin(), dropout_sites_.end(), [&](const auto& s) { return s.first == name; })) {
+          throw InputError(mf + ": dropout.sites must name each site once, with p in (0, 1)");
+        }
+        dropout_sites_.emplace_back(name, p);
+      }
+    }
     if (manifest_.contains("zoo") && !manifest_["zoo"].is_null()) {
       zoo_spec_ = manifest_["zoo"].at("spec").get<std::string>();
       try {
@@ -159,6 +170,7 @@ RecordedRun::RecordedRun(const fs::path& dir) : dir_(dir) {
       } catch (const std::invalid_argument& e) {
         throw InputError(mf + ": zoo.spec: " + e.what());
       }
+      if (!dropout_sites_.empty()) throw InputError(mf + ": a model with Dropout sites is not one of pathkernel's own (zoo)");
       zoo_names_ = manifest_["zoo"].at("names").get<std::map<std::string, std::string>>();
       if (zoo_names_.size() != param_order_.size() ||
           std::any_of(param_order_.begin(), param_order_.end(), [&](const auto& n) { return !zoo_names_.count(n); })) {
@@ -454,13 +466,67 @@ OptimizerState RecordedRun::optimizer_state(int64_t k, int64_t* updates) const {
   return out;
 }
 
-at::Tensor RecordedRun::fed_inputs(int64_t k, const std::string& name, size_t rows) const {
+fs::path RecordedRun::file_in_run(int64_t k, const std::string& name, const std::string& what) const {
   const std::string where = (dir_ / "steps.jsonl").string() + ":" + std::to_string(k + 1);
   const fs::path f = dir_ / name;
   const std::string rel = f.lexically_relative(dir_).lexically_normal().string();
   if (rel.empty() || rel.rfind("..", 0) == 0 || fs::path(name).is_absolute() || !resolves_inside(dir_, f)) {
-    throw InputError(where + ": the step's inputs " + name + " are outside the run directory");
+    throw InputError(where + ": the step's " + what + " " + name + " are outside the run directory");
   }
+  return f;
+}
+
+std::map<std::string, at::Tensor> RecordedRun::step_masks(int64_t k, const nlohmann::json& r, size_t rows) const {
+  const std::string where = (dir_ / "steps.jsonl").string() + ":" + std::to_string(k + 1);
+  std::vector<std::pair<std::string, std::vector<int64_t>>> shapes;
+  int64_t total = 0;
+  std::string file;
+  try {
+    const auto& given = r.at("mask_shapes");
+    if (!given.is_object() || given.empty()) throw InputError(where + ": mask_shapes must name the sites");
+    for (const auto& [name, p] : dropout_sites_) {  // the manifest's order, the file's
+      if (!given.contains(name)) continue;
+      std::vector<int64_t> shape = shape_of(given.at(name));
+      int64_t numel = 1;
+      for (int64_t d : shape) {
+        if (d < 1 || __builtin_mul_overflow(numel, d, &numel) || numel > (int64_t{1} << 36)) {
+          throw InputError(where + ": the mask shape of site '" + name + "' is empty or too large");
+        }
+      }
+      if (shape.empty() || shape[0] != static_cast<int64_t>(rows)) {
+        throw InputError(fmt::format("{}: the mask of site '{}' is {}, not [{}, ...] for the step's batch", where, name,
+                                     fmt::join(shape, "x"), rows));
+      }
+      total += numel;
+      shapes.emplace_back(name, std::move(shape));
+    }
+    if (shapes.size() != given.size()) throw InputError(where + ": mask_shapes names a site the manifest does not list");
+    file = r.at("masks").get<std::string>();
+  } catch (const nlohmann::json::exception& e) {
+    throw InputError(where + ": masks malformed (" + std::string(e.what()) + ")");
+  }
+  const fs::path f = file_in_run(k, file, "masks");
+  const at::Tensor bytes = load_npy(f);
+  const int64_t want = (total + 7) / 8;
+  if (bytes.scalar_type() != at::kByte || bytes.dim() != 1 || bytes.size(0) != want) {
+    throw InputError(fmt::format("{}: step {}'s masks must be uint8 [{}] ({} bits packed), the file holds {} {}", f.string(),
+                                 k, want, total, c10::toString(bytes.scalar_type()), fmt::join(bytes.sizes(), "x")));
+  }
+  // numpy.packbits' order: each byte's highest bit first; the last byte's padding bits are 0.
+  const at::Tensor bits = bytes.unsqueeze(1).bitwise_right_shift(at::arange(7, -1, -1, at::kByte)).bitwise_and(1).reshape({-1});
+  if (bits.slice(0, total).any().item<bool>()) throw InputError(f.string() + ": bits set after the masks' end");
+  std::map<std::string, at::Tensor> out;
+  int64_t pos = 0;
+  for (const auto& [name, shape] : shapes) {
+    const int64_t n = c10::multiply_integers(shape);
+    out[name] = bits.slice(0, pos, pos + n).reshape(shape);
+    pos += n;
+  }
+  return out;
+}
+
+at::Tensor RecordedRun::fed_inputs(int64_t k, const std::string& name, size_t rows) const {
+  const fs::path f = file_in_run(k, name, "inputs");
   const at::Tensor x = load_npy(f);
   std::vector<int64_t> want = {static_cast<int64_t>(rows)};
   const auto shape = train_x_.sizes().vec();
@@ -488,6 +554,7 @@ RecordedRun::Step RecordedRun::step(int64_t k) const {
   s.loss = r.at("loss").get<double>();
   if (r.contains("inputs")) s.inputs = fed_inputs(k, r.at("inputs").get<std::string>(), s.batch.size());
   if (r.contains("grad_scale")) s.grad_scale = r.at("grad_scale").get<double>();
+  if (r.contains("masks")) s.masks = step_masks(k, r, s.batch.size());
   s.settings = settings_at(k);
   if (fingerprint_projections_ > 0 && r.contains("grad_proj")) {
     s.grad_norm = r.at("grad_norm").get<double>();

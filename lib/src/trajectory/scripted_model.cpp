@@ -4,6 +4,7 @@
 #include <torch/csrc/jit/python/update_graph_executor_opt.h>
 #include <torch/csrc/jit/serialization/import.h>
 
+#include <algorithm>
 #include <map>
 #include <sstream>
 #include <vector>
@@ -38,6 +39,16 @@ class ScriptedModel : public models::Model {
       // The same tensor object: weights copied into it, and dtype changes, reach the scripted module.
       owner->register_parameter(rest, p.value, p.value.requires_grad());
     }
+    // The recorder's Dropout sites (python/pathkernel_record.py, _StepMaskDropout): off until a
+    // step's masks are set.
+    for (const auto& sub : module_.named_modules()) {
+      if (!sub.value.hasattr("pathkernel_dropout_p")) continue;
+      sites_.push_back({sub.name, sub.value, sub.value.attr("pathkernel_dropout_p").toDouble()});
+      if (!(sites_.back().p > 0 && sites_.back().p < 1)) {
+        throw InputError("the TorchScript model's Dropout site '" + sub.name + "' has p outside (0, 1)");
+      }
+      sites_.back().module.train(false);
+    }
   }
 
   torch::Tensor forward(const torch::Tensor& x) override {
@@ -49,8 +60,32 @@ class ScriptedModel : public models::Model {
   /// The scripted module converts its parameters in place (set_data), and its buffers with them.
   void to(torch::Dtype dtype, bool non_blocking) override { module_.to(dtype, non_blocking); }
 
+ protected:
+  /// Each site with a mask multiplies by it over 1 - p (F.dropout's scaling), in the weights'
+  /// dtype; the others are off.
+  void apply_training_context(const models::TrainingContext& ctx) override {
+    for (const auto& [name, mask] : ctx.dropout_masks) {
+      if (std::none_of(sites_.begin(), sites_.end(), [&](const Site& s) { return s.name == name; })) {
+        throw InputError("the TorchScript model has no recorded Dropout site '" + name + "' for the step's mask");
+      }
+    }
+    const auto options = parameters().front().options();
+    for (auto& site : sites_) {
+      const auto it = ctx.dropout_masks.find(site.name);
+      const bool on = it != ctx.dropout_masks.end();
+      site.module.setattr("mask", on ? it->second.to(options).div(1 - site.p) : at::empty({0}, options));
+      site.module.train(on);
+    }
+  }
+
  private:
+  struct Site {
+    std::string name;
+    torch::jit::Module module;
+    double p = 0;
+  };
   torch::jit::Module module_;
+  std::vector<Site> sites_;
 };
 
 }  // namespace

@@ -8,12 +8,12 @@
 
 namespace pathkernel {
 
-/// Writes a float64 or int64 tensor (any shape, made contiguous) as little-endian .npy,
+/// Writes a float64, float32, int64 or uint8 tensor (any shape, made contiguous) as little-endian .npy,
 /// atomically. Throws InputError when the file cannot be written.
 void save_npy(const std::filesystem::path& path, const at::Tensor& t);
 
-/// Reads a little-endian, C-order .npy of float64, float32 or int64 (as written by save_npy or
-/// numpy.save). Throws InputError naming the file for anything else.
+/// Reads a little-endian, C-order .npy of float64, float32, int64 or uint8 (as written by save_npy
+/// or numpy.save). Throws InputError naming the file for anything else.
 at::Tensor load_npy(const std::filesystem::path& path);
 
 }  // namespace pathkernel

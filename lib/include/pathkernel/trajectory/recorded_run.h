@@ -88,7 +88,12 @@ class RecordedRun {
     /// The optimizer's settings at this step, by recorded parameter name: a scheduler's momentum
     /// or betas (the record's `groups`), parameter groups' rates (`lrs`) and weight decay.
     StepSettings settings;
+    /// The masks of the Dropout sites that were on at this step (uint8 0/1 [batch, ...] by site
+    /// name), read from the record's `masks` file; empty when none was.
+    std::map<std::string, at::Tensor> masks;
   };
+  /// The model's recorded Dropout sites (manifest `dropout`): name and p, in the masks' order.
+  const std::vector<std::pair<std::string, double>>& dropout_sites() const { return dropout_sites_; }
   /// True when the settings change between steps or differ between parameter groups.
   bool settings_vary() const { return settings_vary_; }
   /// Step k's settings alone (Step::settings), by recorded parameter name.
@@ -124,6 +129,11 @@ class RecordedRun {
   std::vector<std::pair<std::string, std::vector<int64_t>>> state_dict_;  ///< names and shapes
   /// Step k's fed inputs from `name` (inside the run), checked against the batch and input shape.
   at::Tensor fed_inputs(int64_t k, const std::string& name, size_t rows) const;
+  /// Step k's Dropout masks from its record (`masks`, `mask_shapes`), checked against the file.
+  std::map<std::string, at::Tensor> step_masks(int64_t k, const nlohmann::json& record, size_t rows) const;
+  /// A file a step's record names, which must lie inside the run directory.
+  std::filesystem::path file_in_run(int64_t k, const std::string& name, const std::string& what) const;
+  std::vector<std::pair<std::string, double>> dropout_sites_;
   std::vector<std::string> param_order_;  ///< the optimizer's parameters, in its order
   std::vector<OptimizerOptions> groups_;   ///< the manifest's parameter groups
   std::vector<nlohmann::json> group_json_;

@@ -31,6 +31,9 @@ struct LoggedStep {
   /// The optimizer's settings at this step: a `pathkernel train` run's own; a recorded run's as
   /// they were at the step (a scheduler's momentum or betas, parameter groups' rates and decay).
   StepSettings settings;
+  /// What the step's training forward used that a prediction does not (a recorded run's Dropout
+  /// masks): the batch's forwards run inside a models::TrainingForward of it.
+  models::TrainingContext context;
 };
 
 class Trajectory {

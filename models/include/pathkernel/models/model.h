@@ -9,6 +9,7 @@
 #include <torch/nn/module.h>
 #include <torch/types.h>
 
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -77,6 +78,14 @@ struct RowSegment {
   std::vector<torch::Tensor> weight, bias;
 };
 
+/// What a training forward of one step's batch used that a prediction does not: the masks of
+/// the model's Dropout sites in training mode, by site name, each [M, ...] of 0 and 1 for the
+/// batch's M rows (a site without one is off, as in a prediction). Empty: predictions.
+struct TrainingContext {
+  std::map<std::string, torch::Tensor> dropout_masks;
+  bool empty() const { return dropout_masks.empty(); }
+};
+
 /// Base class of the zoo's models. Parameters are registered in forward order with PyTorch
 /// state_dict names, so `named_parameters()` is the state_dict order used everywhere.
 class Model : public torch::nn::Module {
@@ -104,6 +113,14 @@ class Model : public torch::nn::Module {
   /// Throws std::invalid_argument when the directions do not match the taps.
   void set_row_segment(RowSegment segment);
 
+  /// Makes the forwards that follow step forwards of a batch in `ctx` (TrainingContext), or
+  /// predictions again (an empty one). A model without such sites (the zoo's) refuses a
+  /// non-empty context (std::invalid_argument). Use TrainingForward to scope it.
+  void set_training_context(const TrainingContext& ctx);
+  /// True while a non-empty context is set: the batch's rows are coupled through it (a row's
+  /// output is the one computed with the whole batch), so rows come from one batch forward.
+  bool in_training_context() const { return in_context_; }
+
   /// The spec this model was built from.
   const ModelSpec& spec() const { return spec_; }
   /// Number of output classes.
@@ -111,6 +128,9 @@ class Model : public torch::nn::Module {
 
  protected:
   Model(ModelSpec spec, int64_t num_classes) : spec_(std::move(spec)), num_classes_(num_classes) {}
+
+  /// Applies a training context (set_training_context); the zoo's models have no sites.
+  virtual void apply_training_context(const TrainingContext& ctx);
 
   /// Registers a tap for a layer whose parameters are already registered under `name`.
   size_t add_tap(const std::string& name, LayerKind kind, torch::Tensor weight,
@@ -129,6 +149,7 @@ class Model : public torch::nn::Module {
   ModelSpec spec_;
   int64_t num_classes_;
   bool capture_ = false;
+  bool in_context_ = false;
   std::vector<Tap> taps_;
   KinkMode kink_mode_ = KinkMode::kOff;
   std::vector<KinkSite> kink_sites_;
@@ -137,6 +158,24 @@ class Model : public torch::nn::Module {
   size_t next_site_ = 0;
   int64_t layers_done_ = 0;
   KinkSite& site_for(bool pool);
+};
+
+/// The model's forwards are a step's training forwards while this is alive (nothing for an empty
+/// context); predictions again afterwards, also when an exception leaves the scope.
+class TrainingForward {
+ public:
+  TrainingForward(Model& model, const TrainingContext& ctx) : model_(model), on_(!ctx.empty()) {
+    if (on_) model_.set_training_context(ctx);
+  }
+  ~TrainingForward() {
+    if (on_) model_.set_training_context({});
+  }
+  TrainingForward(const TrainingForward&) = delete;
+  TrainingForward& operator=(const TrainingForward&) = delete;
+
+ private:
+  Model& model_;
+  bool on_;
 };
 
 /// Input geometry of the data a model is built for.

@@ -1,0 +1,142 @@
+// Dropout in training mode, recorded from PyTorch (issue 26, item 1): the recorder keeps each
+// trained step's masks (python/pathkernel_record.py), the analysis computes the batch's gradient
+// and rows with them (batch-context rows) and the probes as predicted (Dropout off). Checked
+// against an independent float64 computation in Python from the files on disk, and shown to fail
+// when a step's masks are not the ones training drew.
+#include <ATen/ATen.h>
+#include <nlohmann/json.hpp>
+
+#include <filesystem>
+
+#include "fixtures.h"
+#include "pathkernel/io/fs_util.h"
+#include "pathkernel/io/npy.h"
+#include "pathkernel/io/run_dir.h"
+
+namespace pathkernel {
+namespace {
+namespace fs = std::filesystem;
+
+const std::string kSource = PATHKERNEL_SOURCE_DIR;
+
+class RecordedDropoutTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    tmp_ = new testing::TempDir();
+    run_ = tmp_->path() / "dropout";
+    const int st = testing::run_program({"/usr/bin/python3", kSource + "/tests/data/record_habits.py", "dropout", run_.string()},
+                                        tmp_->path() / "record.log");
+    ASSERT_EQ(st, 0) << read_file(tmp_->path() / "record.log");
+  }
+  static void TearDownTestSuite() { delete tmp_; }
+  /// pathkernel analyze of `run` into OUT (4 probes); the exit status, its log in `log`.
+  static int analyze(const fs::path& run, const std::string& out, std::string& log) {
+    const int st = testing::run_program({PATHKERNEL_BIN, "analyze", run.string(), "--probes", "4", "--out",
+                                         (tmp_->path() / out).string()},
+                                        tmp_->path() / "analyze.log");
+    log = read_file(tmp_->path() / "analyze.log");
+    return st;
+  }
+  /// A copy of the recorded run to break.
+  static fs::path copy_of_run(const std::string& name) {
+    const fs::path run = tmp_->path() / name;
+    fs::remove_all(run);
+    fs::copy(run_, run, fs::copy_options::recursive);
+    return run;
+  }
+  static testing::TempDir* tmp_;
+  static fs::path run_;
+};
+testing::TempDir* RecordedDropoutTest::tmp_ = nullptr;
+fs::path RecordedDropoutTest::run_;
+
+// Two nn.Dropout modules in training mode (p 0.1 on the inputs, 0.5 on the hidden layer), SGD
+// with momentum, and the loop in eval mode for steps 5-7 of every 10: every step verifies, and
+// D, F, K, R (scripts/check_analysis.py), Kopt and explain's a_i (check_recorded_terms.py,
+// batch-context rows by autograd through the one masked batch forward) equal an independent
+// float64 computation to 1e-9; explain's sum check closes to 1e-9.
+TEST_F(RecordedDropoutTest, EachStepIsAnalyzedWithItsOwnMasks) {
+  const nlohmann::json manifest = read_json(run_ / "manifest.json");
+  ASSERT_TRUE(manifest.contains("dropout"));
+  EXPECT_EQ(manifest["dropout"]["sites"][0]["module"], "1");
+  EXPECT_EQ(manifest["dropout"]["sites"][1]["module"], "4");
+  EXPECT_TRUE(manifest["zoo"].is_null()) << "masks need the TorchScript model";
+  const auto records = read_step_log(run_ / "steps.jsonl");
+  EXPECT_TRUE(records[0].contains("masks"));
+  EXPECT_EQ(records[0]["mask_shapes"]["1"], nlohmann::json({32, 784}));
+  EXPECT_FALSE(records[5].contains("masks")) << "a step in eval mode has no masks";
+  std::string log;
+  ASSERT_EQ(analyze(run_, "an", log), 0) << log;
+  const fs::path an = tmp_->path() / "an";
+  const nlohmann::json s = read_json(an / "summary.json");
+  EXPECT_EQ(s["verification"]["steps_checked"], 30);
+  EXPECT_EQ(s["verification"]["steps_failed"], 0);
+  const fs::path check_log = tmp_->path() / "check.log";
+  EXPECT_EQ(testing::run_program({"/usr/bin/python3", kSource + "/scripts/check_analysis.py", run_.string(), an.string(),
+                                  "--steps", "0,4,5,9,29", "--tol", "1e-9"},
+                                 check_log),
+            0)
+      << read_file(check_log);
+  const fs::path ex = tmp_->path() / "explain";
+  ASSERT_EQ(testing::run_program({PATHKERNEL_BIN, "explain", run_.string(), "--probes", "3", "--self-influence", "--out",
+                                  ex.string()},
+                                 tmp_->path() / "explain.log"),
+            0)
+      << read_file(tmp_->path() / "explain.log");
+  EXPECT_LT(read_json(ex / "summary.json")["max_sum_error"].get<double>(), 1e-9);
+  ASSERT_EQ(testing::run_program({"/usr/bin/python3", kSource + "/tests/python/check_recorded_terms.py", run_.string(),
+                                  an.string(), ex.string()},
+                                 check_log),
+            0)
+      << read_file(check_log);
+  const std::string out = read_file(check_log);
+  const nlohmann::json check = nlohmann::json::parse(out.substr(out.rfind('{')));
+  EXPECT_LT(check["kopt_max_error"].get<double>(), 1e-9 * check["kopt_scale"].get<double>()) << check.dump();
+  EXPECT_LT(check["attr_max_error"].get<double>(), 1e-9 * check["attr_scale"].get<double>()) << check.dump();
+  EXPECT_GT(check["attr_scale"].get<double>(), 0);
+}
+
+// The check can fail: a step whose masks are not the ones training drew (one byte of its masks
+// file flipped), or whose masks were dropped from its record, is not the logged step: exit 4,
+// the step named, no output. A masks file of the wrong size is refused as bad input (exit 2),
+// naming the file.
+TEST_F(RecordedDropoutTest, WrongOrMissingMasksFailTheStepsCheck) {
+  const auto records = read_step_log(run_ / "steps.jsonl");
+  const std::string masks3 = records[3]["masks"].get<std::string>();
+  std::string log;
+  {
+    const fs::path run = copy_of_run("flipped");
+    at::Tensor bits = load_npy(run / masks3);
+    bits[100] = bits[100].bitwise_xor(0xFF);
+    save_npy(run / masks3, bits);
+    EXPECT_EQ(analyze(run, "flipped-an", log), 4) << log;
+    EXPECT_NE(log.find("step 3: "), std::string::npos) << log;
+    EXPECT_NE(log.find("the masks file is not the masks training drew"), std::string::npos) << log;
+    EXPECT_FALSE(fs::exists(tmp_->path() / "flipped-an"));
+  }
+  {
+    const fs::path run = copy_of_run("dropped");
+    std::string jsonl;
+    for (auto r : read_step_log(run / "steps.jsonl")) {
+      if (r["step"] == 3) {
+        r.erase("masks");
+        r.erase("mask_shapes");
+      }
+      jsonl += r.dump() + "\n";
+    }
+    atomic_write(run / "steps.jsonl", jsonl);
+    EXPECT_EQ(analyze(run, "dropped-an", log), 4) << log;
+    EXPECT_NE(log.find("step 3:"), std::string::npos) << log;
+  }
+  {
+    const fs::path run = copy_of_run("short");
+    const at::Tensor bits = load_npy(run / masks3);
+    save_npy(run / masks3, bits.slice(0, 0, bits.size(0) - 1));
+    EXPECT_EQ(analyze(run, "short-an", log), 2) << log;
+    EXPECT_NE(log.find(masks3 + ": step 3's masks must be uint8"), std::string::npos) << log;
+    EXPECT_FALSE(fs::exists(tmp_->path() / "short-an"));
+  }
+}
+
+}  // namespace
+}  // namespace pathkernel
