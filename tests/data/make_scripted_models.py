@@ -87,3 +87,12 @@ class ZooMlp(torch.nn.Module):
 
 
 torch.jit.save(torch.jit.script(ZooMlp()), os.path.join(here, "scripted_zoo_mlp.pt"))
+
+
+# An MLP with an nn.Dropout as the recorder saves it: a mask site (python/pathkernel_record.py,
+# _StepMaskDropout) whose masks pathkernel sets for a step's training forward.
+sys.path.insert(0, os.path.join(here, "..", "..", "python"))
+from pathkernel_record import _with_mask_sites  # noqa: E402
+dropout_mlp = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 6), torch.nn.Tanh(), torch.nn.Dropout(0.25),
+                                  torch.nn.Linear(6, 4))
+torch.jit.save(torch.jit.script(_with_mask_sites(dropout_mlp, ["3"])), os.path.join(here, "scripted_dropout_mlp.pt"))

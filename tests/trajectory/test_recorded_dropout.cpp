@@ -7,6 +7,9 @@
 #include <nlohmann/json.hpp>
 
 #include <filesystem>
+#include <functional>
+#include <utility>
+#include <vector>
 
 #include "fixtures.h"
 #include "pathkernel/io/fs_util.h"
@@ -135,6 +138,32 @@ TEST_F(RecordedDropoutTest, WrongOrMissingMasksFailTheStepsCheck) {
     EXPECT_EQ(analyze(run, "short-an", log), 2) << log;
     EXPECT_NE(log.find(masks3 + ": step 3's masks must be uint8"), std::string::npos) << log;
     EXPECT_FALSE(fs::exists(tmp_->path() / "short-an"));
+  }
+}
+
+// A step record whose masks do not describe the step is refused before anything is analyzed
+// (exit 2, the record's line named): a masks file outside the run, a site the manifest does not
+// list, a mask that is not the batch's.
+TEST_F(RecordedDropoutTest, MaskRecordsThatDoNotFitTheStepAreRefused) {
+  const std::vector<std::pair<std::function<void(nlohmann::json&)>, std::string>> cases = {
+      {[](nlohmann::json& r) { r["masks"] = "../elsewhere.npy"; }, "the step's masks ../elsewhere.npy are outside the run"},
+      {[](nlohmann::json& r) { r["mask_shapes"]["9"] = {32, 4}; }, "mask_shapes names a site the manifest does not list"},
+      {[](nlohmann::json& r) { r["mask_shapes"]["4"] = {31, 64}; }, "the mask of site '4' is 31x64, not [32, ...]"},
+      {[](nlohmann::json& r) { r["mask_shapes"]["4"] = "64"; }, "steps.jsonl:4: masks malformed"},
+  };
+  for (const auto& [damage, message] : cases) {
+    SCOPED_TRACE(message);
+    const fs::path run = copy_of_run("bad-record");
+    std::string jsonl;
+    for (auto r : read_step_log(run / "steps.jsonl")) {
+      if (r["step"] == 3) damage(r);
+      jsonl += r.dump() + "\n";
+    }
+    atomic_write(run / "steps.jsonl", jsonl);
+    std::string log;
+    EXPECT_EQ(analyze(run, "bad-record-an", log), 2) << log;
+    EXPECT_NE(log.find(message), std::string::npos) << log;
+    EXPECT_FALSE(fs::exists(tmp_->path() / "bad-record-an"));
   }
 }
 

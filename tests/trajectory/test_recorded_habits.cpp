@@ -144,10 +144,11 @@ TEST_F(RecordedHabitsTest, ADataLoaderLoopRecordsAndEveryStepVerifies) {
 }
 
 // pytorch/examples' mnist loop (issue 23, item 3): its Net (1.2M parameters, log_softmax and
-// nll_loss), Adadelta at lr 1.0 with StepLR, model.train() each epoch and `for batch_idx, (data,
-// target) in enumerate(train_loader)` as written, plus five marked lines (Tracked(...) around the
-// training set, the Recorder, rec.step(loss), rec.close(), the import). Recorded on Fashion-MNIST,
-// every step verified, analyzed with the update closing, reported with the test accuracy.
+// nll_loss, Dropout on in training as written: issue 26), Adadelta at lr 1.0 with StepLR,
+// model.train() each epoch and `for batch_idx, (data, target) in enumerate(train_loader)` as
+// written, plus five marked lines (Tracked(...) around the training set, the Recorder,
+// rec.step(loss), rec.close(), the import). Recorded on Fashion-MNIST with each step's Dropout
+// masks, every step verified, analyzed with the update closing, reported with the test accuracy.
 TEST_F(RecordedHabitsTest, PytorchExamplesMnistLoopRecordsWithFiveAddedLines) {
   const std::string script = std::string(PATHKERNEL_SOURCE_DIR) + "/examples/record_examples_mnist.py";
   const std::string text = read_file(script);
@@ -161,6 +162,14 @@ TEST_F(RecordedHabitsTest, PytorchExamplesMnistLoopRecordsWithFiveAddedLines) {
             0)
       << read_file(tmp_->path() / "examples-mnist.log");
   EXPECT_EQ(read_json(run / "manifest.json")["optimizer"]["name"], "adadelta");
+  // Dropout on, as main.py has it (issue 26, item 3): both modules' masks kept with every step.
+  const nlohmann::json sites = read_json(run / "manifest.json")["dropout"]["sites"];
+  ASSERT_EQ(sites.size(), 2u);
+  EXPECT_EQ(sites[0]["module"], "dropout1");
+  EXPECT_EQ(sites[1]["p"], 0.5);
+  for (const auto& r : read_step_log(run / "steps.jsonl")) {
+    EXPECT_EQ(r["mask_shapes"]["dropout1"], nlohmann::json({64, 64, 12, 12})) << r.dump();
+  }
   std::string log;
   ASSERT_EQ(analyze(run, "examples-mnist-an", log), 0) << log;
   const fs::path an = tmp_->path() / "examples-mnist-an";

@@ -3,6 +3,7 @@
 // compared with the zoo's factorized kernels on the same CNN, and with finite differences on a
 // custom residual + LayerNorm module; damaged archives are refused naming the file.
 #include <ATen/ATen.h>
+#include <torch/csrc/autograd/autograd.h>
 
 #include <map>
 
@@ -280,6 +281,67 @@ TEST(ScriptedModelTest, DamagedOrUnusableArchivesAreRefusedNamingTheFile) {
   }
   EXPECT_THROW_WITH(load_scripted_model(kData / "scripted_noparams.pt", 4), InputError, "has no parameters");
   EXPECT_THROW_WITH(load_scripted_model(tmp / "missing.pt", 4), InputError, "missing.pt");
+}
+
+}  // namespace
+}  // namespace pathkernel
+
+namespace pathkernel {
+namespace {
+
+// A recorded model's Dropout site (issue 26): inside a TrainingForward of a step's masks the
+// forward is the network with each hidden unit times mask / (1 - p), written out here by hand
+// in ATen; outside it (and after an exception leaves the scope) the prediction, Dropout off.
+// The loss rows in a training context are each example's gradient through that masked forward
+// (autograd of the hand-written network); a mask given to the wrong example gives other rows.
+TEST(ScriptedModelTest, DropoutSitesApplyAStepsMasksOnlyInsideATrainingForward) {
+  auto m = scripted("scripted_dropout_mlp.pt", 4);
+  at::manual_seed(3);
+  const at::Tensor x = at::randn({5, 1, 8, 8}, at::kDouble);
+  const at::Tensor y = at::tensor({0, 3, 1, 2, 3}, at::kLong);
+  const at::Tensor mask = at::bernoulli(at::full({5, 6}, 0.75, at::kDouble));
+  auto params = m->named_parameters();
+  auto by_hand = [&](const at::Tensor& scale) {
+    const at::Tensor h = at::tanh(at::linear(x.flatten(1), params["1.weight"], params["1.bias"]));
+    return at::linear(h * scale, params["4.weight"], params["4.bias"]);
+  };
+  const at::Tensor predicted = forward_nograd(*m, x);
+  EXPECT_LT(max_rel(predicted, by_hand(at::ones({5, 6}, at::kDouble))), 1e-15);
+  models::TrainingContext ctx;
+  ctx.dropout_masks["3"] = mask.to(at::kByte);
+  {
+    const models::TrainingForward tf(*m, ctx);
+    EXPECT_TRUE(m->in_training_context());
+    EXPECT_LT(max_rel(forward_nograd(*m, x), by_hand(mask / 0.75)), 1e-15);
+    const at::Tensor rows = explicit_loss_jacobian(*m, x, y, LossKind::kCrossEntropy);
+    const std::vector<at::Tensor> ps = m->parameters();
+    const at::Tensor out = by_hand(mask / 0.75);
+    for (int64_t i = 0; i < 5; ++i) {
+      const auto g = torch::autograd::grad({at::cross_entropy_loss(out.slice(0, i, i + 1), y.slice(0, i, i + 1))}, ps,
+                                           {}, /*retain_graph=*/true);
+      std::vector<at::Tensor> flat;
+      for (const auto& t : g) flat.push_back(t.reshape({-1}));
+      EXPECT_LT(max_rel(rows[i], at::cat(flat)), 1e-13) << "example " << i;
+    }
+    ctx.dropout_masks["3"] = mask.roll(1, 0).to(at::kByte);  // each example given its neighbour's mask
+    m->set_training_context(ctx);
+    EXPECT_GT(max_rel(explicit_loss_jacobian(*m, x, y, LossKind::kCrossEntropy), rows), 1e-3);
+  }
+  EXPECT_FALSE(m->in_training_context());
+  EXPECT_LT(max_rel(forward_nograd(*m, x), predicted), 1e-15) << "predictions again after the scope";
+  try {
+    const models::TrainingForward tf(*m, ctx);
+    throw std::runtime_error("leaves the scope");
+  } catch (const std::runtime_error&) {
+  }
+  EXPECT_LT(max_rel(forward_nograd(*m, x), predicted), 1e-15) << "predictions again after an exception";
+  // A site the model does not have, and a zoo model, which has none, are refused.
+  models::TrainingContext unknown;
+  unknown.dropout_masks["2"] = mask.to(at::kByte);
+  EXPECT_THROW_WITH(m->set_training_context(unknown), InputError, "no recorded Dropout site '2'");
+  auto zoo = models::build_model(models::parse_model_spec("mlp:6:tanh"), {1, 8, 8}, 4);
+  EXPECT_THROW(zoo->set_training_context(ctx), std::invalid_argument);
+  EXPECT_FALSE(zoo->in_training_context());
 }
 
 }  // namespace
