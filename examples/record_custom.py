@@ -2,11 +2,14 @@
 momentum, or a custom nn.Module with a residual connection and LayerNorm trained with AdamW,
 on Fashion-MNIST in plain PyTorch; or, with SGD + momentum, a residual CNN (a stem and two
 BatchNorm-free basic blocks, global pooling; rescnn77k is its 77k-parameter width), an LSTM
-over the image's rows, a CNN with GroupNorm, a small ViT, pytorch/examples mnist's Net (its
-Dropout off) or a 235k-parameter MLP (bench/bench_generic.sh compares them with functorch).
+over the image's rows, a CNN with GroupNorm, a small ViT (7x7 patches, a class token,
+self-attention, LayerNorm, GELU), a transformer encoder on int64 token sequences (each image as
+49 tokens), pytorch/examples mnist's Net (its Dropout off) or a 235k-parameter MLP
+(bench/bench_generic.sh compares them with functorch). --adamw trains any of them with AdamW.
 
     python3 examples/record_custom.py runs/py-cnn --model cnn [--steps 40]
     python3 examples/record_custom.py runs/py-res --model resnorm [--loss mse]
+    python3 examples/record_custom.py runs/py-vit --model vit --adamw --steps 200
     pathkernel analyze runs/py-res --probes 8 --out runs/py-res-analysis
 
 The CNN is an nn.Sequential the recorder recognizes as the zoo's cnn:8,16:relu (pathkernel's
@@ -114,6 +117,32 @@ class SmallVit(torch.nn.Module):
         return self.head(self.norm(h[:, 0]))
 
 
+class TokenEncoder(torch.nn.Module):
+    """A small transformer encoder on int64 token sequences: each image as 49 tokens (the mean
+    brightness of each 4x4 patch in 16 levels, tokens_of), a token embedding and learned
+    positions, one encoder layer (4-head self-attention, LayerNorm, ReLU MLP; no dropout), mean
+    pooling and a linear head."""
+
+    def __init__(self, vocab=16, length=49, dim=32, heads=4, outputs=10):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, dim)
+        self.pos = torch.nn.Parameter(0.02 * torch.randn(1, length, dim))
+        self.encoder = torch.nn.TransformerEncoderLayer(dim, heads, dim_feedforward=2 * dim, dropout=0.0,
+                                                        batch_first=True)
+        self.head = torch.nn.Linear(dim, outputs)
+
+    def forward(self, tokens):
+        return self.head(self.encoder(self.embed(tokens) + self.pos).mean(1))
+
+
+def tokens_of(x):
+    """Images [N, 1, 28, 28] as 49 int64 tokens each: the mean brightness of each 4x4 patch, in
+    16 levels over the whole set's range."""
+    patches = torch.nn.functional.avg_pool2d(x, 4).flatten(1)
+    lo, hi = patches.min(), patches.max()
+    return ((patches - lo) / (hi - lo) * 15.999).floor().long()
+
+
 class MnistNet(torch.nn.Module):
     """pytorch/examples mnist's Net (1.2M parameters), its Dropout modules kept (off when recorded)."""
 
@@ -135,11 +164,11 @@ class MnistNet(torch.nn.Module):
 
 
 def build(kind):
-    if kind in ("rescnn", "rescnn77k", "lstm", "gncnn", "vit", "mnistnet"):
+    if kind in ("rescnn", "rescnn77k", "lstm", "gncnn", "vit", "tokens", "mnistnet"):
         model = {"rescnn": ResidualCnn, "rescnn77k": lambda: ResidualCnn(channels=46), "lstm": RowLstm,
-                 "gncnn": group_norm_cnn, "vit": SmallVit, "mnistnet": MnistNet}[kind]()
-        for m in model.modules():  # Dropout is recorded off (the recorder refuses it on)
-            if isinstance(m, torch.nn.Dropout):
+                 "gncnn": group_norm_cnn, "vit": SmallVit, "tokens": TokenEncoder, "mnistnet": MnistNet}[kind]()
+        for m in model.modules():  # Dropout off, as the benchmarks measure these models
+            if isinstance(m, torch.nn.Dropout):  # (examples/record_examples_mnist.py trains mnist's Net with it on)
                 m.eval()
         return model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     if kind == "mlp235k":  # the zoo's mlp:296:tanh (235k parameters)
@@ -161,21 +190,28 @@ def build(kind):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
-    ap.add_argument("--model", choices=("cnn", "resnorm", "rescnn", "rescnn77k", "lstm", "gncnn", "vit", "mnistnet", "mlp235k"), default="cnn")
+    ap.add_argument("--model", choices=("cnn", "resnorm", "rescnn", "rescnn77k", "lstm", "gncnn", "vit", "tokens", "mnistnet", "mlp235k"),
+                    default="cnn")
     ap.add_argument("--loss", choices=("ce", "mse"), default="ce")
     ap.add_argument("--data", default="/usr/share/datasets/fashion-mnist")
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--train-limit", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--adamw", action="store_true", help="AdamW (lr 1e-3, weight decay 0.05) instead of the model's optimizer")
     a = ap.parse_args()
     torch.manual_seed(a.seed)
     X, y = fashion_mnist(a.data, "train", a.train_limit)
     Xt, yt = fashion_mnist(a.data, "test", 500)
+    if a.model == "tokens":  # the transformer encoder reads int64 token sequences
+        both = tokens_of(torch.cat([X, Xt]))
+        X, Xt = both[:X.shape[0]], both[X.shape[0]:]
     if a.loss == "mse":  # the targets exactly as the loss sees them
         y = torch.nn.functional.one_hot(y, 10).float()
         yt = torch.nn.functional.one_hot(yt, 10).float()
     model, opt = build(a.model)
+    if a.adamw:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
     rec = Recorder(a.out, model, opt, train=(X, y), test=(Xt, yt), loss=a.loss)
     g = torch.Generator().manual_seed(a.seed)
     for step in range(a.steps):

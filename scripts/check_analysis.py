@@ -56,8 +56,10 @@ def main():
     if recorded:
         def npy(split, part):
             return torch.from_numpy(np.load(os.path.join(args.run, manifest["data"][split][part])))
-        xtrain, ytrain = npy("train", "x").double(), npy("train", "y")
-        xsplit = npy(split, "x").double()
+        def as_fed(x):  # float64 inputs for the float64 model; int64 tokens as they are
+            return x.double() if x.is_floating_point() else x
+        xtrain, ytrain = as_fed(npy("train", "x")), npy("train", "y")
+        xsplit = as_fed(npy(split, "x"))
 
         def model_at(step):
             m = torch.jit.load(os.path.join(args.run, "model.pt")).double()
