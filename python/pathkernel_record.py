@@ -24,6 +24,7 @@ to the model (.npy), one record per step (rate, batch indices, loss), and state_
 checkpoints of the weights and the optimizer. Needs only torch and numpy. A run killed mid-way
 stays readable up to its last complete step.
 """
+import contextlib
 import copy
 import json
 import types
@@ -115,15 +116,21 @@ def _with_metadata(sd):
     return out
 
 
-def _check_model(model, mask_sites=()):
-    """Refuses a module mode the run cannot record: BatchNorm in training mode, and Dropout in
-    training mode other than an nn.Dropout whose masks the recorder keeps (mask_sites)."""
+def _check_model(model, mask_sites=(), norm_sites=()):
+    """Refuses a module mode the run cannot record: BatchNorm in training mode other than a
+    recorded site (norm_sites: the model is scripted, the module keeps running statistics), and
+    Dropout in training mode other than an nn.Dropout whose masks the recorder keeps (mask_sites)."""
     for name, m in model.named_modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training:
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training and name not in norm_sites:
+            if not m.track_running_stats:
+                raise ValueError(
+                    "module '%s' is BatchNorm without running statistics (track_running_stats=False): its "
+                    "predictions depend on the batch they are made in. Use track_running_stats=True, GroupNorm or "
+                    "LayerNorm." % name)
             raise ValueError(
-                "module '%s' is BatchNorm in training mode: each example's output depends on the "
-                "rest of its batch, which the kernel view cannot express. Put it in eval mode "
-                "(frozen statistics) or use GroupNorm or LayerNorm." % name)
+                "module '%s' is BatchNorm in training mode: its batch statistics are recorded for a model that "
+                "TorchScript can script (torch.jit.script), not a traced one. Put it in eval mode (frozen "
+                "statistics), or make the model scriptable." % name)
         if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.training and m.p > 0 and name not in mask_sites:
             if type(m) is not torch.nn.Dropout:
                 raise ValueError(
@@ -185,16 +192,54 @@ def set_step_masks(scripted, masks, p):
             module.train(on)
 
 
+def _norm_sites(model):
+    """The BatchNorm modules with running statistics, by name: in training mode a step normalizes
+    its batch by the batch's own statistics; predictions use the running ones."""
+    return [(n, m) for n, m in model.named_modules()
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
+@contextlib.contextmanager
+def training_forward(scripted, run, record):
+    """The recorded model (`scripted`, loaded from the run's model.pt) as step `record` (a line of
+    steps.jsonl) trained, inside the with-block: its Dropout sites with the step's masks, the
+    BatchNorm modules the record lists in training mode (their running statistics restored on
+    leaving); predictions again afterwards."""
+    manifest = json.load(open(os.path.join(run, "manifest.json")))
+    p = {site["module"]: site["p"] for site in manifest.get("dropout", {}).get("sites", [])}
+    modules = dict(scripted.named_modules())
+    norms = record.get("batchnorm_train", [])
+    saved = {n: [getattr(modules[n], b).clone() for b in _NORM_BUFFERS] for n in norms}
+    set_step_masks(scripted, read_step_masks(run, record), p)
+    for n in norms:
+        modules[n].train(True)
+    try:
+        yield scripted
+    finally:
+        set_step_masks(scripted, {}, p)
+        with torch.no_grad():
+            for n in norms:
+                modules[n].train(False)
+                for b, value in zip(_NORM_BUFFERS, saved[n]):
+                    getattr(modules[n], b).copy_(value)
+
+
+_NORM_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+
+
 def _dropout_sites(model):
     """The nn.Dropout modules whose masks a run can record (p in (0, 1)), by name."""
     return [(n, m) for n, m in model.named_modules() if type(m) is torch.nn.Dropout and 0 < m.p < 1]
 
 
-def _with_mask_sites(model, names):
-    """A copy of model with each named nn.Dropout replaced by a _StepMaskDropout (for scripting)."""
-    if not names:
+def _with_mask_sites(model, names, norms=()):
+    """A copy of model with each named nn.Dropout replaced by a _StepMaskDropout and the named
+    BatchNorm modules in eval mode (for scripting: pathkernel switches them on for a step's batch)."""
+    if not names and not norms:
         return model
     out = copy.deepcopy(model)
+    for name in norms:
+        out.get_submodule(name).train(False)
     for name in names:
         parent, _, leaf = name.rpartition(".")
         holder = out.get_submodule(parent) if parent else out
@@ -209,12 +254,12 @@ class _MaskKeeper:
     again from the generator state its forward started from (the draws F.dropout makes on the
     CPU) and checked to give the site's output bit for bit."""
 
-    def __init__(self, model, called, sites):
-        self.names = {id(m): n for n, m in sites}
-        self.forward = None   # the masks of the running training forward, by site name
+    def __init__(self, model, called, sites, norms=()):
+        self.names = {id(m): n for n, m in list(sites) + list(norms)}
+        self.forward = None   # the masks of the running training forward, by site name (BatchNorm: None)
         self._pending = {}
         self._hooks = []
-        if not sites:
+        if not sites and not norms:
             return
 
         def top(module, args):
@@ -224,6 +269,12 @@ class _MaskKeeper:
         for _, m in sites:
             self._hooks.append(m.register_forward_pre_hook(self._before))
             self._hooks.append(m.register_forward_hook(self._after))
+        for _, m in norms:
+            self._hooks.append(m.register_forward_pre_hook(self._norm))
+
+    def _norm(self, module, args):
+        if module.training and torch.is_grad_enabled() and self.forward is not None:
+            self.forward[self.names[id(module)]] = None
 
     def _before(self, module, args):
         if not (module.training and torch.is_grad_enabled() and self.forward is not None):
@@ -490,12 +541,14 @@ class Recorder:
             raise ValueError("checkpoint_every=%d with %s: the analyzer needs the optimizer state at every step "
                              "(it does not replay the optimizer between stored states); use checkpoint_every=1"
                              % (int(checkpoint_every), "momentum" if kind == "sgd" else kind))
-        _check_model(model, [n for n, m in _dropout_sites(model) if m.training])
+        _check_model(model, [n for n, m in _dropout_sites(model) if m.training], [n for n, _ in _norm_sites(model)])
         if output is not None:  # recorded as a module whose forward gives the named output
             model = _Selected(model, output)
             script = False
         sites = _dropout_sites(model)
         dropout_on = [n for n, m in sites if m.training]
+        norms = _norm_sites(model)
+        norm_on = [n for n, m in norms if m.training]
         if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
             raise FileExistsError("%s exists and is not an empty folder: pathkernel never overwrites a run" % out)
         names = {id(p): n for n, p in model.named_parameters()}
@@ -524,12 +577,13 @@ class Recorder:
         example = splits["train"][0][:1].to(device)
         # Each nn.Dropout becomes a site whose masks pathkernel sets (_StepMaskDropout), unless the
         # model is one of pathkernel's own (its Dropout off) or must be traced (a trace keeps one mode).
-        known = None if dropout_on else zoo_spec(model, splits["train"][0].shape[1:])
+        known = None if dropout_on or norms else zoo_spec(model, splits["train"][0].shape[1:])
         mask_sites = [] if known is not None else [n for n, _ in sites]
+        norm_sites = [n for n, _ in norms]
         scripted = None
         if script:
             try:
-                scripted = torch.jit.script(_with_mask_sites(model, mask_sites))
+                scripted = torch.jit.script(_with_mask_sites(model, mask_sites, norm_sites))
             except Exception:  # not scriptable: trace instead
                 scripted = None
         how = "script"
@@ -537,7 +591,9 @@ class Recorder:
             if dropout_on:
                 raise ValueError("module '%s' is Dropout in training mode: its masks are recorded for a model that "
                                  "TorchScript can script (torch.jit.script), not a traced one" % dropout_on[0])
-            mask_sites = []
+            if norm_on:
+                _check_model(model, mask_sites)  # BatchNorm in training mode: refused, naming it
+            mask_sites, norm_sites = [], []
             scripted = torch.jit.trace(model, example)
             how = "trace"
         with torch.no_grad():
@@ -558,6 +614,7 @@ class Recorder:
         self._classes = classes
         self._known = known
         self._mask_sites = mask_sites
+        self._norm_sites = norm_sites
         self._site_p = {n: float(m.p) for n, m in sites if n in mask_sites}
 
         self.out, self.model, self.optimizer = out, model, optimizer
@@ -636,7 +693,8 @@ class Recorder:
             called = model.model if isinstance(model, _Selected) else model
             self._hook = called.register_forward_pre_hook(pre_hook)
         self._masks = _MaskKeeper(model, model.model if isinstance(model, _Selected) else model,
-                                  [(n, m) for n, m in sites if n in mask_sites])
+                                  [(n, m) for n, m in sites if n in mask_sites],
+                                  [(n, m) for n, m in norms if n in norm_sites])
         self._masks_at_step = None
 
     def _write_run(self, splits, scripted, how, outputs, kind, groups, loss):
@@ -673,6 +731,12 @@ class Recorder:
         }
         if self._known is not None:
             manifest["zoo"] = {"spec": self._known[0], "names": self._known[1]}
+        if self._norm_sites:
+            manifest["batchnorm"] = {
+                "modules": self._norm_sites,
+                "of": "BatchNorm modules with running statistics; a step trained with them in training mode lists them "
+                      "in its record's batchnorm_train (its batch normalized by its own statistics, the running ones "
+                      "updated: checkpoints hold them)"}
         if self._mask_sites:
             manifest["dropout"] = {
                 "sites": [{"module": n, "p": self._site_p[n]} for n in self._mask_sites],
@@ -730,7 +794,7 @@ class Recorder:
             raise ValueError("step %d: the parameter groups' %s differ; groups may differ in their learning rate and "
                              "weight decay only" % (self.k, ", ".join(_group_mismatch(self._settings))))
         try:  # at every step: a loop's own model.train() switches Dropout or BatchNorm back on
-            _check_model(self.model, self._mask_sites)
+            _check_model(self.model, self._mask_sites, self._norm_sites)
         except ValueError as e:
             raise ValueError("step %d: %s (the loop switched the module's mode after the Recorder saw the model, "
                              "for example with model.train())" % (self.k, e)) from None
@@ -758,8 +822,10 @@ class Recorder:
                 _save_npy(os.path.join(self.out, name), fed.contiguous().numpy())
                 rec["inputs"] = name
         masks, self._masks_at_step = self._masks_at_step, None
-        if masks and (self.every == 1 or k % self.every == 0):  # the analyzable steps' masks
-            rec.update(self._write_masks(k, masks, len(idx)))
+        if masks and any(n in masks for n in self._mask_sites) and (self.every == 1 or k % self.every == 0):
+            rec.update(self._write_masks(k, masks, len(idx)))  # the analyzable steps' masks
+        if masks and any(n in masks for n in self._norm_sites):
+            rec["batchnorm_train"] = [n for n in self._norm_sites if n in masks]
         if len(set(self._rates)) > 1:
             rec["lrs"] = self._rates
         if self._settings != self._manifest_settings:

@@ -9,7 +9,7 @@ usage: check_analysis.py RUN ANALYSIS [--steps K1,K2,...] [--tol 1e-9]
 Prints the largest relative error per quantity (max |diff| / max |value| over each step);
 exits 1 when one exceeds --tol.
 """
-import argparse, csv, json, os, sys
+import argparse, contextlib, csv, json, os, sys
 
 import numpy as np
 import torch
@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from check_checkpoint import build, read_idx  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
-from pathkernel_record import read_step_masks, set_step_masks  # noqa: E402
+from pathkernel_record import training_forward  # noqa: E402
 
 
 def main():
@@ -47,12 +47,13 @@ def main():
     # layer_norm in torch 1.13).
     if os.path.exists(os.path.join(args.analysis, "arrays", "S.npy")):
         quantities.append("S")
+    if os.path.exists(os.path.join(args.analysis, "arrays", "U_stats.npy")):
+        quantities.append("U_stats")
     arrays = {q: np.load(os.path.join(args.analysis, "arrays", q + ".npy")) for q in quantities}
 
     ckdir = os.path.join(args.run, "checkpoints")
     steps = [int(s) for s in args.steps.split(",")] if args.steps else analyzed[:3]
     recorded = manifest.get("format") == "pathkernel-recorded-run/1"
-    site_p = {site["module"]: site["p"] for site in manifest.get("dropout", {}).get("sites", [])}
     if recorded:
         def npy(split, part):
             return torch.from_numpy(np.load(os.path.join(args.run, manifest["data"][split][part])))
@@ -61,10 +62,14 @@ def main():
         xtrain, ytrain = as_fed(npy("train", "x")), npy("train", "y")
         xsplit = as_fed(npy(split, "x"))
 
-        def model_at(step):
+        def model_at(step, buffers_of=None):
+            """The weights after `step` steps; BatchNorm's running statistics after `buffers_of`."""
             m = torch.jit.load(os.path.join(args.run, "model.pt")).double()
             sd = torch.load(os.path.join(ckdir, "step_%08d.pt" % step))
-            m.load_state_dict({k: v.double() for k, v in sd.items()})
+            if buffers_of is not None:
+                sd_b = torch.load(os.path.join(ckdir, "step_%08d.pt" % buffers_of))
+                sd.update({n: sd_b[n] for n, _ in m.named_buffers()})
+            m.load_state_dict({k: v.double() if v.is_floating_point() else v for k, v in sd.items()})
             return m
     else:
         files = manifest["data"]["files"]
@@ -98,22 +103,26 @@ def main():
                            for f in rows_f.reshape(-1)])
         batch = torch.tensor(log[k]["batch"])
         x_b = xtrain[:len(ytrain)][batch]
-        masks = read_step_masks(args.run, log[k]) if recorded else {}
-        set_step_masks(m0, masks, site_p)  # the batch as training computed it (its Dropout masks)
-        logits = m0(x_b)
-        if manifest["loss"] == "ce":
-            loss = torch.nn.functional.cross_entropy(logits, ytrain[batch])
-        else:  # class labels as one-hot rows; a recorded run's float targets as they are
-            y_b = ytrain[batch]
-            target = y_b.double() if y_b.is_floating_point() else torch.nn.functional.one_hot(y_b, logits.shape[1])
-            loss = 0.5 * ((logits - target) ** 2).sum(1).mean()
-        grad_l = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)])
-        set_step_masks(m0, {}, site_p)
+        # The batch as training computed it: its Dropout masks, BatchNorm on the batch's statistics.
+        with training_forward(m0, args.run, log[k]) if recorded else contextlib.nullcontext():
+            logits = m0(x_b)
+            if manifest["loss"] == "ce":
+                loss = torch.nn.functional.cross_entropy(logits, ytrain[batch])
+            else:  # class labels as one-hot rows; a recorded run's float targets as they are
+                y_b = ytrain[batch]
+                target = y_b.double() if y_b.is_floating_point() else torch.nn.functional.one_hot(y_b, logits.shape[1])
+                loss = 0.5 * ((logits - target) ** 2).sum(1).mean()
+            grad_l = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)])
         with torch.no_grad():
             ref = {"D": (m1(xp) - m0(xp)).gather(1, cols).numpy()}
         ref["F"] = (jac @ dw).reshape(rows_f.shape).detach().numpy()
         ref["K"] = (-log[k]["lr"] * (jac @ grad_l)).reshape(rows_f.shape).detach().numpy()
         ref["R"] = ref["D"] - ref["F"]
+        if "U_stats" in quantities:  # BatchNorm's running statistics: f(w_{k+1}, b_{k+1}) - f(w_{k+1}, b_k)
+            m1_b0 = model_at(k + 1, buffers_of=k)
+            with torch.no_grad():
+                ref["U_stats"] = (m1(xp) - m1_b0(xp)).gather(1, cols).numpy()
+            ref["R"] = ref["R"] - ref["U_stats"]
         if "S" in quantities:
             dws = [(b - a).detach() for a, b in zip(m0.parameters(), m1.parameters())]
             s_rows = []

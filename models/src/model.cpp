@@ -66,8 +66,8 @@ void Model::set_training_context(const TrainingContext& ctx) {
 
 void Model::apply_training_context(const TrainingContext& ctx) {
   if (!ctx.empty()) {
-    throw std::invalid_argument("model " + spec_.str() + " has no Dropout sites for a step's masks (site '" +
-                                ctx.dropout_masks.begin()->first + "')");
+    throw std::invalid_argument("model " + spec_.str() + " has no Dropout or BatchNorm sites for a step's training "
+                                "forward");
   }
 }
 

@@ -33,6 +33,9 @@ train_mode   a Dropout module put back in training mode by the loop's model.trai
 dropout      two nn.Dropout modules in training mode (p 0.1 on the inputs, 0.5 on the hidden layer)
              with SGD and momentum; the loop switches to eval mode for steps 5-7 of every 10 (the
              recorder keeps each trained step's masks: analyzed exactly)
+batchnorm    a CNN with BatchNorm2d and BatchNorm1d in training mode, SGD with momentum; eval mode for
+             steps 5-7 of every 10 (batch statistics on the trained steps, running statistics
+             recorded with the weights: analyzed exactly)
 """
 import os
 import sys
@@ -107,6 +110,10 @@ def main():
     elif habit == "dropout":
         model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Dropout(0.1), torch.nn.Linear(784, 64),
                                     torch.nn.Tanh(), torch.nn.Dropout(0.5), torch.nn.Linear(64, 10))
+    elif habit == "batchnorm":
+        model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, stride=2), torch.nn.BatchNorm2d(4), torch.nn.Tanh(),
+                                    torch.nn.Flatten(), torch.nn.Linear(4 * 13 * 13, 32), torch.nn.BatchNorm1d(32),
+                                    torch.nn.Tanh(), torch.nn.Linear(32, 10))
     elif habit == "train_mode":
         model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 64), torch.nn.Tanh(),
                                     torch.nn.Dropout(0.3), torch.nn.Linear(64, 10))
@@ -162,7 +169,7 @@ def main():
     for step in range(30):
         if habit == "train_mode" and step == 5:
             model.train()
-        if habit == "dropout":
+        if habit in ("dropout", "batchnorm"):
             model.train(step % 10 not in (5, 6, 7))
         idx = torch.randint(0, X.shape[0], (32,), generator=g)
         x = X[idx]

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "python"))
-from pathkernel_record import read_step_masks, set_step_masks  # noqa: E402
+from pathkernel_record import training_forward  # noqa: E402
 
 
 def main():
@@ -42,7 +42,6 @@ def main():
         for n in g.get("param_names", []):
             group_of[n] = gi
     model = torch.jit.load(os.path.join(run, "model.pt")).double()
-    site_p = {site["module"]: site["p"] for site in manifest.get("dropout", {}).get("sites", [])}
     params = dict(model.named_parameters())
     ce = manifest["loss"] == "ce"
     def inputs(path):
@@ -61,6 +60,9 @@ def main():
         with torch.no_grad():
             for n in names:
                 params[n].copy_(sd[n].double())
+            for n, b in model.named_buffers():  # BatchNorm's running statistics after k steps
+                if b.is_floating_point():
+                    b.copy_(sd[n].double())
 
     def flat_grad(scalar):
         gs = torch.autograd.grad(scalar, [params[n] for n in names], allow_unused=True, retain_graph=True)
@@ -174,14 +176,13 @@ def main():
         gs = steps[j].get("grad_scale", 1.0)
         # The batch as training computed it: a step's Dropout masks on its sites (then each example's
         # row is its loss's gradient through that one batch forward); the probes below predict.
-        masks = read_step_masks(run, steps[j])
-        set_step_masks(model, masks, site_p)
-        out_b = model(x)
-        grads.append(gs * flat_grad(loss_of(out_b, y)))
-        if explained is not None:
-            rows.append((idx, torch.stack([gs / len(idx) * flat_grad(
-                loss_of(out_b[m:m + 1] if masks else model(x[m:m + 1]), y[m:m + 1])) for m in range(len(idx))])))
-        set_step_masks(model, {}, site_p)
+        coupled = "masks" in steps[j] or bool(steps[j].get("batchnorm_train"))
+        with training_forward(model, run, steps[j]):
+            out_b = model(x)
+            grads.append(gs * flat_grad(loss_of(out_b, y)))
+            if explained is not None:
+                rows.append((idx, torch.stack([gs / len(idx) * flat_grad(
+                    loss_of(out_b[m:m + 1] if coupled else model(x[m:m + 1]), y[m:m + 1])) for m in range(len(idx))])))
     worst_k, scale_k = 0.0, 0.0
     attr = None
     if explained is not None:

@@ -258,6 +258,7 @@ void write_analysis(const AnalysisResult& r, const AnalyzeConfig& c) {
   save_npy(out / "arrays" / "Uopt_wd.npy", r.uopt_wd);
   save_npy(out / "arrays" / "Uopt_round.npy", r.uopt_round);
   if (second) save_npy(out / "arrays" / "S.npy", r.s);
+  if (r.u_stats.defined()) save_npy(out / "arrays" / "U_stats.npy", r.u_stats);
   if (r.kexact.defined()) {
     save_npy(out / "arrays" / "Kexact.npy", r.kexact);
     save_npy(out / "arrays" / "Uexact.npy", r.uexact);
@@ -300,6 +301,10 @@ std::string eq9_table_kopt(const AnalysisResult& r, const AnalyzeConfig& c, int6
       r.steps.front().step, r.steps.back().step, c.run, r.steps.size(), r.k.size(1), r.k.size(2), r.optimizer,
       mean(total), mean(sk), mean(sw), mean(so), mean(srt), mean(sro), mean_abs(total), mean_abs(sk), mean_abs(sw),
       mean_abs(so), mean_abs(srt), mean_abs(sro), mean(r.k.sum(0)), mean_abs(r.k.sum(0)), mean(r.u.sum(0)));
+  if (r.u_stats.defined()) {  // BatchNorm: f_N - f_0 also holds sum U_stats (in U, not in Uopt's parts)
+    s += fmt::format("  and the running statistics' own change, sum U_stats: mean {:+.4g}, mean absolute {:.4g}\n\n",
+                     mean(r.u_stats.sum(0)), mean_abs(r.u_stats.sum(0)));
+  }
   return s + eq9_footer(r, c, tc);
 }
 

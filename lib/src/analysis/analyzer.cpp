@@ -320,6 +320,8 @@ class Driver {
   void load_step(StepContext& ctx, int64_t k) {
     ctx.k = k;
     ctx.w0 = to_double_map(traj_.weights_at(k));
+    ctx.b0 = to_double_map(traj_.buffers_at(k));
+    set_buffers(*model_, ctx.b0);
     ctx.batch = traj_.logged_step(k, at::kDouble);
     ctx.lr = ctx.batch.lr;
     ctx.gs = ctx.batch.grad_scale;
@@ -350,8 +352,15 @@ class Driver {
     const at::Tensor& xb = ctx.batch.x;
     const at::Tensor& yb = ctx.batch.y;
     set_weights(*model_, ctx.w1);
+    const ParamMap b1 = to_double_map(traj_.buffers_at(ctx.k + 1));
+    set_buffers(*model_, b1);
     ctx.f1 = forward_nograd(*model_, xp_);
-    {  // the batch as the step's training forward saw it (its Dropout masks); the probes as predicted
+    ctx.u_stats = at::Tensor();
+    if (!b1.empty()) {  // the running statistics' own change, at w_{k+1}
+      set_buffers(*model_, ctx.b0);
+      ctx.u_stats = ctx.select(ctx.f1 - forward_nograd(*model_, xp_));
+    }
+    {  // the batch as the step's training forward saw it (Dropout masks, batch statistics); the probes as predicted
       const models::TrainingForward batch_forward(*model_, ctx.batch.context);
       ctx.loss_after = batch_loss(forward_nograd(*model_, xb), yb, ctx.loss).item<double>();
       set_weights(*model_, ctx.w0);

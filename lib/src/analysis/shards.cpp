@@ -93,6 +93,7 @@ std::vector<StepRow> read_step_rows(const fs::path& file) {
     s.verify_gradient_error = o("verify_gradient_error");
     const double v = o("verified");
     s.verified = std::isnan(v) ? -1 : static_cast<int>(v);
+    if (t.cols.count("U_stats_norm")) s.extra.emplace_back("U_stats_norm", o("U_stats_norm"));  // BatchNorm runs
   }
   return rows;
 }
@@ -163,6 +164,7 @@ StoredAnalysis read_analysis(const fs::path& dir) {
     r.uopt_wd = array(dir, "Uopt_wd");
     r.uopt_round = array(dir, "Uopt_round");
     r.s = array(dir, "S", /*required=*/false);
+    r.u_stats = array(dir, "U_stats", false);
     r.kexact = array(dir, "Kexact", false);
     r.uexact = array(dir, "Uexact", false);
     r.koptexact = array(dir, "Koptexact", false);
@@ -172,7 +174,7 @@ StoredAnalysis read_analysis(const fs::path& dir) {
     r.probe_labels = to_vector(array(dir, "label"));
     const int64_t steps = static_cast<int64_t>(r.steps.size()), np = r.outputs.size(0), nc = r.outputs.size(1);
     for (const at::Tensor* t : {&r.d, &r.f, &r.k, &r.u, &r.r, &r.kopt, &r.uopt_wd, &r.uopt_round, &r.s, &r.kexact,
-                                &r.uexact, &r.koptexact, &r.uoptexact}) {
+                                &r.uexact, &r.koptexact, &r.uoptexact, &r.u_stats}) {
       if (t->defined() && (t->dim() != 3 || t->size(0) != steps || t->size(1) != np || t->size(2) != nc)) {
         throw InputError(dir.string() + "/arrays: an array's shape does not match steps.csv and outputs.npy");
       }
@@ -247,7 +249,8 @@ AnalysisResult join_parts(const std::vector<StoredAnalysis>& parts) {
   for (at::Tensor AnalysisResult::*member :
        {&AnalysisResult::d, &AnalysisResult::f, &AnalysisResult::k, &AnalysisResult::u, &AnalysisResult::r,
         &AnalysisResult::s, &AnalysisResult::kopt, &AnalysisResult::uopt_wd, &AnalysisResult::uopt_round,
-        &AnalysisResult::kexact, &AnalysisResult::uexact, &AnalysisResult::koptexact, &AnalysisResult::uoptexact}) {
+        &AnalysisResult::kexact, &AnalysisResult::uexact, &AnalysisResult::koptexact, &AnalysisResult::uoptexact,
+        &AnalysisResult::u_stats}) {
     m.*member = cat_arrays(parts, member);
   }
   m.f_final = parts.back().result.f_final;

@@ -53,9 +53,13 @@ class SignalsTerm final : public StepTerm {
       if (prev_step_ != k - 1) {  // the first step of a range, or every > 1: step k-1's own
         const LoggedStep before = ctx.traj.logged_step(k - 1, at::kDouble);
         set_weights(ctx.model, to_double_map(ctx.traj.weights_at(k - 1)));
-        const models::TrainingForward batch_forward(ctx.model, before.context);
-        prev_grad_ = batch_gradient(ctx.model, before.x, before.y, ctx.loss);
+        set_buffers(ctx.model, to_double_map(ctx.traj.buffers_at(k - 1)));
+        {
+          const models::TrainingForward batch_forward(ctx.model, before.context);
+          prev_grad_ = batch_gradient(ctx.model, before.x, before.y, ctx.loss);
+        }
         set_weights(ctx.model, ctx.w0);
+        set_buffers(ctx.model, ctx.b0);
       }
       cos = gradient_cosine(ctx.grad_l, prev_grad_);
     }
@@ -108,15 +112,21 @@ class FirstOrderTerm final : public StepTerm {
     if (with_mom_) u_mom = ctx.product(v_prev_) * (-ctx.lr * ctx.options.momentum);
     if (ctx.split) check_split(ctx);
     const at::Tensor& f = ctx.f;
-    const at::Tensor u = f - kk;
-    ctx.r = ctx.d - f;
+    // The running statistics' change is a part of U, outside F: U = F - K + U_stats, R = D - F - U_stats.
+    const bool stats = ctx.u_stats.defined();
+    const at::Tensor u = stats ? f - kk + ctx.u_stats : f - kk;
+    ctx.r = stats ? ctx.d - f - ctx.u_stats : ctx.d - f;
     row.d_norm = frob(ctx.d);
     row.f_norm = frob(f);
     row.k_norm = frob(kk);
     row.u_norm = frob(u);
     row.u_wd_norm = ctx.sgd_sources ? frob(u_wd) : NAN;
     row.u_mom_norm = ctx.sgd_sources ? frob(u_mom) : NAN;
-    row.u_round_norm = ctx.sgd_sources ? frob(u - u_wd - u_mom) : NAN;
+    row.u_round_norm = ctx.sgd_sources ? frob(stats ? u - u_wd - u_mom - ctx.u_stats : u - u_wd - u_mom) : NAN;
+    if (stats) {
+      row.extra.emplace_back("U_stats_norm", frob(ctx.u_stats));
+      arrays.u_stats.push_back(ctx.u_stats);
+    }
     row.r_norm = frob(ctx.r);
     row.r = row.f_norm > 0 ? row.r_norm / row.f_norm : 0.0;
     arrays.d.push_back(ctx.d);
@@ -349,7 +359,7 @@ void StepArrays::stack_into(AnalysisResult& res, size_t from) const {
       {&d, &res.d},       {&f, &res.f},         {&k, &res.k},          {&u, &res.u},
       {&r, &res.r},       {&s, &res.s},         {&kopt, &res.kopt},    {&uopt_wd, &res.uopt_wd},
       {&uopt_round, &res.uopt_round}, {&kexact, &res.kexact}, {&uexact, &res.uexact},
-      {&koptexact, &res.koptexact},   {&uoptexact, &res.uoptexact}};
+      {&koptexact, &res.koptexact},   {&uoptexact, &res.uoptexact}, {&u_stats, &res.u_stats}};
   for (const auto& [list, out] : lists) {
     *out = list->size() <= from ? at::Tensor()
                                 : at::stack(std::vector<at::Tensor>(list->begin() + static_cast<std::ptrdiff_t>(from),
@@ -366,6 +376,12 @@ ParamMap to_double_map(const NamedTensors& t) {
 void set_weights(models::Model& model, const ParamMap& w) {
   at::NoGradGuard ng;
   for (const auto& item : model.named_parameters()) item.value().copy_(w.at(item.key()));
+}
+
+void set_buffers(models::Model& model, const ParamMap& b) {
+  if (b.empty()) return;
+  at::NoGradGuard ng;
+  for (const auto& item : model.named_buffers()) item.value().copy_(b.at(item.key()));
 }
 
 at::Tensor forward_nograd(models::Model& model, const at::Tensor& x) {

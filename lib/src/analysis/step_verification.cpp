@@ -57,6 +57,8 @@ std::vector<StepVerification> verify_steps(Trajectory& traj, models::Model& mode
       const NamedTensors w = traj.weights_at(k);
       auto params = model.named_parameters();
       for (const auto& [name, t] : w) params[name].copy_(t);
+      auto buffers = model.named_buffers();
+      for (const auto& [name, t] : traj.buffers_at(k)) buffers[name].copy_(t);
     }
     const LoggedStep s = traj.logged_step(k, at::kDouble);
     const std::vector<at::Tensor> params = model.parameters();

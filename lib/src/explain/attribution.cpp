@@ -9,6 +9,7 @@
 #include "pathkernel/analysis/analyzer.h"
 #include "pathkernel/analysis/kernels.h"
 #include "pathkernel/analysis/projection.h"
+#include "pathkernel/analysis/step_terms.h"
 #include "pathkernel/io/errors.h"
 #include "pathkernel/trajectory/trajectory.h"
 
@@ -200,8 +201,9 @@ void BackwardAttribution::attribute(int64_t j, size_t local) {
   const Factors fa = factors(j, local, batch.settings, lu);
   const at::Tensor w = s_.weights[static_cast<int64_t>(local)].to(at::kDouble);
   set_flat(*model_, w);
+  set_buffers(*model_, to_double_map(traj_.buffers_at(j)));  // the probes at step j's running statistics
   const RowGradients sb = [&] {
-    const models::TrainingForward batch_forward(*model_, batch.context);  // batch-context rows (Dropout masks)
+    const models::TrainingForward batch_forward(*model_, batch.context);  // batch-context rows (masks, batch statistics)
     return loss_rows(*model_, batch.x, batch.y, loss_, explicit_route_);
   }();
   const at::Tensor zb = c_.project > 0 ? project_rows(projection_, sb) : at::Tensor();

@@ -137,7 +137,10 @@ void fill_result(const ExplainConfig& c, const AnalysisResult& an, StepAttributi
   res.f_initial = an.f_initial.reshape({-1});
   res.f_final = an.f_final.reshape({-1});
   // What the kernel view leaves to the update: U (plain SGD) or Uopt_wd + Uopt_round.
-  res.sum_u = (an.uses_kopt ? (an.uopt_wd + an.uopt_round) : an.u).sum(0).reshape({-1});
+  // With running statistics (BatchNorm) their own change U_stats too, which U holds and Uopt's parts do not.
+  at::Tensor u = an.uses_kopt ? an.uopt_wd + an.uopt_round : an.u;
+  if (an.uses_kopt && an.u_stats.defined()) u = u + an.u_stats;
+  res.sum_u = u.sum(0).reshape({-1});
   res.sum_r = an.r.sum(0).reshape({-1});
   const at::Tensor change = res.f_final - res.f_initial;
   const double scale = std::max(1e-300, change.abs().max().item<double>());

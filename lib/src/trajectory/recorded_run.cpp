@@ -163,6 +163,14 @@ RecordedRun::RecordedRun(const fs::path& dir) : dir_(dir) {
         dropout_sites_.emplace_back(name, p);
       }
     }
+    if (manifest_.contains("batchnorm")) {
+      batchnorm_modules_ = manifest_["batchnorm"].at("modules").get<std::vector<std::string>>();
+      std::vector<std::string> sorted = batchnorm_modules_;
+      std::sort(sorted.begin(), sorted.end());
+      if (sorted.empty() || std::adjacent_find(sorted.begin(), sorted.end()) != sorted.end() || sorted.front().empty()) {
+        throw InputError(mf + ": batchnorm.modules must name each module once");
+      }
+    }
     if (manifest_.contains("zoo") && !manifest_["zoo"].is_null()) {
       zoo_spec_ = manifest_["zoo"].at("spec").get<std::string>();
       try {
@@ -170,7 +178,9 @@ RecordedRun::RecordedRun(const fs::path& dir) : dir_(dir) {
       } catch (const std::invalid_argument& e) {
         throw InputError(mf + ": zoo.spec: " + e.what());
       }
-      if (!dropout_sites_.empty()) throw InputError(mf + ": a model with Dropout sites is not one of pathkernel's own (zoo)");
+      if (!dropout_sites_.empty() || !batchnorm_modules_.empty()) {
+        throw InputError(mf + ": a model with Dropout or BatchNorm sites is not one of pathkernel's own (zoo)");
+      }
       zoo_names_ = manifest_["zoo"].at("names").get<std::map<std::string, std::string>>();
       if (zoo_names_.size() != param_order_.size() ||
           std::any_of(param_order_.begin(), param_order_.end(), [&](const auto& n) { return !zoo_names_.count(n); })) {
@@ -555,6 +565,18 @@ RecordedRun::Step RecordedRun::step(int64_t k) const {
   if (r.contains("inputs")) s.inputs = fed_inputs(k, r.at("inputs").get<std::string>(), s.batch.size());
   if (r.contains("grad_scale")) s.grad_scale = r.at("grad_scale").get<double>();
   if (r.contains("masks")) s.masks = step_masks(k, r, s.batch.size());
+  if (r.contains("batchnorm_train")) {
+    const std::string where = (dir_ / "steps.jsonl").string() + ":" + std::to_string(k + 1);
+    const auto& names = r.at("batchnorm_train");
+    if (!names.is_array()) throw InputError(where + ": batchnorm_train must list module names");
+    for (const auto& n : names) {
+      if (!n.is_string() || std::find(batchnorm_modules_.begin(), batchnorm_modules_.end(), n.get<std::string>()) ==
+                                batchnorm_modules_.end()) {
+        throw InputError(where + ": batchnorm_train names " + n.dump() + ", which the manifest's batchnorm.modules does not list");
+      }
+      s.batchnorm_train.push_back(n.get<std::string>());
+    }
+  }
   s.settings = settings_at(k);
   if (fingerprint_projections_ > 0 && r.contains("grad_proj")) {
     s.grad_norm = r.at("grad_norm").get<double>();

@@ -39,6 +39,22 @@ class ScriptedModel : public models::Model {
       // The same tensor object: weights copied into it, and dtype changes, reach the scripted module.
       owner->register_parameter(rest, p.value, p.value.requires_grad());
     }
+    // Floating buffers (BatchNorm's running statistics) by name too, the same tensor objects:
+    // set per step from the checkpoints (set_buffers).
+    for (const auto& b : module_.named_buffers(/*recurse=*/true)) {
+      if (!b.value.is_floating_point()) continue;
+      torch::nn::Module* owner = this;
+      std::string path, rest = b.name;
+      for (size_t dot = rest.find('.'); dot != std::string::npos; dot = rest.find('.')) {
+        const std::string part = rest.substr(0, dot);
+        path += (path.empty() ? "" : ".") + part;
+        auto& h = holders[path];
+        if (!h) h = owner->register_module(part, std::make_shared<Holder>());
+        owner = h.get();
+        rest = rest.substr(dot + 1);
+      }
+      owner->register_buffer(rest, b.value);
+    }
     // The recorder's Dropout sites (python/pathkernel_record.py, _StepMaskDropout): off until a
     // step's masks are set.
     for (const auto& sub : module_.named_modules()) {
@@ -76,6 +92,24 @@ class ScriptedModel : public models::Model {
       site.module.setattr("mask", on ? it->second.to(options).div(1 - site.p) : at::empty({0}, options));
       site.module.train(on);
     }
+    // BatchNorm: a training forward updates its running statistics in place, so it runs on copies
+    // of them; the module's own tensors (the ones set_buffers fills) come back untouched, and a
+    // graph that saved the copies can still be differentiated after the context ends.
+    for (auto& [module, own] : norms_on_) {
+      for (size_t i = 0; i < own.size(); ++i) module.setattr(kNormBuffers[i], own[i]);
+      module.train(false);
+    }
+    norms_on_.clear();
+    for (const auto& name : ctx.batchnorm_train) {
+      torch::jit::Module module = norm_module(name);
+      std::vector<at::Tensor> own;
+      for (const char* b : kNormBuffers) {
+        own.push_back(module.attr(b).toTensor());
+        module.setattr(b, own.back().clone());
+      }
+      module.train(true);
+      norms_on_.emplace_back(module, std::move(own));
+    }
   }
 
  private:
@@ -84,8 +118,22 @@ class ScriptedModel : public models::Model {
     torch::jit::Module module;
     double p = 0;
   };
+  static constexpr const char* kNormBuffers[] = {"running_mean", "running_var", "num_batches_tracked"};
+  /// The submodule `name` when it is a BatchNorm with running statistics (else InputError).
+  torch::jit::Module norm_module(const std::string& name) const {
+    for (const auto& sub : module_.named_modules()) {
+      if (sub.name != name) continue;
+      if (std::all_of(std::begin(kNormBuffers), std::end(kNormBuffers),
+                      [&](const char* b) { return sub.value.hasattr(b) && sub.value.attr(b).isTensor(); })) {
+        return sub.value;
+      }
+      break;
+    }
+    throw InputError("the TorchScript model has no BatchNorm module with running statistics named '" + name + "'");
+  }
   torch::jit::Module module_;
   std::vector<Site> sites_;
+  std::vector<std::pair<torch::jit::Module, std::vector<at::Tensor>>> norms_on_;  ///< in training mode, and their own statistics
 };
 
 }  // namespace

@@ -146,6 +146,14 @@ class RecordedTrajectory : public Trajectory {
     for (const auto& n : names_) out.emplace_back(n, by_name.at(to_recorded_.at(n)));
     return out;
   }
+  NamedTensors buffers_at(int64_t k) override {
+    if (!script_ || run_.batchnorm_modules().empty()) return {};
+    NamedTensors out;
+    for (auto& [name, t] : run_.weights(k)) {
+      if (!to_recorded_.count(name) && t.is_floating_point()) out.emplace_back(name, t);
+    }
+    return out;
+  }
   LoggedStep logged_step(int64_t k, at::ScalarType dtype) const override {
     const RecordedRun::Step s = run_.step(k);
     LoggedStep out;
@@ -157,6 +165,7 @@ class RecordedTrajectory : public Trajectory {
     out.y = run_.train_targets().index_select(0, out.indices);
     out.grad_scale = s.grad_scale;
     out.context.dropout_masks = s.masks;  // the sites keep their recorded names (no zoo model has any)
+    out.context.batchnorm_train = s.batchnorm_train;
     // The step's settings by the analyzed model's parameter names.
     out.settings.options = s.settings.options;
     for (const auto& [model_name, recorded] : to_recorded_) {

@@ -168,6 +168,9 @@ struct AnalysisResult {
   std::vector<int64_t> probe_labels;
   at::Tensor outputs;                  ///< int64 [P, C]: which logit each column is
   at::Tensor d, f, k, u, r, s;         ///< float64 [steps, P, C] (s undefined without second order)
+  /// U_stats: BatchNorm's running statistics' own change, f(w_{k+1}; b_{k+1}) - f(w_{k+1}; b_k),
+  /// a part of U (undefined for a model without running statistics).
+  at::Tensor u_stats;
   at::Tensor kexact, uexact;           ///< float64 [steps, P, C] with exact_nodes (else undefined)
   at::Tensor kopt, uopt_wd, uopt_round;  ///< float64 [steps, P, C]: Kopt, Uopt_wd, Uopt_round
   /// With exact_nodes and uses_kopt: Kopt with the segment mean gbar in place of g, and the rest

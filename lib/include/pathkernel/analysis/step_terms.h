@@ -32,7 +32,7 @@ namespace pathkernel {
 /// The per-step [P, C] terms as the steps are analyzed, one list per array of AnalysisResult
 /// (the optional ones stay empty when not computed).
 struct StepArrays {
-  std::vector<at::Tensor> d, f, k, u, r, s, kopt, uopt_wd, uopt_round, kexact, uexact, koptexact, uoptexact;
+  std::vector<at::Tensor> d, f, k, u, r, s, kopt, uopt_wd, uopt_round, kexact, uexact, koptexact, uoptexact, u_stats;
 
   /// Stacks the steps from row `from` on into res's arrays ([steps, P, C]; undefined when empty).
   void stack_into(AnalysisResult& res, size_t from = 0) const;
@@ -68,10 +68,14 @@ struct StepContext {
   LoggedStep batch;
   double lr = 0, gs = 1, nb = 1;     ///< a_k, the recorded gradient scale, |B_k|
   ParamMap w0, w1, dw;               ///< float64; dw = w_{k+1} - w_k (w1, dw: analyzed steps)
+  ParamMap b0;                       ///< the model's running statistics after k steps (empty: none)
   ParamMap grad_l, applied;          ///< grad L_k(w_k); the gradient applied (gs * grad L_k)
   double loss_before = 0, loss_after = 0;
   at::Tensor f0, f1;                 ///< the probes' outputs [P, num_classes] at w_k, w_{k+1}
   at::Tensor d;                      ///< D = f(w_{k+1}) - f(w_k), [P, C]
+  /// U_stats = f(w_{k+1}; b_{k+1}) - f(w_{k+1}; b_k), [P, C]: the running statistics' change
+  /// (BatchNorm); undefined for a model without running statistics.
+  at::Tensor u_stats;
   bool split = false;                ///< the per-example split is formed on this step
   int64_t split_probes = 0;          ///< with split: for the first split_probes probes (all but a check's)
   RowGradients sp, sb;               ///< with split: probe rows, batch loss rows
@@ -120,6 +124,8 @@ std::vector<std::shared_ptr<StepTerm>> standard_terms(const AnalyzeConfig& confi
 ParamMap to_double_map(const NamedTensors& t);
 /// Copies weights by parameter name into the model.
 void set_weights(models::Model& model, const ParamMap& w);
+/// Copies buffers (running statistics) by name into the model; nothing for an empty map.
+void set_buffers(models::Model& model, const ParamMap& b);
 at::Tensor forward_nograd(models::Model& model, const at::Tensor& x);
 /// grad L(w) of the batch for the model's current weights, by parameter name.
 ParamMap batch_gradient(models::Model& model, const at::Tensor& xb, const at::Tensor& yb, LossKind loss);

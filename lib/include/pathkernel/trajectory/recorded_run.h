@@ -91,7 +91,12 @@ class RecordedRun {
     /// The masks of the Dropout sites that were on at this step (uint8 0/1 [batch, ...] by site
     /// name), read from the record's `masks` file; empty when none was.
     std::map<std::string, at::Tensor> masks;
+    /// The BatchNorm modules that ran in training mode at this step (the record's
+    /// `batchnorm_train`): the batch normalized by its own statistics.
+    std::vector<std::string> batchnorm_train;
   };
+  /// The model's BatchNorm modules with running statistics (manifest `batchnorm`).
+  const std::vector<std::string>& batchnorm_modules() const { return batchnorm_modules_; }
   /// The model's recorded Dropout sites (manifest `dropout`): name and p, in the masks' order.
   const std::vector<std::pair<std::string, double>>& dropout_sites() const { return dropout_sites_; }
   /// True when the settings change between steps or differ between parameter groups.
@@ -134,6 +139,7 @@ class RecordedRun {
   /// A file a step's record names, which must lie inside the run directory.
   std::filesystem::path file_in_run(int64_t k, const std::string& name, const std::string& what) const;
   std::vector<std::pair<std::string, double>> dropout_sites_;
+  std::vector<std::string> batchnorm_modules_;
   std::vector<std::string> param_order_;  ///< the optimizer's parameters, in its order
   std::vector<OptimizerOptions> groups_;   ///< the manifest's parameter groups
   std::vector<nlohmann::json> group_json_;

@@ -92,6 +92,9 @@ class Trajectory {
 
   /// The weights after k steps, by the zoo model's state_dict names and order.
   virtual NamedTensors weights_at(int64_t k) = 0;
+  /// The model's floating buffers after k steps (a recorded model's BatchNorm running
+  /// statistics), by name; empty for a model without any (every zoo model).
+  virtual NamedTensors buffers_at(int64_t /*k*/) { return {}; }
   virtual LoggedStep logged_step(int64_t k, at::ScalarType dtype) const = 0;
   /// |grad L_k| as the run logged it, or NaN when it did not.
   virtual double logged_grad_norm(int64_t k) const = 0;

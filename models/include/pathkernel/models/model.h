@@ -80,10 +80,14 @@ struct RowSegment {
 
 /// What a training forward of one step's batch used that a prediction does not: the masks of
 /// the model's Dropout sites in training mode, by site name, each [M, ...] of 0 and 1 for the
-/// batch's M rows (a site without one is off, as in a prediction). Empty: predictions.
+/// batch's M rows (a site without one is off, as in a prediction), and the BatchNorm modules
+/// that normalized the batch by its own statistics (the others use their running statistics, as
+/// in a prediction; the running statistics a training forward updates are restored when the
+/// context ends). Empty: predictions.
 struct TrainingContext {
   std::map<std::string, torch::Tensor> dropout_masks;
-  bool empty() const { return dropout_masks.empty(); }
+  std::vector<std::string> batchnorm_train;
+  bool empty() const { return dropout_masks.empty() && batchnorm_train.empty(); }
 };
 
 /// Base class of the zoo's models. Parameters are registered in forward order with PyTorch

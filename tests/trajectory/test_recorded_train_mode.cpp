@@ -1,8 +1,10 @@
-// Dropout in training mode, recorded from PyTorch (issue 26, item 1): the recorder keeps each
-// trained step's masks (python/pathkernel_record.py), the analysis computes the batch's gradient
-// and rows with them (batch-context rows) and the probes as predicted (Dropout off). Checked
-// against an independent float64 computation in Python from the files on disk, and shown to fail
-// when a step's masks are not the ones training drew.
+// The networks people train, recorded from PyTorch in training mode (issue 26, item 1): Dropout
+// (the recorder keeps each trained step's masks) and BatchNorm (each step's batch normalized by
+// its own statistics, the running statistics in the checkpoints). The analysis computes the batch's
+// gradient and rows through the step's training forward (batch-context rows) and the probes as
+// predicted (Dropout off, running statistics); the running statistics' own change is U_stats.
+// Checked against an independent float64 computation in Python from the files on disk, and shown
+// to fail when a step's masks or its batch statistics are not the ones training used.
 #include <ATen/ATen.h>
 #include <nlohmann/json.hpp>
 
@@ -22,7 +24,7 @@ namespace fs = std::filesystem;
 
 const std::string kSource = PATHKERNEL_SOURCE_DIR;
 
-class RecordedDropoutTest : public ::testing::Test {
+class RecordedTrainModeTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
     tmp_ = new testing::TempDir();
@@ -50,15 +52,15 @@ class RecordedDropoutTest : public ::testing::Test {
   static testing::TempDir* tmp_;
   static fs::path run_;
 };
-testing::TempDir* RecordedDropoutTest::tmp_ = nullptr;
-fs::path RecordedDropoutTest::run_;
+testing::TempDir* RecordedTrainModeTest::tmp_ = nullptr;
+fs::path RecordedTrainModeTest::run_;
 
 // Two nn.Dropout modules in training mode (p 0.1 on the inputs, 0.5 on the hidden layer), SGD
 // with momentum, and the loop in eval mode for steps 5-7 of every 10: every step verifies, and
 // D, F, K, R (scripts/check_analysis.py), Kopt and explain's a_i (check_recorded_terms.py,
 // batch-context rows by autograd through the one masked batch forward) equal an independent
 // float64 computation to 1e-9; explain's sum check closes to 1e-9.
-TEST_F(RecordedDropoutTest, EachStepIsAnalyzedWithItsOwnMasks) {
+TEST_F(RecordedTrainModeTest, EachStepIsAnalyzedWithItsOwnMasks) {
   const nlohmann::json manifest = read_json(run_ / "manifest.json");
   ASSERT_TRUE(manifest.contains("dropout"));
   EXPECT_EQ(manifest["dropout"]["sites"][0]["module"], "1");
@@ -103,7 +105,7 @@ TEST_F(RecordedDropoutTest, EachStepIsAnalyzedWithItsOwnMasks) {
 // file flipped), or whose masks were dropped from its record, is not the logged step: exit 4,
 // the step named, no output. A masks file of the wrong size is refused as bad input (exit 2),
 // naming the file.
-TEST_F(RecordedDropoutTest, WrongOrMissingMasksFailTheStepsCheck) {
+TEST_F(RecordedTrainModeTest, WrongOrMissingMasksFailTheStepsCheck) {
   const auto records = read_step_log(run_ / "steps.jsonl");
   const std::string masks3 = records[3]["masks"].get<std::string>();
   std::string log;
@@ -144,7 +146,7 @@ TEST_F(RecordedDropoutTest, WrongOrMissingMasksFailTheStepsCheck) {
 // A step record whose masks do not describe the step is refused before anything is analyzed
 // (exit 2, the record's line named): a masks file outside the run, a site the manifest does not
 // list, a mask that is not the batch's.
-TEST_F(RecordedDropoutTest, MaskRecordsThatDoNotFitTheStepAreRefused) {
+TEST_F(RecordedTrainModeTest, MaskRecordsThatDoNotFitTheStepAreRefused) {
   const std::vector<std::pair<std::function<void(nlohmann::json&)>, std::string>> cases = {
       {[](nlohmann::json& r) { r["masks"] = "../elsewhere.npy"; }, "the step's masks ../elsewhere.npy are outside the run"},
       {[](nlohmann::json& r) { r["mask_shapes"]["9"] = {32, 4}; }, "mask_shapes names a site the manifest does not list"},
@@ -165,6 +167,77 @@ TEST_F(RecordedDropoutTest, MaskRecordsThatDoNotFitTheStepAreRefused) {
     EXPECT_NE(log.find(message), std::string::npos) << log;
     EXPECT_FALSE(fs::exists(tmp_->path() / "bad-record-an"));
   }
+}
+
+// BatchNorm2d and BatchNorm1d in training mode, SGD with momentum, the loop in eval mode for
+// steps 5-7 of every 10: every step verifies; D, F, K, R and U_stats (f(w_{k+1}; b_{k+1}) -
+// f(w_{k+1}; b_k), the running statistics' change) equal Python's float64 computation to 1e-9,
+// U_stats is 0 exactly on the steps in eval mode and not on the others; Kopt and a_i too, and
+// explain's sum check closes with U_stats in it. Steps whose record no longer says BatchNorm
+// trained (computed with the running statistics) fail the check (exit 4).
+TEST_F(RecordedTrainModeTest, BatchNormStepsAreAnalyzedWithTheirBatchStatistics) {
+  const fs::path run = tmp_->path() / "batchnorm";
+  ASSERT_EQ(testing::run_program({"/usr/bin/python3", kSource + "/tests/data/record_habits.py", "batchnorm", run.string()},
+                                 tmp_->path() / "record-bn.log"),
+            0)
+      << read_file(tmp_->path() / "record-bn.log");
+  EXPECT_EQ(read_json(run / "manifest.json")["batchnorm"]["modules"], nlohmann::json({"1", "5"}));
+  const auto records = read_step_log(run / "steps.jsonl");
+  EXPECT_EQ(records[0]["batchnorm_train"], nlohmann::json({"1", "5"}));
+  EXPECT_FALSE(records[5].contains("batchnorm_train"));
+  std::string log;
+  ASSERT_EQ(analyze(run, "bn-an", log), 0) << log;
+  const fs::path an = tmp_->path() / "bn-an";
+  EXPECT_EQ(read_json(an / "summary.json")["verification"]["steps_failed"], 0);
+  const at::Tensor u_stats = load_npy(an / "arrays" / "U_stats.npy");
+  ASSERT_EQ(u_stats.size(0), 30);
+  EXPECT_EQ(u_stats[5].abs().max().item<double>(), 0.0) << "eval mode: the running statistics do not move";
+  EXPECT_GT(u_stats[4].abs().max().item<double>(), 1e-3);
+  const fs::path check_log = tmp_->path() / "check.log";
+  EXPECT_EQ(testing::run_program({"/usr/bin/python3", kSource + "/scripts/check_analysis.py", run.string(), an.string(),
+                                  "--steps", "0,4,5,9,29", "--tol", "1e-9"},
+                                 check_log),
+            0)
+      << read_file(check_log);
+  EXPECT_NE(read_file(check_log).find("\"U_stats\""), std::string::npos) << "U_stats checked";
+  const fs::path ex = tmp_->path() / "bn-explain";
+  ASSERT_EQ(testing::run_program({PATHKERNEL_BIN, "explain", run.string(), "--probes", "3", "--out", ex.string()},
+                                 tmp_->path() / "explain.log"),
+            0)
+      << read_file(tmp_->path() / "explain.log");
+  EXPECT_LT(read_json(ex / "summary.json")["max_sum_error"].get<double>(), 1e-9);
+  ASSERT_EQ(testing::run_program({"/usr/bin/python3", kSource + "/tests/python/check_recorded_terms.py", run.string(),
+                                  an.string(), ex.string()},
+                                 check_log),
+            0)
+      << read_file(check_log);
+  const std::string out = read_file(check_log);
+  const nlohmann::json check = nlohmann::json::parse(out.substr(out.rfind('{')));
+  EXPECT_LT(check["kopt_max_error"].get<double>(), 1e-9 * check["kopt_scale"].get<double>()) << check.dump();
+  EXPECT_LT(check["attr_max_error"].get<double>(), 1e-9 * check["attr_scale"].get<double>()) << check.dump();
+  // Step 3 computed with the running statistics instead of its batch's: refused.
+  const fs::path held = tmp_->path() / "bn-held";
+  fs::remove_all(held);
+  fs::copy(run, held, fs::copy_options::recursive);
+  std::string jsonl;
+  for (auto r : read_step_log(held / "steps.jsonl")) {
+    if (r["step"] == 3) r.erase("batchnorm_train");
+    jsonl += r.dump() + "\n";
+  }
+  atomic_write(held / "steps.jsonl", jsonl);
+  EXPECT_EQ(analyze(held, "bn-held-an", log), 4) << log;
+  EXPECT_NE(log.find("step 3: "), std::string::npos) << log;
+  // A module the manifest does not list: bad input, named.
+  jsonl.clear();
+  for (auto r : read_step_log(held / "steps.jsonl")) {
+    if (r["step"] == 3) r["batchnorm_train"] = {"2"};
+    jsonl += r.dump() + "\n";
+  }
+  atomic_write(held / "steps.jsonl", jsonl);
+  EXPECT_EQ(analyze(held, "bn-held-an", log), 2) << log;
+  EXPECT_NE(log.find("batchnorm_train names \"2\", which the manifest's batchnorm.modules does not list"),
+            std::string::npos)
+      << log;
 }
 
 }  // namespace
