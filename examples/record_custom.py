@@ -4,8 +4,9 @@ on Fashion-MNIST in plain PyTorch; or, with SGD + momentum, a residual CNN (a st
 BatchNorm-free basic blocks, global pooling; rescnn77k is its 77k-parameter width), an LSTM
 over the image's rows, a CNN with GroupNorm, a small ViT (7x7 patches, a class token,
 self-attention, LayerNorm, GELU), a transformer encoder on int64 token sequences (each image as
-49 tokens), pytorch/examples mnist's Net (its Dropout off) or a 235k-parameter MLP
-(bench/bench_generic.sh compares them with functorch). --adamw trains any of them with AdamW.
+49 tokens), pytorch/examples mnist's Net (its Dropout off), a 235k-parameter MLP
+(bench/bench_generic.sh compares them with functorch), the zoo's mlp:128:tanh, or a CNN with
+BatchNorm in training mode (bncnn). --adamw trains any of them with AdamW, --sgd LR with plain SGD.
 
     python3 examples/record_custom.py runs/py-cnn --model cnn [--steps 40]
     python3 examples/record_custom.py runs/py-res --model resnorm [--loss mse]
@@ -163,7 +164,24 @@ class MnistNet(torch.nn.Module):
         return torch.log_softmax(self.fc2(x), dim=1)
 
 
+def bn_cnn():
+    """A CNN with BatchNorm (trained in training mode: batch statistics, running statistics
+    updated): [Conv2d 3x3 pad 1, BatchNorm2d, ReLU, MaxPool2d(2)] x 2 (8 and 16 channels), a
+    linear head."""
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Flatten(), torch.nn.Linear(16 * 7 * 7, 10))
+
+
 def build(kind):
+    if kind == "mlp":  # the zoo's mlp:128:tanh, recognized: the factorized route
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 128), torch.nn.Tanh(),
+                                    torch.nn.Linear(128, 10))
+        return model, torch.optim.SGD(model.parameters(), lr=0.1)
+    if kind == "bncnn":
+        model = bn_cnn()
+        return model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     if kind in ("rescnn", "rescnn77k", "lstm", "gncnn", "vit", "tokens", "mnistnet"):
         model = {"rescnn": ResidualCnn, "rescnn77k": lambda: ResidualCnn(channels=46), "lstm": RowLstm,
                  "gncnn": group_norm_cnn, "vit": SmallVit, "tokens": TokenEncoder, "mnistnet": MnistNet}[kind]()
@@ -190,7 +208,7 @@ def build(kind):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
-    ap.add_argument("--model", choices=("cnn", "resnorm", "rescnn", "rescnn77k", "lstm", "gncnn", "vit", "tokens", "mnistnet", "mlp235k"),
+    ap.add_argument("--model", choices=("cnn", "mlp", "bncnn", "resnorm", "rescnn", "rescnn77k", "lstm", "gncnn", "vit", "tokens", "mnistnet", "mlp235k"),
                     default="cnn")
     ap.add_argument("--loss", choices=("ce", "mse"), default="ce")
     ap.add_argument("--data", default="/usr/share/datasets/fashion-mnist")
@@ -199,6 +217,7 @@ def main():
     ap.add_argument("--train-limit", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--adamw", action="store_true", help="AdamW (lr 1e-3, weight decay 0.05) instead of the model's optimizer")
+    ap.add_argument("--sgd", type=float, metavar="LR", help="plain SGD at rate LR instead of the model's optimizer")
     a = ap.parse_args()
     torch.manual_seed(a.seed)
     X, y = fashion_mnist(a.data, "train", a.train_limit)
@@ -212,6 +231,8 @@ def main():
     model, opt = build(a.model)
     if a.adamw:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    if a.sgd is not None:
+        opt = torch.optim.SGD(model.parameters(), lr=a.sgd)
     rec = Recorder(a.out, model, opt, train=(X, y), test=(Xt, yt), loss=a.loss)
     g = torch.Generator().manual_seed(a.seed)
     for step in range(a.steps):
@@ -226,6 +247,7 @@ def main():
         opt.step()
         rec.step(idx, loss)
     rec.close()
+    model.eval()  # predictions: BatchNorm's running statistics, Dropout off
     with torch.no_grad():
         acc = (model(Xt).argmax(1) == (yt if yt.dim() == 1 else yt.argmax(1))).float().mean().item()
     print("recorded %d steps of %s into %s (test accuracy %.3f)" % (a.steps, a.model, a.out, acc))

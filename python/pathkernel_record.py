@@ -881,8 +881,9 @@ class Recorder:
         self.closed = True
 
     def _test_accuracy(self):
-        """The final model's accuracy on the recorded test split (cross-entropy runs), computed as
-        the model is (its mode unchanged), in chunks; None without a test split."""
+        """The final model's accuracy on the recorded test split (cross-entropy runs), as it
+        predicts (eval mode: BatchNorm's running statistics, Dropout off; the modules' modes
+        restored afterwards), in chunks; None without a test split."""
         path = os.path.join(self.out, "data", "test_x.npy")
         if self._loss != "ce" or not os.path.exists(path):
             return None
@@ -890,10 +891,16 @@ class Recorder:
         y = torch.from_numpy(np.load(os.path.join(self.out, "data", "test_y.npy")))
         device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
         correct = 0
-        with torch.no_grad():
-            for i in range(0, x.shape[0], 1000):
-                out = self.model(x[i:i + 1000].to(device))
-                correct += int((out.argmax(1).cpu() == y[i:i + 1000]).sum())
+        modes = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                for i in range(0, x.shape[0], 1000):
+                    out = self.model(x[i:i + 1000].to(device))
+                    correct += int((out.argmax(1).cpu() == y[i:i + 1000]).sum())
+        finally:
+            for m, training in modes:
+                m.training = training
         self._fed = None  # that forward was no training step
         return correct / x.shape[0]
 

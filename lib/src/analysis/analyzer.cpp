@@ -236,6 +236,7 @@ class Driver {
     } else {
       traj_.check_steps(whole_end_ - 1, whole_end_, 1, false);  // the whole range's end, shards too
       set_weights(*model_, to_double_map(traj_.weights_at(whole_end_)));
+      set_buffers(*model_, to_double_map(traj_.buffers_at(whole_end_)));
       res_.outputs = forward_nograd(*model_, xp_).argmax(1).unsqueeze(1);
     }
   }

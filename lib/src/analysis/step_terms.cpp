@@ -344,8 +344,10 @@ class SharpnessTerm final : public StepTerm {
     row.lambda_batch = sb.lambda_max;
     row.subset_loss_before = mean_loss(ctx.model, xs_, ys_, ctx.loss);
     set_weights(ctx.model, ctx.w1);
+    set_buffers(ctx.model, to_double_map(ctx.traj.buffers_at(k + 1)));
     row.subset_loss_after = mean_loss(ctx.model, xs_, ys_, ctx.loss);
     set_weights(ctx.model, ctx.w0);
+    set_buffers(ctx.model, ctx.b0);
   }
 
  private:

@@ -10,6 +10,7 @@
 
 #include "pathkernel/analysis/analyzer.h"
 #include "pathkernel/analysis/kernels.h"
+#include "pathkernel/analysis/step_terms.h"
 #include "pathkernel/io/errors.h"
 #include "pathkernel/io/fs_util.h"
 #include "pathkernel/io/npy.h"
@@ -87,6 +88,7 @@ InfluenceResult influence(const InfluenceConfig& c) {
     const double lr = rate_at(traj, t);
     res.rates.push_back(lr);
     set_weights(*model, traj.weights_at(t));
+    set_buffers(*model, to_double_map(traj.buffers_at(t)));  // BatchNorm's running statistics at t
     const RowGradients sp = loss_rows(*model, xp, yp, loss, explicit_route);
     for (int64_t start = 0; start < n; start += c.chunk) {
       const int64_t len = std::min(c.chunk, n - start);

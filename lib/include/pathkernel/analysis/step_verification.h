@@ -44,8 +44,11 @@ struct StepVerification {
 };
 
 /// Checks steps `steps` of a recorded trajectory with `model` (float64, the trajectory's
-/// parameter names). Returns one verdict per step (empty for a trajectory that logs no
-/// fingerprints: a trained run). The model's weights are left at the last step checked.
+/// parameter names); a step off in float64 is recomputed in float32 as it trained (a fresh
+/// traj.make_model()), and passes when that agrees (float64 rounding alone can flip a ReLU or
+/// max-pool kink, and BatchNorm amplifies it). Returns one verdict per step (empty for a
+/// trajectory that logs no fingerprints: a trained run). The model's weights are left at the
+/// last step checked.
 std::vector<StepVerification> verify_steps(Trajectory& traj, models::Model& model, const std::vector<int64_t>& steps,
                                            LossKind loss);
 
