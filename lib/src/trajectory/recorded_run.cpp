@@ -152,25 +152,7 @@ RecordedRun::RecordedRun(const fs::path& dir) : dir_(dir) {
       fingerprint_seed_ = fp["seed"].get<uint64_t>();
       fingerprint_projections_ = fp["projections"].get<int64_t>();
     }
-    if (manifest_.contains("dropout")) {
-      for (const auto& site : manifest_["dropout"].at("sites")) {
-        const std::string name = site.at("module").get<std::string>();
-        const double p = site.at("p").get<double>();
-        if (name.empty() || !(p > 0 && p < 1) ||
-            std::any_of(dropout_sites_.begin(), dropout_sites_.end(), [&](const auto& s) { return s.first == name; })) {
-          throw InputError(mf + ": dropout.sites must name each site once, with p in (0, 1)");
-        }
-        dropout_sites_.emplace_back(name, p);
-      }
-    }
-    if (manifest_.contains("batchnorm")) {
-      batchnorm_modules_ = manifest_["batchnorm"].at("modules").get<std::vector<std::string>>();
-      std::vector<std::string> sorted = batchnorm_modules_;
-      std::sort(sorted.begin(), sorted.end());
-      if (sorted.empty() || std::adjacent_find(sorted.begin(), sorted.end()) != sorted.end() || sorted.front().empty()) {
-        throw InputError(mf + ": batchnorm.modules must name each module once");
-      }
-    }
+    read_sites(mf);
     if (manifest_.contains("zoo") && !manifest_["zoo"].is_null()) {
       zoo_spec_ = manifest_["zoo"].at("spec").get<std::string>();
       try {
@@ -195,6 +177,28 @@ RecordedRun::RecordedRun(const fs::path& dir) : dir_(dir) {
   if (manifest_.at("data").contains("test")) read_split("test", test_x_, test_y_);
   read_log();
   list_checkpoints();
+}
+
+void RecordedRun::read_sites(const std::string& mf) {
+  if (manifest_.contains("dropout")) {
+    for (const auto& site : manifest_["dropout"].at("sites")) {
+      const std::string name = site.at("module").get<std::string>();
+      const double p = site.at("p").get<double>();
+      if (name.empty() || !(p > 0 && p < 1) ||
+          std::any_of(dropout_sites_.begin(), dropout_sites_.end(), [&](const auto& s) { return s.first == name; })) {
+        throw InputError(mf + ": dropout.sites must name each site once, with p in (0, 1)");
+      }
+      dropout_sites_.emplace_back(name, p);
+    }
+  }
+  if (manifest_.contains("batchnorm")) {
+    batchnorm_modules_ = manifest_["batchnorm"].at("modules").get<std::vector<std::string>>();
+    std::vector<std::string> sorted = batchnorm_modules_;
+    std::sort(sorted.begin(), sorted.end());
+    if (sorted.empty() || std::adjacent_find(sorted.begin(), sorted.end()) != sorted.end() || sorted.front().empty()) {
+      throw InputError(mf + ": batchnorm.modules must name each module once");
+    }
+  }
 }
 
 void RecordedRun::read_split(const std::string& split, at::Tensor& x, at::Tensor& y) {

@@ -123,6 +123,8 @@ class RecordedRun {
  private:
   void read_split(const std::string& split, at::Tensor& x, at::Tensor& y);
   void read_log();
+  /// The manifest's Dropout sites and BatchNorm modules (`dropout`, `batchnorm`).
+  void read_sites(const std::string& mf);
   void read_groups(const nlohmann::json& optimizer, const std::string& mf);
   void list_checkpoints();
 
