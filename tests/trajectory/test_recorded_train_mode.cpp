@@ -42,6 +42,27 @@ class RecordedTrainModeTest : public ::testing::Test {
     log = read_file(tmp_->path() / "analyze.log");
     return st;
   }
+  /// explain of `run` (3 probes, self-influence) into NAME: its sum check closes to 1e-9, and
+  /// Kopt and a_i equal tests/python/check_recorded_terms.py's float64 computation to 1e-9.
+  static void explain_and_check(const fs::path& run, const fs::path& an, const std::string& name) {
+    const fs::path ex = tmp_->path() / name, log = tmp_->path() / "check-terms.log";
+    ASSERT_EQ(testing::run_program({PATHKERNEL_BIN, "explain", run.string(), "--probes", "3", "--self-influence",
+                                    "--out", ex.string()},
+                                   log),
+              0)
+        << read_file(log);
+    EXPECT_LT(read_json(ex / "summary.json")["max_sum_error"].get<double>(), 1e-9);
+    ASSERT_EQ(testing::run_program({"/usr/bin/python3", kSource + "/tests/python/check_recorded_terms.py", run.string(),
+                                    an.string(), ex.string()},
+                                   log),
+              0)
+        << read_file(log);
+    const std::string out = read_file(log);
+    const nlohmann::json check = nlohmann::json::parse(out.substr(out.rfind('{')));
+    EXPECT_LT(check["kopt_max_error"].get<double>(), 1e-9 * check["kopt_scale"].get<double>()) << check.dump();
+    EXPECT_LT(check["attr_max_error"].get<double>(), 1e-9 * check["attr_scale"].get<double>()) << check.dump();
+    EXPECT_GT(check["attr_scale"].get<double>(), 0);
+  }
   /// A copy of the recorded run to break.
   static fs::path copy_of_run(const std::string& name) {
     const fs::path run = tmp_->path() / name;
@@ -82,23 +103,7 @@ TEST_F(RecordedTrainModeTest, EachStepIsAnalyzedWithItsOwnMasks) {
                                  check_log),
             0)
       << read_file(check_log);
-  const fs::path ex = tmp_->path() / "explain";
-  ASSERT_EQ(testing::run_program({PATHKERNEL_BIN, "explain", run_.string(), "--probes", "3", "--self-influence", "--out",
-                                  ex.string()},
-                                 tmp_->path() / "explain.log"),
-            0)
-      << read_file(tmp_->path() / "explain.log");
-  EXPECT_LT(read_json(ex / "summary.json")["max_sum_error"].get<double>(), 1e-9);
-  ASSERT_EQ(testing::run_program({"/usr/bin/python3", kSource + "/tests/python/check_recorded_terms.py", run_.string(),
-                                  an.string(), ex.string()},
-                                 check_log),
-            0)
-      << read_file(check_log);
-  const std::string out = read_file(check_log);
-  const nlohmann::json check = nlohmann::json::parse(out.substr(out.rfind('{')));
-  EXPECT_LT(check["kopt_max_error"].get<double>(), 1e-9 * check["kopt_scale"].get<double>()) << check.dump();
-  EXPECT_LT(check["attr_max_error"].get<double>(), 1e-9 * check["attr_scale"].get<double>()) << check.dump();
-  EXPECT_GT(check["attr_scale"].get<double>(), 0);
+  explain_and_check(run_, an, "explain");
 }
 
 // The check can fail: a step whose masks are not the ones training drew (one byte of its masks
@@ -200,21 +205,7 @@ TEST_F(RecordedTrainModeTest, BatchNormStepsAreAnalyzedWithTheirBatchStatistics)
             0)
       << read_file(check_log);
   EXPECT_NE(read_file(check_log).find("\"U_stats\""), std::string::npos) << "U_stats checked";
-  const fs::path ex = tmp_->path() / "bn-explain";
-  ASSERT_EQ(testing::run_program({PATHKERNEL_BIN, "explain", run.string(), "--probes", "3", "--out", ex.string()},
-                                 tmp_->path() / "explain.log"),
-            0)
-      << read_file(tmp_->path() / "explain.log");
-  EXPECT_LT(read_json(ex / "summary.json")["max_sum_error"].get<double>(), 1e-9);
-  ASSERT_EQ(testing::run_program({"/usr/bin/python3", kSource + "/tests/python/check_recorded_terms.py", run.string(),
-                                  an.string(), ex.string()},
-                                 check_log),
-            0)
-      << read_file(check_log);
-  const std::string out = read_file(check_log);
-  const nlohmann::json check = nlohmann::json::parse(out.substr(out.rfind('{')));
-  EXPECT_LT(check["kopt_max_error"].get<double>(), 1e-9 * check["kopt_scale"].get<double>()) << check.dump();
-  EXPECT_LT(check["attr_max_error"].get<double>(), 1e-9 * check["attr_scale"].get<double>()) << check.dump();
+  explain_and_check(run, an, "bn-explain");
   // A ReLU CNN with BatchNorm (examples/record_custom.py's bncnn): float64 rounding flips kinks that
   // training's float32 did not, and BatchNorm amplifies it (step 16 is off by 1.0e-3 of the
   // gradient in float64 on these machines); recomputed in float32 as it trained, every step verifies.

@@ -24,36 +24,16 @@ class ScriptedModel : public models::Model {
  public:
   ScriptedModel(torch::jit::Module module, int64_t outputs)
       : Model(models::ModelSpec{"torchscript", {}, "none"}, outputs), module_(std::move(module)) {
-    std::map<std::string, std::shared_ptr<Holder>> holders;
     for (const auto& p : module_.named_parameters(/*recurse=*/true)) {
-      torch::nn::Module* owner = this;
-      std::string path, rest = p.name;
-      for (size_t dot = rest.find('.'); dot != std::string::npos; dot = rest.find('.')) {
-        const std::string part = rest.substr(0, dot);
-        path += (path.empty() ? "" : ".") + part;
-        auto& h = holders[path];
-        if (!h) h = owner->register_module(part, std::make_shared<Holder>());
-        owner = h.get();
-        rest = rest.substr(dot + 1);
-      }
       // The same tensor object: weights copied into it, and dtype changes, reach the scripted module.
-      owner->register_parameter(rest, p.value, p.value.requires_grad());
+      std::string leaf;
+      holder_of(p.name, leaf)->register_parameter(leaf, p.value, p.value.requires_grad());
     }
     // Floating buffers (BatchNorm's running statistics) by name too, the same tensor objects:
     // set per step from the checkpoints (set_buffers).
     for (const auto& b : module_.named_buffers(/*recurse=*/true)) {
-      if (!b.value.is_floating_point()) continue;
-      torch::nn::Module* owner = this;
-      std::string path, rest = b.name;
-      for (size_t dot = rest.find('.'); dot != std::string::npos; dot = rest.find('.')) {
-        const std::string part = rest.substr(0, dot);
-        path += (path.empty() ? "" : ".") + part;
-        auto& h = holders[path];
-        if (!h) h = owner->register_module(part, std::make_shared<Holder>());
-        owner = h.get();
-        rest = rest.substr(dot + 1);
-      }
-      owner->register_buffer(rest, b.value);
+      std::string leaf;
+      if (b.value.is_floating_point()) holder_of(b.name, leaf)->register_buffer(leaf, b.value);
     }
     // The recorder's Dropout sites (python/pathkernel_record.py, _StepMaskDropout): off until a
     // step's masks are set.
@@ -131,6 +111,22 @@ class ScriptedModel : public models::Model {
     }
     throw InputError("the TorchScript model has no BatchNorm module with running statistics named '" + name + "'");
   }
+  /// The holder of the dotted `name`'s owner (made on first use), and the name's last part in `leaf`.
+  torch::nn::Module* holder_of(const std::string& name, std::string& leaf) {
+    torch::nn::Module* owner = this;
+    std::string path;
+    leaf = name;
+    for (size_t dot = leaf.find('.'); dot != std::string::npos; dot = leaf.find('.')) {
+      const std::string part = leaf.substr(0, dot);
+      path += (path.empty() ? "" : ".") + part;
+      auto& h = holders_[path];
+      if (!h) h = owner->register_module(part, std::make_shared<Holder>());
+      owner = h.get();
+      leaf = leaf.substr(dot + 1);
+    }
+    return owner;
+  }
+  std::map<std::string, std::shared_ptr<Holder>> holders_;
   torch::jit::Module module_;
   std::vector<Site> sites_;
   std::vector<std::pair<torch::jit::Module, std::vector<at::Tensor>>> norms_on_;  ///< in training mode, and their own statistics
