@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "fixtures.h"
+#include "pathkernel/io/csv.h"
 #include "pathkernel/io/fs_util.h"
 #include "pathkernel/io/npy.h"
 #include "pathkernel/io/run_dir.h"
@@ -216,7 +217,13 @@ TEST_F(RecordedTrainModeTest, BatchNormStepsAreAnalyzedWithTheirBatchStatistics)
             0)
       << read_file(tmp_->path() / "record-bncnn.log");
   ASSERT_EQ(analyze(relu, "bncnn-an", log), 0) << log;
-  EXPECT_EQ(read_json(tmp_->path() / "bncnn-an" / "summary.json")["verification"]["steps_failed"], 0);
+  const nlohmann::json verification = read_json(tmp_->path() / "bncnn-an" / "summary.json")["verification"];
+  EXPECT_EQ(verification["steps_failed"], 0);
+  // Which steps need float32 depends on the CPU's kernels; steps.csv marks each (verified 2).
+  const Table rows = read_csv(tmp_->path() / "bncnn-an" / "steps.csv");
+  int64_t in_float32 = 0;
+  for (size_t i = 0; i < rows.rows; ++i) in_float32 += rows.cols.at("verified")[i] == 2 ? 1 : 0;
+  EXPECT_EQ(verification["steps_verified_in_float32"], in_float32);
   // Step 3 computed with the running statistics instead of its batch's: refused.
   const fs::path held = tmp_->path() / "bn-held";
   fs::remove_all(held);

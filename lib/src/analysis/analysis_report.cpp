@@ -231,6 +231,7 @@ nlohmann::json summary_json(const AnalysisResult& r, const AnalyzeConfig& c) {
                                ? nlohmann::json(nullptr)
                                : nlohmann::json{{"steps_checked", r.verified_steps},
                                                 {"steps_failed", r.unverified_steps},
+                                                {"steps_verified_in_float32", r.float32_steps},
                                                 {"loss_tolerance", kLossTolerance},
                                                 {"gradient_tolerance", kGradientTolerance}}},
           {"shard", r.shard_count > 0 ? nlohmann::json{{"index", r.shard_index}, {"count", r.shard_count},

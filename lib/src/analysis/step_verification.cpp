@@ -112,7 +112,10 @@ std::vector<StepVerification> verify_steps(Trajectory& traj, models::Model& mode
       // the step recomputed in float32, as it trained, must agree instead.
       if (!single) single = traj.make_model();
       StepVerification v32 = measure(traj, *single, k, loss, logged_loss, logged_norm, logged_proj);
-      if (v32.ok) v = std::move(v32);
+      if (v32.ok) {
+        v = std::move(v32);
+        v.in_float32 = true;
+      }
     }
     out.push_back(std::move(v));
   }
@@ -182,6 +185,7 @@ std::map<int64_t, StepVerification> verify_analyzed_steps(Trajectory& traj, mode
   res.verified_steps = static_cast<int64_t>(checked.size());
   for (const auto& v : checked) {
     res.unverified_steps += v.ok ? 0 : 1;
+    res.float32_steps += v.ok && v.in_float32 ? 1 : 0;
     verdicts[v.step] = v;
   }
   return verdicts;
@@ -192,7 +196,7 @@ void mark_verified(StepRow& row, const std::map<int64_t, StepVerification>& verd
   if (v == verdicts.end()) return;
   row.verify_loss_error = v->second.loss_error;
   row.verify_gradient_error = v->second.gradient_error;
-  row.verified = v->second.ok ? 1 : 0;
+  row.verified = !v->second.ok ? 0 : v->second.in_float32 ? 2 : 1;
 }
 
 void gate_updates(AnalysisResult& res, const std::string& run, bool allow_unverified) {
@@ -201,9 +205,11 @@ void gate_updates(AnalysisResult& res, const std::string& run, bool allow_unveri
   if (!failures.empty()) spdlog::warn("{}", without_hint(failures));
   res.verified_steps = 0;
   res.unverified_steps = 0;
+  res.float32_steps = 0;
   for (const auto& s : res.steps) {
     res.verified_steps += s.verified >= 0 ? 1 : 0;
     res.unverified_steps += s.verified == 0 ? 1 : 0;
+    res.float32_steps += s.verified == 2 ? 1 : 0;
   }
 }
 

@@ -154,8 +154,8 @@ struct StepRow {
   double lambda_train = NAN, lambda_batch = NAN, lanczos_iterations = NAN, lanczos_residual = NAN;
   double subset_loss_before = NAN, subset_loss_after = NAN;
   /// A recorded run's step checked against its logged loss and gradient fingerprint
-  /// (step_verification.h): the relative errors, and 1 verified, 0 failed (kept with
-  /// allow_unverified). NaN / -1 for a trained run (its replay checks it) or a value not logged.
+  /// (step_verification.h): the relative errors, and 1 verified, 2 verified only in float32,
+  /// 0 failed (kept with allow_unverified). NaN / -1 for a trained run (its replay checks it) or a value not logged.
   double verify_loss_error = NAN, verify_gradient_error = NAN;
   int verified = -1;
   /// Columns of terms added through AnalyzeConfig::extra_terms: (name, value), the same names in
@@ -201,6 +201,8 @@ struct AnalysisResult {
   /// A recorded run's steps checked against their logged loss and gradient (step_verification.h)
   /// and those that failed (analyzed with allow_unverified); -1 when nothing was checked.
   int64_t verified_steps = -1, unverified_steps = 0;
+  /// Of the verified steps, those that agreed only when recomputed in float32 (StepRow::verified 2).
+  int64_t float32_steps = 0;
   /// With sharpness_every: the training examples of the fixed subset (at most the run's).
   int64_t sharpness_examples = 0;
   /// A shard's place: its index and count, and the whole range [whole_begin, whole_end).

@@ -41,6 +41,7 @@ struct StepVerification {
   double norm_ratio = 1;      ///< recomputed over logged gradient norm
   bool ok = true;
   std::string what;           ///< what disagreed and the likely causes, when !ok
+  bool in_float32 = false;    ///< ok only when recomputed in float32, as it trained (verify_steps)
 };
 
 /// Checks steps `steps` of a recorded trajectory with `model` (float64, the trajectory's
