@@ -60,7 +60,8 @@ class ScriptedModel : public models::Model {
   /// Each site with a mask multiplies by it over 1 - p (F.dropout's scaling), in the weights'
   /// dtype; the others are off.
   void apply_training_context(const models::TrainingContext& ctx) override {
-    for (const auto& [name, mask] : ctx.dropout_masks) {
+    for (const auto& entry : ctx.dropout_masks) {
+      const std::string& name = entry.first;  // (clang: no structured binding inside the lambda)
       if (std::none_of(sites_.begin(), sites_.end(), [&](const Site& s) { return s.name == name; })) {
         throw InputError("the TorchScript model has no recorded Dropout site '" + name + "' for the step's mask");
       }
