@@ -12,7 +12,9 @@ Fashion-MNIST, then measures, each in its own process (time per step and peak me
   functorch step: what one analyzed step computes, the functorch way: the probes' outputs at
   w_{k+1} and J v along each of the step's directions (dw, the gradient, the momentum buffer, the
   optimizer's kernel direction: 4 for SGD with momentum);
-  functorch vmap(jacrev): every probe's gradient rows (what explain's per-example split needs).
+  functorch vmap(jacrev): every probe's gradient rows (what explain's per-example split needs);
+  pathkernel explain rows (bench/bench_rows.cpp): the same rows as explain forms them on the
+  explicit route, one backward per row, one batched backward per probe, and the mode it chooses.
 
 Each figure is the median over --repeats; the processes alternate. Prints a table and, with
 --json FILE, writes the figures.
@@ -67,6 +69,18 @@ def analyze(pk, run, out, probes, extra):
     with open(os.path.join(out, "summary.json")) as f:
         s = json.load(f)
     return s["seconds_per_step"], rss, s.get("products_used", ""), s.get("kernel_route_used", "")
+
+
+def rows_measure(bench_rows, run, probes):
+    """In a child: explain's probe rows by pathkernel (bench_rows): {way: (seconds, why)}."""
+    out, rss = child([bench_rows, run, str(probes), "2"])
+    ways = {}
+    for line in out.splitlines()[1:]:
+        name, rest = line.split(None, 1)
+        sec, _, why = rest.partition(" ")
+        if sec != "unsupported:":
+            ways[name] = (float(sec), why)
+    return ways, rss
 
 
 def functorch_measure(kind, run, probes, what):
@@ -125,6 +139,7 @@ def main():
         return
     ap = argparse.ArgumentParser()
     ap.add_argument("--pathkernel", default=os.path.join(ROOT, "build", "apps", "pathkernel"))
+    ap.add_argument("--bench-rows", default=os.path.join(ROOT, "build", "bench", "bench_rows"))
     ap.add_argument("--probes", type=int, default=64)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--repeats", type=int, default=3)
@@ -149,6 +164,9 @@ def main():
                 for name, extra in routes:
                     sps, rss, products, route = analyze(a.pathkernel, run, os.path.join(tmp, "an"), probes, extra)
                     figures.setdefault(name, []).append((sps, rss, "%s/%s" % (route, products)))
+                ways, rss = rows_measure(a.bench_rows, run, probes)
+                for way, (sec, why) in ways.items():
+                    figures.setdefault("pathkernel explain rows " + way, []).append((sec, rss, why))
                 for what in ("jvp", "step", "rows"):
                     sec, rss = functorch_measure(kind, run, probes, what)
                     figures.setdefault("functorch " + what, []).append((sec, rss, ""))
@@ -171,8 +189,11 @@ def main():
         print("\n%s, %d probes x 10 outputs (per analyzed step; functorch per call)" % (kind, probes))
         ref = figs["functorch step"]["seconds"]
         for name, f in figs.items():
-            print("  %-30s %8.4f s  x%6.2f of functorch step  peak %7.1f MiB  %s" %
+            print("  %-34s %8.4f s  x%6.2f of functorch step  peak %7.1f MiB  %s" %
                   (name, f["seconds"], f["seconds"] / ref, f["peak_rss_mib"], f["route"]))
+        if "pathkernel explain rows chosen" in figs:
+            print("  explain's rows / functorch vmap(jacrev): x%.2f" %
+                  (figs["pathkernel explain rows chosen"]["seconds"] / figs["functorch rows"]["seconds"]))
         figs["probes"] = probes
     if a.json:
         with open(a.json, "w") as f:

@@ -107,6 +107,33 @@ TEST_F(AnalyzerTest, ForwardModeRouteEqualsExplicitJacobianRoute) {
   EXPECT_EQ(db.kernel_split_checked, 3);
 }
 
+// explain's per-example split K_{k,m} on the explicit route (Jacobian-vector products for K and
+// F, the rows only for the split): formed a probe at a time (rows_memory of one byte), and all at
+// once, it equals the factorized route's on every step; the CNN's rows come from one batched
+// backward per probe (conv, ReLU, max-pool and linear layers all have batching rules).
+TEST_F(AnalyzerTest, ExplicitSplitInBoundedBlocksEqualsTheFactorizedSplit) {
+  const std::string dir = run("cnnblocks", "cnn:2,3:relu", 0.1, 6, "float32", 0.9);
+  auto split_of = [&](const std::string& route, int64_t rows_memory, std::string* rows_used) {
+    AnalyzeConfig a = config(dir);
+    a.kernel_route = route;
+    a.products = route == "explicit" ? "double-backward" : "auto";
+    a.rows_memory = rows_memory;
+    a.out += "-" + route + std::to_string(rows_memory);
+    std::vector<at::Tensor> k_per;
+    a.on_step = [&](const StepTerms& t) { k_per.push_back(t.k_per.clone()); };
+    const AnalysisResult r = analyze(a);
+    if (rows_used) *rows_used = r.rows_used;
+    return at::stack(k_per);
+  };
+  std::string used;
+  const at::Tensor want = split_of("auto", AnalyzeConfig{}.rows_memory, nullptr);
+  const at::Tensor one = split_of("explicit", 1, &used), all = split_of("explicit", AnalyzeConfig{}.rows_memory, nullptr);
+  EXPECT_NE(used.find("as a batch"), std::string::npos) << used;
+  const double scale = max_abs(want);
+  EXPECT_LE(max_abs(one - want), 1e-12 * scale);
+  EXPECT_LE(max_abs(all - want), 1e-12 * scale);
+}
+
 // Issue 13: split at the kinks, the exact path kernel reproduces D to 1e-12 on ReLU and max-pool
 // models at lr 0.1, where the plain Q-node rule leaves far more; the kinks are counted.
 TEST_F(AnalyzerTest, KinkSplitExactKernelReproducesDOnReluModels) {

@@ -246,14 +246,16 @@ TEST(ScriptedModelTest, ProbeRowsInAReusedWorkspaceEqualFreshRows) {
   at::manual_seed(11);
   auto m = scripted("scripted_resnorm.pt", 3);
   const at::Tensor x = at::randn({4, 16}, at::kDouble), cols = shared_columns(4, {0, 2});
-  const at::Tensor fresh = explicit_probe_jacobian(*m, x, cols);
-  at::Tensor workspace;
+  RowsWorkspace workspace;
   const RowGradients big = probe_rows(*m, x, cols, /*explicit_route=*/true, nullptr, &workspace);
+  ASSERT_TRUE(workspace.mode.has_value());
+  const at::Tensor fresh = explicit_probe_jacobian_into(*m, x, cols, at::empty_like(big.jacobian), *workspace.mode);
   EXPECT_TRUE(at::equal(big.jacobian, fresh));
-  const void* data = workspace.data_ptr();
+  EXPECT_LT(max_rel(big.jacobian, explicit_probe_jacobian(*m, x, cols)), 1e-12);  // one backward per row
+  const void* data = workspace.buffer.data_ptr();
   // Fewer probes: the same workspace, no new allocation, the right rows.
   const RowGradients small = probe_rows(*m, x.slice(0, 1, 3), cols.slice(0, 1, 3), true, nullptr, &workspace);
-  EXPECT_EQ(workspace.data_ptr(), data);
+  EXPECT_EQ(workspace.buffer.data_ptr(), data);
   EXPECT_TRUE(at::equal(small.jacobian, fresh.slice(0, 2, 6)));
   // A workspace of the wrong shape is refused, not written past.
   EXPECT_THROW(explicit_probe_jacobian_into(*m, x, cols, at::empty({8, 5}, at::kDouble)), std::invalid_argument);

@@ -406,19 +406,45 @@ class Driver {
     if (!ctx.split) return;
     if (jvp_route_ && explicit_route_ && !c_.on_step) ctx.split_probes = std::min<int64_t>(np_, kCheckedProbes);
     const int64_t sp = ctx.split_probes;
+    const double scale = -ctx.lr * ctx.gs / ctx.nb;
+    if (jvp_route_ && explicit_route_) {  // the rows serve K_{k,m} only: formed in blocks of probes
+      ctx.sb = batch_rows(ctx);
+      ctx.k_per = blocked_probe_gram(sp, ctx.sb).mul_(scale);
+      return;
+    }
     ctx.sp = probe_rows(*model_, xp_.slice(0, 0, sp), res_.outputs.slice(0, 0, sp), explicit_route_,
                         jvp_route_ ? nullptr : &ctx.f0, &rows_workspace_);
-    {
-      const models::TrainingForward batch_forward(*model_, ctx.batch.context);
-      ctx.sb = loss_rows(*model_, ctx.batch.x, ctx.batch.y, ctx.loss, explicit_route_);
-    }
-    const double scale = -ctx.lr * ctx.gs / ctx.nb;
+    if (explicit_route_) res_.rows_used = rows_workspace_.why;
+    ctx.sb = batch_rows(ctx);
     if (c_.project > 0) {
       ctx.zb = project_rows(projection_, ctx.sb);
       ctx.k_per = at::mm(project_rows(projection_, ctx.sp), ctx.zb.t()).mul_(scale);  // K~_{k,m}
     } else {
       ctx.k_per = row_gram(ctx.sp, ctx.sb).mul_(scale);  // K_{k,m}: [P*C, M]
     }
+  }
+
+  /// The batch's loss rows at w_k, as the step computed them (its masks, batch statistics).
+  RowGradients batch_rows(const StepContext& ctx) {
+    const models::TrainingForward batch_forward(*model_, ctx.batch.context);
+    return loss_rows(*model_, ctx.batch.x, ctx.batch.y, ctx.loss, explicit_route_);
+  }
+
+  /// [sp*C, M]: the first sp probes' rows against the batch's, the probes' rows formed a block of
+  /// probes at a time in the reused workspace (at most rows_memory bytes of them at once).
+  at::Tensor blocked_probe_gram(int64_t sp, const RowGradients& sb) {
+    const int64_t nc = res_.outputs.size(1);
+    const int64_t per_probe = std::max<int64_t>(1, nc * sb.jacobian.size(1) * sb.jacobian.element_size());
+    const int64_t block = std::max<int64_t>(1, c_.rows_memory / per_probe);
+    at::Tensor k = at::empty({sp * nc, sb.jacobian.size(0)}, at::kDouble);
+    for (int64_t p0 = 0; p0 < sp; p0 += block) {
+      const int64_t p1 = std::min(sp, p0 + block);
+      const RowGradients rows = probe_rows(*model_, xp_.slice(0, p0, p1), res_.outputs.slice(0, p0, p1),
+                                           /*explicit_route=*/true, nullptr, &rows_workspace_);
+      k.slice(0, p0 * nc, p1 * nc).copy_(row_gram(rows, sb));
+    }
+    res_.rows_used = rows_workspace_.why;
+    return k;
   }
 
   /// A segment ends at the end, or where the next analyzed step would cross a stored checkpoint
@@ -488,7 +514,7 @@ class Driver {
   int64_t whole_begin_ = 0, whole_end_ = 0, begin_ = 0, end_ = 0, resume_at_ = 0, walk_from_ = 0, np_ = 0;
   bool explicit_route_ = false, jvp_route_ = false, progress_ = false;
   JvpMode jvp_mode_ = JvpMode::kForward;
-  at::Tensor rows_workspace_;  ///< the explicit route's probe rows, reused from step to step
+  RowsWorkspace rows_workspace_;  ///< the explicit route's probe rows, reused from step to step
   Projection projection_;
   OptimizerOptions options_;
   at::Tensor xp_;

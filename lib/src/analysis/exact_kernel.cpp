@@ -55,7 +55,7 @@ ExactStepSums integrate_exact_step(const ExactStepInputs& in) {
       if (kopt) add(out.gbar_kdir, t[2], 1.0);
       continue;
     }
-    const RowGradients sq = probe_rows(model, x, cols, in.explicit_route);
+    const RowGradients sq = probe_rows(model, x, cols, in.explicit_route, nullptr, in.rows_workspace);
     add(out.gbar_dw, row_directional(sq, *in.dw), 1.0);
     if (in.projection) add(out.gbar_grad, row_directional(sq, *in.grad_l), 1.0);
     add(out.kex_per,

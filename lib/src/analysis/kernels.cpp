@@ -3,6 +3,9 @@
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/autograd.h>
 
+#include <algorithm>
+
+#include "pathkernel/analysis/batched_rows.h"
 #include "pathkernel/train/per_example.h"
 
 namespace pathkernel {
@@ -205,7 +208,8 @@ at::Tensor explicit_probe_jacobian(models::Model& model, const at::Tensor& x, co
                                       at::empty({x.size(0) * cols.size(1), count_params(params)}, params.front().options()));
 }
 
-at::Tensor explicit_probe_jacobian_into(models::Model& model, const at::Tensor& x, const at::Tensor& cols, at::Tensor jac) {
+at::Tensor explicit_probe_jacobian_into(models::Model& model, const at::Tensor& x, const at::Tensor& cols, at::Tensor jac,
+                                        RowsMode mode) {
   const auto params = parameters_of(model);
   const int64_t c = cols.size(1);
   const at::Tensor col = cols.contiguous();
@@ -215,9 +219,47 @@ at::Tensor explicit_probe_jacobian_into(models::Model& model, const at::Tensor& 
   }
   for (int64_t p = 0; p < x.size(0); ++p) {
     const at::Tensor out = model.forward(x.slice(0, p, p + 1))[0];
+    if (mode == RowsMode::kBatchedOutputs) {
+      batched_output_rows(params, out, col[p], jac.narrow(0, p * c, c));
+      continue;
+    }
     for (int64_t j = 0; j < c; ++j) gradient_row(params, out[cl[p][j]], jac[p * c + j]);
   }
   return jac;
+}
+
+RowsMode choose_rows_mode(models::Model& model, const at::Tensor& x, const at::Tensor& cols, std::string* why) {
+  const auto params = parameters_of(model);
+  const int64_t c = cols.size(1), n = count_params(params);
+  const int64_t bytes = c * n * static_cast<int64_t>(params.front().element_size());
+  auto per_row = [&](const std::string& reason) {
+    if (why) *why = "one backward per row: " + reason;
+    return RowsMode::kPerRow;
+  };
+  if (x.size(0) == 0 || c == 0) return per_row("no rows");
+  if (bytes > kBatchedRowsMaxBytes) {
+    return per_row("a probe's " + std::to_string(c) + " rows take " + std::to_string(bytes >> 20) +
+                   " MiB, more than the batched backward's " + std::to_string(kBatchedRowsMaxBytes >> 20) + " MiB");
+  }
+  const at::Tensor x1 = x.slice(0, 0, 1), c1 = cols.slice(0, 0, 1);
+  const at::Tensor want = explicit_probe_jacobian(model, x1, c1);
+  at::Tensor got = at::empty_like(want);
+  std::vector<std::string> fallbacks;
+  try {
+    batched_output_rows(params, model.forward(x1)[0], c1[0], got, &fallbacks);
+  } catch (const BatchedRowsUnsupported& e) {
+    return per_row(e.what());
+  }
+  if (!fallbacks.empty()) {
+    std::string names;
+    for (const auto& f : fallbacks) names += (names.empty() ? "" : ", ") + f;
+    return per_row("no batching rule for " + names);
+  }
+  const double scale = std::max(want.abs().max().item<double>(), 1e-300);
+  const double off = (got - want).abs().max().item<double>() / scale;
+  if (!(off <= 1e-12)) return per_row("the batched rows differ from the per-row ones by " + std::to_string(off));
+  if (why) *why = "one backward per probe, its " + std::to_string(c) + " rows as a batch";
+  return RowsMode::kBatchedOutputs;
 }
 
 at::Tensor explicit_probe_jacobian(models::Model& model, const at::Tensor& x, const std::vector<int64_t>& outputs) {
@@ -259,15 +301,18 @@ std::vector<std::string> names_of(models::Model& model) {
 }  // namespace
 
 RowGradients probe_rows(models::Model& model, const at::Tensor& x, const at::Tensor& cols, bool explicit_route,
-                        at::Tensor* logits, at::Tensor* workspace) {
+                        at::Tensor* logits, RowsWorkspace* workspace) {
   RowGradients r;
   if (explicit_route && workspace) {
     const auto params = parameters_of(model);
     const int64_t rows = x.size(0) * cols.size(1), n = count_params(params);
-    if (!workspace->defined() || workspace->numel() < rows * n || workspace->scalar_type() != params.front().scalar_type()) {
-      *workspace = at::empty({rows * n}, params.front().options());
+    at::Tensor& buf = workspace->buffer;
+    if (!buf.defined() || buf.numel() < rows * n || buf.scalar_type() != params.front().scalar_type()) {
+      buf = at::empty({rows * n}, params.front().options());
     }
-    r.jacobian = explicit_probe_jacobian_into(model, x, cols, workspace->narrow(0, 0, rows * n).view({rows, n})).detach();
+    if (!workspace->mode) workspace->mode = choose_rows_mode(model, x, cols, &workspace->why);
+    r.jacobian =
+        explicit_probe_jacobian_into(model, x, cols, buf.narrow(0, 0, rows * n).view({rows, n}), *workspace->mode).detach();
   } else if (explicit_route) {
     r.jacobian = explicit_probe_jacobian(model, x, cols).detach();
   }

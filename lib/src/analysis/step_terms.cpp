@@ -259,6 +259,7 @@ class ExactTerm final : public StepTerm {
     in.split = !ctx.jvp_route || static_cast<bool>(c.on_step);  // else J v at the nodes
     in.jvp_mode = ctx.jvp_mode;
     in.explicit_route = ctx.explicit_route;
+    in.rows_workspace = &rows_;
     in.batch_rows = &ctx.sb;
     in.projection = c.project > 0 ? &ctx.projection : nullptr;
     in.batch_sketch = &ctx.zb;
@@ -284,6 +285,7 @@ class ExactTerm final : public StepTerm {
   }
 
  private:
+  RowsWorkspace rows_;  ///< the explicit route's rows at the nodes
   std::vector<double> nodes_, weights_;
   int64_t piece_nodes_ = 0;
 };

@@ -97,6 +97,7 @@ class BackwardAttribution {
   LossKind loss_;
   std::shared_ptr<models::Model> model_;
   bool explicit_route_ = false;
+  RowsWorkspace rows_workspace_;  ///< the explicit route's probe rows, kept between steps
   at::Tensor xp_;
   std::unique_ptr<Optimizer> coefficients_;  ///< the update's coefficients and P from a stored state
   int64_t n_params_ = 0;
@@ -155,7 +156,7 @@ BackwardAttribution::BackwardAttribution(const OptimizerAttributionConfig& c, Tr
 
 /// The probes' gradients as the recursion's rows: projected, or materialized in full.
 at::Tensor BackwardAttribution::probe_gradients(at::Tensor& buf) {
-  const RowGradients rows = probe_rows(*model_, xp_, c_.cols, explicit_route_);
+  const RowGradients rows = probe_rows(*model_, xp_, c_.cols, explicit_route_, nullptr, &rows_workspace_);
   if (c_.project > 0) return buf.copy_(project_rows(projection_, rows));
   return row_jacobian(*model_, rows, buf);
 }

@@ -67,6 +67,11 @@ struct AnalyzeConfig {
   /// of Linear layers only, forward mode for a zoo model with a convolution, and for any other
   /// model forward mode where LibTorch covers its operators, else the double backward.
   std::string products = "auto";
+  /// The explicit route's per-example split (explain on a recorded model) forms the probes' rows
+  /// in blocks of probes taking at most this many bytes (at least one probe per block), so that
+  /// memory stays bounded however many probes: [P*C, n_params] rows would be 6 GiB for a 1.2M
+  /// model at 64 probes.
+  int64_t rows_memory = int64_t{256} << 20;
   int64_t exact_nodes = 0;         ///< Q > 0: the exact path kernel by Q-node Gauss-Legendre quadrature
   std::string tc_rule = "tau";     ///< tau or outlier
   double tau = 0.1;
@@ -181,6 +186,7 @@ struct AnalysisResult {
   std::string route;                   ///< the kernel route taken: factorized, explicit or torchscript
   std::string route_reason;            ///< why that route (and a hint when it is the slow one)
   std::string products;                ///< how J v was formed: forward, double-backward or rows
+  std::string rows_used;               ///< how the explicit route formed probe rows (empty: none formed)
   /// The optimizer has memory (momentum, Adam's moments) or a preconditioner: Eq. 9 uses Kopt.
   bool uses_kopt = false;
   at::Tensor f_initial, f_final;       ///< float64 [P, C] at the first analyzed step and after the last

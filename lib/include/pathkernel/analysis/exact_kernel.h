@@ -32,6 +32,7 @@ struct ExactStepInputs {
   bool split = true;
   JvpMode jvp_mode = JvpMode::kForward;  ///< without split: how J v is formed at the nodes
   bool explicit_route = false;
+  RowsWorkspace* rows_workspace = nullptr;   ///< the explicit route's rows, kept between steps
   const RowGradients* batch_rows = nullptr;  ///< with split: the batch's loss rows at w_k
   const Projection* projection = nullptr;    ///< with split and --project: the sketch
   const at::Tensor* batch_sketch = nullptr;  ///< with the projection: the batch rows projected

@@ -68,11 +68,30 @@ at::Tensor factorized_gram(const RowSignals& a, const RowSignals& b);
 /// [R]: grad row_r . v for a direction v given by parameter name.
 at::Tensor factorized_directional(const RowSignals& a, const ParamMap& v);
 
+/// How the explicit route forms one probe's C' rows from one forward of it: a backward per row,
+/// or one backward whose incoming gradient carries the C' one-hot rows as a batch
+/// (batched_rows.h). The same numbers either way, to rounding.
+enum class RowsMode { kPerRow, kBatchedOutputs };
+
+/// The batched mode is taken only while one probe's rows, C' x n_params doubles, fit in this
+/// many bytes: beyond it the batch's gradients leave the cache before they are copied into the
+/// rows, and a backward per row is faster (docs/benchmarks.md: x2.5 faster for an 11k ViT, x1.05
+/// for a 77k residual CNN, x0.7 for a 235k MLP, x0.6 for a 1.2M CNN).
+inline constexpr int64_t kBatchedRowsMaxBytes = int64_t{8} << 20;
+
+/// The mode for a model whose operators are not known in advance, tried on the first probe of x
+/// (cols: [P, C']): batched when its rows fit kBatchedRowsMaxBytes, no backward operator falls
+/// to ATen's slow loop and the batched rows equal that probe's rows by a backward each (to 1e-12
+/// of their scale); else per row. `why` says which and why.
+RowsMode choose_rows_mode(models::Model& model, const at::Tensor& x, const at::Tensor& cols, std::string* why);
+
 /// The explicit route: [P*C, n_params] Jacobian of the probe rows (one backward per row).
 at::Tensor explicit_probe_jacobian(models::Model& model, const at::Tensor& x, const std::vector<int64_t>& outputs);
 at::Tensor explicit_probe_jacobian(models::Model& model, const at::Tensor& x, const at::Tensor& cols);
-/// The same, written into `out` ([P*C', n_params], the parameters' dtype), which it returns.
-at::Tensor explicit_probe_jacobian_into(models::Model& model, const at::Tensor& x, const at::Tensor& cols, at::Tensor out);
+/// The same, written into `out` ([P*C', n_params], the parameters' dtype), which it returns, in
+/// the given mode.
+at::Tensor explicit_probe_jacobian_into(models::Model& model, const at::Tensor& x, const at::Tensor& cols, at::Tensor out,
+                                        RowsMode mode = RowsMode::kPerRow);
 /// The explicit route: [M, n_params] gradients of the per-example losses.
 at::Tensor explicit_loss_jacobian(models::Model& model, const at::Tensor& x, const at::Tensor& y, LossKind loss);
 /// Flattens a ParamMap in the model's state_dict order: [n_params].
@@ -130,14 +149,22 @@ struct RowGradients {
   bool is_explicit() const { return jacobian.defined(); }
 };
 
+/// The explicit route's probe rows kept from call to call: the matrix they are written into,
+/// reallocated only when too small (a [P*C, n_params] matrix allocated every step was measured
+/// to cost a page fault per 4 KiB: 0.3 M per step for a 235k-parameter model at 64 probes), and
+/// the RowsMode, chosen on the first call.
+struct RowsWorkspace {
+  at::Tensor buffer;
+  std::optional<RowsMode> mode;
+  std::string why;  ///< why that mode
+};
+
 /// Probe rows (as probe_signals) by the factorized or the explicit route; the model's outputs
 /// [P, num_classes] at the same weights in `logits` when given. With `workspace`, the explicit
-/// route writes the rows into it (reallocated only when too small) instead of a fresh matrix:
-/// a [P*C, n_params] matrix allocated every step was measured to cost a page fault per 4 KiB
-/// (0.3 M per step for a 235k-parameter model at 64 probes). The rows then alias the
-/// workspace until the next call.
+/// route writes the rows into its buffer in its mode (choose_rows_mode on the first call); the
+/// rows then alias the buffer until the next call. Without, one backward per row.
 RowGradients probe_rows(models::Model& model, const at::Tensor& x, const at::Tensor& cols, bool explicit_route,
-                        at::Tensor* logits = nullptr, at::Tensor* workspace = nullptr);
+                        at::Tensor* logits = nullptr, RowsWorkspace* workspace = nullptr);
 /// Per-example loss rows (as loss_signals) by the factorized or the explicit route.
 RowGradients loss_rows(models::Model& model, const at::Tensor& x, const at::Tensor& y, LossKind loss,
                        bool explicit_route);

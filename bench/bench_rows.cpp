@@ -1,0 +1,82 @@
+// explain's probe rows on a recorded run's own TorchScript model: the [P*C, n_params] gradient
+// rows the explicit route forms for the per-example split, in float64 at the run's step 0, on the
+// probes bench_generic.py gives functorch's vmap(jacrev) (every (test split size / P)-th test
+// example). Measures each way of forming them, the workspace kept between calls as explain keeps
+// it: one backward per row, one batched backward per probe (batched_rows.h), and the mode
+// choose_rows_mode takes. Prints one line per way: name, best seconds of the repeats after a
+// warm-up, and (for the chosen mode) why. bench_generic.py runs it beside functorch.
+//
+// usage: bench_rows RUN PROBES [REPEATS]
+#include <spdlog/spdlog.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <limits>
+#include <string>
+
+#include "pathkernel/analysis/batched_rows.h"
+#include "pathkernel/analysis/kernels.h"
+#include "pathkernel/analysis/step_terms.h"
+#include "pathkernel/io/threads.h"
+#include "pathkernel/trajectory/trajectory.h"
+
+using namespace pathkernel;
+using Clock = std::chrono::steady_clock;
+
+namespace {
+
+/// The best of `repeats` timed calls of f after one untimed call.
+template <class F>
+double best_of(int repeats, F&& f) {
+  f();
+  double best = std::numeric_limits<double>::infinity();
+  for (int r = 0; r < repeats; ++r) {
+    const auto t0 = Clock::now();
+    f();
+    best = std::min(best, std::chrono::duration<double>(Clock::now() - t0).count());
+  }
+  return best;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 3) {
+    std::fprintf(stderr, "usage: bench_rows RUN PROBES [REPEATS]\n");
+    return 2;
+  }
+  tune_allocator();  // as pathkernel's main does
+  spdlog::set_level(spdlog::level::warn);
+  const ThreadInfo threads = pin_threads(1);
+  const int64_t probes = std::stoll(argv[2]);
+  const int repeats = argc > 3 ? std::stoi(argv[3]) : 2;
+  auto traj = open_trajectory(argv[1]);
+  auto model = traj->make_model();
+  model->to(at::kDouble);
+  ParamMap w;
+  for (const auto& [name, t] : traj->weights_at(0)) w[name] = t.to(at::kDouble);
+  set_weights(*model, w);
+  const int64_t n_test = traj->split_size("test"), stride = std::max<int64_t>(1, n_test / probes);
+  const at::Tensor idx = at::arange(0, std::min(n_test, stride * probes), stride, at::kLong);
+  const at::Tensor x = traj->inputs("test", idx, at::kDouble);
+  const int64_t nc = traj->num_classes();
+  const at::Tensor cols = at::arange(nc, at::kLong).unsqueeze(0).expand({x.size(0), nc}).contiguous();
+  std::printf("model %s, %lld probes x %lld outputs, 1 thread, OpenBLAS core %s\n", argv[1],
+              static_cast<long long>(x.size(0)), static_cast<long long>(nc), threads.blas_core.c_str());
+  for (const auto& [name, mode] : {std::pair<const char*, RowsMode>{"per-row", RowsMode::kPerRow},
+                                   {"batched", RowsMode::kBatchedOutputs}}) {
+    RowsWorkspace ws;
+    ws.mode = mode;
+    try {
+      const double s = best_of(repeats, [&] { probe_rows(*model, x, cols, /*explicit_route=*/true, nullptr, &ws); });
+      std::printf("%-8s %.4f\n", name, s);
+    } catch (const BatchedRowsUnsupported& e) {
+      std::printf("%-8s unsupported: %s\n", name, e.what());
+    }
+  }
+  RowsWorkspace chosen;
+  const double s = best_of(repeats, [&] { probe_rows(*model, x, cols, /*explicit_route=*/true, nullptr, &chosen); });
+  std::printf("chosen   %.4f %s\n", s, chosen.why.c_str());
+  return 0;
+}

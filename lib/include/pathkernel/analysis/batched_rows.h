@@ -1,0 +1,34 @@
+#pragma once
+/// A probe's gradient rows, one per output, by a single backward pass whose incoming gradient
+/// carries every output's one-hot vector as a batch (ATen's vmap batched tensors: what PyTorch's
+/// `torch.autograd.grad(..., is_grads_batched=True)` does), instead of one backward per output.
+///
+/// LibTorch 1.13 batches most backward operators through rules of its own; the ones a CNN, an
+/// MLP or a transformer needs and it lacks (convolution, max pooling, layer norm, softmax and
+/// log-softmax, BatchNorm in eval mode, tanh/GELU/SiLU/ELU/... activations) have rules here,
+/// registered for the batch dimension of the incoming gradient only. Any other operator runs in
+/// ATen's loop fallback (right, but slow): batched_output_rows reports those, so that a caller
+/// can keep one backward per row for such models.
+
+#include <ATen/Tensor.h>
+
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace pathkernel {
+
+/// Thrown when a backward operator's arguments have a batch layout the rules here do not cover.
+struct BatchedRowsUnsupported : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+/// Writes into `rows` [C, n_params] (the parameters' order, flattened) the gradient of each
+/// output `cols[j]` of `out` (one probe's outputs, flattened index) with respect to `params`
+/// (zeros for parameters the output does not depend on). The graph of `out` is kept. With
+/// `fallbacks`, the names of the operators that ran in ATen's loop fallback are appended to it.
+/// Throws BatchedRowsUnsupported (see above); the rows are then left unspecified.
+void batched_output_rows(const std::vector<at::Tensor>& params, const at::Tensor& out, const at::Tensor& cols,
+                         at::Tensor rows, std::vector<std::string>* fallbacks = nullptr);
+
+}  // namespace pathkernel
