@@ -4,6 +4,7 @@
 // choose_rows_mode, which then keeps one backward per row.
 #include <ATen/ATen.h>
 #include <ATen/BatchedTensorImpl.h>
+#include <ATen/VmapMode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
@@ -163,6 +164,41 @@ TEST(BatchedRowsTest, TheModeIsChosenByRulesAndSizeAndGivesTheSameRows) {
   EXPECT_EQ(choose_rows_mode(wide, at::randn({1, 110000}, at::kDouble), at::arange(10, at::kLong).unsqueeze(0), &why),
             RowsMode::kPerRow);
   EXPECT_NE(why.find("MiB"), std::string::npos) << why;
+}
+
+/// mm and bmm with the batch on the left, the right or both (at any physical position): the rules
+/// that fold it into one product give, entry by entry, the product of that entry's matrices.
+TEST(BatchedRowsTest, ProductsWithABatchedSideEqualAProductPerBatchEntry) {
+  at::manual_seed(5);
+  OpsModel att = attention_net();
+  batched(att, at::randn({1, 4, 6}, at::kDouble), at::arange(10, at::kLong).unsqueeze(0), nullptr);  // rules in use
+  const int64_t nb = 5;
+  struct Case {
+    std::vector<int64_t> a, b;  // logical shapes
+    bool batch_a, batch_b;
+  };
+  for (const Case& c : std::vector<Case>{{{3, 4}, {4, 2}, true, false},
+                                         {{3, 4}, {4, 2}, false, true},
+                                         {{3, 4}, {4, 2}, true, true},
+                                         {{2, 3, 4}, {2, 4, 6}, true, false},
+                                         {{2, 3, 4}, {2, 4, 6}, false, true},
+                                         {{2, 3, 4}, {2, 4, 6}, true, true}}) {
+    auto make = [&](std::vector<int64_t> shape, bool batch) {
+      if (batch) shape.insert(shape.begin() + 1, nb);  // the batch at physical dimension 1
+      return at::randn(shape, at::kDouble);
+    };
+    const at::Tensor a = make(c.a, c.batch_a), b = make(c.b, c.batch_b);
+    const int64_t level = at::impl::VmapMode::increment_nesting();
+    auto wrap = [&](const at::Tensor& t, bool batch) { return batch ? at::_add_batch_dim(t, 1, level) : t; };
+    const at::Tensor la = wrap(a, c.batch_a), lb = wrap(b, c.batch_b);
+    const at::Tensor got = at::_remove_batch_dim(c.a.size() == 2 ? at::mm(la, lb) : at::bmm(la, lb), level, nb, 0);
+    at::impl::VmapMode::decrement_nesting();
+    for (int64_t i = 0; i < nb; ++i) {
+      const at::Tensor ai = c.batch_a ? a.select(1, i) : a, bi = c.batch_b ? b.select(1, i) : b;
+      const at::Tensor want = c.a.size() == 2 ? at::mm(ai, bi) : at::bmm(ai, bi);
+      EXPECT_LT(max_rel(got[i], want), 1e-14) << c.a.size() << "-d, batched " << c.batch_a << c.batch_b << ", entry " << i;
+    }
+  }
 }
 
 }  // namespace

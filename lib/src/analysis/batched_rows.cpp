@@ -70,14 +70,16 @@ at::Tensor folded(const at::Tensor& t) {
   return t.reshape(shape);
 }
 
-/// Activation backwards (tanh, GELU, SiLU, ...): elementwise in the incoming gradient and a plain
-/// tensor of the same logical shape, which broadcasts against the batch from the right.
+/// Activation backwards (tanh, GELU, SiLU, ...): elementwise and linear in the incoming gradient,
+/// so the derivative is computed once (the operator on a gradient of ones) and multiplies the
+/// whole batch, rather than the operator running on every batch entry (GELU's erf ten times).
 void elementwise_rule(const c10::OperatorHandle& op, Stack* s) {
   const Batch b = batch_of(op, *s);
-  const size_t n = op.schema().arguments().size();
-  (*s)[s->size() - n] = b.grad;
+  const size_t n = op.schema().arguments().size(), at0 = s->size() - n;
+  const at::Tensor& other = (*s)[at0 + n - 1].isTensor() ? (*s)[at0 + n - 1].toTensor() : (*s)[at0 + 1].toTensor();
+  (*s)[at0] = at::ones_like(other);
   op.callBoxed(s);
-  s->back() = b.wrap(s->back().toTensor());
+  s->back() = b.wrap(b.grad * s->back().toTensor());
 }
 
 /// _softmax_backward_data / _log_softmax_backward_data(grad_output, output, dim, input_dtype).
@@ -181,13 +183,15 @@ void layer_norm_rule(const c10::OperatorHandle& op, Stack* s) {
   for (int64_t d = x.dim() - static_cast<int64_t>(shape.size()); d < x.dim(); ++d) keep.push_back(d + 1);
   const auto red = summed_dims(x.dim() + 1, keep);
   at::Tensor gi, gw, gbias;
+  const at::Tensor xhat = (x - mean) * rstd;
   if (mask[0]) {
-    const auto r = at::native_layer_norm_backward(b.grad, repeated(x, b.size()), shape, repeated(mean, b.size()),
-                                                  repeated(rstd, b.size()), a[5].toOptional<at::Tensor>(),
-                                                  a[6].toOptional<at::Tensor>(), {true, false, false});
-    gi = b.wrap(std::get<0>(r));
+    // dx = rstd (g - mean(g) - xhat mean(g xhat)), g the incoming gradient times the weight, the
+    // means over the normalized dimensions: the batch broadcasts, nothing is repeated.
+    const auto w = a[5].toOptional<at::Tensor>();
+    const at::Tensor g = w && w->defined() ? b.grad * *w : b.grad;
+    gi = b.wrap(rstd * (g - g.mean(keep, true) - xhat * (g * xhat).mean(keep, true)));
   }
-  if (mask[1]) gw = b.wrap((b.grad * ((x - mean) * rstd)).sum(red));
+  if (mask[1]) gw = b.wrap((b.grad * xhat).sum(red));
   if (mask[2]) gbias = b.wrap(b.grad.sum(red));
   push_three(s, n, gi, gw, gbias);
 }
@@ -215,6 +219,50 @@ void batch_norm_rule(const c10::OperatorHandle& op, Stack* s) {
   if (mask[1]) gw = b.wrap((b.grad * ((x - mean) * invstd)).sum(red));
   if (mask[2]) gbias = b.wrap(b.grad.sum(red));
   push_three(s, n, gi, gw, gbias);
+}
+
+/// A tensor argument of a product: its physical value with the batch first and its level, or
+/// itself (level -1) when it is not batched. Throws for a tensor batched at several levels.
+std::pair<at::Tensor, int64_t> operand(const at::Tensor& t, const std::string& op) {
+  const at::BatchedTensorImpl* bt = at::maybeGetBatchedImpl(t);
+  if (bt == nullptr) return {t, -1};
+  if (bt->bdims().size() != 1) throw BatchedRowsUnsupported("no batching rule for " + op + " nested in vmap levels");
+  return {bt->value().movedim(bt->bdims()[0].dim(), 0), bt->bdims()[0].level()};
+}
+
+/// mm(self [n, k], mat2 [k, m]) and bmm(self [B, n, k], mat2 [B, k, m]) when one side is batched:
+/// the batch folded into the rows (a batched left side) or the columns (a batched right side) of
+/// one product, instead of LibTorch's own rule, which makes it the batch of a bmm (a loop over
+/// tiny matrices on CPU: the backward of attention's products). Both sides batched at one level:
+/// a broadcasting matmul of the physical values.
+void product_rule(const c10::OperatorHandle& op, Stack* s) {
+  const std::string name = op.schema().name();
+  const bool batch_of_matrices = name == "aten::bmm";
+  const auto [a, la] = operand((*s)[s->size() - 2].toTensor(), name);
+  const auto [b, lb] = operand((*s)[s->size() - 1].toTensor(), name);
+  torch::jit::drop(*s, 2);
+  const int64_t level = std::max(la, lb);
+  at::Tensor r;
+  if (la >= 0 && lb >= 0) {
+    if (la != lb) throw BatchedRowsUnsupported("no batching rule for " + name + " of two vmap levels");
+    r = at::matmul(a, b);
+  } else if (!batch_of_matrices) {
+    const int64_t nb = la >= 0 ? a.size(0) : b.size(0);
+    if (la >= 0) {  // [N, n, k] x [k, m]
+      r = at::mm(a.reshape({nb * a.size(1), a.size(2)}), b).view({nb, a.size(1), b.size(1)});
+    } else {  // [n, k] x [N, k, m], as (x^T a^T)^T: a weight's gradient, transposed next, comes out contiguous
+      r = at::mm(b.transpose(1, 2).reshape({nb * b.size(2), b.size(1)}), a.t())
+              .view({nb, b.size(2), a.size(0)})
+              .transpose(1, 2);
+    }
+  } else if (la >= 0) {  // [N, B, n, k] x [B, k, m]
+    const int64_t nb = a.size(0), bb = a.size(1), n = a.size(2), m = b.size(2);
+    r = at::bmm(a.transpose(0, 1).reshape({bb, nb * n, a.size(3)}), b).view({bb, nb, n, m}).transpose(0, 1);
+  } else {  // [B, n, k] x [N, B, k, m]
+    const int64_t nb = b.size(0), bb = b.size(1), n = a.size(1), m = b.size(3);
+    r = at::bmm(a, b.permute({1, 2, 0, 3}).reshape({bb, b.size(2), nb * m})).view({bb, n, nb, m}).permute({2, 0, 1, 3});
+  }
+  s->emplace_back(at::makeBatched(r, {at::BatchDim(level, 0)}));
 }
 
 TORCH_LIBRARY_IMPL(aten, Batched, m) {
@@ -274,10 +322,39 @@ class FallbackRecorder : public c10::WarningHandler {
   bool was_on_ = false;
 };
 
+/// Passes on every warning but LibTorch's notice that a kernel replaced another, while alive.
+class QuietOverride : public c10::WarningHandler {
+ public:
+  QuietOverride() : prev_(c10::Warning::get_warning_handler()) { c10::Warning::set_warning_handler(this); }
+  ~QuietOverride() override { c10::Warning::set_warning_handler(prev_); }
+  QuietOverride(const QuietOverride&) = delete;
+  QuietOverride& operator=(const QuietOverride&) = delete;
+  void process(const c10::SourceLocation& where, const std::string& msg, const bool verbatim) override {
+    if (msg.find("Overriding a previously registered kernel") == std::string::npos) prev_->process(where, msg, verbatim);
+  }
+
+ private:
+  c10::WarningHandler* prev_;
+};
+
+/// mm and bmm have Batched kernels of LibTorch's own: product_rule replaces them on first use (a
+/// registration at load time would print the dispatcher's notice in every run of every program).
+void use_product_rules() {
+  static const std::unique_ptr<torch::Library> lib = [] {
+    const QuietOverride quiet;
+    auto l = std::make_unique<torch::Library>(torch::Library::IMPL, "aten", c10::DispatchKey::Batched, __FILE__,
+                                              static_cast<uint32_t>(__LINE__));
+    l->impl("mm", torch::CppFunction::makeFromBoxedFunction<&product_rule>());
+    l->impl("bmm", torch::CppFunction::makeFromBoxedFunction<&product_rule>());
+    return l;
+  }();
+}
+
 }  // namespace
 
 void batched_output_rows(const std::vector<at::Tensor>& params, const at::Tensor& out, const at::Tensor& cols,
                          at::Tensor rows, std::vector<std::string>* fallbacks) {
+  use_product_rules();
   const int64_t c = cols.numel();
   at::Tensor seeds = at::zeros({c, out.numel()}, out.options());
   seeds.scatter_(1, cols.reshape({c, 1}).to(at::kLong), 1.0);
@@ -288,16 +365,24 @@ void batched_output_rows(const std::vector<at::Tensor>& params, const at::Tensor
     std::unique_ptr<FallbackRecorder> rec = fallbacks ? std::make_unique<FallbackRecorder>(fallbacks) : nullptr;
     const VmapLevel level;
     g = torch::autograd::grad({out}, params, {at::_add_batch_dim(seeds.view(shape), 0, level.id())},
-                              /*retain_graph=*/true, /*create_graph=*/false, /*allow_unused=*/true);
+                              /*retain_graph=*/false, /*create_graph=*/false, /*allow_unused=*/true);
     for (auto& t : g) {
       if (t.defined()) t = at::_remove_batch_dim(t, level.id(), c, 0);
     }
   }
+  gradients_into_rows(params, g, rows);
+}
+
+void gradients_into_rows(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads, at::Tensor rows) {
+  const int64_t c = rows.size(0);
   int64_t at_ = 0;
-  for (size_t i = 0; i < g.size(); ++i) {
+  for (size_t i = 0; i < grads.size(); ++i) {
     const int64_t n = params[i].numel();
-    if (g[i].defined()) {
-      rows.narrow(1, at_, n).copy_(g[i].reshape({c, n}));
+    if (grads[i].defined()) {
+      // Straight from the gradient's own layout (a reshape would copy a strided one first).
+      std::vector<int64_t> shape{c};
+      shape.insert(shape.end(), params[i].sizes().begin(), params[i].sizes().end());
+      rows.narrow(1, at_, n).view(shape).copy_(grads[i]);
     } else {
       rows.narrow(1, at_, n).zero_();
     }

@@ -178,17 +178,8 @@ namespace {
 /// The gradient of the scalar `out` with respect to every parameter, flattened in state_dict
 /// order (zeros for parameters it does not depend on) into `row`.
 void gradient_row(const std::vector<at::Tensor>& params, const at::Tensor& out, at::Tensor row) {
-  const auto g = torch::autograd::grad({out}, params, {}, /*retain_graph=*/true, false, /*allow_unused=*/true);
-  int64_t at_ = 0;
-  for (size_t i = 0; i < g.size(); ++i) {
-    const int64_t n = params[i].numel();
-    if (g[i].defined()) {
-      row.narrow(0, at_, n).copy_(g[i].reshape({-1}));
-    } else {
-      row.narrow(0, at_, n).zero_();
-    }
-    at_ += n;
-  }
+  gradients_into_rows(params, torch::autograd::grad({out}, params, {}, /*retain_graph=*/true, false, /*allow_unused=*/true),
+                      row.view({1, -1}));
 }
 
 int64_t count_params(const std::vector<at::Tensor>& params) {

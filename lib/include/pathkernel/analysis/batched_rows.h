@@ -6,7 +6,8 @@
 /// LibTorch 1.13 batches most backward operators through rules of its own; the ones a CNN, an
 /// MLP or a transformer needs and it lacks (convolution, max pooling, layer norm, softmax and
 /// log-softmax, BatchNorm in eval mode, tanh/GELU/SiLU/ELU/... activations) have rules here,
-/// registered for the batch dimension of the incoming gradient only. Any other operator runs in
+/// registered for the batch dimension of the incoming gradient only; mm and bmm get rules that
+/// fold the batch into one product (LibTorch's own loop over tiny matrices in attention). Any other operator runs in
 /// ATen's loop fallback (right, but slow): batched_output_rows reports those, so that a caller
 /// can keep one backward per row for such models.
 
@@ -25,10 +26,14 @@ struct BatchedRowsUnsupported : std::runtime_error {
 
 /// Writes into `rows` [C, n_params] (the parameters' order, flattened) the gradient of each
 /// output `cols[j]` of `out` (one probe's outputs, flattened index) with respect to `params`
-/// (zeros for parameters the output does not depend on). The graph of `out` is kept. With
+/// (zeros for parameters the output does not depend on). The graph of `out` is freed. With
 /// `fallbacks`, the names of the operators that ran in ATen's loop fallback are appended to it.
 /// Throws BatchedRowsUnsupported (see above); the rows are then left unspecified.
 void batched_output_rows(const std::vector<at::Tensor>& params, const at::Tensor& out, const at::Tensor& cols,
                          at::Tensor rows, std::vector<std::string>* fallbacks = nullptr);
+
+/// Writes C rows of gradients into `rows` [C, n_params]: grads[i] (C gradients of params[i],
+/// [C, *shape] or, for C = 1, [*shape]; undefined: zeros) at params[i]'s columns, in order.
+void gradients_into_rows(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads, at::Tensor rows);
 
 }  // namespace pathkernel
