@@ -7,9 +7,9 @@
 /// MLP or a transformer needs and it lacks (convolution, max pooling, layer norm, softmax and
 /// log-softmax, BatchNorm in eval mode, tanh/GELU/SiLU/ELU/... activations) have rules here,
 /// registered for the batch dimension of the incoming gradient only; mm and bmm get rules that
-/// fold the batch into one product (LibTorch's own loop over tiny matrices in attention). Any other operator runs in
-/// ATen's loop fallback (right, but slow): batched_output_rows reports those, so that a caller
-/// can keep one backward per row for such models.
+/// fold the batch into one product (LibTorch's own loop over tiny matrices in attention). Any
+/// other operator runs in ATen's loop fallback (right, but slow): batched_output_rows reports
+/// those, so that a caller can keep one backward per row for such models.
 
 #include <ATen/Tensor.h>
 
