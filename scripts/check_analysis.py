@@ -5,7 +5,10 @@ per-row Jacobians, and compare with the analysis's arrays. For a recorded run
 (python/pathkernel_record.py) the model is the run's own TorchScript file and the data its .npy
 files, so the check also covers pathkernel's recognition of the model.
 
-usage: check_analysis.py RUN ANALYSIS [--steps K1,K2,...] [--tol 1e-9]
+usage: check_analysis.py RUN ANALYSIS [--steps K1,K2,...] [--tol 1e-9] [--mask-shift S]
+
+A `pathkernel train` run of a `:dropout=P` model: each step's batch runs with the masks drawn
+again in Python from the run's seed (check_checkpoint.native_masks), the probes as predicted.
 Prints the largest relative error per quantity (max |diff| / max |value| over each step);
 exits 1 when one exceeds --tol.
 """
@@ -15,7 +18,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from check_checkpoint import build, read_idx  # noqa: E402
+from check_checkpoint import build, native_masks, read_idx  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
 from pathkernel_record import training_forward  # noqa: E402
@@ -27,6 +30,8 @@ def main():
     ap.add_argument("analysis")
     ap.add_argument("--steps", default="")
     ap.add_argument("--tol", type=float, default=1e-9)
+    ap.add_argument("--mask-shift", type=int, default=0,
+                    help="a native run's Dropout masks of step k + SHIFT in place of step k's (a wrong-mask test)")
     args = ap.parse_args()
     torch.set_default_dtype(torch.float64)
     manifest = json.load(open(os.path.join(args.run, "manifest.json")))
@@ -104,6 +109,8 @@ def main():
         batch = torch.tensor(log[k]["batch"])
         x_b = xtrain[:len(ytrain)][batch]
         # The batch as training computed it: its Dropout masks, BatchNorm on the batch's statistics.
+        if not recorded:
+            m0.masks = native_masks(manifest, m0, k + args.mask_shift, len(batch)) or None
         with training_forward(m0, args.run, log[k]) if recorded else contextlib.nullcontext():
             logits = m0(x_b)
             if manifest["loss"] == "ce":
@@ -113,6 +120,8 @@ def main():
                 target = y_b.double() if y_b.is_floating_point() else torch.nn.functional.one_hot(y_b, logits.shape[1])
                 loss = 0.5 * ((logits - target) ** 2).sum(1).mean()
             grad_l = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)])
+        if not recorded:
+            m0.masks = None  # the probes as predicted
         with torch.no_grad():
             ref = {"D": (m1(xp) - m0(xp)).gather(1, cols).numpy()}
         ref["F"] = (jac @ dw).reshape(rows_f.shape).detach().numpy()

@@ -15,33 +15,46 @@ from torch import nn
 class Dense(nn.Module):
     """linear, quadratic:W and mlp:W1,W2,...:ACT. state_dict keys: layers.I.weight/bias."""
 
-    def __init__(self, n_in, widths, classes, act):
+    def __init__(self, n_in, widths, classes, act, dropout=0.0):
         super().__init__()
         sizes = [n_in] + widths + [classes]
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes, sizes[1:]))
         self.act = act
+        self.p = dropout
+        self.site_shapes = [(w,) for w in widths] if dropout > 0 else []
+        self.masks = None  # a step's masks (one per site) in a training forward; None: predictions
 
     def forward(self, x):
         h = x.flatten(1)
         for i, layer in enumerate(self.layers):
-            h = layer(self.act(h) if i > 0 else h)
+            if i > 0:
+                h = self.act(h)
+                if self.masks is not None:
+                    h = h * (self.masks[i - 1].to(h.dtype) / (1 - self.p))
+            h = layer(h)
         return h
 
 
 class SmallCnn(nn.Module):
     """cnn:C1,C2:ACT. state_dict keys: convs.0.*, convs.1.*, fc.*."""
 
-    def __init__(self, shape, widths, classes, act):
+    def __init__(self, shape, widths, classes, act, dropout=0.0):
         super().__init__()
         c, h, w = shape
         self.convs = nn.ModuleList([nn.Conv2d(c, widths[0], 3, padding=1), nn.Conv2d(widths[0], widths[1], 3, padding=1)])
         self.fc = nn.Linear(widths[1] * (h // 4) * (w // 4), classes)
         self.act = act
+        self.p = dropout
+        self.site_shapes = [(widths[1] * (h // 4) * (w // 4),)] if dropout > 0 else []
+        self.masks = None
 
     def forward(self, x):
         for conv in self.convs:
             x = torch.max_pool2d(self.act(conv(x)), 2)
-        return self.fc(x.flatten(1))
+        x = x.flatten(1)
+        if self.masks is not None:
+            x = x * (self.masks[0].to(x.dtype) / (1 - self.p))
+        return self.fc(x)
 
 
 ACTS = {"tanh": torch.tanh, "relu": torch.relu, "leaky_relu": nn.functional.leaky_relu, "softplus": nn.functional.softplus,
@@ -50,12 +63,24 @@ ACTS = {"tanh": torch.tanh, "relu": torch.relu, "leaky_relu": nn.functional.leak
 
 def build(manifest):
     spec = manifest["model"]["spec"].split(":")
+    dropout = 0.0
+    if spec[-1].startswith("dropout="):
+        dropout = float(spec.pop()[len("dropout="):])
     classes, shape = manifest["model"]["num_classes"], manifest["model"]["input_shape"]
     widths = [int(w) for w in spec[1].split(",")] if len(spec) > 1 else []
     act = ACTS[spec[2]] if len(spec) > 2 else ACTS["none"]
     if spec[0] == "cnn":
-        return SmallCnn(shape, widths, classes, act)
-    return Dense(int(np.prod(shape)), widths, classes, act)
+        return SmallCnn(shape, widths, classes, act, dropout)
+    return Dense(int(np.prod(shape)), widths, classes, act, dropout)
+
+
+def native_masks(manifest, model, step, rows):
+    """Step `step`'s Dropout masks in a `pathkernel train` run (docs/train.md): a CPU generator
+    seeded with seed * 1000003 + step (mod 2^64) draws float32 Bernoulli(1 - p) values of
+    [rows, *shape] for each site in forward order."""
+    g = torch.Generator().manual_seed((manifest["seed"] * 1000003 + step) % 2**64)
+    return [torch.empty((rows,) + shape, dtype=torch.float32).bernoulli_(1 - model.p, generator=g).to(torch.uint8)
+            for shape in model.site_shapes]
 
 
 def read_idx(path):

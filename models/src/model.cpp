@@ -1,6 +1,7 @@
 #include "pathkernel/models/model.h"
 
 #include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
 
 #include <stdexcept>
 
@@ -62,13 +63,61 @@ torch::Tensor Model::record_output(size_t tap, torch::Tensor output) {
 void Model::set_training_context(const TrainingContext& ctx) {
   apply_training_context(ctx);
   in_context_ = !ctx.empty();
+  coupled_ = !ctx.batchnorm_train.empty();
 }
 
 void Model::apply_training_context(const TrainingContext& ctx) {
-  if (!ctx.empty()) {
-    throw std::invalid_argument("model " + spec_.str() + " has no Dropout or BatchNorm sites for a step's training "
-                                "forward");
+  if (!ctx.batchnorm_train.empty()) {
+    throw std::invalid_argument("model " + spec_.str() + " has no BatchNorm module '" + ctx.batchnorm_train.front() + "'");
   }
+  std::vector<torch::Tensor> masks(dropout_sites_.size());
+  for (const auto& [name, mask] : ctx.dropout_masks) {
+    size_t i = 0;
+    while (i < dropout_sites_.size() && dropout_sites_[i].name != name) ++i;
+    if (i == dropout_sites_.size()) {
+      throw std::invalid_argument("model " + spec_.str() + " has no Dropout site '" + name + "' for the step's mask");
+    }
+    const DropoutSite& site = dropout_sites_[i];
+    std::vector<int64_t> want{mask.dim() > 0 ? mask.size(0) : -1};
+    want.insert(want.end(), site.shape.begin(), site.shape.end());
+    if (mask.dim() == 0 || !mask.sizes().equals(want) || mask.size(0) < 1) {
+      std::string shape = "M";
+      for (int64_t d : site.shape) shape += ", " + std::to_string(d);
+      throw std::invalid_argument("model " + spec_.str() + ": the mask of Dropout site '" + name + "' is " +
+                                  c10::str(mask.sizes()) + ", not [" + shape + "]");
+    }
+    const auto options = parameters().front().options();
+    masks[i] = mask.to(options).div(1 - site.p);
+  }
+  dropout_masks_ = std::move(masks);
+}
+
+size_t Model::add_dropout_site(std::string name, double p, std::vector<int64_t> shape) {
+  dropout_sites_.push_back({std::move(name), p, std::move(shape)});
+  dropout_masks_.resize(dropout_sites_.size());
+  return dropout_sites_.size() - 1;
+}
+
+torch::Tensor Model::dropout(size_t site, const torch::Tensor& x) const {
+  const torch::Tensor& m = dropout_masks_.at(site);
+  if (!m.defined()) return x;
+  if (m.size(0) != x.size(0)) {
+    throw std::invalid_argument("Dropout site '" + dropout_sites_[site].name + "': a mask for " +
+                                std::to_string(m.size(0)) + " rows in a forward of " + std::to_string(x.size(0)));
+  }
+  return x * m.view(x.sizes());
+}
+
+TrainingContext draw_dropout_masks(const Model& model, uint64_t seed, int64_t step, int64_t rows) {
+  TrainingContext ctx;
+  if (model.dropout_sites().empty()) return ctx;
+  const at::Generator gen = at::detail::createCPUGenerator(seed * 1000003u + static_cast<uint64_t>(step));
+  for (const DropoutSite& site : model.dropout_sites()) {
+    std::vector<int64_t> shape{rows};
+    shape.insert(shape.end(), site.shape.begin(), site.shape.end());
+    ctx.dropout_masks[site.name] = at::empty(shape, at::kFloat).bernoulli_(1 - site.p, gen).to(at::kByte);
+  }
+  return ctx;
 }
 
 void Model::set_row_segment(RowSegment segment) {

@@ -1,6 +1,7 @@
 #include "pathkernel/models/model_spec.h"
 
 #include <algorithm>
+#include <cmath>
 #include <sstream>
 #include <stdexcept>
 
@@ -45,6 +46,35 @@ std::string check_activation(const std::string& spec, const std::string& act) {
   return act;
 }
 
+/// "dropout=P" with 0 < P < 1, or NaN when `part` is not a dropout field.
+double parse_dropout(const std::string& spec, const std::string& part) {
+  static const std::string kKey = "dropout=";
+  if (part.compare(0, kKey.size(), kKey) != 0) return NAN;
+  const std::string v = part.substr(kKey.size());
+  size_t used = 0;
+  double p = NAN;
+  try {
+    p = std::stod(v, &used);
+  } catch (const std::exception&) {
+    used = 0;
+  }
+  if (v.empty() || used != v.size() || !(p > 0 && p < 1)) {
+    throw std::invalid_argument("model spec '" + spec + "': dropout '" + v + "' is not a rate in (0, 1)");
+  }
+  return p;
+}
+
+/// The shortest decimal that reads back as `p`.
+std::string shortest(double p) {
+  for (int digits = 1; digits <= 17; ++digits) {
+    std::ostringstream out;
+    out.precision(digits);
+    out << p;
+    if (std::stod(out.str()) == p) return out.str();
+  }
+  return std::to_string(p);
+}
+
 }  // namespace
 
 const std::vector<std::string>& known_activations() {
@@ -59,14 +89,22 @@ std::string ModelSpec::str() const {
     for (size_t i = 0; i < widths.size(); ++i) s += (i ? "," : "") + std::to_string(widths[i]);
   }
   if (kind == "mlp" || kind == "cnn" || kind == "toy") s += ":" + activation;
+  if (dropout > 0) s += ":dropout=" + shortest(dropout);
   return s;
 }
 
 ModelSpec parse_model_spec(const std::string& spec) {
-  const auto parts = split(spec, ':');
+  auto parts = split(spec, ':');
   if (parts.empty() || parts[0].empty()) throw std::invalid_argument("model spec is empty");
   ModelSpec m;
   m.kind = parts[0];
+  if (parts.size() > 2 && !std::isnan(parse_dropout(spec, parts.back()))) {
+    if (m.kind != "mlp" && m.kind != "cnn") {
+      throw std::invalid_argument("model spec '" + spec + "': only mlp and cnn have Dropout sites");
+    }
+    m.dropout = parse_dropout(spec, parts.back());
+    parts.pop_back();
+  }
   if (m.kind == "linear") {
     if (parts.size() != 1) throw std::invalid_argument("model spec '" + spec + "': linear takes no arguments");
   } else if (m.kind == "quadratic") {
@@ -76,7 +114,7 @@ ModelSpec parse_model_spec(const std::string& spec) {
   } else if (m.kind == "mlp" || m.kind == "cnn") {
     if (parts.size() < 2 || parts.size() > 3) {
       throw std::invalid_argument("model spec '" + spec + "': expected " + m.kind +
-                                  (m.kind == "mlp" ? ":W1[,W2...][:ACT]" : ":C1,C2[:ACT]"));
+                                  (m.kind == "mlp" ? ":W1[,W2...][:ACT][:dropout=P]" : ":C1,C2[:ACT][:dropout=P]"));
     }
     m.widths = parse_widths(spec, parts[1]);
     m.activation = parts.size() == 3 ? check_activation(spec, parts[2])

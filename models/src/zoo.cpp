@@ -12,7 +12,8 @@ namespace pathkernel::models {
 namespace {
 
 /// linear: one Linear layer; quadratic: two with nothing between; mlp: Linear layers with an
-/// activation between each. Parameters: layers.I.weight [out, in], layers.I.bias [out].
+/// activation between each (and with `:dropout=P` a Dropout site after each hidden activation,
+/// named dropout.I for hidden layer I). Parameters: layers.I.weight [out, in], layers.I.bias [out].
 class DenseNet : public Model {
  public:
   DenseNet(const ModelSpec& spec, const InputShape& shape, int64_t classes)
@@ -26,6 +27,7 @@ class DenseNet : public Model {
       layers_->push_back(layer);
       add_tap("layers." + std::to_string(i), LayerKind::kLinear, layer->weight, layer->bias);
       linears_.push_back(layer);
+      if (spec.dropout > 0 && i + 1 < outs.size()) add_dropout_site("dropout." + std::to_string(i), spec.dropout, {outs[i]});
       in = outs[i];
     }
   }
@@ -34,6 +36,7 @@ class DenseNet : public Model {
     torch::Tensor h = x.reshape({x.size(0), -1});
     for (size_t i = 0; i < linears_.size(); ++i) {
       if (i > 0) h = activate(h);
+      if (i > 0 && spec().dropout > 0) h = dropout(i - 1, h);
       record_input(i, h);
       h = linears_[i]->forward(h);
       h = record_output(i, h);
@@ -46,7 +49,8 @@ class DenseNet : public Model {
   std::vector<torch::nn::Linear> linears_;
 };
 
-/// cnn:C1,C2:ACT: conv3x3(pad 1) -> act -> maxpool2 -> conv3x3(pad 1) -> act -> maxpool2 -> fc.
+/// cnn:C1,C2:ACT: conv3x3(pad 1) -> act -> maxpool2 -> conv3x3(pad 1) -> act -> maxpool2 -> fc
+/// (with `:dropout=P` a Dropout site "dropout" on the flattened features before fc).
 /// Parameters: convs.0.*, convs.1.*, fc.*.
 class SmallCnn : public Model {
  public:
@@ -68,6 +72,7 @@ class SmallCnn : public Model {
       in = spec.widths[i];
     }
     fc_ = register_module("fc", torch::nn::Linear(in * h * w, classes));
+    if (spec.dropout > 0) add_dropout_site("dropout", spec.dropout, {in * h * w});
     add_tap("fc", LayerKind::kLinear, fc_->weight, fc_->bias);
   }
 
@@ -80,6 +85,7 @@ class SmallCnn : public Model {
       h = max_pool2(activate(h));
     }
     h = h.reshape({h.size(0), -1});
+    if (spec().dropout > 0) h = dropout(0, h);
     record_input(2, h);
     h = fc_->forward(h);
     h = record_output(2, h);

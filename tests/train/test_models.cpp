@@ -25,6 +25,14 @@ TEST(ModelSpecTest, ParsesAndPrintsCanonically) {
   EXPECT_THROW_WITH(parse_model_spec("cnn:8"), std::invalid_argument, "exactly two");
   EXPECT_THROW_WITH(parse_model_spec("resnet"), std::invalid_argument, "unknown model 'resnet'");
   EXPECT_THROW_WITH(parse_model_spec("linear:3"), std::invalid_argument, "no arguments");
+  EXPECT_EQ(parse_model_spec("mlp:64:relu:dropout=0.5").str(), "mlp:64:relu:dropout=0.5");
+  EXPECT_EQ(parse_model_spec("mlp:64:dropout=0.1").str(), "mlp:64:tanh:dropout=0.1");
+  EXPECT_EQ(parse_model_spec("cnn:4,8:dropout=.25").str(), "cnn:4,8:relu:dropout=0.25");
+  EXPECT_EQ(parse_model_spec("mlp:64:dropout=0.1").dropout, 0.1);
+  EXPECT_THROW_WITH(parse_model_spec("mlp:64:relu:dropout=1"), std::invalid_argument, "'1' is not a rate in (0, 1)");
+  EXPECT_THROW_WITH(parse_model_spec("mlp:64:relu:dropout=0"), std::invalid_argument, "not a rate");
+  EXPECT_THROW_WITH(parse_model_spec("mlp:64:relu:dropout=0.5x"), std::invalid_argument, "not a rate");
+  EXPECT_THROW_WITH(parse_model_spec("quadratic:8:dropout=0.5"), std::invalid_argument, "only mlp and cnn");
   EXPECT_EQ(parse_model_spec("toy:wave").str(), "toy:wave");
   EXPECT_THROW_WITH(parse_model_spec("toy:bowl"), std::invalid_argument, "toy:wave");
 }
@@ -138,6 +146,82 @@ TEST(ModelTest, RowSegmentRefusesDirectionsThatDoNotMatchTheTaps) {
   } catch (const std::invalid_argument& e) {
     EXPECT_NE(std::string(e.what()).find("layers.1"), std::string::npos) << e.what();
   }
+}
+
+// The zoo's Dropout sites (`:dropout=P`): a prediction passes through them; a step's training
+// forward multiplies by its masks over 1 - p, checked against the same network written out by
+// hand; masks that do not fit are refused, and the masks are a function of seed and step.
+TEST(ModelTest, DropoutSitesApplyTheStepsMasksInATrainingForwardOnly) {
+  at::manual_seed(3);
+  auto m = build_model(parse_model_spec("mlp:6,5:tanh:dropout=0.25"), {1, 3, 3}, 4);
+  auto plain = build_model(parse_model_spec("mlp:6,5:tanh"), {1, 3, 3}, 4);
+  m->to(at::kDouble);
+  plain->to(at::kDouble);
+  {
+    at::NoGradGuard ng;
+    for (const auto& p : plain->named_parameters()) p.value().copy_(m->named_parameters()[p.key()]);
+  }
+  ASSERT_EQ(m->dropout_sites().size(), 2u);
+  EXPECT_EQ(m->dropout_sites()[0].name, "dropout.0");
+  EXPECT_EQ(m->dropout_sites()[1].shape, (std::vector<int64_t>{5}));
+  EXPECT_TRUE(plain->dropout_sites().empty());
+  const at::Tensor x = at::randn({7, 1, 3, 3}, at::kDouble);
+  EXPECT_TRUE(at::equal(m->forward(x), plain->forward(x))) << "a prediction has no Dropout";
+
+  const TrainingContext ctx = draw_dropout_masks(*m, 11, 4, 7);
+  ASSERT_EQ(ctx.dropout_masks.size(), 2u);
+  const at::Tensor m0 = ctx.dropout_masks.at("dropout.0"), m1 = ctx.dropout_masks.at("dropout.1");
+  EXPECT_EQ(m0.sizes(), (std::vector<int64_t>{7, 6}));
+  EXPECT_GT(m0.sum().item<int64_t>(), 0);
+  EXPECT_LT(m0.sum().item<int64_t>(), 42);
+  at::Tensor want;
+  {
+    auto w = [&](const char* n) { return m->named_parameters()[n]; };
+    at::Tensor h = at::linear(x.reshape({7, -1}), w("layers.0.weight"), w("layers.0.bias"));
+    h = at::linear(at::tanh(h) * m0.to(at::kDouble) / 0.75, w("layers.1.weight"), w("layers.1.bias"));
+    want = at::linear(at::tanh(h) * m1.to(at::kDouble) / 0.75, w("layers.2.weight"), w("layers.2.bias"));
+  }
+  {
+    const TrainingForward training(*m, ctx);
+    EXPECT_TRUE(m->in_training_context());
+    EXPECT_FALSE(m->batch_coupled());
+    EXPECT_LT((m->forward(x) - want).abs().max().item<double>(), 1e-14);
+  }
+  EXPECT_TRUE(at::equal(m->forward(x), plain->forward(x))) << "predictions again after the step";
+
+  // The same seed and step draw the same masks; another step others.
+  EXPECT_TRUE(at::equal(draw_dropout_masks(*m, 11, 4, 7).dropout_masks.at("dropout.1"), m1));
+  EXPECT_FALSE(at::equal(draw_dropout_masks(*m, 11, 5, 7).dropout_masks.at("dropout.1"), m1));
+  EXPECT_TRUE(draw_dropout_masks(*plain, 11, 4, 7).empty());
+
+  TrainingContext wrong = ctx;
+  wrong.dropout_masks["dropout.0"] = m0.slice(1, 0, 5);
+  EXPECT_THROW_WITH(m->set_training_context(wrong), std::invalid_argument, "is [7, 5], not [M, 6]");
+  wrong = ctx;
+  wrong.dropout_masks["dropout.7"] = m0;
+  EXPECT_THROW_WITH(m->set_training_context(wrong), std::invalid_argument, "no Dropout site 'dropout.7'");
+  EXPECT_THROW_WITH(plain->set_training_context(ctx), std::invalid_argument, "no Dropout site 'dropout.0'");
+  TrainingContext norm;
+  norm.batchnorm_train = {"bn"};
+  EXPECT_THROW_WITH(m->set_training_context(norm), std::invalid_argument, "no BatchNorm module 'bn'");
+
+  // The CNN's one site, on the flattened features before its head.
+  auto cnn = build_model(parse_model_spec("cnn:2,3:relu:dropout=0.5"), {1, 8, 8}, 4);
+  ASSERT_EQ(cnn->dropout_sites().size(), 1u);
+  EXPECT_EQ(cnn->dropout_sites()[0].shape, (std::vector<int64_t>{3 * 2 * 2}));
+  cnn->to(at::kDouble);
+  const at::Tensor xc = at::randn({5, 1, 8, 8}, at::kDouble);
+  const at::Tensor mc = draw_dropout_masks(*cnn, 1, 0, 5).dropout_masks.at("dropout");
+  auto w = [&](const char* n) { return cnn->named_parameters()[n]; };
+  at::Tensor h = at::max_pool2d(at::relu(at::conv2d(xc, w("convs.0.weight"), w("convs.0.bias"), 1, 1)), {2, 2});
+  h = at::max_pool2d(at::relu(at::conv2d(h, w("convs.1.weight"), w("convs.1.bias"), 1, 1)), {2, 2});
+  const at::Tensor plain_out = at::linear(h.reshape({5, -1}), w("fc.weight"), w("fc.bias"));
+  const at::Tensor masked_out = at::linear(h.reshape({5, -1}) * mc.to(at::kDouble) * 2, w("fc.weight"), w("fc.bias"));
+  EXPECT_LT((cnn->forward(xc) - plain_out).abs().max().item<double>(), 1e-14);
+  TrainingContext cc;
+  cc.dropout_masks["dropout"] = mc;
+  const TrainingForward training(*cnn, cc);
+  EXPECT_LT((cnn->forward(xc) - masked_out).abs().max().item<double>(), 1e-14);
 }
 
 }  // namespace

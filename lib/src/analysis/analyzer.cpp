@@ -176,6 +176,10 @@ class Driver {
       throw InputError("--kinks needs one of the zoo's models (its ReLU, leaky ReLU and max-pool patterns are read "
                        "and frozen along each step); this run's model takes the explicit route");
     }
+    if (c_.kink_split && !model_->dropout_sites().empty()) {
+      throw InputError("--kinks: model '" + spec + "' has Dropout sites, and the kink walk of the batch's examples "
+                       "does not apply the steps' masks");
+    }
     if (c_.kernel_route == "factorized" && !factorizable(*model_)) {
       throw InputError(spec == "torchscript"
                            ? "--kernel-route factorized: the recorder did not recognize this run's model as one of "

@@ -326,7 +326,9 @@ RowGradients loss_rows(models::Model& model, const at::Tensor& x, const at::Tens
     r.jacobian = explicit_loss_jacobian(model, x, y, loss).detach();
     r.names = names_of(model);
   } else {
-    if (model.in_training_context()) throw std::logic_error("loss_rows: factorized rows of a batch in a training context");
+    // Dropout masks act per row, so the taps' rows are still each example's gradient; batch
+    // statistics couple the rows, and no tapped (zoo) model has them.
+    if (model.batch_coupled()) throw std::logic_error("loss_rows: factorized rows of a batch coupled by its statistics");
     r.signals = loss_signals(model, x, y, loss);
   }
   return r;

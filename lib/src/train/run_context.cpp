@@ -107,6 +107,10 @@ std::unique_ptr<RunContext> make_run_context(const TrainConfig& config, std::opt
   return ctx;
 }
 
+models::TrainingContext RunContext::step_context(int64_t k, int64_t rows) const {
+  return models::draw_dropout_masks(*model, config.seed, k, rows);
+}
+
 nlohmann::json data_file_digests(const RunContext& ctx) {
   if (is_synthetic(ctx.config.data_dir)) return {{"synthetic", ctx.config.data_dir}};
   auto entry = [](const std::filesystem::path& p) {

@@ -28,6 +28,13 @@ namespace fs = std::filesystem;
 using Clock = std::chrono::steady_clock;
 namespace {
 
+/// The model's Dropout sites for the manifest: name, p and one example's shape each; step k's
+/// masks are drawn from the seed (models::draw_dropout_masks), so a replay draws them again.
+nlohmann::json dropout_sites_json(const models::Model& model) {
+  nlohmann::json sites = nlohmann::json::array();
+  for (const auto& site : model.dropout_sites()) sites.push_back({{"name", site.name}, {"p", site.p}, {"shape", site.shape}});
+  return sites;
+}
 
 nlohmann::json make_manifest(const RunContext& ctx, const std::string& command_line) {
   nlohmann::json params = nlohmann::json::array();
@@ -45,7 +52,8 @@ nlohmann::json make_manifest(const RunContext& ctx, const std::string& command_l
       {"config", to_json(c)},
       {"model", {{"spec", ctx.model->spec().str()}, {"num_classes", ctx.num_classes},
                  {"input_shape", {1, ctx.train.height(), ctx.train.width()}},
-                 {"num_parameters", ctx.stepper->num_parameters()}, {"parameters", params}}},
+                 {"num_parameters", ctx.stepper->num_parameters()}, {"parameters", params},
+                 {"dropout_sites", dropout_sites_json(*ctx.model)}}},
       {"data", {{"dir", c.data_dir}, {"files", data_file_digests(ctx)}, {"train_examples", ctx.train.size()},
                 {"test_examples", ctx.test.size()},
                 {"normalization", {{"mode", c.normalize}, {"mean", ctx.normalization.mean},
@@ -307,7 +315,11 @@ TrainSummary run_loop(const RunDir& dir, RunContext& ctx, int64_t start, double 
     const auto ts = Clock::now();
     const std::vector<int64_t> idx = ctx.sampler->batch_for_step(k);
     const auto [x, y] = ctx.batch(idx);
-    StepRecord rec = ctx.stepper->step(x, y, ctx.schedule->at(k), /*per_example=*/true);
+    StepRecord rec;
+    {
+      const models::TrainingForward training(*ctx.model, ctx.step_context(k, x.size(0)));  // Dropout masks
+      rec = ctx.stepper->step(x, y, ctx.schedule->at(k), /*per_example=*/true);
+    }
     rec.step = k;
     if (!rec.finite) {
       s.status = "diverged";

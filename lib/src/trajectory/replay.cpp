@@ -133,6 +133,7 @@ Replayer::LoggedStep Replayer::logged_step(int64_t k, at::ScalarType dtype) cons
   s.x = to_inputs(ctx_->train.images.index_select(0, s.indices), dtype, ctx_->normalization);
   s.y = ctx_->train.labels.index_select(0, s.indices);
   s.settings.options = ctx_->stepper->optimizer().options();  // one setting for the whole run
+  s.context = ctx_->step_context(k, s.indices.size(0));        // the step's Dropout masks, drawn again
   return s;
 }
 
@@ -141,6 +142,7 @@ StepRecord Replayer::replay_step(int64_t k) {
   const auto& rec = log_.at(static_cast<size_t>(k));
   const std::vector<int64_t> idx = rec.at("batch").get<std::vector<int64_t>>();
   const auto [x, y] = ctx_->batch(idx);
+  const models::TrainingForward training(*ctx_->model, ctx_->step_context(k, x.size(0)));  // as trained
   StepRecord r = ctx_->stepper->step(x, y, rec.at("lr").get<double>(), /*per_example=*/false);
   r.step = k;
   current_ = k + 1;

@@ -90,6 +90,15 @@ struct TrainingContext {
   bool empty() const { return dropout_masks.empty() && batchnorm_train.empty(); }
 };
 
+/// A Dropout site of a zoo model (spec `:dropout=P`): in a step's training forward the
+/// activations there are multiplied by the step's mask for the site ([M, *shape] of 0 and 1) over
+/// 1 - p, as torch's F.dropout scales them; a prediction passes them unchanged.
+struct DropoutSite {
+  std::string name;
+  double p = 0;
+  std::vector<int64_t> shape;  ///< one example's activations at the site
+};
+
 /// Base class of the zoo's models. Parameters are registered in forward order with PyTorch
 /// state_dict names, so `named_parameters()` is the state_dict order used everywhere.
 class Model : public torch::nn::Module {
@@ -124,6 +133,12 @@ class Model : public torch::nn::Module {
   /// True while a non-empty context is set: the batch's rows are coupled through it (a row's
   /// output is the one computed with the whole batch), so rows come from one batch forward.
   bool in_training_context() const { return in_context_; }
+  /// True while the context normalizes by the batch's statistics (BatchNorm in training mode):
+  /// a row's output then depends on the other rows, not only on its own input and mask.
+  bool batch_coupled() const { return coupled_; }
+
+  /// The model's own Dropout sites in forward order (the zoo's `:dropout=P`; none elsewhere).
+  const std::vector<DropoutSite>& dropout_sites() const { return dropout_sites_; }
 
   /// The spec this model was built from.
   const ModelSpec& spec() const { return spec_; }
@@ -133,8 +148,16 @@ class Model : public torch::nn::Module {
  protected:
   Model(ModelSpec spec, int64_t num_classes) : spec_(std::move(spec)), num_classes_(num_classes) {}
 
-  /// Applies a training context (set_training_context); the zoo's models have no sites.
+  /// Applies a training context (set_training_context): masks for the model's own Dropout sites
+  /// (each [M, *shape] of 0 and 1, M the batch's rows); no BatchNorm in the zoo.
+  /// Throws std::invalid_argument for a site the model does not have or a mask of another shape.
   virtual void apply_training_context(const TrainingContext& ctx);
+
+  /// Registers a Dropout site (DropoutSite) and returns its index for dropout().
+  size_t add_dropout_site(std::string name, double p, std::vector<int64_t> shape);
+  /// The site's output: x times its mask over 1 - p in a training context with a mask for it; x
+  /// otherwise.
+  torch::Tensor dropout(size_t site, const torch::Tensor& x) const;
 
   /// Registers a tap for a layer whose parameters are already registered under `name`.
   size_t add_tap(const std::string& name, LayerKind kind, torch::Tensor weight,
@@ -154,10 +177,13 @@ class Model : public torch::nn::Module {
   int64_t num_classes_;
   bool capture_ = false;
   bool in_context_ = false;
+  bool coupled_ = false;
   std::vector<Tap> taps_;
   KinkMode kink_mode_ = KinkMode::kOff;
   std::vector<KinkSite> kink_sites_;
   RowSegment segment_;
+  std::vector<DropoutSite> dropout_sites_;
+  std::vector<torch::Tensor> dropout_masks_;  ///< per site: the context's mask over 1 - p, or undefined
   std::vector<torch::Tensor> segment_inputs_;  // each tap's input of the running forward
   size_t next_site_ = 0;
   int64_t layers_done_ = 0;
@@ -181,6 +207,14 @@ class TrainingForward {
   Model& model_;
   bool on_;
 };
+
+/// Step `step`'s Dropout masks for a batch of `rows` examples in `model` trained with `seed`:
+/// one CPU generator (mt19937) seeded with seed * 1000003 + step (mod 2^64) draws, for each site
+/// in forward order, float32 Bernoulli(1 - p) values of [rows, *shape] (Tensor::bernoulli_),
+/// kept as uint8. Python draws the same: torch.Generator().manual_seed(s) and
+/// torch.empty(rows, *shape, dtype=torch.float32).bernoulli_(1 - p, generator=g). An empty
+/// context for a model without sites.
+TrainingContext draw_dropout_masks(const Model& model, uint64_t seed, int64_t step, int64_t rows);
 
 /// Input geometry of the data a model is built for.
 struct InputShape {

@@ -20,13 +20,16 @@ struct ModelSpec {
   std::vector<int64_t> widths;
   /// tanh, relu, softplus or gelu (mlp, cnn); "none" for linear and quadratic.
   std::string activation = "none";
+  /// Dropout's rate p in (0, 1) at the model's Dropout sites (mlp: after each hidden activation;
+  /// cnn: before the linear head), 0 for none. The sites act in a step's training forward only.
+  double dropout = 0;
 
   /// The canonical spec string; parse_model_spec(s.str()) == s.
   std::string str() const;
 };
 
 /// Parses a spec string. Grammar:
-///   linear | quadratic[:WIDTH] | mlp:W1[,W2...][:ACT] | cnn:C1,C2[:ACT] | toy:wave
+///   linear | quadratic[:WIDTH] | mlp:W1[,W2...][:ACT][:dropout=P] | cnn:C1,C2[:ACT][:dropout=P] | toy:wave
 /// Throws std::invalid_argument naming the spec and what is wrong.
 ModelSpec parse_model_spec(const std::string& spec);
 
