@@ -5,10 +5,11 @@ per-row Jacobians, and compare with the analysis's arrays. For a recorded run
 (python/pathkernel_record.py) the model is the run's own TorchScript file and the data its .npy
 files, so the check also covers pathkernel's recognition of the model.
 
-usage: check_analysis.py RUN ANALYSIS [--steps K1,K2,...] [--tol 1e-9] [--mask-shift S]
+usage: check_analysis.py RUN ANALYSIS [--steps K1,K2,...] [--tol 1e-9] [--wrong-context]
 
-A `pathkernel train` run of a `:dropout=P` model: each step's batch runs with the masks drawn
-again in Python from the run's seed (check_checkpoint.native_masks), the probes as predicted.
+A `pathkernel train` run of a `:dropout=P` or `:bn` model: each step's batch runs with the masks
+drawn again in Python from the run's seed and BatchNorm in training mode
+(check_checkpoint.native_training_forward), the probes as predicted.
 Prints the largest relative error per quantity (max |diff| / max |value| over each step);
 exits 1 when one exceeds --tol.
 """
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from check_checkpoint import build, native_masks, read_idx  # noqa: E402
+from check_checkpoint import build, native_masks, native_training_forward, read_idx  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
 from pathkernel_record import training_forward  # noqa: E402
@@ -30,8 +31,9 @@ def main():
     ap.add_argument("analysis")
     ap.add_argument("--steps", default="")
     ap.add_argument("--tol", type=float, default=1e-9)
-    ap.add_argument("--mask-shift", type=int, default=0,
-                    help="a native run's Dropout masks of step k + SHIFT in place of step k's (a wrong-mask test)")
+    ap.add_argument("--wrong-context", action="store_true",
+                    help="a native run's batch with step k + 1's Dropout masks and BatchNorm on its running "
+                         "statistics (a test that the check can fail)")
     args = ap.parse_args()
     torch.set_default_dtype(torch.float64)
     manifest = json.load(open(os.path.join(args.run, "manifest.json")))
@@ -88,10 +90,14 @@ def main():
         ytrain = torch.from_numpy(read_idx(files["train_labels"]["path"]).astype(np.int64))
         xsplit = inputs("test_images" if split == "test" else "train_images")
 
-        def model_at(step):
+        def model_at(step, buffers_of=None):
+            """The weights after `step` steps; BatchNorm's running statistics after `buffers_of`."""
             m = build(manifest).double()
             sd = torch.load(os.path.join(ckdir, "step_%08d.pt" % step))
-            m.load_state_dict({k: v.double() for k, v in sd.items()})
+            if buffers_of is not None:
+                sd_b = torch.load(os.path.join(ckdir, "step_%08d.pt" % buffers_of))
+                sd.update({n: sd_b[n] for n, _ in m.named_buffers()})
+            m.load_state_dict({k: v.double() if v.is_floating_point() else v for k, v in sd.items()})
             return m
     xp = xsplit[order]
 
@@ -109,9 +115,14 @@ def main():
         batch = torch.tensor(log[k]["batch"])
         x_b = xtrain[:len(ytrain)][batch]
         # The batch as training computed it: its Dropout masks, BatchNorm on the batch's statistics.
-        if not recorded:
-            m0.masks = native_masks(manifest, m0, k + args.mask_shift, len(batch)) or None
-        with training_forward(m0, args.run, log[k]) if recorded else contextlib.nullcontext():
+        if recorded:
+            step_forward = training_forward(m0, args.run, log[k])
+        elif args.wrong_context:  # step k + 1's masks, BatchNorm left on its running statistics
+            m0.masks = native_masks(manifest, m0, k + 1, len(batch)) or None
+            step_forward = contextlib.nullcontext()
+        else:
+            step_forward = native_training_forward(manifest, m0, k, len(batch))
+        with step_forward:
             logits = m0(x_b)
             if manifest["loss"] == "ce":
                 loss = torch.nn.functional.cross_entropy(logits, ytrain[batch])

@@ -5,7 +5,7 @@ measure its test accuracy: the check that checkpoints are plain state_dicts.
 usage: check_checkpoint.py RUN [--step K]     (default: the last checkpoint)
 Prints the accuracy and the one in RUN/summary.json; exits 1 if they differ.
 """
-import argparse, gzip, json, os, sys
+import argparse, contextlib, gzip, json, os, sys
 
 import numpy as np
 import torch
@@ -13,12 +13,14 @@ from torch import nn
 
 
 class Dense(nn.Module):
-    """linear, quadratic:W and mlp:W1,W2,...:ACT. state_dict keys: layers.I.weight/bias."""
+    """linear, quadratic:W and mlp:W1,W2,...:ACT[:bn][:dropout=P]. state_dict keys:
+    layers.I.weight/bias, norms.I.* (BatchNorm1d after hidden layer I, before its activation)."""
 
-    def __init__(self, n_in, widths, classes, act, dropout=0.0):
+    def __init__(self, n_in, widths, classes, act, dropout=0.0, bn=False):
         super().__init__()
         sizes = [n_in] + widths + [classes]
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes, sizes[1:]))
+        self.norms = nn.ModuleList(nn.BatchNorm1d(w) for w in widths) if bn else None
         self.act = act
         self.p = dropout
         self.site_shapes = [(w,) for w in widths] if dropout > 0 else []
@@ -28,7 +30,7 @@ class Dense(nn.Module):
         h = x.flatten(1)
         for i, layer in enumerate(self.layers):
             if i > 0:
-                h = self.act(h)
+                h = self.act(self.norms[i - 1](h) if self.norms is not None else h)
                 if self.masks is not None:
                     h = h * (self.masks[i - 1].to(h.dtype) / (1 - self.p))
             h = layer(h)
@@ -36,12 +38,14 @@ class Dense(nn.Module):
 
 
 class SmallCnn(nn.Module):
-    """cnn:C1,C2:ACT. state_dict keys: convs.0.*, convs.1.*, fc.*."""
+    """cnn:C1,C2:ACT[:bn][:dropout=P]. state_dict keys: convs.0.*, convs.1.*, norms.I.* (BatchNorm2d
+    after conv I, before its activation), fc.*."""
 
-    def __init__(self, shape, widths, classes, act, dropout=0.0):
+    def __init__(self, shape, widths, classes, act, dropout=0.0, bn=False):
         super().__init__()
         c, h, w = shape
         self.convs = nn.ModuleList([nn.Conv2d(c, widths[0], 3, padding=1), nn.Conv2d(widths[0], widths[1], 3, padding=1)])
+        self.norms = nn.ModuleList(nn.BatchNorm2d(c) for c in widths) if bn else None
         self.fc = nn.Linear(widths[1] * (h // 4) * (w // 4), classes)
         self.act = act
         self.p = dropout
@@ -49,8 +53,9 @@ class SmallCnn(nn.Module):
         self.masks = None
 
     def forward(self, x):
-        for conv in self.convs:
-            x = torch.max_pool2d(self.act(conv(x)), 2)
+        for i, conv in enumerate(self.convs):
+            x = conv(x)
+            x = torch.max_pool2d(self.act(self.norms[i](x) if self.norms is not None else x), 2)
         x = x.flatten(1)
         if self.masks is not None:
             x = x * (self.masks[0].to(x.dtype) / (1 - self.p))
@@ -63,15 +68,18 @@ ACTS = {"tanh": torch.tanh, "relu": torch.relu, "leaky_relu": nn.functional.leak
 
 def build(manifest):
     spec = manifest["model"]["spec"].split(":")
-    dropout = 0.0
+    dropout, bn = 0.0, False
     if spec[-1].startswith("dropout="):
         dropout = float(spec.pop()[len("dropout="):])
+    if spec[-1] == "bn":
+        bn = bool(spec.pop())
     classes, shape = manifest["model"]["num_classes"], manifest["model"]["input_shape"]
     widths = [int(w) for w in spec[1].split(",")] if len(spec) > 1 else []
     act = ACTS[spec[2]] if len(spec) > 2 else ACTS["none"]
+    # eval(): predictions (BatchNorm on its running statistics); a training forward sets modes itself.
     if spec[0] == "cnn":
-        return SmallCnn(shape, widths, classes, act, dropout)
-    return Dense(int(np.prod(shape)), widths, classes, act, dropout)
+        return SmallCnn(shape, widths, classes, act, dropout, bn).eval()
+    return Dense(int(np.prod(shape)), widths, classes, act, dropout, bn).eval()
 
 
 def native_masks(manifest, model, step, rows):
@@ -81,6 +89,28 @@ def native_masks(manifest, model, step, rows):
     g = torch.Generator().manual_seed((manifest["seed"] * 1000003 + step) % 2**64)
     return [torch.empty((rows,) + shape, dtype=torch.float32).bernoulli_(1 - model.p, generator=g).to(torch.uint8)
             for shape in model.site_shapes]
+
+
+@contextlib.contextmanager
+def native_training_forward(manifest, model, step, rows):
+    """`model` (build()) as step `step` of a `pathkernel train` run trained, inside the with-block:
+    its Dropout sites with the step's masks, its BatchNorm modules in training mode (their running
+    statistics restored on leaving); predictions again afterwards."""
+    norms = list(model.norms) if model.norms is not None else []
+    saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in norms]
+    model.masks = native_masks(manifest, model, step, rows) or None
+    for m in norms:
+        m.train(True)
+    try:
+        yield model
+    finally:
+        model.masks = None
+        with torch.no_grad():
+            for m, (mean, var, n) in zip(norms, saved):
+                m.train(False)
+                m.running_mean.copy_(mean)
+                m.running_var.copy_(var)
+                m.num_batches_tracked.copy_(n)
 
 
 def read_idx(path):

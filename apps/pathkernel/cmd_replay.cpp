@@ -15,7 +15,7 @@ int cmd_replay(const Args& args) {
   if (!prepare_replay(args, cmd)) return 0;
   Replayer replayer(cmd.run);
   if (cmd.step) {
-    save_tensor_dict(cmd.out, replayer.weights_at(*cmd.step));
+    save_tensor_dict(cmd.out, replayer.state_dict_at(*cmd.step));  // a checkpoint's: buffers too
     std::cout << "weights at step " << *cmd.step << " written to " << cmd.out << "\n";
   }
   if (cmd.verify) {

@@ -67,9 +67,11 @@ void Model::set_training_context(const TrainingContext& ctx) {
 }
 
 void Model::apply_training_context(const TrainingContext& ctx) {
-  if (!ctx.batchnorm_train.empty()) {
-    throw std::invalid_argument("model " + spec_.str() + " has no BatchNorm module '" + ctx.batchnorm_train.front() + "'");
-  }
+  apply_masks(ctx);
+  apply_norms(ctx);
+}
+
+void Model::apply_masks(const TrainingContext& ctx) {
   std::vector<torch::Tensor> masks(dropout_sites_.size());
   for (const auto& [name, mask] : ctx.dropout_masks) {
     size_t i = 0;
@@ -90,6 +92,42 @@ void Model::apply_training_context(const TrainingContext& ctx) {
     masks[i] = mask.to(options).div(1 - site.p);
   }
   dropout_masks_ = std::move(masks);
+}
+
+void Model::apply_norms(const TrainingContext& ctx) {
+  std::vector<NormRun> runs(norm_sites_.size());
+  for (const auto& name : ctx.batchnorm_train) {
+    size_t i = 0;
+    while (i < norm_sites_.size() && norm_sites_[i].name != name) ++i;
+    if (i == norm_sites_.size()) throw std::invalid_argument("model " + spec_.str() + " has no BatchNorm module '" + name + "'");
+    const NormSite& s = norm_sites_[i];
+    runs[i] = {true, ctx.moves_statistics, ctx.moves_statistics ? s.running_mean : s.running_mean.clone(),
+               ctx.moves_statistics ? s.running_var : s.running_var.clone()};
+  }
+  norm_runs_ = std::move(runs);
+}
+
+size_t Model::add_batchnorm(NormSite site) {
+  norm_sites_.push_back(std::move(site));
+  norm_runs_.resize(norm_sites_.size());
+  return norm_sites_.size() - 1;
+}
+
+torch::Tensor Model::batchnorm(size_t site, const torch::Tensor& x) const {
+  constexpr double kMomentum = 0.1, kEps = 1e-5;
+  const NormSite& s = norm_sites_.at(site);
+  const NormRun& r = norm_runs_.at(site);
+  if (!r.train) return at::batch_norm(x, s.weight, s.bias, s.running_mean, s.running_var, false, kMomentum, kEps, false);
+  if (r.moves) {
+    const at::NoGradGuard ng;
+    s.tracked.add_(1);
+  }
+  return at::batch_norm(x, s.weight, s.bias, r.mean, r.var, true, kMomentum, kEps, false);
+}
+
+void Model::to(torch::Dtype dtype, bool non_blocking) {
+  torch::nn::Module::to(dtype, non_blocking);
+  for (auto& s : norm_sites_) s.tracked.set_data(s.tracked.to(at::kLong));
 }
 
 size_t Model::add_dropout_site(std::string name, double p, std::vector<int64_t> shape) {

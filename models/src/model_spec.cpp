@@ -89,6 +89,7 @@ std::string ModelSpec::str() const {
     for (size_t i = 0; i < widths.size(); ++i) s += (i ? "," : "") + std::to_string(widths[i]);
   }
   if (kind == "mlp" || kind == "cnn" || kind == "toy") s += ":" + activation;
+  if (batchnorm) s += ":bn";
   if (dropout > 0) s += ":dropout=" + shortest(dropout);
   return s;
 }
@@ -98,11 +99,22 @@ ModelSpec parse_model_spec(const std::string& spec) {
   if (parts.empty() || parts[0].empty()) throw std::invalid_argument("model spec is empty");
   ModelSpec m;
   m.kind = parts[0];
-  if (parts.size() > 2 && !std::isnan(parse_dropout(spec, parts.back()))) {
+  // Trailing options, each at most once: dropout=P, bn.
+  for (bool more = true; more && parts.size() > 2;) {
+    const std::string& last = parts.back();
+    more = last == "bn" || !std::isnan(parse_dropout(spec, last));
+    if (!more) break;
     if (m.kind != "mlp" && m.kind != "cnn") {
-      throw std::invalid_argument("model spec '" + spec + "': only mlp and cnn have Dropout sites");
+      throw std::invalid_argument("model spec '" + spec + "': only mlp and cnn take :" + last.substr(0, last.find('=')));
     }
-    m.dropout = parse_dropout(spec, parts.back());
+    if (last == "bn" ? m.batchnorm : m.dropout > 0) {
+      throw std::invalid_argument("model spec '" + spec + "': " + last.substr(0, last.find('=')) + " given twice");
+    }
+    if (last == "bn") {
+      m.batchnorm = true;
+    } else {
+      m.dropout = parse_dropout(spec, last);
+    }
     parts.pop_back();
   }
   if (m.kind == "linear") {
@@ -114,7 +126,7 @@ ModelSpec parse_model_spec(const std::string& spec) {
   } else if (m.kind == "mlp" || m.kind == "cnn") {
     if (parts.size() < 2 || parts.size() > 3) {
       throw std::invalid_argument("model spec '" + spec + "': expected " + m.kind +
-                                  (m.kind == "mlp" ? ":W1[,W2...][:ACT][:dropout=P]" : ":C1,C2[:ACT][:dropout=P]"));
+                                  (m.kind == "mlp" ? ":W1[,W2...][:ACT][:bn][:dropout=P]" : ":C1,C2[:ACT][:bn][:dropout=P]"));
     }
     m.widths = parse_widths(spec, parts[1]);
     m.activation = parts.size() == 3 ? check_activation(spec, parts[2])

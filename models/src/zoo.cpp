@@ -1,5 +1,6 @@
 // The model zoo: dense nets (linear, quadratic, mlp) and a small CNN, all built on Model's taps.
 #include <ATen/ATen.h>
+#include <torch/nn/modules/batchnorm.h>
 #include <torch/nn/modules/container/modulelist.h>
 #include <torch/nn/modules/conv.h>
 #include <torch/nn/modules/linear.h>
@@ -12,13 +13,15 @@ namespace pathkernel::models {
 namespace {
 
 /// linear: one Linear layer; quadratic: two with nothing between; mlp: Linear layers with an
-/// activation between each (and with `:dropout=P` a Dropout site after each hidden activation,
-/// named dropout.I for hidden layer I). Parameters: layers.I.weight [out, in], layers.I.bias [out].
+/// activation between each (with `:bn` a BatchNorm1d norms.I after hidden layer I, before its
+/// activation; with `:dropout=P` a Dropout site dropout.I after it). Parameters:
+/// layers.I.weight [out, in], layers.I.bias [out], then norms.I.{weight, bias}.
 class DenseNet : public Model {
  public:
   DenseNet(const ModelSpec& spec, const InputShape& shape, int64_t classes)
       : Model(spec, classes) {
     layers_ = register_module("layers", torch::nn::ModuleList());
+    if (spec.batchnorm) norms_ = register_module("norms", torch::nn::ModuleList());
     int64_t in = shape.numel();
     std::vector<int64_t> outs = spec.widths;
     outs.push_back(classes);
@@ -27,6 +30,12 @@ class DenseNet : public Model {
       layers_->push_back(layer);
       add_tap("layers." + std::to_string(i), LayerKind::kLinear, layer->weight, layer->bias);
       linears_.push_back(layer);
+      if (spec.batchnorm && i + 1 < outs.size()) {
+        torch::nn::BatchNorm1d bn(torch::nn::BatchNorm1dOptions(outs[i]));
+        norms_->push_back(bn);
+        add_batchnorm({"norms." + std::to_string(i), bn->weight, bn->bias, bn->running_mean, bn->running_var,
+                       bn->num_batches_tracked});
+      }
       if (spec.dropout > 0 && i + 1 < outs.size()) add_dropout_site("dropout." + std::to_string(i), spec.dropout, {outs[i]});
       in = outs[i];
     }
@@ -35,6 +44,7 @@ class DenseNet : public Model {
   torch::Tensor forward(const torch::Tensor& x) override {
     torch::Tensor h = x.reshape({x.size(0), -1});
     for (size_t i = 0; i < linears_.size(); ++i) {
+      if (i > 0 && spec().batchnorm) h = batchnorm(i - 1, h);
       if (i > 0) h = activate(h);
       if (i > 0 && spec().dropout > 0) h = dropout(i - 1, h);
       record_input(i, h);
@@ -45,13 +55,14 @@ class DenseNet : public Model {
   }
 
  private:
-  torch::nn::ModuleList layers_{nullptr};
+  torch::nn::ModuleList layers_{nullptr}, norms_{nullptr};
   std::vector<torch::nn::Linear> linears_;
 };
 
 /// cnn:C1,C2:ACT: conv3x3(pad 1) -> act -> maxpool2 -> conv3x3(pad 1) -> act -> maxpool2 -> fc
-/// (with `:dropout=P` a Dropout site "dropout" on the flattened features before fc).
-/// Parameters: convs.0.*, convs.1.*, fc.*.
+/// (with `:bn` a BatchNorm2d norms.I after conv I, before its activation; with `:dropout=P` a
+/// Dropout site "dropout" on the flattened features before fc).
+/// Parameters: convs.0.*, convs.1.*, then norms.0.*, norms.1.*, then fc.*.
 class SmallCnn : public Model {
  public:
   SmallCnn(const ModelSpec& spec, const InputShape& shape, int64_t classes)
@@ -71,6 +82,15 @@ class SmallCnn : public Model {
       conv_list_.push_back(conv);
       in = spec.widths[i];
     }
+    if (spec.batchnorm) {
+      norms_ = register_module("norms", torch::nn::ModuleList());
+      for (size_t i = 0; i < 2; ++i) {
+        torch::nn::BatchNorm2d bn(torch::nn::BatchNorm2dOptions(spec.widths[i]));
+        norms_->push_back(bn);
+        add_batchnorm({"norms." + std::to_string(i), bn->weight, bn->bias, bn->running_mean, bn->running_var,
+                       bn->num_batches_tracked});
+      }
+    }
     fc_ = register_module("fc", torch::nn::Linear(in * h * w, classes));
     if (spec.dropout > 0) add_dropout_site("dropout", spec.dropout, {in * h * w});
     add_tap("fc", LayerKind::kLinear, fc_->weight, fc_->bias);
@@ -82,6 +102,7 @@ class SmallCnn : public Model {
       record_input(i, h);
       h = conv_list_[i]->forward(h);
       h = record_output(i, h);
+      if (spec().batchnorm) h = batchnorm(i, h);
       h = max_pool2(activate(h));
     }
     h = h.reshape({h.size(0), -1});
@@ -93,7 +114,7 @@ class SmallCnn : public Model {
   }
 
  private:
-  torch::nn::ModuleList convs_{nullptr};
+  torch::nn::ModuleList convs_{nullptr}, norms_{nullptr};
   std::vector<torch::nn::Conv2d> conv_list_;
   torch::nn::Linear fc_{nullptr};
 };

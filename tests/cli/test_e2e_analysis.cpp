@@ -14,6 +14,7 @@
 #include "pathkernel/io/fs_util.h"
 #include "pathkernel/io/npy.h"
 #include "pathkernel/io/run_dir.h"
+#include "pathkernel/train/checkpoint.h"
 
 namespace pathkernel {
 namespace {
@@ -213,48 +214,72 @@ TEST(E2eTest, FullBatchGdOnAQuadraticLossDivergesJustAboveTwoOverLambdaMax) {
   EXPECT_NE(above.err.find("diverged"), std::string::npos) << above.err;
 }
 
-// Issue 26 in pathkernel's own training: an MLP and a CNN with Dropout (`:dropout=P`) trained on
-// Fashion-MNIST, each step's masks drawn from the seed and the step. The replay draws them again
-// and reproduces every checkpoint bit for bit; the analysis runs each step's batch with its masks
-// (the factorized route: masks act per row) and the probes as predicted. D, F, K and R agree with
+// Issue 26 in pathkernel's own training: an MLP with Dropout (`:dropout=P`), an MLP with
+// BatchNorm (`:bn`) and a CNN with both, trained on Fashion-MNIST; each step's masks drawn from
+// the seed and the step, each BatchNorm on the batch's statistics, moving its running statistics.
+// The replay draws the masks again and reproduces every checkpoint (running statistics included)
+// bit for bit; the analysis runs each step's batch as it trained (the Dropout MLP on the
+// factorized route: masks act per row; BatchNorm's rows by autograd through the batch's one
+// forward) and the probes as predicted. D, F, K, R and U_stats agree with
 // scripts/check_analysis.py, which builds the network in PyTorch and draws the masks in Python,
-// to 1e-9; with each step's masks taken from the next step the same check fails; explain's sum
-// check holds to 1e-9.
-TEST(E2eTest, DropoutRunsAreTrainedReplayedAndAnalyzedWithEachStepsMasks) {
+// to 1e-9; with the next step's masks and BatchNorm on its running statistics the same check
+// fails; explain's sum check holds to 1e-9, U_stats included; the checkpoints load into torch.nn.
+TEST(E2eTest, DropoutAndBatchNormRunsAreTrainedReplayedAndAnalyzedAsEachStepRan) {
   testing::TempDir tmp;
   const std::string check = std::string(PATHKERNEL_SOURCE_DIR) + "/scripts/check_analysis.py";
-  for (const std::string spec : {"mlp:24,16:tanh:dropout=0.5", "cnn:3,4:relu:dropout=0.25"}) {
-    const fs::path run_dir = tmp / spec.substr(0, 3), out = tmp / (spec.substr(0, 3) + "_an");
+  const std::pair<std::string, std::string> runs[] = {
+      {"drop", "mlp:24,16:relu:dropout=0.5"}, {"bn", "mlp:24,16:relu:bn"}, {"cnn", "cnn:3,4:relu:bn:dropout=0.25"}};
+  for (const auto& [name, spec] : runs) {
+    const fs::path run_dir = tmp / name, out = tmp / (name + "_an");
     ASSERT_EQ(run({"train", "--model", spec, "--train-limit", "600", "--steps", "12", "--checkpoint-every", "1",
                    "--momentum", "0.9", "--out", run_dir.string()},
                   tmp.path()).status, 0) << spec;
     const auto manifest = nlohmann::json::parse(read_file(run_dir / "manifest.json"));
     EXPECT_EQ(manifest["model"]["spec"], spec);
-    EXPECT_EQ(manifest["model"]["dropout_sites"].size(), spec[0] == 'm' ? 2u : 1u) << manifest["model"];
+    EXPECT_EQ(manifest["model"]["dropout_sites"].size(), name == "drop" ? 2u : name == "cnn" ? 1u : 0u);
+    EXPECT_EQ(manifest["model"]["batchnorm"].size(), name == "drop" ? 0u : 2u) << manifest["model"];
     const Result v = run({"replay", run_dir.string(), "--verify"}, tmp.path());
     EXPECT_EQ(v.status, 0) << spec << ": " << v.err;
+    if (name == "bn") {  // the weights replay writes are a checkpoint's state_dict, running statistics included
+      ASSERT_EQ(run({"replay", run_dir.string(), "--step", "7", "--out", (tmp / "w7.pt").string()}, tmp.path()).status, 0);
+      const NamedTensors got = load_tensor_dict(tmp / "w7.pt"), want = load_tensor_dict(RunDir(run_dir).checkpoint(7));
+      ASSERT_EQ(got.size(), want.size());
+      EXPECT_EQ(got.size(), 6u + 2 * 5);
+      for (size_t i = 0; i < got.size(); ++i) {
+        EXPECT_EQ(got[i].first, want[i].first);
+        EXPECT_TRUE(at::equal(got[i].second, want[i].second)) << got[i].first;
+      }
+    }
     const Result a = run({"analyze", run_dir.string(), "--probes", "12", "--check-every", "1", "--out", out.string()},
                          tmp.path());
     ASSERT_EQ(a.status, 0) << spec << ": " << a.err;
     const auto summary = nlohmann::json::parse(read_file(out / "summary.json"));
     EXPECT_EQ(summary["steps_analyzed"], 12);
     EXPECT_LT(summary["max_kernel_split_error"].get<double>(), 1e-10) << spec;
+    EXPECT_EQ(fs::exists(out / "arrays" / "U_stats.npy"), name != "drop") << spec;
     EXPECT_EQ(testing::run_program({"/usr/bin/python3", check, run_dir.string(), out.string(), "--steps", "0,5,11"},
                                    tmp / "check.json"),
               0)
         << spec << ": " << read_file(tmp / "check.json");
     EXPECT_EQ(testing::run_program({"/usr/bin/python3", check, run_dir.string(), out.string(), "--steps", "0,5,11",
-                                    "--mask-shift", "1"},
+                                    "--wrong-context"},
                                    tmp / "wrong.json"),
               1)
-        << spec << ": another step's masks must fail the check: " << read_file(tmp / "wrong.json");
+        << spec << ": another step's masks, running statistics must fail the check: " << read_file(tmp / "wrong.json");
+    EXPECT_EQ(testing::run_program({"/usr/bin/python3", std::string(PATHKERNEL_SOURCE_DIR) + "/scripts/check_checkpoint.py",
+                                    run_dir.string()},
+                                   tmp / "ckpt.json"),
+              0)
+        << spec << ": " << read_file(tmp / "ckpt.json");
   }
-  const fs::path ex = tmp / "explain";
-  const Result e = run({"explain", (tmp / "mlp").string(), "--probe", "3", "--probe", "40", "--out", ex.string()},
-                       tmp.path());
-  ASSERT_EQ(e.status, 0) << e.err;
-  EXPECT_LT(nlohmann::json::parse(read_file(ex / "summary.json"))["max_sum_error"].get<double>(), 1e-9);
-  const Result k = run({"analyze", (tmp / "cnn").string(), "--kinks", "--out", (tmp / "kinks").string()}, tmp.path());
+  for (const char* name : {"drop", "bn"}) {
+    const fs::path ex = tmp / (std::string(name) + "_ex");
+    const Result e = run({"explain", (tmp / name).string(), "--probe", "3", "--probe", "40", "--out", ex.string()},
+                         tmp.path());
+    ASSERT_EQ(e.status, 0) << name << ": " << e.err;
+    EXPECT_LT(nlohmann::json::parse(read_file(ex / "summary.json"))["max_sum_error"].get<double>(), 1e-9) << name;
+  }
+  const Result k = run({"analyze", (tmp / "drop").string(), "--kinks", "--out", (tmp / "kinks").string()}, tmp.path());
   EXPECT_EQ(k.status, 2);
   EXPECT_NE(k.err.find("has Dropout sites"), std::string::npos) << k.err;
 }

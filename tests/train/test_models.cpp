@@ -33,6 +33,12 @@ TEST(ModelSpecTest, ParsesAndPrintsCanonically) {
   EXPECT_THROW_WITH(parse_model_spec("mlp:64:relu:dropout=0"), std::invalid_argument, "not a rate");
   EXPECT_THROW_WITH(parse_model_spec("mlp:64:relu:dropout=0.5x"), std::invalid_argument, "not a rate");
   EXPECT_THROW_WITH(parse_model_spec("quadratic:8:dropout=0.5"), std::invalid_argument, "only mlp and cnn");
+  EXPECT_EQ(parse_model_spec("mlp:64:relu:bn").str(), "mlp:64:relu:bn");
+  EXPECT_EQ(parse_model_spec("cnn:4,8:dropout=0.5:bn").str(), "cnn:4,8:relu:bn:dropout=0.5");
+  EXPECT_TRUE(parse_model_spec("mlp:64:bn").batchnorm);
+  EXPECT_THROW_WITH(parse_model_spec("mlp:64:relu:bn:bn"), std::invalid_argument, "bn given twice");
+  EXPECT_THROW_WITH(parse_model_spec("linear:bn"), std::invalid_argument, "no arguments");
+  EXPECT_THROW_WITH(parse_model_spec("quadratic:8:bn"), std::invalid_argument, "only mlp and cnn take :bn");
   EXPECT_EQ(parse_model_spec("toy:wave").str(), "toy:wave");
   EXPECT_THROW_WITH(parse_model_spec("toy:bowl"), std::invalid_argument, "toy:wave");
 }
@@ -222,6 +228,68 @@ TEST(ModelTest, DropoutSitesApplyTheStepsMasksInATrainingForwardOnly) {
   cc.dropout_masks["dropout"] = mc;
   const TrainingForward training(*cnn, cc);
   EXPECT_LT((cnn->forward(xc) - masked_out).abs().max().item<double>(), 1e-14);
+}
+
+// The zoo's BatchNorm (`:bn`): a prediction normalizes by the running statistics, a step's
+// training forward by the batch's own, against the formulas written out; an analysis's context
+// leaves the running statistics as they were, the training step's moves them as torch.nn does
+// (momentum 0.1, the unbiased variance) and counts the batch; the count stays int64 through to().
+TEST(ModelTest, BatchNormNormalizesByTheBatchInATrainingForwardAndMovesItsStatisticsOnlyInTheStep) {
+  at::manual_seed(5);
+  auto m = build_model(parse_model_spec("mlp:6:tanh:bn"), {1, 2, 2}, 3);
+  m->to(at::kDouble);
+  ASSERT_EQ(m->norm_sites().size(), 1u);
+  const NormSite& s = m->norm_sites()[0];
+  EXPECT_EQ(s.name, "norms.0");
+  EXPECT_EQ(s.tracked.scalar_type(), at::kLong);
+  {
+    at::NoGradGuard ng;
+    s.running_mean.uniform_(-1, 1);
+    s.running_var.uniform_(0.5, 2);
+    s.weight.uniform_(0.5, 1.5);
+    s.bias.uniform_(-1, 1);
+  }
+  auto w = [&](const char* n) { return m->named_parameters()[n]; };
+  const at::Tensor x = at::randn({9, 1, 2, 2}, at::kDouble);
+  const at::Tensor z = at::linear(x.reshape({9, -1}), w("layers.0.weight"), w("layers.0.bias")).detach();
+  auto head = [&](const at::Tensor& zn) {
+    return at::linear(at::tanh(zn * s.weight + s.bias), w("layers.1.weight"), w("layers.1.bias"));
+  };
+  const at::Tensor mean0 = s.running_mean.clone(), var0 = s.running_var.clone();
+  const at::Tensor predicted = head((z - mean0) / at::sqrt(var0 + 1e-5));
+  EXPECT_LT((m->forward(x) - predicted).abs().max().item<double>(), 1e-13);
+
+  const at::Tensor bm = z.mean(0), bv = z.var(0, /*unbiased=*/false);
+  const at::Tensor trained = head((z - bm) / at::sqrt(bv + 1e-5));
+  TrainingContext ctx;
+  ctx.batchnorm_train = {"norms.0"};
+  {
+    const TrainingForward analysis(*m, ctx);
+    EXPECT_TRUE(m->batch_coupled());
+    EXPECT_LT((m->forward(x) - trained).abs().max().item<double>(), 1e-13);
+  }
+  EXPECT_TRUE(at::equal(s.running_mean, mean0)) << "an analysis never moves the statistics";
+  EXPECT_TRUE(at::equal(s.running_var, var0));
+  EXPECT_EQ(s.tracked.item<int64_t>(), 0);
+  ctx.moves_statistics = true;
+  {
+    const TrainingForward step(*m, ctx);
+    EXPECT_LT((m->forward(x) - trained).abs().max().item<double>(), 1e-13);
+  }
+  EXPECT_LT((s.running_mean - (0.9 * mean0 + 0.1 * bm)).abs().max().item<double>(), 1e-15);
+  EXPECT_LT((s.running_var - (0.9 * var0 + 0.1 * z.var(0, /*unbiased=*/true))).abs().max().item<double>(), 1e-15);
+  EXPECT_EQ(s.tracked.item<int64_t>(), 1);
+  m->to(at::kFloat);
+  EXPECT_EQ(s.tracked.scalar_type(), at::kLong);
+  EXPECT_EQ(s.running_mean.scalar_type(), at::kFloat);
+
+  TrainingContext other;
+  other.batchnorm_train = {"norms.3"};
+  EXPECT_THROW_WITH(m->set_training_context(other), std::invalid_argument, "no BatchNorm module 'norms.3'");
+  auto cnn = build_model(parse_model_spec("cnn:2,3:relu:bn"), {1, 4, 4}, 2);
+  EXPECT_EQ(names_of(*cnn), (std::vector<std::string>{"convs.0.weight", "convs.0.bias", "convs.1.weight", "convs.1.bias",
+                                                      "norms.0.weight", "norms.0.bias", "norms.1.weight", "norms.1.bias",
+                                                      "fc.weight", "fc.bias"}));
 }
 
 }  // namespace

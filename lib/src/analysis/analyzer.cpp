@@ -157,12 +157,13 @@ class Driver {
       res_.route_reason = "a recorded model the recorder did not recognize as one of the zoo's";
       explicit_route_ = true;
     } else if (!factorizable(*model_)) {
-      res_.route_reason = "model '" + spec + "' has parameters outside Linear/Conv2d layers";
+      res_.route_reason = "model '" + spec + "' has parameters outside Linear/Conv2d layers" +
+                          (model_->norm_sites().empty() ? "" : " (BatchNorm's, whose batch couples the examples)");
       explicit_route_ = true;
     } else {
       res_.route_reason = "the zoo's " + spec + ": every parameter in a tapped Linear/Conv2d layer";
     }
-    if (explicit_route_ && c_.kernel_route == "auto") {
+    if (explicit_route_ && c_.kernel_route == "auto" && model_->norm_sites().empty()) {
       res_.route_reason += "; hint: the factorized route (much faster) serves nn.Sequential stacks of Linear/Conv2d "
                            "layers with ReLU, leaky ReLU, tanh, max-pool, Flatten and identities (docs/pytorch.md)";
     }

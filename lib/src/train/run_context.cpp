@@ -107,8 +107,11 @@ std::unique_ptr<RunContext> make_run_context(const TrainConfig& config, std::opt
   return ctx;
 }
 
-models::TrainingContext RunContext::step_context(int64_t k, int64_t rows) const {
-  return models::draw_dropout_masks(*model, config.seed, k, rows);
+models::TrainingContext RunContext::step_context(int64_t k, int64_t rows, bool moves_statistics) const {
+  models::TrainingContext ctx = models::draw_dropout_masks(*model, config.seed, k, rows);
+  for (const auto& site : model->norm_sites()) ctx.batchnorm_train.push_back(site.name);
+  ctx.moves_statistics = moves_statistics;
+  return ctx;
 }
 
 nlohmann::json data_file_digests(const RunContext& ctx) {

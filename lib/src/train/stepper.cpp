@@ -29,19 +29,38 @@ at::Tensor batch_loss(const at::Tensor& logits, const at::Tensor& labels, LossKi
 
 NamedTensors state_dict_of(models::Model& model) {
   NamedTensors out;
+  for (const auto& m : model.named_modules("", /*include_self=*/true)) {
+    const std::string prefix = m.key().empty() ? "" : m.key() + ".";
+    for (const auto& p : m.value()->named_parameters(/*recurse=*/false)) out.emplace_back(prefix + p.key(), p.value().detach());
+    for (const auto& b : m.value()->named_buffers(/*recurse=*/false)) out.emplace_back(prefix + b.key(), b.value().detach());
+  }
+  return out;
+}
+
+NamedTensors named_parameters_of(models::Model& model) {
+  NamedTensors out;
   for (const auto& item : model.named_parameters()) out.emplace_back(item.key(), item.value().detach());
+  return out;
+}
+
+NamedTensors named_buffers_of(models::Model& model) {
+  NamedTensors out;
+  for (const auto& item : model.named_buffers()) out.emplace_back(item.key(), item.value().detach());
   return out;
 }
 
 void load_weights(models::Model& model, const NamedTensors& weights, const std::string& source) {
   auto params = model.named_parameters();
-  if (weights.size() != params.size()) {
-    throw InputError(source + ": has " + std::to_string(weights.size()) + " tensors, model '" +
-                     model.spec().str() + "' has " + std::to_string(params.size()) + " parameters");
+  auto buffers = model.named_buffers();
+  if (weights.size() != params.size() + buffers.size()) {
+    throw InputError(source + ": has " + std::to_string(weights.size()) + " tensors, model '" + model.spec().str() +
+                     "' has " + std::to_string(params.size()) + " parameters" +
+                     (buffers.is_empty() ? "" : " and " + std::to_string(buffers.size()) + " buffers"));
   }
   at::NoGradGuard no_grad;
   for (const auto& [name, t] : weights) {
     at::Tensor* p = params.find(name);
+    if (!p) p = buffers.find(name);
     if (!p) throw InputError(source + ": unexpected tensor '" + name + "' for model '" + model.spec().str() + "'");
     if (t.scalar_type() != p->scalar_type()) {
       throw InputError(source + ": tensor '" + name + "' is " + std::string(c10::toString(t.scalar_type())) +
@@ -123,8 +142,9 @@ StepRecord Stepper::step(const at::Tensor& x, const at::Tensor& y, double lr, bo
   rec.grad_norm = std::sqrt(grad_sq);
   for (const auto& l : layer_order) rec.layer_grad_norms.emplace_back(l, std::sqrt(layer_sq[l]));
 
-  if (per_example && model_.taps().empty()) {
-    rec.pe_grad_min = rec.pe_grad_median = rec.pe_grad_max = NAN;  // no taps: logged as null
+  if (per_example && (model_.taps().empty() || model_.batch_coupled() || !model_.norm_sites().empty())) {
+    // No taps, or parameters outside them (BatchNorm's), whose examples are coupled: logged as null.
+    rec.pe_grad_min = rec.pe_grad_median = rec.pe_grad_max = NAN;
   } else if (per_example) {
     std::vector<double> v = per_example_grad_sq_norms_vec(model_.taps(), static_cast<double>(x.size(0)));
     for (double& e : v) e = std::sqrt(e);

@@ -36,6 +36,13 @@ nlohmann::json dropout_sites_json(const models::Model& model) {
   return sites;
 }
 
+/// The model's BatchNorm modules (a `:bn` model's), by name: in training mode in every step.
+nlohmann::json batchnorm_json(const models::Model& model) {
+  nlohmann::json names = nlohmann::json::array();
+  for (const auto& site : model.norm_sites()) names.push_back(site.name);
+  return names;
+}
+
 nlohmann::json make_manifest(const RunContext& ctx, const std::string& command_line) {
   nlohmann::json params = nlohmann::json::array();
   for (const auto& item : ctx.model->named_parameters()) {
@@ -53,7 +60,7 @@ nlohmann::json make_manifest(const RunContext& ctx, const std::string& command_l
       {"model", {{"spec", ctx.model->spec().str()}, {"num_classes", ctx.num_classes},
                  {"input_shape", {1, ctx.train.height(), ctx.train.width()}},
                  {"num_parameters", ctx.stepper->num_parameters()}, {"parameters", params},
-                 {"dropout_sites", dropout_sites_json(*ctx.model)}}},
+                 {"dropout_sites", dropout_sites_json(*ctx.model)}, {"batchnorm", batchnorm_json(*ctx.model)}}},
       {"data", {{"dir", c.data_dir}, {"files", data_file_digests(ctx)}, {"train_examples", ctx.train.size()},
                 {"test_examples", ctx.test.size()},
                 {"normalization", {{"mode", c.normalize}, {"mean", ctx.normalization.mean},
@@ -317,7 +324,7 @@ TrainSummary run_loop(const RunDir& dir, RunContext& ctx, int64_t start, double 
     const auto [x, y] = ctx.batch(idx);
     StepRecord rec;
     {
-      const models::TrainingForward training(*ctx.model, ctx.step_context(k, x.size(0)));  // Dropout masks
+      const models::TrainingForward training(*ctx.model, ctx.step_context(k, x.size(0), true));  // masks, batch statistics
       rec = ctx.stepper->step(x, y, ctx.schedule->at(k), /*per_example=*/true);
     }
     rec.step = k;

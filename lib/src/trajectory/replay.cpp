@@ -133,7 +133,7 @@ Replayer::LoggedStep Replayer::logged_step(int64_t k, at::ScalarType dtype) cons
   s.x = to_inputs(ctx_->train.images.index_select(0, s.indices), dtype, ctx_->normalization);
   s.y = ctx_->train.labels.index_select(0, s.indices);
   s.settings.options = ctx_->stepper->optimizer().options();  // one setting for the whole run
-  s.context = ctx_->step_context(k, s.indices.size(0));        // the step's Dropout masks, drawn again
+  s.context = ctx_->step_context(k, s.indices.size(0), false);  // its Dropout masks drawn again, BatchNorm on copies
   return s;
 }
 
@@ -142,7 +142,7 @@ StepRecord Replayer::replay_step(int64_t k) {
   const auto& rec = log_.at(static_cast<size_t>(k));
   const std::vector<int64_t> idx = rec.at("batch").get<std::vector<int64_t>>();
   const auto [x, y] = ctx_->batch(idx);
-  const models::TrainingForward training(*ctx_->model, ctx_->step_context(k, x.size(0)));  // as trained
+  const models::TrainingForward training(*ctx_->model, ctx_->step_context(k, x.size(0), true));  // as trained
   StepRecord r = ctx_->stepper->step(x, y, rec.at("lr").get<double>(), /*per_example=*/false);
   r.step = k;
   current_ = k + 1;
@@ -173,7 +173,21 @@ void Replayer::seek(int64_t step) {
 
 NamedTensors Replayer::weights_at(int64_t step) {
   seek(step);
+  NamedTensors out = named_parameters_of(*ctx_->model);
+  for (auto& [name, t] : out) t = t.clone();
+  return out;
+}
+
+NamedTensors Replayer::state_dict_at(int64_t step) {
+  seek(step);
   NamedTensors out = state_dict_of(*ctx_->model);
+  for (auto& [name, t] : out) t = t.clone();
+  return out;
+}
+
+NamedTensors Replayer::buffers_at(int64_t step) {
+  seek(step);
+  NamedTensors out = named_buffers_of(*ctx_->model);
   for (auto& [name, t] : out) t = t.clone();
   return out;
 }

@@ -49,6 +49,7 @@ class ReplayTrajectory : public Trajectory {
   at::Tensor image(const std::string& split, int64_t i) const override { return data(split).images[i][0]; }
   const std::vector<int64_t>& checkpoints() const override { return replay_.checkpoints(); }
   NamedTensors weights_at(int64_t k) override { return replay_.weights_at(k); }
+  NamedTensors buffers_at(int64_t k) override { return replay_.buffers_at(k); }
   LoggedStep logged_step(int64_t k, at::ScalarType dtype) const override { return replay_.logged_step(k, dtype); }
   double logged_grad_norm(int64_t k) const override {
     return replay_.step_log().at(static_cast<size_t>(k)).at("grad_norm").get<double>();

@@ -40,8 +40,10 @@ struct RunContext {
   std::pair<at::Tensor, at::Tensor> batch(const std::vector<int64_t>& indices) const;
   /// What step k's training forward of `rows` examples uses that a prediction does not: the
   /// Dropout masks of a `:dropout=P` model, drawn from the seed and the step
-  /// (models::draw_dropout_masks), so that a replay draws them again; empty otherwise.
-  models::TrainingContext step_context(int64_t k, int64_t rows) const;
+  /// (models::draw_dropout_masks), so that a replay draws them again, and every BatchNorm of a
+  /// `:bn` model in training mode, moving its running statistics when `moves_statistics` (the
+  /// step itself, in training or replay; not in an analysis); empty otherwise.
+  models::TrainingContext step_context(int64_t k, int64_t rows, bool moves_statistics) const;
   /// Test-set accuracy of the current weights (chunked, no autograd).
   double test_accuracy() const;
   /// What is saved beside the weights of `step`: the sampler position and the optimizer state.

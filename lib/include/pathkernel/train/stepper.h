@@ -79,10 +79,15 @@ class Stepper {
   std::unique_ptr<Optimizer> optimizer_;
 };
 
-/// The model's parameters as name -> tensor in state_dict order (detached views, not copies).
+/// The model's state_dict as torch.nn orders it (each module's parameters, then its buffers:
+/// a BatchNorm's running statistics and batch count), name -> tensor (detached views, not copies).
+/// What a checkpoint holds.
 NamedTensors state_dict_of(models::Model& model);
-/// Copies `weights` into the model's parameters. Throws InputError naming `source` on a missing
-/// name, an extra name, or a shape mismatch.
+/// The parameters alone, in state_dict order; the buffers alone.
+NamedTensors named_parameters_of(models::Model& model);
+NamedTensors named_buffers_of(models::Model& model);
+/// Copies `weights` (a state_dict: parameters and buffers) into the model. Throws InputError
+/// naming `source` on a missing name, an extra name, or a shape or dtype mismatch.
 void load_weights(models::Model& model, const NamedTensors& weights, const std::string& source);
 
 }  // namespace pathkernel

@@ -41,8 +41,12 @@ class Replayer {
   void seek(int64_t step);
   /// The step whose weights the model holds.
   int64_t current_step() const { return current_; }
-  /// The weights at `step` (copies, state_dict order).
+  /// The weights (parameters) at `step` (copies, state_dict order).
   NamedTensors weights_at(int64_t step);
+  /// The model's buffers at `step` (a `:bn` model's running statistics and batch counts; copies).
+  NamedTensors buffers_at(int64_t step);
+  /// The whole state_dict at `step` (parameters and buffers, as a checkpoint holds it; copies).
+  NamedTensors state_dict_at(int64_t step);
 
   /// The logged step k's learning rate and batch: indices int64 [M], inputs [M, ...] in `dtype`
   /// (normalized as in training), labels int64 [M]. The log was checked at construction.

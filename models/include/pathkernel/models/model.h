@@ -87,6 +87,10 @@ struct RowSegment {
 struct TrainingContext {
   std::map<std::string, torch::Tensor> dropout_masks;
   std::vector<std::string> batchnorm_train;
+  /// The training step itself (a zoo model in `pathkernel train` and its replay): the BatchNorm
+  /// modules in batchnorm_train move their own running statistics and count the batch, as
+  /// torch.nn's do. False (every analysis): they run on copies, dropped when the context ends.
+  bool moves_statistics = false;
   bool empty() const { return dropout_masks.empty() && batchnorm_train.empty(); }
 };
 
@@ -97,6 +101,14 @@ struct DropoutSite {
   std::string name;
   double p = 0;
   std::vector<int64_t> shape;  ///< one example's activations at the site
+};
+
+/// A BatchNorm module of a zoo model (spec `:bn`; momentum 0.1, eps 1e-5, affine, as torch.nn's
+/// BatchNorm1d/2d): its parameters and buffers under `name` as torch.nn names them. A prediction
+/// normalizes by the running statistics; a step's training forward by the batch's own.
+struct NormSite {
+  std::string name;
+  torch::Tensor weight, bias, running_mean, running_var, tracked;
 };
 
 /// Base class of the zoo's models. Parameters are registered in forward order with PyTorch
@@ -139,6 +151,13 @@ class Model : public torch::nn::Module {
 
   /// The model's own Dropout sites in forward order (the zoo's `:dropout=P`; none elsewhere).
   const std::vector<DropoutSite>& dropout_sites() const { return dropout_sites_; }
+  /// The model's own BatchNorm modules in forward order (the zoo's `:bn`; none elsewhere).
+  const std::vector<NormSite>& norm_sites() const { return norm_sites_; }
+
+  /// Converts parameters and floating buffers to `dtype`; a BatchNorm's batch count stays int64
+  /// (LibTorch's Module::to would convert it too, torch.nn's does not).
+  using torch::nn::Module::to;
+  void to(torch::Dtype dtype, bool non_blocking = false) override;
 
   /// The spec this model was built from.
   const ModelSpec& spec() const { return spec_; }
@@ -153,6 +172,11 @@ class Model : public torch::nn::Module {
   /// Throws std::invalid_argument for a site the model does not have or a mask of another shape.
   virtual void apply_training_context(const TrainingContext& ctx);
 
+  /// Registers a BatchNorm module's tensors (NormSite) and returns its index for batchnorm().
+  size_t add_batchnorm(NormSite site);
+  /// The module's output: x normalized by the batch's statistics when the training context lists
+  /// it, else by its running statistics.
+  torch::Tensor batchnorm(size_t site, const torch::Tensor& x) const;
   /// Registers a Dropout site (DropoutSite) and returns its index for dropout().
   size_t add_dropout_site(std::string name, double p, std::vector<int64_t> shape);
   /// The site's output: x times its mask over 1 - p in a training context with a mask for it; x
@@ -184,6 +208,16 @@ class Model : public torch::nn::Module {
   RowSegment segment_;
   std::vector<DropoutSite> dropout_sites_;
   std::vector<torch::Tensor> dropout_masks_;  ///< per site: the context's mask over 1 - p, or undefined
+  /// Per BatchNorm module in the current context: in training mode, and the statistics it moves
+  /// (its own, or copies of them).
+  struct NormRun {
+    bool train = false, moves = false;
+    torch::Tensor mean, var;
+  };
+  std::vector<NormSite> norm_sites_;
+  std::vector<NormRun> norm_runs_;
+  void apply_masks(const TrainingContext& ctx);
+  void apply_norms(const TrainingContext& ctx);
   std::vector<torch::Tensor> segment_inputs_;  // each tap's input of the running forward
   size_t next_site_ = 0;
   int64_t layers_done_ = 0;

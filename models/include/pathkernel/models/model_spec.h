@@ -23,13 +23,17 @@ struct ModelSpec {
   /// Dropout's rate p in (0, 1) at the model's Dropout sites (mlp: after each hidden activation;
   /// cnn: before the linear head), 0 for none. The sites act in a step's training forward only.
   double dropout = 0;
+  /// `:bn`: BatchNorm (momentum 0.1, eps 1e-5, affine, as torch.nn's) after each hidden Linear of
+  /// an mlp (BatchNorm1d) and after each conv of a cnn (BatchNorm2d), before the activation.
+  bool batchnorm = false;
 
   /// The canonical spec string; parse_model_spec(s.str()) == s.
   std::string str() const;
 };
 
 /// Parses a spec string. Grammar:
-///   linear | quadratic[:WIDTH] | mlp:W1[,W2...][:ACT][:dropout=P] | cnn:C1,C2[:ACT][:dropout=P] | toy:wave
+///   linear | quadratic[:WIDTH] | mlp:W1[,W2...][:ACT][:bn][:dropout=P] | cnn:C1,C2[:ACT][:bn][:dropout=P] |
+///   toy:wave
 /// Throws std::invalid_argument naming the spec and what is wrong.
 ModelSpec parse_model_spec(const std::string& spec);
 
