@@ -31,7 +31,7 @@ class DenseNet : public Model {
       add_tap("layers." + std::to_string(i), LayerKind::kLinear, layer->weight, layer->bias);
       linears_.push_back(layer);
       if (spec.batchnorm && i + 1 < outs.size()) {
-        torch::nn::BatchNorm1d bn(torch::nn::BatchNorm1dOptions(outs[i]));
+        torch::nn::BatchNorm1d bn{torch::nn::BatchNorm1dOptions(outs[i])};
         norms_->push_back(bn);
         add_batchnorm({"norms." + std::to_string(i), bn->weight, bn->bias, bn->running_mean, bn->running_var,
                        bn->num_batches_tracked});
@@ -85,7 +85,7 @@ class SmallCnn : public Model {
     if (spec.batchnorm) {
       norms_ = register_module("norms", torch::nn::ModuleList());
       for (size_t i = 0; i < 2; ++i) {
-        torch::nn::BatchNorm2d bn(torch::nn::BatchNorm2dOptions(spec.widths[i]));
+        torch::nn::BatchNorm2d bn{torch::nn::BatchNorm2dOptions(spec.widths[i])};
         norms_->push_back(bn);
         add_batchnorm({"norms." + std::to_string(i), bn->weight, bn->bias, bn->running_mean, bn->running_var,
                        bn->num_batches_tracked});

@@ -168,8 +168,9 @@ class Model : public torch::nn::Module {
   Model(ModelSpec spec, int64_t num_classes) : spec_(std::move(spec)), num_classes_(num_classes) {}
 
   /// Applies a training context (set_training_context): masks for the model's own Dropout sites
-  /// (each [M, *shape] of 0 and 1, M the batch's rows); no BatchNorm in the zoo.
-  /// Throws std::invalid_argument for a site the model does not have or a mask of another shape.
+  /// (each [M, *shape] of 0 and 1, M the batch's rows) and training mode for its own BatchNorm
+  /// modules. Throws std::invalid_argument for a site or module the model does not have or a mask
+  /// of another shape.
   virtual void apply_training_context(const TrainingContext& ctx);
 
   /// Registers a BatchNorm module's tensors (NormSite) and returns its index for batchnorm().
