@@ -20,7 +20,7 @@ void add_train_options(cxxopts::Options& opts, TrainConfig& c, bool with_lr) {
   // clang-format off
   opts.add_options("training")
     ("data", "MNIST-style IDX folder", cxxopts::value(c.data_dir)->default_value(c.data_dir))
-    ("model", "linear | quadratic[:W] | mlp:W1[,W2..][:tanh|relu|softplus|gelu] | cnn:C1,C2[:ACT]",
+    ("model", "linear | quadratic[:W] | mlp:W1[,W2..][:ACT][:bn][:dropout=P] | cnn:C1,C2[:ACT][:bn][:dropout=P] | toy:wave; ACT: tanh|relu|leaky_relu|softplus|gelu",
      cxxopts::value(c.model)->default_value(c.model))
     ("steps", "number of SGD steps", cxxopts::value(c.steps))
     ("epochs", "number of epochs (instead of --steps)", cxxopts::value(c.epochs))
