@@ -3,7 +3,10 @@
 // compared with the zoo's factorized kernels on the same CNN, and with finite differences on a
 // custom residual + LayerNorm module; damaged archives are refused naming the file.
 #include <ATen/ATen.h>
+#include <ATen/BatchedTensorImpl.h>
+#include <ATen/core/stack.h>
 #include <torch/csrc/autograd/autograd.h>
+#include <torch/library.h>
 
 #include <map>
 
@@ -217,6 +220,94 @@ TEST(ScriptedModelTest, AForwardModeThatDisagreesWithTheRowsIsNotTaken) {
   std::string why;
   EXPECT_EQ(choose_jvp_mode(m, x, cols, &why), std::optional<JvpMode>(JvpMode::kDoubleBackward));
   EXPECT_NE(why.find("off the gradient rows"), std::string::npos) << why;
+}
+
+/// Every layout tangent_rules.cpp's convolution rule sees: a strided stem with bias (weight
+/// batched: directions as output channels), a dilated conv without bias and a grouped conv (input
+/// and weight batched in separate calls; groups: one call per direction), a transposed conv (its
+/// weight's tangent: one call per direction), a mean over two dimensions kept, a linear head.
+class ConvLayouts : public models::Model {
+ public:
+  ConvLayouts() : Model(models::ModelSpec{"torchscript", {}, "none"}, 5) {
+    w1_ = register_parameter("w1", at::randn({4, 1, 3, 3}, at::kDouble));
+    b1_ = register_parameter("b1", at::randn({4}, at::kDouble));
+    w2_ = register_parameter("w2", at::randn({4, 4, 3, 3}, at::kDouble) * 0.3);
+    w3_ = register_parameter("w3", at::randn({4, 2, 3, 3}, at::kDouble) * 0.3);
+    b3_ = register_parameter("b3", at::randn({4}, at::kDouble));
+    w4_ = register_parameter("w4", at::randn({4, 3, 2, 2}, at::kDouble) * 0.3);
+    b4_ = register_parameter("b4", at::randn({3}, at::kDouble));
+    w5_ = register_parameter("w5", at::randn({5, 3}, at::kDouble));
+    b5_ = register_parameter("b5", at::randn({5}, at::kDouble));
+  }
+  torch::Tensor forward(const torch::Tensor& x) override {
+    at::Tensor h = at::tanh(at::conv2d(x, w1_, b1_, {2, 2}, {1, 1}));                // [N, 4, 6, 6]
+    h = at::relu(at::conv2d(h, w2_, {}, {1, 1}, {2, 2}, {2, 2})) + h;               // dilated, no bias
+    h = at::tanh(at::conv2d(h, w3_, b3_, {1, 1}, {1, 1}, {1, 1}, 2));               // two groups
+    h = at::conv_transpose2d(h, w4_, b4_, {2, 2});                                  // [N, 3, 12, 12]
+    return at::linear(at::sigmoid(h.mean({2, 3}, /*keepdim=*/true).flatten(1)), w5_, b5_);
+  }
+
+ private:
+  at::Tensor w1_, b1_, w2_, w3_, b3_, w4_, b4_, w5_, b5_;
+};
+
+/// Four directions in one forward against one forward each and against the rows (1e-12).
+void expect_batched_directions_match(models::Model& m, const at::Tensor& x, const at::Tensor& cols) {
+  std::vector<ParamMap> v;
+  for (int i = 0; i < 4; ++i) v.push_back(random_direction(m));
+  const std::vector<const ParamMap*> dirs = {&v[0], &v[1], &v[2], &v[3]};
+  at::Tensor logits;
+  const auto got = probe_jvps(m, x, cols, dirs, &logits, JvpMode::kForwardBatched);
+  const auto each = probe_jvps(m, x, cols, dirs, nullptr, JvpMode::kForward);
+  const at::Tensor rows = explicit_probe_jacobian(m, x, cols);
+  ASSERT_EQ(got.size(), 4u);
+  for (size_t i = 0; i < 4; ++i) {
+    EXPECT_LT(max_rel(got[i], each[i]), 1e-12) << i;
+    EXPECT_LT(max_rel(got[i], rows.mv(flatten_params(m, v[i]))), 1e-12) << i;
+  }
+  EXPECT_LT(max_rel(logits, forward_nograd(m, x)), 1e-15);
+  std::string why;
+  EXPECT_EQ(choose_forward_batching(m, x, cols, &why), JvpMode::kForwardBatched) << why;
+}
+
+TEST(ScriptedModelTest, AllDirectionsInOneForwardEqualOneForwardPerDirection) {
+  at::manual_seed(6);
+  ConvLayouts conv;
+  const at::Tensor x = at::randn({3, 1, 12, 12}, at::kDouble);
+  expect_batched_directions_match(conv, x, at::tensor({0, 4, 2, 1, 3, 3}, at::kLong).reshape({3, 2}));
+  auto cnn = scripted("scripted_cnn.pt", 4);  // TorchScript: conv, tanh, max-pool, linear
+  expect_batched_directions_match(*cnn, at::rand({3, 1, 8, 8}, at::kDouble), at::tensor({0, 3, 2}, at::kLong).reshape({3, 1}));
+  auto res = scripted("scripted_resnorm.pt", 3);  // residual, LayerNorm
+  expect_batched_directions_match(*res, at::randn({4, 16}, at::kDouble), at::tensor({0, 2, 1, 1}, at::kLong).reshape({4, 1}));
+}
+
+/// A deliberately wrong batching rule for mean.dim: twice the mean.
+void twice_the_mean(const c10::OperatorHandle&, torch::jit::Stack* s) {
+  const auto a = torch::jit::last(*s, 4);
+  const at::BatchedTensorImpl* bt = at::maybeGetBatchedImpl(a[0].toTensor());
+  const at::Tensor x = bt->value().movedim(bt->bdims()[0].dim(), 0);
+  std::vector<int64_t> dims = a[1].toIntVector();
+  for (int64_t& d : dims) d = c10::maybe_wrap_dim(d, x.dim() - 1) + 1;
+  const at::Tensor r = at::mean(x, dims, a[2].toBool()) * 2;
+  const int64_t level = bt->bdims()[0].level();
+  torch::jit::drop(*s, 4);
+  s->emplace_back(at::makeBatched(r, {at::BatchDim(level, 0)}));
+}
+
+TEST(ScriptedModelTest, AWrongBatchingRuleKeepsOneForwardPerDirection) {
+  at::manual_seed(7);
+  ConvLayouts m;
+  const at::Tensor x = at::randn({2, 1, 12, 12}, at::kDouble);
+  const at::Tensor cols = at::tensor({1, 4}, at::kLong).reshape({2, 1});
+  std::string why;
+  ASSERT_EQ(choose_forward_batching(m, x, cols, &why), JvpMode::kForwardBatched) << why;
+  {
+    torch::Library wrong(torch::Library::IMPL, "aten", c10::DispatchKey::Batched, __FILE__, __LINE__);
+    wrong.impl("mean.dim", torch::CppFunction::makeFromBoxedFunction<&twice_the_mean>());
+    EXPECT_EQ(choose_forward_batching(m, x, cols, &why), JvpMode::kForward);
+    EXPECT_NE(why.find("off one forward per direction"), std::string::npos) << why;
+  }
+  EXPECT_EQ(choose_forward_batching(m, x, cols, &why), JvpMode::kForwardBatched) << why;
 }
 
 TEST(ScriptedModelTest, SecondOrderAllRowsAtOnceOnlyWhereItAgreesWithPerRowProducts) {

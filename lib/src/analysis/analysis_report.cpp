@@ -201,6 +201,7 @@ nlohmann::json summary_json(const AnalysisResult& r, const AnalyzeConfig& c) {
           {"kernel_route_used", r.route},
           {"kernel_route_reason", r.route_reason},
           {"products_used", r.products},
+          {"products_reason", r.products_why},
           {"probe_rows_used", r.rows_used},
           {"kernel_term", r.uses_kopt ? "Kopt" : "K"},
           {"mean_abs_sum_Kopt", r.kopt.sum(0).abs().mean().item<double>()},

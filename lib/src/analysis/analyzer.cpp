@@ -211,6 +211,12 @@ class Driver {
       }
       res_.products = !jvp_route_ ? "rows" : jvp_mode_ == JvpMode::kForward ? "forward" : "double-backward";
     }
+    if (jvp_route_ && jvp_mode_ == JvpMode::kForward) {  // how the step's directions are carried
+      std::string how;
+      jvp_mode_ = choose_forward_batching(*model_, xp_, res_.outputs, &how);
+      why = why.empty() ? how : why + "; " + how;
+    }
+    res_.products_why = why;
     spdlog::info("probe products J v: {}{}", res_.products, why.empty() ? "" : " (" + why + ")");
   }
 

@@ -279,19 +279,6 @@ TORCH_LIBRARY_IMPL(aten, Batched, m) {
   m.impl("native_batch_norm_backward", torch::CppFunction::makeFromBoxedFunction<&batch_norm_rule>());
 }
 
-/// One vmap level for the life of the object.
-class VmapLevel {
- public:
-  VmapLevel() : id_(at::impl::VmapMode::increment_nesting()) {}
-  ~VmapLevel() { at::impl::VmapMode::decrement_nesting(); }
-  VmapLevel(const VmapLevel&) = delete;
-  VmapLevel& operator=(const VmapLevel&) = delete;
-  int64_t id() const { return id_; }
-
- private:
-  int64_t id_;
-};
-
 /// Collects the names of the operators ATen's vmap fallback ran while it is installed (its
 /// warnings are shown only while the context's switch is on); passes other warnings on.
 class FallbackRecorder : public c10::WarningHandler {
@@ -337,6 +324,8 @@ class QuietOverride : public c10::WarningHandler {
   c10::WarningHandler* prev_;
 };
 
+}  // namespace
+
 /// mm and bmm have Batched kernels of LibTorch's own: product_rule replaces them on first use (a
 /// registration at load time would print the dispatcher's notice in every run of every program).
 void use_product_rules() {
@@ -349,8 +338,6 @@ void use_product_rules() {
     return l;
   }();
 }
-
-}  // namespace
 
 void batched_output_rows(const std::vector<at::Tensor>& params, const at::Tensor& out, const at::Tensor& cols,
                          at::Tensor rows, std::vector<std::string>* fallbacks) {

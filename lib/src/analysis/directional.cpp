@@ -2,11 +2,13 @@
 // Jacobian-vector products (forward mode, or the double backward) and S = 1/2 dw^T H dw, each
 // mode checked on the first probe against explicit rows (kernels.h).
 #include <ATen/ATen.h>
+#include <spdlog/spdlog.h>
 #include <torch/csrc/autograd/autograd.h>
 
 #include <optional>
 #include <string>
 
+#include "pathkernel/analysis/batched_rows.h"
 #include "pathkernel/analysis/kernels.h"
 
 namespace pathkernel {
@@ -52,16 +54,25 @@ at::Tensor second_order_per_row(models::Model& model, const at::Tensor& x, const
 namespace {
 
 /// The line of an error that names the operator (LibTorch's TorchScript interpreter wraps it).
-std::string operator_line(const c10::Error& e) {
-  const std::string what = e.what_without_backtrace();
+std::string operator_line(const std::string& what) {
   for (size_t at_ = 0; at_ < what.size();) {
     size_t end = what.find('\n', at_);
     if (end == std::string::npos) end = what.size();
     const std::string line = what.substr(at_, end - at_);
-    if (line.find("not implemented") != std::string::npos || line.find("not support") != std::string::npos) return line;
+    for (const char* marker : {"not implemented", "not support", "vmap:"}) {
+      if (line.find(marker) != std::string::npos) return line;
+    }
     at_ = end + 1;
   }
   return what.substr(0, what.find('\n'));
+}
+
+std::string operator_line(const c10::Error& e) { return operator_line(e.what_without_backtrace()); }
+
+/// operator_line of any exception (c10::Error, the TorchScript interpreter's own).
+std::string failure_line(const std::exception& e) {
+  if (const auto* c = dynamic_cast<const c10::Error*>(&e)) return operator_line(*c);
+  return operator_line(std::string(e.what()));
 }
 
 }  // namespace
@@ -171,6 +182,56 @@ std::vector<at::Tensor> forward_mode_jvps(models::Model& model, const at::Tensor
   return out;
 }
 
+/// Forward mode with every direction in one pass: the parameters' tangents are the directions
+/// stacked as a vmap batch, so the primal forward runs once and each operator's tangent formula
+/// runs once on all directions (tangent_rules.cpp for convolution and mean, ATen's rules or loop
+/// fallback for the rest).
+std::vector<at::Tensor> all_directions_in_one_forward(models::Model& model, const at::Tensor& x, const at::Tensor& cols,
+                                                      const std::vector<const ParamMap*>& dirs, at::Tensor* logits) {
+  use_tangent_rules();
+  at::NoGradGuard ng;
+  const auto nd = static_cast<int64_t>(dirs.size());
+  at::Tensor tangents;  // [nd, P, C]
+  at::Tensor y;
+  {
+    const DualLevel dual;
+    const VmapLevel level;
+    for (const auto& item : model.named_parameters()) {
+      const at::Tensor& p = item.value();
+      std::vector<at::Tensor> stack;
+      for (const ParamMap* v : dirs) stack.push_back(v->at(item.key()).to(p.options()));
+      item.value()._set_fw_grad(at::_add_batch_dim(at::stack(stack), 0, level.id()), dual.level(), false);
+    }
+    const at::Tensor out = model.forward(x);
+    const auto [primal, tangent] = at::_unpack_dual(out, dual.level());
+    y = primal.clone();
+    if (tangent.defined()) tangents = at::_remove_batch_dim(tangent, level.id(), nd, 0).contiguous();
+  }
+  if (logits) *logits = y;
+  std::vector<at::Tensor> res;
+  for (int64_t i = 0; i < nd; ++i) {
+    res.push_back(tangents.defined() ? tangents[i].gather(1, cols).reshape({-1}).clone()
+                                     : at::zeros({cols.numel()}, y.options()));
+  }
+  return res;
+}
+
+/// All directions in one forward where the probes' forward allows it; where an operator's
+/// batching fails (choose_forward_batching tries it on every probe, so only in a forward it did
+/// not see), one forward per direction, with a warning naming the operator once per process.
+std::vector<at::Tensor> batched_forward_jvps(models::Model& model, const at::Tensor& x, const at::Tensor& cols,
+                                             const std::vector<const ParamMap*>& dirs, at::Tensor* logits) {
+  if (dirs.size() < 2) return forward_mode_jvps(model, x, cols, dirs, logits);
+  try {
+    return all_directions_in_one_forward(model, x, cols, dirs, logits);
+  } catch (const std::exception& e) {  // c10::Error, or the TorchScript interpreter's own
+    static bool warned = false;
+    if (!warned) spdlog::warn("J v: one forward per direction (all directions in one forward failed: {})", failure_line(e));
+    warned = true;
+  }
+  return forward_mode_jvps(model, x, cols, dirs, logits);
+}
+
 std::vector<at::Tensor> double_backward_jvps(models::Model& model, const at::Tensor& x, const at::Tensor& cols,
                                              const std::vector<const ParamMap*>& dirs, at::Tensor* logits) {
   const at::AutoGradMode grad_on(true);
@@ -218,8 +279,15 @@ std::vector<at::Tensor> double_backward_jvps(models::Model& model, const at::Ten
 std::vector<at::Tensor> probe_jvps(models::Model& model, const at::Tensor& x, const at::Tensor& cols,
                                    const std::vector<const ParamMap*>& dirs, at::Tensor* logits, JvpMode mode) {
   const CaptureOff off(model);
-  return mode == JvpMode::kForward ? forward_mode_jvps(model, x, cols, dirs, logits)
-                                   : double_backward_jvps(model, x, cols, dirs, logits);
+  switch (mode) {
+    case JvpMode::kForward:
+      return forward_mode_jvps(model, x, cols, dirs, logits);
+    case JvpMode::kForwardBatched:
+      return batched_forward_jvps(model, x, cols, dirs, logits);
+    case JvpMode::kDoubleBackward:
+      break;
+  }
+  return double_backward_jvps(model, x, cols, dirs, logits);
 }
 
 std::optional<JvpMode> choose_jvp_mode(models::Model& model, const at::Tensor& x, const at::Tensor& cols,
@@ -254,6 +322,37 @@ std::optional<JvpMode> choose_jvp_mode(models::Model& model, const at::Tensor& x
   }
   if (why) *why = "neither forward-mode AD (" + failed[0] + ") nor double backward (" + failed[1] + ") for the model: the gradient rows";
   return std::nullopt;
+}
+
+JvpMode choose_forward_batching(models::Model& model, const at::Tensor& x, const at::Tensor& cols, std::string* why) {
+  // Two directions in general position on every probe (a layout can depend on the number of
+  // probes), against one forward per direction.
+  const at::Tensor& x1 = x;
+  const at::Tensor& c1 = cols;
+  ParamMap v[2];
+  const at::Generator gen = at::detail::createCPUGenerator(20251);
+  for (auto& d : v) {
+    for (const auto& item : model.named_parameters()) d[item.key()] = at::randn(item.value().sizes(), gen, item.value().options());
+  }
+  std::string failed;
+  try {
+    const auto want = probe_jvps(model, x1, c1, {&v[0], &v[1]}, nullptr, JvpMode::kForward);
+    const auto got = all_directions_in_one_forward(model, x1, c1, {&v[0], &v[1]}, nullptr);
+    double err = 0;
+    for (int i = 0; i < 2; ++i) {
+      const double scale = std::max(want[i].abs().max().item<double>(), 1e-300);
+      err = std::max(err, (got[i] - want[i]).abs().max().item<double>() / scale);
+    }
+    if (err <= 1e-9) {
+      if (why) *why = "every direction in one forward (agrees with one forward per direction on the probes)";
+      return JvpMode::kForwardBatched;
+    }
+    failed = "off one forward per direction by " + std::to_string(err) + " of its scale";
+  } catch (const std::exception& e) {  // c10::Error, BatchedRowsUnsupported, the interpreter's own
+    failed = failure_line(e);
+  }
+  if (why) *why = "one forward per direction (all directions in one forward: " + failed + ")";
+  return JvpMode::kForward;
 }
 
 }  // namespace pathkernel

@@ -190,6 +190,7 @@ StoredAnalysis read_analysis(const fs::path& dir) {
     r.route = s.at("kernel_route_used").get<std::string>();
     r.route_reason = s.value("kernel_route_reason", "");
     r.products = s.value("products_used", "");
+    r.products_why = s.value("products_reason", "");
     r.rows_used = s.value("probe_rows_used", "");
     r.uses_kopt = s.at("kernel_term").get<std::string>() == "Kopt";
     r.contiguous = s.at("identity_applies").get<bool>();

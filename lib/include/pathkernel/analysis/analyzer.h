@@ -186,6 +186,7 @@ struct AnalysisResult {
   std::string route;                   ///< the kernel route taken: factorized, explicit or torchscript
   std::string route_reason;            ///< why that route (and a hint when it is the slow one)
   std::string products;                ///< how J v was formed: forward, double-backward or rows
+  std::string products_why;            ///< why that way, and whether forward mode carried all directions at once
   std::string rows_used;               ///< how the explicit route formed probe rows (empty: none formed)
   /// The optimizer has memory (momentum, Adam's moments) or a preconditioner: Eq. 9 uses Kopt.
   bool uses_kopt = false;

@@ -12,6 +12,7 @@
 /// those, so that a caller can keep one backward per row for such models.
 
 #include <ATen/Tensor.h>
+#include <ATen/VmapMode.h>
 
 #include <stdexcept>
 #include <string>
@@ -35,5 +36,26 @@ void batched_output_rows(const std::vector<at::Tensor>& params, const at::Tensor
 /// Writes C rows of gradients into `rows` [C, n_params]: grads[i] (C gradients of params[i],
 /// [C, *shape] or, for C = 1, [*shape]; undefined: zeros) at params[i]'s columns, in order.
 void gradients_into_rows(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads, at::Tensor rows);
+
+/// Replaces LibTorch's Batched kernels of mm and bmm by rules that fold the batch into one
+/// product (once per process; batched_output_rows calls it).
+void use_product_rules();
+
+/// Installs, once per process, the rules for a forward-mode pass whose parameters' tangents carry
+/// several directions as a batch (tangent_rules.cpp: convolution, mean), and mm's and bmm's.
+void use_tangent_rules();
+
+/// One vmap level for the life of the object.
+class VmapLevel {
+ public:
+  VmapLevel() : id_(at::impl::VmapMode::increment_nesting()) {}
+  ~VmapLevel() { at::impl::VmapMode::decrement_nesting(); }
+  VmapLevel(const VmapLevel&) = delete;
+  VmapLevel& operator=(const VmapLevel&) = delete;
+  int64_t id() const { return id_; }
+
+ private:
+  int64_t id_;
+};
 
 }  // namespace pathkernel

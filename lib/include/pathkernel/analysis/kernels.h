@@ -103,11 +103,12 @@ at::Tensor flatten_params(models::Model& model, const ParamMap& v);
 /// as probe_signals (row p*C' + j is output cols[p][j]); the model's outputs [P, num_classes] in
 /// `logits` when given. An independent route to row_directional: the analyzer's K and F on the
 /// steps whose per-example split it does not need.
-/// How probe_jvps forms J v: forward-mode AD (one forward with tangents per direction), or the
+/// How probe_jvps forms J v: forward-mode AD (one forward with tangents per direction, or one
+/// forward whose tangents carry every direction as a vmap batch), or the
 /// double-backward trick (one forward and one differentiable backward of the probes, then one
 /// backward per direction: J v = d/du <J^T u, v>), which needs only the backward formulas of
 /// every operator and their derivative in the incoming gradient.
-enum class JvpMode { kForward, kDoubleBackward };
+enum class JvpMode { kForward, kDoubleBackward, kForwardBatched };
 
 std::vector<at::Tensor> probe_jvps(models::Model& model, const at::Tensor& x, const at::Tensor& cols,
                                    const std::vector<const ParamMap*>& dirs, at::Tensor* logits = nullptr,
@@ -119,6 +120,12 @@ std::vector<at::Tensor> probe_jvps(models::Model& model, const at::Tensor& x, co
 /// differentiable, else none (the gradient rows serve); `why` says which and why.
 std::optional<JvpMode> choose_jvp_mode(models::Model& model, const at::Tensor& x, const at::Tensor& cols,
                                        std::string* why);
+
+/// kForwardBatched when one forward carrying two directions as a batch gives, on all the probes,
+/// what one forward per direction gives (1e-9 of its scale), else kForward; `why` says which and
+/// why (the operator that failed, or the difference). Should a later forward's batching fail,
+/// kForwardBatched computes one forward per direction (and warns once).
+JvpMode choose_forward_batching(models::Model& model, const at::Tensor& x, const at::Tensor& cols, std::string* why);
 
 /// [P*C]: 1/2 dw^T H_row dw for every probe row at once, exactly, by double backward (SPEC's S).
 at::Tensor second_order(models::Model& model, const at::Tensor& x, const std::vector<int64_t>& outputs,
