@@ -11,10 +11,13 @@ Fashion-MNIST, then measures, each in its own process (time per step and peak me
   functorch jvp: J v for all probes along one direction (what each of analyze's directions costs);
   functorch step: what one analyzed step computes, the functorch way: the probes' outputs at
   w_{k+1} and J v along each of the step's directions (dw, the gradient, the momentum buffer, the
-  optimizer's kernel direction: 4 for SGD with momentum);
+  optimizer's kernel direction: 4 for SGD with momentum), one jvp per direction;
+  functorch step-vmap: the same with the four directions as one vmap batch of tangents;
   functorch vmap(jacrev): every probe's gradient rows (what explain's per-example split needs);
   pathkernel explain rows (bench/bench_rows.cpp): the same rows as explain forms them on the
-  explicit route, one backward per row, one batched backward per probe, and the mode it chooses.
+  explicit route, one backward per row, one batched backward per probe, and the mode it chooses;
+  pathkernel step products (bench_rows too): the four directions' J v as analyze forms them, one
+  forward per direction (each) and all four in one forward (batched).
 
 Each figure is the median over --repeats; the processes alternate. Prints a table and, with
 --json FILE, writes the figures.
@@ -118,12 +121,18 @@ def functorch_child(kind, run, probes, what):
         for d in dirs:
             functorch.jvp(f, (params,), (d,))
 
+    def step_vmap():  # the four directions as one vmap batch of tangents
+        with torch.no_grad():
+            f(params)
+        stacked = {k: torch.stack([d[k] for d in dirs]) for k in params}
+        functorch.vmap(lambda d: functorch.jvp(f, (params,), (d,))[1])(stacked)
+
     def rows():
         def one(p, xi):
             return torch.nn.utils.stateless.functional_call(model, p, (xi.unsqueeze(0),))[0]
         functorch.vmap(functorch.jacrev(one), in_dims=(None, 0))(params, x)
 
-    fn = {"jvp": jvp, "step": step, "rows": rows}[what]
+    fn = {"jvp": jvp, "step": step, "step-vmap": step_vmap, "rows": rows}[what]
     fn()  # warm up
     best = float("inf")
     for _ in range(2):
@@ -166,8 +175,9 @@ def main():
                     figures.setdefault(name, []).append((sps, rss, "%s/%s" % (route, products)))
                 ways, rss = rows_measure(a.bench_rows, run, probes)
                 for way, (sec, why) in ways.items():
-                    figures.setdefault("pathkernel explain rows " + way, []).append((sec, rss, why))
-                for what in ("jvp", "step", "rows"):
+                    label = "pathkernel step products " + way[4:] if way.startswith("jvp-") else "pathkernel explain rows " + way
+                    figures.setdefault(label, []).append((sec, rss, why))
+                for what in ("jvp", "step", "step-vmap", "rows"):
                     sec, rss = functorch_measure(kind, run, probes, what)
                     figures.setdefault("functorch " + what, []).append((sec, rss, ""))
                 print("%s: repeat %d of %d done" % (kind, rep + 1, a.repeats), file=sys.stderr)

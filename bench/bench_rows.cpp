@@ -3,8 +3,10 @@
 // probes bench_generic.py gives functorch's vmap(jacrev) (every (test split size / P)-th test
 // example). Measures each way of forming them, the workspace kept between calls as explain keeps
 // it: one backward per row, one batched backward per probe (batched_rows.h), and the mode
-// choose_rows_mode takes. Prints one line per way: name, best seconds of the repeats after a
-// warm-up, and (for the chosen mode) why. bench_generic.py runs it beside functorch.
+// choose_rows_mode takes; and an analyzed step's Jacobian-vector products along four directions,
+// one forward per direction (jvp-each) and all in one forward (jvp-batched). Prints one line per
+// way: name, best seconds of the repeats after a warm-up, and (for the chosen mode) why.
+// bench_generic.py runs it beside functorch.
 //
 // usage: bench_rows RUN PROBES [REPEATS]
 #include <spdlog/spdlog.h>
@@ -73,6 +75,27 @@ int main(int argc, char** argv) {
       std::printf("%-8s %.4f\n", name, s);
     } catch (const BatchedRowsUnsupported& e) {
       std::printf("%-8s unsupported: %s\n", name, e.what());
+    }
+  }
+  // The products of one analyzed step of a momentum run (four directions): one forward per
+  // direction, and all four in one forward (their tangents a vmap batch).
+  std::vector<ParamMap> dirs(4);
+  {
+    const at::Generator gen = at::detail::createCPUGenerator(0);
+    for (auto& d : dirs) {
+      for (const auto& item : model->named_parameters()) d[item.key()] = at::randn(item.value().sizes(), gen, at::kDouble);
+    }
+  }
+  const std::vector<const ParamMap*> step = {&dirs[0], &dirs[1], &dirs[2], &dirs[3]};
+  for (const auto& [name, mode] : {std::pair<const char*, JvpMode>{"jvp-each", JvpMode::kForward},
+                                   {"jvp-batched", JvpMode::kForwardBatched}}) {
+    try {
+      at::Tensor logits;
+      const JvpMode how = mode;  // a structured binding cannot be captured (C++17)
+      const double s = best_of(repeats, [&] { probe_jvps(*model, x, cols, step, &logits, how); });
+      std::printf("%-8s %.4f\n", name, s);
+    } catch (const c10::Error& e) {
+      std::printf("%-8s unsupported: %s\n", name, e.what_without_backtrace());
     }
   }
   RowsWorkspace chosen;
