@@ -9,6 +9,7 @@
 // bench_generic.py runs it beside functorch.
 //
 // usage: bench_rows RUN PROBES [REPEATS]
+#include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
@@ -49,6 +50,7 @@ int main(int argc, char** argv) {
     return 2;
   }
   tune_allocator();  // as pathkernel's main does
+  spdlog::set_default_logger(spdlog::stderr_color_mt("bench_rows"));  // stdout holds the figures
   spdlog::set_level(spdlog::level::warn);
   const ThreadInfo threads = pin_threads(1);
   const int64_t probes = std::stoll(argv[2]);
