@@ -1,6 +1,7 @@
 // The probes' products with directions and the second-order term, by autograd on any model:
-// Jacobian-vector products (forward mode, or the double backward) and S = 1/2 dw^T H dw, each
-// mode checked on the first probe against explicit rows (kernels.h).
+// Jacobian-vector products (forward mode, a direction per forward or all in one, or the double
+// backward) and S = 1/2 dw^T H dw, each mode checked against explicit rows or the plain forward
+// mode (kernels.h).
 #include <ATen/ATen.h>
 #include <spdlog/spdlog.h>
 #include <torch/csrc/autograd/autograd.h>
@@ -327,8 +328,6 @@ std::optional<JvpMode> choose_jvp_mode(models::Model& model, const at::Tensor& x
 JvpMode choose_forward_batching(models::Model& model, const at::Tensor& x, const at::Tensor& cols, std::string* why) {
   // Two directions in general position on every probe (a layout can depend on the number of
   // probes), against one forward per direction.
-  const at::Tensor& x1 = x;
-  const at::Tensor& c1 = cols;
   ParamMap v[2];
   const at::Generator gen = at::detail::createCPUGenerator(20251);
   for (auto& d : v) {
@@ -336,8 +335,9 @@ JvpMode choose_forward_batching(models::Model& model, const at::Tensor& x, const
   }
   std::string failed;
   try {
-    const auto want = probe_jvps(model, x1, c1, {&v[0], &v[1]}, nullptr, JvpMode::kForward);
-    const auto got = all_directions_in_one_forward(model, x1, c1, {&v[0], &v[1]}, nullptr);
+    const auto want = probe_jvps(model, x, cols, {&v[0], &v[1]}, nullptr, JvpMode::kForward);
+    const CaptureOff off(model);
+    const auto got = all_directions_in_one_forward(model, x, cols, {&v[0], &v[1]}, nullptr);
     double err = 0;
     for (int i = 0; i < 2; ++i) {
       const double scale = std::max(want[i].abs().max().item<double>(), 1e-300);
