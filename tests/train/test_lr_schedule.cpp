@@ -66,5 +66,16 @@ TEST(LrScheduleTest, RejectsBadSpecs) {
   EXPECT_THROW_WITH(LrSchedule("constant", NAN, 10), InputError, "--lr");
 }
 
+// A decay whose rate underflows within the run (the fuzzer's step:2:6e-117 reaches zero by step 6),
+// a growth that overflows, and a warm-up that takes a subnormal rate to zero are refused, naming
+// the first step; the same schedules over fewer steps load.
+TEST(LrScheduleTest, RefusesASchedulePastTheRangeOfDoubles) {
+  EXPECT_THROW_WITH(LrSchedule("step:2:6e-117", 0.1, 50), InputError, "the rate of step 6 is 0");
+  EXPECT_NO_THROW(LrSchedule("step:2:6e-117", 0.1, 4));
+  EXPECT_THROW_WITH(LrSchedule("step:1:1e200", 0.1, 3), InputError, "the rate of step 2 is inf");
+  EXPECT_THROW_WITH(LrSchedule("warmup:4+constant", 1e-310, 8), InputError, "the rate of step 0");
+  EXPECT_THROW_WITH(LrSchedule("step:1:0.5", 0.1, 3000000), InputError, "the rate of step 2999999 is 0");
+}
+
 }  // namespace
 }  // namespace pathkernel

@@ -2,6 +2,7 @@
 
 #include <cmath>
 #include <cstdlib>
+#include <limits>
 #include <sstream>
 
 #include "pathkernel/io/errors.h"
@@ -82,24 +83,53 @@ LrSchedule::LrSchedule(const std::string& spec, double base_lr, int64_t total_st
       throw InputError(path + ": has " + std::to_string(table_.size()) + " learning rates, the run needs " +
                        std::to_string(total_steps));
     }
+    check_rates();
     return;
   }
   const auto f = fields(rest);
   kind_ = f.empty() ? "" : f[0];
-  if (kind_ == "constant" && f.size() == 1) return;
+  if (kind_ == "constant" && f.size() == 1) {
+    check_rates();
+    return;
+  }
   if (kind_ == "step" && f.size() == 3) {
     every_ = parse_count(spec, f[1]);
     gamma_ = parse_double(spec, f[2]);
     if (!(gamma_ > 0)) throw InputError("--lr-schedule '" + spec + "': GAMMA must be positive");
+    check_rates();
     return;
   }
   if (kind_ == "cosine" && f.size() <= 2) {
     lr_min_ = f.size() == 2 ? parse_double(spec, f[1]) : 0.0;
     if (lr_min_ < 0 || lr_min_ > base_) throw InputError("--lr-schedule '" + spec + "': LR_MIN must be in [0, --lr]");
+    check_rates();
     return;
   }
   throw InputError("--lr-schedule '" + spec +
                    "': expected [warmup:W+]constant | step:EVERY:GAMMA | cosine[:LR_MIN] | file:PATH");
+}
+
+// Every step's rate must be a finite normal positive number: a decay that underflows to zero (or to
+// a subnormal) or a growth that overflows would train on nonsense rates without a word. Each step
+// is checked up to a million steps; beyond, the schedule's extremes: the warm-up's ends and the
+// run's first and last steps (every schedule here is monotone between them).
+void LrSchedule::check_rates() const {
+  const auto check = [&](int64_t k) {
+    const double v = at(k);
+    if (!std::isfinite(v) || v < std::numeric_limits<double>::min()) {
+      std::ostringstream what;
+      what << "--lr-schedule '" << spec_ << "' with --lr " << base_ << ": the rate of step " << k << " is " << v
+           << ", not a finite positive number (the schedule under- or overflows)";
+      throw InputError(what.str());
+    }
+  };
+  if (total_ <= 1000000) {
+    for (int64_t k = 0; k < total_; ++k) check(k);
+    return;
+  }
+  for (const int64_t k : {int64_t{0}, warmup_ - 1, warmup_, total_ - 1}) {
+    if (k >= 0 && k < total_) check(k);
+  }
 }
 
 double LrSchedule::at(int64_t step) const {

@@ -16,7 +16,8 @@ namespace pathkernel {
 class LrSchedule {
  public:
   /// Parses `spec` for a base rate and a run of `total_steps`. Throws InputError on a bad spec,
-  /// an unreadable or short file, or a rate that is not finite and positive.
+  /// an unreadable or short file, or a step whose rate is not finite and positive (a decay that
+  /// underflows, a growth that overflows).
   /// A relative `file:PATH` is read from `base_dir` when it is given (a run's own copy).
   LrSchedule(const std::string& spec, double base_lr, int64_t total_steps, const std::string& base_dir = "");
 
@@ -25,6 +26,8 @@ class LrSchedule {
   const std::string& spec() const { return spec_; }
 
  private:
+  void check_rates() const;
+
   std::string spec_;
   std::string kind_;
   double base_ = 0, gamma_ = 1, lr_min_ = 0;
