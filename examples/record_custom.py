@@ -77,13 +77,13 @@ class ResidualCnn(torch.nn.Module):
 class RowLstm(torch.nn.Module):
     """An LSTM reading the image's rows as a sequence of 28 vectors; a linear head on its last state."""
 
-    def __init__(self, hidden=24, outputs=10):
+    def __init__(self, hidden=24, outputs=10, width=28):
         super().__init__()
-        self.lstm = torch.nn.LSTM(28, hidden, batch_first=True)
+        self.lstm = torch.nn.LSTM(width, hidden, batch_first=True)
         self.head = torch.nn.Linear(hidden, outputs)
 
     def forward(self, x):
-        seq, _ = self.lstm(x.flatten(1, 2))  # [N, 1, 28, 28] -> [N, 28, 28]
+        seq, _ = self.lstm(x.flatten(1, 2))  # [N, 1, H, W] -> [N, H, W]: H steps of W inputs
         return self.head(seq[:, -1])
 
 

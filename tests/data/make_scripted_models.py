@@ -10,7 +10,7 @@ import torch
 
 here = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(here, "..", "..", "examples"))
-from record_custom import ResidualNorm  # noqa: E402  (the module examples/record_custom.py records)
+from record_custom import ResidualNorm, RowLstm, SmallVit  # noqa: E402  (modules examples/record_custom.py records)
 torch.manual_seed(0)
 
 # The zoo's cnn:2,3:tanh for 1x8x8 inputs and 4 outputs, as an nn.Sequential: conv3x3(pad 1),
@@ -96,3 +96,10 @@ from pathkernel_record import _with_mask_sites  # noqa: E402
 dropout_mlp = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 6), torch.nn.Tanh(), torch.nn.Dropout(0.25),
                                   torch.nn.Linear(6, 4))
 torch.jit.save(torch.jit.script(_with_mask_sites(dropout_mlp, ["3"])), os.path.join(here, "scripted_dropout_mlp.pt"))
+
+
+# examples/record_custom.py's LSTM over an 8x8 image's rows (5 hidden units, 3 outputs) and its
+# ViT at width 8 with 2 heads (28x28 inputs, 3 outputs): unsafe_split's and attention's tangents.
+torch.manual_seed(1)
+torch.jit.save(torch.jit.script(RowLstm(hidden=5, outputs=3, width=8)), os.path.join(here, "scripted_lstm.pt"))
+torch.jit.save(torch.jit.script(SmallVit(dim=8, heads=2, outputs=3)), os.path.join(here, "scripted_vit.pt"))

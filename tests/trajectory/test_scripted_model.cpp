@@ -11,6 +11,7 @@
 #include <map>
 
 #include "fixtures.h"
+#include "pathkernel/analysis/batched_rows.h"
 #include "pathkernel/analysis/kernels.h"
 #include "pathkernel/analysis/step_terms.h"
 #include "pathkernel/io/errors.h"
@@ -281,6 +282,14 @@ TEST(ScriptedModelTest, AllDirectionsInOneForwardEqualOneForwardPerDirection) {
   expect_batched_directions_match(*res, at::randn({4, 16}, at::kDouble), at::tensor({0, 2, 1, 1}, at::kLong).reshape({4, 1}));
 }
 
+TEST(ScriptedModelTest, LstmAndAttentionDirectionsInOneForward) {
+  at::manual_seed(8);
+  auto lstm = scripted("scripted_lstm.pt", 3);  // the LSTM's gates: unsafe_split
+  expect_batched_directions_match(*lstm, at::randn({3, 1, 8, 8}, at::kDouble), at::tensor({0, 2, 1}, at::kLong).reshape({3, 1}));
+  auto vit = scripted("scripted_vit.pt", 3);  // attention, LayerNorm, GELU
+  expect_batched_directions_match(*vit, at::randn({2, 1, 28, 28}, at::kDouble), at::tensor({0, 2, 1, 1}, at::kLong).reshape({2, 2}));
+}
+
 /// A deliberately wrong batching rule for mean.dim: twice the mean.
 void twice_the_mean(const c10::OperatorHandle&, torch::jit::Stack* s) {
   const auto a = torch::jit::last(*s, 4);
@@ -302,6 +311,7 @@ TEST(ScriptedModelTest, AWrongBatchingRuleKeepsOneForwardPerDirection) {
   std::string why;
   ASSERT_EQ(choose_forward_batching(m, x, cols, &why), JvpMode::kForwardBatched) << why;
   {
+    const QuietOverride quiet;
     torch::Library wrong(torch::Library::IMPL, "aten", c10::DispatchKey::Batched, __FILE__, __LINE__);
     wrong.impl("mean.dim", torch::CppFunction::makeFromBoxedFunction<&twice_the_mean>());
     EXPECT_EQ(choose_forward_batching(m, x, cols, &why), JvpMode::kForward);

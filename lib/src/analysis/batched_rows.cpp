@@ -221,14 +221,16 @@ void batch_norm_rule(const c10::OperatorHandle& op, Stack* s) {
   push_three(s, n, gi, gw, gbias);
 }
 
-/// A tensor argument of a product: its physical value with the batch first and its level, or
-/// itself (level -1) when it is not batched. Throws for a tensor batched at several levels.
-std::pair<at::Tensor, int64_t> operand(const at::Tensor& t, const std::string& op) {
-  const at::BatchedTensorImpl* bt = at::maybeGetBatchedImpl(t);
+}  // namespace
+
+BatchOperand batch_operand(const at::Tensor& t, const std::string& op) {
+  const at::BatchedTensorImpl* bt = t.defined() ? at::maybeGetBatchedImpl(t) : nullptr;
   if (bt == nullptr) return {t, -1};
   if (bt->bdims().size() != 1) throw BatchedRowsUnsupported("no batching rule for " + op + " nested in vmap levels");
   return {bt->value().movedim(bt->bdims()[0].dim(), 0), bt->bdims()[0].level()};
 }
+
+namespace {
 
 /// mm(self [n, k], mat2 [k, m]) and bmm(self [B, n, k], mat2 [B, k, m]) when one side is batched:
 /// the batch folded into the rows (a batched left side) or the columns (a batched right side) of
@@ -238,8 +240,10 @@ std::pair<at::Tensor, int64_t> operand(const at::Tensor& t, const std::string& o
 void product_rule(const c10::OperatorHandle& op, Stack* s) {
   const std::string name = op.schema().name();
   const bool batch_of_matrices = name == "aten::bmm";
-  const auto [a, la] = operand((*s)[s->size() - 2].toTensor(), name);
-  const auto [b, lb] = operand((*s)[s->size() - 1].toTensor(), name);
+  const BatchOperand left = batch_operand((*s)[s->size() - 2].toTensor(), name);
+  const BatchOperand right = batch_operand((*s)[s->size() - 1].toTensor(), name);
+  const at::Tensor &a = left.t, &b = right.t;
+  const int64_t la = left.level, lb = right.level;
   torch::jit::drop(*s, 2);
   const int64_t level = std::max(la, lb);
   at::Tensor r;
@@ -307,21 +311,6 @@ class FallbackRecorder : public c10::WarningHandler {
   std::vector<std::string>* out_;
   c10::WarningHandler* prev_;
   bool was_on_ = false;
-};
-
-/// Passes on every warning but LibTorch's notice that a kernel replaced another, while alive.
-class QuietOverride : public c10::WarningHandler {
- public:
-  QuietOverride() : prev_(c10::Warning::get_warning_handler()) { c10::Warning::set_warning_handler(this); }
-  ~QuietOverride() override { c10::Warning::set_warning_handler(prev_); }
-  QuietOverride(const QuietOverride&) = delete;
-  QuietOverride& operator=(const QuietOverride&) = delete;
-  void process(const c10::SourceLocation& where, const std::string& msg, const bool verbatim) override {
-    if (msg.find("Overriding a previously registered kernel") == std::string::npos) prev_->process(where, msg, verbatim);
-  }
-
- private:
-  c10::WarningHandler* prev_;
 };
 
 }  // namespace

@@ -3,7 +3,7 @@
 // holds the directions becomes one convolution with the directions stacked as output channels
 // (the input's patches formed once), one whose input tangent holds them folds them into the
 // examples; a mean reduces the physical dimensions; flatten and gather serve max-pooling's
-// tangent. ATen's loop fallback (right, one call per
+// tangent; unsafe_split serves an LSTM's gates. ATen's loop fallback (right, one call per
 // direction) serves every other layout and operator.
 #include <ATen/ATen.h>
 #include <ATen/BatchedTensorImpl.h>
@@ -24,19 +24,9 @@ namespace {
 
 using Stack = torch::jit::Stack;
 
-/// A tensor argument: its physical value with the batch dimension first, or itself (level -1).
-struct Operand {
-  at::Tensor t;
-  int64_t level = -1;
-  bool batched() const { return level >= 0; }
-};
+using Operand = BatchOperand;
 
-Operand unwrap(const at::Tensor& t, const std::string& op) {
-  const at::BatchedTensorImpl* bt = t.defined() ? at::maybeGetBatchedImpl(t) : nullptr;
-  if (bt == nullptr) return {t, -1};
-  if (bt->bdims().size() != 1) throw BatchedRowsUnsupported("no batching rule for " + op + " nested in vmap levels");
-  return {bt->value().movedim(bt->bdims()[0].dim(), 0), bt->bdims()[0].level()};
-}
+Operand unwrap(const at::Tensor& t, const std::string& op) { return batch_operand(t, op); }
 
 /// The common level of the batched operands (throws for two levels) and their batch size.
 std::pair<int64_t, int64_t> level_of(const std::vector<const Operand*>& ops, const std::string& name) {
@@ -154,19 +144,53 @@ void gather_rule(const c10::OperatorHandle& op, Stack* s) {
   s->emplace_back(at::makeBatched(r, {at::BatchDim(x.level, 0)}));
 }
 
+/// unsafe_split.Tensor(self, split_size, dim) and unsafe_split_with_sizes(self, split_sizes, dim)
+/// of a batched self (an LSTM's gates: unsafe_chunk): the physical tensor split along dim + 1.
+/// Returns a list, which ATen's fallback cannot.
+void split_rule(const c10::OperatorHandle& op, Stack* s) {
+  const auto a = torch::jit::last(*s, 3);
+  const Operand x = unwrap(a[0].toTensor(), op.schema().name());
+  const int64_t dim = c10::maybe_wrap_dim(a[2].toInt(), x.t.dim() - 1) + 1;
+  const std::vector<at::Tensor> parts = a[1].isInt() ? at::unsafe_split(x.t, a[1].toInt(), dim)
+                                                     : at::unsafe_split_with_sizes(x.t, a[1].toIntVector(), dim);
+  c10::List<at::Tensor> out;
+  for (const at::Tensor& p : parts) out.push_back(at::makeBatched(p, {at::BatchDim(x.level, 0)}));
+  torch::jit::drop(*s, 3);
+  s->emplace_back(std::move(out));
+}
+
+/// _new_zeros_with_same_feature_meta(self, other, self_num_batch_dims) of a batched self: what
+/// forward AD's set_fw_grad makes when a tangent's layout is not its primal's (attention's
+/// transposes), zeros in other's layout with the batch in front, which the tangent is then copied
+/// into. LibTorch's own rule refuses a self whose batch is not first in memory; the zeros need
+/// only self's batch size, so the batch is moved to the front as a view.
+void feature_zeros_rule(const c10::OperatorHandle& op, Stack* s) {
+  const auto a = torch::jit::last(*s, 3);
+  const std::string name = op.schema().name();
+  const Operand x = unwrap(a[0].toTensor(), name), other = unwrap(a[1].toTensor(), name);
+  if (other.batched() || a[2].toInt() != 0) throw BatchedRowsUnsupported("no batching rule for " + name + " of a batched other");
+  const at::Tensor r = at::_new_zeros_with_same_feature_meta(x.t, other.t, 1);
+  torch::jit::drop(*s, 3);
+  s->emplace_back(at::makeBatched(r, {at::BatchDim(x.level, 0)}));
+}
+
 }  // namespace
 
 void use_tangent_rules() {
   use_product_rules();
-  // None of these has a Batched kernel of LibTorch's own (ATen's loop fallback, which refuses
-  // views such as flatten).
+  // None of these but _new_zeros_with_same_feature_meta has a Batched kernel of LibTorch's own
+  // (ATen's loop fallback, which refuses views such as flatten and lists such as unsafe_split's).
   static const std::unique_ptr<torch::Library> lib = [] {
+    const QuietOverride quiet;  // _new_zeros_with_same_feature_meta replaces LibTorch's rule
     auto l = std::make_unique<torch::Library>(torch::Library::IMPL, "aten", c10::DispatchKey::Batched, __FILE__,
                                               static_cast<uint32_t>(__LINE__));
     l->impl("convolution", torch::CppFunction::makeFromBoxedFunction<&convolution_rule>());
     l->impl("mean.dim", torch::CppFunction::makeFromBoxedFunction<&mean_rule>());
     l->impl("flatten.using_ints", torch::CppFunction::makeFromBoxedFunction<&flatten_rule>());
     l->impl("gather", torch::CppFunction::makeFromBoxedFunction<&gather_rule>());
+    l->impl("unsafe_split.Tensor", torch::CppFunction::makeFromBoxedFunction<&split_rule>());
+    l->impl("unsafe_split_with_sizes", torch::CppFunction::makeFromBoxedFunction<&split_rule>());
+    l->impl("_new_zeros_with_same_feature_meta", torch::CppFunction::makeFromBoxedFunction<&feature_zeros_rule>());
     return l;
   }();
 }

@@ -13,6 +13,7 @@
 
 #include <ATen/Tensor.h>
 #include <ATen/VmapMode.h>
+#include <c10/util/Exception.h>
 
 #include <stdexcept>
 #include <string>
@@ -42,8 +43,37 @@ void gradients_into_rows(const std::vector<at::Tensor>& params, const std::vecto
 void use_product_rules();
 
 /// Installs, once per process, the rules for a forward-mode pass whose parameters' tangents carry
-/// several directions as a batch (tangent_rules.cpp: convolution, mean), and mm's and bmm's.
+/// several directions as a batch (tangent_rules.cpp: convolution, mean, flatten, gather,
+/// unsafe_split, the zeros a tangent of another layout is copied into), and mm's and bmm's.
 void use_tangent_rules();
+
+/// A tensor argument of a batching rule: its physical value with the batch dimension first and its
+/// vmap level, or the tensor itself (level -1) when it is not batched or undefined.
+struct BatchOperand {
+  at::Tensor t;
+  int64_t level = -1;
+  bool batched() const { return level >= 0; }
+};
+
+/// `t` as a BatchOperand of operator `op`; throws BatchedRowsUnsupported for a tensor batched at
+/// several levels (nested vmaps).
+BatchOperand batch_operand(const at::Tensor& t, const std::string& op);
+
+/// Passes on every warning but LibTorch's notice that a kernel replaced another, while alive (the
+/// rules here replace some of LibTorch's own).
+class QuietOverride : public c10::WarningHandler {
+ public:
+  QuietOverride() : prev_(c10::Warning::get_warning_handler()) { c10::Warning::set_warning_handler(this); }
+  ~QuietOverride() override { c10::Warning::set_warning_handler(prev_); }
+  QuietOverride(const QuietOverride&) = delete;
+  QuietOverride& operator=(const QuietOverride&) = delete;
+  void process(const c10::SourceLocation& where, const std::string& msg, const bool verbatim) override {
+    if (msg.find("Overriding a previously registered kernel") == std::string::npos) prev_->process(where, msg, verbatim);
+  }
+
+ private:
+  c10::WarningHandler* prev_;
+};
 
 /// One vmap level for the life of the object.
 class VmapLevel {
