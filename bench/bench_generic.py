@@ -7,7 +7,9 @@ examples mnist's Net and a 235k-parameter MLP) it records a few SGD + momentum s
 Fashion-MNIST, then measures, each in its own process (time per step and peak memory):
 
   pathkernel analyze, products by Jacobian-vector products (--products auto) and by gradient
-  rows (--products rows, the route before issue 25); for the MLP also its factorized route;
+  rows (--products rows, the route before issue 25); for the MLP also its factorized route; the
+  marginal time of an analyzed step ((all steps - step 0 alone) / (steps - 1), timed inside
+  pathkernel), with what an analysis pays once (its start-up) beside it;
   functorch jvp: J v for all probes along one direction (what each of analyze's directions costs);
   functorch step: what one analyzed step computes, the functorch way: the probes' outputs at
   w_{k+1} and J v along each of the step's directions (dw, the gradient, the momentum buffer, the
@@ -19,7 +21,8 @@ Fashion-MNIST, then measures, each in its own process (time per step and peak me
   pathkernel step products (bench_rows too): the four directions' J v as analyze forms them, one
   forward per direction (each) and all four in one forward (batched).
 
-Each figure is the median over --repeats; the processes alternate. Prints a table and, with
+functorch runs with glibc's allocator set as pathkernel sets it (tune_allocator), after two
+warm-up calls, best of three. Each figure is the median over --repeats; the processes alternate. Prints a table and, with
 --json FILE, writes the figures.
 
 usage: /usr/bin/python3 bench/bench_generic.py [--pathkernel build/apps/pathkernel] [--probes 64]
@@ -39,8 +42,9 @@ ROOT = os.path.dirname(HERE)
 PROBES_OF = {"mnistnet": 8}  # the issue's figure for the 1.2M-parameter Net was at 8 probes
 
 
-def child(argv):
-    """Runs argv to its end with its own rusage: (stdout, peak RSS in MiB)."""
+def child(argv, may_fail=False):
+    """Runs argv to its end with its own rusage: (stdout, peak RSS in MiB); with may_fail, a
+    failure gives (None, 0) instead of ending the benchmark."""
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -61,17 +65,29 @@ def child(argv):
     os.close(r)
     _, status, usage = os.wait4(pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
+        if may_fail:
+            return None, 0.0
         sys.exit("failed (%d): %s" % (os.waitstatus_to_exitcode(status), " ".join(argv)))
     return b"".join(chunks).decode(), usage.ru_maxrss / 1024.0
 
 
-def analyze(pk, run, out, probes, extra):
-    argv = [pk, "analyze", run, "--probes", str(probes), "--check-every", "1000000", "--threads", "1",
-            "--out", out, "--force"] + extra
-    _, rss = child(argv)
-    with open(os.path.join(out, "summary.json")) as f:
-        s = json.load(f)
-    return s["seconds_per_step"], rss, s.get("products_used", ""), s.get("kernel_route_used", "")
+def analyze(pk, run, out, probes, steps, extra):
+    """Seconds per analyzed step as the marginal cost of a step: (time of the whole analysis - time
+    of an analysis of step 0 alone) / (steps - 1), each timed inside pathkernel from the run's
+    opening to the end. What every step pays (its terms, its recorded step's verification) is
+    counted; what an analysis pays once (choosing the route and the probes, checking the modes
+    of J v on the probes, the first step's per-example split check) is not, and is returned as
+    the start-up: the one-step analysis less one marginal step."""
+    def once(rng):
+        argv = [pk, "analyze", run, "--probes", str(probes), "--check-every", "1000000", "--threads", "1",
+                "--out", out, "--force", "--range", rng] + extra
+        _, rss = child(argv)
+        with open(os.path.join(out, "summary.json")) as f:
+            return json.load(f), rss
+    one, _ = once("0:1")
+    s, rss = once("0:%d" % steps)
+    per_step = (s["seconds"] - one["seconds"]) / (steps - 1)
+    return per_step, one["seconds"] - per_step, rss, s.get("products_used", ""), s.get("kernel_route_used", "")
 
 
 def rows_measure(bench_rows, run, probes):
@@ -87,12 +103,27 @@ def rows_measure(bench_rows, run, probes):
 
 
 def functorch_measure(kind, run, probes, what):
-    """In a child: one functorch measurement (seconds) of `what` on the run's model at step 0."""
-    out, rss = child(["/usr/bin/python3", os.path.abspath(__file__), "--functorch", kind, run, str(probes), what])
-    return float(out.strip().splitlines()[-1]), rss
+    """In a child: one functorch measurement (seconds) of `what` on the run's model at step 0;
+    None where functorch cannot do it (vmap of jacrev over an LSTM in torch 1.13)."""
+    out, rss = child(["/usr/bin/python3", os.path.abspath(__file__), "--functorch", kind, run, str(probes), what],
+                     may_fail=True)
+    return (float(out.strip().splitlines()[-1]) if out is not None else None), rss
+
+
+def tune_allocator():
+    """glibc's malloc as pathkernel sets it (lib/src/io/threads.cpp, tune_allocator): blocks up to
+    256 MiB from the heap and freed memory kept, instead of a fresh mmap per large tensor. Without
+    it a convolution's im2col buffer is page-faulted in on every call: on these VMs the residual
+    CNN's forward takes 0.55 s instead of 0.075 s, in Python and C++ alike."""
+    import ctypes
+    libc = ctypes.CDLL("libc.so.6")
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    if not (libc.mallopt(M_MMAP_THRESHOLD, 256 << 20) and libc.mallopt(M_TRIM_THRESHOLD, 1024 << 20)):
+        sys.exit("bench_generic: mallopt refused pathkernel's allocator settings")
 
 
 def functorch_child(kind, run, probes, what):
+    tune_allocator()  # the same allocator as pathkernel's: before torch allocates anything
     import numpy as np
     import torch
     import functorch
@@ -133,9 +164,10 @@ def functorch_child(kind, run, probes, what):
         functorch.vmap(functorch.jacrev(one), in_dims=(None, 0))(params, x)
 
     fn = {"jvp": jvp, "step": step, "step-vmap": step_vmap, "rows": rows}[what]
-    fn()  # warm up
+    for _ in range(2):  # warm up (the heap grows to its working size on the first calls)
+        fn()
     best = float("inf")
-    for _ in range(2):
+    for _ in range(3):
         t = time.perf_counter()
         fn()
         best = min(best, time.perf_counter() - t)
@@ -171,15 +203,19 @@ def main():
             figures = {}
             for rep in range(a.repeats):
                 for name, extra in routes:
-                    sps, rss, products, route = analyze(a.pathkernel, run, os.path.join(tmp, "an"), probes, extra)
-                    figures.setdefault(name, []).append((sps, rss, "%s/%s" % (route, products)))
+                    sps, start, rss, products, route = analyze(a.pathkernel, run, os.path.join(tmp, "an"), probes,
+                                                               a.steps, extra)
+                    figures.setdefault(name, []).append((sps, rss, "%s/%s, start-up %.2f s once" % (route, products, start)))
                 ways, rss = rows_measure(a.bench_rows, run, probes)
                 for way, (sec, why) in ways.items():
                     label = "pathkernel step products " + way[4:] if way.startswith("jvp-") else "pathkernel explain rows " + way
                     figures.setdefault(label, []).append((sec, rss, why))
                 for what in ("jvp", "step", "step-vmap", "rows"):
                     sec, rss = functorch_measure(kind, run, probes, what)
-                    figures.setdefault("functorch " + what, []).append((sec, rss, ""))
+                    if sec is not None:
+                        figures.setdefault("functorch " + what, []).append((sec, rss, ""))
+                    else:
+                        print("%s: functorch %s failed (unsupported)" % (kind, what), file=sys.stderr)
                 print("%s: repeat %d of %d done" % (kind, rep + 1, a.repeats), file=sys.stderr)
             results[kind] = {name: {"seconds": statistics.median(v[0] for v in vals),
                                     "peak_rss_mib": statistics.median(v[1] for v in vals),
@@ -201,7 +237,7 @@ def main():
         for name, f in figs.items():
             print("  %-34s %8.4f s  x%6.2f of functorch step  peak %7.1f MiB  %s" %
                   (name, f["seconds"], f["seconds"] / ref, f["peak_rss_mib"], f["route"]))
-        if "pathkernel explain rows chosen" in figs:
+        if "pathkernel explain rows chosen" in figs and "functorch rows" in figs:
             print("  explain's rows / functorch vmap(jacrev): x%.2f" %
                   (figs["pathkernel explain rows chosen"]["seconds"] / figs["functorch rows"]["seconds"]))
         figs["probes"] = probes

@@ -376,8 +376,7 @@ class Driver {
       const models::TrainingForward batch_forward(*model_, ctx.batch.context);
       ctx.loss_after = batch_loss(forward_nograd(*model_, xb), yb, ctx.loss).item<double>();
       set_weights(*model_, ctx.w0);
-      ctx.loss_before = batch_loss(forward_nograd(*model_, xb), yb, ctx.loss).item<double>();
-      ctx.grad_l = batch_gradient(*model_, xb, yb, ctx.loss);
+      ctx.grad_l = batch_gradient(*model_, xb, yb, ctx.loss, &ctx.loss_before);
     }
     ctx.applied = ctx.gs == 1 ? ctx.grad_l : scaled(ctx.grad_l, ctx.gs);
     for (auto& t : terms_) t->prepare(ctx);

@@ -393,9 +393,12 @@ at::Tensor forward_nograd(models::Model& model, const at::Tensor& x) {
   return model.forward(x);
 }
 
-ParamMap batch_gradient(models::Model& model, const at::Tensor& xb, const at::Tensor& yb, LossKind loss) {
+ParamMap batch_gradient(models::Model& model, const at::Tensor& xb, const at::Tensor& yb, LossKind loss,
+                        double* value) {
   const auto params = model.parameters();
-  const auto g = torch::autograd::grad({batch_loss(model.forward(xb), yb, loss)}, params);
+  const at::Tensor l = batch_loss(model.forward(xb), yb, loss);
+  if (value) *value = l.item<double>();
+  const auto g = torch::autograd::grad({l}, params);
   ParamMap out;
   size_t i = 0;
   for (const auto& item : model.named_parameters()) out[item.key()] = g[i++];

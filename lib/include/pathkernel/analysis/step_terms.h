@@ -127,8 +127,10 @@ void set_weights(models::Model& model, const ParamMap& w);
 /// Copies buffers (running statistics) by name into the model; nothing for an empty map.
 void set_buffers(models::Model& model, const ParamMap& b);
 at::Tensor forward_nograd(models::Model& model, const at::Tensor& x);
-/// grad L(w) of the batch for the model's current weights, by parameter name.
-ParamMap batch_gradient(models::Model& model, const at::Tensor& xb, const at::Tensor& yb, LossKind loss);
+/// grad L(w) of the batch for the model's current weights, by parameter name; with `value`, L(w)
+/// itself from the same forward.
+ParamMap batch_gradient(models::Model& model, const at::Tensor& xb, const at::Tensor& yb, LossKind loss,
+                        double* value = nullptr);
 
 /// P_k of step k in float64 by parameter name (empty: the identity), from the optimizer's state
 /// after step k and, for Adadelta, the state before it.
