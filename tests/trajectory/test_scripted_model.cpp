@@ -153,7 +153,9 @@ void expect_jvps_match_rows(models::Model& m, const at::Tensor& x, const at::Ten
   const at::Tensor db = probe_jvps(m, x, cols, {&v}, &logits, JvpMode::kDoubleBackward).at(0);
   EXPECT_LT(max_rel(db, rows), 1e-12);
   EXPECT_LT(max_rel(logits, forward_nograd(m, x)), 1e-15);
-  if (forward_mode) EXPECT_LT(max_rel(probe_jvps(m, x, cols, {&v}, nullptr, JvpMode::kForward).at(0), rows), 1e-12);
+  if (forward_mode) {
+    EXPECT_LT(max_rel(probe_jvps(m, x, cols, {&v}, nullptr, JvpMode::kForward).at(0), rows), 1e-12);
+  }
   // A wrong direction (one parameter's part dropped) does not pass for the right one.
   ParamMap wrong = v;
   wrong.begin()->second = at::zeros_like(wrong.begin()->second);
