@@ -20,6 +20,29 @@ TEST(StepVerificationTest, FingerprintVectorsAreTheRecordersOwn) {
   EXPECT_LT(std::abs(s.sum().item<double>()), 1000);
 }
 
+TEST(StepVerificationTest, KeptGradientsStayWithinTheirBudgetAndAreTakenOnce) {
+  auto gradient = [](double v) { return ParamMap{{"a", at::full({3}, v, at::kDouble)}, {"b", at::full({2, 2}, v, at::kDouble)}}; };
+  VerifiedGradients kept(2 * 7 * 8);  // two gradients of 7 float64s
+  kept.offer(4, gradient(4), 0.4);
+  kept.offer(5, gradient(5), 0.5);
+  kept.offer(6, gradient(6), 0.6);  // past the budget: not kept
+  EXPECT_EQ(kept.bytes(), 2 * 7 * 8);
+  ParamMap g;
+  double loss = 0;
+  EXPECT_FALSE(kept.take(6, g, loss));
+  EXPECT_TRUE(g.empty());
+  ASSERT_TRUE(kept.take(5, g, loss));
+  EXPECT_EQ(loss, 0.5);
+  EXPECT_TRUE(at::equal(g.at("a"), at::full({3}, 5.0, at::kDouble)));
+  EXPECT_TRUE(at::equal(g.at("b"), at::full({2, 2}, 5.0, at::kDouble)));
+  EXPECT_FALSE(kept.take(5, g, loss)) << "taken once";
+  EXPECT_EQ(kept.bytes(), 7 * 8);
+  kept.offer(6, gradient(6), 0.6);  // room again
+  ASSERT_TRUE(kept.take(6, g, loss));
+  EXPECT_EQ(loss, 0.6);
+  EXPECT_TRUE(at::equal(g.at("a"), at::full({3}, 6.0, at::kDouble)));
+}
+
 TEST(StepVerificationTest, TheUpdateCheckNamesAndMarksTheStepsThatMovedOtherwise) {
   std::vector<StepRow> steps(5);
   for (size_t i = 0; i < steps.size(); ++i) {

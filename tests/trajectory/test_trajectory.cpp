@@ -128,6 +128,31 @@ TEST(TrajectoryTest, ARecordedCopyOfANativeRunAnalyzesTheSame) {
     EXPECT_NEAR(want.steps[k].u_mom_norm, got.steps[k].u_mom_norm, 1e-12 * (1 + want.steps[k].u_mom_norm)) << k;
   }
 
+  // The analysis takes each step's gradient from the verification, which formed it already: the
+  // same numbers, bit for bit, as forming it again (no budget), or with room for two steps only.
+  int64_t gradient_bytes = 0;
+  for (const auto& [name, t] : w0) gradient_bytes += t.numel() * 8;
+  auto terms_of = [](const AnalysisResult& r) {
+    return std::vector<std::pair<std::string, at::Tensor>>{{"D", r.d}, {"F", r.f}, {"K", r.k}, {"U", r.u},
+                                                           {"R", r.r}, {"Kopt", r.kopt}, {"Uopt_wd", r.uopt_wd},
+                                                           {"Uopt_round", r.uopt_round}};
+  };
+  for (const int64_t budget : {int64_t{0}, 2 * gradient_bytes}) {
+    AnalyzeConfig again = a;
+    again.verified_gradients_memory = budget;
+    const AnalysisResult other = analyze(again);
+    const auto mine = terms_of(got), theirs = terms_of(other);
+    for (size_t i = 0; i < mine.size(); ++i) {
+      EXPECT_TRUE(at::equal(mine[i].second, theirs[i].second)) << mine[i].first << ", a budget of " << budget;
+    }
+    auto same = [](double x, double y) { return x == y || (std::isnan(x) && std::isnan(y)); };  // step 0: no cosine
+    for (size_t k = 0; k < got.steps.size(); ++k) {
+      EXPECT_EQ(got.steps[k].loss_before, other.steps[k].loss_before) << k;
+      EXPECT_EQ(got.steps[k].grad_norm, other.steps[k].grad_norm) << k;
+      EXPECT_TRUE(same(got.steps[k].grad_cos, other.steps[k].grad_cos)) << k;
+    }
+  }
+
   // Every step was verified against its logged loss (no fingerprint in this copy).
   EXPECT_EQ(got.verified_steps, static_cast<int64_t>(c.steps));
   EXPECT_EQ(got.unverified_steps, 0);

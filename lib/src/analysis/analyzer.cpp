@@ -290,7 +290,7 @@ class Driver {
     traj_.verify_through(end_);  // --range inside a checkpoint interval: still the run's own weights
     // A recorded run: every analyzed step checked against its logged loss and gradient before any
     // output (a trained run's replay checks its steps against its checkpoints instead).
-    verdicts_ = verify_analyzed_steps(traj_, *model_, begin_, end_, c_, ctx.loss, res_);
+    verdicts_ = verify_analyzed_steps(traj_, *model_, begin_, end_, c_, ctx.loss, res_, &verified_gradients_);
     ctx.verdicts = &verdicts_;
     resume_progress();
     // With memory the recurrences need every step's gradient from step 0 on, analyzed or not.
@@ -376,7 +376,9 @@ class Driver {
       const models::TrainingForward batch_forward(*model_, ctx.batch.context);
       ctx.loss_after = batch_loss(forward_nograd(*model_, xb), yb, ctx.loss).item<double>();
       set_weights(*model_, ctx.w0);
-      ctx.grad_l = batch_gradient(*model_, xb, yb, ctx.loss, &ctx.loss_before);
+      if (!verified_gradients_.take(ctx.k, ctx.grad_l, ctx.loss_before)) {
+        ctx.grad_l = batch_gradient(*model_, xb, yb, ctx.loss, &ctx.loss_before);
+      }
     }
     ctx.applied = ctx.gs == 1 ? ctx.grad_l : scaled(ctx.grad_l, ctx.gs);
     for (auto& t : terms_) t->prepare(ctx);
@@ -531,6 +533,7 @@ class Driver {
   AnalysisResult res_;
   StepArrays arrays_;
   std::map<int64_t, StepVerification> verdicts_;
+  VerifiedGradients verified_gradients_{c_.verified_gradients_memory};  ///< the verification's, taken once each
   std::vector<std::shared_ptr<StepTerm>> terms_;
   nlohmann::json progress_key_;
   std::unique_ptr<ProgressGuard> guard_;

@@ -50,7 +50,7 @@ namespace {
 /// Step k's loss and gradient fingerprint recomputed with `model` (its dtype: the inputs too)
 /// against the logged ones.
 StepVerification measure(Trajectory& traj, models::Model& model, int64_t k, LossKind loss, double logged_loss,
-                         double logged_norm, const std::vector<double>& logged_proj) {
+                         double logged_norm, const std::vector<double>& logged_proj, VerifiedGradients* keep) {
   {
     at::NoGradGuard ng;
     const NamedTensors w = traj.weights_at(k);
@@ -92,26 +92,50 @@ StepVerification measure(Trajectory& traj, models::Model& model, int64_t k, Loss
   }
   v.ok = v.loss_error <= kLossTolerance && (std::isnan(v.gradient_error) || v.gradient_error <= kGradientTolerance);
   if (!v.ok) v.what = diagnosis(v, !s.context.empty());
+  if (keep && g.front().scalar_type() == at::kDouble) {
+    ParamMap named;
+    size_t i = 0;
+    for (const auto& item : model.named_parameters()) named[item.key()] = g[i++];
+    keep->offer(k, std::move(named), mine);
+  }
   return v;
 }
 
 }  // namespace
 
+void VerifiedGradients::offer(int64_t k, ParamMap gradient, double loss) {
+  int64_t bytes = 0;
+  for (const auto& [name, t] : gradient) bytes += static_cast<int64_t>(t.numel() * t.element_size());
+  if (used_ + bytes > budget_ || kept_.count(k) != 0) return;
+  used_ += bytes;
+  kept_.emplace(k, std::make_pair(std::move(gradient), loss));
+}
+
+bool VerifiedGradients::take(int64_t k, ParamMap& gradient, double& loss) {
+  const auto it = kept_.find(k);
+  if (it == kept_.end()) return false;
+  gradient = std::move(it->second.first);
+  loss = it->second.second;
+  for (const auto& [name, t] : gradient) used_ -= static_cast<int64_t>(t.numel() * t.element_size());
+  kept_.erase(it);
+  return true;
+}
+
 std::vector<StepVerification> verify_steps(Trajectory& traj, models::Model& model, const std::vector<int64_t>& steps,
-                                           LossKind loss) {
+                                           LossKind loss, VerifiedGradients* keep) {
   std::vector<StepVerification> out;
   double logged_loss = 0, logged_norm = 0;
   std::vector<double> logged_proj;
   std::shared_ptr<models::Model> single;  // the run's model in float32, as it trained
   for (int64_t k : steps) {
     if (!traj.logged_fingerprint(k, logged_loss, logged_norm, logged_proj)) return {};
-    StepVerification v = measure(traj, model, k, loss, logged_loss, logged_norm, logged_proj);
+    StepVerification v = measure(traj, model, k, loss, logged_loss, logged_norm, logged_proj, keep);
     if (!v.ok && model.parameters().front().scalar_type() != at::kFloat) {
       // float64 rounds differently from training's float32: where that alone moves the gradient
       // past the tolerance (a ReLU or max-pool kink flips, BatchNorm divides by a small spread),
       // the step recomputed in float32, as it trained, must agree instead.
       if (!single) single = traj.make_model();
-      StepVerification v32 = measure(traj, *single, k, loss, logged_loss, logged_norm, logged_proj);
+      StepVerification v32 = measure(traj, *single, k, loss, logged_loss, logged_norm, logged_proj, nullptr);
       if (v32.ok) {
         v = std::move(v32);
         v.in_float32 = true;
@@ -173,11 +197,11 @@ std::string without_hint(const std::string& failures) {
 
 std::map<int64_t, StepVerification> verify_analyzed_steps(Trajectory& traj, models::Model& model, int64_t begin,
                                                           int64_t end, const AnalyzeConfig& c, LossKind loss,
-                                                          AnalysisResult& res) {
+                                                          AnalysisResult& res, VerifiedGradients* keep) {
   std::vector<int64_t> analyzed;
   for (int64_t k = begin; k < end; k += c.every) analyzed.push_back(k);
   std::map<int64_t, StepVerification> verdicts;
-  const std::vector<StepVerification> checked = verify_steps(traj, model, analyzed, loss);
+  const std::vector<StepVerification> checked = verify_steps(traj, model, analyzed, loss, keep);
   if (checked.empty()) return verdicts;
   const std::string failures = describe_failures(checked, c.run);
   if (!failures.empty() && !c.allow_unverified) throw CheckFailedError(failures);

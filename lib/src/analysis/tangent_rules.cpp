@@ -24,14 +24,10 @@ namespace {
 
 using Stack = torch::jit::Stack;
 
-using Operand = BatchOperand;
-
-Operand unwrap(const at::Tensor& t, const std::string& op) { return batch_operand(t, op); }
-
 /// The common level of the batched operands (throws for two levels) and their batch size.
-std::pair<int64_t, int64_t> level_of(const std::vector<const Operand*>& ops, const std::string& name) {
+std::pair<int64_t, int64_t> level_of(const std::vector<const BatchOperand*>& ops, const std::string& name) {
   int64_t level = -1, size = 0;
-  for (const Operand* o : ops) {
+  for (const BatchOperand* o : ops) {
     if (!o->batched()) continue;
     if (level >= 0 && level != o->level) throw BatchedRowsUnsupported("no batching rule for " + name + " of two vmap levels");
     level = o->level;
@@ -40,15 +36,15 @@ std::pair<int64_t, int64_t> level_of(const std::vector<const Operand*>& ops, con
   return {level, size};
 }
 
-at::Tensor entry(const Operand& o, int64_t i) { return o.batched() ? o.t.select(0, i) : o.t; }
+at::Tensor entry(const BatchOperand& o, int64_t i) { return o.batched() ? o.t.select(0, i) : o.t; }
 
 /// convolution(input, weight, bias?, stride, padding, dilation, transposed, output_padding,
 /// groups) with any of input, weight and bias batched at one level.
 void convolution_rule(const c10::OperatorHandle& op, Stack* s) {
   const auto a = torch::jit::last(*s, 9);
   const std::string name = op.schema().name();
-  const Operand in = unwrap(a[0].toTensor(), name), w = unwrap(a[1].toTensor(), name);
-  const Operand b = unwrap(a[2].isTensor() ? a[2].toTensor() : at::Tensor(), name);
+  const BatchOperand in = batch_operand(a[0].toTensor(), name), w = batch_operand(a[1].toTensor(), name);
+  const BatchOperand b = batch_operand(a[2].isTensor() ? a[2].toTensor() : at::Tensor(), name);
   const auto stride = a[3].toIntVector(), padding = a[4].toIntVector(), dilation = a[5].toIntVector();
   const bool transposed = a[6].toBool();
   const auto out_pad = a[7].toIntVector();
@@ -90,7 +86,7 @@ void convolution_rule(const c10::OperatorHandle& op, Stack* s) {
 /// dimensions (every logical one when dim is empty).
 void mean_rule(const c10::OperatorHandle& op, Stack* s) {
   const auto a = torch::jit::last(*s, 4);
-  const Operand x = unwrap(a[0].toTensor(), op.schema().name());
+  const BatchOperand x = batch_operand(a[0].toTensor(), op.schema().name());
   const int64_t rank = x.t.dim() - 1;
   std::vector<int64_t> dims;
   if (!a[1].isNone()) dims = a[1].toIntVector();
@@ -109,7 +105,7 @@ void mean_rule(const c10::OperatorHandle& op, Stack* s) {
 /// refuses it (max-pooling's tangent formula flattens the tangent).
 void flatten_rule(const c10::OperatorHandle& op, Stack* s) {
   const auto a = torch::jit::last(*s, 3);
-  const Operand x = unwrap(a[0].toTensor(), op.schema().name());
+  const BatchOperand x = batch_operand(a[0].toTensor(), op.schema().name());
   const int64_t rank = x.t.dim() - 1;
   at::Tensor r;
   if (rank == 0) {
@@ -125,7 +121,7 @@ void flatten_rule(const c10::OperatorHandle& op, Stack* s) {
 void gather_rule(const c10::OperatorHandle& op, Stack* s) {
   const auto a = torch::jit::last(*s, 4);
   const std::string name = op.schema().name();
-  const Operand x = unwrap(a[0].toTensor(), name), index = unwrap(a[2].toTensor(), name);
+  const BatchOperand x = batch_operand(a[0].toTensor(), name), index = batch_operand(a[2].toTensor(), name);
   const int64_t rank = x.t.dim() - 1;
   at::Tensor r;
   if (!index.batched() && rank > 0) {
@@ -149,7 +145,7 @@ void gather_rule(const c10::OperatorHandle& op, Stack* s) {
 /// Returns a list, which ATen's fallback cannot.
 void split_rule(const c10::OperatorHandle& op, Stack* s) {
   const auto a = torch::jit::last(*s, 3);
-  const Operand x = unwrap(a[0].toTensor(), op.schema().name());
+  const BatchOperand x = batch_operand(a[0].toTensor(), op.schema().name());
   const int64_t dim = c10::maybe_wrap_dim(a[2].toInt(), x.t.dim() - 1) + 1;
   const std::vector<at::Tensor> parts = a[1].isInt() ? at::unsafe_split(x.t, a[1].toInt(), dim)
                                                      : at::unsafe_split_with_sizes(x.t, a[1].toIntVector(), dim);
@@ -167,7 +163,7 @@ void split_rule(const c10::OperatorHandle& op, Stack* s) {
 void feature_zeros_rule(const c10::OperatorHandle& op, Stack* s) {
   const auto a = torch::jit::last(*s, 3);
   const std::string name = op.schema().name();
-  const Operand x = unwrap(a[0].toTensor(), name), other = unwrap(a[1].toTensor(), name);
+  const BatchOperand x = batch_operand(a[0].toTensor(), name), other = batch_operand(a[1].toTensor(), name);
   if (other.batched() || a[2].toInt() != 0) throw BatchedRowsUnsupported("no batching rule for " + name + " of a batched other");
   const at::Tensor r = at::_new_zeros_with_same_feature_meta(x.t, other.t, 1);
   torch::jit::drop(*s, 3);

@@ -72,6 +72,10 @@ struct AnalyzeConfig {
   /// memory stays bounded however many probes: [P*C, n_params] rows would be 6 GiB for a 1.2M
   /// model at 64 probes.
   int64_t rows_memory = int64_t{256} << 20;
+  /// A recorded run's verification computes each analyzed step's float64 batch gradient before
+  /// the walk; up to this many bytes of them are kept for the analysis to use instead of forming
+  /// them again (0: every step's gradient formed twice, as before).
+  int64_t verified_gradients_memory = int64_t{256} << 20;
   int64_t exact_nodes = 0;         ///< Q > 0: the exact path kernel by Q-node Gauss-Legendre quadrature
   std::string tc_rule = "tau";     ///< tau or outlier
   double tau = 0.1;

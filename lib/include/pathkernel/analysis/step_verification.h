@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <map>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "pathkernel/analysis/analyzer.h"
@@ -44,14 +45,34 @@ struct StepVerification {
   bool in_float32 = false;    ///< ok only when recomputed in float32, as it trained (verify_steps)
 };
 
+/// The float64 batch gradients (and batch losses) the verification computed, kept for the
+/// analysis of the same steps: at most `budget_bytes` of tensors (later steps past the budget are
+/// not kept). The analysis takes each step's once; the gradient is the one it would form itself
+/// (the same weights, buffers, batch, training forward and model).
+class VerifiedGradients {
+ public:
+  explicit VerifiedGradients(int64_t budget_bytes) : budget_(budget_bytes) {}
+  /// Keeps step k's gradient when it fits the budget.
+  void offer(int64_t k, ParamMap gradient, double loss);
+  /// Moves step k's gradient and loss out (true), or leaves them untouched (false: not kept).
+  bool take(int64_t k, ParamMap& gradient, double& loss);
+  int64_t bytes() const { return used_; }
+
+ private:
+  int64_t budget_;
+  int64_t used_ = 0;
+  std::map<int64_t, std::pair<ParamMap, double>> kept_;
+};
+
 /// Checks steps `steps` of a recorded trajectory with `model` (float64, the trajectory's
 /// parameter names); a step off in float64 is recomputed in float32 as it trained (a fresh
 /// traj.make_model()), and passes when that agrees (float64 rounding alone can flip a ReLU or
 /// max-pool kink, and BatchNorm amplifies it). Returns one verdict per step (empty for a
 /// trajectory that logs no fingerprints: a trained run). The model's weights are left at the
 /// last step checked.
+/// With `keep`, each step's float64 gradient and loss go there (model's dtype float64 only).
 std::vector<StepVerification> verify_steps(Trajectory& traj, models::Model& model, const std::vector<int64_t>& steps,
-                                           LossKind loss);
+                                           LossKind loss, VerifiedGradients* keep = nullptr);
 
 /// The first failed verdicts as one message: each step, what disagreed, the likely causes.
 std::string describe_failures(const std::vector<StepVerification>& verdicts, const std::string& run);
@@ -69,7 +90,7 @@ std::string check_updates(std::vector<StepRow>& steps, const std::string& run);
 /// for a trained run).
 std::map<int64_t, StepVerification> verify_analyzed_steps(Trajectory& traj, models::Model& model, int64_t begin,
                                                           int64_t end, const AnalyzeConfig& c, LossKind loss,
-                                                          AnalysisResult& res);
+                                                          AnalysisResult& res, VerifiedGradients* keep = nullptr);
 
 /// Copies the verdict of row.step (when there is one) into the row's verification columns.
 void mark_verified(StepRow& row, const std::map<int64_t, StepVerification>& verdicts);
