@@ -8,7 +8,8 @@
 // way: name, best seconds of the repeats after a warm-up, and (for the chosen mode) why.
 // bench_generic.py runs it beside functorch.
 //
-// usage: bench_rows RUN PROBES [REPEATS]
+// usage: bench_rows RUN PROBES [REPEATS [WAYS]]   (WAYS: a comma-separated subset of
+//        per-row,batched,jvp-each,jvp-batched,chosen; all by default)
 #include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
 
@@ -46,7 +47,7 @@ double best_of(int repeats, F&& f) {
 
 int main(int argc, char** argv) {
   if (argc < 3) {
-    std::fprintf(stderr, "usage: bench_rows RUN PROBES [REPEATS]\n");
+    std::fprintf(stderr, "usage: bench_rows RUN PROBES [REPEATS [WAYS]]\n");
     return 2;
   }
   tune_allocator();  // as pathkernel's main does
@@ -55,6 +56,8 @@ int main(int argc, char** argv) {
   const ThreadInfo threads = pin_threads(1);
   const int64_t probes = std::stoll(argv[2]);
   const int repeats = argc > 3 ? std::stoi(argv[3]) : 2;
+  const std::string ways = argc > 4 ? "," + std::string(argv[4]) + "," : "";
+  auto wanted = [&](const std::string& way) { return ways.empty() || ways.find("," + way + ",") != std::string::npos; };
   auto traj = open_trajectory(argv[1]);
   auto model = traj->make_model();
   model->to(at::kDouble);
@@ -70,6 +73,7 @@ int main(int argc, char** argv) {
               static_cast<long long>(x.size(0)), static_cast<long long>(nc), threads.blas_core.c_str());
   for (const auto& [name, mode] : {std::pair<const char*, RowsMode>{"per-row", RowsMode::kPerRow},
                                    {"batched", RowsMode::kBatchedOutputs}}) {
+    if (!wanted(name)) continue;
     RowsWorkspace ws;
     ws.mode = mode;
     try {
@@ -91,6 +95,7 @@ int main(int argc, char** argv) {
   const std::vector<const ParamMap*> step = {&dirs[0], &dirs[1], &dirs[2], &dirs[3]};
   for (const auto& [name, mode] : {std::pair<const char*, JvpMode>{"jvp-each", JvpMode::kForward},
                                    {"jvp-batched", JvpMode::kForwardBatched}}) {
+    if (!wanted(name)) continue;
     try {
       at::Tensor logits;
       const JvpMode how = mode;  // a structured binding cannot be captured (C++17)
@@ -100,6 +105,7 @@ int main(int argc, char** argv) {
       std::printf("%-8s unsupported: %s\n", name, e.what_without_backtrace());
     }
   }
+  if (!wanted("chosen")) return 0;
   RowsWorkspace chosen;
   const double s = best_of(repeats, [&] { probe_rows(*model, x, cols, /*explicit_route=*/true, nullptr, &chosen); });
   std::printf("chosen   %.4f %s\n", s, chosen.why.c_str());
