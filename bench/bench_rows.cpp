@@ -58,6 +58,17 @@ int main(int argc, char** argv) {
   const int repeats = argc > 3 ? std::stoi(argv[3]) : 2;
   const std::string ways = argc > 4 ? "," + std::string(argv[4]) + "," : "";
   auto wanted = [&](const std::string& way) { return ways.empty() || ways.find("," + way + ",") != std::string::npos; };
+  if (!ways.empty()) {  // a misspelt way would measure nothing and say nothing
+    std::string left = ways;
+    for (const char* way : {"per-row", "batched", "jvp-each", "jvp-batched", "chosen"}) {
+      const size_t at = left.find("," + std::string(way) + ",");
+      if (at != std::string::npos) left.erase(at, std::string(way).size() + 1);
+    }
+    if (left != ",") {
+      std::fprintf(stderr, "bench_rows: unknown way in '%s' (per-row,batched,jvp-each,jvp-batched,chosen)\n", argv[4]);
+      return 2;
+    }
+  }
   auto traj = open_trajectory(argv[1]);
   auto model = traj->make_model();
   model->to(at::kDouble);
