@@ -17,7 +17,8 @@ Fashion-MNIST, then measures, each in its own process (time per step and peak me
   functorch step-vmap: the same with the four directions as one vmap batch of tangents;
   functorch vmap(jacrev): every probe's gradient rows (what explain's per-example split needs);
   pathkernel explain rows (bench/bench_rows.cpp): the same rows as explain forms them on the
-  explicit route, one backward per row, one batched backward per probe, and the mode it chooses;
+  explicit route, one backward per row, one batched backward per probe, functorch's own C++
+  transforms over blocks of probes (functorch_rows.h), and the mode it chooses;
   pathkernel step products (bench_rows too): the four directions' J v as analyze forms them, one
   forward per direction (each) and all four in one forward (batched).
 

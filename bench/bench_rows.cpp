@@ -2,14 +2,15 @@
 // rows the explicit route forms for the per-example split, in float64 at the run's step 0, on the
 // probes bench_generic.py gives functorch's vmap(jacrev) (every (test split size / P)-th test
 // example). Measures each way of forming them, the workspace kept between calls as explain keeps
-// it: one backward per row, one batched backward per probe (batched_rows.h), and the mode
-// choose_rows_mode takes; and an analyzed step's Jacobian-vector products along four directions,
+// it: one backward per row, one batched backward per probe (batched_rows.h), functorch's vmap
+// over blocks of probes of its grad transform (functorch_rows.h), and the mode choose_rows_mode
+// takes; and an analyzed step's Jacobian-vector products along four directions,
 // one forward per direction (jvp-each) and all in one forward (jvp-batched). Prints one line per
 // way: name, best seconds of the repeats after a warm-up, and (for the chosen mode) why.
 // bench_generic.py runs it beside functorch.
 //
 // usage: bench_rows RUN PROBES [REPEATS [WAYS]]   (WAYS: a comma-separated subset of
-//        per-row,batched,jvp-each,jvp-batched,chosen; all by default)
+//        per-row,batched,functorch,jvp-each,jvp-batched,chosen; all by default)
 #include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
 
@@ -20,6 +21,7 @@
 #include <string>
 
 #include "pathkernel/analysis/batched_rows.h"
+#include "pathkernel/analysis/functorch_rows.h"
 #include "pathkernel/analysis/kernels.h"
 #include "pathkernel/analysis/step_terms.h"
 #include "pathkernel/io/threads.h"
@@ -60,12 +62,12 @@ int main(int argc, char** argv) {
   auto wanted = [&](const std::string& way) { return ways.empty() || ways.find("," + way + ",") != std::string::npos; };
   if (!ways.empty()) {  // a misspelt way would measure nothing and say nothing
     std::string left = ways;
-    for (const char* way : {"per-row", "batched", "jvp-each", "jvp-batched", "chosen"}) {
+    for (const char* way : {"per-row", "batched", "functorch", "jvp-each", "jvp-batched", "chosen"}) {
       const size_t at = left.find("," + std::string(way) + ",");
       if (at != std::string::npos) left.erase(at, std::string(way).size() + 1);
     }
     if (left != ",") {
-      std::fprintf(stderr, "bench_rows: unknown way in '%s' (per-row,batched,jvp-each,jvp-batched,chosen)\n", argv[4]);
+      std::fprintf(stderr, "bench_rows: unknown way in '%s' (per-row,batched,functorch,jvp-each,jvp-batched,chosen)\n", argv[4]);
       return 2;
     }
   }
@@ -83,7 +85,8 @@ int main(int argc, char** argv) {
   std::printf("model %s, %lld probes x %lld outputs, 1 thread, OpenBLAS core %s\n", argv[1],
               static_cast<long long>(x.size(0)), static_cast<long long>(nc), threads.blas_core.c_str());
   for (const auto& [name, mode] : {std::pair<const char*, RowsMode>{"per-row", RowsMode::kPerRow},
-                                   {"batched", RowsMode::kBatchedOutputs}}) {
+                                   {"batched", RowsMode::kBatchedOutputs},
+                                   {"functorch", RowsMode::kFunctorch}}) {
     if (!wanted(name)) continue;
     RowsWorkspace ws;
     ws.mode = mode;
@@ -91,6 +94,8 @@ int main(int argc, char** argv) {
       const double s = best_of(repeats, [&] { probe_rows(*model, x, cols, /*explicit_route=*/true, nullptr, &ws); });
       std::printf("%-8s %.4f\n", name, s);
     } catch (const BatchedRowsUnsupported& e) {
+      std::printf("%-8s unsupported: %s\n", name, e.what());
+    } catch (const FunctorchRowsUnsupported& e) {
       std::printf("%-8s unsupported: %s\n", name, e.what());
     }
   }

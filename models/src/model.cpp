@@ -15,6 +15,10 @@ void Model::clear_captures() {
   }
 }
 
+torch::Tensor Model::forward_with_parameters(const std::vector<torch::Tensor>&, const torch::Tensor&) {
+  throw std::logic_error("model " + spec_.str() + " runs on its own parameters only");
+}
+
 size_t Model::add_tap(const std::string& name, LayerKind kind, torch::Tensor weight,
                       torch::Tensor bias, ConvGeometry conv) {
   Tap t;

@@ -359,7 +359,13 @@ TEST(ScriptedModelTest, ProbeRowsInAReusedWorkspaceEqualFreshRows) {
   // Fewer probes: the same workspace, no new allocation, the right rows.
   const RowGradients small = probe_rows(*m, x.slice(0, 1, 3), cols.slice(0, 1, 3), true, nullptr, &workspace);
   EXPECT_EQ(workspace.buffer.data_ptr(), data);
-  EXPECT_TRUE(at::equal(small.jacobian, fresh.slice(0, 2, 6)));
+  // Bit for bit in the per-probe modes; kFunctorch batches a block's probes in one product, whose
+  // rounding depends on the block (under OpenBLAS's Prescott kernels the bits differ).
+  if (*workspace.mode == RowsMode::kFunctorch) {
+    EXPECT_LT(max_rel(small.jacobian, fresh.slice(0, 2, 6)), 1e-13);
+  } else {
+    EXPECT_TRUE(at::equal(small.jacobian, fresh.slice(0, 2, 6)));
+  }
   // A workspace of the wrong shape is refused, not written past.
   EXPECT_THROW(explicit_probe_jacobian_into(*m, x, cols, at::empty({8, 5}, at::kDouble)), std::invalid_argument);
 }

@@ -6,6 +6,7 @@
 #include <algorithm>
 
 #include "pathkernel/analysis/batched_rows.h"
+#include "pathkernel/analysis/functorch_rows.h"
 #include "pathkernel/train/per_example.h"
 
 namespace pathkernel {
@@ -208,6 +209,11 @@ at::Tensor explicit_probe_jacobian_into(models::Model& model, const at::Tensor& 
   if (jac.dim() != 2 || jac.size(0) != x.size(0) * c || jac.size(1) != count_params(params)) {
     throw std::invalid_argument("explicit_probe_jacobian_into: the output is not [P*C, n_params]");
   }
+  if (mode == RowsMode::kFunctorch) {
+    const int64_t probe_bytes = std::max<int64_t>(1, c * jac.size(1) * static_cast<int64_t>(jac.element_size()));
+    functorch_rows_into(model, x, col, jac, kFunctorchBlockBytes / probe_bytes);
+    return jac;
+  }
   for (int64_t p = 0; p < x.size(0); ++p) {
     const at::Tensor out = model.forward(x.slice(0, p, p + 1))[0];
     if (mode == RowsMode::kBatchedOutputs) {
@@ -234,22 +240,38 @@ RowsMode choose_rows_mode(models::Model& model, const at::Tensor& x, const at::T
   }
   const at::Tensor x1 = x.slice(0, 0, 1), c1 = cols.slice(0, 0, 1);
   const at::Tensor want = explicit_probe_jacobian(model, x1, c1);
+  const double scale = std::max(want.abs().max().item<double>(), 1e-300);
+  auto off = [&](const at::Tensor& got) { return (got - want).abs().max().item<double>() / scale; };
   at::Tensor got = at::empty_like(want);
+  std::string passed;  // why functorch's transforms were passed over
+  if (model.swaps_parameters()) {
+    try {
+      functorch_rows_into(model, x1, c1, got, 1);
+      const double d = off(got);
+      if (d <= 1e-12) {
+        if (why) *why = "functorch's vmap over blocks of probes of its grad transform, one backward a block";
+        return RowsMode::kFunctorch;
+      }
+      passed = "functorch's rows differ from the per-row ones by " + std::to_string(d);
+    } catch (const FunctorchRowsUnsupported& e) {
+      passed = std::string("functorch's transforms refused it: ") + e.what();
+    }
+    passed = " (" + passed.substr(0, passed.find('\n')) + ")";
+  }
   std::vector<std::string> fallbacks;
   try {
     batched_output_rows(params, model.forward(x1)[0], c1[0], got, &fallbacks);
   } catch (const BatchedRowsUnsupported& e) {
-    return per_row(e.what());
+    return per_row(e.what() + passed);
   }
   if (!fallbacks.empty()) {
     std::string names;
     for (const auto& f : fallbacks) names += (names.empty() ? "" : ", ") + f;
-    return per_row("no batching rule for " + names);
+    return per_row("no batching rule for " + names + passed);
   }
-  const double scale = std::max(want.abs().max().item<double>(), 1e-300);
-  const double off = (got - want).abs().max().item<double>() / scale;
-  if (!(off <= 1e-12)) return per_row("the batched rows differ from the per-row ones by " + std::to_string(off));
-  if (why) *why = "one backward per probe, its " + std::to_string(c) + " rows as a batch";
+  const double d = off(got);
+  if (!(d <= 1e-12)) return per_row("the batched rows differ from the per-row ones by " + std::to_string(d) + passed);
+  if (why) *why = "one backward per probe, its " + std::to_string(c) + " rows as a batch" + passed;
   return RowsMode::kBatchedOutputs;
 }
 

@@ -28,6 +28,7 @@ class ScriptedModel : public models::Model {
       // The same tensor object: weights copied into it, and dtype changes, reach the scripted module.
       std::string leaf;
       holder_of(p.name, leaf)->register_parameter(leaf, p.value, p.value.requires_grad());
+      slots_.push_back({owner_of(p.name), leaf});
     }
     // Floating buffers (BatchNorm's running statistics) by name too, the same tensor objects:
     // set per step from the checkpoints (set_buffers).
@@ -51,6 +52,28 @@ class ScriptedModel : public models::Model {
     const c10::IValue out = module_.forward({x});
     if (!out.isTensor()) throw InputError("the TorchScript model's forward does not return a tensor");
     return out.toTensor();
+  }
+
+  bool swaps_parameters() const override { return true; }
+
+  /// Each parameter's slot on its scripted submodule holds the given tensor for the call; the
+  /// model's own tensors are put back however the forward ends.
+  torch::Tensor forward_with_parameters(const std::vector<torch::Tensor>& params, const torch::Tensor& x) override {
+    if (params.size() != slots_.size()) {
+      throw std::invalid_argument("forward_with_parameters: " + std::to_string(params.size()) + " tensors for " +
+                                  std::to_string(slots_.size()) + " parameters");
+    }
+    std::vector<at::Tensor> own;
+    for (const auto& [module, leaf] : slots_) own.push_back(module.attr(leaf).toTensor());
+    struct Restore {
+      std::vector<std::pair<torch::jit::Module, std::string>>& slots;
+      const std::vector<at::Tensor>& own;
+      ~Restore() {
+        for (size_t i = 0; i < slots.size(); ++i) slots[i].first.setattr(slots[i].second, own[i]);
+      }
+    } restore{slots_, own};
+    for (size_t i = 0; i < slots_.size(); ++i) slots_[i].first.setattr(slots_[i].second, params[i]);
+    return forward(x);
   }
 
   /// The scripted module converts its parameters in place (set_data), and its buffers with them.
@@ -127,8 +150,19 @@ class ScriptedModel : public models::Model {
     }
     return owner;
   }
+  /// The scripted submodule owning the dotted parameter name, found by its attributes.
+  torch::jit::Module owner_of(const std::string& name) const {
+    torch::jit::Module m = module_;
+    size_t from = 0;
+    for (size_t dot = name.find('.'); dot != std::string::npos; from = dot + 1, dot = name.find('.', from)) {
+      m = m.attr(name.substr(from, dot - from)).toModule();
+    }
+    return m;
+  }
   std::map<std::string, std::shared_ptr<Holder>> holders_;
   torch::jit::Module module_;
+  /// Every parameter's owning submodule and attribute name, in named_parameters() order.
+  std::vector<std::pair<torch::jit::Module, std::string>> slots_;
   std::vector<Site> sites_;
   std::vector<std::pair<torch::jit::Module, std::vector<at::Tensor>>> norms_on_;  ///< in training mode, and their own statistics
 };

@@ -70,8 +70,14 @@ at::Tensor factorized_directional(const RowSignals& a, const ParamMap& v);
 
 /// How the explicit route forms one probe's C' rows from one forward of it: a backward per row,
 /// or one backward whose incoming gradient carries the C' one-hot rows as a batch
-/// (batched_rows.h). The same numbers either way, to rounding.
-enum class RowsMode { kPerRow, kBatchedOutputs };
+/// (batched_rows.h); or, for a model that runs on swapped parameters (a recorded TorchScript
+/// model), functorch's vmap over a block of probes of its grad transform, one backward for the
+/// block's rows (functorch_rows.h). The same numbers every way, to rounding.
+enum class RowsMode { kPerRow, kBatchedOutputs, kFunctorch };
+
+/// kFunctorch takes the probes in blocks whose gradients, block x C' x n_params values, fit in
+/// this many bytes (at least one probe a block).
+inline constexpr int64_t kFunctorchBlockBytes = int64_t{64} << 20;
 
 /// The batched mode is taken only while one probe's rows, C' x n_params doubles, fit in this
 /// many bytes: beyond it the batch's gradients leave the cache before they are copied into the
@@ -80,9 +86,11 @@ enum class RowsMode { kPerRow, kBatchedOutputs };
 inline constexpr int64_t kBatchedRowsMaxBytes = int64_t{8} << 20;
 
 /// The mode for a model whose operators are not known in advance, tried on the first probe of x
-/// (cols: [P, C']): batched when its rows fit kBatchedRowsMaxBytes, no backward operator falls
-/// to ATen's slow loop and the batched rows equal that probe's rows by a backward each (to 1e-12
-/// of their scale); else per row. `why` says which and why.
+/// (cols: [P, C']). While one probe's rows fit kBatchedRowsMaxBytes: kFunctorch when the model
+/// runs on swapped parameters, functorch's transforms accept it and its rows equal that probe's
+/// rows by a backward each (to 1e-12 of their scale); else batched when no backward operator
+/// falls to ATen's slow loop and its rows are equal likewise; else per row. `why` says which and
+/// why (and what refused the modes passed over).
 RowsMode choose_rows_mode(models::Model& model, const at::Tensor& x, const at::Tensor& cols, std::string* why);
 
 /// The explicit route: [P*C, n_params] Jacobian of the probe rows (one backward per row).

@@ -159,6 +159,16 @@ class Model : public torch::nn::Module {
   using torch::nn::Module::to;
   void to(torch::Dtype dtype, bool non_blocking = false) override;
 
+  /// True when forward_with_parameters can run the forward on parameters it is given: what a
+  /// functional transform needs (functorch's grad layer differentiates through wrapped copies of
+  /// the parameters, not through the model's own tensors). The zoo's layers read their own
+  /// tensors: false; a recorded TorchScript model: true.
+  virtual bool swaps_parameters() const { return false; }
+  /// forward(x) with `params` (named_parameters() order, the same shapes) in place of the model's
+  /// parameters for this call only; every entry of named_parameters() that is the same tensor
+  /// must be given the same replacement. Throws std::logic_error where swaps_parameters() is false.
+  virtual torch::Tensor forward_with_parameters(const std::vector<torch::Tensor>& params, const torch::Tensor& x);
+
   /// The spec this model was built from.
   const ModelSpec& spec() const { return spec_; }
   /// Number of output classes.
