@@ -8,6 +8,7 @@
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/library.h>
 
+#include <limits>
 #include <map>
 
 #include "fixtures.h"
@@ -368,6 +369,35 @@ TEST(ScriptedModelTest, ProbeRowsInAReusedWorkspaceEqualFreshRows) {
   }
   // A workspace of the wrong shape is refused, not written past.
   EXPECT_THROW(explicit_probe_jacobian_into(*m, x, cols, at::empty({8, 5}, at::kDouble)), std::invalid_argument);
+}
+
+TEST(ScriptedModelTest, RowsFormedInALentBufferFillItWholeAndAreNotCopiedAgain) {
+  // explain lends its own [rows, n_params] matrix to the workspace: every mode must write every
+  // entry of it (it holds last step's rows, scaled), and row_jacobian then hands it back as is.
+  at::manual_seed(12);
+  auto m = scripted("scripted_resnorm.pt", 3);
+  const at::Tensor x = at::randn({4, 16}, at::kDouble), cols = shared_columns(4, {0, 2});
+  const at::Tensor want = explicit_probe_jacobian(*m, x, cols);
+  int formed = 0;
+  for (const RowsMode mode : {RowsMode::kPerRow, RowsMode::kBatchedOutputs, RowsMode::kFunctorch}) {
+    const at::Tensor lent = at::full_like(want, std::numeric_limits<double>::quiet_NaN());
+    RowsWorkspace workspace;
+    workspace.mode = mode;
+    workspace.buffer = lent.view({-1});
+    RowGradients rows;
+    try {
+      rows = probe_rows(*m, x, cols, /*explicit_route=*/true, nullptr, &workspace);
+    } catch (const BatchedRowsUnsupported&) {
+      continue;
+    }
+    ++formed;
+    EXPECT_EQ(rows.jacobian.data_ptr(), lent.data_ptr()) << static_cast<int>(mode);
+    EXPECT_LT(max_rel(lent, want), 1e-12) << static_cast<int>(mode);  // a NaN left fails
+    EXPECT_EQ(row_jacobian(*m, rows, lent).data_ptr(), lent.data_ptr());
+    const at::Tensor other = at::full_like(want, std::numeric_limits<double>::quiet_NaN());
+    EXPECT_TRUE(at::equal(row_jacobian(*m, rows, other), lent));  // elsewhere: copied
+  }
+  EXPECT_GE(formed, 2);  // at least the per-row and functorch modes
 }
 
 TEST(ScriptedModelTest, DamagedOrUnusableArchivesAreRefusedNamingTheFile) {

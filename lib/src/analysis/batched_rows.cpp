@@ -355,8 +355,16 @@ void gradients_into_rows(const std::vector<at::Tensor>& params, const std::vecto
   for (size_t i = 0; i < grads.size(); ++i) {
     const int64_t n = params[i].numel();
     if (grads[i].defined()) {
-      // Straight from the gradient's own layout (a reshape would copy a strided one first).
-      std::vector<int64_t> shape{c};
+      // Straight from the gradient's own layout (a reshape would copy a strided one first): the
+      // rows' stretch viewed as the gradient's leading dims when they count the rows ([B, C']
+      // from functorch), else as [C].
+      std::vector<int64_t> shape;
+      int64_t count = 1;
+      for (int64_t d = 0; d < grads[i].dim() - params[i].dim(); ++d) {
+        shape.push_back(grads[i].size(d));
+        count *= grads[i].size(d);
+      }
+      if (shape.empty() || count != c) shape = {c};
       shape.insert(shape.end(), params[i].sizes().begin(), params[i].sizes().end());
       rows.narrow(1, at_, n).view(shape).copy_(grads[i]);
     } else {

@@ -10,6 +10,7 @@
 #include <map>
 #include <vector>
 
+#include "pathkernel/analysis/batched_rows.h"
 #include "pathkernel/models/model.h"
 
 namespace pathkernel {
@@ -145,19 +146,7 @@ void functorch_rows_into(models::Model& model, const at::Tensor& x, const at::Te
     } catch (const std::runtime_error& e) {  // the TorchScript interpreter's
       throw FunctorchRowsUnsupported(e.what());
     }
-    at::Tensor out = rows.narrow(0, p0 * c, b * c);
-    int64_t at_ = 0;
-    for (size_t i = 0; i < params.size(); ++i) {
-      const int64_t n = params[i].numel();
-      if (g[i].defined()) {
-        std::vector<int64_t> shape{b, c};
-        shape.insert(shape.end(), params[i].sizes().begin(), params[i].sizes().end());
-        out.narrow(1, at_, n).view(shape).copy_(g[i]);
-      } else {
-        out.narrow(1, at_, n).zero_();
-      }
-      at_ += n;
-    }
+    gradients_into_rows(params, g, rows.narrow(0, p0 * c, b * c));  // g[i]: [B, C', *shape]
   }
 }
 

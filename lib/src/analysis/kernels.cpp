@@ -407,7 +407,11 @@ at::Tensor row_jacobian(models::Model& model, const RowGradients& rows, at::Tens
   for (const auto& [name, slot] : layout) n += slot.numel;
   const int64_t r = rows.is_explicit() ? rows.jacobian.size(0) : rows.signals.rows;
   at::Tensor j = out.defined() && out.sizes() == at::IntArrayRef{r, n} ? out : at::empty({r, n}, at::kDouble);
-  if (rows.is_explicit()) return j.copy_(rows.jacobian);
+  if (rows.is_explicit()) {
+    const at::Tensor& src = rows.jacobian;  // already in `out` (a workspace lent to probe_rows): nothing to copy
+    if (j.data_ptr() == src.data_ptr() && j.strides() == src.strides() && j.scalar_type() == src.scalar_type()) return j;
+    return j.copy_(src);
+  }
   j.zero_();
   for_each_tap_rows(rows.signals, [&](size_t l, const at::Tensor& w, const at::Tensor& b) {
     const std::string& name = rows.signals.taps[l].name;

@@ -35,7 +35,8 @@ void batched_output_rows(const std::vector<at::Tensor>& params, const at::Tensor
                          at::Tensor rows, std::vector<std::string>* fallbacks = nullptr);
 
 /// Writes C rows of gradients into `rows` [C, n_params]: grads[i] (C gradients of params[i],
-/// [C, *shape] or, for C = 1, [*shape]; undefined: zeros) at params[i]'s columns, in order.
+/// [C, *shape], [B, C/B, *shape] (row b*C/B + j) or, for C = 1, [*shape]; undefined: zeros) at
+/// params[i]'s columns, in order.
 void gradients_into_rows(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads, at::Tensor rows);
 
 /// Replaces LibTorch's Batched kernels of mm and bmm by rules that fold the batch into one
