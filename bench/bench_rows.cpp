@@ -5,12 +5,15 @@
 // it: one backward per row, one batched backward per probe (batched_rows.h), functorch's vmap
 // over blocks of probes of its grad transform (functorch_rows.h), and the mode choose_rows_mode
 // takes; and an analyzed step's Jacobian-vector products along four directions,
-// one forward per direction (jvp-each) and all in one forward (jvp-batched). Prints one line per
-// way: name, best seconds of the repeats after a warm-up, and (for the chosen mode) why.
+// one forward per direction (jvp-each) and all in one forward (jvp-batched); and --second-order's
+// S = 1/2 dw^T H dw along one of them, per row (a Hessian-vector product a row) and all rows at
+// once (s-per-row, s-all-rows; the latter with layer_norm made differentiable to the third order,
+// norm_rules.cpp). Prints one line per way: name, best seconds of the repeats after a warm-up, and
+// (for the chosen mode) why.
 // bench_generic.py runs it beside functorch.
 //
 // usage: bench_rows RUN PROBES [REPEATS [WAYS]]   (WAYS: a comma-separated subset of
-//        per-row,batched,functorch,jvp-each,jvp-batched,chosen; all by default)
+//        per-row,batched,functorch,jvp-each,jvp-batched,s-per-row,s-all-rows,chosen; all by default)
 #include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
 
@@ -62,12 +65,15 @@ int main(int argc, char** argv) {
   auto wanted = [&](const std::string& way) { return ways.empty() || ways.find("," + way + ",") != std::string::npos; };
   if (!ways.empty()) {  // a misspelt way would measure nothing and say nothing
     std::string left = ways;
-    for (const char* way : {"per-row", "batched", "functorch", "jvp-each", "jvp-batched", "chosen"}) {
+    for (const char* way : {"per-row", "batched", "functorch", "jvp-each", "jvp-batched", "s-per-row", "s-all-rows", "chosen"}) {
       const size_t at = left.find("," + std::string(way) + ",");
       if (at != std::string::npos) left.erase(at, std::string(way).size() + 1);
     }
     if (left != ",") {
-      std::fprintf(stderr, "bench_rows: unknown way in '%s' (per-row,batched,functorch,jvp-each,jvp-batched,chosen)\n", argv[4]);
+      std::fprintf(stderr,
+                   "bench_rows: unknown way in '%s' "
+                   "(per-row,batched,functorch,jvp-each,jvp-batched,s-per-row,s-all-rows,chosen)\n",
+                   argv[4]);
       return 2;
     }
   }
@@ -120,6 +126,18 @@ int main(int argc, char** argv) {
     } catch (const c10::Error& e) {
       std::printf("%-8s unsupported: %s\n", name, e.what_without_backtrace());
     }
+  }
+  for (const auto& [name, mode] : {std::pair<const char*, SecondOrderMode>{"s-per-row", SecondOrderMode::kPerRow},
+                                   {"s-all-rows", SecondOrderMode::kAllRows}}) {
+    if (!wanted(name)) continue;
+    const SecondOrderMode how = mode;
+    const double s = best_of(repeats, [&] { second_order(*model, x, cols, dirs[0], how); });
+    std::printf("%-8s %.4f\n", name, s);
+  }
+  if (wanted("s-all-rows")) {
+    std::string why;
+    choose_second_order_mode(*model, x, cols, dirs[0], &why);
+    std::printf("s-chosen %s\n", why.c_str());
   }
   if (!wanted("chosen")) return 0;
   RowsWorkspace chosen;

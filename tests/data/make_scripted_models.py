@@ -103,3 +103,14 @@ torch.jit.save(torch.jit.script(_with_mask_sites(dropout_mlp, ["3"])), os.path.j
 torch.manual_seed(1)
 torch.jit.save(torch.jit.script(RowLstm(hidden=5, outputs=3, width=8)), os.path.join(here, "scripted_lstm.pt"))
 torch.jit.save(torch.jit.script(SmallVit(dim=8, heads=2, outputs=3)), os.path.join(here, "scripted_vit.pt"))
+
+
+# A CNN with GroupNorm for 1x8x8 inputs and 3 outputs (tanh and average pooling: smooth, so that
+# S can be checked by second differences): group_norm's derivatives of every order (norm_rules.cpp).
+torch.manual_seed(2)
+gn_cnn = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.GroupNorm(2, 4), torch.nn.Tanh(),
+                             torch.nn.AvgPool2d(2), torch.nn.Flatten(), torch.nn.Linear(4 * 4 * 4, 3))
+with torch.no_grad():  # GroupNorm starts at weight 1, bias 0: move it so its gradients are generic
+    gn_cnn[1].weight.uniform_(0.5, 1.5)
+    gn_cnn[1].bias.uniform_(-0.5, 0.5)
+torch.jit.save(torch.jit.script(gn_cnn), os.path.join(here, "scripted_gncnn.pt"))

@@ -323,10 +323,54 @@ TEST(ScriptedModelTest, AWrongBatchingRuleKeepsOneForwardPerDirection) {
   EXPECT_EQ(choose_forward_batching(m, x, cols, &why), JvpMode::kForwardBatched) << why;
 }
 
+/// 1/2 d^2/dt^2 of the outputs `cols` at w + t v, t = 0: central second differences with step h
+/// and h/2, Richardson-extrapolated (error O(h^4)). An independent route to S; the weights are
+/// put back as they were.
+at::Tensor second_difference(models::Model& m, const at::Tensor& x, const at::Tensor& cols, const ParamMap& v,
+                             double h) {
+  at::NoGradGuard ng;
+  std::vector<at::Tensor> saved;
+  for (const auto& p : m.named_parameters()) saved.push_back(p.value().clone());
+  auto outputs_at = [&](double t) {
+    size_t i = 0;
+    for (const auto& p : m.named_parameters()) p.value().copy_(saved[i++] + v.at(p.key()) * t);
+    return m.forward(x).gather(1, cols).reshape({-1});
+  };
+  const at::Tensor f0 = outputs_at(0);
+  auto second = [&](double s) { return (outputs_at(s) - 2 * f0 + outputs_at(-s)) / (s * s); };
+  const at::Tensor d = (4 * second(h / 2) - second(h)) / 3;
+  size_t i = 0;
+  for (const auto& p : m.named_parameters()) p.value().copy_(saved[i++]);
+  return 0.5 * d;
+}
+
+/// LibTorch's own layer_norm (native_layer_norm, whose double backward holds the saved mean and
+/// 1/std constant), for a test to put back in place of the mended one.
+at::Tensor native_layer_norm_only(const at::Tensor& input, at::IntArrayRef shape, const c10::optional<at::Tensor>& w,
+                                  const c10::optional<at::Tensor>& b, double eps, bool /*cudnn_enable*/) {
+  return std::get<0>(at::native_layer_norm(input, shape, w, b, eps));
+}
+
+/// S of a model with a norm: all rows at once, equal to the per-row Hessian-vector products and
+/// to second differences of the outputs along dw; and, outside S's scope, every rows mode
+/// (functorch's transforms among them) equal to a backward per row.
+void expect_second_order_of_a_norm_model(models::Model& m, const at::Tensor& x, const at::Tensor& cols,
+                                         const ParamMap& dw, const char* name) {
+  std::string why;
+  EXPECT_EQ(choose_second_order_mode(m, x, cols, dw, &why), SecondOrderMode::kAllRows) << name << ": " << why;
+  const at::Tensor all = second_order(m, x, cols, dw, SecondOrderMode::kAllRows);
+  EXPECT_LT(max_rel(all, second_order(m, x, cols, dw, SecondOrderMode::kPerRow)), 1e-12) << name;
+  EXPECT_LT(max_rel(all, second_difference(m, x, cols, dw, 1e-3)), 1e-7) << name;
+  const at::Tensor rows = explicit_probe_jacobian(m, x, cols);
+  for (const RowsMode mode : {RowsMode::kBatchedOutputs, RowsMode::kFunctorch}) {
+    EXPECT_LT(max_rel(explicit_probe_jacobian_into(m, x, cols, at::empty_like(rows), mode), rows), 1e-12)
+        << name << " " << static_cast<int>(mode);
+  }
+}
+
 TEST(ScriptedModelTest, SecondOrderAllRowsAtOnceOnlyWhereItAgreesWithPerRowProducts) {
   // The CNN (conv, tanh, max-pool): S of every row at once equals the rows' Hessian-vector
-  // products, so it is taken. The residual LayerNorm module: LibTorch 1.13's third derivative
-  // of layer_norm is wrong, the all-rows S is off, and the per-row route is kept.
+  // products, so it is taken.
   at::manual_seed(9);
   auto cnn = scripted("scripted_cnn.pt", 4);
   const at::Tensor xc = at::rand({3, 1, 8, 8}, at::kDouble), cc = shared_columns(3, {0, 1, 2, 3});
@@ -336,14 +380,27 @@ TEST(ScriptedModelTest, SecondOrderAllRowsAtOnceOnlyWhereItAgreesWithPerRowProdu
   EXPECT_LT(max_rel(second_order(*cnn, xc, cc, dc, SecondOrderMode::kAllRows),
                     second_order(*cnn, xc, cc, dc, SecondOrderMode::kPerRow)),
             1e-12);
+  // A residual LayerNorm module: its layer_norm written out in differentiable operators for the
+  // all-rows S (norm_rules.cpp). A GroupNorm CNN: LibTorch's group_norm is right as it is.
   auto res = scripted("scripted_resnorm.pt", 3);
   const at::Tensor xr = at::randn({3, 16}, at::kDouble), cr = shared_columns(3, {0, 1, 2});
   const ParamMap dr = random_direction(*res);
-  EXPECT_EQ(choose_second_order_mode(*res, xr, cr, dr, &why), SecondOrderMode::kPerRow) << why;
-  EXPECT_NE(why.find("off"), std::string::npos) << why;
-  EXPECT_GT(max_rel(second_order(*res, xr, cr, dr, SecondOrderMode::kAllRows),
-                    second_order(*res, xr, cr, dr, SecondOrderMode::kPerRow)),
-            1e-3);
+  expect_second_order_of_a_norm_model(*res, xr, cr, dr, "layer norm");
+  auto gn = scripted("scripted_gncnn.pt", 3);
+  expect_second_order_of_a_norm_model(*gn, at::rand({3, 1, 8, 8}, at::kDouble), shared_columns(3, {0, 2}),
+                                      random_direction(*gn), "group norm");
+  // With LibTorch's own layer_norm back in place, the all-rows S is off (its third derivative is
+  // wrong) and the per-row route is kept.
+  const at::Tensor per_row = second_order(*res, xr, cr, dr, SecondOrderMode::kPerRow);
+  {
+    const QuietOverride quiet;
+    torch::Library native(torch::Library::IMPL, "aten", c10::DispatchKey::AutogradCPU, __FILE__, __LINE__);
+    native.impl("layer_norm", TORCH_FN(native_layer_norm_only));
+    EXPECT_EQ(choose_second_order_mode(*res, xr, cr, dr, &why), SecondOrderMode::kPerRow) << why;
+    EXPECT_NE(why.find("off"), std::string::npos) << why;
+    EXPECT_GT(max_rel(second_order(*res, xr, cr, dr, SecondOrderMode::kAllRows), per_row), 1e-3);
+  }
+  EXPECT_LT(max_rel(second_order(*res, xr, cr, dr, SecondOrderMode::kAllRows), per_row), 1e-12);
 }
 
 TEST(ScriptedModelTest, ProbeRowsInAReusedWorkspaceEqualFreshRows) {

@@ -79,7 +79,8 @@ std::string failure_line(const std::exception& e) {
 }  // namespace
 
 at::Tensor second_order(models::Model& model, const at::Tensor& x, const at::Tensor& cols, const ParamMap& dw) {
-  // Models from outside the zoo may hold a layer_norm (second_order_mode below).
+  // Models from outside the zoo may hold an operator whose third derivative LibTorch gets wrong
+  // (choose_second_order_mode below checks).
   return second_order(model, x, cols, dw,
                       model.spec().kind == "torchscript" ? SecondOrderMode::kPerRow : SecondOrderMode::kAllRows);
 }
@@ -112,9 +113,11 @@ at::Tensor second_order(models::Model& model, const at::Tensor& x, const at::Ten
   for (const auto& item : model.named_parameters()) dirs.push_back(dw.at(item.key()));
   // The all-rows trick below differentiates through the backward of the backward: a third
   // derivative of every operator. LibTorch 1.13 gets that wrong for layer_norm (its saved mean
-  // and 1/std carry no autograd history; measured here as a 30-50% error in S): such models
-  // take the per-row Hessian-vector route (choose_second_order_mode).
+  // and 1/std carry no autograd history; a 30-50% error in S), so it runs as differentiable
+  // operators here (norm_rules.cpp). Any other operator it gets wrong sends a model to the
+  // per-row Hessian-vector route (choose_second_order_mode).
   if (mode == SecondOrderMode::kPerRow) return second_order_per_row(model, x, cols, params, dirs);
+  const DifferentiableLayerNorm mended;
   // jvp(out, dw) = d/du <grad(out . u, w), dw>: differentiable in w, so it can be applied twice,
   // giving dw^T H dw for every output at once.
   auto jvp = [&](const at::Tensor& out) {

@@ -89,4 +89,16 @@ class VmapLevel {
   int64_t id_;
 };
 
+/// While alive (on this thread), layer_norm runs as differentiable operators (mean, variance,
+/// rsqrt) rather than LibTorch's native kernel, whose double backward holds the saved mean and
+/// 1/std constant and so gets the third derivative wrong (norm_rules.cpp). Outside such a scope
+/// it runs ATen's own implementation, as before the first scope.
+class DifferentiableLayerNorm {
+ public:
+  DifferentiableLayerNorm();
+  ~DifferentiableLayerNorm();
+  DifferentiableLayerNorm(const DifferentiableLayerNorm&) = delete;
+  DifferentiableLayerNorm& operator=(const DifferentiableLayerNorm&) = delete;
+};
+
 }  // namespace pathkernel

@@ -150,7 +150,8 @@ at::Tensor second_order(models::Model& model, const at::Tensor& x, const at::Ten
 
 /// For a model whose operators are not known in advance: all rows at once when that agrees with
 /// the rows' Hessian-vector products on the first probe (to 1e-9 of their scale), else per row
-/// (LibTorch 1.13's layer_norm gets the third derivative wrong: 30-50% in S). `why` says which.
+/// (an operator whose third derivative LibTorch 1.13 gets wrong; layer_norm's is mended for this
+/// route: DifferentiableLayerNorm). `why` says which.
 SecondOrderMode choose_second_order_mode(models::Model& model, const at::Tensor& x, const at::Tensor& cols,
                                          const ParamMap& dw, std::string* why);
 
