@@ -27,14 +27,15 @@ class ScriptedModel : public models::Model {
     for (const auto& p : module_.named_parameters(/*recurse=*/true)) {
       // The same tensor object: weights copied into it, and dtype changes, reach the scripted module.
       std::string leaf;
-      holder_of(p.name, leaf)->register_parameter(leaf, p.value, p.value.requires_grad());
-      slots_.push_back({owner_of(p.name), leaf});
+      const auto [holder, owner] = owners_of(p.name, leaf);
+      holder->register_parameter(leaf, p.value, p.value.requires_grad());
+      slots_.push_back({owner, leaf});
     }
     // Floating buffers (BatchNorm's running statistics) by name too, the same tensor objects:
     // set per step from the checkpoints (set_buffers).
     for (const auto& b : module_.named_buffers(/*recurse=*/true)) {
       std::string leaf;
-      if (b.value.is_floating_point()) holder_of(b.name, leaf)->register_buffer(leaf, b.value);
+      if (b.value.is_floating_point()) owners_of(b.name, leaf).first->register_buffer(leaf, b.value);
     }
     // The recorder's Dropout sites (python/pathkernel_record.py, _StepMaskDropout): off until a
     // step's masks are set.
@@ -135,29 +136,23 @@ class ScriptedModel : public models::Model {
     }
     throw InputError("the TorchScript model has no BatchNorm module with running statistics named '" + name + "'");
   }
-  /// The holder of the dotted `name`'s owner (made on first use), and the name's last part in `leaf`.
-  torch::nn::Module* holder_of(const std::string& name, std::string& leaf) {
-    torch::nn::Module* owner = this;
+  /// The owners of the dotted `name`, by one walk of its parts: the holder (made on first use) and
+  /// the scripted submodule (found by its attributes); the name's last part in `leaf`.
+  std::pair<torch::nn::Module*, torch::jit::Module> owners_of(const std::string& name, std::string& leaf) {
+    torch::nn::Module* holder = this;
+    torch::jit::Module owner = module_;
     std::string path;
     leaf = name;
     for (size_t dot = leaf.find('.'); dot != std::string::npos; dot = leaf.find('.')) {
       const std::string part = leaf.substr(0, dot);
       path += (path.empty() ? "" : ".") + part;
       auto& h = holders_[path];
-      if (!h) h = owner->register_module(part, std::make_shared<Holder>());
-      owner = h.get();
+      if (!h) h = holder->register_module(part, std::make_shared<Holder>());
+      holder = h.get();
+      owner = owner.attr(part).toModule();
       leaf = leaf.substr(dot + 1);
     }
-    return owner;
-  }
-  /// The scripted submodule owning the dotted parameter name, found by its attributes.
-  torch::jit::Module owner_of(const std::string& name) const {
-    torch::jit::Module m = module_;
-    size_t from = 0;
-    for (size_t dot = name.find('.'); dot != std::string::npos; from = dot + 1, dot = name.find('.', from)) {
-      m = m.attr(name.substr(from, dot - from)).toModule();
-    }
-    return m;
+    return {holder, owner};
   }
   std::map<std::string, std::shared_ptr<Holder>> holders_;
   torch::jit::Module module_;
