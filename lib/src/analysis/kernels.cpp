@@ -383,22 +383,6 @@ std::map<std::string, Slot> layout_of(models::Model& model) {
   return out;
 }
 
-/// Calls fn(tap index, weight rows [R, numel], bias rows [R, out] or undefined) with each tapped
-/// layer's per-row gradients, materialized.
-template <typename Fn>
-void for_each_tap_rows(const RowSignals& s, Fn fn) {
-  for (size_t l = 0; l < s.taps.size(); ++l) {
-    const auto& t = s.taps[l];
-    if (t.kind == models::LayerKind::kLinear) {
-      const int64_t r = t.grad_output.size(0);
-      const at::Tensor w = (t.grad_output.unsqueeze(2) * row_inputs(t, s.repeat).unsqueeze(1)).reshape({r, -1});
-      fn(l, w, t.bias.defined() ? t.grad_output : at::Tensor());
-    } else {
-      fn(l, s.conv_weight_grads[l], t.bias.defined() ? s.conv_bias_grads[l] : at::Tensor());
-    }
-  }
-}
-
 }  // namespace
 
 at::Tensor row_jacobian(models::Model& model, const RowGradients& rows, at::Tensor out) {
@@ -412,16 +396,29 @@ at::Tensor row_jacobian(models::Model& model, const RowGradients& rows, at::Tens
     if (j.data_ptr() == src.data_ptr() && j.strides() == src.strides() && j.scalar_type() == src.scalar_type()) return j;
     return j.copy_(src);
   }
-  j.zero_();
-  for_each_tap_rows(rows.signals, [&](size_t l, const at::Tensor& w, const at::Tensor& b) {
-    const std::string& name = rows.signals.taps[l].name;
-    const Slot ws = layout.at(name + ".weight");
-    j.narrow(1, ws.offset, ws.numel).copy_(w);
-    if (b.defined()) {
-      const Slot bs = layout.at(name + ".bias");
-      j.narrow(1, bs.offset, bs.numel).copy_(b);
+  // Only parameters outside every tapped layer need zeros (none on the factorized route): j is
+  // [rows, n_params] and a pass over it costs about as much as forming it.
+  const RowSignals& sig = rows.signals;
+  int64_t covered = 0;
+  for (const auto& t : sig.taps) {
+    covered += layout.at(t.name + ".weight").numel + (t.bias.defined() ? layout.at(t.name + ".bias").numel : 0);
+  }
+  if (covered != n) j.zero_();
+  for (size_t l = 0; l < sig.taps.size(); ++l) {
+    const auto& t = sig.taps[l];
+    const Slot ws = layout.at(t.name + ".weight");
+    at::Tensor wrows = j.narrow(1, ws.offset, ws.numel);
+    if (t.kind == models::LayerKind::kLinear) {  // the outer products, formed in place
+      at::Tensor outer = wrows.view({r, t.grad_output.size(1), -1});
+      at::mul_out(outer, t.grad_output.unsqueeze(2), row_inputs(t, sig.repeat).unsqueeze(1));
+    } else {
+      wrows.copy_(sig.conv_weight_grads[l]);
     }
-  });
+    if (t.bias.defined()) {
+      j.narrow(1, layout.at(t.name + ".bias").offset, layout.at(t.name + ".bias").numel)
+          .copy_(t.kind == models::LayerKind::kLinear ? t.grad_output : sig.conv_bias_grads[l]);
+    }
+  }
   return j;
 }
 
