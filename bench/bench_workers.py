@@ -5,8 +5,14 @@ times `analyze --probes 64 --second-order` with 1 worker and with each N of --wo
 commands alternating, wall time from start to exit (start-up and joining included); checks that
 every output file but summary.json's timings is the same byte for byte.
 
+--command explain times `explain --probes 16` instead; with --momentum M the run is trained with
+SGD + momentum M (lr 0.05), which explain attributes through the optimizer's recursion: the
+workers' parts are then added up with each part's share of the later parts' steps, equal to one
+process's to rounding (attributions.npy compared to 1e-12 of its largest).
+
 usage: /usr/bin/python3 bench/bench_workers.py [--pathkernel build/apps/pathkernel] [--workers 2]
-       [--repeats 5] [--data /usr/share/datasets/fashion-mnist]
+       [--repeats 5] [--data /usr/share/datasets/fashion-mnist] [--command analyze|explain]
+       [--momentum M]
 """
 import argparse
 import filecmp
@@ -49,35 +55,58 @@ def same_outputs(a, b):
     return differ
 
 
+def close_attributions(a, b):
+    """Through the optimizer the parts are summed in another order: a_i to 1e-12 of the largest."""
+    import numpy as np
+    x = np.load(os.path.join(a, "attributions.npy"))
+    y = np.load(os.path.join(b, "attributions.npy"))
+    err = float(np.abs(x - y).max() / np.abs(x).max())
+    return "attributions %s one process's (max relative difference %.1e)" % ("equal to" if err <= 1e-12 else "DIFFER from", err)
+
+
+def blas_core(manifest):
+    """The OpenBLAS kernel set the run recorded (the manifest names it)."""
+    return str(manifest.get("threads", {}).get("blas_core", "unknown"))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--pathkernel", default=os.path.join(ROOT, "build", "apps", "pathkernel"))
     ap.add_argument("--workers", default="2")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--data", default="/usr/share/datasets/fashion-mnist")
+    ap.add_argument("--command", choices=("analyze", "explain"), default="analyze")
+    ap.add_argument("--momentum", type=float, default=0.0)
     a = ap.parse_args()
     counts = [1] + [int(n) for n in a.workers.split(",")]
     with tempfile.TemporaryDirectory(prefix="bench_workers.") as tmp:
         rundir = os.path.join(tmp, "run")
-        run([a.pathkernel, "train", "--data", a.data, "--model", "mlp:128:tanh", "--epochs", "1", "--lr", "0.1",
-             "--batch", "64", "--eval-every", "200", "--out", rundir])
+        train = [a.pathkernel, "train", "--data", a.data, "--model", "mlp:128:tanh", "--epochs", "1", "--batch", "64",
+                 "--eval-every", "200", "--out", rundir]
+        train += ["--lr", "0.05", "--momentum", str(a.momentum)] if a.momentum else ["--lr", "0.1"]
+        run(train)
+        job = ["analyze", rundir, "--probes", "64", "--second-order"] if a.command == "analyze" else \
+            ["explain", rundir, "--probes", "16", "--grids", "0"]
         times = {n: [] for n in counts}
         for r in range(a.repeats):
             for n in counts:
                 out = os.path.join(tmp, "an%d" % n)
-                times[n].append(run([a.pathkernel, "analyze", rundir, "--probes", "64", "--second-order",
-                                     "--workers", str(n), "--out", out, "--force"]))
+                times[n].append(run([a.pathkernel] + job + ["--workers", str(n), "--out", out, "--force"]))
             print("repeat %d of %d: %s" % (r + 1, a.repeats, "  ".join("%d: %.2f s" % (n, times[n][-1]) for n in counts)),
                   file=sys.stderr)
-        summary = json.load(open(os.path.join(tmp, "an1", "summary.json")))
-        steps = sum(1 for _ in open(os.path.join(tmp, "an1", "steps.csv"))) - 1
-        print("bench_workers: default job (mlp:128:tanh, %d steps, 64 probes x 10, --second-order), %d core(s), %s, "
-              "median of %d" % (steps, os.cpu_count(), summary.get("blas", ""), a.repeats))
+        manifest = json.load(open(os.path.join(rundir, "manifest.json")))
+        steps = sum(1 for _ in open(os.path.join(rundir, "steps.jsonl")))
+        what = "64 probes x 10, --second-order" if a.command == "analyze" else "explain, 16 probes"
+        print("bench_workers: %s of mlp:128:tanh, %d steps, %s, %s, %d core(s), openblas core %s, median of %d" %
+              (a.command, steps, "momentum %g" % a.momentum if a.momentum else "plain SGD", what, os.cpu_count(),
+               blas_core(manifest), a.repeats))
         one = statistics.median(times[1])
         for n in counts:
             m = statistics.median(times[n])
             line = "  --workers %d: %6.2f s wall  x%.2f" % (n, m, one / m)
-            if n > 1:
+            if n > 1 and a.command == "explain" and a.momentum:
+                line += "  " + close_attributions(os.path.join(tmp, "an1"), os.path.join(tmp, "an%d" % n))
+            elif n > 1:
                 differ = same_outputs(os.path.join(tmp, "an1"), os.path.join(tmp, "an%d" % n))
                 line += "  outputs " + ("identical" if not differ else "DIFFER: " + ", ".join(differ))
             print(line)

@@ -189,10 +189,11 @@ bool prepare_explain(const Args& args, ExplainCommand& cmd) {
     ("class-names", "file with one class name per line for the grids (default: Fashion-MNIST's names for its data)",
      cxxopts::value(c.class_names_file))
     ("grids", "PNG grids for at most this many probes", cxxopts::value(c.grids)->default_value("16"))
-    ("shard", "I/N: attribute only the I-th of N parts of the run (plain SGD; add the parts up with pathkernel merge)",
+    ("shard", "I/N: attribute only the I-th of N parts of the run (add the parts up with pathkernel merge; through "
+     "an optimizer with memory, merge also walks each part again for the later parts' share)",
      cxxopts::value<std::string>())
-    ("workers", "N: attribute a plain-SGD run as N shards in N processes at once and add them up (other runs: one "
-     "process)", cxxopts::value(c.workers)->default_value("1"))
+    ("workers", "N: attribute the run as N shards in N processes at once and add them up",
+     cxxopts::value(c.workers)->default_value("1"))
     ("csv", "attributions.csv holds: top (each probe's --top proponents and opponents) | all (every training "
      "example; attributions.npy always holds them all)", cxxopts::value(c.csv)->default_value("top"))
     ("project", "D: the per-example kernels through a seeded random projection of each layer's gradients to about "

@@ -24,13 +24,15 @@ class ShardsTest : public ::testing::Test {
     spdlog::set_level(spdlog::level::warn);
     testing::write_synthetic_idx(tmp_ / "data", 60, 20, 8, 3);
   }
-  std::string train_run(const std::string& name, double momentum, const std::string& model = "mlp:5:relu") {
+  std::string train_run(const std::string& name, double momentum, const std::string& model = "mlp:5:relu",
+                        const std::string& optimizer = "sgd") {
     TrainConfig c;
     c.data_dir = (tmp_ / "data").string();
     c.model = model;
     c.steps = 24;
     c.batch = 10;
-    c.lr = 2.0;  // large steps: r jumps about, and the outlier rule marks some
+    c.optimizer = optimizer;
+    c.lr = optimizer == "sgd" ? 2.0 : 0.05;  // large steps: r jumps about, and the outlier rule marks some
     c.momentum = momentum;
     c.weight_decay = 1e-3;
     c.checkpoint_every = 4;
@@ -193,8 +195,7 @@ TEST_F(ShardsTest, AnInterruptedAnalysisContinuesToTheSameFiles) {
 }
 
 // explain --shard: three parts of a plain-SGD run added up by merge equal one process's
-// explanation (a_i, a_exact, times drawn and self-influence to 1e-12, the sum check holding),
-// and a run trained with momentum is refused.
+// explanation (a_i, a_exact, times drawn and self-influence to 1e-12, the sum check holding).
 TEST_F(ShardsTest, ExplanationShardsAddUpToOneProcess) {
   const std::string run = train_run("run", 0.0, "mlp:5:tanh");  // smooth: explain --exact refuses kinks
   ExplainConfig e;
@@ -239,12 +240,82 @@ TEST_F(ShardsTest, ExplanationShardsAddUpToOneProcess) {
   };
   EXPECT_EQ(ranking(fs::path(mc.out) / "top.csv"), ranking(fs::path(w.out) / "top.csv"));
   EXPECT_THROW_WITH(merge_explanations({{dirs[0], dirs[2]}, (tmp_ / "m2").string(), false}), InputError, "missing");
+}
 
-  ExplainConfig mom = e;
-  mom.run = train_run("mom", 0.9, "mlp:5:tanh");
-  mom.shard_index = 1;
-  mom.shard_count = 2;
-  EXPECT_THROW_WITH(explain(mom), InputError, "not sharded");
+// explain --shard through the optimizer (momentum, Adam): a part's own steps do not account for
+// its stretch (the earlier parts' gradients move it through the optimizer's memory), so its sum
+// check waits for merge; merge adds each part's share of the later parts' steps. Three parts
+// merged equal one process's explanation (a_i, a_exact, self-influence to 1e-12) and the sum
+// check holds; the parts' own attributions alone do not, nor a merge with a wrong carry factor.
+// Plain SGD through the recursion (route backward) keeps nothing across steps: the parts alone add up.
+TEST_F(ShardsTest, ExplanationShardsThroughTheOptimizerAddUpToOneProcess) {
+  struct Case {
+    std::string tag, optimizer;
+    double momentum;
+  };
+  for (const Case& cs : {Case{"mom", "sgd", 0.9}, Case{"adam", "adam", 0.0}, Case{"plain", "sgd", 0.0}}) {
+    const std::string& tag = cs.tag;
+    const bool memory = cs.tag != "plain";
+    ExplainConfig e;
+    e.run = train_run("run-" + tag, cs.momentum, "mlp:5:tanh", cs.optimizer);
+    e.route = "backward";  // auto for the others: the same
+    e.probes = 3;
+    e.exact_nodes = 2;
+    e.self_influence = true;
+    e.grids = 0;
+    e.out = (tmp_ / ("whole-" + tag)).string();
+    const ExplainResult whole = explain(e);
+    ASSERT_TRUE(whole.through_optimizer);
+    std::vector<std::string> dirs;
+    at::Tensor own_sum;
+    for (int i = 1; i <= 3; ++i) {
+      ExplainConfig s = e;
+      s.shard_index = i;
+      s.shard_count = 3;
+      s.out = (tmp_ / ("e" + tag + std::to_string(i))).string();
+      const ExplainResult part = explain(s);
+      EXPECT_TRUE(part.sum_check_in_merge);
+      EXPECT_EQ(part.phi_begin.defined(), i > 1) << "the first part hands nothing on";
+      own_sum = own_sum.defined() ? own_sum + part.attributions : part.attributions.clone();
+      write_explanation(part, s);
+      const auto summary = nlohmann::json::parse(read_file(fs::path(s.out) / "summary.json"));
+      EXPECT_TRUE(summary["max_sum_error"].is_null());
+      dirs.insert(dirs.begin(), s.out);  // in any order
+    }
+    auto rel = [](const at::Tensor& a, const at::Tensor& b) {
+      return (a - b).abs().max().item<double>() / std::max(1e-300, b.abs().max().item<double>());
+    };
+    if (memory) {
+      EXPECT_GT(rel(own_sum, whole.attributions), 1e-4) << tag << ": the later parts' share matters";
+    } else {
+      EXPECT_LT(rel(own_sum, whole.attributions), 1e-12) << tag << ": no share to add";
+    }
+    const auto [merged, mc] = merge_explanations({dirs, (tmp_ / ("merged-" + tag)).string(), false});
+    EXPECT_TRUE(merged.through_optimizer);
+    EXPECT_LT(rel(merged.attributions, whole.attributions), 1e-12) << tag;
+    EXPECT_LT(rel(merged.attributions_exact, whole.attributions_exact), 1e-12) << tag;
+    EXPECT_LT(rel(merged.self_influence, whole.self_influence), 1e-12) << tag;
+    EXPECT_TRUE(at::equal(merged.times_drawn, whole.times_drawn));
+    EXPECT_EQ(merged.drawn_at, whole.drawn_at);
+    EXPECT_LT(merged.sum_error, 1e-10) << tag;
+    EXPECT_LT(whole.sum_error, 1e-10) << tag;
+    // A wrong carry factor in the middle part's summary (how the last part's Phi reaches its first
+    // step): the first part's walk starts from a wrong Phi, and the merged sum check (against the
+    // analysis' own D, U and R) sees it.
+    const fs::path last = fs::path(e.out).parent_path() / ("e" + tag + "2") / "summary.json";
+    const std::string kept = read_file(last);
+    auto bad = nlohmann::json::parse(kept);
+    bad["shard"]["carry"] = 0.0;
+    atomic_write(last, bad.dump(2));
+    const auto [off, oc] = merge_explanations({dirs, (tmp_ / ("off-" + tag)).string(), false});
+    if (memory) {
+      EXPECT_GT(off.sum_error, 1e-6) << tag;
+    }
+    atomic_write(last, kept);
+    fs::remove(fs::path(e.out).parent_path() / ("e" + tag + "2") / "phi_begin.npy");
+    EXPECT_THROW_WITH(merge_explanations({dirs, (tmp_ / ("m3-" + tag)).string(), false}), InputError,
+                      "phi_begin.npy: missing");
+  }
 }
 
 TEST(ShardBoundsTest, SplitsAtTheNearestCheckpoints) {

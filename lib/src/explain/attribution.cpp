@@ -27,6 +27,10 @@ struct Stretch {
   at::Tensor first_before;  ///< the state after step a (Adadelta's P_a needs it); undefined at 0
   at::Tensor weights;  ///< [>= b - a + 1, n_params]: rows 0.. hold w_a .. w_b, in the run's dtype
   at::Tensor pstate;   ///< [>= b - a, n_params]: rows 0.. hold the state after steps a .. b-1
+  /// The buffers (BatchNorm's running statistics) at steps a .. b-1, in float64; empty without
+  /// any. Read during the forward replay: asked for on the way back, each would replay its
+  /// stretch again from the checkpoint.
+  std::vector<ParamMap> buffers;
 };
 
 void flatten_into(const NamedTensors& w, at::Tensor row) {
@@ -49,12 +53,15 @@ void replay_stretch(Trajectory& traj, int64_t a, int64_t b, int64_t max_len, Str
   }
   (void)n;
   flatten_into(first, s.weights[0]);
+  s.buffers.clear();
+  if (!traj.buffers_at(a).empty()) s.buffers.push_back(to_double_map(traj.buffers_at(a)));
   s.first_before = at::Tensor();
   if (a > 0 && preconditioner_needs_before(traj.optimizer_after(a).options().kind)) {
     s.first_before = traj.optimizer_after(a).preconditioner_state().clone();
   }
   for (int64_t k = a; k < b; ++k) {
     flatten_into(traj.weights_at(k + 1), s.weights[k + 1 - a]);
+    if (!s.buffers.empty() && k + 1 < b) s.buffers.push_back(to_double_map(traj.buffers_at(k + 1)));
     const at::Tensor ps = traj.optimizer_after(k + 1).preconditioner_state();
     if (!ps.defined()) continue;
     if (!s.pstate.defined()) s.pstate = at::empty({max_len, ps.numel()}, ps.options());
@@ -89,6 +96,12 @@ class BackwardAttribution {
   };
   Factors factors(int64_t j, size_t local, const StepSettings& st, const LinearUpdate& lu);
   at::Tensor probe_gradients(at::Tensor& buf);
+  /// Phi_end: zeros, or a later part's share handed in (carry_in), checked against the rows.
+  at::Tensor carry_in(const at::Tensor& given, int64_t rows, int64_t cols, const char* what) const;
+  bool carry_only() const { return c_.carry_in.defined(); }
+  /// A carried share that is 0 from here back: a step whose optimizer keeps nothing (plain SGD,
+  /// whatever its settings) lets no later Phi through.
+  bool nothing_carried() const { return carry_only() && carry_ * beta_next_ == 0; }
   void attribute(int64_t j, size_t local);
   void report_progress(int64_t done);
 
@@ -109,12 +122,15 @@ class BackwardAttribution {
   at::Tensor phi_, phi_exact_, gbar_buf_, g_buf_, psi_, ones_, p_buf_, r_buf_;
   Stretch s_;
   double beta_next_ = 0;  ///< the buffer's decay at step j + 1 (Phi_{j+1} enters Phi_j with it)
+  double carry_ = 1;      ///< the product of the decays applied so far: Phi_end's factor in Phi_j
   Clock::time_point t0_ = Clock::now(), last_report_ = t0_;
 };
 
 BackwardAttribution::BackwardAttribution(const OptimizerAttributionConfig& c, Trajectory& traj)
     : c_(c), traj_(traj), loss_(traj.loss()) {
-  if (c.end < 1 || c.end > traj.logged_steps()) throw InputError(c.run + ": no steps to attribute");
+  if (c.end < 1 || c.end > traj.logged_steps() || c.begin < 0 || c.begin >= c.end) {
+    throw InputError(c.run + ": no steps to attribute");
+  }
   traj.check_steps(0, c.end, 1, true);
   model_ = traj.make_model();
   model_->to(at::kDouble);
@@ -143,15 +159,29 @@ BackwardAttribution::BackwardAttribution(const OptimizerAttributionConfig& c, Tr
   if (c.self_influence) res_.self_influence = at::zeros({n_train}, at::kDouble);
   res_.times_drawn = at::zeros({n_train}, at::kLong);
   res_.drawn_at.resize(static_cast<size_t>(n_train));
-  phi_ = at::zeros({rows, n_cols}, at::kDouble);
-  g_buf_ = at::empty_like(phi_);
+  phi_ = carry_in(c.carry_in, rows, n_cols, "carry_in");
+  if (!carry_only()) g_buf_ = at::empty_like(phi_);
   psi_ = at::empty_like(phi_);
   if (c.exact_nodes > 0) {
-    phi_exact_ = at::zeros_like(phi_);
-    gbar_buf_ = at::empty_like(phi_);
+    phi_exact_ = carry_in(c.carry_in_exact, rows, n_cols, "carry_in_exact");
+    if (!carry_only()) gbar_buf_ = at::empty_like(phi_);
   }
+  // Phi_end enters step end-1 with the buffer's decay at step end (the whole run's end: nothing enters).
+  if (c.end < traj.logged_steps()) beta_next_ = linear_update(traj.logged_step(c.end, at::kDouble).settings.options, c.end).beta;
   ones_ = at::ones({n_params_}, at::kDouble);
   for (const auto& p : model_->named_parameters()) flat_params_.emplace_back(p.key(), p.value().numel());
+}
+
+at::Tensor BackwardAttribution::carry_in(const at::Tensor& given, int64_t rows, int64_t cols, const char* what) const {
+  if (!given.defined()) {
+    if (carry_only()) throw InputError(c_.run + ": " + what + " is missing (the exact share needs it too)");
+    return at::zeros({rows, cols}, at::kDouble);
+  }
+  if (given.dim() != 2 || given.size(0) != rows || given.size(1) != cols || given.scalar_type() != at::kDouble) {
+    throw InputError(c_.run + ": " + what + " must be float64 [" + std::to_string(rows) + ", " + std::to_string(cols) +
+                     "] (the probes' rows by the parameters)");
+  }
+  return given.contiguous().clone();
 }
 
 /// The probes' gradients as the recursion's rows: projected, or materialized in full.
@@ -206,7 +236,7 @@ void BackwardAttribution::attribute(int64_t j, size_t local) {
   const Factors fa = factors(j, local, batch.settings, lu);
   const at::Tensor w = s_.weights[static_cast<int64_t>(local)].to(at::kDouble);
   set_flat(*model_, w);
-  set_buffers(*model_, to_double_map(traj_.buffers_at(j)));  // the probes at step j's running statistics
+  if (!s_.buffers.empty()) set_buffers(*model_, s_.buffers[local]);  // the probes at step j's running statistics
   const RowGradients sb = [&] {
     const models::TrainingForward batch_forward(*model_, batch.context);  // batch-context rows (masks, batch statistics)
     return loss_rows(*model_, batch.x, batch.y, loss_, explicit_route_);
@@ -214,16 +244,43 @@ void BackwardAttribution::attribute(int64_t j, size_t local) {
   const at::Tensor zb = c_.project > 0 ? project_rows(projection_, sb) : at::Tensor();
   // Phi_j = a_j alpha_j P_j (.) g(x; w_j) + beta Phi_{j+1};  Psi_j = s_j Phi_j + a_j nu P_j (.) g(x; w_j).
   // In place on workspace tensors of [rows, n_params]: fresh ones every step would grow the heap.
+  auto dot_batch = [&](const at::Tensor& dirs, double scale, at::Tensor& target) {
+    target.index_add_(1, bidx,
+                      (c_.project > 0 ? at::mm(dirs, zb.t()) : directions_dot_rows(*model_, sb, dirs))
+                          .mul_(-batch.grad_scale * scale / nb));  // the applied gradient: clipping's scale
+  };
+  // Each pass over [rows, n_params] costs about as much as the products: the scalars go onto the
+  // products, P_j onto the gradient as it is added (addcmul), and Psi_j = s_j Phi_j is not formed.
   auto accumulate = [&](at::Tensor& phi_acc, at::Tensor& g, at::Tensor& target) {
-    if (fa.probe_side.defined()) g.mul_(fa.probe_side);
-    phi_acc.mul_(beta_next_).add_(g, lr * lu.alpha);
+    phi_acc.mul_(beta_next_);
+    if (!fa.probe_side.defined()) {
+      phi_acc.add_(g, lr * lu.alpha);
+    } else if (lu.nu == 0) {
+      phi_acc.addcmul_(g, fa.probe_side, lr * lu.alpha);
+    } else {
+      g.mul_(fa.probe_side);  // Nesterov's term below takes P_j (.) g too
+      phi_acc.add_(g, lr * lu.alpha);
+    }
+    if (lu.nu == 0 && !fa.batch_side.defined()) return dot_batch(phi_acc, lu.s, target);
     at::mul_out(psi_, phi_acc, lu.s);
     if (lu.nu != 0) psi_.add_(g, lr * lu.nu);
     if (fa.batch_side.defined()) psi_.mul_(fa.batch_side);
-    target.index_add_(1, bidx,
-                      (c_.project > 0 ? at::mm(psi_, zb.t()) : directions_dot_rows(*model_, sb, psi_))
-                          .mul_(-batch.grad_scale / nb));  // the applied gradient: clipping's scale
+    dot_batch(psi_, 1.0, target);
   };
+  carry_ *= beta_next_;
+  if (carry_only()) {
+    // Step j has no gradient of its own here: Phi_j = carry_ Phi_end, Psi_j = s_j Phi_j; Phi_end
+    // is kept as it came and the scalars go onto the products.
+    auto carried = [&](const at::Tensor& phi_end, at::Tensor& target) {
+      if (!fa.batch_side.defined()) return dot_batch(phi_end, carry_ * lu.s, target);
+      at::mul_out(psi_, phi_end, fa.batch_side);
+      dot_batch(psi_, carry_ * lu.s, target);
+    };
+    carried(phi_, res_.attr);
+    if (c_.exact_nodes > 0) carried(phi_exact_, res_.attr_exact);
+    beta_next_ = lu.beta;
+    return;
+  }
   probe_gradients(g_buf_);
   accumulate(phi_, g_buf_, res_.attr);
   if (c_.exact_nodes > 0) {
@@ -249,10 +306,11 @@ void BackwardAttribution::attribute(int64_t j, size_t local) {
 
 void BackwardAttribution::report_progress(int64_t done) {
   const auto now = Clock::now();
-  if (now - last_report_ > std::chrono::seconds(2) || done == c_.end) {
+  const int64_t total = c_.end - c_.begin;
+  if (now - last_report_ > std::chrono::seconds(2) || done == total) {
     const double el = std::chrono::duration<double>(now - t0_).count();
-    spdlog::info("attributed through the optimizer: {}/{} steps (backwards)  {:.1f} steps/s", done, c_.end,
-                 static_cast<double>(done) / el);
+    spdlog::info("attributed through the optimizer{}: {}/{} steps (backwards)  {:.1f} steps/s",
+                 carry_only() ? " (the later steps' share)" : "", done, total, static_cast<double>(done) / el);
     last_report_ = now;
   }
 }
@@ -269,13 +327,19 @@ OptimizerAttribution BackwardAttribution::run() {
   int64_t done = 0;
   for (auto it = starts.rbegin(); it != starts.rend(); ++it) {
     const int64_t a = *it, b = it == starts.rbegin() ? c_.end : std::min(*(it - 1), c_.end);
+    if (b <= c_.begin || nothing_carried()) break;
     replay_stretch(traj_, a, b, max_len, s_);
-    for (int64_t j = b - 1; j >= a; --j) {
+    for (int64_t j = b - 1; j >= std::max(a, c_.begin) && !nothing_carried(); --j) {
       attribute(j, static_cast<size_t>(j - a));
       report_progress(++done);
     }
   }
   for (auto& steps : res_.drawn_at) std::reverse(steps.begin(), steps.end());
+  res_.carry = carry_;
+  if (c_.begin > 0 && !carry_only()) {
+    res_.phi_begin = phi_;
+    res_.phi_exact_begin = phi_exact_;
+  }
   return std::move(res_);
 }
 

@@ -109,6 +109,7 @@ void attribute_by_optimizer(const ExplainConfig& c, Trajectory* traj, const Anal
   oc.probe_indices = an.probe_indices;
   oc.split = c.split;
   oc.cols = an.outputs;
+  oc.begin = an.steps.front().step;  // a shard's first step; else 0
   oc.end = an.steps.back().step + 1;
   oc.exact_nodes = c.exact_nodes;
   oc.self_influence = c.self_influence;
@@ -122,6 +123,10 @@ void attribute_by_optimizer(const ExplainConfig& c, Trajectory* traj, const Anal
   if (c.self_influence) sa.self = at.self_influence;
   sa.drawn_at = std::move(at.drawn_at);
   res.project_dims = at.project_dims;
+  res.phi_begin = at.phi_begin;
+  res.phi_exact_begin = at.phi_exact_begin;
+  res.carry = at.carry;
+  res.sum_check_in_merge = c.shard_count > 1;
 }
 
 /// The explanation's terms and its sum check from the analysis and the attribution.
@@ -164,12 +169,6 @@ void fill_result(const ExplainConfig& c, const AnalysisResult& an, StepAttributi
 
 }  // namespace
 
-bool explain_by_steps(const ExplainConfig& c) {
-  const std::unique_ptr<Trajectory> traj(open_trajectory(c.run, c.kernel_route == "torchscript"));
-  const OptimizerOptions oo = traj->optimizer_after(0).options();
-  return c.route != "backward" && oo.kind == OptimizerKind::kSgd && oo.momentum == 0 && !traj->settings_vary();
-}
-
 ExplainResult explain(const ExplainConfig& c) {
   c.validate();
   const auto t0 = std::chrono::steady_clock::now();
@@ -189,10 +188,6 @@ ExplainResult explain(const ExplainConfig& c) {
   // Settings that vary by step or parameter group are attributed through the optimizer's terms.
   res.through_optimizer =
       c.route == "backward" || oo.kind != OptimizerKind::kSgd || oo.momentum != 0 || facts.settings_vary;
-  if (res.through_optimizer && c.shard_count > 0) {
-    throw InputError("explain --shard: a run trained with momentum, Adam or AdamW is attributed through the optimizer's "
-                     "recursion over the whole run, which is not sharded; explain it in one process");
-  }
   if (c.project > 0 && oo.kind != OptimizerKind::kSgd) {
     throw InputError("--project: Adam's and AdamW's elementwise preconditioner does not commute with a random "
                      "projection; explain this run without --project");
@@ -352,7 +347,7 @@ nlohmann::json explanation_summary(const ExplainResult& r, const ExplainConfig& 
                       {"run", c.run},
                       {"probes", r.probe_indices},
                       {"outputs", r.outputs},
-                      {"max_sum_error", r.sum_error},
+                      {"max_sum_error", r.sum_check_in_merge ? nlohmann::json(nullptr) : nlohmann::json(r.sum_error)},
                       {"optimizer", r.optimizer},
                       {"attribution", r.through_optimizer ? "aopt: through the optimizer, over all earlier steps"
                                                           : "a: the note's kernel term of each step"},
@@ -361,12 +356,15 @@ nlohmann::json explanation_summary(const ExplainResult& r, const ExplainConfig& 
                       {"last_step", r.last_step},
                       {"shard", r.shard_count > 0 ? nlohmann::json{{"index", r.shard_index}, {"count", r.shard_count},
                                                                    {"whole_begin", r.whole_begin},
-                                                                   {"whole_end", r.whole_end}}
+                                                                   {"whole_end", r.whole_end},
+                                                                   {"carry", r.carry},
+                                                                   {"sum_check_in_merge", r.sum_check_in_merge}}
                                                   : nlohmann::json(nullptr)},
                       {"settings", {{"split", c.split}, {"output", c.output}, {"top", c.top},
                                     {"exact_nodes", c.exact_nodes}, {"self_influence", c.self_influence},
                                     {"csv", c.csv}, {"threads", c.threads}, {"project", c.project},
-                                    {"project_seed", c.project_seed}}}};
+                                    {"project_seed", c.project_seed}, {"route", c.route},
+                                    {"kernel_route", c.kernel_route}}}};
   // The projection and its measured error (the sum check above measures it too: sum a_i is then
   // the projected kernel's, the rest of the identity exact).
   j["projection"] = c.project > 0 ? nlohmann::json{{"requested", c.project},
@@ -395,7 +393,7 @@ nlohmann::json explanation_summary(const ExplainResult& r, const ExplainConfig& 
   }
   j["per_probe"] = per;
   if (exact) {
-    j["max_sum_error_exact"] = r.sum_error_exact;
+    j["max_sum_error_exact"] = r.sum_check_in_merge ? nlohmann::json(nullptr) : nlohmann::json(r.sum_error_exact);
     j["max_quad_error"] = r.max_quad_error;
   }
   return j;
@@ -428,6 +426,9 @@ void write_explanation(const ExplainResult& r, const ExplainConfig& c) {
   pic.names = class_names(c.run, classes, c.class_names_file);
   write_top(out, r, pic, train_labels);
   if (r.self_influence.defined()) write_self_influence(out, r, pic, train_labels);
+  // A shard through the optimizer: what the earlier shards receive from its steps (merge reads it).
+  if (r.phi_begin.defined()) save_npy(out / "phi_begin.npy", r.phi_begin);
+  if (r.phi_exact_begin.defined()) save_npy(out / "phi_exact_begin.npy", r.phi_exact_begin);
   atomic_write(out / "summary.json", explanation_summary(r, c).dump(2) + "\n");
   staged.commit();
 }
@@ -460,11 +461,14 @@ std::string explain_table(const ExplainResult& r, const ExplainConfig& c) {
       s += fmt::format("  per step, the projected split summed over the batch against the exact K: max error {:.2e}\n",
                        r.projection_error);
     }
+  } else if (r.sum_check_in_merge) {
+    s += "sum check: when the shards are merged (the earlier steps' gradients move this shard's steps too, "
+         "through the optimizer's memory; merge adds their share)\n";
   } else {
     s += fmt::format("sum check: max error {:.2e} (relative to max |f_N - f_0|, tolerance {:.0e})\n", r.sum_error,
                      c.tolerance);
   }
-  if (exact) {
+  if (exact && !r.sum_check_in_merge) {
     s += fmt::format("exact path kernel: max error {:.2e} with no residual left (quadrature error <= {:.2e})\n",
                      r.sum_error_exact, r.max_quad_error);
   }

@@ -1,11 +1,14 @@
 // Explanations in shards (explain --shard I/N) added up by `pathkernel merge`: a_i is a sum over
-// the steps that drew i, so the whole run's is the sum of the parts' (shards.h, explain.h).
+// the steps that drew i, so the whole run's is the sum of the parts' (shards.h, explain.h);
+// through the optimizer, plus each part's share of the later parts' steps (attribution.h).
 #include <ATen/ATen.h>
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
+#include <cmath>
 
 #include "pathkernel/analysis/shards.h"
+#include "pathkernel/explain/attribution.h"
 #include "pathkernel/explain/explain.h"
 #include "pathkernel/io/errors.h"
 #include "pathkernel/io/fs_util.h"
@@ -92,7 +95,59 @@ ExplainConfig stored_config(const nlohmann::json& first, const MergeConfig& c) {
   config.threads = st.at("threads").get<int>();
   config.project = st.value("project", int64_t{0});
   config.project_seed = st.value("project_seed", uint64_t{0});
+  config.route = st.value("route", std::string("auto"));
+  config.kernel_route = st.value("kernel_route", std::string("auto"));
   return config;
+}
+
+/// A part's Phi at its first step (phi_begin.npy, or the exact one's), checked against the rows.
+at::Tensor stored_phi(const StoredExplanation& p, const char* file, int64_t rows) {
+  const fs::path f = p.dir / file;
+  if (!fs::exists(f)) throw InputError(f.string() + ": missing (a shard through the optimizer after the first stores it)");
+  at::Tensor phi = load_npy(f);
+  if (phi.dim() != 2 || phi.size(0) != rows || phi.scalar_type() != at::kDouble) {
+    throw InputError(f.string() + ": must be float64 with " + std::to_string(rows) + " rows (one per probe)");
+  }
+  return phi;
+}
+
+/// Through the optimizer, a part's steps also move the later parts' steps (the optimizer's
+/// memory): each part but the last gets the share of every later part, which enters at its last
+/// step as Phi_end = phi_begin(k+1) + carry(k+1) Phi_end(k+1), by a walk of its steps
+/// (attribution.h). Adds those shares to `m`.
+void add_later_shares(const std::vector<StoredExplanation>& parts, const ExplainConfig& config, Trajectory& traj,
+                      ExplainResult& m) {
+  const int64_t rows = m.attributions.size(0);
+  const bool exact = m.attributions_exact.defined();
+  at::Tensor tail, tail_exact;
+  for (size_t k = parts.size() - 1; k >= 1; --k) {
+    const nlohmann::json& sh = parts[k].summary.at("shard");
+    const double carry = sh.at("carry").get<double>();
+    if (!std::isfinite(carry)) throw InputError((parts[k].dir / "summary.json").string() + ": shard.carry is not finite");
+    const at::Tensor phi = stored_phi(parts[k], "phi_begin.npy", rows);
+    tail = tail.defined() ? phi + carry * tail : phi;
+    if (exact) {
+      const at::Tensor pe = stored_phi(parts[k], "phi_exact_begin.npy", rows);
+      tail_exact = tail_exact.defined() ? pe + carry * tail_exact : pe;
+    }
+    OptimizerAttributionConfig oc;
+    oc.run = config.run;
+    oc.trajectory = &traj;
+    oc.probe_indices = config.probe_indices;
+    oc.split = config.split;
+    oc.cols = at::tensor(m.outputs, at::kLong).view({-1, 1});
+    oc.begin = parts[k - 1].summary.at("first_step").get<int64_t>();
+    oc.end = parts[k - 1].summary.at("last_step").get<int64_t>() + 1;
+    oc.exact_nodes = config.exact_nodes;
+    oc.kernel_route = config.kernel_route;
+    oc.project = config.project;
+    oc.project_seed = config.project_seed;
+    oc.carry_in = tail;
+    oc.carry_in_exact = tail_exact;
+    const OptimizerAttribution later = attribute_through_optimizer(oc);
+    m.attributions.add_(later.attr);
+    if (exact) m.attributions_exact.add_(later.attr_exact);
+  }
 }
 
 }  // namespace
@@ -114,6 +169,7 @@ std::pair<ExplainResult, ExplainConfig> merge_explanations(const MergeConfig& c)
   for (const auto& row : first.at("per_probe")) m.probe_labels.push_back(row.at("label").get<int64_t>());
   m.outputs = first.at("outputs").get<std::vector<int64_t>>();
   m.optimizer = first.at("optimizer").get<std::string>();
+  m.through_optimizer = first.at("attribution").get<std::string>().rfind("aopt", 0) == 0;
   m.f_initial = per_probe(first, "f_initial");
   m.f_final = per_probe(parts.back().summary, "f_final");
   const bool exact = parts.front().attributions_exact.defined();
@@ -133,12 +189,13 @@ std::pair<ExplainResult, ExplainConfig> merge_explanations(const MergeConfig& c)
       m.projection_error = std::max(m.projection_error, pj.at("max_batch_sum_error").get<double>());
     }
   }
+  // Which steps drew each example, from the run's step log over the whole range.
+  const std::shared_ptr<Trajectory> traj(open_trajectory(config.run, config.kernel_route == "torchscript"));
+  if (first.value("shard", nlohmann::json()).value("sum_check_in_merge", false)) add_later_shares(parts, config, *traj, m);
   const at::Tensor change = m.f_final - m.f_initial;
   const double scale = std::max(1e-300, change.abs().max().item<double>());
   m.sum_error = (change - (m.attributions.sum(1) + m.sum_u + m.sum_r)).abs().max().item<double>() / scale;
   if (exact) m.sum_error_exact = (change - (m.attributions_exact.sum(1) + m.sum_uexact)).abs().max().item<double>() / scale;
-  // Which steps drew each example, from the run's step log over the whole range.
-  const std::shared_ptr<Trajectory> traj(open_trajectory(config.run));
   m.trajectory = traj;  // the writer reads the same run
   m.drawn_at.resize(static_cast<size_t>(m.attributions.size(1)));
   for (int64_t k = infos.front().whole_begin; k < infos.front().whole_end; ++k) {

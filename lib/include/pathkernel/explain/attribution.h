@@ -11,6 +11,12 @@
 /// < Psi_j(x), grad l_i(w_j) >. The run is replayed one checkpoint stretch at a time (each
 /// stretch forwards once, then is walked backwards), so the cost is about two replays.
 /// With the segment mean gbar(x) in place of g(x; w_k) the same gives the exact version.
+///
+/// In parts (explain --shard, --workers): the recursion is linear in Phi, so steps begin .. end-1
+/// walked from Phi_end = 0 give their own share and Phi_begin's local part; the steps after them
+/// enter only through Phi_end, which reaches step j scaled by the betas in between. A second walk
+/// of the same steps from Phi_end (carry_in), without the probes' gradients, adds that share:
+/// the two walks sum to the one walk over the whole run (to rounding).
 
 #include <ATen/core/Tensor.h>
 
@@ -28,7 +34,11 @@ struct OptimizerAttributionConfig {
   std::vector<int64_t> probe_indices;  ///< into the split
   std::string split = "test";
   at::Tensor cols;                     ///< int64 [P, C']: the outputs of each probe (rows p*C' + j)
-  int64_t end = 0;                     ///< steps 0 .. end-1 are attributed
+  int64_t begin = 0;                   ///< steps begin .. end-1 are attributed
+  int64_t end = 0;
+  /// Defined: only the share of the steps after end-1, which enters as Phi_end = carry_in (and
+  /// Phi_exact,end = carry_in_exact with exact_nodes); no probe gradients, self-influence or draws.
+  at::Tensor carry_in, carry_in_exact;
   int64_t exact_nodes = 0;             ///< Q > 0: also with the exact path kernel
   std::string kernel_route = "auto";   ///< as AnalyzeConfig::kernel_route
   bool self_influence = false;         ///< also sum over steps of a_j <grad l_i, P_j (.) grad l_i>
@@ -44,9 +54,14 @@ struct OptimizerAttribution {
   at::Tensor times_drawn;     ///< int64 [N_train]
   std::vector<std::vector<int64_t>> drawn_at;  ///< per training example, the steps that drew it
   int64_t project_dims = 0;   ///< with project: a projected row's length
+  /// Phi_begin (and Phi_exact,begin) of these steps' own share: what the steps before begin
+  /// receive from them. Defined when begin > 0 and no carry_in was given.
+  at::Tensor phi_begin, phi_exact_begin;
+  /// The factor by which Phi_end enters Phi_begin: the betas of steps begin+1 .. end.
+  double carry = 1;
 };
 
-/// Runs the backward recursion over steps 0 .. end-1. Throws InputError for a bad run.
+/// Runs the backward recursion over steps begin .. end-1. Throws InputError for a bad run.
 OptimizerAttribution attribute_through_optimizer(const OptimizerAttributionConfig& config);
 
 }  // namespace pathkernel

@@ -39,11 +39,13 @@ struct ExplainConfig {
   /// attributions.csv holds "top": each probe's top proponents and opponents, or "all": every
   /// training example (P x N rows; attributions.npy always holds them all).
   std::string csv = "top";
-  /// --shard I/N: attribute the I-th of N parts of the run only (plain SGD); `pathkernel merge`
-  /// adds the parts' attributions up into the whole run's (shards.h).
+  /// --shard I/N: attribute the I-th of N parts of the run only; `pathkernel merge` adds the
+  /// parts' attributions up into the whole run's (shards.h). Through the optimizer (momentum,
+  /// Adam, per-step settings) a part also stores what earlier parts receive from its steps
+  /// (phi_begin.npy), and merge adds that share to them (attribution.h).
   int64_t shard_index = 0, shard_count = 0;
-  /// --workers N (> 1): the command line attributes a plain-SGD run as N shards in N processes
-  /// at once and adds them up (pathkernel explain; the library's explain() runs one process).
+  /// --workers N (> 1): the command line attributes the run as N shards in N processes at once
+  /// and adds them up (pathkernel explain; the library's explain() runs one process).
   int64_t workers = 1;
   /// --project D (> 0): the per-example split (a_i, K_{k,m}) through a seeded random projection
   /// of the gradients to about D dims per layer (projection.h); D, F, U, R, S and the run's K
@@ -55,11 +57,6 @@ struct ExplainConfig {
 };
 
 class Trajectory;
-
-/// Whether `c`'s run is attributed step by step (plain SGD without per-step settings, the
-/// automatic route), so that its steps can be split into shards; else the optimizer's
-/// recursion runs over the whole run. Opens the run. Throws InputError for a bad run.
-bool explain_by_steps(const ExplainConfig& c);
 
 struct ExplainResult {
   /// The run as explain opened it (once, for the analysis, the attribution and the files).
@@ -86,6 +83,13 @@ struct ExplainResult {
   double seconds = 0;
   /// A shard's place (shard_count 0: the whole run) and the steps it attributes.
   int64_t shard_index = 0, shard_count = 0, whole_begin = 0, whole_end = 0, first_step = 0, last_step = 0;
+  /// A shard attributed through the optimizer: its steps' own share only (the earlier steps'
+  /// gradients move its steps too), so its sum check is made when the shards are merged.
+  bool sum_check_in_merge = false;
+  /// Such a shard after the first: Phi (and Phi_exact) at its first step from its own steps, and
+  /// the factor by which the later steps' Phi enters there (OptimizerAttribution).
+  at::Tensor phi_begin, phi_exact_begin;
+  double carry = 1;
 };
 
 /// The format tag of an explanation's summary.json.
