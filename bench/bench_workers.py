@@ -5,14 +5,14 @@ times `analyze --probes 64 --second-order` with 1 worker and with each N of --wo
 commands alternating, wall time from start to exit (start-up and joining included); checks that
 every output file but summary.json's timings is the same byte for byte.
 
---command explain times `explain --probes 16` instead; with --momentum M the run is trained with
-SGD + momentum M (lr 0.05), which explain attributes through the optimizer's recursion: the
-workers' parts are then added up with each part's share of the later parts' steps, equal to one
-process's to rounding (attributions.npy compared to 1e-12 of its largest).
+--command explain times `explain --probes P` (--probes, default 16) instead; with --momentum M
+the run is trained with SGD + momentum M (lr 0.05), which explain attributes through the
+optimizer's recursion: each worker then explains some of the probes over the whole run, and
+attributions.npy is compared to one process's to 1e-12 of its largest.
 
 usage: /usr/bin/python3 bench/bench_workers.py [--pathkernel build/apps/pathkernel] [--workers 2]
        [--repeats 5] [--data /usr/share/datasets/fashion-mnist] [--command analyze|explain]
-       [--momentum M]
+       [--momentum M] [--probes P]
 """
 import argparse
 import filecmp
@@ -60,8 +60,11 @@ def close_attributions(a, b):
     import numpy as np
     x = np.load(os.path.join(a, "attributions.npy"))
     y = np.load(os.path.join(b, "attributions.npy"))
+    if x.shape != y.shape:
+        return "attributions DIFFER in shape: %s against %s" % (y.shape, x.shape)
     err = float(np.abs(x - y).max() / np.abs(x).max())
-    return "attributions %s one process's (max relative difference %.1e)" % ("equal to" if err <= 1e-12 else "DIFFER from", err)
+    same = "bit for bit" if (x == y).all() else "max relative difference %.1e" % err
+    return "attributions %s one process's (%s)" % ("equal to" if err <= 1e-12 else "DIFFER from", same)
 
 
 def blas_core(manifest):
@@ -77,6 +80,7 @@ def main():
     ap.add_argument("--data", default="/usr/share/datasets/fashion-mnist")
     ap.add_argument("--command", choices=("analyze", "explain"), default="analyze")
     ap.add_argument("--momentum", type=float, default=0.0)
+    ap.add_argument("--probes", type=int, help="default: 64 (analyze), 16 (explain)")
     a = ap.parse_args()
     counts = [1] + [int(n) for n in a.workers.split(",")]
     with tempfile.TemporaryDirectory(prefix="bench_workers.") as tmp:
@@ -85,8 +89,9 @@ def main():
                  "--eval-every", "200", "--out", rundir]
         train += ["--lr", "0.05", "--momentum", str(a.momentum)] if a.momentum else ["--lr", "0.1"]
         run(train)
-        job = ["analyze", rundir, "--probes", "64", "--second-order"] if a.command == "analyze" else \
-            ["explain", rundir, "--probes", "16", "--grids", "0"]
+        probes = a.probes or (64 if a.command == "analyze" else 16)
+        job = ["analyze", rundir, "--probes", str(probes), "--second-order"] if a.command == "analyze" else \
+            ["explain", rundir, "--probes", str(probes), "--grids", "0"]
         times = {n: [] for n in counts}
         for r in range(a.repeats):
             for n in counts:
@@ -96,7 +101,7 @@ def main():
                   file=sys.stderr)
         manifest = json.load(open(os.path.join(rundir, "manifest.json")))
         steps = sum(1 for _ in open(os.path.join(rundir, "steps.jsonl")))
-        what = "64 probes x 10, --second-order" if a.command == "analyze" else "explain, 16 probes"
+        what = "%d probes x 10, --second-order" % probes if a.command == "analyze" else "%d probes" % probes
         print("bench_workers: %s of mlp:128:tanh, %d steps, %s, %s, %d core(s), openblas core %s, median of %d" %
               (a.command, steps, "momentum %g" % a.momentum if a.momentum else "plain SGD", what, os.cpu_count(),
                blas_core(manifest), a.repeats))

@@ -1,6 +1,7 @@
 // pathkernel explain: prepare_explain -> explain, write, print the sum check.
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <iostream>
@@ -20,24 +21,45 @@ int cmd_explain(const Args& args) {
   if (!prepare_explain(args, cmd)) return 0;
   ExplainConfig c = cmd.config;
   ExplainResult res;
-  if (c.workers > 1) {
+  const ExplainPlan ep = c.workers > 1 ? plan_explain(c) : ExplainPlan{};
+  // Step by step (plain SGD) the workers take stretches of steps; through the optimizer's
+  // recursion a stretch would need the later steps' share walked again after them, so each
+  // worker takes some of the probes over the whole run instead (nothing to carry between them).
+  const bool by_probes = ep.through_optimizer;
+  const int64_t count = by_probes ? std::min<int64_t>(c.workers, static_cast<int64_t>(ep.probe_indices.size())) : c.workers;
+  if (count > 1) {
     WorkerPlan plan;
     plan.command = "explain";
-    plan.count = c.workers;
+    plan.count = count;
     plan.threads = c.threads;
     plan.out = c.out;
     plan.force = c.force;
+    if (by_probes) {
+      plan.drop = {"--probes", "--probe"};
+      const auto n = static_cast<int64_t>(ep.probe_indices.size());
+      for (int64_t i = 0; i < count; ++i) {
+        std::string list;
+        for (int64_t p = i * n / count; p < (i + 1) * n / count; ++p) {
+          list += (list.empty() ? "" : ",") + std::to_string(ep.probe_indices[static_cast<size_t>(p)]);
+        }
+        plan.parts.push_back({"--probe", list});
+      }
+      spdlog::info("--workers: attributed through the optimizer, so each worker explains some of the {} probes over "
+                   "the whole run", n);
+    }
     MergeConfig merge;
     if (const int st = run_workers(args, plan, merge); st != 0) return st;
-    auto joined = merge_explanations(merge);
-    // The shards are in memory now; OUT is again what the user gave (new, or an earlier
+    auto joined = by_probes ? join_probe_parts(merge) : merge_explanations(merge);
+    if (by_probes && joined.first.probe_indices != ep.probe_indices) {
+      throw std::logic_error("explain --workers: the joined probes are not the planned ones");
+    }
+    // The parts are in memory now; OUT is again what the user gave (new, or an earlier
     // explanation to replace with --force).
     std::error_code ec;
     std::filesystem::remove_all(std::filesystem::path(c.out) / "workers", ec);
     if (std::filesystem::is_empty(c.out, ec)) std::filesystem::remove(c.out, ec);
     res = std::move(joined.first);
-    c = joined.second;
-    c.workers = cmd.config.workers;
+    c.probe_indices = res.probe_indices;  // the user's own settings otherwise (--grids, --tolerance, ...)
   } else {
     res = explain(c);
   }

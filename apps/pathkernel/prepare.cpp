@@ -192,8 +192,8 @@ bool prepare_explain(const Args& args, ExplainCommand& cmd) {
     ("shard", "I/N: attribute only the I-th of N parts of the run (add the parts up with pathkernel merge; through "
      "an optimizer with memory, merge also walks each part again for the later parts' share)",
      cxxopts::value<std::string>())
-    ("workers", "N: attribute the run as N shards in N processes at once and add them up",
-     cxxopts::value(c.workers)->default_value("1"))
+    ("workers", "N: N processes at once, joined (plain SGD: stretches of steps; through the optimizer: some of the "
+     "probes each)", cxxopts::value(c.workers)->default_value("1"))
     ("csv", "attributions.csv holds: top (each probe's --top proponents and opponents) | all (every training "
      "example; attributions.npy always holds them all)", cxxopts::value(c.csv)->default_value("top"))
     ("project", "D: the per-example kernels through a seeded random projection of each layer's gradients to about "

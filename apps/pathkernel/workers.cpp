@@ -23,18 +23,23 @@ namespace pathkernel::app {
 namespace {
 namespace fs = std::filesystem;
 
-/// The command's own arguments without --out, --workers and --json (each worker gets its own).
-/// args[0] is "pathkernel COMMAND".
-std::vector<std::string> shared_arguments(const Args& args) {
+/// The command's own arguments without --out, --workers, --json and `drop` (each worker gets
+/// its own). args[0] is "pathkernel COMMAND".
+std::vector<std::string> shared_arguments(const Args& args, std::vector<std::string> drop) {
+  drop.insert(drop.end(), {"--out", "--workers"});
   std::vector<std::string> out;
   for (size_t i = 1; i < args.size(); ++i) {
     const std::string& a = args[i];
-    if (a == "--out" || a == "--workers") {
-      ++i;  // and its value
-      continue;
+    bool dropped = a == "--json";
+    for (const std::string& d : drop) {
+      if (a == d) {
+        ++i;  // and its value
+        dropped = true;
+      } else if (a.rfind(d + "=", 0) == 0) {
+        dropped = true;
+      }
     }
-    if (a.rfind("--out=", 0) == 0 || a.rfind("--workers=", 0) == 0 || a == "--json") continue;
-    out.push_back(a);
+    if (!dropped) out.push_back(a);
   }
   return out;
 }
@@ -85,7 +90,7 @@ int wait_for(pid_t pid) {
 
 int run_workers(const Args& args, const WorkerPlan& plan, MergeConfig& merge) {
   const fs::path out(plan.out), dir = out / "workers";
-  const std::vector<std::string> shared = shared_arguments(args);
+  const std::vector<std::string> shared = shared_arguments(args, plan.drop);
   const bool fresh = !fs::exists(out) || fs::is_empty(out);
   // --force over an earlier complete output: a failure leaves it as it was found.
   const bool earlier = !fresh && fs::is_regular_file(out / "summary.json") && !fs::exists(out / "partial.json");
@@ -103,15 +108,19 @@ int run_workers(const Args& args, const WorkerPlan& plan, MergeConfig& merge) {
   merge.force = true;  // OUT is this command's own (checked by its preparation)
   std::vector<std::pair<int64_t, pid_t>> running;
   for (int64_t i = 1; i <= plan.count; ++i) {
-    const fs::path shard = dir / ("shard-" + std::to_string(i) + of);
+    const bool by_parts = !plan.parts.empty();
+    const fs::path shard = dir / ((by_parts ? "part-" : "shard-") + std::to_string(i) + of);
     merge.shards.push_back(shard.string());
     if (plan.resumable && fs::is_regular_file(shard / "summary.json")) continue;  // finished before a kill
     std::vector<std::string> argv = {"pathkernel-core", plan.command};
     argv.insert(argv.end(), shared.begin(), shared.end());
-    for (const std::string& a : {std::string("--shard"), std::to_string(i) + "/" + std::to_string(plan.count),
-                                 std::string("--out"), shard.string()}) {
-      argv.push_back(a);
+    if (by_parts) {
+      const auto& own = plan.parts.at(static_cast<size_t>(i - 1));
+      argv.insert(argv.end(), own.begin(), own.end());
+    } else {
+      argv.insert(argv.end(), {"--shard", std::to_string(i) + "/" + std::to_string(plan.count)});
     }
+    argv.insert(argv.end(), {"--out", shard.string()});
     argv.insert(argv.end(), plan.extra.begin(), plan.extra.end());
     running.emplace_back(i, spawn(argv, worker_environment(plan.threads)));
   }

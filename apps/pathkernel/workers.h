@@ -9,7 +9,8 @@
 namespace pathkernel::app {
 
 /// What to start: `command` (analyze or explain) with the user's own arguments (less --out,
-/// --workers and --json) and `--shard I/N --out OUT/workers/shard-I-of-N` plus `extra`.
+/// --workers, --json and `drop`) and `--shard I/N --out OUT/workers/shard-I-of-N` (or its
+/// `parts` entry) plus `extra`.
 struct WorkerPlan {
   std::string command;
   int64_t count = 2;
@@ -18,6 +19,9 @@ struct WorkerPlan {
   bool force = false;              ///< the user's --force
   bool resumable = false;          ///< analyze: OUT is a partial analysis of this command, shards continue
   std::vector<std::string> extra;  ///< more arguments for every worker
+  /// Non-empty: worker I gets parts[I-1] instead of `--shard I/N` (and OUT/workers/part-I-of-N).
+  std::vector<std::vector<std::string>> parts;
+  std::vector<std::string> drop;   ///< options (with their values) of the user's not handed on
 };
 
 /// Starts the workers and waits for them. Returns 0 with `merge` set to join them into

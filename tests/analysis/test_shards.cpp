@@ -318,6 +318,73 @@ TEST_F(ShardsTest, ExplanationShardsThroughTheOptimizerAddUpToOneProcess) {
   }
 }
 
+// explain --workers through the optimizer: parts explaining disjoint probes over the whole run,
+// joined in order, equal one process's explanation of all of them (a_i, a_exact, self-influence
+// and the sum check; the draws and times drawn the same), and the join refuses parts that are
+// not of one explanation: another run, other settings, a shard of the steps.
+TEST_F(ShardsTest, ProbePartsJoinIntoOneProcess) {
+  const std::string run = train_run("run", 0.9, "mlp:5:tanh");
+  ExplainConfig e;
+  e.run = run;
+  e.probe_indices = {1, 4, 7, 9, 12};
+  e.exact_nodes = 2;
+  e.self_influence = true;
+  e.grids = 0;
+  e.out = (tmp_ / "whole").string();
+  const ExplainResult whole = explain(e);
+  ASSERT_TRUE(whole.through_optimizer);
+  EXPECT_EQ(plan_explain(e).probe_indices, e.probe_indices);
+  EXPECT_TRUE(plan_explain(e).through_optimizer);
+  std::vector<std::string> dirs;
+  for (const auto& probes : {std::vector<int64_t>{1, 4}, std::vector<int64_t>{7, 9, 12}}) {
+    ExplainConfig p = e;
+    p.probe_indices = probes;
+    p.out = (tmp_ / ("part" + std::to_string(dirs.size()))).string();
+    write_explanation(explain(p), p);
+    dirs.push_back(p.out);
+  }
+  const auto [joined, jc] = join_probe_parts({dirs, (tmp_ / "joined").string(), false});
+  auto rel = [](const at::Tensor& a, const at::Tensor& b) {
+    return (a - b).abs().max().item<double>() / std::max(1e-300, b.abs().max().item<double>());
+  };
+  EXPECT_EQ(joined.probe_indices, e.probe_indices);
+  EXPECT_EQ(jc.probe_indices, e.probe_indices);
+  EXPECT_EQ(joined.outputs, whole.outputs);
+  EXPECT_LT(rel(joined.attributions, whole.attributions), 1e-12);
+  EXPECT_LT(rel(joined.attributions_exact, whole.attributions_exact), 1e-12);
+  EXPECT_LT(rel(joined.self_influence, whole.self_influence), 1e-12);
+  EXPECT_LT(rel(joined.f_final - joined.f_initial, whole.f_final - whole.f_initial), 1e-12);
+  EXPECT_TRUE(at::equal(joined.times_drawn, whole.times_drawn));
+  EXPECT_EQ(joined.drawn_at, whole.drawn_at);
+  EXPECT_TRUE(joined.through_optimizer);
+  EXPECT_LT(joined.sum_error, 1e-10);
+  // In the other order the rows follow the parts.
+  const auto [swapped, sc] = join_probe_parts({{dirs[1], dirs[0]}, (tmp_ / "swapped").string(), false});
+  EXPECT_EQ(swapped.probe_indices, (std::vector<int64_t>{7, 9, 12, 1, 4}));
+  EXPECT_LT(rel(swapped.attributions.narrow(0, 3, 2), whole.attributions.narrow(0, 0, 2)), 1e-12);
+
+  ExplainConfig other = e;
+  other.exact_nodes = 0;
+  other.probe_indices = {3};
+  other.out = (tmp_ / "other-settings").string();
+  write_explanation(explain(other), other);
+  EXPECT_THROW_WITH(join_probe_parts({{dirs[0], other.out}, (tmp_ / "j2").string(), false}), InputError,
+                    "settings differs");
+  ExplainConfig shard = e;
+  shard.shard_index = 2;
+  shard.shard_count = 2;
+  shard.out = (tmp_ / "a-shard").string();
+  write_explanation(explain(shard), shard);
+  EXPECT_THROW_WITH(join_probe_parts({{dirs[0], shard.out}, (tmp_ / "j3").string(), false}), InputError,
+                    "a shard of the steps");
+  ExplainConfig elsewhere = e;
+  elsewhere.run = train_run("run-b", 0.9, "mlp:5:tanh");
+  elsewhere.out = (tmp_ / "elsewhere").string();
+  write_explanation(explain(elsewhere), elsewhere);
+  EXPECT_THROW_WITH(join_probe_parts({{dirs[0], elsewhere.out}, (tmp_ / "j4").string(), false}), InputError,
+                    "run differs");
+}
+
 TEST(ShardBoundsTest, SplitsAtTheNearestCheckpoints) {
   const std::vector<int64_t> ck = {0, 4, 8, 12, 16, 20, 24};
   EXPECT_EQ(shard_bounds(0, 24, ck, 3), (std::vector<int64_t>{0, 8, 16, 24}));

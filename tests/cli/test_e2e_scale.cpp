@@ -168,9 +168,9 @@ TEST(E2eTest, ShardsMergeIntoTheSingleProcessAnalysis) {
   EXPECT_FALSE(fs::exists(tmp / "m2"));
 }
 
-// explain --workers: a plain-SGD run and a momentum run (attributed through the optimizer's
-// recursion, each part's share of the later parts' steps added by the merge) attributed in two
-// processes at once and added up equal one process (a_i to 1e-12 of the largest; the sum check holds).
+// explain --workers: a plain-SGD run (stretches of steps, added up) and a momentum run (attributed
+// through the optimizer's recursion: some of the probes each, over the whole run, joined) in two
+// processes at once equal one process (a_i to 1e-12 of the largest; the sum check holds).
 TEST(E2eTest, ExplainWorkersAddUpToOneProcess) {
   testing::TempDir tmp;
   const fs::path sgd = tmp / "sgd", mom = tmp / "mom";
@@ -188,7 +188,7 @@ TEST(E2eTest, ExplainWorkersAddUpToOneProcess) {
                             (tmp / (name + "-2")).string()},
                            tmp.path());
     ASSERT_EQ(two.status, 0) << two.err;
-    EXPECT_EQ(two.err.find("the later steps' share") != std::string::npos, name == "mom") << two.err;
+    EXPECT_EQ(two.err.find("each worker explains some of the 3 probes") != std::string::npos, name == "mom") << two.err;
     EXPECT_FALSE(fs::exists(tmp / (name + "-2") / "workers"));
     const at::Tensor a = load_npy(tmp / (name + "-1") / "attributions.npy");
     const at::Tensor b = load_npy(tmp / (name + "-2") / "attributions.npy");

@@ -67,6 +67,12 @@ void refuse_exact_across_kinks(const ExplainConfig& c, const RunFacts& facts) {
   }
 }
 
+/// Whether the run is attributed through the optimizer's recursion (aopt_i): memory, a
+/// preconditioner, or settings that vary by step or parameter group; or asked for (route backward).
+bool through_optimizer(const ExplainConfig& c, const OptimizerOptions& oo, bool settings_vary) {
+  return c.route == "backward" || oo.kind != OptimizerKind::kSgd || oo.momentum != 0 || settings_vary;
+}
+
 /// The step route's attribution, gathered from the analysis step by step: a_i accumulates
 /// K_{k,i} over the steps that drew i, self-influence (a_k / |B_k|) |grad l_i|^2.
 struct StepAttribution {
@@ -169,6 +175,18 @@ void fill_result(const ExplainConfig& c, const AnalysisResult& an, StepAttributi
 
 }  // namespace
 
+ExplainPlan plan_explain(const ExplainConfig& c) {
+  c.validate();
+  const std::unique_ptr<Trajectory> traj(open_trajectory(c.run, c.kernel_route == "torchscript"));
+  const OptimizerOptions oo = traj->optimizer_after(0).options();
+  ExplainPlan plan;
+  plan.through_optimizer = through_optimizer(c, oo, traj->settings_vary());
+  const int64_t n = traj->split_size(c.split);
+  if (n == 0) throw InputError(c.run + ": the run has no " + c.split + " split for probes");
+  plan.probe_indices = choose_probes(analysis_config(c, traj.get()), n, at::Tensor());  // as the analysis chooses
+  return plan;
+}
+
 ExplainResult explain(const ExplainConfig& c) {
   c.validate();
   const auto t0 = std::chrono::steady_clock::now();
@@ -186,8 +204,7 @@ ExplainResult explain(const ExplainConfig& c) {
   res.trajectory = traj;
   res.optimizer = optimizer_name(oo.kind);
   // Settings that vary by step or parameter group are attributed through the optimizer's terms.
-  res.through_optimizer =
-      c.route == "backward" || oo.kind != OptimizerKind::kSgd || oo.momentum != 0 || facts.settings_vary;
+  res.through_optimizer = through_optimizer(c, oo, facts.settings_vary);
   if (c.project > 0 && oo.kind != OptimizerKind::kSgd) {
     throw InputError("--project: Adam's and AdamW's elementwise preconditioner does not commute with a random "
                      "projection; explain this run without --project");

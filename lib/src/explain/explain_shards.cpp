@@ -150,6 +150,25 @@ void add_later_shares(const std::vector<StoredExplanation>& parts, const Explain
   }
 }
 
+/// The sum check of joined parts, recomputed from their per-probe terms.
+void recompute_sum_check(ExplainResult& m) {
+  const at::Tensor change = m.f_final - m.f_initial;
+  const double scale = std::max(1e-300, change.abs().max().item<double>());
+  m.sum_error = (change - (m.attributions.sum(1) + m.sum_u + m.sum_r)).abs().max().item<double>() / scale;
+  if (m.attributions_exact.defined()) {
+    m.sum_error_exact = (change - (m.attributions_exact.sum(1) + m.sum_uexact)).abs().max().item<double>() / scale;
+  }
+}
+
+/// Which steps drew each example, from the run's step log over steps first .. last.
+void read_draws(Trajectory& traj, int64_t first, int64_t last, ExplainResult& m) {
+  m.drawn_at.assign(static_cast<size_t>(m.attributions.size(1)), {});
+  for (int64_t k = first; k <= last; ++k) {
+    const at::Tensor idx = traj.logged_step(k, at::kDouble).indices.contiguous();
+    for (int64_t j = 0; j < idx.numel(); ++j) m.drawn_at.at(static_cast<size_t>(idx.data_ptr<int64_t>()[j])).push_back(k);
+  }
+}
+
 }  // namespace
 
 std::pair<ExplainResult, ExplainConfig> merge_explanations(const MergeConfig& c) {
@@ -192,18 +211,98 @@ std::pair<ExplainResult, ExplainConfig> merge_explanations(const MergeConfig& c)
   // Which steps drew each example, from the run's step log over the whole range.
   const std::shared_ptr<Trajectory> traj(open_trajectory(config.run, config.kernel_route == "torchscript"));
   if (first.value("shard", nlohmann::json()).value("sum_check_in_merge", false)) add_later_shares(parts, config, *traj, m);
-  const at::Tensor change = m.f_final - m.f_initial;
-  const double scale = std::max(1e-300, change.abs().max().item<double>());
-  m.sum_error = (change - (m.attributions.sum(1) + m.sum_u + m.sum_r)).abs().max().item<double>() / scale;
-  if (exact) m.sum_error_exact = (change - (m.attributions_exact.sum(1) + m.sum_uexact)).abs().max().item<double>() / scale;
+  recompute_sum_check(m);
   m.trajectory = traj;  // the writer reads the same run
-  m.drawn_at.resize(static_cast<size_t>(m.attributions.size(1)));
-  for (int64_t k = infos.front().whole_begin; k < infos.front().whole_end; ++k) {
-    const at::Tensor idx = traj->logged_step(k, at::kDouble).indices.contiguous();
-    for (int64_t j = 0; j < idx.numel(); ++j) m.drawn_at.at(static_cast<size_t>(idx.data_ptr<int64_t>()[j])).push_back(k);
-  }
+  read_draws(*traj, infos.front().whole_begin, infos.front().whole_end - 1, m);
   m.first_step = infos.front().first;
   m.last_step = infos.back().last;
+  return {m, config};
+}
+
+std::pair<ExplainResult, ExplainConfig> join_probe_parts(const MergeConfig& c) {
+  c.validate();
+  std::vector<StoredExplanation> parts;
+  for (const auto& d : c.shards) parts.push_back(read_explanation(d));
+  const nlohmann::json& first = parts.front().summary;
+  auto refuse = [](const StoredExplanation& p, const std::string& why) {
+    throw InputError((p.dir / "summary.json").string() + ": " + why);
+  };
+  for (const auto& p : parts) {
+    const nlohmann::json& s = p.summary;
+    if (s.value("format", "") != kExplainFormat) refuse(p, "not an explanation");
+    if (!s.contains("shard") || !s.at("shard").is_null()) refuse(p, "a shard of the steps, not an explanation of some probes over the whole run");
+    for (const char* key : {"run", "settings", "optimizer", "attribution", "first_step", "last_step"}) {
+      if (!s.contains(key) || s.at(key) != first.at(key)) refuse(p, std::string("its ") + key + " differs from the first part's");
+    }
+    if (p.attributions.size(1) != parts.front().attributions.size(1) ||
+        !at::equal(p.times_drawn, parts.front().times_drawn)) {
+      refuse(p, "its training examples' draws differ from the first part's (not the same run)");
+    }
+    if (p.self_influence.defined() != parts.front().self_influence.defined() ||
+        (p.self_influence.defined() &&
+         (p.self_influence - parts.front().self_influence).abs().max().item<double>() >
+             1e-12 * std::max(1e-300, parts.front().self_influence.abs().max().item<double>()))) {
+      refuse(p, "its self-influence differs from the first part's");
+    }
+  }
+  ExplainConfig config;
+  ExplainResult m;
+  try {
+    config = stored_config(first, c);
+    config.probe_indices.clear();
+    std::vector<at::Tensor> a, ax;
+    std::vector<at::Tensor> fi, ff, su, sr, sx;
+    const bool exact = parts.front().attributions_exact.defined();
+    for (const auto& p : parts) {
+      const nlohmann::json& s = p.summary;
+      for (int64_t i : s.at("probes").get<std::vector<int64_t>>()) config.probe_indices.push_back(i);
+      for (int64_t o : s.at("outputs").get<std::vector<int64_t>>()) m.outputs.push_back(o);
+      for (const auto& row : s.at("per_probe")) m.probe_labels.push_back(row.at("label").get<int64_t>());
+      if (exact != p.attributions_exact.defined()) refuse(p, "the parts differ in --exact");
+      a.push_back(p.attributions);
+      if (exact) {
+        ax.push_back(p.attributions_exact);
+        sx.push_back(per_probe(s, "sum_u_exact"));
+        m.max_quad_error = std::max(m.max_quad_error, s.at("max_quad_error").get<double>());
+      }
+      fi.push_back(per_probe(s, "f_initial"));
+      ff.push_back(per_probe(s, "f_final"));
+      su.push_back(per_probe(s, "sum_u"));
+      sr.push_back(per_probe(s, "sum_r"));
+      m.seconds = std::max(m.seconds, s.at("seconds").get<double>());  // the parts ran at once
+      if (config.project > 0) {
+        const nlohmann::json& pj = s.at("projection");
+        m.project_dims = pj.at("dims").get<int64_t>();
+        m.projection_error = std::max(m.projection_error, pj.at("max_batch_sum_error").get<double>());
+      }
+    }
+    m.optimizer = first.at("optimizer").get<std::string>();
+    m.through_optimizer = first.at("attribution").get<std::string>().rfind("aopt", 0) == 0;
+    m.first_step = first.at("first_step").get<int64_t>();
+    m.last_step = first.at("last_step").get<int64_t>();
+    m.attributions = at::cat(a, 0);
+    if (exact) {
+      m.attributions_exact = at::cat(ax, 0);
+      m.sum_uexact = at::cat(sx);
+    }
+    m.f_initial = at::cat(fi);
+    m.f_final = at::cat(ff);
+    m.sum_u = at::cat(su);
+    m.sum_r = at::cat(sr);
+  } catch (const nlohmann::json::exception& e) {
+    throw InputError("a part's summary.json is malformed (" + std::string(e.what()) + ")");
+  }
+  if (static_cast<int64_t>(config.probe_indices.size()) != m.attributions.size(0) ||
+      m.outputs.size() != config.probe_indices.size() || m.probe_labels.size() != config.probe_indices.size()) {
+    throw InputError((parts.front().dir / "summary.json").string() + ": its probes do not match attributions.npy");
+  }
+  m.probe_indices = config.probe_indices;
+  m.times_drawn = parts.front().times_drawn;
+  m.self_influence = parts.front().self_influence;
+  recompute_sum_check(m);
+  const std::shared_ptr<Trajectory> traj(open_trajectory(config.run, config.kernel_route == "torchscript"));
+  m.trajectory = traj;  // the writer reads the same run
+  read_draws(*traj, m.first_step, m.last_step, m);
   return {m, config};
 }
 

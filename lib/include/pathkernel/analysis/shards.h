@@ -82,4 +82,11 @@ struct ExplainConfig;
 /// refusals as merge_shards. Returns the explanation and its settings (out = c.out).
 std::pair<ExplainResult, ExplainConfig> merge_explanations(const MergeConfig& c);
 
+/// Joins explanations of one run's disjoint probe sets (explain --workers through the optimizer,
+/// each process explains some of the probes over the whole run), in the order given: rows
+/// concatenated, the per-example numbers (times drawn, self-influence) checked equal in every
+/// part and taken from the first, the sum check recomputed. Refuses (InputError naming the
+/// file) parts of different runs or settings, shards, or a probe in two parts.
+std::pair<ExplainResult, ExplainConfig> join_probe_parts(const MergeConfig& c);
+
 }  // namespace pathkernel

@@ -58,6 +58,16 @@ struct ExplainConfig {
 
 class Trajectory;
 
+/// What explain will do with `c`'s run, before any work: whether it attributes through the
+/// optimizer's recursion, and the probes it explains (as the analysis chooses them).
+struct ExplainPlan {
+  bool through_optimizer = false;
+  std::vector<int64_t> probe_indices;
+};
+
+/// Opens the run. Throws InputError for a bad run or bad probes.
+ExplainPlan plan_explain(const ExplainConfig& c);
+
 struct ExplainResult {
   /// The run as explain opened it (once, for the analysis, the attribution and the files).
   std::shared_ptr<Trajectory> trajectory;
