@@ -190,6 +190,7 @@ TEST(E2eTest, ExplainWorkersAddUpToOneProcess) {
     ASSERT_EQ(two.status, 0) << two.err;
     EXPECT_EQ(two.err.find("each worker explains some of the 3 probes") != std::string::npos, name == "mom") << two.err;
     EXPECT_FALSE(fs::exists(tmp / (name + "-2") / "workers"));
+    EXPECT_FALSE(fs::exists(tmp / (name + "-2") / "grids")) << "--grids 0 holds for the joined explanation too";
     const at::Tensor a = load_npy(tmp / (name + "-1") / "attributions.npy");
     const at::Tensor b = load_npy(tmp / (name + "-2") / "attributions.npy");
     ASSERT_EQ(a.sizes(), b.sizes());

@@ -436,7 +436,7 @@ void write_explanation(const ExplainResult& r, const ExplainConfig& c) {
   pic.plots = gnuplot_available() && images;
   if (!gnuplot_available()) spdlog::warn("gnuplot not found (apt-get install gnuplot-nox): no PNG grids; the CSVs are written");
   if (!images) spdlog::warn("{}: the inputs are not single-channel images: no PNG grids; the CSVs are written", c.run);
-  if (pic.plots) fs::create_directories(out / "grids");
+  if (pic.plots && c.grids > 0) fs::create_directories(out / "grids");
   int64_t classes = train_labels.numel() ? train_labels.max().item<int64_t>() + 1 : 0;
   for (int64_t l : r.probe_labels) classes = std::max(classes, l + 1);
   for (int64_t o : r.outputs) classes = std::max(classes, o + 1);
