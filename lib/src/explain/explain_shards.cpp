@@ -169,6 +169,29 @@ void read_draws(Trajectory& traj, int64_t first, int64_t last, ExplainResult& m)
   }
 }
 
+/// A part of join_probe_parts: an explanation over the whole run of the same run, settings and
+/// draws as `first` (the per-example numbers are every part's own computation of the same).
+void check_probe_part(const StoredExplanation& p, const StoredExplanation& first) {
+  auto refuse = [&](const std::string& why) { throw InputError((p.dir / "summary.json").string() + ": " + why); };
+  const nlohmann::json& s = p.summary;
+  if (s.value("format", "") != kExplainFormat) refuse("not an explanation");
+  if (!s.contains("shard") || !s.at("shard").is_null()) {
+    refuse("a shard of the steps, not an explanation of some probes over the whole run");
+  }
+  for (const char* key : {"run", "settings", "optimizer", "attribution", "first_step", "last_step"}) {
+    if (!s.contains(key) || s.at(key) != first.summary.at(key)) refuse(std::string("its ") + key + " differs from the first part's");
+  }
+  if (p.attributions.size(1) != first.attributions.size(1) || !at::equal(p.times_drawn, first.times_drawn)) {
+    refuse("its training examples' draws differ from the first part's (not the same run)");
+  }
+  const at::Tensor& a = p.self_influence;
+  const at::Tensor& b = first.self_influence;
+  if (a.defined() != b.defined() ||
+      (a.defined() && (a - b).abs().max().item<double>() > 1e-12 * std::max(1e-300, b.abs().max().item<double>()))) {
+    refuse("its self-influence differs from the first part's");
+  }
+}
+
 }  // namespace
 
 std::pair<ExplainResult, ExplainConfig> merge_explanations(const MergeConfig& c) {
@@ -227,24 +250,7 @@ std::pair<ExplainResult, ExplainConfig> join_probe_parts(const MergeConfig& c) {
   auto refuse = [](const StoredExplanation& p, const std::string& why) {
     throw InputError((p.dir / "summary.json").string() + ": " + why);
   };
-  for (const auto& p : parts) {
-    const nlohmann::json& s = p.summary;
-    if (s.value("format", "") != kExplainFormat) refuse(p, "not an explanation");
-    if (!s.contains("shard") || !s.at("shard").is_null()) refuse(p, "a shard of the steps, not an explanation of some probes over the whole run");
-    for (const char* key : {"run", "settings", "optimizer", "attribution", "first_step", "last_step"}) {
-      if (!s.contains(key) || s.at(key) != first.at(key)) refuse(p, std::string("its ") + key + " differs from the first part's");
-    }
-    if (p.attributions.size(1) != parts.front().attributions.size(1) ||
-        !at::equal(p.times_drawn, parts.front().times_drawn)) {
-      refuse(p, "its training examples' draws differ from the first part's (not the same run)");
-    }
-    if (p.self_influence.defined() != parts.front().self_influence.defined() ||
-        (p.self_influence.defined() &&
-         (p.self_influence - parts.front().self_influence).abs().max().item<double>() >
-             1e-12 * std::max(1e-300, parts.front().self_influence.abs().max().item<double>()))) {
-      refuse(p, "its self-influence differs from the first part's");
-    }
-  }
+  for (const auto& p : parts) check_probe_part(p, parts.front());
   ExplainConfig config;
   ExplainResult m;
   try {
