@@ -167,7 +167,9 @@ BackwardAttribution::BackwardAttribution(const OptimizerAttributionConfig& c, Tr
     if (!carry_only()) gbar_buf_ = at::empty_like(phi_);
   }
   // Phi_end enters step end-1 with the buffer's decay at step end (the whole run's end: nothing enters).
-  if (c.end < traj.logged_steps()) beta_next_ = linear_update(traj.logged_step(c.end, at::kDouble).settings.options, c.end).beta;
+  if (c.end < traj.logged_steps()) {
+    beta_next_ = linear_update(traj.logged_step(c.end, at::kDouble).settings.options, c.end).beta;
+  }
   ones_ = at::ones({n_params_}, at::kDouble);
   for (const auto& p : model_->named_parameters()) flat_params_.emplace_back(p.key(), p.value().numel());
 }

@@ -179,7 +179,9 @@ void check_probe_part(const StoredExplanation& p, const StoredExplanation& first
     refuse("a shard of the steps, not an explanation of some probes over the whole run");
   }
   for (const char* key : {"run", "settings", "optimizer", "attribution", "first_step", "last_step"}) {
-    if (!s.contains(key) || s.at(key) != first.summary.at(key)) refuse(std::string("its ") + key + " differs from the first part's");
+    if (!s.contains(key) || s.at(key) != first.summary.at(key)) {
+      refuse(std::string("its ") + key + " differs from the first part's");
+    }
   }
   if (p.attributions.size(1) != first.attributions.size(1) || !at::equal(p.times_drawn, first.times_drawn)) {
     refuse("its training examples' draws differ from the first part's (not the same run)");
