@@ -318,7 +318,13 @@ TEST_F(ShardsTest, ExplanationShardsThroughTheOptimizerAddUpToOneProcess) {
       EXPECT_GT(off.sum_error, 1e-6) << tag;
     }
     atomic_write(last, kept);
-    fs::remove(fs::path(e.out).parent_path() / ("e" + tag + "2") / "phi_begin.npy");
+    const fs::path phi_file = fs::path(e.out).parent_path() / ("e" + tag + "2") / "phi_begin.npy";
+    at::Tensor phi = load_npy(phi_file);
+    phi[0][0] = NAN;
+    save_npy(phi_file, phi);
+    EXPECT_THROW_WITH(merge_explanations({dirs, (tmp_ / ("nan-" + tag)).string(), false}), InputError,
+                      "phi_begin.npy: holds a NaN");
+    fs::remove(phi_file);
     EXPECT_THROW_WITH(merge_explanations({dirs, (tmp_ / ("m3-" + tag)).string(), false}), InputError,
                       "phi_begin.npy: missing");
   }

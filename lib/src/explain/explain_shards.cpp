@@ -108,6 +108,7 @@ at::Tensor stored_phi(const StoredExplanation& p, const char* file, int64_t rows
   if (phi.dim() != 2 || phi.size(0) != rows || phi.scalar_type() != at::kDouble) {
     throw InputError(f.string() + ": must be float64 with " + std::to_string(rows) + " rows (one per probe)");
   }
+  if (!at::isfinite(phi).all().item<bool>()) throw InputError(f.string() + ": holds a NaN or an infinity");
   return phi;
 }
 
