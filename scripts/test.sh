@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Sets everything up (scripts/setup.sh) and runs all test suites: `unit` (seconds, synthetic
 # data) and `e2e` (the pathkernel binary on real Fashion-MNIST). Extra arguments go to ctest,
-# e.g. `bash scripts/test.sh -L unit`. Without arguments, the unit tests then run again under
-# two or three other OpenBLAS kernel sets (scripts/blas_cores.sh), each differently rounded.
+# e.g. `bash scripts/test.sh -L unit`. Without arguments, ctest runs the e2e tests and the unit
+# binary runs whole under this CPU's OpenBLAS kernel set and two or three others
+# (scripts/blas_cores.sh), each differently rounded.
 #
 # With CI set (as CI runs it) or with --sanitize first, a second build with clang,
 # AddressSanitizer and UndefinedBehaviorSanitizer (build-sanitize/, about 6 more minutes from
@@ -34,17 +35,48 @@ if [ -n "$sanitize" ]; then
     ./build-sanitize/tests/pathkernel_unit_tests --gtest_brief=1
   bash scripts/fuzz.sh --time 30
 fi
-ctest --test-dir build --output-on-failure -j 2 "$@"
-# The unit tests again under other OpenBLAS kernel sets than this CPU's (scripts/blas_cores.sh):
-# a tolerance tuned to one kernel set's rounding fails here, not on a user's machine. Only for
-# the whole run (extra arguments select tests to run once). PATHKERNEL_CORES=none skips this.
-# The unit binary runs whole, in one process per kernel set (as under the sanitizers above): half
-# the time of a process per test, which the first pass already gave every test.
-if [ $# -eq 0 ] && [ "${PATHKERNEL_CORES:-}" != none ]; then
-  for core in $(bash scripts/blas_cores.sh); do
-    echo "test: the unit tests under OPENBLAS_CORETYPE=$core" >&2
-    OPENBLAS_CORETYPE=$core timeout 1200 ./build/tests/pathkernel_unit_tests --gtest_brief=1
+if [ $# -gt 0 ]; then
+  ctest --test-dir build --output-on-failure -j 2 "$@"
+else
+  # Everything: the e2e tests (and the layer checks) by ctest, a process each; the unit binary
+  # whole, in one process per OpenBLAS kernel set (each test in a process of its own costs
+  # LibTorch's start-up 200 times over): this CPU's own, then others than this CPU's
+  # (scripts/blas_cores.sh; PATHKERNEL_CORES=none skips them), where a tolerance tuned to one
+  # kernel set's rounding fails here, not on a user's machine. Two at a time on the 2 cores.
+  ctest --test-dir build --output-on-failure -j 2 -LE unit
+  cores=(own)
+  if [ "${PATHKERNEL_CORES:-}" != none ]; then
+    mapfile -t more < <(bash scripts/blas_cores.sh)
+    cores+=("${more[@]}")
+  fi
+  unit_run() {  # $1: an OpenBLAS kernel set, or "own"
+    local log="build/unit-tests-$1.log" st=0
+    if [ "$1" = own ]; then
+      timeout 1200 ./build/tests/pathkernel_unit_tests --gtest_brief=1 > "$log" 2>&1 || st=$?
+    else
+      OPENBLAS_CORETYPE="$1" timeout 1200 ./build/tests/pathkernel_unit_tests --gtest_brief=1 > "$log" 2>&1 || st=$?
+    fi
+    if [ "$st" -ne 0 ]; then
+      echo "test: the unit tests under kernel set $1 FAILED (status $st):" >&2
+      cat "$log" >&2
+    else
+      echo "test: the unit tests under kernel set $1: $(grep 'PASSED' "$log" | tail -1)" >&2
+    fi
+    return "$st"
+  }
+  failed=0
+  pids=()
+  for core in "${cores[@]}"; do
+    echo "test: the unit tests, whole, under kernel set $core" >&2
+    unit_run "$core" &
+    pids+=($!)
+    if [ ${#pids[@]} -eq 2 ]; then
+      for p in "${pids[@]}"; do wait "$p" || failed=1; done
+      pids=()
+    fi
   done
+  for p in "${pids[@]}"; do wait "$p" || failed=1; done
+  [ "$failed" -eq 0 ]
 fi
 # The largest functions and files of lib/ (issue 24: informational, gates nothing).
 python3 scripts/code_size.py --top 5 >&2 || true

@@ -232,54 +232,61 @@ TEST_F(RecordedHabitsTest, ClippingByNormIsRecordedAndAnalyzedExactly) {
 // files) to 1e-9. Clipping by norm goes through the same check, and so do RMSprop (centered, with
 // momentum: P inside the buffer), Adagrad and Adadelta with StepLR (issue 23, item 4), and an
 // nn.Embedding + LSTM on int64 tokens with AdamW (item 3: tokens recorded and analyzed as they
-// are, and reported). The check can fail: the same
-// OneCycleLR run read with its per-step momentum dropped is refused (exit 4).
-TEST_F(RecordedHabitsTest, SchedulesGroupsAndEveryOptimizerAreAnalyzedExactly) {
-  for (const std::string habit :
-       {"onecycle", "onecycle_adam", "groups", "groups_sgd", "clip", "rmsprop", "adagrad", "adadelta", "tokens"}) {
-    SCOPED_TRACE(habit);
-    const fs::path run = record(habit);
-    std::string log;
-    ASSERT_EQ(analyze(run, habit + "-exact", log), 0) << log;
-    const fs::path an = tmp_->path() / (habit + "-exact");
-    EXPECT_EQ(read_json(an / "summary.json")["verification"]["steps_failed"], 0);
-    const Table t = read_csv(an / "steps.csv");
-    double kopt = 0, round = 0;
-    for (size_t i = 0; i < t.rows; ++i) {
-      kopt = std::max(kopt, t.cols.at("Kopt_norm")[i]);
-      round = std::max(round, t.cols.at("Uopt_round_norm")[i]);
-    }
-    EXPECT_LT(round, 1e-5 * kopt);
-    const fs::path ex = tmp_->path() / (habit + "-exact-explain");
-    ASSERT_EQ(testing::run_program({PATHKERNEL_BIN, "explain", run.string(), "--probes", "2", "--out", ex.string()},
-                                   tmp_->path() / "explain.log"),
-              0)
-        << read_file(tmp_->path() / "explain.log");
-    EXPECT_LT(read_json(ex / "summary.json")["max_sum_error"].get<double>(), 1e-8);
-    const fs::path check_log = tmp_->path() / (habit + "-check.log");
-    ASSERT_EQ(testing::run_program({"/usr/bin/python3",
-                                    std::string(PATHKERNEL_SOURCE_DIR) + "/tests/python/check_recorded_terms.py",
-                                    run.string(), an.string(), ex.string()},
-                                   check_log),
-              0)
-        << read_file(check_log);
-    const std::string out = read_file(check_log);
-    const nlohmann::json check = nlohmann::json::parse(out.substr(out.rfind('{')));
-    EXPECT_LT(check["kopt_max_error"].get<double>(), 1e-9) << check.dump();
-    EXPECT_LT(check["attr_max_error"].get<double>(), 1e-9) << check.dump();
-    EXPECT_GT(check["kopt_scale"].get<double>(), 0);
+// are, and reported). One test per habit (each records, analyzes and explains in processes of
+// its own). The check can fail: the same OneCycleLR run read with its per-step momentum dropped
+// is refused (exit 4, below).
+class HabitTermsTest : public RecordedHabitsTest, public ::testing::WithParamInterface<const char*> {};
+
+TEST_P(HabitTermsTest, SchedulesGroupsAndEveryOptimizerAreAnalyzedExactly) {
+  const std::string habit = GetParam();
+  const fs::path run = record(habit);
+  std::string log;
+  ASSERT_EQ(analyze(run, habit + "-exact", log), 0) << log;
+  const fs::path an = tmp_->path() / (habit + "-exact");
+  EXPECT_EQ(read_json(an / "summary.json")["verification"]["steps_failed"], 0);
+  const Table t = read_csv(an / "steps.csv");
+  double kopt = 0, round = 0;
+  for (size_t i = 0; i < t.rows; ++i) {
+    kopt = std::max(kopt, t.cols.at("Kopt_norm")[i]);
+    round = std::max(round, t.cols.at("Uopt_round_norm")[i]);
   }
-  {  // the token run: int64 inputs stored as they are, and reported
-    const fs::path run = record("tokens");
+  EXPECT_LT(round, 1e-5 * kopt);
+  const fs::path ex = tmp_->path() / (habit + "-exact-explain");
+  ASSERT_EQ(testing::run_program({PATHKERNEL_BIN, "explain", run.string(), "--probes", "2", "--out", ex.string()},
+                                 tmp_->path() / "explain.log"),
+            0)
+      << read_file(tmp_->path() / "explain.log");
+  EXPECT_LT(read_json(ex / "summary.json")["max_sum_error"].get<double>(), 1e-8);
+  const fs::path check_log = tmp_->path() / (habit + "-check.log");
+  ASSERT_EQ(testing::run_program({"/usr/bin/python3",
+                                  std::string(PATHKERNEL_SOURCE_DIR) + "/tests/python/check_recorded_terms.py",
+                                  run.string(), an.string(), ex.string()},
+                                 check_log),
+            0)
+      << read_file(check_log);
+  const std::string out = read_file(check_log);
+  const nlohmann::json check = nlohmann::json::parse(out.substr(out.rfind('{')));
+  EXPECT_LT(check["kopt_max_error"].get<double>(), 1e-9) << check.dump();
+  EXPECT_LT(check["attr_max_error"].get<double>(), 1e-9) << check.dump();
+  EXPECT_GT(check["kopt_scale"].get<double>(), 0);
+  if (habit == "tokens") {  // int64 inputs stored as they are, and reported
     EXPECT_EQ(load_npy(run / "data" / "train_x.npy").scalar_type(), at::kLong);
-    ASSERT_EQ(testing::run_program({PATHKERNEL_BIN, "report", (tmp_->path() / "tokens-exact").string(), "--out",
+    ASSERT_EQ(testing::run_program({PATHKERNEL_BIN, "report", an.string(), "--out",
                                     (tmp_->path() / "tokens-report").string()},
                                    tmp_->path() / "report.log"),
               0)
         << read_file(tmp_->path() / "report.log");
     EXPECT_TRUE(fs::exists(tmp_->path() / "tokens-report" / "report.html"));
   }
-  // The per-step momentum dropped from the records: the update no longer closes, exit 4.
+}
+
+INSTANTIATE_TEST_SUITE_P(RecordedHabits, HabitTermsTest,
+                         ::testing::Values("onecycle", "onecycle_adam", "groups", "groups_sgd", "clip", "rmsprop",
+                                           "adagrad", "adadelta", "tokens"),
+                         [](const ::testing::TestParamInfo<const char*>& info) { return std::string(info.param); });
+
+// The per-step momentum dropped from the records: the update no longer closes, exit 4.
+TEST_F(RecordedHabitsTest, OneCycleMomentumDroppedFromTheRecordsFailsTheCheck) {
   const fs::path run = tmp_->path() / "onecycle-held";
   if (!fs::exists(run)) fs::copy(record("onecycle"), run, fs::copy_options::recursive);
   std::string jsonl;
