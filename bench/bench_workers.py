@@ -10,9 +10,15 @@ the run is trained with SGD + momentum M (lr 0.05), which explain attributes thr
 optimizer's recursion: each worker then explains some of the probes over the whole run, and
 attributions.npy is compared to one process's to 1e-12 of its largest.
 
+--command merge (needs --momentum) explains the run in --parts N shards (`explain --shard I/N`,
+once, untimed) and times what follows them, the two ways alternating: `merge` walking every
+part but the last again for the later parts' share, one after another, against `merge --walk K`
+for K = 1 .. N-1, --workers of them at a time, then the `merge` that takes their stored shares;
+attributions.npy of the two must be equal bit for bit.
+
 usage: /usr/bin/python3 bench/bench_workers.py [--pathkernel build/apps/pathkernel] [--workers 2]
-       [--repeats 5] [--data /usr/share/datasets/fashion-mnist] [--command analyze|explain]
-       [--momentum M] [--probes P]
+       [--repeats 5] [--data /usr/share/datasets/fashion-mnist] [--command analyze|explain|merge]
+       [--momentum M] [--probes P] [--parts N]
 """
 import argparse
 import filecmp
@@ -72,13 +78,56 @@ def blas_core(manifest):
     return str(manifest.get("threads", {}).get("blas_core", "unknown"))
 
 
+def run_at_once(argvs, at_once):
+    """Runs the commands, at most at_once at a time; the wall time of all of them."""
+    t = time.perf_counter()
+    pending = list(argvs)
+    running = []
+    while pending or running:
+        while pending and len(running) < at_once:
+            argv = pending.pop(0)
+            running.append((argv, subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)))
+        argv, p = running.pop(0)
+        err = p.communicate()[1]
+        if p.returncode != 0:
+            sys.exit("failed (%d): %s\n%s" % (p.returncode, " ".join(argv), err.decode()[-2000:]))
+    return time.perf_counter() - t
+
+
+def bench_merge(a, tmp, rundir, probes):
+    """--command merge: the shards' merge walking the parts itself against walks ahead at once."""
+    shards = []
+    for i in range(1, a.parts + 1):
+        shards.append(os.path.join(tmp, "shard%d" % i))
+        run([a.pathkernel, "explain", rundir, "--probes", str(probes), "--grids", "0", "--shard",
+             "%d/%d" % (i, a.parts), "--out", shards[-1]])
+    at_once = int(a.workers.split(",")[0])
+    serial, ahead, walks = [], [], []
+    for r in range(a.repeats):
+        for sh in shards:
+            for f in ("later_share.npy", "later_share.json"):
+                if os.path.exists(os.path.join(sh, f)):
+                    os.remove(os.path.join(sh, f))
+        serial.append(run([a.pathkernel, "merge"] + shards + ["--out", os.path.join(tmp, "serial"), "--force"]))
+        walks.append(run_at_once([[a.pathkernel, "merge"] + shards + ["--walk", str(k)] for k in range(1, a.parts)],
+                                 at_once))
+        ahead.append(walks[-1] + run([a.pathkernel, "merge"] + shards + ["--out", os.path.join(tmp, "ahead"), "--force"]))
+        print("repeat %d of %d: merge walking %.2f s, walks ahead %.2f s + merge %.2f s" %
+              (r + 1, a.repeats, serial[-1], walks[-1], ahead[-1] - walks[-1]), file=sys.stderr)
+    import numpy as np
+    same = (np.load(os.path.join(tmp, "serial", "attributions.npy")) ==
+            np.load(os.path.join(tmp, "ahead", "attributions.npy"))).all()
+    return serial, ahead, walks, at_once, "attributions %s" % ("bit for bit the same" if same else "DIFFER")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--pathkernel", default=os.path.join(ROOT, "build", "apps", "pathkernel"))
     ap.add_argument("--workers", default="2")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--data", default="/usr/share/datasets/fashion-mnist")
-    ap.add_argument("--command", choices=("analyze", "explain"), default="analyze")
+    ap.add_argument("--command", choices=("analyze", "explain", "merge"), default="analyze")
+    ap.add_argument("--parts", type=int, default=4, help="--command merge: explain --shard I/N with N parts")
     ap.add_argument("--momentum", type=float, default=0.0)
     ap.add_argument("--probes", type=int, help="default: 64 (analyze), 16 (explain)")
     a = ap.parse_args()
@@ -90,6 +139,20 @@ def main():
         train += ["--lr", "0.05", "--momentum", str(a.momentum)] if a.momentum else ["--lr", "0.1"]
         run(train)
         probes = a.probes or (64 if a.command == "analyze" else 16)
+        if a.command == "merge":
+            if not a.momentum or a.parts < 2:
+                sys.exit("--command merge needs --momentum M and --parts N >= 2 (plain SGD has nothing to walk)")
+            serial, ahead, walks, at_once, same = bench_merge(a, tmp, rundir, probes)
+            manifest = json.load(open(os.path.join(rundir, "manifest.json")))
+            steps = sum(1 for _ in open(os.path.join(rundir, "steps.jsonl")))
+            print("bench_workers: merge of explain --shard I/%d of mlp:128:tanh, %d steps, momentum %g, %d probes, "
+                  "%d core(s), openblas core %s, median of %d" % (a.parts, steps, a.momentum, probes, os.cpu_count(),
+                                                                  blas_core(manifest), a.repeats))
+            one, m = statistics.median(serial), statistics.median(ahead)
+            print("  merge walking the %d parts itself: %6.2f s wall" % (a.parts - 1, one))
+            print("  merge --walk K, %d at a time (%.2f s), then merge: %6.2f s wall  x%.2f  %s" %
+                  (at_once, statistics.median(walks), m, one / m, same))
+            return
         job = ["analyze", rundir, "--probes", str(probes), "--second-order"] if a.command == "analyze" else \
             ["explain", rundir, "--probes", str(probes), "--grids", "0"]
         times = {n: [] for n in counts}

@@ -35,6 +35,18 @@ int merge_explanation_shards(const MergeCommand& cmd) {
 int cmd_merge(const Args& args) {
   MergeCommand cmd;
   if (!prepare_merge(args, cmd)) return 0;
+  if (cmd.config.walk > 0) {
+    const LaterShare s = walk_later_share(cmd.config);
+    if (s.nothing) {
+      std::cout << "part " << cmd.config.walk << ": explained without the optimizer's memory, the parts add up "
+                << "alone; nothing to walk\n";
+      return 0;
+    }
+    std::cout << "part " << cmd.config.walk << " (steps " << s.first_step << " .. " << s.last_step << "): the later "
+              << "parts' share " << (s.walked ? "walked, " : "stored before from the same Phi_end, kept: ")
+              << s.file.string() << "\n";
+    return 0;
+  }
   if (read_json(std::filesystem::path(cmd.config.shards.front()) / "summary.json").value("format", "") ==
       kExplainFormat) {
     return merge_explanation_shards(cmd);

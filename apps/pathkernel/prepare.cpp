@@ -267,7 +267,10 @@ bool prepare_merge(const Args& args, MergeCommand& cmd) {
   cxxopts::Options opts("pathkernel merge",
                         "Join the shards of one analysis (analyze --shard I/N) into the analysis one process writes.");
   opts.add_options()("shards", "the shards' analysis directories", cxxopts::value(c.shards))(
-      "out", "analysis directory to create", cxxopts::value(c.out))("force", "write into a non-empty --out");
+      "out", "analysis directory to create", cxxopts::value(c.out))("force", "write into a non-empty --out")(
+      "walk", "K: explanation shards through an optimizer with memory: only walk part K again for the later "
+      "parts' share and store it in part K's folder (later_share.npy), for the merge after (no --out); one job "
+      "per part 1 .. N-1 runs the walks at once", cxxopts::value(c.walk));
   opts.parse_positional({"shards"});
   opts.positional_help("SHARD...");
   cxxopts::ParseResult r;
@@ -276,6 +279,7 @@ bool prepare_merge(const Args& args, MergeCommand& cmd) {
   cmd.json = json_output(r);
   c.validate();
   for (const auto& s : c.shards) check_input_dir(s, "shard (analysis or explanation directory)");
+  if (c.walk > 0) return true;  // writes into a shard's folder (walk_later_share), no output of its own
   // before any work; the shards' kind (analysis or explanation) is the output's
   std::string format = kAnalysisFormat;
   try {

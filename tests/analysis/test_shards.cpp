@@ -12,6 +12,7 @@
 #include "pathkernel/io/errors.h"
 #include "pathkernel/io/fs_util.h"
 #include "pathkernel/io/npy.h"
+#include "pathkernel/io/sha256.h"
 #include "pathkernel/train/trainer.h"
 
 namespace pathkernel {
@@ -39,6 +40,19 @@ class ShardsTest : public ::testing::Test {
     c.out = (tmp_ / name).string();
     train(c, "");
     return c.out;
+  }
+  /// explain --shard I/n of `e` for I = 1 .. n, written to TMP/PREFIX1 .. PREFIXn; their folders.
+  std::vector<std::string> explain_in_shards(const ExplainConfig& e, int n, const std::string& prefix) {
+    std::vector<std::string> dirs;
+    for (int i = 1; i <= n; ++i) {
+      ExplainConfig s = e;
+      s.shard_index = i;
+      s.shard_count = n;
+      s.out = (tmp_ / (prefix + std::to_string(i))).string();
+      write_explanation(explain(s), s);
+      dirs.push_back(s.out);
+    }
+    return dirs;
   }
   AnalyzeConfig config(const std::string& run, const std::string& out) const {
     AnalyzeConfig a;
@@ -229,6 +243,7 @@ TEST_F(ShardsTest, ExplanationShardsAddUpToOneProcess) {
   EXPECT_LT(merged.sum_error, 1e-10);
   // Two nodes at lr 2 leave a quadrature error; the parts' sum leaves the same.
   EXPECT_NEAR(merged.sum_error_exact, whole.sum_error_exact, 1e-10);
+  EXPECT_EQ(mc.grids, 0) << "the shards' own --grids";
   write_explanation(merged, mc);
   ExplainConfig w = e;
   write_explanation(whole, w);
@@ -328,6 +343,83 @@ TEST_F(ShardsTest, ExplanationShardsThroughTheOptimizerAddUpToOneProcess) {
     EXPECT_THROW_WITH(merge_explanations({dirs, (tmp_ / ("m3-" + tag)).string(), false}), InputError,
                       "phi_begin.npy: missing");
   }
+}
+
+// merge --walk K (walk_later_share): each part's share of the later parts' steps walked ahead, in
+// jobs of their own, and stored in the part's folder; merge takes the stored shares and equals
+// one process's explanation. A stored share is taken only when walked from the Phi_end merge forms
+// (a wrong share so stored fails the merged sum check: it was taken); one walked from other later
+// parts, or whose file is not the one its record names, is walked again. A second walk keeps it.
+TEST_F(ShardsTest, LaterSharesWalkedAheadAreTheMergesOwn) {
+  ExplainConfig e;
+  e.run = train_run("run", 0.9, "mlp:5:tanh");
+  e.probes = 3;
+  e.exact_nodes = 2;
+  e.grids = 0;
+  e.out = (tmp_ / "whole").string();
+  const ExplainResult whole = explain(e);
+  const std::vector<std::string> dirs = explain_in_shards(e, 3, "e");
+  const auto [walked, wc] = merge_explanations({dirs, (tmp_ / "walked").string(), false});  // merge walks
+  for (int64_t k : {2, 1}) {  // in any order: each part's Phi_end comes from the stored phi_begin files
+    MergeConfig w{dirs, "", false, k};
+    const LaterShare share = walk_later_share(w);
+    EXPECT_TRUE(share.walked);
+    EXPECT_EQ(share.file, fs::path(dirs[static_cast<size_t>(k - 1)]) / "later_share.npy");
+    EXPECT_TRUE(fs::exists(fs::path(dirs[static_cast<size_t>(k - 1)]) / "later_share_exact.npy"));
+    EXPECT_FALSE(walk_later_share(w).walked) << "stored before from the same Phi_end";
+  }
+  EXPECT_FALSE(fs::exists(fs::path(dirs[2]) / "later_share.npy"));
+  auto rel = [](const at::Tensor& a, const at::Tensor& b) {
+    return (a - b).abs().max().item<double>() / std::max(1e-300, b.abs().max().item<double>());
+  };
+  const auto [stored, sc] = merge_explanations({dirs, (tmp_ / "stored").string(), false});
+  EXPECT_TRUE(at::equal(stored.attributions, walked.attributions)) << "the same walk, ahead";
+  EXPECT_TRUE(at::equal(stored.attributions_exact, walked.attributions_exact));
+  EXPECT_LT(rel(stored.attributions, whole.attributions), 1e-12);
+  EXPECT_LT(stored.sum_error, 1e-10);
+
+  // A wrong share stored with a right record: taken, and the merged sum check sees it.
+  const fs::path dir1 = dirs[0], file = dir1 / "later_share.npy", record = dir1 / "later_share.json";
+  const std::string kept_file = read_file(file), kept_record = read_file(record);
+  save_npy(file, load_npy(file) * 2.0);
+  auto r = nlohmann::json::parse(kept_record);
+  r["files"]["later_share.npy"] = sha256_file(file);
+  atomic_write(record, r.dump());
+  const auto [wrong, wr] = merge_explanations({dirs, (tmp_ / "wrong").string(), false});
+  EXPECT_GT(wrong.sum_error, 1e-6);
+  // The same file, its record naming the old one (a walk killed between them): walked again.
+  atomic_write(record, kept_record);
+  const auto [renamed, rn] = merge_explanations({dirs, (tmp_ / "renamed").string(), false});
+  EXPECT_TRUE(at::equal(renamed.attributions, walked.attributions));
+  // Walked from another Phi_end (the later parts changed since): walked again.
+  r["tail_sha256"] = std::string(64, '0');
+  atomic_write(record, r.dump());
+  const auto [stale, st] = merge_explanations({dirs, (tmp_ / "stale").string(), false});
+  EXPECT_TRUE(at::equal(stale.attributions, walked.attributions));
+  // A record naming its file right, but the file not finite: refused.
+  at::Tensor nan = load_npy(file);
+  nan[0][0] = NAN;
+  save_npy(file, nan);
+  r = nlohmann::json::parse(kept_record);
+  r["files"]["later_share.npy"] = sha256_file(file);
+  atomic_write(record, r.dump());
+  EXPECT_THROW_WITH(merge_explanations({dirs, (tmp_ / "nan").string(), false}), InputError,
+                    "later_share.npy: must be finite float64");
+  atomic_write(file, kept_file);
+  atomic_write(record, kept_record);
+
+  EXPECT_THROW_WITH(walk_later_share({dirs, "", false, 3}), InputError, "has no later parts");
+  EXPECT_THROW_WITH(walk_later_share({dirs, (tmp_ / "x").string(), false, 1}), InputError, "give no --out");
+  EXPECT_THROW_WITH(walk_later_share({{dirs[0], dirs[2]}, "", false, 1}), InputError, "missing");
+  // Plain SGD's parts carry nothing into each other: nothing to walk, nothing written (a job
+  // array of walks after any explanation's shards succeeds).
+  ExplainConfig p = e;
+  p.run = train_run("plain", 0.0, "mlp:5:tanh");
+  const std::vector<std::string> plain = explain_in_shards(p, 2, "p");
+  const LaterShare none = walk_later_share({plain, "", false, 1});
+  EXPECT_TRUE(none.nothing);
+  EXPECT_FALSE(fs::exists(fs::path(plain[0]) / "later_share.npy"));
+  EXPECT_FALSE(fs::exists(fs::path(plain[0]) / "later_share.json"));
 }
 
 // explain --workers through the optimizer: parts explaining disjoint probes over the whole run,

@@ -162,6 +162,28 @@ TEST(E2eTest, ShardsMergeIntoTheSingleProcessAnalysis) {
   EXPECT_EQ(ex.status, 0) << ex.err;
   EXPECT_NE(ex.out.find("sum check: when the shards are merged"), std::string::npos) << ex.out;
   EXPECT_TRUE(fs::exists(tmp / "ex" / "phi_begin.npy"));
+  // merge --walk 1: part 1's share of part 2's steps walked ahead (a job of its own on a cluster)
+  // and stored in part 1's folder; merge takes it (its log says so) and its sum check holds.
+  ASSERT_EQ(run({"explain", run_dir.string(), "--probes", "2", "--grids", "0", "--shard", "1/2", "--out",
+                 (tmp / "ex1").string()},
+                tmp.path()).status, 0);
+  const std::vector<std::string> parts = {"merge", (tmp / "ex1").string(), (tmp / "ex").string()};
+  auto with = [&](std::vector<std::string> more) {
+    std::vector<std::string> a = parts;
+    a.insert(a.end(), more.begin(), more.end());
+    return run(a, tmp.path());
+  };
+  const Result walk = with({"--walk", "1"});
+  ASSERT_EQ(walk.status, 0) << walk.err;
+  EXPECT_NE(walk.out.find("the later parts' share walked"), std::string::npos) << walk.out;
+  EXPECT_TRUE(fs::exists(tmp / "ex1" / "later_share.npy"));
+  EXPECT_EQ(with({"--walk", "2"}).status, 2) << "the last part has no later parts";
+  EXPECT_EQ(with({"--walk", "1", "--out", (tmp / "exw").string()}).status, 2);
+  EXPECT_FALSE(fs::exists(tmp / "exw"));
+  const Result joined = with({"--out", (tmp / "exm").string()});
+  ASSERT_EQ(joined.status, 0) << joined.err;
+  EXPECT_NE(joined.err.find("part 1: the later parts' share from"), std::string::npos) << joined.err;
+  EXPECT_FALSE(fs::exists(tmp / "exm" / "grids")) << "the shards' --grids 0";
   const Result missing = run({"merge", (tmp / "s2").string(), "--out", (tmp / "m2").string()}, tmp.path());
   EXPECT_EQ(missing.status, 2);
   EXPECT_NE(missing.err.find("shard 1 of 2 is missing"), std::string::npos) << missing.err;

@@ -1,7 +1,9 @@
 // Issue 12's cluster test: a real single-node Slurm (Debian's slurm-wlm and munge, started by
 // scripts/slurm/local_cluster.sh in a scratch folder), the job array of scripts/slurm/submit.sh
 // analyzing a real run in 3 shards and the dependent merge job: the merged analysis equals the
-// single-process one. If Slurm cannot start, the test fails (it does not skip).
+// single-process one; then explaining it in 3 shards, the walks' array and the merge, equal to
+// one process. If Slurm cannot start, the test fails (it does not skip).
+#include <ATen/ATen.h>
 #include <gtest/gtest.h>
 #include <sys/stat.h>
 
@@ -12,6 +14,7 @@
 
 #include "fixtures.h"
 #include "pathkernel/io/fs_util.h"
+#include "pathkernel/io/npy.h"
 
 namespace pathkernel {
 namespace {
@@ -76,6 +79,39 @@ TEST(SlurmTest, AJobArrayOfShardsAndADependentMergeEqualOneProcess) {
   }
   EXPECT_EQ(read_file(ref / "steps.csv"), read_file(out / "steps.csv"));
   EXPECT_EQ(read_file(ref / "probes.csv"), read_file(out / "probes.csv"));
+
+  // explain in 3 shards of this momentum run: the shards' array, the walks' array (parts 1 and 2
+  // walked again for the later parts' share, at once) and the merge, which takes the walks'
+  // shares: the one-process explanation's a_i to 1e-12.
+  const fs::path ex_ref = tmp / "ex-ref", ex = tmp / "explained";
+  ASSERT_EQ(testing::run_program({bin, "explain", run.string(), "--probes", "2", "--grids", "0", "--out", ex_ref.string()},
+                                 log),
+            0)
+      << read_file(log);
+  ASSERT_EQ(testing::run_program({"/bin/bash", kScripts + "submit.sh", "explain", run.string(), ex.string(), "3",
+                                  "--probes", "2", "--grids", "0"},
+                                 log),
+            0)
+      << read_file(log);
+  const std::string ex_submitted = read_file(log);
+  EXPECT_NE(ex_submitted.find("walk array job"), std::string::npos) << ex_submitted;
+  const auto t1 = std::chrono::steady_clock::now();
+  while (!fs::exists(ex / "summary.json") && std::chrono::steady_clock::now() - t1 < std::chrono::seconds(240)) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  }
+  const fs::path ex_shards = tmp / "explained.shards";
+  ASSERT_TRUE(fs::exists(ex / "summary.json"))
+      << "no merged explanation after 240 s; " << ex_submitted << "\nmerge log:\n"
+      << (fs::exists(ex_shards / "merge.log") ? read_file(ex_shards / "merge.log") : "");
+  const std::string merge_log = read_file(ex_shards / "merge.log");
+  for (int k = 1; k <= 2; ++k) {
+    const std::string shard = "shard_" + std::to_string(k);
+    EXPECT_TRUE(fs::exists(ex_shards / shard / "later_share.json")) << shard;
+    EXPECT_NE(merge_log.find("part " + std::to_string(k) + ": the later parts' share from"), std::string::npos) << merge_log;
+  }
+  const at::Tensor a = load_npy(ex_ref / "attributions.npy"), b = load_npy(ex / "attributions.npy");
+  ASSERT_EQ(a.sizes(), b.sizes());
+  EXPECT_LT((a - b).abs().max().item<double>(), 1e-12 * a.abs().max().item<double>());
   ::unsetenv("SLURM_CONF");
 }
 

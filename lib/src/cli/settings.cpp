@@ -269,7 +269,9 @@ std::pair<int64_t, int64_t> parse_shard(const std::string& text) {
 
 void MergeConfig::validate() const {
   if (shards.empty()) throw InputError("give the shards' analysis directories");
-  if (out.empty()) throw InputError("--out DIR is required");
+  if (walk < 0) throw InputError("--walk must be a part's number (1 or more)");
+  if (walk > 0 && !out.empty()) throw InputError("--walk stores the part's share in its own folder: give no --out");
+  if (walk == 0 && out.empty()) throw InputError("--out DIR is required");
 }
 
 bool is_partial_analysis(const std::string& dir) {

@@ -381,7 +381,7 @@ nlohmann::json explanation_summary(const ExplainResult& r, const ExplainConfig& 
                                     {"exact_nodes", c.exact_nodes}, {"self_influence", c.self_influence},
                                     {"csv", c.csv}, {"threads", c.threads}, {"project", c.project},
                                     {"project_seed", c.project_seed}, {"route", c.route},
-                                    {"kernel_route", c.kernel_route}}}};
+                                    {"kernel_route", c.kernel_route}, {"grids", c.grids}}}};
   // The projection and its measured error (the sum check above measures it too: sum a_i is then
   // the projected kernel's, the rest of the identity exact).
   j["projection"] = c.project > 0 ? nlohmann::json{{"requested", c.project},

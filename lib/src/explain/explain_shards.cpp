@@ -4,7 +4,10 @@
 #include <ATen/ATen.h>
 #include <nlohmann/json.hpp>
 
+#include <spdlog/spdlog.h>
+
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 
 #include "pathkernel/analysis/shards.h"
@@ -13,6 +16,7 @@
 #include "pathkernel/io/errors.h"
 #include "pathkernel/io/fs_util.h"
 #include "pathkernel/io/npy.h"
+#include "pathkernel/io/sha256.h"
 #include "pathkernel/trajectory/trajectory.h"
 
 namespace pathkernel {
@@ -97,6 +101,7 @@ ExplainConfig stored_config(const nlohmann::json& first, const MergeConfig& c) {
   config.project_seed = st.value("project_seed", uint64_t{0});
   config.route = st.value("route", std::string("auto"));
   config.kernel_route = st.value("kernel_route", std::string("auto"));
+  config.grids = st.value("grids", config.grids);  // explanations written before it was stored: the default
   return config;
 }
 
@@ -112,42 +117,118 @@ at::Tensor stored_phi(const StoredExplanation& p, const char* file, int64_t rows
   return phi;
 }
 
-/// Through the optimizer, a part's steps also move the later parts' steps (the optimizer's
-/// memory): each part but the last gets the share of every later part, which enters at its last
-/// step as Phi_end = phi_begin(k+1) + carry(k+1) Phi_end(k+1), by a walk of its steps
-/// (attribution.h). Adds those shares to `m`.
-void add_later_shares(const std::vector<StoredExplanation>& parts, const ExplainConfig& config, Trajectory& traj,
-                      ExplainResult& m) {
-  const int64_t rows = m.attributions.size(0);
-  const bool exact = m.attributions_exact.defined();
-  at::Tensor tail, tail_exact;
+/// Phi_end of part k, for each part but the last: what the later parts' steps hand it,
+/// Phi_end(k) = phi_begin(k+1) + carry(k+1) Phi_end(k+1), from the last part back.
+struct Tail {
+  at::Tensor phi, phi_exact;
+};
+
+std::vector<Tail> tails(const std::vector<StoredExplanation>& parts, int64_t rows, bool exact) {
+  std::vector<Tail> out(parts.size() - 1);
+  Tail tail;
   for (size_t k = parts.size() - 1; k >= 1; --k) {
-    const nlohmann::json& sh = parts[k].summary.at("shard");
-    const double carry = sh.at("carry").get<double>();
+    const double carry = parts[k].summary.at("shard").at("carry").get<double>();
     if (!std::isfinite(carry)) throw InputError((parts[k].dir / "summary.json").string() + ": shard.carry is not finite");
     const at::Tensor phi = stored_phi(parts[k], "phi_begin.npy", rows);
-    tail = tail.defined() ? phi + carry * tail : phi;
+    tail.phi = tail.phi.defined() ? phi + carry * tail.phi : phi;
     if (exact) {
       const at::Tensor pe = stored_phi(parts[k], "phi_exact_begin.npy", rows);
-      tail_exact = tail_exact.defined() ? pe + carry * tail_exact : pe;
+      tail.phi_exact = tail.phi_exact.defined() ? pe + carry * tail.phi_exact : pe;
     }
-    OptimizerAttributionConfig oc;
-    oc.run = config.run;
-    oc.trajectory = &traj;
-    oc.probe_indices = config.probe_indices;
-    oc.split = config.split;
-    oc.cols = at::tensor(m.outputs, at::kLong).view({-1, 1});
-    oc.begin = parts[k - 1].summary.at("first_step").get<int64_t>();
-    oc.end = parts[k - 1].summary.at("last_step").get<int64_t>() + 1;
-    oc.exact_nodes = config.exact_nodes;
-    oc.kernel_route = config.kernel_route;
-    oc.project = config.project;
-    oc.project_seed = config.project_seed;
-    oc.carry_in = tail;
-    oc.carry_in_exact = tail_exact;
-    const OptimizerAttribution later = attribute_through_optimizer(oc);
-    m.attributions.add_(later.attr);
-    if (exact) m.attributions_exact.add_(later.attr_exact);
+    out[k - 1] = tail;
+  }
+  return out;
+}
+
+/// SHA-256 of a tail's float64 bytes (and its exact one's): what a stored share was walked from.
+std::string tail_digest(const Tail& t) {
+  Sha256 h;
+  for (const at::Tensor& x : {t.phi, t.phi_exact}) {
+    if (!x.defined()) continue;
+    const at::Tensor c = x.contiguous();
+    h.update(c.data_ptr(), static_cast<size_t>(c.numel()) * sizeof(double));
+  }
+  return h.hex_digest();
+}
+
+/// Part k's share of the later parts' steps: its own steps walked again from Phi_end(k)
+/// (attribution.h, carry_in).
+OptimizerAttribution walk_part(const std::vector<StoredExplanation>& parts, const ExplainConfig& config,
+                               const std::vector<int64_t>& outputs, Trajectory& traj, size_t k, const Tail& tail) {
+  OptimizerAttributionConfig oc;
+  oc.run = config.run;
+  oc.trajectory = &traj;
+  oc.probe_indices = config.probe_indices;
+  oc.split = config.split;
+  oc.cols = at::tensor(outputs, at::kLong).view({-1, 1});
+  oc.begin = parts[k].summary.at("first_step").get<int64_t>();
+  oc.end = parts[k].summary.at("last_step").get<int64_t>() + 1;
+  oc.exact_nodes = config.exact_nodes;
+  oc.kernel_route = config.kernel_route;
+  oc.project = config.project;
+  oc.project_seed = config.project_seed;
+  oc.carry_in = tail.phi;
+  oc.carry_in_exact = tail.phi_exact;
+  return attribute_through_optimizer(oc);
+}
+
+/// A share of part `p` stored by merge --walk (later_share.json and its files), taken when it was
+/// walked from `digest` (the tail merge has just formed from the later parts), its files are the
+/// ones it names (by SHA-256) and they have the attributions' shape and are finite. Else false:
+/// merge walks the part itself.
+bool stored_share(const StoredExplanation& p, const std::string& digest, bool exact, at::Tensor& share,
+                  at::Tensor& share_exact) {
+  const fs::path record = p.dir / kLaterShareRecord;
+  if (!fs::exists(record)) return false;
+  try {
+    const nlohmann::json r = read_json(record);
+    if (r.value("format", "") != kLaterShareFormat || r.value("tail_sha256", "") != digest) {
+      spdlog::warn("{}: walked from other later parts (they changed since); walking the part again", record.string());
+      return false;
+    }
+    auto take = [&](const char* name) {
+      const fs::path f = p.dir / name;
+      if (!fs::exists(f) || sha256_file(f) != r.at("files").at(name).get<std::string>()) {
+        return at::Tensor();  // a walk killed between its files and its record, or a file replaced
+      }
+      at::Tensor t = load_npy(f);
+      if (t.scalar_type() != at::kDouble || !t.sizes().equals(p.attributions.sizes()) || !at::isfinite(t).all().item<bool>()) {
+        throw InputError(f.string() + ": must be finite float64 of attributions.npy's shape");
+      }
+      return t;
+    };
+    share = take("later_share.npy");
+    if (exact) share_exact = take("later_share_exact.npy");
+    if (!share.defined() || (exact && !share_exact.defined())) {
+      spdlog::warn("{}: its files are not the ones it names; walking the part again", record.string());
+      return false;
+    }
+  } catch (const nlohmann::json::exception& e) {
+    throw InputError(record.string() + ": malformed (" + std::string(e.what()) + ")");
+  }
+  return true;
+}
+
+/// Through the optimizer, a part's steps also move the later parts' steps (the optimizer's
+/// memory): each part but the last gets the share of every later part, which enters at its last
+/// step as Phi_end (tails), by a walk of its steps, or from what merge --walk stored for it.
+/// Adds those shares to `m`.
+void add_later_shares(const std::vector<StoredExplanation>& parts, const ExplainConfig& config, Trajectory& traj,
+                      ExplainResult& m) {
+  const bool exact = m.attributions_exact.defined();
+  const std::vector<Tail> tail = tails(parts, m.attributions.size(0), exact);
+  for (size_t k = tail.size(); k-- > 0;) {
+    at::Tensor share, share_exact;
+    if (stored_share(parts[k], tail_digest(tail[k]), exact, share, share_exact)) {
+      spdlog::info("part {}: the later parts' share from {}", k + 1, (parts[k].dir / "later_share.npy").string());
+    } else {
+      spdlog::info("part {}: walking its steps for the later parts' share", k + 1);
+      const OptimizerAttribution later = walk_part(parts, config, m.outputs, traj, k, tail[k]);
+      share = later.attr;
+      share_exact = later.attr_exact;
+    }
+    m.attributions.add_(share);
+    if (exact) m.attributions_exact.add_(share_exact);
   }
 }
 
@@ -195,17 +276,72 @@ void check_probe_part(const StoredExplanation& p, const StoredExplanation& first
   }
 }
 
-}  // namespace
-
-std::pair<ExplainResult, ExplainConfig> merge_explanations(const MergeConfig& c) {
-  c.validate();
+/// The shards of one explanation, in their order, their places checked (check_shard_set).
+std::vector<StoredExplanation> read_shards(const MergeConfig& c, std::vector<ShardInfo>& infos) {
   std::vector<StoredExplanation> parts;
   for (const auto& d : c.shards) parts.push_back(read_explanation(d));
-  std::vector<ShardInfo> infos = shard_infos(parts);
+  infos = shard_infos(parts);
   check_shard_set(infos);  // sorted by index
   std::sort(parts.begin(), parts.end(), [](const StoredExplanation& a, const StoredExplanation& b) {
     return a.summary["shard"]["index"].get<int64_t>() < b.summary["shard"]["index"].get<int64_t>();
   });
+  return parts;
+}
+
+}  // namespace
+
+LaterShare walk_later_share(const MergeConfig& c) {
+  c.validate();
+  std::vector<ShardInfo> infos;
+  const std::vector<StoredExplanation> parts = read_shards(c, infos);
+  const nlohmann::json& first = parts.front().summary;
+  const int64_t n = static_cast<int64_t>(parts.size());
+  if (c.walk < 1 || c.walk >= n) {
+    throw InputError("--walk " + std::to_string(c.walk) + ": give a part from 1 to " + std::to_string(n - 1) +
+                     " (the last part, " + std::to_string(n) + ", has no later parts)");
+  }
+  LaterShare out;
+  if (!first.at("shard").value("sum_check_in_merge", false)) {
+    out.nothing = true;  // a_i of plain SGD: each part's own steps account for it
+    return out;
+  }
+  const ExplainConfig config = stored_config(first, c);
+  const std::vector<int64_t> outputs = first.at("outputs").get<std::vector<int64_t>>();
+  const size_t k = static_cast<size_t>(c.walk - 1);
+  const StoredExplanation& part = parts[k];
+  const bool exact = part.attributions_exact.defined();
+  const Tail tail = tails(parts, part.attributions.size(0), exact)[k];
+  out.file = part.dir / "later_share.npy";
+  out.first_step = part.summary.at("first_step").get<int64_t>();
+  out.last_step = part.summary.at("last_step").get<int64_t>();
+  const std::string digest = tail_digest(tail);
+  at::Tensor share, share_exact;
+  if (stored_share(part, digest, exact, share, share_exact)) return out;  // walked before (a requeued job)
+  const std::shared_ptr<Trajectory> traj(open_trajectory(config.run, config.kernel_route == "torchscript"));
+  const auto t0 = std::chrono::steady_clock::now();
+  const OptimizerAttribution later = walk_part(parts, config, outputs, *traj, k, tail);
+  out.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  out.walked = true;
+  // The files first, the record naming them last: a walk killed in between leaves a record that
+  // does not name them, and merge walks the part itself.
+  nlohmann::json files;
+  save_npy(out.file, later.attr);
+  files["later_share.npy"] = sha256_file(out.file);
+  if (exact) {
+    save_npy(part.dir / "later_share_exact.npy", later.attr_exact);
+    files["later_share_exact.npy"] = sha256_file(part.dir / "later_share_exact.npy");
+  }
+  const nlohmann::json record = {{"format", kLaterShareFormat}, {"part", c.walk}, {"count", n},
+                                 {"first_step", out.first_step}, {"last_step", out.last_step},
+                                 {"tail_sha256", digest}, {"files", files}, {"seconds", out.seconds}};
+  atomic_write(part.dir / kLaterShareRecord, record.dump(2) + "\n");
+  return out;
+}
+
+std::pair<ExplainResult, ExplainConfig> merge_explanations(const MergeConfig& c) {
+  c.validate();
+  std::vector<ShardInfo> infos;
+  std::vector<StoredExplanation> parts = read_shards(c, infos);
 
   const nlohmann::json& first = parts.front().summary;
   const ExplainConfig config = stored_config(first, c);

@@ -64,8 +64,10 @@ void check_shard_set(std::vector<ShardInfo>& shards);
 
 struct MergeConfig {
   std::vector<std::string> shards;  ///< the shards' analysis directories, in any order
-  std::string out;
+  std::string out;                  ///< required unless `walk`
   bool force = false;
+  /// > 0 (explanations through the optimizer): walk_later_share of that part (1-based), no `out`.
+  int64_t walk = 0;
   void validate() const;
 };
 
@@ -81,6 +83,29 @@ struct ExplainConfig;
 /// the sum check recomputed, which steps drew each example from the run's step log. The same
 /// refusals as merge_shards. Returns the explanation and its settings (out = c.out).
 std::pair<ExplainResult, ExplainConfig> merge_explanations(const MergeConfig& c);
+
+/// merge --walk K: what merge_explanations does for part K of shards through the optimizer (its
+/// steps walked again from what the later parts hand it, Phi_end, for their share of a_i), done
+/// ahead in a job of its own, so that the parts' walks run at once (on a cluster, one job each)
+/// instead of one after another in the merge. Writes, in part K's folder, later_share.npy
+/// ([rows, N_train], and later_share_exact.npy with --exact) and last later_share.json: the
+/// SHA-256 of the Phi_end it was walked from and of its files. merge takes a stored share only
+/// when the Phi_end it forms from the later parts has that digest and the files are the ones
+/// named (else it walks the part itself); the merged sum check verifies the shares taken.
+/// A share stored before from the same Phi_end is kept (a requeued job does nothing), and so is
+/// nothing written for shards explained without the optimizer's memory (plain SGD: the parts
+/// add up alone). Throws InputError for shards that do not join, or K outside 1 .. N-1.
+struct LaterShare {
+  std::filesystem::path file;  ///< later_share.npy
+  int64_t first_step = 0, last_step = 0;
+  bool walked = false;   ///< false: stored before from the same Phi_end (or `nothing`)
+  bool nothing = false;  ///< the parts have no share of each other's steps: nothing written
+  double seconds = 0;
+};
+LaterShare walk_later_share(const MergeConfig& c);
+
+inline constexpr const char* kLaterShareFormat = "pathkernel-later-share/1";
+inline constexpr const char* kLaterShareRecord = "later_share.json";
 
 /// Joins explanations of one run's disjoint probe sets (explain --workers through the optimizer,
 /// each process explains some of the probes over the whole run), in the order given: rows
