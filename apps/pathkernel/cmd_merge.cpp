@@ -2,11 +2,13 @@
 #include <spdlog/spdlog.h>
 
 #include <iostream>
+#include <nlohmann/json.hpp>
 
 #include "commands.h"
 #include "options.h"
 #include "pathkernel/analysis/shards.h"
 #include "pathkernel/explain/explain.h"
+#include "pathkernel/io/errors.h"
 #include "pathkernel/io/fs_util.h"
 #include "prepare.h"
 
@@ -30,27 +32,38 @@ int merge_explanation_shards(const MergeCommand& cmd) {
   return 0;
 }
 
+/// merge --walk K: walk_later_share, its outcome on stdout (one JSON object with --json).
+int walk_part(const MergeCommand& cmd, bool explanation) {
+  const int64_t k = cmd.config.walk;
+  if (!explanation) {
+    throw InputError(cmd.config.shards.front() + ": an analysis shard; --walk is for the shards of an explanation "
+                     "through an optimizer with memory (an analysis' shards have no walks)");
+  }
+  const LaterShare s = walk_later_share(cmd.config);
+  if (cmd.json) {
+    std::cout << nlohmann::json{{"part", k}, {"nothing_to_walk", s.nothing}, {"walked", s.walked},
+                                {"file", s.nothing ? nlohmann::json(nullptr) : nlohmann::json(s.file.string())},
+                                {"first_step", s.first_step}, {"last_step", s.last_step}, {"seconds", s.seconds}}
+                     .dump(2)
+              << "\n";
+  } else if (s.nothing) {
+    std::cout << "part " << k << ": explained without the optimizer's memory, the parts add up alone; nothing to walk\n";
+  } else {
+    std::cout << "part " << k << " (steps " << s.first_step << " .. " << s.last_step << "): the later parts' share "
+              << (s.walked ? "walked, " : "stored before from the same Phi_end, kept: ") << s.file.string() << "\n";
+  }
+  return 0;
+}
+
 }  // namespace
 
 int cmd_merge(const Args& args) {
   MergeCommand cmd;
   if (!prepare_merge(args, cmd)) return 0;
-  if (cmd.config.walk > 0) {
-    const LaterShare s = walk_later_share(cmd.config);
-    if (s.nothing) {
-      std::cout << "part " << cmd.config.walk << ": explained without the optimizer's memory, the parts add up "
-                << "alone; nothing to walk\n";
-      return 0;
-    }
-    std::cout << "part " << cmd.config.walk << " (steps " << s.first_step << " .. " << s.last_step << "): the later "
-              << "parts' share " << (s.walked ? "walked, " : "stored before from the same Phi_end, kept: ")
-              << s.file.string() << "\n";
-    return 0;
-  }
-  if (read_json(std::filesystem::path(cmd.config.shards.front()) / "summary.json").value("format", "") ==
-      kExplainFormat) {
-    return merge_explanation_shards(cmd);
-  }
+  const bool explanation =
+      read_json(std::filesystem::path(cmd.config.shards.front()) / "summary.json").value("format", "") == kExplainFormat;
+  if (cmd.config.walk > 0) return walk_part(cmd, explanation);
+  if (explanation) return merge_explanation_shards(cmd);
   const auto [res, config] = merge_shards(cmd.config);
   write_analysis(res, config);
   if (cmd.json) {

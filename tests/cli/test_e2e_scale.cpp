@@ -177,7 +177,15 @@ TEST(E2eTest, ShardsMergeIntoTheSingleProcessAnalysis) {
   ASSERT_EQ(walk.status, 0) << walk.err;
   EXPECT_NE(walk.out.find("the later parts' share walked"), std::string::npos) << walk.out;
   EXPECT_TRUE(fs::exists(tmp / "ex1" / "later_share.npy"));
+  const Result again = with({"--walk", "1", "--json"});  // a requeued job: kept, said as JSON
+  ASSERT_EQ(again.status, 0) << again.err;
+  const auto said = nlohmann::json::parse(again.out);
+  EXPECT_FALSE(said["walked"].get<bool>());
+  EXPECT_EQ(said["file"].get<std::string>(), (tmp / "ex1" / "later_share.npy").string());
   EXPECT_EQ(with({"--walk", "2"}).status, 2) << "the last part has no later parts";
+  const Result analysis = run({"merge", (tmp / "s1").string(), (tmp / "s2").string(), "--walk", "1"}, tmp.path());
+  EXPECT_EQ(analysis.status, 2);
+  EXPECT_NE(analysis.err.find("an analysis shard"), std::string::npos) << analysis.err;
   EXPECT_EQ(with({"--walk", "1", "--out", (tmp / "exw").string()}).status, 2);
   EXPECT_FALSE(fs::exists(tmp / "exw"));
   const Result joined = with({"--out", (tmp / "exm").string()});

@@ -300,20 +300,20 @@ LaterShare walk_later_share(const MergeConfig& c) {
     throw InputError("--walk " + std::to_string(c.walk) + ": give a part from 1 to " + std::to_string(n - 1) +
                      " (the last part, " + std::to_string(n) + ", has no later parts)");
   }
+  const size_t k = static_cast<size_t>(c.walk - 1);
+  const StoredExplanation& part = parts[k];
   LaterShare out;
+  out.file = part.dir / "later_share.npy";
+  out.first_step = part.summary.at("first_step").get<int64_t>();
+  out.last_step = part.summary.at("last_step").get<int64_t>();
   if (!first.at("shard").value("sum_check_in_merge", false)) {
     out.nothing = true;  // a_i of plain SGD: each part's own steps account for it
     return out;
   }
   const ExplainConfig config = stored_config(first, c);
   const std::vector<int64_t> outputs = first.at("outputs").get<std::vector<int64_t>>();
-  const size_t k = static_cast<size_t>(c.walk - 1);
-  const StoredExplanation& part = parts[k];
   const bool exact = part.attributions_exact.defined();
   const Tail tail = tails(parts, part.attributions.size(0), exact)[k];
-  out.file = part.dir / "later_share.npy";
-  out.first_step = part.summary.at("first_step").get<int64_t>();
-  out.last_step = part.summary.at("last_step").get<int64_t>();
   const std::string digest = tail_digest(tail);
   at::Tensor share, share_exact;
   if (stored_share(part, digest, exact, share, share_exact)) return out;  // walked before (a requeued job)
