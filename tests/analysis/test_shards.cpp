@@ -391,11 +391,14 @@ TEST_F(ShardsTest, LaterSharesWalkedAheadAreTheMergesOwn) {
   atomic_write(record, kept_record);
   const auto [renamed, rn] = merge_explanations({dirs, (tmp_ / "renamed").string(), false});
   EXPECT_TRUE(at::equal(renamed.attributions, walked.attributions));
-  // Walked from another Phi_end (the later parts changed since): walked again.
-  r["tail_sha256"] = std::string(64, '0');
-  atomic_write(record, r.dump());
-  const auto [stale, st] = merge_explanations({dirs, (tmp_ / "stale").string(), false});
-  EXPECT_TRUE(at::equal(stale.attributions, walked.attributions));
+  // Walked from another Phi_end (the later parts changed since), or over other steps: walked again.
+  for (const char* key : {"tail_sha256", "first_step"}) {
+    auto other = r;
+    other[key] = std::string(key) == "first_step" ? nlohmann::json(3) : nlohmann::json(std::string(64, '0'));
+    atomic_write(record, other.dump());
+    const auto [stale, st] = merge_explanations({dirs, (tmp_ / ("stale-" + std::string(key))).string(), false});
+    EXPECT_TRUE(at::equal(stale.attributions, walked.attributions)) << key;
+  }
   // A record naming its file right, but the file not finite: refused.
   at::Tensor nan = load_npy(file);
   nan[0][0] = NAN;

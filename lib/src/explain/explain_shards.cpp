@@ -186,6 +186,12 @@ bool stored_share(const StoredExplanation& p, const std::string& digest, bool ex
       spdlog::warn("{}: walked from other later parts (they changed since); walking the part again", record.string());
       return false;
     }
+    if (r.value("first_step", int64_t{-1}) != p.summary.at("first_step").get<int64_t>() ||
+        r.value("last_step", int64_t{-1}) != p.summary.at("last_step").get<int64_t>()) {
+      spdlog::warn("{}: walked over other steps than the part's (it was explained again); walking it again",
+                   record.string());
+      return false;
+    }
     auto take = [&](const char* name) {
       const fs::path f = p.dir / name;
       if (!fs::exists(f) || sha256_file(f) != r.at("files").at(name).get<std::string>()) {
