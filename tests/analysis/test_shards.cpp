@@ -255,6 +255,13 @@ TEST_F(ShardsTest, ExplanationShardsAddUpToOneProcess) {
   };
   EXPECT_EQ(ranking(fs::path(mc.out) / "top.csv"), ranking(fs::path(w.out) / "top.csv"));
   EXPECT_THROW_WITH(merge_explanations({{dirs[0], dirs[2]}, (tmp_ / "m2").string(), false}), InputError, "missing");
+  // A part whose attributions have another row count (read from its header before any data).
+  const fs::path a1 = fs::path(dirs[1]) / "attributions.npy";
+  const at::Tensor kept = load_npy(a1);
+  save_npy(a1, at::cat({kept, kept.narrow(0, 0, 1)}));
+  EXPECT_THROW_WITH(merge_explanations({dirs, (tmp_ / "m3").string(), false}), InputError,
+                    "attributions.npy: its shape or --exact differs from the first part's");
+  save_npy(a1, kept);
 }
 
 // explain --shard through the optimizer (momentum, Adam): a part's own steps do not account for

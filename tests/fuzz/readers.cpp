@@ -44,10 +44,20 @@ void fuzz_idx(const uint8_t* data, size_t size) {
   for (int ndims : {1, 3}) refuse_only_as_bad_input([&] { (void)read_idx(path, ndims); });
 }
 
-// NumPy .npy files: magic, header dictionary, shape, dtype, data length.
+// NumPy .npy files: magic, header dictionary, shape, dtype, data length; npy_info (the header
+// alone) accepts exactly what load_npy accepts, with its shape and type.
 void fuzz_npy(const uint8_t* data, size_t size) {
   const auto path = scratch("a.npy", data, size);
-  refuse_only_as_bad_input([&] { (void)load_npy(path).sum(); });
+  at::Tensor t;
+  refuse_only_as_bad_input([&] { t = load_npy(path); });
+  if (t.defined()) (void)t.sum();
+  bool info = false;
+  refuse_only_as_bad_input([&] {
+    const NpyInfo i = npy_info(path);
+    if (!t.defined() || t.sizes() != at::IntArrayRef(i.shape) || t.scalar_type() != i.type) std::abort();
+    info = true;
+  });
+  if (t.defined() && !info) std::abort();
 }
 
 // A run's manifest.json: JSON, the training config inside it, and its validation.

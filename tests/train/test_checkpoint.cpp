@@ -177,6 +177,18 @@ TEST(NpyTest, ShapesAreParsedStrictlyAndCheckedBeforeAllocating) {
   EXPECT_THROW_WITH(load_npy(dir / "huge.npy"), InputError, "data size does not match the shape");
   testing::write_file(dir / "wrap.npy", npy("(4294967296, 4294967296, 4)", 0), false);
   EXPECT_THROW_WITH(load_npy(dir / "wrap.npy"), InputError, "shape too large");
+  // npy_info (a merge's shards' attributions, read before their data): the same checks, the
+  // header's shape and type without the data.
+  const NpyInfo info = npy_info(dir / "ok.npy");
+  EXPECT_EQ(info.shape, (std::vector<int64_t>{2, 3}));
+  EXPECT_EQ(info.type, at::kDouble);
+  EXPECT_EQ(npy_info(dir / "one.npy").shape, (std::vector<int64_t>{3}));
+  testing::write_file(dir / "short.npy", npy("(2, 3)", 40), false);  // truncated data
+  EXPECT_THROW_WITH(npy_info(dir / "short.npy"), InputError, "short.npy: data size does not match the shape");
+  EXPECT_THROW_WITH(npy_info(dir / "huge.npy"), InputError, "data size does not match the shape");
+  EXPECT_THROW_WITH(npy_info(dir / "word.npy"), InputError, "shape entry 'x' is not a whole number");
+  testing::write_file(dir / "stub.npy", std::string("\x93NUMPY\x01\x00\xff\x00{", 11), false);  // header cut short
+  EXPECT_THROW_WITH(npy_info(dir / "stub.npy"), InputError, "stub.npy: unsupported .npy version or truncated header");
 }
 
 // Issue 22: the header was matched by substring, so a header with a key twice was read by
@@ -227,6 +239,8 @@ TEST(NpyTest, OnlyRegularFilesAreRead) {
   fs::create_symlink("/dev/zero", dir / "steps.jsonl");  // a step log: bad_alloc before
   EXPECT_THROW_WITH(read_step_log(dir / "steps.jsonl"), InputError, "steps.jsonl: not a regular file");
   EXPECT_THROW_WITH(sha256_file(dir / "fifo.npy"), InputError, "fifo.npy: not a regular file");
+  EXPECT_THROW_WITH(npy_info(dir / "fifo.npy"), InputError, "fifo.npy: not a regular file");
+  EXPECT_THROW_WITH(npy_info(dir / "zero.npy"), InputError, "zero.npy: not a regular file");
 }
 
 }  // namespace

@@ -24,25 +24,35 @@ namespace fs = std::filesystem;
 
 namespace {
 
+/// An explanation on disk. Its attributions ([rows, N_train] float64, the large part) are read
+/// when they are added up, one part at a time (`matrix`), not held for every part at once.
 struct StoredExplanation {
   fs::path dir;
   nlohmann::json summary;
-  at::Tensor attributions, attributions_exact, times_drawn, self_influence;
+  std::vector<int64_t> shape;  ///< attributions.npy's, from its header
+  bool exact = false;          ///< attributions_exact.npy is there
+  at::Tensor times_drawn, self_influence;
+
+  /// attributions.npy (or attributions_exact.npy with `exact_one`), checked against `shape`.
+  at::Tensor matrix(bool exact_one = false) const {
+    const fs::path f = dir / (exact_one ? "attributions_exact.npy" : "attributions.npy");
+    at::Tensor t = load_npy(f);
+    if (t.scalar_type() != at::kDouble || t.sizes() != at::IntArrayRef(shape)) {
+      throw InputError(f.string() + ": must be float64 of attributions.npy's shape");
+    }
+    return t;
+  }
 };
 
 StoredExplanation read_explanation(const fs::path& dir) {
   StoredExplanation e;
   e.dir = dir;
   e.summary = read_json(dir / "summary.json");
-  auto optional = [&](const char* name) {
-    const fs::path p = dir / name;
-    return fs::exists(p) ? load_npy(p) : at::Tensor();
-  };
-  e.attributions = load_npy(dir / "attributions.npy");
-  e.attributions_exact = optional("attributions_exact.npy");
+  e.shape = npy_info(dir / "attributions.npy").shape;
+  e.exact = fs::exists(dir / "attributions_exact.npy");
   e.times_drawn = load_npy(dir / "times_drawn.npy");
-  e.self_influence = optional("self_influence.npy");
-  if (e.attributions.dim() != 2 || e.times_drawn.dim() != 1 || e.times_drawn.size(0) != e.attributions.size(1)) {
+  if (fs::exists(dir / "self_influence.npy")) e.self_influence = load_npy(dir / "self_influence.npy");
+  if (e.shape.size() != 2 || e.times_drawn.dim() != 1 || e.times_drawn.size(0) != e.shape[1]) {
     throw InputError((dir / "attributions.npy").string() + ": its shape does not match times_drawn.npy");
   }
   return e;
@@ -198,7 +208,7 @@ bool stored_share(const StoredExplanation& p, const std::string& digest, bool ex
         return at::Tensor();  // a walk killed between its files and its record, or a file replaced
       }
       at::Tensor t = load_npy(f);
-      if (t.scalar_type() != at::kDouble || !t.sizes().equals(p.attributions.sizes()) || !at::isfinite(t).all().item<bool>()) {
+      if (t.scalar_type() != at::kDouble || t.sizes() != at::IntArrayRef(p.shape) || !at::isfinite(t).all().item<bool>()) {
         throw InputError(f.string() + ": must be finite float64 of attributions.npy's shape");
       }
       return t;
@@ -271,7 +281,7 @@ void check_probe_part(const StoredExplanation& p, const StoredExplanation& first
       refuse(std::string("its ") + key + " differs from the first part's");
     }
   }
-  if (p.attributions.size(1) != first.attributions.size(1) || !at::equal(p.times_drawn, first.times_drawn)) {
+  if (p.shape.at(1) != first.shape.at(1) || !at::equal(p.times_drawn, first.times_drawn)) {
     refuse("its training examples' draws differ from the first part's (not the same run)");
   }
   const at::Tensor& a = p.self_influence;
@@ -318,8 +328,8 @@ LaterShare walk_later_share(const MergeConfig& c) {
   }
   const ExplainConfig config = stored_config(first, c);
   const std::vector<int64_t> outputs = first.at("outputs").get<std::vector<int64_t>>();
-  const bool exact = part.attributions_exact.defined();
-  const Tail tail = tails(parts, part.attributions.size(0), exact)[k];
+  const bool exact = part.exact;
+  const Tail tail = tails(parts, part.shape[0], exact)[k];
   const std::string digest = tail_digest(tail);
   at::Tensor share, share_exact;
   if (stored_share(part, digest, exact, share, share_exact)) return out;  // walked before (a requeued job)
@@ -359,10 +369,13 @@ std::pair<ExplainResult, ExplainConfig> merge_explanations(const MergeConfig& c)
   m.through_optimizer = first.at("attribution").get<std::string>().rfind("aopt", 0) == 0;
   m.f_initial = per_probe(first, "f_initial");
   m.f_final = per_probe(parts.back().summary, "f_final");
-  const bool exact = parts.front().attributions_exact.defined();
+  const bool exact = parts.front().exact;
   for (const auto& p : parts) {
-    m.attributions = accumulate(m.attributions, p.attributions);
-    if (exact) m.attributions_exact = accumulate(m.attributions_exact, p.attributions_exact);
+    if (p.shape != parts.front().shape || p.exact != exact) {
+      throw InputError((p.dir / "attributions.npy").string() + ": its shape or --exact differs from the first part's");
+    }
+    m.attributions = accumulate(m.attributions, p.matrix());
+    if (exact) m.attributions_exact = accumulate(m.attributions_exact, p.matrix(true));
     m.times_drawn = accumulate(m.times_drawn, p.times_drawn);
     if (p.self_influence.defined()) m.self_influence = accumulate(m.self_influence, p.self_influence);
     m.sum_u = accumulate(m.sum_u, per_probe(p.summary, "sum_u"));
@@ -403,16 +416,16 @@ std::pair<ExplainResult, ExplainConfig> join_probe_parts(const MergeConfig& c) {
     config.probe_indices.clear();
     std::vector<at::Tensor> a, ax;
     std::vector<at::Tensor> fi, ff, su, sr, sx;
-    const bool exact = parts.front().attributions_exact.defined();
+    const bool exact = parts.front().exact;
     for (const auto& p : parts) {
       const nlohmann::json& s = p.summary;
       for (int64_t i : s.at("probes").get<std::vector<int64_t>>()) config.probe_indices.push_back(i);
       for (int64_t o : s.at("outputs").get<std::vector<int64_t>>()) m.outputs.push_back(o);
       for (const auto& row : s.at("per_probe")) m.probe_labels.push_back(row.at("label").get<int64_t>());
-      if (exact != p.attributions_exact.defined()) refuse(p, "the parts differ in --exact");
-      a.push_back(p.attributions);
+      if (exact != p.exact) refuse(p, "the parts differ in --exact");
+      a.push_back(p.matrix());
       if (exact) {
-        ax.push_back(p.attributions_exact);
+        ax.push_back(p.matrix(true));
         sx.push_back(per_probe(s, "sum_u_exact"));
         m.max_quad_error = std::max(m.max_quad_error, s.at("max_quad_error").get<double>());
       }

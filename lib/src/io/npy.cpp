@@ -1,8 +1,10 @@
 #include "pathkernel/io/npy.h"
 
 #include <ATen/ATen.h>
+#include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -151,32 +153,67 @@ class NpyHeader {
 
 }  // namespace
 
-at::Tensor load_npy(const std::filesystem::path& path) {
-  const std::string bytes = read_file(path);
-  const std::string name = path.string();
-  if (bytes.size() < 10 || bytes.compare(0, 6, "\x93NUMPY") != 0) throw InputError(name + ": not a .npy file");
-  const size_t hlen = static_cast<uint8_t>(bytes[8]) | (static_cast<size_t>(static_cast<uint8_t>(bytes[9])) << 8);
-  if (bytes[6] != 1 || bytes.size() < 10 + hlen) throw InputError(name + ": unsupported .npy version or truncated header");
-  const NpyHeader header(bytes.substr(10, hlen), name);
-  at::ScalarType type;
-  if (header.descr() == "<f8") type = at::kDouble;
-  else if (header.descr() == "<f4") type = at::kFloat;
-  else if (header.descr() == "<i8") type = at::kLong;
-  else if (header.descr() == "|u1") type = at::kByte;
+namespace {
+
+/// Where a .npy file's data lies and what it holds, from its first bytes `head` (at least the
+/// magic, version, length and header) and its whole size: the shape's bytes checked against the
+/// bytes after the header before anything is allocated.
+struct NpyLayout {
+  at::ScalarType type = at::kDouble;
+  std::vector<int64_t> shape;
+  size_t offset = 0;
+  int64_t nbytes = 0;
+};
+
+NpyLayout npy_layout(const std::string& head, uint64_t file_size, const std::string& name) {
+  if (head.size() < 10 || head.compare(0, 6, "\x93NUMPY") != 0) throw InputError(name + ": not a .npy file");
+  const size_t hlen = static_cast<uint8_t>(head[8]) | (static_cast<size_t>(static_cast<uint8_t>(head[9])) << 8);
+  if (head[6] != 1 || head.size() < 10 + hlen) throw InputError(name + ": unsupported .npy version or truncated header");
+  const NpyHeader header(head.substr(10, hlen), name);
+  NpyLayout l;
+  if (header.descr() == "<f8") l.type = at::kDouble;
+  else if (header.descr() == "<f4") l.type = at::kFloat;
+  else if (header.descr() == "<i8") l.type = at::kLong;
+  else if (header.descr() == "|u1") l.type = at::kByte;
   else throw InputError(name + ": unsupported dtype (expected <f8, <f4, <i8 or |u1)");
   if (header.fortran_order()) throw InputError(name + ": Fortran order");
-  // The shape's product times the element size must be exactly the bytes after the header,
-  // checked before anything is allocated.
-  int64_t nbytes = static_cast<int64_t>(c10::elementSize(type));
+  l.nbytes = static_cast<int64_t>(c10::elementSize(l.type));
   for (int64_t d : header.shape()) {
-    if (__builtin_mul_overflow(nbytes, d, &nbytes)) throw InputError(name + ": shape too large");
+    if (__builtin_mul_overflow(l.nbytes, d, &l.nbytes)) throw InputError(name + ": shape too large");
   }
-  if (static_cast<uint64_t>(nbytes) != bytes.size() - 10 - hlen) {
+  l.offset = 10 + hlen;
+  if (static_cast<uint64_t>(l.nbytes) != file_size - l.offset) {
     throw InputError(name + ": data size does not match the shape in its header");
   }
-  at::Tensor t = at::empty(header.shape(), type);
-  if (nbytes > 0) std::memcpy(t.data_ptr(), bytes.data() + 10 + hlen, static_cast<size_t>(nbytes));
+  l.shape = header.shape();
+  return l;
+}
+
+}  // namespace
+
+at::Tensor load_npy(const std::filesystem::path& path) {
+  const std::string bytes = read_file(path);
+  const NpyLayout l = npy_layout(bytes, bytes.size(), path.string());
+  at::Tensor t = at::empty(l.shape, l.type);
+  if (l.nbytes > 0) std::memcpy(t.data_ptr(), bytes.data() + l.offset, static_cast<size_t>(l.nbytes));
   return t;
+}
+
+NpyInfo npy_info(const std::filesystem::path& path) {
+  int64_t size = 0;
+  const int fd = open_regular_file(path, size);
+  std::string head(static_cast<size_t>(std::min<int64_t>(size, 10 + 65535)), '\0');
+  size_t got = 0;
+  while (got < head.size()) {
+    const ssize_t n = ::read(fd, head.data() + got, head.size() - got);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) break;
+    got += static_cast<size_t>(n);
+  }
+  ::close(fd);
+  head.resize(got);
+  const NpyLayout l = npy_layout(head, static_cast<uint64_t>(size), path.string());
+  return {l.type, l.shape};
 }
 
 }  // namespace pathkernel
