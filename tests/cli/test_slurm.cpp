@@ -40,6 +40,22 @@ class LocalCluster {
   int status_ = -1;
 };
 
+/// Submits `submit.sh ARGS...` (its output into `log`), waits up to 240 s for OUT/summary.json
+/// (the merge job's output) and says whether it came; `submitted` gets what submit.sh printed.
+bool submit_and_wait(const std::vector<std::string>& args, const fs::path& out, const fs::path& log,
+                     std::string& submitted) {
+  std::vector<std::string> argv = {"/bin/bash", kScripts + "submit.sh"};
+  argv.insert(argv.end(), args.begin(), args.end());
+  const int status = testing::run_program(argv, log);
+  submitted = read_file(log);
+  if (status != 0) return false;
+  const auto t0 = std::chrono::steady_clock::now();
+  while (!fs::exists(out / "summary.json") && std::chrono::steady_clock::now() - t0 < std::chrono::seconds(240)) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  }
+  return fs::exists(out / "summary.json");
+}
+
 TEST(SlurmTest, AJobArrayOfShardsAndADependentMergeEqualOneProcess) {
   testing::TempDir tmp;
   ::chmod(tmp.path().c_str(), 0755);  // munged runs as the munge user, inside it
@@ -57,20 +73,13 @@ TEST(SlurmTest, AJobArrayOfShardsAndADependentMergeEqualOneProcess) {
   ASSERT_TRUE(cluster.up()) << "Slurm did not start:\n" << read_file(tmp / "cluster.log");
   ::setenv("SLURM_CONF", (tmp / "cluster" / "slurm" / "slurm.conf").c_str(), 1);
   ::setenv("PATHKERNEL", bin.c_str(), 1);  // the jobs' executable (exported by sbatch)
-  ASSERT_EQ(testing::run_program({"/bin/bash", kScripts + "submit.sh", run.string(), out.string(), "3", "--probes", "8"},
-                                 log),
-            0)
-      << read_file(log);
-  const std::string submitted = read_file(log);
+  std::string submitted;
+  const bool merged = submit_and_wait({run.string(), out.string(), "3", "--probes", "8"}, out, log, submitted);
   EXPECT_NE(submitted.find("array job"), std::string::npos) << submitted;
-  const auto t0 = std::chrono::steady_clock::now();
-  while (!fs::exists(out / "summary.json") && std::chrono::steady_clock::now() - t0 < std::chrono::seconds(240)) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(500));
-  }
   testing::run_program({"/usr/bin/squeue"}, tmp / "squeue.log");
-  ASSERT_TRUE(fs::exists(out / "summary.json"))
-      << "no merged analysis after 240 s; " << submitted << "\nsqueue:\n" << read_file(tmp / "squeue.log")
-      << "\nmerge log:\n" << (fs::exists(tmp / "merged.shards" / "merge.log") ? read_file(tmp / "merged.shards" / "merge.log") : "");
+  ASSERT_TRUE(merged) << "no merged analysis after 240 s; " << submitted << "\nsqueue:\n" << read_file(tmp / "squeue.log")
+                      << "\nmerge log:\n"
+                      << (fs::exists(tmp / "merged.shards" / "merge.log") ? read_file(tmp / "merged.shards" / "merge.log") : "");
   for (int i = 1; i <= 3; ++i) {
     EXPECT_TRUE(fs::exists(tmp / "merged.shards" / ("shard_" + std::to_string(i)) / "summary.json")) << i;
   }
@@ -88,21 +97,13 @@ TEST(SlurmTest, AJobArrayOfShardsAndADependentMergeEqualOneProcess) {
                                  log),
             0)
       << read_file(log);
-  ASSERT_EQ(testing::run_program({"/bin/bash", kScripts + "submit.sh", "explain", run.string(), ex.string(), "3",
-                                  "--probes", "2", "--grids", "0"},
-                                 log),
-            0)
-      << read_file(log);
-  const std::string ex_submitted = read_file(log);
+  std::string ex_submitted;
+  const bool explained = submit_and_wait({"explain", run.string(), ex.string(), "3", "--probes", "2", "--grids", "0"}, ex,
+                                         log, ex_submitted);
   EXPECT_NE(ex_submitted.find("walk array job"), std::string::npos) << ex_submitted;
-  const auto t1 = std::chrono::steady_clock::now();
-  while (!fs::exists(ex / "summary.json") && std::chrono::steady_clock::now() - t1 < std::chrono::seconds(240)) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(500));
-  }
   const fs::path ex_shards = tmp / "explained.shards";
-  ASSERT_TRUE(fs::exists(ex / "summary.json"))
-      << "no merged explanation after 240 s; " << ex_submitted << "\nmerge log:\n"
-      << (fs::exists(ex_shards / "merge.log") ? read_file(ex_shards / "merge.log") : "");
+  ASSERT_TRUE(explained) << "no merged explanation after 240 s; " << ex_submitted << "\nmerge log:\n"
+                         << (fs::exists(ex_shards / "merge.log") ? read_file(ex_shards / "merge.log") : "");
   const std::string merge_log = read_file(ex_shards / "merge.log");
   for (int k = 1; k <= 2; ++k) {
     const std::string shard = "shard_" + std::to_string(k);
