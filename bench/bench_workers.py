@@ -7,8 +7,9 @@ every output file but summary.json's timings is the same byte for byte.
 
 --command explain times `explain --probes P` (--probes, default 16) instead; with --momentum M
 the run is trained with SGD + momentum M (lr 0.05), which explain attributes through the
-optimizer's recursion: each worker then explains some of the probes over the whole run, and
-attributions.npy is compared to one process's to 1e-12 of its largest.
+optimizer's recursion: each worker then attributes some of the probes over the whole run and
+analyzes a stretch of the steps for all of them, and attributions.npy is compared to one
+process's to 1e-12 of its largest (and reported bit for bit when it is).
 
 --command merge (needs --momentum) explains the run in --parts N shards (`explain --shard I/N`,
 once, untimed) and times what follows them, the two ways alternating: `merge` walking every

@@ -24,9 +24,11 @@ int cmd_explain(const Args& args) {
   const ExplainPlan ep = c.workers > 1 ? plan_explain(c) : ExplainPlan{};
   // Step by step (plain SGD) the workers take stretches of steps; through the optimizer's
   // recursion a stretch would need the later steps' share walked again after them, so each
-  // worker takes some of the probes over the whole run instead (nothing to carry between them).
+  // worker attributes some of the probes over the whole run instead (nothing to carry between
+  // them), and analyzes a stretch of the steps for all of them (what every probe shares, once).
   const bool by_probes = ep.through_optimizer;
-  const int64_t count = by_probes ? std::min<int64_t>(c.workers, static_cast<int64_t>(ep.probe_indices.size())) : c.workers;
+  const int64_t count = by_probes ? std::min({c.workers, static_cast<int64_t>(ep.probe_indices.size()), ep.steps})
+                                  : c.workers;
   if (count > 1) {
     WorkerPlan plan;
     plan.command = "explain";
@@ -35,17 +37,9 @@ int cmd_explain(const Args& args) {
     plan.out = c.out;
     plan.force = c.force;
     if (by_probes) {
-      plan.drop = {"--probes", "--probe"};
-      const auto n = static_cast<int64_t>(ep.probe_indices.size());
-      for (int64_t i = 0; i < count; ++i) {
-        std::string list;
-        for (int64_t p = i * n / count; p < (i + 1) * n / count; ++p) {
-          list += (list.empty() ? "" : ",") + std::to_string(ep.probe_indices[static_cast<size_t>(p)]);
-        }
-        plan.parts.push_back({"--probe", list});
-      }
-      spdlog::info("--workers: attributed through the optimizer, so each worker explains some of the {} probes over "
-                   "the whole run", n);
+      for (int64_t i = 1; i <= count; ++i) plan.parts.push_back({"--probe-part", std::to_string(i) + "/" + std::to_string(count)});
+      spdlog::info("--workers: attributed through the optimizer, so each worker attributes some of the {} probes over "
+                   "the whole run and analyzes a stretch of the steps for all of them", ep.probe_indices.size());
     }
     MergeConfig merge;
     if (const int st = run_workers(args, plan, merge); st != 0) return st;
@@ -64,6 +58,10 @@ int cmd_explain(const Args& args) {
     res = explain(c);
   }
   write_explanation(res, c);
+  if (res.part.count > 0) {  // a worker's part: explain --workers joins the parts and reports
+    std::cout << "part " << res.part.index << " of " << res.part.count << ": " << c.out << "\n";
+    return 0;
+  }
   if (cmd.json) {
     print_summary_json(c.out);
   } else {

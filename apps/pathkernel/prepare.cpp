@@ -194,6 +194,8 @@ bool prepare_explain(const Args& args, ExplainCommand& cmd) {
      cxxopts::value<std::string>())
     ("workers", "N: N processes at once, joined (plain SGD: stretches of steps; through the optimizer: some of the "
      "probes each)", cxxopts::value(c.workers)->default_value("1"))
+    ("probe-part", "I/N: (explain --workers sets it) the I-th part of the probes over the whole run, and the I-th "
+     "stretch of steps analyzed for all of them", cxxopts::value<std::string>())
     ("csv", "attributions.csv holds: top (each probe's --top proponents and opponents) | all (every training "
      "example; attributions.npy always holds them all)", cxxopts::value(c.csv)->default_value("top"))
     ("project", "D: the per-example kernels through a seeded random projection of each layer's gradients to about "
@@ -220,6 +222,7 @@ bool prepare_explain(const Args& args, ExplainCommand& cmd) {
   c.self_influence = r.count("self-influence") > 0;
   c.force = r.count("force") > 0;
   if (r.count("shard")) std::tie(c.shard_index, c.shard_count) = parse_shard(r["shard"].as<std::string>());
+  if (r.count("probe-part")) std::tie(c.part_index, c.part_count) = parse_shard(r["probe-part"].as<std::string>());
   cmd.json = json_output(r);
   check_output_dir(c.out, c.force, "summary.json", kExplainFormat);  // before any work
   c.validate();

@@ -2,6 +2,7 @@
 // (arrays bit for bit, the tables and the summary equal), and merge refuses what does not join.
 #include <ATen/ATen.h>
 
+#include <functional>
 #include <sstream>
 #include <nlohmann/json.hpp>
 #include <spdlog/spdlog.h>
@@ -432,10 +433,11 @@ TEST_F(ShardsTest, LaterSharesWalkedAheadAreTheMergesOwn) {
   EXPECT_FALSE(fs::exists(fs::path(plain[0]) / "later_share.json"));
 }
 
-// explain --workers through the optimizer: parts explaining disjoint probes over the whole run,
-// joined in order, equal one process's explanation of all of them (a_i, a_exact, self-influence
-// and the sum check; the draws and times drawn the same), and the join refuses parts that are
-// not of one explanation: another run, other settings, a shard of the steps.
+// explain --workers through the optimizer: each part (--probe-part I/N) attributes its rows of
+// the probes over the whole run and analyzes its stretch of the steps for every probe; joined,
+// they are one process's explanation bit for bit (a_i, a_exact, self-influence, the outputs, the
+// sums of U and R, the sum check, the draws), in whatever order the parts are given. The join
+// refuses parts that are not one explanation's, or that do not follow on.
 TEST_F(ShardsTest, ProbePartsJoinIntoOneProcess) {
   const std::string run = train_run("run", 0.9, "mlp:5:tanh");
   ExplainConfig e;
@@ -449,54 +451,115 @@ TEST_F(ShardsTest, ProbePartsJoinIntoOneProcess) {
   ASSERT_TRUE(whole.through_optimizer);
   EXPECT_EQ(plan_explain(e).probe_indices, e.probe_indices);
   EXPECT_TRUE(plan_explain(e).through_optimizer);
-  std::vector<std::string> dirs;
-  for (const auto& probes : {std::vector<int64_t>{1, 4}, std::vector<int64_t>{7, 9, 12}}) {
-    ExplainConfig p = e;
-    p.probe_indices = probes;
-    p.out = (tmp_ / ("part" + std::to_string(dirs.size()))).string();
-    write_explanation(explain(p), p);
-    dirs.push_back(p.out);
-  }
-  const auto [joined, jc] = join_probe_parts({dirs, (tmp_ / "joined").string(), false});
-  auto rel = [](const at::Tensor& a, const at::Tensor& b) {
-    return (a - b).abs().max().item<double>() / std::max(1e-300, b.abs().max().item<double>());
+  EXPECT_EQ(plan_explain(e).steps, 24);
+  auto parts = [&](int n, const std::string& prefix, const ExplainConfig& base) {
+    std::vector<std::string> dirs;
+    for (int i = 1; i <= n; ++i) {
+      ExplainConfig p = base;
+      p.part_index = i;
+      p.part_count = n;
+      p.out = (tmp_ / (prefix + std::to_string(i))).string();
+      const ExplainResult r = explain(p);
+      EXPECT_EQ(r.part.rows_end - r.part.rows_begin, static_cast<int64_t>(r.probe_indices.size()));
+      EXPECT_EQ(r.part.probe_indices, base.probe_indices);
+      write_explanation(r, p);
+      dirs.push_back(p.out);
+    }
+    return dirs;
   };
-  EXPECT_EQ(joined.probe_indices, e.probe_indices);
-  EXPECT_EQ(jc.probe_indices, e.probe_indices);
-  EXPECT_EQ(joined.outputs, whole.outputs);
-  EXPECT_LT(rel(joined.attributions, whole.attributions), 1e-12);
-  EXPECT_LT(rel(joined.attributions_exact, whole.attributions_exact), 1e-12);
-  EXPECT_LT(rel(joined.self_influence, whole.self_influence), 1e-12);
-  EXPECT_LT(rel(joined.f_final - joined.f_initial, whole.f_final - whole.f_initial), 1e-12);
-  EXPECT_TRUE(at::equal(joined.times_drawn, whole.times_drawn));
-  EXPECT_EQ(joined.drawn_at, whole.drawn_at);
-  EXPECT_TRUE(joined.through_optimizer);
-  EXPECT_LT(joined.sum_error, 1e-10);
-  // In the other order the rows follow the parts.
-  const auto [swapped, sc] = join_probe_parts({{dirs[1], dirs[0]}, (tmp_ / "swapped").string(), false});
-  EXPECT_EQ(swapped.probe_indices, (std::vector<int64_t>{7, 9, 12, 1, 4}));
-  EXPECT_LT(rel(swapped.attributions.narrow(0, 3, 2), whole.attributions.narrow(0, 0, 2)), 1e-12);
-
+  for (int n : {2, 3}) {
+    SCOPED_TRACE(n);
+    std::vector<std::string> dirs = parts(n, "part" + std::to_string(n) + "-", e);
+    std::reverse(dirs.begin(), dirs.end());  // the parts' own indices give the order
+    const auto [joined, jc] = join_probe_parts({dirs, (tmp_ / "joined").string(), false});
+    EXPECT_EQ(joined.probe_indices, e.probe_indices);
+    EXPECT_EQ(jc.probe_indices, e.probe_indices);
+    EXPECT_EQ(joined.outputs, whole.outputs);
+    EXPECT_EQ(joined.probe_labels, whole.probe_labels);
+    // A part's rows go through products of fewer rows (one row: a matrix-vector product), which
+    // may round differently: a_i to 1e-12. What the stretches computed is one process's own.
+    auto rel = [](const at::Tensor& a, const at::Tensor& b) {
+      return (a - b).abs().max().item<double>() / std::max(1e-300, b.abs().max().item<double>());
+    };
+    EXPECT_LT(rel(joined.attributions, whole.attributions), 1e-12);
+    EXPECT_LT(rel(joined.attributions_exact, whole.attributions_exact), 1e-12);
+    const std::vector<std::tuple<const char*, at::Tensor, at::Tensor>> same = {
+        {"self-influence", joined.self_influence, whole.self_influence},
+        {"f_initial", joined.f_initial, whole.f_initial},
+        {"f_final", joined.f_final, whole.f_final},
+        {"sum_u", joined.sum_u, whole.sum_u},
+        {"sum_r", joined.sum_r, whole.sum_r},
+        {"sum_uexact", joined.sum_uexact, whole.sum_uexact}};
+    for (const auto& [name, got, want] : same) {
+      EXPECT_TRUE(at::equal(got, want)) << name << ": " << (got - want).abs().max().item<double>();
+    }
+    EXPECT_TRUE(at::equal(joined.times_drawn, whole.times_drawn));
+    EXPECT_EQ(joined.drawn_at, whole.drawn_at);
+    EXPECT_TRUE(joined.through_optimizer);
+    EXPECT_NEAR(joined.sum_error, whole.sum_error, 1e-13);
+    EXPECT_EQ(joined.max_quad_error, whole.max_quad_error);
+    EXPECT_LT(joined.sum_error, 1e-10);
+    EXPECT_EQ(joined.last_step, 23);
+  }
+  const std::vector<std::string> dirs = parts(2, "p", e);
+  auto join = [&](const std::vector<std::string>& d) { return join_probe_parts({d, (tmp_ / "j").string(), false}); };
+  EXPECT_THROW_WITH(join({dirs[0]}), InputError, "part 1 of 2, but 1 parts were given");
+  EXPECT_THROW_WITH(join({dirs[0], dirs[0]}), InputError, "part 1 of 2, but 2 parts were given");
   ExplainConfig other = e;
   other.exact_nodes = 0;
-  other.probe_indices = {3};
-  other.out = (tmp_ / "other-settings").string();
-  write_explanation(explain(other), other);
-  EXPECT_THROW_WITH(join_probe_parts({{dirs[0], other.out}, (tmp_ / "j2").string(), false}), InputError,
-                    "settings differs");
-  ExplainConfig shard = e;
-  shard.shard_index = 2;
-  shard.shard_count = 2;
-  shard.out = (tmp_ / "a-shard").string();
-  write_explanation(explain(shard), shard);
-  EXPECT_THROW_WITH(join_probe_parts({{dirs[0], shard.out}, (tmp_ / "j3").string(), false}), InputError,
-                    "a shard of the steps");
-  ExplainConfig elsewhere = e;
-  elsewhere.run = train_run("run-b", 0.9, "mlp:5:tanh");
-  elsewhere.out = (tmp_ / "elsewhere").string();
-  write_explanation(explain(elsewhere), elsewhere);
-  EXPECT_THROW_WITH(join_probe_parts({{dirs[0], elsewhere.out}, (tmp_ / "j4").string(), false}), InputError,
-                    "run differs");
+  EXPECT_THROW_WITH(join({dirs[0], parts(2, "other", other)[1]}), InputError, "its settings differs");
+  ExplainConfig fewer = e;
+  fewer.probe_indices = {1, 4, 7};
+  EXPECT_THROW_WITH(join({dirs[0], parts(2, "fewer", fewer)[1]}), InputError, "its probes differs");
+  EXPECT_THROW_WITH(join({dirs[0], (tmp_ / "whole-written").string()}), InputError, "");  // no such folder
+  ExplainConfig plain = e;
+  plain.out = (tmp_ / "explanation").string();
+  write_explanation(whole, plain);
+  EXPECT_THROW_WITH(join({dirs[0], plain.out}), InputError, "not a part of explain --workers");
+
+  // Tampered parts, each in a copy: a stretch from elsewhere, a file cut short, rows that overlap.
+  auto tampered = [&](const std::string& name, const std::function<void(const fs::path&)>& edit) {
+    const fs::path copy = tmp_ / name;
+    fs::copy(dirs[1], copy, fs::copy_options::recursive);
+    edit(copy);
+    return copy.string();
+  };
+  const std::string moved = tampered("moved", [](const fs::path& d) {
+    at::Tensor f = load_npy(d / "part_f.npy");
+    f[0].add_(1e-6);
+    save_npy(d / "part_f.npy", f);
+  });
+  EXPECT_THROW_WITH(join({dirs[0], moved}), InputError, "not the previous part's after its last");
+  const std::string cut = tampered("cut", [](const fs::path& d) {
+    save_npy(d / "part_u.npy", load_npy(d / "part_u.npy").narrow(0, 1, 5).contiguous());
+  });
+  EXPECT_THROW_WITH(join({dirs[0], cut}), InputError, "part_u.npy: must be float64 [");
+  const std::string overlap = tampered("overlap", [](const fs::path& d) {
+    nlohmann::json s = read_json(d / "summary.json");
+    s["part"]["rows_begin"] = s["part"]["rows_begin"].get<int64_t>() - 1;
+    atomic_write(d / "summary.json", s.dump());
+  });
+  EXPECT_THROW_WITH(join({dirs[0], overlap}), InputError, "rows of the probes do not follow on");
+  const std::string gap = tampered("gap", [](const fs::path& d) {
+    nlohmann::json s = read_json(d / "summary.json");
+    s["analyzed_steps"][0] = s["analyzed_steps"][0].get<int64_t>() + 1;
+    atomic_write(d / "summary.json", s.dump());
+  });
+  EXPECT_THROW_WITH(join({dirs[0], gap}), InputError, "stretch of the steps does not follow on");
+
+  // A plain-SGD run is split by steps, not probes.
+  ExplainConfig sgd = e;
+  sgd.run = train_run("sgd", 0.0, "mlp:5:tanh");
+  sgd.part_index = 1;
+  sgd.part_count = 2;
+  EXPECT_THROW_WITH(explain(sgd), InputError, "attributed step by step");
+  ExplainConfig both = sgd;
+  both.shard_index = 1;
+  both.shard_count = 2;
+  EXPECT_THROW_WITH(both.validate(), InputError, "--probe-part is one worker");
+  both = sgd;
+  both.part_index = 3;
+  EXPECT_THROW_WITH(both.validate(), InputError, "--probe-part must be I/N");
 }
 
 TEST(ShardBoundsTest, SplitsAtTheNearestCheckpoints) {

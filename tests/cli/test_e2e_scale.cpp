@@ -199,8 +199,9 @@ TEST(E2eTest, ShardsMergeIntoTheSingleProcessAnalysis) {
 }
 
 // explain --workers: a plain-SGD run (stretches of steps, added up) and a momentum run (attributed
-// through the optimizer's recursion: some of the probes each, over the whole run, joined) in two
-// processes at once equal one process (a_i to 1e-12 of the largest; the sum check holds).
+// through the optimizer's recursion: some of the probes each over the whole run, and a stretch of
+// the steps analyzed for all of them, joined) in two processes at once equal one process (a_i to
+// 1e-12 of the largest; the sum check holds).
 TEST(E2eTest, ExplainWorkersAddUpToOneProcess) {
   testing::TempDir tmp;
   const fs::path sgd = tmp / "sgd", mom = tmp / "mom";
@@ -218,7 +219,7 @@ TEST(E2eTest, ExplainWorkersAddUpToOneProcess) {
                             (tmp / (name + "-2")).string()},
                            tmp.path());
     ASSERT_EQ(two.status, 0) << two.err;
-    EXPECT_EQ(two.err.find("each worker explains some of the 3 probes") != std::string::npos, name == "mom") << two.err;
+    EXPECT_EQ(two.err.find("each worker attributes some of the 3 probes") != std::string::npos, name == "mom") << two.err;
     EXPECT_FALSE(fs::exists(tmp / (name + "-2") / "workers"));
     EXPECT_FALSE(fs::exists(tmp / (name + "-2") / "grids")) << "--grids 0 holds for the joined explanation too";
     const at::Tensor a = load_npy(tmp / (name + "-1") / "attributions.npy");

@@ -169,6 +169,12 @@ void ExplainConfig::validate() const {
   }
   if (workers < 1 || workers > 64) throw InputError("--workers takes 1..64 processes");
   if (workers > 1 && shard_count > 0) throw InputError("--workers splits the run into shards itself: give --shard or --workers");
+  if (part_count < 0 || (part_count > 0 && (part_index < 1 || part_index > part_count))) {
+    throw InputError("--probe-part must be I/N with 1 <= I <= N");
+  }
+  if (part_count > 0 && (shard_count > 0 || workers > 1)) {
+    throw InputError("--probe-part is one worker of explain --workers: not with --shard or --workers");
+  }
   check_thread_flag(threads);
   if (exact_nodes < 0) throw InputError("--exact must be positive");
   if (route != "auto" && route != "backward") throw InputError("route must be auto or backward");

@@ -106,17 +106,25 @@ struct StepAttribution {
   }
 };
 
-/// The attribution through the optimizer's recursion (aopt_i) over the analyzed steps.
+/// A --probe-part worker's rows of the probes: [begin, end) of the I-th of N parts of n.
+std::pair<int64_t, int64_t> part_rows(const ExplainConfig& c, int64_t n) {
+  if (c.part_count == 0) return {0, n};
+  return {(c.part_index - 1) * n / c.part_count, c.part_index * n / c.part_count};
+}
+
+/// The attribution through the optimizer's recursion (aopt_i) over the analyzed steps; a
+/// --probe-part worker's over the whole run, for its rows of the probes.
 void attribute_by_optimizer(const ExplainConfig& c, Trajectory* traj, const AnalysisResult& an,
                             StepAttribution& sa, ExplainResult& res) {
+  const auto [b, e] = part_rows(c, static_cast<int64_t>(an.probe_indices.size()));
   OptimizerAttributionConfig oc;
   oc.run = c.run;
   oc.trajectory = traj;
-  oc.probe_indices = an.probe_indices;
+  oc.probe_indices.assign(an.probe_indices.begin() + b, an.probe_indices.begin() + e);
   oc.split = c.split;
-  oc.cols = an.outputs;
-  oc.begin = an.steps.front().step;  // a shard's first step; else 0
-  oc.end = an.steps.back().step + 1;
+  oc.cols = an.outputs.slice(0, b, e);
+  oc.begin = c.part_count > 0 ? an.whole_begin : an.steps.front().step;  // a shard's first step; else 0
+  oc.end = c.part_count > 0 ? an.whole_end : an.steps.back().step + 1;
   oc.exact_nodes = c.exact_nodes;
   oc.self_influence = c.self_influence;
   oc.kernel_route = c.kernel_route;
@@ -132,26 +140,66 @@ void attribute_by_optimizer(const ExplainConfig& c, Trajectory* traj, const Anal
   res.phi_begin = at.phi_begin;
   res.phi_exact_begin = at.phi_exact_begin;
   res.carry = at.carry;
-  res.sum_check_in_merge = c.shard_count > 1;
+  res.sum_check_in_merge = c.shard_count > 1 || c.part_count > 0;
 }
 
-/// The explanation's terms and its sum check from the analysis and the attribution.
-void fill_result(const ExplainConfig& c, const AnalysisResult& an, StepAttribution& sa, ExplainResult& res) {
+/// Per step, what the kernel view leaves to the update: U (plain SGD) or Uopt_wd + Uopt_round.
+/// With running statistics (BatchNorm) their own change U_stats too, which U holds and Uopt's parts do not.
+at::Tensor leftover_u(const AnalysisResult& an) {
+  at::Tensor u = an.uses_kopt ? an.uopt_wd + an.uopt_round : an.u;
+  if (an.uses_kopt && an.u_stats.defined()) u = u + an.u_stats;
+  return u;
+}
+
+/// The attribution's rows (all the probes, or a --probe-part worker's) and what goes with them.
+void fill_attribution(const ExplainConfig& c, const AnalysisResult& an, StepAttribution& sa, ExplainResult& res) {
+  const auto [b, e] = part_rows(c, static_cast<int64_t>(an.probe_indices.size()));
   res.drawn_at = std::move(sa.drawn_at);
-  res.probe_indices = an.probe_indices;
-  res.probe_labels = an.probe_labels;
-  for (int64_t p = 0; p < an.outputs.size(0); ++p) res.outputs.push_back(an.outputs[p][0].item<int64_t>());
+  res.probe_indices.assign(an.probe_indices.begin() + b, an.probe_indices.begin() + e);
+  res.probe_labels.assign(an.probe_labels.begin() + b, an.probe_labels.begin() + e);
+  for (int64_t p = b; p < e; ++p) res.outputs.push_back(an.outputs[p][0].item<int64_t>());
   res.attributions = sa.attr;
   res.attributions_exact = sa.attr_exact;
   res.times_drawn = sa.drawn;
   if (c.self_influence) res.self_influence = sa.self;
+}
+
+/// A --probe-part worker's result: its rows attributed over the whole run, and its stretch's
+/// analysis of every probe, step by step (the join sums the steps as one process does).
+void fill_part(const ExplainConfig& c, const AnalysisResult& an, StepAttribution& sa, ExplainResult& res) {
+  fill_attribution(c, an, sa, res);
+  ProbePart& p = res.part;
+  p.index = c.part_index;
+  p.count = c.part_count;
+  std::tie(p.rows_begin, p.rows_end) = part_rows(c, static_cast<int64_t>(an.probe_indices.size()));
+  p.probe_indices = an.probe_indices;
+  p.probe_labels = an.probe_labels;
+  for (int64_t q = 0; q < an.outputs.size(0); ++q) p.outputs.push_back(an.outputs[q][0].item<int64_t>());
+  p.first_step = an.steps.front().step;
+  p.last_step = an.steps.back().step;
+  p.f_initial = an.f_initial.reshape({-1});
+  p.f_final = an.f_final.reshape({-1});
+  const at::Tensor u = leftover_u(an);
+  p.u = u.reshape({u.size(0), -1});
+  p.r = an.r.reshape({an.r.size(0), -1});
+  if (sa.attr_exact.defined()) {
+    const at::Tensor& ux = an.uses_kopt ? an.uoptexact : an.uexact;
+    p.uexact = ux.reshape({ux.size(0), -1});
+    for (const auto& s : an.steps) p.max_quad_error = std::max(p.max_quad_error, s.quad_error);
+  }
+  p.projection_error = an.projection_error;
+  res.whole_begin = an.whole_begin;
+  res.whole_end = an.whole_end;
+  res.first_step = an.whole_begin;
+  res.last_step = an.whole_end - 1;
+}
+
+/// The explanation's terms and its sum check from the analysis and the attribution.
+void fill_result(const ExplainConfig& c, const AnalysisResult& an, StepAttribution& sa, ExplainResult& res) {
+  fill_attribution(c, an, sa, res);
   res.f_initial = an.f_initial.reshape({-1});
   res.f_final = an.f_final.reshape({-1});
-  // What the kernel view leaves to the update: U (plain SGD) or Uopt_wd + Uopt_round.
-  // With running statistics (BatchNorm) their own change U_stats too, which U holds and Uopt's parts do not.
-  at::Tensor u = an.uses_kopt ? an.uopt_wd + an.uopt_round : an.u;
-  if (an.uses_kopt && an.u_stats.defined()) u = u + an.u_stats;
-  res.sum_u = u.sum(0).reshape({-1});
+  res.sum_u = leftover_u(an).sum(0).reshape({-1});
   res.sum_r = an.r.sum(0).reshape({-1});
   const at::Tensor change = res.f_final - res.f_initial;
   const double scale = std::max(1e-300, change.abs().max().item<double>());
@@ -184,6 +232,7 @@ ExplainPlan plan_explain(const ExplainConfig& c) {
   const int64_t n = traj->split_size(c.split);
   if (n == 0) throw InputError(c.run + ": the run has no " + c.split + " split for probes");
   plan.probe_indices = choose_probes(analysis_config(c, traj.get()), n, at::Tensor());  // as the analysis chooses
+  plan.steps = traj->logged_steps();
   return plan;
 }
 
@@ -210,17 +259,29 @@ ExplainResult explain(const ExplainConfig& c) {
                      "projection; explain this run without --project");
   }
   StepAttribution sa(facts.train_examples, c.self_influence);
+  if (c.part_count > 0) {  // a worker of explain --workers through the optimizer: its stretch of the steps
+    if (!res.through_optimizer) {
+      throw InputError("--probe-part: " + c.run + " is attributed step by step (plain SGD): --workers splits its steps");
+    }
+    a.shard_index = c.part_index;
+    a.shard_count = c.part_count;
+    a.shard_even = true;
+  }
   if (!res.through_optimizer) {  // the step route's split goes through the projection
     a.project = c.project;
     a.project_seed = c.project_seed;
     a.on_step = [&sa](const StepTerms& t) { sa.add(t); };
   }
   const AnalysisResult an = analyze(a);
-  if (!an.contiguous || (c.shard_count > 0 ? an.whole_begin : an.steps.front().step) != 0) {
+  if (!an.contiguous || (a.shard_count > 0 ? an.whole_begin : an.steps.front().step) != 0) {
     throw InputError("explain needs every step of the run");
   }
   if (res.through_optimizer) attribute_by_optimizer(c, traj.get(), an, sa, res);
-  fill_result(c, an, sa, res);
+  if (c.part_count > 0) {
+    fill_part(c, an, sa, res);
+  } else {
+    fill_result(c, an, sa, res);
+  }
   res.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   return res;
 }
@@ -358,6 +419,50 @@ void write_self_influence(const fs::path& out, const ExplainResult& r, const Pic
 }
 
 /// summary.json: the settings, the sum check, the projection, and per probe the check's terms.
+/// The settings an explanation was made with, as its summary.json records them (stored_config reads them).
+nlohmann::json explanation_settings(const ExplainConfig& c) {
+  return {{"split", c.split},     {"output", c.output},   {"top", c.top},
+          {"exact_nodes", c.exact_nodes}, {"self_influence", c.self_influence},
+          {"csv", c.csv},         {"threads", c.threads}, {"project", c.project},
+          {"project_seed", c.project_seed}, {"route", c.route},
+          {"kernel_route", c.kernel_route}, {"grids", c.grids}};
+}
+
+/// A --probe-part worker's output, for explain --workers' join only (join_probe_parts): its rows'
+/// attributions over the whole run (attributions.npy, _exact), times_drawn.npy, self_influence.npy,
+/// and its stretch's analysis of every probe: part_f.npy ([2, P]: before its first step, after its
+/// last), part_u.npy, part_r.npy (and part_uexact.npy) ([steps, P]); summary.json says which.
+void write_probe_part(const ExplainResult& r, const ExplainConfig& c) {
+  const ProbePart& p = r.part;
+  StagedOutput staged(c.out);
+  const fs::path out = staged.path();
+  save_npy(out / "attributions.npy", r.attributions);
+  if (r.attributions_exact.defined()) save_npy(out / "attributions_exact.npy", r.attributions_exact);
+  save_npy(out / "times_drawn.npy", r.times_drawn);
+  if (r.self_influence.defined()) save_npy(out / "self_influence.npy", r.self_influence);
+  save_npy(out / "part_f.npy", at::stack({p.f_initial, p.f_final}));
+  save_npy(out / "part_u.npy", p.u.contiguous());
+  save_npy(out / "part_r.npy", p.r.contiguous());
+  if (p.uexact.defined()) save_npy(out / "part_uexact.npy", p.uexact.contiguous());
+  const nlohmann::json j = {
+      {"format", kExplainPartFormat},
+      {"run", c.run},
+      {"settings", explanation_settings(c)},
+      {"optimizer", r.optimizer},
+      {"probes", p.probe_indices},
+      {"labels", p.probe_labels},
+      {"outputs", p.outputs},
+      {"part", {{"index", p.index}, {"count", p.count}, {"rows_begin", p.rows_begin}, {"rows_end", p.rows_end}}},
+      {"attributed_steps", {r.first_step, r.last_step}},
+      {"analyzed_steps", {p.first_step, p.last_step}},
+      {"max_quad_error", p.max_quad_error},
+      {"projection", c.project > 0 ? nlohmann::json{{"dims", r.project_dims}, {"max_batch_sum_error", p.projection_error}}
+                                   : nlohmann::json(nullptr)},
+      {"seconds", r.seconds}};
+  atomic_write(out / "summary.json", j.dump(2) + "\n");
+  staged.commit();
+}
+
 nlohmann::json explanation_summary(const ExplainResult& r, const ExplainConfig& c) {
   const bool exact = r.attributions_exact.defined();
   nlohmann::json j = {{"format", kExplainFormat},
@@ -377,11 +482,7 @@ nlohmann::json explanation_summary(const ExplainResult& r, const ExplainConfig& 
                                                                    {"carry", r.carry},
                                                                    {"sum_check_in_merge", r.sum_check_in_merge}}
                                                   : nlohmann::json(nullptr)},
-                      {"settings", {{"split", c.split}, {"output", c.output}, {"top", c.top},
-                                    {"exact_nodes", c.exact_nodes}, {"self_influence", c.self_influence},
-                                    {"csv", c.csv}, {"threads", c.threads}, {"project", c.project},
-                                    {"project_seed", c.project_seed}, {"route", c.route},
-                                    {"kernel_route", c.kernel_route}, {"grids", c.grids}}}};
+                      {"settings", explanation_settings(c)}};
   // The projection and its measured error (the sum check above measures it too: sum a_i is then
   // the projected kernel's, the rest of the identity exact).
   j["projection"] = c.project > 0 ? nlohmann::json{{"requested", c.project},
@@ -420,6 +521,7 @@ nlohmann::json explanation_summary(const ExplainResult& r, const ExplainConfig& 
 
 void write_explanation(const ExplainResult& r, const ExplainConfig& c) {
   check_output_dir(c.out, c.force, "summary.json", kExplainFormat);
+  if (r.part.count > 0) return write_probe_part(r, c);
   const std::shared_ptr<Trajectory> run = r.trajectory ? r.trajectory : std::shared_ptr<Trajectory>(open_trajectory(c.run));
   const int64_t n_train = run->split_size("train");
   if (n_train != r.attributions.size(1)) {

@@ -267,31 +267,6 @@ void read_draws(Trajectory& traj, int64_t first, int64_t last, ExplainResult& m)
   }
 }
 
-/// A part of join_probe_parts: an explanation over the whole run of the same run, settings and
-/// draws as `first` (the per-example numbers are every part's own computation of the same).
-void check_probe_part(const StoredExplanation& p, const StoredExplanation& first) {
-  auto refuse = [&](const std::string& why) { throw InputError((p.dir / "summary.json").string() + ": " + why); };
-  const nlohmann::json& s = p.summary;
-  if (s.value("format", "") != kExplainFormat) refuse("not an explanation");
-  if (!s.contains("shard") || !s.at("shard").is_null()) {
-    refuse("a shard of the steps, not an explanation of some probes over the whole run");
-  }
-  for (const char* key : {"run", "settings", "optimizer", "attribution", "first_step", "last_step"}) {
-    if (!s.contains(key) || s.at(key) != first.summary.at(key)) {
-      refuse(std::string("its ") + key + " differs from the first part's");
-    }
-  }
-  if (p.shape.at(1) != first.shape.at(1) || !at::equal(p.times_drawn, first.times_drawn)) {
-    refuse("its training examples' draws differ from the first part's (not the same run)");
-  }
-  const at::Tensor& a = p.self_influence;
-  const at::Tensor& b = first.self_influence;
-  if (a.defined() != b.defined() ||
-      (a.defined() && (a - b).abs().max().item<double>() > 1e-12 * std::max(1e-300, b.abs().max().item<double>()))) {
-    refuse("its self-influence differs from the first part's");
-  }
-}
-
 /// The shards of one explanation, in their order, their places checked (check_shard_set).
 std::vector<StoredExplanation> read_shards(const MergeConfig& c, std::vector<ShardInfo>& infos) {
   std::vector<StoredExplanation> parts;
@@ -400,70 +375,177 @@ std::pair<ExplainResult, ExplainConfig> merge_explanations(const MergeConfig& c)
   return {m, config};
 }
 
+namespace {
+
+/// A --probe-part worker's output (write_probe_part), its place read from summary.json.
+struct StoredPart {
+  fs::path dir;
+  nlohmann::json summary;
+  int64_t index = 0, count = 0, rows_begin = 0, rows_end = 0, first = 0, last = 0, attributed_last = 0;
+  bool exact = false;
+
+  [[noreturn]] void refuse(const std::string& why) const { throw InputError((dir / "summary.json").string() + ": " + why); }
+  /// dir/file: float64 of the given shape, else refused by name.
+  at::Tensor load(const char* file, const std::vector<int64_t>& shape) const {
+    const fs::path f = dir / file;
+    at::Tensor t = load_npy(f);
+    if (t.scalar_type() != at::kDouble || t.sizes() != at::IntArrayRef(shape)) {
+      throw InputError(f.string() + ": must be float64 [" + fmt_shape(shape) + "] (the part's rows or steps)");
+    }
+    return t;
+  }
+  static std::string fmt_shape(const std::vector<int64_t>& shape) {
+    std::string out;
+    for (int64_t d : shape) out += (out.empty() ? "" : ", ") + std::to_string(d);
+    return out;
+  }
+};
+
+StoredPart read_part(const fs::path& dir) {
+  StoredPart p;
+  p.dir = dir;
+  p.summary = read_json(dir / "summary.json");
+  try {
+    const nlohmann::json& s = p.summary;
+    if (s.value("format", "") != kExplainPartFormat) p.refuse("not a part of explain --workers (--probe-part)");
+    const nlohmann::json& part = s.at("part");
+    p.index = part.at("index").get<int64_t>();
+    p.count = part.at("count").get<int64_t>();
+    p.rows_begin = part.at("rows_begin").get<int64_t>();
+    p.rows_end = part.at("rows_end").get<int64_t>();
+    p.first = s.at("analyzed_steps").at(0).get<int64_t>();
+    p.last = s.at("analyzed_steps").at(1).get<int64_t>();
+    if (s.at("attributed_steps").at(0).get<int64_t>() != 0) p.refuse("its attribution does not start at step 0");
+    p.attributed_last = s.at("attributed_steps").at(1).get<int64_t>();
+    for (const char* key : {"run", "settings", "optimizer", "probes", "labels", "outputs", "seconds", "max_quad_error"}) {
+      (void)s.at(key);
+    }
+  } catch (const nlohmann::json::exception& e) {
+    p.refuse(std::string("malformed (") + e.what() + ")");
+  }
+  p.exact = fs::exists(dir / "attributions_exact.npy");
+  return p;
+}
+
+/// The parts in their order, each in its place: one of each index 1..N, of one run, settings and
+/// probes, the rows and the analyzed steps following on from one part to the next.
+std::vector<StoredPart> read_parts(const MergeConfig& c) {
+  std::vector<StoredPart> parts;
+  for (const auto& d : c.shards) parts.push_back(read_part(d));
+  std::sort(parts.begin(), parts.end(), [](const StoredPart& a, const StoredPart& b) { return a.index < b.index; });
+  const StoredPart& first = parts.front();
+  const auto n_probes = static_cast<int64_t>(first.summary.at("probes").size());
+  for (size_t i = 0; i < parts.size(); ++i) {
+    const StoredPart& p = parts[i];
+    if (p.count != static_cast<int64_t>(parts.size()) || p.index != static_cast<int64_t>(i) + 1) {
+      p.refuse("part " + std::to_string(p.index) + " of " + std::to_string(p.count) + ", but " +
+               std::to_string(parts.size()) + " parts were given (each of 1.." + std::to_string(parts.size()) + " once)");
+    }
+    for (const char* key : {"run", "settings", "optimizer", "probes", "labels", "outputs"}) {
+      if (p.summary.at(key) != first.summary.at(key)) p.refuse(std::string("its ") + key + " differs from the first part's");
+    }
+    if (p.exact != first.exact) p.refuse("the parts differ in --exact");
+    const StoredPart* prev = i > 0 ? &parts[i - 1] : nullptr;
+    if (p.rows_begin != (prev ? prev->rows_end : 0) || p.rows_end < p.rows_begin ||
+        (i + 1 == parts.size() && p.rows_end != n_probes)) {
+      p.refuse("its rows of the probes do not follow on from the previous part's");
+    }
+    if (p.first != (prev ? prev->last + 1 : 0) || p.last < p.first || p.attributed_last != first.attributed_last ||
+        (i + 1 == parts.size() && p.last != p.attributed_last)) {
+      p.refuse("its stretch of the steps does not follow on from the previous part's");
+    }
+  }
+  return parts;
+}
+
+/// A part's scalars: its time (the parts ran at once), its quadrature's and projection's errors.
+void part_numbers(const StoredPart& p, const ExplainConfig& config, ExplainResult& m) {
+  try {
+    m.seconds = std::max(m.seconds, p.summary.at("seconds").get<double>());
+    if (p.exact) m.max_quad_error = std::max(m.max_quad_error, p.summary.at("max_quad_error").get<double>());
+    if (config.project > 0) {
+      const nlohmann::json& pj = p.summary.at("projection");
+      m.project_dims = pj.at("dims").get<int64_t>();
+      m.projection_error = std::max(m.projection_error, pj.at("max_batch_sum_error").get<double>());
+    }
+  } catch (const nlohmann::json::exception& e) {
+    p.refuse(std::string("malformed (") + e.what() + ")");
+  }
+}
+
+}  // namespace
+
 std::pair<ExplainResult, ExplainConfig> join_probe_parts(const MergeConfig& c) {
   c.validate();
-  std::vector<StoredExplanation> parts;
-  for (const auto& d : c.shards) parts.push_back(read_explanation(d));
-  const nlohmann::json& first = parts.front().summary;
-  auto refuse = [](const StoredExplanation& p, const std::string& why) {
-    throw InputError((p.dir / "summary.json").string() + ": " + why);
-  };
-  for (const auto& p : parts) check_probe_part(p, parts.front());
+  const std::vector<StoredPart> parts = read_parts(c);
+  const StoredPart& first = parts.front();
+  const nlohmann::json& s0 = first.summary;
   ExplainConfig config;
   ExplainResult m;
   try {
-    config = stored_config(first, c);
-    config.probe_indices.clear();
-    std::vector<at::Tensor> a, ax;
-    std::vector<at::Tensor> fi, ff, su, sr, sx;
-    const bool exact = parts.front().exact;
-    for (const auto& p : parts) {
-      const nlohmann::json& s = p.summary;
-      for (int64_t i : s.at("probes").get<std::vector<int64_t>>()) config.probe_indices.push_back(i);
-      for (int64_t o : s.at("outputs").get<std::vector<int64_t>>()) m.outputs.push_back(o);
-      for (const auto& row : s.at("per_probe")) m.probe_labels.push_back(row.at("label").get<int64_t>());
-      if (exact != p.exact) refuse(p, "the parts differ in --exact");
-      a.push_back(p.matrix());
-      if (exact) {
-        ax.push_back(p.matrix(true));
-        sx.push_back(per_probe(s, "sum_u_exact"));
-        m.max_quad_error = std::max(m.max_quad_error, s.at("max_quad_error").get<double>());
-      }
-      fi.push_back(per_probe(s, "f_initial"));
-      ff.push_back(per_probe(s, "f_final"));
-      su.push_back(per_probe(s, "sum_u"));
-      sr.push_back(per_probe(s, "sum_r"));
-      m.seconds = std::max(m.seconds, s.at("seconds").get<double>());  // the parts ran at once
-      if (config.project > 0) {
-        const nlohmann::json& pj = s.at("projection");
-        m.project_dims = pj.at("dims").get<int64_t>();
-        m.projection_error = std::max(m.projection_error, pj.at("max_batch_sum_error").get<double>());
-      }
-    }
-    m.optimizer = first.at("optimizer").get<std::string>();
-    m.through_optimizer = first.at("attribution").get<std::string>().rfind("aopt", 0) == 0;
-    m.first_step = first.at("first_step").get<int64_t>();
-    m.last_step = first.at("last_step").get<int64_t>();
-    m.attributions = at::cat(a, 0);
-    if (exact) {
-      m.attributions_exact = at::cat(ax, 0);
-      m.sum_uexact = at::cat(sx);
-    }
-    m.f_initial = at::cat(fi);
-    m.f_final = at::cat(ff);
-    m.sum_u = at::cat(su);
-    m.sum_r = at::cat(sr);
+    config = stored_config(s0, c);
+    m.probe_labels = s0.at("labels").get<std::vector<int64_t>>();
+    m.outputs = s0.at("outputs").get<std::vector<int64_t>>();
+    m.optimizer = s0.at("optimizer").get<std::string>();
   } catch (const nlohmann::json::exception& e) {
-    throw InputError("a part's summary.json is malformed (" + std::string(e.what()) + ")");
+    first.refuse(std::string("malformed (") + e.what() + ")");
   }
-  if (static_cast<int64_t>(config.probe_indices.size()) != m.attributions.size(0) ||
-      m.outputs.size() != config.probe_indices.size() || m.probe_labels.size() != config.probe_indices.size()) {
-    throw InputError((parts.front().dir / "summary.json").string() + ": its probes do not match attributions.npy");
+  const auto n_probes = static_cast<int64_t>(config.probe_indices.size());
+  if (static_cast<int64_t>(m.probe_labels.size()) != n_probes || static_cast<int64_t>(m.outputs.size()) != n_probes) {
+    first.refuse("its labels or outputs do not match its probes");
   }
   m.probe_indices = config.probe_indices;
-  m.times_drawn = parts.front().times_drawn;
-  m.self_influence = parts.front().self_influence;
+  m.through_optimizer = true;
+  m.times_drawn = load_npy(first.dir / "times_drawn.npy");
+  if (m.times_drawn.dim() != 1 || m.times_drawn.scalar_type() != at::kLong) {
+    throw InputError((first.dir / "times_drawn.npy").string() + ": must be int64 [N_train]");
+  }
+  const int64_t n_train = m.times_drawn.size(0);
+  std::vector<at::Tensor> a, ax, u, r, ux;
+  at::Tensor f_end;  // the previous stretch's outputs after its last step
+  for (const StoredPart& p : parts) {
+    const int64_t rows = p.rows_end - p.rows_begin, steps = p.last - p.first + 1;
+    a.push_back(p.load("attributions.npy", {rows, n_train}));
+    if (p.exact) ax.push_back(p.load("attributions_exact.npy", {rows, n_train}));
+    if (!at::equal(load_npy(p.dir / "times_drawn.npy"), m.times_drawn)) {
+      p.refuse("its training examples' draws differ from the first part's (not the same run)");
+    }
+    if (fs::exists(p.dir / "self_influence.npy") != fs::exists(first.dir / "self_influence.npy")) {
+      p.refuse("the parts differ in --self-influence");
+    }
+    if (fs::exists(p.dir / "self_influence.npy")) {
+      const at::Tensor si = p.load("self_influence.npy", {n_train});
+      if (!m.self_influence.defined()) m.self_influence = si;
+      if ((si - m.self_influence).abs().max().item<double>() >
+          1e-12 * std::max(1e-300, m.self_influence.abs().max().item<double>())) {
+        p.refuse("its self-influence differs from the first part's");
+      }
+    }
+    const at::Tensor f = p.load("part_f.npy", {2, n_probes});
+    // A stretch starts where the previous one ended: the same weights, the same outputs.
+    if (f_end.defined() && (f[0] - f_end).abs().max().item<double>() >
+                               1e-12 * std::max(1e-300, f_end.abs().max().item<double>())) {
+      p.refuse("its outputs before its first step are not the previous part's after its last (another run's stretch?)");
+    }
+    if (!m.f_initial.defined()) m.f_initial = f[0].clone();
+    f_end = f[1].clone();
+    u.push_back(p.load("part_u.npy", {steps, n_probes}));
+    r.push_back(p.load("part_r.npy", {steps, n_probes}));
+    if (p.exact) ux.push_back(p.load("part_uexact.npy", {steps, n_probes}));
+    part_numbers(p, config, m);
+  }
+  m.f_final = f_end;
+  m.attributions = at::cat(a, 0);
+  // The steps' terms summed in one pass over all of them, as one process sums them: the same numbers.
+  m.sum_u = at::cat(u, 0).sum(0);
+  m.sum_r = at::cat(r, 0).sum(0);
+  if (first.exact) {
+    m.attributions_exact = at::cat(ax, 0);
+    m.sum_uexact = at::cat(ux, 0).sum(0);
+  }
   recompute_sum_check(m);
+  m.first_step = 0;
+  m.last_step = first.attributed_last;
   const std::shared_ptr<Trajectory> traj(open_trajectory(config.run, config.kernel_route == "torchscript"));
   m.trajectory = traj;  // the writer reads the same run
   read_draws(*traj, m.first_step, m.last_step, m);

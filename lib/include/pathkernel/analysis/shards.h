@@ -107,11 +107,14 @@ LaterShare walk_later_share(const MergeConfig& c);
 inline constexpr const char* kLaterShareFormat = "pathkernel-later-share/1";
 inline constexpr const char* kLaterShareRecord = "later_share.json";
 
-/// Joins explanations of one run's disjoint probe sets (explain --workers through the optimizer,
-/// each process explains some of the probes over the whole run), in the order given: rows
-/// concatenated, the per-example numbers (times drawn, self-influence) checked equal in every
-/// part and taken from the first, the sum check recomputed. Refuses (InputError naming the
-/// file) parts of different runs or settings, shards, or a probe in two parts.
+/// Joins the parts of explain --workers through the optimizer (`explain --probe-part I/N`, each
+/// its rows of the probes attributed over the whole run and its stretch of the steps analyzed for
+/// every probe): rows concatenated, the stretches' per-step terms concatenated and summed as one
+/// process sums them, the per-example numbers (times drawn, self-influence) checked equal in
+/// every part and taken from the first, the sum check recomputed. Refuses (InputError naming the
+/// file) a part missing or twice, parts of different runs, settings or probes, rows or steps
+/// that do not follow on, a stretch whose outputs at its first step are not the previous one's
+/// at its end, or a file of the wrong type or shape.
 std::pair<ExplainResult, ExplainConfig> join_probe_parts(const MergeConfig& c);
 
 }  // namespace pathkernel

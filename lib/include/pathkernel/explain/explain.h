@@ -47,6 +47,11 @@ struct ExplainConfig {
   /// --workers N (> 1): the command line attributes the run as N shards in N processes at once
   /// and adds them up (pathkernel explain; the library's explain() runs one process).
   int64_t workers = 1;
+  /// --probe-part I/N: one worker of `explain --workers N` through the optimizer. It attributes
+  /// the I-th of N parts of the probes over the whole run, and analyzes the I-th of N even
+  /// stretches of the run's steps for every probe. Its output is for the join only (join_probe_parts): the analysis is what every probe
+  /// shares, so no two workers do it twice.
+  int64_t part_index = 0, part_count = 0;
   /// --project D (> 0): the per-example split (a_i, K_{k,m}) through a seeded random projection
   /// of the gradients to about D dims per layer (projection.h); D, F, U, R, S and the run's K
   /// stay exact. Factorized route; plain SGD, momentum, Nesterov (no preconditioner).
@@ -58,11 +63,26 @@ struct ExplainConfig {
 
 class Trajectory;
 
+/// A worker's part of `explain --workers` through the optimizer (ExplainConfig::part_index):
+/// rows [rows_begin, rows_end) of the probes, attributed over the whole run, and the analysis of
+/// steps first .. last (the I-th of N even stretches) for all the probes.
+struct ProbePart {
+  int64_t index = 0, count = 0, rows_begin = 0, rows_end = 0;
+  std::vector<int64_t> probe_indices, probe_labels, outputs;  ///< every probe's, in order
+  int64_t first_step = 0, last_step = -1;
+  at::Tensor f_initial, f_final;  ///< float64 [P]: the outputs before the first step and after the last
+  /// float64 [steps, P]: per step, what the kernel view leaves to the update (U, or Uopt_wd +
+  /// Uopt_round, with U_stats), R, and with exact nodes the exact remainder.
+  at::Tensor u, r, uexact;
+  double max_quad_error = 0, projection_error = 0;
+};
+
 /// What explain will do with `c`'s run, before any work: whether it attributes through the
 /// optimizer's recursion, and the probes it explains (as the analysis chooses them).
 struct ExplainPlan {
   bool through_optimizer = false;
   std::vector<int64_t> probe_indices;
+  int64_t steps = 0;  ///< the run's logged steps
 };
 
 /// Opens the run. Throws InputError for a bad run or bad probes.
@@ -96,6 +116,8 @@ struct ExplainResult {
   /// A shard attributed through the optimizer: its steps' own share only (the earlier steps'
   /// gradients move its steps too), so its sum check is made when the shards are merged.
   bool sum_check_in_merge = false;
+  /// A worker's part (--probe-part): what it adds to the join; `part.count` 0 otherwise.
+  ProbePart part;
   /// Such a shard after the first: Phi (and Phi_exact) at its first step from its own steps, and
   /// the factor by which the later steps' Phi enters there (OptimizerAttribution).
   at::Tensor phi_begin, phi_exact_begin;
@@ -104,6 +126,8 @@ struct ExplainResult {
 
 /// The format tag of an explanation's summary.json.
 inline constexpr const char* kExplainFormat = "pathkernel-explain/1";
+/// The format tag of a --probe-part worker's summary.json.
+inline constexpr const char* kExplainPartFormat = "pathkernel-explain-part/1";
 
 /// One pass over the run. Throws InputError.
 ExplainResult explain(const ExplainConfig& config);
