@@ -16,8 +16,9 @@ namespace pathkernel::app {
 
 namespace {
 
-int merge_explanation_shards(const MergeCommand& cmd) {
-  const auto [res, config] = merge_explanations(cmd.config);
+/// Explanation shards (explain --shard I/N), or the parts of explain --probe-part I/N.
+int merge_explanation_shards(const MergeCommand& cmd, bool probe_parts) {
+  const auto [res, config] = probe_parts ? join_probe_parts(cmd.config) : merge_explanations(cmd.config);
   write_explanation(res, config);
   if (cmd.json) {
     print_summary_json(config.out);
@@ -33,8 +34,12 @@ int merge_explanation_shards(const MergeCommand& cmd) {
 }
 
 /// merge --walk K: walk_later_share, its outcome on stdout (one JSON object with --json).
-int walk_part(const MergeCommand& cmd, bool explanation) {
+int walk_part(const MergeCommand& cmd, bool explanation, bool probe_parts) {
   const int64_t k = cmd.config.walk;
+  if (probe_parts) {
+    throw InputError(cmd.config.shards.front() + ": a part of the probes (explain --probe-part); --walk is for the "
+                     "shards of the steps of an explanation (explain --shard): the probes' parts have nothing to walk");
+  }
   if (!explanation) {
     throw InputError(cmd.config.shards.front() + ": an analysis shard; --walk is for the shards of an explanation "
                      "through an optimizer with memory (an analysis' shards have no walks)");
@@ -60,10 +65,10 @@ int walk_part(const MergeCommand& cmd, bool explanation) {
 int cmd_merge(const Args& args) {
   MergeCommand cmd;
   if (!prepare_merge(args, cmd)) return 0;
-  const bool explanation =
-      read_json(std::filesystem::path(cmd.config.shards.front()) / "summary.json").value("format", "") == kExplainFormat;
-  if (cmd.config.walk > 0) return walk_part(cmd, explanation);
-  if (explanation) return merge_explanation_shards(cmd);
+  const std::string format = read_json(std::filesystem::path(cmd.config.shards.front()) / "summary.json").value("format", "");
+  const bool explanation = format == kExplainFormat, probe_parts = format == kExplainPartFormat;
+  if (cmd.config.walk > 0) return walk_part(cmd, explanation, probe_parts);
+  if (explanation || probe_parts) return merge_explanation_shards(cmd, probe_parts);
   const auto [res, config] = merge_shards(cmd.config);
   write_analysis(res, config);
   if (cmd.json) {

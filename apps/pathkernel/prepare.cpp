@@ -268,7 +268,8 @@ bool prepare_influence(const Args& args, InfluenceCommand& cmd) {
 bool prepare_merge(const Args& args, MergeCommand& cmd) {
   MergeConfig& c = cmd.config;
   cxxopts::Options opts("pathkernel merge",
-                        "Join the shards of one analysis (analyze --shard I/N) into the analysis one process writes.");
+                        "Join the shards of one analysis (analyze --shard I/N) or explanation (explain --shard I/N, or "
+                        "the parts of explain --probe-part I/N) into what one process writes.");
   opts.add_options()("shards", "the shards' analysis directories", cxxopts::value(c.shards))(
       "out", "analysis directory to create", cxxopts::value(c.out))("force", "write into a non-empty --out")(
       "walk", "K: explanation shards through an optimizer with memory: only walk part K again for the later "

@@ -230,6 +230,35 @@ TEST(E2eTest, ExplainWorkersAddUpToOneProcess) {
     EXPECT_LT(s["max_sum_error"].get<double>(), 1e-10) << name;
     EXPECT_EQ(s["attribution"].get<std::string>().substr(0, 4), name == "mom" ? "aopt" : "a: t") << name;
   }
+  // The momentum run's parts by hand (as on two machines), joined by merge in either order; a
+  // part alone, --walk over parts, and a part of a plain-SGD run are refused.
+  std::vector<std::string> parts;
+  for (const char* part : {"1/2", "2/2"}) {
+    parts.push_back((tmp / ("part" + std::to_string(parts.size() + 1))).string());
+    const Result r = run({"explain", mom.string(), "--probes", "3", "--grids", "0", "--probe-part", part, "--out", parts.back()},
+                         tmp.path());
+    ASSERT_EQ(r.status, 0) << r.err;
+    EXPECT_NE(r.out.find("part " + std::string(1, part[0]) + " of 2"), std::string::npos) << r.out;
+  }
+  const Result merged = run({"merge", parts[1], parts[0], "--out", (tmp / "mom-merged").string()}, tmp.path());
+  ASSERT_EQ(merged.status, 0) << merged.err;
+  EXPECT_NE(merged.out.find("sum check"), std::string::npos) << merged.out;
+  const at::Tensor a = load_npy(tmp / "mom-1" / "attributions.npy");
+  const at::Tensor b = load_npy(tmp / "mom-merged" / "attributions.npy");
+  ASSERT_EQ(a.sizes(), b.sizes());
+  EXPECT_LT((a - b).abs().max().item<double>(), 1e-12 * a.abs().max().item<double>());
+  const Result alone = run({"merge", parts[0], "--out", (tmp / "m1").string()}, tmp.path());
+  EXPECT_EQ(alone.status, 2);
+  EXPECT_NE(alone.err.find("part 1 of 2, but 1 parts were given"), std::string::npos) << alone.err;
+  EXPECT_FALSE(fs::exists(tmp / "m1"));
+  const Result walk = run({"merge", parts[0], parts[1], "--walk", "1"}, tmp.path());
+  EXPECT_EQ(walk.status, 2);
+  EXPECT_NE(walk.err.find("the probes' parts have nothing to walk"), std::string::npos) << walk.err;
+  const Result plain = run({"explain", sgd.string(), "--probes", "3", "--probe-part", "1/2", "--out", (tmp / "p-sgd").string()},
+                           tmp.path());
+  EXPECT_EQ(plain.status, 2);
+  EXPECT_NE(plain.err.find("attributed step by step"), std::string::npos) << plain.err;
+  EXPECT_FALSE(fs::exists(tmp / "p-sgd"));
 }
 
 }  // namespace
