@@ -179,6 +179,7 @@ TEST_F(ExplainTest, ExactIsRefusedOnModelsWithKinks) {
     e.run = c.out;
     e.exact_nodes = 4;
     EXPECT_THROW_WITH(explain(e), InputError, std::string("explain --exact: ") + model + " has kinks");
+    EXPECT_THROW_WITH(plan_explain(e), InputError, std::string("explain --exact: ") + model + " has kinks");  // --workers
     e.exact_nodes = 0;
     EXPECT_NO_THROW(explain(e)) << model;
   }

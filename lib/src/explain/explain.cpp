@@ -227,6 +227,9 @@ ExplainPlan plan_explain(const ExplainConfig& c) {
   c.validate();
   const std::unique_ptr<Trajectory> traj(open_trajectory(c.run, c.kernel_route == "torchscript"));
   const OptimizerOptions oo = traj->optimizer_after(0).options();
+  RunFacts facts;
+  facts.model = traj->model_spec() == "torchscript" ? "" : traj->model_spec();
+  refuse_exact_across_kinks(c, facts);  // once, before any worker starts
   ExplainPlan plan;
   plan.through_optimizer = through_optimizer(c, oo, traj->settings_vary());
   const int64_t n = traj->split_size(c.split);
