@@ -9,7 +9,8 @@ every output file but summary.json's timings is the same byte for byte.
 the run is trained with SGD + momentum M (lr 0.05), which explain attributes through the
 optimizer's recursion: each worker then attributes some of the probes over the whole run and
 analyzes a stretch of the steps for all of them, and attributions.npy is compared to one
-process's to 1e-12 of its largest (and reported bit for bit when it is).
+process's to 1e-12 of its largest (and reported bit for bit when it is); without momentum the
+workers take even stretches of the steps, compared the same way.
 
 --command merge (needs --momentum) explains the run in --parts N shards (`explain --shard I/N`,
 once, untimed) and times what follows them, the two ways alternating: `merge` walking every
@@ -63,7 +64,7 @@ def same_outputs(a, b):
 
 
 def close_attributions(a, b):
-    """Through the optimizer the parts are summed in another order: a_i to 1e-12 of the largest."""
+    """The parts' products and sums may round differently: a_i to 1e-12 of the largest."""
     import numpy as np
     x = np.load(os.path.join(a, "attributions.npy"))
     y = np.load(os.path.join(b, "attributions.npy"))
@@ -173,7 +174,7 @@ def main():
         for n in counts:
             m = statistics.median(times[n])
             line = "  --workers %d: %6.2f s wall  x%.2f" % (n, m, one / m)
-            if n > 1 and a.command == "explain" and a.momentum:
+            if n > 1 and a.command == "explain":
                 line += "  " + close_attributions(os.path.join(tmp, "an1"), os.path.join(tmp, "an%d" % n))
             elif n > 1:
                 differ = same_outputs(os.path.join(tmp, "an1"), os.path.join(tmp, "an%d" % n))

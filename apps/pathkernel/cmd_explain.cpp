@@ -36,6 +36,7 @@ int cmd_explain(const Args& args) {
     plan.threads = c.threads;
     plan.out = c.out;
     plan.force = c.force;
+    if (!by_probes) plan.extra = {"--shard-even"};  // one machine: balanced shards beat starting at checkpoints
     if (by_probes) {
       for (int64_t i = 1; i <= count; ++i) plan.parts.push_back({"--probe-part", std::to_string(i) + "/" + std::to_string(count)});
       spdlog::info("--workers: attributed through the optimizer, so each worker attributes some of the {} probes over "

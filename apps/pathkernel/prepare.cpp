@@ -192,8 +192,10 @@ bool prepare_explain(const Args& args, ExplainCommand& cmd) {
     ("shard", "I/N: attribute only the I-th of N parts of the run (add the parts up with pathkernel merge; through "
      "an optimizer with memory, merge also walks each part again for the later parts' share)",
      cxxopts::value<std::string>())
+    ("shard-even", "with --shard: split the steps evenly, not at stored checkpoints (each shard replays from the "
+     "checkpoint before its first step)")
     ("workers", "N: N processes at once, joined (plain SGD: stretches of steps; through the optimizer: some of the "
-     "probes each)", cxxopts::value(c.workers)->default_value("1"))
+     "probes each, and a stretch of the steps analyzed for all of them)", cxxopts::value(c.workers)->default_value("1"))
     ("probe-part", "I/N: (explain --workers sets it) the I-th part of the probes over the whole run, and the I-th "
      "stretch of steps analyzed for all of them", cxxopts::value<std::string>())
     ("csv", "attributions.csv holds: top (each probe's --top proponents and opponents) | all (every training "
@@ -222,7 +224,8 @@ bool prepare_explain(const Args& args, ExplainCommand& cmd) {
   c.self_influence = r.count("self-influence") > 0;
   c.force = r.count("force") > 0;
   if (r.count("shard")) std::tie(c.shard_index, c.shard_count) = parse_shard(r["shard"].as<std::string>());
-  if (r.count("probe-part")) std::tie(c.part_index, c.part_count) = parse_shard(r["probe-part"].as<std::string>());
+  c.shard_even = r.count("shard-even") > 0;
+  if (r.count("probe-part")) std::tie(c.part_index, c.part_count) = parse_shard(r["probe-part"].as<std::string>(), "--probe-part");
   cmd.json = json_output(r);
   check_output_dir(c.out, c.force, "summary.json", kExplainFormat);  // before any work
   c.validate();

@@ -452,6 +452,14 @@ TEST_F(ShardsTest, ProbePartsJoinIntoOneProcess) {
   EXPECT_EQ(plan_explain(e).probe_indices, e.probe_indices);
   EXPECT_TRUE(plan_explain(e).through_optimizer);
   EXPECT_EQ(plan_explain(e).steps, 24);
+  ExplainConfig spaced = e;  // the plan, from the manifest, chooses the probes the analysis chooses
+  spaced.probe_indices.clear();
+  spaced.probes = 3;
+  spaced.exact_nodes = 0;
+  spaced.self_influence = false;
+  EXPECT_EQ(plan_explain(spaced).probe_indices, explain(spaced).probe_indices);
+  spaced.split = "train";
+  EXPECT_EQ(plan_explain(spaced).probe_indices, explain(spaced).probe_indices);
   auto parts = [&](int n, const std::string& prefix, const ExplainConfig& base) {
     std::vector<std::string> dirs;
     for (int i = 1; i <= n; ++i) {

@@ -169,6 +169,7 @@ void ExplainConfig::validate() const {
   }
   if (workers < 1 || workers > 64) throw InputError("--workers takes 1..64 processes");
   if (workers > 1 && shard_count > 0) throw InputError("--workers splits the run into shards itself: give --shard or --workers");
+  if (shard_even && shard_count == 0) throw InputError("--shard-even goes with --shard I/N");
   if (part_count < 0 || (part_count > 0 && (part_index < 1 || part_index > part_count))) {
     throw InputError("--probe-part must be I/N with 1 <= I <= N");
   }
@@ -259,7 +260,7 @@ void InfluenceConfig::validate() const {
   parse_checkpoint_list(checkpoints);
 }
 
-std::pair<int64_t, int64_t> parse_shard(const std::string& text) {
+std::pair<int64_t, int64_t> parse_shard(const std::string& text, const std::string& flag) {
   const size_t slash = text.find('/');
   try {
     size_t u1 = 0, u2 = 0;
@@ -269,7 +270,7 @@ std::pair<int64_t, int64_t> parse_shard(const std::string& text) {
     if (u1 != a.size() || u2 != b.size() || n < 1 || n > 10000 || i < 1 || i > n) throw std::invalid_argument("");
     return {i, n};
   } catch (const std::exception&) {
-    throw InputError("--shard must be I/N with 1 <= I <= N (e.g. 2/3), got '" + text + "'");
+    throw InputError(flag + " must be I/N with 1 <= I <= N (e.g. 2/3), got '" + text + "'");
   }
 }
 

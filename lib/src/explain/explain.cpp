@@ -27,6 +27,7 @@
 #include "pathkernel/train/per_example.h"
 #include "pathkernel/train/train_config.h"
 #include "pathkernel/trajectory/class_names.h"
+#include "pathkernel/trajectory/recorded_run.h"
 #include "pathkernel/trajectory/trajectory.h"
 
 namespace pathkernel {
@@ -47,6 +48,7 @@ AnalyzeConfig analysis_config(const ExplainConfig& c, Trajectory* traj) {
   a.probe_indices = c.probe_indices;
   a.shard_index = c.shard_index;
   a.shard_count = c.shard_count;
+  a.shard_even = c.shard_even;
   a.kernel_route = c.kernel_route;
   a.threads = c.threads;
   a.trajectory = traj;
@@ -223,8 +225,34 @@ void fill_result(const ExplainConfig& c, const AnalysisResult& an, StepAttributi
 
 }  // namespace
 
+namespace {
+
+/// plan_explain of a run pathkernel trained, from its manifest and step log alone: the workers
+/// decode the data and check it against the manifest (a run's opening costs about 0.5 s).
+ExplainPlan plan_from_manifest(const ExplainConfig& c) {
+  const RunFacts facts = run_facts(c.run);
+  refuse_exact_across_kinks(c, facts);  // once, before any worker starts
+  const RunDir dir(c.run);
+  const nlohmann::json manifest = dir.read_manifest();
+  int64_t n = 0;
+  try {
+    n = manifest.at("data").at(c.split == "train" ? "train_examples" : "test_examples").get<int64_t>();
+  } catch (const nlohmann::json::exception& e) {
+    throw InputError(dir.manifest().string() + ": malformed (" + std::string(e.what()) + ")");
+  }
+  if (n <= 0) throw InputError(c.run + ": the run has no " + c.split + " split for probes");
+  ExplainPlan plan;
+  plan.through_optimizer = through_optimizer(c, facts.optimizer, facts.settings_vary);
+  plan.probe_indices = choose_probes(analysis_config(c, nullptr), n, at::Tensor());  // as the analysis chooses
+  plan.steps = static_cast<int64_t>(read_step_log(dir.steps_log()).size());
+  return plan;
+}
+
+}  // namespace
+
 ExplainPlan plan_explain(const ExplainConfig& c) {
   c.validate();
+  if (!is_recorded_run(c.run) && c.kernel_route != "torchscript") return plan_from_manifest(c);
   const std::unique_ptr<Trajectory> traj(open_trajectory(c.run, c.kernel_route == "torchscript"));
   const OptimizerOptions oo = traj->optimizer_after(0).options();
   RunFacts facts;

@@ -23,7 +23,7 @@ namespace pathkernel {
 std::vector<int64_t> shard_bounds(int64_t begin, int64_t end, const std::vector<int64_t>& checkpoints, int64_t n);
 
 /// Parses --shard I/N (1 <= I <= N). Throws InputError.
-std::pair<int64_t, int64_t> parse_shard(const std::string& text);
+std::pair<int64_t, int64_t> parse_shard(const std::string& text, const std::string& flag = "--shard");
 
 /// An analysis directory read back: its arrays and tables as an AnalysisResult, its settings as
 /// an AnalyzeConfig (out unset), and its summary. Throws InputError naming the file.

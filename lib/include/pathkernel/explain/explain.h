@@ -44,6 +44,9 @@ struct ExplainConfig {
   /// Adam, per-step settings) a part also stores what earlier parts receive from its steps
   /// (phi_begin.npy), and merge adds that share to them (attribution.h).
   int64_t shard_index = 0, shard_count = 0;
+  /// With --shard: split the steps evenly rather than at stored checkpoints (AnalyzeConfig::shard_even;
+  /// --workers, whose shards run on one machine, balances them so). The numbers are the same.
+  bool shard_even = false;
   /// --workers N (> 1): the command line attributes the run as N shards in N processes at once
   /// and adds them up (pathkernel explain; the library's explain() runs one process).
   int64_t workers = 1;
