@@ -542,6 +542,12 @@ TEST_F(ShardsTest, ProbePartsJoinIntoOneProcess) {
     save_npy(d / "part_u.npy", load_npy(d / "part_u.npy").narrow(0, 1, 5).contiguous());
   });
   EXPECT_THROW_WITH(join({dirs[0], cut}), InputError, "part_u.npy: must be float64 [");
+  const std::string nan = tampered("nan", [](const fs::path& d) {
+    at::Tensor r = load_npy(d / "part_r.npy");
+    r[0][0] = NAN;
+    save_npy(d / "part_r.npy", r);
+  });
+  EXPECT_THROW_WITH(join({dirs[0], nan}), InputError, "part_r.npy: holds a NaN or an infinity");
   const std::string overlap = tampered("overlap", [](const fs::path& d) {
     nlohmann::json s = read_json(d / "summary.json");
     s["part"]["rows_begin"] = s["part"]["rows_begin"].get<int64_t>() - 1;

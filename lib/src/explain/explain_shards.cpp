@@ -385,13 +385,14 @@ struct StoredPart {
   bool exact = false;
 
   [[noreturn]] void refuse(const std::string& why) const { throw InputError((dir / "summary.json").string() + ": " + why); }
-  /// dir/file: float64 of the given shape, else refused by name.
+  /// dir/file: finite float64 of the given shape, else refused by name.
   at::Tensor load(const char* file, const std::vector<int64_t>& shape) const {
     const fs::path f = dir / file;
     at::Tensor t = load_npy(f);
     if (t.scalar_type() != at::kDouble || t.sizes() != at::IntArrayRef(shape)) {
       throw InputError(f.string() + ": must be float64 [" + fmt_shape(shape) + "] (the part's rows or steps)");
     }
+    if (!at::isfinite(t).all().item<bool>()) throw InputError(f.string() + ": holds a NaN or an infinity");
     return t;
   }
   static std::string fmt_shape(const std::vector<int64_t>& shape) {
