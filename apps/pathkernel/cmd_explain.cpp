@@ -28,7 +28,7 @@ int cmd_explain(const Args& args) {
   // them), and analyzes a stretch of the steps for all of them (what every probe shares, once).
   const bool by_probes = ep.through_optimizer;
   const int64_t count = by_probes ? std::min({c.workers, static_cast<int64_t>(ep.probe_indices.size()), ep.steps})
-                                  : c.workers;
+                                  : std::min(c.workers, ep.steps);
   if (count > 1) {
     WorkerPlan plan;
     plan.command = "explain";
@@ -36,11 +36,12 @@ int cmd_explain(const Args& args) {
     plan.threads = c.threads;
     plan.out = c.out;
     plan.force = c.force;
-    if (!by_probes) plan.extra = {"--shard-even"};  // one machine: balanced shards beat starting at checkpoints
     if (by_probes) {
       for (int64_t i = 1; i <= count; ++i) plan.parts.push_back({"--probe-part", std::to_string(i) + "/" + std::to_string(count)});
       spdlog::info("--workers: attributed through the optimizer, so each worker attributes some of the {} probes over "
                    "the whole run and analyzes a stretch of the steps for all of them", ep.probe_indices.size());
+    } else {
+      plan.extra = {"--shard-even"};  // one machine: balanced stretches beat starting at checkpoints
     }
     MergeConfig merge;
     if (const int st = run_workers(args, plan, merge); st != 0) return st;

@@ -154,6 +154,26 @@ TEST(E2eTest, ShardsMergeIntoTheSingleProcessAnalysis) {
                           tmp.path());
   EXPECT_EQ(both.status, 2);
   EXPECT_NE(both.err.find("--workers"), std::string::npos) << both.err;
+  // More workers than the range has steps: a worker a step, the range's own analysis bit for
+  // bit; a range outside the run is refused once, by the one process, before any worker starts.
+  const Result few = run({"analyze", run_dir.string(), "--probes", "3", "--range", "1:3", "--workers", "8", "--out",
+                          (tmp / "few").string()},
+                         tmp.path());
+  ASSERT_EQ(few.status, 0) << few.err;
+  EXPECT_NE(few.err.find("analyze in 2 workers"), std::string::npos) << few.err;
+  ASSERT_EQ(run({"analyze", run_dir.string(), "--probes", "3", "--range", "1:3", "--out", (tmp / "few1").string()},
+                tmp.path()).status, 0);
+  for (const char* a : {"D", "F", "K", "R", "Kopt"}) {
+    EXPECT_EQ(read_file(tmp / "few1" / "arrays" / (std::string(a) + ".npy")),
+              read_file(tmp / "few" / "arrays" / (std::string(a) + ".npy"))) << a;
+  }
+  const Result outside = run({"analyze", run_dir.string(), "--range", "1:99999", "--workers", "2", "--out",
+                              (tmp / "outside").string()},
+                             tmp.path());
+  EXPECT_EQ(outside.status, 2);
+  EXPECT_NE(outside.err.find("outside the run's steps"), std::string::npos) << outside.err;
+  EXPECT_EQ(outside.err.find("worker"), std::string::npos) << outside.err;
+  EXPECT_FALSE(fs::exists(tmp / "outside"));
   // explain --shard of this momentum run: the part's sum check is left to merge, which needs
   // what the part hands on to the earlier steps (phi_begin.npy).
   const Result ex = run({"explain", run_dir.string(), "--probes", "2", "--grids", "0", "--shard", "2/2", "--out",
@@ -259,6 +279,18 @@ TEST(E2eTest, ExplainWorkersAddUpToOneProcess) {
   EXPECT_EQ(plain.status, 2);
   EXPECT_NE(plain.err.find("attributed step by step"), std::string::npos) << plain.err;
   EXPECT_FALSE(fs::exists(tmp / "p-sgd"));
+  // More workers than steps: one worker a step, either way.
+  for (const char* momentum : {"0", "0.9"}) {
+    const fs::path shortrun = tmp / (std::string("short-") + momentum);
+    ASSERT_EQ(run({"train", "--model", "mlp:4:tanh", "--train-limit", "200", "--steps", "3", "--momentum", momentum, "--out",
+                   shortrun.string()},
+                  tmp.path()).status, 0);
+    const Result many = run({"explain", shortrun.string(), "--probes", "5", "--grids", "0", "--workers", "8", "--out",
+                             (shortrun.string() + "-explained")},
+                            tmp.path());
+    EXPECT_EQ(many.status, 0) << many.err;
+    EXPECT_NE(many.err.find("explain in 3 workers"), std::string::npos) << many.err;
+  }
 }
 
 }  // namespace

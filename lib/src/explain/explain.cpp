@@ -244,7 +244,7 @@ ExplainPlan plan_from_manifest(const ExplainConfig& c) {
   ExplainPlan plan;
   plan.through_optimizer = through_optimizer(c, facts.optimizer, facts.settings_vary);
   plan.probe_indices = choose_probes(analysis_config(c, nullptr), n, at::Tensor());  // as the analysis chooses
-  plan.steps = static_cast<int64_t>(read_step_log(dir.steps_log()).size());
+  plan.steps = facts.logged_steps;
   return plan;
 }
 

@@ -324,6 +324,7 @@ RunFacts run_facts(const fs::path& run) {
     f.optimizer = r.optimizer();
     f.model = r.zoo_spec();
     f.settings_vary = r.settings_vary();
+    f.logged_steps = r.logged_steps();
     return f;
   }
   const RunDir dir(run);
@@ -336,6 +337,7 @@ RunFacts run_facts(const fs::path& run) {
   } catch (const nlohmann::json::exception& e) {
     throw InputError(dir.manifest().string() + ": malformed (" + std::string(e.what()) + ")");
   }
+  f.logged_steps = static_cast<int64_t>(read_step_log(dir.steps_log()).size());
   return f;
 }
 

@@ -112,6 +112,8 @@ struct RunFacts {
   std::string model;
   /// A recorded run whose settings change between steps or parameter groups (Trajectory::settings_vary).
   bool settings_vary = false;
+  /// Steps in the run's step log (what an analysis of the whole run covers).
+  int64_t logged_steps = 0;
 };
 RunFacts run_facts(const std::filesystem::path& run);
 
