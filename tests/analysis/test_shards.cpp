@@ -582,6 +582,9 @@ TEST(ShardBoundsTest, SplitsAtTheNearestCheckpoints) {
   EXPECT_EQ(shard_bounds(0, 24, ck, 1), (std::vector<int64_t>{0, 24}));
   EXPECT_EQ(shard_bounds(5, 24, ck, 2), (std::vector<int64_t>{5, 16, 24}));
   EXPECT_THROW_WITH(shard_bounds(0, 24, {0, 24}, 2), InputError, "too few");
+  // Even stretches (every step a checkpoint) of 3 steps: 3 shards, not 4.
+  EXPECT_EQ(shard_bounds(0, 3, {0, 1, 2}, 3), (std::vector<int64_t>{0, 1, 2, 3}));
+  EXPECT_THROW_WITH(shard_bounds(0, 3, {0, 1, 2}, 4), InputError, "a shard needs a step (use at most 3)");
   EXPECT_EQ(parse_shard("2/3"), (std::pair<int64_t, int64_t>{2, 3}));
   for (const char* bad : {"0/3", "4/3", "2", "2/3x", "a/b", "-1/2"}) {
     SCOPED_TRACE(bad);

@@ -291,6 +291,15 @@ TEST(E2eTest, ExplainWorkersAddUpToOneProcess) {
     EXPECT_EQ(many.status, 0) << many.err;
     EXPECT_NE(many.err.find("explain in 3 workers"), std::string::npos) << many.err;
   }
+  // By hand, a part without a probe or a step is refused before any work, and writes nothing.
+  for (const char* part : {"1/3", "3/4"}) {
+    const Result empty = run({"explain", (tmp / "short-0.9").string(), "--probes", std::string(part) == "1/3" ? "2" : "5",
+                              "--grids", "0", "--probe-part", part, "--out", (tmp / "empty-part").string()},
+                             tmp.path());
+    EXPECT_EQ(empty.status, 2) << empty.err;
+    EXPECT_NE(empty.err.find("parts (a part needs a probe and a step)"), std::string::npos) << empty.err;
+    EXPECT_FALSE(fs::exists(tmp / "empty-part"));
+  }
 }
 
 }  // namespace

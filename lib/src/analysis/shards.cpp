@@ -16,6 +16,11 @@ namespace pathkernel {
 namespace fs = std::filesystem;
 
 std::vector<int64_t> shard_bounds(int64_t begin, int64_t end, const std::vector<int64_t>& checkpoints, int64_t n) {
+  if (end - begin < n) {
+    throw InputError("cannot split steps " + std::to_string(begin) + ".." + std::to_string(end - 1) + " into " +
+                     std::to_string(n) + " shards: a shard needs a step (use at most " + std::to_string(end - begin) +
+                     ")");
+  }
   std::vector<int64_t> bounds = {begin};
   for (int64_t i = 1; i < n; ++i) {
     const double target = static_cast<double>(begin) + static_cast<double>(i) * static_cast<double>(end - begin) / n;

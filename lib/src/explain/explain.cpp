@@ -294,6 +294,13 @@ ExplainResult explain(const ExplainConfig& c) {
     if (!res.through_optimizer) {
       throw InputError("--probe-part: " + c.run + " is attributed step by step (plain SGD): --workers splits its steps");
     }
+    const size_t probes = choose_probes(a, traj->split_size(c.split), at::Tensor()).size();
+    if (static_cast<size_t>(c.part_count) > probes || c.part_count > traj->logged_steps()) {
+      throw InputError("--probe-part " + std::to_string(c.part_index) + "/" + std::to_string(c.part_count) + ": " +
+                       std::to_string(probes) + " probes over " + std::to_string(traj->logged_steps()) +
+                       " steps make at most " + std::to_string(std::min<int64_t>(probes, traj->logged_steps())) +
+                       " parts (a part needs a probe and a step)");
+    }
     a.shard_index = c.part_index;
     a.shard_count = c.part_count;
     a.shard_even = true;
