@@ -17,6 +17,7 @@
 #include "pathkernel/train/checkpoint.h"
 #include "pathkernel/train/trainer.h"
 #include "pathkernel/trajectory/replay.h"
+#include "pathkernel/trajectory/trajectory.h"
 
 namespace pathkernel {
 namespace {
@@ -226,6 +227,18 @@ TEST_F(IntegrityTest, AStrayLabelDoesNotSilentlyAddOutputs) {
   c.out = (tmp_ / "stray").string();
   EXPECT_THROW_WITH(train(c, ""), InputError, "labels go up to 200 but only 4 distinct values occur");
   EXPECT_FALSE(fs::exists(tmp_ / "stray" / "manifest.json"));
+  // A --train-limit that stops before the stray label reads the whole labels file all the same.
+  c.train_limit = 10;
+  EXPECT_THROW_WITH(train(c, ""), InputError, "labels go up to 200 but only 4 distinct values occur");
+  // A limit whose first examples hold few of the classes is no damaged file: the run has the
+  // file's three classes (it was refused: 1 distinct value of 0..2 in the first 4 examples).
+  for (int i = 0; i < 40; ++i) labels[i] = static_cast<uint8_t>(i < 4 ? 2 : i % 3);
+  testing::write_file(tmp_ / "data" / "train-labels-idx1-ubyte.gz", testing::idx_bytes({40}, labels), true);
+  c.train_limit = 4;
+  c.batch = 2;
+  c.out = (tmp_ / "few").string();
+  EXPECT_NO_THROW(train(c, ""));
+  EXPECT_EQ(open_trajectory(c.out)->num_classes(), 3);
 }
 
 class ReportInputTest : public IntegrityTest {

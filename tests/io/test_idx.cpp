@@ -105,6 +105,22 @@ TEST(IdxTest, LoadsSplitsWithLimitAndChecksCounts) {
   Dataset test = load_split(dir.path(), "test");
   EXPECT_EQ(test.size(), 9);
 
+  // The classes are the labels file's, whatever the first examples hold: with a limit of 2 over
+  // labels 0, 0, 2, 1, ... the model still has three outputs (it had one: the limit's max + 1).
+  std::vector<uint8_t> labels(30, 1);
+  labels[0] = labels[1] = 0;
+  labels[2] = 2;
+  write_file(dir / "train-labels-idx1-ubyte.gz", idx_bytes({30}, labels), true);
+  const Dataset two = load_split(dir.path(), "train", 2);
+  EXPECT_EQ(two.size(), 2);
+  EXPECT_EQ(two.labels.max().item<int64_t>(), 0);
+  EXPECT_EQ(two.num_classes(), 3);
+  EXPECT_EQ(two.distinct_labels(), 3);
+  // ... and a 255 beyond the limit is still a damaged file, named with its index.
+  labels[29] = 255;
+  write_file(dir / "train-labels-idx1-ubyte.gz", idx_bytes({30}, labels), true);
+  EXPECT_THROW_WITH(load_split(dir.path(), "train", 2), InputError, "label 255 at index 29 is out of range");
+
   write_file(dir / "t10k-labels-idx1-ubyte.gz", idx_bytes({8}, std::vector<uint8_t>(8, 0)), true);
   EXPECT_THROW_WITH(load_split(dir.path(), "test"), InputError, "has 9 images but");
   EXPECT_THROW_WITH(load_split(dir / "nope", "train"), InputError, "data folder does not exist");

@@ -5,6 +5,7 @@
 #include <zlib.h>
 
 #include <algorithm>
+#include <array>
 #include <cstring>
 
 #include "pathkernel/io/data_source.h"
@@ -164,7 +165,11 @@ fs::path find_idx_file(const fs::path& dir, const std::string& prefix, const std
                    ", emnist-SUBSET" + tail + "[.gz])");
 }
 
-int64_t Dataset::num_classes() const { return labels.max().item<int64_t>() + 1; }
+int64_t Dataset::num_classes() const { return file_classes > 0 ? file_classes : labels.max().item<int64_t>() + 1; }
+
+int64_t Dataset::distinct_labels() const {
+  return file_distinct > 0 ? file_distinct : std::get<0>(at::_unique(labels)).numel();
+}
 
 Dataset load_split(const fs::path& dir, const std::string& split, int64_t limit) {
   if (split != "train" && split != "test") throw InputError("unknown split '" + split + "'");
@@ -174,8 +179,9 @@ Dataset load_split(const fs::path& dir, const std::string& split, int64_t limit)
   ds.images_file = find_idx_file(dir, prefix, "images");
   ds.labels_file = find_idx_file(dir, prefix, "labels");
   IdxArray img = read_idx(ds.images_file, 3, limit);
-  IdxArray lab = read_idx(ds.labels_file, 1, limit);
-  if (img.dims[0] != lab.dims[0]) {
+  // The labels whole (a byte each): the classes are the data's, whatever the limit keeps.
+  IdxArray lab = read_idx(ds.labels_file, 1);
+  if (img.dims[0] != std::min(lab.dims[0], limit > 0 ? limit : lab.dims[0])) {
     throw InputError(ds.images_file.string() + " has " + std::to_string(img.dims[0]) + " images but " +
                      ds.labels_file.string() + " has " + std::to_string(lab.dims[0]) + " labels");
   }
@@ -186,14 +192,20 @@ Dataset load_split(const fs::path& dir, const std::string& split, int64_t limit)
   std::memcpy(ds.images.data_ptr<uint8_t>(), img.data.data(), size_t(n * h * w));
   ds.labels = at::empty({n}, at::kLong);
   auto* l = ds.labels.data_ptr<int64_t>();
-  for (int64_t i = 0; i < n; ++i) {
+  std::array<bool, 256> seen{};
+  for (size_t i = 0; i < lab.data.size(); ++i) {
     // EMNIST-letters has labels 1..26, so labels are kept as they are; anything over 254 is
     // no class label of an MNIST-style set.
     if (lab.data[i] == 255) {
-      throw InputError(ds.labels_file.string() + ": label " + std::to_string(lab.data[i]) +
-                       " at index " + std::to_string(i) + " is out of range");
+      throw InputError(ds.labels_file.string() + ": label 255 at index " + std::to_string(i) + " is out of range");
     }
-    l[i] = lab.data[i];
+    seen[lab.data[i]] = true;
+    if (static_cast<int64_t>(i) < n) l[i] = lab.data[i];
+  }
+  for (int v = 0; v < 256; ++v) {
+    if (!seen[static_cast<size_t>(v)]) continue;
+    ds.file_classes = v + 1;
+    ++ds.file_distinct;
   }
   return ds;
 }

@@ -68,7 +68,7 @@ std::unique_ptr<RunContext> make_run_context(const TrainConfig& config, std::opt
   // The model's number of outputs follows the labels; a stray label in a damaged or foreign file
   // would silently add outputs. The classes 0..max must mostly occur (EMNIST letters: 1..26 of
   // 0..26) and there are at most kMaxClasses of them.
-  const int64_t distinct = std::get<0>(at::_unique(ctx->train.labels)).numel();
+  const int64_t distinct = ctx->train.distinct_labels();
   if (ctx->num_classes > kMaxClasses || 2 * distinct < ctx->num_classes) {
     throw InputError(ctx->train.labels_file.string() + ": labels go up to " + std::to_string(ctx->num_classes - 1) +
                      " but only " + std::to_string(distinct) + " distinct values occur (at most " +

@@ -38,8 +38,13 @@ struct Dataset {
   int64_t size() const { return labels.defined() ? labels.size(0) : 0; }
   int64_t height() const { return images.size(2); }
   int64_t width() const { return images.size(3); }
-  /// Largest label + 1.
+  /// Largest label + 1, over the whole labels file: with a limit, the first examples need not
+  /// hold every class, but the model's outputs are the data's.
   int64_t num_classes() const;
+  /// Distinct labels over the whole labels file.
+  int64_t distinct_labels() const;
+  /// The whole labels file's largest label + 1 and distinct labels (0: from `labels`).
+  int64_t file_classes = 0, file_distinct = 0;
 };
 
 /// Finds the file of a split in `dir`: `PREFIX-KIND-idxN-ubyte` with or without `.gz`, or the
@@ -49,7 +54,8 @@ std::filesystem::path find_idx_file(const std::filesystem::path& dir, const std:
                                     const std::string& kind);
 
 /// Loads a split ("train" or "test") from an IDX folder, keeping the first `limit` examples
-/// when limit > 0. Checks that images and labels agree in count. Throws InputError.
+/// when limit > 0 (the labels file is still read whole, for the classes). Checks that images
+/// and labels agree in count. Throws InputError.
 Dataset load_split(const std::filesystem::path& dir, const std::string& split, int64_t limit = 0);
 
 /// Loads a split from `data`: an IDX folder (load_split), or `synthetic:NAME` for a built-in
