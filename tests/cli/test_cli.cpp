@@ -87,6 +87,8 @@ TEST(CliTest, EverySubcommandRefusesABadOutOrFlagAtOnceWritingNothing) {
       {{"sweep", "--data", nowhere, "--lr", "0.1", "--steps", "4", "--out", used.string()}, "notes.txt, which a sweep"},
       {{"sweep", "--data", nowhere, "--lr", "0.1", "--steps", "4", "--out", below_file}, "cannot be created"},
       {{"sweep", "--data", data.string(), "--lr", "fast", "--steps", "4", "--out", (tmp / "s").string()}, "--lr"},
+      {{"sweep", "--data", data.string(), "--lr", "0.1,1e-2,0.10", "--steps", "4", "--out", (tmp / "s").string()},
+       "--lr lists 0.1 twice"},
       // Issue 22: values that were accepted, or refused only deep inside the work (exit 1).
       {{"explain", run.string(), "--probes", "2", "--logit", "-1", "--out", (tmp / "e").string()},
        "--logit must be a logit index, 0 or more"},

@@ -1,6 +1,7 @@
 // The checks of every command's settings, in a unit free of LibTorch: the `pathkernel`
 // launcher runs them (and the output checks of fs_util.cpp) before LibTorch is loaded, so a bad
 // flag or an unusable --out is refused in milliseconds.
+#include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
@@ -202,6 +203,11 @@ void SweepConfig::validate() const {
   if (lrs.empty()) throw InputError("--lr needs at least one learning rate (e.g. 1e-4,1e-3,1e-2,1e-1)");
   for (double lr : lrs) {
     if (!(lr > 0) || !std::isfinite(lr)) throw InputError("--lr: every rate must be positive");
+  }
+  std::vector<double> sorted = lrs;  // each rate's run has a folder of its own (lr_<rate>)
+  std::sort(sorted.begin(), sorted.end());
+  if (const auto twice = std::adjacent_find(sorted.begin(), sorted.end()); twice != sorted.end()) {
+    throw InputError(fmt::format("--lr lists {} twice", *twice));
   }
   if (out.empty()) throw InputError("--out DIR is required");
   // A sweep continues in its own folder: an existing --out may hold only what a sweep writes
