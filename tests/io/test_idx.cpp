@@ -34,6 +34,8 @@ TEST(IdxTest, ReadsOnlyTheFirstItemsWhenAsked) {
   write_file(dir / "a.gz", idx_bytes({5, 2, 2}, data), true);
   const IdxArray full = read_idx(dir / "a.gz", 3), first = read_idx(dir / "a.gz", 3, 2);
   EXPECT_EQ(first.dims, (std::vector<int64_t>{2, 2, 2}));
+  EXPECT_EQ(first.header_items, 5);
+  EXPECT_EQ(full.header_items, 5);
   EXPECT_EQ(first.data, std::vector<uint8_t>(full.data.begin(), full.data.begin() + 8));
   EXPECT_EQ(read_idx(dir / "a.gz", 3, 9).data, full.data);  // a limit past the end reads all
   write_file(dir / "cut", idx_bytes({5, 2, 2}, data).substr(0, 16 + 12), false);
@@ -123,6 +125,14 @@ TEST(IdxTest, LoadsSplitsWithLimitAndChecksCounts) {
 
   write_file(dir / "t10k-labels-idx1-ubyte.gz", idx_bytes({8}, std::vector<uint8_t>(8, 0)), true);
   EXPECT_THROW_WITH(load_split(dir.path(), "test"), InputError, "has 9 images but");
+  // With a limit the images are decoded only up to it, but the two headers' counts still meet:
+  // a labels file one short of the images file is refused whatever the limit.
+  write_file(dir / "t10k-labels-idx1-ubyte.gz", idx_bytes({8}, std::vector<uint8_t>(8, 0)), true);
+  EXPECT_THROW_WITH(load_split(dir.path(), "test", 3), InputError, "has 9 images but");
+  write_file(dir / "t10k-labels-idx1-ubyte.gz", idx_bytes({10}, std::vector<uint8_t>(10, 0)), true);
+  EXPECT_THROW_WITH(load_split(dir.path(), "test", 3), InputError, "has 10 labels");
+  write_file(dir / "t10k-labels-idx1-ubyte.gz", idx_bytes({9}, std::vector<uint8_t>(9, 0)), true);
+  EXPECT_EQ(load_split(dir.path(), "test", 3).size(), 3);
   EXPECT_THROW_WITH(load_split(dir / "nope", "train"), InputError, "data folder does not exist");
 }
 

@@ -104,6 +104,7 @@ IdxArray read_idx(const fs::path& path, int expected_ndims, int64_t max_items) {
       throw InputError(name + ": dimensions describe more than " + std::to_string(kMaxIdxBytes) + " bytes of data");
     }
   }
+  arr.header_items = arr.dims[0];
   const bool partial = max_items > 0 && max_items < arr.dims[0];
   if (partial) {
     count = count / static_cast<uint64_t>(arr.dims[0]) * static_cast<uint64_t>(max_items);
@@ -181,8 +182,10 @@ Dataset load_split(const fs::path& dir, const std::string& split, int64_t limit)
   IdxArray img = read_idx(ds.images_file, 3, limit);
   // The labels whole (a byte each): the classes are the data's, whatever the limit keeps.
   IdxArray lab = read_idx(ds.labels_file, 1);
-  if (img.dims[0] != std::min(lab.dims[0], limit > 0 ? limit : lab.dims[0])) {
-    throw InputError(ds.images_file.string() + " has " + std::to_string(img.dims[0]) + " images but " +
+  // The headers' counts, not what was decoded: with a limit, a labels file of other length than
+  // the images file is as wrong beyond the limit as within it.
+  if (img.header_items != lab.dims[0]) {
+    throw InputError(ds.images_file.string() + " has " + std::to_string(img.header_items) + " images but " +
                      ds.labels_file.string() + " has " + std::to_string(lab.dims[0]) + " labels");
   }
   int64_t n = img.dims[0];

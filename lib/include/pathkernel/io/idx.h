@@ -16,6 +16,7 @@ namespace pathkernel {
 struct IdxArray {
   std::vector<int64_t> dims;   ///< e.g. {60000, 28, 28} for images, {60000} for labels
   std::vector<uint8_t> data;   ///< row-major, product(dims) bytes
+  int64_t header_items = 0;    ///< the header's first dimension (dims[0] unless read partially)
 };
 
 /// The largest IDX data read (16 GiB; EMNIST's largest file holds 0.5 GiB).
@@ -26,8 +27,9 @@ inline constexpr uint64_t kMaxIdxBytes = uint64_t{1} << 34;
 /// and the length of the data against the header. Throws InputError naming the file and the
 /// problem (for example "truncated: header says 47040016 bytes of data, file has 1000").
 /// With `max_items` > 0, only the first max_items items (along the first dimension) are read
-/// and dims[0] says so: the header is checked as always, the rest of the file is not read (nor
-/// is its length or gzip checksum checked), so a --train-limit run decodes only its examples.
+/// and dims[0] says so (header_items keeps the header's count): the header is checked as always,
+/// the rest of the file is not read (nor is its length or gzip checksum checked), so a
+/// --train-limit run decodes only its examples.
 IdxArray read_idx(const std::filesystem::path& path, int expected_ndims, int64_t max_items = 0);
 
 /// One split of an IDX data folder.
