@@ -131,15 +131,40 @@ TEST_F(IntegrityTest, ForceReplacesOnlyAnEarlierOutputOfTheSameKind) {
   EXPECT_THROW_WITH(write_analysis(r, a), InputError, "--force replaces only an earlier output of this command");
   EXPECT_EQ(read_file(RunDir(run_).summary()), run_summary);
 
-  // An earlier analysis is replaced whole: no stale file of it is left.
+  // An earlier analysis is replaced whole: no stale file of it is left (S.npy of an earlier
+  // --second-order analysis is gone after one without).
   a = analysis("a");
+  a.second_order = true;
   write_analysis(analyze(a), a);
-  atomic_write(fs::path(a.out) / "arrays" / "stale.npy", "x");
+  a.second_order = false;
+  ASSERT_TRUE(fs::exists(fs::path(a.out) / "arrays" / "S.npy"));
   EXPECT_THROW_WITH(write_analysis(r, a), InputError, "already exists and is not empty");
   a.force = true;
   write_analysis(r, a);
-  EXPECT_FALSE(fs::exists(fs::path(a.out) / "arrays" / "stale.npy"));
+  EXPECT_FALSE(fs::exists(fs::path(a.out) / "arrays" / "S.npy"));
   EXPECT_TRUE(fs::exists(fs::path(a.out) / "arrays" / "D.npy"));
+  // ... but what the user added to it is not pathkernel's to remove: a file in arrays/, a report
+  // made inside it, notes beside it. Refused naming the file; nothing changes.
+  for (const fs::path added : {fs::path("arrays") / "mine.npy", fs::path("report") / "report.html", fs::path("notes.txt")}) {
+    fs::create_directories((fs::path(a.out) / added).parent_path());
+    atomic_write(fs::path(a.out) / added, "mine");
+    const std::string d = read_file(fs::path(a.out) / "arrays" / "D.npy");
+    const fs::path named = added.parent_path() == "report" ? fs::path("report") : added;  // the new folder itself
+    EXPECT_THROW_WITH(write_analysis(r, a), InputError, "--force would remove " + (fs::path(a.out) / named).string() + ",");
+    EXPECT_EQ(read_file(fs::path(a.out) / added), "mine");
+    EXPECT_EQ(read_file(fs::path(a.out) / "arrays" / "D.npy"), d);
+    fs::remove(fs::path(a.out) / added);
+    if (added.parent_path() == "report") fs::remove(fs::path(a.out) / "report");
+  }
+  // A damaged record vouches for nothing; an output without one (older than the record) is
+  // refused too: the user removes it.
+  atomic_write(fs::path(a.out) / kWrittenRecord, "{not json");
+  EXPECT_THROW_WITH(write_analysis(r, a), InputError, "--force would remove");
+  fs::remove(fs::path(a.out) / kWrittenRecord);
+  EXPECT_THROW_WITH(write_analysis(r, a), InputError, "holds no record of what pathkernel wrote");
+  fs::remove_all(a.out);
+  write_analysis(r, a);
+  write_analysis(r, a);  // and a record of its own output is always enough
 
   // explain --force does not take an analysis folder, and a folder of the user's is never touched.
   ExplainConfig e;

@@ -85,6 +85,17 @@ TEST_F(OutputSafetyTest, APlantedSegmentsLinkIsRefusedAndItsTargetKept) {
   atomic_write(fs::path(a.out) / "segments" / "notes.txt", "x");
   EXPECT_THROW_WITH(analyze(a), InputError, "notes.txt: not a segment of an interrupted analysis (an unexpected entry)");
   EXPECT_TRUE(fs::exists(fs::path(a.out) / "segments" / "notes.txt"));
+  fs::remove(fs::path(a.out) / "segments" / "notes.txt");
+
+  // Beside the segments: the user's file would have gone with the folder once the analysis
+  // completed (continued, or discarded with --force). Refused, naming it; kept.
+  victim(fs::path(a.out) / "mine");
+  EXPECT_THROW_WITH(analyze(a), InputError, "an/mine, which is not the interrupted analysis's own");
+  EXPECT_THROW_WITH(analyze(other), InputError, "which is not the interrupted analysis's own");
+  expect_untouched(fs::path(a.out) / "mine");
+  fs::remove_all(fs::path(a.out) / "mine");
+  write_analysis(analyze(a), a);  // then it continues and completes (written through commit)
+  EXPECT_FALSE(fs::exists(fs::path(a.out) / "partial.json"));
 }
 
 // StagedOutput::commit removed a sibling `OUT.replaced` the user owned, with or without --force.

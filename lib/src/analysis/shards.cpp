@@ -316,6 +316,13 @@ std::vector<StoredAnalysis> open_progress(const fs::path& dir, const nlohmann::j
   if (is_partial_analysis(dir.string())) {
     const nlohmann::json have = read_json(marker);
     const std::vector<fs::path> old = segment_dirs(segments);  // refused before anything is removed
+    // Continued or discarded, the folder ends replaced by a complete analysis: nothing the user
+    // put there may go with it.
+    if (const fs::path extra = foreign_entry(dir); !extra.empty()) {
+      throw InputError(dir.string() + ": holds " + (dir / extra).string() +
+                       ", which is not the interrupted analysis's own; it would be removed with the folder when "
+                       "the analysis completes: move it out first, or give another --out");
+    }
     if (have.value("key", nlohmann::json()) != key) {
       if (!force) {
         throw InputError(dir.string() + ": holds an interrupted analysis of another command (other run, settings or "

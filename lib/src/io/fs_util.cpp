@@ -7,10 +7,13 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <fstream>
+#include <set>
 #include <sstream>
+#include <vector>
 
 #include "pathkernel/io/errors.h"
 
@@ -175,6 +178,68 @@ void check_output_dir(const fs::path& out, bool force, const std::string& marker
     throw InputError(out.string() + ": --force replaces only an earlier output of this command (" + marker +
                      (format.empty() ? "" : " of format " + format) + "), and this folder holds something else");
   }
+  if (const fs::path extra = foreign_entry(out); !extra.empty()) {
+    const bool recorded = fs::is_regular_file(out / kWrittenRecord);
+    throw InputError(out.string() + ": --force would remove " + (out / extra).string() +
+                     (recorded ? ", which is not part of the earlier output (" + std::string(kWrittenRecord) +
+                                     " lists what is)"
+                               : "; this output holds no record of what pathkernel wrote in it (" +
+                                     std::string(kWrittenRecord) + ": it is older than the record)") +
+                     ": move it out, or choose another --out");
+  }
+}
+
+namespace {
+
+/// What commit() puts in place: every entry under `dir`, relative, files and folders, sorted.
+std::vector<std::string> entries_under(const fs::path& dir) {
+  std::vector<std::string> names;
+  for (auto it = fs::recursive_directory_iterator(dir); it != fs::recursive_directory_iterator(); ++it) {
+    names.push_back(it->path().lexically_relative(dir).generic_string());
+  }
+  std::sort(names.begin(), names.end());
+  return names;
+}
+
+/// A command's working state in its own output folder (written in place, not through staging).
+bool working_state(const std::string& top) {
+  static const std::set<std::string> names = {"workers",         "segments",        "partial.json",
+                                              "later_share.json", "later_share.npy", "later_share_exact.npy"};
+  return names.count(top) > 0;
+}
+
+}  // namespace
+
+fs::path foreign_entry(const fs::path& out) {
+  std::set<std::string> written;
+  std::error_code ec;
+  if (fs::is_regular_file(fs::symlink_status(out / kWrittenRecord, ec))) {
+    try {
+      const nlohmann::json j = read_json(out / kWrittenRecord);
+      if (j.value("format", "") == kWrittenFormat && j.contains("entries") && j["entries"].is_array()) {
+        for (const auto& e : j["entries"]) {
+          if (e.is_string()) written.insert(e.get<std::string>());
+        }
+      }
+    } catch (const std::exception&) {
+      written.clear();  // a damaged record vouches for nothing
+    }
+  }
+  std::vector<std::string> found;
+  auto it = fs::recursive_directory_iterator(out, ec);  // links are entries, never followed
+  for (; !ec && it != fs::recursive_directory_iterator(); it.increment(ec)) {
+    const fs::path rel = it->path().lexically_relative(out);
+    const std::string name = rel.generic_string();
+    if (it.depth() == 0 && (working_state(name) || name == kWrittenRecord)) {
+      it.disable_recursion_pending();
+      continue;
+    }
+    if (written.count(name) == 0) found.push_back(name);
+  }
+  if (ec) throw InputError(out.string() + ": cannot be listed (" + ec.message() + ")");
+  if (found.empty()) return {};
+  std::sort(found.begin(), found.end());
+  return found.front();
 }
 
 namespace {
@@ -238,6 +303,8 @@ void StagedOutput::commit() {
     displaced = name;
     fs::rename(out_, displaced / "old");
   }
+  const nlohmann::json record = {{"format", kWrittenFormat}, {"entries", entries_under(staging_)}};
+  atomic_write(staging_ / kWrittenRecord, record.dump(1) + "\n");
   fs::permissions(staging_, fs::perms::owner_all | fs::perms::group_read | fs::perms::group_exec |
                                 fs::perms::others_read | fs::perms::others_exec);
   fs::rename(staging_, out_);

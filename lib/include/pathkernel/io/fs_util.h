@@ -41,10 +41,22 @@ nlohmann::json read_json(const std::filesystem::path& path, bool object = true);
 /// fsyncs a directory so that renames inside it are durable.
 void sync_directory(const std::filesystem::path& dir);
 
+/// The list of what a StagedOutput wrote, kept inside the output (written by commit()).
+inline constexpr const char* kWrittenRecord = ".pathkernel-written.json";
+inline constexpr const char* kWrittenFormat = "pathkernel-written/1";
+
+/// The first entry of output folder `out` (relative to it, depth first, sorted) that pathkernel
+/// did not write there: not in the folder's record (kWrittenRecord), and not the working state a
+/// command keeps in its own output (workers/, segments/, partial.json, merge --walk's later_share
+/// files). Empty when there is none. A folder with no record has only working state of its own.
+std::filesystem::path foreign_entry(const std::filesystem::path& out);
+
 /// Checks, before any work, that `out` can take a command's output: it must not exist, or be an
 /// empty folder, or (with `force`) hold an earlier output of the same kind, recognized by the
 /// file `marker` inside it (and, when `format` is given, a JSON object in it whose "format" is
-/// `format`). Never a run directory or another command's output. Throws InputError.
+/// `format`) and holding nothing but what pathkernel wrote there (foreign_entry): a file the user
+/// added (notes, a report made inside it) is never removed by --force. Never a run directory or
+/// another command's output. Throws InputError.
 void check_output_dir(const std::filesystem::path& out, bool force, const std::string& marker,
                       const std::string& format = "");
 
@@ -60,7 +72,8 @@ void check_output_file(const std::filesystem::path& out, bool force);
 /// replaced, while the command ran is refused (InputError), never overwritten. The earlier output
 /// is first moved into a folder of a unique name that this object creates (`.NAME.replaced-XXXXXX`),
 /// so no file the user owns beside `out` is touched, and removed from there once the new one is in
-/// place. Nothing is followed through a symbolic link.
+/// place. Nothing is followed through a symbolic link. commit() lists every entry it puts in place
+/// in kWrittenRecord, so that a later --force can tell them from what the user added.
 class StagedOutput {
  public:
   explicit StagedOutput(const std::filesystem::path& out);
