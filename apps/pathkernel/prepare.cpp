@@ -102,7 +102,17 @@ bool prepare_replay(const Args& args, ReplayCommand& cmd) {
   if (cmd.run.empty()) throw InputError("pathkernel replay: give the run directory (see --help)");
   if (!cmd.verify && !cmd.step) throw InputError("pathkernel replay: give --verify or --step K --out FILE");
   if (cmd.step && cmd.out.empty()) throw InputError("pathkernel replay: --step needs --out FILE");
-  if (!cmd.out.empty()) check_output_file(cmd.out, cmd.force);  // before any work
+  if (!cmd.out.empty()) {  // before any work
+    if (resolves_inside(cmd.run, cmd.out)) {
+      throw InputError(cmd.out + ": is inside the run directory " + cmd.run +
+                       ", which replay reads and never writes; give a path outside it");
+    }
+    check_output_file(cmd.out, cmd.force);
+    if (cmd.force && fs::is_regular_file(cmd.out) && read_file_head(cmd.out, 4) != std::string("PK\x03\x04", 4)) {
+      throw InputError(cmd.out + ": --force replaces only an earlier weights file (a PyTorch archive, as replay "
+                       "writes), and this file is something else");
+    }
+  }
   check_input_dir(cmd.run, "run directory");
   return true;
 }

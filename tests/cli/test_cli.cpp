@@ -53,6 +53,11 @@ TEST(CliTest, EverySubcommandRefusesABadOutOrFlagAtOnceWritingNothing) {
       {{"replay", nowhere, "--step", "2", "--out", notes}, "exists; pass --force"},
       {{"replay", nowhere, "--step", "2", "--out", below_file}, "cannot be created"},
       {{"replay", run.string(), "--step", "2", "--bogus", "--out", (tmp / "w.pt").string()}, "bogus"},
+      // --force over the run's own files (the manifest was overwritten with weights: the run lost)
+      {{"replay", run.string(), "--step", "2", "--force", "--out", (run / "manifest.json").string()},
+       "is inside the run directory"},
+      {{"replay", run.string(), "--step", "2", "--out", (run / "checkpoints" / "w.pt").string()}, "is inside the run directory"},
+      {{"replay", run.string(), "--step", "2", "--force", "--out", notes}, "replaces only an earlier weights file"},
       {{"analyze", nowhere, "--out", used.string()}, "already exists and is not empty"},
       {{"analyze", nowhere, "--out", below_file}, "cannot be created"},
       {{"analyze", nowhere, "--out", proc}, "cannot be created"},

@@ -171,6 +171,9 @@ TEST(E2eTest, ReplayVerifyNamesTheFirstDifferingStep) {
   const Result again = run({"replay", out.string(), "--step", "33", "--out", (tmp / "w33.pt").string()}, tmp.path());
   EXPECT_EQ(again.status, 2);
   EXPECT_NE(again.err.find("pass --force"), std::string::npos);
+  // --force replaces an earlier weights file (CliTest: never a file of another kind, nor the run's)
+  ASSERT_EQ(run({"replay", out.string(), "--step", "20", "--out", (tmp / "w33.pt").string(), "--force"}, tmp.path()).status, 0);
+  EXPECT_EQ(load_tensor_dict(tmp / "w33.pt").size(), 6u);
 }
 
 TEST(E2eTest, BadInputExitsTwoNamingTheFileAndWritesNothing) {

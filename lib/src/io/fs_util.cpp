@@ -11,6 +11,7 @@
 #include <cerrno>
 #include <cstring>
 #include <fstream>
+#include <limits>
 #include <set>
 #include <sstream>
 #include <vector>
@@ -95,6 +96,22 @@ std::string read_file(const fs::path& path, int64_t max_bytes) {
     done += static_cast<size_t>(n);
   }
   ::close(fd);
+  return bytes;
+}
+
+std::string read_file_head(const fs::path& path, size_t n) {
+  int64_t size = 0;
+  const int fd = open_regular_file(path, size, std::numeric_limits<int64_t>::max());
+  std::string bytes(std::min(n, static_cast<size_t>(size)), '\0');
+  size_t done = 0;
+  while (done < bytes.size()) {
+    const ssize_t got = ::read(fd, bytes.data() + done, bytes.size() - done);
+    if (got < 0 && errno == EINTR) continue;
+    if (got <= 0) break;
+    done += static_cast<size_t>(got);
+  }
+  ::close(fd);
+  bytes.resize(done);
   return bytes;
 }
 
