@@ -514,7 +514,9 @@ class Recorder:
     capture_inputs: the inputs of the model's last training forward before optimizer.step() are
         compared with the stored rows of the batch; when they differ (augmentation), they are
         stored with the step, so the analysis sees what training saw. rec.step(..., inputs=x)
-        gives them explicitly.
+        gives them explicitly. With gradient accumulation (several forwards and backward passes,
+        one optimizer.step()), the forwards a backward pass reached are joined into the step's
+        batch, and its loss is computed from their outputs (recorded as `accumulated`).
     """
 
     def __init__(self, out, model, optimizer, train, test=None, loss="ce", checkpoint_every=1,
@@ -661,6 +663,9 @@ class Recorder:
             self._fingerprint = self._gradient_fingerprint()
             self._fed_at_step, self._fed = self._fed, None
             self._masks_at_step, self._masks.forward = self._masks.forward, None
+            # The training forwards whose outputs the backward passes went through: more than one
+            # is gradient accumulation (micro-batches, one optimizer.step()).
+            self._used_at_step, self._forwards = [f for f in self._forwards if f["used"]], []
             return original(*args, **kwargs)
         if hasattr(original, "_with_counter"):  # an LR scheduler already counts the steps
             step._with_counter = original._with_counter
@@ -684,14 +689,32 @@ class Recorder:
                 self._raw[i] = g.detach().clone() if self._raw[i] is None else self._raw[i] + g.detach()
             return hook
         self._grad_hooks = [p.register_hook(raw_hook(i)) for i, p in enumerate(order)]
-        self._hook = None
+        self._hook = self._post_hook = None
+        self._forwards, self._used_at_step = [], []
+        self._train_y = splits["train"][1]
         if capture_inputs:
             def pre_hook(module, args):
                 if torch.is_grad_enabled() and args and isinstance(args[0], torch.Tensor):
                     self._fed = args[0]
+
+            def post_hook(module, args, output):
+                # Each training forward's inputs, outputs and masks; marked used when a backward
+                # pass reaches its output.
+                if not (torch.is_grad_enabled() and args and isinstance(args[0], torch.Tensor)):
+                    return
+                out = output[model.key] if isinstance(model, _Selected) else output
+                if not isinstance(out, torch.Tensor) or not out.requires_grad:
+                    return
+                entry = {"x": args[0], "y": out.detach(), "masks": self._masks.forward, "used": False}
+
+                def reached(g):
+                    entry["used"] = True
+                out.register_hook(reached)
+                self._forwards = self._forwards[-63:] + [entry]  # at most 64 between two steps
             # On the module the loop calls (inside the output selection, when there is one).
             called = model.model if isinstance(model, _Selected) else model
             self._hook = called.register_forward_pre_hook(pre_hook)
+            self._post_hook = called.register_forward_hook(post_hook)
         self._masks = _MaskKeeper(model, model.model if isinstance(model, _Selected) else model,
                                   [(n, m) for n, m in sites if n in mask_sites],
                                   [(n, m) for n, m in norms if n in norm_sites])
@@ -786,8 +809,10 @@ class Recorder:
             raise RuntimeError("the recorder is closed")
         if self._rates is None:
             raise RuntimeError("call rec.step() after optimizer.step()")
+        used, self._used_at_step = self._used_at_step, []
+        rows = sum(int(f["x"].shape[0]) if f["x"].dim() > 0 else 0 for f in used) if len(used) > 1 else 0
         if loss is None:  # rec.step(loss): the batch the Tracked training set handed out
-            batch, loss = self._tracked_batch(), batch
+            batch, loss = self._tracked_batch(rows), batch
         # The optimizer's settings as this step used them: a scheduler may have changed momentum or
         # betas (OneCycleLR's cycle_momentum); recorded with the step when not the manifest's.
         if _group_mismatch(self._settings):
@@ -810,6 +835,9 @@ class Recorder:
         rec.update(self._fingerprint)
         fed = inputs if inputs is not None else self._fed_at_step
         self._fed_at_step = None
+        accumulated = inputs is None and rows == len(idx) and self._accumulated(k, used, idx, rec)
+        if accumulated:
+            fed = torch.cat([f["x"].detach() for f in used])
         if fed is not None:
             fed = torch.as_tensor(fed).detach().to(device="cpu", dtype=self._train_x.dtype)
             stored = self._train_x[torch.as_tensor(idx)]
@@ -822,6 +850,8 @@ class Recorder:
                 _save_npy(os.path.join(self.out, name), fed.contiguous().numpy())
                 rec["inputs"] = name
         masks, self._masks_at_step = self._masks_at_step, None
+        if accumulated and masks:
+            masks = self._accumulated_masks(k, used)
         if masks and any(n in masks for n in self._mask_sites) and (self.every == 1 or k % self.every == 0):
             rec.update(self._write_masks(k, masks, len(idx)))  # the analyzable steps' masks
         if masks and any(n in masks for n in self._norm_sites):
@@ -848,11 +878,52 @@ class Recorder:
         _save_npy(os.path.join(self.out, name), bits)
         return {"masks": name, "mask_shapes": {n: list(masks[n].shape) for n in names}}
 
-    def _tracked_batch(self):
+    def _accumulated(self, k, used, idx, rec):
+        """Gradient accumulation: the step's training forwards (several, whose outputs the backward
+        passes reached) together hold the batch's rows. The step is their concatenation: its loss
+        the batch's, computed here from their outputs (the loop's is one micro-batch's). False
+        when their inputs do not join (then the last forward is the step's, as without)."""
+        try:
+            out = torch.cat([f["y"] for f in used]).to(device="cpu", dtype=torch.float32)
+            torch.cat([f["x"].detach()[:0].cpu() for f in used])
+        except RuntimeError:
+            return False
+        target = self._train_y[torch.as_tensor(idx)]
+        with torch.no_grad():
+            if self._loss == "ce":
+                loss = torch.nn.functional.cross_entropy(out, target)
+            else:
+                loss = 0.5 * (out - target.to(torch.float32)).pow(2).sum(1).mean()
+        rec["loss"] = float(loss)
+        rec["accumulated"] = len(used)
+        return True
+
+    def _accumulated_masks(self, k, used):
+        """The Dropout masks of an accumulated step: each site's, its forwards' rows together.
+        BatchNorm in training mode normalized each micro-batch by its own statistics, which no
+        batch of the analysis reproduces: refused."""
+        every = [f["masks"] or {} for f in used]
+        if any(n in m for m in every for n in self._norm_sites):
+            raise ValueError("step %d: gradient accumulation over %d forwards with BatchNorm in training mode: each "
+                             "micro-batch was normalized by its own statistics, which the analysis cannot reproduce "
+                             "(take one forward per optimizer.step(), or BatchNorm in eval mode)" % (k, len(used)))
+        masks = {}
+        for n in self._mask_sites:
+            parts = [m.get(n) for m in every]
+            if all(p is not None for p in parts):
+                masks[n] = torch.cat(parts)
+            elif any(p is not None for p in parts):
+                raise ValueError("step %d: module '%s' (Dropout) was in training mode in some of the step's %d "
+                                 "forwards only" % (k, n, len(used)))
+        return masks
+
+    def _tracked_batch(self, rows=0):
         if self._tracked is None:
             raise ValueError("rec.step(loss) needs the training set wrapped in Tracked(...) (or pass the batch: "
                              "rec.step(indices, loss))")
         fetched, self._tracked.fetched = self._tracked.fetched, []
+        if rows and len(fetched) >= rows:  # accumulated: the batch is every micro-batch's rows
+            return fetched[-rows:]
         fed = self._fed_at_step
         n = int(fed.shape[0]) if isinstance(fed, torch.Tensor) and fed.dim() > 0 else len(fetched)
         if not fetched or len(fetched) < n:
@@ -867,8 +938,9 @@ class Recorder:
             return
         if not os.path.exists(os.path.join(self.out, "checkpoints", "step_%08d.pt" % self.k)):
             self._save(self.k)
-        if self._hook is not None:
-            self._hook.remove()
+        for h in (self._hook, self._post_hook):
+            if h is not None:
+                h.remove()
         self._masks.remove()
         for h in self._grad_hooks:
             h.remove()
@@ -912,7 +984,8 @@ class Recorder:
             self.close()
         else:
             self._log.close()
-            if self._hook is not None:
-                self._hook.remove()
+            for h in (self._hook, self._post_hook):
+                if h is not None:
+                    h.remove()
             self._masks.remove()
         return False

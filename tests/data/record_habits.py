@@ -33,6 +33,14 @@ train_mode   a Dropout module put back in training mode by the loop's model.trai
 dropout      two nn.Dropout modules in training mode (p 0.1 on the inputs, 0.5 on the hidden layer)
              with SGD and momentum; the loop switches to eval mode for steps 5-7 of every 10 (the
              recorder keeps each trained step's masks: analyzed exactly)
+accumulate   gradient accumulation: each step's 32 examples as two micro-batches of 16, each loss
+             divided by 2 and backpropagated, one optimizer.step() (SGD with momentum), the inputs
+             flipped (recorded as one step of the two forwards' rows: analyzed exactly)
+accumulate_dropout  the same with the dropout habit's model (each micro-batch's masks, joined)
+accumulate_nodiv    the micro-batch losses not divided by 2 (the gradient twice the batch's:
+             refused by the analysis, naming the accumulation)
+accumulate_bn       the same with the batchnorm habit's model (each micro-batch normalized by its
+             own statistics: refused by the recorder at step 0)
 batchnorm    a CNN with BatchNorm2d and BatchNorm1d in training mode, SGD with momentum; eval mode for
              steps 5-7 of every 10 (batch statistics on the trained steps, running statistics
              recorded with the weights: analyzed exactly)
@@ -107,10 +115,10 @@ def main():
         model = FunctionalDropout()
     elif habit.startswith("tuple"):
         model = TwoOutputs()
-    elif habit == "dropout":
+    elif habit in ("dropout", "accumulate_dropout"):
         model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Dropout(0.1), torch.nn.Linear(784, 64),
                                     torch.nn.Tanh(), torch.nn.Dropout(0.5), torch.nn.Linear(64, 10))
-    elif habit == "batchnorm":
+    elif habit in ("batchnorm", "accumulate_bn"):
         model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, stride=2), torch.nn.BatchNorm2d(4), torch.nn.Tanh(),
                                     torch.nn.Flatten(), torch.nn.Linear(4 * 13 * 13, 32), torch.nn.BatchNorm1d(32),
                                     torch.nn.Tanh(), torch.nn.Linear(32, 10))
@@ -169,16 +177,21 @@ def main():
     for step in range(30):
         if habit == "train_mode" and step == 5:
             model.train()
-        if habit in ("dropout", "batchnorm"):
+        if habit in ("dropout", "batchnorm", "accumulate_dropout"):
             model.train(step % 10 not in (5, 6, 7))
         idx = torch.randint(0, X.shape[0], (32,), generator=g)
         x = X[idx]
-        if habit in ("augment", "unstored"):
+        if habit in ("augment", "unstored", "accumulate"):
             x = torch.roll(torch.flip(x, dims=[3]), shifts=2, dims=2)
         opt.zero_grad()
-        out = model(x)
-        loss = F.cross_entropy(out[0] if habit.startswith("tuple") else out, y[idx])
-        loss.backward()
+        if habit.startswith("accumulate"):  # two micro-batches, one optimizer.step()
+            for half in (slice(0, 16), slice(16, 32)):
+                loss = F.cross_entropy(model(x[half]), y[idx][half]) / (1 if habit == "accumulate_nodiv" else 2)
+                loss.backward()
+        else:
+            out = model(x)
+            loss = F.cross_entropy(out[0] if habit.startswith("tuple") else out, y[idx])
+            loss.backward()
         if habit == "clip":
             torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=0.1)
         if habit == "clipvalue":

@@ -106,6 +106,7 @@ TEST_F(RecordedHabitsTest, EachBrokenHabitIsRefusedWithItsCauseNamed) {
       {"clipvalue", "clipping by value (clip_grad_value_)"},
       {"moved", "outside optimizer.step()"},
       {"momentum", "OneCycleLR's cycle_momentum"},  // the clean run, its manifest's momentum changed
+      {"accumulate_nodiv", "the step accumulated 2 micro-batches whose losses do not add up to the batch's mean"},
   };
   {
     const fs::path run = tmp_->path() / "momentum";
@@ -281,8 +282,39 @@ TEST_P(HabitTermsTest, SchedulesGroupsAndEveryOptimizerAreAnalyzedExactly) {
 
 INSTANTIATE_TEST_SUITE_P(RecordedHabits, HabitTermsTest,
                          ::testing::Values("onecycle", "onecycle_adam", "groups", "groups_sgd", "clip", "rmsprop",
-                                           "adagrad", "adadelta", "tokens"),
+                                           "adagrad", "adadelta", "tokens", "accumulate"),
                          [](const ::testing::TestParamInfo<const char*>& info) { return std::string(info.param); });
+
+// Gradient accumulation (micro-batches, one optimizer.step()): the recorder joins the step's
+// forwards whose outputs the backward passes reached into one batch (its rows, inputs as fed,
+// Dropout masks) and computes the batch's loss from their outputs. Every step verifies against
+// it (an independent route: the analysis recomputes loss and gradient from the files), with
+// Dropout too; the accumulation is recorded. HabitTermsTest checks "accumulate" against Python in
+// float64; BatchNorm in training mode (each micro-batch by its own statistics) is refused by the
+// recorder, and losses not divided (accumulate_nodiv) by the analysis, naming the accumulation.
+TEST_F(RecordedHabitsTest, GradientAccumulationIsRecordedAsTheBatchOrRefused) {
+  for (const std::string habit : {"accumulate", "accumulate_dropout"}) {
+    const fs::path run = record(habit);
+    const auto records = read_step_log(run / "steps.jsonl");
+    ASSERT_EQ(records.size(), 30u);
+    for (const auto& r : records) {
+      EXPECT_EQ(r["accumulated"], 2) << habit;
+      EXPECT_EQ(r["batch"].size(), 32u) << habit;
+    }
+    EXPECT_EQ(records[0].contains("inputs"), habit == "accumulate") << "the flipped inputs, both halves";
+    if (habit == "accumulate") EXPECT_EQ(load_npy(run / records[0]["inputs"].get<std::string>()).size(0), 32);
+    if (habit == "accumulate_dropout") EXPECT_TRUE(records[0].contains("masks"));
+    std::string log;
+    ASSERT_EQ(analyze(run, habit + "-an", log), 0) << habit << "\n" << log;
+    const nlohmann::json s = read_json(tmp_->path() / (habit + "-an") / "summary.json");
+    EXPECT_EQ(s["verification"]["steps_failed"], 0) << habit;
+    EXPECT_GE(s["verification"]["steps_checked"].get<int64_t>(), 20) << habit;
+    const Table t = read_csv(tmp_->path() / (habit + "-an") / "steps.csv");
+    for (size_t i = 0; i < t.rows; ++i) EXPECT_LT(t.cols.at("verify_loss_error")[i], 1e-6) << habit << " " << i;
+  }
+  const std::string bn = refused_by_recorder("accumulate_bn");
+  EXPECT_NE(bn.find("step 0: gradient accumulation over 2 forwards with BatchNorm in training mode"), std::string::npos) << bn;
+}
 
 // The per-step momentum dropped from the records: the update no longer closes, exit 4.
 TEST_F(RecordedHabitsTest, OneCycleMomentumDroppedFromTheRecordsFailsTheCheck) {

@@ -312,6 +312,14 @@ TEST_F(RecordedRunTest, DamagedRunsAreRefusedWithTheFileNamed) {
       rec["groups"] = nlohmann::json::array({{{"betas", {1.5, 0.999}}}});
     });
     EXPECT_THROW_WITH(RecordedRun{b}, InputError, "steps.jsonl:3: groups[0]: ");
+    // a step's micro-batch count: a whole number, 1 to the batch's size
+    for (const nlohmann::json bad : {nlohmann::json(0), nlohmann::json(1.5), nlohmann::json("2"), nlohmann::json(100000)}) {
+      const fs::path a = edit_step("accumulated-bad", 6, [&](nlohmann::json& rec) { rec["accumulated"] = bad; });
+      EXPECT_THROW_WITH(RecordedRun{a}, InputError, "steps.jsonl:7: accumulated must be a whole number of micro-batches");
+      fs::remove_all(a);
+    }
+    const fs::path two = edit_step("accumulated-two", 6, [](nlohmann::json& rec) { rec["accumulated"] = 2; });
+    EXPECT_EQ(RecordedRun(two).step(6).accumulated, 2);
     const fs::path ok = edit_step("betas-ok", 2, [](nlohmann::json& rec) {
       rec["groups"] = nlohmann::json::array({{{"betas", {0.8, 0.999}}}});
     });

@@ -281,6 +281,14 @@ void RecordedRun::read_log() {
         throw InputError(path.string() + ":" + std::to_string(k + 1) + ": grad_scale must be a positive number");
       }
     }
+    if (log_[k].contains("accumulated")) {
+      const auto& a = log_[k]["accumulated"];
+      if (!a.is_number_integer() || a.get<int64_t>() < 1 ||
+          a.get<int64_t>() > static_cast<int64_t>(log_[k]["batch"].size())) {
+        throw InputError(path.string() + ":" + std::to_string(k + 1) +
+                         ": accumulated must be a whole number of micro-batches, 1 to the batch's size");
+      }
+    }
     const StepSettings st = settings_at(k);  // the step's settings, checked now
     if (!st.rate_scale.empty() || !st.weight_decay.empty() || !differing_setting(st.options, optimizer_).empty() ||
         st.options.weight_decay != optimizer_.weight_decay) {
@@ -568,6 +576,7 @@ RecordedRun::Step RecordedRun::step(int64_t k) const {
   s.loss = r.at("loss").get<double>();
   if (r.contains("inputs")) s.inputs = fed_inputs(k, r.at("inputs").get<std::string>(), s.batch.size());
   if (r.contains("grad_scale")) s.grad_scale = r.at("grad_scale").get<double>();
+  if (r.contains("accumulated")) s.accumulated = r.at("accumulated").get<int64_t>();
   if (r.contains("masks")) s.masks = step_masks(k, r, s.batch.size());
   if (r.contains("batchnorm_train")) {
     const std::string where = (dir_ / "steps.jsonl").string() + ":" + std::to_string(k + 1);

@@ -165,6 +165,7 @@ class RecordedTrajectory : public Trajectory {
     if (out.x.scalar_type() != at::kLong) out.x = out.x.to(dtype);  // int64 tokens stay tokens
     out.y = run_.train_targets().index_select(0, out.indices);
     out.grad_scale = s.grad_scale;
+    out.accumulated = s.accumulated;
     out.context.dropout_masks = s.masks;  // by recorded names: a run with masks has no zoo spec, model.pt holds the sites
     out.context.batchnorm_train = s.batchnorm_train;
     // The step's settings by the analyzed model's parameter names.

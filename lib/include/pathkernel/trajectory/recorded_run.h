@@ -85,6 +85,9 @@ class RecordedRun {
     /// The uniform factor the loop applied to the gradient (clipping), recorded as grad_scale; 1
     /// when none was.
     double grad_scale = 1;
+    /// How many training forwards the step's gradient accumulated (micro-batches, the record's
+    /// `accumulated`); 1 when one.
+    int64_t accumulated = 1;
     /// The optimizer's settings at this step, by recorded parameter name: a scheduler's momentum
     /// or betas (the record's `groups`), parameter groups' rates (`lrs`) and weight decay.
     StepSettings settings;

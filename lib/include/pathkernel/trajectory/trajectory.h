@@ -28,6 +28,9 @@ struct LoggedStep {
   /// run's gradient clipping, clip_grad_norm_): the update is the optimizer's of
   /// grad_scale * grad L_k. 1 otherwise.
   double grad_scale = 1;
+  /// Micro-batches the loop accumulated into the step's gradient (a recorded run's), 1 otherwise:
+  /// the batch is their rows together, its loss and gradient the batch's mean.
+  int64_t accumulated = 1;
   /// The optimizer's settings at this step: a `pathkernel train` run's own; a recorded run's as
   /// they were at the step (a scheduler's momentum or betas, parameter groups' rates and decay).
   StepSettings settings;
