@@ -28,6 +28,7 @@ import contextlib
 import copy
 import json
 import types
+import warnings
 import os
 import time
 
@@ -476,6 +477,15 @@ def _as_pair(data, name):
     raise ValueError("%s must be (inputs, targets) or a map-style Dataset of (input, target) items" % name)
 
 
+def _autocast_dtype():
+    """The dtype torch.autocast computes in here ("bfloat16", "float16"), or None outside it."""
+    if torch.is_autocast_cpu_enabled():
+        return str(torch.get_autocast_cpu_dtype()).replace("torch.", "")
+    if torch.is_autocast_enabled():
+        return str(torch.get_autocast_gpu_dtype()).replace("torch.", "")
+    return None
+
+
 class _Selected(torch.nn.Module):
     """The model with the one output the analysis reads: forward returns model(x)[key]."""
 
@@ -691,6 +701,7 @@ class Recorder:
         self._grad_hooks = [p.register_hook(raw_hook(i)) for i, p in enumerate(order)]
         self._hook = self._post_hook = None
         self._forwards, self._used_at_step = [], []
+        self._warned_autocast = False
         self._train_y = splits["train"][1]
         if capture_inputs:
             def pre_hook(module, args):
@@ -705,7 +716,8 @@ class Recorder:
                 out = output[model.key] if isinstance(model, _Selected) else output
                 if not isinstance(out, torch.Tensor) or not out.requires_grad:
                     return
-                entry = {"x": args[0], "y": out.detach(), "masks": self._masks.forward, "used": False}
+                entry = {"x": args[0], "y": out.detach(), "masks": self._masks.forward, "used": False,
+                         "autocast": _autocast_dtype()}
 
                 def reached(g):
                     entry["used"] = True
@@ -849,6 +861,14 @@ class Recorder:
                 os.makedirs(os.path.join(self.out, "data", "batches"), exist_ok=True)
                 _save_npy(os.path.join(self.out, name), fed.contiguous().numpy())
                 rec["inputs"] = name
+        autocast = sorted({f["autocast"] for f in used if f["autocast"]})
+        if autocast:  # mixed precision: verified against float64, the step cannot agree
+            rec["autocast"] = autocast[0]
+            if not self._warned_autocast:
+                self._warned_autocast = True
+                warnings.warn("step %d: the model's forward ran under torch.autocast (%s): the analysis recomputes "
+                              "each step from the float32 model in float64 and will not verify such steps; train "
+                              "in float32 to analyze the run" % (k, autocast[0]))
         masks, self._masks_at_step = self._masks_at_step, None
         if accumulated and masks:
             masks = self._accumulated_masks(k, used)

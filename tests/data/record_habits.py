@@ -41,6 +41,8 @@ accumulate_nodiv    the micro-batch losses not divided by 2 (the gradient twice 
              refused by the analysis, naming the accumulation)
 accumulate_bn       the same with the batchnorm habit's model (each micro-batch normalized by its
              own statistics: refused by the recorder at step 0)
+autocast     the forward under torch.autocast("cpu", bfloat16), mixed precision (recorded with the
+             dtype; refused by the analysis, naming autocast)
 batchnorm    a CNN with BatchNorm2d and BatchNorm1d in training mode, SGD with momentum; eval mode for
              steps 5-7 of every 10 (batch statistics on the trained steps, running statistics
              recorded with the weights: analyzed exactly)
@@ -189,8 +191,9 @@ def main():
                 loss = F.cross_entropy(model(x[half]), y[idx][half]) / (1 if habit == "accumulate_nodiv" else 2)
                 loss.backward()
         else:
-            out = model(x)
-            loss = F.cross_entropy(out[0] if habit.startswith("tuple") else out, y[idx])
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=habit == "autocast"):
+                out = model(x)
+            loss = F.cross_entropy(out[0] if habit.startswith("tuple") else out.float(), y[idx])
             loss.backward()
         if habit == "clip":
             torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=0.1)

@@ -107,6 +107,7 @@ TEST_F(RecordedHabitsTest, EachBrokenHabitIsRefusedWithItsCauseNamed) {
       {"moved", "outside optimizer.step()"},
       {"momentum", "OneCycleLR's cycle_momentum"},  // the clean run, its manifest's momentum changed
       {"accumulate_nodiv", "the step accumulated 2 micro-batches whose losses do not add up to the batch's mean"},
+      {"autocast", "the step's forward ran under torch.autocast (bfloat16, mixed precision)"},
   };
   {
     const fs::path run = tmp_->path() / "momentum";

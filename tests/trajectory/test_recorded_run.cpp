@@ -182,6 +182,14 @@ TEST_F(RecordedRunTest, ARunKilledMidwayIsReadableUpToItsLastCompleteStep) {
   ASSERT_EQ(s.size(), 1u);
   EXPECT_EQ(s[0].first, "momentum_buffer");
   EXPECT_EQ(s[0].second.size(), 4u);
+  // Killed (or refused by the recorder) before its first step: the analysis says so, not that
+  // --range 0:0 lies outside the steps 0:0.
+  const fs::path none = tmp_->path() / "killed-at-0";
+  fs::copy(r, none, fs::copy_options::recursive);
+  atomic_write(none / "steps.jsonl", "");
+  const fs::path log = tmp_->path() / "killed-at-0.log";
+  EXPECT_EQ(testing::run_program({PATHKERNEL_BIN, "analyze", none.string(), "--out", (tmp_->path() / "none-an").string()}, log), 2);
+  EXPECT_NE(read_file(log).find("killed-at-0: the run has no logged step"), std::string::npos) << read_file(log);
 }
 
 TEST_F(RecordedRunTest, DamagedRunsAreRefusedWithTheFileNamed) {
@@ -318,8 +326,14 @@ TEST_F(RecordedRunTest, DamagedRunsAreRefusedWithTheFileNamed) {
       EXPECT_THROW_WITH(RecordedRun{a}, InputError, "steps.jsonl:7: accumulated must be a whole number of micro-batches");
       fs::remove_all(a);
     }
-    const fs::path two = edit_step("accumulated-two", 6, [](nlohmann::json& rec) { rec["accumulated"] = 2; });
+    const fs::path cast = edit_step("autocast-bad", 6, [](nlohmann::json& rec) { rec["autocast"] = 16; });
+    EXPECT_THROW_WITH(RecordedRun{cast}, InputError, "steps.jsonl:7: autocast must name a dtype");
+    const fs::path two = edit_step("accumulated-two", 6, [](nlohmann::json& rec) {
+      rec["accumulated"] = 2;
+      rec["autocast"] = "bfloat16";
+    });
     EXPECT_EQ(RecordedRun(two).step(6).accumulated, 2);
+    EXPECT_EQ(RecordedRun(two).step(6).autocast, "bfloat16");
     const fs::path ok = edit_step("betas-ok", 2, [](nlohmann::json& rec) {
       rec["groups"] = nlohmann::json::array({{{"betas", {0.8, 0.999}}}});
     });

@@ -120,6 +120,7 @@ class Driver {
  private:
   void resolve_range() {
     const int64_t last = traj_.logged_steps();
+    if (last == 0) throw InputError(c_.run + ": the run has no logged step (its step log is empty): nothing to analyze");
     whole_begin_ = c_.step_begin;
     whole_end_ = c_.step_end < 0 ? last : c_.step_end;
     if (whole_begin_ < 0 || whole_begin_ >= whole_end_ || whole_end_ > last) {

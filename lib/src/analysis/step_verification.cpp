@@ -17,7 +17,7 @@ namespace pathkernel {
 namespace {
 
 /// What disagreed, and what in a training loop makes it so.
-std::string diagnosis(const StepVerification& v, bool masked, int64_t accumulated) {
+std::string diagnosis(const StepVerification& v, bool masked, const LoggedStep& s) {
   const bool loss_off = !(v.loss_error <= kLossTolerance);
   const bool grad_off = !std::isnan(v.gradient_error) && !(v.gradient_error <= kGradientTolerance);
   std::string what;
@@ -26,7 +26,12 @@ std::string diagnosis(const StepVerification& v, bool masked, int64_t accumulate
     what += fmt::format("{}the applied gradient's fingerprint is off by {:.2g} of its norm (norm ratio {:.4g})",
                         loss_off ? "; " : "", v.gradient_error, v.norm_ratio);
   }
-  if (masked && (loss_off || grad_off)) {
+  if (!s.autocast.empty() && (loss_off || grad_off)) {
+    what += fmt::format(". Likely: the step's forward ran under torch.autocast ({}, mixed precision): its loss and "
+                        "gradient are {}'s, which a float64 recomputation of the float32 model does not reproduce "
+                        "(train in float32 to analyze the run, or --allow-unverified to analyze it marked)",
+                        s.autocast, s.autocast);
+  } else if (masked && (loss_off || grad_off)) {
     what += ". Likely: the model computed something else on this batch than the stored inputs and the step's "
             "Dropout masks give: the masks file is not the masks training drew, a random operation other than "
             "nn.Dropout ran in the forward (F.dropout), or the loop fed augmented inputs that the recorder did not "
@@ -35,11 +40,11 @@ std::string diagnosis(const StepVerification& v, bool masked, int64_t accumulate
     what += ". Likely: the model computed something else on this batch than the stored inputs give: a module's "
             "mode changed (the loop's own model.train() switching Dropout or BatchNorm back on), or the loop fed "
             "augmented inputs that the recorder did not store";
-  } else if (grad_off && accumulated > 1) {
+  } else if (grad_off && s.accumulated > 1) {
     what += fmt::format(". Likely: the step accumulated {} micro-batches whose losses do not add up to the batch's "
                         "mean (divide each micro-batch's mean loss by {}, micro-batches of equal size: the batch "
                         "gradient is then their sum), or the gradient was changed before optimizer.step()",
-                        accumulated, accumulated);
+                        s.accumulated, s.accumulated);
   } else if (grad_off) {
     what += ". Likely: the gradient was changed between backward() and optimizer.step() in a way the recorder "
             "could not record: clipping by value (clip_grad_value_), per-parameter scaling, or noise (a uniform "
@@ -96,7 +101,7 @@ StepVerification measure(Trajectory& traj, models::Model& model, int64_t k, Loss
     v.norm_ratio = std::sqrt(sq) / scale;
   }
   v.ok = v.loss_error <= kLossTolerance && (std::isnan(v.gradient_error) || v.gradient_error <= kGradientTolerance);
-  if (!v.ok) v.what = diagnosis(v, !s.context.empty(), s.accumulated);
+  if (!v.ok) v.what = diagnosis(v, !s.context.empty(), s);
   if (keep && g.front().scalar_type() == at::kDouble) {
     ParamMap named;
     size_t i = 0;

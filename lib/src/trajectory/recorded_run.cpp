@@ -289,6 +289,9 @@ void RecordedRun::read_log() {
                          ": accumulated must be a whole number of micro-batches, 1 to the batch's size");
       }
     }
+    if (log_[k].contains("autocast") && !(log_[k]["autocast"].is_string() && log_[k]["autocast"].size() <= 32)) {
+      throw InputError(path.string() + ":" + std::to_string(k + 1) + ": autocast must name a dtype (a short string)");
+    }
     const StepSettings st = settings_at(k);  // the step's settings, checked now
     if (!st.rate_scale.empty() || !st.weight_decay.empty() || !differing_setting(st.options, optimizer_).empty() ||
         st.options.weight_decay != optimizer_.weight_decay) {
@@ -577,6 +580,7 @@ RecordedRun::Step RecordedRun::step(int64_t k) const {
   if (r.contains("inputs")) s.inputs = fed_inputs(k, r.at("inputs").get<std::string>(), s.batch.size());
   if (r.contains("grad_scale")) s.grad_scale = r.at("grad_scale").get<double>();
   if (r.contains("accumulated")) s.accumulated = r.at("accumulated").get<int64_t>();
+  if (r.contains("autocast")) s.autocast = r.at("autocast").get<std::string>();
   if (r.contains("masks")) s.masks = step_masks(k, r, s.batch.size());
   if (r.contains("batchnorm_train")) {
     const std::string where = (dir_ / "steps.jsonl").string() + ":" + std::to_string(k + 1);

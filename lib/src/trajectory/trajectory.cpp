@@ -166,6 +166,7 @@ class RecordedTrajectory : public Trajectory {
     out.y = run_.train_targets().index_select(0, out.indices);
     out.grad_scale = s.grad_scale;
     out.accumulated = s.accumulated;
+    out.autocast = s.autocast;
     out.context.dropout_masks = s.masks;  // by recorded names: a run with masks has no zoo spec, model.pt holds the sites
     out.context.batchnorm_train = s.batchnorm_train;
     // The step's settings by the analyzed model's parameter names.

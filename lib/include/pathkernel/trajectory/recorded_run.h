@@ -88,6 +88,9 @@ class RecordedRun {
     /// How many training forwards the step's gradient accumulated (micro-batches, the record's
     /// `accumulated`); 1 when one.
     int64_t accumulated = 1;
+    /// The dtype torch.autocast ran the step's forward in (the record's `autocast`: "bfloat16",
+    /// "float16"), empty when none.
+    std::string autocast;
     /// The optimizer's settings at this step, by recorded parameter name: a scheduler's momentum
     /// or betas (the record's `groups`), parameter groups' rates (`lrs`) and weight decay.
     StepSettings settings;

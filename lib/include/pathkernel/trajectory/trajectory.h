@@ -31,6 +31,9 @@ struct LoggedStep {
   /// Micro-batches the loop accumulated into the step's gradient (a recorded run's), 1 otherwise:
   /// the batch is their rows together, its loss and gradient the batch's mean.
   int64_t accumulated = 1;
+  /// The dtype torch.autocast ran the step's training forward in (a recorded run's mixed
+  /// precision), empty when none: no float64 recomputation reproduces such a step.
+  std::string autocast;
   /// The optimizer's settings at this step: a `pathkernel train` run's own; a recorded run's as
   /// they were at the step (a scheduler's momentum or betas, parameter groups' rates and decay).
   StepSettings settings;
