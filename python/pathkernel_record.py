@@ -477,6 +477,21 @@ def _as_pair(data, name):
     raise ValueError("%s must be (inputs, targets) or a map-style Dataset of (input, target) items" % name)
 
 
+def _join(used):
+    """Gradient accumulation: several training forwards of one step (their outputs reached by the
+    backward passes) whose inputs and outputs join along the batch. The step is then their rows
+    together, its loss the batch's, computed from their outputs (the loop's is one micro-batch's).
+    False when they do not join (then the last forward is the step's, as without)."""
+    if len(used) < 2:
+        return False
+    try:
+        torch.cat([f["y"][:0].cpu() for f in used])
+        torch.cat([f["x"].detach()[:0].cpu() for f in used])
+    except RuntimeError:
+        return False
+    return True
+
+
 def _autocast_dtype():
     """The dtype torch.autocast computes in here ("bfloat16", "float16"), or None outside it."""
     if torch.is_autocast_cpu_enabled():
@@ -839,16 +854,27 @@ class Recorder:
         if not idx or min(idx) < 0 or max(idx) >= self.n_train:
             raise ValueError("batch indices must be in 0..%d" % (self.n_train - 1))
         k = self.k
+        # Gradient accumulation (the step's forwards together hold the batch): the batch's loss
+        # from their outputs; else the loss passed must be the declared one. Checked before any
+        # file of the step is written.
+        loss_value = float(torch.as_tensor(loss).item())
+        accumulated = inputs is None and rows == len(idx) and _join(used)
+        if accumulated:
+            loss_value = self._batch_loss(torch.cat([f["y"] for f in used]), idx)
+            if self._masks_at_step:
+                self._masks_at_step = self._accumulated_masks(k, used)
+        else:
+            self._check_loss(k, used, idx, loss_value)
         if self.every == 1 or k % self.every == 0:
             self._save(k + 1)
         elif (k + 1) % self.every == 0:
             self._save(k + 1)
-        rec = {"step": k, "lr": self._rates[0], "batch": idx, "loss": float(torch.as_tensor(loss).item())}
+        rec = {"step": k, "lr": self._rates[0], "batch": idx, "loss": loss_value}
         rec.update(self._fingerprint)
         fed = inputs if inputs is not None else self._fed_at_step
         self._fed_at_step = None
-        accumulated = inputs is None and rows == len(idx) and self._accumulated(k, used, idx, rec)
         if accumulated:
+            rec["accumulated"] = len(used)
             fed = torch.cat([f["x"].detach() for f in used])
         if fed is not None:
             fed = torch.as_tensor(fed).detach().to(device="cpu", dtype=self._train_x.dtype)
@@ -870,8 +896,6 @@ class Recorder:
                               "each step from the float32 model in float64 and will not verify such steps; train "
                               "in float32 to analyze the run" % (k, autocast[0]))
         masks, self._masks_at_step = self._masks_at_step, None
-        if accumulated and masks:
-            masks = self._accumulated_masks(k, used)
         if masks and any(n in masks for n in self._mask_sites) and (self.every == 1 or k % self.every == 0):
             rec.update(self._write_masks(k, masks, len(idx)))  # the analyzable steps' masks
         if masks and any(n in masks for n in self._norm_sites):
@@ -898,25 +922,32 @@ class Recorder:
         _save_npy(os.path.join(self.out, name), bits)
         return {"masks": name, "mask_shapes": {n: list(masks[n].shape) for n in names}}
 
-    def _accumulated(self, k, used, idx, rec):
-        """Gradient accumulation: the step's training forwards (several, whose outputs the backward
-        passes reached) together hold the batch's rows. The step is their concatenation: its loss
-        the batch's, computed here from their outputs (the loop's is one micro-batch's). False
-        when their inputs do not join (then the last forward is the step's, as without)."""
-        try:
-            out = torch.cat([f["y"] for f in used]).to(device="cpu", dtype=torch.float32)
-            torch.cat([f["x"].detach()[:0].cpu() for f in used])
-        except RuntimeError:
-            return False
+    def _batch_loss(self, out, idx):
+        """The declared loss of outputs `out` [batch, C] (as the model computed them) on batch idx."""
+        out = out.detach().to(device="cpu", dtype=torch.float32)
         target = self._train_y[torch.as_tensor(idx)]
         with torch.no_grad():
             if self._loss == "ce":
-                loss = torch.nn.functional.cross_entropy(out, target)
-            else:
-                loss = 0.5 * (out - target.to(torch.float32)).pow(2).sum(1).mean()
-        rec["loss"] = float(loss)
-        rec["accumulated"] = len(used)
-        return True
+                return float(torch.nn.functional.cross_entropy(out, target))
+            return float(0.5 * (out - target.to(torch.float32)).pow(2).sum(1).mean())
+
+    def _check_loss(self, k, used, idx, loss):
+        """The loss the loop passed must be the declared loss of the step's training forward: a
+        label-smoothed or weighted cross-entropy, a sum, a penalty added, or F.mse_loss's mean
+        for "mse" is another objective, whose steps no analysis of the declared loss verifies."""
+        if len(used) != 1 or used[0]["y"].dim() != 2 or used[0]["y"].shape[0] != len(idx):
+            return
+        mine = self._batch_loss(used[0]["y"], idx)
+        if abs(loss - mine) <= 1e-4 * max(abs(mine), 1e-12):
+            return
+        declared = ("the mean cross-entropy" if self._loss == "ce"
+                    else "the mean over the batch of half the summed squared error")
+        raise ValueError("step %d: the loss passed to rec.step (%.7g) is not %s of the model's outputs on the batch "
+                         "(%.7g): label smoothing, class weights, a reduction other than the mean, a penalty added "
+                         "to it%s? pathkernel analyzes loss='ce' (mean cross-entropy) or 'mse' as defined, and "
+                         "verifies each step against it" % (k, loss, declared, mine,
+                                                             ", F.mse_loss's mean over outputs" if self._loss == "mse"
+                                                             else ""))
 
     def _accumulated_masks(self, k, used):
         """The Dropout masks of an accumulated step: each site's, its forwards' rows together.

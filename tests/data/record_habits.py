@@ -41,6 +41,8 @@ accumulate_nodiv    the micro-batch losses not divided by 2 (the gradient twice 
              refused by the analysis, naming the accumulation)
 accumulate_bn       the same with the batchnorm habit's model (each micro-batch normalized by its
              own statistics: refused by the recorder at step 0)
+smoothing    cross-entropy with label_smoothing=0.1, passed to rec.step (another loss than the
+             declared mean cross-entropy: refused by the recorder at step 0)
 autocast     the forward under torch.autocast("cpu", bfloat16), mixed precision (recorded with the
              dtype; refused by the analysis, naming autocast)
 batchnorm    a CNN with BatchNorm2d and BatchNorm1d in training mode, SGD with momentum; eval mode for
@@ -193,7 +195,8 @@ def main():
         else:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=habit == "autocast"):
                 out = model(x)
-            loss = F.cross_entropy(out[0] if habit.startswith("tuple") else out.float(), y[idx])
+            loss = F.cross_entropy(out[0] if habit.startswith("tuple") else out.float(), y[idx],
+                                   label_smoothing=0.1 if habit == "smoothing" else 0.0)
             loss.backward()
         if habit == "clip":
             torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=0.1)

@@ -317,6 +317,18 @@ TEST_F(RecordedHabitsTest, GradientAccumulationIsRecordedAsTheBatchOrRefused) {
   EXPECT_NE(bn.find("step 0: gradient accumulation over 2 forwards with BatchNorm in training mode"), std::string::npos) << bn;
 }
 
+// The loss the loop passes is checked against the declared loss of the step's training forward
+// (its outputs as the model computed them): label smoothing was recorded and then refused by
+// the analysis as "a module's mode changed". Refused by the recorder at step 0, naming the loss,
+// before any file of the step is written (the clean loops above pass the same check every step).
+TEST_F(RecordedHabitsTest, ALossOtherThanTheDeclaredOneIsRefusedByTheRecorder) {
+  const std::string log = refused_by_recorder("smoothing");
+  EXPECT_NE(log.find("step 0: the loss passed to rec.step"), std::string::npos) << log;
+  EXPECT_NE(log.find("is not the mean cross-entropy of the model's outputs on the batch"), std::string::npos) << log;
+  EXPECT_FALSE(fs::exists(tmp_->path() / "smoothing" / "checkpoints" / "step_00000001.pt"));
+  EXPECT_EQ(read_file(tmp_->path() / "smoothing" / "steps.jsonl"), "");
+}
+
 // The per-step momentum dropped from the records: the update no longer closes, exit 4.
 TEST_F(RecordedHabitsTest, OneCycleMomentumDroppedFromTheRecordsFailsTheCheck) {
   const fs::path run = tmp_->path() / "onecycle-held";
