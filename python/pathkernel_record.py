@@ -686,6 +686,7 @@ class Recorder:
             self._rates = [float(g["lr"]) for g in opt.param_groups]
             self._settings = [_update_settings(g) for g in opt.param_groups]
             self._fingerprint = self._gradient_fingerprint()
+            self._leftover_at_step, self._leftover = self._leftover, None
             self._fed_at_step, self._fed = self._fed, None
             self._masks_at_step, self._masks.forward = self._masks.forward, None
             # The training forwards whose outputs the backward passes went through: more than one
@@ -709,9 +710,19 @@ class Recorder:
         # (clip_grad_norm_) is recorded as the step's grad_scale.
         self._raw = [None] * len(order)
 
+        self._leftover = self._leftover_at_step = None
+
         def raw_hook(i):
+            p = order[i]
+
             def hook(g):
-                self._raw[i] = g.detach().clone() if self._raw[i] is None else self._raw[i] + g.detach()
+                if self._raw[i] is None:
+                    # The step's first backward through p: .grad must not hold an earlier one's.
+                    if self._leftover is None and p.grad is not None and bool((p.grad != 0).any()):
+                        self._leftover = self.param_names[i]
+                    self._raw[i] = g.detach().clone()
+                else:
+                    self._raw[i] = self._raw[i] + g.detach()
             return hook
         self._grad_hooks = [p.register_hook(raw_hook(i)) for i, p in enumerate(order)]
         self._hook = self._post_hook = None
@@ -854,6 +865,11 @@ class Recorder:
         if not idx or min(idx) < 0 or max(idx) >= self.n_train:
             raise ValueError("batch indices must be in 0..%d" % (self.n_train - 1))
         k = self.k
+        leftover, self._leftover_at_step = self._leftover_at_step, None
+        if leftover is not None:
+            raise ValueError("step %d: parameter '%s' held a gradient in .grad when this step's backward began, "
+                             "and optimizer.step() applied the sum: call optimizer.zero_grad() before each step's "
+                             "backward (pathkernel analyzes steps on their batch's gradient)" % (k, leftover))
         # Gradient accumulation (the step's forwards together hold the batch): the batch's loss
         # from their outputs; else the loss passed must be the declared one. Checked before any
         # file of the step is written.

@@ -41,6 +41,8 @@ accumulate_nodiv    the micro-batch losses not divided by 2 (the gradient twice 
              refused by the analysis, naming the accumulation)
 accumulate_bn       the same with the batchnorm habit's model (each micro-batch normalized by its
              own statistics: refused by the recorder at step 0)
+nozero       optimizer.zero_grad() left out after step 0 (each step applies the sum of every
+             gradient so far: refused by the recorder at step 1, naming zero_grad)
 smoothing    cross-entropy with label_smoothing=0.1, passed to rec.step (another loss than the
              declared mean cross-entropy: refused by the recorder at step 0)
 autocast     the forward under torch.autocast("cpu", bfloat16), mixed precision (recorded with the
@@ -187,7 +189,8 @@ def main():
         x = X[idx]
         if habit in ("augment", "unstored", "accumulate"):
             x = torch.roll(torch.flip(x, dims=[3]), shifts=2, dims=2)
-        opt.zero_grad()
+        if habit != "nozero" or step == 0:
+            opt.zero_grad()
         if habit.startswith("accumulate"):  # two micro-batches, one optimizer.step()
             for half in (slice(0, 16), slice(16, 32)):
                 loss = F.cross_entropy(model(x[half]), y[idx][half]) / (1 if habit == "accumulate_nodiv" else 2)

@@ -327,6 +327,12 @@ TEST_F(RecordedHabitsTest, ALossOtherThanTheDeclaredOneIsRefusedByTheRecorder) {
   EXPECT_NE(log.find("is not the mean cross-entropy of the model's outputs on the batch"), std::string::npos) << log;
   EXPECT_FALSE(fs::exists(tmp_->path() / "smoothing" / "checkpoints" / "step_00000001.pt"));
   EXPECT_EQ(read_file(tmp_->path() / "smoothing" / "steps.jsonl"), "");
+  // optimizer.zero_grad() left out: the step's gradient is the sum of every one so far.
+  const std::string nozero = refused_by_recorder("nozero");
+  EXPECT_NE(nozero.find("step 1: parameter '"), std::string::npos) << nozero;
+  EXPECT_NE(nozero.find("held a gradient in .grad when this step's backward began"), std::string::npos) << nozero;
+  EXPECT_NE(nozero.find("call optimizer.zero_grad()"), std::string::npos) << nozero;
+  EXPECT_EQ(read_step_log(tmp_->path() / "nozero" / "steps.jsonl").size(), 1u) << "step 0 was recorded";
 }
 
 // The per-step momentum dropped from the records: the update no longer closes, exit 4.
