@@ -28,9 +28,9 @@ import contextlib
 import copy
 import json
 import types
-import warnings
 import os
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -536,7 +536,7 @@ class Recorder:
         parameters named model.<name>).
     classes: the class names, one per output (reports and grids show them); by default the
         training set's own `classes` attribute when it has one (torchvision's datasets do).
-    capture_inputs: the inputs of the model's last training forward before optimizer.step() are
+    capture_inputs: the inputs of the step's training forward (the one its backward reached) are
         compared with the stored rows of the batch; when they differ (augmentation), they are
         stored with the step, so the analysis sees what training saw. rec.step(..., inputs=x)
         gives them explicitly. With gradient accumulation (several forwards and backward passes,
@@ -842,12 +842,16 @@ class Recorder:
         in Tracked, rec.step(loss). `batch` the training indices it used (a tensor or a list),
         `loss` its batch loss (a tensor or a float), `inputs` (optional) the inputs fed to the
         model when they are not the stored rows train[0][batch] (augmentation; by default the
-        recorder takes them from the model's last training forward). Call after optimizer.step()."""
+        recorder takes them from the step's training forward). Call after optimizer.step()."""
         if self.closed:
             raise RuntimeError("the recorder is closed")
         if self._rates is None:
             raise RuntimeError("call rec.step() after optimizer.step()")
         used, self._used_at_step = self._used_at_step, []
+        if len(used) == 1:  # the step's forward is the one its backward reached, not a later one
+            self._fed_at_step = used[0]["x"]
+            if used[0]["masks"] is not None:
+                self._masks_at_step = used[0]["masks"]
         rows = sum(int(f["x"].shape[0]) if f["x"].dim() > 0 else 0 for f in used) if len(used) > 1 else 0
         if loss is None:  # rec.step(loss): the batch the Tracked training set handed out
             batch, loss = self._tracked_batch(rows), batch

@@ -41,6 +41,9 @@ accumulate_nodiv    the micro-batch losses not divided by 2 (the gradient twice 
              refused by the analysis, naming the accumulation)
 accumulate_bn       the same with the batchnorm habit's model (each micro-batch normalized by its
              own statistics: refused by the recorder at step 0)
+logforward   the dropout habit's model with a forward of 4 rows, gradients on, after backward() and
+             before optimizer.step() (logging): not the step's forward, which its backward reached
+             (its batch, inputs and masks recorded: analyzed exactly)
 nozero       optimizer.zero_grad() left out after step 0 (each step applies the sum of every
              gradient so far: refused by the recorder at step 1, naming zero_grad)
 smoothing    cross-entropy with label_smoothing=0.1, passed to rec.step (another loss than the
@@ -121,7 +124,7 @@ def main():
         model = FunctionalDropout()
     elif habit.startswith("tuple"):
         model = TwoOutputs()
-    elif habit in ("dropout", "accumulate_dropout"):
+    elif habit in ("dropout", "accumulate_dropout", "logforward"):
         model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Dropout(0.1), torch.nn.Linear(784, 64),
                                     torch.nn.Tanh(), torch.nn.Dropout(0.5), torch.nn.Linear(64, 10))
     elif habit in ("batchnorm", "accumulate_bn"):
@@ -183,7 +186,7 @@ def main():
     for step in range(30):
         if habit == "train_mode" and step == 5:
             model.train()
-        if habit in ("dropout", "batchnorm", "accumulate_dropout"):
+        if habit in ("dropout", "batchnorm", "accumulate_dropout", "logforward"):
             model.train(step % 10 not in (5, 6, 7))
         idx = torch.randint(0, X.shape[0], (32,), generator=g)
         x = X[idx]
@@ -201,6 +204,8 @@ def main():
             loss = F.cross_entropy(out[0] if habit.startswith("tuple") else out.float(), y[idx],
                                    label_smoothing=0.1 if habit == "smoothing" else 0.0)
             loss.backward()
+        if habit == "logforward":
+            model(x[:4]).sum()  # a logging forward with gradients on: no backward reaches it
         if habit == "clip":
             torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=0.1)
         if habit == "clipvalue":

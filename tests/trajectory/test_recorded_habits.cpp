@@ -317,6 +317,23 @@ TEST_F(RecordedHabitsTest, GradientAccumulationIsRecordedAsTheBatchOrRefused) {
   EXPECT_NE(bn.find("step 0: gradient accumulation over 2 forwards with BatchNorm in training mode"), std::string::npos) << bn;
 }
 
+// A forward with gradients on after backward() and before optimizer.step() (a loop logging
+// accuracy on part of the batch without no_grad) was taken as the step's: its 4 rows as the
+// batch with rec.step(loss), its Dropout masks as the step's. The step's forward is the one its
+// backward reached: every step verifies, with each trained step's masks.
+TEST_F(RecordedHabitsTest, AForwardTheBackwardDidNotReachIsNotTheStep) {
+  const fs::path run = record("logforward");
+  const auto records = read_step_log(run / "steps.jsonl");
+  ASSERT_EQ(records.size(), 30u);
+  for (const auto& r : records) EXPECT_EQ(r["batch"].size(), 32u);
+  EXPECT_TRUE(records[0].contains("masks"));
+  EXPECT_FALSE(records[0].contains("accumulated"));
+  std::string log;
+  ASSERT_EQ(analyze(run, "logforward-an", log), 0) << log;
+  const nlohmann::json s = read_json(tmp_->path() / "logforward-an" / "summary.json");
+  EXPECT_EQ(s["verification"]["steps_failed"], 0);
+}
+
 // The loss the loop passes is checked against the declared loss of the step's training forward
 // (its outputs as the model computed them): label smoothing was recorded and then refused by
 // the analysis as "a module's mode changed". Refused by the recorder at step 0, naming the loss,
