@@ -869,22 +869,7 @@ class Recorder:
         if not idx or min(idx) < 0 or max(idx) >= self.n_train:
             raise ValueError("batch indices must be in 0..%d" % (self.n_train - 1))
         k = self.k
-        leftover, self._leftover_at_step = self._leftover_at_step, None
-        if leftover is not None:
-            raise ValueError("step %d: parameter '%s' held a gradient in .grad when this step's backward began, "
-                             "and optimizer.step() applied the sum: call optimizer.zero_grad() before each step's "
-                             "backward (pathkernel analyzes steps on their batch's gradient)" % (k, leftover))
-        # Gradient accumulation (the step's forwards together hold the batch): the batch's loss
-        # from their outputs; else the loss passed must be the declared one. Checked before any
-        # file of the step is written.
-        loss_value = float(torch.as_tensor(loss).item())
-        accumulated = inputs is None and rows == len(idx) and _join(used)
-        if accumulated:
-            loss_value = self._batch_loss(torch.cat([f["y"] for f in used]), idx)
-            if self._masks_at_step:
-                self._masks_at_step = self._accumulated_masks(k, used)
-        else:
-            self._check_loss(k, used, idx, loss_value)
+        loss_value, accumulated = self._step_loss(k, used, rows, idx, loss, inputs)  # before any file of the step
         if self.every == 1 or k % self.every == 0:
             self._save(k + 1)
         elif (k + 1) % self.every == 0:
@@ -897,16 +882,7 @@ class Recorder:
             rec["accumulated"] = len(used)
             fed = torch.cat([f["x"].detach() for f in used])
         if fed is not None:
-            fed = torch.as_tensor(fed).detach().to(device="cpu", dtype=self._train_x.dtype)
-            stored = self._train_x[torch.as_tensor(idx)]
-            if fed.shape != stored.shape:
-                if inputs is not None:
-                    raise ValueError("step %d: inputs of shape %s for a batch of %s" % (k, tuple(fed.shape), tuple(stored.shape)))
-            elif not torch.equal(fed, stored):  # augmented: stored with the step, as fed
-                name = "data/batches/step_%08d_x.npy" % k
-                os.makedirs(os.path.join(self.out, "data", "batches"), exist_ok=True)
-                _save_npy(os.path.join(self.out, name), fed.contiguous().numpy())
-                rec["inputs"] = name
+            self._store_inputs(k, rec, fed, idx, inputs is not None)
         autocast = sorted({f["autocast"] for f in used if f["autocast"]})
         if autocast:  # mixed precision: verified against float64, the step cannot agree
             rec["autocast"] = autocast[0]
@@ -941,6 +917,38 @@ class Recorder:
         os.makedirs(os.path.join(self.out, "data", "masks"), exist_ok=True)
         _save_npy(os.path.join(self.out, name), bits)
         return {"masks": name, "mask_shapes": {n: list(masks[n].shape) for n in names}}
+
+    def _step_loss(self, k, used, rows, idx, loss, inputs):
+        """The step's loss and whether it accumulated micro-batches: with several forwards that
+        together hold the batch, the batch's loss from their outputs (and their masks joined);
+        else the loss passed, which must be the declared one. Refuses a gradient left in .grad."""
+        leftover, self._leftover_at_step = self._leftover_at_step, None
+        if leftover is not None:
+            raise ValueError("step %d: parameter '%s' held a gradient in .grad when this step's backward began, "
+                             "and optimizer.step() applied the sum: call optimizer.zero_grad() before each step's "
+                             "backward (pathkernel analyzes steps on their batch's gradient)" % (k, leftover))
+        value = float(torch.as_tensor(loss).item())
+        accumulated = inputs is None and rows == len(idx) and _join(used)
+        if accumulated:
+            value = self._batch_loss(torch.cat([f["y"] for f in used]), idx)
+            if self._masks_at_step:
+                self._masks_at_step = self._accumulated_masks(k, used)
+        else:
+            self._check_loss(k, used, idx, value)
+        return value, accumulated
+
+    def _store_inputs(self, k, rec, fed, idx, given):
+        """The inputs the step was computed on, stored with it when they are not the batch's rows."""
+        fed = torch.as_tensor(fed).detach().to(device="cpu", dtype=self._train_x.dtype)
+        stored = self._train_x[torch.as_tensor(idx)]
+        if fed.shape != stored.shape:
+            if given:
+                raise ValueError("step %d: inputs of shape %s for a batch of %s" % (k, tuple(fed.shape), tuple(stored.shape)))
+        elif not torch.equal(fed, stored):  # augmented: stored with the step, as fed
+            name = "data/batches/step_%08d_x.npy" % k
+            os.makedirs(os.path.join(self.out, "data", "batches"), exist_ok=True)
+            _save_npy(os.path.join(self.out, name), fed.contiguous().numpy())
+            rec["inputs"] = name
 
     def _batch_loss(self, out, idx):
         """The declared loss of outputs `out` [batch, C] (as the model computed them) on batch idx."""
