@@ -11,7 +11,6 @@
 #include <cerrno>
 #include <cstring>
 #include <fstream>
-#include <limits>
 #include <set>
 #include <sstream>
 #include <vector>
@@ -99,9 +98,10 @@ std::string read_file(const fs::path& path, int64_t max_bytes) {
   return bytes;
 }
 
-std::string read_file_head(const fs::path& path, size_t n) {
+std::string read_file_head(const fs::path& path, size_t n, int64_t* file_size, int64_t max_bytes) {
   int64_t size = 0;
-  const int fd = open_regular_file(path, size, std::numeric_limits<int64_t>::max());
+  const int fd = open_regular_file(path, size, max_bytes);
+  if (file_size) *file_size = size;
   std::string bytes(std::min(n, static_cast<size_t>(size)), '\0');
   size_t done = 0;
   while (done < bytes.size()) {

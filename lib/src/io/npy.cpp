@@ -1,10 +1,8 @@
 #include "pathkernel/io/npy.h"
 
 #include <ATen/ATen.h>
-#include <unistd.h>
 
 #include <algorithm>
-#include <cerrno>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -201,17 +199,7 @@ at::Tensor load_npy(const std::filesystem::path& path) {
 
 NpyInfo npy_info(const std::filesystem::path& path) {
   int64_t size = 0;
-  const int fd = open_regular_file(path, size);
-  std::string head(static_cast<size_t>(std::min<int64_t>(size, 10 + 65535)), '\0');
-  size_t got = 0;
-  while (got < head.size()) {
-    const ssize_t n = ::read(fd, head.data() + got, head.size() - got);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) break;
-    got += static_cast<size_t>(n);
-  }
-  ::close(fd);
-  head.resize(got);
+  const std::string head = read_file_head(path, 10 + 65535, &size);  // the largest header, v2
   const NpyLayout l = npy_layout(head, static_cast<uint64_t>(size), path.string());
   return {l.type, l.shape};
 }

@@ -31,8 +31,10 @@ int open_regular_file(const std::filesystem::path& path, int64_t& size, int64_t 
 /// `max_bytes`), exactly the bytes it held when opened. Throws InputError naming the path.
 std::string read_file(const std::filesystem::path& path, int64_t max_bytes = kMaxFileBytes);
 
-/// The first `n` bytes of a regular file (fewer when it is shorter); open_regular_file's checks.
-std::string read_file_head(const std::filesystem::path& path, size_t n);
+/// The first `n` bytes of a regular file (fewer when it is shorter); open_regular_file's checks
+/// (at most `max_bytes`). `file_size`, when given, receives the whole file's size.
+std::string read_file_head(const std::filesystem::path& path, size_t n, int64_t* file_size = nullptr,
+                           int64_t max_bytes = kMaxFileBytes);
 
 /// `file` resolved (links followed) lies inside `dir` resolved.
 bool resolves_inside(const std::filesystem::path& dir, const std::filesystem::path& file);
