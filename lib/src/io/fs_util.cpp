@@ -299,6 +299,9 @@ StagedOutput::~StagedOutput() {
 }
 
 void StagedOutput::commit() {
+  // The record first: a failure writing it (a full disk) leaves the earlier output in place.
+  const nlohmann::json record = {{"format", kWrittenFormat}, {"entries", entries_under(staging_)}};
+  atomic_write(staging_ / kWrittenRecord, record.dump(1) + "\n");
   struct stat st {};
   const bool there = lstat_of(out_, st);
   if (there && (!existed_ || !S_ISDIR(st.st_mode) || static_cast<unsigned long>(st.st_dev) != dev_ ||
@@ -320,8 +323,6 @@ void StagedOutput::commit() {
     displaced = name;
     fs::rename(out_, displaced / "old");
   }
-  const nlohmann::json record = {{"format", kWrittenFormat}, {"entries", entries_under(staging_)}};
-  atomic_write(staging_ / kWrittenRecord, record.dump(1) + "\n");
   fs::permissions(staging_, fs::perms::owner_all | fs::perms::group_read | fs::perms::group_exec |
                                 fs::perms::others_read | fs::perms::others_exec);
   fs::rename(staging_, out_);
