@@ -520,8 +520,11 @@ class Recorder:
         MSE). Saved as TorchScript: scripted, or traced from the first training input when
         scripting fails (or always, with script=False).
     optimizer: torch.optim.SGD (momentum, Nesterov, dampening, weight decay), Adam, AdamW,
-        RMSprop (momentum, centered), Adagrad or Adadelta over the model's parameters. Parameter groups may have their own learning rate and weight
-        decay; a scheduler may change the rate, momentum, betas and weight decay at every step.
+        RMSprop (momentum, centered), Adagrad or Adadelta over the model's parameters. Parameter
+        groups may have their own learning rate and weight decay; a scheduler may change the rate,
+        momentum, betas and weight decay at every step. Parameters it does not train (frozen with
+        requires_grad=False, or not given to it) are constants of the model: the kernel is over
+        the trained ones, and a step after which a constant changed is refused.
     train, test: (inputs, targets) exactly as fed to the model: float32 inputs of any shape
         [N, ...] (or int64 tokens [N, ...] for a model that embeds them, nn.Embedding); int64
         class labels [N] for loss "ce", float32 targets [N, C] for loss "mse".
@@ -582,6 +585,12 @@ class Recorder:
         order = [p for g in optimizer.param_groups for p in g["params"]]
         if any(id(p) not in names for p in order):
             raise ValueError("the optimizer holds tensors that are not parameters of the model")
+        # Parameters the run does not train (a frozen backbone: requires_grad=False, or left out
+        # of the optimizer) are constants of the model; the kernel is over the trained ones.
+        trained_ids = {id(p) for p in order if p.requires_grad}
+        if not trained_ids:
+            raise ValueError("the optimizer trains no parameter: every one it holds has requires_grad=False")
+        constants = [(n, p) for n, p in model.named_parameters() if id(p) not in trained_ids]
         splits = {}
         for split, pair in (("train", train), ("test", test)):
             if pair is None:
@@ -604,7 +613,7 @@ class Recorder:
         example = splits["train"][0][:1].to(device)
         # Each nn.Dropout becomes a site whose masks pathkernel sets (_StepMaskDropout), unless the
         # model is one of pathkernel's own (its Dropout off) or must be traced (a trace keeps one mode).
-        known = None if dropout_on or norms else zoo_spec(model, splits["train"][0].shape[1:])
+        known = None if dropout_on or norms or constants else zoo_spec(model, splits["train"][0].shape[1:])
         mask_sites = [] if known is not None else [n for n, _ in sites]
         norm_sites = [n for n, _ in norms]
         scripted = None
@@ -649,6 +658,10 @@ class Recorder:
         self.k = 0
         self.closed = False
         self.param_names = [names[id(p)] for p in order]
+        self._frozen = [names[id(p)] for p in order if id(p) not in trained_ids]
+        # Each constant's value now: a step after which one differs (a second optimizer, an edit
+        # outside optimizer.step()) or is trained (progressive unfreezing) is refused.
+        self._constants = [(n, p, p.detach().clone()) for n, p in constants]
         self._members, at = [], 0  # each group's parameters, as indices into param_names
         for g in optimizer.param_groups:
             self._members.append(list(range(at, at + len(g["params"]))))
@@ -724,7 +737,7 @@ class Recorder:
                 else:
                     self._raw[i] = self._raw[i] + g.detach()
             return hook
-        self._grad_hooks = [p.register_hook(raw_hook(i)) for i, p in enumerate(order)]
+        self._grad_hooks = [p.register_hook(raw_hook(i)) for i, p in enumerate(order) if p.requires_grad]
         self._hook = self._post_hook = None
         self._forwards, self._used_at_step = [], []
         self._warned_autocast = False
@@ -778,7 +791,8 @@ class Recorder:
             "torch_version": torch.__version__,
             "model": {"file": "model.pt", "torchscript": how, "outputs": outputs,
                       "parameters": [[n, list(dict(self.model.named_parameters())[n].shape)] for n in self.param_names],
-                      "state_dict_keys": list(self.model.state_dict().keys())},
+                      "state_dict_keys": list(self.model.state_dict().keys()),
+                      "frozen": self._frozen},
             "loss": loss,
             "optimizer": {"name": kind, "param_groups": [
                 dict(g, param_names=[self.param_names[i] for i in members]) for g, members in zip(groups, self._members)]},
@@ -922,6 +936,7 @@ class Recorder:
         """The step's loss and whether it accumulated micro-batches: with several forwards that
         together hold the batch, the batch's loss from their outputs (and their masks joined);
         else the loss passed, which must be the declared one. Refuses a gradient left in .grad."""
+        self._check_constants(k)
         leftover, self._leftover_at_step = self._leftover_at_step, None
         if leftover is not None:
             raise ValueError("step %d: parameter '%s' held a gradient in .grad when this step's backward began, "
@@ -936,6 +951,23 @@ class Recorder:
         else:
             self._check_loss(k, used, idx, value)
         return value, accumulated
+
+    def _check_constants(self, k):
+        """The parameters the run does not train are as they were when the Recorder was made."""
+        for name, p, value in self._constants:
+            if p.requires_grad and name in self._frozen:
+                raise ValueError("step %d: parameter '%s' had requires_grad=False when the Recorder was made and is "
+                                 "trained now: record each stage of a progressive unfreezing as its own run (a new "
+                                 "Recorder and optimizer when the parameters it trains change)" % (k, name))
+            if not torch.equal(p.detach(), value):
+                raise ValueError("step %d: parameter '%s', which this optimizer does not train, changed (a second "
+                                 "optimizer, or an edit outside optimizer.step()): the analysis holds it constant; "
+                                 "give one optimizer every trained parameter" % (k, name))
+        for name, p in zip(self.param_names, self._order):
+            if name not in self._frozen and not p.requires_grad:
+                raise ValueError("step %d: parameter '%s' was trained when the Recorder was made and has "
+                                 "requires_grad=False now: record each stage of a freezing schedule as its own run"
+                                 % (k, name))
 
     def _store_inputs(self, k, rec, fed, idx, given):
         """The inputs the step was computed on, stored with it when they are not the batch's rows."""

@@ -50,6 +50,14 @@ smoothing    cross-entropy with label_smoothing=0.1, passed to rec.step (another
              declared mean cross-entropy: refused by the recorder at step 0)
 autocast     the forward under torch.autocast("cpu", bfloat16), mixed precision (recorded with the
              dtype; refused by the analysis, naming autocast)
+frozen       the first Linear frozen (requires_grad=False, a fine-tuned backbone), the optimizer given
+             every parameter (SGD with momentum): the kernel is over the trained head (analyzed exactly)
+head_only    the optimizer given the head's parameters only (AdamW), the backbone still requiring
+             gradients: held constant as well (analyzed exactly)
+unused       a Linear the forward never uses, in the optimizer (AdamW skips it: held constant)
+unfreeze     the frozen habit, unfrozen at step 10 (progressive unfreezing: refused by the recorder)
+two_optimizers  head_only with a second optimizer training the backbone (refused by the recorder at
+             step 0: the recorded optimizer does not train it)
 batchnorm    a CNN with BatchNorm2d and BatchNorm1d in training mode, SGD with momentum; eval mode for
              steps 5-7 of every 10 (batch statistics on the trained steps, running statistics
              recorded with the weights: analyzed exactly)
@@ -76,6 +84,17 @@ class TwoOutputs(torch.nn.Module):
     def forward(self, x):
         h = torch.tanh(self.fc1(x.flatten(1)))
         return self.fc2(h), h
+
+
+class UnusedLayer(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(784, 64)
+        self.spare = torch.nn.Linear(64, 10)
+        self.fc2 = torch.nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x.flatten(1))))
 
 
 class TokenLstm(torch.nn.Module):
@@ -131,6 +150,8 @@ def main():
         model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, stride=2), torch.nn.BatchNorm2d(4), torch.nn.Tanh(),
                                     torch.nn.Flatten(), torch.nn.Linear(4 * 13 * 13, 32), torch.nn.BatchNorm1d(32),
                                     torch.nn.Tanh(), torch.nn.Linear(32, 10))
+    elif habit == "unused":
+        model = UnusedLayer()
     elif habit == "train_mode":
         model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 64), torch.nn.Tanh(),
                                     torch.nn.Dropout(0.3), torch.nn.Linear(64, 10))
@@ -138,7 +159,19 @@ def main():
     else:
         model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 64), torch.nn.Tanh(),
                                     torch.nn.Linear(64, 10))
-    if habit == "onecycle":
+    if habit in ("frozen", "unfreeze"):
+        for p in model[1].parameters():
+            p.requires_grad_(False)
+    second = None
+    if habit in ("head_only", "two_optimizers"):
+        opt = torch.optim.AdamW(model[3].parameters(), lr=2e-3, weight_decay=0.05)
+        sched = None
+        if habit == "two_optimizers":
+            second = torch.optim.SGD(model[1].parameters(), lr=0.1)
+    elif habit == "unused":
+        opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
+        sched = None
+    elif habit == "onecycle":
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=30)
     elif habit == "onecycle_adam":
@@ -192,8 +225,13 @@ def main():
         x = X[idx]
         if habit in ("augment", "unstored", "accumulate"):
             x = torch.roll(torch.flip(x, dims=[3]), shifts=2, dims=2)
+        if habit == "unfreeze" and step == 10:
+            for p in model[1].parameters():
+                p.requires_grad_(True)
         if habit != "nozero" or step == 0:
             opt.zero_grad()
+        if second is not None:
+            second.zero_grad()
         if habit.startswith("accumulate"):  # two micro-batches, one optimizer.step()
             for half in (slice(0, 16), slice(16, 32)):
                 loss = F.cross_entropy(model(x[half]), y[idx][half]) / (1 if habit == "accumulate_nodiv" else 2)
@@ -211,6 +249,8 @@ def main():
         if habit == "clipvalue":
             torch.nn.utils.clip_grad_value_(model.parameters(), clip_value=0.002)
         opt.step()
+        if second is not None:
+            second.step()
         if habit == "moved" and step == 10:
             with torch.no_grad():
                 for p in model.parameters():

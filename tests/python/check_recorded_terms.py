@@ -36,7 +36,10 @@ def main():
     steps = [json.loads(line) for line in open(os.path.join(run, "steps.jsonl"))]
     kind = manifest["optimizer"]["name"]
     groups = manifest["optimizer"]["param_groups"]
-    names = [p[0] for p in manifest["model"]["parameters"]]
+    every = [p[0] for p in manifest["model"]["parameters"]]  # the optimizer's, in its order
+    position = {n: i for i, n in enumerate(every)}  # the state files' keys
+    frozen = manifest["model"].get("frozen", [])
+    names = [n for n in every if n not in frozen]  # the kernel is over the trained parameters
     group_of = {n: 0 for n in names}
     for gi, g in enumerate(groups):
         for n in g.get("param_names", []):
@@ -58,8 +61,8 @@ def main():
     def set_weights(k):
         sd = torch.load(ckpt(k) + ".pt")
         with torch.no_grad():
-            for n in names:
-                params[n].copy_(sd[n].double())
+            for n, p in params.items():  # the frozen ones too: constants of the model
+                p.copy_(sd[n].double())
             for n, b in model.named_buffers():  # BatchNorm's running statistics after k steps
                 if b.is_floating_point():
                     b.copy_(sd[n].double())
@@ -113,9 +116,10 @@ def main():
     def slot(k, name):
         """A state slot after k steps, flattened in the optimizer's order (zeros before it exists)."""
         state = torch.load(ckpt(k) + ".optim.pt")["state"]
-        if not state or name not in state[0]:
-            return torch.zeros(sum(sizes))
-        return torch.cat([state[i][name].double().reshape(-1) for i in range(len(names))])
+        # A parameter torch.optim never updated (no gradient: unused by the forward) has no state.
+        return torch.cat([state[position[n]][name].double().reshape(-1)
+                          if position[n] in state and name in state[position[n]] else torch.zeros(params[n].numel())
+                          for n in names])
 
     def precond(k, st):
         """P_k from torch.optim's state files, as each optimizer divides by it."""

@@ -283,7 +283,8 @@ TEST_P(HabitTermsTest, SchedulesGroupsAndEveryOptimizerAreAnalyzedExactly) {
 
 INSTANTIATE_TEST_SUITE_P(RecordedHabits, HabitTermsTest,
                          ::testing::Values("onecycle", "onecycle_adam", "groups", "groups_sgd", "clip", "rmsprop",
-                                           "adagrad", "adadelta", "tokens", "accumulate"),
+                                           "adagrad", "adadelta", "tokens", "accumulate", "frozen", "head_only",
+                                           "unused"),
                          [](const ::testing::TestParamInfo<const char*>& info) { return std::string(info.param); });
 
 // Gradient accumulation (micro-batches, one optimizer.step()): the recorder joins the step's
@@ -303,8 +304,12 @@ TEST_F(RecordedHabitsTest, GradientAccumulationIsRecordedAsTheBatchOrRefused) {
       EXPECT_EQ(r["batch"].size(), 32u) << habit;
     }
     EXPECT_EQ(records[0].contains("inputs"), habit == "accumulate") << "the flipped inputs, both halves";
-    if (habit == "accumulate") EXPECT_EQ(load_npy(run / records[0]["inputs"].get<std::string>()).size(0), 32);
-    if (habit == "accumulate_dropout") EXPECT_TRUE(records[0].contains("masks"));
+    if (habit == "accumulate") {
+      EXPECT_EQ(load_npy(run / records[0]["inputs"].get<std::string>()).size(0), 32);
+    }
+    if (habit == "accumulate_dropout") {
+      EXPECT_TRUE(records[0].contains("masks"));
+    }
     std::string log;
     ASSERT_EQ(analyze(run, habit + "-an", log), 0) << habit << "\n" << log;
     const nlohmann::json s = read_json(tmp_->path() / (habit + "-an") / "summary.json");
@@ -350,6 +355,50 @@ TEST_F(RecordedHabitsTest, ALossOtherThanTheDeclaredOneIsRefusedByTheRecorder) {
   EXPECT_NE(nozero.find("held a gradient in .grad when this step's backward began"), std::string::npos) << nozero;
   EXPECT_NE(nozero.find("call optimizer.zero_grad()"), std::string::npos) << nozero;
   EXPECT_EQ(read_step_log(tmp_->path() / "nozero" / "steps.jsonl").size(), 1u) << "step 0 was recorded";
+}
+
+// Fine-tuning: parameters the run does not train (requires_grad=False, left out of the
+// optimizer, unused by the forward) were a crash in the recorder (a hook on a frozen tensor), a
+// refusal naming the zoo, or an internal error of the analysis. They are constants of the model
+// and the kernel is over the trained ones (HabitTermsTest checks frozen, head_only and unused
+// against Python in float64). The analysis checks they stay constant: a checkpoint in which one
+// differs is refused, naming it. A loop that trains one after all (progressive unfreezing, a
+// second optimizer) is refused by the recorder at that step.
+TEST_F(RecordedHabitsTest, ParametersTheRunDoesNotTrainAreConstantsOrRefused) {
+  const fs::path run = record("frozen");
+  const nlohmann::json m = read_json(run / "manifest.json");
+  EXPECT_EQ(m["model"]["frozen"], nlohmann::json({"1.weight", "1.bias"}));
+  EXPECT_TRUE(m["zoo"].is_null());
+  std::string log;
+  ASSERT_EQ(analyze(run, "frozen-an", log), 0) << log;
+  const nlohmann::json s = read_json(tmp_->path() / "frozen-an" / "summary.json");
+  EXPECT_NE(s["kernel_route_reason"].get<std::string>().find("parameters the run does not train"), std::string::npos);
+  // Only the linear head is trained: the output is linear in it, so no residual is left.
+  const Table t = read_csv(tmp_->path() / "frozen-an" / "steps.csv");
+  for (size_t i = 0; i < t.rows; ++i) EXPECT_LT(t.cols.at("r")[i], 1e-9) << "step " << i;
+  // A frozen weight changed in one checkpoint: refused, naming the parameter and the file.
+  const fs::path moved = tmp_->path() / "frozen-moved";
+  fs::copy(run, moved, fs::copy_options::recursive);
+  const std::string ck = (moved / "checkpoints" / "step_00000007.pt").string();
+  ASSERT_EQ(testing::run_program({"/usr/bin/python3", "-c",
+                                  "import sys, torch; sd = torch.load(sys.argv[1]); sd['1.weight'][0, 0] += 1e-3; "
+                                  "torch.save(sd, sys.argv[1])",
+                                  ck},
+                                 tmp_->path() / "edit.log"),
+            0)
+      << read_file(tmp_->path() / "edit.log");
+  EXPECT_EQ(analyze(moved, "frozen-moved-an", log), 2) << log;
+  EXPECT_NE(log.find("step_00000007.pt: parameter '1.weight', which the run does not train"), std::string::npos) << log;
+  EXPECT_FALSE(fs::exists(tmp_->path() / "frozen-moved-an"));
+  const std::string unfreeze = refused_by_recorder("unfreeze");
+  EXPECT_NE(unfreeze.find("step 10: parameter '1.weight' had requires_grad=False when the Recorder was made and is "
+                          "trained now"),
+            std::string::npos)
+      << unfreeze;
+  EXPECT_EQ(read_step_log(tmp_->path() / "unfreeze" / "steps.jsonl").size(), 10u);
+  const std::string second = refused_by_recorder("two_optimizers");
+  EXPECT_NE(second.find("step 0: parameter '1.weight', which this optimizer does not train, changed"), std::string::npos)
+      << second;
 }
 
 // The per-step momentum dropped from the records: the update no longer closes, exit 4.

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <functional>
+#include <tuple>
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 #include <torch/nn/module.h>
@@ -312,6 +313,19 @@ TEST_F(RecordedRunTest, DamagedRunsAreRefusedWithTheFileNamed) {
     });
     EXPECT_THROW_WITH(RecordedRun{b}, InputError, "parameter groups with different betas are not supported");
   }
+  {  // frozen parameters: each an optimizer's parameter, named once, not all of them, no zoo model
+    for (const auto& [name, frozen, message] :
+         std::vector<std::tuple<std::string, nlohmann::json, std::string>>{
+             {"frozen-unknown", {"9.weight"}, "model.frozen must name each of the optimizer's parameters at most once ('9.weight')"},
+             {"frozen-twice", {"3.bias", "3.bias"}, "model.frozen must name each of the optimizer's parameters at most once ('3.bias')"},
+             {"frozen-all", {"1.weight", "1.bias", "3.weight", "3.bias"}, "model.frozen lists every trained parameter"},
+             {"frozen-zoo", {"1.weight"}, "frozen parameters is not one of pathkernel's own (zoo)"}}) {
+      const fs::path r = edit_manifest(name, [&](nlohmann::json& m) { m["model"]["frozen"] = frozen; });
+      EXPECT_THROW_WITH(RecordedRun{r}, InputError, message);
+      if (name == "frozen-unknown") cli_refuses(r, message);
+      fs::remove_all(r);
+    }
+  }
   {  // a step's rates or settings that do not fit the groups
     const fs::path r = edit_step("lrs-short", 4, [](nlohmann::json& rec) { rec["lrs"] = {rec["lr"], 0.5}; });
     EXPECT_THROW_WITH(RecordedRun{r}, InputError, "steps.jsonl:5: lrs must hold a finite positive rate for each of the 1");
@@ -321,7 +335,7 @@ TEST_F(RecordedRunTest, DamagedRunsAreRefusedWithTheFileNamed) {
     });
     EXPECT_THROW_WITH(RecordedRun{b}, InputError, "steps.jsonl:3: groups[0]: ");
     // a step's micro-batch count: a whole number, 1 to the batch's size
-    for (const nlohmann::json bad : {nlohmann::json(0), nlohmann::json(1.5), nlohmann::json("2"), nlohmann::json(100000)}) {
+    for (const auto& bad : {nlohmann::json(0), nlohmann::json(1.5), nlohmann::json("2"), nlohmann::json(100000)}) {
       const fs::path a = edit_step("accumulated-bad", 6, [&](nlohmann::json& rec) { rec["accumulated"] = bad; });
       EXPECT_THROW_WITH(RecordedRun{a}, InputError, "steps.jsonl:7: accumulated must be a whole number of micro-batches");
       fs::remove_all(a);

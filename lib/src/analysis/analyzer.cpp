@@ -26,6 +26,7 @@
 #include "pathkernel/io/sha256.h"
 #include "pathkernel/io/threads.h"
 #include "pathkernel/trajectory/trajectory.h"
+#include "pathkernel/trajectory/scripted_model.h"
 
 namespace pathkernel {
 namespace fs = std::filesystem;
@@ -154,6 +155,10 @@ class Driver {
     explicit_route_ = c_.kernel_route == "explicit" || c_.kernel_route == "torchscript";
     if (explicit_route_) {
       res_.route_reason = "--kernel-route " + c_.kernel_route;
+    } else if (spec == "torchscript" && !scripted_constants(*model_).empty()) {
+      res_.route_reason = "a recorded model with parameters the run does not train (frozen, outside the optimizer, or "
+                          "unused by its forward), held constant";
+      explicit_route_ = true;
     } else if (spec == "torchscript") {
       res_.route_reason = "a recorded model the recorder did not recognize as one of the zoo's";
       explicit_route_ = true;
@@ -164,7 +169,8 @@ class Driver {
     } else {
       res_.route_reason = "the zoo's " + spec + ": every parameter in a tapped Linear/Conv2d layer";
     }
-    if (explicit_route_ && c_.kernel_route == "auto" && model_->norm_sites().empty()) {
+    if (explicit_route_ && c_.kernel_route == "auto" && model_->norm_sites().empty() &&
+        scripted_constants(*model_).empty()) {
       res_.route_reason += "; hint: the factorized route (much faster) serves nn.Sequential stacks of Linear/Conv2d "
                            "layers with ReLU, leaky ReLU, tanh, max-pool, Flatten and identities (docs/pytorch.md)";
     }

@@ -84,6 +84,9 @@ OptimizerState RecordedRun::optimizer_state(int64_t k, int64_t* updates) const {
       file.fail("state keys must be parameter indices 0.." + std::to_string(param_order_.size() - 1));
     }
     const std::string& name = param_order_[static_cast<size_t>(key->i)];
+    if (std::find(frozen_.begin(), frozen_.end(), name) != frozen_.end()) {
+      file.fail("holds state for parameter '" + name + "', which the manifest lists as frozen (model.frozen)");
+    }
     for (size_t s = 0; s < slots.size(); ++s) {
       const PickleValue* v = per->find(slots[s]);
       if (!v || v->kind == PickleValue::Kind::None) continue;  // SGD without momentum

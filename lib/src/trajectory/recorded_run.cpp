@@ -131,6 +131,7 @@ RecordedRun::RecordedRun(const fs::path& dir) : dir_(dir) {
       }
     }
     read_groups(manifest_.at("optimizer"), mf);
+    read_frozen(model, mf);
     if (manifest_.contains("classes") && !manifest_["classes"].is_null()) {
       const auto& names = manifest_["classes"];
       if (!names.is_array() || static_cast<int64_t>(names.size()) != outputs_ ||
@@ -158,8 +159,9 @@ RecordedRun::RecordedRun(const fs::path& dir) : dir_(dir) {
       } catch (const std::invalid_argument& e) {
         throw InputError(mf + ": zoo.spec: " + e.what());
       }
-      if (!dropout_sites_.empty() || !batchnorm_modules_.empty()) {
-        throw InputError(mf + ": a model with Dropout or BatchNorm sites is not one of pathkernel's own (zoo)");
+      if (!dropout_sites_.empty() || !batchnorm_modules_.empty() || !frozen_.empty()) {
+        throw InputError(mf + ": a model with Dropout or BatchNorm sites or frozen parameters is not one of "
+                         "pathkernel's own (zoo)");
       }
       zoo_names_ = manifest_["zoo"].at("names").get<std::map<std::string, std::string>>();
       if (zoo_names_.size() != param_order_.size() ||
@@ -175,6 +177,20 @@ RecordedRun::RecordedRun(const fs::path& dir) : dir_(dir) {
   if (manifest_.at("data").contains("test")) read_split("test", test_x_, test_y_);
   read_log();
   list_checkpoints();
+}
+
+void RecordedRun::read_frozen(const nlohmann::json& model, const std::string& mf) {
+  if (!model.contains("frozen")) return;
+  frozen_ = model.at("frozen").get<std::vector<std::string>>();
+  for (size_t i = 0; i < frozen_.size(); ++i) {
+    if (std::find(param_order_.begin(), param_order_.end(), frozen_[i]) == param_order_.end() ||
+        std::find(frozen_.begin(), frozen_.begin() + static_cast<std::ptrdiff_t>(i), frozen_[i]) !=
+            frozen_.begin() + static_cast<std::ptrdiff_t>(i)) {
+      throw InputError(mf + ": model.frozen must name each of the optimizer's parameters at most once ('" +
+                       frozen_[i] + "')");
+    }
+  }
+  if (frozen_.size() == param_order_.size()) throw InputError(mf + ": model.frozen lists every trained parameter");
 }
 
 void RecordedRun::read_sites(const std::string& mf) {

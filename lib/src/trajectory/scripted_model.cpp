@@ -22,12 +22,20 @@ class Holder : public torch::nn::Module {};
 
 class ScriptedModel : public models::Model {
  public:
-  ScriptedModel(torch::jit::Module module, int64_t outputs)
+  ScriptedModel(torch::jit::Module module, int64_t outputs, const std::vector<std::string>& trained)
       : Model(models::ModelSpec{"torchscript", {}, "none"}, outputs), module_(std::move(module)) {
     for (const auto& p : module_.named_parameters(/*recurse=*/true)) {
       // The same tensor object: weights copied into it, and dtype changes, reach the scripted module.
       std::string leaf;
       const auto [holder, owner] = owners_of(p.name, leaf);
+      if (!trained.empty() && std::find(trained.begin(), trained.end(), p.name) == trained.end()) {
+        // A parameter the run does not train: a constant of the model, set from the checkpoints
+        // as a buffer is, and outside every gradient.
+        p.value.set_requires_grad(false);
+        holder->register_buffer(leaf, p.value);
+        constants_.push_back(p.name);
+        continue;
+      }
       holder->register_parameter(leaf, p.value, p.value.requires_grad());
       slots_.push_back({owner, leaf});
     }
@@ -56,6 +64,8 @@ class ScriptedModel : public models::Model {
   }
 
   bool swaps_parameters() const override { return true; }
+  /// Its parameters held constant (by state_dict name).
+  const std::vector<std::string>& constants() const { return constants_; }
 
   /// Each parameter's slot on its scripted submodule holds the given tensor for the call; the
   /// model's own tensors are put back however the forward ends.
@@ -159,12 +169,14 @@ class ScriptedModel : public models::Model {
   /// Every parameter's owning submodule and attribute name, in named_parameters() order.
   std::vector<std::pair<torch::jit::Module, std::string>> slots_;
   std::vector<Site> sites_;
+  std::vector<std::string> constants_;
   std::vector<std::pair<torch::jit::Module, std::vector<at::Tensor>>> norms_on_;  ///< in training mode, and their own statistics
 };
 
 }  // namespace
 
-std::shared_ptr<models::Model> load_scripted_model(const std::filesystem::path& file, int64_t outputs) {
+std::shared_ptr<models::Model> load_scripted_model(const std::filesystem::path& file, int64_t outputs,
+                                                   const std::vector<std::string>& trained) {
   const std::string f = file.string();
   // The structure and every checksum first, by the bounded reader (LibTorch's reader trusts
   // offsets); LibTorch then reads these same bytes, not the file a second time.
@@ -188,7 +200,16 @@ std::shared_ptr<models::Model> load_scripted_model(const std::filesystem::path& 
     ++params;
   }
   if (params == 0) throw InputError(f + ": the TorchScript model has no parameters");
-  return std::make_shared<ScriptedModel>(std::move(m), outputs);
+  try {
+    return std::make_shared<ScriptedModel>(std::move(m), outputs, trained);
+  } catch (const InputError& e) {
+    throw InputError(f + ": " + e.what());
+  }
+}
+
+std::vector<std::string> scripted_constants(const models::Model& model) {
+  const auto* scripted = dynamic_cast<const ScriptedModel*>(&model);
+  return scripted ? scripted->constants() : std::vector<std::string>{};
 }
 
 }  // namespace pathkernel

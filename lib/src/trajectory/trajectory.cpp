@@ -2,6 +2,7 @@
 
 #include <ATen/ATen.h>
 #include <fmt/format.h>
+#include <torch/csrc/autograd/autograd.h>
 
 #include <algorithm>
 #include <cmath>
@@ -75,13 +76,17 @@ class RecordedTrajectory : public Trajectory {
     const at::Tensor& x = run_.train_inputs();
     shape_ = x.dim() == 4 ? models::InputShape{x.size(1), x.size(2), x.size(3)}
                           : models::InputShape{1, 1, x[0].numel()};
-    model_ = make_model();
-    for (const auto& p : model_->named_parameters()) {
-      names_.push_back(p.key());
-      params_.push_back(p.value());
+    if (script_) {
+      const auto& frozen = run_.frozen();
+      for (const auto& [name, shape] : run_.parameters()) {
+        if (std::find(frozen.begin(), frozen.end(), name) == frozen.end()) trained_.push_back(name);
+      }
     }
+    take_model();
     if (script_) {
       check_scripted_model();
+      if (drop_unused()) take_model();
+      constants_ = scripted_constants(*model_);
       for (const auto& n : names_) to_recorded_[n] = n;
     } else {
       for (const auto& [recorded, zoo] : run_.zoo_names()) to_recorded_[zoo] = recorded;
@@ -94,7 +99,7 @@ class RecordedTrajectory : public Trajectory {
     }
   }
   std::shared_ptr<models::Model> make_model() const override {
-    if (script_) return load_scripted_model(run_.model_file(), run_.outputs());
+    if (script_) return load_scripted_model(run_.model_file(), run_.outputs(), trained_);
     return models::build_model(models::parse_model_spec(run_.zoo_spec()), shape_, run_.outputs());
   }
   int64_t logged_steps() const override { return run_.logged_steps(); }
@@ -148,11 +153,12 @@ class RecordedTrajectory : public Trajectory {
     return out;
   }
   NamedTensors buffers_at(int64_t k) override {
-    if (!script_ || run_.batchnorm_modules().empty()) return {};
+    if (!script_ || (run_.batchnorm_modules().empty() && constants_.empty())) return {};
     NamedTensors out;
     for (auto& [name, t] : run_.weights(k)) {
       if (!to_recorded_.count(name) && t.is_floating_point()) out.emplace_back(name, t);
     }
+    check_constants(k, out);
     return out;
   }
   LoggedStep logged_step(int64_t k, at::ScalarType dtype) const override {
@@ -193,7 +199,13 @@ class RecordedTrajectory : public Trajectory {
     std::vector<at::Tensor> flat;
     std::map<std::string, std::string> to_model;
     for (const auto& [model_name, recorded] : to_recorded_) to_model[recorded] = model_name;
-    for (const auto& [name, shape] : run_.parameters()) flat.push_back(gradient.at(to_model.at(name)).reshape({-1}));
+    // A parameter the run does not train has no gradient in .grad: the recorder counts zeros.
+    const auto options = gradient.begin()->second.options();
+    for (const auto& [name, shape] : run_.parameters()) {
+      const auto it = to_model.find(name);
+      flat.push_back(it != to_model.end() ? gradient.at(it->second).reshape({-1})
+                                          : at::zeros({c10::multiply_integers(shape)}, options));
+    }
     const at::Tensor g = at::cat(flat).to(at::kDouble);
     if (!signs_.defined() || signs_.size(1) != g.size(0)) {
       std::vector<at::Tensor> rows;
@@ -223,14 +235,25 @@ class RecordedTrajectory : public Trajectory {
   }
 
  private:
-  /// The TorchScript model against the manifest: the same trained parameters and shapes, and a
+  void take_model() {
+    model_ = make_model();
+    names_.clear();
+    params_.clear();
+    for (const auto& p : model_->named_parameters()) {
+      names_.push_back(p.key());
+      params_.push_back(p.value());
+    }
+  }
+
+  /// The TorchScript model against the manifest: the same trained parameters and shapes, every
+  /// other parameter of it held constant from the checkpoints (so in their state_dict), and a
   /// forward that maps the recorded inputs to [N, outputs] (checked on two examples).
   void check_scripted_model() const {
     const std::string mf = run_.model_file().string();
     std::map<std::string, at::Tensor> mine;
     for (size_t i = 0; i < names_.size(); ++i) mine[names_[i]] = params_[i];
-    const auto recorded = run_.parameters();
-    for (const auto& [name, shape] : recorded) {
+    for (const auto& b : model_->named_buffers()) mine[b.key()] = b.value();
+    for (const auto& [name, shape] : run_.parameters()) {
       auto it = mine.find(name);
       if (it == mine.end()) {
         throw InputError(mf + ": has no parameter '" + name + "', which the run's state_dict trains");
@@ -240,11 +263,10 @@ class RecordedTrajectory : public Trajectory {
                          ", the run's state_dict has " + c10::str(at::IntArrayRef(shape)));
       }
     }
-    if (recorded.size() != mine.size()) {
-      for (const auto& n : names_) {
-        if (std::none_of(recorded.begin(), recorded.end(), [&](const auto& r) { return r.first == n; })) {
-          throw InputError(mf + ": parameter '" + n + "' is not among the run's trained parameters");
-        }
+    const auto& keys = run_.state_dict();
+    for (const auto& n : scripted_constants(*model_)) {
+      if (std::none_of(keys.begin(), keys.end(), [&](const auto& e) { return e.first == n; })) {
+        throw InputError(mf + ": parameter '" + n + "' is not in the run's state_dict, so not in its checkpoints");
       }
     }
     const at::Tensor x = run_.train_inputs().slice(0, 0, std::min<int64_t>(2, run_.train_inputs().size(0)));
@@ -303,8 +325,51 @@ class RecordedTrajectory : public Trajectory {
     }
   }
 
+  /// Drops from the trained parameters those the model's forward does not use (an unused head):
+  /// they get no gradient, so torch.optim never changes them, and autograd has no product of
+  /// theirs to form. Returns whether it dropped any.
+  bool drop_unused() {
+    const at::Tensor x = run_.train_inputs().slice(0, 0, std::min<int64_t>(2, run_.train_inputs().size(0)));
+    const at::Tensor out = model_->forward(x.scalar_type() == at::kLong ? x : x.to(at::kFloat));
+    if (!out.requires_grad()) {
+      throw InputError(run_.model_file().string() + ": the model's outputs depend on none of the parameters the run "
+                       "trains");
+    }
+    const auto grads = torch::autograd::grad({out.sum()}, params_, {}, false, false, /*allow_unused=*/true);
+    std::vector<std::string> used;
+    for (size_t i = 0; i < grads.size(); ++i) {
+      if (grads[i].defined()) used.push_back(names_[i]);
+    }
+    if (used.size() == names_.size()) return false;
+    trained_ = used;
+    return true;
+  }
+
+  /// Each constant (a parameter the run does not train) in the buffers of step k must be as the
+  /// first checkpoint holds it: the analysis holds it constant.
+  void check_constants(int64_t k, const NamedTensors& buffers) {
+    if (constants_.empty()) return;
+    const int64_t first = run_.checkpoints().front();
+    if (constant_values_.empty()) {
+      for (auto& [name, t] : run_.weights(first)) {
+        if (std::find(constants_.begin(), constants_.end(), name) != constants_.end()) constant_values_[name] = t;
+      }
+    }
+    for (const auto& [name, t] : buffers) {
+      const auto it = constant_values_.find(name);
+      if (it != constant_values_.end() && !at::equal(it->second, t)) {
+        throw InputError(run_.weights_file(k).string() + ": parameter '" + name + "', which the run does not train " +
+                         "(frozen, outside the optimizer, or unused by the forward), differs from its value in " +
+                         run_.weights_file(first).string() + "; the analysis holds it constant");
+      }
+    }
+  }
+
   RecordedRun run_;
   bool script_ = false;
+  std::vector<std::string> trained_;    ///< with script_: the parameters the model exposes, by state_dict name
+  std::vector<std::string> constants_;  ///< with script_: its other parameters, held constant
+  std::map<std::string, at::Tensor> constant_values_;  ///< as the first checkpoint holds them
   models::InputShape shape_;
   std::shared_ptr<models::Model> model_;  ///< float32, holds the parameters the optimizer binds
   std::vector<std::string> names_;

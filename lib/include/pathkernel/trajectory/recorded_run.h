@@ -58,6 +58,11 @@ class RecordedRun {
   const std::map<std::string, std::string>& zoo_names() const { return zoo_names_; }
   /// The optimizer's parameters (the model's trained parameters) in its order, with their shapes.
   std::vector<std::pair<std::string, std::vector<int64_t>>> parameters() const;
+  /// The optimizer's parameters the run does not train (requires_grad=False when recorded, a
+  /// frozen backbone): constants of the model, as are its parameters outside the optimizer.
+  const std::vector<std::string>& frozen() const { return frozen_; }
+  /// The state_dict's names in its order, with the trained parameters' shapes ({-1} for others).
+  const std::vector<std::pair<std::string, std::vector<int64_t>>>& state_dict() const { return state_dict_; }
   /// Steps with a stored weights file, ascending.
   const std::vector<int64_t>& checkpoints() const { return checkpoints_; }
 
@@ -131,6 +136,7 @@ class RecordedRun {
   void read_log();
   /// The manifest's Dropout sites and BatchNorm modules (`dropout`, `batchnorm`).
   void read_sites(const std::string& mf);
+  void read_frozen(const nlohmann::json& model, const std::string& mf);
   void read_groups(const nlohmann::json& optimizer, const std::string& mf);
   void list_checkpoints();
 
@@ -149,6 +155,7 @@ class RecordedRun {
   std::vector<std::pair<std::string, double>> dropout_sites_;
   std::vector<std::string> batchnorm_modules_;
   std::vector<std::string> param_order_;  ///< the optimizer's parameters, in its order
+  std::vector<std::string> frozen_;       ///< those of them the run does not train
   std::vector<OptimizerOptions> groups_;   ///< the manifest's parameter groups
   std::vector<nlohmann::json> group_json_;
   std::vector<size_t> group_of_;           ///< by param_order_ index

@@ -11,15 +11,23 @@
 #include <filesystem>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "pathkernel/models/model.h"
 
 namespace pathkernel {
 
 /// Loads `file` (a TorchScript archive) as a model with `outputs` outputs, float32 parameters.
-/// Throws InputError naming the file when it is not a readable TorchScript archive, has no
-/// forward, or has no parameters. TorchScript is code: only load runs you trust (the archive is
-/// checked as a zip first, but its program is then run by LibTorch's interpreter).
-std::shared_ptr<models::Model> load_scripted_model(const std::filesystem::path& file, int64_t outputs);
+/// When `trained` names parameters (by state_dict name), the model's parameters are those and
+/// its others are held as buffers (constants, set from the checkpoints), outside every gradient;
+/// empty: every parameter is trained. Throws InputError naming the file when it is not a
+/// readable TorchScript archive, has no forward, or has no parameters. TorchScript is code: only
+/// load runs you trust (the archive is checked as a zip first, but its program is then run by
+/// LibTorch's interpreter).
+std::shared_ptr<models::Model> load_scripted_model(const std::filesystem::path& file, int64_t outputs,
+                                                   const std::vector<std::string>& trained = {});
+
+/// The parameters a model load_scripted_model made holds constant (none for any other model).
+std::vector<std::string> scripted_constants(const models::Model& model);
 
 }  // namespace pathkernel
