@@ -944,6 +944,13 @@ class Recorder:
                              "backward (pathkernel analyzes steps on their batch's gradient)" % (k, leftover))
         value = float(torch.as_tensor(loss).item())
         accumulated = inputs is None and rows == len(idx) and _join(used)
+        if len(used) > 1 and not accumulated:
+            raise ValueError("step %d: the backward passes reached %d training forwards (%d rows in all) for a batch "
+                             "of %d examples, which are neither one forward of the batch nor micro-batches that make "
+                             "it up: sharpness-aware minimization (a second forward and backward at perturbed "
+                             "weights), a loss over two views of the batch? pathkernel analyzes steps whose "
+                             "gradient is the batch loss's at the step's weights (gradient accumulation is "
+                             "recognized when rec.step gets no inputs=)" % (k, len(used), rows, len(idx)))
         if accumulated:
             value = self._batch_loss(torch.cat([f["y"] for f in used]), idx)
             if self._masks_at_step:

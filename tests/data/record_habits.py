@@ -58,6 +58,9 @@ unused       a Linear the forward never uses, in the optimizer (AdamW skips it: 
 unfreeze     the frozen habit, unfrozen at step 10 (progressive unfreezing: refused by the recorder)
 two_optimizers  head_only with a second optimizer training the backbone (refused by the recorder at
              step 0: the recorded optimizer does not train it)
+sam          sharpness-aware minimization: the gradient applied is the one at weights moved up the
+             first backward's gradient (a second forward and backward each step: refused by the
+             recorder at step 0)
 batchnorm    a CNN with BatchNorm2d and BatchNorm1d in training mode, SGD with momentum; eval mode for
              steps 5-7 of every 10 (batch statistics on the trained steps, running statistics
              recorded with the weights: analyzed exactly)
@@ -242,6 +245,17 @@ def main():
             loss = F.cross_entropy(out[0] if habit.startswith("tuple") else out.float(), y[idx],
                                    label_smoothing=0.1 if habit == "smoothing" else 0.0)
             loss.backward()
+        if habit == "sam":  # the second forward and backward, at w + rho g / |g|
+            with torch.no_grad():
+                norm = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).norm()
+                moves = [0.05 * p.grad / norm for p in model.parameters()]
+                for p, e in zip(model.parameters(), moves):
+                    p.add_(e)
+            opt.zero_grad()
+            F.cross_entropy(model(x), y[idx]).backward()
+            with torch.no_grad():
+                for p, e in zip(model.parameters(), moves):
+                    p.sub_(e)
         if habit == "logforward":
             model(x[:4]).sum()  # a logging forward with gradients on: no backward reaches it
         if habit == "clip":

@@ -355,6 +355,15 @@ TEST_F(RecordedHabitsTest, ALossOtherThanTheDeclaredOneIsRefusedByTheRecorder) {
   EXPECT_NE(nozero.find("held a gradient in .grad when this step's backward began"), std::string::npos) << nozero;
   EXPECT_NE(nozero.find("call optimizer.zero_grad()"), std::string::npos) << nozero;
   EXPECT_EQ(read_step_log(tmp_->path() / "nozero" / "steps.jsonl").size(), 1u) << "step 0 was recorded";
+  // Sharpness-aware minimization: the gradient applied is taken at other weights (a second
+  // forward and backward); it was recorded and then failed the analysis's check as "clipping by
+  // value". Two forwards of 32 rows each for a batch of 32: refused at step 0, saying why.
+  const std::string sam = refused_by_recorder("sam");
+  EXPECT_NE(sam.find("step 0: the backward passes reached 2 training forwards (64 rows in all) for a batch of 32"),
+            std::string::npos)
+      << sam;
+  EXPECT_NE(sam.find("sharpness-aware minimization"), std::string::npos) << sam;
+  EXPECT_EQ(read_file(tmp_->path() / "sam" / "steps.jsonl"), "");
 }
 
 // Fine-tuning: parameters the run does not train (requires_grad=False, left out of the
