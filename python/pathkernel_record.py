@@ -693,9 +693,11 @@ class Recorder:
             raise
         # The rate each step used, taken when optimizer.step() runs (before any scheduler moves it).
         self._rates = None
+        self._calls = 0  # optimizer.step() calls since the last rec.step
         original = optimizer.step
 
         def step(opt, *args, **kwargs):
+            self._calls += 1
             self._rates = [float(g["lr"]) for g in opt.param_groups]
             self._settings = [_update_settings(g) for g in opt.param_groups]
             self._fingerprint = self._gradient_fingerprint()
@@ -861,6 +863,10 @@ class Recorder:
             raise RuntimeError("the recorder is closed")
         if self._rates is None:
             raise RuntimeError("call rec.step() after optimizer.step()")
+        if self._calls > 1:
+            raise ValueError("step %d: optimizer.step() ran %d times since the last rec.step: call rec.step(...) after "
+                             "every optimizer.step() (each step's weights and batch are recorded with it)"
+                             % (self.k, self._calls))
         used, self._used_at_step = self._used_at_step, []
         if len(used) == 1:  # the step's forward is the one its backward reached, not a later one
             self._fed_at_step = used[0]["x"]
@@ -917,6 +923,7 @@ class Recorder:
         self._log.write(json.dumps(rec) + "\n")
         self._log.flush()
         self._rates = None
+        self._calls = 0
         self.k += 1
 
     def _write_masks(self, k, masks, rows):

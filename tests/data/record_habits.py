@@ -58,6 +58,8 @@ unused       a Linear the forward never uses, in the optimizer (AdamW skips it: 
 unfreeze     the frozen habit, unfrozen at step 10 (progressive unfreezing: refused by the recorder)
 two_optimizers  head_only with a second optimizer training the backbone (refused by the recorder at
              step 0: the recorded optimizer does not train it)
+skipped      rec.step left out at step 3 (optimizer.step() ran twice before the next rec.step: refused
+             by the recorder at step 3)
 sam          sharpness-aware minimization: the gradient applied is the one at weights moved up the
              first backward's gradient (a second forward and backward each step: refused by the
              recorder at step 0)
@@ -269,7 +271,9 @@ def main():
             with torch.no_grad():
                 for p in model.parameters():
                     p.add_(0.01 * torch.randn_like(p))
-        if habit == "untracked":
+        if habit == "skipped" and step == 3:
+            pass  # the loop's rec.step left out
+        elif habit == "untracked":
             rec.step(loss)
         else:
             rec.step(idx, loss)

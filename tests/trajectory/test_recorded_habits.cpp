@@ -339,11 +339,12 @@ TEST_F(RecordedHabitsTest, AForwardTheBackwardDidNotReachIsNotTheStep) {
   EXPECT_EQ(s["verification"]["steps_failed"], 0);
 }
 
-// The loss the loop passes is checked against the declared loss of the step's training forward
-// (its outputs as the model computed them): label smoothing was recorded and then refused by
-// the analysis as "a module's mode changed". Refused by the recorder at step 0, naming the loss,
-// before any file of the step is written (the clean loops above pass the same check every step).
-TEST_F(RecordedHabitsTest, ALossOtherThanTheDeclaredOneIsRefusedByTheRecorder) {
+// Loops whose steps the analysis could only refuse, misnaming the cause, are refused by the
+// recorder at the step, saying why, before any file of it is written (the clean loops above pass
+// the same checks every step). The loss the loop passes is checked against the declared loss of
+// the step's training forward (its outputs as the model computed them): label smoothing was
+// recorded and then refused by the analysis as "a module's mode changed".
+TEST_F(RecordedHabitsTest, StepsTheAnalysisCouldNotVerifyAreRefusedByTheRecorder) {
   const std::string log = refused_by_recorder("smoothing");
   EXPECT_NE(log.find("step 0: the loss passed to rec.step"), std::string::npos) << log;
   EXPECT_NE(log.find("is not the mean cross-entropy of the model's outputs on the batch"), std::string::npos) << log;
@@ -364,6 +365,11 @@ TEST_F(RecordedHabitsTest, ALossOtherThanTheDeclaredOneIsRefusedByTheRecorder) {
       << sam;
   EXPECT_NE(sam.find("sharpness-aware minimization"), std::string::npos) << sam;
   EXPECT_EQ(read_file(tmp_->path() / "sam" / "steps.jsonl"), "");
+  // rec.step left out once: the next step's weights were two updates on, and the analysis
+  // refused three steps as "a module's mode changed". Refused by the recorder at that step.
+  const std::string skipped = refused_by_recorder("skipped");
+  EXPECT_NE(skipped.find("step 3: optimizer.step() ran 2 times since the last rec.step"), std::string::npos) << skipped;
+  EXPECT_EQ(read_step_log(tmp_->path() / "skipped" / "steps.jsonl").size(), 3u);
 }
 
 // Fine-tuning: parameters the run does not train (requires_grad=False, left out of the
