@@ -60,6 +60,8 @@ two_optimizers  head_only with a second optimizer training the backbone (refused
              step 0: the recorded optimizer does not train it)
 skipped      rec.step left out at step 3 (optimizer.step() ran twice before the next rec.step: refused
              by the recorder at step 3)
+tied         a hidden layer applied twice (one module under two names) and a weight shared by two
+             Linear layers (tied weights), Adam (analyzed exactly)
 sam          sharpness-aware minimization: the gradient applied is the one at weights moved up the
              first backward's gradient (a second forward and backward each step: refused by the
              recorder at step 0)
@@ -100,6 +102,22 @@ class UnusedLayer(torch.nn.Module):
 
     def forward(self, x):
         return self.fc2(torch.tanh(self.fc1(x.flatten(1))))
+
+
+class TiedLayers(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc = torch.nn.Linear(784, 32)
+        self.mid = torch.nn.Linear(32, 32)
+        self.again = self.mid  # the same layer under a second name, applied twice
+        self.up = torch.nn.Linear(32, 32)
+        self.up.weight = self.mid.weight  # a weight shared by two layers
+        self.head = torch.nn.Linear(32, 10)
+
+    def forward(self, x):
+        h = torch.tanh(self.enc(x.flatten(1)))
+        h = torch.tanh(self.again(torch.tanh(self.mid(h))))
+        return self.head(torch.tanh(self.up(h)))
 
 
 class TokenLstm(torch.nn.Module):
@@ -157,6 +175,8 @@ def main():
                                     torch.nn.Tanh(), torch.nn.Linear(32, 10))
     elif habit == "unused":
         model = UnusedLayer()
+    elif habit == "tied":
+        model = TiedLayers()
     elif habit == "train_mode":
         model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 64), torch.nn.Tanh(),
                                     torch.nn.Dropout(0.3), torch.nn.Linear(64, 10))
@@ -173,7 +193,7 @@ def main():
         sched = None
         if habit == "two_optimizers":
             second = torch.optim.SGD(model[1].parameters(), lr=0.1)
-    elif habit == "unused":
+    elif habit in ("unused", "tied"):
         opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
         sched = None
     elif habit == "onecycle":

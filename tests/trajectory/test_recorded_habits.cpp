@@ -240,7 +240,8 @@ TEST_F(RecordedHabitsTest, ClippingByNormIsRecordedAndAnalyzedExactly) {
 // momentum: P inside the buffer), Adagrad and Adadelta with StepLR (issue 23, item 4), and an
 // nn.Embedding + LSTM on int64 tokens with AdamW (item 3: tokens recorded and analyzed as they
 // are, and reported). One test per habit (each records, analyzes and explains in processes of
-// its own). The check can fail: the same OneCycleLR run read with its per-step momentum dropped
+// its own). Parameters the run does not train (frozen, head_only, unused) and tied weights (tied)
+// go through it as well. The check can fail: the same OneCycleLR run read with its per-step momentum dropped
 // is refused (exit 4, below).
 class HabitTermsTest : public RecordedHabitsTest, public ::testing::WithParamInterface<const char*> {};
 
@@ -284,7 +285,7 @@ TEST_P(HabitTermsTest, SchedulesGroupsAndEveryOptimizerAreAnalyzedExactly) {
 INSTANTIATE_TEST_SUITE_P(RecordedHabits, HabitTermsTest,
                          ::testing::Values("onecycle", "onecycle_adam", "groups", "groups_sgd", "clip", "rmsprop",
                                            "adagrad", "adadelta", "tokens", "accumulate", "frozen", "head_only",
-                                           "unused"),
+                                           "unused", "tied"),
                          [](const ::testing::TestParamInfo<const char*>& info) { return std::string(info.param); });
 
 // Gradient accumulation (micro-batches, one optimizer.step()): the recorder joins the step's

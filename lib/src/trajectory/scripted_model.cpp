@@ -24,20 +24,38 @@ class ScriptedModel : public models::Model {
  public:
   ScriptedModel(torch::jit::Module module, int64_t outputs, const std::vector<std::string>& trained)
       : Model(models::ModelSpec{"torchscript", {}, "none"}, outputs), module_(std::move(module)) {
-    for (const auto& p : module_.named_parameters(/*recurse=*/true)) {
+    std::vector<std::pair<std::string, at::Tensor>> all;
+    for (const auto& p : module_.named_parameters(/*recurse=*/true)) all.emplace_back(p.name, p.value);
+    auto trains = [&](const std::string& name) {
+      return trained.empty() || std::find(trained.begin(), trained.end(), name) != trained.end();
+    };
+    std::vector<c10::TensorImpl*> impls;  // of the registered parameters, by slots_ index
+    for (const auto& [name, value] : all) {
+      if (!trains(name) || std::count(impls.begin(), impls.end(), value.unsafeGetTensorImpl())) continue;
       // The same tensor object: weights copied into it, and dtype changes, reach the scripted module.
       std::string leaf;
-      const auto [holder, owner] = owners_of(p.name, leaf);
-      if (!trained.empty() && std::find(trained.begin(), trained.end(), p.name) == trained.end()) {
-        // A parameter the run does not train: a constant of the model, set from the checkpoints
-        // as a buffer is, and outside every gradient.
-        p.value.set_requires_grad(false);
-        holder->register_buffer(leaf, p.value);
-        constants_.push_back(p.name);
+      const auto [holder, owner] = owners_of(name, leaf);
+      holder->register_parameter(leaf, value, value.requires_grad());
+      slots_.push_back({owner, leaf});
+      impls.push_back(value.unsafeGetTensorImpl());
+    }
+    for (const auto& [name, value] : all) {
+      std::string leaf;
+      const auto [holder, owner] = owners_of(name, leaf);
+      const auto same = std::find(impls.begin(), impls.end(), value.unsafeGetTensorImpl());
+      if (same != impls.end()) {
+        // A parameter under a second name (a layer used twice, tied weights): one parameter, both
+        // slots set when parameters are swapped.
+        if (owner._ivalue() != slots_[same - impls.begin()].first._ivalue() || leaf != slots_[same - impls.begin()].second) {
+          aliases_.push_back({{owner, leaf}, static_cast<size_t>(same - impls.begin())});
+        }
         continue;
       }
-      holder->register_parameter(leaf, p.value, p.value.requires_grad());
-      slots_.push_back({owner, leaf});
+      // A parameter the run does not train: a constant of the model, set from the checkpoints as a
+      // buffer is, and outside every gradient.
+      value.set_requires_grad(false);
+      holder->register_buffer(leaf, value);
+      constants_.push_back(name);
     }
     // Floating buffers (BatchNorm's running statistics) by name too, the same tensor objects:
     // set per step from the checkpoints (set_buffers).
@@ -74,16 +92,23 @@ class ScriptedModel : public models::Model {
       throw std::invalid_argument("forward_with_parameters: " + std::to_string(params.size()) + " tensors for " +
                                   std::to_string(slots_.size()) + " parameters");
     }
+    // Every slot, a tied parameter's second names too, with the tensor it takes.
+    std::vector<std::pair<torch::jit::Module, std::string>> slots = slots_;
+    std::vector<at::Tensor> given = params;
+    for (const auto& [slot, i] : aliases_) {
+      slots.push_back(slot);
+      given.push_back(params[i]);
+    }
     std::vector<at::Tensor> own;
-    for (const auto& [module, leaf] : slots_) own.push_back(module.attr(leaf).toTensor());
+    for (const auto& [module, leaf] : slots) own.push_back(module.attr(leaf).toTensor());
     struct Restore {
       std::vector<std::pair<torch::jit::Module, std::string>>& slots;
       const std::vector<at::Tensor>& own;
       ~Restore() {
         for (size_t i = 0; i < slots.size(); ++i) slots[i].first.setattr(slots[i].second, own[i]);
       }
-    } restore{slots_, own};
-    for (size_t i = 0; i < slots_.size(); ++i) slots_[i].first.setattr(slots_[i].second, params[i]);
+    } restore{slots, own};
+    for (size_t i = 0; i < slots.size(); ++i) slots[i].first.setattr(slots[i].second, given[i]);
     return forward(x);
   }
 
@@ -170,6 +195,8 @@ class ScriptedModel : public models::Model {
   std::vector<std::pair<torch::jit::Module, std::string>> slots_;
   std::vector<Site> sites_;
   std::vector<std::string> constants_;
+  /// A parameter's further slots (tied weights) and its index in slots_.
+  std::vector<std::pair<std::pair<torch::jit::Module, std::string>, size_t>> aliases_;
   std::vector<std::pair<torch::jit::Module, std::vector<at::Tensor>>> norms_on_;  ///< in training mode, and their own statistics
 };
 
