@@ -591,6 +591,11 @@ class Recorder:
         if not trained_ids:
             raise ValueError("the optimizer trains no parameter: every one it holds has requires_grad=False")
         constants = [(n, p) for n, p in model.named_parameters() if id(p) not in trained_ids]
+        sparse = [n for n, m in model.named_modules()
+                  if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag)) and m.sparse]
+        if sparse:
+            raise ValueError("module '%s' has sparse=True (sparse gradients): pathkernel computes dense gradients; "
+                             "train with sparse=False" % sparse[0])
         splits = {}
         for split, pair in (("train", train), ("test", test)):
             if pair is None:
@@ -662,6 +667,11 @@ class Recorder:
         # Each constant's value now: a step after which one differs (a second optimizer, an edit
         # outside optimizer.step()) or is trained (progressive unfreezing) is refused.
         self._constants = [(n, p, p.detach().clone()) for n, p in constants]
+        # The model's other buffers (not BatchNorm's running statistics, which checkpoints hold for
+        # each step) must stay as model.pt has them.
+        running = {"%s.%s" % (n, b) if n else b for n, _ in _norm_sites(model)
+                   for b in ("running_mean", "running_var", "num_batches_tracked")}
+        self._buffers = [(n, b, b.detach().clone()) for n, b in model.named_buffers() if n not in running]
         self._members, at = [], 0  # each group's parameters, as indices into param_names
         for g in optimizer.param_groups:
             self._members.append(list(range(at, at + len(g["params"]))))
@@ -977,6 +987,11 @@ class Recorder:
                 raise ValueError("step %d: parameter '%s', which this optimizer does not train, changed (a second "
                                  "optimizer, or an edit outside optimizer.step()): the analysis holds it constant; "
                                  "give one optimizer every trained parameter" % (k, name))
+        for name, b, value in self._buffers:
+            if not torch.equal(b.detach(), value):
+                raise ValueError("step %d: buffer '%s' of the model changed (a module that updates its own state in "
+                                 "training): pathkernel holds a model's buffers as model.pt has them, BatchNorm's "
+                                 "running statistics excepted" % (k, name))
         for name, p in zip(self.param_names, self._order):
             if name not in self._frozen and not p.requires_grad:
                 raise ValueError("step %d: parameter '%s' was trained when the Recorder was made and has "

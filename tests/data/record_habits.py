@@ -62,6 +62,9 @@ skipped      rec.step left out at step 3 (optimizer.step() ran twice before the 
              by the recorder at step 3)
 tied         a hidden layer applied twice (one module under two names) and a weight shared by two
              Linear layers (tied weights), Adam (analyzed exactly)
+sparse       the tokens habit with nn.Embedding(sparse=True) (refused by Recorder(), naming the module)
+counting     a module that updates a buffer of its own in training mode (refused by the recorder at
+             step 0, naming the buffer)
 sam          sharpness-aware minimization: the gradient applied is the one at weights moved up the
              first backward's gradient (a second forward and backward each step: refused by the
              recorder at step 0)
@@ -120,10 +123,25 @@ class TiedLayers(torch.nn.Module):
         return self.head(torch.tanh(self.up(h)))
 
 
-class TokenLstm(torch.nn.Module):
+class Counting(torch.nn.Module):
+    """Counts its training forwards in a buffer."""
+
     def __init__(self):
         super().__init__()
-        self.embed = torch.nn.Embedding(16, 8)
+        self.fc1 = torch.nn.Linear(784, 64)
+        self.fc2 = torch.nn.Linear(64, 10)
+        self.register_buffer("seen", torch.zeros(1))
+
+    def forward(self, x):
+        if self.training:
+            self.seen += x.shape[0]
+        return self.fc2(torch.tanh(self.fc1(x.flatten(1))))
+
+
+class TokenLstm(torch.nn.Module):
+    def __init__(self, sparse=False):
+        super().__init__()
+        self.embed = torch.nn.Embedding(16, 8, sparse=sparse)
         self.lstm = torch.nn.LSTM(8, 16, batch_first=True)
         self.head = torch.nn.Linear(16, 10)
 
@@ -159,9 +177,11 @@ def main():
     torch.manual_seed(0)
     X, y = fashion_mnist("/usr/share/datasets/fashion-mnist", "train", 600)
     Xt, yt = fashion_mnist("/usr/share/datasets/fashion-mnist", "test", 100)
-    if habit == "tokens":
+    if habit in ("tokens", "sparse"):
         X, Xt = tokens_of(X), tokens_of(Xt)
-        model = TokenLstm()
+        model = TokenLstm(sparse=habit == "sparse")
+    elif habit == "counting":
+        model = Counting()
     elif habit == "functional":
         model = FunctionalDropout()
     elif habit.startswith("tuple"):

@@ -371,6 +371,15 @@ TEST_F(RecordedHabitsTest, StepsTheAnalysisCouldNotVerifyAreRefusedByTheRecorder
   const std::string skipped = refused_by_recorder("skipped");
   EXPECT_NE(skipped.find("step 3: optimizer.step() ran 2 times since the last rec.step"), std::string::npos) << skipped;
   EXPECT_EQ(read_step_log(tmp_->path() / "skipped" / "steps.jsonl").size(), 3u);
+  // A buffer the model updates itself in training mode: the analysis held it as model.pt has it
+  // and refused the steps as "the weights were changed outside optimizer.step()". Sparse
+  // embedding gradients crashed the recorder (a reshape of a sparse tensor).
+  const std::string counting = refused_by_recorder("counting");
+  EXPECT_NE(counting.find("step 0: buffer 'seen' of the model changed"), std::string::npos) << counting;
+  EXPECT_EQ(read_file(tmp_->path() / "counting" / "steps.jsonl"), "");
+  const std::string sparse = refused_by_recorder("sparse");
+  EXPECT_NE(sparse.find("module 'embed' has sparse=True"), std::string::npos) << sparse;
+  EXPECT_FALSE(fs::exists(tmp_->path() / "sparse"));
 }
 
 // Fine-tuning: parameters the run does not train (requires_grad=False, left out of the
