@@ -406,8 +406,16 @@ def zoo_spec(model, input_shape=None):
     is analyzed through its TorchScript form by autograd."""
     if not isinstance(model, torch.nn.Sequential):
         return None
+    # Each layer's weight must be its own parameter, used as it is: no hook computing it
+    # (torch.nn.utils.weight_norm's weight_g and weight_v), no parametrization.
+    if any(m._forward_pre_hooks or m._forward_hooks or getattr(m, "parametrizations", None)
+           for m in model.modules()):
+        return None
     mods = _without_identities(list(model.named_children()))
-    return _mlp_spec(mods) or _cnn_spec(mods, None if input_shape is None else tuple(input_shape))
+    known = _mlp_spec(mods) or _cnn_spec(mods, None if input_shape is None else tuple(input_shape))
+    if known is None or set(known[1]) != {n for n, _ in model.named_parameters()}:
+        return None
+    return known
 
 
 class Indexed(torch.utils.data.Dataset):

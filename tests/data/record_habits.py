@@ -65,6 +65,10 @@ tied         a hidden layer applied twice (one module under two names) and a wei
 sparse       the tokens habit with nn.Embedding(sparse=True) (refused by Recorder(), naming the module)
 counting     a module that updates a buffer of its own in training mode (refused by the recorder at
              step 0, naming the buffer)
+weight_norm  torch.nn.utils.weight_norm on the first Linear (its weight computed by a hook from
+             weight_g and weight_v: not the zoo's; analyzed exactly through the traced model)
+spectral     spectral_norm's parametrization on the first Linear, whose power iteration updates a
+             buffer at every training forward (refused by the recorder at step 0, naming it)
 sam          sharpness-aware minimization: the gradient applied is the one at weights moved up the
              first backward's gradient (a second forward and backward each step: refused by the
              recorder at step 0)
@@ -204,6 +208,10 @@ def main():
     else:
         model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 64), torch.nn.Tanh(),
                                     torch.nn.Linear(64, 10))
+    if habit == "weight_norm":
+        model[1] = torch.nn.utils.weight_norm(model[1])
+    elif habit == "spectral":
+        model[1] = torch.nn.utils.parametrizations.spectral_norm(model[1])
     if habit in ("frozen", "unfreeze"):
         for p in model[1].parameters():
             p.requires_grad_(False)

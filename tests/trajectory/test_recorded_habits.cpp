@@ -241,7 +241,8 @@ TEST_F(RecordedHabitsTest, ClippingByNormIsRecordedAndAnalyzedExactly) {
 // nn.Embedding + LSTM on int64 tokens with AdamW (item 3: tokens recorded and analyzed as they
 // are, and reported). One test per habit (each records, analyzes and explains in processes of
 // its own). Parameters the run does not train (frozen, head_only, unused) and tied weights (tied)
-// go through it as well. The check can fail: the same OneCycleLR run read with its per-step momentum dropped
+// go through it as well, and so does weight_norm (a weight a hook computes: it was taken for the
+// zoo's Linear and refused naming zoo.names). The check can fail: the same OneCycleLR run read with its per-step momentum dropped
 // is refused (exit 4, below).
 class HabitTermsTest : public RecordedHabitsTest, public ::testing::WithParamInterface<const char*> {};
 
@@ -285,7 +286,7 @@ TEST_P(HabitTermsTest, SchedulesGroupsAndEveryOptimizerAreAnalyzedExactly) {
 INSTANTIATE_TEST_SUITE_P(RecordedHabits, HabitTermsTest,
                          ::testing::Values("onecycle", "onecycle_adam", "groups", "groups_sgd", "clip", "rmsprop",
                                            "adagrad", "adadelta", "tokens", "accumulate", "frozen", "head_only",
-                                           "unused", "tied"),
+                                           "unused", "tied", "weight_norm"),
                          [](const ::testing::TestParamInfo<const char*>& info) { return std::string(info.param); });
 
 // Gradient accumulation (micro-batches, one optimizer.step()): the recorder joins the step's
@@ -377,6 +378,9 @@ TEST_F(RecordedHabitsTest, StepsTheAnalysisCouldNotVerifyAreRefusedByTheRecorder
   const std::string counting = refused_by_recorder("counting");
   EXPECT_NE(counting.find("step 0: buffer 'seen' of the model changed"), std::string::npos) << counting;
   EXPECT_EQ(read_file(tmp_->path() / "counting" / "steps.jsonl"), "");
+  const std::string spectral = refused_by_recorder("spectral");
+  EXPECT_NE(spectral.find("step 0: buffer '1.parametrizations.weight.0._u' of the model changed"), std::string::npos)
+      << spectral;
   const std::string sparse = refused_by_recorder("sparse");
   EXPECT_NE(sparse.find("module 'embed' has sparse=True"), std::string::npos) << sparse;
   EXPECT_FALSE(fs::exists(tmp_->path() / "sparse"));
