@@ -1041,7 +1041,8 @@ class Recorder:
                     else "the mean over the batch of half the summed squared error")
         raise ValueError("step %d: the loss passed to rec.step (%.7g) is not %s of the model's outputs on the batch "
                          "(%.7g): label smoothing, class weights, a reduction other than the mean, a penalty added "
-                         "to it%s? pathkernel analyzes loss='ce' (mean cross-entropy) or 'mse' as defined, and "
+                         "to it%s, targets other than the stored ones (noisy or mixed labels: mixup, CutMix)? "
+                         "pathkernel analyzes loss='ce' (mean cross-entropy) or 'mse' as defined, and "
                          "verifies each step against it" % (k, loss, declared, mine,
                                                              ", F.mse_loss's mean over outputs" if self._loss == "mse"
                                                              else ""))

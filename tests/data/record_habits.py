@@ -69,6 +69,8 @@ weight_norm  torch.nn.utils.weight_norm on the first Linear (its weight computed
              weight_g and weight_v: not the zoo's; analyzed exactly through the traced model)
 spectral     spectral_norm's parametrization on the first Linear, whose power iteration updates a
              buffer at every training forward (refused by the recorder at step 0, naming it)
+mixup        mixup: inputs and targets mixed with the batch reversed (refused by the recorder at step 0:
+             not the declared loss of the stored targets)
 sam          sharpness-aware minimization: the gradient applied is the one at weights moved up the
              first backward's gradient (a second forward and backward each step: refused by the
              recorder at step 0)
@@ -285,7 +287,11 @@ def main():
             opt.zero_grad()
         if second is not None:
             second.zero_grad()
-        if habit.startswith("accumulate"):  # two micro-batches, one optimizer.step()
+        if habit == "mixup":  # inputs and targets mixed with the batch reversed
+            mixed = model(0.7 * x + 0.3 * x.flip(0))
+            loss = 0.7 * F.cross_entropy(mixed, y[idx]) + 0.3 * F.cross_entropy(mixed, y[idx].flip(0))
+            loss.backward()
+        elif habit.startswith("accumulate"):  # two micro-batches, one optimizer.step()
             for half in (slice(0, 16), slice(16, 32)):
                 loss = F.cross_entropy(model(x[half]), y[idx][half]) / (1 if habit == "accumulate_nodiv" else 2)
                 loss.backward()

@@ -378,6 +378,9 @@ TEST_F(RecordedHabitsTest, StepsTheAnalysisCouldNotVerifyAreRefusedByTheRecorder
   const std::string counting = refused_by_recorder("counting");
   EXPECT_NE(counting.find("step 0: buffer 'seen' of the model changed"), std::string::npos) << counting;
   EXPECT_EQ(read_file(tmp_->path() / "counting" / "steps.jsonl"), "");
+  const std::string mixup = refused_by_recorder("mixup");
+  EXPECT_NE(mixup.find("step 0: the loss passed to rec.step"), std::string::npos) << mixup;
+  EXPECT_NE(mixup.find("(noisy or mixed labels: mixup, CutMix)"), std::string::npos) << mixup;
   const std::string spectral = refused_by_recorder("spectral");
   EXPECT_NE(spectral.find("step 0: buffer '1.parametrizations.weight.0._u' of the model changed"), std::string::npos)
       << spectral;
