@@ -313,6 +313,15 @@ TEST_F(RecordedRunTest, DamagedRunsAreRefusedWithTheFileNamed) {
     });
     EXPECT_THROW_WITH(RecordedRun{b}, InputError, "parameter groups with different betas are not supported");
   }
+  {  // the optimizer's parameters: at least one, each once
+    const fs::path none = edit_manifest("params-none", [](nlohmann::json& m) { m["model"]["parameters"] = nlohmann::json::array(); });
+    EXPECT_THROW_WITH(RecordedRun{none}, InputError, "model.parameters is empty (the optimizer trains nothing)");
+    cli_refuses(none, "model.parameters is empty");
+    const fs::path twice = edit_manifest("params-twice", [](nlohmann::json& m) {
+      m["model"]["parameters"].push_back(m["model"]["parameters"][0]);
+    });
+    EXPECT_THROW_WITH(RecordedRun{twice}, InputError, "model.parameters names '1.weight' twice");
+  }
   {  // frozen parameters: each an optimizer's parameter, named once, not all of them, no zoo model
     for (const auto& [name, frozen, message] :
          std::vector<std::tuple<std::string, nlohmann::json, std::string>>{

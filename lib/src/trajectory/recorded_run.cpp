@@ -119,8 +119,12 @@ RecordedRun::RecordedRun(const fs::path& dir) : dir_(dir) {
     std::map<std::string, std::vector<int64_t>> shapes;
     for (const auto& p : model.at("parameters")) {
       param_order_.push_back(p.at(0).get<std::string>());
+      if (shapes.count(param_order_.back())) {
+        throw InputError(mf + ": model.parameters names '" + param_order_.back() + "' twice");
+      }
       shapes[param_order_.back()] = shape_of(p.at(1));
     }
+    if (param_order_.empty()) throw InputError(mf + ": model.parameters is empty (the optimizer trains nothing)");
     for (const auto& k : model.at("state_dict_keys")) {
       const std::string name = k.get<std::string>();
       state_dict_.emplace_back(name, shapes.count(name) ? shapes[name] : std::vector<int64_t>{-1});
