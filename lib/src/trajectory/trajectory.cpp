@@ -87,6 +87,12 @@ class RecordedTrajectory : public Trajectory {
       check_scripted_model();
       if (drop_unused()) take_model();
       constants_ = scripted_constants(*model_);
+      if (!constants_.empty()) {  // as the first checkpoint holds them (each step's are checked against it)
+        for (auto& [name, t] : run_.weights(run_.checkpoints().front())) {
+          if (std::find(constants_.begin(), constants_.end(), name) != constants_.end()) constant_values_[name] = t;
+        }
+        set_constants(*model_);
+      }
       for (const auto& n : names_) to_recorded_[n] = n;
     } else {
       for (const auto& [recorded, zoo] : run_.zoo_names()) to_recorded_[zoo] = recorded;
@@ -99,7 +105,11 @@ class RecordedTrajectory : public Trajectory {
     }
   }
   std::shared_ptr<models::Model> make_model() const override {
-    if (script_) return load_scripted_model(run_.model_file(), run_.outputs(), trained_);
+    if (script_) {
+      auto model = load_scripted_model(run_.model_file(), run_.outputs(), trained_);
+      set_constants(*model);
+      return model;
+    }
     return models::build_model(models::parse_model_spec(run_.zoo_spec()), shape_, run_.outputs());
   }
   int64_t logged_steps() const override { return run_.logged_steps(); }
@@ -147,18 +157,18 @@ class RecordedTrajectory : public Trajectory {
   const std::vector<int64_t>& checkpoints() const override { return run_.checkpoints(); }
   NamedTensors weights_at(int64_t k) override {
     const NamedTensors recorded = run_.weights(k);
+    check_constants(k, recorded);
     std::map<std::string, at::Tensor> by_name(recorded.begin(), recorded.end());
     NamedTensors out;
     for (const auto& n : names_) out.emplace_back(n, by_name.at(to_recorded_.at(n)));
     return out;
   }
   NamedTensors buffers_at(int64_t k) override {
-    if (!script_ || (run_.batchnorm_modules().empty() && constants_.empty())) return {};
+    if (!script_ || run_.batchnorm_modules().empty()) return {};
     NamedTensors out;
     for (auto& [name, t] : run_.weights(k)) {
       if (!to_recorded_.count(name) && t.is_floating_point()) out.emplace_back(name, t);
     }
-    check_constants(k, out);
     return out;
   }
   LoggedStep logged_step(int64_t k, at::ScalarType dtype) const override {
@@ -345,22 +355,26 @@ class RecordedTrajectory : public Trajectory {
     return true;
   }
 
-  /// Each constant (a parameter the run does not train) in the buffers of step k must be as the
-  /// first checkpoint holds it: the analysis holds it constant.
-  void check_constants(int64_t k, const NamedTensors& buffers) {
-    if (constants_.empty()) return;
-    const int64_t first = run_.checkpoints().front();
-    if (constant_values_.empty()) {
-      for (auto& [name, t] : run_.weights(first)) {
-        if (std::find(constants_.begin(), constants_.end(), name) != constants_.end()) constant_values_[name] = t;
-      }
+  /// The constants (the parameters the run does not train) of a model made for this run, as the
+  /// first checkpoint holds them.
+  void set_constants(models::Model& model) const {
+    if (constant_values_.empty()) return;
+    at::NoGradGuard no_grad;
+    for (auto& b : model.named_buffers()) {
+      const auto it = constant_values_.find(b.key());
+      if (it != constant_values_.end()) b.value().copy_(it->second);
     }
-    for (const auto& [name, t] : buffers) {
+  }
+
+  /// Each constant in the tensors of step k's checkpoint must be as the first checkpoint holds
+  /// it: the analysis holds it constant.
+  void check_constants(int64_t k, const NamedTensors& tensors) const {
+    for (const auto& [name, t] : tensors) {
       const auto it = constant_values_.find(name);
       if (it != constant_values_.end() && !at::equal(it->second, t)) {
         throw InputError(run_.weights_file(k).string() + ": parameter '" + name + "', which the run does not train " +
                          "(frozen, outside the optimizer, or unused by the forward), differs from its value in " +
-                         run_.weights_file(first).string() + "; the analysis holds it constant");
+                         run_.weights_file(run_.checkpoints().front()).string() + "; the analysis holds it constant");
       }
     }
   }
