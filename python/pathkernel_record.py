@@ -714,8 +714,14 @@ class Recorder:
         self._calls = 0  # optimizer.step() calls since the last rec.step
         original = optimizer.step
 
-        def step(opt, *args, **kwargs):
+        def step(opt, closure=None):
             self._calls += 1
+            loss = None
+            if closure is not None:
+                # optimizer.step(closure): torch.optim's SGD and Adam family call it once, first,
+                # with gradients on; called here, so that what is recorded is what it computed.
+                with torch.enable_grad():
+                    loss = closure()
             self._rates = [float(g["lr"]) for g in opt.param_groups]
             self._settings = [_update_settings(g) for g in opt.param_groups]
             self._fingerprint = self._gradient_fingerprint()
@@ -725,7 +731,8 @@ class Recorder:
             # The training forwards whose outputs the backward passes went through: more than one
             # is gradient accumulation (micro-batches, one optimizer.step()).
             self._used_at_step, self._forwards = [f for f in self._forwards if f["used"]], []
-            return original(*args, **kwargs)
+            original()
+            return loss
         if hasattr(original, "_with_counter"):  # an LR scheduler already counts the steps
             step._with_counter = original._with_counter
         # A bound method, as torch.optim's own: a scheduler made after the Recorder wraps it again.
@@ -880,7 +887,8 @@ class Recorder:
         if self.closed:
             raise RuntimeError("the recorder is closed")
         if self._rates is None:
-            raise RuntimeError("call rec.step() after optimizer.step()")
+            raise RuntimeError("call rec.step() after optimizer.step(), once per step (the step of the optimizer given "
+                               "to the Recorder: one made later is not recorded; record each phase as its own run)")
         if self._calls > 1:
             raise ValueError("step %d: optimizer.step() ran %d times since the last rec.step: call rec.step(...) after "
                              "every optimizer.step() (each step's weights and batch are recorded with it)"

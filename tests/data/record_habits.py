@@ -71,6 +71,10 @@ spectral     spectral_norm's parametrization on the first Linear, whose power it
              buffer at every training forward (refused by the recorder at step 0, naming it)
 mixup        mixup: inputs and targets mixed with the batch reversed (refused by the recorder at step 0:
              not the declared loss of the stored targets)
+closure      optimizer.step(closure): zero_grad, forward and backward inside the closure, the loss
+             it returns passed to rec.step (analyzed exactly)
+new_optimizer  a new optimizer made at step 10 (a second phase): its steps are not the recorded
+             optimizer's (refused at step 10, saying so)
 sam          sharpness-aware minimization: the gradient applied is the one at weights moved up the
              first backward's gradient (a second forward and backward each step: refused by the
              recorder at step 0)
@@ -271,7 +275,10 @@ def main():
                    output=0 if habit == "tuple" else None,
                    classes=None if habit == "clean" else FASHION_CLASSES)
     g = torch.Generator().manual_seed(0)
-    for step in range(30):
+    # The habits added with issue 25's fine-tuning work take 15 steps (enough for every check).
+    short = ("frozen", "head_only", "unused", "tied", "weight_norm", "closure", "unfreeze", "two_optimizers",
+             "new_optimizer", "skipped", "sam", "mixup", "spectral", "counting", "sparse")
+    for step in range(15 if habit in short else 30):
         if habit == "train_mode" and step == 5:
             model.train()
         if habit in ("dropout", "batchnorm", "accumulate_dropout", "logforward"):
@@ -280,6 +287,8 @@ def main():
         x = X[idx]
         if habit in ("augment", "unstored", "accumulate"):
             x = torch.roll(torch.flip(x, dims=[3]), shifts=2, dims=2)
+        if habit == "new_optimizer" and step == 10:
+            opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.5)
         if habit == "unfreeze" and step == 10:
             for p in model[1].parameters():
                 p.requires_grad_(True)
@@ -287,6 +296,15 @@ def main():
             opt.zero_grad()
         if second is not None:
             second.zero_grad()
+        if habit == "closure":
+            def closure():
+                opt.zero_grad()
+                out = F.cross_entropy(model(x), y[idx])
+                out.backward()
+                return out
+            loss = opt.step(closure)
+            rec.step(idx, loss)
+            continue
         if habit == "mixup":  # inputs and targets mixed with the batch reversed
             mixed = model(0.7 * x + 0.3 * x.flip(0))
             loss = 0.7 * F.cross_entropy(mixed, y[idx]) + 0.3 * F.cross_entropy(mixed, y[idx].flip(0))

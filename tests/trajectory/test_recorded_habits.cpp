@@ -286,7 +286,7 @@ TEST_P(HabitTermsTest, SchedulesGroupsAndEveryOptimizerAreAnalyzedExactly) {
 INSTANTIATE_TEST_SUITE_P(RecordedHabits, HabitTermsTest,
                          ::testing::Values("onecycle", "onecycle_adam", "groups", "groups_sgd", "clip", "rmsprop",
                                            "adagrad", "adadelta", "tokens", "accumulate", "frozen", "head_only",
-                                           "unused", "tied", "weight_norm"),
+                                           "unused", "tied", "weight_norm", "closure"),
                          [](const ::testing::TestParamInfo<const char*>& info) { return std::string(info.param); });
 
 // Gradient accumulation (micro-batches, one optimizer.step()): the recorder joins the step's
@@ -378,6 +378,12 @@ TEST_F(RecordedHabitsTest, StepsTheAnalysisCouldNotVerifyAreRefusedByTheRecorder
   const std::string counting = refused_by_recorder("counting");
   EXPECT_NE(counting.find("step 0: buffer 'seen' of the model changed"), std::string::npos) << counting;
   EXPECT_EQ(read_file(tmp_->path() / "counting" / "steps.jsonl"), "");
+  const std::string phase = refused_by_recorder("new_optimizer");
+  EXPECT_NE(phase.find("call rec.step() after optimizer.step(), once per step (the step of the optimizer given to "
+                       "the Recorder: one made later is not recorded"),
+            std::string::npos)
+      << phase;
+  EXPECT_EQ(read_step_log(tmp_->path() / "new_optimizer" / "steps.jsonl").size(), 10u);
   const std::string mixup = refused_by_recorder("mixup");
   EXPECT_NE(mixup.find("step 0: the loss passed to rec.step"), std::string::npos) << mixup;
   EXPECT_NE(mixup.find("(noisy or mixed labels: mixup, CutMix)"), std::string::npos) << mixup;
@@ -408,6 +414,9 @@ TEST_F(RecordedHabitsTest, ParametersTheRunDoesNotTrainAreConstantsOrRefused) {
   // Only the linear head is trained: the output is linear in it, so no residual is left.
   const Table t = read_csv(tmp_->path() / "frozen-an" / "steps.csv");
   for (size_t i = 0; i < t.rows; ++i) EXPECT_LT(t.cols.at("r")[i], 1e-9) << "step " << i;
+  // Constants are no running statistics: no U_stats (it was written, all zeros, and reported).
+  EXPECT_FALSE(fs::exists(tmp_->path() / "frozen-an" / "arrays" / "U_stats.npy"));
+  EXPECT_EQ(log.find("running statistics"), std::string::npos) << log;
   // A frozen weight changed in one checkpoint: refused, naming the parameter and the file.
   const fs::path moved = tmp_->path() / "frozen-moved";
   fs::copy(run, moved, fs::copy_options::recursive);
