@@ -23,6 +23,7 @@ if [ -n "$sanitize" ]; then
 else
   bash scripts/setup.sh chromium slurm-wlm munge
 fi
+echo "test: set up and built in ${SECONDS} s" >&2
 if [ -n "$sanitize" ]; then
   echo "test: unit tests under ASan + UBSan, and the fuzzers (build-sanitize/)" >&2
   CC=clang CXX=clang++ cmake -S . -B build-sanitize -G Ninja -DCMAKE_BUILD_TYPE=Release -DPATHKERNEL_SANITIZE=ON \
@@ -34,6 +35,7 @@ if [ -n "$sanitize" ]; then
   UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
     ./build-sanitize/tests/pathkernel_unit_tests --gtest_brief=1
   bash scripts/fuzz.sh --time 30
+  echo "test: sanitizers and fuzzers done at ${SECONDS} s" >&2
 fi
 if [ $# -gt 0 ]; then
   ctest --test-dir build --output-on-failure -j 2 "$@"
@@ -44,6 +46,7 @@ else
   # (scripts/blas_cores.sh; PATHKERNEL_CORES=none skips them), where a tolerance tuned to one
   # kernel set's rounding fails here, not on a user's machine. Two at a time on the 2 cores.
   ctest --test-dir build --output-on-failure -j 2 -LE unit
+  echo "test: ctest done at ${SECONDS} s" >&2
   cores=(own)
   if [ "${PATHKERNEL_CORES:-}" != none ]; then
     mapfile -t more < <(bash scripts/blas_cores.sh)
@@ -77,6 +80,7 @@ else
   done
   for p in "${pids[@]}"; do wait "$p" || failed=1; done
   [ "$failed" -eq 0 ]
+  echo "test: all passed in ${SECONDS} s" >&2
 fi
 # The largest functions and files of lib/ (issue 24: informational, gates nothing).
 python3 scripts/code_size.py --top 5 >&2 || true

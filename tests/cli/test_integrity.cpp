@@ -145,7 +145,7 @@ TEST_F(IntegrityTest, ForceReplacesOnlyAnEarlierOutputOfTheSameKind) {
   EXPECT_TRUE(fs::exists(fs::path(a.out) / "arrays" / "D.npy"));
   // ... but what the user added to it is not pathkernel's to remove: a file in arrays/, a report
   // made inside it, notes beside it. Refused naming the file; nothing changes.
-  for (const fs::path added : {fs::path("arrays") / "mine.npy", fs::path("report") / "report.html", fs::path("notes.txt")}) {
+  for (const auto& added : {fs::path("arrays") / "mine.npy", fs::path("report") / "report.html", fs::path("notes.txt")}) {
     fs::create_directories((fs::path(a.out) / added).parent_path());
     atomic_write(fs::path(a.out) / added, "mine");
     const std::string d = read_file(fs::path(a.out) / "arrays" / "D.npy");
