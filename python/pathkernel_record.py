@@ -92,6 +92,12 @@ def _atomic(path, write):
             os.remove(tmp)
 
 
+def _first_line(error):
+    """An exception's message, its first line only (TorchScript's run to many lines)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def _save_npy(path, array):
     def write(tmp):
         with open(tmp, "wb") as f:
@@ -540,6 +546,10 @@ class Recorder:
         read once in index order; wrap the training set in Indexed for the DataLoader.
     loss: "ce" (mean cross-entropy over the batch) or "mse" (mean over the batch of the summed
         squared error per example, as pathkernel train defines it).
+    label_smoothing: for loss "ce", the epsilon in [0, 1) of the loop's
+        nn.CrossEntropyLoss(label_smoothing=epsilon) or F.cross_entropy(..., label_smoothing=...):
+        each example's loss is then (1 - epsilon) times its cross-entropy plus epsilon times the
+        mean over the classes of -log softmax.
     checkpoint_every: 1 saves the weights after every step (every step can be analyzed); K > 1
         saves the weights before and after every K-th step (steps 0, K, 2K, ... can be analyzed).
     output: for a model whose forward returns a tuple, list or dict, the index or key of the
@@ -556,10 +566,16 @@ class Recorder:
     """
 
     def __init__(self, out, model, optimizer, train, test=None, loss="ce", checkpoint_every=1,
-                 script=True, capture_inputs=True, output=None, classes=None):
+                 script=True, capture_inputs=True, output=None, classes=None, label_smoothing=0.0):
         # Everything is checked before anything is written: a refused Recorder leaves no files.
         if loss not in ("ce", "mse"):
             raise ValueError("loss must be 'ce' or 'mse', not %r" % (loss,))
+        if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)) \
+                or not 0.0 <= float(label_smoothing) < 1.0:
+            raise ValueError("label_smoothing must be a number in [0, 1), not %r" % (label_smoothing,))
+        if loss != "ce" and label_smoothing != 0:
+            raise ValueError("label_smoothing is for loss 'ce' (cross-entropy), not %r" % (loss,))
+        self._smoothing = float(label_smoothing)
         if int(checkpoint_every) < 1:
             raise ValueError("checkpoint_every must be at least 1")
         kind = _OPTIMIZERS.get(type(optimizer))
@@ -630,11 +646,13 @@ class Recorder:
         mask_sites = [] if known is not None else [n for n, _ in sites]
         norm_sites = [n for n, _ in norms]
         scripted = None
+        why_not_script = "script=False"
         if script:
             try:
                 scripted = torch.jit.script(_with_mask_sites(model, mask_sites, norm_sites))
-            except Exception:  # not scriptable: trace instead
+            except Exception as e:  # not scriptable: trace instead
                 scripted = None
+                why_not_script = _first_line(e)
         how = "script"
         if scripted is None:
             if dropout_on:
@@ -643,7 +661,14 @@ class Recorder:
             if norm_on:
                 _check_model(model, mask_sites)  # BatchNorm in training mode: refused, naming it
             mask_sites, norm_sites = [], []
-            scripted = torch.jit.trace(model, example)
+            try:
+                scripted = torch.jit.trace(model, example)
+            except Exception as e:
+                raise ValueError("the model could not be made TorchScript, which pathkernel analyzes: torch.jit.script "
+                                 "refused it (%s) and torch.jit.trace failed on a training example (%s: %s); "
+                                 "torch.utils.checkpoint(use_reentrant=True), for one, does not trace: use "
+                                 "use_reentrant=False, or no checkpointing while recording"
+                                 % (why_not_script, type(e).__name__, _first_line(e))) from e
             how = "trace"
         with torch.no_grad():
             outputs = scripted(example)
@@ -821,6 +846,7 @@ class Recorder:
                       "state_dict_keys": list(self.model.state_dict().keys()),
                       "frozen": self._frozen},
             "loss": loss,
+            "label_smoothing": self._smoothing,
             "optimizer": {"name": kind, "param_groups": [
                 dict(g, param_names=[self.param_names[i] for i in members]) for g, members in zip(groups, self._members)]},
             "zoo": None,
@@ -1033,13 +1059,13 @@ class Recorder:
         target = self._train_y[torch.as_tensor(idx)]
         with torch.no_grad():
             if self._loss == "ce":
-                return float(torch.nn.functional.cross_entropy(out, target))
+                return float(torch.nn.functional.cross_entropy(out, target, label_smoothing=self._smoothing))
             return float(0.5 * (out - target.to(torch.float32)).pow(2).sum(1).mean())
 
     def _check_loss(self, k, used, idx, loss):
         """The loss the loop passed must be the declared loss of the step's training forward: a
-        label-smoothed or weighted cross-entropy, a sum, a penalty added, or F.mse_loss's mean
-        for "mse" is another objective, whose steps no analysis of the declared loss verifies."""
+        weighted cross-entropy, a sum, a penalty added, or F.mse_loss's mean for "mse" is another
+        objective, whose steps no analysis of the declared loss verifies."""
         if len(used) != 1 or used[0]["y"].dim() != 2 or used[0]["y"].shape[0] != len(idx):
             return
         mine = self._batch_loss(used[0]["y"], idx)
@@ -1047,13 +1073,36 @@ class Recorder:
             return
         declared = ("the mean cross-entropy" if self._loss == "ce"
                     else "the mean over the batch of half the summed squared error")
+        if self._loss == "ce" and self._smoothing:
+            declared += " with label_smoothing=%.6g" % self._smoothing
+        smoothed = self._smoothing_of(used[0]["y"], idx, loss) if self._loss == "ce" else None
+        if smoothed is not None:
+            raise ValueError("step %d: the loss passed to rec.step (%.7g) is not %s of the model's outputs on the "
+                             "batch (%.7g), but it is their cross-entropy with label_smoothing=%.6g: pass "
+                             "label_smoothing=%.6g to Recorder(...)" % (k, loss, declared, mine, smoothed, smoothed))
         raise ValueError("step %d: the loss passed to rec.step (%.7g) is not %s of the model's outputs on the batch "
-                         "(%.7g): label smoothing, class weights, a reduction other than the mean, a penalty added "
-                         "to it%s, targets other than the stored ones (noisy or mixed labels: mixup, CutMix)? "
-                         "pathkernel analyzes loss='ce' (mean cross-entropy) or 'mse' as defined, and "
-                         "verifies each step against it" % (k, loss, declared, mine,
-                                                             ", F.mse_loss's mean over outputs" if self._loss == "mse"
-                                                             else ""))
+                         "(%.7g): label smoothing (Recorder(..., label_smoothing=...)), class weights, a reduction "
+                         "other than the mean, a penalty added to it%s, targets other than the stored ones (noisy "
+                         "or mixed labels: mixup, CutMix)? pathkernel analyzes loss='ce' (mean cross-entropy, "
+                         "optionally label-smoothed) or 'mse' as defined, and verifies each step against it"
+                         % (k, loss, declared, mine, ", F.mse_loss's mean over outputs" if self._loss == "mse" else ""))
+
+    def _smoothing_of(self, out, idx, loss):
+        """The label smoothing epsilon (to 4 digits) whose cross-entropy of `out` on batch idx is
+        `loss`, or None: the smoothed loss is (1 - eps) CE + eps U, U the mean over the classes of
+        -log softmax, so eps = (loss - CE) / (U - CE)."""
+        out = out.detach().to(device="cpu", dtype=torch.float64)
+        target = self._train_y[torch.as_tensor(idx)]
+        with torch.no_grad():
+            ce = float(torch.nn.functional.cross_entropy(out, target))
+            uniform = float(-torch.log_softmax(out, 1).mean())
+            if not abs(uniform - ce) > 1e-6 * max(abs(ce), 1e-12):
+                return None
+            eps = float("%.4g" % ((loss - ce) / (uniform - ce)))
+            if not 0.0 < eps < 1.0:
+                return None
+            again = float(torch.nn.functional.cross_entropy(out, target, label_smoothing=eps))
+        return eps if abs(loss - again) <= 1e-4 * max(abs(again), 1e-12) else None
 
     def _accumulated_masks(self, k, used):
         """The Dropout masks of an accumulated step: each site's, its forwards' rows together.

@@ -47,7 +47,14 @@ logforward   the dropout habit's model with a forward of 4 rows, gradients on, a
 nozero       optimizer.zero_grad() left out after step 0 (each step applies the sum of every
              gradient so far: refused by the recorder at step 1, naming zero_grad)
 smoothing    cross-entropy with label_smoothing=0.1, passed to rec.step (another loss than the
-             declared mean cross-entropy: refused by the recorder at step 0)
+             declared mean cross-entropy: refused by the recorder at step 0, naming the smoothing)
+smoothed     the same, declared to Recorder(label_smoothing=0.1) (analyzed exactly)
+checkpointed  activation checkpointing, torch.utils.checkpoint(use_reentrant=False), of the model's
+             body: its forward runs again in the backward pass (traced; analyzed exactly)
+checkpointed_reentrant  the same with use_reentrant=True, which torch.jit.trace fails on (refused
+             by Recorder(), saying so)
+ema          an exponential moving average of the weights (swa_utils.AveragedModel, made after the
+             Recorder, so with copies of its hooks), evaluated every step (analyzed exactly)
 autocast     the forward under torch.autocast("cpu", bfloat16), mixed precision (recorded with the
              dtype; refused by the analysis, naming autocast)
 frozen       the first Linear frozen (requires_grad=False, a fine-tuned backbone), the optimizer given
@@ -87,6 +94,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 here = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(here, "..", "..", "python"))
@@ -172,6 +180,20 @@ def tokens_of(x):
     return ((patches - lo) / (hi - lo) * 15.999).floor().long()
 
 
+class Checkpointed(torch.nn.Module):
+    """Activation checkpointing of its body (torch.utils.checkpoint): the body's forward runs
+    again in the backward pass."""
+
+    def __init__(self, reentrant):
+        super().__init__()
+        self.reentrant = reentrant
+        self.body = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 64), torch.nn.Tanh())
+        self.head = torch.nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.head(torch.utils.checkpoint.checkpoint(self.body, x, use_reentrant=self.reentrant))
+
+
 class FunctionalDropout(torch.nn.Module):
     def __init__(self):
         super().__init__()
@@ -194,6 +216,8 @@ def main():
         model = Counting()
     elif habit == "functional":
         model = FunctionalDropout()
+    elif habit.startswith("checkpointed"):
+        model = Checkpointed(reentrant=habit == "checkpointed_reentrant")
     elif habit.startswith("tuple"):
         model = TwoOutputs()
     elif habit in ("dropout", "accumulate_dropout", "logforward"):
@@ -271,13 +295,18 @@ def main():
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.5)
         sched = None
     rec = Recorder(out, model, opt, train=(X, y), test=(Xt, yt), loss="ce",
+                   label_smoothing=0.1 if habit == "smoothed" else 0.0,
                    checkpoint_every=5 if habit == "every5" else 1, capture_inputs=habit != "unstored",
                    output=0 if habit == "tuple" else None,
                    classes=None if habit == "clean" else FASHION_CLASSES)
+    ema = None
+    if habit == "ema":  # made after the Recorder: its deep copy carries the Recorder's hooks
+        ema = torch.optim.swa_utils.AveragedModel(model, avg_fn=lambda avg, new, n: 0.9 * avg + 0.1 * new)
     g = torch.Generator().manual_seed(0)
     # The habits added with issue 25's fine-tuning work take 15 steps (enough for every check).
     short = ("frozen", "head_only", "unused", "tied", "weight_norm", "closure", "unfreeze", "two_optimizers",
-             "new_optimizer", "skipped", "sam", "mixup", "spectral", "counting", "sparse")
+             "new_optimizer", "skipped", "sam", "mixup", "spectral", "counting", "sparse", "smoothed",
+             "checkpointed", "ema")
     for step in range(15 if habit in short else 30):
         if habit == "train_mode" and step == 5:
             model.train()
@@ -317,7 +346,7 @@ def main():
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=habit == "autocast"):
                 out = model(x)
             loss = F.cross_entropy(out[0] if habit.startswith("tuple") else out.float(), y[idx],
-                                   label_smoothing=0.1 if habit == "smoothing" else 0.0)
+                                   label_smoothing=0.1 if habit in ("smoothing", "smoothed") else 0.0)
             loss.backward()
         if habit == "sam":  # the second forward and backward, at w + rho g / |g|
             with torch.no_grad():
@@ -351,6 +380,10 @@ def main():
             rec.step(idx, loss)
         if sched is not None:
             sched.step()
+        if ema is not None:  # the average's update and an evaluation of it, as a loop logs it
+            ema.update_parameters(model)
+            with torch.no_grad():
+                ema(Xt[:10])
     rec.close()
 
 

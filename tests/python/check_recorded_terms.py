@@ -47,6 +47,7 @@ def main():
     model = torch.jit.load(os.path.join(run, "model.pt")).double()
     params = dict(model.named_parameters())
     ce = manifest["loss"] == "ce"
+    smoothing = float(manifest.get("label_smoothing", 0.0))
     def inputs(path):
         """Inputs as fed: float64 for the float64 model, int64 tokens as they are."""
         x = torch.from_numpy(np.load(path))
@@ -73,7 +74,7 @@ def main():
 
     def loss_of(out, y):
         if ce:
-            return torch.nn.functional.cross_entropy(out, y)
+            return torch.nn.functional.cross_entropy(out, y, label_smoothing=smoothing)
         return ((out - y.double()) ** 2).sum(1).mean()
 
     def settings(k):

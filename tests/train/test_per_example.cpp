@@ -1,5 +1,6 @@
 // Per-example gradient norms from taps against an explicit per-example backward loop (float64).
 #include <ATen/ATen.h>
+#include <torch/csrc/autograd/autograd.h>
 
 #include "fixtures.h"
 #include "pathkernel/train/per_example.h"
@@ -48,6 +49,27 @@ TEST(PerExampleTest, MseLossIsHalfSquaredError) {
   const at::Tensor y = at::tensor({0, 1}, at::kLong);
   // ((0^2 + 2^2) + (0.5^2 + 2^2)) / 2 examples / 2
   EXPECT_DOUBLE_EQ(batch_loss(f, y, LossKind::kMse).item<double>(), (4.0 + 4.25) / 4.0);
+}
+
+// Label smoothing e: the loss's gradient in the logits is softmax(f) minus the smoothed target
+// (1 - e) onehot(y) + e / C, over the batch's size (the closed form, not autograd's route).
+TEST(PerExampleTest, LabelSmoothedCrossEntropyHasTheSmoothedTargetsGradient) {
+  const at::Tensor f = at::tensor({1.0, 2.0, 0.5, -1.0, 0.25, 3.0}, at::kDouble).reshape({2, 3}).requires_grad_();
+  const at::Tensor y = at::tensor({0, 2}, at::kLong);
+  LossKind smoothed = LossKind::kCrossEntropy;
+  smoothed.label_smoothing = 0.2;
+  const at::Tensor l = batch_loss(f, y, smoothed);
+  const at::Tensor g = torch::autograd::grad({l}, {f})[0];
+  const at::Tensor target = at::one_hot(y, 3).to(at::kDouble) * 0.8 + 0.2 / 3;
+  const at::Tensor want = (at::softmax(f.detach(), 1) - target) / 2;
+  EXPECT_LT((g - want).abs().max().item<double>(), 1e-15);
+  const at::Tensor logp = at::log_softmax(f.detach(), 1);
+  EXPECT_NEAR(l.item<double>(), -(target * logp).sum(1).mean().item<double>(), 1e-15);
+  // Without smoothing it is another loss: the check tells them apart.
+  EXPECT_GT(std::abs(batch_loss(f, y, LossKind::kCrossEntropy).item<double>() - l.item<double>()), 1e-3);
+  EXPECT_EQ(loss_name(smoothed), "ce (label smoothing 0.2)");
+  EXPECT_EQ(loss_name(LossKind::kCrossEntropy), "ce");
+  EXPECT_EQ(loss_name(LossKind::kMse), "mse");
 }
 
 }  // namespace

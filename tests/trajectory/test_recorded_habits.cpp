@@ -108,6 +108,7 @@ TEST_F(RecordedHabitsTest, EachBrokenHabitIsRefusedWithItsCauseNamed) {
       {"momentum", "OneCycleLR's cycle_momentum"},  // the clean run, its manifest's momentum changed
       {"accumulate_nodiv", "the step accumulated 2 micro-batches whose losses do not add up to the batch's mean"},
       {"autocast", "the step's forward ran under torch.autocast (bfloat16, mixed precision)"},
+      {"unsmoothed", "the loss is not the manifest's (loss, label_smoothing)"},  // smoothed, its smoothing dropped
   };
   {
     const fs::path run = tmp_->path() / "momentum";
@@ -115,6 +116,14 @@ TEST_F(RecordedHabitsTest, EachBrokenHabitIsRefusedWithItsCauseNamed) {
     nlohmann::json m = read_json(run / "manifest.json");
     ASSERT_EQ(m["optimizer"]["param_groups"][0]["momentum"], 0.5);
     m["optimizer"]["param_groups"][0]["momentum"] = 0.9;
+    atomic_write(run / "manifest.json", m.dump(1));
+  }
+  {
+    const fs::path run = tmp_->path() / "unsmoothed";
+    if (!fs::exists(run)) fs::copy(record("smoothed"), run, fs::copy_options::recursive);
+    nlohmann::json m = read_json(run / "manifest.json");
+    ASSERT_EQ(m["label_smoothing"], 0.1);
+    m.erase("label_smoothing");
     atomic_write(run / "manifest.json", m.dump(1));
   }
   for (const auto& [habit, cause] : habits) {
@@ -242,7 +251,9 @@ TEST_F(RecordedHabitsTest, ClippingByNormIsRecordedAndAnalyzedExactly) {
 // are, and reported). One test per habit (each records, analyzes and explains in processes of
 // its own). Parameters the run does not train (frozen, head_only, unused) and tied weights (tied)
 // go through it as well, and so does weight_norm (a weight a hook computes: it was taken for the
-// zoo's Linear and refused naming zoo.names). The check can fail: the same OneCycleLR run read with its per-step momentum dropped
+// zoo's Linear and refused naming zoo.names), a label-smoothed cross-entropy declared to the
+// Recorder (smoothed), activation checkpointing (checkpointed) and a weight average made after the
+// Recorder and evaluated every step (ema). The check can fail: the same OneCycleLR run read with its per-step momentum dropped
 // is refused (exit 4, below).
 class HabitTermsTest : public RecordedHabitsTest, public ::testing::WithParamInterface<const char*> {};
 
@@ -272,6 +283,9 @@ TEST_P(HabitTermsTest, SchedulesGroupsAndEveryOptimizerAreAnalyzedExactly) {
   EXPECT_LT(check["kopt_max_error"].get<double>(), 1e-9) << check.dump();
   EXPECT_LT(check["attr_max_error"].get<double>(), 1e-9) << check.dump();
   EXPECT_GT(check["kopt_scale"].get<double>(), 0);
+  if (habit == "smoothed") {  // the loss the analysis verified and decomposed
+    EXPECT_EQ(read_json(an / "summary.json")["loss"], "ce (label smoothing 0.1)");
+  }
   if (habit == "tokens") {  // int64 inputs stored as they are, and reported
     EXPECT_EQ(load_npy(run / "data" / "train_x.npy").scalar_type(), at::kLong);
     ASSERT_EQ(testing::run_program({PATHKERNEL_BIN, "report", an.string(), "--out",
@@ -286,7 +300,8 @@ TEST_P(HabitTermsTest, SchedulesGroupsAndEveryOptimizerAreAnalyzedExactly) {
 INSTANTIATE_TEST_SUITE_P(RecordedHabits, HabitTermsTest,
                          ::testing::Values("onecycle", "onecycle_adam", "groups", "groups_sgd", "clip", "rmsprop",
                                            "adagrad", "adadelta", "tokens", "accumulate", "frozen", "head_only",
-                                           "unused", "tied", "weight_norm", "closure"),
+                                           "unused", "tied", "weight_norm", "closure", "smoothed", "checkpointed",
+                                           "ema"),
                          [](const ::testing::TestParamInfo<const char*>& info) { return std::string(info.param); });
 
 // Gradient accumulation (micro-batches, one optimizer.step()): the recorder joins the step's
@@ -345,13 +360,39 @@ TEST_F(RecordedHabitsTest, AForwardTheBackwardDidNotReachIsNotTheStep) {
 // recorder at the step, saying why, before any file of it is written (the clean loops above pass
 // the same checks every step). The loss the loop passes is checked against the declared loss of
 // the step's training forward (its outputs as the model computed them): label smoothing was
-// recorded and then refused by the analysis as "a module's mode changed".
+// recorded and then refused by the analysis as "a module's mode changed"; undeclared, it is
+// refused with the epsilon to declare (declared, HabitTermsTest/smoothed analyzes it exactly).
 TEST_F(RecordedHabitsTest, StepsTheAnalysisCouldNotVerifyAreRefusedByTheRecorder) {
   const std::string log = refused_by_recorder("smoothing");
   EXPECT_NE(log.find("step 0: the loss passed to rec.step"), std::string::npos) << log;
   EXPECT_NE(log.find("is not the mean cross-entropy of the model's outputs on the batch"), std::string::npos) << log;
+  EXPECT_NE(log.find("it is their cross-entropy with label_smoothing=0.1: pass label_smoothing=0.1 to Recorder"),
+            std::string::npos)
+      << log;
   EXPECT_FALSE(fs::exists(tmp_->path() / "smoothing" / "checkpoints" / "step_00000001.pt"));
   EXPECT_EQ(read_file(tmp_->path() / "smoothing" / "steps.jsonl"), "");
+  // A smoothing outside [0, 1), or with loss "mse": refused by Recorder() before anything is written.
+  const fs::path bad = tmp_->path() / "smoothing-args";
+  ASSERT_EQ(testing::run_program({"/usr/bin/python3", "-c",
+                                  "import sys, torch; sys.path.insert(0, sys.argv[1]); "
+                                  "from pathkernel_record import Recorder\n"
+                                  "m = torch.nn.Linear(4, 3); opt = torch.optim.SGD(m.parameters(), lr=0.1)\n"
+                                  "for loss, e in (('ce', 1.0), ('ce', -0.1), ('ce', '0.1'), ('mse', 0.1)):\n"
+                                  "    try:\n"
+                                  "        Recorder(sys.argv[2], m, opt, train=(torch.zeros(8, 4), torch.zeros(8, dtype=torch.long)), "
+                                  "loss=loss, label_smoothing=e)\n"
+                                  "    except ValueError as err:\n"
+                                  "        print('refused:', err)\n",
+                                  std::string(PATHKERNEL_SOURCE_DIR) + "/python", bad.string()},
+                                 tmp_->path() / "smoothing-args.log"),
+            0)
+      << read_file(tmp_->path() / "smoothing-args.log");
+  const std::string args = read_file(tmp_->path() / "smoothing-args.log");
+  EXPECT_NE(args.find("refused: label_smoothing must be a number in [0, 1), not 1.0"), std::string::npos) << args;
+  EXPECT_NE(args.find("refused: label_smoothing must be a number in [0, 1), not -0.1"), std::string::npos) << args;
+  EXPECT_NE(args.find("refused: label_smoothing must be a number in [0, 1), not '0.1'"), std::string::npos) << args;
+  EXPECT_NE(args.find("refused: label_smoothing is for loss 'ce' (cross-entropy), not 'mse'"), std::string::npos) << args;
+  EXPECT_FALSE(fs::exists(bad));
   // optimizer.zero_grad() left out: the step's gradient is the sum of every one so far.
   const std::string nozero = refused_by_recorder("nozero");
   EXPECT_NE(nozero.find("step 1: parameter '"), std::string::npos) << nozero;
@@ -502,9 +543,15 @@ TEST_F(RecordedHabitsTest, AugmentedInputsAreStoredAndAnalyzedAsFed) {
 // is refused at the step it happens, naming it; what it cannot record is refused by Recorder().
 TEST_F(RecordedHabitsTest, AModeSwitchIsRefusedAtItsStepAndUnsupportedSettingsBeforeTraining) {
   // Refused by Recorder() itself, before training, leaving nothing behind: a sparse checkpoint
-  // with momentum, parameter groups that differ in more than rate and decay.
-  for (const auto& [habit, cause] : {std::pair{"every5", "checkpoint_every=5 with momentum"},
-                                     std::pair{"group_momentum", "parameter groups with different momentum"}}) {
+  // with momentum, parameter groups that differ in more than rate and decay, a model TorchScript
+  // can neither script nor trace (reentrant activation checkpointing: it was torch.jit.trace's
+  // "unordered_map::at").
+  for (const auto& [habit, cause] :
+       {std::pair{"every5", "checkpoint_every=5 with momentum"},
+        std::pair{"group_momentum", "parameter groups with different momentum"},
+        std::pair{"checkpointed_reentrant",
+                  "the model could not be made TorchScript, which pathkernel analyzes: torch.jit.script refused it ("},
+        std::pair{"checkpointed_reentrant", "use use_reentrant=False, or no checkpointing while recording"}}) {
     const std::string log = refused_by_recorder(habit);
     EXPECT_NE(log.find(cause), std::string::npos) << log;
     EXPECT_FALSE(fs::exists(tmp_->path() / habit)) << habit << ": a refused Recorder leaves no files";

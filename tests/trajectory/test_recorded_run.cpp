@@ -335,6 +335,25 @@ TEST_F(RecordedRunTest, DamagedRunsAreRefusedWithTheFileNamed) {
       fs::remove_all(r);
     }
   }
+  {  // label smoothing: a number in [0, 1), for the cross-entropy only
+    for (const auto& [name, value, message] : std::vector<std::tuple<std::string, nlohmann::json, std::string>>{
+             {"smooth-negative", -0.1, "label_smoothing must be a number in [0, 1), not -0.1"},
+             {"smooth-one", 1, "label_smoothing must be a number in [0, 1), not 1"},
+             {"smooth-text", "0.1", "label_smoothing must be a number in [0, 1), not \"0.1\""},
+             {"smooth-null", nullptr, "label_smoothing must be a number in [0, 1), not null"}}) {
+      const fs::path r = edit_manifest(name, [&](nlohmann::json& m) { m["label_smoothing"] = value; });
+      EXPECT_THROW_WITH(RecordedRun{r}, InputError, message);
+      if (name == "smooth-one") cli_refuses(r, message);
+      fs::remove_all(r);
+    }
+    const fs::path mse = edit_manifest("smooth-mse", [](nlohmann::json& m) {
+      m["loss"] = "mse";
+      m["label_smoothing"] = 0.1;
+    });
+    EXPECT_THROW_WITH(RecordedRun{mse}, InputError, "label_smoothing is for loss ce, and the loss is mse");
+    const fs::path zero = edit_manifest("smooth-zero", [](nlohmann::json& m) { m["label_smoothing"] = 0; });
+    EXPECT_EQ(RecordedRun(zero).label_smoothing(), 0.0);
+  }
   {  // a step's rates or settings that do not fit the groups
     const fs::path r = edit_step("lrs-short", 4, [](nlohmann::json& rec) { rec["lrs"] = {rec["lr"], 0.5}; });
     EXPECT_THROW_WITH(RecordedRun{r}, InputError, "steps.jsonl:5: lrs must hold a finite positive rate for each of the 1");

@@ -197,6 +197,7 @@ nlohmann::json summary_json(const AnalysisResult& r, const AnalyzeConfig& c) {
           {"mean_abs_sum_U", r.u.sum(0).abs().mean().item<double>()},
           {"mean_abs_sum_R", r.r.sum(0).abs().mean().item<double>()},
           {"optimizer", r.optimizer},
+          {"loss", r.loss},
           {"model", r.model},
           {"kernel_route_used", r.route},
           {"kernel_route_reason", r.route_reason},

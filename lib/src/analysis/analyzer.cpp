@@ -277,6 +277,7 @@ class Driver {
     res_.run_path = fs::canonical(c_.run).string();
     res_.run_manifest_sha256 = sha256_file(fs::path(c_.run) / "manifest.json");
     res_.optimizer = optimizer_name(options_.kind);
+    res_.loss = loss_name(traj_.loss());
     res_.model = traj_.model_spec();
     // A recorded run's own TorchScript model is named as such (its per-row gradients by autograd).
     res_.route = res_.model == "torchscript" ? "torchscript" : explicit_route_ ? "explicit" : "factorized";

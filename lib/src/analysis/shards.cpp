@@ -191,6 +191,7 @@ StoredAnalysis read_analysis(const fs::path& dir) {
     r.f_final = at::tensor(probes.at("f_final", dir / "probes.csv"), at::kDouble).reshape({np, nc});
     const nlohmann::json& s = a.summary;
     r.optimizer = s.at("optimizer").get<std::string>();
+    r.loss = s.at("loss").get<std::string>();
     r.model = s.at("model").get<std::string>();
     r.route = s.at("kernel_route_used").get<std::string>();
     r.route_reason = s.value("kernel_route_reason", "");

@@ -38,8 +38,9 @@ std::string diagnosis(const StepVerification& v, bool masked, const LoggedStep& 
             "store; or the gradient was changed before optimizer.step() in a way the recorder could not record";
   } else if (loss_off) {
     what += ". Likely: the model computed something else on this batch than the stored inputs give: a module's "
-            "mode changed (the loop's own model.train() switching Dropout or BatchNorm back on), or the loop fed "
-            "augmented inputs that the recorder did not store";
+            "mode changed (the loop's own model.train() switching Dropout or BatchNorm back on), the loop fed "
+            "augmented inputs that the recorder did not store, or the loss is not the manifest's (loss, "
+            "label_smoothing)";
   } else if (grad_off && s.accumulated > 1) {
     what += fmt::format(". Likely: the step accumulated {} micro-batches whose losses do not add up to the batch's "
                         "mean (divide each micro-batch's mean loss by {}, micro-batches of equal size: the batch "

@@ -3,6 +3,8 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+
+#include <fmt/format.h>
 #include <map>
 
 #include "pathkernel/io/errors.h"
@@ -16,10 +18,15 @@ LossKind parse_loss(const std::string& name) {
   throw InputError("--loss must be ce or mse, got '" + name + "'");
 }
 
-std::string loss_name(LossKind kind) { return kind == LossKind::kCrossEntropy ? "ce" : "mse"; }
+std::string loss_name(LossKind kind) {
+  if (kind.kind == LossKind::Kind::kMse) return "mse";
+  return kind.label_smoothing == 0 ? "ce" : fmt::format("ce (label smoothing {:.6g})", kind.label_smoothing);
+}
 
 at::Tensor batch_loss(const at::Tensor& logits, const at::Tensor& labels, LossKind kind) {
-  if (kind == LossKind::kCrossEntropy) return at::cross_entropy_loss(logits, labels);
+  if (kind.kind == LossKind::Kind::kCrossEntropy) {
+    return at::cross_entropy_loss(logits, labels, {}, at::Reduction::Mean, -100, kind.label_smoothing);
+  }
   // Float targets (a recorded MSE run's) are used as they are; class labels as one-hot rows.
   const at::Tensor target = at::isFloatingType(labels.scalar_type())
                                 ? labels.to(logits.scalar_type())

@@ -113,6 +113,16 @@ RecordedRun::RecordedRun(const fs::path& dir) : dir_(dir) {
   try {
     loss_ = manifest_.at("loss").get<std::string>();
     if (loss_ != "ce" && loss_ != "mse") throw InputError(mf + ": loss must be ce or mse, not '" + loss_ + "'");
+    if (manifest_.contains("label_smoothing")) {
+      const auto& e = manifest_["label_smoothing"];
+      if (!e.is_number() || !(e.get<double>() >= 0 && e.get<double>() < 1)) {
+        throw InputError(mf + ": label_smoothing must be a number in [0, 1), not " + e.dump());
+      }
+      label_smoothing_ = e.get<double>();
+      if (label_smoothing_ != 0 && loss_ != "ce") {
+        throw InputError(mf + ": label_smoothing is for loss ce, and the loss is " + loss_);
+      }
+    }
     const auto& model = manifest_.at("model");
     outputs_ = model.at("outputs").get<int64_t>();
     if (outputs_ < 1 || outputs_ > 100000) throw InputError(mf + ": model.outputs must be 1..100000");

@@ -132,7 +132,11 @@ class RecordedTrajectory : public Trajectory {
   std::string model_spec() const override { return script_ ? "torchscript" : run_.zoo_spec(); }
   models::InputShape input_shape() const override { return shape_; }
   int64_t num_classes() const override { return run_.outputs(); }
-  LossKind loss() const override { return parse_loss(run_.loss()); }
+  LossKind loss() const override {
+    LossKind l = parse_loss(run_.loss());
+    l.label_smoothing = run_.label_smoothing();
+    return l;
+  }
   int64_t split_size(const std::string& split) const override {
     const at::Tensor& x = split == "test" ? run_.test_inputs() : run_.train_inputs();
     return x.defined() ? x.size(0) : 0;

@@ -186,6 +186,7 @@ struct AnalysisResult {
   /// of gbar . dw (decay and rounding); float64 [steps, P, C].
   at::Tensor koptexact, uoptexact;
   std::string optimizer;               ///< the run's optimizer: sgd, adam, adamw
+  std::string loss;                    ///< the run's loss (loss_name): ce, mse, ce with its label smoothing
   std::string model;                   ///< the zoo spec analyzed, or "torchscript"
   std::string route;                   ///< the kernel route taken: factorized, explicit or torchscript
   std::string route_reason;            ///< why that route (and a hint when it is the slow one)

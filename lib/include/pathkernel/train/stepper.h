@@ -18,13 +18,25 @@
 namespace pathkernel {
 
 /// The per-example loss l(y*, f).
-enum class LossKind {
-  kCrossEntropy,  ///< -log softmax(f)_y
-  kMse            ///< |f - y|^2 / 2, y = onehot(label) or a float target row
-};
+struct LossKind {
+  enum class Kind {
+    kCrossEntropy,  ///< -(1 - e) log softmax(f)_y - e mean_c log softmax(f)_c, e the label smoothing
+    kMse            ///< |f - y|^2 / 2, y = onehot(label) or a float target row
+  };
+  Kind kind = Kind::kCrossEntropy;
+  /// Cross-entropy only: the label smoothing e in [0, 1), as torch.nn.CrossEntropyLoss's.
+  double label_smoothing = 0;
 
-/// "ce" or "mse". Throws InputError otherwise.
+  static const LossKind kCrossEntropy, kMse;
+  bool operator==(const LossKind& o) const { return kind == o.kind && label_smoothing == o.label_smoothing; }
+  bool operator!=(const LossKind& o) const { return !(*this == o); }
+};
+inline const LossKind LossKind::kCrossEntropy{LossKind::Kind::kCrossEntropy, 0};
+inline const LossKind LossKind::kMse{LossKind::Kind::kMse, 0};
+
+/// "ce" or "mse" (no label smoothing). Throws InputError otherwise.
 LossKind parse_loss(const std::string& name);
+/// "ce", "mse", or "ce" with its smoothing: "ce (label smoothing 0.1)".
 std::string loss_name(LossKind kind);
 
 /// L(f) = mean over the batch of l(y*, f) (SPEC's step loss). logits [B, C]; labels int64 [B],

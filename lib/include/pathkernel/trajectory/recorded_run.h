@@ -43,6 +43,8 @@ class RecordedRun {
   const std::filesystem::path& dir() const { return dir_; }
   /// "ce" or "mse".
   const std::string& loss() const { return loss_; }
+  /// The cross-entropy's label smoothing, in [0, 1) (manifest "label_smoothing"; 0 when absent).
+  double label_smoothing() const { return label_smoothing_; }
   /// "sgd", "adam" or "adamw", with its settings from the manifest's first parameter group.
   const OptimizerOptions& optimizer() const { return optimizer_; }
   int64_t outputs() const { return outputs_; }
@@ -143,6 +145,7 @@ class RecordedRun {
   std::filesystem::path dir_;
   nlohmann::json manifest_;
   std::string loss_;
+  double label_smoothing_ = 0;
   OptimizerOptions optimizer_;
   int64_t outputs_ = 0;
   std::vector<std::pair<std::string, std::vector<int64_t>>> state_dict_;  ///< names and shapes
