@@ -53,6 +53,7 @@ checkpointed  activation checkpointing, torch.utils.checkpoint(use_reentrant=Fal
              body: its forward runs again in the backward pass (traced; analyzed exactly)
 checkpointed_reentrant  the same with use_reentrant=True, which torch.jit.trace fails on (refused
              by Recorder(), saying so)
+mse          loss="mse" on one-hot float32 targets (analyzed exactly)
 ema          an exponential moving average of the weights (swa_utils.AveragedModel, made after the
              Recorder, so with copies of its hooks), evaluated every step (analyzed exactly)
 autocast     the forward under torch.autocast("cpu", bfloat16), mixed precision (recorded with the
@@ -294,7 +295,9 @@ def main():
     else:
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.5)
         sched = None
-    rec = Recorder(out, model, opt, train=(X, y), test=(Xt, yt), loss="ce",
+    if habit == "mse":  # float32 targets [N, C] as fed
+        y, yt = F.one_hot(y, 10).float(), F.one_hot(yt, 10).float()
+    rec = Recorder(out, model, opt, train=(X, y), test=(Xt, yt), loss="mse" if habit == "mse" else "ce",
                    label_smoothing=0.1 if habit == "smoothed" else 0.0,
                    checkpoint_every=5 if habit == "every5" else 1, capture_inputs=habit != "unstored",
                    output=0 if habit == "tuple" else None,
@@ -306,7 +309,7 @@ def main():
     # The habits added with issue 25's fine-tuning work take 15 steps (enough for every check).
     short = ("frozen", "head_only", "unused", "tied", "weight_norm", "closure", "unfreeze", "two_optimizers",
              "new_optimizer", "skipped", "sam", "mixup", "spectral", "counting", "sparse", "smoothed",
-             "checkpointed", "ema")
+             "checkpointed", "ema", "mse")
     for step in range(15 if habit in short else 30):
         if habit == "train_mode" and step == 5:
             model.train()
@@ -345,8 +348,11 @@ def main():
         else:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=habit == "autocast"):
                 out = model(x)
-            loss = F.cross_entropy(out[0] if habit.startswith("tuple") else out.float(), y[idx],
-                                   label_smoothing=0.1 if habit in ("smoothing", "smoothed") else 0.0)
+            if habit == "mse":  # the mean over the batch of half the summed squared error
+                loss = 0.5 * (out - y[idx]).pow(2).sum(1).mean()
+            else:
+                loss = F.cross_entropy(out[0] if habit.startswith("tuple") else out.float(), y[idx],
+                                       label_smoothing=0.1 if habit in ("smoothing", "smoothed") else 0.0)
             loss.backward()
         if habit == "sam":  # the second forward and backward, at w + rho g / |g|
             with torch.no_grad():

@@ -75,7 +75,7 @@ def main():
     def loss_of(out, y):
         if ce:
             return torch.nn.functional.cross_entropy(out, y, label_smoothing=smoothing)
-        return ((out - y.double()) ** 2).sum(1).mean()
+        return 0.5 * ((out - y.double()) ** 2).sum(1).mean()  # SPEC: |f - y|^2 / 2 per example
 
     def settings(k):
         """Each group's settings at step k: the manifest's, or the record's own."""

@@ -252,8 +252,8 @@ TEST_F(RecordedHabitsTest, ClippingByNormIsRecordedAndAnalyzedExactly) {
 // its own). Parameters the run does not train (frozen, head_only, unused) and tied weights (tied)
 // go through it as well, and so does weight_norm (a weight a hook computes: it was taken for the
 // zoo's Linear and refused naming zoo.names), a label-smoothed cross-entropy declared to the
-// Recorder (smoothed), activation checkpointing (checkpointed) and a weight average made after the
-// Recorder and evaluated every step (ema). The check can fail: the same OneCycleLR run read with its per-step momentum dropped
+// Recorder (smoothed), activation checkpointing (checkpointed), a weight average made after the
+// Recorder and evaluated every step (ema), and loss "mse" on float targets (mse). The check can fail: the same OneCycleLR run read with its per-step momentum dropped
 // is refused (exit 4, below).
 class HabitTermsTest : public RecordedHabitsTest, public ::testing::WithParamInterface<const char*> {};
 
@@ -301,7 +301,7 @@ INSTANTIATE_TEST_SUITE_P(RecordedHabits, HabitTermsTest,
                          ::testing::Values("onecycle", "onecycle_adam", "groups", "groups_sgd", "clip", "rmsprop",
                                            "adagrad", "adadelta", "tokens", "accumulate", "frozen", "head_only",
                                            "unused", "tied", "weight_norm", "closure", "smoothed", "checkpointed",
-                                           "ema"),
+                                           "ema", "mse"),
                          [](const ::testing::TestParamInfo<const char*>& info) { return std::string(info.param); });
 
 // Gradient accumulation (micro-batches, one optimizer.step()): the recorder joins the step's
