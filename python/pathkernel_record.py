@@ -27,6 +27,7 @@ stays readable up to its last complete step.
 import contextlib
 import copy
 import json
+import math
 import types
 import os
 import time
@@ -773,7 +774,11 @@ class Recorder:
         # The raw gradient of each parameter, as backward() computes it (tensor hooks, summed over
         # the backward passes of a step): a uniform factor between it and the gradient applied
         # (clip_grad_norm_) is recorded as the step's grad_scale.
+        # Each is held in a buffer of the recorder's own, made once (a fresh copy every step costs
+        # more than the copy itself: bench/bench_recorder.py).
         self._raw = [None] * len(order)
+        self._raw_buffers = [None] * len(order)
+        self._flat = [None, None]  # float64 buffers [numel] for the fingerprint, each made once when needed
 
         self._leftover = self._leftover_at_step = None
 
@@ -783,11 +788,14 @@ class Recorder:
             def hook(g):
                 if self._raw[i] is None:
                     # The step's first backward through p: .grad must not hold an earlier one's.
-                    if self._leftover is None and p.grad is not None and bool((p.grad != 0).any()):
+                    if self._leftover is None and p.grad is not None and bool(p.grad.any()):
                         self._leftover = self.param_names[i]
-                    self._raw[i] = g.detach().clone()
+                    buf = self._raw_buffers[i]
+                    if buf is None or buf.shape != g.shape or buf.dtype != g.dtype or buf.device != g.device:
+                        buf = self._raw_buffers[i] = torch.empty_like(g, memory_format=torch.contiguous_format)
+                    self._raw[i] = buf.copy_(g.detach())
                 else:
-                    self._raw[i] = self._raw[i] + g.detach()
+                    self._raw[i].add_(g.detach())
             return hook
         self._grad_hooks = [p.register_hook(raw_hook(i)) for i, p in enumerate(order) if p.requires_grad]
         self._hook = self._post_hook = None
@@ -879,20 +887,48 @@ class Recorder:
                 json.dump(obj, f, indent=1)
         _atomic(os.path.join(self.out, name), write)
 
+    def _flatten(self, tensors, which):
+        """The tensors (None: zeros) in float64 on the CPU, one after another, in buffer `which`
+        (0 or 1) of the recorder's own."""
+        if self._flat[which] is None:
+            self._flat[which] = torch.empty(sum(p.numel() for p in self._order), dtype=torch.float64)
+        flat, at = self._flat[which], 0
+        for t, p in zip(tensors, self._order):
+            part = flat[at:at + p.numel()]
+            if t is None:
+                part.zero_()
+            else:
+                part.copy_(t.detach().reshape(-1))
+            at += p.numel()
+        return flat
+
+    def _applied_is_raw(self):
+        """True when each parameter's .grad is the gradient its backward passes computed."""
+        for p, r in zip(self._order, self._raw):
+            if r is None:
+                if p.grad is not None and bool(p.grad.any()):
+                    return False
+            elif p.grad is None or not torch.equal(p.grad, r):
+                return False
+        return True
+
     def _gradient_fingerprint(self):
         """The norm of the gradient about to be applied and its products with the fixed vectors;
         with grad_scale when it is a uniform multiple of the raw gradient other than 1."""
         with torch.no_grad():
-            g = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().reshape(-1)
-                           .to(device="cpu", dtype=torch.float64) for p in self._order])
-            out = {"grad_norm": float(g.norm()), "grad_proj": [float(v) for v in self._signs @ g]}
-            if any(r is not None for r in self._raw):  # a parameter no backward reached has a zero gradient
-                raw = torch.cat([(r if r is not None else torch.zeros_like(p)).reshape(-1)
-                                 .to(device="cpu", dtype=torch.float64) for r, p in zip(self._raw, self._order)])
+            g = self._flatten([p.grad for p in self._order], 0)
+            g_sq = float(g @ g)
+            out = {"grad_norm": math.sqrt(g_sq), "grad_proj": [float(v) for v in self._signs @ g]}
+            # A parameter no backward reached has a zero raw gradient.
+            if any(r is not None for r in self._raw) and not self._applied_is_raw():
+                raw = self._flatten(self._raw, 1)
                 raw_sq = float(raw @ raw)
                 if raw_sq > 0:
-                    scale = float(g @ raw) / raw_sq
-                    off = float((g - scale * raw).norm()) / max(float(g.norm()), 1e-300)
+                    cross = float(g @ raw)
+                    scale = cross / raw_sq
+                    # |g - scale raw|^2 = |g|^2 - cross^2 / |raw|^2: the float64 cancellation leaves
+                    # about 1e-8 of |g|, far below the 1e-5 asked.
+                    off = math.sqrt(max(g_sq - cross * scale, 0.0)) / max(math.sqrt(g_sq), 1e-300)
                     if off <= 1e-5 and abs(scale - 1) > 1e-6:
                         out["grad_scale"] = scale
             self._raw = [None] * len(self._order)
