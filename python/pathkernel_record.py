@@ -62,6 +62,7 @@ def _group_mismatch(groups):
 # (a module's mode switched, augmented inputs, clipping) is caught.
 FINGERPRINT_SEED = 0x7061746B  # "patk"
 FINGERPRINT_PROJECTIONS = 4
+_SIGN_CHUNK = 1 << 16  # parameters per chunk of the fingerprint's products (2 MiB of float64 signs: cache-sized)
 
 
 def _splitmix64(x):
@@ -716,8 +717,12 @@ class Recorder:
         self._manifest_settings = [_update_settings(g) for g in groups]
         self._loss = loss
         numel = sum(p.numel() for p in order)
-        self._signs = torch.from_numpy(np.stack(
-            [fingerprint_signs(FINGERPRINT_SEED, j, numel) for j in range(FINGERPRINT_PROJECTIONS)]))
+        # The fingerprint's +-1 vectors as int8 (4 bytes a parameter for the four, not 32 in
+        # float64), made one at a time; _project converts them a chunk at a time.
+        self._signs = torch.empty(FINGERPRINT_PROJECTIONS, numel, dtype=torch.int8)
+        for j in range(FINGERPRINT_PROJECTIONS):
+            self._signs[j] = torch.from_numpy(fingerprint_signs(FINGERPRINT_SEED, j, numel))
+        self._sign_chunk = torch.empty(FINGERPRINT_PROJECTIONS, min(numel, _SIGN_CHUNK), dtype=torch.float64)
         created = not os.path.exists(out)
         try:
             self._write_run(splits, scripted, how, int(outputs.shape[1]), kind, groups, loss)
@@ -902,6 +907,15 @@ class Recorder:
             at += p.numel()
         return flat
 
+    def _project(self, g):
+        """The products of float64 g [numel] with the fingerprint's vectors, a chunk at a time."""
+        out, n = torch.zeros(FINGERPRINT_PROJECTIONS, dtype=torch.float64), g.numel()
+        for a in range(0, n, _SIGN_CHUNK):
+            part = self._sign_chunk[:, :min(n - a, _SIGN_CHUNK)]
+            part.copy_(self._signs[:, a:a + part.shape[1]])
+            out += part @ g[a:a + part.shape[1]]
+        return [float(v) for v in out]
+
     def _applied_is_raw(self):
         """True when each parameter's .grad is the gradient its backward passes computed."""
         for p, r in zip(self._order, self._raw):
@@ -918,7 +932,7 @@ class Recorder:
         with torch.no_grad():
             g = self._flatten([p.grad for p in self._order], 0)
             g_sq = float(g @ g)
-            out = {"grad_norm": math.sqrt(g_sq), "grad_proj": [float(v) for v in self._signs @ g]}
+            out = {"grad_norm": math.sqrt(g_sq), "grad_proj": self._project(g)}
             # A parameter no backward reached has a zero raw gradient.
             if any(r is not None for r in self._raw) and not self._applied_is_raw():
                 raw = self._flatten(self._raw, 1)
