@@ -221,12 +221,20 @@ class RecordedTrajectory : public Trajectory {
                                           : at::zeros({c10::multiply_integers(shape)}, options));
     }
     const at::Tensor g = at::cat(flat).to(at::kDouble);
-    if (!signs_.defined() || signs_.size(1) != g.size(0)) {
-      std::vector<at::Tensor> rows;
-      for (int64_t j = 0; j < j_count; ++j) rows.push_back(fingerprint_signs(run_.fingerprint_seed(), j, g.size(0)));
-      signs_ = at::stack(rows);
+    const int64_t n = g.size(0);
+    if (!signs_.defined() || signs_.size(1) != n) {
+      signs_ = at::empty({j_count, n}, at::kChar);
+      for (int64_t j = 0; j < j_count; ++j) signs_[j].copy_(fingerprint_signs(run_.fingerprint_seed(), j, n));
     }
-    const at::Tensor p = at::mv(signs_, g);
+    // The products a cache-sized chunk of the signs at a time, converted to float64 there.
+    constexpr int64_t kChunk = int64_t{1} << 16;
+    at::Tensor chunk = at::empty({j_count, std::min(kChunk, n)}, at::kDouble);
+    at::Tensor p = at::zeros({j_count}, at::kDouble);
+    for (int64_t a = 0; a < n; a += kChunk) {
+      at::Tensor part = chunk.narrow(1, 0, std::min(kChunk, n - a));
+      part.copy_(signs_.narrow(1, a, part.size(1)));
+      p.add_(at::mv(part, g.narrow(0, a, part.size(1))));
+    }
     return std::vector<double>(p.data_ptr<double>(), p.data_ptr<double>() + p.numel());
   }
   const Optimizer& optimizer_after(int64_t k) override {
@@ -396,7 +404,7 @@ class RecordedTrajectory : public Trajectory {
   std::unique_ptr<Optimizer> optimizer_;
   int64_t optimizer_step_ = -1;
   mutable std::pair<double, double> train_range_{1, 0}, test_range_{1, 0};  ///< min, max of the inputs
-  mutable at::Tensor signs_;  ///< the fingerprint's +-1 vectors, float64 [J, parameters], made once
+  mutable at::Tensor signs_;  ///< the fingerprint's +-1 vectors, int8 [J, parameters] (4 bytes a parameter), made once
 };
 
 }  // namespace
