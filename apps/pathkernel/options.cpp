@@ -48,6 +48,8 @@ void add_train_options(cxxopts::Options& opts, TrainConfig& c, bool with_lr) {
     ("threads", "torch and OpenBLAS threads (pinned, recorded)", cxxopts::value(c.threads)->default_value("1"))
     ("dtype", "float32 | float64", cxxopts::value(c.dtype)->default_value("float32"))
     ("loss", "ce | mse", cxxopts::value(c.loss)->default_value("ce"))
+    ("label-smoothing", "ce: label smoothing e in [0, 1), as torch.nn.CrossEntropyLoss's",
+     cxxopts::value(c.label_smoothing)->default_value("0"))
     ("train-limit", "use only the first N training examples", cxxopts::value(c.train_limit)->default_value("0"))
     ("normalize", "none (pixels/255) | standard (zero mean, unit std)",
      cxxopts::value(c.normalize)->default_value("none"))

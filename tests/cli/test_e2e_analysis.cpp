@@ -284,5 +284,51 @@ TEST(E2eTest, DropoutAndBatchNormRunsAreTrainedReplayedAndAnalyzedAsEachStepRan)
   EXPECT_NE(k.err.find("has Dropout sites"), std::string::npos) << k.err;
 }
 
+// Label smoothing in a native run (--label-smoothing, as torch.nn.CrossEntropyLoss's): full-batch
+// SGD on the linear model, checked from the checkpoints by PyTorch (F.cross_entropy with
+// label_smoothing, in float64: step 0's loss and step 1's weights); the analysis uses it (its K is
+// the whole first-order change but rounding) and names it; refused with --loss mse or outside
+// [0, 1), nothing written.
+TEST(E2eTest, LabelSmoothedTrainingIsTorchsAndAnalyzedWithIt) {
+  testing::TempDir tmp;
+  const fs::path run_dir = tmp / "run";
+  ASSERT_EQ(run({"train", "--model", "linear", "--train-limit", "200", "--batch", "200", "--steps", "3", "--lr", "0.5",
+                 "--label-smoothing", "0.1", "--checkpoint-every", "1", "--out", run_dir.string()},
+                tmp.path())
+                .status,
+            0);
+  const fs::path check_log = tmp / "check.json";
+  ASSERT_EQ(testing::run_program({"/usr/bin/python3",
+                                  std::string(PATHKERNEL_SOURCE_DIR) + "/tests/python/check_label_smoothing.py",
+                                  run_dir.string(), "0.1", "200"},
+                                 check_log),
+            0)
+      << read_file(check_log);
+  const nlohmann::json check = nlohmann::json::parse(read_file(check_log));
+  EXPECT_LT(check["loss_error"].get<double>(), 1e-6) << check.dump();
+  EXPECT_LT(check["update_error"].get<double>(), 1e-5) << check.dump();
+  EXPECT_GT(check["unsmoothed_loss_gap"].get<double>(), 1e-5) << check.dump();  // the check tells them apart
+  const Result an = run({"analyze", run_dir.string(), "--probes", "2", "--out", (tmp / "an").string()}, tmp.path());
+  ASSERT_EQ(an.status, 0) << an.err;
+  EXPECT_EQ(read_json(tmp / "an" / "summary.json")["loss"], "ce (label smoothing 0.1)");
+  // Plain SGD: the kernel term is the whole first-order change but the float32 update's rounding,
+  // with the smoothed loss's dL/df (measured 4e-8..9e-8; with the unsmoothed one, 3e-2).
+  const Table steps = read_csv(tmp / "an" / "steps.csv");
+  for (size_t i = 0; i < steps.rows; ++i) {
+    EXPECT_LT(steps.cols.at("U_norm")[i], 1e-6 * steps.cols.at("F_norm")[i]) << "step " << i;
+  }
+  for (const auto& [flags, message] : std::vector<std::pair<std::vector<std::string>, std::string>>{
+           {{"--label-smoothing", "0.1", "--loss", "mse"}, "--label-smoothing is for --loss ce"},
+           {{"--label-smoothing", "1"}, "--label-smoothing must be in [0, 1)"},
+           {{"--label-smoothing", "-0.5"}, "--label-smoothing must be in [0, 1)"}}) {
+    std::vector<std::string> argv = {"train", "--model", "linear", "--steps", "2", "--out", (tmp / "refused").string()};
+    argv.insert(argv.end(), flags.begin(), flags.end());
+    const Result r = run(argv, tmp.path());
+    EXPECT_EQ(r.status, 2) << r.err;
+    EXPECT_NE(r.err.find(message), std::string::npos) << r.err;
+    EXPECT_FALSE(fs::exists(tmp / "refused"));
+  }
+}
+
 }  // namespace
 }  // namespace pathkernel

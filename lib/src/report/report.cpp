@@ -339,7 +339,7 @@ void plot_landscape(const Analysis& a, const fs::path& out, ReportFiles& files) 
       auto loss_at = [&](double v) {
         at::NoGradGuard ng;
         w.fill_(v);
-        return batch_loss(ctx.model->forward(xy.first), xy.second, parse_loss(ctx.config.loss)).item<double>();
+        return batch_loss(ctx.model->forward(xy.first), xy.second, config_loss(ctx.config)).item<double>();
       };
       std::string land = "w,loss\n", pcsv = "step,w,loss,in_Tc\n";
       for (int i = 0; i <= 400; ++i) {

@@ -103,7 +103,7 @@ std::unique_ptr<RunContext> make_run_context(const TrainConfig& config, std::opt
     throw InputError(std::string("--model: ") + e.what());
   }
   ctx->model->to(ctx->dtype);
-  ctx->stepper = std::make_unique<Stepper>(*ctx->model, config.optimizer_options(), parse_loss(config.loss));
+  ctx->stepper = std::make_unique<Stepper>(*ctx->model, config.optimizer_options(), config_loss(config));
   return ctx;
 }
 

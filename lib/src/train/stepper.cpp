@@ -8,6 +8,7 @@
 #include <map>
 
 #include "pathkernel/io/errors.h"
+#include "pathkernel/train/train_config.h"
 #include "pathkernel/train/per_example.h"
 
 namespace pathkernel {
@@ -16,6 +17,12 @@ LossKind parse_loss(const std::string& name) {
   if (name == "ce") return LossKind::kCrossEntropy;
   if (name == "mse") return LossKind::kMse;
   throw InputError("--loss must be ce or mse, got '" + name + "'");
+}
+
+LossKind config_loss(const TrainConfig& config) {
+  LossKind l = parse_loss(config.loss);
+  l.label_smoothing = config.label_smoothing;
+  return l;
 }
 
 std::string loss_name(LossKind kind) {

@@ -45,6 +45,8 @@ void TrainConfig::validate() const {
   if (dtype == "float32" && weight_decay > 1e38) throw InputError("--weight-decay must be below 1e38 with --dtype float32");
   if (dtype == "float32" && eps > 1e38) throw InputError("--eps must be below 1e38 with --dtype float32");
   optimizer_options().validate();
+  if (!(label_smoothing >= 0 && label_smoothing < 1)) throw InputError("--label-smoothing must be in [0, 1)");
+  if (label_smoothing != 0 && loss != "ce") throw InputError("--label-smoothing is for --loss ce");
   if (threads < 1 || threads > kMaxThreads) {
     throw InputError("--threads must be between 1 and " + std::to_string(kMaxThreads));
   }
@@ -85,7 +87,8 @@ nlohmann::json to_json(const TrainConfig& c) {
           {"eps", c.eps},
           {"weight_decay", c.weight_decay}, {"seed", c.seed},
           {"threads", c.threads},         {"dtype", c.dtype},
-          {"loss", c.loss},               {"train_limit", c.train_limit},
+          {"loss", c.loss},               {"label_smoothing", c.label_smoothing},
+          {"train_limit", c.train_limit},
           {"normalize", c.normalize},     {"checkpoint_every", c.checkpoint_every},
           {"eval_every", c.eval_every},   {"log_gradients", c.log_gradients},
           {"out", c.out}};
@@ -165,6 +168,7 @@ TrainConfig train_config_from_json(const nlohmann::json& j, const std::string& s
     c.threads = static_cast<int>(std::clamp<int64_t>(whole_number(j, "threads", source), -1, kMaxThreads + 1));
     c.dtype = j.at("dtype").get<std::string>();
     c.loss = j.at("loss").get<std::string>();
+    c.label_smoothing = j.value("label_smoothing", 0.0);  // absent from runs made before it
     c.train_limit = whole_number(j, "train_limit", source);
     c.normalize = j.at("normalize").get<std::string>();
     c.checkpoint_every = whole_number(j, "checkpoint_every", source);

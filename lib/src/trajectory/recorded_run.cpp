@@ -103,6 +103,20 @@ bool is_recorded_run(const fs::path& dir) {
   }
 }
 
+void RecordedRun::read_loss(const std::string& mf) {
+  loss_ = manifest_.at("loss").get<std::string>();
+  if (loss_ != "ce" && loss_ != "mse") throw InputError(mf + ": loss must be ce or mse, not '" + loss_ + "'");
+  if (!manifest_.contains("label_smoothing")) return;
+  const auto& e = manifest_["label_smoothing"];
+  if (!e.is_number() || !(e.get<double>() >= 0 && e.get<double>() < 1)) {
+    throw InputError(mf + ": label_smoothing must be a number in [0, 1), not " + e.dump());
+  }
+  label_smoothing_ = e.get<double>();
+  if (label_smoothing_ != 0 && loss_ != "ce") {
+    throw InputError(mf + ": label_smoothing is for loss ce, and the loss is " + loss_);
+  }
+}
+
 RecordedRun::RecordedRun(const fs::path& dir) : dir_(dir) {
   const std::string mf = (dir / "manifest.json").string();
   if (!fs::is_regular_file(dir / "manifest.json")) throw InputError(mf + ": missing (not a run directory)");
@@ -111,18 +125,7 @@ RecordedRun::RecordedRun(const fs::path& dir) : dir_(dir) {
     throw InputError(mf + ": not a " + std::string(kRecordedRunFormat) + " manifest");
   }
   try {
-    loss_ = manifest_.at("loss").get<std::string>();
-    if (loss_ != "ce" && loss_ != "mse") throw InputError(mf + ": loss must be ce or mse, not '" + loss_ + "'");
-    if (manifest_.contains("label_smoothing")) {
-      const auto& e = manifest_["label_smoothing"];
-      if (!e.is_number() || !(e.get<double>() >= 0 && e.get<double>() < 1)) {
-        throw InputError(mf + ": label_smoothing must be a number in [0, 1), not " + e.dump());
-      }
-      label_smoothing_ = e.get<double>();
-      if (label_smoothing_ != 0 && loss_ != "ce") {
-        throw InputError(mf + ": label_smoothing is for loss ce, and the loss is " + loss_);
-      }
-    }
+    read_loss(mf);
     const auto& model = manifest_.at("model");
     outputs_ = model.at("outputs").get<int64_t>();
     if (outputs_ < 1 || outputs_ > 100000) throw InputError(mf + ": model.outputs must be 1..100000");

@@ -39,7 +39,7 @@ class ReplayTrajectory : public Trajectory {
   }
   models::InputShape input_shape() const override { return {1, ctx_.train.height(), ctx_.train.width()}; }
   int64_t num_classes() const override { return ctx_.num_classes; }
-  LossKind loss() const override { return parse_loss(ctx_.config.loss); }
+  LossKind loss() const override { return config_loss(ctx_.config); }
   int64_t split_size(const std::string& split) const override { return data(split).size(); }
   at::Tensor inputs(const std::string& split, const at::Tensor& idx, at::ScalarType dtype) const override {
     return to_inputs(data(split).images.index_select(0, idx), dtype, ctx_.normalization);

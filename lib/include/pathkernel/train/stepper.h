@@ -36,6 +36,9 @@ inline const LossKind LossKind::kMse{LossKind::Kind::kMse, 0};
 
 /// "ce" or "mse" (no label smoothing). Throws InputError otherwise.
 LossKind parse_loss(const std::string& name);
+struct TrainConfig;
+/// A training config's loss with its label smoothing (throws InputError for an unknown --loss).
+LossKind config_loss(const TrainConfig& config);
 /// "ce", "mse", or "ce" with its smoothing: "ce (label smoothing 0.1)".
 std::string loss_name(LossKind kind);
 

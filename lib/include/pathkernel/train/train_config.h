@@ -50,6 +50,7 @@ struct TrainConfig {
   int threads = 1;              ///< torch intra-op threads and OpenBLAS threads
   std::string dtype = "float32";  ///< float32 or float64 (weights and arithmetic)
   std::string loss = "ce";      ///< ce or mse
+  double label_smoothing = 0;   ///< ce: label smoothing in [0, 1), as torch.nn.CrossEntropyLoss's
   int64_t train_limit = 0;      ///< use only the first N training examples (0: all)
   std::string normalize = "none";  ///< none (pixels/255) or standard (zero mean, unit std)
   int64_t checkpoint_every = 100;  ///< checkpoint every K steps (plus step 0 and the last)

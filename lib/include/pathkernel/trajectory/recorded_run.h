@@ -136,6 +136,8 @@ class RecordedRun {
  private:
   void read_split(const std::string& split, at::Tensor& x, at::Tensor& y);
   void read_log();
+  /// loss and label_smoothing from the manifest, checked.
+  void read_loss(const std::string& mf);
   /// The manifest's Dropout sites and BatchNorm modules (`dropout`, `batchnorm`).
   void read_sites(const std::string& mf);
   void read_frozen(const nlohmann::json& model, const std::string& mf);
