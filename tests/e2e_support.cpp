@@ -34,6 +34,13 @@ pid_t spawn(const std::vector<std::string>& args, const fs::path& log_dir, char*
   return pid;
 }
 
+std::string run_ok(const std::vector<std::string>& argv, const fs::path& log) {
+  const int st = testing::run_program(argv, log);
+  const std::string text = read_file(log);
+  EXPECT_EQ(st, 0) << text;
+  return text;
+}
+
 std::string lower(std::string s) {
   for (auto& ch : s) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
   return s;

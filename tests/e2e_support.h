@@ -14,6 +14,9 @@ namespace pathkernel::e2e {
 /// Fashion-MNIST as the Debian package installs it.
 inline constexpr const char* kData = "/usr/share/datasets/fashion-mnist";
 
+/// The source tree (the Python recorder, examples and checks the tests run).
+inline const std::string kSource = PATHKERNEL_SOURCE_DIR;
+
 /// Starts the pathkernel binary with `args`, stdout and stderr to files in `log_dir`, with the
 /// environment `env`.
 pid_t spawn(const std::vector<std::string>& args, const std::filesystem::path& log_dir, char** env = environ);
@@ -36,6 +39,10 @@ int64_t lines_in(const std::filesystem::path& p);
 /// Returns true when it was killed, false when it finished first.
 bool kill_when(const std::vector<std::string>& args, const std::filesystem::path& log_dir,
                const std::filesystem::path& file, int64_t lines);
+
+/// Runs a program (testing::run_program); fails the test with its output unless it exits 0;
+/// returns the output.
+std::string run_ok(const std::vector<std::string>& argv, const std::filesystem::path& log);
 
 /// ASCII lower case.
 std::string lower(std::string s);

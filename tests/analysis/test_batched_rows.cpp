@@ -11,6 +11,7 @@
 #include <functional>
 
 #include "fixtures.h"
+#include "unit_support.h"
 #include "pathkernel/analysis/batched_rows.h"
 #include "pathkernel/analysis/kernels.h"
 
@@ -35,9 +36,7 @@ class OpsModel : public models::Model {
   std::vector<at::Tensor> p_;
 };
 
-double max_rel(const at::Tensor& a, const at::Tensor& b) {
-  return (a - b).abs().max().item<double>() / std::max(b.abs().max().item<double>(), 1e-300);
-}
+using testing::max_rel;
 
 /// Conv (stride, padding, dilation, with and without bias), BatchNorm in eval mode, tanh, max
 /// pooling, SiLU, a linear head and log-softmax: [1, 1, 8, 8] -> [1, 10].

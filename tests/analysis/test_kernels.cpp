@@ -3,17 +3,13 @@
 #include <ATen/ATen.h>
 
 #include "fixtures.h"
+#include "unit_support.h"
 #include "pathkernel/analysis/kernels.h"
 
 namespace pathkernel {
 namespace {
 
-std::shared_ptr<models::Model> make(const std::string& spec, int64_t seed = 4) {
-  at::manual_seed(seed);
-  auto m = models::build_model(models::parse_model_spec(spec), {1, 8, 8}, 3);
-  m->to(at::kDouble);
-  return m;
-}
+using testing::small_model;
 
 ParamMap random_direction(models::Model& m, double scale) {
   ParamMap v;
@@ -27,7 +23,7 @@ double rel_err(const at::Tensor& a, const at::Tensor& b) {
 
 TEST(KernelsTest, FactorizedGramAndDirectionalEqualExplicitJacobians) {
   for (const char* spec : {"linear", "quadratic:5", "mlp:7,6:tanh", "mlp:6:relu", "cnn:3,4:gelu"}) {
-    auto m = make(spec);
+    auto m = small_model(spec);
     ASSERT_TRUE(factorizable(*m)) << spec;
     at::manual_seed(1);
     const at::Tensor xp = at::rand({4, 1, 8, 8}, at::kDouble);
@@ -54,7 +50,7 @@ TEST(KernelsTest, FactorizedGramAndDirectionalEqualExplicitJacobians) {
 // rounding, with a different output per probe too (--outputs true/pred).
 TEST(KernelsTest, ProbeRowsOncePerProbeEqualExplicitJacobiansEverywhere) {
   for (const char* spec : {"mlp:7,6:tanh", "mlp:6:relu", "cnn:3,4:gelu"}) {
-    auto m = make(spec);
+    auto m = small_model(spec);
     at::manual_seed(5);
     const at::Tensor xp = at::rand({4, 1, 8, 8}, at::kDouble);
     const at::Tensor xb = at::rand({5, 1, 8, 8}, at::kDouble);
@@ -83,7 +79,7 @@ TEST(KernelsTest, ProbeRowsOncePerProbeEqualExplicitJacobiansEverywhere) {
 // and capture state are left as they were.
 TEST(KernelsTest, ProbeJvpsEqualExplicitJacobiansTimesDirections) {
   for (const char* spec : {"linear", "mlp:7,6:tanh", "mlp:6:relu", "cnn:3,4:gelu", "cnn:3,4:relu"}) {
-    auto m = make(spec);
+    auto m = small_model(spec);
     at::manual_seed(6);
     const at::Tensor xp = at::rand({4, 1, 8, 8}, at::kDouble);
     const at::Tensor cols = at::tensor({2, 0, 1, 1, 0, 2, 2, 2}, at::kLong).reshape({4, 2});
@@ -105,7 +101,7 @@ TEST(KernelsTest, ProbeJvpsEqualExplicitJacobiansTimesDirections) {
 }
 
 TEST(KernelsTest, SecondOrderMatchesFiniteDifferencesOnTanh) {
-  auto m = make("mlp:6,5:tanh");
+  auto m = small_model("mlp:6,5:tanh");
   at::manual_seed(2);
   const at::Tensor x = at::rand({3, 1, 8, 8}, at::kDouble);
   const std::vector<int64_t> outputs = {0, 1, 2};
@@ -134,7 +130,7 @@ TEST(KernelsTest, SecondOrderIsExactOnQuadraticAndZeroOnLinear) {
   const at::Tensor x = at::rand({3, 1, 8, 8}, at::kDouble);
   const std::vector<int64_t> outputs = {0, 1, 2};
   for (const char* spec : {"quadratic:4", "linear"}) {
-    auto m = make(spec);
+    auto m = small_model(spec);
     const ParamMap dw = random_direction(*m, 0.5);
     const at::Tensor s = second_order(*m, x, outputs, dw);
     const RowSignals sp = probe_signals(*m, x, outputs);

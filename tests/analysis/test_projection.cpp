@@ -3,17 +3,13 @@
 #include <ATen/ATen.h>
 
 #include "fixtures.h"
+#include "unit_support.h"
 #include "pathkernel/analysis/projection.h"
 
 namespace pathkernel {
 namespace {
 
-std::shared_ptr<models::Model> make(const std::string& spec) {
-  at::manual_seed(4);
-  auto m = models::build_model(models::parse_model_spec(spec), {1, 8, 8}, 3);
-  m->to(at::kDouble);
-  return m;
-}
+using testing::small_model;
 
 struct Rows {
   RowGradients probes, batch;
@@ -40,7 +36,7 @@ at::Tensor projected_gram(const Projection& p, const Rows& r) {
 
 TEST(ProjectionTest, LargeEnoughDKeepsEverySideAndIsExact) {
   for (const char* spec : {"mlp:7,6:tanh", "cnn:3,4:relu"}) {
-    auto m = make(spec);
+    auto m = small_model(spec);
     const Rows r = rows_of(*m);
     const Projection p = make_projection(*m, 100000, 1);
     for (size_t l = 0; l < p.hash_out.size(); ++l) EXPECT_FALSE(p.hash_out[l].defined()) << spec;
@@ -50,7 +46,7 @@ TEST(ProjectionTest, LargeEnoughDKeepsEverySideAndIsExact) {
 
 TEST(ProjectionTest, SmallDIsUnbiasedOverSeedsAndReproducibleFromItsSeed) {
   for (const char* spec : {"mlp:40:tanh", "cnn:6,8:relu"}) {
-    auto m = make(spec);
+    auto m = small_model(spec);
     const Rows r = rows_of(*m);
     const Projection p1 = make_projection(*m, 16, 7), again = make_projection(*m, 16, 7), p2 = make_projection(*m, 16, 8);
     EXPECT_EQ(p1.dims, 16 * static_cast<int64_t>(p1.tap_dims.size())) << spec;

@@ -7,6 +7,7 @@
 #include <zlib.h>
 
 #include "fixtures.h"
+#include "unit_support.h"
 #include "pathkernel/io/errors.h"
 #include "pathkernel/io/fs_util.h"
 #include "pathkernel/io/pickle.h"
@@ -17,8 +18,6 @@ namespace pathkernel {
 namespace {
 namespace fs = std::filesystem;
 using namespace std::string_literals;
-
-const fs::path kData = PATHKERNEL_TEST_DATA;
 
 std::string le(uint64_t v, int n) {
   std::string s;
@@ -68,7 +67,7 @@ TEST(PickleTest, PythonStateDictReadsWithItsViews) {
   // Written by tests/data/make_python_checkpoints.py: an OrderedDict with _metadata, a
   // transposed view, slices at an offset into a shared storage, float32 and float64. (LibTorch
   // 1.13's own pickle_load returns None for this file.)
-  const NamedTensors t = load_tensor_dict(kData / "python_state_dict.pt");
+  const NamedTensors t = load_tensor_dict(testing::kTestData / "python_state_dict.pt");
   ASSERT_EQ(t.size(), 5u);
   const std::vector<std::string> names = {"layer.weight", "layer.bias", "transposed", "slice", "same_storage"};
   const std::vector<at::Tensor> want = {
@@ -95,7 +94,7 @@ TEST(PickleTest, LibTorchWrittenFilesReadAsLibTorchReadsThem) {
 }
 
 TEST(PickleTest, PythonOptimizerStateIsPlainData) {
-  const CheckpointFile f(kData / "python_adam_state.pt");
+  const CheckpointFile f(testing::kTestData / "python_adam_state.pt");
   const PickleValue* state = f.root().find("state");
   const PickleValue* groups = f.root().find("param_groups");
   ASSERT_TRUE(state && groups);

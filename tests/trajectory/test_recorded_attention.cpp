@@ -8,6 +8,7 @@
 
 #include <filesystem>
 
+#include "e2e_support.h"
 #include "fixtures.h"
 #include "pathkernel/io/fs_util.h"
 
@@ -15,17 +16,10 @@ namespace pathkernel {
 namespace {
 namespace fs = std::filesystem;
 
-const std::string kSource = PATHKERNEL_SOURCE_DIR;
+using e2e::kSource;
+using e2e::run_ok;
 
 nlohmann::json json_of(const fs::path& p) { return nlohmann::json::parse(read_file(p)); }
-
-/// Runs a program; fails the test with its output unless it exits 0; returns the output.
-std::string run_ok(const std::vector<std::string>& argv, const fs::path& log) {
-  const int st = testing::run_program(argv, log);
-  const std::string text = read_file(log);
-  EXPECT_EQ(st, 0) << text;
-  return text;
-}
 
 void check_attention_model(const std::string& model) {
   testing::TempDir tmp;

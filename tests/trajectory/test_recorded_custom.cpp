@@ -7,6 +7,7 @@
 #include <ATen/ATen.h>
 #include <nlohmann/json.hpp>
 
+#include "e2e_support.h"
 #include "fixtures.h"
 #include "pathkernel/io/fs_util.h"
 #include "pathkernel/io/npy.h"
@@ -15,7 +16,7 @@ namespace pathkernel {
 namespace {
 namespace fs = std::filesystem;
 
-const std::string kSource = PATHKERNEL_SOURCE_DIR;
+using e2e::kSource;
 
 /// Records `steps` steps of examples/record_custom.py into `out`.
 void record(const fs::path& out, const std::vector<std::string>& extra) {

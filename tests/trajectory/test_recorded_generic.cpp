@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 #include <nlohmann/json.hpp>
 
+#include "e2e_support.h"
 #include "fixtures.h"
 #include "pathkernel/io/fs_util.h"
 #include "pathkernel/io/npy.h"
@@ -14,17 +15,10 @@ namespace pathkernel {
 namespace {
 namespace fs = std::filesystem;
 
-const std::string kSource = PATHKERNEL_SOURCE_DIR;
+using e2e::kSource;
+using e2e::run_ok;
 
 nlohmann::json read_json(const fs::path& p) { return nlohmann::json::parse(read_file(p)); }
-
-/// Runs a program; fails the test with its output unless it exits 0; returns the output.
-std::string run_ok(const std::vector<std::string>& argv, const fs::path& log) {
-  const int st = testing::run_program(argv, log);
-  const std::string text = read_file(log);
-  EXPECT_EQ(st, 0) << text;
-  return text;
-}
 
 /// Records `model` for 8 steps, analyzes it with the three ways of forming J v (S too when
 /// `second_order`), and compares every array with the rows route and with Python.

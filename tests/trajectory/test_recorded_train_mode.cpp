@@ -13,6 +13,7 @@
 #include <utility>
 #include <vector>
 
+#include "e2e_support.h"
 #include "fixtures.h"
 #include "pathkernel/io/csv.h"
 #include "pathkernel/io/fs_util.h"
@@ -23,7 +24,7 @@ namespace pathkernel {
 namespace {
 namespace fs = std::filesystem;
 
-const std::string kSource = PATHKERNEL_SOURCE_DIR;
+using e2e::kSource;
 
 class RecordedTrainModeTest : public ::testing::Test {
  protected:

@@ -12,6 +12,7 @@
 #include <map>
 
 #include "fixtures.h"
+#include "unit_support.h"
 #include "pathkernel/analysis/batched_rows.h"
 #include "pathkernel/analysis/kernels.h"
 #include "pathkernel/analysis/step_terms.h"
@@ -23,18 +24,14 @@ namespace pathkernel {
 namespace {
 namespace fs = std::filesystem;
 
-const fs::path kData = PATHKERNEL_TEST_DATA;
-
 /// Loads the fixture `name` (tests/data/make_scripted_models.py) in float64.
 std::shared_ptr<models::Model> scripted(const std::string& name, int64_t outputs) {
-  auto m = load_scripted_model(kData / name, outputs);
+  auto m = load_scripted_model(testing::kTestData / name, outputs);
   m->to(at::kDouble);
   return m;
 }
 
-double max_rel(const at::Tensor& a, const at::Tensor& b) {
-  return (a - b).abs().max().item<double>() / std::max(b.abs().max().item<double>(), 1e-300);
-}
+using testing::max_rel;
 
 TEST(ScriptedModelTest, ParametersCarryTheStateDictNamesAndFollowDtypeChanges) {
   auto m = scripted("scripted_cnn.pt", 4);
@@ -459,7 +456,7 @@ TEST(ScriptedModelTest, RowsFormedInALentBufferFillItWholeAndAreNotCopiedAgain) 
 
 TEST(ScriptedModelTest, DamagedOrUnusableArchivesAreRefusedNamingTheFile) {
   testing::TempDir tmp;
-  const std::string good = read_file(kData / "scripted_cnn.pt");
+  const std::string good = read_file(testing::kTestData / "scripted_cnn.pt");
   atomic_write(tmp / "text.pt", "def forward(self, x): return x\n");
   EXPECT_THROW_WITH(load_scripted_model(tmp / "text.pt", 4), InputError, "text.pt: not a readable TorchScript archive");
   atomic_write(tmp / "short.pt", good.substr(0, good.size() / 2));
@@ -477,7 +474,7 @@ TEST(ScriptedModelTest, DamagedOrUnusableArchivesAreRefusedNamingTheFile) {
     SCOPED_TRACE(record);
     EXPECT_THROW_WITH(load_scripted_model(tmp / "flipped.pt", 4), InputError, "is damaged");
   }
-  EXPECT_THROW_WITH(load_scripted_model(kData / "scripted_noparams.pt", 4), InputError, "has no parameters");
+  EXPECT_THROW_WITH(load_scripted_model(testing::kTestData / "scripted_noparams.pt", 4), InputError, "has no parameters");
   EXPECT_THROW_WITH(load_scripted_model(tmp / "missing.pt", 4), InputError, "missing.pt");
 }
 

@@ -113,7 +113,7 @@ std::vector<int64_t> pair(const c10::IValue& v) {
 /// transposed, output_padding, groups, output_mask), 2-d, not transposed, one group. The input's
 /// gradient folds the batch into the examples; the weight's is one product of the incoming
 /// gradients with the input's patches (im2col), shared by the whole batch.
-void convolution_rule(const c10::OperatorHandle& op, Stack* s) {
+void convolution_backward_rule(const c10::OperatorHandle& op, Stack* s) {
   const Batch b = batch_of(op, *s);
   const size_t n = op.schema().arguments().size();
   const auto a = torch::jit::last(*s, n);
@@ -277,7 +277,7 @@ TORCH_LIBRARY_IMPL(aten, Batched, m) {
   }
   m.impl("_softmax_backward_data", torch::CppFunction::makeFromBoxedFunction<&softmax_rule>());
   m.impl("_log_softmax_backward_data", torch::CppFunction::makeFromBoxedFunction<&softmax_rule>());
-  m.impl("convolution_backward", torch::CppFunction::makeFromBoxedFunction<&convolution_rule>());
+  m.impl("convolution_backward", torch::CppFunction::makeFromBoxedFunction<&convolution_backward_rule>());
   m.impl("max_pool2d_with_indices_backward", torch::CppFunction::makeFromBoxedFunction<&max_pool_rule>());
   m.impl("native_layer_norm_backward", torch::CppFunction::makeFromBoxedFunction<&layer_norm_rule>());
   m.impl("native_batch_norm_backward", torch::CppFunction::makeFromBoxedFunction<&batch_norm_rule>());

@@ -28,7 +28,6 @@ namespace fs = std::filesystem;
 
 namespace {
 
-std::string g(double v) { return csv_float(v); }
 
 /// Indices of the `k` largest values of v (descending), or the smallest when !largest.
 std::vector<int64_t> top_k(const at::Tensor& v, int64_t k, bool largest) {
@@ -77,8 +76,8 @@ void write_attributions(const fs::path& out, const ExplainResult& r, const Expla
                           : "probe,output,example,label,a,times_drawn,steps\n";
   for (int64_t p = 0; p < np; ++p) {
     for (int64_t i : csv_rows(r, c, p)) {
-      csv += fmt::format("{},{},{},{},{}", r.probe_indices[p], r.outputs[p], i, labels[i], g(a[p * n + i]));
-      if (exact) csv += "," + g(attr_ex.data_ptr<double>()[p * n + i]);
+      csv += fmt::format("{},{},{},{},{}", r.probe_indices[p], r.outputs[p], i, labels[i], csv_float(a[p * n + i]));
+      if (exact) csv += "," + csv_float(attr_ex.data_ptr<double>()[p * n + i]);
       csv += fmt::format(",{},{}\n", drawn[i], fmt::join(r.drawn_at[static_cast<size_t>(i)], ";"));
     }
   }
@@ -118,7 +117,7 @@ void write_top(const fs::path& out, const ExplainResult& r, const Pictures& pic,
       for (size_t j = 0; j < list.size(); ++j) {
         const int64_t i = list[j];
         top += fmt::format("{},{},{},{},{},{},{}\n", r.probe_indices[p], r.outputs[p], kind, j + 1, i, labels[i],
-                           g(a[p * n + i]));
+                           csv_float(a[p * n + i]));
         if (!tiles.empty()) {
           tiles.push_back({pic.run.image("train", i), fmt::format("#{} {} a={:+.2g}", i, pic.name(labels[i]), a[p * n + i])});
         }
@@ -148,7 +147,7 @@ void write_self_influence(const fs::path& out, const ExplainResult& r, const Pic
   for (size_t j = 0; j < order.size(); ++j) {
     const int64_t i = order[j];
     const double v = r.self_influence[i].item<double>();
-    s += fmt::format("{},{},{},{},{}\n", j + 1, i, labels[i], g(v), drawn[i]);
+    s += fmt::format("{},{},{},{},{}\n", j + 1, i, labels[i], csv_float(v), drawn[i]);
     if (j < 32 && pic.plots) tiles.push_back({pic.run.image("train", i), fmt::format("#{} {} {:.3g}", i, pic.name(labels[i]), v)});
   }
   atomic_write(out / "self_influence.csv", s);

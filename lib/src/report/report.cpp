@@ -73,7 +73,6 @@ void check_inputs(const fs::path& in, const Table& steps, const Table& probes, c
   }
 }
 
-std::string g(double v) { return csv_float(v); }
 
 /// Renders figure NAME (PNG, SVG, PDF and its .gp script) in DIR and records it.
 void figure(const fs::path& out, ReportFiles& files, const std::string& name, const std::string& script) {
@@ -133,7 +132,9 @@ void plot_r_per_step(const Analysis& a, const fs::path& out, ReportFiles& files)
   const auto& lr = a.steps.at("lr", a.in / "steps.csv");
   const std::string rule = a.summary["settings"].value("tc_rule", "tau");
   std::string csv = "step,r,in_Tc,lr\n";
-  for (size_t i = 0; i < steps.rows; ++i) csv += fmt::format("{},{},{},{}\n", step[i], g(rr[i]), tc[i], g(lr[i]));
+  for (size_t i = 0; i < steps.rows; ++i) {
+    csv += fmt::format("{},{},{},{}\n", step[i], csv_float(rr[i]), tc[i], csv_float(lr[i]));
+  }
   write_data(out, files, "r_per_step", csv);
   if (files.gnuplot) {
     double r_lo = 1e300, r_hi = 0;
@@ -174,7 +175,7 @@ void plot_second_order(const Analysis& a, const fs::path& out, ReportFiles& file
     const auto& higher = steps.at("higher_norm", in / "steps.csv");
     std::string csv = "step,R_norm,S_norm,higher_norm\n";
     for (size_t i = 0; i < steps.rows; ++i) {
-      csv += fmt::format("{},{},{},{}\n", step[i], g(r_norm[i]), g(s_norm[i]), g(higher[i]));
+      csv += fmt::format("{},{},{},{}\n", step[i], csv_float(r_norm[i]), csv_float(s_norm[i]), csv_float(higher[i]));
     }
     write_data(out, files, "second_order", csv);
     if (files.gnuplot) {
@@ -203,7 +204,7 @@ void plot_sharpness(const Analysis& a, const fs::path& out, ReportFiles& files) 
     size_t points = 0;
     for (size_t i = 0; i < steps.rows; ++i) {
       if (std::isnan(lt[i])) continue;
-      csv += fmt::format("{},{},{},{}\n", step[i], g(lt[i]), g(lb[i]), g(2.0 / lr[i]));
+      csv += fmt::format("{},{},{},{}\n", step[i], csv_float(lt[i]), csv_float(lb[i]), csv_float(2.0 / lr[i]));
       ++points;
     }
     if (points > 0) {
@@ -249,8 +250,9 @@ void plot_cumulative(const Analysis& a, int64_t max_curves, const fs::path& out,
     const at::Tensor cu = u.select(2, col).select(1, p).cumsum(0), cr = r.select(2, col).select(1, p).cumsum(0);
     for (size_t i = 0; i < steps.rows; ++i) {
       csv += fmt::format("{},{},{},{},{},{},{}\n", step[i], pidx[static_cast<size_t>(p * nc)],
-                         outputs[p][col].item<int64_t>(), g(cd[i].item<double>()), g(ck[i].item<double>()),
-                         g(cu[i].item<double>()), g(cr[i].item<double>()));
+                         outputs[p][col].item<int64_t>(), csv_float(cd[i].item<double>()),
+                         csv_float(ck[i].item<double>()), csv_float(cu[i].item<double>()),
+                         csv_float(cr[i].item<double>()));
     }
     plots += fmt::format(
         "set title 'probe {}, logit {}'\nplot '{}' skip 1 using ($2=={} && $3=={} ? $1 : 1/0):4 with lines lw 2 lc "
@@ -279,7 +281,9 @@ void plot_d_vs_f(const Analysis& a, const fs::path& out, ReportFiles& files) {
   const at::Tensor dflat = d.reshape({-1}), fflat = f.reshape({-1});
   const int64_t n = dflat.size(0), stride = std::max<int64_t>(1, n / 20000);
   std::string csv = "F,D\n";
-  for (int64_t i = 0; i < n; i += stride) csv += fmt::format("{},{}\n", g(fflat[i].item<double>()), g(dflat[i].item<double>()));
+  for (int64_t i = 0; i < n; i += stride) {
+    csv += fmt::format("{},{}\n", csv_float(fflat[i].item<double>()), csv_float(dflat[i].item<double>()));
+  }
   write_data(out, files, "d_vs_f", csv);
   if (files.gnuplot) {
     figure(out, files, "d_vs_f", png_header(600, 560, 10) + fmt::format(
@@ -482,8 +486,9 @@ std::string by_class_html(const Analysis& a, const ReportConfig& c, const fs::pa
     for (char& ch : name) {
       if (ch == ',' || ch == '"' || ch == '\n' || ch == '\r') ch = ' ';
     }
-    csv += fmt::format("{},\"{}\",{},{},{},{},{}\n", row.label, name, g(row.change), g(row.k),
-                       g(row.u + (std::isnan(row.u_round) ? 0.0 : row.u_round)), g(row.r), g(row.median_r));
+    csv += fmt::format("{},\"{}\",{},{},{},{},{}\n", row.label, name, csv_float(row.change), csv_float(row.k),
+                       csv_float(row.u + (std::isnan(row.u_round) ? 0.0 : row.u_round)), csv_float(row.r),
+                       csv_float(row.median_r));
   }
   write_data(out, files, "by_class", csv);
   if (files.gnuplot) {

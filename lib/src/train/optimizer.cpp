@@ -10,13 +10,13 @@
 #include "adaptive_optimizers.h"
 
 namespace pathkernel {
-namespace {
 
-/// |t|^2 as one BLAS dot product, in t's dtype (a diagnostic and a bound, not a result).
 double squared_norm(const at::Tensor& t) {
   const at::Tensor flat = t.reshape({-1});
   return at::dot(flat, flat).item<double>();
 }
+
+namespace {
 
 /// torch.optim.SGD: d = g + lc w; b = mu b + (1 - tau) d (b = d at the first step);
 /// d = d + mu b (Nesterov) or b; w -= lr d.

@@ -8,6 +8,7 @@
 #include <map>
 
 #include "pathkernel/io/errors.h"
+#include "pathkernel/train/optimizer.h"
 #include "pathkernel/train/train_config.h"
 #include "pathkernel/train/per_example.h"
 
@@ -109,13 +110,6 @@ namespace {
 std::string layer_of(const std::string& name) {
   const size_t dot = name.rfind('.');
   return dot == std::string::npos ? name : name.substr(0, dot);
-}
-
-/// |t|^2 as one BLAS dot product (no temporary). Accumulates in t's dtype: these norms are
-/// diagnostics, good to about 1e-6 relative in float32.
-double squared_norm(const at::Tensor& t) {
-  const at::Tensor flat = t.reshape({-1});
-  return at::dot(flat, flat).item<double>();
 }
 
 double median_of(std::vector<double> v) {

@@ -44,6 +44,10 @@ enum class OptimizerKind { kSgd, kAdam, kAdamW, kRmsprop, kAdagrad, kAdadelta };
 OptimizerKind parse_optimizer(const std::string& name);
 std::string optimizer_name(OptimizerKind kind);
 
+/// |t|^2 as one BLAS dot product (no temporary). Accumulates in t's dtype: the norms it gives
+/// are diagnostics and bounds, good to about 1e-6 relative in float32, not results.
+double squared_norm(const at::Tensor& t);
+
 /// The settings of an optimizer, as torch.optim names them. Only those of the chosen kind apply.
 struct OptimizerOptions {
   OptimizerKind kind = OptimizerKind::kSgd;
