@@ -82,13 +82,19 @@ def main():
         files = manifest["data"]["files"]
         norm = manifest["data"]["normalization"]
 
-        def inputs(key):
-            x = torch.from_numpy(read_idx(files[key]["path"]).astype(np.float64)).unsqueeze(1) / 255.0
-            return (x - norm["mean"]) / norm["std"]
+        class Images:
+            """The IDX images as training fed them (float64, normalized), made only for the rows
+            indexed: all 60000 in float64 would be 376 MB a copy."""
+            def __init__(self, raw):
+                self.raw = raw
 
-        xtrain = inputs("train_images")
+            def __getitem__(self, i):
+                x = torch.from_numpy(self.raw[np.asarray(i)].astype(np.float64)).unsqueeze(1) / 255.0
+                return (x - norm["mean"]) / norm["std"]
+
+        xtrain = Images(read_idx(files["train_images"]["path"]))
         ytrain = torch.from_numpy(read_idx(files["train_labels"]["path"]).astype(np.int64))
-        xsplit = inputs("test_images" if split == "test" else "train_images")
+        xsplit = xtrain if split != "test" else Images(read_idx(files["test_images"]["path"]))
 
         def model_at(step, buffers_of=None):
             """The weights after `step` steps; BatchNorm's running statistics after `buffers_of`."""
@@ -113,7 +119,8 @@ def main():
         jac = torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(f, params, retain_graph=True)])
                            for f in rows_f.reshape(-1)])
         batch = torch.tensor(log[k]["batch"])
-        x_b = xtrain[:len(ytrain)][batch]
+        assert int(batch.max()) < len(ytrain), "a batch index past the training set"
+        x_b = xtrain[batch]
         # The batch as training computed it: its Dropout masks, BatchNorm on the batch's statistics.
         if recorded:
             step_forward = training_forward(m0, args.run, log[k])

@@ -47,16 +47,16 @@ def main():
     summary = json.load(open(os.path.join(args.influence, "summary.json")))
     files, norm = manifest["data"]["files"], manifest["data"]["normalization"]
 
-    def inputs(key):
-        x = torch.from_numpy(read_idx(files[key]["path"]).astype(np.float64)).unsqueeze(1) / 255.0
+    def inputs(key, rows):  # the rows as training fed them (only those: all would be 376 MB in float64)
+        x = torch.from_numpy(read_idx(files[key]["path"])[rows].astype(np.float64)).unsqueeze(1) / 255.0
         return (x - norm["mean"]) / norm["std"]
 
     split = summary["split"]
     probes = torch.tensor(summary["probes"])
-    xs = inputs("test_images" if split == "test" else "train_images")[probes]
+    xs = inputs("test_images" if split == "test" else "train_images", probes.numpy())
     ys = torch.from_numpy(read_idx(files["test_labels" if split == "test" else "train_labels"]["path"]).astype(np.int64))[probes]
     n = summary["train_examples"]
-    xt = inputs("train_images")[:n]
+    xt = inputs("train_images", slice(0, n))
     yt = torch.from_numpy(read_idx(files["train_labels"]["path"]).astype(np.int64))[:n]
     rates = [(int(r["step"]), float(r["lr"])) for r in csv.DictReader(open(os.path.join(args.influence, "checkpoints.csv")))]
 

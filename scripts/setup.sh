@@ -11,20 +11,33 @@ packages=(
   libopenblas0-pthread          # LibTorch multiplies through libblas.so.3: ~14x faster than reference BLAS
   dataset-fashion-mnist         # /usr/share/datasets/fashion-mnist
   python3-torch python3-numpy   # scripts/check_*.py: checkpoints load with torch.load; independent checks
-  python3-pandas                # optional for users (python/pathkernel_read.py's DataFrames); its test needs it
   gnuplot-nox                   # PNG figures of explain and report
 )
 packages+=("$@")  # extra packages a caller needs (scripts/test.sh: clang for the sanitizer stage)
-missing=()
-for p in "${packages[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
-done
-if ((${#missing[@]})); then
+# Without the packages they recommend: pandas recommends SciPy, Matplotlib, PyTables and more
+# (about 80 packages through them), none of which pathkernel uses.
+lean=(
+  python3-pandas                # optional for users (python/pathkernel_read.py's DataFrames); its test needs it
+)
+missing_of() {  # the packages named that are not installed
+  local p
+  for p in "$@"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || echo "$p"
+  done
+}
+mapfile -t missing < <(missing_of "${packages[@]}")
+mapfile -t missing_lean < <(missing_of "${lean[@]}")
+if ((${#missing[@]} + ${#missing_lean[@]})); then
   sudo=""
   [ "$(id -u)" -ne 0 ] && sudo=sudo
-  echo "setup: installing ${missing[*]}" >&2
+  echo "setup: installing ${missing[*]} ${missing_lean[*]}" >&2
   $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+  if ((${#missing[@]})); then
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
+  if ((${#missing_lean[@]})); then
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing_lean[@]}" >/dev/null
+  fi
 fi
 
 # Build progress goes to stderr: stdout is for the results of the commands that follow.

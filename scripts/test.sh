@@ -52,7 +52,7 @@ else
   # whole, in one process per OpenBLAS kernel set (each test in a process of its own costs
   # LibTorch's start-up 200 times over): this CPU's own, then others than this CPU's
   # (scripts/blas_cores.sh; PATHKERNEL_CORES=none skips them), where a tolerance tuned to one
-  # kernel set's rounding fails here, not on a user's machine. Three at a time on the 2 cores
+  # kernel set's rounding fails here, not on a user's machine. Four at a time on the 2 cores
   # (each is one thread; the CI run must stay under 30 minutes).
   ctest --test-dir build --output-on-failure -j 2 -LE unit
   echo "test: ctest done at ${SECONDS} s" >&2
@@ -82,7 +82,7 @@ else
     echo "test: the unit tests, whole, under kernel set $core" >&2
     unit_run "$core" &
     pids+=($!)
-    if [ ${#pids[@]} -eq 3 ]; then
+    if [ ${#pids[@]} -eq 4 ]; then
       for p in "${pids[@]}"; do wait "$p" || failed=1; done
       pids=()
     fi
