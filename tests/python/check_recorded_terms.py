@@ -15,7 +15,21 @@ recorded clipping scale. No recurrence, no pathkernel code. With an explanation,
 training examples (a_i = sum over the steps j whose batch held i, of -(gs_j / |B_j|) grad l_i(w_j)
 times the same coefficients) for each probe's explained logit.
 
-Prints one JSON line: the largest differences relative to the largest |Kopt| and |a|.
+And a bound on Uopt_round_k = F_k - Kopt_k - Uopt_wd_k that float32 training can reach, per
+step: the recorded step dw_k differs from the float64 update only by float32 rounding, each weight i
+by at most
+
+  b_i = eps32 (C lr_k r_i sum_j |c_{k,j}| Q_{k,j,i} (G_j + lambda_j W_j) + 4 (|dw_i| + |w_i|))
+
+where G_j and W_j are the largest |gradient| and |weight| of i's tensor at step j (a float32
+gradient's error is relative to its tensor's scale, not to its own entry's: measured up to 9 eps32
+of it, so C = 64), lambda_j the decay, and Q the factor of gradient j at step k (a preconditioner
+divides by the root of the squared gradients, so an entry whose gradient is within rounding of
+zero can move by up to the rate: Adagrad's first step). Then |Uopt_round_k(x, c)| <= |J(x, c)| b
+entry by entry; the bound is the Frobenius norm over the probes, like Uopt_round_norm.
+
+Prints one JSON line: the largest differences relative to the largest |Kopt| and |a|, and the
+bound for each analyzed step (uopt_round_bound, in the order of the analysis' steps).
 """
 import json
 import os
@@ -26,6 +40,10 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "python"))
 from pathkernel_record import training_forward  # noqa: E402
+
+EPS32 = 2.0 ** -24  # float32's unit roundoff
+GRADIENT_ROUNDING = 64  # C: see the bound above
+UPDATE_ROUNDING = 4  # w - u and u itself, a few roundings each
 
 
 def main():
@@ -174,9 +192,10 @@ def main():
                 c.append((1 - st_j["betas"][0]) * prod / (1 - b1_k ** (k + 1)))
         return c
 
-    grads, rows = [], []
+    grads, rows, weights = [], [], []
     for j in range(n_steps):
         set_weights(j)
+        weights.append(torch.cat([params[n].detach().reshape(-1) for n in names]))
         idx, x, y = batch(j)
         gs = steps[j].get("grad_scale", 1.0)
         # The batch as training computed it: a step's Dropout masks on its sites (then each example's
@@ -194,6 +213,18 @@ def main():
         attr = torch.zeros(len(explained), x_train.shape[0])
     inner = kind == "rmsprop" and groups[0].get("momentum", 0) > 0  # P_j inside the buffer
     p_of = [precond(k, settings(k)) for k in range(n_steps)]
+    tensor_of = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+
+    def rounding_scale(j):
+        """G_j + lambda_j W_j of each weight's tensor at step j (the decay of i's group)."""
+        st = settings(j)
+        g = torch.stack([t.abs().max() for t in grads[j].split(sizes)])[tensor_of]
+        w = torch.stack([t.abs().max() for t in weights[j].split(sizes)])[tensor_of]
+        decay = torch.cat([torch.full((sz,), float(st[group_of[n]].get("weight_decay", 0))) for n, sz in zip(names, sizes)])
+        return g + decay * w
+
+    scales = [rounding_scale(j) for j in range(n_steps)]
+    bound = {}
     for k in range(n_steps):
         st = settings(k)
         lr = st[0]["lr"]
@@ -205,18 +236,26 @@ def main():
         if k in set(int(s) for s in step_of):
             row = int(np.nonzero(step_of == k)[0][0])
             out = model(x_probe_all[torch.tensor(probes)])
+            dw = torch.cat([torch.load(ckpt(k + 1) + ".pt")[n].double().reshape(-1) for n in names]) - weights[k]
+            b = EPS32 * (GRADIENT_ROUNDING * lr * r * sum(abs(c[j]) * q[j].abs() * scales[j] for j in range(k + 1))
+                         + UPDATE_ROUNDING * (dw.abs() + weights[k].abs()))
+            sq = 0.0
             for p in range(out.shape[0]):
                 for o in range(out.shape[1]):
-                    mine = -lr * float(flat_grad(out[p, o]) @ direction)
+                    jrow = flat_grad(out[p, o])
+                    mine = -lr * float(jrow @ direction)
                     worst_k = max(worst_k, abs(mine - kopt_pk[row, p, o]))
                     scale_k = max(scale_k, abs(mine))
+                    sq += float(jrow.abs() @ b) ** 2
+            bound[row] = sq ** 0.5
         if explained is not None:
             for p, (probe, logit) in enumerate(explained):
                 g = flat_grad(model(x_explained[probe:probe + 1])[0, logit])
                 for j in range(k + 1):
                     idx, rows_j = rows[j]
                     attr[p].index_add_(0, idx, -lr * c[j] * (rows_j @ (q[j] * g)))
-    result = {"kopt_max_error": worst_k / max(scale_k, 1e-300), "kopt_scale": scale_k}
+    result = {"kopt_max_error": worst_k / max(scale_k, 1e-300), "kopt_scale": scale_k,
+              "uopt_round_bound": [bound[i] for i in range(len(step_of))]}
     if explained is not None:
         theirs = torch.from_numpy(np.load(os.path.join(explanation, "attributions.npy")))
         result["attr_max_error"] = float((theirs - attr).abs().max() / attr.abs().max())
