@@ -20,7 +20,12 @@ Fashion-MNIST, then measures, each in its own process (time per step and peak me
   explicit route, one backward per row, one batched backward per probe, functorch's own C++
   transforms over blocks of probes (functorch_rows.h), and the mode it chooses;
   pathkernel step products (bench_rows too): the four directions' J v as analyze forms them, one
-  forward per direction (each) and all four in one forward (batched).
+  forward per direction (each) and all four in one forward (batched);
+  the multiply-adds of each (counted on the model's Conv2d and Linear modules, for the models all
+  of whose products are in them): a forward of the probes M, one jvp 3M - M1 (a layer's tangent
+  is two products, J's input tangent times W and the input times the weight's tangent, the first
+  layer M1 only the second), four directions M + 4(2M - M1), and what functorch step computes
+  (the four and a forward at w_{k+1}): the least work an analyzed step can do, against one jvp's.
 
 functorch runs with glibc's allocator set as pathkernel sets it (tune_allocator), after two
 warm-up calls, best of three. Each figure is the median over --repeats; the processes alternate. Prints a table and, with
@@ -33,7 +38,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -92,8 +96,9 @@ def analyze(pk, run, out, probes, steps, extra):
 
 
 def rows_measure(bench_rows, run, probes):
-    """In a child: explain's probe rows by pathkernel (bench_rows): {way: (seconds, why)}."""
-    out, rss = child([bench_rows, run, str(probes), "2"])
+    """In a child: explain's probe rows by pathkernel (bench_rows): {way: (seconds, why)}; S's
+    ways (bench_rows' s-*) are not this benchmark's."""
+    out, rss = child([bench_rows, run, str(probes), "2", "per-row,batched,functorch,jvp-each,jvp-batched,chosen"])
     ways = {}
     for line in out.splitlines()[1:]:
         name, rest = line.split(None, 1)
@@ -121,6 +126,29 @@ def tune_allocator():
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
     if not (libc.mallopt(M_MMAP_THRESHOLD, 256 << 20) and libc.mallopt(M_TRIM_THRESHOLD, 1024 << 20)):
         sys.exit("bench_generic: mallopt refused pathkernel's allocator settings")
+
+
+def multiply_adds(model, x):
+    """{"forward": M, "first": M1} of the model's Conv2d and Linear modules on x, or {} where they
+    are not all its products (the profiler's count of the forward's convolutions and matrix
+    products, two flops a multiply-add, differs)."""
+    import torch
+    macs = []
+
+    def hook(m, _, out):
+        if isinstance(m, torch.nn.Conv2d):
+            macs.append(out.numel() * m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1])
+        elif isinstance(m, torch.nn.Linear):
+            macs.append(out.numel() * m.in_features)
+    handles = [m.register_forward_hook(hook) for m in model.modules()]
+    with torch.no_grad(), torch.profiler.profile(with_flops=True) as prof:
+        model(x)
+    for h in handles:
+        h.remove()
+    flops = sum(e.flops for e in prof.key_averages() if e.key in ("aten::conv2d", "aten::addmm", "aten::mm", "aten::bmm"))
+    if not macs or abs(2 * sum(macs) - flops) > 0.01 * flops:
+        return {}
+    return {"forward": sum(macs), "first": macs[0]}
 
 
 def functorch_child(kind, run, probes, what):
@@ -164,6 +192,9 @@ def functorch_child(kind, run, probes, what):
             return torch.nn.utils.stateless.functional_call(model, p, (xi.unsqueeze(0),))[0]
         functorch.vmap(functorch.jacrev(one), in_dims=(None, 0))(params, x)
 
+    if what == "macs":
+        print(json.dumps(multiply_adds(model, x)))
+        return
     fn = {"jvp": jvp, "step": step, "step-vmap": step_vmap, "rows": rows}[what]
     for _ in range(2):  # warm up (the heap grows to its working size on the first calls)
         fn()
@@ -223,6 +254,8 @@ def main():
                                     "route": vals[0][2]}
                              for name, vals in figures.items()}
             results[kind]["probes"] = probes
+            out, _ = child(["/usr/bin/python3", os.path.abspath(__file__), "--functorch", kind, run, str(probes), "macs"])
+            results[kind]["multiply_adds"] = json.loads(out.strip().splitlines()[-1])
     from ctypes import CDLL, c_char_p
     try:
         ob = CDLL("libopenblas.so.0")
@@ -233,6 +266,7 @@ def main():
     print("bench_generic: 1 thread, float64, OpenBLAS core %s, %d steps, median of %d" % (core, a.steps, a.repeats))
     for kind, figs in results.items():
         probes = figs.pop("probes")
+        macs = figs.pop("multiply_adds")
         print("\n%s, %d probes x 10 outputs (per analyzed step; functorch per call)" % (kind, probes))
         ref = figs["functorch step"]["seconds"]
         for name, f in figs.items():
@@ -241,7 +275,13 @@ def main():
         if "pathkernel explain rows chosen" in figs and "functorch rows" in figs:
             print("  explain's rows / functorch vmap(jacrev): x%.2f" %
                   (figs["pathkernel explain rows chosen"]["seconds"] / figs["functorch rows"]["seconds"]))
+        if macs:
+            m, m1 = macs["forward"], macs["first"]
+            jvp, four = 3 * m - m1, m + 4 * (2 * m - m1)
+            print("  multiply-adds: forward %.3g, one jvp %.2f of it, four directions %.2f (x%.2f of one jvp), "
+                  "functorch step's work %.2f (x%.2f)" % (m, jvp / m, four / m, four / jvp, (four + m) / m, (four + m) / jvp))
         figs["probes"] = probes
+        figs["multiply_adds"] = macs
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"blas_core": core, "results": results}, f, indent=2)
