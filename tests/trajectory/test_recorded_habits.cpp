@@ -117,12 +117,37 @@ TEST_F(RecordedHabitsTest, TheCleanLoopVerifiesOnEveryStep) {
   // Momentum: the optimizer's update term as weight decay and rounding, in columns of their own.
   EXPECT_NE(html.find("<th>sum Uopt_wd</th><th>sum Uopt_round</th>"), std::string::npos);
   EXPECT_NE(html.find("<th>mean sum Uopt_wd</th><th>mean sum Uopt_round</th>"), std::string::npos);
+  EXPECT_EQ(s["run"]["complete"], true);
+  EXPECT_EQ(html.find("not complete when analyzed"), std::string::npos);
   const Table t = read_csv(tmp_->path() / "clean-an" / "steps.csv");
   for (size_t i = 0; i < t.rows; ++i) {
     EXPECT_EQ(t.cols.at("verified")[i], 1);
     EXPECT_LT(t.cols.at("verify_loss_error")[i], 1e-6) << i;
     EXPECT_LT(t.cols.at("verify_gradient_error")[i], 1e-5) << i;
   }
+}
+
+// A run without its COMPLETE marker (the loop interrupted before rec.close(), or still running)
+// is analyzed as far as its log goes, and says so: a warning naming the steps there are, the
+// summary's run.complete, a row of the report.
+TEST_F(RecordedHabitsTest, AnUnfinishedRunIsAnalyzedAndMarkedAsSuch) {
+  const fs::path run = tmp_->path() / "unfinished";
+  if (!fs::exists(run)) fs::copy(record("clean"), run, fs::copy_options::recursive);
+  fs::remove(run / "COMPLETE");
+  std::string log;
+  ASSERT_EQ(analyze(run, "unfinished-an", log), 0) << log;
+  EXPECT_NE(log.find("not complete (no COMPLETE marker): its training was interrupted or is still running; 30 logged "
+                     "steps are there to read"),
+            std::string::npos)
+      << log;
+  EXPECT_EQ(read_json(tmp_->path() / "unfinished-an" / "summary.json")["run"]["complete"], false);
+  const fs::path report = tmp_->path() / "unfinished-report";
+  ASSERT_EQ(testing::run_program({PATHKERNEL_BIN, "report", (tmp_->path() / "unfinished-an").string(), "--out",
+                                  report.string()},
+                                 tmp_->path() / "report.log"),
+            0)
+      << read_file(tmp_->path() / "report.log");
+  EXPECT_NE(read_file(report / "report.html").find("not complete when analyzed"), std::string::npos);
 }
 
 TEST_F(RecordedHabitsTest, EachBrokenHabitIsRefusedWithItsCauseNamed) {

@@ -229,7 +229,7 @@ nlohmann::json summary_json(const AnalysisResult& r, const AnalyzeConfig& c) {
           {"threads", r.threads},
           {"blas", r.blas},
           {"blas_core", r.blas_core},
-          {"run", {{"path", r.run_path}, {"manifest_sha256", r.run_manifest_sha256}}},
+          {"run", {{"path", r.run_path}, {"manifest_sha256", r.run_manifest_sha256}, {"complete", r.run_complete}}},
           {"verification", r.verified_steps < 0
                                ? nlohmann::json(nullptr)
                                : nlohmann::json{{"steps_checked", r.verified_steps},

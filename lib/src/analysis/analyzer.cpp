@@ -276,6 +276,7 @@ class Driver {
     res_.blas_core = threads_.blas_core;
     res_.run_path = fs::canonical(c_.run).string();
     res_.run_manifest_sha256 = sha256_file(fs::path(c_.run) / "manifest.json");
+    res_.run_complete = run_complete(c_.run);
     res_.optimizer = optimizer_name(options_.kind);
     res_.loss = loss_name(traj_.loss());
     res_.model = traj_.model_spec();

@@ -211,6 +211,7 @@ StoredAnalysis read_analysis(const fs::path& dir) {
     if (s.contains("run") && s["run"].is_object()) {
       r.run_path = s["run"].value("path", "");
       r.run_manifest_sha256 = s["run"].value("manifest_sha256", "");
+      r.run_complete = s["run"].value("complete", true);
     }
     if (s.at("shard").is_object()) {
       r.shard_index = s["shard"].at("index").get<int64_t>();
@@ -253,6 +254,7 @@ AnalysisResult join_parts(const std::vector<StoredAnalysis>& parts) {
     m.kernel_split_checked += p.result.kernel_split_checked;
     m.seconds += p.result.seconds;
     m.startup_seconds += p.result.startup_seconds;
+    m.run_complete = m.run_complete && p.result.run_complete;  // a part analyzed before the run ended
   }
   for (at::Tensor AnalysisResult::*member :
        {&AnalysisResult::d, &AnalysisResult::f, &AnalysisResult::k, &AnalysisResult::u, &AnalysisResult::r,

@@ -153,6 +153,11 @@ std::string run_facts_rows(const nlohmann::json& summary, const fs::path& run_di
                                                              : fmt::format("{:.4g} to {:.4g}", *lo, *hi));
   s += row("analyzed steps", fmt::format("{} ({}..{})", summary.value("steps_analyzed", 0), summary.value("first_step", 0),
                                          summary.value("last_step", 0)));
+  const nlohmann::json id = summary.value("run", nlohmann::json());
+  if (id.is_object() && id.contains("complete") && id["complete"].is_boolean() && !id["complete"].get<bool>()) {
+    s += row("run", "not complete when analyzed (no COMPLETE marker): its training was interrupted or was still "
+                    "running; the analysis covers the steps logged then");
+  }
   if (run.summary.is_object() && run.summary.contains("test_accuracy") && run.summary["test_accuracy"].is_number()) {
     s += row("test accuracy at the end", fmt::format("{:.4f}", run.summary["test_accuracy"].get<double>()));
   }

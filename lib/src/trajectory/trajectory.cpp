@@ -2,6 +2,7 @@
 
 #include <ATen/ATen.h>
 #include <fmt/format.h>
+#include <spdlog/spdlog.h>
 #include <torch/csrc/autograd/autograd.h>
 
 #include <algorithm>
@@ -434,13 +435,29 @@ RunFacts run_facts(const fs::path& run) {
   return f;
 }
 
-std::unique_ptr<Trajectory> open_trajectory(const fs::path& run, bool own_model) {
+bool run_complete(const fs::path& run) { return fs::exists(RunDir(run).complete_marker()); }
+
+namespace {
+
+std::unique_ptr<Trajectory> open_either(const fs::path& run, bool own_model) {
   if (is_recorded_run(run)) return std::make_unique<RecordedTrajectory>(run, own_model);
   if (own_model) {
     throw InputError(run.string() + ": a pathkernel train run has no TorchScript model (--kernel-route torchscript is "
                      "for recorded runs)");
   }
   return std::make_unique<ReplayTrajectory>(run);
+}
+
+}  // namespace
+
+std::unique_ptr<Trajectory> open_trajectory(const fs::path& run, bool own_model) {
+  std::unique_ptr<Trajectory> t = open_either(run, own_model);
+  if (!run_complete(run)) {
+    spdlog::warn("{}: not complete (no COMPLETE marker): its training was interrupted or is still running; "
+                 "{} logged steps are there to read",
+                 run.string(), t->logged_steps());
+  }
+  return t;
 }
 
 }  // namespace pathkernel

@@ -227,6 +227,8 @@ struct AnalysisResult {
   /// The run analyzed: its absolute path and its manifest.json's SHA-256, so that a report finds
   /// this run and no other, from any working folder ("" in analyses made before they were kept).
   std::string run_path, run_manifest_sha256;
+  /// The run's training had finished (trajectory.h, run_complete) when it was analyzed.
+  bool run_complete = true;
 };
 
 /// The format tag of an analysis's summary.json.
