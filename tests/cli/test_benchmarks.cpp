@@ -27,8 +27,13 @@ TEST(BenchmarkTest, TheGenericBenchmarkRunsAndCountsTheMlpsMultiplyAdds) {
                   tmp / "bench.log");
   EXPECT_NE(out.find("explain's rows / functorch vmap(jacrev): x"), std::string::npos) << out;
   const nlohmann::json figures = nlohmann::json::parse(read_file(json))["results"]["mlp235k"];
-  for (const char* name : {"pathkernel factorized", "pathkernel torchscript jvp", "pathkernel torchscript rows",
-                           "pathkernel step products batched", "pathkernel explain rows chosen", "functorch jvp",
+  // analyze's figures are marginal times (all steps less step 0 alone, over the steps between):
+  // at 3 steps of 4 probes a difference of noise, of either sign; the rest are timed directly.
+  for (const char* name : {"pathkernel factorized", "pathkernel torchscript jvp", "pathkernel torchscript rows"}) {
+    ASSERT_TRUE(figures.contains(name)) << name << "\n" << out;
+    EXPECT_TRUE(figures[name]["seconds"].is_number()) << name;
+  }
+  for (const char* name : {"pathkernel step products batched", "pathkernel explain rows chosen", "functorch jvp",
                            "functorch step", "functorch rows"}) {
     ASSERT_TRUE(figures.contains(name)) << name << "\n" << out;
     EXPECT_GT(figures[name]["seconds"].get<double>(), 0) << name;
