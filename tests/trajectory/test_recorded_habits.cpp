@@ -14,88 +14,11 @@
 #include "pathkernel/io/fs_util.h"
 #include "pathkernel/io/npy.h"
 #include "pathkernel/io/run_dir.h"
+#include "recorded_habits.h"
 
 namespace pathkernel {
 namespace {
 namespace fs = std::filesystem;
-
-// Issue 23, item 1: every analyzed step of a recorded run is verified to be the logged
-// optimizer's update of the logged batch (step_verification.h). Each habit of real training
-// loops that made the analysis explain a trajectory it never verified is recorded on
-// Fashion-MNIST by tests/data/record_habits.py and must be refused with its cause named: exit 4,
-// no output. The clean loop passes, and --allow-unverified analyzes a broken one with its steps
-// marked.
-class RecordedHabitsTest : public ::testing::Test {
- protected:
-  static void SetUpTestSuite() { tmp_ = new testing::TempDir(); }
-  static void TearDownTestSuite() { delete tmp_; }
-  fs::path record(const std::string& habit) {
-    const fs::path run = tmp_->path() / habit;
-    if (!fs::exists(run / "COMPLETE")) {
-      const int st = testing::run_program({"/usr/bin/python3", std::string(PATHKERNEL_SOURCE_DIR) + "/tests/data/record_habits.py",
-                                           habit, run.string()},
-                                          tmp_->path() / (habit + ".log"));
-      EXPECT_EQ(st, 0) << read_file(tmp_->path() / (habit + ".log"));
-    }
-    return run;
-  }
-  int analyze(const fs::path& run, const std::string& out, std::string& log, bool allow = false) {
-    std::vector<std::string> argv = {PATHKERNEL_BIN, "analyze", run.string(), "--probes", "4", "--out",
-                                     (tmp_->path() / out).string()};
-    if (allow) argv.push_back("--allow-unverified");
-    const int st = testing::run_program(argv, tmp_->path() / "analyze.log");
-    log = read_file(tmp_->path() / "analyze.log");
-    return st;
-  }
-  /// Records HABIT, which the recorder must refuse: its log (the refusal names the cause).
-  std::string refused_by_recorder(const std::string& habit) {
-    const fs::path run = tmp_->path() / habit, log = tmp_->path() / (habit + ".log");
-    const int st = testing::run_program(
-        {"/usr/bin/python3", std::string(PATHKERNEL_SOURCE_DIR) + "/tests/data/record_habits.py", habit, run.string()},
-        log);
-    EXPECT_NE(st, 0) << habit << ": recorded, not refused";
-    return read_file(log);
-  }
-  /// tests/python/check_recorded_terms.py on RUN and its analysis AN (and explanation EX): the
-  /// float64 recomputation's differences and each analyzed step's rounding bound on Uopt_round.
-  nlohmann::json check_terms(const fs::path& run, const fs::path& an, const fs::path& ex = {}) {
-    const std::string name = an.filename().string();
-    const fs::path log = tmp_->path() / (name + "-check.log");
-    std::vector<std::string> argv = {"/usr/bin/python3", std::string(PATHKERNEL_SOURCE_DIR) + "/tests/python/check_recorded_terms.py",
-                                     run.string(), an.string()};
-    if (!ex.empty()) argv.push_back(ex.string());
-    const int st = testing::run_program(argv, log);
-    const std::string out = read_file(log);
-    EXPECT_EQ(st, 0) << out;
-    const size_t brace = out.rfind('{');
-    return brace == std::string::npos ? nlohmann::json::object() : nlohmann::json::parse(out.substr(brace));
-  }
-  /// Uopt_round_norm of each analyzed step against the rounding bound `check` computed for it.
-  static std::vector<std::pair<double, double>> round_and_bound(const fs::path& an, const nlohmann::json& check) {
-    const Table t = read_csv(an / "steps.csv");
-    const auto& bound = check.at("uopt_round_bound");
-    EXPECT_EQ(bound.size(), t.rows) << an;
-    std::vector<std::pair<double, double>> out;
-    for (size_t i = 0; i < std::min(t.rows, bound.size()); ++i) {
-      out.emplace_back(t.cols.at("Uopt_round_norm")[i], bound[i].get<double>());
-    }
-    return out;
-  }
-  /// The optimizer's update closes on every step of analysis `an`: Uopt_round within what float32
-  /// training's rounding can reach on that step (a bound of its own per step: a preconditioner
-  /// amplifies the rounding of gradients near zero, Adagrad's first step by up to the rate), and
-  /// Kopt nonzero.
-  static void expect_update_closes(const fs::path& an, const nlohmann::json& check) {
-    const Table t = read_csv(an / "steps.csv");
-    double kopt = 0;
-    for (size_t i = 0; i < t.rows; ++i) kopt = std::max(kopt, t.cols.at("Kopt_norm")[i]);
-    EXPECT_GT(kopt, 0) << an;
-    const auto steps = round_and_bound(an, check);
-    for (size_t i = 0; i < steps.size(); ++i) EXPECT_LE(steps[i].first, steps[i].second) << an << " step row " << i;
-  }
-  static testing::TempDir* tmp_;
-};
-testing::TempDir* RecordedHabitsTest::tmp_ = nullptr;
 
 TEST_F(RecordedHabitsTest, TheCleanLoopVerifiesOnEveryStep) {
   std::string log;
@@ -288,65 +211,6 @@ TEST_F(RecordedHabitsTest, ClippingByNormIsRecordedAndAnalyzedExactly) {
       << read_file(tmp_->path() / "explain.log");
   EXPECT_LT(read_json(ex / "summary.json")["max_sum_error"].get<double>(), 1e-8);
 }
-
-// Per-step settings and parameter groups (issue 23, item 2): OneCycleLR changing SGD's momentum
-// or Adam's beta1 every step, and AdamW with no decay on biases, the head at half the rate and a
-// cosine schedule, are recorded (each step's settings, each group's rate and decay) and analyzed
-// exactly: every step verifies, the optimizer's update closes (Uopt_round within the rounding
-// float32 training can reach on that step, a bound the Python check computes per step), and
-// Kopt and explain's a_i equal an independent float64 computation from the files on disk
-// (tests/python/check_recorded_terms.py: explicit coefficient products, torch.optim's own state
-// files) to 1e-9. Clipping by norm goes through the same check, and so do RMSprop (centered, with
-// momentum: P inside the buffer), Adagrad and Adadelta with StepLR (issue 23, item 4), and an
-// nn.Embedding + LSTM on int64 tokens with AdamW (item 3: tokens recorded and analyzed as they
-// are, and reported). One test per habit (each records, analyzes and explains in processes of
-// its own). Parameters the run does not train (frozen, head_only, unused) and tied weights (tied)
-// go through it as well, and so does weight_norm (a weight a hook computes: it was taken for the
-// zoo's Linear and refused naming zoo.names), a label-smoothed cross-entropy declared to the
-// Recorder (smoothed), activation checkpointing (checkpointed), a weight average made after the
-// Recorder and evaluated every step (ema), and loss "mse" on float targets (mse). The checks can
-// fail: the same OneCycleLR run read with its per-step momentum dropped is refused (exit 4), and
-// the rounding bound fails on the step of "moved" whose weights moved outside the update (above).
-class HabitTermsTest : public RecordedHabitsTest, public ::testing::WithParamInterface<const char*> {};
-
-TEST_P(HabitTermsTest, SchedulesGroupsAndEveryOptimizerAreAnalyzedExactly) {
-  const std::string habit = GetParam();
-  const fs::path run = record(habit);
-  std::string log;
-  ASSERT_EQ(analyze(run, habit + "-exact", log), 0) << log;
-  const fs::path an = tmp_->path() / (habit + "-exact");
-  EXPECT_EQ(read_json(an / "summary.json")["verification"]["steps_failed"], 0);
-  const fs::path ex = tmp_->path() / (habit + "-exact-explain");
-  ASSERT_EQ(testing::run_program({PATHKERNEL_BIN, "explain", run.string(), "--probes", "2", "--out", ex.string()},
-                                 tmp_->path() / "explain.log"),
-            0)
-      << read_file(tmp_->path() / "explain.log");
-  EXPECT_LT(read_json(ex / "summary.json")["max_sum_error"].get<double>(), 1e-8);
-  const nlohmann::json check = check_terms(run, an, ex);
-  EXPECT_LT(check["kopt_max_error"].get<double>(), 1e-9) << check.dump();
-  EXPECT_LT(check["attr_max_error"].get<double>(), 1e-9) << check.dump();
-  EXPECT_GT(check["kopt_scale"].get<double>(), 0);
-  expect_update_closes(an, check);
-  if (habit == "smoothed") {  // the loss the analysis verified and decomposed
-    EXPECT_EQ(read_json(an / "summary.json")["loss"], "ce (label smoothing 0.1)");
-  }
-  if (habit == "tokens") {  // int64 inputs stored as they are, and reported
-    EXPECT_EQ(load_npy(run / "data" / "train_x.npy").scalar_type(), at::kLong);
-    ASSERT_EQ(testing::run_program({PATHKERNEL_BIN, "report", an.string(), "--out",
-                                    (tmp_->path() / "tokens-report").string()},
-                                   tmp_->path() / "report.log"),
-              0)
-        << read_file(tmp_->path() / "report.log");
-    EXPECT_TRUE(fs::exists(tmp_->path() / "tokens-report" / "report.html"));
-  }
-}
-
-INSTANTIATE_TEST_SUITE_P(RecordedHabits, HabitTermsTest,
-                         ::testing::Values("onecycle", "onecycle_adam", "groups", "groups_sgd", "clip", "rmsprop",
-                                           "adagrad", "adadelta", "tokens", "accumulate", "frozen", "head_only",
-                                           "unused", "tied", "weight_norm", "closure", "smoothed", "checkpointed",
-                                           "ema", "mse"),
-                         [](const ::testing::TestParamInfo<const char*>& info) { return std::string(info.param); });
 
 // Gradient accumulation (micro-batches, one optimizer.step()): the recorder joins the step's
 // forwards whose outputs the backward passes reached into one batch (its rows, inputs as fed,
