@@ -128,7 +128,8 @@ RunFacts run_facts(const std::filesystem::path& run);
 bool run_complete(const std::filesystem::path& run);
 
 /// Opens a run directory of either kind. A run that is not complete (run_complete) is opened as
-/// far as its log goes, with a warning naming the steps there are. A recorded run is analyzed through the zoo model the
+/// far as its log goes, with a warning naming the steps there are.
+/// A recorded run is analyzed through the zoo model the
 /// recorder recognized (factorized kernels), or through its own TorchScript model (autograd)
 /// when it was not recognized or `own_model` is set. Throws InputError for a missing or
 /// malformed run, for `own_model` on a `pathkernel train` run, and for a TorchScript model that
